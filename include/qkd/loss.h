@@ -1,0 +1,101 @@
+/* libqkd objectives: the distillation losses between a teacher's and a
+ * student's logits, and cross-entropy on the ground truth.
+ *
+ * A qkd_loss is a weighted sum of terms. qkd_loss_compute reads the last
+ * forward's logits of the student and the teacher (same B, T, vocabulary),
+ * returns the loss value and stores its gradient with respect to the
+ * student's logits on the student, ready for qkd_model_backward(student,
+ * NULL). The vocabulary is processed in chunks with a running softmax, so
+ * no full [B*T][vocab] probability tensor is ever allocated.
+ *
+ * Per position i, with temperature tau, p = softmax(t_i / tau) (teacher),
+ * q = softmax(s_i / tau) (student), KL(a||c) = sum a (log a - log c):
+ *   CE     -log softmax(s_i)[y_i]                      (tau not used)
+ *   FKL    tau^2 KL(p||q)                              (forward KL)
+ *   RKL    tau^2 KL(q||p)                              (reverse KL)
+ *   JSD    tau^2 (beta KL(p||m) + (1-beta) KL(q||m)),  m = beta p + (1-beta) q
+ *   CAKLD  tau^2 (beta KL(q||p) + (1-beta) KL(p||q))   (BitDistiller; beta is
+ *          the teacher's mean top-1 probability: qkd_loss_teacher_confidence)
+ *   TSLD   w_i tau^2 (-sum p log q), w = softmax over the positions of each
+ *          sequence of c_i / tsld_tau, c_i = -log softmax(t_i)[y_i] (the
+ *          teacher's own cross-entropy; detached): hard tokens weigh more
+ *   MSE    mean over the vocabulary of (s_i - t_i)^2
+ * Every term is averaged over the counted positions (targets >= 0, or all
+ * positions when targets is NULL); TSLD's weights sum to one per sequence
+ * and it is averaged over sequences, which is the same scale. tau^2 keeps
+ * gradient magnitudes comparable across temperatures (Hinton et al.).
+ */
+#ifndef QKD_LOSS_H
+#define QKD_LOSS_H
+
+#include "core.h"
+#include "model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct qkd_loss qkd_loss;
+
+typedef enum qkd_loss_kind {
+    QKD_LOSS_CE = 0,
+    QKD_LOSS_FKL = 1,
+    QKD_LOSS_RKL = 2,
+    QKD_LOSS_JSD = 3,
+    QKD_LOSS_CAKLD = 4,
+    QKD_LOSS_TSLD = 5,
+    QKD_LOSS_MSE = 6
+} qkd_loss_kind;
+
+typedef struct qkd_loss_term {
+    size_t size;        /* sizeof(qkd_loss_term), set by _init */
+    qkd_loss_kind kind;
+    float weight;       /* factor of this term in the sum */
+    float temperature;  /* tau > 0 */
+    float beta;         /* JSD / CAKLD mixing weight in [0, 1] */
+    float tsld_tau;     /* TSLD token-weight temperature > 0 */
+} qkd_loss_term;
+
+/* Defaults for kind: weight 1, temperature 1, beta 0.5, tsld_tau 10.
+ * @since 0.1 */
+QKD_API void qkd_loss_term_init(qkd_loss_term *term, qkd_loss_kind kind);
+
+/* An empty loss. *out: owned, free with qkd_loss_free. @since 0.1 */
+QKD_API qkd_status qkd_loss_create(qkd_context *ctx, qkd_loss **out);
+/* Accepts NULL. @since 0.1 */
+QKD_API void qkd_loss_free(qkd_loss *loss);
+
+/* Append a term (copied). Errors: INVALID_ARG (unknown kind, weight not
+ * finite, temperature or tsld_tau <= 0, beta outside [0, 1]), RANGE (more
+ * than 8 terms). @since 0.1 */
+QKD_API qkd_status qkd_loss_add(qkd_loss *loss, const qkd_loss_term *term);
+
+/* Change term i's beta (CAKLD's confidence, JSD's mixture). @since 0.1 */
+QKD_API qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta);
+
+/* Evaluate on the last forwards of student and teacher. targets[B*T] are
+ * the next-token ids (negative: position ignored); required by CE and
+ * TSLD, optional (NULL) otherwise. teacher may be NULL if every term is CE.
+ * *value: the weighted sum. The gradient is stored on the student.
+ * Errors: INVALID_ARG, STATE (a model has no forward, or the loss has no
+ * term), SHAPE (B, T or vocabulary differ), NON_FINITE (a NaN or Inf
+ * logit; nothing is stored). @since 0.1 */
+QKD_API qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student,
+                                    qkd_model *teacher, const int32_t *targets,
+                                    float *value);
+
+/* Value of term i at the last compute (unweighted). @since 0.1 */
+QKD_API qkd_status qkd_loss_term_value(const qkd_loss *loss, int term, float *value);
+
+/* Mean over positions (targets >= 0, or all if NULL) of the teacher's top-1
+ * probability at its last forward: CAKLD's beta for one batch. Average it
+ * over a few calibration batches and pass it to qkd_loss_set_beta.
+ * @since 0.1 */
+QKD_API qkd_status qkd_loss_teacher_confidence(qkd_model *teacher,
+                                               const int32_t *targets,
+                                               float *confidence);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,199 @@
+/* libqkd model: a LLaMA-family decoder (token embedding, RMSNorm, RoPE,
+ * grouped-query causal attention, SwiGLU MLP, tied or untied output head)
+ * with exact forward and backward passes on the context's backend.
+ *
+ * Training use: forward over a batch of B sequences of T tokens keeps the
+ * logits on the backend; a loss (qkd_model_cross_entropy here, the
+ * objectives of qkd/loss.h later) fills the logits gradient; backward
+ * accumulates the gradient of every parameter. Activation memory is
+ * allocated once per (B, T) shape and reused.
+ *
+ * Inference use: qkd_model_decode feeds tokens one position at a time
+ * through a key/value cache. */
+#ifndef QKD_MODEL_H
+#define QKD_MODEL_H
+
+#include "core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct qkd_model qkd_model;
+
+typedef struct qkd_model_config {
+    size_t size;        /* sizeof(qkd_model_config), set by _init */
+    int dim;            /* model width */
+    int hidden_dim;     /* SwiGLU width */
+    int n_layers;
+    int n_heads;        /* query heads; dim % n_heads == 0 */
+    int n_kv_heads;     /* key/value heads; n_heads % n_kv_heads == 0 */
+    int vocab_size;
+    int max_seq_len;    /* longest sequence forward/decode accept */
+    float rope_theta;   /* RoPE base, 10000 for LLaMA 1/2 */
+    float norm_eps;     /* RMSNorm epsilon */
+    int tied_embeddings; /* 1: the output head is token_embd.weight */
+} qkd_model_config;
+
+/* Defaults: the stories260K shape (dim 64, hidden 172, 5 layers, 8 heads,
+ * 4 kv heads, vocab 512, seq 512), theta 10000, eps 1e-5, tied.
+ * @since 0.1 */
+QKD_API void qkd_model_config_init(qkd_model_config *cfg);
+
+/* A model of the given shape with all weights zero.
+ * *out: owned, free with qkd_model_free. Errors: INVALID_ARG (NULL or
+ * inconsistent config, with the offending field named), NO_MEMORY.
+ * @since 0.1 */
+QKD_API qkd_status qkd_model_create(qkd_context *ctx,
+                                    const qkd_model_config *cfg,
+                                    qkd_model **out);
+
+/* Load a model, recognising the format from the file's content:
+ *   - GGUF v3 ("GGUF" magic) with F32/F16/BF16 tensors and llama.*
+ *     metadata; a tokenizer in its tokenizer.ggml.* metadata is kept;
+ *   - a Hugging Face folder (config.json + *.safetensors), or a path to
+ *     its model.safetensors with config.json beside it;
+ *   - a llama2.c legacy checkpoint (.bin, 7 int32 header + fp32 weights).
+ * *out: owned, free with qkd_model_free; NULL on error.
+ * Errors: IO (cannot open/read), FORMAT (malformed or truncated: the
+ * message says where), UNSUPPORTED (valid file of a variant we do not
+ * read, e.g. a quantized tensor type), NO_MEMORY. @since 0.1 */
+QKD_API qkd_status qkd_model_load(qkd_context *ctx, const char *path,
+                                  qkd_model **out);
+
+/* Accepts NULL. @since 0.1 */
+QKD_API void qkd_model_free(qkd_model *model);
+
+/* Copy the model's config into *cfg (cfg->size must be set, e.g. by
+ * qkd_model_config_init). Errors: INVALID_ARG. @since 0.1 */
+QKD_API qkd_status qkd_model_get_config(const qkd_model *model,
+                                        qkd_model_config *cfg);
+
+/* Change the longest sequence forward and decode accept (max_seq_len).
+ * Activations and the key/value cache are re-sized on their next use. A
+ * window longer than the trained context works (RoPE extrapolates), with
+ * possibly lower quality: GGUF files often record a shorter context than
+ * the model was trained with. Errors: INVALID_ARG (n < 1 or > 1<<20).
+ * @since 0.1 */
+QKD_API qkd_status qkd_model_set_max_seq_len(qkd_model *model, int n);
+
+/* Total number of trainable scalars. @since 0.1 */
+QKD_API int64_t qkd_model_n_params(const qkd_model *model);
+
+/* Fill every weight from a seeded normal distribution N(0, std^2), norm
+ * weights with 1. Deterministic for a given seed on every backend.
+ * Errors: INVALID_ARG (std < 0 or not finite). @since 0.1 */
+QKD_API qkd_status qkd_model_init_random(qkd_model *model, uint64_t seed,
+                                         float std);
+
+/* ---- parameter tensors --------------------------------------------------
+ * Tensors are numbered 0..n-1 in a fixed order: token_embd, then for each
+ * layer attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
+ * ffn_down, ffn_up, then output_norm, then output (only when untied).
+ * Names follow GGUF ("blk.3.attn_q.weight"). Linear weights are row-major
+ * [out_features][in_features]. attn_q/attn_k rows use the interleaved RoPE
+ * pair order of llama2.c and GGUF (the Hugging Face loader converts). */
+typedef enum qkd_tensor_kind {
+    QKD_TENSOR_TOKEN_EMBD = 0,
+    QKD_TENSOR_ATTN_NORM = 1,
+    QKD_TENSOR_ATTN_Q = 2,
+    QKD_TENSOR_ATTN_K = 3,
+    QKD_TENSOR_ATTN_V = 4,
+    QKD_TENSOR_ATTN_OUTPUT = 5,
+    QKD_TENSOR_FFN_NORM = 6,
+    QKD_TENSOR_FFN_GATE = 7,
+    QKD_TENSOR_FFN_DOWN = 8,
+    QKD_TENSOR_FFN_UP = 9,
+    QKD_TENSOR_OUTPUT_NORM = 10,
+    QKD_TENSOR_OUTPUT = 11
+} qkd_tensor_kind;
+
+typedef struct qkd_tensor_info {
+    size_t size;         /* sizeof(qkd_tensor_info), set by the caller */
+    const char *name;    /* borrowed until the model is freed */
+    qkd_tensor_kind kind;
+    int layer;           /* -1 for tensors outside the layers */
+    int n_dims;          /* 1 or 2 */
+    int64_t shape[2];    /* shape[0] rows (out features), shape[1] cols */
+    int64_t n_elements;
+} qkd_tensor_info;
+
+/* @since 0.1 */
+QKD_API int qkd_model_n_tensors(const qkd_model *model);
+
+/* Describe tensor `index`. Errors: INVALID_ARG (NULL, size field),
+ * RANGE (index out of range). @since 0.1 */
+QKD_API qkd_status qkd_model_tensor_info(const qkd_model *model, int index,
+                                         qkd_tensor_info *info);
+
+/* Index of the tensor named `name` into *index.
+ * Errors: INVALID_ARG, NOT_FOUND. @since 0.1 */
+QKD_API qkd_status qkd_model_tensor_find(const qkd_model *model,
+                                         const char *name, int *index);
+
+/* Copy tensor `index`'s weights (get) or gradient (grad_get) to dst, or
+ * set its weights from src (copied). n must equal the tensor's element
+ * count. Errors: INVALID_ARG, RANGE, SHAPE (wrong n), BACKEND.
+ * @since 0.1 */
+QKD_API qkd_status qkd_model_tensor_get(const qkd_model *model, int index,
+                                        float *dst, size_t n);
+QKD_API qkd_status qkd_model_tensor_set(qkd_model *model, int index,
+                                        const float *src, size_t n);
+QKD_API qkd_status qkd_model_grad_get(const qkd_model *model, int index,
+                                      float *dst, size_t n);
+
+/* ---- training passes ---------------------------------------------------- */
+
+/* Forward B sequences of T token ids (tokens[B*T], row-major), positions
+ * 0..T-1. The logits [B*T][vocab] stay on the backend (read them with
+ * qkd_model_logits). The first call for a new (B, T) allocates the
+ * activations; later calls with the same shape allocate nothing.
+ * Errors: INVALID_ARG (B, T < 1; T > max_seq_len), RANGE (a token id
+ * outside the vocabulary: the message names its position), NO_MEMORY.
+ * @since 0.1 */
+QKD_API qkd_status qkd_model_forward(qkd_model *model, const int32_t *tokens,
+                                     int B, int T);
+
+/* Copy the last forward's logits ([B*T][vocab] floats) to dst.
+ * Errors: INVALID_ARG, STATE (no forward yet), SHAPE (n differs).
+ * @since 0.1 */
+QKD_API qkd_status qkd_model_logits(const qkd_model *model, float *dst,
+                                    size_t n);
+
+/* Mean cross-entropy of the last forward's logits against targets[B*T]
+ * (a negative target is ignored: padding). If compute_grad is non-zero the
+ * gradient of that mean with respect to the logits is stored as the
+ * model's logits gradient for qkd_model_backward(model, NULL).
+ * *loss: the mean over counted positions (0 if none).
+ * Errors: INVALID_ARG, STATE (no forward), RANGE (target >= vocab).
+ * @since 0.1 */
+QKD_API qkd_status qkd_model_cross_entropy(qkd_model *model,
+                                           const int32_t *targets,
+                                           int compute_grad, float *loss);
+
+/* Backward from a logits gradient through the last forward, ADDING every
+ * parameter's gradient to the model's gradient buffers (so several
+ * micro-batches accumulate). dlogits: [B*T][vocab] host floats (copied),
+ * or NULL to use the gradient a loss stored on the model.
+ * Errors: INVALID_ARG, STATE (no forward, or NULL dlogits with no stored
+ * gradient). @since 0.1 */
+QKD_API qkd_status qkd_model_backward(qkd_model *model, const float *dlogits);
+
+/* Set every parameter gradient to zero. @since 0.1 */
+QKD_API qkd_status qkd_model_zero_grad(qkd_model *model);
+
+/* ---- inference ----------------------------------------------------------- */
+
+/* Feed one token at position pos (0-based) of a single sequence through the
+ * key/value cache; positions must come in order 0, 1, 2... (pos 0 starts a
+ * new sequence, dropping the cache). logits: vocab_size floats out, or NULL.
+ * The cache is allocated on the first call (max_seq_len positions).
+ * Errors: INVALID_ARG, RANGE (token outside the vocabulary, pos >=
+ * max_seq_len), STATE (pos skips a position), NO_MEMORY. @since 0.1 */
+QKD_API qkd_status qkd_model_decode(qkd_model *model, int32_t token, int pos,
+                                    float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,176 @@
+/* The backend table: every kernel the model and training need, as
+ * function pointers over memory that lives on the backend's device.
+ *
+ * Rules every implementation follows (the reference backend is the oracle
+ * the others are tested against):
+ *   - Pointers passed to kernels are device pointers from `alloc`; the
+ *     host only touches device memory through upload/download. A CUDA
+ *     backend can therefore keep a whole training step on the GPU.
+ *   - Kernels are enqueued; `sync` waits for all of them. Kernels report
+ *     no errors (their arguments are validated by the caller); only
+ *     memory and transfer calls return a status.
+ *   - Matrices are row-major. A linear layer's weight W is [OC][C]
+ *     (out features x in features), y = x W^T.
+ *   - Forward kernels write (=) their outputs. Backward kernels ADD (+=)
+ *     into every gradient they produce, activation gradients included;
+ *     the caller zeroes gradient buffers when a pass starts (llm.c style).
+ *   - Results must not depend on the thread count.
+ *   - Optional slots may be NULL; the caller then uses a fallback built
+ *     from other slots. Backend-specific extras are looked up by name
+ *     through `extra`, never by growing the table.
+ *
+ * ABI: a backend fills `abi` with QKD__BACKEND_ABI; the registry refuses
+ * a table of another version. Fill tables with designated initialisers. */
+#ifndef QKD_LIB_BACKEND_H
+#define QKD_LIB_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/core.h"
+
+#define QKD__BACKEND_ABI 1
+
+typedef struct qkd__backend qkd__backend;
+
+struct qkd__backend {
+    uint32_t abi;
+    const char *name;
+    qkd_context *ctx; /* allocator and error reporting */
+    void *impl;       /* the backend's private state */
+
+    void (*destroy)(qkd__backend *b);
+    /* Look up a backend-specific extra function by name; NULL if none. */
+    void *(*extra)(qkd__backend *b, const char *name);
+
+    /* ---- memory ---------------------------------------------------- */
+    /* bytes > 0; *out is 64-byte aligned. NO_MEMORY or BACKEND on failure
+     * (the error is recorded on ctx). */
+    qkd_status (*alloc)(qkd__backend *b, size_t bytes, void **out);
+    void (*free)(qkd__backend *b, void *ptr); /* accepts NULL */
+    qkd_status (*upload)(qkd__backend *b, void *dst, const void *src, size_t bytes);
+    qkd_status (*download)(qkd__backend *b, void *dst, const void *src, size_t bytes);
+    qkd_status (*sync)(qkd__backend *b);
+
+    /* ---- elementwise ------------------------------------------------ */
+    void (*fill)(qkd__backend *b, float *x, float value, size_t n);
+    void (*copy)(qkd__backend *b, float *dst, const float *src, size_t n);
+    /* out = x + y (the residual add; its backward is the identity) */
+    void (*add)(qkd__backend *b, float *out, const float *x, const float *y, size_t n);
+    /* y += alpha * x */
+    void (*axpy)(qkd__backend *b, float *y, float alpha, const float *x, size_t n);
+    void (*scale)(qkd__backend *b, float *x, float alpha, size_t n);
+    /* *out (one device float) = sum of x[i] (summed in double). */
+    void (*sum)(qkd__backend *b, float *out, const float *x, size_t n);
+    /* *out (one device float) = sum of x[i]^2 (summed in double). */
+    void (*sum_squares)(qkd__backend *b, float *out, const float *x, size_t n);
+
+    /* ---- linear layers ---------------------------------------------- */
+    /* out[N][OC] = inp[N][C] . w[OC][C]^T */
+    void (*matmul_forward)(qkd__backend *b, float *out, const float *inp,
+                           const float *w, int N, int C, int OC);
+    /* dinp[N][C] += dout[N][OC] . w[OC][C] */
+    void (*matmul_backward_input)(qkd__backend *b, float *dinp, const float *dout,
+                                  const float *w, int N, int C, int OC);
+    /* dw[OC][C] += dout[N][OC]^T . inp[N][C] */
+    void (*matmul_backward_weight)(qkd__backend *b, float *dw, const float *dout,
+                                   const float *inp, int N, int C, int OC);
+
+    /* ---- embedding -------------------------------------------------- */
+    /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */
+    void (*embedding_forward)(qkd__backend *b, float *out, const int32_t *ids,
+                              const float *table, int N, int C);
+    /* dtable[ids[i]][C] += dout[i][C] */
+    void (*embedding_backward)(qkd__backend *b, float *dtable, const float *dout,
+                               const int32_t *ids, int N, int C, int V);
+
+    /* ---- RMSNorm ------------------------------------------------------ */
+    /* out = inp * rstd * w, rstd[i] = 1/sqrt(mean(inp[i]^2) + eps) (saved) */
+    void (*rmsnorm_forward)(qkd__backend *b, float *out, float *rstd, const float *inp,
+                            const float *w, int N, int C, float eps);
+    /* dinp += ..., dw += ... from the saved rstd */
+    void (*rmsnorm_backward)(qkd__backend *b, float *dinp, float *dw, const float *dout,
+                             const float *inp, const float *w, const float *rstd,
+                             int N, int C);
+
+    /* ---- RoPE ----------------------------------------------------------
+     * In place on x[B][T][n_heads][head_dim]; row t has position pos0 + t.
+     * Interleaved pairs (x[2j], x[2j+1]) rotate by angle
+     * pos * theta^(-2j/head_dim) (llama2.c / GGUF order). The backward
+     * rotates the gradient by the opposite angle (also in place). */
+    void (*rope_forward)(qkd__backend *b, float *x, int B, int T, int n_heads,
+                         int head_dim, int pos0, float theta);
+    void (*rope_backward)(qkd__backend *b, float *dx, int B, int T, int n_heads,
+                          int head_dim, int pos0, float theta);
+
+    /* ---- causal grouped-query attention ------------------------------------
+     * q, out: [B][Tq][n_heads][hd]. k, v: [B][kv_len][n_kv][hd]; query row t
+     * sits at position pos0 + t and attends keys 0..pos0+t (so
+     * pos0 + Tq <= kv_len). Query head h uses kv head h / (n_heads/n_kv).
+     * Scores are scaled by 1/sqrt(hd). `scratch` holds what the backward
+     * needs; its size in floats comes from attention_scratch_floats. */
+    size_t (*attention_scratch_floats)(qkd__backend *b, int B, int Tq, int kv_len,
+                                       int n_heads);
+    void (*attention_forward)(qkd__backend *b, float *out, float *scratch,
+                              const float *q, const float *k, const float *v,
+                              int B, int Tq, int pos0, int kv_len,
+                              int n_heads, int n_kv, int hd);
+    /* Training form only: pos0 = 0, kv_len = T. dq, dk, dv += ... */
+    void (*attention_backward)(qkd__backend *b, float *dq, float *dk, float *dv,
+                               const float *dout, const float *scratch,
+                               const float *q, const float *k, const float *v,
+                               const float *out, int B, int T,
+                               int n_heads, int n_kv, int hd);
+
+    /* ---- SwiGLU ---------------------------------------------------------- */
+    /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */
+    void (*swiglu_forward)(qkd__backend *b, float *out, const float *gate,
+                           const float *up, size_t n);
+    /* dgate += ..., dup += ... */
+    void (*swiglu_backward)(qkd__backend *b, float *dgate, float *dup,
+                            const float *dout, const float *gate, const float *up,
+                            size_t n);
+
+    /* ---- softmax over rows of V ---------------------------------------- */
+    /* probs = softmax(logits * inv_temp) row-wise */
+    void (*softmax_forward)(qkd__backend *b, float *probs, const float *logits,
+                            int N, int V, float inv_temp);
+    /* dlogits += inv_temp * probs * (dprobs - sum(dprobs * probs)) */
+    void (*softmax_backward)(qkd__backend *b, float *dlogits, const float *dprobs,
+                             const float *probs, int N, int V, float inv_temp);
+    /* logp = log_softmax(logits * inv_temp) row-wise */
+    void (*log_softmax_forward)(qkd__backend *b, float *logp, const float *logits,
+                                int N, int V, float inv_temp);
+    /* dlogits += inv_temp * (dlogp - softmax * sum(dlogp)), from logp */
+    void (*log_softmax_backward)(qkd__backend *b, float *dlogits, const float *dlogp,
+                                 const float *logp, int N, int V, float inv_temp);
+
+    /* ---- cross-entropy, fused with the softmax ------------------------------
+     * losses[i] = -log softmax(logits[i])[targets[i]]; 0 where target < 0. */
+    void (*cross_entropy_forward)(qkd__backend *b, float *losses, const float *logits,
+                                  const int32_t *targets, int N, int V);
+    /* dlogits[i] += scale * (softmax(logits[i]) - onehot(targets[i]));
+     * rows with target < 0 get nothing. */
+    void (*cross_entropy_backward)(qkd__backend *b, float *dlogits, const float *logits,
+                                   const int32_t *targets, float scale, int N, int V);
+
+    /* ---- optimizer update ------------------------------------------------
+     * Optional (NULL: the optimizer layer falls back to elementwise slots).
+     * AdamW on n parameters: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+     * p -= lr * (m/bc1 / (sqrt(v/bc2) + eps) + wd * p), where bc1 = 1-b1^t,
+     * bc2 = 1-b2^t. Fake-quantization kernels join the table with ABI 2. */
+    void (*adamw_update)(qkd__backend *b, float *p, const float *g, float *m, float *v,
+                         size_t n, float lr, float b1, float b2, float eps, float wd,
+                         int t);
+};
+
+/* Create the backend asked for (AUTO picks the best available) on ctx.
+ * UNSUPPORTED if that backend is not built in; the error is recorded. */
+qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind,
+                               qkd__backend **out);
+void qkd__backend_free(qkd__backend *b);
+
+/* Each backend's constructor (registry.c calls them). */
+qkd_status qkd__backend_ref_create(qkd_context *ctx, qkd__backend **out);
+
+#endif

@@ -1,0 +1,82 @@
+/* Internals of the reference backend: the kernels (one file per family,
+ * assembled into the table by ref.c) and the parallel-for they share.
+ *
+ * Every kernel follows one rule that makes it deterministic: each output
+ * element is written by exactly one task, and its sum runs in a fixed order
+ * (accumulated in double) that does not depend on how the work is split.
+ * So a result is bit-identical for any thread count. */
+#ifndef QKD_LIB_BACKEND_REF_H
+#define QKD_LIB_BACKEND_REF_H
+
+#include "backend/backend.h"
+
+/* Width of a column block: kernels that sum whole row segments keep one
+ * block of double accumulators on the stack. */
+#define QKD__REF_COLS 128
+/* Floats per cache line: the column block of kernels partitioned over
+ * columns, so two tasks never write the same line. */
+#define QKD__REF_LINE 16
+
+/* Processes items [begin, end) of a job described by arg. */
+typedef void (*qkd__ref_range_fn)(const void *arg, int64_t begin, int64_t end);
+
+/* Run fn over the items [0, n) in contiguous ranges on the context's pool.
+ * cost is the rough number of flops per item, so that small jobs stay on
+ * one thread. */
+void qkd__ref_parallel(qkd__backend *b, int64_t n, int64_t cost, qkd__ref_range_fn fn,
+                       const void *arg);
+
+/* sum of x[i] * y[i] for i = 0..n-1 in that order, in double. */
+double qkd__ref_dot(const float *x, const float *y, int n);
+
+/* ---- ref_linear.c ------------------------------------------------------- */
+void qkd__ref_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
+                             int N, int C, int OC);
+void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
+                                    const float *w, int N, int C, int OC);
+void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
+                                     const float *inp, int N, int C, int OC);
+void qkd__ref_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
+                                const float *table, int N, int C);
+void qkd__ref_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
+                                 const int32_t *ids, int N, int C, int V);
+void qkd__ref_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const float *inp,
+                              const float *w, int N, int C, float eps);
+void qkd__ref_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const float *dout,
+                               const float *inp, const float *w, const float *rstd, int N,
+                               int C);
+
+/* ---- ref_attention.c ---------------------------------------------------- */
+void qkd__ref_rope_forward(qkd__backend *b, float *x, int B, int T, int n_heads, int head_dim,
+                           int pos0, float theta);
+void qkd__ref_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_heads,
+                            int head_dim, int pos0, float theta);
+size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
+                                         int n_heads);
+void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
+                                const float *k, const float *v, int B, int Tq, int pos0,
+                                int kv_len, int n_heads, int n_kv, int hd);
+void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
+                                 const float *dout, const float *scratch, const float *q,
+                                 const float *k, const float *v, const float *out, int B,
+                                 int T, int n_heads, int n_kv, int hd);
+
+/* ---- ref_activation.c --------------------------------------------------- */
+void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
+                             size_t n);
+void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
+                              const float *gate, const float *up, size_t n);
+void qkd__ref_softmax_forward(qkd__backend *b, float *probs, const float *logits, int N, int V,
+                              float inv_temp);
+void qkd__ref_softmax_backward(qkd__backend *b, float *dlogits, const float *dprobs,
+                               const float *probs, int N, int V, float inv_temp);
+void qkd__ref_log_softmax_forward(qkd__backend *b, float *logp, const float *logits, int N,
+                                  int V, float inv_temp);
+void qkd__ref_log_softmax_backward(qkd__backend *b, float *dlogits, const float *dlogp,
+                                   const float *logp, int N, int V, float inv_temp);
+void qkd__ref_cross_entropy_forward(qkd__backend *b, float *losses, const float *logits,
+                                    const int32_t *targets, int N, int V);
+void qkd__ref_cross_entropy_backward(qkd__backend *b, float *dlogits, const float *logits,
+                                     const int32_t *targets, float scale, int N, int V);
+
+#endif

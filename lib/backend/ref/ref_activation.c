@@ -1,0 +1,202 @@
+/* Reference kernels of the activation family: SwiGLU, softmax,
+ * log-softmax and the fused cross-entropy. Row kernels split over rows. */
+#include <math.h>
+
+#include "backend/ref/ref.h"
+
+/* ---- SwiGLU ---------------------------------------------------------------------- */
+
+struct swiglu_job {
+    float *out, *dgate, *dup;
+    const float *dout, *gate, *up;
+};
+
+static double sigmoid(double x)
+{
+    return 1.0 / (1.0 + exp(-x));
+}
+
+static void swiglu_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct swiglu_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        double x = j->gate[i];
+        j->out[i] = (float)(x * sigmoid(x) * j->up[i]);
+    }
+}
+
+/* silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x). */
+static void swiglu_backward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct swiglu_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        double x = j->gate[i], s = sigmoid(x), g = j->dout[i];
+        j->dgate[i] = (float)(j->dgate[i] + g * j->up[i] * s * (1.0 + x * (1.0 - s)));
+        j->dup[i] = (float)(j->dup[i] + g * x * s);
+    }
+}
+
+void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
+                             size_t n)
+{
+    struct swiglu_job job = {.out = out, .gate = gate, .up = up};
+    qkd__ref_parallel(b, (int64_t)n, 30, swiglu_forward_range, &job);
+}
+
+void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
+                              const float *gate, const float *up, size_t n)
+{
+    struct swiglu_job job = {.dgate = dgate, .dup = dup, .dout = dout, .gate = gate, .up = up};
+    qkd__ref_parallel(b, (int64_t)n, 40, swiglu_backward_range, &job);
+}
+
+/* ---- softmax family ------------------------------------------------------------------ */
+
+struct rows_job {
+    float *out;
+    const float *x, *dy, *y;
+    const int32_t *targets;
+    int V;
+    double inv_temp, scale;
+};
+
+/* log(sum_v exp(x[v] * inv_temp)), with the max subtracted for stability. */
+static double logsumexp(const float *x, int V, double inv_temp)
+{
+    double mx = -INFINITY, sum = 0.0;
+    for (int v = 0; v < V; v++)
+        mx = fmax(mx, x[v] * inv_temp);
+    for (int v = 0; v < V; v++)
+        sum += exp(x[v] * inv_temp - mx);
+    return mx + log(sum);
+}
+
+static void softmax_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rows_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = j->x + (size_t)i * j->V;
+        float *p = j->out + (size_t)i * j->V;
+        double lse = logsumexp(x, j->V, j->inv_temp);
+        for (int v = 0; v < j->V; v++)
+            p[v] = (float)exp(x[v] * j->inv_temp - lse);
+    }
+}
+
+/* dlogits += inv_temp * p * (dp - sum(dp * p)) */
+static void softmax_backward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rows_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *p = j->y + (size_t)i * j->V;
+        const float *dp = j->dy + (size_t)i * j->V;
+        float *dx = j->out + (size_t)i * j->V;
+        double s = qkd__ref_dot(dp, p, j->V);
+        for (int v = 0; v < j->V; v++)
+            dx[v] = (float)(dx[v] + j->inv_temp * p[v] * (dp[v] - s));
+    }
+}
+
+static void log_softmax_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rows_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = j->x + (size_t)i * j->V;
+        float *lp = j->out + (size_t)i * j->V;
+        double lse = logsumexp(x, j->V, j->inv_temp);
+        for (int v = 0; v < j->V; v++)
+            lp[v] = (float)(x[v] * j->inv_temp - lse);
+    }
+}
+
+/* dlogits += inv_temp * (dlogp - softmax * sum(dlogp)) */
+static void log_softmax_backward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rows_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *lp = j->y + (size_t)i * j->V;
+        const float *dlp = j->dy + (size_t)i * j->V;
+        float *dx = j->out + (size_t)i * j->V;
+        double s = 0.0;
+        for (int v = 0; v < j->V; v++)
+            s += dlp[v];
+        for (int v = 0; v < j->V; v++)
+            dx[v] = (float)(dx[v] + j->inv_temp * (dlp[v] - exp(lp[v]) * s));
+    }
+}
+
+static void cross_entropy_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rows_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = j->x + (size_t)i * j->V;
+        int target = j->targets[i];
+        j->out[i] = target < 0 ? 0.0f : (float)(logsumexp(x, j->V, 1.0) - x[target]);
+    }
+}
+
+static void cross_entropy_backward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rows_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        int target = j->targets[i];
+        if (target < 0)
+            continue;
+        const float *x = j->x + (size_t)i * j->V;
+        float *dx = j->out + (size_t)i * j->V;
+        double lse = logsumexp(x, j->V, 1.0);
+        for (int v = 0; v < j->V; v++)
+            dx[v] = (float)(dx[v] + j->scale * (exp(x[v] - lse) - (v == target)));
+    }
+}
+
+static void run_rows(qkd__backend *b, const struct rows_job *job, int N,
+                     qkd__ref_range_fn fn)
+{
+    qkd__ref_parallel(b, N, 30 * (int64_t)job->V, fn, job);
+}
+
+void qkd__ref_softmax_forward(qkd__backend *b, float *probs, const float *logits, int N, int V,
+                              float inv_temp)
+{
+    struct rows_job job = {.out = probs, .x = logits, .V = V, .inv_temp = inv_temp};
+    run_rows(b, &job, N, softmax_forward_range);
+}
+
+void qkd__ref_softmax_backward(qkd__backend *b, float *dlogits, const float *dprobs,
+                               const float *probs, int N, int V, float inv_temp)
+{
+    struct rows_job job = {.out = dlogits, .dy = dprobs, .y = probs, .V = V,
+                           .inv_temp = inv_temp};
+    run_rows(b, &job, N, softmax_backward_range);
+}
+
+void qkd__ref_log_softmax_forward(qkd__backend *b, float *logp, const float *logits, int N,
+                                  int V, float inv_temp)
+{
+    struct rows_job job = {.out = logp, .x = logits, .V = V, .inv_temp = inv_temp};
+    run_rows(b, &job, N, log_softmax_forward_range);
+}
+
+void qkd__ref_log_softmax_backward(qkd__backend *b, float *dlogits, const float *dlogp,
+                                   const float *logp, int N, int V, float inv_temp)
+{
+    struct rows_job job = {.out = dlogits, .dy = dlogp, .y = logp, .V = V,
+                           .inv_temp = inv_temp};
+    run_rows(b, &job, N, log_softmax_backward_range);
+}
+
+void qkd__ref_cross_entropy_forward(qkd__backend *b, float *losses, const float *logits,
+                                    const int32_t *targets, int N, int V)
+{
+    struct rows_job job = {.out = losses, .x = logits, .targets = targets, .V = V};
+    run_rows(b, &job, N, cross_entropy_forward_range);
+}
+
+void qkd__ref_cross_entropy_backward(qkd__backend *b, float *dlogits, const float *logits,
+                                     const int32_t *targets, float scale, int N, int V)
+{
+    struct rows_job job = {.out = dlogits, .x = logits, .targets = targets, .V = V,
+                           .scale = scale};
+    run_rows(b, &job, N, cross_entropy_backward_range);
+}

@@ -1,0 +1,223 @@
+/* Reference kernels of the linear family: matmul, embedding, RMSNorm. */
+#include <math.h>
+#include <string.h>
+
+#include "backend/ref/ref.h"
+
+static int min_int(int a, int b)
+{
+    return a < b ? a : b;
+}
+
+static int n_blocks(int n, int width)
+{
+    return (n + width - 1) / width;
+}
+
+/* ---- matmul ------------------------------------------------------------------ */
+
+struct matmul_job {
+    float *out;
+    const float *inp, *w;
+    int C, OC;
+};
+
+/* One item is one output element: a dot product over C. */
+static void matmul_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct matmul_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = j->inp + (size_t)(i / j->OC) * j->C;
+        const float *w = j->w + (size_t)(i % j->OC) * j->C;
+        j->out[i] = (float)qkd__ref_dot(x, w, j->C);
+    }
+}
+
+void qkd__ref_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
+                             int N, int C, int OC)
+{
+    struct matmul_job job = {.out = out, .inp = inp, .w = w, .C = C, .OC = OC};
+    qkd__ref_parallel(b, (int64_t)N * OC, 2 * (int64_t)C, matmul_forward_range, &job);
+}
+
+/* out[r][c] += sum over k = 0..K-1 (ascending) of A[r*a_r + k*a_k] * M[k][c],
+ * for out [R][C] and M [K][C]. Both backward products of a matmul have this
+ * shape; an item is one column block of one output row. */
+struct accum_job {
+    float *out;
+    const float *A, *M;
+    int C, K;
+    size_t a_r, a_k;
+};
+
+static void accum_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct accum_job *j = arg;
+    int blocks = n_blocks(j->C, QKD__REF_COLS);
+    double acc[QKD__REF_COLS];
+    for (int64_t i = begin; i < end; i++) {
+        size_t r = (size_t)(i / blocks);
+        int c0 = (int)(i % blocks) * QKD__REF_COLS;
+        int nc = min_int(QKD__REF_COLS, j->C - c0);
+        for (int c = 0; c < nc; c++)
+            acc[c] = 0.0;
+        for (int k = 0; k < j->K; k++) {
+            double a = j->A[r * j->a_r + (size_t)k * j->a_k];
+            const float *m = j->M + (size_t)k * j->C + c0;
+            for (int c = 0; c < nc; c++)
+                acc[c] += a * m[c];
+        }
+        float *o = j->out + r * j->C + c0;
+        for (int c = 0; c < nc; c++)
+            o[c] = (float)(o[c] + acc[c]);
+    }
+}
+
+static void accumulate(qkd__backend *b, struct accum_job *job, int R)
+{
+    int64_t items = (int64_t)R * n_blocks(job->C, QKD__REF_COLS);
+    qkd__ref_parallel(b, items, 2 * (int64_t)job->K * min_int(job->C, QKD__REF_COLS),
+                      accum_range, job);
+}
+
+void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
+                                    const float *w, int N, int C, int OC)
+{
+    /* dinp[n][c] += sum_o dout[n][o] * w[o][c] */
+    struct accum_job job = {.out = dinp, .A = dout, .M = w, .C = C, .K = OC,
+                            .a_r = (size_t)OC, .a_k = 1};
+    accumulate(b, &job, N);
+}
+
+void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
+                                     const float *inp, int N, int C, int OC)
+{
+    /* dw[o][c] += sum_n dout[n][o] * inp[n][c] */
+    struct accum_job job = {.out = dw, .A = dout, .M = inp, .C = C, .K = N,
+                            .a_r = 1, .a_k = (size_t)OC};
+    accumulate(b, &job, OC);
+}
+
+/* ---- embedding ------------------------------------------------------------------- */
+
+void qkd__ref_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
+                                const float *table, int N, int C)
+{
+    (void)b;
+    for (int i = 0; i < N; i++)
+        memcpy(out + (size_t)i * C, table + (size_t)ids[i] * C, (size_t)C * sizeof *out);
+}
+
+struct embedding_job {
+    float *dtable;
+    const float *dout;
+    const int32_t *ids;
+    int N, C;
+};
+
+/* An item is one column block: rows that repeat an id add into the same
+ * table row, so the split is over columns, with rows in ascending order. */
+static void embedding_backward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct embedding_job *j = arg;
+    for (int64_t blk = begin; blk < end; blk++) {
+        int c0 = (int)blk * QKD__REF_LINE;
+        int nc = min_int(QKD__REF_LINE, j->C - c0);
+        for (int i = 0; i < j->N; i++) {
+            float *d = j->dtable + (size_t)j->ids[i] * j->C + c0;
+            const float *g = j->dout + (size_t)i * j->C + c0;
+            for (int c = 0; c < nc; c++)
+                d[c] += g[c];
+        }
+    }
+}
+
+void qkd__ref_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
+                                 const int32_t *ids, int N, int C, int V)
+{
+    (void)V; /* ids are checked by the caller */
+    struct embedding_job job = {.dtable = dtable, .dout = dout, .ids = ids, .N = N, .C = C};
+    qkd__ref_parallel(b, n_blocks(C, QKD__REF_LINE), (int64_t)N * QKD__REF_LINE,
+                      embedding_backward_range, &job);
+}
+
+/* ---- RMSNorm ---------------------------------------------------------------------- */
+
+struct rmsnorm_job {
+    float *out, *dinp, *dw, *rstd_out;
+    const float *dout, *inp, *w, *rstd;
+    int N, C;
+    float eps;
+};
+
+static void rmsnorm_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rmsnorm_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = j->inp + (size_t)i * j->C;
+        float *y = j->out + (size_t)i * j->C;
+        double r = 1.0 / sqrt(qkd__ref_dot(x, x, j->C) / j->C + j->eps);
+        for (int c = 0; c < j->C; c++)
+            y[c] = (float)(x[c] * r * j->w[c]);
+        j->rstd_out[i] = (float)r;
+    }
+}
+
+void qkd__ref_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const float *inp,
+                              const float *w, int N, int C, float eps)
+{
+    struct rmsnorm_job job = {.out = out, .rstd_out = rstd, .inp = inp, .w = w,
+                              .N = N, .C = C, .eps = eps};
+    qkd__ref_parallel(b, N, 4 * (int64_t)C, rmsnorm_forward_range, &job);
+}
+
+/* y_c = x_c r w_c with r = (mean(x^2) + eps)^-1/2, so
+ * dx_c = r w_c g_c - x_c r^3 / C * sum_i g_i w_i x_i. One item is a row. */
+static void rmsnorm_dinp_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rmsnorm_job *j = arg;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = j->inp + (size_t)i * j->C;
+        const float *g = j->dout + (size_t)i * j->C;
+        float *dx = j->dinp + (size_t)i * j->C;
+        double r = j->rstd[i];
+        double gwx = 0.0;
+        for (int c = 0; c < j->C; c++)
+            gwx += (double)g[c] * j->w[c] * x[c];
+        double k = r * r * r / j->C * gwx;
+        for (int c = 0; c < j->C; c++)
+            dx[c] = (float)(dx[c] + r * j->w[c] * g[c] - x[c] * k);
+    }
+}
+
+/* dw_c += sum_n g[n][c] x[n][c] r[n]. One item is a column block. */
+static void rmsnorm_dw_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rmsnorm_job *j = arg;
+    double acc[QKD__REF_LINE];
+    for (int64_t blk = begin; blk < end; blk++) {
+        int c0 = (int)blk * QKD__REF_LINE;
+        int nc = min_int(QKD__REF_LINE, j->C - c0);
+        for (int c = 0; c < nc; c++)
+            acc[c] = 0.0;
+        for (int n = 0; n < j->N; n++) {
+            const float *x = j->inp + (size_t)n * j->C + c0;
+            const float *g = j->dout + (size_t)n * j->C + c0;
+            for (int c = 0; c < nc; c++)
+                acc[c] += (double)g[c] * x[c] * j->rstd[n];
+        }
+        for (int c = 0; c < nc; c++)
+            j->dw[c0 + c] = (float)(j->dw[c0 + c] + acc[c]);
+    }
+}
+
+void qkd__ref_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const float *dout,
+                               const float *inp, const float *w, const float *rstd, int N,
+                               int C)
+{
+    struct rmsnorm_job job = {.dinp = dinp, .dw = dw, .dout = dout, .inp = inp, .w = w,
+                              .rstd = rstd, .N = N, .C = C};
+    qkd__ref_parallel(b, N, 6 * (int64_t)C, rmsnorm_dinp_range, &job);
+    qkd__ref_parallel(b, n_blocks(C, QKD__REF_LINE), 3 * (int64_t)N * QKD__REF_LINE,
+                      rmsnorm_dw_range, &job);
+}

@@ -1,0 +1,34 @@
+/* Backend registry: picks and checks a backend table for a context. */
+#include "backend/backend.h"
+
+qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind, qkd__backend **out)
+{
+    *out = NULL;
+    qkd__backend *b = NULL;
+    qkd_status st;
+    switch (kind) {
+    case QKD_BACKEND_AUTO:
+    case QKD_BACKEND_REF:
+        st = qkd__backend_ref_create(ctx, &b);
+        break;
+    default:
+        return qkd__error(ctx, QKD_ERR_UNSUPPORTED,
+                          "backend %d is not built into this libqkd", (int)kind);
+    }
+    if (st != QKD_OK)
+        return st;
+    if (b->abi != QKD__BACKEND_ABI) {
+        unsigned abi = b->abi;
+        qkd__backend_free(b);
+        return qkd__error(ctx, QKD_ERR_VERSION, "backend table ABI %u, expected %u", abi,
+                          (unsigned)QKD__BACKEND_ABI);
+    }
+    *out = b;
+    return QKD_OK;
+}
+
+void qkd__backend_free(qkd__backend *b)
+{
+    if (b)
+        b->destroy(b);
+}

@@ -1,0 +1,29 @@
+/* Internal loaders: one per file format, dispatched by qkd_model_load and
+ * qkd_tokenizer_load from the file's content. */
+#ifndef QKD_LIB_IO_H
+#define QKD_LIB_IO_H
+
+#include "qkd/model.h"
+#include "qkd/tokenizer.h"
+#include "core/core.h"
+#include "io/gguf.h"
+
+qkd_status qkd__load_llama2c(qkd_context *ctx, const char *path, qkd_model **out);
+qkd_status qkd__load_gguf(qkd_context *ctx, const char *path, qkd_model **out);
+/* path: a folder with config.json and *.safetensors, or a .safetensors
+ * file with config.json beside it. */
+qkd_status qkd__load_hf(qkd_context *ctx, const char *path, qkd_model **out);
+
+qkd_status qkd__tokenizer_load_llama2c(qkd_context *ctx, const char *path,
+                                       qkd_tokenizer **out);
+/* The tokenizer in a GGUF's tokenizer.ggml.* keys; NOT_FOUND (not
+ * recorded) if the file carries none. */
+qkd_status qkd__tokenizer_from_gguf(qkd_context *ctx, const qkd__gguf *g,
+                                    qkd_tokenizer **out);
+
+/* Read a whole file into owned memory (qkd__free), refusing files larger
+ * than max_bytes (FORMAT). IO/NO_MEMORY recorded on ctx with the path. */
+qkd_status qkd__read_file(qkd_context *ctx, const char *path, size_t max_bytes,
+                          uint8_t **data, size_t *len);
+
+#endif

@@ -1,0 +1,117 @@
+/* The exact reverse of forward.c. Backend backward kernels ADD, so each
+ * activation-gradient buffer is zeroed right before the pass fills it;
+ * parameter gradients are only ever added to (micro-batches accumulate).
+ * acts.dres carries the gradient of the residual stream down the layers. */
+#include "model/model_impl.h"
+
+static void zero(qkd__backend *be, float *x, size_t n)
+{
+    be->fill(be, x, 0.0f, n);
+}
+
+/* out = x W^T: add the input gradient to dx and the weight gradient to dw. */
+static void linear_backward(qkd__backend *be, float *dx, float *dw, const float *dout,
+                            const float *x, const float *w, int N, int C, int OC)
+{
+    be->matmul_backward_input(be, dx, dout, w, N, C, OC);
+    be->matmul_backward_weight(be, dw, dout, x, N, C, OC);
+}
+
+/* Layer l's weight and its gradient, by kind. */
+#define W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
+#define G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
+
+/* On entry acts.dres is d x_out; on return it is d x_mid. */
+static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *g = &m->acts;
+    const int C = m->cfg.dim, H = m->cfg.hidden_dim;
+    /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
+    zero(be, g->dsw, (size_t)N * H);
+    linear_backward(be, g->dsw, G(FFN_DOWN), g->dres, a->sw, W(FFN_DOWN), N, H, C);
+    zero(be, g->dgate, (size_t)N * H);
+    zero(be, g->dup, (size_t)N * H);
+    be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
+    zero(be, g->dnorm, (size_t)N * C);
+    linear_backward(be, g->dnorm, G(FFN_GATE), g->dgate, a->h2, W(FFN_GATE), N, C, H);
+    linear_backward(be, g->dnorm, G(FFN_UP), g->dup, a->h2, W(FFN_UP), N, C, H);
+    be->rmsnorm_backward(be, g->dres, G(FFN_NORM), g->dnorm, a->x_mid, W(FFN_NORM), a->rstd2,
+                         N, C);
+}
+
+/* On entry acts.dres is d x_mid; on return it is d x_in. */
+static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, int B, int T)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *g = &m->acts;
+    const qkd_model_config *c = &m->cfg;
+    const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
+    /* x_mid = x_in + att Wo^T */
+    zero(be, g->datt, (size_t)N * C);
+    linear_backward(be, g->datt, G(ATTN_OUTPUT), g->dres, a->att, W(ATTN_OUTPUT), N, C, C);
+    zero(be, g->dq, (size_t)N * C);
+    zero(be, g->dk, (size_t)N * kvd);
+    zero(be, g->dv, (size_t)N * kvd);
+    be->attention_backward(be, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k, a->v,
+                           a->att, B, T, c->n_heads, c->n_kv_heads, hd);
+    be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
+    be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
+    zero(be, g->dnorm, (size_t)N * C);
+    linear_backward(be, g->dnorm, G(ATTN_Q), g->dq, a->h, W(ATTN_Q), N, C, C);
+    linear_backward(be, g->dnorm, G(ATTN_K), g->dk, a->h, W(ATTN_K), N, C, kvd);
+    linear_backward(be, g->dnorm, G(ATTN_V), g->dv, a->h, W(ATTN_V), N, C, kvd);
+    be->rmsnorm_backward(be, g->dres, G(ATTN_NORM), g->dnorm, a->x_in, W(ATTN_NORM), a->rstd1,
+                         N, C);
+}
+
+#undef W
+#undef G
+
+/* logits = rmsnorm(x_L) Wout^T; leaves d x_L in acts.dres. */
+static void head_backward(qkd_model *m, int N)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *g = &m->acts;
+    const int C = m->cfg.dim, V = m->cfg.vocab_size;
+    zero(be, g->dnorm, (size_t)N * C);
+    linear_backward(be, g->dnorm, qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT, -1),
+                    g->dlogits, g->xf, qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT, -1),
+                    N, C, V);
+    zero(be, g->dres, (size_t)N * C);
+    be->rmsnorm_backward(be, g->dres,
+                         qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT_NORM, -1),
+                         g->dnorm, g->layers[m->cfg.n_layers - 1].x_out,
+                         qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT_NORM, -1),
+                         g->rstdf, N, C);
+}
+
+qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (!m->has_forward)
+        return qkd__error(m->ctx, QKD_ERR_STATE, "model backward: no forward pass yet");
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *a = &m->acts;
+    const int B = a->B, T = a->T, N = B * T;
+    if (dlogits) {
+        qkd_status st = be->upload(be, a->dlogits, dlogits,
+                                   (size_t)N * (size_t)m->cfg.vocab_size * sizeof(float));
+        if (st != QKD_OK)
+            return st;
+        m->has_dlogits = 1;
+    } else if (!m->has_dlogits) {
+        return qkd__error(m->ctx, QKD_ERR_STATE,
+                          "model backward: no logits gradient (run a loss with compute_grad, "
+                          "or pass dlogits)");
+    }
+    head_backward(m, N);
+    for (int l = m->cfg.n_layers - 1; l >= 0; l--) {
+        ffn_backward(m, l, &a->layers[l], N);
+        attention_backward(m, l, &a->layers[l], B, T);
+    }
+    be->embedding_backward(be, qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_TOKEN_EMBD, -1),
+                           a->dres, a->tokens, N, m->cfg.dim, m->cfg.vocab_size);
+    return QKD_OK;
+}

@@ -1,0 +1,237 @@
+/* The LLaMA forward pass (llama2.c semantics) over B sequences of T
+ * tokens, keeping every activation the backward needs in one arena. */
+#include <limits.h>
+
+#include "model/model_impl.h"
+
+/* ---- shared with decoding -------------------------------------------- */
+
+void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
+                              qkd__step s)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const qkd_model_config *c = &m->cfg;
+    const int N = s.B * s.T, C = c->dim, H = c->hidden_dim;
+    const int hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
+    float *w = m->params;
+#define W(kind) qkd__model_tensor_ptr(m, w, QKD_TENSOR_##kind, l)
+    be->rmsnorm_forward(be, a->h, a->rstd1, a->x_in, W(ATTN_NORM), N, C, c->norm_eps);
+    be->matmul_forward(be, a->q, a->h, W(ATTN_Q), N, C, C);
+    be->matmul_forward(be, a->k, a->h, W(ATTN_K), N, C, kvd);
+    be->matmul_forward(be, a->v, a->h, W(ATTN_V), N, C, kvd);
+    be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
+    be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
+    be->attention_forward(be, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
+                          s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
+    be->matmul_forward(be, a->proj, a->att, W(ATTN_OUTPUT), N, C, C);
+    be->add(be, a->x_mid, a->x_in, a->proj, (size_t)N * C);
+
+    be->rmsnorm_forward(be, a->h2, a->rstd2, a->x_mid, W(FFN_NORM), N, C, c->norm_eps);
+    be->matmul_forward(be, a->gate, a->h2, W(FFN_GATE), N, C, H);
+    be->matmul_forward(be, a->up, a->h2, W(FFN_UP), N, C, H);
+    be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
+    be->matmul_forward(be, a->proj, a->sw, W(FFN_DOWN), N, H, C);
+    be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
+#undef W
+}
+
+void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
+                             const float *x, int N)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const qkd_model_config *c = &m->cfg;
+    be->rmsnorm_forward(be, xf, rstdf, x,
+                        qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT_NORM, -1), N,
+                        c->dim, c->norm_eps);
+    be->matmul_forward(be, logits, xf, qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT, -1),
+                       N, c->dim, c->vocab_size);
+}
+
+void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
+                           size_t N, size_t scratch_floats, int own_kv)
+{
+    const size_t C = (size_t)c->dim, H = (size_t)c->hidden_dim;
+    const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
+    la->h = qkd__arena_take(a, N, C);
+    la->rstd1 = qkd__arena_take(a, N, 1);
+    la->q = qkd__arena_take(a, N, C);
+    if (own_kv) {
+        la->kcache = la->k = qkd__arena_take(a, N, kvd);
+        la->vcache = la->v = qkd__arena_take(a, N, kvd);
+    }
+    la->scratch = qkd__arena_take(a, scratch_floats, 1);
+    la->att = qkd__arena_take(a, N, C);
+    la->x_mid = qkd__arena_take(a, N, C);
+    la->h2 = qkd__arena_take(a, N, C);
+    la->rstd2 = qkd__arena_take(a, N, 1);
+    la->gate = qkd__arena_take(a, N, H);
+    la->up = qkd__arena_take(a, N, H);
+    la->sw = qkd__arena_take(a, N, H);
+}
+
+/* ---- training activations -------------------------------------------- */
+
+typedef struct train_plan {
+    qkd_model *m;
+    int B, T;
+} train_plan;
+
+static void plan_train(void *arg, qkd__arena *a)
+{
+    const train_plan *p = arg;
+    const qkd_model_config *c = &p->m->cfg;
+    qkd__backend *be = qkd__model_backend(p->m);
+    qkd__train_acts *t = &p->m->acts;
+    const size_t N = (size_t)p->B * (size_t)p->T, C = (size_t)c->dim;
+    const size_t H = (size_t)c->hidden_dim, V = (size_t)c->vocab_size;
+    const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
+    const size_t scratch = be->attention_scratch_floats(be, p->B, p->T, p->T, c->n_heads);
+
+    t->tokens = (int32_t *)qkd__arena_take(a, N, 1);
+    t->targets = (int32_t *)qkd__arena_take(a, N, 1);
+    t->losses = qkd__arena_take(a, N, 1);
+    t->loss_sum = qkd__arena_take(a, 1, 1);
+    float *proj = qkd__arena_take(a, N, C);
+    float *x = qkd__arena_take(a, N, C);
+    for (int l = 0; l < c->n_layers; l++) {
+        qkd__layer_acts *la = &t->layers[l];
+        la->x_in = x;
+        la->proj = proj;
+        qkd__model_plan_layer(a, la, c, N, scratch, 1);
+        la->x_out = x = qkd__arena_take(a, N, C);
+    }
+    t->xf = qkd__arena_take(a, N, C);
+    t->rstdf = qkd__arena_take(a, N, 1);
+    t->logits = qkd__arena_take(a, N, V);
+    t->dlogits = qkd__arena_take(a, N, V);
+    t->dres = qkd__arena_take(a, N, C);
+    t->dnorm = qkd__arena_take(a, N, C);
+    t->datt = qkd__arena_take(a, N, C);
+    t->dq = qkd__arena_take(a, N, C);
+    t->dk = qkd__arena_take(a, N, kvd);
+    t->dv = qkd__arena_take(a, N, kvd);
+    t->dsw = qkd__arena_take(a, N, H);
+    t->dgate = qkd__arena_take(a, N, H);
+    t->dup = qkd__arena_take(a, N, H);
+}
+
+void qkd__model_free_acts(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    be->free(be, m->acts.mem);
+    m->acts.mem = NULL;
+    m->acts.B = m->acts.T = 0;
+    m->has_forward = m->has_dlogits = 0;
+}
+
+/* Activations for (B, T): kept from the previous call when the shape is
+ * the same, so a training step of a known shape allocates nothing. */
+static qkd_status ensure_acts(qkd_model *m, int B, int T)
+{
+    if (m->acts.mem && m->acts.B == B && m->acts.T == T)
+        return QKD_OK;
+    qkd__model_free_acts(m);
+    train_plan p = {m, B, T};
+    qkd_status st = qkd__arena_alloc(m->ctx, "model forward: activations", plan_train, &p,
+                                     &m->acts.mem);
+    if (st != QKD_OK)
+        return st;
+    m->acts.B = B;
+    m->acts.T = T;
+    return QKD_OK;
+}
+
+/* ---- forward ----------------------------------------------------------- */
+
+static qkd_status check_tokens(const qkd_model *m, const int32_t *tokens, int B, int T)
+{
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            int32_t id = tokens[(size_t)b * T + t];
+            if (id < 0 || id >= m->cfg.vocab_size)
+                return qkd__error(m->ctx, QKD_ERR_RANGE,
+                                  "model forward: token %d at batch %d position %d is outside "
+                                  "the vocabulary [0, %d)",
+                                  (int)id, b, t, m->cfg.vocab_size);
+        }
+    }
+    return QKD_OK;
+}
+
+static qkd_status check_forward_args(const qkd_model *m, const int32_t *tokens, int B, int T)
+{
+    if (!tokens)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG, "model forward: tokens is NULL");
+    if (B < 1 || T < 1)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model forward: B = %d and T = %d must be >= 1", B, T);
+    if (T > m->cfg.max_seq_len)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model forward: T = %d exceeds max_seq_len %d", T, m->cfg.max_seq_len);
+    if ((int64_t)B * T > INT_MAX)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model forward: B * T = %lld rows exceed INT_MAX",
+                          (long long)B * T);
+    return check_tokens(m, tokens, B, T);
+}
+
+qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    qkd_status st = check_forward_args(m, tokens, B, T);
+    if (st == QKD_OK)
+        st = ensure_acts(m, B, T);
+    if (st != QKD_OK)
+        return st;
+    m->has_forward = m->has_dlogits = 0;
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *a = &m->acts;
+    const int N = B * T;
+    st = be->upload(be, a->tokens, tokens, (size_t)N * sizeof *tokens);
+    if (st != QKD_OK)
+        return st;
+    be->embedding_forward(be, a->layers[0].x_in, a->tokens,
+                          qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_TOKEN_EMBD, -1), N,
+                          m->cfg.dim);
+    const qkd__step step = {.B = B, .T = T, .pos0 = 0, .kv_len = T};
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        qkd__model_layer_forward(m, l, &a->layers[l], step);
+    qkd__model_head_forward(m, a->logits, a->xf, a->rstdf,
+                            a->layers[m->cfg.n_layers - 1].x_out, N);
+    m->has_forward = 1;
+    return QKD_OK;
+}
+
+qkd_status qkd_model_logits(const qkd_model *m, float *dst, size_t n)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (!dst)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG, "model logits: dst is NULL");
+    if (!m->has_forward)
+        return qkd__error(m->ctx, QKD_ERR_STATE, "model logits: no forward pass yet");
+    size_t want = (size_t)m->acts.B * (size_t)m->acts.T * (size_t)m->cfg.vocab_size;
+    if (n != want)
+        return qkd__error(m->ctx, QKD_ERR_SHAPE,
+                          "model logits: the last forward has %zu logits, not %zu", want, n);
+    return qkd__model_download(m, dst, m->acts.logits, n);
+}
+
+/* ---- for the loss layer ------------------------------------------------ */
+
+float *qkd__model_logits_dev(qkd_model *m, int *n_rows)
+{
+    *n_rows = m->has_forward ? m->acts.B * m->acts.T : 0;
+    return m->has_forward ? m->acts.logits : NULL;
+}
+
+float *qkd__model_dlogits_dev(qkd_model *m)
+{
+    return m->has_forward ? m->acts.dlogits : NULL;
+}
+
+void qkd__model_mark_dlogits(qkd_model *m)
+{
+    m->has_dlogits = m->has_forward;
+}

@@ -1,0 +1,445 @@
+/* The model handle: config, creation, the parameter tensor table and the
+ * host access to weights and gradients. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "model/model_impl.h"
+
+/* Limits that keep every size well inside size_t and int arithmetic while
+ * leaving room for any LLaMA-family shape in use. */
+#define MAX_WIDTH (1 << 20)   /* dim, hidden_dim */
+#define MAX_VOCAB (1 << 24)
+#define MAX_LAYERS 4096
+#define MAX_SEQ_LEN (1 << 20)
+
+static const char *const kind_names[] = {
+    [QKD_TENSOR_TOKEN_EMBD] = "token_embd",   [QKD_TENSOR_ATTN_NORM] = "attn_norm",
+    [QKD_TENSOR_ATTN_Q] = "attn_q",           [QKD_TENSOR_ATTN_K] = "attn_k",
+    [QKD_TENSOR_ATTN_V] = "attn_v",           [QKD_TENSOR_ATTN_OUTPUT] = "attn_output",
+    [QKD_TENSOR_FFN_NORM] = "ffn_norm",       [QKD_TENSOR_FFN_GATE] = "ffn_gate",
+    [QKD_TENSOR_FFN_DOWN] = "ffn_down",       [QKD_TENSOR_FFN_UP] = "ffn_up",
+    [QKD_TENSOR_OUTPUT_NORM] = "output_norm", [QKD_TENSOR_OUTPUT] = "output",
+};
+
+void qkd_model_config_init(qkd_model_config *cfg)
+{
+    if (!cfg)
+        return;
+    *cfg = (qkd_model_config){
+        .size = sizeof *cfg,
+        .dim = 64,
+        .hidden_dim = 172,
+        .n_layers = 5,
+        .n_heads = 8,
+        .n_kv_heads = 4,
+        .vocab_size = 512,
+        .max_seq_len = 512,
+        .rope_theta = 10000.0f,
+        .norm_eps = 1e-5f,
+        .tied_embeddings = 1,
+    };
+}
+
+/* ---- config check ------------------------------------------------------ */
+
+static qkd_status check_int(qkd_context *ctx, const char *field, int value, int max)
+{
+    if (value < 1 || value > max)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: %s = %d is outside [1, %d]", field, value, max);
+    return QKD_OK;
+}
+
+static qkd_status check_sizes(qkd_context *ctx, const qkd_model_config *c)
+{
+    qkd_status st;
+    if ((st = check_int(ctx, "dim", c->dim, MAX_WIDTH)) ||
+        (st = check_int(ctx, "hidden_dim", c->hidden_dim, MAX_WIDTH)) ||
+        (st = check_int(ctx, "n_layers", c->n_layers, MAX_LAYERS)) ||
+        (st = check_int(ctx, "n_heads", c->n_heads, c->dim)) ||
+        (st = check_int(ctx, "n_kv_heads", c->n_kv_heads, c->n_heads)) ||
+        (st = check_int(ctx, "vocab_size", c->vocab_size, MAX_VOCAB)) ||
+        (st = check_int(ctx, "max_seq_len", c->max_seq_len, MAX_SEQ_LEN)))
+        return st;
+    return QKD_OK;
+}
+
+static qkd_status check_shape(qkd_context *ctx, const qkd_model_config *c)
+{
+    if (c->dim % c->n_heads != 0)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: dim %d is not a multiple of n_heads %d",
+                          c->dim, c->n_heads);
+    if ((c->dim / c->n_heads) % 2 != 0)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: head_dim %d (dim / n_heads) must be even for RoPE",
+                          c->dim / c->n_heads);
+    if (c->n_heads % c->n_kv_heads != 0)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: n_heads %d is not a multiple of n_kv_heads %d",
+                          c->n_heads, c->n_kv_heads);
+    return QKD_OK;
+}
+
+static qkd_status check_scalars(qkd_context *ctx, const qkd_model_config *c)
+{
+    if (!isfinite(c->rope_theta) || c->rope_theta <= 0.0f)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: rope_theta %g must be positive and finite",
+                          (double)c->rope_theta);
+    if (!isfinite(c->norm_eps) || c->norm_eps <= 0.0f)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: norm_eps %g must be positive and finite",
+                          (double)c->norm_eps);
+    if (c->tied_embeddings != 0 && c->tied_embeddings != 1)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: tied_embeddings %d must be 0 or 1", c->tied_embeddings);
+    return QKD_OK;
+}
+
+/* ---- tensor table ------------------------------------------------------ */
+
+static int tensor_count(const qkd_model_config *c)
+{
+    return 2 + QKD__LAYER_TENSORS * c->n_layers + (c->tied_embeddings ? 0 : 1);
+}
+
+static int is_norm(qkd_tensor_kind kind)
+{
+    return kind == QKD_TENSOR_ATTN_NORM || kind == QKD_TENSOR_FFN_NORM ||
+           kind == QKD_TENSOR_OUTPUT_NORM;
+}
+
+/* Append one entry (t may be NULL to count only), reserving its slice. */
+static void add_tensor(qkd__tensor_entry *t, int *n, qkd__arena *a, qkd_tensor_kind kind,
+                       int layer, int64_t rows, int64_t cols)
+{
+    size_t offset = a->used;
+    qkd__arena_take(a, (size_t)rows, (size_t)cols);
+    if (t) {
+        qkd__tensor_entry *e = &t[*n];
+        if (layer >= 0)
+            snprintf(e->name, sizeof e->name, "blk.%d.%s.weight", layer, kind_names[kind]);
+        else
+            snprintf(e->name, sizeof e->name, "%s.weight", kind_names[kind]);
+        e->kind = kind;
+        e->layer = layer;
+        e->n_dims = is_norm(kind) ? 1 : 2;
+        e->rows = rows;
+        e->cols = cols;
+        e->offset = offset;
+    }
+    (*n)++;
+}
+
+/* Lay out the table in the documented order; t may be NULL to measure
+ * only. Returns the floats the weight buffer needs; *overflow is set if
+ * that does not fit size_t. */
+static size_t plan_tensors(const qkd_model_config *c, qkd__tensor_entry *t, int *overflow)
+{
+    const int64_t C = c->dim, H = c->hidden_dim, V = c->vocab_size;
+    const int64_t kvd = C / c->n_heads * c->n_kv_heads;
+    qkd__arena a = {0};
+    int n = 0;
+    add_tensor(t, &n, &a, QKD_TENSOR_TOKEN_EMBD, -1, V, C);
+    for (int l = 0; l < c->n_layers; l++) {
+        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_NORM, l, C, 1);
+        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_Q, l, C, C);
+        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_K, l, kvd, C);
+        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_V, l, kvd, C);
+        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_OUTPUT, l, C, C);
+        add_tensor(t, &n, &a, QKD_TENSOR_FFN_NORM, l, C, 1);
+        add_tensor(t, &n, &a, QKD_TENSOR_FFN_GATE, l, H, C);
+        add_tensor(t, &n, &a, QKD_TENSOR_FFN_DOWN, l, C, H);
+        add_tensor(t, &n, &a, QKD_TENSOR_FFN_UP, l, H, C);
+    }
+    add_tensor(t, &n, &a, QKD_TENSOR_OUTPUT_NORM, -1, C, 1);
+    if (!c->tied_embeddings)
+        add_tensor(t, &n, &a, QKD_TENSOR_OUTPUT, -1, V, C);
+    *overflow = a.overflow || a.used > SIZE_MAX / sizeof(float);
+    return a.used;
+}
+
+qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg)
+{
+    if (!cfg)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG, "model config: NULL");
+    if (cfg->size < sizeof *cfg)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: size field %zu, expected %zu (call qkd_model_config_init)",
+                          cfg->size, sizeof *cfg);
+    qkd_status st;
+    if ((st = check_sizes(ctx, cfg)) || (st = check_shape(ctx, cfg)) ||
+        (st = check_scalars(ctx, cfg)))
+        return st;
+    int overflow;
+    plan_tensors(cfg, NULL, &overflow);
+    if (overflow)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "model config: the parameter count overflows size_t");
+    return QKD_OK;
+}
+
+/* ---- create / free ----------------------------------------------------- */
+
+static qkd_status alloc_params(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    size_t bytes = m->n_floats * sizeof(float);
+    qkd_status st = be->alloc(be, bytes, (void **)&m->params);
+    if (st == QKD_OK)
+        st = be->alloc(be, bytes, (void **)&m->grads);
+    if (st != QKD_OK)
+        return st;
+    be->fill(be, m->params, 0.0f, m->n_floats);
+    be->fill(be, m->grads, 0.0f, m->n_floats);
+    return QKD_OK;
+}
+
+static qkd_status build_table(qkd_model *m)
+{
+    qkd_context *ctx = m->ctx;
+    m->n_tensors = tensor_count(&m->cfg);
+    m->tensors = qkd__calloc(ctx, (size_t)m->n_tensors, sizeof *m->tensors);
+    m->acts.layers = qkd__calloc(ctx, (size_t)m->cfg.n_layers, sizeof *m->acts.layers);
+    if (!m->tensors || !m->acts.layers)
+        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "model create: out of memory");
+    int overflow; /* ruled out by qkd__model_config_check */
+    m->n_floats = plan_tensors(&m->cfg, m->tensors, &overflow);
+    for (int i = 0; i < m->n_tensors; i++)
+        m->n_params += m->tensors[i].rows * m->tensors[i].cols;
+    return QKD_OK;
+}
+
+qkd_status qkd_model_create(qkd_context *ctx, const qkd_model_config *cfg, qkd_model **out)
+{
+    if (!ctx)
+        return QKD_ERR_INVALID_ARG;
+    if (!out)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG, "model create: out is NULL");
+    *out = NULL;
+    qkd_status st = qkd__model_config_check(ctx, cfg);
+    if (st != QKD_OK)
+        return st;
+    qkd_model *m = qkd__calloc(ctx, 1, sizeof *m);
+    if (!m)
+        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "model create: out of memory");
+    m->ctx = ctx;
+    m->cfg = *cfg;
+    m->cfg.size = sizeof m->cfg;
+    st = build_table(m);
+    if (st == QKD_OK)
+        st = alloc_params(m);
+    if (st != QKD_OK) {
+        qkd_model_free(m);
+        return st;
+    }
+    *out = m;
+    return QKD_OK;
+}
+
+void qkd_model_free(qkd_model *m)
+{
+    if (!m)
+        return;
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__model_free_acts(m);
+    qkd__model_free_decode(m);
+    be->free(be, m->params);
+    be->free(be, m->grads);
+    qkd_tokenizer_free(m->tokenizer);
+    qkd__free(m->ctx, m->acts.layers);
+    qkd__free(m->ctx, m->tensors);
+    qkd__free(m->ctx, m);
+}
+
+qkd_status qkd_model_get_config(const qkd_model *m, qkd_model_config *cfg)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (!cfg || cfg->size < sizeof *cfg)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model get_config: cfg is NULL or its size field is not set");
+    *cfg = m->cfg;
+    return QKD_OK;
+}
+
+qkd_status qkd_model_set_max_seq_len(qkd_model *m, int n)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (n < 1 || n > MAX_SEQ_LEN)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model set_max_seq_len: %d is outside [1, %d]", n, MAX_SEQ_LEN);
+    if (n != m->cfg.max_seq_len) {
+        m->cfg.max_seq_len = n;
+        qkd__model_free_decode(m); /* re-sized on the next decode */
+    }
+    return QKD_OK;
+}
+
+int64_t qkd_model_n_params(const qkd_model *m)
+{
+    return m ? m->n_params : 0;
+}
+
+qkd_context *qkd__model_context(const qkd_model *m)
+{
+    return m->ctx;
+}
+
+/* ---- tensors ----------------------------------------------------------- */
+
+int qkd_model_n_tensors(const qkd_model *m)
+{
+    return m ? m->n_tensors : 0;
+}
+
+int qkd__model_tensor_index(const qkd_model *m, qkd_tensor_kind kind, int layer)
+{
+    const int L = m->cfg.n_layers;
+    switch (kind) {
+    case QKD_TENSOR_TOKEN_EMBD:
+        return layer == -1 ? 0 : -1;
+    case QKD_TENSOR_OUTPUT_NORM:
+        return layer == -1 ? 1 + QKD__LAYER_TENSORS * L : -1;
+    case QKD_TENSOR_OUTPUT:
+        return layer == -1 && !m->cfg.tied_embeddings ? 2 + QKD__LAYER_TENSORS * L : -1;
+    default:
+        if (kind < QKD_TENSOR_ATTN_NORM || kind > QKD_TENSOR_FFN_UP || layer < 0 || layer >= L)
+            return -1;
+        return 1 + QKD__LAYER_TENSORS * layer + (kind - QKD_TENSOR_ATTN_NORM);
+    }
+}
+
+float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind kind, int layer)
+{
+    if (kind == QKD_TENSOR_OUTPUT && m->cfg.tied_embeddings)
+        kind = QKD_TENSOR_TOKEN_EMBD;
+    return base + m->tensors[qkd__model_tensor_index(m, kind, layer)].offset;
+}
+
+static qkd_status check_index(const qkd_model *m, const char *fn, int index)
+{
+    if (index < 0 || index >= m->n_tensors)
+        return qkd__error(m->ctx, QKD_ERR_RANGE, "model %s: tensor index %d outside [0, %d)",
+                          fn, index, m->n_tensors);
+    return QKD_OK;
+}
+
+qkd_status qkd_model_tensor_info(const qkd_model *m, int index, qkd_tensor_info *info)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (!info || info->size < sizeof *info)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model tensor_info: info is NULL or its size field is not set");
+    qkd_status st = check_index(m, "tensor_info", index);
+    if (st != QKD_OK)
+        return st;
+    const qkd__tensor_entry *e = &m->tensors[index];
+    *info = (qkd_tensor_info){
+        .size = sizeof *info,
+        .name = e->name,
+        .kind = e->kind,
+        .layer = e->layer,
+        .n_dims = e->n_dims,
+        .shape = {e->rows, e->cols},
+        .n_elements = e->rows * e->cols,
+    };
+    return QKD_OK;
+}
+
+qkd_status qkd_model_tensor_find(const qkd_model *m, const char *name, int *index)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (!name || !index)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG, "model tensor_find: NULL argument");
+    for (int i = 0; i < m->n_tensors; i++) {
+        if (strcmp(m->tensors[i].name, name) == 0) {
+            *index = i;
+            return QKD_OK;
+        }
+    }
+    return qkd__error(m->ctx, QKD_ERR_NOT_FOUND, "model tensor_find: no tensor named '%s'", name);
+}
+
+/* Validate a host transfer of n floats for tensor `index`. */
+static qkd_status check_transfer(const qkd_model *m, const char *fn, int index,
+                                 const void *host, size_t n)
+{
+    if (!host)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG, "model %s: buffer is NULL", fn);
+    qkd_status st = check_index(m, fn, index);
+    if (st != QKD_OK)
+        return st;
+    const qkd__tensor_entry *e = &m->tensors[index];
+    if ((int64_t)n != e->rows * e->cols)
+        return qkd__error(m->ctx, QKD_ERR_SHAPE, "model %s: %s has %lld elements, not %zu", fn,
+                          e->name, (long long)(e->rows * e->cols), n);
+    return QKD_OK;
+}
+
+qkd_status qkd_model_tensor_get(const qkd_model *m, int index, float *dst, size_t n)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    qkd_status st = check_transfer(m, "tensor_get", index, dst, n);
+    if (st != QKD_OK)
+        return st;
+    return qkd__model_download(m, dst, m->params + m->tensors[index].offset, n);
+}
+
+qkd_status qkd_model_grad_get(const qkd_model *m, int index, float *dst, size_t n)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    qkd_status st = check_transfer(m, "grad_get", index, dst, n);
+    if (st != QKD_OK)
+        return st;
+    return qkd__model_download(m, dst, m->grads + m->tensors[index].offset, n);
+}
+
+qkd_status qkd_model_tensor_set(qkd_model *m, int index, const float *src, size_t n)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    qkd_status st = check_transfer(m, "tensor_set", index, src, n);
+    if (st != QKD_OK)
+        return st;
+    qkd__backend *be = qkd__model_backend(m);
+    return be->upload(be, m->params + m->tensors[index].offset, src, n * sizeof(float));
+}
+
+qkd_status qkd_model_zero_grad(qkd_model *m)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    qkd__backend *be = qkd__model_backend(m);
+    be->fill(be, m->grads, 0.0f, m->n_floats);
+    return QKD_OK;
+}
+
+qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd_status st = be->sync(be);
+    if (st == QKD_OK)
+        st = be->download(be, dst, src, n * sizeof(float));
+    return st;
+}
+
+/* ---- tokenizer --------------------------------------------------------- */
+
+void qkd__model_attach_tokenizer(qkd_model *m, qkd_tokenizer *tok)
+{
+    qkd_tokenizer_free(m->tokenizer);
+    m->tokenizer = tok;
+}
+
+const qkd_tokenizer *qkd_model_tokenizer(const qkd_model *m)
+{
+    return m ? m->tokenizer : NULL;
+}

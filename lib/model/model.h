@@ -1,0 +1,33 @@
+/* Internal model interface for the layers above the model (loaders, the
+ * loss layer, the optimizer): what the public header does not expose. */
+#ifndef QKD_LIB_MODEL_H
+#define QKD_LIB_MODEL_H
+
+#include "qkd/model.h"
+#include "qkd/tokenizer.h"
+#include "core/core.h"
+
+/* The context the model was created on (for errors and allocation). */
+qkd_context *qkd__model_context(const qkd_model *model);
+
+/* Check a config before creating a model; INVALID_ARG naming the bad
+ * field, recorded on ctx. */
+qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg);
+
+/* Index of the tensor of `kind` in `layer` (-1 for non-layer kinds), or -1
+ * if the model has no such tensor (e.g. OUTPUT when tied). */
+int qkd__model_tensor_index(const qkd_model *model, qkd_tensor_kind kind, int layer);
+
+/* Device pointers to the last forward's logits and to the logits gradient
+ * ([n_rows][vocab] each; *n_rows = B*T), NULL before any forward. A loss
+ * that writes the gradient calls qkd__model_mark_dlogits so that
+ * qkd_model_backward(model, NULL) accepts it. */
+float *qkd__model_logits_dev(qkd_model *model, int *n_rows);
+float *qkd__model_dlogits_dev(qkd_model *model);
+void qkd__model_mark_dlogits(qkd_model *model);
+
+/* Give the model the tokenizer found in its file (taken: the model frees
+ * it). */
+void qkd__model_attach_tokenizer(qkd_model *model, qkd_tokenizer *tok);
+
+#endif

@@ -1,0 +1,132 @@
+/* The model's body and the helpers its files share (lib/model only). */
+#ifndef QKD_LIB_MODEL_IMPL_H
+#define QKD_LIB_MODEL_IMPL_H
+
+#include "backend/backend.h"
+#include "model/model.h"
+
+#define QKD__TENSOR_NAME_LEN 48
+/* Tensors per layer: attn_norm, attn_q, attn_k, attn_v, attn_output,
+ * ffn_norm, ffn_gate, ffn_down, ffn_up (kinds 1..9, in this order). */
+#define QKD__LAYER_TENSORS 9
+
+typedef struct qkd__tensor_entry {
+    char name[QKD__TENSOR_NAME_LEN];
+    qkd_tensor_kind kind;
+    int layer;
+    int n_dims;
+    int64_t rows, cols;   /* a 1-D tensor has cols == 1 */
+    size_t offset;        /* in floats, into the weight and gradient buffers */
+} qkd__tensor_entry;
+
+/* Where one layer reads and writes its activations. In training every
+ * pointer is the layer's own slice of the arena; in decoding the buffers
+ * are shared by all layers and k/v point at the cache row being written,
+ * kcache/vcache at the layer's whole cache. */
+typedef struct qkd__layer_acts {
+    float *x_in;          /* residual stream into the layer [N][C] */
+    float *h, *rstd1;     /* attn_norm output [N][C], its 1/rms [N] */
+    float *q;             /* [N][C], after RoPE */
+    float *k, *v;         /* this step's keys and values [N][kvd], after RoPE */
+    const float *kcache, *vcache; /* what attention reads [B][kv_len][kvd] */
+    float *scratch;       /* attention's saved softmax */
+    float *att;           /* attention output [N][C] */
+    float *x_mid;         /* residual after attention [N][C] */
+    float *h2, *rstd2;    /* ffn_norm output [N][C], its 1/rms [N] */
+    float *gate, *up, *sw; /* [N][H] each: h2 Wg^T, h2 Wu^T, silu(gate)*up */
+    float *x_out;         /* residual out of the layer [N][C] */
+    float *proj;          /* a projection before its residual add [N][C] */
+} qkd__layer_acts;
+
+/* Geometry of one pass: B sequences of T rows at positions pos0.., with
+ * kv_len keys visible to the attention. */
+typedef struct qkd__step {
+    int B, T, pos0, kv_len;
+} qkd__step;
+
+/* Training activations for one (B, T): a single device allocation. */
+typedef struct qkd__train_acts {
+    int B, T;             /* 0 when nothing is allocated */
+    void *mem;
+    qkd__layer_acts *layers; /* host array [n_layers], allocated with the model */
+    int32_t *tokens, *targets; /* [N] */
+    float *losses, *loss_sum;  /* [N], [1] */
+    float *xf, *rstdf;    /* output_norm output [N][C], its 1/rms [N] */
+    float *logits, *dlogits; /* [N][V] */
+    /* activation gradients, reused by every layer */
+    float *dres, *dnorm, *datt, *dq, *dk, *dv, *dsw, *dgate, *dup;
+} qkd__train_acts;
+
+/* Decoding state: the key/value cache and one row of activations. */
+typedef struct qkd__decode {
+    int seq_len;          /* rows the cache holds; 0 when not allocated */
+    int next_pos;         /* the position the next call must feed */
+    void *mem;
+    int32_t *token;       /* [1] */
+    float *kcache, *vcache; /* [n_layers][seq_len][kvd] */
+    qkd__layer_acts row;  /* shared by the layers; k/v re-pointed per layer */
+    float *xf, *rstdf, *logits;
+} qkd__decode;
+
+struct qkd_model {
+    qkd_context *ctx;
+    qkd_model_config cfg;
+    int n_tensors;
+    qkd__tensor_entry *tensors;
+    int64_t n_params;     /* trainable scalars */
+    size_t n_floats;      /* buffer length, alignment padding included */
+    float *params, *grads; /* device buffers of n_floats each */
+    qkd_tokenizer *tokenizer;
+    qkd__train_acts acts;
+    int has_forward;      /* acts hold a forward's results */
+    int has_dlogits;      /* acts.dlogits holds a logits gradient */
+    qkd__decode dec;
+};
+
+static inline qkd__backend *qkd__model_backend(const qkd_model *m)
+{
+    return m->ctx->backend;
+}
+
+/* The tensor of `kind` in `layer` inside base (params or grads). The
+ * output head of a tied model is token_embd. */
+float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind kind,
+                             int layer);
+
+/* Bump allocator over one device buffer. With base NULL it only measures;
+ * pointers are then NULL. Each slice is 64-byte aligned. */
+typedef struct qkd__arena {
+    float *base;
+    size_t used;          /* floats */
+    int overflow;
+} qkd__arena;
+
+float *qkd__arena_take(qkd__arena *a, size_t rows, size_t cols);
+/* Measure with plan(arg, &arena), allocate, then plan again into the
+ * buffer. INVALID_ARG (recorded, naming what) if the size overflows. */
+qkd_status qkd__arena_alloc(qkd_context *ctx, const char *what,
+                            void (*plan)(void *arg, qkd__arena *a), void *arg,
+                            void **mem);
+
+/* Place one layer's row buffers (h .. sw) for N rows; with own_kv also
+ * k and v (read back by the attention as kcache/vcache). x_in, x_out and
+ * proj are the caller's. */
+void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
+                           size_t N, size_t scratch_floats, int own_kv);
+
+/* One transformer layer forward and the final norm + head, shared by the
+ * training forward and decoding. */
+void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
+                              qkd__step s);
+void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
+                             const float *x, int N);
+
+/* Download n floats after the queued kernels have finished. */
+qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n);
+
+/* Drop the training activations / the decode cache (allocated again on
+ * next use). */
+void qkd__model_free_acts(qkd_model *m);
+void qkd__model_free_decode(qkd_model *m);
+
+#endif

@@ -1,0 +1,1155 @@
+/* The reference backend against plain double-precision computations
+ * written here, its backward kernels against central finite differences of
+ * its forward kernels, and its results against thread count.
+ *
+ * Finite differences: inputs are O(1), the probe is L = sum(out * R) for a
+ * random R (summed in double), the step is eps = 1e-2 and an analytic
+ * gradient must be within FD_TOL * (1 + |numeric|) of the central
+ * difference. With float outputs the rounding noise of the difference is
+ * about 1e-6 / eps = 1e-4 and the truncation error about eps^2 = 1e-4,
+ * while a wrong gradient is off by O(1). */
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/core.h"
+#include "testutil.h"
+
+#define FD_EPS 1e-2
+#define FD_TOL 2e-3
+/* Forward kernels against double references: a few float roundings. */
+#define FWD_TOL 1e-5
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+static uint64_t rng_state;
+
+static void rng_seed(uint64_t seed)
+{
+    rng_state = seed;
+}
+
+/* splitmix64, mapped to [lo, hi) */
+static double rng_uniform(double lo, double hi)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
+}
+
+static float *vec_new(size_t n)
+{
+    float *x = calloc(n ? n : 1, sizeof *x);
+    ck_assert_ptr_nonnull(x);
+    return x;
+}
+
+static float *vec_rand(size_t n, double lo, double hi)
+{
+    float *x = vec_new(n);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)rng_uniform(lo, hi);
+    return x;
+}
+
+static float *vec_copy(const float *src, size_t n)
+{
+    float *x = vec_new(n);
+    memcpy(x, src, n * sizeof *x);
+    return x;
+}
+
+static double *dvec_new(size_t n)
+{
+    double *x = calloc(n ? n : 1, sizeof *x);
+    ck_assert_ptr_nonnull(x);
+    return x;
+}
+
+static double weighted_sum(const float *y, const float *R, size_t n)
+{
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++)
+        s += (double)y[i] * R[i];
+    return s;
+}
+
+/* Every got[i] within tol * (1 + |want[i]|) of want[i]. */
+static void assert_close(const char *what, const float *got, const double *want, size_t n,
+                         double tol)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(fabs(got[i] - want[i]) <= tol * (1.0 + fabs(want[i])),
+                      "%s[%zu]: got %.9g, want %.9g", what, i, got[i], want[i]);
+}
+
+/* L = sum(out * R), computed through the forward kernel. */
+typedef double (*probe_fn)(const void *state);
+
+/* Central differences of probe with respect to every x[i] against the
+ * analytic gradient grad - prior (backward kernels add into their outputs;
+ * prior NULL means the gradient started at zero). */
+static void check_gradient(const char *what, float *x, size_t n, const float *grad,
+                           const float *prior, probe_fn probe, const void *state)
+{
+    for (size_t i = 0; i < n; i++) {
+        float saved = x[i];
+        float up = (float)(saved + FD_EPS), down = (float)(saved - FD_EPS);
+        x[i] = up;
+        double lp = probe(state);
+        x[i] = down;
+        double lm = probe(state);
+        x[i] = saved;
+        double numeric = (lp - lm) / ((double)up - down);
+        double analytic = (double)grad[i] - (prior ? prior[i] : 0.0f);
+        ck_assert_msg(fabs(numeric - analytic) <= FD_TOL * (1.0 + fabs(numeric)),
+                      "%s[%zu]: analytic %.7g, finite difference %.7g", what, i, analytic,
+                      numeric);
+    }
+}
+
+/* ---- the table and memory ---------------------------------------------------------- */
+
+START_TEST(test_table_complete)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    ck_assert_uint_eq(b->abi, QKD__BACKEND_ABI);
+    ck_assert_str_eq(b->name, "ref");
+    ck_assert_ptr_eq(b->ctx, ctx);
+#define SLOT(name) {#name, b->name != NULL}
+    const struct {
+        const char *name;
+        bool set;
+    } slots[] = {
+        SLOT(destroy), SLOT(extra), SLOT(alloc), SLOT(free), SLOT(upload), SLOT(download),
+        SLOT(sync), SLOT(fill), SLOT(copy), SLOT(add), SLOT(axpy), SLOT(scale), SLOT(sum),
+        SLOT(sum_squares), SLOT(matmul_forward), SLOT(matmul_backward_input),
+        SLOT(matmul_backward_weight), SLOT(embedding_forward), SLOT(embedding_backward),
+        SLOT(rmsnorm_forward), SLOT(rmsnorm_backward), SLOT(rope_forward), SLOT(rope_backward),
+        SLOT(attention_scratch_floats), SLOT(attention_forward), SLOT(attention_backward),
+        SLOT(swiglu_forward), SLOT(swiglu_backward), SLOT(softmax_forward),
+        SLOT(softmax_backward), SLOT(log_softmax_forward), SLOT(log_softmax_backward),
+        SLOT(cross_entropy_forward), SLOT(cross_entropy_backward), SLOT(adamw_update),
+    };
+#undef SLOT
+    for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
+        ck_assert_msg(slots[i].set, "slot %s is NULL", slots[i].name);
+    ck_assert_ptr_null(b->extra(b, "flash_attention"));
+    /* probabilities [B][n_heads][Tq][kv_len] */
+    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4), 2 * 4 * 3 * 5);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+START_TEST(test_memory_roundtrip)
+{
+    qkd_context *ctx = test_context(1);
+    qkd__backend *b = ctx->backend;
+    unsigned char src[100], back[100];
+    for (int i = 0; i < 100; i++)
+        src[i] = (unsigned char)(i * 7 + 3);
+    void *dev = NULL;
+    ck_assert_int_eq(b->alloc(b, sizeof src, &dev), QKD_OK);
+    ck_assert_ptr_nonnull(dev);
+    ck_assert_uint_eq((uintptr_t)dev % 64, 0);
+    ck_assert_int_eq(b->upload(b, dev, src, sizeof src), QKD_OK);
+    ck_assert_int_eq(b->download(b, back, dev, sizeof back), QKD_OK);
+    ck_assert_int_eq(b->sync(b), QKD_OK);
+    ck_assert_mem_eq(src, back, sizeof src);
+    b->free(b, dev);
+    b->free(b, NULL);
+
+    ck_assert_int_eq(b->alloc(b, 0, &dev), QKD_ERR_INVALID_ARG);
+    ck_assert_ptr_null(dev);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+static int fail_allocs;
+
+static void *failing_alloc(void *user, size_t size)
+{
+    (void)user;
+    return fail_allocs ? NULL : malloc(size);
+}
+
+static void plain_free(void *user, void *ptr)
+{
+    (void)user;
+    free(ptr);
+}
+
+START_TEST(test_memory_out_of_memory)
+{
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.n_threads = 1;
+    p.backend = QKD_BACKEND_REF;
+    p.alloc = failing_alloc;
+    p.free = plain_free;
+    qkd_context *ctx = NULL;
+    fail_allocs = 0;
+    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    qkd__backend *b = ctx->backend;
+    void *dev = (void *)&p;
+    fail_allocs = 1;
+    ck_assert_int_eq(b->alloc(b, 4096, &dev), QKD_ERR_NO_MEMORY);
+    fail_allocs = 0;
+    ck_assert_ptr_null(dev);
+    ck_assert_msg(strstr(qkd_context_last_error(ctx), "4096") != NULL,
+                  "message names the size: %s", qkd_context_last_error(ctx));
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- elementwise ---------------------------------------------------------------------- */
+
+START_TEST(test_elementwise)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(1);
+    enum { n = 37 };
+    float *x = vec_rand(n, -1, 1), *y = vec_rand(n, -1, 1), *out = vec_new(n);
+    double want[n];
+
+    b->fill(b, out, 0.25f, n);
+    for (int i = 0; i < n; i++)
+        ck_assert_float_eq(out[i], 0.25f);
+    b->copy(b, out, x, n);
+    ck_assert_mem_eq(out, x, n * sizeof *x);
+
+    b->add(b, out, x, y, n);
+    for (int i = 0; i < n; i++)
+        want[i] = (double)x[i] + y[i];
+    assert_close("add", out, want, n, 1e-7);
+
+    b->copy(b, out, y, n);
+    b->axpy(b, out, -1.5f, x, n);
+    for (int i = 0; i < n; i++)
+        want[i] = y[i] - 1.5 * x[i];
+    assert_close("axpy", out, want, n, 1e-7);
+
+    b->copy(b, out, x, n);
+    b->scale(b, out, 3.0f, n);
+    for (int i = 0; i < n; i++)
+        want[i] = 3.0 * x[i];
+    assert_close("scale", out, want, n, 1e-7);
+
+    double s = 0.0, ss = 0.0;
+    for (int i = 0; i < n; i++) {
+        s += x[i];
+        ss += (double)x[i] * x[i];
+    }
+    float got;
+    b->sum(b, &got, x, n);
+    assert_close("sum", &got, &s, 1, 1e-7);
+    b->sum_squares(b, &got, x, n);
+    assert_close("sum_squares", &got, &ss, 1, 1e-7);
+    free(x);
+    free(y);
+    free(out);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- matmul ----------------------------------------------------------------------------- */
+
+/* Ragged shapes, the second one spanning two column blocks of the kernel. */
+static const int matmul_shapes[][3] = {{7, 13, 5}, {3, 130, 4}};
+
+struct matmul_probe {
+    qkd__backend *b;
+    float *out;
+    const float *inp, *w, *R;
+    int N, C, OC;
+};
+
+static double matmul_probe_fn(const void *state)
+{
+    const struct matmul_probe *s = state;
+    s->b->matmul_forward(s->b, s->out, s->inp, s->w, s->N, s->C, s->OC);
+    return weighted_sum(s->out, s->R, (size_t)s->N * s->OC);
+}
+
+START_TEST(test_matmul_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(2);
+    for (int s = 0; s < 2; s++) {
+        int N = matmul_shapes[s][0], C = matmul_shapes[s][1], OC = matmul_shapes[s][2];
+        float *inp = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
+        float *out = vec_new((size_t)N * OC);
+        double *want = dvec_new((size_t)N * OC);
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < OC; o++)
+                for (int c = 0; c < C; c++)
+                    want[n * OC + o] += (double)inp[n * C + c] * w[o * C + c];
+        b->matmul_forward(b, out, inp, w, N, C, OC);
+        assert_close("matmul out", out, want, (size_t)N * OC, FWD_TOL);
+        free(inp);
+        free(w);
+        free(out);
+        free(want);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* which = 0: gradient of the input, 1: of the weight. */
+static void matmul_backward_case(int which)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(3 + (uint64_t)which);
+    for (int s = 0; s < 2; s++) {
+        int N = matmul_shapes[s][0], C = matmul_shapes[s][1], OC = matmul_shapes[s][2];
+        size_t n_inp = (size_t)N * C, n_w = (size_t)OC * C;
+        float *inp = vec_rand(n_inp, -1, 1), *w = vec_rand(n_w, -1, 1);
+        float *R = vec_rand((size_t)N * OC, -1, 1), *out = vec_new((size_t)N * OC);
+        struct matmul_probe st = {b, out, inp, w, R, N, C, OC};
+        if (which == 0) {
+            float *prior = vec_rand(n_inp, -1, 1), *g = vec_copy(prior, n_inp);
+            b->matmul_backward_input(b, g, R, w, N, C, OC);
+            check_gradient("matmul dinp", inp, n_inp, g, prior, matmul_probe_fn, &st);
+            free(prior);
+            free(g);
+        } else {
+            float *prior = vec_rand(n_w, -1, 1), *g = vec_copy(prior, n_w);
+            b->matmul_backward_weight(b, g, R, inp, N, C, OC);
+            check_gradient("matmul dw", w, n_w, g, prior, matmul_probe_fn, &st);
+            free(prior);
+            free(g);
+        }
+        free(inp);
+        free(w);
+        free(R);
+        free(out);
+    }
+    qkd_context_free(ctx);
+}
+
+START_TEST(test_matmul_backward_input)
+{
+    matmul_backward_case(0);
+}
+END_TEST
+
+START_TEST(test_matmul_backward_weight)
+{
+    matmul_backward_case(1);
+}
+END_TEST
+
+/* ---- embedding -------------------------------------------------------------------------- */
+
+enum { EMB_N = 7, EMB_C = 13, EMB_V = 9 };
+static const int32_t emb_ids[EMB_N] = {3, 0, 8, 3, 5, 3, 0}; /* repeats; rows 1,2,4,6,7 unused */
+
+START_TEST(test_embedding_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(5);
+    float *table = vec_rand(EMB_V * EMB_C, -1, 1), *out = vec_new(EMB_N * EMB_C);
+    b->embedding_forward(b, out, emb_ids, table, EMB_N, EMB_C);
+    for (int i = 0; i < EMB_N; i++)
+        ck_assert_mem_eq(out + i * EMB_C, table + emb_ids[i] * EMB_C, EMB_C * sizeof *out);
+    free(table);
+    free(out);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct embedding_probe {
+    qkd__backend *b;
+    float *out;
+    const float *table, *R;
+};
+
+static double embedding_probe_fn(const void *state)
+{
+    const struct embedding_probe *s = state;
+    s->b->embedding_forward(s->b, s->out, emb_ids, s->table, EMB_N, EMB_C);
+    return weighted_sum(s->out, s->R, EMB_N * EMB_C);
+}
+
+START_TEST(test_embedding_backward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(6);
+    float *table = vec_rand(EMB_V * EMB_C, -1, 1), *out = vec_new(EMB_N * EMB_C);
+    float *R = vec_rand(EMB_N * EMB_C, -1, 1);
+    float *prior = vec_rand(EMB_V * EMB_C, -1, 1), *g = vec_copy(prior, EMB_V * EMB_C);
+    b->embedding_backward(b, g, R, emb_ids, EMB_N, EMB_C, EMB_V);
+    struct embedding_probe st = {b, out, table, R};
+    check_gradient("embedding dtable", table, EMB_V * EMB_C, g, prior, embedding_probe_fn, &st);
+    free(table);
+    free(out);
+    free(R);
+    free(prior);
+    free(g);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- RMSNorm ---------------------------------------------------------------------------- */
+
+enum { NORM_N = 7, NORM_C = 13 };
+#define NORM_EPS 1e-5f
+
+START_TEST(test_rmsnorm_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(7);
+    float *inp = vec_rand(NORM_N * NORM_C, -2, 2), *w = vec_rand(NORM_C, 0.5, 1.5);
+    float *out = vec_new(NORM_N * NORM_C), *rstd = vec_new(NORM_N);
+    double want[NORM_N * NORM_C], want_rstd[NORM_N];
+    for (int n = 0; n < NORM_N; n++) {
+        double ms = 0.0;
+        for (int c = 0; c < NORM_C; c++)
+            ms += (double)inp[n * NORM_C + c] * inp[n * NORM_C + c] / NORM_C;
+        want_rstd[n] = 1.0 / sqrt(ms + NORM_EPS);
+        for (int c = 0; c < NORM_C; c++)
+            want[n * NORM_C + c] = inp[n * NORM_C + c] * want_rstd[n] * w[c];
+    }
+    b->rmsnorm_forward(b, out, rstd, inp, w, NORM_N, NORM_C, NORM_EPS);
+    assert_close("rmsnorm out", out, want, NORM_N * NORM_C, FWD_TOL);
+    assert_close("rmsnorm rstd", rstd, want_rstd, NORM_N, FWD_TOL);
+    free(inp);
+    free(w);
+    free(out);
+    free(rstd);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct rmsnorm_probe {
+    qkd__backend *b;
+    float *out, *rstd;
+    const float *inp, *w, *R;
+};
+
+static double rmsnorm_probe_fn(const void *state)
+{
+    const struct rmsnorm_probe *s = state;
+    s->b->rmsnorm_forward(s->b, s->out, s->rstd, s->inp, s->w, NORM_N, NORM_C, NORM_EPS);
+    return weighted_sum(s->out, s->R, NORM_N * NORM_C);
+}
+
+START_TEST(test_rmsnorm_backward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(8);
+    size_t n = NORM_N * NORM_C;
+    float *inp = vec_rand(n, -2, 2), *w = vec_rand(NORM_C, 0.5, 1.5);
+    float *out = vec_new(n), *rstd = vec_new(NORM_N), *R = vec_rand(n, -1, 1);
+    float *prior_x = vec_rand(n, -1, 1), *gx = vec_copy(prior_x, n);
+    float *prior_w = vec_rand(NORM_C, -1, 1), *gw = vec_copy(prior_w, NORM_C);
+    b->rmsnorm_forward(b, out, rstd, inp, w, NORM_N, NORM_C, NORM_EPS);
+    b->rmsnorm_backward(b, gx, gw, R, inp, w, rstd, NORM_N, NORM_C);
+    struct rmsnorm_probe st = {b, out, rstd, inp, w, R};
+    check_gradient("rmsnorm dinp", inp, n, gx, prior_x, rmsnorm_probe_fn, &st);
+    check_gradient("rmsnorm dw", w, NORM_C, gw, prior_w, rmsnorm_probe_fn, &st);
+    free(inp);
+    free(w);
+    free(out);
+    free(rstd);
+    free(R);
+    free(prior_x);
+    free(gx);
+    free(prior_w);
+    free(gw);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- RoPE ---------------------------------------------------------------------------------- */
+
+enum { ROPE_B = 2, ROPE_T = 3, ROPE_H = 2, ROPE_HD = 6, ROPE_POS0 = 4 };
+#define ROPE_N (ROPE_B * ROPE_T * ROPE_H * ROPE_HD)
+#define ROPE_THETA 10000.0f
+
+START_TEST(test_rope_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(9);
+    float *x = vec_rand(ROPE_N, -1, 1), *y = vec_copy(x, ROPE_N);
+    double want[ROPE_N];
+    for (int bt = 0; bt < ROPE_B * ROPE_T; bt++) {
+        int pos = ROPE_POS0 + bt % ROPE_T;
+        for (int h = 0; h < ROPE_H; h++) {
+            const float *xr = x + (bt * ROPE_H + h) * ROPE_HD;
+            double *wr = want + (bt * ROPE_H + h) * ROPE_HD;
+            for (int i = 0; i < ROPE_HD / 2; i++) {
+                double angle = pos * pow(ROPE_THETA, -2.0 * i / ROPE_HD);
+                wr[2 * i] = xr[2 * i] * cos(angle) - xr[2 * i + 1] * sin(angle);
+                wr[2 * i + 1] = xr[2 * i] * sin(angle) + xr[2 * i + 1] * cos(angle);
+            }
+        }
+    }
+    b->rope_forward(b, y, ROPE_B, ROPE_T, ROPE_H, ROPE_HD, ROPE_POS0, ROPE_THETA);
+    assert_close("rope", y, want, ROPE_N, FWD_TOL);
+    free(x);
+    free(y);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct rope_probe {
+    qkd__backend *b;
+    float *work;
+    const float *x, *R;
+};
+
+static double rope_probe_fn(const void *state)
+{
+    const struct rope_probe *s = state;
+    memcpy(s->work, s->x, ROPE_N * sizeof *s->work);
+    s->b->rope_forward(s->b, s->work, ROPE_B, ROPE_T, ROPE_H, ROPE_HD, ROPE_POS0, ROPE_THETA);
+    return weighted_sum(s->work, s->R, ROPE_N);
+}
+
+START_TEST(test_rope_backward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(10);
+    float *x = vec_rand(ROPE_N, -1, 1), *R = vec_rand(ROPE_N, -1, 1);
+    float *work = vec_new(ROPE_N), *g = vec_copy(R, ROPE_N);
+    /* In place: the gradient of the output becomes that of the input. */
+    b->rope_backward(b, g, ROPE_B, ROPE_T, ROPE_H, ROPE_HD, ROPE_POS0, ROPE_THETA);
+    struct rope_probe st = {b, work, x, R};
+    check_gradient("rope dx", x, ROPE_N, g, NULL, rope_probe_fn, &st);
+    free(x);
+    free(R);
+    free(work);
+    free(g);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+START_TEST(test_rope_roundtrip)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(11);
+    float *x = vec_rand(ROPE_N, -1, 1), *y = vec_copy(x, ROPE_N);
+    double want[ROPE_N];
+    for (int i = 0; i < ROPE_N; i++)
+        want[i] = x[i];
+    b->rope_forward(b, y, ROPE_B, ROPE_T, ROPE_H, ROPE_HD, ROPE_POS0, ROPE_THETA);
+    b->rope_backward(b, y, ROPE_B, ROPE_T, ROPE_H, ROPE_HD, ROPE_POS0, ROPE_THETA);
+    assert_close("rope roundtrip", y, want, ROPE_N, 1e-6);
+    free(x);
+    free(y);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- attention ------------------------------------------------------------------------------ */
+
+struct attn_shape {
+    int B, Tq, pos0, kv_len, nh, nkv, hd;
+};
+
+/* Causal GQA in double, written plainly: out [B][Tq][nh][hd] and the
+ * probabilities [B][nh][Tq][kv_len] (zero past the causal limit). */
+static void attention_direct(const struct attn_shape *s, const float *q, const float *k,
+                             const float *v, double *out, double *probs)
+{
+    int rep = s->nh / s->nkv;
+    double *sc = dvec_new((size_t)s->kv_len);
+    for (int b = 0; b < s->B; b++)
+        for (int t = 0; t < s->Tq; t++)
+            for (int h = 0; h < s->nh; h++) {
+                int g = h / rep, n_keys = s->pos0 + t + 1;
+                const float *qr = q + ((b * s->Tq + t) * s->nh + h) * s->hd;
+                double mx = -INFINITY, sum = 0.0;
+                for (int j = 0; j < n_keys; j++) {
+                    const float *kr = k + ((b * s->kv_len + j) * s->nkv + g) * s->hd;
+                    sc[j] = 0.0;
+                    for (int c = 0; c < s->hd; c++)
+                        sc[j] += (double)qr[c] * kr[c];
+                    sc[j] /= sqrt((double)s->hd);
+                    mx = fmax(mx, sc[j]);
+                }
+                for (int j = 0; j < n_keys; j++)
+                    sum += exp(sc[j] - mx);
+                double *pr = probs + ((b * s->nh + h) * s->Tq + t) * s->kv_len;
+                double *o = out + ((b * s->Tq + t) * s->nh + h) * s->hd;
+                for (int j = 0; j < s->kv_len; j++)
+                    pr[j] = j < n_keys ? exp(sc[j] - mx) / sum : 0.0;
+                for (int c = 0; c < s->hd; c++) {
+                    o[c] = 0.0;
+                    for (int j = 0; j < n_keys; j++)
+                        o[c] += pr[j] * v[((b * s->kv_len + j) * s->nkv + g) * s->hd + c];
+                }
+            }
+    free(sc);
+}
+
+static size_t q_size(const struct attn_shape *s)
+{
+    return (size_t)s->B * s->Tq * s->nh * s->hd;
+}
+
+static size_t kv_size(const struct attn_shape *s)
+{
+    return (size_t)s->B * s->kv_len * s->nkv * s->hd;
+}
+
+START_TEST(test_attention_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(12);
+    /* training form, then a chunk of 3 rows after 2 cached ones */
+    const struct attn_shape shapes[] = {{2, 5, 0, 5, 4, 2, 6}, {2, 3, 2, 6, 4, 2, 6}};
+    for (int i = 0; i < 2; i++) {
+        const struct attn_shape *s = &shapes[i];
+        float *q = vec_rand(q_size(s), -1.5, 1.5), *k = vec_rand(kv_size(s), -1.5, 1.5);
+        float *v = vec_rand(kv_size(s), -1, 1), *out = vec_new(q_size(s));
+        size_t n_p = b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh);
+        float *probs = vec_rand(n_p, 5, 6); /* every entry must be written */
+        double *want = dvec_new(q_size(s)), *want_p = dvec_new(n_p);
+        attention_direct(s, q, k, v, want, want_p);
+        b->attention_forward(b, out, probs, q, k, v, s->B, s->Tq, s->pos0, s->kv_len, s->nh,
+                             s->nkv, s->hd);
+        assert_close("attention out", out, want, q_size(s), FWD_TOL);
+        assert_close("attention probs", probs, want_p, n_p, FWD_TOL);
+        free(q);
+        free(k);
+        free(v);
+        free(out);
+        free(probs);
+        free(want);
+        free(want_p);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct attention_probe {
+    qkd__backend *b;
+    const struct attn_shape *s;
+    float *out, *scratch;
+    const float *q, *k, *v, *R;
+};
+
+static double attention_probe_fn(const void *state)
+{
+    const struct attention_probe *p = state;
+    const struct attn_shape *s = p->s;
+    p->b->attention_forward(p->b, p->out, p->scratch, p->q, p->k, p->v, s->B, s->Tq, 0,
+                            s->Tq, s->nh, s->nkv, s->hd);
+    return weighted_sum(p->out, p->R, q_size(s));
+}
+
+START_TEST(test_attention_backward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(13);
+    /* GQA 4/2 with hd 6; and hd 130, spanning two column blocks */
+    const struct attn_shape shapes[] = {{2, 5, 0, 5, 4, 2, 6}, {1, 3, 0, 3, 2, 1, 130}};
+    for (int i = 0; i < 2; i++) {
+        const struct attn_shape *s = &shapes[i];
+        size_t nq = q_size(s), nkv = kv_size(s);
+        float *q = vec_rand(nq, -1.5, 1.5), *k = vec_rand(nkv, -1.5, 1.5);
+        float *v = vec_rand(nkv, -1, 1), *R = vec_rand(nq, -1, 1), *out = vec_new(nq);
+        float *scratch = vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh));
+        float *pq = vec_rand(nq, -1, 1), *pk = vec_rand(nkv, -1, 1), *pv = vec_rand(nkv, -1, 1);
+        float *dq = vec_copy(pq, nq), *dk = vec_copy(pk, nkv), *dv = vec_copy(pv, nkv);
+        b->attention_forward(b, out, scratch, q, k, v, s->B, s->Tq, 0, s->Tq, s->nh, s->nkv,
+                             s->hd);
+        b->attention_backward(b, dq, dk, dv, R, scratch, q, k, v, out, s->B, s->Tq, s->nh,
+                              s->nkv, s->hd);
+        struct attention_probe st = {b, s, out, scratch, q, k, v, R};
+        check_gradient("attention dq", q, nq, dq, pq, attention_probe_fn, &st);
+        check_gradient("attention dk", k, nkv, dk, pk, attention_probe_fn, &st);
+        check_gradient("attention dv", v, nkv, dv, pv, attention_probe_fn, &st);
+        free(q);
+        free(k);
+        free(v);
+        free(R);
+        free(out);
+        free(scratch);
+        free(pq);
+        free(pk);
+        free(pv);
+        free(dq);
+        free(dk);
+        free(dv);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
+START_TEST(test_attention_decode_matches_full)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(14);
+    enum { B = 2, T = 7, NH = 4, NKV = 2, HD = 6 };
+    size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
+    float *q = vec_rand(nq, -1.5, 1.5), *k = vec_rand(nkv, -1.5, 1.5), *v = vec_rand(nkv, -1, 1);
+    float *full = vec_new(nq), *scratch = vec_new(b->attention_scratch_floats(b, B, T, T, NH));
+    b->attention_forward(b, full, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
+    for (int p = 0; p < T; p++) {
+        /* Decode rows see only keys 0..p: the cache past p holds NaN. */
+        float *kc = vec_copy(k, nkv), *vc = vec_copy(v, nkv);
+        for (int bb = 0; bb < B; bb++)
+            for (int j = p + 1; j < T; j++)
+                for (int c = 0; c < NKV * HD; c++) {
+                    kc[(bb * T + j) * NKV * HD + c] = NAN;
+                    vc[(bb * T + j) * NKV * HD + c] = NAN;
+                }
+        float qd[B * NH * HD], od[B * NH * HD], sd[B * NH * T];
+        double want[B * NH * HD];
+        for (int bb = 0; bb < B; bb++)
+            for (int c = 0; c < NH * HD; c++) {
+                qd[bb * NH * HD + c] = q[(bb * T + p) * NH * HD + c];
+                want[bb * NH * HD + c] = full[(bb * T + p) * NH * HD + c];
+            }
+        ck_assert_uint_eq(b->attention_scratch_floats(b, B, 1, T, NH), B * NH * T);
+        b->attention_forward(b, od, sd, qd, kc, vc, B, 1, p, T, NH, NKV, HD);
+        assert_close("decode row", od, want, B * NH * HD, 1e-6);
+        free(kc);
+        free(vc);
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(full);
+    free(scratch);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- SwiGLU --------------------------------------------------------------------------------- */
+
+enum { ACT_N = 7 * 13 };
+
+START_TEST(test_swiglu_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(15);
+    float *gate = vec_rand(ACT_N, -4, 4), *up = vec_rand(ACT_N, -2, 2), *out = vec_new(ACT_N);
+    double want[ACT_N];
+    for (int i = 0; i < ACT_N; i++)
+        want[i] = gate[i] / (1.0 + exp(-(double)gate[i])) * up[i];
+    b->swiglu_forward(b, out, gate, up, ACT_N);
+    assert_close("swiglu", out, want, ACT_N, FWD_TOL);
+    free(gate);
+    free(up);
+    free(out);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct swiglu_probe {
+    qkd__backend *b;
+    float *out;
+    const float *gate, *up, *R;
+};
+
+static double swiglu_probe_fn(const void *state)
+{
+    const struct swiglu_probe *s = state;
+    s->b->swiglu_forward(s->b, s->out, s->gate, s->up, ACT_N);
+    return weighted_sum(s->out, s->R, ACT_N);
+}
+
+START_TEST(test_swiglu_backward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(16);
+    float *gate = vec_rand(ACT_N, -4, 4), *up = vec_rand(ACT_N, -2, 2), *out = vec_new(ACT_N);
+    float *R = vec_rand(ACT_N, -1, 1);
+    float *pg = vec_rand(ACT_N, -1, 1), *pu = vec_rand(ACT_N, -1, 1);
+    float *dg = vec_copy(pg, ACT_N), *du = vec_copy(pu, ACT_N);
+    b->swiglu_backward(b, dg, du, R, gate, up, ACT_N);
+    struct swiglu_probe st = {b, out, gate, up, R};
+    check_gradient("swiglu dgate", gate, ACT_N, dg, pg, swiglu_probe_fn, &st);
+    check_gradient("swiglu dup", up, ACT_N, du, pu, swiglu_probe_fn, &st);
+    free(gate);
+    free(up);
+    free(out);
+    free(R);
+    free(pg);
+    free(pu);
+    free(dg);
+    free(du);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- softmax, log-softmax ------------------------------------------------------------------ */
+
+enum { SM_N = 7, SM_V = 13 };
+#define SM_INV_TEMP 0.7f
+
+/* log_softmax(x * inv_temp) of every row, in double. */
+static void log_softmax_direct(const float *x, double inv_temp, double *out)
+{
+    for (int n = 0; n < SM_N; n++) {
+        double mx = -INFINITY, sum = 0.0;
+        for (int v = 0; v < SM_V; v++)
+            mx = fmax(mx, x[n * SM_V + v] * inv_temp);
+        for (int v = 0; v < SM_V; v++)
+            sum += exp(x[n * SM_V + v] * inv_temp - mx);
+        for (int v = 0; v < SM_V; v++)
+            out[n * SM_V + v] = x[n * SM_V + v] * inv_temp - mx - log(sum);
+    }
+}
+
+START_TEST(test_softmax_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(17);
+    float *x = vec_rand(SM_N * SM_V, -3, 3), *p = vec_new(SM_N * SM_V);
+    double want[SM_N * SM_V];
+    log_softmax_direct(x, SM_INV_TEMP, want);
+    for (int i = 0; i < SM_N * SM_V; i++)
+        want[i] = exp(want[i]);
+    b->softmax_forward(b, p, x, SM_N, SM_V, SM_INV_TEMP);
+    assert_close("softmax", p, want, SM_N * SM_V, FWD_TOL);
+    free(x);
+    free(p);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+START_TEST(test_log_softmax_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(18);
+    float *x = vec_rand(SM_N * SM_V, -3, 3), *lp = vec_new(SM_N * SM_V);
+    double want[SM_N * SM_V];
+    log_softmax_direct(x, SM_INV_TEMP, want);
+    b->log_softmax_forward(b, lp, x, SM_N, SM_V, SM_INV_TEMP);
+    assert_close("log_softmax", lp, want, SM_N * SM_V, FWD_TOL);
+    /* Stable for large logits: 1000 would overflow exp without the max. */
+    for (int i = 0; i < SM_N * SM_V; i++)
+        x[i] += 1000.0f;
+    log_softmax_direct(x, SM_INV_TEMP, want);
+    b->log_softmax_forward(b, lp, x, SM_N, SM_V, SM_INV_TEMP);
+    assert_close("log_softmax of large logits", lp, want, SM_N * SM_V, 1e-4);
+    free(x);
+    free(lp);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct softmax_probe {
+    qkd__backend *b;
+    float *out;
+    const float *x, *R;
+    int log; /* 1: log_softmax */
+};
+
+static double softmax_probe_fn(const void *state)
+{
+    const struct softmax_probe *s = state;
+    if (s->log)
+        s->b->log_softmax_forward(s->b, s->out, s->x, SM_N, SM_V, SM_INV_TEMP);
+    else
+        s->b->softmax_forward(s->b, s->out, s->x, SM_N, SM_V, SM_INV_TEMP);
+    return weighted_sum(s->out, s->R, SM_N * SM_V);
+}
+
+static void softmax_backward_case(int log)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(19 + (uint64_t)log);
+    size_t n = SM_N * SM_V;
+    float *x = vec_rand(n, -3, 3), *y = vec_new(n), *R = vec_rand(n, -1, 1);
+    float *prior = vec_rand(n, -1, 1), *g = vec_copy(prior, n);
+    struct softmax_probe st = {b, y, x, R, log};
+    softmax_probe_fn(&st); /* y = the forward output the backward reads */
+    if (log)
+        b->log_softmax_backward(b, g, R, y, SM_N, SM_V, SM_INV_TEMP);
+    else
+        b->softmax_backward(b, g, R, y, SM_N, SM_V, SM_INV_TEMP);
+    check_gradient(log ? "log_softmax dlogits" : "softmax dlogits", x, n, g, prior,
+                   softmax_probe_fn, &st);
+    free(x);
+    free(y);
+    free(R);
+    free(prior);
+    free(g);
+    qkd_context_free(ctx);
+}
+
+START_TEST(test_softmax_backward)
+{
+    softmax_backward_case(0);
+}
+END_TEST
+
+START_TEST(test_log_softmax_backward)
+{
+    softmax_backward_case(1);
+}
+END_TEST
+
+/* ---- cross-entropy ----------------------------------------------------------------------------- */
+
+static const int32_t ce_targets[SM_N] = {4, -1, 0, 12, 7, -1, 4};
+#define CE_SCALE (1.0f / 5) /* mean over the 5 rows with a target */
+
+START_TEST(test_cross_entropy_forward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(21);
+    float *x = vec_rand(SM_N * SM_V, -3, 3), *losses = vec_rand(SM_N, 5, 6);
+    x[2 * SM_V + 5] = 1000.0f; /* stable with a huge logit: row 2's loss is about 1000 */
+    double logp[SM_N * SM_V], want[SM_N];
+    log_softmax_direct(x, 1.0, logp);
+    for (int n = 0; n < SM_N; n++)
+        want[n] = ce_targets[n] < 0 ? 0.0 : -logp[n * SM_V + ce_targets[n]];
+    b->cross_entropy_forward(b, losses, x, ce_targets, SM_N, SM_V);
+    assert_close("cross_entropy", losses, want, SM_N, FWD_TOL);
+    ck_assert_float_eq(losses[1], 0.0f);
+    free(x);
+    free(losses);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+struct ce_probe {
+    qkd__backend *b;
+    float *losses;
+    const float *x;
+};
+
+/* L = CE_SCALE * sum(losses): the loss whose gradient the backward adds. */
+static double ce_probe_fn(const void *state)
+{
+    const struct ce_probe *s = state;
+    s->b->cross_entropy_forward(s->b, s->losses, s->x, ce_targets, SM_N, SM_V);
+    double sum = 0.0;
+    for (int n = 0; n < SM_N; n++)
+        sum += s->losses[n];
+    return CE_SCALE * sum;
+}
+
+START_TEST(test_cross_entropy_backward)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(22);
+    size_t n = SM_N * SM_V;
+    float *x = vec_rand(n, -3, 3), *losses = vec_new(SM_N);
+    float *prior = vec_rand(n, -1, 1), *g = vec_copy(prior, n);
+    b->cross_entropy_backward(b, g, x, ce_targets, CE_SCALE, SM_N, SM_V);
+    /* rows without a target get nothing */
+    ck_assert_mem_eq(g + 1 * SM_V, prior + 1 * SM_V, SM_V * sizeof *g);
+    ck_assert_mem_eq(g + 5 * SM_V, prior + 5 * SM_V, SM_V * sizeof *g);
+    struct ce_probe st = {b, losses, x};
+    check_gradient("cross_entropy dlogits", x, n, g, prior, ce_probe_fn, &st);
+    free(x);
+    free(losses);
+    free(prior);
+    free(g);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- thread-count invariance -----------------------------------------------------------------
+ * Shapes big enough that the kernels split into several tasks. Each kernel
+ * runs on a 1-thread and a 3-thread context from the same inputs and the
+ * same starting gradients; the results must be the same bits. */
+
+struct two_backends {
+    qkd_context *ctx[2];
+    qkd__backend *b[2];
+};
+
+static struct two_backends two_backends_new(void)
+{
+    struct two_backends t;
+    t.ctx[0] = test_context(1);
+    t.ctx[1] = test_context(3);
+    ck_assert_int_eq(qkd_context_n_threads(t.ctx[1]), 3);
+    for (int i = 0; i < 2; i++)
+        t.b[i] = t.ctx[i]->backend;
+    return t;
+}
+
+static void two_backends_free(struct two_backends *t)
+{
+    qkd_context_free(t->ctx[0]);
+    qkd_context_free(t->ctx[1]);
+}
+
+START_TEST(test_threads_matmul_backward_weight)
+{
+    struct two_backends t = two_backends_new();
+    rng_seed(23);
+    enum { N = 64, C = 200, OC = 48 };
+    float *dout = vec_rand(N * OC, -1, 1), *inp = vec_rand(N * C, -1, 1);
+    float *prior = vec_rand(OC * C, -1, 1), *dw[2];
+    for (int i = 0; i < 2; i++) {
+        dw[i] = vec_copy(prior, OC * C);
+        t.b[i]->matmul_backward_weight(t.b[i], dw[i], dout, inp, N, C, OC);
+    }
+    ck_assert_mem_eq(dw[0], dw[1], OC * C * sizeof(float));
+    free(dout);
+    free(inp);
+    free(prior);
+    free(dw[0]);
+    free(dw[1]);
+    two_backends_free(&t);
+}
+END_TEST
+
+START_TEST(test_threads_attention_backward)
+{
+    struct two_backends t = two_backends_new();
+    rng_seed(24);
+    enum { B = 2, T = 33, NH = 4, NKV = 2, HD = 16 };
+    size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
+    float *q = vec_rand(nq, -1, 1), *k = vec_rand(nkv, -1, 1), *v = vec_rand(nkv, -1, 1);
+    float *dout = vec_rand(nq, -1, 1), *out = vec_new(nq);
+    float *scratch = vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH));
+    float *d[2][3];
+    t.b[0]->attention_forward(t.b[0], out, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
+    for (int i = 0; i < 2; i++) {
+        d[i][0] = vec_new(nq);
+        d[i][1] = vec_new(nkv);
+        d[i][2] = vec_new(nkv);
+        t.b[i]->attention_backward(t.b[i], d[i][0], d[i][1], d[i][2], dout, scratch, q, k, v,
+                                   out, B, T, NH, NKV, HD);
+    }
+    ck_assert_mem_eq(d[0][0], d[1][0], nq * sizeof(float));
+    ck_assert_mem_eq(d[0][1], d[1][1], nkv * sizeof(float));
+    ck_assert_mem_eq(d[0][2], d[1][2], nkv * sizeof(float));
+    free(q);
+    free(k);
+    free(v);
+    free(dout);
+    free(out);
+    free(scratch);
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 3; j++)
+            free(d[i][j]);
+    two_backends_free(&t);
+}
+END_TEST
+
+START_TEST(test_threads_embedding_backward)
+{
+    struct two_backends t = two_backends_new();
+    rng_seed(25);
+    enum { N = 1000, C = 160, V = 37 };
+    int32_t *ids = malloc(N * sizeof *ids);
+    ck_assert_ptr_nonnull(ids);
+    for (int i = 0; i < N; i++)
+        ids[i] = (int32_t)(rng_uniform(0, V));
+    float *dout = vec_rand(N * C, -1, 1), *dt[2];
+    for (int i = 0; i < 2; i++) {
+        dt[i] = vec_new(V * C);
+        t.b[i]->embedding_backward(t.b[i], dt[i], dout, ids, N, C, V);
+    }
+    ck_assert_mem_eq(dt[0], dt[1], V * C * sizeof(float));
+    free(ids);
+    free(dout);
+    free(dt[0]);
+    free(dt[1]);
+    two_backends_free(&t);
+}
+END_TEST
+
+/* ---- AdamW ------------------------------------------------------------------------------------ */
+
+START_TEST(test_adamw_two_steps)
+{
+    qkd_context *ctx = test_context(1);
+    qkd__backend *b = ctx->backend;
+    /* lr 0.1, b1 0.9, b2 0.999, eps 1e-8, wd 0.01. Parameter 0 sees
+     * gradients 0.5 then -0.25; parameter 1 sees none, so only decays. */
+    float p[2] = {1.0f, -2.0f}, m[2] = {0}, v[2] = {0};
+    const float g1[2] = {0.5f, 0.0f}, g2[2] = {-0.25f, 0.0f};
+
+    /* t=1: m = 0.1*0.5 = 0.05, v = 0.001*0.25 = 0.00025; m/bc1 = 0.05/0.1 = 0.5,
+     * v/bc2 = 0.00025/0.001 = 0.25, step = 0.5/(0.5+1e-8) + 0.01*1 = 1.00999998,
+     * p = 1 - 0.1*1.00999998 = 0.899000002. p1 = -2 - 0.1*(0.01*-2) = -1.998. */
+    b->adamw_update(b, p, g1, m, v, 2, 0.1f, 0.9f, 0.999f, 1e-8f, 0.01f, 1);
+    const double want_p1[2] = {0.899000002, -1.998}, want_m1[2] = {0.05, 0.0};
+    const double want_v1[2] = {0.00025, 0.0};
+    assert_close("adamw p t=1", p, want_p1, 2, 1e-6);
+    assert_close("adamw m t=1", m, want_m1, 2, 1e-7);
+    assert_close("adamw v t=1", v, want_v1, 2, 1e-7);
+
+    /* t=2: m = 0.9*0.05 + 0.1*-0.25 = 0.02, v = 0.999*0.00025 + 0.001*0.0625 =
+     * 0.00031225; bc1 = 1-0.81 = 0.19, bc2 = 1-0.998001 = 0.001999;
+     * m/bc1 = 0.105263158, v/bc2 = 0.156203102, sqrt = 0.395225381,
+     * step = 0.266337033 + 0.01*0.899000002 = 0.275327033,
+     * p = 0.899000002 - 0.0275327033 = 0.871467299.
+     * p1 = -1.998 - 0.1*(0.01*-1.998) = -1.996002. */
+    b->adamw_update(b, p, g2, m, v, 2, 0.1f, 0.9f, 0.999f, 1e-8f, 0.01f, 2);
+    const double want_p2[2] = {0.871467299, -1.996002}, want_m2[2] = {0.02, 0.0};
+    const double want_v2[2] = {0.00031225, 0.0};
+    assert_close("adamw p t=2", p, want_p2, 2, 1e-6);
+    assert_close("adamw m t=2", m, want_m2, 2, 1e-7);
+    assert_close("adamw v t=2", v, want_v2, 2, 1e-7);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+Suite *suite_backend_ref(void)
+{
+    Suite *s = suite_create("backend_ref");
+    TCase *tc = tcase_create("kernels");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_table_complete);
+    tcase_add_test(tc, test_memory_roundtrip);
+    tcase_add_test(tc, test_memory_out_of_memory);
+    tcase_add_test(tc, test_elementwise);
+    tcase_add_test(tc, test_matmul_forward);
+    tcase_add_test(tc, test_matmul_backward_input);
+    tcase_add_test(tc, test_matmul_backward_weight);
+    tcase_add_test(tc, test_embedding_forward);
+    tcase_add_test(tc, test_embedding_backward);
+    tcase_add_test(tc, test_rmsnorm_forward);
+    tcase_add_test(tc, test_rmsnorm_backward);
+    tcase_add_test(tc, test_rope_forward);
+    tcase_add_test(tc, test_rope_backward);
+    tcase_add_test(tc, test_rope_roundtrip);
+    tcase_add_test(tc, test_attention_forward);
+    tcase_add_test(tc, test_attention_backward);
+    tcase_add_test(tc, test_attention_decode_matches_full);
+    tcase_add_test(tc, test_swiglu_forward);
+    tcase_add_test(tc, test_swiglu_backward);
+    tcase_add_test(tc, test_softmax_forward);
+    tcase_add_test(tc, test_softmax_backward);
+    tcase_add_test(tc, test_log_softmax_forward);
+    tcase_add_test(tc, test_log_softmax_backward);
+    tcase_add_test(tc, test_cross_entropy_forward);
+    tcase_add_test(tc, test_cross_entropy_backward);
+    tcase_add_test(tc, test_threads_matmul_backward_weight);
+    tcase_add_test(tc, test_threads_attention_backward);
+    tcase_add_test(tc, test_threads_embedding_backward);
+    tcase_add_test(tc, test_adamw_two_steps);
+    suite_add_tcase(s, tc);
+    return s;
+}

@@ -1,0 +1,20 @@
+/* The one Check runner: every suite, one summary line at the end. */
+#include <stdlib.h>
+
+#include "testutil.h"
+
+int main(void)
+{
+    SRunner *sr = srunner_create(suite_core());
+    srunner_add_suite(sr, suite_backend_ref());
+    srunner_add_suite(sr, suite_model());
+    srunner_add_suite(sr, suite_loaders());
+    srunner_add_suite(sr, suite_hf());
+    srunner_add_suite(sr, suite_tokenizer());
+    srunner_add_suite(sr, suite_generate());
+    srunner_add_suite(sr, suite_cli());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
