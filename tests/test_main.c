@@ -13,6 +13,11 @@ int main(void)
     srunner_add_suite(sr, suite_tokenizer());
     srunner_add_suite(sr, suite_generate());
     srunner_add_suite(sr, suite_cli());
+    srunner_add_suite(sr, suite_quant());
+    srunner_add_suite(sr, suite_loss());
+    srunner_add_suite(sr, suite_optim());
+    srunner_add_suite(sr, suite_data());
+    srunner_add_suite(sr, suite_distill());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

@@ -107,10 +107,10 @@ static void assert_round_trip(const qkd_tokenizer *tok, const char *text, size_t
  * tests/test-tokenizer-0.cpp does: .inp is read whole and cut at every
  * "\n__ggml_vocab_test__\n"; the text after the last separator is a case
  * only if it is not empty (the file ends with a separator, so it is not).
- * A case may be empty or only newlines ("\n\n" is the text between two
- * separators with two newlines, not one). .out has one line per case: the
- * ids separated by single spaces after a leading space, the empty case an
- * empty line. */
+ * The separator's newlines are its own, so a case of k newlines shows in
+ * the file as k + 1 empty lines, and the empty case as one. .out has one
+ * line per case: the ids, each after a space; the empty case's line is
+ * empty. */
 typedef struct spm_case {
     const char *text;
     size_t len;
@@ -227,10 +227,11 @@ START_TEST(test_spm_vectors)
 }
 END_TEST
 
-/* Llama 2's tokenizer.bin (llama2.c format) holds the same 32000 pieces
- * and scores as the llama-spm GGUF; only BOS and EOS are written
- * "\n<s>\n" and "\n</s>\n" there instead of "<s>" and "</s>". So it passes
- * the same vectors. */
+/* Llama 2's tokenizer.bin (llama2.c format) holds the same 32000 pieces as
+ * the llama-spm GGUF, except that BOS and EOS are written "\n<s>\n" and
+ * "\n</s>\n" there instead of "<s>" and "</s>" (its scores are the same
+ * too, which the API does not show but the encodings depend on), and it
+ * passes the same vectors. */
 START_TEST(test_llama2_bin_agrees)
 {
     qkd_context *ctx = test_context(1);
@@ -281,9 +282,9 @@ static int32_t *read_ids(const char *path, size_t *n)
  * printed: the pieces of ids 1..255, the piece "." of the 256th choice
  * (which was never fed back, so it is not in the id file), and a final
  * newline. We check the decode of ids 1..255 is the text without that
- * ".\n", and that encoding this text with BOS gives all 256 ids back:
- * llama2.c's greedy choices happen to be the BPE encoding of their text at
- * every position, so no position is ambiguous. */
+ * ".\n", and that encoding this text with BOS gives all 256 ids back. A
+ * model may well emit a split of a word that BPE would not choose; this
+ * one never does, so every position is compared, none skipped. */
 START_TEST(test_greedy_story)
 {
     qkd_context *ctx = test_context(1);
@@ -383,6 +384,38 @@ START_TEST(test_long_text)
         ck_assert_uint_gt(len, 1000000);
         assert_round_trip(tok, text, len);
         free(text);
+    }
+    qkd_tokenizer_free(tok);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A fixed pseudo-random sequence (64-bit LCG), the same on every run. */
+static uint32_t next_random(uint64_t *state)
+{
+    *state = *state * 6364136223846793005u + 1442695040888963407u;
+    return (uint32_t)(*state >> 33);
+}
+
+/* Arbitrary bytes, invalid UTF-8 included, come back unchanged: tok512 has
+ * all 256 byte tokens. (0xE2 is left out: E2 96 81 is U+2581, which
+ * decodes as a space, by design.) */
+START_TEST(test_random_bytes)
+{
+    qkd_context *ctx = test_context(1);
+    qkd_tokenizer *tok = load_shared(ctx, TOK512);
+    uint64_t state = 42;
+    char text[4096];
+    for (int round = 0; tok && round < 50; round++) {
+        size_t len = next_random(&state) % sizeof text;
+        for (size_t i = 0; i < len; i++) {
+            uint32_t r = next_random(&state);
+            /* half printable ASCII, half any byte, so merges happen too */
+            text[i] = (char)(r & 1 ? ' ' + (r >> 1) % 95 : (r >> 1) & 0xff);
+            if ((unsigned char)text[i] == 0xe2)
+                text[i] = 'x';
+        }
+        assert_round_trip(tok, text, len);
     }
     qkd_tokenizer_free(tok);
     qkd_context_free(ctx);
@@ -571,6 +604,38 @@ START_TEST(test_truncated_bin)
         free(count);
         free(boundary);
         free(data);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* tok512.bin with a few random bytes overwritten: each load is OK or
+ * FORMAT (a changed length or NaN score), never a crash. */
+START_TEST(test_mutated_bin)
+{
+    qkd_context *ctx = test_context(1);
+    const char *src = test_shared(TOK512);
+    if (src) {
+        const char *dir = test_tmpdir();
+        size_t len;
+        unsigned char *orig = test_read_file(src, &len), *data = malloc(len);
+        ck_assert_ptr_nonnull(data);
+        uint64_t state = 7;
+        int failed = 0;
+        for (int round = 0; round < 150; round++) {
+            memcpy(data, orig, len);
+            for (int k = 0; k < 4; k++)
+                data[next_random(&state) % len] = (unsigned char)next_random(&state);
+            qkd_tokenizer *tok = NULL;
+            qkd_status st = qkd_tokenizer_load(ctx, write_tmp(dir, "mut.bin", data, len), &tok);
+            ck_assert_msg(st == QKD_OK || st == QKD_ERR_FORMAT, "round %d: %s", round,
+                          qkd_status_name(st));
+            failed += st != QKD_OK;
+            qkd_tokenizer_free(tok);
+        }
+        ck_assert_int_gt(failed, 0); /* some mutations hit a length field */
+        free(data);
+        free(orig);
     }
     qkd_context_free(ctx);
 }
@@ -840,6 +905,7 @@ Suite *suite_tokenizer(void)
     tcase_add_test(vectors, test_tok512_round_trip);
     tcase_add_test(vectors, test_gguf_vocab_matches_bin);
     tcase_add_test(vectors, test_long_text);
+    tcase_add_test(vectors, test_random_bytes);
     suite_add_tcase(s, vectors);
 
     TCase *unit = tcase_create("unit");
@@ -851,6 +917,7 @@ Suite *suite_tokenizer(void)
     tcase_set_timeout(bad, 60);
     tcase_add_test(bad, test_truncated_bin);
     tcase_add_test(bad, test_malformed_bin);
+    tcase_add_test(bad, test_mutated_bin);
     tcase_add_test(bad, test_malformed_gguf);
     tcase_add_test(bad, test_allocation_failures);
     suite_add_tcase(s, bad);

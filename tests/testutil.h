@@ -33,5 +33,10 @@ Suite *suite_hf(void);
 Suite *suite_tokenizer(void);
 Suite *suite_generate(void);
 Suite *suite_cli(void);
+Suite *suite_quant(void);
+Suite *suite_loss(void);
+Suite *suite_optim(void);
+Suite *suite_data(void);
+Suite *suite_distill(void);
 
 #endif

@@ -95,6 +95,15 @@ typedef struct qkd_step_info {
  * QKD_ERR_NON_FINITE with info->skipped = 1. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
 
+/* The optimizer's whole state (step counter and every moment buffer) as
+ * bytes, for checkpoints: state_bytes gives the size, state_get copies it
+ * out, state_set restores it (same model shape and kind, else SHAPE).
+ * Restoring then stepping reproduces an uninterrupted run bit for bit.
+ * @since 0.1 */
+QKD_API size_t qkd_optimizer_state_bytes(const qkd_optimizer *opt);
+QKD_API qkd_status qkd_optimizer_state_get(const qkd_optimizer *opt, void *dst, size_t n);
+QKD_API qkd_status qkd_optimizer_state_set(qkd_optimizer *opt, const void *src, size_t n);
+
 /* Learning rate of step t (1-based) under the schedule. @since 0.1 */
 QKD_API float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t);
 

@@ -46,8 +46,10 @@ enum {
 /* Encode len bytes of UTF-8 text (a leading space is added, as
  * sentencepiece does). Writes at most cap ids to out and the number the
  * whole text needs to *n_out; if that exceeds cap, returns RANGE and out
- * holds the first cap ids (call again with a larger buffer).
- * Errors: INVALID_ARG, RANGE. @since 0.1 */
+ * holds the first cap ids (call again with a larger buffer). len + 2 ids
+ * always suffice for a vocabulary with the U+2581 piece (every LLaMA one).
+ * Errors: INVALID_ARG (NULL arguments, text over 700 MB), RANGE,
+ * NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_tokenizer_encode(const qkd_tokenizer *tok,
                                         const char *text, size_t len,
                                         unsigned flags, int32_t *out,
@@ -57,7 +59,7 @@ QKD_API qkd_status qkd_tokenizer_encode(const qkd_tokenizer *tok,
  * byte tokens <0xNN> become their byte, and the space that sentencepiece
  * puts at the start of a sequence is dropped after BOS. The result is
  * borrowed until the next call on the tokenizer; NULL if token is out
- * of range. @since 0.1 */
+ * of range. Control tokens (BOS, EOS) decode to "". @since 0.1 */
 QKD_API const char *qkd_tokenizer_decode(const qkd_tokenizer *tok,
                                          int32_t prev, int32_t token,
                                          size_t *len);

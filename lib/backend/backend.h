@@ -29,9 +29,22 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 1
+#define QKD__BACKEND_ABI 2
 
 typedef struct qkd__backend qkd__backend;
+
+/* How fake_quant kernels quantize: one resolved quantizer setting (see
+ * include/qkd/quant.h for the math of each scheme). */
+typedef struct qkd__quant_spec {
+    int scheme;        /* qkd_quant_scheme */
+    int bits;          /* ignored for TERNARY */
+    int64_t group;     /* values per group along a row (> 0); when it does
+                          not divide the row, the row's last group is partial */
+    float clip_ratio;  /* FIXED clip factor on the group's range; 1 = none */
+    int continuous;    /* 0: hard round, STE; 1: round_T and SoftClamp */
+    float round_T;     /* sharpness of round_T */
+    float clamp_T;     /* sharpness of SoftClamp's gate */
+} qkd__quant_spec;
 
 struct qkd__backend {
     uint32_t abi;
@@ -154,14 +167,57 @@ struct qkd__backend {
     void (*cross_entropy_backward)(qkd__backend *b, float *dlogits, const float *logits,
                                    const int32_t *targets, float scale, int N, int V);
 
-    /* ---- optimizer update ------------------------------------------------
-     * Optional (NULL: the optimizer layer falls back to elementwise slots).
+    /* ---- optimizer updates ---------------------------------------------
      * AdamW on n parameters: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
      * p -= lr * (m/bc1 / (sqrt(v/bc2) + eps) + wd * p), where bc1 = 1-b1^t,
-     * bc2 = 1-b2^t. Fake-quantization kernels join the table with ABI 2. */
+     * bc2 = 1-b2^t. */
     void (*adamw_update)(qkd__backend *b, float *p, const float *g, float *m, float *v,
                          size_t n, float lr, float b1, float b2, float eps, float wd,
                          int t);
+    /* SGD with momentum: u = momentum u + g; p -= lr * (u + wd * p). */
+    void (*sgd_update)(qkd__backend *b, float *p, const float *g, float *u, size_t n,
+                       float lr, float momentum, float wd);
+
+    /* ---- fake quantization ------------------------------------------------
+     * wq[rows][cols] = Q(w) per group of spec->group values along each row
+     * (hard rounding, or round_T / SoftClamp when spec->continuous);
+     * scales and zeros [rows][ceil(cols / group)] receive each group's scale
+     * and zero point (ASYM; 0 otherwise). Per-tensor quantization is a
+     * single row of rows*cols values. */
+    void (*fakequant_forward)(qkd__backend *b, float *wq, float *scales, float *zeros,
+                              const float *w, int64_t rows, int64_t cols,
+                              const qkd__quant_spec *spec);
+    /* dw += dQ(w)/dw * dwq, from the forward's scales and zeros: the STE's 1
+     * inside the clip range and 0 outside, or the smooth functions'
+     * derivative when spec->continuous. */
+    void (*fakequant_backward)(qkd__backend *b, float *dw, const float *dwq, const float *w,
+                               const float *scales, const float *zeros, int64_t rows,
+                               int64_t cols, const qkd__quant_spec *spec);
+    /* out[rows][cols] = x quantized per row, symmetric, `bits` bits, scale
+     * max|row| / (2^(bits-1) - 1) (dynamic activations and KV cache). The
+     * STE backward is the identity, so there is no backward slot. out may
+     * equal x. */
+    void (*quant_rows)(qkd__backend *b, float *out, const float *x, int64_t rows,
+                       int64_t cols, int bits);
+
+    /* ---- distillation objectives --------------------------------------------
+     * Row-wise objective between student logits s and teacher logits t,
+     * both [N][V]; kind is a qkd_loss_kind (CE reads targets, not t). The
+     * vocabulary is processed in chunks with a running max and sum, so no
+     * [N][V] probability tensor is stored. row_loss[i] = the term of row i
+     * (0 where targets is given and targets[i] < 0);
+     * ds[i] += scale * w_i * d row_loss[i] / d s[i], w_i = row_w[i] (1 if
+     * row_w is NULL); ds NULL computes values only. */
+    void (*kd_loss)(qkd__backend *b, float *row_loss, float *ds, const float *s,
+                    const float *t, const int32_t *targets, const float *row_w, float scale,
+                    int N, int V, int kind, float temperature, float beta);
+    /* TSLD's token weights: for each of B sequences of T positions,
+     * w = softmax over the positions with targets >= 0 of c / tau (0 at the
+     * others). c[B*T] is the teacher's per-position cross-entropy. */
+    void (*tsld_weights)(qkd__backend *b, float *w, const float *c, const int32_t *targets,
+                         int B, int T, float tau);
+    /* out[i] = max_j softmax(x[i])_j: the teacher's top-1 probability. */
+    void (*row_max_prob)(qkd__backend *b, float *out, const float *x, int N, int V);
 };
 
 /* Create the backend asked for (AUTO picks the best available) on ctx.

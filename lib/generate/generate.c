@@ -21,24 +21,30 @@ static qkd_status encode_prompt(qkd_context *ctx, const qkd_tokenizer *tok,
                                 const char *prompt, int32_t **out, size_t *n)
 {
     size_t len = prompt ? strlen(prompt) : 0;
-    /* BOS, the added leading space and one id per byte at most. */
+    /* BOS, the added leading space and one id per byte suffice for LLaMA
+     * vocabularies; a second pass takes the exact count otherwise. */
     size_t cap = len + 2;
-    int32_t *ids = qkd__calloc(ctx, cap, sizeof *ids);
-    if (!ids)
-        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "generate: out of memory for the prompt");
-    qkd_status st = QKD_OK;
-    if (len == 0) {
-        ids[0] = qkd_tokenizer_bos(tok);
-        *n = 1;
-    } else {
-        st = qkd_tokenizer_encode(tok, prompt, len, QKD_ENCODE_BOS, ids, cap, n);
-    }
-    if (st != QKD_OK) {
+    for (int pass = 0; pass < 2; pass++) {
+        int32_t *ids = qkd__calloc(ctx, cap, sizeof *ids);
+        if (!ids)
+            return qkd__error(ctx, QKD_ERR_NO_MEMORY, "generate: out of memory for the prompt");
+        qkd_status st = QKD_OK;
+        if (len == 0) {
+            ids[0] = qkd_tokenizer_bos(tok);
+            *n = 1;
+        } else {
+            st = qkd_tokenizer_encode(tok, prompt, len, QKD_ENCODE_BOS, ids, cap, n);
+        }
+        if (st == QKD_OK) {
+            *out = ids;
+            return QKD_OK;
+        }
         qkd__free(ctx, ids);
-        return st;
+        if (st != QKD_ERR_RANGE)
+            return st;
+        cap = *n;
     }
-    *out = ids;
-    return QKD_OK;
+    return qkd__error(ctx, QKD_ERR_RANGE, "generate: the prompt's token count changed");
 }
 
 /* Everything one run needs, freed together. */

@@ -2,10 +2,10 @@
  * memory whole; open walks every byte of the header, the metadata and the
  * tensor infos with bounds checks, so the getters and readers below only
  * touch ranges that were validated there. */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/half.h"
 #include "io/io.h"
 
 /* Files are read whole for now; refuse anything beyond 64 GiB. */
@@ -619,35 +619,6 @@ qkd_status qkd__gguf_find_tensor(const qkd__gguf *g, const char *name,
     return *out ? QKD_OK : QKD_ERR_NOT_FOUND;
 }
 
-/* IEEE 754 half to float, exactly: subnormals scale by 2^-24, infinities
- * and NaNs (payload kept) map to their float counterparts. */
-static float half_to_float(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f;
-    uint32_t mant = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        float f = ldexpf((float)mant, -24);
-        return sign ? -f : f;
-    }
-    if (exp == 0x1f)
-        bits = sign | 0x7f800000u | mant << 13;
-    else
-        bits = sign | (exp + 112) << 23 | mant << 13;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static float bf16_to_float(uint16_t h)
-{
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 qkd_status qkd__gguf_read_f32(qkd__gguf *g, const qkd__gguf_tensor *t,
                               float *dst, uint64_t n)
 {
@@ -666,7 +637,7 @@ qkd_status qkd__gguf_read_f32(qkd__gguf *g, const qkd__gguf_tensor *t,
         for (uint64_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, src + 2 * i, 2);
-            dst[i] = t->type == QKD__GGML_F16 ? half_to_float(h) : bf16_to_float(h);
+            dst[i] = t->type == QKD__GGML_F16 ? qkd__f16_to_f32(h) : qkd__bf16_to_f32(h);
         }
         return QKD_OK;
     default:

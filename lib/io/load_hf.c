@@ -96,7 +96,7 @@ static qkd_status locate(hf_source *src, const char *path)
         return qkd__error(ctx, QKD_ERR_NO_MEMORY, "%s: no memory", path);
     static const char *const candidates[] = {"model.safetensors",
                                              "model.safetensors.index.json"};
-    for (size_t i = 0; i < 2; i++) {
+    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
         src->weights = join(ctx, path, candidates[i]);
         if (!src->weights)
             return qkd__error(ctx, QKD_ERR_NO_MEMORY, "%s: no memory", path);
@@ -203,7 +203,7 @@ static qkd_status cfg_rope(qkd_context *ctx, const char *path, const json_t *roo
     *theta = 10000.0f;
     qkd_status s = cfg_real(ctx, path, root, "rope_theta", max_theta, theta);
     static const char *const keys[] = {"rope_scaling", "rope_parameters"};
-    for (size_t i = 0; s == QKD_OK && i < 2; i++) {
+    for (size_t i = 0; s == QKD_OK && i < sizeof keys / sizeof keys[0]; i++) {
         const json_t *v = json_object_get(root, keys[i]);
         if (!v || json_is_null(v))
             continue;

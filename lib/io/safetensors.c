@@ -3,9 +3,10 @@
 
 #include <errno.h>
 #include <jansson.h>
-#include <math.h>
 #include <stdio.h>
 #include <string.h>
+
+#include "core/half.h"
 
 /* The format's own cap on the JSON header (the reference implementation
  * refuses larger ones); it also bounds what a corrupt length can make us
@@ -250,26 +251,14 @@ static float f32_from(const uint8_t *p)
     return f;
 }
 
-/* bfloat16 is the top half of a float32. */
 static float bf16_from(const uint8_t *p)
 {
-    uint8_t full[4] = {0, 0, p[0], p[1]};
-    return f32_from(full);
+    return qkd__bf16_to_f32((uint16_t)(p[0] | p[1] << 8));
 }
 
-/* IEEE half: 1 sign, 5 exponent (bias 15), 10 mantissa bits. */
 static float f16_from(const uint8_t *p)
 {
-    unsigned h = (unsigned)p[0] | (unsigned)p[1] << 8;
-    unsigned exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    float mag;
-    if (exponent == 0)
-        mag = ldexpf((float)mantissa, -24); /* zero and subnormals */
-    else if (exponent == 31)
-        mag = mantissa ? NAN : INFINITY;
-    else
-        mag = ldexpf((float)(mantissa | 0x400), (int)exponent - 25);
-    return (h & 0x8000) ? -mag : mag;
+    return qkd__f16_to_f32((uint16_t)(p[0] | p[1] << 8));
 }
 
 typedef float (*convert_fn)(const uint8_t *p);

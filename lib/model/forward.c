@@ -226,6 +226,12 @@ float *qkd__model_logits_dev(qkd_model *m, int *n_rows)
     return m->has_forward ? m->acts.logits : NULL;
 }
 
+void qkd__model_last_shape(const qkd_model *m, int *B, int *T)
+{
+    *B = m->has_forward ? m->acts.B : 0;
+    *T = m->has_forward ? m->acts.T : 0;
+}
+
 float *qkd__model_dlogits_dev(qkd_model *m)
 {
     return m->has_forward ? m->acts.dlogits : NULL;

@@ -320,6 +320,16 @@ float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind ki
     return base + m->tensors[qkd__model_tensor_index(m, kind, layer)].offset;
 }
 
+float *qkd__model_param_dev(qkd_model *m, int index)
+{
+    return m->params + m->tensors[index].offset;
+}
+
+float *qkd__model_grad_dev(qkd_model *m, int index)
+{
+    return m->grads + m->tensors[index].offset;
+}
+
 static qkd_status check_index(const qkd_model *m, const char *fn, int index)
 {
     if (index < 0 || index >= m->n_tensors)

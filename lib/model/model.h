@@ -24,7 +24,15 @@ int qkd__model_tensor_index(const qkd_model *model, qkd_tensor_kind kind, int la
  * qkd_model_backward(model, NULL) accepts it. */
 float *qkd__model_logits_dev(qkd_model *model, int *n_rows);
 float *qkd__model_dlogits_dev(qkd_model *model);
+/* B and T of the last forward (both 0 before any forward). */
+void qkd__model_last_shape(const qkd_model *model, int *B, int *T);
 void qkd__model_mark_dlogits(qkd_model *model);
+
+/* Device pointers to tensor `index`'s weights and gradient (its
+ * n_elements floats each); index must be valid. The optimizer and the
+ * quantizer work on these in place. */
+float *qkd__model_param_dev(qkd_model *model, int index);
+float *qkd__model_grad_dev(qkd_model *model, int index);
 
 /* Give the model the tokenizer found in its file (taken: the model frees
  * it). */

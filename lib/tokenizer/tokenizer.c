@@ -38,17 +38,11 @@ struct qkd_tokenizer {
 
 /* ---- construction ------------------------------------------------------ */
 
-static size_t count_sub(const char *s, size_t n, const char *sub, size_t sub_len)
+static size_t count_spaces(const char *s, size_t n)
 {
     size_t count = 0;
-    for (size_t i = 0; i + sub_len <= n;) {
-        if (memcmp(s + i, sub, sub_len) == 0) {
-            count++;
-            i += sub_len;
-        } else {
-            i++;
-        }
-    }
+    for (size_t i = 0; i < n; i++)
+        count += s[i] == ' ';
     return count;
 }
 
@@ -99,6 +93,8 @@ static uint64_t hash_bytes(const char *s, size_t n)
     return h;
 }
 
+/* Only these pieces are ever formed from text, as in sentencepiece: a text
+ * "<s>" or "<0x41>" is not BOS or a byte token, and unused pieces stay so. */
 static bool is_mergeable(uint8_t type)
 {
     return type == QKD__TOKEN_NORMAL || type == QKD__TOKEN_USER_DEFINED;
@@ -169,25 +165,24 @@ static qkd_status check_vocab(qkd_context *ctx, int n, const char *const *pieces
 }
 
 /* The type of token id: given, or derived from its piece and the special ids. */
-static qkd_status token_type(qkd_context *ctx, int32_t id, const char *piece, size_t len,
-                             const int32_t *types, int32_t bos, int32_t eos, int32_t unk,
-                             uint8_t *out)
+static qkd_status token_type(const qkd_tokenizer *tok, int32_t id, const char *piece,
+                             size_t len, const int32_t *types, uint8_t *out)
 {
     int byte = parse_byte_piece(piece, len);
     if (!types) {
-        if (id == unk)
+        if (id == tok->unk)
             *out = QKD__TOKEN_UNKNOWN;
-        else if (id == bos || id == eos)
+        else if (id == tok->bos || id == tok->eos)
             *out = QKD__TOKEN_CONTROL;
         else
             *out = byte >= 0 ? QKD__TOKEN_BYTE : QKD__TOKEN_NORMAL;
         return QKD_OK;
     }
     if (types[id] < QKD__TOKEN_NORMAL || types[id] > QKD__TOKEN_BYTE)
-        return qkd__error(ctx, QKD_ERR_FORMAT, "tokenizer: token %d has unknown type %d",
+        return qkd__error(tok->ctx, QKD_ERR_FORMAT, "tokenizer: token %d has unknown type %d",
                           (int)id, (int)types[id]);
     if (types[id] == QKD__TOKEN_BYTE && byte < 0)
-        return qkd__error(ctx, QKD_ERR_FORMAT,
+        return qkd__error(tok->ctx, QKD_ERR_FORMAT,
                           "tokenizer: token %d is a byte token but its piece is not <0xNN>",
                           (int)id);
     *out = (uint8_t)types[id];
@@ -200,7 +195,7 @@ static qkd_status store_pieces(qkd_tokenizer *tok, const char *const *pieces,
 {
     size_t total = 0;
     for (int32_t i = 0; i < tok->n; i++) {
-        size_t spaces = count_sub(pieces[i], lens[i], " ", 1);
+        size_t spaces = count_spaces(pieces[i], lens[i]);
         size_t need = 2 * lens[i] + 2 * spaces + 1; /* key, text and its NUL */
         if (lens[i] > SIZE_MAX / 4 || need > SIZE_MAX - total)
             return qkd__error(tok->ctx, QKD_ERR_FORMAT, "tokenizer: token %d is too long",
@@ -232,8 +227,7 @@ static qkd_status fill_tokens(qkd_tokenizer *tok, const char *const *pieces,
     for (int32_t i = 0; i < tok->n && st == QKD_OK; i++) {
         token_entry *e = &tok->tokens[i];
         e->score = scores[i];
-        st = token_type(tok->ctx, i, pieces[i], lens[i], types, tok->bos, tok->eos,
-                        tok->unk, &e->type);
+        st = token_type(tok, i, pieces[i], lens[i], types, &e->type);
         if (st == QKD_OK && e->type == QKD__TOKEN_BYTE) {
             e->byte = (uint8_t)parse_byte_piece(pieces[i], lens[i]);
             if (tok->byte_token[e->byte] < 0)
@@ -536,7 +530,7 @@ static qkd_status encode_text(const qkd_tokenizer *tok, const char *text, size_t
     if (len > INT32_MAX / SPACE_MARK_LEN - 1)
         return qkd__error(tok->ctx, QKD_ERR_INVALID_ARG,
                           "tokenizer: text of %zu bytes is too long to encode at once", len);
-    size_t escaped_len = SPACE_MARK_LEN + len + (SPACE_MARK_LEN - 1) * count_sub(text, len, " ", 1);
+    size_t escaped_len = SPACE_MARK_LEN + len + (SPACE_MARK_LEN - 1) * count_spaces(text, len);
     encoder enc = {.tok = tok, .cap_heap = escaped_len};
     char *esc = escape_text(tok, text, len, escaped_len);
     enc.text = esc;

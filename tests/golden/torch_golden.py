@@ -230,8 +230,8 @@ def main(argv):
                            torch.from_numpy(targets).reshape(-1))
     loss.backward()
     grads = {n: params[n].grad.numpy() for n in names}
-    write_golden(argv[3], tokens, targets, float(loss), names, grads)
-    print("loss %.10f, %d tensors, written to %s" % (float(loss), len(names), argv[3]))
+    write_golden(argv[3], tokens, targets, loss.item(), names, grads)
+    print("loss %.10f, %d tensors, written to %s" % (loss.item(), len(names), argv[3]))
 
 
 if __name__ == "__main__":

@@ -45,11 +45,18 @@ static int tokenize(cli_session *s, const char *path, int32_t **ids, size_t *n)
     char *text = read_text(path, &len);
     if (!text)
         return CLI_EXIT_FAIL;
-    size_t cap = len + 2; /* BOS, the added leading space, one id per byte */
-    *ids = malloc(cap * sizeof **ids);
-    qkd_status st = QKD_ERR_NO_MEMORY;
-    if (*ids)
-        st = qkd_tokenizer_encode(s->tok, text, len, QKD_ENCODE_BOS, *ids, cap, n);
+    /* BOS, the added leading space and one id per byte suffice for LLaMA
+     * vocabularies; a second pass takes the exact count otherwise. */
+    size_t cap = len + 2;
+    qkd_status st = QKD_ERR_RANGE;
+    *ids = NULL;
+    for (int pass = 0; pass < 2 && st == QKD_ERR_RANGE; pass++) {
+        free(*ids);
+        *ids = malloc(cap * sizeof **ids);
+        st = *ids ? qkd_tokenizer_encode(s->tok, text, len, QKD_ENCODE_BOS, *ids, cap, n)
+                  : QKD_ERR_NO_MEMORY;
+        cap = *n;
+    }
     free(text);
     if (st != QKD_OK) {
         free(*ids);

@@ -218,6 +218,13 @@ static const qkd__backend ref_table = {
     .cross_entropy_forward = qkd__ref_cross_entropy_forward,
     .cross_entropy_backward = qkd__ref_cross_entropy_backward,
     .adamw_update = ref_adamw_update,
+    .sgd_update = qkd__ref_sgd_update,
+    .fakequant_forward = qkd__ref_fakequant_forward,
+    .fakequant_backward = qkd__ref_fakequant_backward,
+    .quant_rows = qkd__ref_quant_rows,
+    .kd_loss = qkd__ref_kd_loss,
+    .tsld_weights = qkd__ref_tsld_weights,
+    .row_max_prob = qkd__ref_row_max_prob,
 };
 
 qkd_status qkd__backend_ref_create(qkd_context *ctx, qkd__backend **out)

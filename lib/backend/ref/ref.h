@@ -79,4 +79,26 @@ void qkd__ref_cross_entropy_forward(qkd__backend *b, float *losses, const float 
 void qkd__ref_cross_entropy_backward(qkd__backend *b, float *dlogits, const float *logits,
                                      const int32_t *targets, float scale, int N, int V);
 
+/* ---- ref_quant.c ---------------------------------------------------------- */
+void qkd__ref_fakequant_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
+                                const float *w, int64_t rows, int64_t cols,
+                                const qkd__quant_spec *spec);
+void qkd__ref_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, const float *w,
+                                 const float *scales, const float *zeros, int64_t rows,
+                                 int64_t cols, const qkd__quant_spec *spec);
+void qkd__ref_quant_rows(qkd__backend *b, float *out, const float *x, int64_t rows,
+                         int64_t cols, int bits);
+
+/* ---- ref_kd.c --------------------------------------------------------------- */
+void qkd__ref_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,
+                      const float *t, const int32_t *targets, const float *row_w, float scale,
+                      int N, int V, int kind, float temperature, float beta);
+void qkd__ref_tsld_weights(qkd__backend *b, float *w, const float *c, const int32_t *targets,
+                           int B, int T, float tau);
+void qkd__ref_row_max_prob(qkd__backend *b, float *out, const float *x, int N, int V);
+
+/* ---- ref_optim.c ------------------------------------------------------------- */
+void qkd__ref_sgd_update(qkd__backend *b, float *p, const float *g, float *u, size_t n,
+                         float lr, float momentum, float wd);
+
 #endif

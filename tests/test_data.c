@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_data(void)
+{
+    return suite_create("data");
+}

@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_distill(void)
+{
+    return suite_create("distill");
+}

@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_loss(void)
+{
+    return suite_create("loss");
+}

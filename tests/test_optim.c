@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_optim(void)
+{
+    return suite_create("optim");
+}

@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_quant(void)
+{
+    return suite_create("quant");
+}
