@@ -255,8 +255,8 @@ START_TEST(exported_symbols_match_list)
     ck_assert_msg(lib && *lib, "QKD_LIB is not set (meson sets it)");
     char cmd[4096];
     snprintf(cmd, sizeof cmd,
-             "nm -D --defined-only '%s' | awk '$2 ~ /[TDBR]/ {print $3}' | "
-             "grep -v '^QKD_' | sed 's/@.*//' | LC_ALL=C sort -u",
+             "nm -D --defined-only '%s' | awk '$2 ~ /[TDBRVW]/ {print $3}' | "
+             "sed 's/@.*//' | grep -v -e '^QKD_' -e '^_' | LC_ALL=C sort -u",
              lib);
     FILE *p = popen(cmd, "r");
     ck_assert_ptr_nonnull(p);

@@ -134,6 +134,19 @@ QKD_API void qkd_context_free(qkd_context *ctx);
  * @since 0.1 */
 QKD_API const char *qkd_context_last_error(const qkd_context *ctx);
 
+/* Record status and a message (printf format) as the context's last error
+ * and log it at ERROR level, exactly as the library does for its own
+ * failures: layers built on the public API (the data and distillation
+ * layers, a host's wrappers) report through the same channel. ctx may be
+ * NULL (nothing is recorded). Returns status, so that callers can write
+ * `return qkd_context_set_error(ctx, QKD_ERR_FORMAT, ...)`. @since 0.1 */
+QKD_API qkd_status qkd_context_set_error(qkd_context *ctx, qkd_status status,
+                                         const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 /* Number of worker threads the context computes with (>= 1). @since 0.1 */
 QKD_API int qkd_context_n_threads(const qkd_context *ctx);
 

@@ -2,16 +2,33 @@
  * with learning-rate schedules, global gradient-norm clipping, per-tensor
  * groups (learning-rate scale, frozen) and the presets the papers use.
  *
- * Step t (1-based) has learning rate lr_t = lr * f(t): linear warmup over
- * warmup_steps, then CONSTANT f = 1, LINEAR decay to min_lr_ratio at
- * total_steps, or COSINE decay to min_lr_ratio at total_steps.
+ * Schedule. Step t (1-based; t < 1 counts as 1) has learning rate
+ * lr_t = lr * f(t), computed in double and rounded to float, with
+ * W = warmup_steps, T = total_steps, r = min_lr_ratio:
+ *   t <= W:             f = t / W                       (linear warmup)
+ *   t > W, CONSTANT:    f = 1
+ *   t > W, LINEAR:      f = 1 - (1 - r) p
+ *   t > W, COSINE:      f = r + (1 - r) (1 + cos(pi p)) / 2
+ * where p = min(1, (t - W) / (T - W)) (p = 1 when T == W): the decay
+ * reaches r exactly at step T and stays there.
+ *
+ * Update of a trainable tensor with gradient g and group scale s
+ * (lr_i = lr_t * s; t = the number of this step, skipped ones excluded):
  * AdamW: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
- *        w -= lr_t (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd w).
- * SGD:   u = momentum u + g; w -= lr_t (u + wd w).
- * Before the update the global L2 norm of all trainable gradients is
- * computed; if it exceeds max_grad_norm (> 0) every gradient is scaled by
- * max_grad_norm / norm. A NaN or Inf gradient norm skips the step (no
- * weight or state changes) and is reported in qkd_step_info.
+ *        w -= lr_i (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd w).
+ * SGD:   u = momentum u + g; w -= lr_i (u + wd w).
+ * Moments start at zero. Weight decay is decoupled and applies to every
+ * trainable tensor (freeze a tensor, or give it its own group, to spare it).
+ *
+ * Clipping. Before the update the global L2 norm of the gradients of all
+ * trainable (non-frozen) tensors is computed; if max_grad_norm > 0 and the
+ * norm exceeds it, the update uses g * (max_grad_norm / norm) for every
+ * tensor (on a scratch copy: the model's gradients are not changed). A NaN
+ * or Inf norm (a squared sum that overflows float included) skips the
+ * step: no weight, moment or step counter changes, and it is reported in
+ * qkd_step_info. A frozen tensor's gradient is never read.
+ *
+ * Threading: an optimizer is used with its model, by one thread at a time.
  */
 #ifndef QKD_OPTIM_H
 #define QKD_OPTIM_H
@@ -41,13 +58,13 @@ typedef struct qkd_optim_params {
     qkd_optim_kind kind;
     float lr;
     float beta1, beta2, eps; /* AdamW */
-    float momentum;       /* SGD */
+    float momentum;       /* SGD, in [0, 1) */
     float weight_decay;   /* decoupled */
     qkd_schedule schedule;
     int64_t warmup_steps;
-    int64_t total_steps;  /* for LINEAR / COSINE; >= warmup_steps */
+    int64_t total_steps;  /* for LINEAR / COSINE; >= 1 and >= warmup_steps */
     float min_lr_ratio;   /* final lr / lr, in [0, 1] */
-    float max_grad_norm;  /* 0: no clipping */
+    float max_grad_norm;  /* >= 0; 0: no clipping (the norm is still computed) */
 } qkd_optim_params;
 
 /* Defaults: AdamW, lr 1e-4, betas 0.9 / 0.999, eps 1e-8, momentum 0.9,
@@ -56,28 +73,40 @@ typedef struct qkd_optim_params {
 QKD_API void qkd_optim_params_init(qkd_optim_params *p);
 
 /* An optimizer over every tensor of model (state allocated now, on the
- * model's backend). model is borrowed until the optimizer is freed.
- * *out: owned, free with qkd_optimizer_free. Errors: INVALID_ARG (lr <= 0
- * or not finite, betas outside [0, 1), eps <= 0, negative decay or
- * steps, total < warmup for a decaying schedule), NO_MEMORY. @since 0.1 */
+ * model's backend; a step allocates nothing). Every tensor starts in a
+ * group with lr_scale 1, not frozen. p: copied; NULL for the defaults.
+ * model is borrowed until the optimizer is freed. A tied model's output
+ * head has no tensor of its own: it is token_embd.
+ * *out: owned, free with qkd_optimizer_free; NULL on error. Errors are
+ * recorded on the model's context: INVALID_ARG (NULL model or out, bad size
+ * field, unknown kind or schedule, lr <= 0 or not finite, AdamW betas
+ * outside [0, 1) or eps <= 0, SGD momentum outside [0, 1), negative or
+ * non-finite decay or max_grad_norm, negative steps, min_lr_ratio outside
+ * [0, 1], total < 1 or total < warmup for a decaying schedule),
+ * NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_create(qkd_model *model, const qkd_optim_params *p,
                                         qkd_optimizer **out);
 /* Accepts NULL. @since 0.1 */
 QKD_API void qkd_optimizer_free(qkd_optimizer *opt);
 
-/* Parameter group of tensor `index`: its learning rate is lr_t * lr_scale;
- * a frozen tensor is never changed (its gradient is also left out of the
- * clipping norm). Errors: INVALID_ARG (lr_scale < 0), RANGE. @since 0.1 */
+/* Parameter group of tensor `index` (numbered as in qkd/model.h): its
+ * learning rate is lr_t * lr_scale; a frozen tensor (frozen != 0) is never
+ * changed and its gradient is left out of the clipping norm; its moments
+ * are kept, so unfreezing resumes from them. Errors: INVALID_ARG (NULL
+ * opt, lr_scale < 0 or not finite), RANGE (index). @since 0.1 */
 QKD_API qkd_status qkd_optimizer_set_group(qkd_optimizer *opt, int index,
                                            float lr_scale, int frozen);
 
-/* Presets, OR-able. OV_FREEZE freezes attn_v and attn_output (ov-freeze);
- * FREEZE_EMBED_NORM freezes token_embd, output and every norm weight. */
+/* Presets, OR-able. OV_FREEZE freezes attn_v and attn_output of every
+ * layer (ov-freeze); FREEZE_EMBED_NORM freezes token_embd, output (when
+ * untied) and every norm weight (attn_norm, ffn_norm, output_norm). A
+ * preset only freezes: other tensors keep their group. */
 enum {
     QKD_PRESET_OV_FREEZE = 1u << 0,
     QKD_PRESET_FREEZE_EMBED_NORM = 1u << 1
 };
-/* Errors: INVALID_ARG (unknown bit). @since 0.1 */
+/* Errors: INVALID_ARG (NULL opt, unknown bit; nothing is changed).
+ * @since 0.1 */
 QKD_API qkd_status qkd_optimizer_apply_preset(qkd_optimizer *opt, unsigned presets);
 
 typedef struct qkd_step_info {
@@ -90,21 +119,37 @@ typedef struct qkd_step_info {
 } qkd_step_info;
 
 /* Apply one update from the model's current gradients (which are left as
- * they are: zero them before the next accumulation). info may be NULL.
- * Errors: INVALID_ARG (bad info size). A skipped step returns
+ * they are: zero them before the next accumulation). info may be NULL;
+ * it is filled on success and on a skipped step. Errors: INVALID_ARG (NULL
+ * opt, info->size too small), BACKEND. A skipped step returns
  * QKD_ERR_NON_FINITE with info->skipped = 1. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
 
 /* The optimizer's whole state (step counter and every moment buffer) as
- * bytes, for checkpoints: state_bytes gives the size, state_get copies it
- * out, state_set restores it (same model shape and kind, else SHAPE).
- * Restoring then stepping reproduces an uninterrupted run bit for bit.
- * @since 0.1 */
+ * bytes, for checkpoints: state_bytes gives the size (0 for NULL),
+ * state_get copies it out (n >= state_bytes, else INVALID_ARG),
+ * state_set restores it. Groups and params are not part of the state: the
+ * host sets them again. Restoring then stepping reproduces an
+ * uninterrupted run bit for bit.
+ *
+ * Layout, numbers in the host's byte order (version 1):
+ *   offset  0  char[4]   magic "QKDO"
+ *   offset  4  uint32    version (1)
+ *   offset  8  uint32    kind (qkd_optim_kind)
+ *   offset 12  uint32    n_tensors
+ *   offset 16  int64     step (steps applied)
+ *   offset 24  int64     n_elements of each tensor [n_tensors]
+ *   then, per tensor in order, float32 moments: AdamW m[n] then v[n];
+ *   SGD u[n].
+ * state_set errors: INVALID_ARG (NULL), FORMAT (bad magic or version,
+ * negative step, n not the size the header implies), SHAPE (another kind,
+ * tensor count or tensor size). On error nothing changes. @since 0.1 */
 QKD_API size_t qkd_optimizer_state_bytes(const qkd_optimizer *opt);
 QKD_API qkd_status qkd_optimizer_state_get(const qkd_optimizer *opt, void *dst, size_t n);
 QKD_API qkd_status qkd_optimizer_state_set(qkd_optimizer *opt, const void *src, size_t n);
 
-/* Learning rate of step t (1-based) under the schedule. @since 0.1 */
+/* Learning rate lr_t of step t (1-based) under the schedule, before any
+ * group's lr_scale; 0 for NULL. @since 0.1 */
 QKD_API float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t);
 
 #ifdef __cplusplus

@@ -72,6 +72,18 @@ const char *qkd_context_last_error(const qkd_context *ctx)
     return ctx ? ctx->last_error : "no context";
 }
 
+qkd_status qkd_context_set_error(qkd_context *ctx, qkd_status status, const char *fmt, ...)
+{
+    if (!ctx || !fmt)
+        return status;
+    char msg[QKD__ERROR_LEN];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return qkd__error(ctx, status, "%s", msg);
+}
+
 int qkd_context_n_threads(const qkd_context *ctx)
 {
     return ctx ? ctx->n_threads : 0;
