@@ -18,6 +18,8 @@ int main(void)
     srunner_add_suite(sr, suite_optim());
     srunner_add_suite(sr, suite_data());
     srunner_add_suite(sr, suite_distill());
+    srunner_add_suite(sr, suite_kdqat_golden());
+    srunner_add_suite(sr, suite_backend_simd());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

@@ -894,6 +894,38 @@ START_TEST(test_allocation_failures)
 }
 END_TEST
 
+/* The built-in byte-level tokenizer: every byte string round-trips, a space
+ * is one token, and a byte is id 3 + its value. */
+START_TEST(test_byte_tokenizer)
+{
+    qkd_context *ctx = test_context(1);
+    qkd_tokenizer *tok = NULL;
+    ck_assert_int_eq(qkd_tokenizer_create_bytes(ctx, &tok), QKD_OK);
+    ck_assert_int_eq(qkd_tokenizer_vocab_size(tok), QKD_BYTE_VOCAB_SIZE);
+    ck_assert_int_eq(qkd_tokenizer_bos(tok), 1);
+    ck_assert_int_eq(qkd_tokenizer_eos(tok), 2);
+
+    size_t n;
+    int32_t *ids = encode(tok, "a b", 3, 0, &n);
+    const int32_t want[] = {259, 3 + 'a', 259, 3 + 'b'}; /* the added leading space */
+    assert_ids_eq(ids, n, want, 4, "byte tokenizer 'a b'");
+    free(ids);
+
+    const char text[] = "Grüße \xff\x01 end\n\ttab";
+    assert_round_trip(tok, text, sizeof text - 1);
+    uint64_t state = 7;
+    for (int rep = 0; rep < 20; rep++) {
+        char buf[64];
+        for (size_t i = 0; i < sizeof buf; i++)
+            buf[i] = (char)(next_random(&state) & 0xff);
+        assert_round_trip(tok, buf, sizeof buf);
+    }
+    qkd_tokenizer_free(tok);
+    ck_assert_int_eq(qkd_tokenizer_create_bytes(ctx, NULL), QKD_ERR_INVALID_ARG);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 Suite *suite_tokenizer(void)
 {
     Suite *s = suite_create("tokenizer");
@@ -911,6 +943,7 @@ Suite *suite_tokenizer(void)
     TCase *unit = tcase_create("unit");
     tcase_add_test(unit, test_tiny_merges);
     tcase_add_test(unit, test_encode_buffer);
+    tcase_add_test(unit, test_byte_tokenizer);
     suite_add_tcase(s, unit);
 
     TCase *bad = tcase_create("malformed");

@@ -38,5 +38,7 @@ Suite *suite_loss(void);
 Suite *suite_optim(void);
 Suite *suite_data(void);
 Suite *suite_distill(void);
+Suite *suite_kdqat_golden(void);
+Suite *suite_backend_simd(void);
 
 #endif

@@ -143,7 +143,8 @@ QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
  *   SGD u[n].
  * state_set errors: INVALID_ARG (NULL), FORMAT (bad magic or version,
  * negative step, n not the size the header implies), SHAPE (another kind,
- * tensor count or tensor size). On error nothing changes. @since 0.1 */
+ * tensor count or tensor size), BACKEND. On a FORMAT or SHAPE error
+ * nothing changes. @since 0.1 */
 QKD_API size_t qkd_optimizer_state_bytes(const qkd_optimizer *opt);
 QKD_API qkd_status qkd_optimizer_state_get(const qkd_optimizer *opt, void *dst, size_t n);
 QKD_API qkd_status qkd_optimizer_state_set(qkd_optimizer *opt, const void *src, size_t n);

@@ -21,6 +21,17 @@ typedef struct qkd_tokenizer qkd_tokenizer;
 QKD_API qkd_status qkd_tokenizer_load(qkd_context *ctx, const char *path,
                                       qkd_tokenizer **out);
 
+/* Vocabulary size of the byte-level tokenizer. */
+#define QKD_BYTE_VOCAB_SIZE 260
+
+/* A byte-level tokenizer that needs no file: id 0 <unk>, 1 BOS, 2 EOS,
+ * 3..258 the bytes 0x00..0xFF (as <0xNN> pieces, llama2.c's byte-fallback
+ * ids), 259 the space. Any UTF-8 text encodes and decodes losslessly; for
+ * small models trained on raw text, such as libqkd's embedded default.
+ * *out: owned, free with qkd_tokenizer_free. Errors: INVALID_ARG,
+ * NO_MEMORY. @since 0.1 */
+QKD_API qkd_status qkd_tokenizer_create_bytes(qkd_context *ctx, qkd_tokenizer **out);
+
 /* The tokenizer that came inside the model's file (GGUF), or NULL.
  * Borrowed until the model is freed. @since 0.1 */
 QKD_API const qkd_tokenizer *qkd_model_tokenizer(const qkd_model *model);

@@ -1,20 +1,390 @@
-/* SKELETON (temporary, being implemented). */
-#include "qkd/optim.h"
-#include "core/core.h"
+/* Optimizers: parameter checks, state allocation on the model's backend,
+ * groups and presets, the schedule, and the step (global norm, clipping,
+ * one backend update per trainable tensor). */
+#include <limits.h>
+#include <math.h>
 
-void qkd_optim_params_init(qkd_optim_params *p) { (void)p; }
-qkd_status qkd_optimizer_create(qkd_model *model, const qkd_optim_params *p, qkd_optimizer **out)
-{ (void)model; (void)p; if (out) *out = NULL; return QKD_ERR_UNSUPPORTED; }
-void qkd_optimizer_free(qkd_optimizer *opt) { (void)opt; }
+#include "model/model.h"
+#include "optim/optim_impl.h"
+
+#define PI 3.14159265358979323846
+/* Floats per 64-byte line: moment slices start on a line. */
+#define LINE_FLOATS 16
+
+void qkd_optim_params_init(qkd_optim_params *p)
+{
+    if (!p)
+        return;
+    *p = (qkd_optim_params){
+        .size = sizeof *p,
+        .kind = QKD_OPTIM_ADAMW,
+        .lr = 1e-4f,
+        .beta1 = 0.9f,
+        .beta2 = 0.999f,
+        .eps = 1e-8f,
+        .momentum = 0.9f,
+        .weight_decay = 0.0f,
+        .schedule = QKD_SCHEDULE_CONSTANT,
+        .warmup_steps = 0,
+        .total_steps = 0,
+        .min_lr_ratio = 0.0f,
+        .max_grad_norm = 1.0f,
+    };
+}
+
+/* ---- parameter checks ---------------------------------------------------- */
+
+static qkd_status bad_value(qkd_context *ctx, const char *name, double v, const char *want)
+{
+    return qkd__error(ctx, QKD_ERR_INVALID_ARG, "optimizer create: %s = %g, expected %s", name,
+                      v, want);
+}
+
+/* x in [0, 1); false for NaN. */
+static int in_unit(float x)
+{
+    return x >= 0.0f && x < 1.0f;
+}
+
+static int finite_nonneg(float x)
+{
+    return x >= 0.0f && isfinite(x);
+}
+
+static qkd_status check_kind(qkd_context *ctx, const qkd_optim_params *p)
+{
+    if (p->kind == QKD_OPTIM_SGD)
+        return in_unit(p->momentum) ? QKD_OK
+                                    : bad_value(ctx, "momentum", p->momentum, "in [0, 1)");
+    if (p->kind != QKD_OPTIM_ADAMW)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG, "optimizer create: unknown kind %d",
+                          (int)p->kind);
+    if (!in_unit(p->beta1))
+        return bad_value(ctx, "beta1", p->beta1, "in [0, 1)");
+    if (!in_unit(p->beta2))
+        return bad_value(ctx, "beta2", p->beta2, "in [0, 1)");
+    if (!(p->eps > 0.0f) || !isfinite(p->eps))
+        return bad_value(ctx, "eps", p->eps, "> 0 and finite");
+    return QKD_OK;
+}
+
+static qkd_status check_schedule(qkd_context *ctx, const qkd_optim_params *p)
+{
+    if ((unsigned)p->schedule > QKD_SCHEDULE_COSINE)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG, "optimizer create: unknown schedule %d",
+                          (int)p->schedule);
+    if (p->warmup_steps < 0 || p->total_steps < 0)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "optimizer create: warmup_steps %lld and total_steps %lld must be >= 0",
+                          (long long)p->warmup_steps, (long long)p->total_steps);
+    if (p->schedule != QKD_SCHEDULE_CONSTANT &&
+        (p->total_steps < 1 || p->total_steps < p->warmup_steps))
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "optimizer create: a decaying schedule needs total_steps >= 1 and >= "
+                          "warmup_steps (got total %lld, warmup %lld)",
+                          (long long)p->total_steps, (long long)p->warmup_steps);
+    if (!(p->min_lr_ratio >= 0.0f && p->min_lr_ratio <= 1.0f))
+        return bad_value(ctx, "min_lr_ratio", p->min_lr_ratio, "in [0, 1]");
+    return QKD_OK;
+}
+
+static qkd_status check_params(qkd_context *ctx, const qkd_optim_params *p)
+{
+    if (p->size < sizeof *p)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "optimizer create: params size field %zu, expected %zu (call "
+                          "qkd_optim_params_init)",
+                          p->size, sizeof *p);
+    if (!(p->lr > 0.0f) || !isfinite(p->lr))
+        return bad_value(ctx, "lr", p->lr, "> 0 and finite");
+    if (!finite_nonneg(p->weight_decay))
+        return bad_value(ctx, "weight_decay", p->weight_decay, ">= 0 and finite");
+    if (!finite_nonneg(p->max_grad_norm))
+        return bad_value(ctx, "max_grad_norm", p->max_grad_norm, ">= 0 and finite");
+    qkd_status st = check_kind(ctx, p);
+    return st != QKD_OK ? st : check_schedule(ctx, p);
+}
+
+/* ---- create / free ---------------------------------------------------------- */
+
+size_t qkd__optim_stride(const qkd__optim_tensor *t)
+{
+    return ((size_t)t->n + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
+}
+
+static qkd_status build_tensors(qkd_optimizer *opt)
+{
+    int n = qkd_model_n_tensors(opt->model);
+    opt->tensors = qkd__calloc(opt->ctx, (size_t)n, sizeof *opt->tensors);
+    opt->norms_host = qkd__calloc(opt->ctx, (size_t)n, sizeof *opt->norms_host);
+    if (!opt->tensors || !opt->norms_host)
+        return qkd__error(opt->ctx, QKD_ERR_NO_MEMORY, "optimizer create: out of memory");
+    opt->n_tensors = n;
+    for (int i = 0; i < n; i++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        qkd_status st = qkd_model_tensor_info(opt->model, i, &info);
+        if (st != QKD_OK)
+            return st;
+        opt->tensors[i] = (qkd__optim_tensor){
+            .kind = info.kind, .n = info.n_elements, .lr_scale = 1.0f};
+    }
+    return QKD_OK;
+}
+
+/* One device buffer: each tensor's moments (zeroed), the per-tensor squared
+ * norms (zeroed), then a scratch as large as the largest tensor. */
+static qkd_status alloc_state(qkd_optimizer *opt)
+{
+    const size_t max_floats = SIZE_MAX / sizeof(float);
+    size_t moments = 0, largest = 0;
+    for (int i = 0; i < opt->n_tensors; i++) {
+        size_t stride = qkd__optim_stride(&opt->tensors[i]);
+        if (stride > (max_floats - moments) / (size_t)opt->n_moments)
+            return qkd__error(opt->ctx, QKD_ERR_NO_MEMORY,
+                              "optimizer create: the state size overflows size_t");
+        moments += stride * (size_t)opt->n_moments;
+        if ((size_t)opt->tensors[i].n > largest)
+            largest = (size_t)opt->tensors[i].n;
+    }
+    size_t norms = ((size_t)opt->n_tensors + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
+    if (norms + largest > max_floats - moments)
+        return qkd__error(opt->ctx, QKD_ERR_NO_MEMORY,
+                          "optimizer create: the state size overflows size_t");
+    qkd__backend *be = opt->be;
+    qkd_status st = be->alloc(be, (moments + norms + largest) * sizeof(float), &opt->mem);
+    if (st != QKD_OK)
+        return st;
+    float *base = opt->mem;
+    for (int i = 0; i < opt->n_tensors; i++) {
+        opt->tensors[i].moments = base;
+        base += qkd__optim_stride(&opt->tensors[i]) * (size_t)opt->n_moments;
+    }
+    opt->norms = base;
+    opt->scratch = base + norms;
+    be->fill(be, opt->mem, 0.0f, moments + norms);
+    return QKD_OK;
+}
+
+qkd_status qkd_optimizer_create(qkd_model *model, const qkd_optim_params *p,
+                                qkd_optimizer **out)
+{
+    if (!model)
+        return QKD_ERR_INVALID_ARG;
+    qkd_context *ctx = qkd__model_context(model);
+    if (!out)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG, "optimizer create: out is NULL");
+    *out = NULL;
+    qkd_optim_params defaults;
+    if (!p) {
+        qkd_optim_params_init(&defaults);
+        p = &defaults;
+    }
+    qkd_status st = check_params(ctx, p);
+    if (st != QKD_OK)
+        return st;
+    qkd_optimizer *opt = qkd__calloc(ctx, 1, sizeof *opt);
+    if (!opt)
+        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "optimizer create: out of memory");
+    opt->model = model;
+    opt->ctx = ctx;
+    opt->be = ctx->backend;
+    opt->p = *p;
+    opt->p.size = sizeof opt->p;
+    opt->n_moments = p->kind == QKD_OPTIM_ADAMW ? 2 : 1;
+    st = build_tensors(opt);
+    if (st == QKD_OK)
+        st = alloc_state(opt);
+    if (st != QKD_OK) {
+        qkd_optimizer_free(opt);
+        return st;
+    }
+    *out = opt;
+    return QKD_OK;
+}
+
+void qkd_optimizer_free(qkd_optimizer *opt)
+{
+    if (!opt)
+        return;
+    opt->be->free(opt->be, opt->mem);
+    qkd__free(opt->ctx, opt->norms_host);
+    qkd__free(opt->ctx, opt->tensors);
+    qkd__free(opt->ctx, opt);
+}
+
+/* ---- groups and presets -------------------------------------------------------- */
+
 qkd_status qkd_optimizer_set_group(qkd_optimizer *opt, int index, float lr_scale, int frozen)
-{ (void)opt; (void)index; (void)lr_scale; (void)frozen; return QKD_ERR_UNSUPPORTED; }
+{
+    if (!opt)
+        return QKD_ERR_INVALID_ARG;
+    if (index < 0 || index >= opt->n_tensors)
+        return qkd__error(opt->ctx, QKD_ERR_RANGE,
+                          "optimizer set_group: tensor index %d outside [0, %d)", index,
+                          opt->n_tensors);
+    if (!finite_nonneg(lr_scale))
+        return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG,
+                          "optimizer set_group: lr_scale %g, expected >= 0 and finite",
+                          (double)lr_scale);
+    opt->tensors[index].lr_scale = lr_scale;
+    opt->tensors[index].frozen = frozen != 0;
+    return QKD_OK;
+}
+
+static unsigned presets_of(qkd_tensor_kind kind)
+{
+    switch (kind) {
+    case QKD_TENSOR_ATTN_V:
+    case QKD_TENSOR_ATTN_OUTPUT:
+        return QKD_PRESET_OV_FREEZE;
+    case QKD_TENSOR_TOKEN_EMBD:
+    case QKD_TENSOR_OUTPUT:
+    case QKD_TENSOR_ATTN_NORM:
+    case QKD_TENSOR_FFN_NORM:
+    case QKD_TENSOR_OUTPUT_NORM:
+        return QKD_PRESET_FREEZE_EMBED_NORM;
+    default:
+        return 0;
+    }
+}
+
 qkd_status qkd_optimizer_apply_preset(qkd_optimizer *opt, unsigned presets)
-{ (void)opt; (void)presets; return QKD_ERR_UNSUPPORTED; }
+{
+    if (!opt)
+        return QKD_ERR_INVALID_ARG;
+    const unsigned known = QKD_PRESET_OV_FREEZE | QKD_PRESET_FREEZE_EMBED_NORM;
+    if (presets & ~known)
+        return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG,
+                          "optimizer apply_preset: unknown preset bits 0x%x", presets & ~known);
+    for (int i = 0; i < opt->n_tensors; i++) {
+        if (presets_of(opt->tensors[i].kind) & presets)
+            opt->tensors[i].frozen = 1;
+    }
+    return QKD_OK;
+}
+
+/* ---- schedule ------------------------------------------------------------------ */
+
+/* f(t) of the header. */
+static double schedule_factor(const qkd_optim_params *p, int64_t t)
+{
+    const int64_t W = p->warmup_steps, T = p->total_steps;
+    if (t < 1)
+        t = 1;
+    if (t <= W)
+        return (double)t / (double)W;
+    if (p->schedule == QKD_SCHEDULE_CONSTANT)
+        return 1.0;
+    double prog = T > W ? (double)(t - W) / (double)(T - W) : 1.0;
+    if (prog > 1.0)
+        prog = 1.0;
+    const double r = p->min_lr_ratio;
+    if (p->schedule == QKD_SCHEDULE_LINEAR)
+        return 1.0 - (1.0 - r) * prog;
+    return r + (1.0 - r) * 0.5 * (1.0 + cos(PI * prog));
+}
+
+float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t)
+{
+    if (!opt)
+        return 0.0f;
+    return (float)((double)opt->p.lr * schedule_factor(&opt->p, t));
+}
+
+/* ---- step ------------------------------------------------------------------------ */
+
+/* Global L2 norm of the trainable gradients: one sum_squares per tensor
+ * into a device array, one download, summed in double in tensor order. */
+static qkd_status grad_norm(qkd_optimizer *opt, double *norm)
+{
+    qkd__backend *be = opt->be;
+    int any = 0;
+    for (int i = 0; i < opt->n_tensors; i++) {
+        if (opt->tensors[i].frozen)
+            continue;
+        be->sum_squares(be, opt->norms + i, qkd__model_grad_dev(opt->model, i),
+                        (size_t)opt->tensors[i].n);
+        any = 1;
+    }
+    double sum = 0.0;
+    if (any) {
+        qkd_status st = be->sync(be);
+        if (st == QKD_OK)
+            st = be->download(be, opt->norms_host, opt->norms,
+                              (size_t)opt->n_tensors * sizeof(float));
+        if (st != QKD_OK)
+            return st;
+        for (int i = 0; i < opt->n_tensors; i++) {
+            if (!opt->tensors[i].frozen)
+                sum += opt->norms_host[i];
+        }
+    }
+    *norm = sqrt(sum);
+    return QKD_OK;
+}
+
+/* Update tensor i at learning rate lr_t; a clipped gradient is scaled on
+ * the scratch copy, never in the model. */
+static void update_tensor(qkd_optimizer *opt, int i, float lr_t, int clipped, float clip)
+{
+    const qkd__optim_tensor *t = &opt->tensors[i];
+    const qkd_optim_params *p = &opt->p;
+    qkd__backend *be = opt->be;
+    const size_t n = (size_t)t->n;
+    const float *g = qkd__model_grad_dev(opt->model, i);
+    if (clipped) {
+        be->copy(be, opt->scratch, g, n);
+        be->scale(be, opt->scratch, clip, n);
+        g = opt->scratch;
+    }
+    float *w = qkd__model_param_dev(opt->model, i);
+    float lr = (float)((double)lr_t * t->lr_scale);
+    if (p->kind == QKD_OPTIM_SGD) {
+        be->sgd_update(be, w, g, t->moments, n, lr, p->momentum, p->weight_decay);
+        return;
+    }
+    /* beta^t underflows to 0 long before t leaves int's range */
+    int bias_t = opt->step + 1 > INT_MAX ? INT_MAX : (int)(opt->step + 1);
+    be->adamw_update(be, w, g, t->moments, t->moments + qkd__optim_stride(t), n, lr,
+                     p->beta1, p->beta2, p->eps, p->weight_decay, bias_t);
+}
+
 qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
-{ (void)opt; (void)info; return QKD_ERR_UNSUPPORTED; }
-size_t qkd_optimizer_state_bytes(const qkd_optimizer *opt) { (void)opt; return 0; }
-qkd_status qkd_optimizer_state_get(const qkd_optimizer *opt, void *dst, size_t n)
-{ (void)opt; (void)dst; (void)n; return QKD_ERR_UNSUPPORTED; }
-qkd_status qkd_optimizer_state_set(qkd_optimizer *opt, const void *src, size_t n)
-{ (void)opt; (void)src; (void)n; return QKD_ERR_UNSUPPORTED; }
-float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t) { (void)opt; (void)t; return 0; }
+{
+    if (!opt)
+        return QKD_ERR_INVALID_ARG;
+    if (info && info->size < sizeof *info)
+        return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG,
+                          "optimizer step: info size field %zu, expected %zu", info->size,
+                          sizeof *info);
+    const int64_t t = opt->step + 1;
+    const float lr_t = qkd_optimizer_lr_at(opt, t);
+    double norm;
+    qkd_status st = grad_norm(opt, &norm);
+    if (st != QKD_OK)
+        return st;
+    const int skipped = !isfinite(norm);
+    const float max_norm = opt->p.max_grad_norm;
+    const int clipped = !skipped && max_norm > 0.0f && norm > max_norm;
+    if (!skipped) {
+        const float clip = clipped ? (float)(max_norm / norm) : 1.0f;
+        for (int i = 0; i < opt->n_tensors; i++) {
+            if (!opt->tensors[i].frozen)
+                update_tensor(opt, i, lr_t, clipped, clip);
+        }
+        opt->step = t;
+    }
+    if (info) {
+        info->step = opt->step;
+        info->lr = lr_t;
+        info->grad_norm = (float)norm;
+        info->clipped = clipped;
+        info->skipped = skipped;
+    }
+    if (skipped)
+        return qkd__error(opt->ctx, QKD_ERR_NON_FINITE,
+                          "optimizer step %lld: gradient norm is %g; step skipped, nothing "
+                          "changed",
+                          (long long)t, norm);
+    return QKD_OK;
+}

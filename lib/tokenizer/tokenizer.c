@@ -9,6 +9,7 @@
 #include "tokenizer/tokenizer.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #define SPACE_MARK "\xe2\x96\x81" /* U+2581, sentencepiece's space */
@@ -273,6 +274,33 @@ qkd_status qkd__tokenizer_create(qkd_context *ctx, int n, const char *const *pie
     }
     *out = tok;
     return QKD_OK;
+}
+
+qkd_status qkd_tokenizer_create_bytes(qkd_context *ctx, qkd_tokenizer **out)
+{
+    if (!ctx || !out)
+        return ctx ? qkd__error(ctx, QKD_ERR_INVALID_ARG, "tokenizer: NULL out")
+                   : QKD_ERR_INVALID_ARG;
+    enum { N = QKD_BYTE_VOCAB_SIZE };
+    char text[N][8];
+    const char *pieces[N];
+    size_t lens[N];
+    float scores[N] = {0};
+    int32_t types[N];
+    static const char *const special[3] = {"<unk>", "<s>", "</s>"};
+    for (int i = 0; i < N; i++) {
+        if (i < 3)
+            snprintf(text[i], sizeof text[i], "%s", special[i]);
+        else if (i < 259)
+            snprintf(text[i], sizeof text[i], "<0x%02X>", i - 3);
+        else
+            snprintf(text[i], sizeof text[i], "%s", SPACE_MARK);
+        pieces[i] = text[i];
+        lens[i] = strlen(text[i]);
+        types[i] = i == 0 ? QKD__TOKEN_UNKNOWN : i < 3 ? QKD__TOKEN_CONTROL
+                 : i < 259 ? QKD__TOKEN_BYTE : QKD__TOKEN_NORMAL;
+    }
+    return qkd__tokenizer_create(ctx, N, pieces, lens, scores, types, 1, 2, 0, out);
 }
 
 void qkd_tokenizer_free(qkd_tokenizer *tok)

@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_backend_simd(void)
+{
+    return suite_create("backend_simd");
+}

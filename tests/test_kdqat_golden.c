@@ -1,0 +1,6 @@
+#include "testutil.h"
+
+Suite *suite_kdqat_golden(void)
+{
+    return suite_create("kdqat_golden");
+}
