@@ -1,6 +1,865 @@
+/* The SIMD backend against the reference backend (the oracle), kernel by
+ * kernel, forward and backward, for every instruction set this CPU runs;
+ * its results against thread count; and a whole stories260K forward and
+ * backward on a SIMD context against a reference context.
+ *
+ * Tolerances. A SIMD kernel sums in float, in another order than the
+ * reference (which sums in double), so each element may differ by a few
+ * float roundings of the terms it sums: an element is within
+ * TOL * (the sum of the magnitudes of its terms) of the reference, with
+ * TOL = 1e-5 (about 100 float epsilons; the terms here number at most a
+ * few hundred per sum, and a wrong index or a lost term is off by O(1)).
+ * Results must be bit-identical for any thread count. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/core.h"
+#include "qkd/loss.h"
 #include "testutil.h"
+#ifdef QKD_HAVE_SIMD
+#include "backend/simd/simd.h"
+#endif
+
+#define TOL 1e-5
+
+/* ---- helpers ------------------------------------------------------------------- */
+
+static uint64_t rng_state;
+
+static void rng_seed(uint64_t seed)
+{
+    rng_state = seed;
+}
+
+/* splitmix64, mapped to [lo, hi) */
+static double rng_uniform(double lo, double hi)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
+}
+
+static float *vec_new(size_t n)
+{
+    float *x = calloc(n ? n : 1, sizeof *x);
+    ck_assert_ptr_nonnull(x);
+    return x;
+}
+
+static float *vec_rand(size_t n, double lo, double hi)
+{
+    float *x = vec_new(n);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)rng_uniform(lo, hi);
+    return x;
+}
+
+static float *vec_copy(const float *src, size_t n)
+{
+    float *x = vec_new(n);
+    memcpy(x, src, n * sizeof *x);
+    return x;
+}
+
+static double *dvec_new(size_t n)
+{
+    double *x = calloc(n ? n : 1, sizeof *x);
+    ck_assert_ptr_nonnull(x);
+    return x;
+}
+
+/* |got[i] - want[i]| <= tol * scale[i] for every i (scale NULL: 1). */
+static void assert_close(const char *what, const float *got, const float *want,
+                         const double *scale, size_t n, double tol)
+{
+    for (size_t i = 0; i < n; i++) {
+        double s = scale ? scale[i] : 1.0;
+        double err = fabs((double)got[i] - want[i]);
+        ck_assert_msg(err <= tol * s, "%s[%zu]: simd %.9g, ref %.9g (err %.3g > %.3g)", what,
+                      i, (double)got[i], (double)want[i], err, tol * s);
+    }
+}
+
+/* Row-relative: |got - want| <= tol * (the largest |want| of its row of
+ * row_len values) for every element. */
+static void assert_close_rows(const char *what, const float *got, const float *want,
+                              size_t n_rows, size_t row_len, double tol)
+{
+    for (size_t r = 0; r < n_rows; r++) {
+        double mag = 1e-30;
+        for (size_t c = 0; c < row_len; c++)
+            mag = fmax(mag, fabs(want[r * row_len + c]));
+        for (size_t c = 0; c < row_len; c++) {
+            size_t i = r * row_len + c;
+            double err = fabs((double)got[i] - want[i]);
+            ck_assert_msg(err <= tol * mag, "%s[%zu]: simd %.9g, ref %.9g (err %.3g > %.3g)",
+                          what, i, (double)got[i], (double)want[i], err, tol * mag);
+        }
+    }
+}
+
+static void assert_same(const char *what, const float *a, const float *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(memcmp(&a[i], &b[i], sizeof *a) == 0,
+                      "%s[%zu] differs across thread counts: %.9g vs %.9g", what, i,
+                      (double)a[i], (double)b[i]);
+}
+
+#ifdef QKD_HAVE_SIMD
+
+/* ---- the instruction sets under test ----------------------------------------- */
+
+struct isa {
+    const char *name;
+    void (*install)(qkd__backend *b);
+    int (*supported)(void);
+};
+
+static int has_avx512(void)
+{
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+}
+
+static int has_avx2(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static const struct isa isas[] = {
+    {"avx512", qkd__simd_install_avx512, has_avx512},
+    {"avx2", qkd__simd_install_avx2, has_avx2},
+};
+#define N_ISAS ((int)(sizeof isas / sizeof isas[0]))
+
+/* A SIMD context running instruction set i, or NULL (test skipped) if the
+ * CPU lacks it. */
+static qkd_context *simd_context(int i, int n_threads)
+{
+    __builtin_cpu_init();
+    if (!isas[i].supported()) {
+        fprintf(stderr, "SKIP: this CPU has no %s\n", isas[i].name);
+        return NULL;
+    }
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.n_threads = n_threads;
+    p.backend = QKD_BACKEND_SIMD;
+    qkd_context *ctx = NULL;
+    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    ck_assert_str_eq(qkd_context_backend_name(ctx), "simd");
+    isas[i].install(ctx->backend);
+    return ctx;
+}
+
+/* ---- matmul ------------------------------------------------------------------------ */
+
+/* Ragged shapes: none a multiple of the register tiles (6 or 12 rows, 16
+ * or 32 columns) and a depth past one K block (256), besides exact ones. */
+static const int mm_shapes[][3] = {
+    {1, 1, 1},   {2, 7, 5},     {3, 33, 17},   {4, 64, 64},    {5, 19, 100},
+    {13, 31, 47}, {12, 32, 64}, {37, 300, 29}, {100, 65, 130}, {64, 520, 96},
+};
+
+/* Magnitude scales of the three products: sum of |terms| (+ |initial|). */
+static void mm_scales(const float *x, const float *w, const float *dout, const float *dx0,
+                      const float *dw0, int N, int C, int OC, double *s_out, double *s_dx,
+                      double *s_dw)
+{
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int c = 0; c < C; c++) {
+                double xw = fabs((double)x[n * C + c] * w[o * C + c]);
+                s_out[n * OC + o] += xw;
+                s_dx[n * C + c] += fabs((double)dout[n * OC + o] * w[o * C + c]);
+                s_dw[o * C + c] += fabs((double)dout[n * OC + o] * x[n * C + c]);
+            }
+    for (int i = 0; i < N * C; i++)
+        s_dx[i] += fabs(dx0[i]) + 1e-30;
+    for (int i = 0; i < OC * C; i++)
+        s_dw[i] += fabs(dw0[i]) + 1e-30;
+    for (int i = 0; i < N * OC; i++)
+        s_out[i] += 1e-30;
+}
+
+START_TEST(matmul_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    rng_seed(11);
+    for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++) {
+        int N = mm_shapes[s][0], C = mm_shapes[s][1], OC = mm_shapes[s][2];
+        float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
+        float *dout = vec_rand((size_t)N * OC, -1, 1);
+        float *dx0 = vec_rand((size_t)N * C, -1, 1), *dw0 = vec_rand((size_t)OC * C, -1, 1);
+        double *s_out = dvec_new((size_t)N * OC), *s_dx = dvec_new((size_t)N * C);
+        double *s_dw = dvec_new((size_t)OC * C);
+        mm_scales(x, w, dout, dx0, dw0, N, C, OC, s_out, s_dx, s_dw);
+
+        float *out_s = vec_new((size_t)N * OC), *out_r = vec_new((size_t)N * OC);
+        sb->matmul_forward(sb, out_s, x, w, N, C, OC);
+        rb->matmul_forward(rb, out_r, x, w, N, C, OC);
+        assert_close("matmul_forward", out_s, out_r, s_out, (size_t)N * OC, TOL);
+
+        float *dx_s = vec_copy(dx0, (size_t)N * C), *dx_r = vec_copy(dx0, (size_t)N * C);
+        sb->matmul_backward_input(sb, dx_s, dout, w, N, C, OC);
+        rb->matmul_backward_input(rb, dx_r, dout, w, N, C, OC);
+        assert_close("matmul_backward_input", dx_s, dx_r, s_dx, (size_t)N * C, TOL);
+
+        float *dw_s = vec_copy(dw0, (size_t)OC * C), *dw_r = vec_copy(dw0, (size_t)OC * C);
+        sb->matmul_backward_weight(sb, dw_s, dout, x, N, C, OC);
+        rb->matmul_backward_weight(rb, dw_r, dout, x, N, C, OC);
+        assert_close("matmul_backward_weight", dw_s, dw_r, s_dw, (size_t)OC * C, TOL);
+
+        free(x); free(w); free(dout); free(dx0); free(dw0);
+        free(s_out); free(s_dx); free(s_dw);
+        free(out_s); free(out_r); free(dx_s); free(dx_r); free(dw_s); free(dw_r);
+    }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* The products of a shape big enough to be split over threads, for a
+ * context of n_threads. */
+static void matmul_run(int isa, int n_threads, int N, int C, int OC, float *out, float *dx,
+                       float *dw)
+{
+    qkd_context *ctx = simd_context(isa, n_threads);
+    qkd__backend *b = ctx->backend;
+    rng_seed(5);
+    float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
+    float *dout = vec_rand((size_t)N * OC, -1, 1);
+    b->matmul_forward(b, out, x, w, N, C, OC);
+    b->matmul_backward_input(b, dx, dout, w, N, C, OC);
+    b->matmul_backward_weight(b, dw, dout, x, N, C, OC);
+    free(x); free(w); free(dout);
+    qkd_context_free(ctx);
+}
+
+START_TEST(matmul_thread_invariant)
+{
+    if (!isas[_i].supported())
+        return;
+    enum { N = 301, C = 290, OC = 333 };
+    float *out[2], *dx[2], *dw[2];
+    const int threads[2] = {1, 3};
+    for (int t = 0; t < 2; t++) {
+        out[t] = vec_new((size_t)N * OC);
+        dx[t] = vec_new((size_t)N * C);
+        dw[t] = vec_new((size_t)OC * C);
+        matmul_run(_i, threads[t], N, C, OC, out[t], dx[t], dw[t]);
+    }
+    assert_same("matmul_forward", out[0], out[1], (size_t)N * OC);
+    assert_same("matmul_backward_input", dx[0], dx[1], (size_t)N * C);
+    assert_same("matmul_backward_weight", dw[0], dw[1], (size_t)OC * C);
+    for (int t = 0; t < 2; t++) {
+        free(out[t]); free(dx[t]); free(dw[t]);
+    }
+}
+END_TEST
+
+/* ---- RMSNorm ------------------------------------------------------------------------ */
+
+START_TEST(rmsnorm_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 16}, {33, 64}, {7, 67}, {40, 288}};
+    rng_seed(21);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1];
+        size_t nc = (size_t)N * C;
+        float *x = vec_rand(nc, -2, 2), *w = vec_rand((size_t)C, 0.5, 1.5);
+        float *g = vec_rand(nc, -1, 1), *dx0 = vec_rand(nc, -1, 1), *dw0 = vec_rand((size_t)C, -1, 1);
+        float *y_s = vec_new(nc), *y_r = vec_new(nc), *r_s = vec_new((size_t)N), *r_r = vec_new((size_t)N);
+        sb->rmsnorm_forward(sb, y_s, r_s, x, w, N, C, 1e-5f);
+        rb->rmsnorm_forward(rb, y_r, r_r, x, w, N, C, 1e-5f);
+        assert_close_rows("rmsnorm_forward", y_s, y_r, (size_t)N, (size_t)C, TOL);
+        assert_close_rows("rmsnorm rstd", r_s, r_r, (size_t)N, 1, TOL);
+
+        float *dx_s = vec_copy(dx0, nc), *dx_r = vec_copy(dx0, nc);
+        float *dw_s = vec_copy(dw0, (size_t)C), *dw_r = vec_copy(dw0, (size_t)C);
+        sb->rmsnorm_backward(sb, dx_s, dw_s, g, x, w, r_r, N, C);
+        rb->rmsnorm_backward(rb, dx_r, dw_r, g, x, w, r_r, N, C);
+        assert_close_rows("rmsnorm_backward dinp", dx_s, dx_r, (size_t)N, (size_t)C, TOL);
+        assert_close_rows("rmsnorm_backward dw", dw_s, dw_r, 1, (size_t)C, TOL);
+        free(x); free(w); free(g); free(dx0); free(dw0); free(y_s); free(y_r);
+        free(r_s); free(r_r); free(dx_s); free(dx_r); free(dw_s); free(dw_r);
+    }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- RoPE --------------------------------------------------------------------------- */
+
+START_TEST(rope_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    static const int hds[] = {2, 7, 8, 34, 48};
+    static const int pos0s[] = {0, 17};
+    rng_seed(31);
+    for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
+        for (size_t pi = 0; pi < 2; pi++) {
+            int B = 2, T = 5, H = 3, hd = hds[hi];
+            size_t n = (size_t)B * T * H * hd;
+            float *x = vec_rand(n, -1, 1);
+            float *xs = vec_copy(x, n), *xr = vec_copy(x, n);
+            sb->rope_forward(sb, xs, B, T, H, hd, pos0s[pi], 10000.0f);
+            rb->rope_forward(rb, xr, B, T, H, hd, pos0s[pi], 10000.0f);
+            assert_close_rows("rope_forward", xs, xr, n / hd, (size_t)hd, TOL);
+            memcpy(xs, x, n * sizeof *x);
+            memcpy(xr, x, n * sizeof *x);
+            sb->rope_backward(sb, xs, B, T, H, hd, pos0s[pi], 500.0f);
+            rb->rope_backward(rb, xr, B, T, H, hd, pos0s[pi], 500.0f);
+            assert_close_rows("rope_backward", xs, xr, n / hd, (size_t)hd, TOL);
+            free(x); free(xs); free(xr);
+        }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- attention ------------------------------------------------------------------------ */
+
+struct attn_shape {
+    int B, Tq, pos0, kv_len, n_heads, n_kv, hd;
+};
+
+/* Training shapes (pos0 0, kv_len Tq: forward and backward) and decoding
+ * ones (forward only); T past one and two vectors of keys, odd head sizes. */
+static const struct attn_shape attn_shapes[] = {
+    {1, 1, 0, 1, 1, 1, 1},   {2, 5, 0, 5, 2, 1, 8},    {1, 17, 0, 17, 4, 2, 5},
+    {2, 33, 0, 33, 6, 6, 48}, {1, 40, 0, 40, 8, 4, 17}, {1, 1, 9, 20, 8, 4, 8},
+    {2, 3, 30, 40, 6, 3, 48},
+};
+
+static void attention_case(qkd__backend *sb, qkd__backend *rb, const struct attn_shape *a)
+{
+    size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
+    size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
+    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads);
+    ck_assert_uint_ge(sb->attention_scratch_floats(sb, a->B, a->Tq, a->kv_len, a->n_heads), np);
+    float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
+    float *o_s = vec_new(nq), *o_r = vec_new(nq), *p_s = vec_new(np), *p_r = vec_new(np);
+    sb->attention_forward(sb, o_s, p_s, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
+                          a->n_kv, a->hd);
+    rb->attention_forward(rb, o_r, p_r, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
+                          a->n_kv, a->hd);
+    assert_close_rows("attention_forward out", o_s, o_r, nq / a->hd, (size_t)a->hd, TOL);
+    assert_close_rows("attention_forward probs", p_s, p_r, np / a->kv_len, (size_t)a->kv_len,
+                      TOL);
+    if (a->pos0 == 0 && a->kv_len == a->Tq) {
+        float *dout = vec_rand(nq, -1, 1), *dq0 = vec_rand(nq, -1, 1);
+        float *dk0 = vec_rand(nkv, -1, 1), *dv0 = vec_rand(nkv, -1, 1);
+        float *dq_s = vec_copy(dq0, nq), *dq_r = vec_copy(dq0, nq);
+        float *dk_s = vec_copy(dk0, nkv), *dk_r = vec_copy(dk0, nkv);
+        float *dv_s = vec_copy(dv0, nkv), *dv_r = vec_copy(dv0, nkv);
+        sb->attention_backward(sb, dq_s, dk_s, dv_s, dout, p_s, q, k, v, o_s, a->B, a->Tq,
+                               a->n_heads, a->n_kv, a->hd);
+        rb->attention_backward(rb, dq_r, dk_r, dv_r, dout, p_r, q, k, v, o_r, a->B, a->Tq,
+                               a->n_heads, a->n_kv, a->hd);
+        assert_close_rows("attention_backward dq", dq_s, dq_r, nq / a->hd, (size_t)a->hd, TOL);
+        assert_close_rows("attention_backward dk", dk_s, dk_r, nkv / a->hd, (size_t)a->hd, TOL);
+        assert_close_rows("attention_backward dv", dv_s, dv_r, nkv / a->hd, (size_t)a->hd, TOL);
+        free(dout); free(dq0); free(dk0); free(dv0);
+        free(dq_s); free(dq_r); free(dk_s); free(dk_r); free(dv_s); free(dv_r);
+    }
+    free(q); free(k); free(v); free(o_s); free(o_r); free(p_s); free(p_r);
+}
+
+START_TEST(attention_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    rng_seed(41);
+    for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
+        attention_case(sc->backend, rc->backend, &attn_shapes[s]);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- SwiGLU ----------------------------------------------------------------------------- */
+
+START_TEST(swiglu_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    static const size_t sizes[] = {1, 15, 17, 1000, 40000};
+    rng_seed(51);
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        size_t n = sizes[s];
+        float *gate = vec_rand(n, -12, 12), *up = vec_rand(n, -2, 2), *g = vec_rand(n, -1, 1);
+        gate[0] = -100.0f; /* exp(100) overflows float: the gate closes, as in double */
+        float *o_s = vec_new(n), *o_r = vec_new(n);
+        sb->swiglu_forward(sb, o_s, gate, up, n);
+        rb->swiglu_forward(rb, o_r, gate, up, n);
+        float *dg0 = vec_rand(n, -1, 1), *du0 = vec_rand(n, -1, 1);
+        float *dg_s = vec_copy(dg0, n), *dg_r = vec_copy(dg0, n);
+        float *du_s = vec_copy(du0, n), *du_r = vec_copy(du0, n);
+        sb->swiglu_backward(sb, dg_s, du_s, g, gate, up, n);
+        rb->swiglu_backward(rb, dg_r, du_r, g, gate, up, n);
+        double *mag = dvec_new(n), *one = dvec_new(n);
+        for (size_t i = 0; i < n; i++) {
+            mag[i] = fabs(o_r[i]) + 1e-30;
+            one[i] = 1.0;
+        }
+        assert_close("swiglu_forward", o_s, o_r, mag, n, TOL);
+        /* the backward adds O(1) terms to O(1) values */
+        assert_close("swiglu_backward dgate", dg_s, dg_r, one, n, TOL);
+        assert_close("swiglu_backward dup", du_s, du_r, one, n, TOL);
+        free(gate); free(up); free(g); free(o_s); free(o_r); free(dg0); free(du0);
+        free(dg_s); free(dg_r); free(du_s); free(du_r); free(mag); free(one);
+    }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- softmax family and cross-entropy -------------------------------------------------- */
+
+static const int row_shapes[][2] = {{1, 1}, {3, 7}, {2, 16}, {5, 33}, {4, 512}, {3, 1000}};
+
+START_TEST(softmax_family_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    static const float inv_temps[] = {1.0f, 0.5f};
+    rng_seed(61);
+    for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++)
+        for (size_t ti = 0; ti < 2; ti++) {
+            int N = row_shapes[s][0], V = row_shapes[s][1];
+            size_t n = (size_t)N * V;
+            float it = inv_temps[ti];
+            float *x = vec_rand(n, -8, 8), *dy = vec_rand(n, -1, 1), *d0 = vec_rand(n, -1, 1);
+            float *y_s = vec_new(n), *y_r = vec_new(n);
+            float *d_s = vec_copy(d0, n), *d_r = vec_copy(d0, n);
+
+            sb->softmax_forward(sb, y_s, x, N, V, it);
+            rb->softmax_forward(rb, y_r, x, N, V, it);
+            assert_close_rows("softmax_forward", y_s, y_r, (size_t)N, (size_t)V, TOL);
+            sb->softmax_backward(sb, d_s, dy, y_r, N, V, it);
+            rb->softmax_backward(rb, d_r, dy, y_r, N, V, it);
+            assert_close_rows("softmax_backward", d_s, d_r, (size_t)N, (size_t)V, TOL);
+
+            sb->log_softmax_forward(sb, y_s, x, N, V, it);
+            rb->log_softmax_forward(rb, y_r, x, N, V, it);
+            assert_close_rows("log_softmax_forward", y_s, y_r, (size_t)N, (size_t)V, TOL);
+            memcpy(d_s, d0, n * sizeof *d0);
+            memcpy(d_r, d0, n * sizeof *d0);
+            sb->log_softmax_backward(sb, d_s, dy, y_r, N, V, it);
+            rb->log_softmax_backward(rb, d_r, dy, y_r, N, V, it);
+            assert_close_rows("log_softmax_backward", d_s, d_r, (size_t)N, (size_t)V, TOL);
+            free(x); free(dy); free(d0); free(y_s); free(y_r); free(d_s); free(d_r);
+        }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+START_TEST(cross_entropy_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    rng_seed(71);
+    for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++) {
+        int N = row_shapes[s][0], V = row_shapes[s][1];
+        size_t n = (size_t)N * V;
+        float *x = vec_rand(n, -8, 8), *d0 = vec_rand(n, -1, 1);
+        int32_t *targets = malloc((size_t)N * sizeof *targets);
+        ck_assert_ptr_nonnull(targets);
+        for (int i = 0; i < N; i++)
+            targets[i] = i == 1 ? -1 : (int32_t)(rng_uniform(0, 1) * V);
+        float *l_s = vec_new((size_t)N), *l_r = vec_new((size_t)N);
+        sb->cross_entropy_forward(sb, l_s, x, targets, N, V);
+        rb->cross_entropy_forward(rb, l_r, x, targets, N, V);
+        double *mag = dvec_new((size_t)N);
+        for (int i = 0; i < N; i++)
+            mag[i] = 1.0 + fabs(l_r[i]); /* |log-sum-exp| <= 8 + log V */
+        assert_close("cross_entropy_forward", l_s, l_r, mag, (size_t)N, TOL);
+        float *d_s = vec_copy(d0, n), *d_r = vec_copy(d0, n);
+        sb->cross_entropy_backward(sb, d_s, x, targets, 0.25f, N, V);
+        rb->cross_entropy_backward(rb, d_r, x, targets, 0.25f, N, V);
+        assert_close_rows("cross_entropy_backward", d_s, d_r, (size_t)N, (size_t)V, TOL);
+        free(x); free(d0); free(targets); free(l_s); free(l_r); free(mag); free(d_s); free(d_r);
+    }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- optimizer updates: the same double arithmetic as the reference ----------------------- */
+
+START_TEST(optimizers_equal_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    rng_seed(81);
+    const size_t n = 1237;
+    float *p0 = vec_rand(n, -1, 1), *g = vec_rand(n, -1, 1), *m0 = vec_rand(n, -0.1, 0.1);
+    float *v0 = vec_rand(n, 0, 0.01);
+    float *p_s = vec_copy(p0, n), *p_r = vec_copy(p0, n), *m_s = vec_copy(m0, n);
+    float *m_r = vec_copy(m0, n), *v_s = vec_copy(v0, n), *v_r = vec_copy(v0, n);
+    for (int t = 1; t <= 3; t++) {
+        sb->adamw_update(sb, p_s, g, m_s, v_s, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, t);
+        rb->adamw_update(rb, p_r, g, m_r, v_r, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, t);
+    }
+    ck_assert_msg(memcmp(p_s, p_r, n * sizeof *p_s) == 0, "adamw p differs");
+    ck_assert_msg(memcmp(m_s, m_r, n * sizeof *m_s) == 0, "adamw m differs");
+    ck_assert_msg(memcmp(v_s, v_r, n * sizeof *v_s) == 0, "adamw v differs");
+    for (int t = 1; t <= 3; t++) {
+        sb->sgd_update(sb, p_s, g, m_s, n, 0.05f, 0.9f, 0.01f);
+        rb->sgd_update(rb, p_r, g, m_r, n, 0.05f, 0.9f, 0.01f);
+    }
+    ck_assert_msg(memcmp(p_s, p_r, n * sizeof *p_s) == 0, "sgd p differs");
+    ck_assert_msg(memcmp(m_s, m_r, n * sizeof *m_s) == 0, "sgd u differs");
+    free(p0); free(g); free(m0); free(v0); free(p_s); free(p_r); free(m_s); free(m_r);
+    free(v_s); free(v_r);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- distillation objectives ---------------------------------------------------------- */
+
+/* log sum exp(x * it) in double */
+static double lse_d(const float *x, int V, double it)
+{
+    double m = -INFINITY, sum = 0.0;
+    for (int v = 0; v < V; v++)
+        m = fmax(m, x[v] * it);
+    for (int v = 0; v < V; v++)
+        sum += exp(x[v] * it - m);
+    return m + log(sum);
+}
+
+/* The magnitude a row's value is summed from: tau^2 sum (p + q)(|log p| +
+ * |log q|) for the softmax kinds, |lse| + |s_y| for CE, the value for MSE. */
+static double kd_value_scale(const float *s, const float *t, int y, int V, int kind, double tau,
+                             double value)
+{
+    if (kind == QKD_LOSS_MSE)
+        return fabs(value) + 1e-30;
+    if (kind == QKD_LOSS_CE)
+        return fabs(lse_d(s, V, 1.0)) + fabs(s[y]);
+    double ls = lse_d(s, V, 1.0 / tau), lt = lse_d(t, V, 1.0 / tau), sum = 0.0;
+    for (int v = 0; v < V; v++) {
+        double lq = s[v] / tau - ls, lp = t[v] / tau - lt;
+        sum += (exp(lp) + exp(lq)) * (fabs(lp) + fabs(lq));
+    }
+    return tau * tau * sum + fabs(value) + 1e-30;
+}
+
+static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, float tau,
+                    int weighted, int with_grad)
+{
+    size_t n = (size_t)N * V;
+    float *s = vec_rand(n, -8, 8), *t = vec_rand(n, -8, 8), *w = vec_rand((size_t)N, 0.5, 2);
+    float *ds0 = vec_rand(n, -1e-3, 1e-3);
+    int32_t *y = malloc((size_t)N * sizeof *y);
+    ck_assert_ptr_nonnull(y);
+    for (int i = 0; i < N; i++)
+        y[i] = i == 1 ? -1 : (int32_t)(rng_uniform(0, 1) * V);
+    s[(size_t)(N - 1) * V] = NAN; /* the last row: no value, no gradient */
+    float *l_s = vec_new((size_t)N), *l_r = vec_new((size_t)N);
+    float *d_s = vec_copy(ds0, n), *d_r = vec_copy(ds0, n);
+    const float *row_w = weighted ? w : NULL;
+    sb->kd_loss(sb, l_s, with_grad ? d_s : NULL, s, t, y, row_w, 0.7f, N, V, kind, tau, 0.3f);
+    rb->kd_loss(rb, l_r, with_grad ? d_r : NULL, s, t, y, row_w, 0.7f, N, V, kind, tau, 0.3f);
+    for (int i = 0; i < N; i++) {
+        if (!isfinite(l_r[i])) {
+            ck_assert_msg(!isfinite(l_s[i]), "kind %d row %d: simd %g, ref non-finite", kind,
+                          i, (double)l_s[i]);
+            continue;
+        }
+        double tau_k = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE ? 1.0 : tau;
+        double scale = (weighted ? w[i] : 1.0) *
+                       kd_value_scale(s + (size_t)i * V, t + (size_t)i * V, y[i] < 0 ? 0 : y[i],
+                                      V, kind, tau_k, l_r[i]);
+        ck_assert_msg(fabs((double)l_s[i] - l_r[i]) <= TOL * scale,
+                      "kind %d V %d row %d: simd %.9g ref %.9g (scale %.3g)", kind, V, i,
+                      (double)l_s[i], (double)l_r[i], scale);
+    }
+    assert_close_rows("kd_loss ds", d_s, d_r, (size_t)N, (size_t)V, TOL);
+    free(s); free(t); free(w); free(ds0); free(y); free(l_s); free(l_r); free(d_s); free(d_r);
+}
+
+START_TEST(kd_loss_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    static const int Vs[] = {1, 7, 33, 512, 1000};
+    rng_seed(101);
+    for (int kind = QKD_LOSS_CE; kind <= QKD_LOSS_MSE; kind++)
+        for (size_t vi = 0; vi < sizeof Vs / sizeof Vs[0]; vi++)
+            for (int variant = 0; variant < 4; variant++)
+                kd_case(sc->backend, rc->backend, 5, Vs[vi], kind, variant & 1 ? 2.5f : 1.0f,
+                        variant & 2, variant != 3);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+START_TEST(row_max_prob_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    rng_seed(111);
+    for (size_t r = 0; r < sizeof row_shapes / sizeof row_shapes[0]; r++) {
+        int N = row_shapes[r][0], V = row_shapes[r][1];
+        float *x = vec_rand((size_t)N * V, -8, 8);
+        x[0] = INFINITY;
+        float *o_s = vec_new((size_t)N), *o_r = vec_new((size_t)N);
+        sc->backend->row_max_prob(sc->backend, o_s, x, N, V);
+        rc->backend->row_max_prob(rc->backend, o_r, x, N, V);
+        ck_assert(isnan(o_s[0]) && isnan(o_r[0]));
+        assert_close_rows("row_max_prob", o_s + 1, o_r + 1, (size_t)N - 1, 1, TOL);
+        free(x); free(o_s); free(o_r);
+    }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- every slot ------------------------------------------------------------------------- */
+
+START_TEST(table_complete)
+{
+    qkd_context *sc = simd_context(_i, 1);
+    if (!sc)
+        return;
+    /* The table is a run of pointers after its header; none may be NULL. */
+    const qkd__backend *b = sc->backend;
+    const char *first = (const char *)&b->destroy, *end = (const char *)(b + 1);
+    ck_assert_uint_eq(b->abi, QKD__BACKEND_ABI);
+    for (const char *p = first; p + sizeof(void (*)(void)) <= end; p += sizeof(void (*)(void))) {
+        void (*fn)(void);
+        memcpy(&fn, p, sizeof fn);
+        ck_assert_msg(fn != NULL, "slot at byte %td of the simd table is empty",
+                      p - (const char *)b);
+    }
+    qkd_context_free(sc);
+}
+END_TEST
+
+START_TEST(auto_picks_simd)
+{
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.n_threads = 1;
+    qkd_context *ctx = NULL;
+    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    ck_assert_str_eq(qkd_context_backend_name(ctx), "simd");
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- a whole model ---------------------------------------------------------------------- *
+ * stories260K forward, cross-entropy and backward on B x T random tokens
+ * (B * T = 90 rows: ragged for every tile), then a few decoding steps. */
+
+#define MB 2
+#define MT 45
+#define DECODE_STEPS 12
+
+struct model_run {
+    float *logits, *grads, *decoded;
+    size_t n_logits, n_grads;
+    float loss;
+};
+
+static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
+{
+    qkd_model *m = NULL;
+    ck_assert_int_eq(qkd_model_load(ctx, path, &m), QKD_OK);
+    qkd_model_config cfg;
+    ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
+    int32_t tokens[MB * MT], targets[MB * MT];
+    rng_seed(91);
+    for (int i = 0; i < MB * MT; i++) {
+        tokens[i] = (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
+        targets[i] = i % 7 == 3 ? -1 : (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
+    }
+    r->n_logits = (size_t)MB * MT * cfg.vocab_size;
+    r->logits = vec_new(r->n_logits);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, MB, MT), QKD_OK);
+    ck_assert_int_eq(qkd_model_logits(m, r->logits, r->n_logits), QKD_OK);
+    ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
+    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &r->loss), QKD_OK);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    r->n_grads = (size_t)qkd_model_n_params(m);
+    r->grads = vec_new(r->n_grads);
+    size_t off = 0;
+    for (int t = 0; t < qkd_model_n_tensors(m); t++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(m, t, &info), QKD_OK);
+        ck_assert_uint_le(off + (size_t)info.n_elements, r->n_grads);
+        ck_assert_int_eq(qkd_model_grad_get(m, t, r->grads + off, (size_t)info.n_elements),
+                         QKD_OK);
+        off += (size_t)info.n_elements;
+    }
+    r->n_grads = off;
+    r->decoded = vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
+    for (int pos = 0; pos < DECODE_STEPS; pos++)
+        ck_assert_int_eq(qkd_model_decode(m, tokens[pos], pos,
+                                          r->decoded + (size_t)pos * cfg.vocab_size),
+                         QKD_OK);
+    qkd_model_free(m);
+}
+
+static void model_run_free(struct model_run *r)
+{
+    free(r->logits);
+    free(r->grads);
+    free(r->decoded);
+}
+
+/* max |got - want| <= tol * max |want| */
+static void assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
+                                double tol)
+{
+    double mag = 0.0, err = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        mag = fmax(mag, fabs(want[i]));
+        err = fmax(err, fabs((double)got[i] - want[i]));
+    }
+    ck_assert_msg(err <= tol * mag, "%s: max error %.3g > %.3g * max magnitude %.3g", what, err,
+                  tol, mag);
+}
+
+START_TEST(model_matches_ref)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path)
+        return;
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    struct model_run s, r;
+    model_run(sc, path, &s);
+    model_run(rc, path, &r);
+    ck_assert_uint_eq(s.n_grads, r.n_grads);
+    ck_assert_msg(fabs(s.loss - r.loss) <= 1e-4 * fabs(r.loss), "loss simd %.9g ref %.9g",
+                  (double)s.loss, (double)r.loss);
+    assert_close_tensor("logits", s.logits, r.logits, s.n_logits, 1e-4);
+    assert_close_tensor("gradients", s.grads, r.grads, s.n_grads, 1e-4);
+    assert_close_tensor("decoded logits", s.decoded, r.decoded, (size_t)DECODE_STEPS * 512, 1e-4);
+    model_run_free(&s);
+    model_run_free(&r);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+START_TEST(model_thread_invariant)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path || !isas[_i].supported())
+        return;
+    struct model_run runs[2];
+    const int threads[2] = {1, 3};
+    for (int t = 0; t < 2; t++) {
+        qkd_context *ctx = simd_context(_i, threads[t]);
+        model_run(ctx, path, &runs[t]);
+        qkd_context_free(ctx);
+    }
+    assert_same("logits", runs[0].logits, runs[1].logits, runs[0].n_logits);
+    assert_same("gradients", runs[0].grads, runs[1].grads, runs[0].n_grads);
+    assert_same("decoded logits", runs[0].decoded, runs[1].decoded, (size_t)DECODE_STEPS * 512);
+    model_run_free(&runs[0]);
+    model_run_free(&runs[1]);
+}
+END_TEST
+
+/* ---- the suite ------------------------------------------------------------------------- */
 
 Suite *suite_backend_simd(void)
 {
-    return suite_create("backend_simd");
+    Suite *s = suite_create("backend_simd");
+    TCase *tc = tcase_create("kernels");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, matmul_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, matmul_thread_invariant, 0, N_ISAS);
+    tcase_add_loop_test(tc, rmsnorm_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, rope_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, attention_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, swiglu_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, softmax_family_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, cross_entropy_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, optimizers_equal_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, kd_loss_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, row_max_prob_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, table_complete, 0, N_ISAS);
+    tcase_add_test(tc, auto_picks_simd);
+    suite_add_tcase(s, tc);
+
+    TCase *model = tcase_create("model");
+    tcase_set_timeout(model, 120);
+    tcase_add_loop_test(model, model_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(model, model_thread_invariant, 0, N_ISAS);
+    suite_add_tcase(s, model);
+    return s;
 }
+
+#else /* no SIMD backend in this build */
+
+START_TEST(simd_not_built)
+{
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.backend = QKD_BACKEND_SIMD;
+    qkd_context *ctx = NULL;
+    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(ctx);
+}
+END_TEST
+
+Suite *suite_backend_simd(void)
+{
+    Suite *s = suite_create("backend_simd");
+    TCase *tc = tcase_create("not_built");
+    tcase_add_test(tc, simd_not_built);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+#endif

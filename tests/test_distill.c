@@ -1,6 +1,753 @@
+/* The distillation layer: the loop, checkpoints and resume, evaluation,
+ * and the `qkd distill` / `qkd report` commands run as a user runs them. */
+#include <fcntl.h>
+#include <jansson.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
 #include "testutil.h"
+
+#define MODEL_BIN "models/stories260K/stories260K.bin"
+#define TOK_BIN "models/stories260K/tok512.bin"
+#define TEXT "text/tinystories/TinyStories-valid.slice_My-AI_Tasks.txt"
+
+enum { VOCAB = 32, SEQ = 8, BATCH = 4, N_TOKENS = 900 };
+
+/* ---- a tiny random teacher and student ------------------------------------------ */
+
+static qkd_model *tiny_model(qkd_context *ctx, uint64_t seed)
+{
+    qkd_model_config cfg;
+    qkd_model_config_init(&cfg);
+    cfg.dim = 16;
+    cfg.hidden_dim = 24;
+    cfg.n_layers = 1;
+    cfg.n_heads = 2;
+    cfg.n_kv_heads = 1;
+    cfg.vocab_size = VOCAB;
+    cfg.max_seq_len = SEQ;
+    qkd_model *m = NULL;
+    ck_assert_int_eq(qkd_model_create(ctx, &cfg, &m), QKD_OK);
+    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.5f), QKD_OK);
+    return m;
+}
+
+/* N_TOKENS pseudo-random ids (a fixed LCG, so every run sees the same). */
+static qkd_dataset *random_data(qkd_context *ctx, int n_eval)
+{
+    int32_t ids[N_TOKENS];
+    uint32_t x = 12345;
+    for (int i = 0; i < N_TOKENS; i++) {
+        x = x * 1664525u + 1013904223u;
+        ids[i] = (int32_t)((x >> 16) % VOCAB);
+    }
+    qkd_dataset *ds = NULL;
+    ck_assert_int_eq(qkd_dataset_from_tokens(ctx, ids, N_TOKENS, VOCAB, &ds), QKD_OK);
+    ck_assert_int_eq(qkd_dataset_set_split(ds, 5, n_eval), QKD_OK);
+    return ds;
+}
+
+/* Everything one run holds. */
+typedef struct rig {
+    qkd_context *ctx;
+    qkd_model *teacher, *student;
+    qkd_quantizer *quant;
+    qkd_loss *loss;
+    qkd_optimizer *opt;
+    qkd_dataset *data;
+    qkd_distill *run;
+} rig;
+
+typedef struct step_log {
+    int calls;
+    int stop_at;     /* return non-zero at this step (0: never) */
+    int64_t last_step;
+    int finite;
+} step_log;
+
+static int log_step(void *user, const qkd_distill_stats *st)
+{
+    step_log *l = user;
+    l->calls++;
+    l->finite &= isfinite(st->loss) && isfinite(st->lr) && st->tokens_per_s > 0.0;
+    ck_assert_int_eq(st->step, l->last_step + 1);
+    l->last_step = st->step;
+    return l->stop_at && st->step == l->stop_at;
+}
+
+/* A run of total steps: a 4-bit student of a random teacher, FKL + CE,
+ * AdamW with warmup and cosine decay. quant_bits 0: no quantizer. */
+static void rig_open(rig *r, int total, int quant_bits, step_log *log)
+{
+    memset(r, 0, sizeof *r);
+    r->ctx = test_context(2);
+    r->teacher = tiny_model(r->ctx, 1);
+    r->student = tiny_model(r->ctx, 2);
+    if (quant_bits) {
+        qkd_quant_params qp;
+        qkd_quant_params_init(&qp);
+        qp.bits = quant_bits;
+        qp.group_size = 8;
+        ck_assert_int_eq(qkd_quantizer_create(r->ctx, &qp, &r->quant), QKD_OK);
+        ck_assert_int_eq(qkd_model_set_quantizer(r->student, r->quant, QKD_QUANT_TARGET_LINEAR),
+                         QKD_OK);
+    }
+    qkd_loss_term term;
+    ck_assert_int_eq(qkd_loss_create(r->ctx, &r->loss), QKD_OK);
+    qkd_loss_term_init(&term, QKD_LOSS_FKL);
+    ck_assert_int_eq(qkd_loss_add(r->loss, &term), QKD_OK);
+    qkd_loss_term_init(&term, QKD_LOSS_CE);
+    term.weight = 0.1f;
+    ck_assert_int_eq(qkd_loss_add(r->loss, &term), QKD_OK);
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 1e-2f;
+    op.schedule = QKD_SCHEDULE_COSINE;
+    op.warmup_steps = 2;
+    op.total_steps = total;
+    ck_assert_int_eq(qkd_optimizer_create(r->student, &op, &r->opt), QKD_OK);
+    r->data = random_data(r->ctx, 10);
+    qkd_distill_params p;
+    qkd_distill_params_init(&p);
+    p.batch = BATCH;
+    p.seq = SEQ;
+    p.total_steps = total;
+    p.on_step = log ? log_step : NULL;
+    p.user = log;
+    qkd_status st = qkd_distill_create(r->ctx, r->teacher, r->student, r->loss, r->opt, r->data,
+                                       &p, &r->run);
+    ck_assert_msg(st == QKD_OK, "%s", qkd_context_last_error(r->ctx));
+}
+
+static void rig_close(rig *r)
+{
+    qkd_distill_free(r->run);
+    qkd_optimizer_free(r->opt);
+    qkd_loss_free(r->loss);
+    qkd_dataset_free(r->data);
+    qkd_model_free(r->student);
+    qkd_model_free(r->teacher);
+    qkd_quantizer_free(r->quant);
+    qkd_context_free(r->ctx);
+}
+
+/* Every weight of a model, concatenated (malloc'd). */
+static float *all_weights(const qkd_model *m, size_t *n)
+{
+    *n = (size_t)qkd_model_n_params(m);
+    float *w = malloc(*n * sizeof *w), *p = w;
+    ck_assert_ptr_nonnull(w);
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(m, i, &info), QKD_OK);
+        ck_assert_int_eq(qkd_model_tensor_get(m, i, p, (size_t)info.n_elements), QKD_OK);
+        p += info.n_elements;
+    }
+    return w;
+}
+
+static double mean(const float *x, int n)
+{
+    double s = 0.0;
+    for (int i = 0; i < n; i++)
+        s += x[i];
+    return s / n;
+}
+
+/* ---- the loop -------------------------------------------------------------------- */
+
+START_TEST(loss_decreases)
+{
+    enum { STEPS = 40 };
+    rig r;
+    step_log log = {.finite = 1};
+    rig_open(&r, STEPS, 0, &log);
+    double kl0, kl1;
+    ck_assert_int_eq(qkd_distill_eval_kl(r.ctx, r.student, r.teacher, r.data, 3, SEQ, &kl0),
+                     QKD_OK);
+    ck_assert_int_eq(qkd_distill_run(r.run, 0), QKD_OK);
+    ck_assert_int_eq(qkd_distill_step(r.run), STEPS);
+    ck_assert_int_eq(log.calls, STEPS);
+    ck_assert(log.finite);
+    const float *h;
+    ck_assert_int_eq(qkd_distill_history(r.run, &h), STEPS);
+    ck_assert_msg(mean(h + STEPS - 5, 5) < 0.75 * mean(h, 5), "loss %g -> %g", mean(h, 5),
+                  mean(h + STEPS - 5, 5));
+    /* Held-out KL to the teacher falls too. */
+    ck_assert_int_eq(qkd_distill_eval_kl(r.ctx, r.student, r.teacher, r.data, 3, SEQ, &kl1),
+                     QKD_OK);
+    ck_assert_msg(kl1 < 0.75 * kl0, "held-out KL %g -> %g", kl0, kl1);
+    /* total_steps reached: more runs do nothing. */
+    ck_assert_int_eq(qkd_distill_run(r.run, 5), QKD_OK);
+    ck_assert_int_eq(qkd_distill_step(r.run), STEPS);
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(callback_stops_run)
+{
+    rig r;
+    step_log log = {.finite = 1, .stop_at = 3};
+    rig_open(&r, 10, 4, &log);
+    ck_assert_int_eq(qkd_distill_run(r.run, 0), QKD_ERR_CANCELLED);
+    ck_assert_int_eq(qkd_distill_step(r.run), 3);
+    log.stop_at = 0;
+    ck_assert_int_eq(qkd_distill_run(r.run, 2), QKD_OK); /* n_steps bounds the run */
+    ck_assert_int_eq(qkd_distill_step(r.run), 5);
+    ck_assert_int_eq(qkd_distill_history(r.run, NULL), 5);
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(create_checks)
+{
+    rig r;
+    rig_open(&r, 4, 0, NULL);
+    qkd_distill_params p;
+    qkd_distill_params_init(&p);
+    ck_assert_int_eq(p.batch, 8);
+    qkd_distill *d = (qkd_distill *)&d;
+    p.seq = SEQ + 1; /* longer than max_seq_len */
+    ck_assert_int_eq(qkd_distill_create(r.ctx, r.teacher, r.student, r.loss, r.opt, r.data, &p, &d),
+                     QKD_ERR_RANGE);
+    ck_assert_ptr_null(d);
+    p.seq = SEQ;
+    p.batch = 0;
+    ck_assert_int_eq(qkd_distill_create(r.ctx, r.teacher, r.student, r.loss, r.opt, r.data, &p, &d),
+                     QKD_ERR_INVALID_ARG);
+    p.batch = 1;
+    ck_assert_int_eq(qkd_distill_create(r.ctx, r.teacher, NULL, r.loss, r.opt, r.data, &p, &d),
+                     QKD_ERR_INVALID_ARG);
+    /* Ids beyond the student's vocabulary. */
+    int32_t ids[64] = {0};
+    qkd_dataset *wide = NULL;
+    ck_assert_int_eq(qkd_dataset_from_tokens(r.ctx, ids, 64, VOCAB + 1, &wide), QKD_OK);
+    ck_assert_int_eq(qkd_distill_create(r.ctx, r.teacher, r.student, r.loss, r.opt, wide, &p, &d),
+                     QKD_ERR_SHAPE);
+    /* No training window left. */
+    qkd_dataset *small = NULL;
+    ck_assert_int_eq(qkd_dataset_from_tokens(r.ctx, ids, SEQ, VOCAB, &small), QKD_OK);
+    ck_assert_int_eq(qkd_distill_create(r.ctx, r.teacher, r.student, r.loss, r.opt, small, &p, &d),
+                     QKD_ERR_STATE);
+    qkd_dataset_free(wide);
+    qkd_dataset_free(small);
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- checkpoints ------------------------------------------------------------------- */
+
+START_TEST(resume_is_bit_identical)
+{
+    enum { TOTAL = 8, FIRST = 3 };
+    rig a, b;
+    size_t n_a, n_b;
+    rig_open(&a, TOTAL, 4, NULL);
+    ck_assert_int_eq(qkd_distill_run(a.run, 0), QKD_OK);
+    float *wa = all_weights(a.student, &n_a);
+
+    char path[512];
+    snprintf(path, sizeof path, "%s/run.qkdc", test_tmpdir());
+    rig_open(&b, TOTAL, 4, NULL);
+    ck_assert_int_eq(qkd_distill_run(b.run, FIRST), QKD_OK);
+    ck_assert_int_eq(qkd_distill_save(b.run, path), QKD_OK);
+    rig_close(&b);
+
+    /* Fresh handles, as a new process has them. */
+    rig_open(&b, TOTAL, 4, NULL);
+    ck_assert_int_eq(qkd_distill_resume(b.run, path), QKD_OK);
+    ck_assert_int_eq(qkd_distill_step(b.run), FIRST);
+    ck_assert_int_eq(qkd_distill_run(b.run, 0), QKD_OK);
+    float *wb = all_weights(b.student, &n_b);
+    ck_assert_uint_eq(n_a, n_b);
+    ck_assert_msg(memcmp(wa, wb, n_a * sizeof *wa) == 0, "weights differ after resume");
+    const float *ha, *hb;
+    ck_assert_int_eq(qkd_distill_history(a.run, &ha), TOTAL);
+    ck_assert_int_eq(qkd_distill_history(b.run, &hb), TOTAL);
+    ck_assert_int_eq(memcmp(ha, hb, TOTAL * sizeof *ha), 0);
+    /* The optimizer states agree byte for byte as well. */
+    size_t sn = qkd_optimizer_state_bytes(a.opt);
+    ck_assert_uint_eq(sn, qkd_optimizer_state_bytes(b.opt));
+    char *sa = malloc(sn), *sb = malloc(sn);
+    ck_assert_int_eq(qkd_optimizer_state_get(a.opt, sa, sn), QKD_OK);
+    ck_assert_int_eq(qkd_optimizer_state_get(b.opt, sb, sn), QKD_OK);
+    ck_assert_int_eq(memcmp(sa, sb, sn), 0);
+    free(sa);
+    free(sb);
+    free(wa);
+    free(wb);
+    rig_close(&a);
+    rig_close(&b);
+}
+END_TEST
+
+/* Resume from the bytes of a (broken) checkpoint; expect status, and
+ * expect that nothing changed on failure. */
+static void expect_resume(rig *r, const char *dir, const unsigned char *bytes, size_t n,
+                          qkd_status want, const char *what)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/bad.qkdc", dir);
+    FILE *f = fopen(path, "wb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(bytes, 1, n, f), n);
+    fclose(f);
+    size_t n0, n1;
+    float *before = all_weights(r->student, &n0);
+    int64_t step = qkd_distill_step(r->run);
+    qkd_status st = qkd_distill_resume(r->run, path);
+    ck_assert_msg(st == want, "%s: got %s, want %s (%s)", what, qkd_status_name(st),
+                  qkd_status_name(want), qkd_context_last_error(r->ctx));
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(r->ctx), path));
+    float *after = all_weights(r->student, &n1);
+    ck_assert_msg(memcmp(before, after, n0 * sizeof *before) == 0, "%s: weights changed", what);
+    ck_assert_int_eq(qkd_distill_step(r->run), step);
+    free(before);
+    free(after);
+}
+
+START_TEST(checkpoint_malformed)
+{
+    rig r;
+    rig_open(&r, 6, 4, NULL);
+    const char *dir = test_tmpdir();
+    char path[512];
+    snprintf(path, sizeof path, "%s/good.qkdc", dir);
+    ck_assert_int_eq(qkd_distill_run(r.run, 2), QKD_OK);
+    ck_assert_int_eq(qkd_distill_save(r.run, path), QKD_OK);
+    ck_assert_int_eq(access(path, R_OK), 0);
+    char tmp[520];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    ck_assert_int_ne(access(tmp, F_OK), 0); /* renamed away */
+    size_t len;
+    unsigned char *good = test_read_file(path, &len);
+    ck_assert_int_eq(memcmp(good, "QKDC", 4), 0);
+    unsigned char *b = malloc(len + 8);
+    ck_assert_int_eq(qkd_distill_run(r.run, 2), QKD_OK); /* move on: resume must rewind */
+
+    expect_resume(&r, dir, good, 3, QKD_ERR_FORMAT, "truncated magic");
+    expect_resume(&r, dir, good, 40, QKD_ERR_FORMAT, "truncated header");
+    expect_resume(&r, dir, good, len / 2, QKD_ERR_FORMAT, "truncated tensors");
+    expect_resume(&r, dir, good, len - 1, QKD_ERR_FORMAT, "truncated checksum");
+    memcpy(b, good, len);
+    memset(b + len, 0, 8);
+    expect_resume(&r, dir, b, len + 8, QKD_ERR_FORMAT, "trailing bytes");
+    memcpy(b, good, len);
+    b[0] = 'X';
+    expect_resume(&r, dir, b, len, QKD_ERR_FORMAT, "bad magic");
+    memcpy(b, good, len);
+    b[4] = 2;
+    expect_resume(&r, dir, b, len, QKD_ERR_UNSUPPORTED, "newer version");
+    memcpy(b, good, len);
+    b[len / 2] ^= 0x10; /* a bit of the body: only the checksum sees it */
+    expect_resume(&r, dir, b, len, QKD_ERR_FORMAT, "flipped bit");
+    memcpy(b, good, len);
+    b[16] ^= 1; /* batch */
+    expect_resume(&r, dir, b, len, QKD_ERR_STATE, "other batch");
+    memcpy(b, good, len);
+    b[32] ^= 1; /* the data hash */
+    expect_resume(&r, dir, b, len, QKD_ERR_STATE, "other data");
+    ck_assert_int_eq(qkd_distill_resume(r.run, "/nonexistent/x.qkdc"), QKD_ERR_IO);
+
+    /* A checkpoint of another model shape. */
+    rig other;
+    rig_open(&other, 6, 4, NULL);
+    qkd_model_config cfg;
+    qkd_model_config_init(&cfg);
+    ck_assert_int_eq(qkd_model_get_config(other.student, &cfg), QKD_OK);
+    cfg.hidden_dim = 32;
+    qkd_model *wider = NULL;
+    qkd_optimizer *opt = NULL;
+    qkd_distill *d = NULL;
+    qkd_distill_params p;
+    qkd_distill_params_init(&p);
+    p.batch = BATCH;
+    p.seq = SEQ;
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    ck_assert_int_eq(qkd_model_create(other.ctx, &cfg, &wider), QKD_OK);
+    ck_assert_int_eq(qkd_optimizer_create(wider, &op, &opt), QKD_OK);
+    ck_assert_int_eq(qkd_distill_create(other.ctx, NULL, wider, other.loss, opt, other.data, &p,
+                                        &d), QKD_OK);
+    ck_assert_int_eq(qkd_distill_resume(d, path), QKD_ERR_SHAPE);
+    qkd_distill_free(d);
+    qkd_optimizer_free(opt);
+    qkd_model_free(wider);
+    rig_close(&other);
+
+    /* And the good file still resumes. */
+    ck_assert_int_eq(qkd_distill_resume(r.run, path), QKD_OK);
+    ck_assert_int_eq(qkd_distill_step(r.run), 2);
+    free(b);
+    free(good);
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- evaluation ---------------------------------------------------------------------- */
+
+/* Mean KL(teacher || student) and CE of the student over the held-out
+ * windows, in double precision from the logits. */
+static void direct_eval(rig *r, double *kl, double *ce)
+{
+    int64_t n = qkd_dataset_n_windows(r->data, SEQ, QKD_SPLIT_EVAL);
+    float lt[SEQ * VOCAB], ls[SEQ * VOCAB];
+    int32_t tok[SEQ], tgt[SEQ];
+    double sum_kl = 0.0, sum_ce = 0.0;
+    for (int64_t w = 0; w < n; w++) {
+        ck_assert_int_eq(qkd_dataset_window(r->data, QKD_SPLIT_EVAL, w, SEQ, tok, tgt), QKD_OK);
+        ck_assert_int_eq(qkd_model_forward(r->teacher, tok, 1, SEQ), QKD_OK);
+        ck_assert_int_eq(qkd_model_logits(r->teacher, lt, SEQ * VOCAB), QKD_OK);
+        ck_assert_int_eq(qkd_model_forward(r->student, tok, 1, SEQ), QKD_OK);
+        ck_assert_int_eq(qkd_model_logits(r->student, ls, SEQ * VOCAB), QKD_OK);
+        for (int t = 0; t < SEQ; t++) {
+            const float *a = lt + t * VOCAB, *s = ls + t * VOCAB;
+            double za = 0.0, zs = 0.0;
+            for (int v = 0; v < VOCAB; v++) {
+                za += exp((double)a[v]);
+                zs += exp((double)s[v]);
+            }
+            for (int v = 0; v < VOCAB; v++) {
+                double p = exp((double)a[v]) / za;
+                sum_kl += p * ((a[v] - log(za)) - (s[v] - log(zs)));
+            }
+            sum_ce += log(zs) - s[tgt[t]];
+        }
+    }
+    *kl = sum_kl / (double)(n * SEQ);
+    *ce = sum_ce / (double)(n * SEQ);
+}
+
+START_TEST(eval_matches_direct_computation)
+{
+    rig r;
+    rig_open(&r, 4, 4, NULL);
+    double kl_want, ce_want, kl, ce, ce3, self_kl;
+    int64_t n_tok = 0;
+    direct_eval(&r, &kl_want, &ce_want);
+    /* 10 held-out windows in batches of 3: the last batch is padded. */
+    ck_assert_int_eq(qkd_distill_eval_ce(r.ctx, r.student, r.data, 1, SEQ, &ce, &n_tok), QKD_OK);
+    ck_assert_int_eq(n_tok, 10 * SEQ);
+    ck_assert_int_eq(qkd_distill_eval_ce(r.ctx, r.student, r.data, 3, SEQ, &ce3, NULL), QKD_OK);
+    ck_assert_int_eq(qkd_distill_eval_kl(r.ctx, r.student, r.teacher, r.data, 3, SEQ, &kl),
+                     QKD_OK);
+    ck_assert_double_eq_tol(ce, ce_want, 1e-4 * ce_want);
+    ck_assert_double_eq_tol(ce3, ce_want, 1e-4 * ce_want);
+    ck_assert_double_eq_tol(kl, kl_want, 1e-4 * kl_want + 1e-6);
+    ck_assert_double_gt(kl, 0.0);
+    ck_assert_int_eq(qkd_distill_eval_kl(r.ctx, r.teacher, r.teacher, r.data, 4, SEQ, &self_kl),
+                     QKD_OK);
+    ck_assert_double_eq_tol(self_kl, 0.0, 1e-6);
+    /* No held-out window: a clear error. */
+    ck_assert_int_eq(qkd_dataset_set_split(r.data, 5, 0), QKD_OK);
+    ck_assert_int_eq(qkd_distill_eval_ce(r.ctx, r.student, r.data, 1, SEQ, &ce, NULL),
+                     QKD_ERR_STATE);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(r.ctx), "held-out"));
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- the qkd tool ---------------------------------------------------------------------- */
+
+/* Start QKD_CLI with args (NULL-terminated, without argv[0]), its stdout
+ * and stderr going to files in dir. */
+static pid_t spawn_cli(const char *const *args, const char *dir)
+{
+    const char *cli = getenv("QKD_CLI");
+    ck_assert_msg(cli && *cli, "QKD_CLI is not set (meson test sets it)");
+    char *argv[48] = {(char *)cli};
+    for (int i = 0; args[i]; i++) {
+        ck_assert_int_lt(i, 46);
+        argv[i + 1] = (char *)args[i];
+    }
+    char out[512], err[512];
+    snprintf(out, sizeof out, "%s/stdout", dir);
+    snprintf(err, sizeof err, "%s/stderr", dir);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int fo = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        int fe = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0)
+            _exit(127);
+        execv(cli, argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Exit status of pid, or -1 if it did not exit normally. */
+static int wait_cli(pid_t pid)
+{
+    int ws;
+    ck_assert_int_eq(waitpid(pid, &ws, 0), pid);
+    return WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+}
+
+static char *slurp(const char *dir, const char *name)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    size_t len;
+    char *data = test_read_file(path, &len);
+    char *s = realloc(data, len + 1);
+    ck_assert_ptr_nonnull(s);
+    s[len] = '\0';
+    return s;
+}
+
+static int run_cli(const char *const *args, const char *dir)
+{
+    return wait_cli(spawn_cli(args, dir));
+}
+
+/* Run and require success, showing the tool's stderr otherwise. */
+static void run_cli_ok(const char *const *args, const char *dir)
+{
+    int status = run_cli(args, dir);
+    char *err = status ? slurp(dir, "stderr") : NULL;
+    ck_assert_msg(status == 0, "qkd %s exited %d:\n%s", args[0], status, err);
+    free(err);
+}
+
+static int count_lines(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    int n = 0, c;
+    while (f && (c = fgetc(f)) != EOF)
+        n += c == '\n';
+    if (f)
+        fclose(f);
+    return n;
+}
+
+typedef struct shared_paths {
+    char model[1024], tok[1024], text[1024];
+} shared_paths;
+
+static int get_shared(shared_paths *p)
+{
+    const char *s;
+    if (!(s = test_shared(MODEL_BIN)))
+        return 0;
+    snprintf(p->model, sizeof p->model, "%s", s);
+    if (!(s = test_shared(TOK_BIN)))
+        return 0;
+    snprintf(p->tok, sizeof p->tok, "%s", s);
+    if (!(s = test_shared(TEXT)))
+        return 0;
+    snprintf(p->text, sizeof p->text, "%s", s);
+    return 1;
+}
+
+static double number_at(json_t *root, const char *obj, const char *key)
+{
+    json_t *o = obj ? json_object_get(root, obj) : root;
+    json_t *v = json_object_get(o, key);
+    ck_assert_msg(json_is_number(v), "summary.json: %s.%s is not a number", obj ? obj : "", key);
+    return json_number_value(v);
+}
+
+START_TEST(cli_distill_writes_metrics_and_summary)
+{
+    shared_paths sp;
+    if (!get_shared(&sp))
+        return;
+    const char *dir = test_tmpdir();
+    char out[512], path[600];
+    snprintf(out, sizeof out, "%s/run", dir);
+    const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok, "--data",
+                          sp.text, "--method", "bitdistiller", "--bits", "2", "--steps", "4",
+                          "--batch", "2", "--seq", "32", "--eval-windows", "4", "--out", out,
+                          "--threads", "2", NULL};
+    run_cli_ok(args, dir);
+
+    snprintf(path, sizeof path, "%s/metrics.jsonl", out);
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    char line[4096];
+    int n = 0;
+    while (fgets(line, sizeof line, f)) {
+        json_t *o = json_loads(line, 0, NULL);
+        ck_assert_msg(o != NULL, "metrics line %d is not JSON: %s", n + 1, line);
+        ck_assert_int_eq((int)number_at(o, NULL, "step"), ++n);
+        ck_assert(isfinite(number_at(o, NULL, "loss")) && number_at(o, NULL, "loss") >= 0.0);
+        ck_assert(number_at(o, NULL, "lr") > 0.0);
+        ck_assert(number_at(o, NULL, "tokens_per_s") > 0.0);
+        json_decref(o);
+    }
+    fclose(f);
+    ck_assert_int_eq(n, 4);
+
+    snprintf(path, sizeof path, "%s/summary.json", out);
+    json_t *sum = json_load_file(path, 0, NULL);
+    ck_assert_ptr_nonnull(sum);
+    ck_assert_int_eq((int)number_at(sum, NULL, "steps"), 4);
+    ck_assert_int_eq((int)number_at(sum, NULL, "train_tokens"), 4 * 2 * 32);
+    ck_assert_int_eq((int)number_at(sum, "eval", "tokens"), 4 * 32);
+    const char *rows[] = {"teacher", "rtn", "student"};
+    for (int i = 0; i < 3; i++) {
+        double ce = number_at(sum, rows[i], "ce"), ppl = number_at(sum, rows[i], "ppl");
+        ck_assert(isfinite(ce) && ce > 0.0 && ce < 10.0);
+        ck_assert_double_eq_tol(ppl, exp(ce), 1e-6 * ppl);
+        if (i > 0)
+            ck_assert(number_at(sum, rows[i], "kl") > 0.0); /* quantized: not the teacher */
+    }
+    /* A 2-bit round-to-nearest student is worse than the teacher. */
+    ck_assert_double_gt(number_at(sum, "rtn", "ce"), number_at(sum, "teacher", "ce"));
+    json_decref(sum);
+    char *stdout_text = slurp(dir, "stdout");
+    ck_assert_ptr_nonnull(strstr(stdout_text, "student, distilled"));
+    free(stdout_text);
+    snprintf(path, sizeof path, "%s/checkpoint.qkdc", out);
+    ck_assert_int_eq(access(path, R_OK), 0);
+}
+END_TEST
+
+/* Ctrl-C saves a checkpoint and exits 130; --resume then ends with the
+ * very checkpoint (weights, optimizer, history) of an uninterrupted run. */
+START_TEST(cli_interrupt_and_resume_bit_identical)
+{
+    shared_paths sp;
+    if (!get_shared(&sp))
+        return;
+    const char *dir = test_tmpdir();
+    char full[512], cut[512], metrics[600], a[600], b[600];
+    snprintf(full, sizeof full, "%s/full", dir);
+    snprintf(cut, sizeof cut, "%s/cut", dir);
+    const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok,
+                          "--data", sp.text, "--steps", "300", "--batch", "1", "--seq", "8",
+                          "--eval-windows", "2", "--threads", "1", "--out", full, NULL, NULL};
+    const int out_arg = 18;
+    run_cli_ok(args, dir);
+
+    args[out_arg] = cut;
+    pid_t pid = spawn_cli(args, dir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", cut);
+    struct timespec nap = {0, 2000000};
+    for (int i = 0; i < 20000 && count_lines(metrics) < 3; i++)
+        nanosleep(&nap, NULL);
+    ck_assert_int_eq(kill(pid, SIGINT), 0);
+    int status = wait_cli(pid);
+    int lines = count_lines(metrics);
+    char *err = slurp(dir, "stderr");
+    ck_assert_msg(status == 130, "status %d: %s", status, err);
+    ck_assert_ptr_nonnull(strstr(err, "--resume"));
+    free(err);
+    ck_assert_int_lt(lines, 300);
+
+    args[out_arg + 1] = "--resume";
+    run_cli_ok(args, dir);
+    ck_assert_int_eq(count_lines(metrics), 300);
+    snprintf(a, sizeof a, "%s/checkpoint.qkdc", full);
+    snprintf(b, sizeof b, "%s/checkpoint.qkdc", cut);
+    size_t na, nb;
+    char *ca = test_read_file(a, &na), *cb = test_read_file(b, &nb);
+    ck_assert_uint_eq(na, nb);
+    ck_assert_msg(memcmp(ca, cb, na) == 0, "the resumed run's checkpoint differs");
+    free(ca);
+    free(cb);
+}
+END_TEST
+
+START_TEST(cli_distill_usage_errors)
+{
+    const char *dir = test_tmpdir();
+    const char *no_data[] = {"distill", "--teacher", "x.bin", "--out", dir, NULL};
+    ck_assert_int_eq(run_cli(no_data, dir), 2);
+    const char *bad_loss[] = {"distill", "--teacher", "x.bin", "--data", "t", "--loss", "fkl+",
+                              "--out", dir, NULL};
+    ck_assert_int_eq(run_cli(bad_loss, dir), 2);
+    const char *bad_method[] = {"distill", "--teacher", "x.bin", "--data", "t", "--method",
+                                "magic", "--out", dir, NULL};
+    ck_assert_int_eq(run_cli(bad_method, dir), 2);
+    const char *bad_bits[] = {"distill", "--teacher", "x.bin", "--data", "t", "--bits", "5",
+                              "--out", dir, NULL};
+    ck_assert_int_eq(run_cli(bad_bits, dir), 2);
+    const char *flag_value[] = {"distill", "--resume=1", NULL};
+    ck_assert_int_eq(run_cli(flag_value, dir), 2);
+    char *err = slurp(dir, "stderr");
+    ck_assert_ptr_nonnull(strstr(err, "takes no value"));
+    free(err);
+}
+END_TEST
+
+START_TEST(cli_report_writes_svg)
+{
+    const char *dir = test_tmpdir();
+    char metrics[600], svg[600];
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", dir);
+    snprintf(svg, sizeof svg, "%s/loss.svg", dir);
+    FILE *f = fopen(metrics, "w");
+    ck_assert_ptr_nonnull(f);
+    for (int s = 1; s <= 30; s++)
+        fprintf(f, "{\"step\":%d,\"loss\":%g,\"loss_fkl\":%g,\"lr\":0.001}\n", s, 3.0 / s,
+                2.0 / s);
+    fprintf(f, "not json\n");
+    fclose(f);
+    const char *args[] = {"report", metrics, "--out", svg, "--title", "a < b & c", NULL};
+    run_cli_ok(args, dir);
+    char *text = slurp(dir, "loss.svg");
+    ck_assert_ptr_nonnull(strstr(text, "<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    ck_assert_ptr_nonnull(strstr(text, "</svg>\n"));
+    ck_assert_ptr_nonnull(strstr(text, "a &lt; b &amp; c")); /* escaped */
+    ck_assert_ptr_nonnull(strstr(text, ">step</text>"));
+    ck_assert_ptr_nonnull(strstr(text, ">loss_fkl</text>"));  /* legend */
+    /* Two curves of 30 points each (the last repeated to close it). */
+    int curves = 0;
+    for (const char *p = text; (p = strstr(p, "<polyline")); p++) {
+        const char *pts = strstr(p, "points=\""), *end = strchr(pts + 8, '"');
+        int commas = 0;
+        for (const char *q = pts; q < end; q++)
+            commas += *q == ',';
+        ck_assert_int_eq(commas, 31);
+        curves++;
+    }
+    ck_assert_int_eq(curves, 2);
+    free(text);
+    char *err = slurp(dir, "stderr");
+    ck_assert_ptr_nonnull(strstr(err, "skipped 1"));
+    free(err);
+
+    /* Nothing to draw: an error, not an empty picture. */
+    f = fopen(metrics, "w");
+    fprintf(f, "{\"step\":1,\"lr\":0.1}\n");
+    fclose(f);
+    const char *empty[] = {"report", metrics, "--out", svg, NULL};
+    ck_assert_int_eq(run_cli(empty, dir), 1);
+    const char *no_out[] = {"report", metrics, NULL};
+    ck_assert_int_eq(run_cli(no_out, dir), 2);
+}
+END_TEST
 
 Suite *suite_distill(void)
 {
-    return suite_create("distill");
+    Suite *s = suite_create("distill");
+    TCase *tc = tcase_create("loop");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, loss_decreases);
+    tcase_add_test(tc, callback_stops_run);
+    tcase_add_test(tc, create_checks);
+    tcase_add_test(tc, eval_matches_direct_computation);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("checkpoint");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, resume_is_bit_identical);
+    tcase_add_test(tc, checkpoint_malformed);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("cli");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, cli_distill_writes_metrics_and_summary);
+    tcase_add_test(tc, cli_interrupt_and_resume_bit_identical);
+    tcase_add_test(tc, cli_distill_usage_errors);
+    tcase_add_test(tc, cli_report_writes_svg);
+    suite_add_tcase(s, tc);
+    return s;
 }

@@ -90,9 +90,11 @@ QKD_API int qkd_dataset_vocab_size(const qkd_dataset *ds);
 
 /* ---- data-free generation (LLM-QAT) --------------------------------------
  * Sequence i is: BOS; a first token from a seeded walk over the vocabulary
- * (a pseudo-random permutation of every id except BOS, EOS and pieces
- * written "<...>": unknown, control and byte tokens, started again with a
- * new permutation once all are used); greedy argmax continuations up to
+ * (a pseudo-random permutation of the ids that can start a text: every id
+ * except BOS, EOS, pieces written "<...>" (unknown, control) and byte
+ * tokens "<0xNN>", but keeping the byte tokens of printable ASCII
+ * characters that have no piece of their own; a new permutation once all
+ * are used); greedy argmax continuations up to
  * n_greedy tokens after BOS (n_greedy drawn per sequence, seeded, in
  * [greedy_min, greedy_max]); then tokens sampled at `temperature` from the
  * top_k most probable (ties at the k-th logit included) with the library's
@@ -124,7 +126,7 @@ QKD_API void qkd_datafree_params_init(qkd_datafree_params *p);
  * *out: owned (vocab_size = the model's). Errors: INVALID_ARG (bad params),
  * SHAPE (tokenizer and model vocabularies differ), RANGE (seq_len - 1 >
  * the model's max_seq_len: widen it with qkd_model_set_max_seq_len), STATE
- * (every id is a control token), CANCELLED, NO_MEMORY, and those of
+ * (no id can start a sequence), CANCELLED, NO_MEMORY, and those of
  * qkd_model_decode and the sampler. @since 0.1 */
 QKD_API qkd_status qkd_dataset_generate(qkd_context *ctx, qkd_model *teacher,
                                         const qkd_tokenizer *tok,
@@ -137,6 +139,11 @@ QKD_API qkd_status qkd_dataset_generate(qkd_context *ctx, qkd_model *teacher,
  * Defaults: seed 1, n_eval 0. Errors: INVALID_ARG (n_eval < 0).
  * @since 0.1 */
 QKD_API qkd_status qkd_dataset_set_split(qkd_dataset *ds, uint64_t seed, int64_t n_eval);
+
+/* The seed and n_eval set by qkd_dataset_set_split (either pointer may be
+ * NULL). Errors: INVALID_ARG. @since 0.1 */
+QKD_API qkd_status qkd_dataset_get_split(const qkd_dataset *ds, uint64_t *seed,
+                                         int64_t *n_eval);
 
 /* Windows of T + 1 tokens in a split (0 when T < 1). @since 0.1 */
 QKD_API int64_t qkd_dataset_n_windows(const qkd_dataset *ds, int T, qkd_split split);

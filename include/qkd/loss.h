@@ -70,26 +70,35 @@ QKD_API void qkd_loss_free(qkd_loss *loss);
  * than 8 terms). @since 0.1 */
 QKD_API qkd_status qkd_loss_add(qkd_loss *loss, const qkd_loss_term *term);
 
-/* Change term i's beta (CAKLD's confidence, JSD's mixture). @since 0.1 */
+/* Change term i's beta (CAKLD's confidence, JSD's mixture).
+ * Errors: INVALID_ARG (beta outside [0, 1]), RANGE (no term i). @since 0.1 */
 QKD_API qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta);
 
 /* Evaluate on the last forwards of student and teacher. targets[B*T] are
  * the next-token ids (negative: position ignored); required by CE and
  * TSLD, optional (NULL) otherwise. teacher may be NULL if every term is CE.
- * *value: the weighted sum. The gradient is stored on the student.
- * Errors: INVALID_ARG, STATE (a model has no forward, or the loss has no
- * term), SHAPE (B, T or vocabulary differ), NON_FINITE (a NaN or Inf
- * logit; nothing is stored). @since 0.1 */
+ * *value: the weighted sum. The gradient is stored on the student (it
+ * replaces the logits gradient held there). student and teacher must live
+ * on the loss's context. Scratch memory is allocated on the first compute
+ * of a batch larger than any before, never in a step of a shape seen.
+ * Errors: INVALID_ARG (NULL, a needed teacher or targets missing, a model
+ * on another context), STATE (a model has no forward, or the loss has no
+ * term), SHAPE (B, T or vocabulary differ), RANGE (a target >= the
+ * vocabulary), NON_FINITE (a NaN or Inf logit; nothing is stored),
+ * NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student,
                                     qkd_model *teacher, const int32_t *targets,
                                     float *value);
 
-/* Value of term i at the last compute (unweighted). @since 0.1 */
+/* Value of term i at the last compute (unweighted).
+ * Errors: INVALID_ARG, RANGE (no term i), STATE (no compute since the
+ * last qkd_loss_add). @since 0.1 */
 QKD_API qkd_status qkd_loss_term_value(const qkd_loss *loss, int term, float *value);
 
 /* Mean over positions (targets >= 0, or all if NULL) of the teacher's top-1
  * probability at its last forward: CAKLD's beta for one batch. Average it
  * over a few calibration batches and pass it to qkd_loss_set_beta.
+ * Errors: INVALID_ARG, STATE (no forward), NON_FINITE, NO_MEMORY.
  * @since 0.1 */
 QKD_API qkd_status qkd_loss_teacher_confidence(qkd_model *teacher,
                                                const int32_t *targets,

@@ -78,12 +78,12 @@ QKD_API void qkd_optim_params_init(qkd_optim_params *p);
  * model is borrowed until the optimizer is freed. A tied model's output
  * head has no tensor of its own: it is token_embd.
  * *out: owned, free with qkd_optimizer_free; NULL on error. Errors are
- * recorded on the model's context: INVALID_ARG (NULL model or out, bad size
- * field, unknown kind or schedule, lr <= 0 or not finite, AdamW betas
- * outside [0, 1) or eps <= 0, SGD momentum outside [0, 1), negative or
- * non-finite decay or max_grad_norm, negative steps, min_lr_ratio outside
- * [0, 1], total < 1 or total < warmup for a decaying schedule),
- * NO_MEMORY. @since 0.1 */
+ * recorded on the model's context (a NULL model only returns INVALID_ARG):
+ * INVALID_ARG (NULL out, bad size field, unknown kind or schedule, lr <= 0
+ * or not finite, AdamW betas outside [0, 1) or eps <= 0, SGD momentum
+ * outside [0, 1), negative or non-finite decay or max_grad_norm, negative
+ * steps, min_lr_ratio outside [0, 1], total < 1 or total < warmup for a
+ * decaying schedule), NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_create(qkd_model *model, const qkd_optim_params *p,
                                         qkd_optimizer **out);
 /* Accepts NULL. @since 0.1 */

@@ -7,6 +7,12 @@
  *   qkd_tokenizer  text <-> token ids (tokenizer.h)
  *   qkd_sampler    greedy / temperature / top-p sampling, generation
  *                  (generate.h)
+ *   qkd_dataset    token datasets from text, token files or the teacher's
+ *                  own generations; seeded, resumable batches (data.h)
+ *   qkd_distill    a convenience layer over the public API: the teacher ->
+ *                  student -> loss -> optimizer loop for N steps with a
+ *                  callback, checkpoints and resume, held-out perplexity and
+ *                  KL to the teacher (distill.h)
  *
  * Every function that can fail returns a qkd_status; the details of the
  * last failure are in qkd_context_last_error(). Creators write the new
@@ -40,5 +46,7 @@
 #include "model.h"
 #include "tokenizer.h"
 #include "generate.h"
+#include "data.h"
+#include "distill.h"
 
 #endif

@@ -7,38 +7,61 @@
  * every backward maps dL/dQ(w) to dL/dw through the chosen gradient
  * estimator, so the host's training loop is unchanged.
  *
- * Schemes (b = bits, G = one group, R(x) rounds half away from zero):
+ * Schemes (b = bits, G = one group, R(x) rounds half away from zero,
+ * lo = min(min G, 0), hi = max(max G, 0)):
  *   SYM      s = max|G| / (2^(b-1) - 1), code c = R(w / s) in
  *            [-(2^(b-1) - 1), 2^(b-1) - 1], Q = c s.
- *   ASYM     s = max(max G - min G, 1e-5) / (2^b - 1),
- *            z = clamp(-R(min G / s), 0, 2^b - 1),
- *            c = clamp(R(w / s) + z, 0, 2^b - 1), Q = (c - z) s
- *            (BitDistiller's grid; zero is exactly representable).
+ *   ASYM     s = (hi - lo) / (2^b - 1),
+ *            z = clamp(-R(lo / s), 0, 2^b - 1),
+ *            c = clamp(R(w / s) + z, 0, 2^b - 1), Q = (c - z) s.
+ *            This is BitDistiller's grid for a group holding both signs;
+ *            widening the range to include 0 keeps zero exactly
+ *            representable and lets a group of one sign (a constant group)
+ *            be reproduced, where BitDistiller's [min, max] would clamp it.
  *   TERNARY  D = 0.7 mean|G|, m = |w| > D, s = sum(|w| m) / sum(m),
  *            c = sign(w) m in {-1, 0, 1}, Q = c s (TWN, as TSLD).
- * A group whose values are all equal (or all zero) gets a finite scale and
- * reproduces its values; NaN or Inf weights are an error (NON_FINITE).
+ * Scales are computed in double and stored as float; w / s is computed in
+ * double from the float scale. A scale never falls below FLT_MIN (the
+ * smallest normal float; BitDistiller floors the range at 1e-5 instead,
+ * which would flatten a group of tiny values), so an all-zero group gets
+ * a finite scale and codes 0, and a constant group is reproduced to within
+ * a float rounding. NaN or Inf weights are an error (NON_FINITE).
  *
  * Groups: group_size > 0 splits each row of length C into ceil(C / G)
  * groups; when G does not divide C the LAST group of each row is partial
- * (C mod G values) and has its own scale. group_size 0 means one group per
- * output row (per channel), -1 one group for the whole tensor.
+ * (C mod G values) and has its own scale: stories260K's FFN width 172 with
+ * G = 32 gives groups of 32, 32, 32, 32, 32 and 12. G >= C is one group per
+ * row. group_size 0 means one group per output row (per channel), -1 one
+ * group for the whole tensor.
  *
- * Clipping shrinks the range before quantizing: FIXED multiplies the
- * group's max and min by clip_ratio; SEARCH_WEIGHT and SEARCH_OUTPUT pick,
- * per group, the shrink factors (1 - i/20 for the max, 1 - j/20 for the
- * min, i, j in 0..9) that minimise the weight's squared error or, as
- * BitDistiller does, the squared error of the group's partial dot products
- * with calibration activations (qkd_quantizer_calibrate). A searched clip is
- * applied once to the weights as a hard clamp.
+ * Clipping shrinks the range before quantizing: FIXED multiplies lo and hi
+ * (SYM, TERNARY: max|G|) by clip_ratio and values beyond are clamped (for
+ * TERNARY the clamped values give D and s). SEARCH_WEIGHT and
+ * SEARCH_OUTPUT pick, per group, shrink factors (1 - i/20 for the max,
+ * 1 - j/20 for the min, i, j in 0..9; SYM and TERNARY shrink max|G| by
+ * 1 - i/20 only) that minimise the squared error of the quantized weights
+ * or, as BitDistiller does, the mean squared error of the group's partial
+ * dot products with calibration activations (qkd_quantizer_calibrate). A
+ * searched clip is applied once to the weights as a hard clamp.
  *
- * Gradient estimators: STE passes dL/dQ through unchanged (zero where a
- * FIXED clip clamped the weight). CONTINUOUS replaces rounding by
- * round_T(x) = floor(x) + sigmoid(T (x - floor(x) - 0.5)) in the forward
- * and backward (T = round_sharpness, annealed by qkd_quantizer_set_sharpness)
- * and the hard clamp by SoftClamp(x, a, b) = x g(x-a) g(b-x) + a g(a-x)
- * + b g(x-b), g(u) = sigmoid(clamp_sharpness u), so weights outside the
- * range still get gradient. Evaluation and export always use hard rounding.
+ * Gradient estimators, the group's scale, zero point and threshold held
+ * constant: STE passes dL/dQ through unchanged (zero where a FIXED clip
+ * clamped the weight). CONTINUOUS replaces rounding by
+ *   round_T(x) = floor(x) + (sigmoid(T (f - 1/2)) - sigmoid(-T/2))
+ *                           / (sigmoid(T/2) - sigmoid(-T/2)),
+ * f = x - floor(x): the sigmoid step of the continuous approximations
+ * paper, rescaled on each unit interval so that round_T is continuous and
+ * exact at integers (T -> infinity gives R, T -> 0 the identity). T is
+ * round_sharpness, annealed by qkd_quantizer_set_sharpness. The hard clamp
+ * of the codes to their range [a, b] becomes SoftClamp(x, a, b) =
+ * x g(x-a) g(b-x) + a g(a-x) + b g(x-b), g(u) = sigmoid(clamp_sharpness u),
+ * so weights outside the range still get gradient:
+ *   SYM, ASYM  Q = (SoftClamp(round_T(w / s) + z, a, b) - z) s;
+ *   TERNARY    Q = s (sigmoid(T (w - D) / s) - sigmoid(T (-w - D) / s)).
+ * The student's training forward (qkd_model_forward) uses these smooth
+ * functions; decoding, qkd_quantizer_quantize and export always use hard
+ * rounding (switch to STE with qkd_quantizer_set_estimator to evaluate a
+ * CONTINUOUS student's forward with hard rounding).
  */
 #ifndef QKD_QUANT_H
 #define QKD_QUANT_H
@@ -80,38 +103,47 @@ typedef struct qkd_quant_params {
     qkd_estimator estimator;
     float round_sharpness;    /* CONTINUOUS: T of round_T, > 0 */
     float clamp_sharpness;    /* CONTINUOUS: gate steepness, > 0 */
-    int act_bits;             /* 0: off; else the input of every targeted
-                                 linear is fake-quantized per token,
-                                 symmetric, dynamic (LLM-QAT), STE */
-    int kv_bits;              /* 0: off; else keys and values per token,
-                                 symmetric, before RoPE (LLM-QAT), STE */
+    int act_bits;             /* 0: off; else (2..16) the input of every
+                                 targeted linear is fake-quantized per
+                                 token, symmetric, dynamic (LLM-QAT), STE */
+    int kv_bits;              /* 0: off; else (2..16) keys and values per
+                                 token, symmetric, before RoPE (LLM-QAT),
+                                 STE */
 } qkd_quant_params;
 
-/* Defaults: ASYM, 4 bits, group 128, no clip, STE, sharpness 10 / 10,
- * activations and KV cache in float.
+/* Defaults: ASYM, 4 bits, group 128, no clip (clip_ratio 1), STE,
+ * sharpness 10 / 10, activations and KV cache in float.
  * @since 0.1 */
 QKD_API void qkd_quant_params_init(qkd_quant_params *p);
 
-/* *out: owned, free with qkd_quantizer_free (after every model it is bound
- * to is freed or unbound). Errors: INVALID_ARG (bits not in {2,3,4,8},
- * group_size < -1, clip_ratio outside (0,1], sharpness <= 0), NO_MEMORY.
- * @since 0.1 */
+/* *p is copied. *out: owned, free with qkd_quantizer_free (after every
+ * model it is bound to is freed or unbound); NULL on error. Errors:
+ * INVALID_ARG (size field, unknown scheme, clip mode or estimator, bits not
+ * in {2,3,4,8} for SYM/ASYM, group_size < -1, clip_ratio outside (0,1],
+ * sharpness not positive and finite, act_bits/kv_bits neither 0 nor in
+ * [2, 16]), NO_MEMORY. A quantizer is used by one thread at a time, with
+ * the models bound to it. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_create(qkd_context *ctx, const qkd_quant_params *p,
                                         qkd_quantizer **out);
 /* Accepts NULL. @since 0.1 */
 QKD_API void qkd_quantizer_free(qkd_quantizer *q);
 
-/* Number of groups a rows x cols weight has (per row: ceil(cols / G)).
+/* Number of groups a rows x cols weight has (per row: ceil(cols / G);
+ * rows per channel; 1 per tensor); 0 for NULL q or an empty shape.
  * @since 0.1 */
 QKD_API int64_t qkd_quantizer_n_groups(const qkd_quantizer *q, int64_t rows, int64_t cols);
 
-/* Quantize a host weight w[rows][cols] with hard rounding. Any output may be
- * NULL: wq[rows][cols] the dequantized values, codes[rows][cols] the integer
- * codes as deployed (SYM/TERNARY signed, ASYM in 0..2^b-1), scales[n_groups]
- * and zeros[n_groups] (ASYM's integer zero point; 0 for others), groups in
- * row-major order (row, then group along the row). A FIXED clip applies.
- * Errors: INVALID_ARG, NON_FINITE (a NaN/Inf weight: the message gives its
- * index). @since 0.1 */
+/* Quantize a host weight w[rows][cols] with hard rounding, on the
+ * context's backend (the very kernel a student's forward runs, so wq is
+ * bit for bit what a bound student computes). Any output may be NULL:
+ * wq[rows][cols] the dequantized values, codes[rows][cols] the integer
+ * codes as deployed (SYM/TERNARY signed, ASYM in 0..2^b-1; wq = (codes -
+ * zeros) * scales), scales[n_groups] and zeros[n_groups] (ASYM's integer
+ * zero point; 0 for others), groups in row-major order (row, then group
+ * along the row). A FIXED clip applies. All outputs are copied (caller's
+ * memory). Errors: INVALID_ARG (NULL q or w, empty shape), NON_FINITE (a
+ * NaN/Inf weight: the message gives its index, row and column), NO_MEMORY,
+ * BACKEND. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_quantize(qkd_quantizer *q, const float *w,
                                           int64_t rows, int64_t cols, float *wq,
                                           int32_t *codes, float *scales, float *zeros);
@@ -121,7 +153,9 @@ QKD_API qkd_status qkd_quantizer_quantize(qkd_quantizer *q, const float *w,
 /* Which linear weights a bound quantizer covers (bit mask of
  * 1u << qkd_tensor_kind). QKD_QUANT_TARGET_LINEAR is every attention and
  * MLP projection; the output head and embeddings stay in float unless
- * named. */
+ * named. A tied model's head is token_embd: naming OUTPUT or TOKEN_EMBD
+ * quantizes that one tensor for both uses, as a deployed file stores it
+ * once. */
 #define QKD_QUANT_TARGET(kind) (1u << (kind))
 #define QKD_QUANT_TARGET_LINEAR                                                     \
     (QKD_QUANT_TARGET(QKD_TENSOR_ATTN_Q) | QKD_QUANT_TARGET(QKD_TENSOR_ATTN_K) |    \
@@ -131,23 +165,55 @@ QKD_API qkd_status qkd_quantizer_quantize(qkd_quantizer *q, const float *w,
 
 /* Make `model` a student: from now on its forward uses Q(w) for every
  * targeted tensor and its backward applies the estimator. q is borrowed
- * until the model is freed or unbound (q == NULL unbinds). Errors:
- * INVALID_ARG (targets empty or naming norm tensors), NON_FINITE.
- * @since 0.1 */
+ * until the model is freed or unbound (q == NULL unbinds; targets is then
+ * ignored); binding again replaces the binding.
+ *
+ * Q(w) lives in a device copy of each targeted tensor, refreshed from the
+ * latent weights at the start of every qkd_model_forward (so optimizer
+ * steps and qkd_model_tensor_set take effect at the next forward) and, with
+ * hard rounding, when qkd_model_decode starts a sequence (pos 0). The
+ * backward collects dL/dQ(w) in a buffer of its own and ADDS the
+ * estimator's dL/dw to the model's gradient, so micro-batches accumulate;
+ * qkd_model_grad_get reads dL/dw. With act_bits, every targeted linear's
+ * input is quantized per token (symmetric, dynamic) and with kv_bits the
+ * key and value projections' outputs, before RoPE (LLM-QAT); both pass
+ * gradients straight through, in training and in decoding. Buffers are
+ * allocated here and at the first forward of a shape: a training step of
+ * a known shape allocates nothing. Binding and unbinding discard the last
+ * forward and the decode cache.
+ *
+ * Errors: INVALID_ARG (NULL model, targets empty, naming no tensor kind or
+ * naming norm tensors, q from another context), NON_FINITE (a targeted
+ * weight is NaN/Inf: the message names the tensor and index), NO_MEMORY;
+ * on error the previous binding is kept. @since 0.1 */
 QKD_API qkd_status qkd_model_set_quantizer(qkd_model *model, qkd_quantizer *q,
                                            unsigned targets);
 
-/* Calibrate a SEARCH clip on model (already bound to q): forward the
- * calibration batch tokens[B*T] through the float model, keep each
- * targeted layer's inputs, search the clip per group and clamp the
- * weights in place. Errors: STATE (not bound, or clip is not a SEARCH
- * mode), plus those of qkd_model_forward. @since 0.1 */
+/* Calibrate a SEARCH clip on model (already bound to q) and clamp its
+ * latent weights in place. SEARCH_OUTPUT forwards the calibration batch
+ * tokens[B*T] through the float model (weights, activations and cache
+ * unquantized), keeps each targeted linear's inputs (every layer sees the
+ * unclipped layers below it, as in BitDistiller) and scores each group on
+ * at most 512 input rows, spread evenly over the B*T (row k*B*T/n); an
+ * untied token_embd has no input and is scored on its weight error.
+ * SEARCH_WEIGHT needs no data (tokens may be NULL). Each group keeps the
+ * candidate with the least error, the unclipped one on ties, so the error
+ * never grows. While it runs, SEARCH_OUTPUT holds the inputs' Gram
+ * blocks: cols x min(G, cols) doubles per tensor, cols x cols per channel
+ * or per tensor. Discards the last forward. Errors: INVALID_ARG
+ * (NULL), STATE (not bound to q, or clip is not a SEARCH mode),
+ * NON_FINITE, NO_MEMORY, plus those of qkd_model_forward. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_calibrate(qkd_quantizer *q, qkd_model *model,
                                            const int32_t *tokens, int B, int T);
 
-/* Anneal the CONTINUOUS estimator's rounding sharpness T (> 0).
- * @since 0.1 */
+/* Anneal the CONTINUOUS estimator's rounding sharpness T (> 0, finite),
+ * from the next forward on. Errors: INVALID_ARG. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_set_sharpness(qkd_quantizer *q, float round_sharpness);
+
+/* Switch the estimator of q (and so of every student bound to it) from
+ * the next forward on: e.g. STE to evaluate a CONTINUOUS student with hard
+ * rounding, then back. Errors: INVALID_ARG. @since 0.1 */
+QKD_API qkd_status qkd_quantizer_set_estimator(qkd_quantizer *q, qkd_estimator estimator);
 
 #ifdef __cplusplus
 }

@@ -204,10 +204,11 @@ struct qkd__backend {
      * Row-wise objective between student logits s and teacher logits t,
      * both [N][V]; kind is a qkd_loss_kind (CE reads targets, not t). The
      * vocabulary is processed in chunks with a running max and sum, so no
-     * [N][V] probability tensor is stored. row_loss[i] = the term of row i
-     * (0 where targets is given and targets[i] < 0);
-     * ds[i] += scale * w_i * d row_loss[i] / d s[i], w_i = row_w[i] (1 if
-     * row_w is NULL); ds NULL computes values only. */
+     * [N][V] probability tensor is stored. With w_i = row_w[i] (1 if row_w
+     * is NULL) and L_i the term of row i: row_loss[i] = w_i * L_i (0 where
+     * targets is given and targets[i] < 0), so the weighted total is one
+     * `sum` away; ds[i] += scale * w_i * dL_i / ds[i]; ds NULL computes
+     * values only. */
     void (*kd_loss)(qkd__backend *b, float *row_loss, float *ds, const float *s,
                     const float *t, const int32_t *targets, const float *row_w, float scale,
                     int N, int V, int kind, float temperature, float beta);

@@ -1,5 +1,8 @@
 /* Backend registry: picks and checks a backend table for a context. */
 #include "backend/backend.h"
+#ifdef QKD_HAVE_SIMD
+#include "backend/simd/simd.h"
+#endif
 
 qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind, qkd__backend **out)
 {
@@ -7,7 +10,16 @@ qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind, qkd__bac
     qkd__backend *b = NULL;
     qkd_status st;
     switch (kind) {
+#ifdef QKD_HAVE_SIMD
+    /* SIMD keeps the reference kernels in the slots its CPU cannot speed
+     * up, so it is the best choice whenever it is built in. */
     case QKD_BACKEND_AUTO:
+    case QKD_BACKEND_SIMD:
+        st = qkd__backend_simd_create(ctx, &b);
+        break;
+#else
+    case QKD_BACKEND_AUTO:
+#endif
     case QKD_BACKEND_REF:
         st = qkd__backend_ref_create(ctx, &b);
         break;

@@ -137,8 +137,8 @@ qkd_status qkd_dataset_from_text(qkd_context *ctx, const qkd_tokenizer *tok, con
         *out = NULL;
     if (!ctx || !tok || !path || !out)
         return qkd_context_set_error(ctx, QKD_ERR_INVALID_ARG, "dataset: NULL argument");
-    char *text;
-    size_t len;
+    char *text = NULL;
+    size_t len = 0;
     qkd_status st = read_all(ctx, path, &text, &len);
     if (st != QKD_OK)
         return st;
@@ -183,6 +183,17 @@ qkd_status qkd_dataset_set_split(qkd_dataset *ds, uint64_t seed, int64_t n_eval)
                                      "dataset: n_eval %lld must be >= 0", (long long)n_eval);
     ds->seed = seed;
     ds->n_eval = n_eval;
+    return QKD_OK;
+}
+
+qkd_status qkd_dataset_get_split(const qkd_dataset *ds, uint64_t *seed, int64_t *n_eval)
+{
+    if (!ds)
+        return QKD_ERR_INVALID_ARG;
+    if (seed)
+        *seed = ds->seed;
+    if (n_eval)
+        *n_eval = ds->n_eval;
     return QKD_OK;
 }
 

@@ -327,6 +327,13 @@ static qkd_status check_finite(qkd_loss *loss, const struct loss_batch *bt, cons
     return QKD_OK;
 }
 
+/* What term k's row sum is divided by: TSLD averages over sequences,
+ * every other term over counted positions. */
+static int term_denom(const qkd_loss_term *term, const struct loss_batch *bt)
+{
+    return term->kind == QKD_LOSS_TSLD ? bt->n_seqs : bt->n_rows;
+}
+
 /* Add term k's gradient to ds and its row-loss sum to sums_dev[k]. */
 static void run_term(qkd_loss *loss, int k, const struct loss_batch *bt, float *ds,
                      const float *s, const float *t)
@@ -335,7 +342,7 @@ static void run_term(qkd_loss *loss, int k, const struct loss_batch *bt, float *
     const qkd_loss_term *term = &loss->terms[k];
     const int32_t *y = bt->targets ? loss->targets_dev : NULL;
     float *rows = loss->rows_dev, *cost = rows + loss->cap, *w = cost + loss->cap;
-    int denom = term->kind == QKD_LOSS_TSLD ? bt->n_seqs : bt->n_rows;
+    int denom = term_denom(term, bt);
     float scale = denom > 0 ? (float)((double)term->weight / denom) : 0.0f;
     const float *row_w = NULL;
     if (term->kind == QKD_LOSS_TSLD) {
@@ -370,7 +377,7 @@ static qkd_status run_terms(qkd_loss *loss, const struct loss_batch *bt, float *
         return st;
     double total = 0.0;
     for (int k = 0; k < loss->n_terms; k++) {
-        int denom = loss->terms[k].kind == QKD_LOSS_TSLD ? bt->n_seqs : bt->n_rows;
+        int denom = term_denom(&loss->terms[k], bt);
         loss->values[k] = denom > 0 ? (float)((double)sums[k] / denom) : 0.0f;
         total += (double)loss->terms[k].weight * loss->values[k];
     }

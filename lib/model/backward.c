@@ -1,7 +1,10 @@
 /* The exact reverse of forward.c. Backend backward kernels ADD, so each
  * activation-gradient buffer is zeroed right before the pass fills it;
  * parameter gradients are only ever added to (micro-batches accumulate).
- * acts.dres carries the gradient of the residual stream down the layers. */
+ * acts.dres carries the gradient of the residual stream down the layers.
+ * In a student, the gradients of quantized weights gather in dL/dQ(w) and
+ * go through the quantizer's estimator at the end (student.c); quantized
+ * activations and keys/values pass their gradient straight through (STE). */
 #include "model/model_impl.h"
 
 static void zero(qkd__backend *be, float *x, size_t n)
@@ -17,9 +20,14 @@ static void linear_backward(qkd__backend *be, float *dx, float *dw, const float 
     be->matmul_backward_weight(be, dw, dout, x, N, C, OC);
 }
 
-/* Layer l's weight and its gradient, by kind. */
-#define W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
-#define G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
+/* Layer l's weight as the forward read it, where its gradient goes, and
+ * the input a linear read (see the student hooks in model_impl.h). Norm
+ * weights are never quantized. */
+#define W(kind) qkd__model_weight(m, QKD_TENSOR_##kind, l)
+#define G(kind) qkd__model_weight_grad(m, QKD_TENSOR_##kind, l)
+#define NORM_W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
+#define NORM_G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
+#define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q)
 
 /* On entry acts.dres is d x_out; on return it is d x_mid. */
 static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
@@ -29,15 +37,16 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
     zero(be, g->dsw, (size_t)N * H);
-    linear_backward(be, g->dsw, G(FFN_DOWN), g->dres, a->sw, W(FFN_DOWN), N, H, C);
+    linear_backward(be, g->dsw, G(FFN_DOWN), g->dres, IN(FFN_DOWN, sw), W(FFN_DOWN), N, H, C);
     zero(be, g->dgate, (size_t)N * H);
     zero(be, g->dup, (size_t)N * H);
     be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(be, g->dnorm, G(FFN_GATE), g->dgate, a->h2, W(FFN_GATE), N, C, H);
-    linear_backward(be, g->dnorm, G(FFN_UP), g->dup, a->h2, W(FFN_UP), N, C, H);
-    be->rmsnorm_backward(be, g->dres, G(FFN_NORM), g->dnorm, a->x_mid, W(FFN_NORM), a->rstd2,
-                         N, C);
+    linear_backward(be, g->dnorm, G(FFN_GATE), g->dgate, IN(FFN_GATE, h2), W(FFN_GATE), N, C,
+                    H);
+    linear_backward(be, g->dnorm, G(FFN_UP), g->dup, IN(FFN_UP, h2), W(FFN_UP), N, C, H);
+    be->rmsnorm_backward(be, g->dres, NORM_G(FFN_NORM), g->dnorm, a->x_mid, NORM_W(FFN_NORM),
+                         a->rstd2, N, C);
 }
 
 /* On entry acts.dres is d x_mid; on return it is d x_in. */
@@ -49,7 +58,8 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
-    linear_backward(be, g->datt, G(ATTN_OUTPUT), g->dres, a->att, W(ATTN_OUTPUT), N, C, C);
+    linear_backward(be, g->datt, G(ATTN_OUTPUT), g->dres, IN(ATTN_OUTPUT, att), W(ATTN_OUTPUT),
+                    N, C, C);
     zero(be, g->dq, (size_t)N * C);
     zero(be, g->dk, (size_t)N * kvd);
     zero(be, g->dv, (size_t)N * kvd);
@@ -58,15 +68,18 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
     be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(be, g->dnorm, G(ATTN_Q), g->dq, a->h, W(ATTN_Q), N, C, C);
-    linear_backward(be, g->dnorm, G(ATTN_K), g->dk, a->h, W(ATTN_K), N, C, kvd);
-    linear_backward(be, g->dnorm, G(ATTN_V), g->dv, a->h, W(ATTN_V), N, C, kvd);
-    be->rmsnorm_backward(be, g->dres, G(ATTN_NORM), g->dnorm, a->x_in, W(ATTN_NORM), a->rstd1,
-                         N, C);
+    linear_backward(be, g->dnorm, G(ATTN_Q), g->dq, IN(ATTN_Q, h), W(ATTN_Q), N, C, C);
+    linear_backward(be, g->dnorm, G(ATTN_K), g->dk, IN(ATTN_K, h), W(ATTN_K), N, C, kvd);
+    linear_backward(be, g->dnorm, G(ATTN_V), g->dv, IN(ATTN_V, h), W(ATTN_V), N, C, kvd);
+    be->rmsnorm_backward(be, g->dres, NORM_G(ATTN_NORM), g->dnorm, a->x_in, NORM_W(ATTN_NORM),
+                         a->rstd1, N, C);
 }
 
 #undef W
 #undef G
+#undef NORM_W
+#undef NORM_G
+#undef IN
 
 /* logits = rmsnorm(x_L) Wout^T; leaves d x_L in acts.dres. */
 static void head_backward(qkd_model *m, int N)
@@ -75,9 +88,9 @@ static void head_backward(qkd_model *m, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(be, g->dnorm, qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT, -1),
-                    g->dlogits, g->xf, qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT, -1),
-                    N, C, V);
+    linear_backward(be, g->dnorm, qkd__model_weight_grad(m, QKD_TENSOR_OUTPUT, -1), g->dlogits,
+                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq),
+                    qkd__model_weight(m, QKD_TENSOR_OUTPUT, -1), N, C, V);
     zero(be, g->dres, (size_t)N * C);
     be->rmsnorm_backward(be, g->dres,
                          qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT_NORM, -1),
@@ -106,12 +119,14 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
                           "model backward: no logits gradient (run a loss with compute_grad, "
                           "or pass dlogits)");
     }
+    qkd__model_student_backward_begin(m);
     head_backward(m, N);
     for (int l = m->cfg.n_layers - 1; l >= 0; l--) {
         ffn_backward(m, l, &a->layers[l], N);
         attention_backward(m, l, &a->layers[l], B, T);
     }
-    be->embedding_backward(be, qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_TOKEN_EMBD, -1),
-                           a->dres, a->tokens, N, m->cfg.dim, m->cfg.vocab_size);
+    be->embedding_backward(be, qkd__model_weight_grad(m, QKD_TENSOR_TOKEN_EMBD, -1), a->dres,
+                           a->tokens, N, m->cfg.dim, m->cfg.vocab_size);
+    qkd__model_student_backward_end(m);
     return QKD_OK;
 }

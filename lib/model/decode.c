@@ -18,6 +18,7 @@ static void plan_decode(void *arg, qkd__arena *a)
     const size_t C = (size_t)c->dim, V = (size_t)c->vocab_size;
     const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
     const size_t cache_rows = (size_t)c->n_layers * (size_t)p->seq_len;
+    const int act_quant = p->m->student.act_bits > 0;
 
     d->token = (int32_t *)qkd__arena_take(a, 1, 1);
     d->kcache = qkd__arena_take(a, cache_rows, kvd);
@@ -26,9 +27,11 @@ static void plan_decode(void *arg, qkd__arena *a)
     d->row.x_in = d->row.x_out = qkd__arena_take(a, 1, C);
     d->row.proj = qkd__arena_take(a, 1, C);
     qkd__model_plan_layer(a, &d->row, c, 1,
-                          be->attention_scratch_floats(be, 1, 1, p->seq_len, c->n_heads), 0);
+                          be->attention_scratch_floats(be, 1, 1, p->seq_len, c->n_heads), 0,
+                          act_quant);
     d->xf = qkd__arena_take(a, 1, C);
     d->rstdf = qkd__arena_take(a, 1, 1);
+    d->xfq = act_quant ? qkd__arena_take(a, 1, C) : d->xf;
     d->logits = qkd__arena_take(a, 1, V);
 }
 
@@ -92,9 +95,10 @@ qkd_status qkd_model_decode(qkd_model *m, int32_t token, int pos, float *logits)
     st = be->upload(be, d->token, &token, sizeof token);
     if (st != QKD_OK)
         return st;
+    /* a student decodes with hard rounding, refreshed when a sequence starts */
+    qkd__model_quantize_weights(m, 0, pos == 0);
     be->embedding_forward(be, d->row.x_in, d->token,
-                          qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_TOKEN_EMBD, -1), 1,
-                          c->dim);
+                          qkd__model_weight(m, QKD_TENSOR_TOKEN_EMBD, -1), 1, c->dim);
     const qkd__step step = {.B = 1, .T = 1, .pos0 = pos, .kv_len = pos + 1};
     for (int l = 0; l < c->n_layers; l++) {
         qkd__layer_acts row = d->row;
@@ -104,7 +108,7 @@ qkd_status qkd_model_decode(qkd_model *m, int32_t token, int pos, float *logits)
         row.v = d->vcache + (size_t)l * layer_floats + (size_t)pos * kvd;
         qkd__model_layer_forward(m, l, &row, step);
     }
-    qkd__model_head_forward(m, d->logits, d->xf, d->rstdf, d->row.x_out, 1);
+    qkd__model_head_forward(m, d->logits, d->xf, d->rstdf, d->xfq, d->row.x_out, 1);
     d->next_pos = pos + 1;
     return logits ? qkd__model_download(m, logits, d->logits, (size_t)c->vocab_size) : QKD_OK;
 }

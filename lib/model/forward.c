@@ -6,6 +6,15 @@
 
 /* ---- shared with decoding -------------------------------------------- */
 
+/* x quantized per token into xq when activations are quantized. */
+static void quantize_acts(const qkd_model *m, float *xq, const float *x, int N, int C)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    int bits = qkd__model_act_bits(m);
+    if (bits)
+        be->quant_rows(be, xq, x, N, C, bits);
+}
+
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
                               qkd__step s)
 {
@@ -13,42 +22,57 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     const qkd_model_config *c = &m->cfg;
     const int N = s.B * s.T, C = c->dim, H = c->hidden_dim;
     const int hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
-    float *w = m->params;
-#define W(kind) qkd__model_tensor_ptr(m, w, QKD_TENSOR_##kind, l)
-    be->rmsnorm_forward(be, a->h, a->rstd1, a->x_in, W(ATTN_NORM), N, C, c->norm_eps);
-    be->matmul_forward(be, a->q, a->h, W(ATTN_Q), N, C, C);
-    be->matmul_forward(be, a->k, a->h, W(ATTN_K), N, C, kvd);
-    be->matmul_forward(be, a->v, a->h, W(ATTN_V), N, C, kvd);
+    const int kv_bits = qkd__model_kv_bits(m);
+#define W(kind) qkd__model_weight(m, QKD_TENSOR_##kind, l)
+#define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q)
+    be->rmsnorm_forward(be, a->h, a->rstd1, a->x_in,
+                        qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_ATTN_NORM, l), N, C,
+                        c->norm_eps);
+    quantize_acts(m, a->hq, a->h, N, C);
+    be->matmul_forward(be, a->q, IN(ATTN_Q, h), W(ATTN_Q), N, C, C);
+    be->matmul_forward(be, a->k, IN(ATTN_K, h), W(ATTN_K), N, C, kvd);
+    be->matmul_forward(be, a->v, IN(ATTN_V, h), W(ATTN_V), N, C, kvd);
+    if (kv_bits) { /* the cached keys and values, per token, before RoPE */
+        be->quant_rows(be, a->k, a->k, N, kvd, kv_bits);
+        be->quant_rows(be, a->v, a->v, N, kvd, kv_bits);
+    }
     be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
     be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
     be->attention_forward(be, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
                           s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
-    be->matmul_forward(be, a->proj, a->att, W(ATTN_OUTPUT), N, C, C);
+    quantize_acts(m, a->attq, a->att, N, C);
+    be->matmul_forward(be, a->proj, IN(ATTN_OUTPUT, att), W(ATTN_OUTPUT), N, C, C);
     be->add(be, a->x_mid, a->x_in, a->proj, (size_t)N * C);
 
-    be->rmsnorm_forward(be, a->h2, a->rstd2, a->x_mid, W(FFN_NORM), N, C, c->norm_eps);
-    be->matmul_forward(be, a->gate, a->h2, W(FFN_GATE), N, C, H);
-    be->matmul_forward(be, a->up, a->h2, W(FFN_UP), N, C, H);
+    be->rmsnorm_forward(be, a->h2, a->rstd2, a->x_mid,
+                        qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_FFN_NORM, l), N, C,
+                        c->norm_eps);
+    quantize_acts(m, a->h2q, a->h2, N, C);
+    be->matmul_forward(be, a->gate, IN(FFN_GATE, h2), W(FFN_GATE), N, C, H);
+    be->matmul_forward(be, a->up, IN(FFN_UP, h2), W(FFN_UP), N, C, H);
     be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
-    be->matmul_forward(be, a->proj, a->sw, W(FFN_DOWN), N, H, C);
+    quantize_acts(m, a->swq, a->sw, N, H);
+    be->matmul_forward(be, a->proj, IN(FFN_DOWN, sw), W(FFN_DOWN), N, H, C);
     be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
 #undef W
+#undef IN
 }
 
 void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
-                             const float *x, int N)
+                             float *xfq, const float *x, int N)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd_model_config *c = &m->cfg;
     be->rmsnorm_forward(be, xf, rstdf, x,
                         qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT_NORM, -1), N,
                         c->dim, c->norm_eps);
-    be->matmul_forward(be, logits, xf, qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT, -1),
-                       N, c->dim, c->vocab_size);
+    quantize_acts(m, xfq, xf, N, c->dim);
+    be->matmul_forward(be, logits, qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq),
+                       qkd__model_weight(m, QKD_TENSOR_OUTPUT, -1), N, c->dim, c->vocab_size);
 }
 
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
-                           size_t N, size_t scratch_floats, int own_kv)
+                           size_t N, size_t scratch_floats, int own_kv, int act_quant)
 {
     const size_t C = (size_t)c->dim, H = (size_t)c->hidden_dim;
     const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
@@ -67,6 +91,10 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
     la->gate = qkd__arena_take(a, N, H);
     la->up = qkd__arena_take(a, N, H);
     la->sw = qkd__arena_take(a, N, H);
+    la->hq = act_quant ? qkd__arena_take(a, N, C) : la->h;
+    la->attq = act_quant ? qkd__arena_take(a, N, C) : la->att;
+    la->h2q = act_quant ? qkd__arena_take(a, N, C) : la->h2;
+    la->swq = act_quant ? qkd__arena_take(a, N, H) : la->sw;
 }
 
 /* ---- training activations -------------------------------------------- */
@@ -86,6 +114,7 @@ static void plan_train(void *arg, qkd__arena *a)
     const size_t H = (size_t)c->hidden_dim, V = (size_t)c->vocab_size;
     const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
     const size_t scratch = be->attention_scratch_floats(be, p->B, p->T, p->T, c->n_heads);
+    const int act_quant = p->m->student.act_bits > 0;
 
     t->tokens = (int32_t *)qkd__arena_take(a, N, 1);
     t->targets = (int32_t *)qkd__arena_take(a, N, 1);
@@ -97,11 +126,12 @@ static void plan_train(void *arg, qkd__arena *a)
         qkd__layer_acts *la = &t->layers[l];
         la->x_in = x;
         la->proj = proj;
-        qkd__model_plan_layer(a, la, c, N, scratch, 1);
+        qkd__model_plan_layer(a, la, c, N, scratch, 1, act_quant);
         la->x_out = x = qkd__arena_take(a, N, C);
     }
     t->xf = qkd__arena_take(a, N, C);
     t->rstdf = qkd__arena_take(a, N, 1);
+    t->xfq = act_quant ? qkd__arena_take(a, N, C) : t->xf;
     t->logits = qkd__arena_take(a, N, V);
     t->dlogits = qkd__arena_take(a, N, V);
     t->dres = qkd__arena_take(a, N, C);
@@ -191,13 +221,13 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
     st = be->upload(be, a->tokens, tokens, (size_t)N * sizeof *tokens);
     if (st != QKD_OK)
         return st;
+    qkd__model_quantize_weights(m, 1, 1);
     be->embedding_forward(be, a->layers[0].x_in, a->tokens,
-                          qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_TOKEN_EMBD, -1), N,
-                          m->cfg.dim);
+                          qkd__model_weight(m, QKD_TENSOR_TOKEN_EMBD, -1), N, m->cfg.dim);
     const qkd__step step = {.B = B, .T = T, .pos0 = 0, .kv_len = T};
     for (int l = 0; l < m->cfg.n_layers; l++)
         qkd__model_layer_forward(m, l, &a->layers[l], step);
-    qkd__model_head_forward(m, a->logits, a->xf, a->rstdf,
+    qkd__model_head_forward(m, a->logits, a->xf, a->rstdf, a->xfq,
                             a->layers[m->cfg.n_layers - 1].x_out, N);
     m->has_forward = 1;
     return QKD_OK;

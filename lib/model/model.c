@@ -246,6 +246,7 @@ void qkd_model_free(qkd_model *m)
     qkd__backend *be = qkd__model_backend(m);
     qkd__model_free_acts(m);
     qkd__model_free_decode(m);
+    qkd__model_free_student(m);
     be->free(be, m->params);
     be->free(be, m->grads);
     qkd_tokenizer_free(m->tokenizer);

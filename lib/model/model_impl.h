@@ -4,6 +4,7 @@
 
 #include "backend/backend.h"
 #include "model/model.h"
+#include "quant/quant.h"
 
 #define QKD__TENSOR_NAME_LEN 48
 /* Tensors per layer: attn_norm, attn_q, attn_k, attn_v, attn_output,
@@ -36,6 +37,10 @@ typedef struct qkd__layer_acts {
     float *gate, *up, *sw; /* [N][H] each: h2 Wg^T, h2 Wu^T, silu(gate)*up */
     float *x_out;         /* residual out of the layer [N][C] */
     float *proj;          /* a projection before its residual add [N][C] */
+    /* What the targeted linears read when a student quantizes its
+     * activations: per-token quantized copies of h, att, h2 and sw (else
+     * these alias them). */
+    float *hq, *attq, *h2q, *swq;
 } qkd__layer_acts;
 
 /* Geometry of one pass: B sequences of T rows at positions pos0.., with
@@ -52,6 +57,7 @@ typedef struct qkd__train_acts {
     int32_t *tokens, *targets; /* [N] */
     float *losses, *loss_sum;  /* [N], [1] */
     float *xf, *rstdf;    /* output_norm output [N][C], its 1/rms [N] */
+    float *xfq;           /* the head's input as it reads it (see hq) */
     float *logits, *dlogits; /* [N][V] */
     /* activation gradients, reused by every layer */
     float *dres, *dnorm, *datt, *dq, *dk, *dv, *dsw, *dgate, *dup;
@@ -65,8 +71,26 @@ typedef struct qkd__decode {
     int32_t *token;       /* [1] */
     float *kcache, *vcache; /* [n_layers][seq_len][kvd] */
     qkd__layer_acts row;  /* shared by the layers; k/v re-pointed per layer */
-    float *xf, *rstdf, *logits;
+    float *xf, *rstdf, *xfq, *logits;
 } qkd__decode;
+
+/* A targeted tensor's quantization state (device buffers). */
+typedef struct qkd__qtensor {
+    float *wq;            /* Q(w), what the forward reads; NULL: not targeted */
+    float *dwq;           /* dL/dQ(w), zeroed by each backward */
+    float *scales, *zeros; /* the forward's groups */
+} qkd__qtensor;
+
+/* What makes a model a student (lib/model/student.c). */
+typedef struct qkd__student {
+    qkd_quantizer *q;     /* borrowed; NULL when the model is not a student */
+    int off;              /* 1 while calibration runs the float model */
+    int act_bits, kv_bits; /* the quantizer's, fixed when bound */
+    int wq_smooth;        /* what the wq buffers hold: -1 nothing yet, 0 hard
+                             rounding, 1 the smooth forward */
+    qkd__qtensor *t;      /* host array [n_tensors] */
+    void *mem;            /* device memory of every qtensor */
+} qkd__student;
 
 struct qkd_model {
     qkd_context *ctx;
@@ -81,6 +105,7 @@ struct qkd_model {
     int has_forward;      /* acts hold a forward's results */
     int has_dlogits;      /* acts.dlogits holds a logits gradient */
     qkd__decode dec;
+    qkd__student student;
 };
 
 static inline qkd__backend *qkd__model_backend(const qkd_model *m)
@@ -109,17 +134,46 @@ qkd_status qkd__arena_alloc(qkd_context *ctx, const char *what,
                             void **mem);
 
 /* Place one layer's row buffers (h .. sw) for N rows; with own_kv also
- * k and v (read back by the attention as kcache/vcache). x_in, x_out and
- * proj are the caller's. */
+ * k and v (read back by the attention as kcache/vcache); with act_quant
+ * the quantized copies hq .. swq (else they alias h .. sw). x_in, x_out
+ * and proj are the caller's. */
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
-                           size_t N, size_t scratch_floats, int own_kv);
+                           size_t N, size_t scratch_floats, int own_kv, int act_quant);
 
 /* One transformer layer forward and the final norm + head, shared by the
- * training forward and decoding. */
+ * training forward and decoding. xfq: the head's quantized input (may
+ * alias xf when activations are not quantized). */
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
                               qkd__step s);
 void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
-                             const float *x, int N);
+                             float *xfq, const float *x, int N);
+
+/* ---- students (student.c) ---------------------------------------------------
+ * While a model is bound to a quantizer (and not calibrating), the passes
+ * read these instead of the latent weights. */
+
+/* The weight the forward of `kind` in `layer` reads: Q(w) for a targeted
+ * tensor, else the latent weight (a tied head is token_embd). */
+const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int layer);
+/* Where the backward adds the gradient of that weight: dL/dQ(w) for a
+ * targeted tensor, else the model's gradient. */
+float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
+/* Bits of the per-token activation / key-value quantization; 0 when off. */
+int qkd__model_act_bits(const qkd_model *m);
+int qkd__model_kv_bits(const qkd_model *m);
+/* The input the linear `kind` reads: xq (its per-token quantized copy of
+ * x) for a targeted linear while activations are quantized, else x. */
+const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                     const float *x, const float *xq);
+/* Refresh Q(w) from the latent weights: the training forward (smooth for
+ * the CONTINUOUS estimator) or hard rounding (decoding). Without force,
+ * nothing is done when the buffers already hold that kind of values. */
+void qkd__model_quantize_weights(qkd_model *m, int training, int force);
+/* Around the backward pass: zero dL/dQ(w), then add dL/dw to the gradient. */
+void qkd__model_student_backward_begin(qkd_model *m);
+void qkd__model_student_backward_end(qkd_model *m);
+/* Unbind (the model stays usable as a float model). */
+void qkd__model_free_student(qkd_model *m);
 
 /* Download n floats after the queued kernels have finished. */
 qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n);

@@ -45,12 +45,12 @@ new magic and beta:
     the gradient at indices (i * 7919) mod n_elements).
 
 Before writing, the script checks itself: the forward pass against
-llama2.c's logits (when REF_LOGITS is given); the quantizer's grid (at most
-16 levels per group, zero exactly representable, every weight within s/2 of
-its level unless clamped); that an unquantized student gives loss 0 and
-zero gradients; and how close to a rounding tie any w / s comes, since a
-tie that float32 arithmetic could break the other way would move a weight
-by a whole step.
+llama2.c's logits (when REF_LOGITS is given); the quantizer's grid (every
+Q(w) / s + z an integer code in 0..15, every weight within s/2 of its level
+unless clamped); that an unquantized student gives loss 0 and zero
+gradients; and that no w / s (or min / s) comes within 5e-6 of a rounding
+tie, which float32 arithmetic could break the other way, moving a weight by
+a whole step.
 """
 import struct
 import sys
@@ -63,6 +63,9 @@ import torch_golden as tg
 MAGIC = b"QKDKDQ01"
 BITS, GROUP = 4, 32
 QMAX = 2 ** BITS - 1
+# float32 arithmetic (libqkd's) moves x = w/s, |x| <= 15, by a few ulps,
+# about 4e-6: an x closer than this to a tie could round the other way
+TIE_MARGIN = 5e-6
 QUANTIZED = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up")
 
 
@@ -121,19 +124,19 @@ def is_quantized(name):
     return any(".%s." % kind in name for kind in QUANTIZED)
 
 
-def student_weights(params):
+def student_weights(params, quantize):
     """Student parameters as leaves and the forward weights built on them:
-    w + (Q(w) - w).detach() is Q(w) forward and passes dL/dQ straight
-    through to w (STE). Also returns the closest rounding tie."""
+    for a quantized tensor w + (Q(w) - w).detach(), which is Q(w) forward
+    and passes dL/dQ straight through to w (STE). Also returns the closest
+    rounding tie."""
     leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
     used, tie = {}, float("inf")
     for name, w in leaves.items():
-        if is_quantized(name):
+        used[name] = w
+        if quantize and is_quantized(name):
             q, t = fake_quantize(w.detach())
             tie = min(tie, t)
             used[name] = w + (q - w.detach())
-        else:
-            used[name] = w
     return leaves, used, tie
 
 
@@ -152,11 +155,7 @@ def cakld(student_logits, log_p, beta):
 
 def kd_step(params, cfg, tokens, log_p, beta, quantize):
     """(loss, {name: gradient}, closest tie) of one CAKLD step."""
-    if quantize:
-        leaves, used, tie = student_weights(params)
-    else:
-        leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-        used, tie = leaves, float("inf")
+    leaves, used, tie = student_weights(params, quantize)
     logits = tg.forward(used, cfg, tokens).reshape(-1, cfg["vocab_size"])
     loss = cakld(logits, log_p, beta)
     loss.backward()
@@ -191,8 +190,9 @@ def main(argv):
     self_check_float_student(params, cfg, tok, log_p, beta)
 
     loss, grads, tie = kd_step(params, cfg, tok, log_p, beta, quantize=True)
-    print("closest rounding tie: |x - (k + 1/2)| >= %.3g for x = w/s, min/s "
-          "(float32 errs by ~1e-6)" % tie)
+    print("closest rounding tie: |x - (k + 1/2)| >= %.3g for x = w/s, min/s" % tie)
+    if tie < TIE_MARGIN:
+        raise SystemExit("a weight is too close to a rounding tie for a float32 comparison")
     names = tg.tensor_names(cfg["n_layers"], cfg["tied"])
     write_golden(argv[3], tokens, targets, beta, loss, names, grads)
     print("beta %.10f, CAKLD loss %.10f, %d tensors, written to %s"

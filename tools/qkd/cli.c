@@ -15,7 +15,8 @@ static const char common_help[] =
     "  -h, --help       show this help\n";
 
 static const cli_command *const commands[] = {&cli_cmd_info, &cli_cmd_generate,
-                                               &cli_cmd_eval};
+                                               &cli_cmd_eval, &cli_cmd_distill,
+                                               &cli_cmd_report};
 enum { N_COMMANDS = sizeof commands / sizeof commands[0] };
 
 const cli_command *cli_find_command(const char *name)
@@ -112,6 +113,9 @@ static int store_value(const cli_option *o, const char *v)
         return parse_float(v, o->value);
     case CLI_U64:
         return parse_u64(v, o->value);
+    case CLI_FLAG:
+        *(int *)o->value = 1;
+        return 0;
     }
     return -1;
 }
@@ -172,7 +176,11 @@ int cli_parse(const cli_command *cmd, int argc, char **argv, const cli_option *o
             o = find_option(shared, sizeof shared / sizeof shared[0], arg, name_len);
         if (!o)
             return cli_usage_error(cmd, "unknown option '%.*s'", (int)name_len, arg);
-        const char *value = eq ? eq + 1 : (i + 1 < argc ? argv[++i] : NULL);
+        if (o->kind == CLI_FLAG && eq)
+            return cli_usage_error(cmd, "option '%s' takes no value", o->name);
+        const char *value = o->kind == CLI_FLAG ? ""
+                            : eq                ? eq + 1
+                                                : (i + 1 < argc ? argv[++i] : NULL);
         if (!value)
             return cli_usage_error(cmd, "option '%s' needs a value", o->name);
         if (store_value(o, value) != 0)

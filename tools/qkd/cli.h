@@ -27,6 +27,8 @@ typedef struct cli_command {
 extern const cli_command cli_cmd_info;
 extern const cli_command cli_cmd_generate;
 extern const cli_command cli_cmd_eval;
+extern const cli_command cli_cmd_distill;
+extern const cli_command cli_cmd_report;
 
 /* The subcommand called name, or NULL. */
 const cli_command *cli_find_command(const char *name);
@@ -35,7 +37,8 @@ typedef enum cli_kind {
     CLI_STRING, /* const char ** */
     CLI_INT,    /* int *, any value int holds; callers check ranges */
     CLI_FLOAT,  /* float *, finite */
-    CLI_U64     /* uint64_t *, unsigned decimal */
+    CLI_U64,    /* uint64_t *, unsigned decimal */
+    CLI_FLAG    /* int *, set to 1; takes no value */
 } cli_kind;
 
 typedef struct cli_option {

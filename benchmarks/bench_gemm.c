@@ -1,0 +1,161 @@
+/* GEMM GFLOP/s of the three matmul kernels (forward, both backward
+ * products) on the SIMD and reference backends, next to OpenBLAS's sgemm
+ * on the same operation when OpenBLAS was found at build time. Shapes: the
+ * 1024^3 square and the linear layers of stories260K and of the 15M LLaMA
+ * shape at 2048 tokens. Prints one JSON object.
+ *
+ *   bench-gemm [--quick]    (--quick: the square's forward only) */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "bench_util.h"
+#include "core/core.h"
+
+#ifdef QKD_BENCH_OPENBLAS
+#include <cblas.h>
+#endif
+
+enum op { FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT };
+static const char *const op_names[] = {"forward", "backward_input", "backward_weight"};
+
+struct shape {
+    const char *name;
+    int N, C, OC; /* tokens, in features, out features */
+};
+
+struct call {
+    qkd__backend *be; /* NULL: OpenBLAS */
+    enum op op;
+    float *out, *x, *w, *dout;
+    struct shape s;
+};
+
+static void run_call(void *arg)
+{
+    const struct call *c = arg;
+    const struct shape *s = &c->s;
+    if (c->be) {
+        switch (c->op) {
+        case FORWARD:
+            c->be->matmul_forward(c->be, c->out, c->x, c->w, s->N, s->C, s->OC);
+            break;
+        case BACKWARD_INPUT:
+            c->be->matmul_backward_input(c->be, c->out, c->dout, c->w, s->N, s->C, s->OC);
+            break;
+        case BACKWARD_WEIGHT:
+            c->be->matmul_backward_weight(c->be, c->out, c->dout, c->x, s->N, s->C, s->OC);
+            break;
+        }
+        return;
+    }
+#ifdef QKD_BENCH_OPENBLAS
+    switch (c->op) {
+    case FORWARD: /* out = x w^T */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s->N, s->OC, s->C, 1.0f, c->x,
+                    s->C, c->w, s->C, 0.0f, c->out, s->OC);
+        break;
+    case BACKWARD_INPUT: /* dx += dout w */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->N, s->C, s->OC, 1.0f,
+                    c->dout, s->OC, c->w, s->C, 1.0f, c->out, s->C);
+        break;
+    case BACKWARD_WEIGHT: /* dw += dout^T x */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, s->OC, s->C, s->N, 1.0f,
+                    c->dout, s->OC, c->x, s->C, 1.0f, c->out, s->C);
+        break;
+    }
+#endif
+}
+
+static double gflops(const struct call *c, double seconds)
+{
+    return 2.0 * c->s.N * c->s.C * c->s.OC / seconds * 1e-9;
+}
+
+static size_t out_floats(enum op op, const struct shape *s)
+{
+    switch (op) {
+    case FORWARD: return (size_t)s->N * s->OC;
+    case BACKWARD_INPUT: return (size_t)s->N * s->C;
+    default: return (size_t)s->OC * s->C;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    const struct shape shapes[] = {
+        {"square1024", 1024, 1024, 1024},
+        {"stories260K.attn_q", 2048, 64, 64},
+        {"stories260K.ffn_up", 2048, 64, 172},
+        {"stories260K.ffn_down", 2048, 172, 64},
+        {"stories260K.output", 2048, 64, 512},
+        {"15M.attn_q", 2048, 288, 288},
+        {"15M.ffn_up", 2048, 288, 768},
+        {"15M.ffn_down", 2048, 768, 288},
+        {"15M.output", 2048, 288, 32000},
+    };
+    int n_shapes = quick ? 1 : (int)(sizeof shapes / sizeof shapes[0]);
+    double secs = 0.3;
+    int cores = bench_cores();
+    int thread_counts[] = {1, cores};
+    int n_counts = cores > 1 ? 2 : 1;
+
+#ifdef QKD_BENCH_OPENBLAS
+    const int have_blas = 1;
+#else
+    const int have_blas = 0;
+#endif
+    printf("{\"benchmark\": \"gemm\", \"cores\": %d, \"openblas\": %s, \"results\": [", cores,
+           have_blas ? "true" : "false");
+    const char *sep = "\n";
+    for (int ti = 0; ti < n_counts; ti++) {
+        int threads = thread_counts[ti];
+        qkd_context *simd = bench_context(QKD_BACKEND_SIMD, threads);
+        qkd_context *ref = bench_context(QKD_BACKEND_REF, threads);
+#ifdef QKD_BENCH_OPENBLAS
+        openblas_set_num_threads(threads);
+#endif
+        for (int si = 0; si < n_shapes; si++) {
+            const struct shape *s = &shapes[si];
+            float *x = bench_random((size_t)s->N * s->C, 1);
+            float *w = bench_random((size_t)s->OC * s->C, 2);
+            float *dout = bench_random((size_t)s->N * s->OC, 3);
+            for (int op = FORWARD; op <= BACKWARD_WEIGHT; op++) {
+                if (quick && op != FORWARD)
+                    continue;
+                float *out = calloc(out_floats((enum op)op, s), sizeof *out);
+                struct call c = {.be = simd->backend, .op = (enum op)op, .out = out, .x = x,
+                                 .w = w, .dout = dout, .s = *s};
+                /* SIMD and OpenBLAS in turn; the slow reference on its own, once. */
+                struct call blas = c, refc = c;
+                blas.be = NULL;
+                refc.be = ref->backend;
+                void *contenders[2] = {&c, &blas};
+                double t[2];
+                bench_compare(run_call, contenders, have_blas ? 2 : 1, secs, 5, t);
+                double g_simd = gflops(&c, t[0]);
+                double g_ref = gflops(&c, bench_time(run_call, &refc, 0.0, 1));
+                printf("%s  {\"shape\": \"%s\", \"op\": \"%s\", \"M\": %d, \"K\": %d, "
+                       "\"N\": %d, \"threads\": %d, \"simd_gflops\": %.2f, "
+                       "\"ref_gflops\": %.2f",
+                       sep, s->name, op_names[op], s->N, s->C, s->OC, threads, g_simd, g_ref);
+                if (have_blas)
+                    printf(", \"openblas_gflops\": %.2f, \"simd_vs_openblas\": %.3f",
+                           gflops(&c, t[1]), t[1] / t[0]);
+                printf(", \"simd_vs_ref\": %.1f}", g_simd / g_ref);
+                fflush(stdout);
+                sep = ",\n";
+                free(out);
+            }
+            free(x);
+            free(w);
+            free(dout);
+        }
+        qkd_context_free(simd);
+        qkd_context_free(ref);
+    }
+    printf("\n]}\n");
+    return 0;
+}

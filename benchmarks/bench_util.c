@@ -1,0 +1,93 @@
+#include "bench_util.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+double bench_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+enum { MAX_RUNS = 1000, MAX_CONTENDERS = 8 };
+
+void bench_compare(void (*fn)(void *arg), void *const *args, int n, double min_seconds,
+                   int min_runs, double *seconds)
+{
+    static double times[MAX_CONTENDERS][MAX_RUNS];
+    if (n > MAX_CONTENDERS) {
+        fprintf(stderr, "bench_compare: at most %d contenders\n", MAX_CONTENDERS);
+        exit(1);
+    }
+    for (int i = 0; i < n; i++)
+        fn(args[i]);
+    int runs = 0;
+    double start = bench_now();
+    while (runs < MAX_RUNS && (runs < min_runs || bench_now() - start < min_seconds)) {
+        for (int i = 0; i < n; i++) {
+            double t0 = bench_now();
+            fn(args[i]);
+            times[i][runs] = bench_now() - t0;
+        }
+        runs++;
+    }
+    for (int i = 0; i < n; i++) {
+        qsort(times[i], (size_t)runs, sizeof times[i][0], cmp_double);
+        seconds[i] = times[i][runs / 2];
+    }
+}
+
+double bench_time(void (*fn)(void *arg), void *arg, double min_seconds, int min_runs)
+{
+    double t;
+    bench_compare(fn, &arg, 1, min_seconds, min_runs, &t);
+    return t;
+}
+
+qkd_context *bench_context(qkd_backend_kind backend, int n_threads)
+{
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.backend = backend;
+    p.n_threads = n_threads;
+    qkd_context *ctx = NULL;
+    qkd_status st = qkd_context_create(&p, &ctx);
+    if (st != QKD_OK) {
+        fprintf(stderr, "cannot create a context on backend %d: %s\n", (int)backend,
+                qkd_status_str(st));
+        exit(1);
+    }
+    return ctx;
+}
+
+float *bench_random(size_t n, uint64_t seed)
+{
+    float *x = malloc(n * sizeof *x);
+    if (!x) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        x[i] = (float)((double)(s >> 40) / (double)(1ull << 23) - 1.0);
+    }
+    return x;
+}
+
+int bench_cores(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (int)n;
+}

@@ -1,0 +1,34 @@
+/* Helpers shared by the benchmark programs: timing, contexts, random data. */
+#ifndef QKD_BENCH_UTIL_H
+#define QKD_BENCH_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qkd/qkd.h"
+
+/* Seconds on a monotonic clock. */
+double bench_now(void);
+
+/* Median seconds of one call of fn(arg): a warm-up call, then calls until
+ * min_seconds have passed and at least min_runs were made. */
+double bench_time(void (*fn)(void *arg), void *arg, double min_seconds, int min_runs);
+
+/* Median seconds of one call of each of n contenders fn(args[i]), timed in
+ * turn (one call of each per round, after a warm-up round) so that a
+ * change in the machine's load affects them alike: rounds run until
+ * min_seconds have passed and at least min_runs were made. */
+void bench_compare(void (*fn)(void *arg), void *const *args, int n, double min_seconds,
+                   int min_runs, double *seconds);
+
+/* A context on `backend` with n_threads threads; exits with a message on
+ * failure. */
+qkd_context *bench_context(qkd_backend_kind backend, int n_threads);
+
+/* n floats uniform in [-1, 1) from a fixed seed (malloc'd). */
+float *bench_random(size_t n, uint64_t seed);
+
+/* Online CPU cores. */
+int bench_cores(void);
+
+#endif

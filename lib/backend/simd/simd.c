@@ -1,0 +1,126 @@
+/* The SIMD backend's table, instruction-set choice, workspace and
+ * parallel-for. */
+#include "backend/simd/simd.h"
+
+/* The backend's private state. */
+struct simd_impl {
+    float *ws;
+    size_t ws_floats;
+    void (*ref_destroy)(qkd__backend *b); /* frees the table itself */
+};
+
+/* Below this many flops a job runs on the calling thread. */
+#define MIN_PARALLEL_FLOPS 200000.0
+
+float *qkd__simd_workspace(qkd__backend *b, size_t floats)
+{
+    struct simd_impl *impl = b->impl;
+    if (floats < 16)
+        floats = 16;
+    if (floats <= impl->ws_floats)
+        return impl->ws;
+    /* Grow by half again, so a slowly growing need does not reallocate
+     * every call. */
+    size_t want = floats + floats / 2;
+    float *ws = want <= SIZE_MAX / sizeof *ws ? qkd__alloc(b->ctx, want * sizeof *ws) : NULL;
+    if (!ws)
+        return NULL;
+    qkd__free(b->ctx, impl->ws);
+    impl->ws = ws;
+    impl->ws_floats = want;
+    return ws;
+}
+
+void qkd__simd_run(qkd__backend *b, int64_t n_tasks, double flops, qkd__task_fn fn, void *arg)
+{
+    if (flops < MIN_PARALLEL_FLOPS) {
+        for (int64_t i = 0; i < n_tasks; i++)
+            fn(arg, i);
+        return;
+    }
+    qkd__pool_run(b->ctx->pool, n_tasks, fn, arg);
+}
+
+struct slot_job {
+    qkd__simd_slot_fn fn;
+    const void *arg;
+    float *ws;
+    size_t slot_floats;
+    int64_t n, per_task;
+};
+
+static void slot_task(void *p, int64_t task)
+{
+    const struct slot_job *job = p;
+    int64_t begin = task * job->per_task;
+    int64_t end = job->n - begin < job->per_task ? job->n : begin + job->per_task;
+    job->fn(job->arg, begin, end, job->ws + (size_t)task * job->slot_floats);
+}
+
+int qkd__simd_parallel_slots(qkd__backend *b, int64_t n, double flops, size_t slot_floats,
+                             qkd__simd_slot_fn fn, const void *arg)
+{
+    if (n <= 0)
+        return 1;
+    /* A few ranges per thread even out uneven items; slots keep whole
+     * cache lines (64 bytes) apart. */
+    int64_t tasks = (double)n * flops < MIN_PARALLEL_FLOPS ? 1 : 4 * qkd__pool_size(b->ctx->pool);
+    if (tasks > n)
+        tasks = n;
+    int64_t per_task = (n + tasks - 1) / tasks;
+    tasks = (n + per_task - 1) / per_task;
+    slot_floats = (slot_floats + 15) & ~(size_t)15;
+    if (slot_floats && (size_t)tasks > SIZE_MAX / sizeof(float) / slot_floats)
+        return 0;
+    float *ws = qkd__simd_workspace(b, (size_t)tasks * slot_floats);
+    if (!ws)
+        return 0;
+    struct slot_job job = {.fn = fn, .arg = arg, .ws = ws, .slot_floats = slot_floats,
+                           .n = n, .per_task = per_task};
+    qkd__simd_run(b, tasks, (double)n * flops, slot_task, &job);
+    return 1;
+}
+
+static void simd_destroy(qkd__backend *b)
+{
+    struct simd_impl *impl = b->impl;
+    void (*ref_destroy)(qkd__backend *b) = impl->ref_destroy;
+    qkd__free(b->ctx, impl->ws);
+    qkd__free(b->ctx, impl);
+    ref_destroy(b);
+}
+
+/* The best instruction set this CPU (and its OS, which must save the
+ * wider registers) supports; the caller keeps the reference kernels when
+ * there is none. */
+static void install_best(qkd__backend *b)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("fma"))
+        qkd__simd_install_avx512(b);
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        qkd__simd_install_avx2(b);
+}
+
+qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out)
+{
+    *out = NULL;
+    struct simd_impl *impl = qkd__calloc(ctx, 1, sizeof *impl);
+    if (!impl)
+        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "simd backend: out of memory");
+    qkd__backend *b = NULL;
+    qkd_status st = qkd__backend_ref_create(ctx, &b);
+    if (st != QKD_OK) {
+        qkd__free(ctx, impl);
+        return st;
+    }
+    impl->ref_destroy = b->destroy;
+    b->name = "simd";
+    b->impl = impl;
+    b->destroy = simd_destroy;
+    install_best(b);
+    *out = b;
+    return QKD_OK;
+}

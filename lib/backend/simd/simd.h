@@ -1,0 +1,50 @@
+/* The SIMD CPU backend: the reference backend's table with SIMD kernels in
+ * the slots that matter for speed. The kernels (the *.inc files) are
+ * written once against the vector layer of vec.h and compiled once per
+ * instruction set (simd_avx2.c, simd_avx512.c); simd.c checks the CPU at
+ * creation and installs the best set it supports. Slots without a SIMD
+ * kernel keep the reference kernel, and so does a kernel whose workspace
+ * cannot be allocated.
+ *
+ * Every SIMD kernel is deterministic like the reference ones: each output
+ * element is written by one task and summed in an order fixed by the shape
+ * alone, so a result never depends on the thread count. */
+#ifndef QKD_LIB_BACKEND_SIMD_H
+#define QKD_LIB_BACKEND_SIMD_H
+
+#include "backend/backend.h"
+
+/* Instruction sets, for QKD_SIMD_ISA in the files that include vec.h. */
+#define QKD__SIMD_AVX2 1
+#define QKD__SIMD_AVX512 2
+
+/* Create the SIMD backend on ctx. */
+qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out);
+
+/* Scratch memory of a SIMD backend, kept between kernels and grown on
+ * demand: at least `floats` floats, 64-byte aligned, valid until the next
+ * call. NULL when it cannot grow; the kernel then runs the reference
+ * kernel instead. */
+float *qkd__simd_workspace(qkd__backend *b, size_t floats);
+
+/* Run fn(arg, i) for i in [0, n_tasks) on the context's pool, or inline on
+ * the calling thread when the whole job is below a few hundred thousand
+ * flops (waking threads would cost more). */
+void qkd__simd_run(qkd__backend *b, int64_t n_tasks, double flops, qkd__task_fn fn, void *arg);
+
+/* Processes items [begin, end) of a job described by arg, with `slot`, a
+ * piece of workspace no other task touches. */
+typedef void (*qkd__simd_slot_fn)(const void *arg, int64_t begin, int64_t end, float *slot);
+
+/* Run fn over the items [0, n) in contiguous ranges on the context's pool,
+ * each range with a slot of slot_floats floats of workspace (64-byte
+ * aligned). flops is the rough cost of one item. Returns 0, running
+ * nothing, if the workspace cannot be allocated. */
+int qkd__simd_parallel_slots(qkd__backend *b, int64_t n, double flops, size_t slot_floats,
+                             qkd__simd_slot_fn fn, const void *arg);
+
+/* Put each instruction set's kernels into the table. */
+void qkd__simd_install_avx2(qkd__backend *b);
+void qkd__simd_install_avx512(qkd__backend *b);
+
+#endif

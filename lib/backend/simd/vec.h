@@ -1,0 +1,206 @@
+/* The vector layer the SIMD kernels are written in: one float vector type
+ * `vf` of VL lanes and the few operations the kernels need, for the
+ * instruction set the including file names with QKD_SIMD_ISA. The kernels
+ * (the *.inc files) are written once against this layer and compiled once
+ * per instruction set; every function of the including file is compiled
+ * for that instruction set by the target pragma below, and only called
+ * after the CPU was checked for it (simd.c).
+ *
+ * Include this after every other header of the file. */
+#ifndef QKD_LIB_BACKEND_SIMD_VEC_H
+#define QKD_LIB_BACKEND_SIMD_VEC_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#if QKD_SIMD_ISA == QKD__SIMD_AVX512
+#define QKD_SIMD_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+#elif QKD_SIMD_ISA == QKD__SIMD_AVX2
+#define QKD_SIMD_TARGET "avx2,fma,f16c"
+#else
+#error "QKD_SIMD_ISA names no instruction set"
+#endif
+
+#define QKD_SIMD_PRAGMA(x) _Pragma(#x)
+#ifdef __clang__
+#define QKD_SIMD_PUSH(t) \
+    QKD_SIMD_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#else
+#define QKD_SIMD_PUSH(t) QKD_SIMD_PRAGMA(GCC target(t))
+#endif
+QKD_SIMD_PUSH(QKD_SIMD_TARGET)
+
+#if QKD_SIMD_ISA == QKD__SIMD_AVX512
+
+#define VL 16
+#define GEMM_MR 12 /* rows of a matmul micro-tile: 24 of the 32 registers */
+typedef __m512 vf;
+typedef __m512d vd; /* VL / 2 doubles */
+
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
+static inline __mmask16 first_n(int n) { return (__mmask16)((1u << n) - 1u); }
+/* The first n (0..VL) lanes from p, zeros after; reads only those lanes. */
+static inline vf vload_n(const float *p, int n) { return _mm512_maskz_loadu_ps(first_n(n), p); }
+static inline void vstore_n(float *p, vf x, int n) { _mm512_mask_storeu_ps(p, first_n(n), x); }
+/* The first n lanes from p, `fill` after. */
+static inline vf vload_n_or(const float *p, int n, float fill)
+{
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_n(n), p);
+}
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+/* max and min return b where either is NaN */
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vsqrt(vf a) { return _mm512_sqrt_ps(a); }
+/* a * b + c, one rounding */
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+/* (x1, x0, x3, x2, ...): the partner of each interleaved pair */
+static inline vf vswap_pairs(vf x) { return _mm512_permute_ps(x, 0xB1); }
+/* lanes where a < b take x, the others y */
+static inline vf vselect_lt(vf a, vf b, vf x, vf y)
+{
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+}
+static inline float vhsum(vf x) { return _mm512_reduce_add_ps(x); }
+static inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
+/* 2^n for integral n in a float vector, n >= -126 */
+static inline vf vpow2i(vf n)
+{
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+static inline vf vround(vf x)
+{
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline vd vd_load(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+static inline void vd_store(float *p, vd x) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(x)); }
+static inline vd vd_set1(double x) { return _mm512_set1_pd(x); }
+static inline vd vd_add(vd a, vd b) { return _mm512_add_pd(a, b); }
+static inline vd vd_sub(vd a, vd b) { return _mm512_sub_pd(a, b); }
+static inline vd vd_mul(vd a, vd b) { return _mm512_mul_pd(a, b); }
+static inline vd vd_div(vd a, vd b) { return _mm512_div_pd(a, b); }
+static inline vd vd_sqrt(vd a) { return _mm512_sqrt_pd(a); }
+
+#else /* AVX2 */
+
+#define VL 8
+#define GEMM_MR 6 /* rows of a matmul micro-tile: 12 of the 16 registers */
+typedef __m256 vf;
+typedef __m256d vd;
+
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vf x) { _mm256_storeu_ps(p, x); }
+static inline __m256i first_n(int n)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vload_n(const float *p, int n) { return _mm256_maskload_ps(p, first_n(n)); }
+static inline void vstore_n(float *p, vf x, int n) { _mm256_maskstore_ps(p, first_n(n), x); }
+static inline vf vload_n_or(const float *p, int n, float fill)
+{
+    __m256i m = first_n(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vsqrt(vf a) { return _mm256_sqrt_ps(a); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vswap_pairs(vf x) { return _mm256_permute_ps(x, 0xB1); }
+static inline vf vselect_lt(vf a, vf b, vf x, vf y)
+{
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+}
+static inline float vhsum(vf x)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float vhmax(vf x)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vf vpow2i(vf n)
+{
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+static inline vf vround(vf x)
+{
+    return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline vd vd_load(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+static inline void vd_store(float *p, vd x) { _mm_storeu_ps(p, _mm256_cvtpd_ps(x)); }
+static inline vd vd_set1(double x) { return _mm256_set1_pd(x); }
+static inline vd vd_add(vd a, vd b) { return _mm256_add_pd(a, b); }
+static inline vd vd_sub(vd a, vd b) { return _mm256_sub_pd(a, b); }
+static inline vd vd_mul(vd a, vd b) { return _mm256_mul_pd(a, b); }
+static inline vd vd_div(vd a, vd b) { return _mm256_div_pd(a, b); }
+static inline vd vd_sqrt(vd a) { return _mm256_sqrt_pd(a); }
+
+#endif
+
+/* Doubles per vd. */
+#define VDL (VL / 2)
+
+/* ---- small integer helpers the kernels share ---- */
+
+static inline int min_i(int a, int b)
+{
+    return a < b ? a : b;
+}
+
+static inline int ceil_div(int a, int b)
+{
+    return (a + b - 1) / b;
+}
+
+static inline int round_up(int n, int m)
+{
+    return ceil_div(n, m) * m;
+}
+
+/* exp(x) in float: x = n ln2 + r with |r| <= ln2/2, e^r from a degree-6
+ * polynomial (Cephes' expf coefficients, about 1 ulp), times 2^n. Below
+ * -87.3 the result is 0, above 88.7 it is +inf; NaN stays NaN. */
+static inline vf vexp(vf x)
+{
+    const vf lo = vset1(-87.33654f), hi = vset1(88.72283f);
+    vf xc = vmin(hi, vmax(lo, x)); /* max/min return x when it is NaN */
+    vf n = vround(vmul(xc, vset1(1.44269504088896341f)));
+    vf r = vfma(n, vset1(-0.693359375f), xc);
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    vf p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(vmul(p, r), r, vadd(r, vset1(1.0f)));
+    /* 2^n in two halves keeps n = 128 (x near 88.7) representable */
+    vf half = vround(vmul(n, vset1(0.5f)));
+    vf e = vmul(vmul(p, vpow2i(half)), vpow2i(vsub(n, half)));
+    e = vselect_lt(x, lo, vzero(), e);
+    return vselect_lt(hi, x, vset1(__builtin_inff()), e);
+}
+
+#endif

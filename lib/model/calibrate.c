@@ -1,0 +1,122 @@
+/* Clip calibration of a student (BitDistiller's "auto clip"): one forward
+ * of the float model keeps every linear's inputs; each targeted tensor's
+ * clip is then searched on them and its latent weights clamped in place.
+ * As in BitDistiller, every layer sees the unclipped outputs of the layer
+ * below. */
+#include "model/model_impl.h"
+
+#define MAX_SAMPLES 512 /* input rows a search looks at */
+
+/* The device inputs [N][cols] the tensor's linear read in the last
+ * forward; NULL for an untied embedding, which is searched on its weight
+ * error. */
+static const float *linear_input(const qkd_model *m, const qkd__tensor_entry *e)
+{
+    const qkd__train_acts *a = &m->acts;
+    switch (e->kind) {
+    case QKD_TENSOR_ATTN_Q:
+    case QKD_TENSOR_ATTN_K:
+    case QKD_TENSOR_ATTN_V:
+        return a->layers[e->layer].h;
+    case QKD_TENSOR_ATTN_OUTPUT:
+        return a->layers[e->layer].att;
+    case QKD_TENSOR_FFN_GATE:
+    case QKD_TENSOR_FFN_UP:
+        return a->layers[e->layer].h2;
+    case QKD_TENSOR_FFN_DOWN:
+        return a->layers[e->layer].sw;
+    case QKD_TENSOR_OUTPUT:
+        return a->xf;
+    default: /* token_embd: the head's input when tied */
+        return m->cfg.tied_embeddings ? a->xf : NULL;
+    }
+}
+
+/* n_x rows spread evenly over the N of the last forward: row k*N/n_x. */
+static qkd_status sample_inputs(const qkd_model *m, const float *in, int64_t cols, int64_t n_x,
+                                float *x)
+{
+    const int64_t N = (int64_t)m->acts.B * m->acts.T;
+    for (int64_t k = 0; k < n_x; k++) {
+        qkd_status st = qkd__model_download(m, x + k * cols, in + (k * N / n_x) * cols,
+                                            (size_t)cols);
+        if (st != QKD_OK)
+            return st;
+    }
+    return QKD_OK;
+}
+
+static qkd_status calibrate_tensor(qkd_model *m, int i, int by_output, float *w, float *x,
+                                   int64_t n_x)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const qkd__tensor_entry *e = &m->tensors[i];
+    const size_t n = (size_t)(e->rows * e->cols);
+    const float *in = by_output ? linear_input(m, e) : NULL;
+    float *dev_w = m->params + e->offset;
+    qkd_status st = qkd__model_download(m, w, dev_w, n);
+    if (st == QKD_OK && in)
+        st = sample_inputs(m, in, e->cols, n_x, x);
+    if (st == QKD_OK)
+        st = qkd__quantizer_search_clip(m->student.q, w, e->rows, e->cols, in ? x : NULL, n_x,
+                                        e->name);
+    return st == QKD_OK ? be->upload(be, dev_w, w, n * sizeof(float)) : st;
+}
+
+/* Host buffers for the largest targeted tensor and its sampled inputs. */
+static qkd_status search_all(qkd_model *m, int by_output, int64_t n_x)
+{
+    size_t w_floats = 0, x_floats = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (!m->student.t[i].wq)
+            continue;
+        if ((size_t)(e->rows * e->cols) > w_floats)
+            w_floats = (size_t)(e->rows * e->cols);
+        if ((size_t)(n_x * e->cols) > x_floats)
+            x_floats = (size_t)(n_x * e->cols);
+    }
+    float *w = qkd__alloc(m->ctx, (w_floats + x_floats) * sizeof(float));
+    if (!w)
+        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "calibrate: out of memory");
+    qkd_status st = QKD_OK;
+    for (int i = 0; i < m->n_tensors && st == QKD_OK; i++) {
+        if (m->student.t[i].wq)
+            st = calibrate_tensor(m, i, by_output, w, w + w_floats, n_x);
+    }
+    qkd__free(m->ctx, w);
+    return st;
+}
+
+qkd_status qkd_quantizer_calibrate(qkd_quantizer *q, qkd_model *m, const int32_t *tokens, int B,
+                                   int T)
+{
+    if (!q)
+        return QKD_ERR_INVALID_ARG;
+    qkd_context *ctx = qkd__quantizer_context(q);
+    const qkd_clip_mode clip = qkd__quantizer_params(q)->clip;
+    if (!m)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG, "calibrate: model is NULL");
+    if (m->student.q != q)
+        return qkd__error(ctx, QKD_ERR_STATE,
+                          "calibrate: the model is not bound to this quantizer (call "
+                          "qkd_model_set_quantizer first)");
+    if (clip != QKD_CLIP_SEARCH_WEIGHT && clip != QKD_CLIP_SEARCH_OUTPUT)
+        return qkd__error(ctx, QKD_ERR_STATE,
+                          "calibrate: the quantizer's clip mode %d is not a SEARCH mode",
+                          (int)clip);
+    const int by_output = clip == QKD_CLIP_SEARCH_OUTPUT;
+    int64_t n_x = 0;
+    if (by_output) {
+        m->student.off = 1; /* the float model's activations */
+        qkd_status st = qkd_model_forward(m, tokens, B, T);
+        m->student.off = 0;
+        if (st != QKD_OK)
+            return st;
+        n_x = (int64_t)B * T < MAX_SAMPLES ? (int64_t)B * T : MAX_SAMPLES;
+    }
+    qkd_status st = search_all(m, by_output, n_x);
+    m->has_forward = m->has_dlogits = 0; /* that forward was not the student's */
+    m->student.wq_smooth = -1;           /* the latent weights changed */
+    return st;
+}

@@ -1,0 +1,241 @@
+/* A student: a model bound to a quantizer. Its forward reads Q(w) from a
+ * device copy of every targeted tensor, refreshed from the latent weights
+ * at the start of each forward; its backward collects dL/dQ(w) in a
+ * separate buffer and maps it to dL/dw through the quantizer's estimator,
+ * adding it to the model's gradient. */
+#include <math.h>
+
+#include "model/model_impl.h"
+
+#define CHUNK_FLOATS 65536 /* host staging buffer of the finiteness check */
+
+#define NORM_TARGETS                                                                \
+    (QKD_QUANT_TARGET(QKD_TENSOR_ATTN_NORM) | QKD_QUANT_TARGET(QKD_TENSOR_FFN_NORM) | \
+     QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT_NORM))
+#define ALL_TARGETS ((QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT) << 1) - 1u)
+
+/* A tied model's token_embd is also its output head: naming either
+ * quantizes the one tensor, as a deployed file stores it once. */
+static int is_targeted(const qkd_model *m, const qkd__tensor_entry *e, unsigned targets)
+{
+    if (targets & QKD_QUANT_TARGET(e->kind))
+        return 1;
+    return e->kind == QKD_TENSOR_TOKEN_EMBD && m->cfg.tied_embeddings &&
+           (targets & QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT));
+}
+
+static int is_live(const qkd_model *m)
+{
+    return m->student.q && !m->student.off;
+}
+
+static int weight_index(const qkd_model *m, qkd_tensor_kind kind, int layer)
+{
+    if (kind == QKD_TENSOR_OUTPUT && m->cfg.tied_embeddings)
+        kind = QKD_TENSOR_TOKEN_EMBD;
+    return qkd__model_tensor_index(m, kind, layer);
+}
+
+/* The tensor's quantization state while the student is live, else NULL. */
+static const qkd__qtensor *live_qtensor(const qkd_model *m, qkd_tensor_kind kind, int layer)
+{
+    if (!is_live(m))
+        return NULL;
+    const qkd__qtensor *t = &m->student.t[weight_index(m, kind, layer)];
+    return t->wq ? t : NULL;
+}
+
+/* ---- what the passes read ------------------------------------------------ */
+
+const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int layer)
+{
+    const qkd__qtensor *t = live_qtensor(m, kind, layer);
+    return t ? t->wq : qkd__model_tensor_ptr(m, m->params, kind, layer);
+}
+
+float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer)
+{
+    const qkd__qtensor *t = live_qtensor(m, kind, layer);
+    return t ? t->dwq : qkd__model_tensor_ptr(m, m->grads, kind, layer);
+}
+
+int qkd__model_act_bits(const qkd_model *m)
+{
+    return is_live(m) ? m->student.act_bits : 0;
+}
+
+int qkd__model_kv_bits(const qkd_model *m)
+{
+    return is_live(m) ? m->student.kv_bits : 0;
+}
+
+const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                     const float *x, const float *xq)
+{
+    return qkd__model_act_bits(m) && live_qtensor(m, kind, layer) ? xq : x;
+}
+
+/* ---- the passes' hooks ----------------------------------------------------- */
+
+void qkd__model_quantize_weights(qkd_model *m, int training, int force)
+{
+    qkd__student *s = &m->student;
+    if (!is_live(m))
+        return;
+    int smooth = training && qkd__quantizer_smooth(s->q);
+    if (!force && s->wq_smooth == smooth)
+        return;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const qkd__qtensor *t = &s->t[i];
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (t->wq)
+            qkd__quantizer_forward(s->q, t->wq, t->scales, t->zeros, m->params + e->offset,
+                                   e->rows, e->cols, smooth);
+    }
+    s->wq_smooth = smooth;
+}
+
+void qkd__model_student_backward_begin(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    if (!is_live(m))
+        return;
+    qkd__model_quantize_weights(m, 1, 0); /* in case a decode left hard values */
+    for (int i = 0; i < m->n_tensors; i++) {
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (m->student.t[i].dwq)
+            be->fill(be, m->student.t[i].dwq, 0.0f, (size_t)(e->rows * e->cols));
+    }
+}
+
+void qkd__model_student_backward_end(qkd_model *m)
+{
+    const qkd__student *s = &m->student;
+    if (!is_live(m))
+        return;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const qkd__qtensor *t = &s->t[i];
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (t->wq)
+            qkd__quantizer_backward(s->q, m->grads + e->offset, t->dwq, m->params + e->offset,
+                                    t->scales, t->zeros, e->rows, e->cols);
+    }
+}
+
+/* ---- binding ------------------------------------------------------------------- */
+
+static qkd_status check_targets(const qkd_model *m, const qkd_quantizer *q, unsigned targets)
+{
+    if (qkd__quantizer_context(q) != m->ctx)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "set_quantizer: the quantizer and the model belong to different "
+                          "contexts");
+    if (targets == 0)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG, "set_quantizer: targets is empty");
+    if (targets & ~ALL_TARGETS)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "set_quantizer: targets 0x%x names no tensor kind", targets);
+    if (targets & NORM_TARGETS)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "set_quantizer: targets 0x%x names norm weights, which stay in float",
+                          targets);
+    return QKD_OK;
+}
+
+/* NON_FINITE if a targeted tensor holds NaN or Inf, naming where. */
+static qkd_status check_finite(const qkd_model *m, const qkd__tensor_entry *e, float *chunk)
+{
+    const size_t n = (size_t)(e->rows * e->cols);
+    for (size_t done = 0; done < n; done += CHUNK_FLOATS) {
+        size_t len = n - done < CHUNK_FLOATS ? n - done : CHUNK_FLOATS;
+        qkd_status st = qkd__model_download(m, chunk, m->params + e->offset + done, len);
+        if (st != QKD_OK)
+            return st;
+        for (size_t i = 0; i < len; i++) {
+            if (!isfinite(chunk[i]))
+                return qkd__error(m->ctx, QKD_ERR_NON_FINITE,
+                                  "set_quantizer: %s[%zu] is not finite", e->name, done + i);
+        }
+    }
+    return QKD_OK;
+}
+
+static qkd_status check_weights(const qkd_model *m, unsigned targets)
+{
+    float *chunk = qkd__alloc(m->ctx, CHUNK_FLOATS * sizeof(float));
+    if (!chunk)
+        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
+    qkd_status st = QKD_OK;
+    for (int i = 0; i < m->n_tensors && st == QKD_OK; i++) {
+        if (is_targeted(m, &m->tensors[i], targets))
+            st = check_finite(m, &m->tensors[i], chunk);
+    }
+    qkd__free(m->ctx, chunk);
+    return st;
+}
+
+typedef struct student_plan {
+    const qkd_model *m;
+    const qkd_quantizer *q;
+    unsigned targets;
+    qkd__qtensor *t;
+} student_plan;
+
+static void plan_student(void *arg, qkd__arena *a)
+{
+    const student_plan *p = arg;
+    for (int i = 0; i < p->m->n_tensors; i++) {
+        const qkd__tensor_entry *e = &p->m->tensors[i];
+        if (!is_targeted(p->m, e, p->targets))
+            continue;
+        size_t ng = (size_t)qkd_quantizer_n_groups(p->q, e->rows, e->cols);
+        p->t[i].wq = qkd__arena_take(a, (size_t)e->rows, (size_t)e->cols);
+        p->t[i].dwq = qkd__arena_take(a, (size_t)e->rows, (size_t)e->cols);
+        p->t[i].scales = qkd__arena_take(a, ng, 1);
+        p->t[i].zeros = qkd__arena_take(a, ng, 1);
+    }
+}
+
+void qkd__model_free_student(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    be->free(be, m->student.mem);
+    qkd__free(m->ctx, m->student.t);
+    m->student = (qkd__student){0};
+}
+
+static qkd_status bind(qkd_model *m, qkd_quantizer *q, unsigned targets)
+{
+    const qkd_quant_params *p = qkd__quantizer_params(q);
+    qkd__student s = {.q = q, .act_bits = p->act_bits, .kv_bits = p->kv_bits, .wq_smooth = -1};
+    s.t = qkd__calloc(m->ctx, (size_t)m->n_tensors, sizeof *s.t);
+    if (!s.t)
+        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
+    student_plan plan = {m, q, targets, s.t};
+    qkd_status st = qkd__arena_alloc(m->ctx, "set_quantizer: quantized weights", plan_student,
+                                     &plan, &s.mem);
+    if (st != QKD_OK) {
+        qkd__free(m->ctx, s.t);
+        return st;
+    }
+    qkd__model_free_student(m);
+    m->student = s;
+    return QKD_OK;
+}
+
+qkd_status qkd_model_set_quantizer(qkd_model *m, qkd_quantizer *q, unsigned targets)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    qkd_status st = QKD_OK;
+    if (q && ((st = check_targets(m, q, targets)) || (st = check_weights(m, targets)) ||
+              (st = bind(m, q, targets))))
+        return st;
+    if (!q)
+        qkd__model_free_student(m);
+    /* activations and the cache are planned again, with or without the
+     * buffers of quantized activations */
+    qkd__model_free_acts(m);
+    qkd__model_free_decode(m);
+    return QKD_OK;
+}

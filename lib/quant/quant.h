@@ -1,0 +1,34 @@
+/* Internal quantizer interface for the model (binding, calibration): how a
+ * quantizer drives the backend's fake-quantization kernels. */
+#ifndef QKD_LIB_QUANT_H
+#define QKD_LIB_QUANT_H
+
+#include "backend/backend.h"
+#include "qkd/quant.h"
+
+qkd_context *qkd__quantizer_context(const qkd_quantizer *q);
+const qkd_quant_params *qkd__quantizer_params(const qkd_quantizer *q);
+
+/* 1 when the training forward rounds smoothly (the CONTINUOUS estimator). */
+int qkd__quantizer_smooth(const qkd_quantizer *q);
+
+/* wq = Q(w) of a device weight w[rows][cols] with the quantizer's groups;
+ * scales and zeros receive qkd_quantizer_n_groups(q, rows, cols) floats.
+ * smooth: round_T and SoftClamp instead of hard rounding. */
+void qkd__quantizer_forward(const qkd_quantizer *q, float *wq, float *scales, float *zeros,
+                            const float *w, int64_t rows, int64_t cols, int smooth);
+/* dw += dQ(w)/dw * dwq through the quantizer's estimator, from the
+ * scales and zeros of the forward. */
+void qkd__quantizer_backward(const qkd_quantizer *q, float *dw, const float *dwq,
+                             const float *w, const float *scales, const float *zeros,
+                             int64_t rows, int64_t cols);
+
+/* The SEARCH clip of a host weight w[rows][cols], clamped in place: per
+ * group, the grid's shrink factors that minimise the squared error of the
+ * quantized weight (x NULL) or of the group's partial dot products with
+ * the inputs x[n_x][cols]. `what` names the tensor in messages. Errors:
+ * NO_MEMORY, BACKEND. */
+qkd_status qkd__quantizer_search_clip(qkd_quantizer *q, float *w, int64_t rows, int64_t cols,
+                                      const float *x, int64_t n_x, const char *what);
+
+#endif
