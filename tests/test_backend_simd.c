@@ -567,27 +567,47 @@ static double lse_d(const float *x, int V, double it)
     return m + log(sum);
 }
 
-/* The magnitude a row's value is summed from: tau^2 sum (p + q)(|log p| +
- * |log q|) for the softmax kinds, |lse| + |s_y| for CE, the value for MSE. */
-static double kd_value_scale(const float *s, const float *t, int y, int V, int kind, double tau,
-                             double value)
+/* The magnitudes a row's value and gradient are computed from, per
+ * element v: m_v = (p_v + q_v)(1 + |log p_v| + |log q_v| + |s_v / tau| +
+ * |t_v / tau|) for the softmax kinds (their log-ratios are formed from the
+ * logits in float), (1 + q_v) for CE. The value's scale is tau^2 sum m_v
+ * (CE: |lse| + |s_y|), the gradient's |scale w| tau m_v (1 + |value|),
+ * plus the |ds| it is added to; for MSE, sum (|s_v| + |t_v|)^2 / V and
+ * |scale w| 2 (|s_v| + |t_v|) / V. */
+struct kd_scales {
+    double value;
+    double *grad; /* [V] */
+};
+
+static void kd_row_scales(const float *s, const float *t, const float *ds0, int y, int V,
+                          int kind, double tau, double coef, double value, struct kd_scales *k)
 {
-    if (kind == QKD_LOSS_MSE)
-        return fabs(value) + 1e-30;
-    if (kind == QKD_LOSS_CE)
-        return fabs(lse_d(s, V, 1.0)) + fabs(s[y]);
-    double ls = lse_d(s, V, 1.0 / tau), lt = lse_d(t, V, 1.0 / tau), sum = 0.0;
+    double ls = lse_d(s, V, 1.0 / tau), lt = kind == QKD_LOSS_CE ? 0.0 : lse_d(t, V, 1.0 / tau);
+    double sum = 0.0;
     for (int v = 0; v < V; v++) {
-        double lq = s[v] / tau - ls, lp = t[v] / tau - lt;
-        sum += (exp(lp) + exp(lq)) * (fabs(lp) + fabs(lq));
+        double lq = s[v] / tau - ls, lp = t[v] / tau - lt, m;
+        if (kind == QKD_LOSS_MSE) {
+            double st = fabs(s[v]) + fabs(t[v]);
+            sum += st * st / V;
+            k->grad[v] = fabs(coef) * 2.0 * st / V + fabs(ds0[v]) + 1e-30;
+            continue;
+        }
+        if (kind == QKD_LOSS_CE)
+            m = 1.0 + exp(lq);
+        else
+            m = (exp(lp) + exp(lq)) * (1.0 + fabs(lp) + fabs(lq) + fabs(s[v] / tau) +
+                                       fabs(t[v] / tau));
+        sum += m;
+        k->grad[v] = fabs(coef) * tau * m * (1.0 + fabs(value)) + fabs(ds0[v]) + 1e-30;
     }
-    return tau * tau * sum + fabs(value) + 1e-30;
+    k->value = kind == QKD_LOSS_CE ? fabs(ls) + fabs(s[y]) : tau * tau * sum + 1e-30;
 }
 
 static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, float tau,
                     int weighted, int with_grad)
 {
     size_t n = (size_t)N * V;
+    const float scale = 0.7f;
     float *s = vec_rand(n, -8, 8), *t = vec_rand(n, -8, 8), *w = vec_rand((size_t)N, 0.5, 2);
     float *ds0 = vec_rand(n, -1e-3, 1e-3);
     int32_t *y = malloc((size_t)N * sizeof *y);
@@ -598,23 +618,31 @@ static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, 
     float *l_s = vec_new((size_t)N), *l_r = vec_new((size_t)N);
     float *d_s = vec_copy(ds0, n), *d_r = vec_copy(ds0, n);
     const float *row_w = weighted ? w : NULL;
-    sb->kd_loss(sb, l_s, with_grad ? d_s : NULL, s, t, y, row_w, 0.7f, N, V, kind, tau, 0.3f);
-    rb->kd_loss(rb, l_r, with_grad ? d_r : NULL, s, t, y, row_w, 0.7f, N, V, kind, tau, 0.3f);
+    sb->kd_loss(sb, l_s, with_grad ? d_s : NULL, s, t, y, row_w, scale, N, V, kind, tau, 0.3f);
+    rb->kd_loss(rb, l_r, with_grad ? d_r : NULL, s, t, y, row_w, scale, N, V, kind, tau, 0.3f);
+    double tau_k = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE ? 1.0 : tau;
+    struct kd_scales k = {.grad = dvec_new((size_t)V)};
+    char what[80];
     for (int i = 0; i < N; i++) {
+        size_t off = (size_t)i * V;
         if (!isfinite(l_r[i])) {
             ck_assert_msg(!isfinite(l_s[i]), "kind %d row %d: simd %g, ref non-finite", kind,
                           i, (double)l_s[i]);
+            ck_assert_msg(memcmp(d_s + off, ds0 + off, (size_t)V * sizeof *d_s) == 0,
+                          "kind %d row %d: a non-finite row got a gradient", kind, i);
             continue;
         }
-        double tau_k = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE ? 1.0 : tau;
-        double scale = (weighted ? w[i] : 1.0) *
-                       kd_value_scale(s + (size_t)i * V, t + (size_t)i * V, y[i] < 0 ? 0 : y[i],
-                                      V, kind, tau_k, l_r[i]);
-        ck_assert_msg(fabs((double)l_s[i] - l_r[i]) <= TOL * scale,
+        double wi = weighted ? w[i] : 1.0;
+        kd_row_scales(s + off, t + off, ds0 + off, y[i] < 0 ? 0 : y[i], V, kind, tau_k,
+                      scale * wi, l_r[i] / wi, &k);
+        ck_assert_msg(fabs((double)l_s[i] - l_r[i]) <= TOL * wi * k.value,
                       "kind %d V %d row %d: simd %.9g ref %.9g (scale %.3g)", kind, V, i,
-                      (double)l_s[i], (double)l_r[i], scale);
+                      (double)l_s[i], (double)l_r[i], wi * k.value);
+        snprintf(what, sizeof what, "kd_loss kind %d V %d tau %g row %d ds", kind, V,
+                 (double)tau, i);
+        assert_close(what, d_s + off, d_r + off, k.grad, (size_t)V, TOL);
     }
-    assert_close_rows("kd_loss ds", d_s, d_r, (size_t)N, (size_t)V, TOL);
+    free(k.grad);
     free(s); free(t); free(w); free(ds0); free(y); free(l_s); free(l_r); free(d_s); free(d_r);
 }
 
