@@ -1,12 +1,21 @@
-/* Training-step throughput: forward, cross-entropy and backward (with the
- * gradients zeroed first) on B x T random tokens, in tokens per second, on
- * the SIMD and reference backends with every core, for stories260K's shape
- * and the 15M LLaMA shape (dim 288, 6 layers, 6 heads, hidden 768, vocab
- * 32000). Weights are random: speed does not depend on them. The SIMD
- * figure is the median of several steps after a warm-up; the reference
- * figure, a single step (it takes seconds). Prints one JSON object.
+/* Training-step throughput in tokens per second, SIMD backend next to the
+ * reference backend, with every core, for stories260K's shape and the 15M
+ * LLaMA shape (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000,
+ * untied), B x T = 4 x 256 random tokens, random weights (speed does not
+ * depend on them). Two steps:
+ *   - train: zero the gradients, forward, cross-entropy, backward;
+ *   - kdqat: the KD-QAT step of ../shared/bench/torch_kdqat.py: a frozen
+ *     fp32 teacher's forward, the student's forward with every linear
+ *     weight fake-quantized (4-bit asymmetric, groups of 32, STE), CAKLD
+ *     with the teacher's mean top-1 probability as beta, the student's
+ *     backward and an AdamW step.
+ * The two backends are timed in turn (one reference step, then a few SIMD
+ * steps, per round), so a change in the machine's load hits both; figures
+ * are medians. Prints one JSON object.
  *
- *   bench-train [--quick]    (--quick: stories260K only) */
+ *   bench-train [--quick] [--simd-only]
+ *     --quick: stories260K only; --simd-only: no reference steps (for
+ *     profiling), the reference figures read null. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,38 +24,36 @@
 
 struct shape {
     const char *name;
-    int dim, hidden, layers, heads, kv_heads, vocab;
+    int dim, hidden, layers, heads, kv_heads, vocab, tied;
+    int rounds; /* reference steps (seconds each at 15M) */
 };
 
-struct step {
-    qkd_model *m;
-    int32_t *tokens, *targets;
+enum kind { TRAIN, KDQAT };
+static const char *const kind_names[] = {"train", "kdqat"};
+
+/* Everything one backend's step uses. */
+struct setup {
+    qkd_context *ctx;
+    qkd_model *student, *teacher;
+    qkd_quantizer *quant;
+    qkd_loss *loss;
+    qkd_optimizer *opt;
+    const int32_t *tokens, *targets;
     int B, T;
+    enum kind kind;
 };
 
-static void check(qkd_status st, const char *what)
+static void check(qkd_context *ctx, qkd_status st, const char *what)
 {
     if (st != QKD_OK) {
-        fprintf(stderr, "bench-train: %s failed: %s\n", what, qkd_status_str(st));
+        fprintf(stderr, "bench-train: %s: %s (%s)\n", what, qkd_status_str(st),
+                ctx ? qkd_context_last_error(ctx) : "");
         exit(1);
     }
 }
 
-static void run_step(void *arg)
+static qkd_model *make_model(qkd_context *ctx, const struct shape *sh, int T)
 {
-    const struct step *s = arg;
-    float loss;
-    check(qkd_model_zero_grad(s->m), "zero_grad");
-    check(qkd_model_forward(s->m, s->tokens, s->B, s->T), "forward");
-    check(qkd_model_cross_entropy(s->m, s->targets, 1, &loss), "cross_entropy");
-    check(qkd_model_backward(s->m, NULL), "backward");
-}
-
-/* Seconds per step of `shape` on a context of `backend`. */
-static double time_step(const struct shape *sh, qkd_backend_kind backend, int threads, int B,
-                        int T, int timed_runs)
-{
-    qkd_context *ctx = bench_context(backend, threads);
     qkd_model_config cfg;
     qkd_model_config_init(&cfg);
     cfg.dim = sh->dim;
@@ -56,57 +63,157 @@ static double time_step(const struct shape *sh, qkd_backend_kind backend, int th
     cfg.n_kv_heads = sh->kv_heads;
     cfg.vocab_size = sh->vocab;
     cfg.max_seq_len = T;
-    struct step s = {.B = B, .T = T};
-    check(qkd_model_create(ctx, &cfg, &s.m), "model_create");
-    check(qkd_model_init_random(s.m, 1, 0.02f), "init_random");
-    size_t n = (size_t)B * T;
-    s.tokens = malloc(n * sizeof *s.tokens);
-    s.targets = malloc(n * sizeof *s.targets);
-    float *r = bench_random(n + 1, 7);
-    if (!s.tokens || !s.targets) {
-        fprintf(stderr, "out of memory\n");
-        exit(1);
+    cfg.tied_embeddings = sh->tied;
+    qkd_model *m = NULL;
+    check(ctx, qkd_model_create(ctx, &cfg, &m), "model_create");
+    check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random");
+    return m;
+}
+
+static void setup_init(struct setup *s, qkd_backend_kind backend, const struct shape *sh)
+{
+    s->ctx = bench_context(backend, bench_cores());
+    s->student = make_model(s->ctx, sh, s->T);
+    if (s->kind == TRAIN)
+        return;
+    s->teacher = make_model(s->ctx, sh, s->T);
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_ASYM;
+    qp.bits = 4;
+    qp.group_size = 32;
+    qp.estimator = QKD_ESTIMATOR_STE;
+    check(s->ctx, qkd_quantizer_create(s->ctx, &qp, &s->quant), "quantizer_create");
+    check(s->ctx, qkd_model_set_quantizer(s->student, s->quant, QKD_QUANT_TARGET_LINEAR),
+          "set_quantizer");
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
+    check(s->ctx, qkd_loss_create(s->ctx, &s->loss), "loss_create");
+    check(s->ctx, qkd_loss_add(s->loss, &term), "loss_add");
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 1e-5f;
+    check(s->ctx, qkd_optimizer_create(s->student, &op, &s->opt), "optimizer_create");
+}
+
+static void setup_free(struct setup *s)
+{
+    qkd_optimizer_free(s->opt);
+    qkd_loss_free(s->loss);
+    qkd_model_free(s->student);
+    qkd_model_free(s->teacher);
+    qkd_quantizer_free(s->quant);
+    qkd_context_free(s->ctx);
+}
+
+static void run_step(void *arg)
+{
+    struct setup *s = arg;
+    qkd_context *c = s->ctx;
+    float value;
+    if (s->kind == TRAIN) {
+        check(c, qkd_model_zero_grad(s->student), "zero_grad");
+        check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "forward");
+        check(c, qkd_model_cross_entropy(s->student, s->targets, 1, &value), "cross_entropy");
+        check(c, qkd_model_backward(s->student, NULL), "backward");
+        return;
     }
-    for (size_t i = 0; i < n; i++) {
-        s.tokens[i] = (int32_t)((r[i] + 1.0f) * 0.5f * (sh->vocab - 1));
-        s.targets[i] = (int32_t)((r[i + 1] + 1.0f) * 0.5f * (sh->vocab - 1));
+    float beta;
+    check(c, qkd_model_forward(s->teacher, s->tokens, s->B, s->T), "teacher forward");
+    check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "student forward");
+    check(c, qkd_loss_teacher_confidence(s->teacher, NULL, &beta), "teacher_confidence");
+    check(c, qkd_loss_set_beta(s->loss, 0, beta), "set_beta");
+    check(c, qkd_loss_compute(s->loss, s->student, s->teacher, NULL, &value), "CAKLD");
+    check(c, qkd_model_backward(s->student, NULL), "backward");
+    check(c, qkd_optimizer_step(s->opt, NULL), "optimizer_step");
+    check(c, qkd_model_zero_grad(s->student), "zero_grad");
+}
+
+static double timed_step(struct setup *s)
+{
+    double t0 = bench_now();
+    run_step(s);
+    return bench_now() - t0;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *x, int n)
+{
+    qsort(x, (size_t)n, sizeof *x, cmp_double);
+    return x[n / 2];
+}
+
+/* Median seconds per step of each backend, timed in turn. */
+static void measure(const struct shape *sh, enum kind kind, const int32_t *tokens,
+                    const int32_t *targets, int B, int T, int with_ref, double *t_simd,
+                    double *t_ref)
+{
+    enum { SIMD_PER_ROUND = 3, MAX_ROUNDS = 8 };
+    struct setup simd = {.tokens = tokens, .targets = targets, .B = B, .T = T, .kind = kind};
+    struct setup ref = simd;
+    setup_init(&simd, QKD_BACKEND_SIMD, sh);
+    if (with_ref)
+        setup_init(&ref, QKD_BACKEND_REF, sh);
+    double ts[SIMD_PER_ROUND * MAX_ROUNDS], tr[MAX_ROUNDS];
+    run_step(&simd); /* warm-up: allocates activations and workspace */
+    for (int r = 0; r < sh->rounds; r++) {
+        tr[r] = with_ref ? timed_step(&ref) : 0.0;
+        for (int i = 0; i < SIMD_PER_ROUND; i++)
+            ts[r * SIMD_PER_ROUND + i] = timed_step(&simd);
     }
-    double t;
-    if (timed_runs > 1) {
-        t = bench_time(run_step, &s, 2.0, timed_runs);
-    } else {
-        double t0 = bench_now();
-        run_step(&s);
-        t = bench_now() - t0;
-    }
-    free(r);
-    free(s.tokens);
-    free(s.targets);
-    qkd_model_free(s.m);
-    qkd_context_free(ctx);
-    return t;
+    *t_simd = median(ts, sh->rounds * SIMD_PER_ROUND);
+    *t_ref = median(tr, sh->rounds);
+    setup_free(&simd);
+    if (with_ref)
+        setup_free(&ref);
 }
 
 int main(int argc, char **argv)
 {
-    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    int quick = 0, with_ref = 1;
+    for (int i = 1; i < argc; i++) {
+        quick |= strcmp(argv[i], "--quick") == 0;
+        with_ref &= strcmp(argv[i], "--simd-only") != 0;
+    }
     const struct shape shapes[] = {
-        {"stories260K", 64, 172, 5, 8, 4, 512},
-        {"15M", 288, 768, 6, 6, 6, 32000},
+        {"stories260K", 64, 172, 5, 8, 4, 512, 1, 3},
+        {"15M", 288, 768, 6, 6, 6, 32000, 0, 1},
     };
     const int B = 4, T = 256;
-    int n_shapes = quick ? 1 : 2, threads = bench_cores();
-    printf("{\"benchmark\": \"train_step\", \"cores\": %d, \"results\": [", threads);
-    for (int i = 0; i < n_shapes; i++) {
-        double t_simd = time_step(&shapes[i], QKD_BACKEND_SIMD, threads, B, T, 5);
-        double t_ref = time_step(&shapes[i], QKD_BACKEND_REF, threads, B, T, 1);
-        double tokens = (double)B * T;
-        printf("%s\n  {\"model\": \"%s\", \"B\": %d, \"T\": %d, \"threads\": %d, "
-               "\"simd_tokens_per_s\": %.0f, \"ref_tokens_per_s\": %.0f, \"speedup\": %.1f}",
-               i ? "," : "", shapes[i].name, B, T, threads, tokens / t_simd, tokens / t_ref,
-               t_ref / t_simd);
-        fflush(stdout);
+    int n = B * T;
+    int32_t *tokens = malloc((size_t)(n + 1) * sizeof *tokens);
+    float *r = bench_random((size_t)n + 1, 7);
+    if (!tokens) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    printf("{\"benchmark\": \"train_step\", \"cores\": %d, \"results\": [", bench_cores());
+    const char *sep = "\n";
+    for (int si = 0; si < (quick ? 1 : 2); si++) {
+        const struct shape *sh = &shapes[si];
+        for (int i = 0; i <= n; i++)
+            tokens[i] = (int32_t)((r[i] + 1.0f) * 0.5f * (sh->vocab - 1));
+        for (int kind = TRAIN; kind <= KDQAT; kind++) {
+            double ts, tr;
+            measure(sh, (enum kind)kind, tokens, tokens + 1, B, T, with_ref, &ts, &tr);
+            printf("%s  {\"model\": \"%s\", \"step\": \"%s\", \"B\": %d, \"T\": %d, "
+                   "\"threads\": %d, \"simd_tokens_per_s\": %.0f",
+                   sep, sh->name, kind_names[kind], B, T, bench_cores(), n / ts);
+            if (with_ref)
+                printf(", \"ref_tokens_per_s\": %.1f, \"speedup\": %.1f}", n / tr, tr / ts);
+            else
+                printf(", \"ref_tokens_per_s\": null, \"speedup\": null}");
+            fflush(stdout);
+            sep = ",\n";
+        }
     }
     printf("\n]}\n");
+    free(tokens);
+    free(r);
     return 0;
 }

@@ -19,6 +19,8 @@
 #include "backend/backend.h"
 #include "core/core.h"
 #include "qkd/loss.h"
+#include "qkd/optim.h"
+#include "qkd/quant.h"
 #include "testutil.h"
 #ifdef QKD_HAVE_SIMD
 #include "backend/simd/simd.h"
@@ -401,6 +403,44 @@ START_TEST(attention_matches_ref)
 }
 END_TEST
 
+/* ---- elementwise: fill, add and scale round as the reference does ---------------- */
+
+START_TEST(elementwise_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    static const size_t sizes[] = {1, 15, 17, 1000, 100003};
+    rng_seed(55);
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        size_t n = sizes[s];
+        float *x = vec_rand(n, -2, 2), *y = vec_rand(n, -2, 2);
+        float *o_s = vec_rand(n, -1, 1), *o_r = vec_copy(o_s, n);
+        sb->fill(sb, o_s, 0.25f, n);
+        rb->fill(rb, o_r, 0.25f, n);
+        ck_assert_msg(memcmp(o_s, o_r, n * sizeof *o_s) == 0, "fill differs");
+        sb->add(sb, o_s, x, y, n);
+        rb->add(rb, o_r, x, y, n);
+        ck_assert_msg(memcmp(o_s, o_r, n * sizeof *o_s) == 0, "add differs");
+        sb->scale(sb, o_s, -0.3f, n);
+        rb->scale(rb, o_r, -0.3f, n);
+        ck_assert_msg(memcmp(o_s, o_r, n * sizeof *o_s) == 0, "scale differs");
+        sb->axpy(sb, o_s, 1.7f, x, n);
+        rb->axpy(rb, o_r, 1.7f, x, n);
+        double *mag = dvec_new(n);
+        for (size_t k = 0; k < n; k++)
+            mag[k] = fabs(o_r[k]) + fabs(1.7 * x[k]);
+        /* one rounding against the reference's two (double, then float) */
+        assert_close("axpy", o_s, o_r, mag, n, 1e-7);
+        free(x); free(y); free(o_s); free(o_r); free(mag);
+    }
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
 /* ---- SwiGLU ----------------------------------------------------------------------------- */
 
 START_TEST(swiglu_matches_ref)
@@ -687,6 +727,57 @@ START_TEST(row_max_prob_matches_ref)
 }
 END_TEST
 
+/* ---- fake quantization: the reference's double arithmetic, bit for bit ----------------- */
+
+START_TEST(fakequant_equals_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    qkd__backend *sb = sc->backend, *rb = rc->backend;
+    static const int schemes[] = {QKD_QUANT_SYM, QKD_QUANT_ASYM, QKD_QUANT_TERNARY};
+    static const int bits[] = {2, 4, 8};
+    static const int64_t groups[] = {7, 32, 64};
+    static const float clips[] = {1.0f, 0.8f};
+    const int64_t rows = 5, cols = 96;
+    const size_t n = (size_t)(rows * cols);
+    rng_seed(121);
+    float *w = vec_rand(n, -1, 1), *dq = vec_rand(n, -1, 1), *dw0 = vec_rand(n, -1, 1);
+    for (size_t i = 0; i < n; i += 13)
+        w[i] = (float)(0.125 * (int)(rng_uniform(-8, 8))); /* exact halves of some scales */
+    for (size_t si = 0; si < 3; si++)
+        for (size_t bi = 0; bi < 3; bi++)
+            for (size_t gi = 0; gi < 3; gi++)
+                for (size_t ci = 0; ci < 2; ci++) {
+                    qkd__quant_spec spec = {.scheme = schemes[si], .bits = bits[bi],
+                                            .group = groups[gi], .clip_ratio = clips[ci]};
+                    size_t ng = (size_t)(rows * ((cols + spec.group - 1) / spec.group));
+                    float *q_s = vec_new(n), *q_r = vec_new(n);
+                    float *s_s = vec_new(ng), *s_r = vec_new(ng), *z_s = vec_new(ng);
+                    float *z_r = vec_new(ng);
+                    sb->fakequant_forward(sb, q_s, s_s, z_s, w, rows, cols, &spec);
+                    rb->fakequant_forward(rb, q_r, s_r, z_r, w, rows, cols, &spec);
+                    ck_assert_msg(memcmp(q_s, q_r, n * sizeof *q_s) == 0,
+                                  "scheme %d bits %d group %d clip %g: wq differs", spec.scheme,
+                                  spec.bits, (int)spec.group, (double)spec.clip_ratio);
+                    ck_assert(memcmp(s_s, s_r, ng * sizeof *s_s) == 0);
+                    ck_assert(memcmp(z_s, z_r, ng * sizeof *z_s) == 0);
+                    float *d_s = vec_copy(dw0, n), *d_r = vec_copy(dw0, n);
+                    sb->fakequant_backward(sb, d_s, dq, w, s_r, z_r, rows, cols, &spec);
+                    rb->fakequant_backward(rb, d_r, dq, w, s_r, z_r, rows, cols, &spec);
+                    ck_assert_msg(memcmp(d_s, d_r, n * sizeof *d_s) == 0,
+                                  "scheme %d bits %d group %d clip %g: dw differs", spec.scheme,
+                                  spec.bits, (int)spec.group, (double)spec.clip_ratio);
+                    free(q_s); free(q_r); free(s_s); free(s_r); free(z_s); free(z_r);
+                    free(d_s); free(d_r);
+                }
+    free(w); free(dq); free(dw0);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
 /* ---- every slot ------------------------------------------------------------------------- */
 
 START_TEST(table_complete)
@@ -838,6 +929,120 @@ START_TEST(model_thread_invariant)
 }
 END_TEST
 
+/* ---- a KD-QAT step ------------------------------------------------------------------------
+ * The step of ../shared/bench/torch_kdqat.py on stories260K: teacher
+ * forward, the student's forward with its linear weights fake-quantized
+ * (W4 asymmetric, groups of 32, STE), CAKLD with the teacher's confidence
+ * as beta, the student's backward and an AdamW step; then the loss of a
+ * second forward from the updated weights. */
+
+struct kdqat_run {
+    float beta, loss, loss_after;
+    float *grads, *weights;
+    size_t n;
+};
+
+static void expect_ok(qkd_context *ctx, qkd_status st, const char *what)
+{
+    ck_assert_msg(st == QKD_OK, "%s: %s (%s)", what, qkd_status_name(st),
+                  qkd_context_last_error(ctx));
+}
+
+/* Every tensor of m (weights, or gradients when grads) into one array. */
+static float *model_tensors(qkd_model *m, int grads, size_t *n)
+{
+    *n = (size_t)qkd_model_n_params(m);
+    float *all = vec_new(*n);
+    size_t off = 0;
+    for (int t = 0; t < qkd_model_n_tensors(m); t++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(m, t, &info), QKD_OK);
+        ck_assert_uint_le(off + (size_t)info.n_elements, *n);
+        qkd_status st = grads ? qkd_model_grad_get(m, t, all + off, (size_t)info.n_elements)
+                              : qkd_model_tensor_get(m, t, all + off, (size_t)info.n_elements);
+        ck_assert_int_eq(st, QKD_OK);
+        off += (size_t)info.n_elements;
+    }
+    *n = off;
+    return all;
+}
+
+static void kdqat_run(qkd_context *ctx, const char *path, struct kdqat_run *r)
+{
+    qkd_model *teacher = NULL, *student = NULL;
+    qkd_quantizer *quant = NULL;
+    qkd_loss *loss = NULL;
+    qkd_optimizer *opt = NULL;
+    expect_ok(ctx, qkd_model_load(ctx, path, &teacher), "load teacher");
+    expect_ok(ctx, qkd_model_load(ctx, path, &student), "load student");
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_ASYM;
+    qp.bits = 4;
+    qp.group_size = 32;
+    qp.estimator = QKD_ESTIMATOR_STE;
+    expect_ok(ctx, qkd_quantizer_create(ctx, &qp, &quant), "quantizer");
+    expect_ok(ctx, qkd_model_set_quantizer(student, quant, QKD_QUANT_TARGET_LINEAR), "bind");
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
+    expect_ok(ctx, qkd_loss_create(ctx, &loss), "loss");
+    expect_ok(ctx, qkd_loss_add(loss, &term), "loss term");
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 1e-5f;
+    expect_ok(ctx, qkd_optimizer_create(student, &op, &opt), "optimizer");
+
+    int32_t tokens[MB * MT];
+    rng_seed(131);
+    for (int i = 0; i < MB * MT; i++)
+        tokens[i] = (int32_t)(rng_uniform(0, 1) * 512);
+    expect_ok(ctx, qkd_model_forward(teacher, tokens, MB, MT), "teacher forward");
+    expect_ok(ctx, qkd_model_forward(student, tokens, MB, MT), "student forward");
+    expect_ok(ctx, qkd_loss_teacher_confidence(teacher, NULL, &r->beta), "confidence");
+    expect_ok(ctx, qkd_loss_set_beta(loss, 0, r->beta), "beta");
+    expect_ok(ctx, qkd_loss_compute(loss, student, teacher, NULL, &r->loss), "CAKLD");
+    expect_ok(ctx, qkd_model_zero_grad(student), "zero_grad");
+    expect_ok(ctx, qkd_model_backward(student, NULL), "backward");
+    r->grads = model_tensors(student, 1, &r->n);
+    expect_ok(ctx, qkd_optimizer_step(opt, NULL), "optimizer step");
+    r->weights = model_tensors(student, 0, &r->n);
+    expect_ok(ctx, qkd_model_forward(student, tokens, MB, MT), "student forward 2");
+    expect_ok(ctx, qkd_loss_compute(loss, student, teacher, NULL, &r->loss_after), "CAKLD 2");
+    qkd_optimizer_free(opt);
+    qkd_loss_free(loss);
+    qkd_quantizer_free(quant);
+    qkd_model_free(student);
+    qkd_model_free(teacher);
+}
+
+START_TEST(kdqat_step_matches_ref)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path)
+        return;
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    struct kdqat_run s, r;
+    kdqat_run(sc, path, &s);
+    kdqat_run(rc, path, &r);
+    ck_assert_uint_eq(s.n, r.n);
+    ck_assert_msg(fabs(s.beta - r.beta) <= 1e-4 * r.beta, "beta simd %.9g ref %.9g",
+                  (double)s.beta, (double)r.beta);
+    ck_assert_msg(fabs(s.loss - r.loss) <= 1e-4 * fabs(r.loss), "loss simd %.9g ref %.9g",
+                  (double)s.loss, (double)r.loss);
+    ck_assert_msg(fabs(s.loss_after - r.loss_after) <= 1e-4 * fabs(r.loss_after),
+                  "loss after the step: simd %.9g ref %.9g", (double)s.loss_after,
+                  (double)r.loss_after);
+    assert_close_tensor("student gradients", s.grads, r.grads, s.n, 1e-4);
+    assert_close_tensor("updated weights", s.weights, r.weights, s.n, 1e-4);
+    free(s.grads); free(s.weights); free(r.grads); free(r.weights);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
 /* ---- the suite ------------------------------------------------------------------------- */
 
 Suite *suite_backend_simd(void)
@@ -850,12 +1055,14 @@ Suite *suite_backend_simd(void)
     tcase_add_loop_test(tc, rmsnorm_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, rope_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, attention_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, elementwise_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, swiglu_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, softmax_family_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, cross_entropy_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, optimizers_equal_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, kd_loss_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, row_max_prob_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, fakequant_equals_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, table_complete, 0, N_ISAS);
     tcase_add_test(tc, auto_picks_simd);
     suite_add_tcase(s, tc);
@@ -864,6 +1071,7 @@ Suite *suite_backend_simd(void)
     tcase_set_timeout(model, 120);
     tcase_add_loop_test(model, model_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(model, model_thread_invariant, 0, N_ISAS);
+    tcase_add_loop_test(model, kdqat_step_matches_ref, 0, N_ISAS);
     suite_add_tcase(s, model);
     return s;
 }

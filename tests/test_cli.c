@@ -329,6 +329,37 @@ START_TEST(version_and_help)
 }
 END_TEST
 
+/* The embedded default job, shortened, on the project's own docs folder (so
+ * it needs nothing from ../shared): three finite perplexities per student. */
+START_TEST(demo_distils_two_students)
+{
+    const char *docs = test_source("docs");
+    const char *args[] = {"demo", "--text", docs, "--teacher-steps", "30", "--steps", "10",
+                          "--batch", "4", "--threads", "2", NULL};
+    cli_result r = run_cli(args);
+    ck_assert_msg(r.status == 0, "demo failed: %s", r.err);
+    const char *rows[3] = {"teacher (float)", "student, round-to-nearest",
+                           "student, distilled"};
+    for (int i = 0; i < 3; i++) {
+        const char *line = strstr(r.out, rows[i]);
+        ck_assert_msg(line, "no '%s' row in: %s", rows[i], r.out);
+        double w4 = 0, w2 = 0;
+        ck_assert_int_eq(sscanf(line + strlen(rows[i]), "%lf %lf", &w4, &w2), 2);
+        ck_assert_msg(isfinite(w4) && isfinite(w2) && w4 > 1 && w2 > 1, "%s: %g %g", rows[i],
+                      w4, w2);
+    }
+    result_free(&r);
+
+    const char *missing[] = {"demo", "--text", "/nonexistent/text", NULL};
+    r = run_cli(missing);
+    ck_assert_int_eq(r.status, 1);
+    ck_assert_ptr_nonnull(strstr(r.err, "/nonexistent/text"));
+    result_free(&r);
+    const char *extra[] = {"demo", "model.bin", NULL};
+    expect_failure(extra, 2, "unexpected argument");
+}
+END_TEST
+
 Suite *suite_cli(void)
 {
     Suite *s = suite_create("cli");
@@ -341,6 +372,7 @@ Suite *suite_cli(void)
     tcase_add_test(tc, eval_perplexity_matches_library);
     tcase_add_test(tc, bad_command_lines);
     tcase_add_test(tc, version_and_help);
+    tcase_add_test(tc, demo_distils_two_students);
     suite_add_tcase(s, tc);
     return s;
 }

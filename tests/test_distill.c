@@ -624,7 +624,8 @@ START_TEST(cli_interrupt_and_resume_bit_identical)
     snprintf(cut, sizeof cut, "%s/cut", dir);
     const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok,
                           "--data", sp.text, "--steps", "300", "--batch", "1", "--seq", "8",
-                          "--eval-windows", "2", "--threads", "1", "--out", full, NULL, NULL};
+                          "--eval-windows", "2", "--threads", "1", "--out", full, NULL, NULL,
+                          NULL, NULL};
     const int out_arg = 18;
     run_cli_ok(args, dir);
 
@@ -643,7 +644,16 @@ START_TEST(cli_interrupt_and_resume_bit_identical)
     free(err);
     ck_assert_int_lt(lines, 300);
 
+    /* Resuming with other options would not continue the same run. */
     args[out_arg + 1] = "--resume";
+    args[out_arg + 2] = "--lr";
+    args[out_arg + 3] = "0.001";
+    ck_assert_int_eq(run_cli(args, dir), 2);
+    err = slurp(dir, "stderr");
+    ck_assert_ptr_nonnull(strstr(err, "'lr' differs"));
+    free(err);
+
+    args[out_arg + 2] = NULL;
     run_cli_ok(args, dir);
     ck_assert_int_eq(count_lines(metrics), 300);
     snprintf(a, sizeof a, "%s/checkpoint.qkdc", full);

@@ -20,6 +20,10 @@ int main(void)
     srunner_add_suite(sr, suite_distill());
     srunner_add_suite(sr, suite_kdqat_golden());
     srunner_add_suite(sr, suite_backend_simd());
+    srunner_add_suite(sr, suite_export_hf());
+    srunner_add_suite(sr, suite_zeroshot());
+    srunner_add_suite(sr, suite_formats());
+    srunner_add_suite(sr, suite_export_gguf());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

@@ -40,5 +40,9 @@ Suite *suite_data(void);
 Suite *suite_distill(void);
 Suite *suite_kdqat_golden(void);
 Suite *suite_backend_simd(void);
+Suite *suite_export_hf(void);
+Suite *suite_zeroshot(void);
+Suite *suite_formats(void);
+Suite *suite_export_gguf(void);
 
 #endif

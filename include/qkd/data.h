@@ -122,7 +122,9 @@ QKD_API void qkd_datafree_params_init(qkd_datafree_params *p);
 /* Let teacher write p->n_sequences sequences (qkd_model_decode, so the
  * teacher's key/value cache is reset). tok names BOS, EOS and the control
  * pieces; its vocabulary must be the model's. ctx is the teacher's context.
- * Deterministic for a seed on every backend and thread count.
+ * Deterministic for a seed on a given backend, whatever the thread count
+ * (another backend's logits may differ in the last bits, and so may a
+ * sampled token).
  * *out: owned (vocab_size = the model's). Errors: INVALID_ARG (bad params),
  * SHAPE (tokenizer and model vocabularies differ), RANGE (seq_len - 1 >
  * the model's max_seq_len: widen it with qkd_model_set_max_seq_len), STATE

@@ -11,7 +11,8 @@
  *   qkd_optimizer_step(opt, &info)
  * then the callback. Nothing in a step is random: the batch is a function of
  * s and the optimizer's state is saved whole, so a run resumed from a
- * checkpoint reaches bit-identical weights to an uninterrupted one.
+ * checkpoint reaches bit-identical weights to an uninterrupted one on the
+ * same backend.
  *
  * The quantizer is the host's business: bind it to the student
  * (qkd_model_set_quantizer) and calibrate it before the run.

@@ -49,7 +49,8 @@ QKD_API qkd_status qkd_model_create(qkd_context *ctx,
                                     qkd_model **out);
 
 /* Load a model, recognising the format from the file's content:
- *   - GGUF v3 ("GGUF" magic) with F32/F16/BF16 tensors and llama.*
+ *   - GGUF v3 ("GGUF" magic) with F32/F16/BF16 tensors or the block
+ *     types of qkd_gguf_type (dequantized as ggml does) and llama.*
  *     metadata; a tokenizer in its tokenizer.ggml.* metadata is kept;
  *   - a Hugging Face folder (config.json + *.safetensors), or a path to
  *     its model.safetensors with config.json beside it;
@@ -63,6 +64,122 @@ QKD_API qkd_status qkd_model_load(qkd_context *ctx, const char *path,
 
 /* Accepts NULL. @since 0.1 */
 QKD_API void qkd_model_free(qkd_model *model);
+
+/* Element type of the tensors a writer stores. */
+typedef enum qkd_save_dtype {
+    QKD_SAVE_F32 = 0,
+    QKD_SAVE_F16 = 1,  /* IEEE binary16, rounded to nearest even */
+    QKD_SAVE_BF16 = 2  /* bfloat16, rounded to nearest even */
+} qkd_save_dtype;
+
+typedef struct qkd_safetensors_params {
+    size_t size;          /* sizeof(qkd_safetensors_params), set by _init */
+    qkd_save_dtype dtype;
+    int as_deployed;      /* 1: a student's targeted tensors are written as
+                             its hard-rounded Q(w) (what its forward reads
+                             with the STE estimator), 0: its latent weights */
+} qkd_safetensors_params;
+
+/* Defaults: F32, latent weights. @since 0.1 */
+QKD_API void qkd_safetensors_params_init(qkd_safetensors_params *p);
+
+/* Save model as a Hugging Face LlamaForCausalLM folder, which
+ * qkd_model_load and transformers' from_pretrained read back:
+ *   dir/model.safetensors  every tensor under its Hugging Face name
+ *                          (lm_head.weight only when untied), attention
+ *                          q/k rows in Hugging Face's rotate-half order;
+ *   dir/config.json        the shape, rope_theta, rms_norm_eps,
+ *                          tie_word_embeddings, torch_dtype;
+ * and, when the model carries a tokenizer (qkd_model_tokenizer):
+ *   dir/tokenizer.bin      the vocabulary in llama2.c's format (what
+ *                          qkd_tokenizer_load and llama2.c read);
+ *   dir/tokenizer.json, dir/tokenizer_config.json
+ *                          the same vocabulary as a byte-fallback BPE
+ *                          for transformers' fast tokenizer (merges
+ *                          ranked by the merged piece's score).
+ * dir is created if missing (its parent must exist). Each file is written
+ * to "<file>.tmp" and renamed into place. p may be NULL for defaults.
+ * A student's activation and key/value quantization is not stored.
+ * Errors: INVALID_ARG (NULL model or dir, bad size field or dtype), IO
+ * (dir cannot be created or written: the message names the path),
+ * RANGE (a weight too large for F16), NO_MEMORY, BACKEND. @since 0.1 */
+QKD_API qkd_status qkd_model_save_safetensors(qkd_model *model, const char *dir,
+                                              const qkd_safetensors_params *p);
+
+/* ---- GGUF export ----------------------------------------------------------
+ * Tensor storage types of a GGUF file, numbered as ggml numbers them (the
+ * layouts are in docs/formats.md). */
+typedef enum qkd_gguf_type {
+    QKD_GGUF_AS_TRAINED = -1, /* what a student's forward reads (see below) */
+    QKD_GGUF_F32 = 0,
+    QKD_GGUF_F16 = 1,
+    QKD_GGUF_Q4_0 = 2,
+    QKD_GGUF_Q4_1 = 3,
+    QKD_GGUF_Q5_0 = 6,
+    QKD_GGUF_Q5_1 = 7,
+    QKD_GGUF_Q8_0 = 8,
+    QKD_GGUF_Q4_K = 12,
+    QKD_GGUF_Q6_K = 14,
+    QKD_GGUF_BF16 = 30,
+    QKD_GGUF_TQ2_0 = 35
+} qkd_gguf_type;
+
+typedef struct qkd_gguf_params {
+    size_t size;              /* sizeof(qkd_gguf_params), set by _init */
+    qkd_gguf_type type;       /* attention and MLP projections */
+    qkd_gguf_type embd_type;  /* token_embd and the output head */
+    const char *name;         /* general.name; NULL: "libqkd" */
+    const struct qkd_tokenizer *tokenizer; /* NULL: the model's own */
+} qkd_gguf_params;
+
+/* Defaults: every tensor AS_TRAINED (so F32 for a model that is no
+ * student), no name, the model's tokenizer. @since 0.1 */
+QKD_API void qkd_gguf_params_init(qkd_gguf_params *p);
+
+/* "Q4_0", "F32", ... for a type, "AS_TRAINED"; NULL for a value not in
+ * the enum. @since 0.1 */
+QKD_API const char *qkd_gguf_type_name(qkd_gguf_type type);
+/* The type named name, case-insensitively ("q4_0", "f16", "as_trained").
+ * Errors: INVALID_ARG (NULL), NOT_FOUND. @since 0.1 */
+QKD_API qkd_status qkd_gguf_type_from_name(const char *name, qkd_gguf_type *out);
+
+/* The type tensor `index` is written in under p (NULL: defaults), never
+ * AS_TRAINED: norm weights are F32; a projection takes p->type and the
+ * embeddings and head p->embd_type, where
+ *   - AS_TRAINED is, for a tensor that a bound quantizer targets, the
+ *     quantizer's format when its scheme is one (include/qkd/quant.h), so
+ *     the file holds exactly the trained codes and scales; F32 holding
+ *     Q(w) (hard rounding) for the other schemes; F32 for a tensor no
+ *     quantizer targets;
+ *   - a block type whose block does not divide the row length falls back
+ *     as the format quantizers do: a 256-value type (Q4_K, Q6_K, TQ2_0) to
+ *     Q8_0 when 32 divides the row, any block type to F16 otherwise.
+ * A result other than the type asked for is such a fallback.
+ * Errors: INVALID_ARG (NULL model or out, bad size field or type), RANGE
+ * (index). @since 0.1 */
+QKD_API qkd_status qkd_gguf_tensor_type(const qkd_model *model, int index,
+                                        const qkd_gguf_params *p, qkd_gguf_type *out);
+
+/* Write model as a GGUF v3 file that llama.cpp loads and runs: every
+ * tensor in the type qkd_gguf_tensor_type gives (an explicit type
+ * quantizes the latent weights with ggml's reference quantizer; a tied
+ * model stores no output.weight), general.* (architecture llama, name,
+ * file_type from the type most projection weights have, alignment 32,
+ * quantization_version 2), llama.* (context length = max_seq_len, widths,
+ * block and head counts, rope dimension count and freq base, RMS norm
+ * epsilon, vocab size) and, when there is a tokenizer, tokenizer.ggml.*
+ * (model llama, tokens with U+2581 for spaces, scores, token types,
+ * bos/eos/unknown ids). The file is written to "<path>.tmp", fsynced and
+ * renamed over path. qkd_model_load reads it back: a student's logits
+ * from the file equal, bit for bit, its forward with hard rounding when
+ * every projection is AS_TRAINED. A student's activation and key/value
+ * quantization is not stored. Errors: INVALID_ARG (NULL model or path,
+ * bad params, a tokenizer whose vocabulary size differs from the
+ * model's), NON_FINITE (a weight to quantize is NaN/Inf), RANGE (a value
+ * too large for the type's half-float scales or values: the message names
+ * the tensor), IO, NO_MEMORY, BACKEND. @since 0.1 */
+QKD_API qkd_status qkd_model_save_gguf(qkd_model *model, const char *path,
+                                       const qkd_gguf_params *p);
 
 /* Copy the model's config into *cfg (cfg->size must be set, e.g. by
  * qkd_model_config_init). Errors: INVALID_ARG. @since 0.1 */

@@ -7,6 +7,11 @@
  *   qkd_tokenizer  text <-> token ids (tokenizer.h)
  *   qkd_sampler    greedy / temperature / top-p sampling, generation
  *                  (generate.h)
+ *   qkd_quantizer  low-bit weight grids bound to a student; STE or
+ *                  continuous gradient estimators (quant.h)
+ *   qkd_loss       CE, forward/reverse KL, JSD, CAKLD, TSLD, MSE between the
+ *                  teacher's and the student's logits (loss.h)
+ *   qkd_optimizer  AdamW / SGD, schedules, clipping, frozen groups (optim.h)
  *   qkd_dataset    token datasets from text, token files or the teacher's
  *                  own generations; seeded, resumable batches (data.h)
  *   qkd_distill    a convenience layer over the public API: the teacher ->
@@ -46,6 +51,9 @@
 #include "model.h"
 #include "tokenizer.h"
 #include "generate.h"
+#include "quant.h"
+#include "loss.h"
+#include "optim.h"
 #include "data.h"
 #include "distill.h"
 

@@ -62,6 +62,29 @@
  * functions; decoding, qkd_quantizer_quantize and export always use hard
  * rounding (switch to STE with qkd_quantizer_set_estimator to evaluate a
  * CONTINUOUS student's forward with hard rounding).
+ *
+ * Format schemes (QKD_QUANT_Q8_0 .. QKD_QUANT_TQ2_0) are llama.cpp's GGUF
+ * storage types: Q(w) of each row is exactly ggml's reference dequantize(
+ * quantize(row)) (imatrix-free), block by block, so a student's weights
+ * equal, bit for bit, the dequantized weights of the GGUF file that
+ * qkd_model_save_gguf writes. Blocks lie along each row (the input
+ * dimension): 32 values for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; 256 for Q4_K,
+ * Q6_K, TQ2_0. Scales are fp16 and codes are rounded as ggml rounds them
+ * (docs/formats.md gives each layout). A row whose length the block does
+ * not divide falls back: a 256-value format to Q8_0 when 32 divides the
+ * row, and any format to F16 (each weight rounded to the nearest half,
+ * ties to even) otherwise; stories260K's ffn_down (rows of 172) is F16
+ * under every format, its other linears (rows of 64) Q8_0 under Q4_K,
+ * Q6_K and TQ2_0. bits, group_size and clip_ratio are ignored; clip
+ * must be NONE and the estimator STE (a plain
+ * straight-through gradient). Groups are the format's sub-blocks, each
+ * with one scale and one offset: value = code * scale + offset, exactly
+ * in float (Q8_0: 32 values, offset 0; Q4_0 and Q5_0: 32, offset -8 d and
+ * -16 d; Q4_1 and Q5_1: 32, offset m; Q4_K: 32, scale d sc, offset
+ * -dmin mn; Q6_K: 16, scale d sc, offset -32 d sc; TQ2_0: 256, offset -d).
+ * Codes are the stored ones (Q8_0 -128..127; Q4_0, Q4_1, Q4_K 0..15;
+ * Q5_0, Q5_1 0..31; Q6_K 0..63; TQ2_0 0..2); an F16 fallback row has no
+ * groups and its codes are the binary16 bit patterns.
  */
 #ifndef QKD_QUANT_H
 #define QKD_QUANT_H
@@ -78,7 +101,16 @@ typedef struct qkd_quantizer qkd_quantizer;
 typedef enum qkd_quant_scheme {
     QKD_QUANT_SYM = 0,
     QKD_QUANT_ASYM = 1,
-    QKD_QUANT_TERNARY = 2
+    QKD_QUANT_TERNARY = 2,
+    /* llama.cpp's GGUF formats (see above). @since 0.1 */
+    QKD_QUANT_Q8_0 = 3,
+    QKD_QUANT_Q4_0 = 4,
+    QKD_QUANT_Q4_1 = 5,
+    QKD_QUANT_Q5_0 = 6,
+    QKD_QUANT_Q5_1 = 7,
+    QKD_QUANT_Q4_K = 8,
+    QKD_QUANT_Q6_K = 9,
+    QKD_QUANT_TQ2_0 = 10
 } qkd_quant_scheme;
 
 typedef enum qkd_clip_mode {
@@ -119,7 +151,8 @@ QKD_API void qkd_quant_params_init(qkd_quant_params *p);
 /* *p is copied. *out: owned, free with qkd_quantizer_free (after every
  * model it is bound to is freed or unbound); NULL on error. Errors:
  * INVALID_ARG (size field, unknown scheme, clip mode or estimator, bits not
- * in {2,3,4,8} for SYM/ASYM, group_size < -1, clip_ratio outside (0,1],
+ * in {2,3,4,8} for SYM/ASYM, a format scheme with a clip or the
+ * CONTINUOUS estimator, group_size < -1, clip_ratio outside (0,1],
  * sharpness not positive and finite, act_bits/kv_bits neither 0 nor in
  * [2, 16]), NO_MEMORY. A quantizer is used by one thread at a time, with
  * the models bound to it. @since 0.1 */
@@ -129,8 +162,9 @@ QKD_API qkd_status qkd_quantizer_create(qkd_context *ctx, const qkd_quant_params
 QKD_API void qkd_quantizer_free(qkd_quantizer *q);
 
 /* Number of groups a rows x cols weight has (per row: ceil(cols / G);
- * rows per channel; 1 per tensor); 0 for NULL q or an empty shape.
- * @since 0.1 */
+ * rows per channel; 1 per tensor; a format scheme: rows x cols / (the
+ * group of the row's format), 0 for an F16 fallback); 0 for NULL q or an
+ * empty shape. @since 0.1 */
 QKD_API int64_t qkd_quantizer_n_groups(const qkd_quantizer *q, int64_t rows, int64_t cols);
 
 /* Quantize a host weight w[rows][cols] with hard rounding, on the
@@ -140,7 +174,8 @@ QKD_API int64_t qkd_quantizer_n_groups(const qkd_quantizer *q, int64_t rows, int
  * codes as deployed (SYM/TERNARY signed, ASYM in 0..2^b-1; wq = (codes -
  * zeros) * scales), scales[n_groups] and zeros[n_groups] (ASYM's integer
  * zero point; 0 for others), groups in row-major order (row, then group
- * along the row). A FIXED clip applies. All outputs are copied (caller's
+ * along the row). Format schemes give the file's codes, and each group's
+ * scale and offset in scales and zeros (wq = codes * scales + zeros). A FIXED clip applies. All outputs are copied (caller's
  * memory). Errors: INVALID_ARG (NULL q or w, empty shape), NON_FINITE (a
  * NaN/Inf weight: the message gives its index, row and column), NO_MEMORY,
  * BACKEND. @since 0.1 */

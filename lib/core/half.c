@@ -26,3 +26,37 @@ float qkd__bf16_to_f32(uint16_t h)
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+/* m >> s (s >= 1), rounding to nearest with ties to even. */
+static uint32_t shift_rne(uint32_t m, unsigned s)
+{
+    uint32_t q = m >> s, rem = m & ((1u << s) - 1), half = 1u << (s - 1);
+    return q + (rem > half || (rem == half && (q & 1)));
+}
+
+uint16_t qkd__f32_to_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    const uint32_t ax = x & 0x7fffffffu, exp = ax >> 23;
+    if (ax > 0x7f800000u) /* NaN */
+        return sign | 0x7e00 | (uint16_t)((ax >> 13) & 0x1ff);
+    if (ax >= 0x477ff000u) /* 65520 and up (65504 + half an ulp ties to even) */
+        return sign | 0x7c00;
+    if (exp >= 113) /* normal half: round the low 13 bits away */
+        return sign | (uint16_t)(shift_rne(ax - (112u << 23), 13));
+    if (exp < 102) /* below 2^-25: rounds to zero */
+        return sign;
+    /* subnormal half: units of 2^-24; a carry gives the smallest normal */
+    return sign | (uint16_t)shift_rne((ax & 0x7fffffu) | 0x800000u, 126 - exp);
+}
+
+uint16_t qkd__f32_to_bf16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}

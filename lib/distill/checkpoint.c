@@ -85,7 +85,8 @@ static qkd_status write_body(const qkd_distill *d, qkd__wfile *w)
 
     size_t state_n = qkd_optimizer_state_bytes(d->opt);
     size_t weights_n = (size_t)largest_tensor(d->student) * sizeof(float);
-    void *buf = malloc(state_n > weights_n ? state_n : weights_n);
+    size_t buf_n = state_n > weights_n ? state_n : weights_n;
+    void *buf = malloc(buf_n ? buf_n : 1);
     if (!buf)
         return qkd_context_set_error(d->ctx, QKD_ERR_NO_MEMORY, "checkpoint: out of memory");
     qkd_status st = write_tensors(d, w, buf);

@@ -5,7 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/half.h"
 #include "io/io.h"
 
 /* Files are read whole for now; refuse anything beyond 64 GiB. */
@@ -67,20 +66,10 @@ static const char *ggml_type_name(uint32_t type)
         "F32", "F16", "Q4_0", "Q4_1", "type 4", "type 5", "Q5_0", "Q5_1", "Q8_0",
         "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS",
         "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16",
-        "I32", "I64", "F64", "IQ1_M", "BF16"
+        "I32", "I64", "F64", "IQ1_M", "BF16", "type 31", "type 32", "type 33",
+        "TQ1_0", "TQ2_0"
     };
     return type < sizeof names / sizeof names[0] ? names[type] : "unknown";
-}
-
-/* Bytes per element of the types read_f32 converts; 0 for the others. */
-static size_t ggml_type_size(uint32_t type)
-{
-    switch (type) {
-    case QKD__GGML_F32: return 4;
-    case QKD__GGML_F16:
-    case QKD__GGML_BF16: return 2;
-    default: return 0;
-    }
 }
 
 /* ---- cursor ------------------------------------------------------------ */
@@ -306,13 +295,29 @@ static qkd_status parse_tensor_info(rd *r, qkd__gguf_tensor *t)
     return s;
 }
 
+/* A block type's rows are whole blocks: ne[0] must be a multiple of the
+ * block size. */
+static qkd_status check_blocks(const qkd__gguf *g, const qkd__gguf_tensor *t,
+                               const qkd__ggml_format *f)
+{
+    if (t->ne[0] % (uint64_t)f->block != 0)
+        return qkd__error(g->ctx, QKD_ERR_FORMAT, "%s: tensor %s: ne[0] = %llu is not a "
+                          "multiple of the %d-value blocks of type %s", g->path, t->name,
+                          (unsigned long long)t->ne[0], f->block, f->name);
+    return QKD_OK;
+}
+
 /* The tensor's bytes must lie inside the data section. Types we cannot
- * size are only checked to start inside it; reading them is refused. */
+ * read are only checked to start inside it; reading them is refused. */
 static qkd_status check_tensor_range(const qkd__gguf *g, const qkd__gguf_tensor *t)
 {
     uint64_t avail = g->size - g->data_offset;
-    size_t esize = ggml_type_size(t->type);
-    if (t->offset > avail || (esize && t->n_elements > (avail - t->offset) / esize))
+    const qkd__ggml_format *f = qkd__ggml_format_of(t->type);
+    qkd_status s = f ? check_blocks(g, t, f) : QKD_OK;
+    if (s != QKD_OK)
+        return s;
+    uint64_t n_blocks = f ? t->n_elements / (uint64_t)f->block : 0;
+    if (t->offset > avail || (f && n_blocks > (avail - t->offset) / f->bytes))
         return qkd__error(g->ctx, QKD_ERR_FORMAT, "%s: tensor %s: data at offset %llu "
                           "(%llu elements of type %s) runs past the end of the file "
                           "(data section of %llu bytes at byte %zu)", g->path, t->name,
@@ -626,23 +631,13 @@ qkd_status qkd__gguf_read_f32(qkd__gguf *g, const qkd__gguf_tensor *t,
         return qkd__error(g->ctx, QKD_ERR_SHAPE, "%s: tensor %s has %llu elements, %llu "
                           "asked for", g->path, t->name, (unsigned long long)t->n_elements,
                           (unsigned long long)n);
-    /* check_tensor_range validated these bytes at open. */
-    const uint8_t *src = g->data + g->data_offset + t->offset;
-    switch (t->type) {
-    case QKD__GGML_F32:
-        memcpy(dst, src, (size_t)n * sizeof *dst);
-        return QKD_OK;
-    case QKD__GGML_F16:
-    case QKD__GGML_BF16:
-        for (uint64_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = t->type == QKD__GGML_F16 ? qkd__f16_to_f32(h) : qkd__bf16_to_f32(h);
-        }
-        return QKD_OK;
-    default:
-        return qkd__error(g->ctx, QKD_ERR_UNSUPPORTED, "%s: tensor %s has type %s (%u); only "
-                          "F32, F16 and BF16 are read", g->path, t->name,
-                          ggml_type_name(t->type), t->type);
-    }
+    const qkd__ggml_format *f = qkd__ggml_format_of(t->type);
+    if (!f)
+        return qkd__error(g->ctx, QKD_ERR_UNSUPPORTED, "%s: tensor %s has type %s (%u); "
+                          "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K and "
+                          "TQ2_0 are read", g->path, t->name, ggml_type_name(t->type),
+                          t->type);
+    /* check_tensor_range validated these bytes (whole blocks) at open. */
+    qkd__ggml_dequantize_row(f, g->data + g->data_offset + t->offset, dst, (int64_t)n);
+    return QKD_OK;
 }

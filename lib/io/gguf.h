@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "core/core.h"
+#include "quant/ggml_blocks.h"
 
 typedef struct qkd__gguf qkd__gguf;
 
@@ -17,9 +18,6 @@ typedef enum qkd__gguf_type {
     QKD__GGUF_STRING = 8, QKD__GGUF_ARRAY = 9, QKD__GGUF_U64 = 10,
     QKD__GGUF_I64 = 11, QKD__GGUF_F64 = 12
 } qkd__gguf_type;
-
-/* ggml tensor types this reader converts to float. */
-enum { QKD__GGML_F32 = 0, QKD__GGML_F16 = 1, QKD__GGML_BF16 = 30 };
 
 /* Open and parse path. FORMAT (bad magic, truncation, absurd counts or
  * sizes, offsets past the end, misalignment), UNSUPPORTED (version other
@@ -60,8 +58,11 @@ int64_t qkd__gguf_n_tensors(const qkd__gguf *g);
 /* Tensor by name: NOT_FOUND (not recorded on ctx) if absent. */
 qkd_status qkd__gguf_find_tensor(const qkd__gguf *g, const char *name,
                                  const qkd__gguf_tensor **out);
-/* Read a tensor converted to float (F32, F16, BF16); n must equal its
- * element count (SHAPE otherwise); UNSUPPORTED for other types. */
+/* Read a tensor converted to float: F32, F16, BF16 and the block types of
+ * quant/ggml_blocks.h (dequantized exactly as ggml does; open checked
+ * that ne[0] is a multiple of the block and that the blocks fit in the
+ * file). n must equal its element count (SHAPE otherwise); UNSUPPORTED
+ * for other types. */
 qkd_status qkd__gguf_read_f32(qkd__gguf *g, const qkd__gguf_tensor *t,
                               float *dst, uint64_t n);
 

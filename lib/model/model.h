@@ -4,6 +4,7 @@
 #define QKD_LIB_MODEL_H
 
 #include "qkd/model.h"
+#include "qkd/quant.h"
 #include "qkd/tokenizer.h"
 #include "core/core.h"
 
@@ -33,6 +34,11 @@ void qkd__model_mark_dlogits(qkd_model *model);
  * quantizer work on these in place. */
 float *qkd__model_param_dev(qkd_model *model, int index);
 float *qkd__model_grad_dev(qkd_model *model, int index);
+
+/* The quantizer whose Q(w) a student's forward reads in place of tensor
+ * `index` (valid), or NULL: the model is no student or the tensor is not
+ * one of its targets. For export "as deployed". */
+qkd_quantizer *qkd__model_tensor_quantizer(const qkd_model *model, int index);
 
 /* Give the model the tokenizer found in its file (taken: the model frees
  * it). */

@@ -75,6 +75,11 @@ const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, i
     return qkd__model_act_bits(m) && live_qtensor(m, kind, layer) ? xq : x;
 }
 
+qkd_quantizer *qkd__model_tensor_quantizer(const qkd_model *m, int index)
+{
+    return m->student.q && m->student.t[index].wq ? m->student.q : NULL;
+}
+
 /* ---- the passes' hooks ----------------------------------------------------- */
 
 void qkd__model_quantize_weights(qkd_model *m, int training, int force)

@@ -9,6 +9,17 @@
 qkd_context *qkd__quantizer_context(const qkd_quantizer *q);
 const qkd_quant_params *qkd__quantizer_params(const qkd_quantizer *q);
 
+/* The ggml type of a format scheme (QKD__GGML_*), -1 for the others. */
+int qkd__quant_scheme_type(int scheme);
+/* The ggml type a row of cols values is stored in when `type` is asked
+ * for: type itself, or the fallback when its block does not divide cols
+ * (a 256-value type to Q8_0 when 32 divides cols, any block type to F16
+ * otherwise). */
+int qkd__quant_fit_type(int type, int64_t cols);
+/* qkd__quant_fit_type of a format scheme's type; -1 when scheme is not a
+ * format scheme. */
+int qkd__quant_row_type(int scheme, int64_t cols);
+
 /* 1 when the training forward rounds smoothly (the CONTINUOUS estimator). */
 int qkd__quantizer_smooth(const qkd_quantizer *q);
 

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "quant/ggml_blocks.h"
 #include "quant/quant.h"
 
 struct qkd_quantizer {
@@ -31,6 +32,37 @@ void qkd_quant_params_init(qkd_quant_params *p)
     };
 }
 
+/* ---- format schemes -------------------------------------------------------- */
+
+int qkd__quant_scheme_type(int scheme)
+{
+    static const int types[] = {QKD__GGML_Q8_0, QKD__GGML_Q4_0, QKD__GGML_Q4_1,
+                                QKD__GGML_Q5_0, QKD__GGML_Q5_1, QKD__GGML_Q4_K,
+                                QKD__GGML_Q6_K, QKD__GGML_TQ2_0};
+    const int first = QKD_QUANT_Q8_0, n = (int)(sizeof types / sizeof types[0]);
+    return scheme >= first && scheme < first + n ? types[scheme - first] : -1;
+}
+
+int qkd__quant_fit_type(int type, int64_t cols)
+{
+    if (cols % qkd__ggml_format_of((uint32_t)type)->block == 0)
+        return type;
+    return cols % QKD__QK == 0 ? QKD__GGML_Q8_0 : QKD__GGML_F16;
+}
+
+int qkd__quant_row_type(int scheme, int64_t cols)
+{
+    int type = qkd__quant_scheme_type(scheme);
+    return type < 0 ? -1 : qkd__quant_fit_type(type, cols);
+}
+
+/* Groups per row of a format scheme (0 for an F16 fallback). */
+static int64_t format_groups_per_row(int scheme, int64_t cols)
+{
+    const qkd__ggml_format *f = qkd__ggml_format_of((uint32_t)qkd__quant_row_type(scheme, cols));
+    return f->group ? cols / f->group : 0;
+}
+
 /* ---- parameter checks ---------------------------------------------------- */
 
 static int positive_finite(float x)
@@ -47,8 +79,25 @@ static qkd_status check_dynamic_bits(qkd_context *ctx, const char *field, int bi
     return QKD_OK;
 }
 
+/* A format scheme's grid is the format's own: no clip, hard rounding. */
+static qkd_status check_format(qkd_context *ctx, const qkd_quant_params *p)
+{
+    if (p->clip != QKD_CLIP_NONE)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "quantizer create: format scheme %d takes no clip (clip mode %d)",
+                          (int)p->scheme, (int)p->clip);
+    if (p->estimator != QKD_ESTIMATOR_STE)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "quantizer create: format scheme %d needs the STE estimator "
+                          "(estimator %d)",
+                          (int)p->scheme, (int)p->estimator);
+    return QKD_OK;
+}
+
 static qkd_status check_grid(qkd_context *ctx, const qkd_quant_params *p)
 {
+    if (qkd__quant_scheme_type(p->scheme) >= 0)
+        return check_format(ctx, p);
     if (p->scheme != QKD_QUANT_SYM && p->scheme != QKD_QUANT_ASYM &&
         p->scheme != QKD_QUANT_TERNARY)
         return qkd__error(ctx, QKD_ERR_INVALID_ARG, "quantizer create: unknown scheme %d",
@@ -94,7 +143,7 @@ static qkd_status check_params(qkd_context *ctx, const qkd_quant_params *p)
                           "qkd_quant_params_init)",
                           p->size, sizeof *p);
     qkd_status st;
-    if ((st = check_grid(ctx, p)) || (st = check_estimator(ctx, p)) ||
+    if ((st = check_estimator(ctx, p)) || (st = check_grid(ctx, p)) ||
         (st = check_dynamic_bits(ctx, "act_bits", p->act_bits)) ||
         (st = check_dynamic_bits(ctx, "kv_bits", p->kv_bits)))
         return st;
@@ -173,6 +222,8 @@ int64_t qkd_quantizer_n_groups(const qkd_quantizer *q, int64_t rows, int64_t col
 {
     if (!q || rows < 1 || cols < 1)
         return 0;
+    if (qkd__quant_scheme_type(q->p.scheme) >= 0)
+        return rows * format_groups_per_row(q->p.scheme, cols);
     if (q->p.group_size == -1)
         return 1;
     if (q->p.group_size == 0)
@@ -181,19 +232,21 @@ int64_t qkd_quantizer_n_groups(const qkd_quantizer *q, int64_t rows, int64_t col
 }
 
 /* The shape a kernel call sees (per tensor: one row of rows*cols values)
- * and the spec of the quantizer's grid. */
+ * and the spec of the quantizer's grid. A format scheme keeps its rows
+ * (its blocks lie along them). */
 static qkd__quant_spec kernel_spec(const qkd_quantizer *q, int64_t *rows, int64_t *cols,
                                    int smooth)
 {
     const qkd_quant_params *p = &q->p;
-    if (p->group_size == -1) {
+    const int format = qkd__quant_scheme_type(p->scheme) >= 0;
+    if (p->group_size == -1 && !format) {
         *cols *= *rows;
         *rows = 1;
     }
     return (qkd__quant_spec){
         .scheme = p->scheme,
         .bits = p->bits,
-        .group = p->group_size > 0 ? p->group_size : *cols,
+        .group = p->group_size > 0 && !format ? p->group_size : *cols,
         .clip_ratio = p->clip == QKD_CLIP_FIXED ? p->clip_ratio : 1.0f,
         .continuous = smooth,
         .round_T = p->round_sharpness,
@@ -267,6 +320,19 @@ static void codes_from(const qkd_quantizer *q, int32_t *codes, const float *wq,
     }
 }
 
+/* A format scheme's codes: each row's blocks as the file stores them. */
+static void format_codes(const qkd_quantizer *q, int32_t *codes, const float *w, int64_t rows,
+                         int64_t cols)
+{
+    const qkd__ggml_format *f =
+        qkd__ggml_format_of((uint32_t)qkd__quant_row_type(q->p.scheme, cols));
+    uint8_t blk[QKD__GGML_MAX_BLOCK_BYTES];
+    for (int64_t i = 0; i < rows * cols; i += f->block) {
+        f->quantize(w + i, blk);
+        f->codes(blk, codes + i);
+    }
+}
+
 /* Run the hard forward kernel on the host arrays w -> host (wq, scales,
  * zeros laid out one after another). */
 static qkd_status run_kernel(qkd_quantizer *q, const float *w, int64_t rows, int64_t cols,
@@ -313,7 +379,9 @@ qkd_status qkd_quantizer_quantize(qkd_quantizer *q, const float *w, int64_t rows
     st = run_kernel(q, w, rows, cols, ng, host);
     if (st == QKD_OK) {
         const float *h_scales = host + n, *h_zeros = host + n + ng;
-        if (codes)
+        if (codes && qkd__quant_scheme_type(q->p.scheme) >= 0)
+            format_codes(q, codes, w, rows, cols);
+        else if (codes)
             codes_from(q, codes, host, h_scales, h_zeros, rows, cols);
         copy_out(wq, host, (size_t)n);
         copy_out(scales, h_scales, (size_t)ng);

@@ -337,6 +337,17 @@ const char *qkd_tokenizer_piece(const qkd_tokenizer *tok, int32_t id)
     return tok->tokens[id].text;
 }
 
+void qkd__tokenizer_token(const qkd_tokenizer *tok, int32_t id, qkd__token_info *info)
+{
+    const token_entry *e = &tok->tokens[id];
+    *info = (qkd__token_info){e->key, e->key_len, e->score, (qkd__token_type)e->type};
+}
+
+int32_t qkd__tokenizer_unk(const qkd_tokenizer *tok)
+{
+    return tok->unk;
+}
+
 const char *qkd_tokenizer_decode(const qkd_tokenizer *tok, int32_t prev, int32_t token,
                                  size_t *len)
 {

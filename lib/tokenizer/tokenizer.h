@@ -26,4 +26,18 @@ qkd_status qkd__tokenizer_create(qkd_context *ctx, int n, const char *const *pie
                                  const int32_t *types, int32_t bos, int32_t eos,
                                  int32_t unk, qkd_tokenizer **out);
 
+/* What the writers (safetensors/GGUF export) need of token id, which must
+ * be in range: its piece as matched (spaces as U+2581, the form GGUF and
+ * sentencepiece store), its score and its type. */
+typedef struct qkd__token_info {
+    const char *piece; /* borrowed until the tokenizer is freed */
+    size_t len;
+    float score;
+    qkd__token_type type;
+} qkd__token_info;
+
+void qkd__tokenizer_token(const qkd_tokenizer *tok, int32_t id, qkd__token_info *info);
+/* Id of the unknown token. */
+int32_t qkd__tokenizer_unk(const qkd_tokenizer *tok);
+
 #endif

@@ -16,7 +16,8 @@ static const char common_help[] =
 
 static const cli_command *const commands[] = {&cli_cmd_info, &cli_cmd_generate,
                                                &cli_cmd_eval, &cli_cmd_distill,
-                                               &cli_cmd_report};
+                                               &cli_cmd_report, &cli_cmd_export,
+                                               &cli_cmd_demo};
 enum { N_COMMANDS = sizeof commands / sizeof commands[0] };
 
 const cli_command *cli_find_command(const char *name)
@@ -164,7 +165,7 @@ int cli_parse(const cli_command *cmd, int argc, char **argv, const cli_option *o
             return CLI_EXIT_OK;
         }
         if (arg[0] != '-' || arg[1] == '\0') {
-            if (common->model)
+            if (common->model || cmd->no_model)
                 return cli_usage_error(cmd, "unexpected argument '%s'", arg);
             common->model = arg;
             continue;
@@ -189,7 +190,7 @@ int cli_parse(const cli_command *cmd, int argc, char **argv, const cli_option *o
         if (o->seen)
             *o->seen = 1;
     }
-    if (!common->model)
+    if (!common->model && !cmd->no_model)
         return cli_usage_error(cmd, "missing MODEL");
     if (common->threads < 0 || common->threads > 1024)
         return cli_usage_error(cmd, "--threads %d is outside 0..1024", common->threads);

@@ -22,6 +22,7 @@ typedef struct cli_command {
     const char *usage;   /* "MODEL [--x N]..." after "qkd <name> " */
     const char *help;    /* the command's own options, one per line */
     int (*run)(int argc, char **argv); /* argv[0] is the command name */
+    int no_model;        /* 1: takes no MODEL argument */
 } cli_command;
 
 extern const cli_command cli_cmd_info;
@@ -29,6 +30,8 @@ extern const cli_command cli_cmd_generate;
 extern const cli_command cli_cmd_eval;
 extern const cli_command cli_cmd_distill;
 extern const cli_command cli_cmd_report;
+extern const cli_command cli_cmd_export;
+extern const cli_command cli_cmd_demo;
 
 /* The subcommand called name, or NULL. */
 const cli_command *cli_find_command(const char *name);
@@ -49,7 +52,8 @@ typedef struct cli_option {
     int *seen;         /* set to 1 when given, or NULL */
 } cli_option;
 
-/* What every subcommand takes: one MODEL path, --threads, --backend. */
+/* What every subcommand takes: one MODEL path (unless no_model), --threads,
+ * --backend. */
 typedef struct cli_common {
     const char *model;
     int threads;             /* 0: all cores */

@@ -99,30 +99,46 @@ static json_t *row_json(const eval_row *r)
     return o;
 }
 
+/* What was run: the options that define the training (--resume must be
+ * given the same ones). */
+static json_t *config_json(const distill_opts *o)
+{
+    return json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:s, s:i, s:i, s:i, s:i, s:o, "
+                     "s:s, s:i, s:I, s:s}",
+                     "method", o->method, "scheme", o->scheme, "bits", o->bits, "group",
+                     o->group, "clip", o->clip ? o->clip : "preset", "loss", o->loss,
+                     "act_bits", o->act_bits, "kv_bits", o->kv_bits, "data",
+                     o->data ? o->data : "data-free", "data_free", o->data_free, "steps",
+                     o->steps, "batch", o->batch,
+                     "seq", o->seq, "lr", real(o->lr), "schedule", o->schedule, "warmup",
+                     o->warmup, "seed", (json_int_t)o->seed, "teacher", o->teacher);
+}
+
 static int write_summary(const distill_job *j, const distill_opts *o, const eval_report *e,
                          double wall_s, double train_s)
 {
     const float *losses;
     int64_t steps = qkd_distill_history(j->run, &losses);
-    json_t *root = json_pack(
-        "{s:s, s:s, s:i, s:i, s:s, s:I, s:i, s:i, s:o, s:I, s:I, s:o, s:o, s:s, s:{s:I, s:I, "
-        "s:s}, s:o, s:o, s:o, s:o}",
-        "method", o->method, "scheme", o->scheme, "bits", o->bits, "group", o->group, "loss",
-        o->loss, "steps", (json_int_t)steps, "batch", o->batch, "seq", o->seq, "lr",
-        real(o->lr), "seed", (json_int_t)o->seed, "train_tokens",
-        (json_int_t)(steps * o->batch * o->seq), "wall_s", real(wall_s), "train_s",
-        real(train_s), "data", o->data ? o->data : "data-free", "eval", "windows",
+    json_t *root = config_json(o);
+    json_t *run = json_pack("{s:I, s:I, s:o, s:o, s:o}", "steps", (json_int_t)steps,
+                            "train_tokens", (json_int_t)(steps * o->batch * o->seq), "wall_s",
+                            real(wall_s), "train_s", real(train_s), "final_loss",
+                            real(steps > 0 ? losses[steps - 1] : NAN));
+    json_t *eval = json_pack(
+        "{s:{s:I, s:I, s:s}, s:o, s:o, s:o}", "eval", "windows",
         (json_int_t)qkd_dataset_n_windows(j->eval, o->seq, QKD_SPLIT_EVAL), "tokens",
         (json_int_t)e->tokens, "source",
-        o->eval_text ? o->eval_text : "the last windows of the training data", "final_loss",
-        real(steps > 0 ? losses[steps - 1] : NAN), "teacher", row_json(&e->teacher), "rtn",
-        row_json(&e->rtn), "student", row_json(&e->student));
-    int rc = root && json_dump_file(root, j->summary_path, JSON_INDENT(2) | JSON_REAL_PRECISION(9))
-                         == 0 ? CLI_EXIT_OK : CLI_EXIT_FAIL;
+        o->eval_text ? o->eval_text : "the last windows of the training data", "teacher",
+        row_json(&e->teacher), "rtn", row_json(&e->rtn), "student", row_json(&e->student));
+    int ok = root && run && eval && json_object_update(root, run) == 0 &&
+             json_object_update(root, eval) == 0 &&
+             json_dump_file(root, j->summary_path, JSON_INDENT(2) | JSON_REAL_PRECISION(9)) == 0;
     json_decref(root);
-    if (rc != CLI_EXIT_OK)
+    json_decref(run);
+    json_decref(eval);
+    if (!ok)
         fprintf(stderr, "qkd: cannot write %s\n", j->summary_path);
-    return rc;
+    return ok ? CLI_EXIT_OK : CLI_EXIT_FAIL;
 }
 
 /* ---- per-step reporting ------------------------------------------------------------ */
@@ -193,8 +209,9 @@ static int on_step(void *user, const qkd_distill_stats *st)
     progress *p = user;
     write_metrics(p, st);
     show_progress(p, st);
-    if (p->o->continuous)
-        qkd_quantizer_set_sharpness(p->j->quant, distill_sharpness(st->step + 1, st->total_steps));
+    if (p->o->continuous) /* the next step's; a positive finite value cannot fail */
+        (void)qkd_quantizer_set_sharpness(p->j->quant,
+                                          distill_sharpness(st->step + 1, st->total_steps));
     const int every = p->o->checkpoint_every;
     if (every > 0 && st->step % every == 0 && st->step < st->total_steps &&
         save_checkpoint(p->j) != CLI_EXIT_OK) {
@@ -231,6 +248,35 @@ static int trim_metrics(const char *path, int64_t step)
     return CLI_EXIT_OK;
 }
 
+/* A fresh run records its options in DIR/run.json (numbers with all 17
+ * digits, so that they read back exactly); a resumed one must match them,
+ * or it would not continue the same training. */
+static int check_config(const distill_job *j, const distill_opts *o)
+{
+    json_t *now = config_json(o), *was = json_load_file(j->config_path, 0, NULL);
+    int rc = now ? CLI_EXIT_OK : CLI_EXIT_FAIL;
+    if (rc == CLI_EXIT_OK && !o->resume &&
+        json_dump_file(now, j->config_path, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) != 0) {
+        fprintf(stderr, "qkd: cannot write %s\n", j->config_path);
+        rc = CLI_EXIT_FAIL;
+    }
+    const char *key;
+    json_t *v;
+    if (rc == CLI_EXIT_OK && o->resume && was) {
+        json_object_foreach(now, key, v) {
+            if (!json_equal(v, json_object_get(was, key))) {
+                fprintf(stderr, "qkd: --resume: '%s' differs from the run in %s; give the "
+                                "options that run was started with\n", key, j->config_path);
+                rc = CLI_EXIT_USAGE;
+                break;
+            }
+        }
+    }
+    json_decref(now);
+    json_decref(was);
+    return rc;
+}
+
 static int resume(distill_job *j, const distill_opts *o)
 {
     if (access(j->ckpt_path, R_OK) != 0) {
@@ -243,7 +289,7 @@ static int resume(distill_job *j, const distill_opts *o)
     int64_t step = qkd_distill_step(j->run);
     fprintf(stderr, "qkd: resumed at step %lld of %d\n", (long long)step, o->steps);
     if (o->continuous)
-        qkd_quantizer_set_sharpness(j->quant, distill_sharpness(step + 1, o->steps));
+        (void)qkd_quantizer_set_sharpness(j->quant, distill_sharpness(step + 1, o->steps));
     return trim_metrics(j->metrics_path, step);
 }
 
@@ -289,6 +335,8 @@ static int run_job(distill_job *j, const distill_opts *o, const cli_common *c)
     /* The round-to-nearest student is the bound student before any
      * calibration or training. */
     int rc = distill_open(j, o, c);
+    if (rc == CLI_EXIT_OK)
+        rc = check_config(j, o);
     if (rc == CLI_EXIT_OK)
         rc = evaluate(j, o, j->s.model, &e.teacher, &e.tokens);
     if (rc == CLI_EXIT_OK)
@@ -353,7 +401,7 @@ const cli_command cli_cmd_distill = {
         "  --lr LR              AdamW learning rate (default 5e-4)\n"
         "  --schedule S         constant, linear or cosine (default cosine)\n"
         "  --warmup N           warmup steps (default steps/10)\n"
-        "  --out DIR            checkpoint.qkdc, metrics.jsonl, summary.json\n"
+        "  --out DIR            checkpoint.qkdc, metrics.jsonl, summary.json, run.json\n"
         "  --resume             continue from DIR/checkpoint.qkdc\n"
         "  --checkpoint-every K also save every K steps (always at the end and on\n"
         "                       Ctrl-C, which exits with status 130)\n"

@@ -6,6 +6,7 @@
 #include "cli.h"
 
 typedef struct distill_opts {
+    const char *teacher; /* the session's MODEL */
     const char *tokenizer, *data, *eval_text, *out;
     const char *method, *scheme, *loss, *clip, *schedule;
     int bits, group, act_bits, kv_bits;
@@ -16,7 +17,7 @@ typedef struct distill_opts {
     uint64_t seed;
     /* Which options were given (a given option beats the method's preset). */
     struct {
-        int scheme, loss, group, data_free, eval_windows, warmup, lr;
+        int scheme, loss, group, data_free, warmup;
     } seen;
     /* From the method preset. */
     unsigned optim_presets;
@@ -38,7 +39,7 @@ typedef struct distill_job {
     qkd_dataset *own_eval;   /* from --eval-text, or NULL */
     const qkd_dataset *eval; /* own_eval or train */
     qkd_distill *run;
-    char ckpt_path[4096], metrics_path[4096], summary_path[4096];
+    char ckpt_path[4096], metrics_path[4096], summary_path[4096], config_path[4096];
 } distill_job;
 
 /* Parse argv into o and c, presets applied. Returns CLI_CONTINUE, or the

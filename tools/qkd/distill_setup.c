@@ -153,7 +153,7 @@ static int parse_quant(distill_opts *o)
 static int check_ranges(const distill_opts *o)
 {
     const cli_command *cmd = &cli_cmd_distill;
-    if (!o->out)
+    if (!o->out || !*o->out)
         return cli_usage_error(cmd, "missing --out DIR");
     if (!!o->data + !!o->data_free != 1)
         return cli_usage_error(cmd, "give exactly one of --data FILE and --data-free N");
@@ -221,6 +221,7 @@ int distill_parse(int argc, char **argv, distill_opts *o, cli_common *c)
         return cli_usage_error(&cli_cmd_distill,
                                "--method '%s': use bitdistiller, tsld, llm-qat, ov-freeze, "
                                "cont-approx or none", o->method);
+    o->teacher = c->model;
     apply_preset(o, m);
     rc = check_ranges(o);
     if (rc == CLI_CONTINUE && parse_loss(o) != 0)
@@ -382,6 +383,7 @@ int distill_open(distill_job *j, const distill_opts *o, const cli_common *c)
     snprintf(j->ckpt_path, sizeof j->ckpt_path, "%s/checkpoint.qkdc", o->out);
     snprintf(j->metrics_path, sizeof j->metrics_path, "%s/metrics.jsonl", o->out);
     snprintf(j->summary_path, sizeof j->summary_path, "%s/summary.json", o->out);
+    snprintf(j->config_path, sizeof j->config_path, "%s/run.json", o->out);
     int rc = make_dir(o->out);
     if (rc == CLI_EXIT_OK)
         rc = cli_session_open(&j->s, c, o->tokenizer, 0);

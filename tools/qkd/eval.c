@@ -1,9 +1,14 @@
-/* qkd eval MODEL --text FILE: perplexity over non-overlapping windows. */
+/* qkd eval MODEL --text FILE: perplexity over non-overlapping windows.
+ * qkd eval MODEL --task T --data FILE: zero-shot multiple-choice accuracy
+ * (qkd/eval.h); a FILE ending in .bz2 is read through `bzip2 -dc`. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <qkd/eval.h>
 
 #include "cli.h"
 
@@ -13,6 +18,11 @@ typedef struct eval_args {
     int seq;
     int seq_given;
     int batch;
+    int batch_given;
+    const char *task;
+    const char *data;
+    int limit;
+    int no_bos;
 } eval_args;
 
 /* The file's bytes, NUL-terminated (owned, free()), or NULL with a message. */
@@ -148,6 +158,142 @@ static int eval_session(cli_session *s, eval_args *a)
     return rc;
 }
 
+/* ---- zero-shot tasks ---- */
+
+/* The output of `bzip2 -dc -- path` (owned, free()), or NULL with a
+ * message. The path is single-quoted for the shell. */
+static char *read_bz2(const char *path, size_t *len)
+{
+    size_t cmd_len = sizeof "bzip2 -dc -- ''" + 4 * strlen(path);
+    char *cmd = malloc(cmd_len), *o = cmd;
+    if (!cmd)
+        return NULL;
+    o += sprintf(o, "bzip2 -dc -- '");
+    for (const char *p = path; *p; p++)
+        o += *p == '\'' ? sprintf(o, "'\\''") : sprintf(o, "%c", *p);
+    sprintf(o, "'");
+    FILE *f = popen(cmd, "r");
+    free(cmd);
+    size_t cap = 1 << 20, n = 0;
+    char *buf = f ? malloc(cap) : NULL;
+    while (buf && (n += fread(buf + n, 1, cap - n, f)) == cap) {
+        char *grown = realloc(buf, 2 * cap);
+        if (!grown) {
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        buf = grown;
+        cap *= 2;
+    }
+    int status = f ? pclose(f) : -1;
+    if (!buf || status != 0) {
+        fprintf(stderr, "qkd: %s: `bzip2 -dc` failed (%s)\n", path,
+                !f ? "cannot run it" : !buf ? "out of memory" : "bad archive or no bzip2");
+        free(buf);
+        return NULL;
+    }
+    *len = n;
+    return buf;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static int load_set(cli_session *s, qkd_eval_task task, const char *path, qkd_eval_set **set)
+{
+    qkd_status st;
+    if (ends_with(path, ".bz2")) {
+        size_t len;
+        char *text = read_bz2(path, &len);
+        if (!text)
+            return CLI_EXIT_FAIL;
+        st = qkd_eval_set_parse(s->ctx, task, path, text, len, NULL, 0, set);
+        free(text);
+    } else {
+        st = qkd_eval_set_load(s->ctx, task, path, set);
+    }
+    return st == QKD_OK ? CLI_EXIT_OK : cli_fail(s->ctx, st, path);
+}
+
+static int show_items(void *user, size_t done, size_t total)
+{
+    double t0 = *(const double *)user, dt = cli_now() - t0;
+    fprintf(stderr, "\r%zu/%zu items, %.1f items/s ", done, total, dt > 0 ? done / dt : 0.0);
+    if (done == total)
+        fputc('\n', stderr);
+    return 0;
+}
+
+static void print_result(const qkd_eval_result *r)
+{
+    printf("task: %s\n", qkd_eval_task_name(r->task));
+    printf("items: %zu\n", r->n_items);
+    printf("acc: %.4f +/- %.4f\n", r->acc, r->acc_stderr);
+    if (r->task == QKD_EVAL_LAMBADA)
+        printf("perplexity: %.4f\n", r->perplexity);
+    else
+        printf("acc_norm: %.4f +/- %.4f\n", r->acc_norm, r->acc_norm_stderr);
+}
+
+static int zeroshot_session(cli_session *s, const eval_args *a, qkd_eval_task task)
+{
+    qkd_eval_set *set = NULL;
+    int rc = load_set(s, task, a->data, &set);
+    if (rc != CLI_EXIT_OK)
+        return rc;
+    double t0 = cli_now();
+    qkd_eval_params p;
+    qkd_eval_params_init(&p);
+    p.limit = (size_t)a->limit;
+    p.add_bos = !a->no_bos;
+    p.progress = isatty(STDERR_FILENO) ? show_items : NULL;
+    p.progress_user = &t0;
+    qkd_eval_result r = {.size = sizeof r};
+    qkd_status st = qkd_eval_run(s->ctx, s->model, s->tok, set, &p, &r);
+    qkd_eval_set_free(set);
+    if (st != QKD_OK)
+        return cli_fail(s->ctx, st, a->data);
+    print_result(&r);
+    fprintf(stderr, "qkd: %zu items in %.3f s\n", r.n_items, cli_now() - t0);
+    return CLI_EXIT_OK;
+}
+
+/* ---- the command ---- */
+
+/* Which mode the options ask for: CLI_CONTINUE, or a usage error. */
+static int check_args(const eval_args *a, qkd_eval_task *task)
+{
+    if (a->text && a->task)
+        return cli_usage_error(&cli_cmd_eval, "--text (perplexity) and --task (zero-shot) "
+                               "exclude each other");
+    if (!a->text && !a->task)
+        return cli_usage_error(&cli_cmd_eval, "missing --text FILE (perplexity) or --task T "
+                               "--data FILE (zero-shot)");
+    if (a->task) {
+        if (qkd_eval_task_from_name(a->task, task) != QKD_OK)
+            return cli_usage_error(&cli_cmd_eval, "unknown task '%s'", a->task);
+        if (!a->data)
+            return cli_usage_error(&cli_cmd_eval, "--task needs --data FILE");
+        if (a->seq_given || a->batch_given)
+            return cli_usage_error(&cli_cmd_eval, "--seq and --batch apply to --text only");
+        if (a->limit < 0)
+            return cli_usage_error(&cli_cmd_eval, "--limit %d is negative", a->limit);
+        return CLI_CONTINUE;
+    }
+    if (a->data || a->limit || a->no_bos)
+        return cli_usage_error(&cli_cmd_eval, "--data, --limit and --no-bos apply to --task "
+                               "only");
+    if (a->seq_given && (a->seq < 1 || a->seq > (1 << 20)))
+        return cli_usage_error(&cli_cmd_eval, "--seq %d is outside 1..%d", a->seq, 1 << 20);
+    if (a->batch < 1 || a->batch > 4096)
+        return cli_usage_error(&cli_cmd_eval, "--batch %d is outside 1..4096", a->batch);
+    return CLI_CONTINUE;
+}
+
 static int eval_run(int argc, char **argv)
 {
     eval_args a = {.batch = 4};
@@ -155,35 +301,47 @@ static int eval_run(int argc, char **argv)
         {"--text", NULL, CLI_STRING, &a.text, NULL},
         {"--tokenizer", NULL, CLI_STRING, &a.tokenizer, NULL},
         {"--seq", NULL, CLI_INT, &a.seq, &a.seq_given},
-        {"--batch", NULL, CLI_INT, &a.batch, NULL},
+        {"--batch", NULL, CLI_INT, &a.batch, &a.batch_given},
+        {"--task", NULL, CLI_STRING, &a.task, NULL},
+        {"--data", NULL, CLI_STRING, &a.data, NULL},
+        {"--limit", NULL, CLI_INT, &a.limit, NULL},
+        {"--no-bos", NULL, CLI_FLAG, &a.no_bos, NULL},
     };
     cli_common common;
+    qkd_eval_task task = QKD_EVAL_PIQA;
     int rc = cli_parse(&cli_cmd_eval, argc, argv, opts, sizeof opts / sizeof opts[0], &common);
+    if (rc == CLI_CONTINUE)
+        rc = check_args(&a, &task);
     if (rc != CLI_CONTINUE)
         return rc;
-    if (!a.text)
-        return cli_usage_error(&cli_cmd_eval, "missing --text FILE");
-    if (a.seq_given && (a.seq < 1 || a.seq > (1 << 20)))
-        return cli_usage_error(&cli_cmd_eval, "--seq %d is outside 1..%d", a.seq, 1 << 20);
-    if (a.batch < 1 || a.batch > 4096)
-        return cli_usage_error(&cli_cmd_eval, "--batch %d is outside 1..4096", a.batch);
     cli_session s;
     rc = cli_session_open(&s, &common, a.tokenizer, 1);
     if (rc != CLI_EXIT_OK)
         return rc;
-    rc = eval_session(&s, &a);
+    rc = a.task ? zeroshot_session(&s, &a, task) : eval_session(&s, &a);
     cli_session_close(&s);
     return rc;
 }
 
 const cli_command cli_cmd_eval = {
     .name = "eval",
-    .summary = "perplexity of a model over a text file",
-    .usage = "MODEL --text FILE [--tokenizer T] [--seq N] [--batch B]",
+    .summary = "perplexity over a text file, or zero-shot multiple-choice accuracy",
+    .usage = "MODEL --text FILE [--tokenizer T] [--seq N] [--batch B]\n"
+             "       qkd eval MODEL --task T --data FILE [--limit N] [--no-bos] [--tokenizer T]",
     .help = "  --text FILE      the text to score (UTF-8)\n"
             "  --tokenizer T    tokenizer file (default: the one inside MODEL)\n"
             "  --seq N          predicted tokens per window; windows of N+1 tokens do\n"
             "                   not overlap (default: the context, at most 256)\n"
-            "  --batch B        windows per forward pass (default 4)\n",
+            "  --batch B        windows per forward pass (default 4)\n"
+            "  --task T         zero-shot task: piqa, hellaswag, arc_easy, arc_challenge,\n"
+            "                   boolq, winogrande, lambada, or mc (any llm-foundry\n"
+            "                   query/choices/gold file); prints acc and acc_norm\n"
+            "                   (lambada: acc of the greedy continuation, perplexity)\n"
+            "  --data FILE      the task's file: PIQA's valid.jsonl (labels beside it),\n"
+            "                   llama.cpp's HellaSwag text (.bz2 is read through\n"
+            "                   `bzip2 -dc`) or an llm-foundry .jsonl\n"
+            "  --limit N        score the first N items only (default: all)\n"
+            "  --no-bos         no BOS before the context, as lm-evaluation-harness's\n"
+            "                   Hugging Face backend by default\n",
     .run = eval_run,
 };

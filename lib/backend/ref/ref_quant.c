@@ -1,11 +1,13 @@
 /* Reference fake-quantization kernels; the math of each scheme is in
  * include/qkd/quant.h. One task handles whole groups, in double, so a
- * result never depends on the thread count. */
+ * result never depends on the thread count; format schemes run ggml's
+ * block quantizers (lib/quant/ggml_blocks.c), one block per task. */
 #include <float.h>
 #include <math.h>
 
 #include "backend/ref/ref.h"
-#include "qkd/quant.h"
+#include "quant/ggml_blocks.h"
+#include "quant/quant.h"
 
 /* One group's grid. [lo, hi] is the clip range (values outside are
  * clamped), [qmin, qmax] the code range, d TERNARY's threshold. */
@@ -215,7 +217,7 @@ static void backward_range(const void *arg, int64_t begin, int64_t end)
         float *dw = j->out + at;
         const float *dq = j->dq + at;
         if (!j->spec->continuous && j->spec->clip_ratio >= 1.0f) {
-            for (int64_t i = 0; i < n; i++) /* the plain STE */
+            for (int64_t i = 0; i < n; i++) /* the plain STE (format schemes too) */
                 dw[i] += dq[i];
             continue;
         }
@@ -232,10 +234,47 @@ static int64_t groups_per_row(int64_t cols, int64_t group)
     return (cols + group - 1) / group;
 }
 
+/* ---- format schemes ---------------------------------------------------------------- */
+
+struct format_job {
+    float *wq, *scales, *zeros;
+    const float *w;
+    const qkd__ggml_format *f;
+};
+
+/* Blocks [begin, end) of the whole weight: the format's block divides the
+ * row, so no block straddles two rows and block k's groups come k-th. */
+static void format_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct format_job *j = arg;
+    const qkd__ggml_format *f = j->f;
+    const int64_t per_block = f->group ? f->block / f->group : 0;
+    uint8_t blk[QKD__GGML_MAX_BLOCK_BYTES];
+    for (int64_t k = begin; k < end; k++) {
+        f->quantize(j->w + k * f->block, blk);
+        f->dequantize(blk, j->wq + k * f->block);
+        if (per_block)
+            f->groups(blk, j->scales + k * per_block, j->zeros + k * per_block);
+    }
+}
+
+static void format_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
+                           const float *w, int64_t rows, int64_t cols, int type)
+{
+    struct format_job job = {.wq = wq, .scales = scales, .zeros = zeros, .w = w,
+                             .f = qkd__ggml_format_of((uint32_t)type)};
+    qkd__ref_parallel(b, rows * cols / job.f->block, job.f->block * 60, format_range, &job);
+}
+
 void qkd__ref_fakequant_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
                                 const float *w, int64_t rows, int64_t cols,
                                 const qkd__quant_spec *spec)
 {
+    const int type = qkd__quant_row_type(spec->scheme, cols);
+    if (type >= 0) {
+        format_forward(b, wq, scales, zeros, w, rows, cols, type);
+        return;
+    }
     struct fq_job job = {.out = wq, .scales = scales, .zeros = zeros, .w = w, .cols = cols,
                          .per_row = groups_per_row(cols, spec->group), .spec = spec};
     int64_t per_group = cols < spec->group ? cols : spec->group;

@@ -41,6 +41,50 @@ void qkd__simd_run(qkd__backend *b, int64_t n_tasks, double flops, qkd__task_fn 
     qkd__pool_run(b->ctx->pool, n_tasks, fn, arg);
 }
 
+/* Tasks per thread of a parallel job: a few even out uneven items. */
+#define TASKS_PER_THREAD 4
+
+/* How many tasks a job of n items of `flops` each is worth. */
+static int64_t n_tasks(qkd__backend *b, int64_t n, double flops)
+{
+    double total = (double)n * flops;
+    if (total < MIN_PARALLEL_FLOPS)
+        return 1;
+    double tasks = (double)TASKS_PER_THREAD * qkd__pool_size(b->ctx->pool);
+    if (tasks > total / (MIN_PARALLEL_FLOPS / 4))
+        tasks = total / (MIN_PARALLEL_FLOPS / 4);
+    return tasks > (double)n ? n : (int64_t)tasks;
+}
+
+struct range_job {
+    qkd__ref_range_fn fn;
+    const void *arg;
+    int64_t n, per_task;
+};
+
+static void range_task(void *p, int64_t task)
+{
+    const struct range_job *job = p;
+    int64_t begin = task * job->per_task;
+    int64_t end = job->n - begin < job->per_task ? job->n : begin + job->per_task;
+    job->fn(job->arg, begin, end);
+}
+
+void qkd__simd_parallel(qkd__backend *b, int64_t n, double cost, qkd__ref_range_fn fn,
+                        const void *arg)
+{
+    if (n <= 0)
+        return;
+    int64_t tasks = n_tasks(b, n, cost);
+    if (tasks < 2) {
+        fn(arg, 0, n);
+        return;
+    }
+    int64_t per_task = (n + tasks - 1) / tasks;
+    struct range_job job = {.fn = fn, .arg = arg, .n = n, .per_task = per_task};
+    qkd__pool_run(b->ctx->pool, (n + per_task - 1) / per_task, range_task, &job);
+}
+
 struct slot_job {
     qkd__simd_slot_fn fn;
     const void *arg;
@@ -62,14 +106,10 @@ int qkd__simd_parallel_slots(qkd__backend *b, int64_t n, double flops, size_t sl
 {
     if (n <= 0)
         return 1;
-    /* A few ranges per thread even out uneven items; slots keep whole
-     * cache lines (64 bytes) apart. */
-    int64_t tasks = (double)n * flops < MIN_PARALLEL_FLOPS ? 1 : 4 * qkd__pool_size(b->ctx->pool);
-    if (tasks > n)
-        tasks = n;
+    int64_t tasks = n_tasks(b, n, flops);
     int64_t per_task = (n + tasks - 1) / tasks;
     tasks = (n + per_task - 1) / per_task;
-    slot_floats = (slot_floats + 15) & ~(size_t)15;
+    slot_floats = (slot_floats + 15) & ~(size_t)15; /* whole cache lines apart */
     if (slot_floats && (size_t)tasks > SIZE_MAX / sizeof(float) / slot_floats)
         return 0;
     float *ws = qkd__simd_workspace(b, (size_t)tasks * slot_floats);

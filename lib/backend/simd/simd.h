@@ -13,6 +13,7 @@
 #define QKD_LIB_BACKEND_SIMD_H
 
 #include "backend/backend.h"
+#include "backend/ref/ref.h"
 
 /* Instruction sets, for QKD_SIMD_ISA in the files that include vec.h. */
 #define QKD__SIMD_AVX2 1
@@ -31,6 +32,13 @@ float *qkd__simd_workspace(qkd__backend *b, size_t floats);
  * the calling thread when the whole job is below a few hundred thousand
  * flops (waking threads would cost more). */
 void qkd__simd_run(qkd__backend *b, int64_t n_tasks, double flops, qkd__task_fn fn, void *arg);
+
+/* Run fn over the items [0, n) in contiguous ranges on the context's pool;
+ * cost is the rough number of flops of one item. Like qkd__ref_parallel,
+ * but a job below a few hundred thousand flops stays on the calling thread,
+ * since SIMD kernels finish small jobs faster than threads wake up. */
+void qkd__simd_parallel(qkd__backend *b, int64_t n, double cost, qkd__ref_range_fn fn,
+                        const void *arg);
 
 /* Processes items [begin, end) of a job described by arg, with `slot`, a
  * piece of workspace no other task touches. */

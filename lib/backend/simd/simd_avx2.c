@@ -1,9 +1,11 @@
 /* The SIMD kernels compiled for AVX2 with FMA. */
+#include <float.h>
 #include <math.h>
 
 #include "backend/ref/ref.h"
 #include "backend/simd/simd.h"
 #include "qkd/loss.h"
+#include "qkd/quant.h"
 
 #define QKD_SIMD_ISA QKD__SIMD_AVX2
 #include "backend/simd/vec.h"
@@ -13,6 +15,7 @@
 #include "backend/simd/attention.inc"
 #include "backend/simd/optim.inc"
 #include "backend/simd/kd.inc"
+#include "backend/simd/quant.inc"
 #include "backend/simd/table.inc"
 
 void qkd__simd_install_avx2(qkd__backend *b)

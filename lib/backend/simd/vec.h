@@ -88,6 +88,23 @@ static inline vd vd_sub(vd a, vd b) { return _mm512_sub_pd(a, b); }
 static inline vd vd_mul(vd a, vd b) { return _mm512_mul_pd(a, b); }
 static inline vd vd_div(vd a, vd b) { return _mm512_div_pd(a, b); }
 static inline vd vd_sqrt(vd a) { return _mm512_sqrt_pd(a); }
+static inline vd vd_min(vd a, vd b) { return _mm512_min_pd(a, b); }
+static inline vd vd_max(vd a, vd b) { return _mm512_max_pd(a, b); }
+/* round half away from zero, as C's round() */
+static inline vd vd_round_away(vd u)
+{
+    vd t = _mm512_roundscale_pd(u, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    vd sign = _mm512_and_pd(u, _mm512_set1_pd(-0.0));
+    vd f = _mm512_andnot_pd(_mm512_set1_pd(-0.0), _mm512_sub_pd(u, t)); /* |u - t|, exact */
+    __mmask8 up = _mm512_cmp_pd_mask(f, _mm512_set1_pd(0.5), _CMP_GE_OQ);
+    return _mm512_mask_add_pd(t, up, t, _mm512_or_pd(_mm512_set1_pd(1.0), sign));
+}
+/* lanes with lo <= x <= hi keep y, the others become 0 */
+static inline vf vkeep_in(vf x, vf lo, vf hi, vf y)
+{
+    __mmask16 in = _mm512_cmp_ps_mask(lo, x, _CMP_LE_OQ) & _mm512_cmp_ps_mask(x, hi, _CMP_LE_OQ);
+    return _mm512_maskz_mov_ps(in, y);
+}
 
 #else /* AVX2 */
 
@@ -156,6 +173,21 @@ static inline vd vd_sub(vd a, vd b) { return _mm256_sub_pd(a, b); }
 static inline vd vd_mul(vd a, vd b) { return _mm256_mul_pd(a, b); }
 static inline vd vd_div(vd a, vd b) { return _mm256_div_pd(a, b); }
 static inline vd vd_sqrt(vd a) { return _mm256_sqrt_pd(a); }
+static inline vd vd_min(vd a, vd b) { return _mm256_min_pd(a, b); }
+static inline vd vd_max(vd a, vd b) { return _mm256_max_pd(a, b); }
+static inline vd vd_round_away(vd u)
+{
+    vd t = _mm256_round_pd(u, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    vd sign = _mm256_and_pd(u, _mm256_set1_pd(-0.0));
+    vd f = _mm256_andnot_pd(_mm256_set1_pd(-0.0), _mm256_sub_pd(u, t));
+    vd up = _mm256_cmp_pd(f, _mm256_set1_pd(0.5), _CMP_GE_OQ);
+    return _mm256_add_pd(t, _mm256_and_pd(up, _mm256_or_pd(_mm256_set1_pd(1.0), sign)));
+}
+static inline vf vkeep_in(vf x, vf lo, vf hi, vf y)
+{
+    vf in = _mm256_and_ps(_mm256_cmp_ps(lo, x, _CMP_LE_OQ), _mm256_cmp_ps(x, hi, _CMP_LE_OQ));
+    return _mm256_and_ps(in, y);
+}
 
 #endif
 
