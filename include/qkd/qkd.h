@@ -23,25 +23,33 @@
  * last failure are in qkd_context_last_error(). Creators write the new
  * handle through an out-pointer; every _free accepts NULL.
  *
- * A complete training loop on cross-entropy (the distillation objectives
- * and optimizers of later releases plug into the same places):
+ * A complete KD-QAT loop (examples/distill.c is the runnable version):
  *
- *   qkd_context *ctx; qkd_model *m;
- *   if (qkd_context_create(NULL, &ctx) != QKD_OK) return 1;
- *   if (qkd_model_load(ctx, "stories260K.bin", &m) != QKD_OK) {
- *       fprintf(stderr, "%s\n", qkd_context_last_error(ctx));
- *       return 1;
- *   }
+ *   qkd_context *ctx; qkd_model *teacher, *student; qkd_quantizer *q;
+ *   qkd_loss *loss; qkd_optimizer *opt;
+ *   qkd_context_create(NULL, &ctx);
+ *   qkd_model_load(ctx, "stories260K.bin", &teacher);   (check every status;
+ *   qkd_model_load(ctx, "stories260K.bin", &student);    the message is in
+ *                                                        qkd_context_last_error)
+ *   qkd_quant_params qp; qkd_quant_params_init(&qp);    (ASYM, 4 bits, g128)
+ *   qp.group_size = 32;
+ *   qkd_quantizer_create(ctx, &qp, &q);
+ *   qkd_model_set_quantizer(student, q, QKD_QUANT_TARGET_LINEAR);
+ *   qkd_loss_term term; qkd_loss_term_init(&term, QKD_LOSS_FKL);
+ *   qkd_loss_create(ctx, &loss); qkd_loss_add(loss, &term);
+ *   qkd_optim_params op; qkd_optim_params_init(&op);
+ *   qkd_optimizer_create(student, &op, &opt);
  *   for (int step = 0; step < steps; step++) {
- *       float loss;
- *       qkd_model_zero_grad(m);
- *       qkd_model_forward(m, tokens, B, T);
- *       qkd_model_cross_entropy(m, targets, 1, &loss);
- *       qkd_model_backward(m, NULL);
- *       ... read gradients with qkd_model_grad_get, update weights ...
+ *       float value;
+ *       next_batch(tokens, targets);                       (B x T ids)
+ *       qkd_model_forward(teacher, tokens, B, T);
+ *       qkd_model_forward(student, tokens, B, T);          (fake-quantized)
+ *       qkd_loss_compute(loss, student, teacher, targets, &value);
+ *       qkd_model_zero_grad(student);
+ *       qkd_model_backward(student, NULL);                 (STE to latent w)
+ *       qkd_optimizer_step(opt, NULL);
  *   }
- *   qkd_model_free(m);
- *   qkd_context_free(ctx);
+ *   then free every handle, the context last.
  */
 #ifndef QKD_QKD_H
 #define QKD_QKD_H
