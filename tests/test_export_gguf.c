@@ -74,6 +74,15 @@ static const char *shared_path(const char *rel, char *buf, size_t n)
     return buf;
 }
 
+/* A whole file as a NUL-terminated string (malloc'd). */
+static char *read_text(const char *path, size_t *len)
+{
+    char *data = test_read_file(path, len), *text = realloc(data, *len + 1);
+    ck_assert_ptr_nonnull(text);
+    text[*len] = '\0';
+    return text;
+}
+
 static char *tmp_path(const char *name)
 {
     static char path[512];
@@ -809,7 +818,7 @@ START_TEST(test_cli_export)
              tokp, out);
     ck_assert_int_eq(run_qkd(args, NULL, log), 0);
     size_t n;
-    char *text = test_read_file(log, &n);
+    char *text = read_text(log, &n);
     ck_assert_ptr_nonnull(strstr(text, "blk.4.ffn_down.weight: rows of 172 values do not fill "
                                        "Q4_0 blocks: written as F16"));
     ck_assert_ptr_nonnull(strstr(text, "5 tensors fell back"));

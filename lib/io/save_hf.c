@@ -30,7 +30,6 @@
 #include "tokenizer/tokenizer.h"
 
 #define SPACE_MARK "\xe2\x96\x81" /* U+2581, sentencepiece's space */
-#define SPACE_MARK_LEN 3
 #define NAME_LEN 128
 #define CHUNK_VALUES 4096 /* 16-bit values converted per write */
 
@@ -330,55 +329,27 @@ static qkd_status fill_config(hf_saver *sv, qkd__wfile *w)
 
 /* ---- tokenizer.bin (llama2.c) ---- */
 
-/* piece with every U+2581 turned into a space, into out (>= len bytes);
- * returns the new length. */
-static size_t unmark(char *out, const char *piece, size_t len)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < len;) {
-        if (i + SPACE_MARK_LEN <= len && memcmp(piece + i, SPACE_MARK, SPACE_MARK_LEN) == 0) {
-            out[o++] = ' ';
-            i += SPACE_MARK_LEN;
-        } else {
-            out[o++] = piece[i++];
-        }
-    }
-    return o;
-}
-
 /* int32 max_token_length, then per token: float score, int32 length,
- * the piece's bytes with spaces as spaces. */
+ * the piece's bytes with spaces as spaces (qkd_tokenizer_piece's form). */
 static qkd_status fill_tokenizer_bin(hf_saver *sv, qkd__wfile *w)
 {
     int n = qkd_tokenizer_vocab_size(sv->tok);
-    size_t longest = 1;
-    for (int32_t id = 0; id < n; id++) {
-        qkd__token_info t;
-        qkd__tokenizer_token(sv->tok, id, &t);
-        longest = t.len > longest ? t.len : longest;
-    }
-    if (longest > INT32_MAX)
-        return qkd__error(sv->ctx, QKD_ERR_RANGE, "%s: a token piece is too long", sv->dir);
-    char *text = qkd__alloc(sv->ctx, longest);
-    if (!text)
-        return qkd__error(sv->ctx, QKD_ERR_NO_MEMORY, "%s: out of memory", sv->dir);
     size_t max_len = 0;
     for (int32_t id = 0; id < n; id++) {
-        qkd__token_info t;
-        qkd__tokenizer_token(sv->tok, id, &t);
-        size_t len = unmark(text, t.piece, t.len);
+        size_t len = strlen(qkd_tokenizer_piece(sv->tok, id));
         max_len = len > max_len ? len : max_len;
     }
+    if (max_len > INT32_MAX)
+        return qkd__error(sv->ctx, QKD_ERR_RANGE, "%s: a token piece is too long", sv->dir);
     qkd__wfile_u32(w, (uint32_t)max_len);
     for (int32_t id = 0; id < n; id++) {
         qkd__token_info t;
         qkd__tokenizer_token(sv->tok, id, &t);
-        size_t len = unmark(text, t.piece, t.len);
+        const char *text = qkd_tokenizer_piece(sv->tok, id);
         qkd__wfile_words(w, &t.score, 1);
-        qkd__wfile_u32(w, (uint32_t)len);
-        qkd__wfile_bytes(w, text, len);
+        qkd__wfile_u32(w, (uint32_t)strlen(text));
+        qkd__wfile_bytes(w, text, strlen(text));
     }
-    qkd__free(sv->ctx, text);
     return QKD_OK;
 }
 
@@ -634,7 +605,7 @@ static json_t *tokenizer_json(const hf_saver *sv, json_t *vocab, json_t *merges)
         "{s:s,s:n,s:n,s:o,"
         "s:{s:s,s:[{s:s,s:s},{s:s,s:{s:s},s:s}]},s:n,s:o,"
         "s:{s:s,s:[{s:s,s:{s:s},s:s},{s:s},{s:s},{s:s,s:s,s:i,s:i}]},"
-        "s:{s:s,s:n,s:s,s:n,s:n,s:b,s:b,s:b,s:o,s:o}}",
+        "s:{s:s,s:n,s:s,s:n,s:n,s:b,s:b,s:o,s:o}}",
         "version", "1.0", "truncation", "padding", "added_tokens", added_tokens_json(sv),
         "normalizer", "type", "Sequence", "normalizers", "type", "Prepend", "prepend",
         SPACE_MARK, "type", "Replace", "pattern", "String", " ", "content", SPACE_MARK,
@@ -644,19 +615,19 @@ static json_t *tokenizer_json(const hf_saver *sv, json_t *vocab, json_t *merges)
         SPACE_MARK, "content", " ", "type", "ByteFallback", "type", "Fuse", "type", "Strip",
         "content", " ", "start", 1, "stop", 0,
         "model", "type", "BPE", "dropout", "unk_token", unk, "continuing_subword_prefix",
-        "end_of_word_suffix", "fuse_unk", 1, "byte_fallback", 1, "ignore_merges", 0,
+        "end_of_word_suffix", "fuse_unk", 1, "byte_fallback", 1,
         "vocab", vocab, "merges", merges);
 }
 
 static json_t *tokenizer_config_json(const hf_saver *sv)
 {
-    return json_pack("{s:s,s:s,s:s,s:s,s:b,s:b,s:b,s:b,s:i}",
+    return json_pack("{s:s,s:s,s:s,s:s,s:b,s:b,s:b,s:i}",
                      "tokenizer_class", "PreTrainedTokenizerFast",
                      "bos_token", sv->names[qkd_tokenizer_bos(sv->tok)],
                      "eos_token", sv->names[qkd_tokenizer_eos(sv->tok)],
                      "unk_token", sv->names[qkd__tokenizer_unk(sv->tok)],
                      "add_bos_token", 1, "add_eos_token", 0,
-                     "clean_up_tokenization_spaces", 0, "legacy", 1,
+                     "clean_up_tokenization_spaces", 0,
                      "model_max_length", sv->cfg.max_seq_len);
 }
 

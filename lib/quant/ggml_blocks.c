@@ -511,7 +511,8 @@ static void groups_q4_k(const void *blk, float *s, float *o)
     }
 }
 
-/* d sc q - dmin mn per sub-block, as ggml's dequantize_row_q4_K. */
+/* d sc q - dmin mn per sub-block, as ggml's dequantize_row_q4_K (adding
+ * the negated min is the same IEEE operation as subtracting it). */
 static void dequantize_q4_k(const void *blk, float *y)
 {
     int32_t q[QKD__QK_K];
@@ -519,7 +520,7 @@ static void dequantize_q4_k(const void *blk, float *y)
     codes_q4_k(blk, q);
     groups_q4_k(blk, s, o);
     for (int i = 0; i < QKD__QK_K; i++)
-        y[i] = s[i / 32] * (float)q[i] - (-o[i / 32]);
+        y[i] = s[i / 32] * (float)q[i] + o[i / 32];
 }
 
 /* ---- Q6_K ----------------------------------------------------------------------- */
