@@ -13,9 +13,10 @@
  * steps, per round), so a change in the machine's load hits both; figures
  * are medians. Prints one JSON object.
  *
- *   bench-train [--quick] [--simd-only]
+ *   bench-train [--quick] [--simd-only] [--only MODEL/STEP]
  *     --quick: stories260K only; --simd-only: no reference steps (for
- *     profiling), the reference figures read null. */
+ *     profiling), the reference figures read null; --only: one case,
+ *     e.g. 15M/kdqat. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,9 +177,12 @@ static void measure(const struct shape *sh, enum kind kind, const int32_t *token
 int main(int argc, char **argv)
 {
     int quick = 0, with_ref = 1;
+    const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         quick |= strcmp(argv[i], "--quick") == 0;
         with_ref &= strcmp(argv[i], "--simd-only") != 0;
+        if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+            only = argv[++i];
     }
     const struct shape shapes[] = {
         {"stories260K", 64, 172, 5, 8, 4, 512, 1, 3},
@@ -199,6 +203,10 @@ int main(int argc, char **argv)
         for (int i = 0; i <= n; i++)
             tokens[i] = (int32_t)((r[i] + 1.0f) * 0.5f * (sh->vocab - 1));
         for (int kind = TRAIN; kind <= KDQAT; kind++) {
+            char name[64];
+            snprintf(name, sizeof name, "%s/%s", sh->name, kind_names[kind]);
+            if (only && strcmp(only, name) != 0)
+                continue;
             double ts, tr;
             measure(sh, (enum kind)kind, tokens, tokens + 1, B, T, with_ref, &ts, &tr);
             printf("%s  {\"model\": \"%s\", \"step\": \"%s\", \"B\": %d, \"T\": %d, "

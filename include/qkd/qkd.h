@@ -18,6 +18,8 @@
  *                  student -> loss -> optimizer loop for N steps with a
  *                  callback, checkpoints and resume, held-out perplexity and
  *                  KL to the teacher (distill.h)
+ *   qkd_eval       zero-shot multiple-choice scoring (PIQA, HellaSwag, ARC,
+ *                  BoolQ, WinoGrande, LAMBADA) by log-likelihood (eval.h)
  *
  * Every function that can fail returns a qkd_status; the details of the
  * last failure are in qkd_context_last_error(). Creators write the new
@@ -64,5 +66,6 @@
 #include "optim.h"
 #include "data.h"
 #include "distill.h"
+#include "eval.h"
 
 #endif

@@ -15,7 +15,7 @@ qkd_status qkd__load_gguf(qkd_context *ctx, const char *path, qkd_model **out);
 qkd_status qkd__load_hf(qkd_context *ctx, const char *path, qkd_model **out);
 /* The Hugging Face LlamaForCausalLM name of one of our tensors
  * ("model.layers.3.self_attn.q_proj.weight"), for the reader and the
- * writer (save_hf.c). */
+ * writer; defined in load_hf.c. */
 void qkd__hf_tensor_name(const qkd_tensor_info *info, char *buf, size_t n);
 
 qkd_status qkd__tokenizer_load_llama2c(qkd_context *ctx, const char *path,

@@ -386,8 +386,7 @@ static void source_free(hf_source *src)
 
 /* ---- tensors ---- */
 
-/* Hugging Face name of one of our tensors. */
-static void hf_name(const qkd_tensor_info *info, char *buf, size_t n)
+void qkd__hf_tensor_name(const qkd_tensor_info *info, char *buf, size_t n)
 {
     static const char *const names[] = {
         [QKD_TENSOR_TOKEN_EMBD] = "model.embed_tokens",
@@ -466,7 +465,7 @@ static qkd_status fill_tensor(fill_state *fs, int index)
     if (s != QKD_OK)
         return s;
     char name[NAME_MAX_LEN];
-    hf_name(&info, name, sizeof name);
+    qkd__hf_tensor_name(&info, name, sizeof name);
     qkd__safetensors *st;
     const qkd__st_tensor *t = find_tensor(fs->src, name, &st);
     if (!t)

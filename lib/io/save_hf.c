@@ -39,28 +39,6 @@ void qkd_safetensors_params_init(qkd_safetensors_params *p)
         *p = (qkd_safetensors_params){.size = sizeof *p, .dtype = QKD_SAVE_F32};
 }
 
-void qkd__hf_tensor_name(const qkd_tensor_info *info, char *buf, size_t n)
-{
-    static const char *const names[] = {
-        [QKD_TENSOR_TOKEN_EMBD] = "model.embed_tokens",
-        [QKD_TENSOR_ATTN_NORM] = "input_layernorm",
-        [QKD_TENSOR_ATTN_Q] = "self_attn.q_proj",
-        [QKD_TENSOR_ATTN_K] = "self_attn.k_proj",
-        [QKD_TENSOR_ATTN_V] = "self_attn.v_proj",
-        [QKD_TENSOR_ATTN_OUTPUT] = "self_attn.o_proj",
-        [QKD_TENSOR_FFN_NORM] = "post_attention_layernorm",
-        [QKD_TENSOR_FFN_GATE] = "mlp.gate_proj",
-        [QKD_TENSOR_FFN_DOWN] = "mlp.down_proj",
-        [QKD_TENSOR_FFN_UP] = "mlp.up_proj",
-        [QKD_TENSOR_OUTPUT_NORM] = "model.norm",
-        [QKD_TENSOR_OUTPUT] = "lm_head",
-    };
-    if (info->layer >= 0)
-        snprintf(buf, n, "model.layers.%d.%s.weight", info->layer, names[info->kind]);
-    else
-        snprintf(buf, n, "%s.weight", names[info->kind]);
-}
-
 /* ---- the writer's state ---- */
 
 typedef struct hf_saver {

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# libqkd's KD-QAT step against PyTorch on the same CPU, in one command:
+# builds bench-train (release) in build-bench/, then runs, one after the
+# other, `bench-train --only MODEL/kdqat` (SIMD next to the reference
+# backend) and benchmarks/torch_kdqat_cpu.py at the same shape, bits,
+# group and loss. Both use every core.
+#
+#   benchmarks/kdqat_vs_torch.sh [MODEL] [--no-ref]   (MODEL: 15M or stories260K)
+#
+# Without libuv, jansson and check installed, it takes them from Debian
+# packages in .debs/ (apt-get download libuv1 libuv1-dev libjansson4
+# libjansson-dev check libsubunit0 libsubunit-dev), unpacked into
+# .prefix/bench/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-15M}
+ref_flag=""
+[ "${2:-}" = "--no-ref" ] && ref_flag="--simd-only"
+
+if ! pkg-config --exists libuv jansson check; then
+    prefix=$PWD/.prefix/bench
+    rm -rf "$prefix" && mkdir -p "$prefix"
+    for deb in $(find .debs -name '*.deb'); do dpkg-deb -x "$deb" "$prefix"; done
+    for pc in "$prefix"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
+        sed -i "s|=/usr|=$prefix/usr|g" "$pc"
+    done
+    export PKG_CONFIG_PATH=$prefix/usr/lib/x86_64-linux-gnu/pkgconfig
+    export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+[ -d build-bench ] || meson setup build-bench -Dbuildtype=release >/dev/null
+ninja -C build-bench benchmarks/bench-train >/dev/null
+
+torch_cfg=$model
+echo "== libqkd (every core: $(nproc))"
+build-bench/benchmarks/bench-train --only "$model/kdqat" $ref_flag
+echo "== PyTorch $(python3 -c 'import torch; print(torch.__version__)') on the CPU"
+python3 benchmarks/torch_kdqat_cpu.py --cfg "$torch_cfg" --batch 4 --seq 256 --bits 4 --group 32
