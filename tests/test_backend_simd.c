@@ -165,10 +165,13 @@ static qkd_context *simd_context(int i, int n_threads)
 /* ---- matmul ------------------------------------------------------------------------ */
 
 /* Ragged shapes: none a multiple of the register tiles (6 or 12 rows, 16
- * or 32 columns) and a depth past one K block (256), besides exact ones. */
+ * or 32 columns), depths past one K block (384), and more rows or columns
+ * than one outer block (3072), besides exact ones. */
 static const int mm_shapes[][3] = {
     {1, 1, 1},   {2, 7, 5},     {3, 33, 17},   {4, 64, 64},    {5, 19, 100},
     {13, 31, 47}, {12, 32, 64}, {37, 300, 29}, {100, 65, 130}, {64, 520, 96},
+    {3100, 9, 40}, {20, 9, 3100}, /* past the 3072 rows packed at once */
+    {13, 1536, 3100},             /* K blocks packed in two runs */
 };
 
 /* Magnitude scales of the three products: sum of |terms| (+ |initial|). */
@@ -403,7 +406,7 @@ START_TEST(attention_matches_ref)
 }
 END_TEST
 
-/* ---- elementwise: fill, add and scale round as the reference does ---------------- */
+/* ---- elementwise and sums --------------------------------------------------------------- */
 
 START_TEST(elementwise_matches_ref)
 {
@@ -412,7 +415,7 @@ START_TEST(elementwise_matches_ref)
         return;
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
-    static const size_t sizes[] = {1, 15, 17, 1000, 100003};
+    static const size_t sizes[] = {1, 15, 17, 1000, 100003, 1000001};
     rng_seed(55);
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
@@ -434,6 +437,19 @@ START_TEST(elementwise_matches_ref)
             mag[k] = fabs(o_r[k]) + fabs(1.7 * x[k]);
         /* one rounding against the reference's two (double, then float) */
         assert_close("axpy", o_s, o_r, mag, n, 1e-7);
+        /* sums in double, in another order: a double rounding apart */
+        float sum_s, sum_r, sq_s, sq_r;
+        double abs_sum = 0.0;
+        for (size_t k = 0; k < n; k++)
+            abs_sum += fabs(x[k]);
+        sb->sum(sb, &sum_s, x, n);
+        rb->sum(rb, &sum_r, x, n);
+        ck_assert_msg(fabs((double)sum_s - sum_r) <= 1e-7 * (fabs(sum_r) + 1e-6 * abs_sum),
+                      "sum of %zu: simd %.9g ref %.9g", n, (double)sum_s, (double)sum_r);
+        sb->sum_squares(sb, &sq_s, x, n);
+        rb->sum_squares(rb, &sq_r, x, n);
+        ck_assert_msg(fabs((double)sq_s - sq_r) <= 1e-7 * sq_r, "sum_squares of %zu: %.9g vs %.9g",
+                      n, (double)sq_s, (double)sq_r);
         free(x); free(y); free(o_s); free(o_r); free(mag);
     }
     qkd_context_free(sc);

@@ -24,6 +24,8 @@ int main(void)
     srunner_add_suite(sr, suite_zeroshot());
     srunner_add_suite(sr, suite_formats());
     srunner_add_suite(sr, suite_export_gguf());
+    srunner_add_suite(sr, suite_backend_cuda());
+    srunner_add_suite(sr, suite_reliability());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

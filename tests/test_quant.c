@@ -15,6 +15,7 @@
 
 #include "backend/backend.h"
 #include "core/core.h"
+#include "model/model.h"
 #include "qkd/quant.h"
 
 /* ---- helpers ------------------------------------------------------------------ */
@@ -665,17 +666,265 @@ START_TEST(test_kernels_independent_of_thread_count)
     for (int t = 0; t < 2; t++) {
         qkd_context *ctx = test_context(t == 0 ? 1 : 2);
         qkd__backend *be = ctx->backend;
-        out[t] = vec_new(2 * n);
-        dw[t] = vec_new(n);
+        out[t] = vec_new(3 * n);
+        dw[t] = vec_new(n + 2 * ng);
         qkd__quant_spec spec = kernel_spec(QKD_QUANT_ASYM, 3, 32, 0.9f, 1);
         be->fakequant_forward(be, out[t], sc, zr, w, rows, cols, &spec);
         be->fakequant_backward(be, dw[t], dq, w, sc, zr, rows, cols, &spec);
         be->quant_rows(be, out[t] + n, w, rows, cols, 4);
+        be->fakequant_lsq_forward(be, out[t] + 2 * n, w, sc, zr, rows, cols, &spec);
+        be->fakequant_lsq_backward(be, dw[t], dw[t] + n, dw[t] + n + ng, dq, w, sc, zr, rows,
+                                   cols, &spec);
         qkd_context_free(ctx);
     }
-    ck_assert_int_eq(memcmp(out[0], out[1], 2 * (size_t)n * sizeof(float)), 0);
-    ck_assert_int_eq(memcmp(dw[0], dw[1], (size_t)n * sizeof(float)), 0);
+    ck_assert_int_eq(memcmp(out[0], out[1], 3 * (size_t)n * sizeof(float)), 0);
+    ck_assert_int_eq(memcmp(dw[0], dw[1], (size_t)(n + 2 * ng) * sizeof(float)), 0);
     free(w), free(dq), free(out[0]), free(out[1]), free(dw[0]), free(dw[1]), free(sc), free(zr);
+}
+END_TEST
+
+/* ---- learned scales (LSQ) kernels --------------------------------------------------
+ * Groups of G = 16 along rows of 40 (a partial last group of 8). The
+ * learned scales are the min-max ones times a factor per group (some codes
+ * clamp, some groups have room to spare) and the ASYM zero points are the
+ * min-max ones plus a fraction, or beyond the code range (they round and
+ * clamp). */
+
+enum { LR = 3, LC = 40, LG = 16, LNG = LR * 3, LN = LR * LC };
+
+typedef struct lsq_case {
+    int scheme, bits, continuous;
+} lsq_case;
+
+static const lsq_case lsq_cases[] = {
+    {QKD_QUANT_SYM, 4, 0},     {QKD_QUANT_ASYM, 3, 0}, {QKD_QUANT_TERNARY, 2, 0},
+    {QKD_QUANT_SYM, 3, 1},     {QKD_QUANT_ASYM, 4, 1}, {QKD_QUANT_TERNARY, 2, 1},
+};
+
+/* The learned scales and zero points of a case, from the min-max ones. */
+static void lsq_params(qkd__backend *be, const qkd__quant_spec *spec, const float *w,
+                       float *scales, float *zeros)
+{
+    float wq[LN];
+    be->fakequant_forward(be, wq, scales, zeros, w, LR, LC, spec);
+    rng_state = 77;
+    const double qmax = (double)((1 << spec->bits) - 1);
+    for (int g = 0; g < LNG; g++) {
+        scales[g] = (float)(scales[g] * rng_uniform(0.55, 1.3));
+        zeros[g] = g == 1 ? -3.0f : g == 4 ? (float)(qmax + 2.6)
+                                          : (float)(zeros[g] + rng_uniform(-0.45, 0.45));
+    }
+}
+
+/* The code range [a, b] of a scheme, as include/qkd/quant.h gives it. */
+static void code_range(const qkd__quant_spec *sp, double *a, double *b)
+{
+    *b = sp->scheme == QKD_QUANT_ASYM ? (double)((1 << sp->bits) - 1)
+         : sp->scheme == QKD_QUANT_SYM ? (double)((1 << (sp->bits - 1)) - 1)
+                                       : 1.0;
+    *a = sp->scheme == QKD_QUANT_ASYM ? 0.0 : -*b;
+}
+
+/* The zero point the forward uses: R(z) clamped to the code range. */
+static double used_zero(const qkd__quant_spec *sp, const float *zeros, int g)
+{
+    double a, b;
+    code_range(sp, &a, &b);
+    return sp->scheme == QKD_QUANT_ASYM ? ref_clamp(round(zeros[g]), 0.0, b) : 0.0;
+}
+
+/* TERNARY's threshold of the group holding element i (no clip). */
+static double ternary_threshold(const float *w, int64_t i)
+{
+    const int64_t g0 = i - (i % LC) % LG, len = LC - g0 % LC < LG ? LC - g0 % LC : LG;
+    double sum = 0.0;
+    for (int64_t k = 0; k < len; k++)
+        sum += fabs(w[g0 + k]);
+    return 0.7 * sum / (double)len;
+}
+
+static int group_of_elem(int64_t i)
+{
+    return (int)((i / LC) * 3 + (i % LC) / LG);
+}
+
+/* Hard rounding: the forward, the STE mask and LSQ's gradients against the
+ * header's formulas computed here; with the min-max scales the learned
+ * forward is the plain one bit for bit; backward calls add. */
+START_TEST(test_lsq_kernels_match_direct_computation)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *be = ctx->backend;
+    float *w = vec_weights(LR, LC, 30), *dq = vec_weights(LR, LC, 31);
+    float wq[LN], plain[LN], dw[LN], sc[LNG], zr[LNG], ds[LNG], dz[LNG], msc[LNG], mzr[LNG];
+    for (int c = 0; c < 3; c++) {
+        qkd__quant_spec spec = kernel_spec(lsq_cases[c].scheme, lsq_cases[c].bits, LG, 1.0f, 0);
+        be->fakequant_forward(be, plain, msc, mzr, w, LR, LC, &spec);
+        be->fakequant_lsq_forward(be, wq, w, msc, spec.scheme == QKD_QUANT_ASYM ? mzr : NULL,
+                                  LR, LC, &spec);
+        ck_assert_int_eq(memcmp(wq, plain, sizeof wq), 0);
+
+        const float *zeros = spec.scheme == QKD_QUANT_ASYM ? zr : NULL;
+        lsq_params(be, &spec, w, sc, zr);
+        be->fakequant_lsq_forward(be, wq, w, sc, zeros, LR, LC, &spec);
+        for (int64_t i = 0; i < LN; i++)
+            dw[i] = 0.25f;
+        for (int g = 0; g < LNG; g++)
+            ds[g] = dz[g] = 0.5f;
+        be->fakequant_lsq_backward(be, dw, ds, spec.scheme == QKD_QUANT_ASYM ? dz : NULL, dq, w,
+                                   sc, zeros, LR, LC, &spec);
+        double want_ds[LNG] = {0}, want_dz[LNG] = {0}, a, b;
+        code_range(&spec, &a, &b);
+        int clamped = 0;
+        for (int64_t i = 0; i < LN; i++) {
+            const int g = group_of_elem(i);
+            const double s = sc[g], z = used_zero(&spec, zr, g), u = w[i] / s;
+            double q, mask, dqs;
+            if (spec.scheme == QKD_QUANT_TERNARY) {
+                double code = fabs(w[i]) > ternary_threshold(w, i) ? (w[i] > 0 ? 1 : -1) : 0;
+                q = code * s, mask = 1.0, dqs = code;
+            } else {
+                double k = round(u) + z, code = ref_clamp(k, a, b);
+                q = (code - z) * s;
+                mask = k >= a && k <= b;
+                dqs = mask ? round(u) - u : code - z;
+                want_dz[g] += mask ? 0.0 : -s * dq[i];
+            }
+            clamped += mask == 0.0;
+            want_ds[g] += dqs * dq[i];
+            ck_assert_msg(wq[i] == (float)q, "case %d element %lld: %.9g, want %.9g", c,
+                          (long long)i, (double)wq[i], q);
+            ck_assert_float_eq(dw[i], (float)(0.25 + mask * dq[i]));
+        }
+        ck_assert(spec.scheme == QKD_QUANT_TERNARY ? clamped == 0 : clamped > 3);
+        for (int g = 0; g < LNG; g++) {
+            ck_assert_msg(fabs(ds[g] - 0.5 - want_ds[g]) <= 1e-5 * (1.0 + fabs(want_ds[g])),
+                          "case %d group %d: dscale %.9g, want %.9g", c, g, ds[g] - 0.5,
+                          want_ds[g]);
+            if (spec.scheme == QKD_QUANT_ASYM)
+                ck_assert_msg(fabs(dz[g] - 0.5 - want_dz[g]) <= 1e-6, "case %d group %d: "
+                              "dzero %.9g, want %.9g", c, g, dz[g] - 0.5, want_dz[g]);
+        }
+    }
+    free(w), free(dq);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* Sum over group g of dq * Q(w) for the scale of group g set to s. */
+static double group_objective(qkd__backend *be, const qkd__quant_spec *spec, const float *w,
+                              const float *dq, const float *scales, const float *zeros, int g,
+                              double s)
+{
+    float sc[LNG], wq[LN];
+    memcpy(sc, scales, sizeof sc);
+    sc[g] = (float)s;
+    be->fakequant_lsq_forward(be, wq, w, sc, zeros, LR, LC, spec);
+    double sum = 0.0;
+    for (int64_t i = 0; i < LN; i++)
+        sum += group_of_elem(i) == g ? (double)dq[i] * wq[i] : 0.0;
+    return sum;
+}
+
+/* The header's round_T and SoftClamp, for the derivative of the latter. */
+static double header_sigmoid(double x)
+{
+    return 1.0 / (1.0 + exp(-x));
+}
+
+static double header_round_t(double u, double T)
+{
+    double f = u - floor(u);
+    return floor(u) + (header_sigmoid(T * (f - 0.5)) - header_sigmoid(-T / 2)) /
+                          (header_sigmoid(T / 2) - header_sigmoid(-T / 2));
+}
+
+static double header_soft_clamp(double x, double a, double b, double k)
+{
+    return x * header_sigmoid(k * (x - a)) * header_sigmoid(k * (b - x)) +
+           a * header_sigmoid(k * (a - x)) + b * header_sigmoid(k * (x - b));
+}
+
+/* Scale gradients against central differences of the forward kernel.
+ * Hard rounding: values near a rounding boundary get no output gradient
+ * (dq 0), so that the forward is linear in s around the point; its true
+ * derivative there is LSQ's gradient plus the straight-through part w/s of
+ * every unclamped value. The smooth forms: the scale's and the weights'
+ * gradients directly; the ASYM zero point's, through the rounding of z, is
+ * s (SoftClamp'(k) - 1), SoftClamp' by differences of the header's
+ * formula. */
+START_TEST(test_lsq_gradients_match_finite_differences)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *be = ctx->backend;
+    float *w = vec_weights(LR, LC, 32), *dq = vec_weights(LR, LC, 33);
+    float dqc[LN], dw[LN], ones[LN], sc[LNG], zr[LNG], ds[LNG], dz[LNG], wp[LN], qp[LN], qm[LN];
+    for (size_t c = 0; c < sizeof lsq_cases / sizeof lsq_cases[0]; c++) {
+        qkd__quant_spec spec = kernel_spec(lsq_cases[c].scheme, lsq_cases[c].bits, LG, 1.0f,
+                                           lsq_cases[c].continuous);
+        const float *zeros = spec.scheme == QKD_QUANT_ASYM ? zr : NULL;
+        lsq_params(be, &spec, w, sc, zr);
+        int quiet = 0;
+        for (int64_t i = 0; i < LN; i++) {
+            double u = w[i] / sc[group_of_elem(i)];
+            int near = !spec.continuous && fabs(u - floor(u) - 0.5) < 0.05;
+            dqc[i] = near ? 0.0f : dq[i];
+            quiet += near;
+        }
+        memset(dw, 0, sizeof dw);
+        memset(ds, 0, sizeof ds);
+        memset(dz, 0, sizeof dz);
+        be->fakequant_lsq_backward(be, dw, ds, zeros ? dz : NULL, dqc, w, sc, zeros, LR, LC,
+                                   &spec);
+        double a, b;
+        code_range(&spec, &a, &b);
+        for (int g = 0; g < LNG; g++) {
+            const double s = sc[g], h = 5e-4 * s, z = used_zero(&spec, zr, g);
+            double ste = 0.0, want_dz = 0.0;
+            for (int64_t i = 0; i < LN; i++) {
+                if (group_of_elem(i) != g)
+                    continue;
+                double u = w[i] / s, k = round(u) + z;
+                if (!spec.continuous && spec.scheme != QKD_QUANT_TERNARY && k >= a && k <= b)
+                    ste += dqc[i] * u;
+                double kt = header_round_t(u, spec.round_T) + z, e = 1e-5;
+                double dc = (header_soft_clamp(kt + e, a, b, spec.clamp_T) -
+                             header_soft_clamp(kt - e, a, b, spec.clamp_T)) / (2 * e);
+                want_dz += dqc[i] * s * (dc - 1.0);
+            }
+            double fd = (group_objective(be, &spec, w, dqc, sc, zeros, g, s + h) -
+                         group_objective(be, &spec, w, dqc, sc, zeros, g, s - h)) / (2 * h);
+            ck_assert_msg(fabs(ds[g] + ste - fd) <= 5e-3 * (1.0 + fabs(fd)),
+                          "case %zu group %d: dscale %.7g (+ %.7g), finite difference %.7g", c,
+                          g, (double)ds[g], ste, fd);
+            if (spec.continuous && zeros)
+                ck_assert_msg(fabs(dz[g] - want_dz) <= 1e-4 * (1.0 + fabs(want_dz)),
+                              "case %zu group %d: dzero %.7g, want %.7g", c, g, (double)dz[g],
+                              want_dz);
+        }
+        ck_assert(spec.continuous ? quiet == 0 : quiet < LN / 4);
+        if (!spec.continuous || spec.scheme == QKD_QUANT_TERNARY)
+            continue; /* TERNARY's dQ/dw holds its threshold fixed: tested above */
+        /* SYM and ASYM: Q(w_i) depends on w_i alone, the scale a parameter */
+        for (int64_t i = 0; i < LN; i++)
+            ones[i] = 1.0f, dw[i] = 0.0f;
+        be->fakequant_lsq_backward(be, dw, ds, zeros ? dz : NULL, ones, w, sc, zeros, LR, LC,
+                                   &spec);
+        for (int64_t i = 0; i < LN; i++) {
+            memcpy(wp, w, sizeof wp);
+            wp[i] = (float)(w[i] + 1e-4);
+            be->fakequant_lsq_forward(be, qp, wp, sc, zeros, LR, LC, &spec);
+            double up = wp[i];
+            wp[i] = (float)(w[i] - 1e-4);
+            be->fakequant_lsq_forward(be, qm, wp, sc, zeros, LR, LC, &spec);
+            double fd = ((double)qp[i] - qm[i]) / (up - wp[i]);
+            ck_assert_msg(fabs(fd - dw[i]) <= 2e-2 * (1.0 + fabs(fd)),
+                          "case %zu element %lld: dQ/dw %.7g, finite difference %.7g", c,
+                          (long long)i, (double)dw[i], fd);
+        }
+    }
+    free(w), free(dq);
+    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1308,6 +1557,275 @@ START_TEST(test_allocation_failures)
 }
 END_TEST
 
+/* ---- learned scales in a student ---------------------------------------------------- */
+
+static qkd_quant_params learned_params(qkd_quant_scheme scheme, int bits, int group)
+{
+    qkd_quant_params p = params(scheme, bits, group);
+    p.learn_scales = 1;
+    return p;
+}
+
+/* The groups of a weight as qkd_quantizer_quantize computes them. */
+static void quantizer_groups(qkd_quantizer *q, const float *w, const qkd_tensor_info *info,
+                             float *scales, float *zeros)
+{
+    ck_assert_int_eq(qkd_quantizer_quantize(q, w, info->shape[0], info->shape[1], NULL, NULL,
+                                            scales, zeros),
+                     QKD_OK);
+}
+
+/* learn_scales: the table gains "<w>.scale" (and for ASYM "<w>.zero") per
+ * targeted weight, after the weights, shaped [rows][groups]; they start at
+ * the quantizer's own scales and zero points, so the untrained student
+ * equals one without learn_scales bit for bit. Unbinding, or binding a
+ * quantizer without learn_scales, drops them. */
+START_TEST(test_learned_scales_table_and_init)
+{
+    qkd_context *ctx = test_context(2);
+    int32_t tokens[SB * ST];
+    random_ids(tokens, SB * ST, 21);
+    const qkd_quant_params cases[] = {
+        learned_params(QKD_QUANT_ASYM, 3, 32), learned_params(QKD_QUANT_SYM, 4, 0),
+        learned_params(QKD_QUANT_TERNARY, 2, -1), learned_params(QKD_QUANT_ASYM, 4, 16)};
+    for (int c = 0; c < 4; c++) {
+        const int tied = c % 2, per = cases[c].scheme == QKD_QUANT_ASYM ? 2 : 1;
+        const unsigned targets = QKD_QUANT_TARGET_LINEAR | QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT);
+        qkd_model *m = tiny_model(ctx, tied, 22), *ref = tiny_model(ctx, tied, 22);
+        const int base = qkd_model_n_tensors(m);
+        const int64_t base_params = qkd_model_n_params(m);
+        qkd_quant_params plain_p = cases[c];
+        plain_p.learn_scales = 0;
+        qkd_quantizer *q = make_quantizer(ctx, &cases[c]), *plain = make_quantizer(ctx, &plain_p);
+        bind(m, q, targets);
+        bind(ref, plain, targets);
+        int k = base, n_targeted = 0;
+        int64_t added = 0;
+        for (int i = 0; i < base; i++) {
+            if (!targeted(m, i, targets))
+                continue;
+            n_targeted++;
+            qkd_tensor_info wi = tensor_info(m, i);
+            const int64_t ng = qkd_quantizer_n_groups(q, wi.shape[0], wi.shape[1]);
+            float *w = get_tensor(m, i), *sc = vec_new((size_t)ng), *zr = vec_new((size_t)ng);
+            quantizer_groups(plain, w, &wi, sc, zr);
+            for (int t = 0; t < per; t++, k++) {
+                qkd_tensor_info si = tensor_info(m, k);
+                char name[64];
+                snprintf(name, sizeof name, "%.*s.%s", (int)(strlen(wi.name) - 7), wi.name,
+                         t ? "zero" : "scale");
+                ck_assert_str_eq(si.name, name);
+                int found = -1;
+                ck_assert_int_eq(qkd_model_tensor_find(m, name, &found), QKD_OK);
+                ck_assert_int_eq(found, k);
+                ck_assert_int_eq(si.kind, t ? QKD_TENSOR_QUANT_ZERO : QKD_TENSOR_QUANT_SCALE);
+                ck_assert_int_eq(si.layer, wi.layer);
+                ck_assert_int_eq(si.n_dims, 2);
+                ck_assert_int_eq(si.shape[0], cases[c].group_size == -1 ? 1 : wi.shape[0]);
+                ck_assert_int_eq(si.shape[0] * si.shape[1], ng);
+                float *v = get_tensor(m, k);
+                ck_assert_int_eq(memcmp(v, t ? zr : sc, (size_t)ng * sizeof *v), 0);
+                added += ng;
+                free(v);
+            }
+            free(w), free(sc), free(zr);
+        }
+        ck_assert_int_eq(qkd_model_n_tensors(m), base + per * n_targeted);
+        ck_assert_int_eq(qkd_model_n_params(m), base_params + added);
+        float *lm = logits_of(m, tokens), *lr = logits_of(ref, tokens);
+        ck_assert_int_eq(memcmp(lm, lr, sizeof(float) * SB * ST * SV), 0);
+        ck_assert_int_eq(qkd_model_set_quantizer(m, c % 2 ? NULL : plain, targets), QKD_OK);
+        ck_assert_int_eq(qkd_model_n_tensors(m), base);
+        ck_assert_int_eq(qkd_model_n_params(m), base_params);
+        bind(m, q, targets); /* again: the same table, the same start */
+        ck_assert_int_eq(qkd_model_n_tensors(m), base + per * n_targeted);
+        float *again = logits_of(m, tokens);
+        ck_assert_int_eq(memcmp(again, lr, sizeof(float) * SB * ST * SV), 0);
+        free(lm), free(lr), free(again);
+        qkd_model_free(m), qkd_model_free(ref);
+        qkd_quantizer_free(q), qkd_quantizer_free(plain);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* Multiply every learned scale of m by f. */
+static void scale_scales(qkd_model *m, float f)
+{
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        if (tensor_info(m, i).kind != QKD_TENSOR_QUANT_SCALE)
+            continue;
+        float *v = get_tensor(m, i);
+        for (int64_t k = 0; k < tensor_len(m, i); k++)
+            v[k] *= f;
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, v, (size_t)tensor_len(m, i)), QKD_OK);
+        free(v);
+    }
+}
+
+/* A model holding the student's deployed weights (its learned grid). */
+static qkd_model *deployed_copy(qkd_context *ctx, qkd_model *student, int tied, uint64_t seed)
+{
+    qkd_model *plain = tiny_model(ctx, tied, seed);
+    for (int i = 0; i < qkd_model_n_tensors(plain); i++) {
+        float *w = vec_new((size_t)tensor_len(plain, i));
+        ck_assert_int_eq(qkd__model_deployed_get(student, i, w), QKD_OK);
+        ck_assert_int_eq(qkd_model_tensor_set(plain, i, w, (size_t)tensor_len(plain, i)),
+                         QKD_OK);
+        free(w);
+    }
+    return plain;
+}
+
+/* STE with trained-looking scales (shrunk, so codes clamp): forward and
+ * decode equal a model holding the deployed Q(w); the student's weight
+ * gradient is that model's dL/dQ masked to the unclamped codes, and its
+ * scale and zero-point gradients are LSQ's sums of it, computed here. */
+START_TEST(test_learned_scale_gradients_in_student)
+{
+    qkd_context *ctx = test_context(2);
+    int32_t tokens[SB * ST], targets[SB * ST];
+    random_ids(tokens, SB * ST, 23);
+    random_ids(targets, SB * ST, 24);
+    qkd_model *m = tiny_model(ctx, 0, 25);
+    qkd_quant_params p = learned_params(QKD_QUANT_ASYM, 4, 16);
+    qkd_quantizer *q = make_quantizer(ctx, &p);
+    bind(m, q, QKD_QUANT_TARGET_LINEAR);
+    scale_scales(m, 0.8f);
+    qkd_model *plain = deployed_copy(ctx, m, 0, 25);
+    float a[SV], b[SV];
+    for (int pos = 0; pos < 3; pos++) {
+        ck_assert_int_eq(qkd_model_decode(m, tokens[pos], pos, a), QKD_OK);
+        ck_assert_int_eq(qkd_model_decode(plain, tokens[pos], pos, b), QKD_OK);
+        ck_assert_int_eq(memcmp(a, b, sizeof a), 0);
+    }
+    ck_assert_float_eq(train_step(m, tokens, targets), train_step(plain, tokens, targets));
+    int checked = 0, masked = 0;
+    for (int i = 0; i < qkd_model_n_tensors(plain); i++) {
+        if (!targeted(m, i, QKD_QUANT_TARGET_LINEAR))
+            continue;
+        qkd_tensor_info wi = tensor_info(m, i);
+        char name[64];
+        int is, iz;
+        snprintf(name, sizeof name, "%.*s.scale", (int)(strlen(wi.name) - 7), wi.name);
+        ck_assert_int_eq(qkd_model_tensor_find(m, name, &is), QKD_OK);
+        iz = is + 1;
+        float *w = get_tensor(m, i), *dwq = get_grad(plain, i), *dw = get_grad(m, i);
+        float *s = get_tensor(m, is), *z = get_tensor(m, iz);
+        float *ds = get_grad(m, is), *dz = get_grad(m, iz);
+        const int64_t cols = wi.shape[1], per_row = (cols + 15) / 16;
+        double *want_s = calloc((size_t)tensor_len(m, is), sizeof *want_s);
+        double *want_z = calloc((size_t)tensor_len(m, is), sizeof *want_z);
+        for (int64_t k = 0; k < wi.n_elements; k++) {
+            const int64_t g = (k / cols) * per_row + (k % cols) / 16;
+            double u = w[k] / s[g], kk = round(u) + z[g]; /* the zeros stay integers */
+            int inside = kk >= 0.0 && kk <= 15.0;
+            masked += !inside;
+            ck_assert_float_eq(dw[k], inside ? dwq[k] : 0.0f);
+            want_s[g] += dwq[k] * (inside ? round(u) - u : ref_clamp(kk, 0.0, 15.0) - z[g]);
+            want_z[g] += inside ? 0.0 : -s[g] * dwq[k];
+        }
+        for (int64_t g = 0; g < tensor_len(m, is); g++) {
+            ck_assert_msg(fabs(ds[g] - want_s[g]) <= 1e-5 * (1e-3 + fabs(want_s[g])),
+                          "%s[%lld]: %.9g, want %.9g", name, (long long)g, (double)ds[g],
+                          want_s[g]);
+            ck_assert(fabs(dz[g] - want_z[g]) <= 1e-5 * (1e-3 + fabs(want_z[g])));
+            checked += ds[g] != 0.0f;
+        }
+        free(w), free(dwq), free(dw), free(s), free(z), free(ds), free(dz), free(want_s),
+            free(want_z);
+    }
+    ck_assert_int_gt(checked, 100);
+    ck_assert_int_gt(masked, 50);
+    qkd_model_free(m), qkd_model_free(plain);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* CONTINUOUS: the learned scales' gradients against central differences of
+ * the student's loss. */
+START_TEST(test_learned_scales_continuous_finite_differences)
+{
+    qkd_context *ctx = test_context(2);
+    int32_t tokens[SB * ST], targets[SB * ST];
+    random_ids(tokens, SB * ST, 26);
+    random_ids(targets, SB * ST, 27);
+    qkd_model *m = tiny_model(ctx, 1, 28);
+    qkd_quant_params p = learned_params(QKD_QUANT_SYM, 4, 32);
+    p.estimator = QKD_ESTIMATOR_CONTINUOUS;
+    p.round_sharpness = 4.0f;
+    p.clamp_sharpness = 6.0f;
+    qkd_quantizer *q = make_quantizer(ctx, &p);
+    bind(m, q, QKD_QUANT_TARGET_LINEAR);
+    scale_scales(m, 0.9f);
+    train_step(m, tokens, targets);
+    const char *names[] = {"blk.0.attn_q.scale", "blk.1.ffn_down.scale", "blk.0.ffn_up.scale"};
+    for (int t = 0; t < 3; t++) {
+        int i;
+        ck_assert_int_eq(qkd_model_tensor_find(m, names[t], &i), QKD_OK);
+        float *s = get_tensor(m, i), *g = get_grad(m, i);
+        int64_t best = 0;
+        for (int64_t k = 1; k < tensor_len(m, i); k++)
+            best = fabsf(g[k]) > fabsf(g[best]) ? k : best;
+        const float keep = s[best], h = 2e-3f * keep;
+        s[best] = keep + h;
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, s, (size_t)tensor_len(m, i)), QKD_OK);
+        double lp = loss_of(m, tokens, targets);
+        s[best] = keep - h;
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, s, (size_t)tensor_len(m, i)), QKD_OK);
+        double lm = loss_of(m, tokens, targets);
+        s[best] = keep;
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, s, (size_t)tensor_len(m, i)), QKD_OK);
+        double fd = (lp - lm) / (((double)(keep + h) - (double)(keep - h)));
+        ck_assert_msg(fabs(fd - g[best]) <= 0.03 * fabs(fd) + 1e-4,
+                      "%s[%lld]: backward %g, finite difference %g", names[t], (long long)best,
+                      (double)g[best], fd);
+        free(s), free(g);
+    }
+    qkd_model_free(m);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A SEARCH clip sets the learned scales again from the clamped weights;
+ * init_random from the new weights. */
+START_TEST(test_learned_scales_follow_calibration)
+{
+    qkd_context *ctx = test_context(2);
+    qkd_model *m = tiny_model(ctx, 1, 29);
+    qkd_quant_params p = learned_params(QKD_QUANT_ASYM, 2, 16);
+    p.clip = QKD_CLIP_SEARCH_WEIGHT;
+    qkd_quantizer *q = make_quantizer(ctx, &p);
+    p.learn_scales = 0;
+    p.clip = QKD_CLIP_NONE;
+    qkd_quantizer *plain = make_quantizer(ctx, &p);
+    bind(m, q, QKD_QUANT_TARGET_LINEAR);
+    for (int pass = 0; pass < 2; pass++) {
+        scale_scales(m, 3.0f);
+        if (pass == 0)
+            ck_assert_int_eq(qkd_quantizer_calibrate(q, m, NULL, 0, 0), QKD_OK);
+        else
+            ck_assert_int_eq(qkd_model_init_random(m, 30, 0.2f), QKD_OK);
+        int i_s;
+        ck_assert_int_eq(qkd_model_tensor_find(m, "blk.1.ffn_gate.scale", &i_s), QKD_OK);
+        int i_w;
+        ck_assert_int_eq(qkd_model_tensor_find(m, "blk.1.ffn_gate.weight", &i_w), QKD_OK);
+        qkd_tensor_info wi = tensor_info(m, i_w);
+        float *w = get_tensor(m, i_w), *s = get_tensor(m, i_s), *z = get_tensor(m, i_s + 1);
+        float *ws = vec_new((size_t)tensor_len(m, i_s)), *wz = vec_new((size_t)tensor_len(m, i_s));
+        quantizer_groups(plain, w, &wi, ws, wz);
+        ck_assert_int_eq(memcmp(s, ws, sizeof(float) * (size_t)tensor_len(m, i_s)), 0);
+        ck_assert_int_eq(memcmp(z, wz, sizeof(float) * (size_t)tensor_len(m, i_s)), 0);
+        free(w), free(s), free(z), free(ws), free(wz);
+    }
+    qkd_model_free(m);
+    qkd_quantizer_free(q), qkd_quantizer_free(plain);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* ---- errors ----------------------------------------------------------------------- */
 
 static void expect_error(qkd_context *ctx, qkd_status got, qkd_status want, const char *needle)
@@ -1481,6 +1999,8 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_continuous_limits);
     tcase_add_test(tc, test_quant_rows);
     tcase_add_test(tc, test_kernels_independent_of_thread_count);
+    tcase_add_test(tc, test_lsq_kernels_match_direct_computation);
+    tcase_add_test(tc, test_lsq_gradients_match_finite_differences);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("student");
@@ -1496,6 +2016,10 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_allocation_failures);
     tcase_add_test(tc, test_bad_params_targets_and_state);
     tcase_add_test(tc, test_stories260k_students);
+    tcase_add_test(tc, test_learned_scales_table_and_init);
+    tcase_add_test(tc, test_learned_scale_gradients_in_student);
+    tcase_add_test(tc, test_learned_scales_continuous_finite_differences);
+    tcase_add_test(tc, test_learned_scales_follow_calibration);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -44,5 +44,7 @@ Suite *suite_export_hf(void);
 Suite *suite_zeroshot(void);
 Suite *suite_formats(void);
 Suite *suite_export_gguf(void);
+Suite *suite_backend_cuda(void);
+Suite *suite_reliability(void);
 
 #endif

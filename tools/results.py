@@ -26,9 +26,11 @@ import subprocess
 import sys
 import time
 
-# (name, grid options, scheme). Objective rows use the scheme; method rows
-# keep their preset's scheme (e.g. bitdistiller's searched clip), except
-# that the ternary rows are ternary for every method.
+# (name, grid options, scheme). Objective rows use the scheme. Method rows
+# keep their preset's scheme (bitdistiller's searched clip, llm-qat's
+# symmetric grid) except that the tsld preset, ternary by definition, is
+# run on the section's asymmetric grid in the W sections, and every method
+# is ternary in the ternary section.
 BITS = [("W4", ["--bits", "4", "--group", "32"], "asym"),
         ("W3", ["--bits", "3", "--group", "32"], "asym"),
         ("W2", ["--bits", "2", "--group", "32"], "asym"),
@@ -51,6 +53,12 @@ def distill(a, out, extra):
              "--seed", "1", "--out", out] + extra)
     with open(summary) as f:
         return json.load(f)
+
+
+def method_scheme(meth, scheme):
+    if scheme == "ternary":
+        return ["--scheme", "ternary"]
+    return ["--scheme", scheme] if meth == "tsld" else []
 
 
 def gap_closed(s):
@@ -84,6 +92,8 @@ def main():
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--doc", default="docs/results.md")
     a = p.parse_args()
+    a.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or "unknown"
     m = os.path.join(a.shared, "models", "stories260K")
     a.teacher = os.path.join(m, "stories260K.bin")
     a.tokenizer = os.path.join(m, "tok512.bin")
@@ -106,9 +116,9 @@ def main():
         by_loss[bname] = [(l.upper(), distill(a, os.path.join(a.out, bname + "-" + l),
                                               train + grid + ["--scheme", scheme, "--loss", l]))
                           for l in LOSSES]
-        keep = ["--scheme", "ternary"] if scheme == "ternary" else []
         by_method[bname] = [(meth, distill(a, os.path.join(a.out, bname + "-m-" + meth),
-                                           train + ["--method", meth] + grid + keep))
+                                           train + ["--method", meth] + grid
+                                           + method_scheme(meth, scheme)))
                             for meth in METHODS]
     total = time.time() - t0
 
@@ -128,7 +138,16 @@ def main():
              "- Float teacher on that text: CE %.4f, PPL %.2f." %
              (first["teacher"]["ce"], first["teacher"]["ppl"]),
              "- *Gap closed* = (RTN CE - distilled CE) / (RTN CE - teacher CE). "
-             "*Wall s* is the whole run, evaluation included."]
+             "*Wall s* is the whole run, evaluation included (the machine was shared "
+             "with other work, so wall times are indicative).",
+             "- Method presets keep their own scheme (bitdistiller: asymmetric with "
+             "BitDistiller's searched clip and CAKLD; llm-qat: symmetric, forward KL; "
+             "ov-freeze: v/o projections frozen, forward KL; cont-approx: continuous "
+             "rounding and clamping, annealed; tsld: TSLD + CE, on the section's grid). In "
+             "the ternary section every preset is ternary, so bitdistiller there is "
+             "ternary + CAKLD without a clip search and llm-qat is ternary + forward KL "
+             "(the same runs as the CAKLD and FKL rows above them).",
+             "- Built from commit %s." % a.commit]
     for bname, _, _ in BITS:
         lines += table(bname + " (g32), by objective", by_loss[bname])
         lines += table(bname + " (g32), by method preset", by_method[bname])

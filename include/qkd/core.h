@@ -147,6 +147,18 @@ QKD_API qkd_status qkd_context_set_error(qkd_context *ctx, qkd_status status,
 #endif
     ;
 
+/* Host memory through the context's allocator hooks, for layers built on
+ * the public API (the data and distillation layers, a host's wrappers), so
+ * that every allocation made on behalf of a context is seen by its hooks.
+ * qkd_context_alloc returns at least size bytes, 64-byte aligned (size 0
+ * gives a valid pointer), or NULL when the hook fails, size is too large
+ * or ctx is NULL; it records no error (the caller reports NO_MEMORY).
+ * The memory is owned: give it back with qkd_context_dealloc on the same
+ * context, before the context is freed. qkd_context_dealloc accepts NULL.
+ * Thread rules: those of the context. @since 0.1 */
+QKD_API void *qkd_context_alloc(qkd_context *ctx, size_t size);
+QKD_API void qkd_context_dealloc(qkd_context *ctx, void *ptr);
+
 /* Number of worker threads the context computes with (>= 1). @since 0.1 */
 QKD_API int qkd_context_n_threads(const qkd_context *ctx);
 

@@ -27,8 +27,9 @@
  *
  * Threading: a dataset is read-only after creation apart from
  * qkd_dataset_set_split; concurrent reads of one dataset are safe.
- * The data layer is built on the public API only and allocates its own
- * buffers with malloc (not through the context's allocator hooks). */
+ * The data layer is built on the public API only; its buffers come from
+ * the context's allocator hooks (qkd_context_alloc), the dataset's own
+ * included, so a dataset is freed before its context. */
 #ifndef QKD_DATA_H
 #define QKD_DATA_H
 

@@ -9,7 +9,14 @@
  *   qkd_loss_compute(loss, student, teacher, targets, &value)
  *   qkd_model_zero_grad(student); qkd_model_backward(student, NULL)
  *   qkd_optimizer_step(opt, &info)
- * then the callback. Nothing in a step is random: the batch is a function of
+ * then the callback. A step is skipped (bad) when the loss is NaN or Inf
+ * (qkd_loss_compute reports NON_FINITE logits, e.g. from a teacher with a
+ * NaN weight, or the value itself is not finite) or when the optimizer
+ * finds a non-finite gradient norm: then no gradient is applied (weights
+ * and optimizer state do not move), the step still counts and consumes
+ * its batch, its stats say skipped = 1, and after max_bad_steps bad steps
+ * in a row the run stops with QKD_ERR_NON_FINITE.
+ * Nothing in a step is random: the batch is a function of
  * s and the optimizer's state is saved whole, so a run resumed from a
  * checkpoint reaches bit-identical weights to an uninterrupted one on the
  * same backend.
@@ -18,7 +25,8 @@
  * (qkd_model_set_quantizer) and calibrate it before the run.
  *
  * Threading: a qkd_distill and every handle it borrows are used by one
- * thread at a time. Buffers of this layer are allocated with malloc. */
+ * thread at a time. Buffers of this layer are allocated through the
+ * context's allocator hooks (qkd_context_alloc). */
 #ifndef QKD_DISTILL_H
 #define QKD_DISTILL_H
 
@@ -41,12 +49,17 @@ typedef struct qkd_distill_stats {
     int64_t step;         /* steps done, this one included (1-based) */
     int64_t total_steps;
     float loss;           /* the loss value of this step's batch */
-    float lr;             /* learning rate used */
-    float grad_norm;      /* global gradient norm before clipping */
+    float lr;             /* learning rate used (0 for a skipped step) */
+    float grad_norm;      /* global gradient norm before clipping (NaN when
+                             the loss was not finite: no backward ran) */
     int clipped;          /* gradients were scaled down */
-    int skipped;          /* non-finite gradients: weights unchanged */
+    int skipped;          /* non-finite loss or gradients: nothing applied */
     double step_seconds;  /* wall time of the step */
     double tokens_per_s;  /* B * T / step_seconds */
+    int64_t n_skipped;    /* skipped steps so far, this one included, counted
+                             since qkd_distill_create (a checkpoint does not
+                             keep the count) */
+    int64_t bad_streak;   /* skipped steps in a row ending here (0: good) */
 } qkd_distill_stats;
 
 /* Called after every step with stats (borrowed for the call). Return
@@ -61,9 +74,12 @@ typedef struct qkd_distill_params {
     int64_t total_steps;  /* the run's length, >= 1 */
     qkd_distill_fn on_step; /* or NULL */
     void *user;
+    int max_bad_steps;    /* stop after this many skipped steps in a row,
+                             >= 0; 0: never stop for them */
 } qkd_distill_params;
 
-/* Defaults: batch 8, seq 64, 100 steps, no callback. @since 0.1 */
+/* Defaults: batch 8, seq 64, 100 steps, no callback, max_bad_steps 8.
+ * @since 0.1 */
 QKD_API void qkd_distill_params_init(qkd_distill_params *p);
 
 /* A run over borrowed handles (all valid until the run is freed; teacher
@@ -84,11 +100,13 @@ QKD_API void qkd_distill_free(qkd_distill *d);
 
 /* Run up to n_steps more steps (n_steps <= 0: until total_steps).
  * Returns OK when they are done (or total_steps was already reached),
- * CANCELLED when the callback stopped the run, or the first error of a
- * step's calls (the step counter then stays at the last complete step;
- * a step whose gradients are non-finite is skipped by the optimizer,
- * counted, reported with skipped = 1, and is not an error).
- * @since 0.1 */
+ * CANCELLED when the callback stopped the run, NON_FINITE when the last
+ * max_bad_steps steps were all skipped (the step counter includes them;
+ * the weights are those of the last good step, the message gives the
+ * steps; fix the cause and run again, or resume a checkpoint), or the
+ * first error of a step's calls (the step counter then stays at the last
+ * complete step). A skipped step on its own is counted, reported with
+ * skipped = 1, and is not an error. @since 0.1 */
 QKD_API qkd_status qkd_distill_run(qkd_distill *d, int64_t n_steps);
 
 /* Steps done so far. @since 0.1 */
@@ -106,7 +124,10 @@ QKD_API int64_t qkd_distill_history(const qkd_distill *d, const float **losses);
  * history. It is written to "<path>.tmp", flushed to disk (fsync) and
  * renamed over path, so an interrupted save never leaves a broken file. */
 
-/* Errors: INVALID_ARG, IO, NO_MEMORY. @since 0.1 */
+/* A student weight that is NaN or Inf is never saved: NON_FINITE (the
+ * message names the tensor and index) and the file at path is left as it
+ * was, so the last good checkpoint survives a run that blew up.
+ * Errors: INVALID_ARG, IO, NON_FINITE, NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_distill_save(const qkd_distill *d, const char *path);
 
 /* Restore a checkpoint into a run created with the same shapes (models,

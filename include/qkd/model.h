@@ -194,11 +194,13 @@ QKD_API qkd_status qkd_model_get_config(const qkd_model *model,
  * @since 0.1 */
 QKD_API qkd_status qkd_model_set_max_seq_len(qkd_model *model, int n);
 
-/* Total number of trainable scalars. @since 0.1 */
+/* Total number of trainable scalars (a bound quantizer's learned scales
+ * and zero points included). @since 0.1 */
 QKD_API int64_t qkd_model_n_params(const qkd_model *model);
 
 /* Fill every weight from a seeded normal distribution N(0, std^2), norm
- * weights with 1. Deterministic for a given seed on every backend.
+ * weights with 1. Deterministic for a given seed on every backend. A bound
+ * quantizer's learned scales are set again from the new weights.
  * Errors: INVALID_ARG (std < 0 or not finite). @since 0.1 */
 QKD_API qkd_status qkd_model_init_random(qkd_model *model, uint64_t seed,
                                          float std);
@@ -207,6 +209,12 @@ QKD_API qkd_status qkd_model_init_random(qkd_model *model, uint64_t seed,
  * Tensors are numbered 0..n-1 in a fixed order: token_embd, then for each
  * layer attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
  * ffn_down, ffn_up, then output_norm, then output (only when untied).
+ * While a quantizer with learn_scales is bound (qkd_model_set_quantizer),
+ * the table continues with that quantizer's parameters, per targeted
+ * weight in table order: its scales ("blk.3.attn_q.scale",
+ * QKD_TENSOR_QUANT_SCALE) and, for ASYM, its zero points
+ * ("blk.3.attn_q.zero", QKD_TENSOR_QUANT_ZERO); qkd/quant.h gives their
+ * shape. Binding or unbinding such a quantizer changes the count.
  * Names follow GGUF ("blk.3.attn_q.weight"). Linear weights are row-major
  * [out_features][in_features]. attn_q/attn_k rows use the interleaved RoPE
  * pair order of llama2.c and GGUF (the Hugging Face loader converts). */
@@ -222,7 +230,12 @@ typedef enum qkd_tensor_kind {
     QKD_TENSOR_FFN_DOWN = 8,
     QKD_TENSOR_FFN_UP = 9,
     QKD_TENSOR_OUTPUT_NORM = 10,
-    QKD_TENSOR_OUTPUT = 11
+    QKD_TENSOR_OUTPUT = 11,
+    /* A bound quantizer's learned parameters (learn_scales, qkd/quant.h):
+     * the per-group scales and zero points of one targeted weight.
+     * @since 0.1 */
+    QKD_TENSOR_QUANT_SCALE = 12,
+    QKD_TENSOR_QUANT_ZERO = 13
 } qkd_tensor_kind;
 
 typedef struct qkd_tensor_info {

@@ -76,7 +76,10 @@ QKD_API void qkd_optim_params_init(qkd_optim_params *p);
  * model's backend; a step allocates nothing). Every tensor starts in a
  * group with lr_scale 1, not frozen. p: copied; NULL for the defaults.
  * model is borrowed until the optimizer is freed. A tied model's output
- * head has no tensor of its own: it is token_embd.
+ * head has no tensor of its own: it is token_embd. The tensors are those
+ * of the model's table now: bind a quantizer with learn_scales first, so
+ * that its scales are trained (binding or unbinding one later makes
+ * qkd_optimizer_step fail with STATE).
  * *out: owned, free with qkd_optimizer_free; NULL on error. Errors are
  * recorded on the model's context (a NULL model only returns INVALID_ARG):
  * INVALID_ARG (NULL out, bad size field, unknown kind or schedule, lr <= 0
@@ -99,14 +102,19 @@ QKD_API qkd_status qkd_optimizer_set_group(qkd_optimizer *opt, int index,
 
 /* Presets, OR-able. OV_FREEZE freezes attn_v and attn_output of every
  * layer (ov-freeze); FREEZE_EMBED_NORM freezes token_embd, output (when
- * untied) and every norm weight (attn_norm, ffn_norm, output_norm). A
- * preset only freezes: other tensors keep their group. */
+ * untied) and every norm weight (attn_norm, ffn_norm, output_norm);
+ * SCALES_ONLY freezes every tensor but the learned quantizer scales
+ * (QKD_TENSOR_QUANT_SCALE; ASYM zero points are frozen too), as
+ * EfficientQAT's end-to-end stage trains step sizes only. A preset only
+ * freezes: other tensors keep their group. */
 enum {
     QKD_PRESET_OV_FREEZE = 1u << 0,
-    QKD_PRESET_FREEZE_EMBED_NORM = 1u << 1
+    QKD_PRESET_FREEZE_EMBED_NORM = 1u << 1,
+    QKD_PRESET_SCALES_ONLY = 1u << 2 /* @since 0.1 */
 };
-/* Errors: INVALID_ARG (NULL opt, unknown bit; nothing is changed).
- * @since 0.1 */
+/* Errors: INVALID_ARG (NULL opt, unknown bit), STATE (SCALES_ONLY on a
+ * model with no learned scales: bind a quantizer with learn_scales before
+ * creating the optimizer); on error nothing is changed. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_apply_preset(qkd_optimizer *opt, unsigned presets);
 
 typedef struct qkd_step_info {
@@ -121,8 +129,10 @@ typedef struct qkd_step_info {
 /* Apply one update from the model's current gradients (which are left as
  * they are: zero them before the next accumulation). info may be NULL;
  * it is filled on success and on a skipped step. Errors: INVALID_ARG (NULL
- * opt, info->size too small), BACKEND. A skipped step returns
- * QKD_ERR_NON_FINITE with info->skipped = 1. @since 0.1 */
+ * opt, info->size too small), STATE (the model's tensor table changed
+ * since the optimizer was created: a quantizer with learn_scales was
+ * bound or unbound), BACKEND. A skipped step returns QKD_ERR_NON_FINITE
+ * with info->skipped = 1. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
 
 /* The optimizer's whole state (step counter and every moment buffer) as

@@ -63,6 +63,40 @@
  * rounding (switch to STE with qkd_quantizer_set_estimator to evaluate a
  * CONTINUOUS student's forward with hard rounding).
  *
+ * Learned scales (learn_scales = 1; SYM, ASYM and TERNARY). Each group's
+ * scale s, and for ASYM its zero point z, become trainable parameters of
+ * the student (LSQ; the zero point as in EfficientQAT): while the
+ * quantizer is bound, the model's tensor table (qkd/model.h) gains, per
+ * targeted weight W of rows x cols, a tensor "<W>.scale" of kind
+ * QKD_TENSOR_QUANT_SCALE and, for ASYM, "<W>.zero" of kind
+ * QKD_TENSOR_QUANT_ZERO, each of shape [rows][ceil(cols / G)] (per
+ * channel [rows][1], per tensor [1][1]) holding the groups in the order of
+ * qkd_quantizer_quantize. Binding sets them to the scales and zero points
+ * the quantizer computes from the weights (min-max, a FIXED clip applied)
+ * and qkd_quantizer_calibrate sets them again from the clamped weights, so
+ * an untrained student's Q(w) is bit for bit the one of a quantizer
+ * without learn_scales; from then on only the optimizer (or
+ * qkd_model_tensor_set) changes them. The forward reads them instead of
+ * computing them from the group: s' = max(s, FLT_MIN), z' = clamp(R(z), 0,
+ * 2^b - 1) (the floor and the rounding pass gradients straight through),
+ * and Q = s' (clamp(R(w / s') + z', a, b) - z') with [a, b] the scheme's
+ * code range (SYM: z' = 0). The backward adds, besides dL/dw, the
+ * gradients of every group's s and z (summed over the group):
+ *   STE, code k = R(w / s') + z' inside [a, b]:
+ *        dQ/dw = 1, dQ/ds = R(w / s') - w / s' (LSQ), dQ/dz = 0;
+ *   STE, k outside (clamped):
+ *        dQ/dw = 0 (the mask), dQ/ds = clamp(k, a, b) - z', dQ/dz = -s';
+ *   CONTINUOUS: the exact derivatives of the smooth forward above.
+ * TERNARY learns its s only (the threshold D still comes from the group):
+ * Q = s' c, dQ/ds = c, dQ/dw as without learn_scales (STE), or the smooth
+ * form's derivatives. LSQ's gradient scale 1/sqrt(group size * b) is not
+ * applied: a scale's gradient is its true (STE) gradient, and
+ * qkd_optimizer_set_group gives the scale tensors their own learning rate
+ * where needed. Create the optimizer after binding (it sees the table of
+ * its creation). qkd_quantizer_quantize and the export "as deployed" of a
+ * quantizer alone compute min-max scales; a learned student's Q(w) is
+ * what its forward reads.
+ *
  * Format schemes (QKD_QUANT_Q8_0 .. QKD_QUANT_TQ2_0) are llama.cpp's GGUF
  * storage types: Q(w) of each row is exactly ggml's reference dequantize(
  * quantize(row)) (imatrix-free), block by block, so a student's weights
@@ -141,11 +175,14 @@ typedef struct qkd_quant_params {
     int kv_bits;              /* 0: off; else (2..16) keys and values per
                                  token, symmetric, before RoPE (LLM-QAT),
                                  STE */
+    int learn_scales;         /* 0 or 1: each group's scale (and ASYM zero
+                                 point) is a trainable tensor of the bound
+                                 student (see above); SYM, ASYM, TERNARY */
 } qkd_quant_params;
 
 /* Defaults: ASYM, 4 bits, group 128, no clip (clip_ratio 1), STE,
- * sharpness 10 / 10, activations and KV cache in float.
- * @since 0.1 */
+ * sharpness 10 / 10, activations and KV cache in float, scales computed
+ * from the weights (learn_scales 0). @since 0.1 */
 QKD_API void qkd_quant_params_init(qkd_quant_params *p);
 
 /* *p is copied. *out: owned, free with qkd_quantizer_free (after every
@@ -154,7 +191,8 @@ QKD_API void qkd_quant_params_init(qkd_quant_params *p);
  * in {2,3,4,8} for SYM/ASYM, a format scheme with a clip or the
  * CONTINUOUS estimator, group_size < -1, clip_ratio outside (0,1],
  * sharpness not positive and finite, act_bits/kv_bits neither 0 nor in
- * [2, 16]), NO_MEMORY. A quantizer is used by one thread at a time, with
+ * [2, 16], learn_scales neither 0 nor 1 or set with a format scheme),
+ * NO_MEMORY. A quantizer is used by one thread at a time, with
  * the models bound to it. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_create(qkd_context *ctx, const qkd_quant_params *p,
                                         qkd_quantizer **out);
@@ -215,7 +253,10 @@ QKD_API qkd_status qkd_quantizer_quantize(qkd_quantizer *q, const float *w,
  * gradients straight through, in training and in decoding. Buffers are
  * allocated here and at the first forward of a shape: a training step of
  * a known shape allocates nothing. Binding and unbinding discard the last
- * forward and the decode cache.
+ * forward and the decode cache. With learn_scales, binding appends the
+ * quantizer's scale (and zero point) tensors to the model's table and sets
+ * them from the weights; binding another quantizer or unbinding removes
+ * them (their values are lost).
  *
  * Errors: INVALID_ARG (NULL model, targets empty, naming no tensor kind or
  * naming norm tensors, q from another context), NON_FINITE (a targeted
@@ -233,7 +274,8 @@ QKD_API qkd_status qkd_model_set_quantizer(qkd_model *model, qkd_quantizer *q,
  * untied token_embd has no input and is scored on its weight error.
  * SEARCH_WEIGHT needs no data (tokens may be NULL). Each group keeps the
  * candidate with the least error, the unclipped one on ties, so the error
- * never grows. While it runs, SEARCH_OUTPUT holds the inputs' Gram
+ * never grows. Learned scales (learn_scales) are then set again from the
+ * clamped weights. While it runs, SEARCH_OUTPUT holds the inputs' Gram
  * blocks: cols x min(G, cols) doubles per tensor, cols x cols per channel
  * or per tensor. Discards the last forward. Errors: INVALID_ARG
  * (NULL), STATE (not bound to q, or clip is not a SEARCH mode),

@@ -199,6 +199,19 @@ struct qkd__backend {
      * equal x. */
     void (*quant_rows)(qkd__backend *b, float *out, const float *x, int64_t rows,
                        int64_t cols, int bits);
+    /* Learned scales (LSQ; SYM, ASYM, TERNARY): as fakequant_forward, but
+     * each group's scale and zero point are read from scales and zeros
+     * (zeros NULL: none) instead of computed from the group; the forms and
+     * gradients are in include/qkd/quant.h (learn_scales). */
+    void (*fakequant_lsq_forward)(qkd__backend *b, float *wq, const float *w,
+                                  const float *scales, const float *zeros, int64_t rows,
+                                  int64_t cols, const qkd__quant_spec *spec);
+    /* dw += dQ/dw * dwq, dscales += sum over each group of dQ/ds * dwq, and
+     * (when dzeros is not NULL) dzeros += sum of dQ/dz * dwq. */
+    void (*fakequant_lsq_backward)(qkd__backend *b, float *dw, float *dscales, float *dzeros,
+                                   const float *dwq, const float *w, const float *scales,
+                                   const float *zeros, int64_t rows, int64_t cols,
+                                   const qkd__quant_spec *spec);
 
     /* ---- distillation objectives --------------------------------------------
      * Row-wise objective between student logits s and teacher logits t,

@@ -3,6 +3,9 @@
 #ifdef QKD_HAVE_SIMD
 #include "backend/simd/simd.h"
 #endif
+#ifdef QKD_HAVE_CUDA
+#include "backend/cuda/cuda.h"
+#endif
 
 qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind, qkd__backend **out)
 {
@@ -23,6 +26,17 @@ qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind, qkd__bac
     case QKD_BACKEND_REF:
         st = qkd__backend_ref_create(ctx, &b);
         break;
+    /* CUDA only when asked for: AUTO stays on the CPU until the CUDA
+     * backend is the faster one for training (its bf16 step is next). */
+    case QKD_BACKEND_CUDA:
+#ifdef QKD_HAVE_CUDA
+        st = qkd__backend_cuda_create(ctx, &b);
+        break;
+#else
+        return qkd__error(ctx, QKD_ERR_UNSUPPORTED,
+                          "the CUDA backend is not built into this libqkd "
+                          "(configure with -Dcuda=enabled where nvcc is found)");
+#endif
     default:
         return qkd__error(ctx, QKD_ERR_UNSUPPORTED,
                           "backend %d is not built into this libqkd", (int)kind);

@@ -50,3 +50,14 @@ char *qkd__strdup(qkd_context *ctx, const char *s)
         memcpy(d, s, n);
     return d;
 }
+
+void *qkd_context_alloc(qkd_context *ctx, size_t size)
+{
+    return ctx ? qkd__alloc(ctx, size) : NULL;
+}
+
+void qkd_context_dealloc(qkd_context *ctx, void *ptr)
+{
+    if (ctx)
+        qkd__free(ctx, ptr);
+}

@@ -156,7 +156,7 @@ static qkd_status collect_starts(gen_state *g, const qkd_tokenizer *tok)
         if (piece && strlen(piece) == 1 && (unsigned char)piece[0] < 128)
             single[(unsigned char)piece[0]] = 1;
     }
-    g->starts = malloc((size_t)g->vocab * sizeof *g->starts);
+    g->starts = qkd_context_alloc(g->ctx, (size_t)g->vocab * sizeof *g->starts);
     if (!g->starts)
         return qkd_context_set_error(g->ctx, QKD_ERR_NO_MEMORY, "data-free: out of memory");
     for (int32_t id = 0; id < g->vocab; id++)
@@ -186,8 +186,8 @@ static qkd_status setup(gen_state *g, const qkd_tokenizer *tok)
                                      "data-free: sequences of %d tokens need %d positions, the "
                                      "model takes %d (qkd_model_set_max_seq_len)",
                                      g->p->seq_len, g->p->seq_len - 1, cfg.max_seq_len);
-    g->logits = malloc((size_t)g->vocab * sizeof *g->logits);
-    g->scratch = malloc((size_t)g->vocab * sizeof *g->scratch);
+    g->logits = qkd_context_alloc(g->ctx, (size_t)g->vocab * sizeof *g->logits);
+    g->scratch = qkd_context_alloc(g->ctx, (size_t)g->vocab * sizeof *g->scratch);
     if (!g->logits || !g->scratch)
         return qkd_context_set_error(g->ctx, QKD_ERR_NO_MEMORY, "data-free: out of memory");
     qkd_sampler_params sp;
@@ -233,18 +233,18 @@ qkd_status qkd_dataset_generate(qkd_context *ctx, qkd_model *teacher, const qkd_
     size_t n_ids = (size_t)p->n_sequences * (size_t)p->seq_len;
     int32_t *ids = NULL;
     st = setup(&g, tok);
-    if (st == QKD_OK && !(ids = malloc(n_ids * sizeof *ids)))
+    if (st == QKD_OK && !(ids = qkd_context_alloc(ctx, n_ids * sizeof *ids)))
         st = qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY,
                                    "data-free: out of memory for %zu tokens", n_ids);
     if (st == QKD_OK)
         st = generate_all(&g, ids);
     qkd_sampler_free(g.greedy);
     qkd_sampler_free(g.sampler);
-    free(g.starts);
-    free(g.logits);
-    free(g.scratch);
+    qkd_context_dealloc(ctx, g.starts);
+    qkd_context_dealloc(ctx, g.logits);
+    qkd_context_dealloc(ctx, g.scratch);
     if (st != QKD_OK) {
-        free(ids);
+        qkd_context_dealloc(ctx, ids);
         return st;
     }
     return qkd__dataset_adopt(ctx, ids, n_ids, g.vocab, out);

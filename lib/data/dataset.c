@@ -45,13 +45,13 @@ qkd_status qkd__dataset_adopt(qkd_context *ctx, int32_t *ids, size_t n, int voca
             qkd_status st = qkd_context_set_error(
                 ctx, QKD_ERR_RANGE, "dataset: token %d at index %zu is outside the vocabulary of %d",
                 ids[i], i, vocab_size);
-            free(ids);
+            qkd_context_dealloc(ctx, ids);
             return st;
         }
     }
-    qkd_dataset *ds = calloc(1, sizeof *ds);
+    qkd_dataset *ds = qkd_context_alloc(ctx, sizeof *ds);
     if (!ds) {
-        free(ids);
+        qkd_context_dealloc(ctx, ids);
         return qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY, "dataset: out of memory");
     }
     *ds = (qkd_dataset){.ctx = ctx, .ids = ids, .n = n, .vocab_size = vocab_size, .seed = 1};
@@ -69,7 +69,8 @@ qkd_status qkd_dataset_from_tokens(qkd_context *ctx, const int32_t *ids, size_t 
     if (vocab_size < 1)
         return qkd_context_set_error(ctx, QKD_ERR_INVALID_ARG,
                                      "dataset: vocab_size %d must be >= 1", vocab_size);
-    int32_t *copy = malloc(n ? n * sizeof *copy : 1);
+    int32_t *copy = n > SIZE_MAX / sizeof *copy ? NULL
+                                                : qkd_context_alloc(ctx, n * sizeof *copy);
     if (!copy)
         return qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY,
                                      "dataset: out of memory for %zu tokens", n);
@@ -78,7 +79,7 @@ qkd_status qkd_dataset_from_tokens(qkd_context *ctx, const int32_t *ids, size_t 
     return qkd__dataset_adopt(ctx, copy, n, vocab_size, out);
 }
 
-/* The file's bytes (malloc'd, caller frees) and length. */
+/* The file's bytes (owned: qkd_context_dealloc) and length. */
 static qkd_status read_all(qkd_context *ctx, const char *path, char **buf, size_t *len)
 {
     FILE *f = fopen(path, "rb");
@@ -90,7 +91,7 @@ static qkd_status read_all(qkd_context *ctx, const char *path, char **buf, size_
     if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0)
         st = qkd_context_set_error(ctx, QKD_ERR_IO, "%s: cannot seek: %s", path,
                                    strerror(errno));
-    *buf = st == QKD_OK ? malloc((size_t)n + 1) : NULL;
+    *buf = st == QKD_OK ? qkd_context_alloc(ctx, (size_t)n + 1) : NULL;
     if (st == QKD_OK && !*buf)
         st = qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY, "%s: out of memory for %ld bytes",
                                    path, n);
@@ -98,7 +99,7 @@ static qkd_status read_all(qkd_context *ctx, const char *path, char **buf, size_
         st = qkd_context_set_error(ctx, QKD_ERR_IO, "%s: read error", path);
     fclose(f);
     if (st != QKD_OK) {
-        free(*buf);
+        qkd_context_dealloc(ctx, *buf);
         *buf = NULL;
         return st;
     }
@@ -106,21 +107,21 @@ static qkd_status read_all(qkd_context *ctx, const char *path, char **buf, size_
     return QKD_OK;
 }
 
-/* Encode text with BOS into a malloc'd array, growing it if the first
+/* Encode text with BOS into an owned array, growing it if the first
  * guess (one id per byte, plus BOS and the leading space) is short. */
 static qkd_status encode_all(qkd_context *ctx, const qkd_tokenizer *tok, const char *path,
                              const char *text, size_t len, int32_t **ids, size_t *n)
 {
     size_t cap = len + 2;
     for (int attempt = 0; attempt < 2; attempt++) {
-        *ids = malloc(cap * sizeof **ids);
+        *ids = qkd_context_alloc(ctx, cap * sizeof **ids);
         if (!*ids)
             return qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY,
                                          "%s: out of memory for %zu tokens", path, cap);
         qkd_status st = qkd_tokenizer_encode(tok, text, len, QKD_ENCODE_BOS, *ids, cap, n);
         if (st == QKD_OK)
             return QKD_OK;
-        free(*ids);
+        qkd_context_dealloc(ctx, *ids);
         *ids = NULL;
         if (st != QKD_ERR_RANGE)
             return qkd_context_set_error(ctx, st, "%s: cannot encode the text (%s)", path,
@@ -145,7 +146,7 @@ qkd_status qkd_dataset_from_text(qkd_context *ctx, const qkd_tokenizer *tok, con
     int32_t *ids = NULL;
     size_t n = 0;
     st = encode_all(ctx, tok, path, text, len, &ids, &n);
-    free(text);
+    qkd_context_dealloc(ctx, text);
     if (st != QKD_OK)
         return st;
     return qkd__dataset_adopt(ctx, ids, n, qkd_tokenizer_vocab_size(tok), out);
@@ -155,8 +156,8 @@ void qkd_dataset_free(qkd_dataset *ds)
 {
     if (!ds)
         return;
-    free(ds->ids);
-    free(ds);
+    qkd_context_dealloc(ds->ctx, ds->ids);
+    qkd_context_dealloc(ds->ctx, ds);
 }
 
 size_t qkd_dataset_n_tokens(const qkd_dataset *ds)

@@ -6,14 +6,15 @@
 
 struct qkd_dataset {
     qkd_context *ctx; /* borrowed: errors are reported there */
-    int32_t *ids;     /* malloc'd */
+    int32_t *ids;     /* owned, through ctx's hooks */
     size_t n;
     int vocab_size;
     uint64_t seed;    /* training order */
     int64_t n_eval;   /* held-out windows at the end */
 };
 
-/* A dataset taking ownership of ids (malloc'd; freed on failure too), after
+/* A dataset taking ownership of ids (allocated with qkd_context_alloc on
+ * ctx; freed on failure too), after
  * checking every id against vocab_size. */
 qkd_status qkd__dataset_adopt(qkd_context *ctx, int32_t *ids, size_t n, int vocab_size,
                               qkd_dataset **out);

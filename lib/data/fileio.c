@@ -48,7 +48,7 @@ qkd_status qkd__wfile_open(qkd_context *ctx, qkd__wfile *w, const char *path)
     if (!path || !*path)
         return qkd_context_set_error(ctx, QKD_ERR_INVALID_ARG, "save: empty path");
     size_t len = strlen(path);
-    w->tmp = malloc(len + 5);
+    w->tmp = qkd_context_alloc(ctx, len + 5);
     if (!w->tmp)
         return qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY, "%s: out of memory", path);
     memcpy(w->tmp, path, len);
@@ -59,7 +59,7 @@ qkd_status qkd__wfile_open(qkd_context *ctx, qkd__wfile *w, const char *path)
     if (!w->f) {
         qkd_status st = qkd_context_set_error(ctx, QKD_ERR_IO, "%s: cannot create: %s", w->tmp,
                                               strerror(errno));
-        free(w->tmp);
+        qkd_context_dealloc(ctx, w->tmp);
         w->tmp = NULL;
         return st;
     }
@@ -114,23 +114,21 @@ void qkd__wfile_abort(qkd__wfile *w)
         fclose(w->f);
     if (w->tmp)
         remove(w->tmp);
-    free(w->tmp);
+    qkd_context_dealloc(w->ctx, w->tmp);
     memset(w, 0, sizeof *w);
 }
 
 /* Make the rename itself durable. Best effort: some file systems refuse
- * fsync on a directory, which does not make the data less written. */
-static void sync_dir(const char *path)
+ * fsync on a directory, which does not make the data less written. name
+ * (a path in that directory) is cut down to the directory's in place, so
+ * that nothing is allocated once the file is in place. */
+static void sync_dir(char *name)
 {
-    char *copy = strdup(path);
-    if (!copy)
-        return;
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
+    int fd = open(dirname(name), O_RDONLY | O_DIRECTORY);
     if (fd >= 0) {
         fsync(fd);
         close(fd);
     }
-    free(copy);
 }
 
 qkd_status qkd__wfile_commit(qkd__wfile *w)
@@ -151,11 +149,14 @@ qkd_status qkd__wfile_commit(qkd__wfile *w)
         err = errno;
     }
     qkd_status st = QKD_OK;
-    if (err)
+    if (err) {
         st = qkd_context_set_error(w->ctx, QKD_ERR_IO, "%s: %s failed: %s", w->tmp, step,
                                    strerror(err));
-    else
-        sync_dir(w->path);
+    } else { /* the temporary name is gone: abort must not remove() what is left of it */
+        sync_dir(w->tmp);
+        qkd_context_dealloc(w->ctx, w->tmp);
+        w->tmp = NULL;
+    }
     qkd__wfile_abort(w);
     return st;
 }

@@ -18,7 +18,7 @@ uint64_t qkd__fnv1a(uint64_t h, const void *p, size_t n);
 typedef struct qkd__wfile {
     qkd_context *ctx;
     FILE *f;
-    char *tmp;        /* "<path>.tmp" (malloc'd) */
+    char *tmp;        /* "<path>.tmp" (owned, through ctx's hooks) */
     const char *path; /* borrowed */
     uint64_t hash;
     int failed;       /* a write failed: commit reports IO */

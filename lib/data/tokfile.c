@@ -92,7 +92,7 @@ qkd_status qkd_dataset_load(qkd_context *ctx, const char *path, qkd_dataset **ou
     if (st == QKD_OK && count > SIZE_MAX / sizeof *ids)
         st = qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY, "%s: %llu tokens do not fit in memory",
                                    path, (unsigned long long)count);
-    if (st == QKD_OK && !(ids = malloc(count ? (size_t)count * sizeof *ids : 1)))
+    if (st == QKD_OK && !(ids = qkd_context_alloc(ctx, (size_t)count * sizeof *ids)))
         st = qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY, "%s: out of memory for %llu tokens",
                                    path, (unsigned long long)count);
     if (st == QKD_OK)
@@ -101,7 +101,7 @@ qkd_status qkd_dataset_load(qkd_context *ctx, const char *path, qkd_dataset **ou
         st = check_ids(&r, ids, (size_t)count, vocab);
     qkd__rfile_close(&r);
     if (st != QKD_OK) {
-        free(ids);
+        qkd_context_dealloc(ctx, ids);
         return st;
     }
     return qkd__dataset_adopt(ctx, ids, (size_t)count, (int)vocab, out);

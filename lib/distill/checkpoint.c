@@ -4,7 +4,7 @@
  *   u32 tensor count, per tensor: u32 name length, name, u64 elements,
  *   f32[elements]; u64 optimizer state bytes, the bytes; u64 history
  *   count (= step), f32[count]; u64 FNV-1a 64 of every byte before it. */
-#include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include <qkd/qkd.h>
@@ -50,6 +50,18 @@ static int64_t largest_tensor(const qkd_model *m)
     return max;
 }
 
+/* NON_FINITE, naming the first NaN or Inf of tensor `name`, if it holds one. */
+static qkd_status check_finite(const qkd_distill *d, const char *name, const float *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i]))
+            return qkd_context_set_error(d->ctx, QKD_ERR_NON_FINITE,
+                                         "checkpoint: %s[%lld] is %g; not saved (a checkpoint "
+                                         "keeps only finite weights)",
+                                         name, (long long)i, (double)v[i]);
+    return QKD_OK;
+}
+
 static qkd_status write_tensors(const qkd_distill *d, qkd__wfile *w, float *buf)
 {
     int n = qkd_model_n_tensors(d->student);
@@ -59,6 +71,8 @@ static qkd_status write_tensors(const qkd_distill *d, qkd__wfile *w, float *buf)
         qkd_status st = qkd_model_tensor_info(d->student, i, &info);
         if (st == QKD_OK)
             st = qkd_model_tensor_get(d->student, i, buf, (size_t)info.n_elements);
+        if (st == QKD_OK)
+            st = check_finite(d, info.name, buf, info.n_elements);
         if (st != QKD_OK)
             return st;
         size_t len = strlen(info.name);
@@ -86,7 +100,7 @@ static qkd_status write_body(const qkd_distill *d, qkd__wfile *w)
     size_t state_n = qkd_optimizer_state_bytes(d->opt);
     size_t weights_n = (size_t)largest_tensor(d->student) * sizeof(float);
     size_t buf_n = state_n > weights_n ? state_n : weights_n;
-    void *buf = malloc(buf_n ? buf_n : 1);
+    void *buf = qkd_context_alloc(d->ctx, buf_n);
     if (!buf)
         return qkd_context_set_error(d->ctx, QKD_ERR_NO_MEMORY, "checkpoint: out of memory");
     qkd_status st = write_tensors(d, w, buf);
@@ -99,7 +113,7 @@ static qkd_status write_body(const qkd_distill *d, qkd__wfile *w)
         qkd__wfile_words(w, d->history, (size_t)d->step);
         qkd__wfile_u64(w, w->hash);
     }
-    free(buf);
+    qkd_context_dealloc(d->ctx, buf);
     return st;
 }
 
@@ -256,8 +270,8 @@ static qkd_status read_state(reader *rd)
                                      "%s: truncated: a history of %llu losses at byte %llu",
                                      r->path, (unsigned long long)count,
                                      (unsigned long long)r->off);
-    free(rd->history);
-    rd->history = malloc(count ? (size_t)count * sizeof *rd->history : 1);
+    qkd_context_dealloc(rd->d->ctx, rd->history);
+    rd->history = qkd_context_alloc(rd->d->ctx, (size_t)count * sizeof *rd->history);
     if (!rd->history)
         return qkd_context_set_error(rd->d->ctx, QKD_ERR_NO_MEMORY, "checkpoint: out of memory");
     return qkd__rfile_words(r, rd->history, (size_t)count, "history");
@@ -296,18 +310,19 @@ static qkd_status read_pass(reader *rd, const char *path)
     return st;
 }
 
-/* Everything checked: the optimizer first (the one step that can still
- * refuse), then the tensors, the history and the step. */
+/* Everything checked: room for the history first (an allocation that can
+ * fail must come before anything changes), then the optimizer (the one
+ * step that can still refuse), the tensors, the history and the step. */
 static qkd_status apply(reader *rd, const char *path)
 {
     qkd_distill *d = rd->d;
-    qkd_status st = qkd_optimizer_state_set(d->opt, rd->state, rd->state_n);
+    qkd_status st = qkd__distill_reserve(d, (int64_t)rd->step);
+    if (st == QKD_OK)
+        st = qkd_optimizer_state_set(d->opt, rd->state, rd->state_n);
     if (st != QKD_OK)
         return st;
     rd->apply = 1;
     st = read_pass(rd, path);
-    if (st == QKD_OK)
-        st = qkd__distill_reserve(d, (int64_t)rd->step);
     if (st != QKD_OK)
         return st;
     if (rd->step)
@@ -323,8 +338,8 @@ qkd_status qkd_distill_resume(qkd_distill *d, const char *path)
     if (!path)
         return qkd_context_set_error(d->ctx, QKD_ERR_INVALID_ARG, "resume: NULL path");
     reader rd = {.d = d, .state_n = qkd_optimizer_state_bytes(d->opt)};
-    rd.buf = malloc((size_t)largest_tensor(d->student) * sizeof *rd.buf + 1);
-    rd.state = malloc(rd.state_n + 1);
+    rd.buf = qkd_context_alloc(d->ctx, (size_t)largest_tensor(d->student) * sizeof *rd.buf);
+    rd.state = qkd_context_alloc(d->ctx, rd.state_n);
     qkd_status st = QKD_OK;
     if (!rd.buf || !rd.state)
         st = qkd_context_set_error(d->ctx, QKD_ERR_NO_MEMORY, "resume: out of memory");
@@ -332,8 +347,8 @@ qkd_status qkd_distill_resume(qkd_distill *d, const char *path)
         st = read_pass(&rd, path);
     if (st == QKD_OK)
         st = apply(&rd, path);
-    free(rd.buf);
-    free(rd.state);
-    free(rd.history);
+    qkd_context_dealloc(d->ctx, rd.buf);
+    qkd_context_dealloc(d->ctx, rd.state);
+    qkd_context_dealloc(d->ctx, rd.history);
     return st;
 }

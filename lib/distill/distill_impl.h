@@ -14,7 +14,9 @@ struct qkd_distill {
     qkd_distill_params p;
     uint64_t data_hash; /* FNV-1a of the ids, for resume checks */
     int64_t step;       /* steps done */
-    float *history;     /* loss of every step done (malloc'd) */
+    int64_t n_skipped;  /* skipped steps (non-finite loss or gradients) */
+    int64_t bad_streak; /* consecutive skipped steps up to the last one */
+    float *history;     /* loss of every step done (through ctx's hooks) */
     int64_t history_cap;
     int32_t *tokens, *targets; /* one batch */
 };

@@ -1,6 +1,4 @@
 /* Evaluation on held-out windows: cross-entropy and KL to the teacher. */
-#include <stdlib.h>
-
 #include <qkd/qkd.h>
 
 /* Batches of held-out windows. Every batch has the same shape (the last
@@ -28,8 +26,8 @@ static qkd_status batches_open(eval_batches *e, qkd_context *ctx, const qkd_data
                                      "eval: the data has no held-out window of %d tokens", T + 1);
     e->B = e->n_windows < B ? (int)e->n_windows : B;
     size_t n = (size_t)e->B * (size_t)T;
-    e->tokens = malloc(n * sizeof *e->tokens);
-    e->targets = malloc(n * sizeof *e->targets);
+    e->tokens = qkd_context_alloc(ctx, n * sizeof *e->tokens);
+    e->targets = qkd_context_alloc(ctx, n * sizeof *e->targets);
     if (!e->tokens || !e->targets)
         return qkd_context_set_error(ctx, QKD_ERR_NO_MEMORY, "eval: out of memory");
     return QKD_OK;
@@ -37,8 +35,8 @@ static qkd_status batches_open(eval_batches *e, qkd_context *ctx, const qkd_data
 
 static void batches_close(eval_batches *e)
 {
-    free(e->tokens);
-    free(e->targets);
+    qkd_context_dealloc(e->ctx, e->tokens);
+    qkd_context_dealloc(e->ctx, e->targets);
 }
 
 /* Fill the next batch; *done when the windows are used up. */

@@ -67,7 +67,7 @@ static qkd_status calibrate_tensor(qkd_model *m, int i, int by_output, float *w,
 static qkd_status search_all(qkd_model *m, int by_output, int64_t n_x)
 {
     size_t w_floats = 0, x_floats = 0;
-    for (int i = 0; i < m->n_tensors; i++) {
+    for (int i = 0; i < m->n_weights; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];
         if (!m->student.t[i].wq)
             continue;
@@ -80,7 +80,7 @@ static qkd_status search_all(qkd_model *m, int by_output, int64_t n_x)
     if (!w)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "calibrate: out of memory");
     qkd_status st = QKD_OK;
-    for (int i = 0; i < m->n_tensors && st == QKD_OK; i++) {
+    for (int i = 0; i < m->n_weights && st == QKD_OK; i++) {
         if (m->student.t[i].wq)
             st = calibrate_tensor(m, i, by_output, w, w + w_floats, n_x);
     }
@@ -117,6 +117,7 @@ qkd_status qkd_quantizer_calibrate(qkd_quantizer *q, qkd_model *m, const int32_t
     }
     qkd_status st = search_all(m, by_output, n_x);
     m->has_forward = m->has_dlogits = 0; /* that forward was not the student's */
+    qkd__model_init_scales(m);           /* learned ones start at the searched clip */
     m->student.wq_smooth = -1;           /* the latent weights changed */
     return st;
 }

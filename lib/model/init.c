@@ -72,7 +72,7 @@ qkd_status qkd_model_init_random(qkd_model *m, uint64_t seed, float std)
     qkd__backend *be = qkd__model_backend(m);
     normal_rng r = {.state = seed};
     qkd_status st = QKD_OK;
-    for (int i = 0; i < m->n_tensors && st == QKD_OK; i++) {
+    for (int i = 0; i < m->n_weights && st == QKD_OK; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];
         if (e->n_dims == 1)
             be->fill(be, m->params + e->offset, 1.0f, (size_t)e->rows);
@@ -80,5 +80,7 @@ qkd_status qkd_model_init_random(qkd_model *m, uint64_t seed, float std)
             st = fill_normal(m, e, &r, std, chunk);
     }
     qkd__free(m->ctx, chunk);
+    if (st == QKD_OK)
+        qkd__model_init_scales(m); /* learned scales follow the new weights */
     return st;
 }

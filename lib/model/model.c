@@ -181,7 +181,7 @@ qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg
     return QKD_OK;
 }
 
-/* ---- create / free ----------------------------------------------------- */
+/* ---- building -------------------------------------------------------- */
 
 static qkd_status alloc_params(qkd_model *m)
 {
@@ -197,6 +197,13 @@ static qkd_status alloc_params(qkd_model *m)
     return QKD_OK;
 }
 
+static void count_params(qkd_model *m)
+{
+    m->n_params = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        m->n_params += m->tensors[i].rows * m->tensors[i].cols;
+}
+
 static qkd_status build_table(qkd_model *m)
 {
     qkd_context *ctx = m->ctx;
@@ -206,11 +213,92 @@ static qkd_status build_table(qkd_model *m)
     if (!m->tensors || !m->acts.layers)
         return qkd__error(ctx, QKD_ERR_NO_MEMORY, "model create: out of memory");
     int overflow; /* ruled out by qkd__model_config_check */
-    m->n_floats = plan_tensors(&m->cfg, m->tensors, &overflow);
-    for (int i = 0; i < m->n_tensors; i++)
-        m->n_params += m->tensors[i].rows * m->tensors[i].cols;
+    m->n_floats = m->weight_floats = plan_tensors(&m->cfg, m->tensors, &overflow);
+    m->n_weights = m->n_tensors;
+    count_params(m);
     return QKD_OK;
 }
+
+/* ---- a quantizer's learned tensors ------------------------------------ */
+
+/* extra placed after the weights into a new table t; the floats it needs. */
+static size_t place_extra(const qkd_model *m, qkd__tensor_entry *t,
+                          const qkd__tensor_entry *extra, int n_extra, int *overflow)
+{
+    qkd__arena a = {.used = m->weight_floats};
+    memcpy(t, m->tensors, (size_t)m->n_weights * sizeof *t);
+    for (int i = 0; i < n_extra; i++) {
+        t[m->n_weights + i] = extra[i];
+        t[m->n_weights + i].offset = a.used;
+        qkd__arena_take(&a, (size_t)extra[i].rows, (size_t)extra[i].cols);
+    }
+    *overflow = a.overflow || a.used > SIZE_MAX / sizeof(float);
+    return a.used;
+}
+
+/* New weight and gradient buffers of n floats, the weights' part copied. */
+static qkd_status grow_buffers(qkd_model *m, size_t n, float **params, float **grads)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    *params = *grads = NULL;
+    qkd_status st = be->alloc(be, n * sizeof(float), (void **)params);
+    if (st == QKD_OK)
+        st = be->alloc(be, n * sizeof(float), (void **)grads);
+    if (st != QKD_OK) {
+        be->free(be, *params);
+        return st;
+    }
+    be->copy(be, *params, m->params, m->weight_floats);
+    be->copy(be, *grads, m->grads, m->weight_floats);
+    be->fill(be, *params + m->weight_floats, 0.0f, n - m->weight_floats);
+    be->fill(be, *grads + m->weight_floats, 0.0f, n - m->weight_floats);
+    return QKD_OK;
+}
+
+qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry *extra,
+                                          int n_extra)
+{
+    if (n_extra == 0 && m->n_tensors == m->n_weights)
+        return QKD_OK;
+    m->table_gen++;
+    if (n_extra == 0) { /* the larger table and buffers stay allocated */
+        m->n_tensors = m->n_weights;
+        m->n_floats = m->weight_floats;
+        count_params(m);
+        return QKD_OK;
+    }
+    qkd__tensor_entry *t = qkd__calloc(m->ctx, (size_t)(m->n_weights + n_extra), sizeof *t);
+    if (!t)
+        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
+    int overflow;
+    size_t n = place_extra(m, t, extra, n_extra, &overflow);
+    float *params = NULL, *grads = NULL;
+    qkd_status st = overflow ? qkd__error(m->ctx, QKD_ERR_NO_MEMORY,
+                                          "set_quantizer: the learned scales overflow size_t")
+                             : grow_buffers(m, n, &params, &grads);
+    if (st != QKD_OK) {
+        qkd__free(m->ctx, t);
+        return st;
+    }
+    qkd__backend *be = qkd__model_backend(m);
+    be->free(be, m->params);
+    be->free(be, m->grads);
+    qkd__free(m->ctx, m->tensors);
+    m->params = params;
+    m->grads = grads;
+    m->tensors = t;
+    m->n_tensors = m->n_weights + n_extra;
+    m->n_floats = n;
+    count_params(m);
+    return QKD_OK;
+}
+
+unsigned qkd__model_table_gen(const qkd_model *m)
+{
+    return m->table_gen;
+}
+
+/* ---- create / free ----------------------------------------------------- */
 
 qkd_status qkd_model_create(qkd_context *ctx, const qkd_model_config *cfg, qkd_model **out)
 {

@@ -35,6 +35,16 @@ void qkd__model_mark_dlogits(qkd_model *model);
 float *qkd__model_param_dev(qkd_model *model, int index);
 float *qkd__model_grad_dev(qkd_model *model, int index);
 
+/* Bumped whenever the tensor table gains or loses a quantizer's learned
+ * tensors: an optimizer holds on to the table of its creation. */
+unsigned qkd__model_table_gen(const qkd_model *model);
+
+/* Tensor `index`'s weights as the student deploys them, into host dst
+ * (its n_elements floats): Q(w) with hard rounding and the student's
+ * scales (learned ones included) for a tensor a bound quantizer targets,
+ * else the tensor's values. index must be valid. Errors: BACKEND. */
+qkd_status qkd__model_deployed_get(qkd_model *model, int index, float *dst);
+
 /* The quantizer whose Q(w) a student's forward reads in place of tensor
  * `index` (valid), or NULL: the model is no student or the tensor is not
  * one of its targets. For export "as deployed". */

@@ -78,7 +78,10 @@ typedef struct qkd__decode {
 typedef struct qkd__qtensor {
     float *wq;            /* Q(w), what the forward reads; NULL: not targeted */
     float *dwq;           /* dL/dQ(w), zeroed by each backward */
-    float *scales, *zeros; /* the forward's groups */
+    float *scales, *zeros; /* the groups as the quantizer computes them: the
+                             forward's, or (learned) the initial values */
+    int scale_index, zero_index; /* learned scales: the table's tensors of
+                             the scales and zero points; -1: none */
 } qkd__qtensor;
 
 /* What makes a model a student (lib/model/student.c). */
@@ -88,18 +91,22 @@ typedef struct qkd__student {
     int act_bits, kv_bits; /* the quantizer's, fixed when bound */
     int wq_smooth;        /* what the wq buffers hold: -1 nothing yet, 0 hard
                              rounding, 1 the smooth forward */
-    qkd__qtensor *t;      /* host array [n_tensors] */
+    qkd__qtensor *t;      /* host array [n_weights] */
     void *mem;            /* device memory of every qtensor */
 } qkd__student;
 
 struct qkd_model {
     qkd_context *ctx;
     qkd_model_config cfg;
-    int n_tensors;
+    int n_tensors;        /* the table: the weights, then a bound quantizer's
+                             learned scales and zero points */
+    int n_weights;        /* the model's own tensors, the table's first */
     qkd__tensor_entry *tensors;
     int64_t n_params;     /* trainable scalars */
     size_t n_floats;      /* buffer length, alignment padding included */
-    float *params, *grads; /* device buffers of n_floats each */
+    size_t weight_floats; /* the part of it the weights use */
+    unsigned table_gen;   /* bumped whenever the learned tensors change */
+    float *params, *grads; /* device buffers of at least n_floats each */
     qkd_tokenizer *tokenizer;
     qkd__train_acts acts;
     int has_forward;      /* acts hold a forward's results */
@@ -172,8 +179,21 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force);
 /* Around the backward pass: zero dL/dQ(w), then add dL/dw to the gradient. */
 void qkd__model_student_backward_begin(qkd_model *m);
 void qkd__model_student_backward_end(qkd_model *m);
-/* Unbind (the model stays usable as a float model). */
+/* Unbind (the model stays usable as a float model); the table keeps any
+ * learned tensors until qkd__model_set_learned_tensors drops them. */
 void qkd__model_free_student(qkd_model *m);
+/* Set every learned scale and zero point to what the quantizer computes
+ * from the current latent weights (binding, calibration, init_random). */
+void qkd__model_init_scales(qkd_model *m);
+
+/* Replace the tensors after the weights by extra[n_extra] (names, kinds,
+ * layers and shapes; their offsets are placed here), bumping table_gen.
+ * Growing reallocates the weight and gradient buffers (the weights'
+ * values and gradients kept, the new tensors' zeroed); n_extra 0 only
+ * truncates the table and cannot fail. Errors: NO_MEMORY, BACKEND; on
+ * error nothing changes. */
+qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry *extra,
+                                          int n_extra);
 
 /* Download n floats after the queued kernels have finished. */
 qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n);

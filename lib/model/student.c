@@ -2,8 +2,12 @@
  * device copy of every targeted tensor, refreshed from the latent weights
  * at the start of each forward; its backward collects dL/dQ(w) in a
  * separate buffer and maps it to dL/dw through the quantizer's estimator,
- * adding it to the model's gradient. */
+ * adding it to the model's gradient. With learned scales the quantizer's
+ * scales and zero points are tensors of the model's table, after its
+ * weights: the forward reads them and the backward adds their gradients. */
 #include <math.h>
+#include <stdio.h>
+#include <string.h>
 
 #include "model/model_impl.h"
 
@@ -77,7 +81,40 @@ const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, i
 
 qkd_quantizer *qkd__model_tensor_quantizer(const qkd_model *m, int index)
 {
-    return m->student.q && m->student.t[index].wq ? m->student.q : NULL;
+    return m->student.q && index < m->n_weights && m->student.t[index].wq ? m->student.q
+                                                                          : NULL;
+}
+
+/* A learned tensor of the table (index -1: none) in base (params or grads). */
+static float *learned(const qkd_model *m, float *base, int index)
+{
+    return index < 0 ? NULL : base + m->tensors[index].offset;
+}
+
+/* Q(w) of targeted tensor i into its wq. */
+static void quantize_tensor(const qkd_model *m, int i, int smooth)
+{
+    const qkd__student *s = &m->student;
+    const qkd__qtensor *t = &s->t[i];
+    const qkd__tensor_entry *e = &m->tensors[i];
+    const float *w = m->params + e->offset;
+    if (t->scale_index < 0)
+        qkd__quantizer_forward(s->q, t->wq, t->scales, t->zeros, w, e->rows, e->cols, smooth);
+    else
+        qkd__quantizer_lsq_forward(s->q, t->wq, w, learned(m, m->params, t->scale_index),
+                                   learned(m, m->params, t->zero_index), e->rows, e->cols,
+                                   smooth);
+}
+
+qkd_status qkd__model_deployed_get(qkd_model *m, int index, float *dst)
+{
+    const qkd__tensor_entry *e = &m->tensors[index];
+    const size_t n = (size_t)(e->rows * e->cols);
+    if (!qkd__model_tensor_quantizer(m, index))
+        return qkd__model_download(m, dst, m->params + e->offset, n);
+    quantize_tensor(m, index, 0);
+    m->student.wq_smooth = -1; /* one tensor's wq is now hard: refresh them all */
+    return qkd__model_download(m, dst, m->student.t[index].wq, n);
 }
 
 /* ---- the passes' hooks ----------------------------------------------------- */
@@ -90,14 +127,30 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
     int smooth = training && qkd__quantizer_smooth(s->q);
     if (!force && s->wq_smooth == smooth)
         return;
-    for (int i = 0; i < m->n_tensors; i++) {
-        const qkd__qtensor *t = &s->t[i];
-        const qkd__tensor_entry *e = &m->tensors[i];
-        if (t->wq)
-            qkd__quantizer_forward(s->q, t->wq, t->scales, t->zeros, m->params + e->offset,
-                                   e->rows, e->cols, smooth);
+    for (int i = 0; i < m->n_weights; i++) {
+        if (s->t[i].wq)
+            quantize_tensor(m, i, smooth);
     }
     s->wq_smooth = smooth;
+}
+
+void qkd__model_init_scales(qkd_model *m)
+{
+    qkd__student *s = &m->student;
+    qkd__backend *be = qkd__model_backend(m);
+    for (int i = 0; s->q && i < m->n_weights; i++) {
+        const qkd__qtensor *t = &s->t[i];
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (t->scale_index < 0)
+            continue;
+        const size_t ng = (size_t)qkd_quantizer_n_groups(s->q, e->rows, e->cols);
+        qkd__quantizer_forward(s->q, t->wq, t->scales, t->zeros, m->params + e->offset,
+                               e->rows, e->cols, 0);
+        be->copy(be, learned(m, m->params, t->scale_index), t->scales, ng);
+        if (t->zero_index >= 0)
+            be->copy(be, learned(m, m->params, t->zero_index), t->zeros, ng);
+    }
+    s->wq_smooth = -1;
 }
 
 void qkd__model_student_backward_begin(qkd_model *m)
@@ -106,7 +159,7 @@ void qkd__model_student_backward_begin(qkd_model *m)
     if (!is_live(m))
         return;
     qkd__model_quantize_weights(m, 1, 0); /* in case a decode left hard values */
-    for (int i = 0; i < m->n_tensors; i++) {
+    for (int i = 0; i < m->n_weights; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];
         if (m->student.t[i].dwq)
             be->fill(be, m->student.t[i].dwq, 0.0f, (size_t)(e->rows * e->cols));
@@ -118,12 +171,22 @@ void qkd__model_student_backward_end(qkd_model *m)
     const qkd__student *s = &m->student;
     if (!is_live(m))
         return;
-    for (int i = 0; i < m->n_tensors; i++) {
+    for (int i = 0; i < m->n_weights; i++) {
         const qkd__qtensor *t = &s->t[i];
         const qkd__tensor_entry *e = &m->tensors[i];
-        if (t->wq)
-            qkd__quantizer_backward(s->q, m->grads + e->offset, t->dwq, m->params + e->offset,
-                                    t->scales, t->zeros, e->rows, e->cols);
+        float *dw = m->grads + e->offset;
+        const float *w = m->params + e->offset;
+        if (!t->wq)
+            continue;
+        if (t->scale_index < 0)
+            qkd__quantizer_backward(s->q, dw, t->dwq, w, t->scales, t->zeros, e->rows,
+                                    e->cols);
+        else
+            qkd__quantizer_lsq_backward(s->q, dw, learned(m, m->grads, t->scale_index),
+                                        learned(m, m->grads, t->zero_index), t->dwq, w,
+                                        learned(m, m->params, t->scale_index),
+                                        learned(m, m->params, t->zero_index), e->rows,
+                                        e->cols);
     }
 }
 
@@ -171,7 +234,7 @@ static qkd_status check_weights(const qkd_model *m, unsigned targets)
     if (!chunk)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
     qkd_status st = QKD_OK;
-    for (int i = 0; i < m->n_tensors && st == QKD_OK; i++) {
+    for (int i = 0; i < m->n_weights && st == QKD_OK; i++) {
         if (is_targeted(m, &m->tensors[i], targets))
             st = check_finite(m, &m->tensors[i], chunk);
     }
@@ -189,7 +252,7 @@ typedef struct student_plan {
 static void plan_student(void *arg, qkd__arena *a)
 {
     const student_plan *p = arg;
-    for (int i = 0; i < p->m->n_tensors; i++) {
+    for (int i = 0; i < p->m->n_weights; i++) {
         const qkd__tensor_entry *e = &p->m->tensors[i];
         if (!is_targeted(p->m, e, p->targets))
             continue;
@@ -209,22 +272,69 @@ void qkd__model_free_student(qkd_model *m)
     m->student = (qkd__student){0};
 }
 
+/* The entry of a learned tensor of weight e: "<name>.scale" or ".zero". */
+static qkd__tensor_entry learned_entry(const qkd_quantizer *q, const qkd__tensor_entry *e,
+                                       qkd_tensor_kind kind)
+{
+    static const char weight_suffix[] = ".weight";
+    qkd__tensor_entry x = {.kind = kind, .layer = e->layer, .n_dims = 2};
+    int stem = (int)(strlen(e->name) - (sizeof weight_suffix - 1));
+    snprintf(x.name, sizeof x.name, "%.*s.%s", stem, e->name,
+             kind == QKD_TENSOR_QUANT_SCALE ? "scale" : "zero");
+    qkd__quantizer_scale_shape(q, e->rows, e->cols, &x.rows, &x.cols);
+    return x;
+}
+
+/* Put the learned tensors of q (none unless learn_scales) into the table:
+ * per targeted weight (t[i].wq set), its scales and (ASYM) zero points,
+ * their indices recorded in t. */
+static qkd_status add_learned_tensors(qkd_model *m, const qkd_quantizer *q, qkd__qtensor *t)
+{
+    const int per_weight = qkd__quantizer_learned(q); /* 0, 1 or 2 tensors */
+    qkd__tensor_entry *extra = NULL;
+    if (per_weight) {
+        extra = qkd__calloc(m->ctx, (size_t)(per_weight * m->n_weights), sizeof *extra);
+        if (!extra)
+            return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
+    }
+    int n = 0;
+    for (int i = 0; i < m->n_weights; i++) {
+        t[i].scale_index = t[i].zero_index = -1;
+        if (!per_weight || !t[i].wq)
+            continue;
+        t[i].scale_index = m->n_weights + n;
+        extra[n++] = learned_entry(q, &m->tensors[i], QKD_TENSOR_QUANT_SCALE);
+        if (per_weight == 2) {
+            t[i].zero_index = m->n_weights + n;
+            extra[n++] = learned_entry(q, &m->tensors[i], QKD_TENSOR_QUANT_ZERO);
+        }
+    }
+    qkd_status st = qkd__model_set_learned_tensors(m, extra, n);
+    qkd__free(m->ctx, extra);
+    return st;
+}
+
 static qkd_status bind(qkd_model *m, qkd_quantizer *q, unsigned targets)
 {
     const qkd_quant_params *p = qkd__quantizer_params(q);
     qkd__student s = {.q = q, .act_bits = p->act_bits, .kv_bits = p->kv_bits, .wq_smooth = -1};
-    s.t = qkd__calloc(m->ctx, (size_t)m->n_tensors, sizeof *s.t);
+    s.t = qkd__calloc(m->ctx, (size_t)m->n_weights, sizeof *s.t);
     if (!s.t)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
     student_plan plan = {m, q, targets, s.t};
     qkd_status st = qkd__arena_alloc(m->ctx, "set_quantizer: quantized weights", plan_student,
                                      &plan, &s.mem);
+    if (st == QKD_OK)
+        st = add_learned_tensors(m, q, s.t);
     if (st != QKD_OK) {
+        qkd__backend *be = qkd__model_backend(m);
+        be->free(be, s.mem);
         qkd__free(m->ctx, s.t);
         return st;
     }
     qkd__model_free_student(m);
     m->student = s;
+    qkd__model_init_scales(m);
     return QKD_OK;
 }
 
@@ -236,8 +346,10 @@ qkd_status qkd_model_set_quantizer(qkd_model *m, qkd_quantizer *q, unsigned targ
     if (q && ((st = check_targets(m, q, targets)) || (st = check_weights(m, targets)) ||
               (st = bind(m, q, targets))))
         return st;
-    if (!q)
+    if (!q) {
         qkd__model_free_student(m);
+        (void)qkd__model_set_learned_tensors(m, NULL, 0); /* truncating cannot fail */
+    }
     /* activations and the cache are planned again, with or without the
      * buffers of quantized activations */
     qkd__model_free_acts(m);

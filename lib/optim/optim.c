@@ -191,6 +191,7 @@ qkd_status qkd_optimizer_create(qkd_model *model, const qkd_optim_params *p,
     opt->p = *p;
     opt->p.size = sizeof opt->p;
     opt->n_moments = p->kind == QKD_OPTIM_ADAMW ? 2 : 1;
+    opt->table_gen = qkd__model_table_gen(model);
     st = build_tensors(opt);
     if (st == QKD_OK)
         st = alloc_state(opt);
@@ -234,28 +235,47 @@ qkd_status qkd_optimizer_set_group(qkd_optimizer *opt, int index, float lr_scale
 static unsigned presets_of(qkd_tensor_kind kind)
 {
     switch (kind) {
+    case QKD_TENSOR_QUANT_SCALE:
+        return 0;
+    case QKD_TENSOR_QUANT_ZERO:
+        return QKD_PRESET_SCALES_ONLY;
     case QKD_TENSOR_ATTN_V:
     case QKD_TENSOR_ATTN_OUTPUT:
-        return QKD_PRESET_OV_FREEZE;
+        return QKD_PRESET_OV_FREEZE | QKD_PRESET_SCALES_ONLY;
     case QKD_TENSOR_TOKEN_EMBD:
     case QKD_TENSOR_OUTPUT:
     case QKD_TENSOR_ATTN_NORM:
     case QKD_TENSOR_FFN_NORM:
     case QKD_TENSOR_OUTPUT_NORM:
-        return QKD_PRESET_FREEZE_EMBED_NORM;
-    default:
-        return 0;
+        return QKD_PRESET_FREEZE_EMBED_NORM | QKD_PRESET_SCALES_ONLY;
+    default: /* the other weights */
+        return QKD_PRESET_SCALES_ONLY;
     }
+}
+
+static int has_scales(const qkd_optimizer *opt)
+{
+    for (int i = 0; i < opt->n_tensors; i++) {
+        if (opt->tensors[i].kind == QKD_TENSOR_QUANT_SCALE)
+            return 1;
+    }
+    return 0;
 }
 
 qkd_status qkd_optimizer_apply_preset(qkd_optimizer *opt, unsigned presets)
 {
     if (!opt)
         return QKD_ERR_INVALID_ARG;
-    const unsigned known = QKD_PRESET_OV_FREEZE | QKD_PRESET_FREEZE_EMBED_NORM;
+    const unsigned known =
+        QKD_PRESET_OV_FREEZE | QKD_PRESET_FREEZE_EMBED_NORM | QKD_PRESET_SCALES_ONLY;
     if (presets & ~known)
         return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG,
                           "optimizer apply_preset: unknown preset bits 0x%x", presets & ~known);
+    if ((presets & QKD_PRESET_SCALES_ONLY) && !has_scales(opt))
+        return qkd__error(opt->ctx, QKD_ERR_STATE,
+                          "optimizer apply_preset: scales-only, but the model had no learned "
+                          "scales when the optimizer was created (bind a quantizer with "
+                          "learn_scales first)");
     for (int i = 0; i < opt->n_tensors; i++) {
         if (presets_of(opt->tensors[i].kind) & presets)
             opt->tensors[i].frozen = 1;
@@ -357,6 +377,11 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
         return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG,
                           "optimizer step: info size field %zu, expected %zu", info->size,
                           sizeof *info);
+    if (qkd__model_table_gen(opt->model) != opt->table_gen)
+        return qkd__error(opt->ctx, QKD_ERR_STATE,
+                          "optimizer step: the model's tensors changed since the optimizer was "
+                          "created (a quantizer with learn_scales was bound or unbound); "
+                          "create the optimizer again");
     const int64_t t = opt->step + 1;
     const float lr_t = qkd_optimizer_lr_at(opt, t);
     double norm;

@@ -22,6 +22,7 @@ struct qkd_optimizer {
     qkd_optim_params p;
     int64_t step;         /* steps applied */
     int n_tensors;
+    unsigned table_gen;   /* the model's table generation at creation */
     int n_moments;        /* 2 for AdamW (m, v), 1 for SGD (u) */
     qkd__optim_tensor *tensors; /* host [n_tensors] */
     void *mem;            /* device: every moment, then norms, then scratch */

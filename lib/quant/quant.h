@@ -34,6 +34,24 @@ void qkd__quantizer_backward(const qkd_quantizer *q, float *dw, const float *dwq
                              const float *w, const float *scales, const float *zeros,
                              int64_t rows, int64_t cols);
 
+/* 1 when the groups' scales (and ASYM zero points) are trainable
+ * (learn_scales); 2 when the zero points are too (ASYM). 0 otherwise. */
+int qkd__quantizer_learned(const qkd_quantizer *q);
+/* The shape [*srows][*scols] of a rows x cols weight's learned scale (and
+ * zero point) tensor: its qkd_quantizer_n_groups in row-major order. */
+void qkd__quantizer_scale_shape(const qkd_quantizer *q, int64_t rows, int64_t cols,
+                                int64_t *srows, int64_t *scols);
+/* The learned forms of forward and backward (include/qkd/quant.h,
+ * learn_scales): scales and zeros are read (zeros NULL: none); the
+ * backward adds dL/dw, dL/ds and (dzeros not NULL) dL/dz. */
+void qkd__quantizer_lsq_forward(const qkd_quantizer *q, float *wq, const float *w,
+                                const float *scales, const float *zeros, int64_t rows,
+                                int64_t cols, int smooth);
+void qkd__quantizer_lsq_backward(const qkd_quantizer *q, float *dw, float *dscales,
+                                 float *dzeros, const float *dwq, const float *w,
+                                 const float *scales, const float *zeros, int64_t rows,
+                                 int64_t cols);
+
 /* The SEARCH clip of a host weight w[rows][cols], clamped in place: per
  * group, the grid's shrink factors that minimise the squared error of the
  * quantized weight (x NULL) or of the group's partial dot products with

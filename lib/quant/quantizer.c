@@ -133,6 +133,21 @@ static qkd_status check_estimator(qkd_context *ctx, const qkd_quant_params *p)
     return QKD_OK;
 }
 
+/* Learned scales need a grid of our own: a format's scales are its own. */
+static qkd_status check_learn(qkd_context *ctx, const qkd_quant_params *p)
+{
+    if (p->learn_scales != 0 && p->learn_scales != 1)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "quantizer create: learn_scales %d is neither 0 nor 1",
+                          p->learn_scales);
+    if (p->learn_scales && qkd__quant_scheme_type(p->scheme) >= 0)
+        return qkd__error(ctx, QKD_ERR_INVALID_ARG,
+                          "quantizer create: format scheme %d cannot learn its scales (use "
+                          "SYM, ASYM or TERNARY)",
+                          (int)p->scheme);
+    return QKD_OK;
+}
+
 static qkd_status check_params(qkd_context *ctx, const qkd_quant_params *p)
 {
     if (!p)
@@ -145,7 +160,7 @@ static qkd_status check_params(qkd_context *ctx, const qkd_quant_params *p)
     qkd_status st;
     if ((st = check_estimator(ctx, p)) || (st = check_grid(ctx, p)) ||
         (st = check_dynamic_bits(ctx, "act_bits", p->act_bits)) ||
-        (st = check_dynamic_bits(ctx, "kv_bits", p->kv_bits)))
+        (st = check_dynamic_bits(ctx, "kv_bits", p->kv_bits)) || (st = check_learn(ctx, p)))
         return st;
     return QKD_OK;
 }
@@ -269,6 +284,40 @@ void qkd__quantizer_backward(const qkd_quantizer *q, float *dw, const float *dwq
     qkd__backend *be = q->ctx->backend;
     qkd__quant_spec spec = kernel_spec(q, &rows, &cols, qkd__quantizer_smooth(q));
     be->fakequant_backward(be, dw, dwq, w, scales, zeros, rows, cols, &spec);
+}
+
+int qkd__quantizer_learned(const qkd_quantizer *q)
+{
+    if (!q->p.learn_scales)
+        return 0;
+    return q->p.scheme == QKD_QUANT_ASYM ? 2 : 1;
+}
+
+void qkd__quantizer_scale_shape(const qkd_quantizer *q, int64_t rows, int64_t cols,
+                                int64_t *srows, int64_t *scols)
+{
+    *srows = q->p.group_size == -1 ? 1 : rows;
+    *scols = qkd_quantizer_n_groups(q, rows, cols) / *srows;
+}
+
+void qkd__quantizer_lsq_forward(const qkd_quantizer *q, float *wq, const float *w,
+                                const float *scales, const float *zeros, int64_t rows,
+                                int64_t cols, int smooth)
+{
+    qkd__backend *be = q->ctx->backend;
+    qkd__quant_spec spec = kernel_spec(q, &rows, &cols, smooth);
+    be->fakequant_lsq_forward(be, wq, w, scales, zeros, rows, cols, &spec);
+}
+
+void qkd__quantizer_lsq_backward(const qkd_quantizer *q, float *dw, float *dscales,
+                                 float *dzeros, const float *dwq, const float *w,
+                                 const float *scales, const float *zeros, int64_t rows,
+                                 int64_t cols)
+{
+    qkd__backend *be = q->ctx->backend;
+    qkd__quant_spec spec = kernel_spec(q, &rows, &cols, qkd__quantizer_smooth(q));
+    be->fakequant_lsq_backward(be, dw, dscales, dzeros, dwq, w, scales, zeros, rows, cols,
+                               &spec);
 }
 
 /* ---- host query --------------------------------------------------------------- */

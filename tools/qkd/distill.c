@@ -103,11 +103,12 @@ static json_t *row_json(const eval_row *r)
  * given the same ones). */
 static json_t *config_json(const distill_opts *o)
 {
-    return json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:s, s:i, s:i, s:i, s:i, s:o, "
-                     "s:s, s:i, s:I, s:s}",
+    return json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:b, s:b, s:s, s:i, s:i, s:i, "
+                     "s:i, s:o, s:s, s:i, s:I, s:s}",
                      "method", o->method, "scheme", o->scheme, "bits", o->bits, "group",
                      o->group, "clip", o->clip ? o->clip : "preset", "loss", o->loss,
-                     "act_bits", o->act_bits, "kv_bits", o->kv_bits, "data",
+                     "act_bits", o->act_bits, "kv_bits", o->kv_bits, "learn_scales",
+                     o->learn_scales || o->scales_only, "scales_only", o->scales_only, "data",
                      o->data ? o->data : "data-free", "data_free", o->data_free, "steps",
                      o->steps, "batch", o->batch,
                      "seq", o->seq, "lr", real(o->lr), "schedule", o->schedule, "warmup",
@@ -212,8 +213,10 @@ static int on_step(void *user, const qkd_distill_stats *st)
     if (p->o->continuous) /* the next step's; a positive finite value cannot fail */
         (void)qkd_quantizer_set_sharpness(p->j->quant,
                                           distill_sharpness(st->step + 1, st->total_steps));
+    /* A skipped step (non-finite loss or gradients) is not saved: the
+     * checkpoint stays at the last good state. */
     const int every = p->o->checkpoint_every;
-    if (every > 0 && st->step % every == 0 && st->step < st->total_steps &&
+    if (every > 0 && !st->skipped && st->step % every == 0 && st->step < st->total_steps &&
         save_checkpoint(p->j) != CLI_EXIT_OK) {
         p->save_failed = 1;
         return 1;
@@ -390,6 +393,8 @@ const cli_command cli_cmd_distill = {
         "  --clip C             none, weight, output (searched) or a fixed ratio\n"
         "  --act-bits N         fake-quantize activations per token (0: off)\n"
         "  --kv-bits N          fake-quantize the keys and values per token (0: off)\n"
+        "  --learn-scales       train each group's scale (and asym zero point) too (LSQ)\n"
+        "  --scales-only        train the learned scales only, every weight frozen\n"
         "  --loss L             ce, fkl, rkl, jsd, cakld, tsld, mse; a sum as tsld+ce\n"
         "  --data FILE          training text, or a token file (QKDT)\n"
         "  --data-free N        N sequences written by the teacher (cached in DIR)\n"

@@ -13,6 +13,8 @@ typedef struct distill_opts {
     int data_free;       /* sequences to generate; 0: --data */
     int steps, batch, seq, warmup, checkpoint_every, eval_windows;
     int resume;
+    int learn_scales;    /* --learn-scales: the quantizer's scales are trained */
+    int scales_only;     /* --scales-only: and nothing else (implies the above) */
     float lr;
     uint64_t seed;
     /* Which options were given (a given option beats the method's preset). */

@@ -56,7 +56,7 @@ static void apply_preset(distill_opts *o, const method_preset *m)
         o->data_free = m->data_free;
     if (!o->seen.warmup)
         o->warmup = o->steps / 10;
-    o->optim_presets = m->optim_presets;
+    o->optim_presets = m->optim_presets | (o->scales_only ? QKD_PRESET_SCALES_ONLY : 0u);
     o->continuous = m->continuous;
 }
 
@@ -126,6 +126,7 @@ static int parse_quant(distill_opts *o)
     q->group_size = o->group;
     q->act_bits = o->act_bits;
     q->kv_bits = o->kv_bits;
+    q->learn_scales = o->learn_scales || o->scales_only;
     q->estimator = o->continuous ? QKD_ESTIMATOR_CONTINUOUS : QKD_ESTIMATOR_STE;
     if (o->continuous)
         q->round_sharpness = distill_sharpness(1, o->steps);
@@ -197,6 +198,8 @@ int distill_parse(int argc, char **argv, distill_opts *o, cli_common *c)
         {"--clip", NULL, CLI_STRING, &o->clip, NULL},
         {"--act-bits", NULL, CLI_INT, &o->act_bits, NULL},
         {"--kv-bits", NULL, CLI_INT, &o->kv_bits, NULL},
+        {"--learn-scales", NULL, CLI_FLAG, &o->learn_scales, NULL},
+        {"--scales-only", NULL, CLI_FLAG, &o->scales_only, NULL},
         {"--loss", NULL, CLI_STRING, &o->loss, &o->seen.loss},
         {"--data", NULL, CLI_STRING, &o->data, NULL},
         {"--data-free", NULL, CLI_INT, &o->data_free, &o->seen.data_free},

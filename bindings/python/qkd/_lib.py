@@ -53,6 +53,32 @@ def _load():
 
 lib, path = _load()
 
+
+def _proto(name, restype, *argtypes):
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = argtypes
+
+
+class LibraryVersionError(ImportError):
+    """The loaded libqkd has another major version than the binding."""
+
+
+def _check_version():
+    """Before anything else is looked up: another major may lack it."""
+    # unsigned qkd_version(void);
+    _proto("qkd_version", c_uint)
+    # const char *qkd_version_string(void);
+    _proto("qkd_version_string", c_char_p)
+    number = lib.qkd_version()
+    if number // 10000 != ABI_MAJOR:
+        raise LibraryVersionError(
+            "%s is libqkd %s (major %d); this binding needs major %d"
+            % (path, lib.qkd_version_string().decode(), number // 10000, ABI_MAJOR))
+
+
+_check_version()
+
 # ---- opaque handles ----------------------------------------------------------
 
 
@@ -118,7 +144,8 @@ class QuantParams(Structure):
     _fields_ = [("size", c_size_t), ("scheme", c_int), ("bits", c_int),
                 ("group_size", c_int), ("clip", c_int), ("clip_ratio", c_float),
                 ("estimator", c_int), ("round_sharpness", c_float),
-                ("clamp_sharpness", c_float), ("act_bits", c_int), ("kv_bits", c_int)]
+                ("clamp_sharpness", c_float), ("act_bits", c_int), ("kv_bits", c_int),
+                ("learn_scales", c_int)]
 
 
 class LossTerm(Structure):
@@ -143,7 +170,7 @@ class DistillStats(Structure):
     _fields_ = [("size", c_size_t), ("step", c_int64), ("total_steps", c_int64),
                 ("loss", c_float), ("lr", c_float), ("grad_norm", c_float),
                 ("clipped", c_int), ("skipped", c_int), ("step_seconds", c_double),
-                ("tokens_per_s", c_double)]
+                ("tokens_per_s", c_double), ("n_skipped", c_int64), ("bad_streak", c_int64)]
 
 
 # typedef int (*qkd_distill_fn)(void *user, const qkd_distill_stats *stats);
@@ -152,13 +179,8 @@ DistillFn = CFUNCTYPE(c_int, c_void_p, POINTER(DistillStats))
 
 class DistillParams(Structure):
     _fields_ = [("size", c_size_t), ("batch", c_int), ("seq", c_int),
-                ("total_steps", c_int64), ("on_step", DistillFn), ("user", c_void_p)]
-
-
-def _proto(name, restype, *argtypes):
-    fn = getattr(lib, name)
-    fn.restype = restype
-    fn.argtypes = argtypes
+                ("total_steps", c_int64), ("on_step", DistillFn), ("user", c_void_p),
+                ("max_bad_steps", c_int)]
 
 
 # ---- core.h --------------------------------------------------------------------
@@ -166,10 +188,6 @@ def _proto(name, restype, *argtypes):
 _proto("qkd_status_name", c_char_p, status_t)
 # const char *qkd_status_str(qkd_status status);
 _proto("qkd_status_str", c_char_p, status_t)
-# unsigned qkd_version(void);
-_proto("qkd_version", c_uint)
-# const char *qkd_version_string(void);
-_proto("qkd_version_string", c_char_p)
 # void qkd_context_params_init(qkd_context_params *params);
 _proto("qkd_context_params_init", None, POINTER(ContextParams))
 # qkd_status qkd_context_create(const qkd_context_params *params, qkd_context **out);
@@ -346,17 +364,3 @@ _proto("qkd_distill_history", c_int64, DistillP, POINTER(c_float_p))
 _proto("qkd_distill_eval_ce", status_t, ContextP, ModelP, DatasetP, c_int, c_int,
        POINTER(c_double), POINTER(c_int64))
 
-
-class LibraryVersionError(ImportError):
-    """The loaded libqkd has another major version than the binding."""
-
-
-def _check_version():
-    number = lib.qkd_version()
-    if number // 10000 != ABI_MAJOR:
-        raise LibraryVersionError(
-            "%s is libqkd %s (major %d); this binding needs major %d"
-            % (path, lib.qkd_version_string().decode(), number // 10000, ABI_MAJOR))
-
-
-_check_version()

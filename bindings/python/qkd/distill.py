@@ -11,7 +11,7 @@ from .errors import CancelledError
 lib = _lib.lib
 
 DistillStats = namedtuple("DistillStats", "step total_steps loss lr grad_norm clipped skipped "
-                          "step_seconds tokens_per_s")
+                          "step_seconds tokens_per_s n_skipped bad_streak")
 
 
 def _trampoline(on_step, raised):
@@ -22,7 +22,8 @@ def _trampoline(on_step, raised):
         try:
             return 1 if on_step(DistillStats(
                 s.step, s.total_steps, s.loss, s.lr, s.grad_norm, bool(s.clipped),
-                bool(s.skipped), s.step_seconds, s.tokens_per_s)) else 0
+                bool(s.skipped), s.step_seconds, s.tokens_per_s, s.n_skipped,
+                s.bad_streak)) else 0
         except BaseException as e:
             raised[0] = e
             return 1
@@ -31,17 +32,20 @@ def _trampoline(on_step, raised):
 
 class Distill(Handle):
     """Distill(ctx, teacher, student, loss, optimizer, data, batch=8, seq=64,
-    total_steps=100, on_step=None): a run over borrowed handles (closing
-    any of them closes the run). on_step(stats) is called after every step
+    total_steps=100, on_step=None, max_bad_steps=None): a run over borrowed
+    handles (closing any of them closes the run); max_bad_steps (None: the
+    library's default) stops it after that many skipped steps in a row. on_step(stats) is called after every step
     with a DistillStats; a true result stops the run (run() then returns
     False). The run keeps the C callback alive; an exception raised by
     on_step stops the run and is re-raised by run()."""
 
     def __init__(self, ctx, teacher, student, loss, optimizer, data, batch=8, seq=64,
-                 total_steps=100, on_step=None):
+                 total_steps=100, on_step=None, max_bad_steps=None):
         p = _lib.DistillParams()
         lib.qkd_distill_params_init(byref(p))
         p.batch, p.seq, p.total_steps = batch, seq, total_steps
+        if max_bad_steps is not None:
+            p.max_bad_steps = max_bad_steps
         # The callback closes over a box rather than self: no reference cycle.
         self._raised = [None]
         self._callback = _lib.DistillFn(_trampoline(on_step, self._raised)) if on_step else None

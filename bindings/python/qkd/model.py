@@ -14,7 +14,7 @@ lib = _lib.lib
 
 TENSOR_KINDS = {"token_embd": 0, "attn_norm": 1, "attn_q": 2, "attn_k": 3, "attn_v": 4,
                 "attn_output": 5, "ffn_norm": 6, "ffn_gate": 7, "ffn_down": 8, "ffn_up": 9,
-                "output_norm": 10, "output": 11}
+                "output_norm": 10, "output": 11, "quant_scale": 12, "quant_zero": 13}
 # QKD_QUANT_TARGET_LINEAR: every attention and MLP projection.
 TARGET_LINEAR = sum(1 << TENSOR_KINDS[k] for k in (
     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up"))

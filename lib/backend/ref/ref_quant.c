@@ -174,9 +174,11 @@ static double value_grad(const grid *g, float w, const qkd__quant_spec *sp)
 /* ---- kernels ------------------------------------------------------------------------ */
 
 struct fq_job {
-    float *out, *scales, *zeros;
+    float *out;              /* wq, or dw */
+    float *scales, *zeros;   /* per group: the forward's scale and zero point,
+                                or the LSQ backward's dscales and dzeros */
     const float *w, *dq;
-    const float *in_scales, *in_zeros;
+    const float *in_scales, *in_zeros; /* the groups' scales and zero points */
     int64_t cols, per_row;
     const qkd__quant_spec *spec;
 };
@@ -292,6 +294,115 @@ void qkd__ref_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, c
     int64_t per_group = cols < spec->group ? cols : spec->group;
     qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 150 : 10),
                       backward_range, &job);
+}
+
+/* ---- learned scales (LSQ) --------------------------------------------------------------
+ * The group's stored scale (floored at FLT_MIN) and, for ASYM, its zero
+ * point rounded and clamped to the code range replace the computed ones;
+ * both the floor and the rounding pass their gradient straight through.
+ * The clip range and TERNARY's threshold still come from the group. */
+
+static grid learned_grid(const struct fq_job *j, const float *w, int64_t n, int64_t item)
+{
+    grid g = group_range(w, n, j->spec);
+    g.s = scale_floor(j->in_scales[item]);
+    if (j->in_zeros)
+        g.z = (float)clampd(round(j->in_zeros[item]), 0.0, g.qmax) + 0.0f; /* never -0 */
+    return g;
+}
+
+/* dQ/dw, dQ/ds and dQ/dz of one value. */
+typedef struct lsq_grad {
+    double w, s, z;
+} lsq_grad;
+
+static lsq_grad ternary_lsq_grad(const grid *g, float w, const qkd__quant_spec *sp)
+{
+    if (!sp->continuous) /* Q = s c: the code does not depend on s */
+        return (lsq_grad){w >= g->lo && w <= g->hi, fabs(w) > g->d ? copysign(1.0, w) : 0.0,
+                          0.0};
+    const double T = sp->round_T, a = T * (w - g->d) / g->s, b = T * (-w - g->d) / g->s;
+    const double sa = sigmoid(a), sb = sigmoid(b), da = sa * (1.0 - sa), db = sb * (1.0 - sb);
+    return (lsq_grad){T * (da + db), sa - sb - da * a + db * b, 0.0};
+}
+
+static lsq_grad lsq_value_grad(const grid *g, float w, const qkd__quant_spec *sp)
+{
+    if (sp->scheme == QKD_QUANT_TERNARY)
+        return ternary_lsq_grad(g, w, sp);
+    const double u = (double)w / g->s;
+    if (sp->continuous) { /* Q = s (SoftClamp(round_T(u) + z) - z), exactly */
+        const double T = sp->round_T, dr = round_smooth_grad(u, T);
+        const double k = round_smooth(u, T) + g->z;
+        const double c = soft_clamp(k, g->qmin, g->qmax, sp->clamp_T);
+        const double dc = soft_clamp_grad(k, g->qmin, g->qmax, sp->clamp_T);
+        return (lsq_grad){dc * dr, c - g->z - dc * dr * u, g->s * (dc - 1.0)};
+    }
+    const double k = round(u) + g->z; /* the code before its clamp */
+    if (k >= g->qmin && k <= g->qmax)
+        return (lsq_grad){1.0, round(u) - u, 0.0};
+    return (lsq_grad){0.0, clampd(k, g->qmin, g->qmax) - g->z, -g->s};
+}
+
+static void lsq_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct fq_job *j = arg;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t n;
+        const float *w = group_at(j, j->w, item, &n);
+        float *out = j->out + (w - j->w);
+        grid g = learned_grid(j, w, n, item);
+        for (int64_t i = 0; i < n; i++)
+            out[i] = quantize_value(&g, w[i], j->spec);
+    }
+}
+
+static void lsq_backward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct fq_job *j = arg;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t n;
+        const float *w = group_at(j, j->w, item, &n);
+        const size_t at = (size_t)(w - j->w);
+        float *dw = j->out + at;
+        const float *dq = j->dq + at;
+        grid g = learned_grid(j, w, n, item);
+        double ds = 0.0, dz = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            lsq_grad d = lsq_value_grad(&g, w[i], j->spec);
+            dw[i] = (float)(dw[i] + d.w * dq[i]);
+            ds += d.s * dq[i];
+            dz += d.z * dq[i];
+        }
+        j->scales[item] = (float)(j->scales[item] + ds);
+        if (j->zeros)
+            j->zeros[item] = (float)(j->zeros[item] + dz);
+    }
+}
+
+void qkd__ref_fakequant_lsq_forward(qkd__backend *b, float *wq, const float *w,
+                                    const float *scales, const float *zeros, int64_t rows,
+                                    int64_t cols, const qkd__quant_spec *spec)
+{
+    struct fq_job job = {.out = wq, .w = w, .in_scales = scales, .in_zeros = zeros,
+                         .cols = cols, .per_row = groups_per_row(cols, spec->group),
+                         .spec = spec};
+    int64_t per_group = cols < spec->group ? cols : spec->group;
+    qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 120 : 20),
+                      lsq_forward_range, &job);
+}
+
+void qkd__ref_fakequant_lsq_backward(qkd__backend *b, float *dw, float *dscales, float *dzeros,
+                                     const float *dwq, const float *w, const float *scales,
+                                     const float *zeros, int64_t rows, int64_t cols,
+                                     const qkd__quant_spec *spec)
+{
+    struct fq_job job = {.out = dw, .scales = dscales, .zeros = dzeros, .w = w, .dq = dwq,
+                         .in_scales = scales, .in_zeros = zeros, .cols = cols,
+                         .per_row = groups_per_row(cols, spec->group), .spec = spec};
+    int64_t per_group = cols < spec->group ? cols : spec->group;
+    qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 200 : 30),
+                      lsq_backward_range, &job);
 }
 
 /* ---- dynamic per-row quantization (activations, KV cache) ----------------------------- */

@@ -1,0 +1,2 @@
+/* Everything bindgen binds: the whole public API. */
+#include <qkd/qkd.h>

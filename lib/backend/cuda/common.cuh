@@ -1,0 +1,80 @@
+/* Helpers shared by the CUDA kernels: launch shapes, launch checks and
+ * deterministic block reductions (a fixed shuffle tree, so a result never
+ * changes from run to run). */
+#ifndef QKD_LIB_BACKEND_CUDA_COMMON_CUH
+#define QKD_LIB_BACKEND_CUDA_COMMON_CUH
+
+#include <math.h>
+
+#include "backend/cuda/cuda.h"
+
+/* Threads per block of every kernel here (a multiple of 32). */
+#define QKD__CUDA_THREADS 256
+
+/* Blocks for a grid-stride loop over n items (n > 0). */
+static inline unsigned qkd__cuda_blocks(size_t n)
+{
+    size_t blocks = (n + QKD__CUDA_THREADS - 1) / QKD__CUDA_THREADS;
+    return (unsigned)(blocks < QKD__CUDA_MAX_BLOCKS ? blocks : QKD__CUDA_MAX_BLOCKS);
+}
+
+/* Record a failed launch of the kernel `what` (just enqueued). */
+static inline void qkd__cuda_launched(qkd__backend *b, const char *what)
+{
+    qkd__cuda_check(b, cudaGetLastError(), what);
+}
+
+#define QKD__CUDA_FOR(i, n)                                                           \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);            \
+         i += (size_t)gridDim.x * blockDim.x)
+
+template <typename T> struct qkd__sum_op {
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+template <typename T> struct qkd__max_op {
+    __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+template <typename T, typename Op> __device__ T qkd__warp_reduce(T v, Op op)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Every thread of the block gets op over all threads' v. All threads must
+ * call it (no thread may have returned). */
+template <typename T, typename Op> __device__ T qkd__block_reduce(T v, Op op, T identity)
+{
+    __shared__ T part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = qkd__warp_reduce(v, op);
+    __syncthreads(); /* a previous reduction's readers are done with part */
+    if (lane == 0)
+        part[warp] = v;
+    __syncthreads();
+    v = lane < (int)((blockDim.x + 31) >> 5) ? part[lane] : identity;
+    return qkd__warp_reduce(v, op); /* each warp reduces the partials alike */
+}
+
+__device__ inline double qkd__block_sum(double v)
+{
+    return qkd__block_reduce(v, qkd__sum_op<double>(), 0.0);
+}
+
+__device__ inline float qkd__block_sumf(float v)
+{
+    return qkd__block_reduce(v, qkd__sum_op<float>(), 0.0f);
+}
+
+__device__ inline double qkd__block_max(double v)
+{
+    return qkd__block_reduce(v, qkd__max_op<double>(), (double)-INFINITY);
+}
+
+__device__ inline float qkd__block_maxf(float v)
+{
+    return qkd__block_reduce(v, qkd__max_op<float>(), -INFINITY);
+}
+
+#endif

@@ -1,0 +1,347 @@
+/* The CUDA backend's table, device and stream, memory, error recording,
+ * the cuBLAS matmuls, and the format schemes' fake quantization, which
+ * runs ggml's block quantizers on the host (the reference kernel) between
+ * a download and an upload: those grids must match llama.cpp bit for bit,
+ * and a device port is future work. cuda.h describes the whole backend. */
+#include <string.h>
+
+#include "backend/cuda/cuda.h"
+#include "backend/ref/ref.h"
+#include "quant/ggml_blocks.h"
+#include "quant/quant.h"
+
+/* ---- errors ---------------------------------------------------------------- */
+
+qkd_status qkd__cuda_check(qkd__backend *b, cudaError_t err, const char *what)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (err != cudaSuccess && c->status == QKD_OK)
+        c->status = qkd__error(b->ctx, QKD_ERR_BACKEND, "cuda backend: %s: %s (%s)", what,
+                               cudaGetErrorString(err), cudaGetErrorName(err));
+    return c->status;
+}
+
+qkd_status qkd__cuda_check_blas(qkd__backend *b, cublasStatus_t st, const char *what)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (st != CUBLAS_STATUS_SUCCESS && c->status == QKD_OK)
+        c->status = qkd__error(b->ctx, QKD_ERR_BACKEND, "cuda backend: %s: cuBLAS %s", what,
+                               cublasGetStatusString(st));
+    return c->status;
+}
+
+/* ---- memory ---------------------------------------------------------------------- */
+
+static qkd_status cuda_alloc(qkd__backend *b, size_t bytes, void **out)
+{
+    *out = NULL;
+    if (bytes == 0)
+        return qkd__error(b->ctx, QKD_ERR_INVALID_ARG, "cuda backend: allocation of 0 bytes");
+    if (qkd__cuda_of(b)->status != QKD_OK)
+        return qkd__cuda_of(b)->status;
+    cudaError_t err = cudaMalloc(out, bytes);
+    if (err == cudaErrorMemoryAllocation) {
+        cudaGetLastError(); /* not sticky: the device stays usable */
+        *out = NULL;
+        return qkd__error(b->ctx, QKD_ERR_NO_MEMORY,
+                          "cuda backend: out of device memory allocating %zu bytes", bytes);
+    }
+    if (err != cudaSuccess)
+        *out = NULL;
+    return qkd__cuda_check(b, err, "cudaMalloc");
+}
+
+static void cuda_free(qkd__backend *b, void *ptr)
+{
+    if (ptr)
+        qkd__cuda_check(b, cudaFree(ptr), "cudaFree");
+}
+
+/* A pageable host source is staged before cudaMemcpyAsync returns, so the
+ * caller may reuse it at once. */
+static qkd_status cuda_upload(qkd__backend *b, void *dst, const void *src, size_t bytes)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (c->status != QKD_OK || bytes == 0)
+        return c->status;
+    return qkd__cuda_check(b, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream),
+                           "upload");
+}
+
+static qkd_status cuda_download(qkd__backend *b, void *dst, const void *src, size_t bytes)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (c->status != QKD_OK || bytes == 0)
+        return c->status;
+    qkd__cuda_check(b, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream),
+                    "download");
+    return qkd__cuda_check(b, cudaStreamSynchronize(c->stream), "download");
+}
+
+static qkd_status cuda_sync(qkd__backend *b)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (c->status != QKD_OK)
+        return c->status;
+    return qkd__cuda_check(b, cudaStreamSynchronize(c->stream), "sync");
+}
+
+float *qkd__cuda_workspace(qkd__backend *b, size_t floats)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (floats <= c->ws_floats)
+        return c->ws;
+    /* kernels still queued may use the old one */
+    if (qkd__cuda_check(b, cudaStreamSynchronize(c->stream), "workspace") != QKD_OK)
+        return NULL;
+    cuda_free(b, c->ws);
+    c->ws = NULL;
+    c->ws_floats = 0;
+    void *ws = NULL;
+    if (cuda_alloc(b, floats * sizeof(float), &ws) != QKD_OK) {
+        if (c->status == QKD_OK) /* out of memory: the kernel's results are lost */
+            c->status = QKD_ERR_NO_MEMORY;
+        return NULL;
+    }
+    c->ws = ws;
+    c->ws_floats = floats;
+    return c->ws;
+}
+
+/* ---- elementwise copy --------------------------------------------------------------- */
+
+static void cuda_copy(qkd__backend *b, float *dst, const float *src, size_t n)
+{
+    if (n && dst != src)
+        qkd__cuda_check(b, cudaMemcpyAsync(dst, src, n * sizeof *dst, cudaMemcpyDeviceToDevice,
+                                           qkd__cuda_of(b)->stream),
+                        "copy");
+}
+
+/* ---- matmuls: cuBLAS SGEMM, fp32 throughout ------------------------------------------
+ * Row-major X[R][C] is column-major X^T with leading dimension C, so each
+ * product is written for the transposes. */
+
+static void sgemm(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                  int k, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                  int ldc, const char *what)
+{
+    if (m <= 0 || n <= 0 || k <= 0)
+        return;
+    const float one = 1.0f;
+    qkd__cuda_check_blas(b,
+                         cublasSgemm(qkd__cuda_of(b)->blas, ta, tb, m, n, k, &one, A, lda, B, ldb,
+                                     &beta, C, ldc),
+                         what);
+}
+
+/* out^T [OC][N] = w [OC][C] . inp^T */
+static void cuda_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
+                                int N, int C, int OC)
+{
+    sgemm(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, inp, C, 0.0f, out, OC, "matmul_forward");
+}
+
+/* dinp^T [C][N] += w^T [C][OC] . dout^T [OC][N] */
+static void cuda_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
+                                       const float *w, int N, int C, int OC)
+{
+    sgemm(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, C, dout, OC, 1.0f, dinp, C,
+          "matmul_backward_input");
+}
+
+/* dw^T [C][OC] += inp^T [C][N] . dout [N][OC] */
+static void cuda_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
+                                        const float *inp, int N, int C, int OC)
+{
+    sgemm(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, C, dout, OC, 1.0f, dw, C,
+          "matmul_backward_weight");
+}
+
+/* ---- attention scratch: the probabilities, as the reference stores them ---------------- */
+
+static size_t cuda_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
+                                            int n_heads)
+{
+    (void)b;
+    return (size_t)B * n_heads * Tq * kv_len;
+}
+
+/* ---- fake quantization ---------------------------------------------------------------- */
+
+/* Host memory for the format schemes' round trip, grown on demand. */
+static float *host_buffer(qkd__backend *b, size_t floats)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (floats <= c->host_floats)
+        return c->host_buf;
+    float *buf = floats <= SIZE_MAX / sizeof *buf ? qkd__alloc(b->ctx, floats * sizeof *buf)
+                                                  : NULL;
+    if (!buf) {
+        if (c->status == QKD_OK)
+            c->status = qkd__error(b->ctx, QKD_ERR_NO_MEMORY,
+                                   "cuda backend: out of host memory for %zu floats", floats);
+        return NULL;
+    }
+    qkd__free(b->ctx, c->host_buf);
+    c->host_buf = buf;
+    c->host_floats = floats;
+    return buf;
+}
+
+/* A format scheme (ggml type `type`): the reference kernel on a host copy. */
+static void format_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
+                           const float *w, int64_t rows, int64_t cols,
+                           const qkd__quant_spec *spec, int type)
+{
+    const qkd__ggml_format *f = qkd__ggml_format_of((uint32_t)type);
+    size_t n = (size_t)(rows * cols), ng = f->group ? n / (size_t)f->group : 0;
+    float *hw = host_buffer(b, 2 * n + 2 * ng);
+    if (!hw || cuda_download(b, hw, w, n * sizeof *hw) != QKD_OK)
+        return;
+    float *hq = hw + n, *hs = hq + n, *hz = hs + ng;
+    qkd__ref_fakequant_forward(qkd__cuda_of(b)->host, hq, hs, hz, hw, rows, cols, spec);
+    cuda_upload(b, wq, hq, n * sizeof *hq);
+    if (ng) {
+        cuda_upload(b, scales, hs, ng * sizeof *hs);
+        cuda_upload(b, zeros, hz, ng * sizeof *hz);
+    }
+}
+
+static void cuda_fakequant_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
+                                   const float *w, int64_t rows, int64_t cols,
+                                   const qkd__quant_spec *spec)
+{
+    const int type = qkd__quant_row_type(spec->scheme, cols);
+    if (type >= 0)
+        format_forward(b, wq, scales, zeros, w, rows, cols, spec, type);
+    else
+        qkd__cuda_fakequant_groups(b, wq, scales, zeros, w, rows, cols, spec);
+}
+
+/* ---- the table ----------------------------------------------------------------------------- */
+
+static void *cuda_extra(qkd__backend *b, const char *name)
+{
+    (void)b;
+    (void)name;
+    return NULL;
+}
+
+static void cuda_destroy(qkd__backend *b)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (c) {
+        if (c->stream)
+            cudaStreamSynchronize(c->stream);
+        cudaFree(c->partials);
+        cudaFree(c->ws);
+        if (c->blas)
+            cublasDestroy(c->blas);
+        if (c->stream)
+            cudaStreamDestroy(c->stream);
+        qkd__backend_free(c->host);
+        qkd__free(b->ctx, c->host_buf);
+        qkd__free(b->ctx, c);
+    }
+    qkd__free(b->ctx, b);
+}
+
+static const qkd__backend cuda_table = {
+    .abi = QKD__BACKEND_ABI,
+    .name = "cuda",
+    .destroy = cuda_destroy,
+    .extra = cuda_extra,
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .sync = cuda_sync,
+    .fill = qkd__cuda_fill,
+    .copy = cuda_copy,
+    .add = qkd__cuda_add,
+    .axpy = qkd__cuda_axpy,
+    .scale = qkd__cuda_scale,
+    .sum = qkd__cuda_sum,
+    .sum_squares = qkd__cuda_sum_squares,
+    .matmul_forward = cuda_matmul_forward,
+    .matmul_backward_input = cuda_matmul_backward_input,
+    .matmul_backward_weight = cuda_matmul_backward_weight,
+    .embedding_forward = qkd__cuda_embedding_forward,
+    .embedding_backward = qkd__cuda_embedding_backward,
+    .rmsnorm_forward = qkd__cuda_rmsnorm_forward,
+    .rmsnorm_backward = qkd__cuda_rmsnorm_backward,
+    .rope_forward = qkd__cuda_rope_forward,
+    .rope_backward = qkd__cuda_rope_backward,
+    .attention_scratch_floats = cuda_attention_scratch_floats,
+    .attention_forward = qkd__cuda_attention_forward,
+    .attention_backward = qkd__cuda_attention_backward,
+    .swiglu_forward = qkd__cuda_swiglu_forward,
+    .swiglu_backward = qkd__cuda_swiglu_backward,
+    .softmax_forward = qkd__cuda_softmax_forward,
+    .softmax_backward = qkd__cuda_softmax_backward,
+    .log_softmax_forward = qkd__cuda_log_softmax_forward,
+    .log_softmax_backward = qkd__cuda_log_softmax_backward,
+    .cross_entropy_forward = qkd__cuda_cross_entropy_forward,
+    .cross_entropy_backward = qkd__cuda_cross_entropy_backward,
+    .adamw_update = qkd__cuda_adamw_update,
+    .sgd_update = qkd__cuda_sgd_update,
+    .fakequant_forward = cuda_fakequant_forward,
+    .fakequant_backward = qkd__cuda_fakequant_backward,
+    .quant_rows = qkd__cuda_quant_rows,
+    .kd_loss = qkd__cuda_kd_loss,
+    .tsld_weights = qkd__cuda_tsld_weights,
+    .row_max_prob = qkd__cuda_row_max_prob,
+};
+
+/* Stream, cuBLAS handle (fp32 math: no TF32), sum partials and the host
+ * backend of the format schemes. */
+static qkd_status setup(qkd__backend *b, qkd__cuda *c)
+{
+    qkd_status st = qkd__cuda_check(b, cudaGetDevice(&c->device), "cudaGetDevice");
+    if (st == QKD_OK)
+        st = qkd__cuda_check(b, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
+                             "cudaStreamCreate");
+    if (st == QKD_OK)
+        st = qkd__cuda_check_blas(b, cublasCreate(&c->blas), "cublasCreate");
+    if (st == QKD_OK)
+        st = qkd__cuda_check_blas(b, cublasSetStream(c->blas, c->stream), "cublasSetStream");
+    if (st == QKD_OK)
+        st = qkd__cuda_check_blas(b, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH),
+                                  "cublasSetMathMode");
+    if (st == QKD_OK)
+        st = cuda_alloc(b, QKD__CUDA_SUM_BLOCKS * sizeof(double), (void **)&c->partials);
+    if (st == QKD_OK)
+        st = qkd__backend_ref_create(b->ctx, &c->host);
+    return st;
+}
+
+qkd_status qkd__backend_cuda_create(qkd_context *ctx, qkd__backend **out)
+{
+    *out = NULL;
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        return qkd__error(ctx, QKD_ERR_UNSUPPORTED, "cuda backend: no CUDA device (%s)",
+                          err != cudaSuccess ? cudaGetErrorString(err)
+                                             : "cudaGetDeviceCount found none");
+    }
+    qkd__backend *b = qkd__alloc(ctx, sizeof *b);
+    qkd__cuda *c = qkd__calloc(ctx, 1, sizeof *c);
+    if (!b || !c) {
+        qkd__free(ctx, b);
+        qkd__free(ctx, c);
+        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "cuda backend: out of memory");
+    }
+    *b = cuda_table;
+    b->ctx = ctx;
+    b->impl = c;
+    qkd_status st = setup(b, c);
+    if (st != QKD_OK) {
+        cuda_destroy(b);
+        return st;
+    }
+    *out = b;
+    return QKD_OK;
+}

@@ -1,0 +1,149 @@
+/* The CUDA backend: the backend table over device memory on one GPU.
+ *
+ * Everything is enqueued on one stream; `sync` is a stream synchronize,
+ * `download` synchronizes before it returns, `upload` returns once the
+ * host buffer may be reused. Matmuls are cuBLAS SGEMMs in plain fp32 (the
+ * default math mode, so TF32 tensor cores stay off and results match the
+ * reference to float rounding); the other kernels are straightforward
+ * CUDA, most of them computing in double like the reference (the objects
+ * are built with -fmad=false, so the updates, axpy and hard fake
+ * quantization round exactly as the reference does).
+ *
+ * Errors: kernels report none through the table, so the first failing
+ * CUDA or cuBLAS call (a launch included) is recorded on the context as
+ * QKD_ERR_BACKEND with the CUDA error string and stays pending: every
+ * later sync, upload and download returns it, since the results after a
+ * failed kernel cannot be trusted.
+ *
+ * The file split: cuda.c holds the table, memory, errors and the cuBLAS
+ * matmuls (plain C against the runtime API); the kernels live in the .cu
+ * files, each exporting the launch functions declared below. */
+#ifndef QKD_LIB_BACKEND_CUDA_H
+#define QKD_LIB_BACKEND_CUDA_H
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "backend/backend.h"
+
+/* The backend's private state (b->impl). */
+typedef struct qkd__cuda {
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    qkd_status status;  /* first failure, kept (see above) */
+    double *partials;   /* per-block partial sums of sum and sum_squares */
+    float *ws;          /* grown on demand: attention's backward */
+    size_t ws_floats;
+    qkd__backend *host; /* reference backend for the format schemes */
+    float *host_buf;    /* their host copy of a weight, grown on demand */
+    size_t host_floats;
+} qkd__cuda;
+
+/* Create the CUDA backend on ctx: UNSUPPORTED (recorded) when no CUDA
+ * device is present, BACKEND when the device cannot be set up. */
+qkd_status qkd__backend_cuda_create(qkd_context *ctx, qkd__backend **out);
+
+/* Record err (when not cudaSuccess and none is pending) as BACKEND with
+ * its CUDA error string; `what` names the call. Returns the pending
+ * status. */
+qkd_status qkd__cuda_check(qkd__backend *b, cudaError_t err, const char *what);
+/* The same for a cuBLAS status. */
+qkd_status qkd__cuda_check_blas(qkd__backend *b, cublasStatus_t st, const char *what);
+/* Device workspace of at least `floats` floats, valid until the next call;
+ * NULL (recorded) when it cannot grow. */
+float *qkd__cuda_workspace(qkd__backend *b, size_t floats);
+
+static inline qkd__cuda *qkd__cuda_of(qkd__backend *b)
+{
+    return (qkd__cuda *)b->impl;
+}
+
+/* Blocks per grid of elementwise grid-stride loops. */
+#define QKD__CUDA_MAX_BLOCKS 65535
+/* Block count of the two-pass sums (partials holds this many doubles). */
+#define QKD__CUDA_SUM_BLOCKS 1024
+
+/* ---- elementwise.cu ------------------------------------------------------ */
+void qkd__cuda_fill(qkd__backend *b, float *x, float value, size_t n);
+void qkd__cuda_add(qkd__backend *b, float *out, const float *x, const float *y, size_t n);
+void qkd__cuda_axpy(qkd__backend *b, float *y, float alpha, const float *x, size_t n);
+void qkd__cuda_scale(qkd__backend *b, float *x, float alpha, size_t n);
+void qkd__cuda_sum(qkd__backend *b, float *out, const float *x, size_t n);
+void qkd__cuda_sum_squares(qkd__backend *b, float *out, const float *x, size_t n);
+void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
+                              size_t n);
+void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
+                               const float *gate, const float *up, size_t n);
+void qkd__cuda_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
+                            size_t n, float lr, float b1, float b2, float eps, float wd, int t);
+void qkd__cuda_sgd_update(qkd__backend *b, float *p, const float *g, float *u, size_t n,
+                          float lr, float momentum, float wd);
+void qkd__cuda_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
+                                 const float *table, int N, int C);
+void qkd__cuda_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
+                                  const int32_t *ids, int N, int C, int V);
+
+/* ---- rows.cu --------------------------------------------------------------- */
+void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const float *inp,
+                               const float *w, int N, int C, float eps);
+void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const float *dout,
+                                const float *inp, const float *w, const float *rstd, int N,
+                                int C);
+void qkd__cuda_softmax_forward(qkd__backend *b, float *probs, const float *logits, int N,
+                               int V, float inv_temp);
+void qkd__cuda_softmax_backward(qkd__backend *b, float *dlogits, const float *dprobs,
+                                const float *probs, int N, int V, float inv_temp);
+void qkd__cuda_log_softmax_forward(qkd__backend *b, float *logp, const float *logits, int N,
+                                   int V, float inv_temp);
+void qkd__cuda_log_softmax_backward(qkd__backend *b, float *dlogits, const float *dlogp,
+                                    const float *logp, int N, int V, float inv_temp);
+void qkd__cuda_cross_entropy_forward(qkd__backend *b, float *losses, const float *logits,
+                                     const int32_t *targets, int N, int V);
+void qkd__cuda_cross_entropy_backward(qkd__backend *b, float *dlogits, const float *logits,
+                                      const int32_t *targets, float scale, int N, int V);
+void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,
+                       const float *t, const int32_t *targets, const float *row_w, float scale,
+                       int N, int V, int kind, float temperature, float beta);
+void qkd__cuda_tsld_weights(qkd__backend *b, float *w, const float *c, const int32_t *targets,
+                            int B, int T, float tau);
+void qkd__cuda_row_max_prob(qkd__backend *b, float *out, const float *x, int N, int V);
+
+/* ---- attention.cu ------------------------------------------------------------ */
+void qkd__cuda_rope_forward(qkd__backend *b, float *x, int B, int T, int n_heads, int head_dim,
+                            int pos0, float theta);
+void qkd__cuda_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_heads,
+                             int head_dim, int pos0, float theta);
+void qkd__cuda_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
+                                 const float *k, const float *v, int B, int Tq, int pos0,
+                                 int kv_len, int n_heads, int n_kv, int hd);
+void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
+                                  const float *dout, const float *scratch, const float *q,
+                                  const float *k, const float *v, const float *out, int B,
+                                  int T, int n_heads, int n_kv, int hd);
+
+/* ---- quant.cu ------------------------------------------------------------------ */
+/* The SYM, ASYM and TERNARY schemes (cuda.c sends the format schemes to
+ * the reference kernels on the host). */
+void qkd__cuda_fakequant_groups(qkd__backend *b, float *wq, float *scales, float *zeros,
+                                const float *w, int64_t rows, int64_t cols,
+                                const qkd__quant_spec *spec);
+void qkd__cuda_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, const float *w,
+                                  const float *scales, const float *zeros, int64_t rows,
+                                  int64_t cols, const qkd__quant_spec *spec);
+void qkd__cuda_quant_rows(qkd__backend *b, float *out, const float *x, int64_t rows,
+                          int64_t cols, int bits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,282 @@
+/* CUDA fake-quantization kernels of the SYM, ASYM and TERNARY schemes
+ * (include/qkd/quant.h gives the math) and the dynamic per-row
+ * quantization. One thread owns a group and walks it in order, in double,
+ * exactly as the reference does (lib/backend/ref/ref_quant.c), so hard
+ * rounding gives bit-identical codes, scales and zero points; the smooth
+ * (CONTINUOUS) functions differ only by the device's double tanh and exp.
+ * A group per thread is the simple form: enough parallelism for grouped
+ * weights, slow for one group per tensor. */
+#include <float.h>
+
+#include "backend/cuda/common.cuh"
+#include "qkd/quant.h"
+
+/* One group's grid. [lo, hi] is the clip range, [qmin, qmax] the code
+ * range, d TERNARY's threshold. */
+struct grid {
+    double lo, hi, qmin, qmax, d;
+    float s, z;
+};
+
+__device__ static float scale_floor(double s)
+{
+    return s >= FLT_MIN ? (float)s : FLT_MIN;
+}
+
+__device__ static double clampd(double x, double lo, double hi)
+{
+    return x < lo ? lo : x > hi ? hi : x;
+}
+
+__device__ static double sigmoid(double x)
+{
+    return 1.0 / (1.0 + exp(-x));
+}
+
+__device__ static double mean_abs_clamped(const float *w, int64_t n, double lo, double hi)
+{
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        sum += fabs(clampd(w[i], lo, hi));
+    return sum / (double)n;
+}
+
+__device__ static grid group_range(const float *w, int64_t n, const qkd__quant_spec &sp)
+{
+    double mx = 0.0, mn = 0.0; /* zero always lies in the range */
+    for (int64_t i = 0; i < n; i++) {
+        mx = fmax(mx, (double)w[i]);
+        mn = fmin(mn, (double)w[i]);
+    }
+    const double r = sp.clip_ratio;
+    grid g = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0f, 0.0f};
+    if (sp.scheme == QKD_QUANT_ASYM) {
+        g.lo = mn * r;
+        g.hi = mx * r;
+        g.qmax = (double)((1 << sp.bits) - 1);
+        return g;
+    }
+    g.hi = fmax(mx, -mn) * r;
+    g.lo = -g.hi;
+    if (sp.scheme == QKD_QUANT_SYM) {
+        g.qmax = (double)((1 << (sp.bits - 1)) - 1);
+    } else {
+        g.qmax = 1.0;
+        g.d = 0.7 * mean_abs_clamped(w, n, g.lo, g.hi);
+    }
+    g.qmin = -g.qmax;
+    return g;
+}
+
+__device__ static void group_scale(grid *g, const float *w, int64_t n, const qkd__quant_spec &sp)
+{
+    if (sp.scheme == QKD_QUANT_ASYM) {
+        g->s = scale_floor((g->hi - g->lo) / g->qmax);
+        g->z = (float)clampd(-round(g->lo / g->s), 0.0, g->qmax) + 0.0f; /* never -0 */
+    } else if (sp.scheme == QKD_QUANT_SYM) {
+        g->s = scale_floor(g->hi / g->qmax);
+    } else {
+        double sum = 0.0;
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (fabs(w[i]) > g->d) {
+                sum += fabs(clampd(w[i], g->lo, g->hi));
+                count++;
+            }
+        }
+        g->s = scale_floor(count ? sum / (double)count : 0.0);
+    }
+}
+
+/* ---- rounding and clamping, hard and smooth (ref_quant.c explains them) ---------------- */
+
+__device__ static double round_smooth(double u, double T)
+{
+    double f = floor(u), t = tanh(0.25 * T);
+    return f + 0.5 * (tanh(0.5 * T * (u - f - 0.5)) + t) / t;
+}
+
+__device__ static double round_smooth_grad(double u, double T)
+{
+    double f = floor(u), h = tanh(0.5 * T * (u - f - 0.5));
+    return T * (1.0 - h * h) / (4.0 * tanh(0.25 * T));
+}
+
+__device__ static double soft_clamp(double x, double a, double b, double k)
+{
+    return x * sigmoid(k * (x - a)) * sigmoid(k * (b - x)) + a * sigmoid(k * (a - x)) +
+           b * sigmoid(k * (x - b));
+}
+
+__device__ static double gate_grad(double u, double k)
+{
+    double g = sigmoid(k * u);
+    return k * g * (1.0 - g);
+}
+
+__device__ static double soft_clamp_grad(double x, double a, double b, double k)
+{
+    double ga = sigmoid(k * (x - a)), gb = sigmoid(k * (b - x));
+    return ga * gb + x * (gate_grad(x - a, k) * gb - ga * gate_grad(b - x, k)) -
+           a * gate_grad(a - x, k) + b * gate_grad(x - b, k);
+}
+
+__device__ static double ternary_smooth(const grid &g, double w, double T)
+{
+    return sigmoid(T * (w - g.d) / g.s) - sigmoid(T * (-w - g.d) / g.s);
+}
+
+__device__ static double ternary_smooth_grad(const grid &g, double w, double T)
+{
+    double a = T * (w - g.d) / g.s, b = T * (-w - g.d) / g.s;
+    double sa = sigmoid(a), sb = sigmoid(b);
+    return T * (sa * (1.0 - sa) + sb * (1.0 - sb));
+}
+
+__device__ static float quantize_value(const grid &g, float w, const qkd__quant_spec &sp)
+{
+    double code;
+    if (sp.scheme == QKD_QUANT_TERNARY) {
+        code = sp.continuous ? ternary_smooth(g, w, sp.round_T)
+                             : (fabs(w) > g.d ? copysign(1.0, (double)w) : 0.0);
+        return (float)(code * g.s);
+    }
+    double u = (double)w / g.s;
+    if (sp.continuous)
+        code = soft_clamp(round_smooth(u, sp.round_T) + g.z, g.qmin, g.qmax, sp.clamp_T);
+    else
+        code = clampd(round(u) + g.z, g.qmin, g.qmax);
+    return (float)((code - g.z) * g.s);
+}
+
+__device__ static double value_grad(const grid &g, float w, const qkd__quant_spec &sp)
+{
+    if (!sp.continuous)
+        return w >= g.lo && w <= g.hi; /* STE, zero where the clip clamped */
+    if (sp.scheme == QKD_QUANT_TERNARY)
+        return ternary_smooth_grad(g, w, sp.round_T);
+    double u = (double)w / g.s;
+    return soft_clamp_grad(round_smooth(u, sp.round_T) + g.z, g.qmin, g.qmax, sp.clamp_T) *
+           round_smooth_grad(u, sp.round_T);
+}
+
+/* ---- kernels ------------------------------------------------------------------------------ */
+
+/* Group `item` (row-major over rows, then groups along a row): its offset
+ * in the weight and its length (a row's last group may be partial). */
+__device__ static size_t group_at(int64_t item, int64_t cols, int64_t per_row, int64_t group,
+                                  int64_t *n)
+{
+    int64_t row = item / per_row, first = (item % per_row) * group;
+    *n = cols - first < group ? cols - first : group;
+    return (size_t)(row * cols + first);
+}
+
+__global__ void fakequant_forward_kernel(float *wq, float *scales, float *zeros, const float *w,
+                                         int64_t cols, int64_t per_row, size_t n_groups,
+                                         qkd__quant_spec sp)
+{
+    QKD__CUDA_FOR(item, n_groups)
+    {
+        int64_t n;
+        size_t at = group_at((int64_t)item, cols, per_row, sp.group, &n);
+        grid g = group_range(w + at, n, sp);
+        group_scale(&g, w + at, n, sp);
+        for (int64_t i = 0; i < n; i++)
+            wq[at + i] = quantize_value(g, w[at + i], sp);
+        scales[item] = g.s;
+        zeros[item] = g.z;
+    }
+}
+
+__global__ void fakequant_backward_kernel(float *dw, const float *dwq, const float *w,
+                                          const float *scales, const float *zeros, int64_t cols,
+                                          int64_t per_row, size_t n_groups, qkd__quant_spec sp)
+{
+    QKD__CUDA_FOR(item, n_groups)
+    {
+        int64_t n;
+        size_t at = group_at((int64_t)item, cols, per_row, sp.group, &n);
+        grid g = group_range(w + at, n, sp);
+        g.s = scales[item];
+        g.z = zeros[item];
+        for (int64_t i = 0; i < n; i++)
+            dw[at + i] = (float)(dw[at + i] + value_grad(g, w[at + i], sp) * dwq[at + i]);
+    }
+}
+
+/* The plain STE (format schemes too): dw += dwq. */
+__global__ void ste_kernel(float *dw, const float *dwq, size_t n)
+{
+    QKD__CUDA_FOR(i, n)
+    dw[i] += dwq[i];
+}
+
+static int64_t groups_per_row(int64_t cols, int64_t group)
+{
+    return (cols + group - 1) / group;
+}
+
+extern "C" void qkd__cuda_fakequant_groups(qkd__backend *b, float *wq, float *scales,
+                                           float *zeros, const float *w, int64_t rows,
+                                           int64_t cols, const qkd__quant_spec *spec)
+{
+    int64_t per_row = groups_per_row(cols, spec->group);
+    size_t n_groups = (size_t)(rows * per_row);
+    if (!n_groups)
+        return;
+    fakequant_forward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0,
+                               qkd__cuda_of(b)->stream>>>(wq, scales, zeros, w, cols, per_row,
+                                                          n_groups, *spec);
+    qkd__cuda_launched(b, "fakequant_forward");
+}
+
+extern "C" void qkd__cuda_fakequant_backward(qkd__backend *b, float *dw, const float *dwq,
+                                             const float *w, const float *scales,
+                                             const float *zeros, int64_t rows, int64_t cols,
+                                             const qkd__quant_spec *spec)
+{
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    if (rows <= 0 || cols <= 0)
+        return;
+    if (!spec->continuous && spec->clip_ratio >= 1.0f) {
+        size_t n = (size_t)(rows * cols);
+        ste_kernel<<<qkd__cuda_blocks(n), QKD__CUDA_THREADS, 0, st>>>(dw, dwq, n);
+    } else {
+        int64_t per_row = groups_per_row(cols, spec->group);
+        size_t n_groups = (size_t)(rows * per_row);
+        fakequant_backward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0, st>>>(
+            dw, dwq, w, scales, zeros, cols, per_row, n_groups, *spec);
+    }
+    qkd__cuda_launched(b, "fakequant_backward");
+}
+
+/* ---- dynamic per-row quantization ----------------------------------------------------------
+ * Symmetric, one group per row: a block per row finds max |x| (a max is
+ * exact in any order), then every thread quantizes its values. */
+
+__global__ void quant_rows_kernel(float *out, const float *x, int64_t cols, qkd__quant_spec sp)
+{
+    const float *row = x + (size_t)blockIdx.x * cols;
+    float *o = out + (size_t)blockIdx.x * cols;
+    double hi = 0.0;
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x)
+        hi = fmax(hi, fabs((double)row[i]));
+    hi = qkd__block_max(hi); /* every read of x precedes the writes (out may be x) */
+    double qmax = (double)((1 << (sp.bits - 1)) - 1);
+    grid g = {-hi, hi, -qmax, qmax, 0.0, 0.0f, 0.0f};
+    group_scale(&g, row, cols, sp);
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x)
+        o[i] = quantize_value(g, row[i], sp);
+}
+
+extern "C" void qkd__cuda_quant_rows(qkd__backend *b, float *out, const float *x, int64_t rows,
+                                     int64_t cols, int bits)
+{
+    if (rows <= 0 || cols <= 0)
+        return;
+    qkd__quant_spec sp = {QKD_QUANT_SYM, bits, cols, 1.0f, 0, 0.0f, 0.0f};
+    quant_rows_kernel<<<(unsigned)rows, QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
+        out, x, cols, sp);
+    qkd__cuda_launched(b, "quant_rows");
+}

@@ -1,0 +1,1151 @@
+/* The CUDA backend against the reference backend (the oracle): every
+ * kernel forward and backward on random shapes with ragged edges, a whole
+ * stories260K forward, backward and decode, and 50 KD-QAT steps whose loss
+ * curve must follow the reference's.
+ *
+ * Without a GPU (or without the backend built in) every test prints a SKIP
+ * line saying so and passes without checking anything: a green run on a
+ * machine without a GPU proves only that the backend compiles.
+ *
+ * Tolerances, by how a kernel computes:
+ *   - bit-identical (memcmp): kernels that compute in double with only
+ *     correctly rounded operations, in the reference's order (fill, copy,
+ *     add, axpy, scale, embedding, AdamW, SGD, hard fake quantization,
+ *     quant_rows, the format schemes, which run the reference on the host);
+ *   - TOL_DOUBLE = 1e-6 of the row's largest magnitude: kernels in double
+ *     that sum in another order or call the device's exp, tanh, pow (RMSNorm,
+ *     RoPE, SwiGLU, the softmax family, cross-entropy, kd_loss, TSLD
+ *     weights, top-1 probability, sums, smooth fake quantization);
+ *   - TOL_FLOAT = 1e-5 (of the sum of the magnitudes of an element's terms
+ *     for matmuls, of the row's largest magnitude for attention): fp32
+ *     cuBLAS products (TF32 off) and attention's float softmax, about 100
+ *     float epsilons, where a lost term or a wrong index is off by O(1);
+ *   - a whole model: 1e-4 of the largest magnitude; the KD-QAT loss curve:
+ *     1e-3 relative at every step. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/core.h"
+#include "qkd/loss.h"
+#include "qkd/optim.h"
+#include "qkd/quant.h"
+#include "testutil.h"
+
+#define TOL_DOUBLE 1e-6
+#define TOL_FLOAT 1e-5
+
+#ifdef QKD_HAVE_CUDA
+
+/* ---- random data ------------------------------------------------------------------ */
+
+static uint64_t rng_state;
+
+static void rng_seed(uint64_t seed)
+{
+    rng_state = seed;
+}
+
+/* splitmix64, mapped to [lo, hi) */
+static double rng_uniform(double lo, double hi)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
+}
+
+static float *vec_new(size_t n)
+{
+    float *x = calloc(n ? n : 1, sizeof *x);
+    ck_assert_ptr_nonnull(x);
+    return x;
+}
+
+static float *vec_rand(size_t n, double lo, double hi)
+{
+    float *x = vec_new(n);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)rng_uniform(lo, hi);
+    return x;
+}
+
+static float *vec_copy(const float *src, size_t n)
+{
+    float *x = vec_new(n);
+    memcpy(x, src, n * sizeof *x);
+    return x;
+}
+
+static int32_t *ids_rand(size_t n, int V, int with_negative)
+{
+    int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
+    ck_assert_ptr_nonnull(ids);
+    for (size_t i = 0; i < n; i++)
+        ids[i] = with_negative && i % 5 == 2 ? -1 : (int32_t)(rng_uniform(0, 1) * V);
+    return ids;
+}
+
+/* ---- the two backends ---------------------------------------------------------------- */
+
+/* A reference and a CUDA context; 0 (the test returns) when there is no
+ * CUDA device, after saying so. */
+struct pair {
+    qkd_context *rc, *cc;
+    qkd__backend *rb, *cb;
+};
+
+/* Keeps the last error logged while a context is created. */
+static void keep_message(void *user, qkd_log_level level, const char *msg)
+{
+    (void)level;
+    snprintf(user, 256, "%s", msg);
+}
+
+static qkd_context *cuda_context(void)
+{
+    static char why[256];
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.n_threads = 2;
+    p.backend = QKD_BACKEND_CUDA;
+    p.log = keep_message;
+    p.log_user = why;
+    p.log_level = QKD_LOG_ERROR;
+    qkd_context *ctx = NULL;
+    why[0] = '\0';
+    qkd_status st = qkd_context_create(&p, &ctx);
+    if (st == QKD_ERR_UNSUPPORTED) {
+        fprintf(stderr, "SKIP (backend_cuda): %s\n", why);
+        return NULL;
+    }
+    ck_assert_msg(st == QKD_OK, "cuda context: %s", qkd_status_name(st));
+    ck_assert_str_eq(qkd_context_backend_name(ctx), "cuda");
+    return ctx;
+}
+
+static int pair_open(struct pair *p)
+{
+    p->cc = cuda_context();
+    if (!p->cc)
+        return 0;
+    p->rc = test_context(2);
+    p->rb = p->rc->backend;
+    p->cb = p->cc->backend;
+    return 1;
+}
+
+static void pair_close(struct pair *p)
+{
+    qkd_context_free(p->cc);
+    qkd_context_free(p->rc);
+}
+
+static void expect_ok(qkd_context *ctx, qkd_status st, const char *what)
+{
+    ck_assert_msg(st == QKD_OK, "%s: %s (%s)", what, qkd_status_name(st),
+                  qkd_context_last_error(ctx));
+}
+
+/* Device copy of n host values (bytes each). */
+static void *dput_bytes(struct pair *p, const void *h, size_t n, size_t bytes)
+{
+    void *d = NULL;
+    expect_ok(p->cc, p->cb->alloc(p->cb, (n ? n : 1) * bytes, &d), "alloc");
+    if (n)
+        expect_ok(p->cc, p->cb->upload(p->cb, d, h, n * bytes), "upload");
+    return d;
+}
+
+static float *dput(struct pair *p, const float *h, size_t n)
+{
+    return dput_bytes(p, h, n, sizeof *h);
+}
+
+static int32_t *dput_ids(struct pair *p, const int32_t *h, size_t n)
+{
+    return dput_bytes(p, h, n, sizeof *h);
+}
+
+/* A device output poisoned with NaN, so an element never written fails. */
+static float *dpoison(struct pair *p, size_t n)
+{
+    float *h = vec_new(n);
+    for (size_t i = 0; i < n; i++)
+        h[i] = NAN;
+    float *d = dput(p, h, n);
+    free(h);
+    return d;
+}
+
+/* Download n floats of d into a new host array and free d. */
+static float *dtake(struct pair *p, float *d, size_t n)
+{
+    float *h = vec_new(n);
+    expect_ok(p->cc, p->cb->sync(p->cb), "sync");
+    if (n)
+        expect_ok(p->cc, p->cb->download(p->cb, h, d, n * sizeof *h), "download");
+    p->cb->free(p->cb, d);
+    return h;
+}
+
+static void dfree(struct pair *p, void *d)
+{
+    p->cb->free(p->cb, d);
+}
+
+/* ---- comparisons ---------------------------------------------------------------------- */
+
+static void assert_same(const char *what, const float *got, const float *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(memcmp(&got[i], &want[i], sizeof *got) == 0,
+                      "%s[%zu]: cuda %.9g, ref %.9g (must be identical)", what, i,
+                      (double)got[i], (double)want[i]);
+}
+
+/* |got - want| <= tol * (the largest |want| of its row of row_len). */
+static void assert_close_rows(const char *what, const float *got, const float *want,
+                              size_t n_rows, size_t row_len, double tol)
+{
+    for (size_t r = 0; r < n_rows; r++) {
+        double mag = 1e-30;
+        for (size_t c = 0; c < row_len; c++)
+            mag = fmax(mag, fabs(want[r * row_len + c]));
+        for (size_t c = 0; c < row_len; c++) {
+            size_t i = r * row_len + c;
+            double err = fabs((double)got[i] - want[i]);
+            /* a NaN or an infinity must be the same one */
+            int same = (isnan(got[i]) && isnan(want[i])) || (isinf(want[i]) && got[i] == want[i]);
+            ck_assert_msg(same || err <= tol * mag,
+                          "%s[%zu]: cuda %.9g, ref %.9g (err %.3g > %.3g)", what, i,
+                          (double)got[i], (double)want[i], err, tol * mag);
+        }
+    }
+}
+
+/* max |got - want| <= tol * max |want| */
+static void assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
+                                double tol)
+{
+    assert_close_rows(what, got, want, 1, n, tol);
+}
+
+/* ---- elementwise, sums, optimizer updates ------------------------------------------------ */
+
+static const size_t elem_sizes[] = {1, 15, 17, 1000, 100003};
+
+START_TEST(elementwise_equal_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(55);
+    for (size_t s = 0; s < sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
+        size_t n = elem_sizes[s];
+        float *x = vec_rand(n, -2, 2), *y = vec_rand(n, -2, 2), *o = vec_rand(n, -1, 1);
+        float *dx = dput(&p, x, n), *dy = dput(&p, y, n), *dout = dpoison(&p, n);
+        float *dcopy = dpoison(&p, n);
+        p.rb->fill(p.rb, o, 0.25f, n);
+        p.cb->fill(p.cb, dout, 0.25f, n);
+        p.rb->add(p.rb, o, x, y, n);
+        p.cb->add(p.cb, dout, dx, dy, n);
+        p.rb->scale(p.rb, o, -0.3f, n);
+        p.cb->scale(p.cb, dout, -0.3f, n);
+        p.rb->axpy(p.rb, o, 1.7f, x, n);
+        p.cb->axpy(p.cb, dout, 1.7f, dx, n);
+        p.cb->copy(p.cb, dcopy, dout, n);
+        float *got = dtake(&p, dout, n), *copied = dtake(&p, dcopy, n);
+        assert_same("fill, add, scale, axpy", got, o, n);
+        assert_same("copy", copied, o, n);
+        free(x); free(y); free(o); free(got); free(copied);
+        dfree(&p, dx); dfree(&p, dy);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(sums_match_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const size_t sizes[] = {0, 1, 33, 4099, 3000017};
+    rng_seed(57);
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        size_t n = sizes[s];
+        float *x = vec_rand(n, -1, 3), want[2], mag = 0.0f;
+        for (size_t i = 0; i < n; i++)
+            mag += fabsf(x[i]) * (1.0f + fabsf(x[i]));
+        p.rb->sum(p.rb, &want[0], x, n);
+        p.rb->sum_squares(p.rb, &want[1], x, n);
+        float *dx = dput(&p, x, n), *dout = dpoison(&p, 2);
+        p.cb->sum(p.cb, dout, dx, n);
+        p.cb->sum_squares(p.cb, dout + 1, dx, n);
+        float *got = dtake(&p, dout, 2);
+        for (int k = 0; k < 2; k++)
+            ck_assert_msg(fabs((double)got[k] - want[k]) <= TOL_DOUBLE * (mag + 1e-30),
+                          "%s of %zu: cuda %.9g, ref %.9g", k ? "sum_squares" : "sum", n,
+                          (double)got[k], (double)want[k]);
+        free(x); free(got);
+        dfree(&p, dx);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(optimizers_equal_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(81);
+    const size_t n = 70001;
+    float *w = vec_rand(n, -1, 1), *g = vec_rand(n, -1, 1), *m = vec_rand(n, -0.1, 0.1);
+    float *v = vec_rand(n, 0, 0.01);
+    float *dw = dput(&p, w, n), *dg = dput(&p, g, n), *dm = dput(&p, m, n), *dv = dput(&p, v, n);
+    for (int t = 1; t <= 3; t++) {
+        p.rb->adamw_update(p.rb, w, g, m, v, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+        p.cb->adamw_update(p.cb, dw, dg, dm, dv, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+    }
+    p.rb->sgd_update(p.rb, w, g, m, n, 0.01f, 0.9f, 0.01f);
+    p.cb->sgd_update(p.cb, dw, dg, dm, n, 0.01f, 0.9f, 0.01f);
+    float *gw = dtake(&p, dw, n), *gm = dtake(&p, dm, n), *gv = dtake(&p, dv, n);
+    assert_same("adamw + sgd weights", gw, w, n);
+    assert_same("adamw + sgd first moment", gm, m, n);
+    assert_same("adamw second moment", gv, v, n);
+    free(w); free(g); free(m); free(v); free(gw); free(gm); free(gv);
+    dfree(&p, dg);
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- matmul ------------------------------------------------------------------------------- */
+
+/* Ragged shapes besides exact ones, a depth past a few hundred. */
+static const int mm_shapes[][3] = {
+    {1, 1, 1},    {2, 7, 5},     {3, 33, 17},   {4, 64, 64},   {5, 19, 100},
+    {13, 31, 47}, {37, 300, 29}, {100, 65, 130}, {64, 520, 96}, {301, 290, 333},
+};
+
+/* The sum of |terms| of every element of the three products (+ |initial|). */
+static void mm_scales(const float *x, const float *w, const float *dout, const float *dx0,
+                      const float *dw0, int N, int C, int OC, float *s_out, float *s_dx,
+                      float *s_dw)
+{
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int c = 0; c < C; c++) {
+                s_out[n * OC + o] += fabsf(x[n * C + c] * w[o * C + c]);
+                s_dx[n * C + c] += fabsf(dout[n * OC + o] * w[o * C + c]);
+                s_dw[o * C + c] += fabsf(dout[n * OC + o] * x[n * C + c]);
+            }
+    for (int i = 0; i < N * C; i++)
+        s_dx[i] += fabsf(dx0[i]);
+    for (int i = 0; i < OC * C; i++)
+        s_dw[i] += fabsf(dw0[i]);
+}
+
+/* |got - want| <= tol * scale, element by element */
+static void assert_close_scaled(const char *what, const float *got, const float *want,
+                                const float *scale, size_t n, double tol)
+{
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)got[i] - want[i]);
+        ck_assert_msg(err <= tol * ((double)scale[i] + 1e-30), "%s[%zu]: cuda %.9g, ref %.9g",
+                      what, i, (double)got[i], (double)want[i]);
+    }
+}
+
+START_TEST(matmul_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(11);
+    for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++) {
+        int N = mm_shapes[s][0], C = mm_shapes[s][1], OC = mm_shapes[s][2];
+        size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+        float *x = vec_rand(nx, -1, 1), *w = vec_rand(nw, -1, 1), *dout = vec_rand(no, -1, 1);
+        float *dx = vec_rand(nx, -1, 1), *dw = vec_rand(nw, -1, 1), *out = vec_new(no);
+        float *s_out = vec_new(no), *s_dx = vec_new(nx), *s_dw = vec_new(nw);
+        mm_scales(x, w, dout, dx, dw, N, C, OC, s_out, s_dx, s_dw);
+        float *d_x = dput(&p, x, nx), *d_w = dput(&p, w, nw), *d_dout = dput(&p, dout, no);
+        float *d_out = dpoison(&p, no), *d_dx = dput(&p, dx, nx), *d_dw = dput(&p, dw, nw);
+        p.rb->matmul_forward(p.rb, out, x, w, N, C, OC);
+        p.rb->matmul_backward_input(p.rb, dx, dout, w, N, C, OC);
+        p.rb->matmul_backward_weight(p.rb, dw, dout, x, N, C, OC);
+        p.cb->matmul_forward(p.cb, d_out, d_x, d_w, N, C, OC);
+        p.cb->matmul_backward_input(p.cb, d_dx, d_dout, d_w, N, C, OC);
+        p.cb->matmul_backward_weight(p.cb, d_dw, d_dout, d_x, N, C, OC);
+        float *g_out = dtake(&p, d_out, no), *g_dx = dtake(&p, d_dx, nx);
+        float *g_dw = dtake(&p, d_dw, nw);
+        assert_close_scaled("matmul_forward", g_out, out, s_out, no, TOL_FLOAT);
+        assert_close_scaled("matmul_backward_input", g_dx, dx, s_dx, nx, TOL_FLOAT);
+        assert_close_scaled("matmul_backward_weight", g_dw, dw, s_dw, nw, TOL_FLOAT);
+        free(x); free(w); free(dout); free(dx); free(dw); free(out);
+        free(s_out); free(s_dx); free(s_dw); free(g_out); free(g_dx); free(g_dw);
+        dfree(&p, d_x); dfree(&p, d_w); dfree(&p, d_dout);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- embedding, RMSNorm, RoPE --------------------------------------------------------------- */
+
+START_TEST(embedding_equals_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int shapes[][3] = {{1, 1, 1}, {9, 7, 5}, {300, 64, 37}, {1000, 33, 2000}};
+    rng_seed(13);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1], V = shapes[s][2];
+        size_t nt = (size_t)V * C, no = (size_t)N * C;
+        int32_t *ids = ids_rand((size_t)N, V, 0); /* repeats: N > V for some */
+        float *table = vec_rand(nt, -1, 1), *dout = vec_rand(no, -1, 1), *out = vec_new(no);
+        float *dtable = vec_rand(nt, -1, 1);
+        int32_t *d_ids = dput_ids(&p, ids, (size_t)N);
+        float *d_table = dput(&p, table, nt), *d_dout = dput(&p, dout, no);
+        float *d_out = dpoison(&p, no), *d_dtable = dput(&p, dtable, nt);
+        p.rb->embedding_forward(p.rb, out, ids, table, N, C);
+        p.rb->embedding_backward(p.rb, dtable, dout, ids, N, C, V);
+        p.cb->embedding_forward(p.cb, d_out, d_ids, d_table, N, C);
+        p.cb->embedding_backward(p.cb, d_dtable, d_dout, d_ids, N, C, V);
+        float *g_out = dtake(&p, d_out, no), *g_dtable = dtake(&p, d_dtable, nt);
+        assert_same("embedding_forward", g_out, out, no);
+        assert_same("embedding_backward", g_dtable, dtable, nt);
+        free(ids); free(table); free(dout); free(out); free(dtable); free(g_out); free(g_dtable);
+        dfree(&p, d_ids); dfree(&p, d_table); dfree(&p, d_dout);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(rmsnorm_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 16}, {33, 64}, {7, 67}, {200, 288},
+                                    {130, 1000}};
+    rng_seed(21);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1];
+        size_t nc = (size_t)N * C;
+        float *x = vec_rand(nc, -2, 2), *w = vec_rand((size_t)C, 0.5, 1.5);
+        float *g = vec_rand(nc, -1, 1), *dx = vec_rand(nc, -1, 1), *dw = vec_rand((size_t)C, -1, 1);
+        float *y = vec_new(nc), *r = vec_new((size_t)N);
+        float *d_x = dput(&p, x, nc), *d_w = dput(&p, w, (size_t)C), *d_g = dput(&p, g, nc);
+        float *d_dx = dput(&p, dx, nc), *d_dw = dput(&p, dw, (size_t)C);
+        float *d_y = dpoison(&p, nc), *d_r = dpoison(&p, (size_t)N);
+        p.rb->rmsnorm_forward(p.rb, y, r, x, w, N, C, 1e-5f);
+        p.rb->rmsnorm_backward(p.rb, dx, dw, g, x, w, r, N, C);
+        p.cb->rmsnorm_forward(p.cb, d_y, d_r, d_x, d_w, N, C, 1e-5f);
+        p.cb->rmsnorm_backward(p.cb, d_dx, d_dw, d_g, d_x, d_w, d_r, N, C);
+        float *g_y = dtake(&p, d_y, nc), *g_r = dtake(&p, d_r, (size_t)N);
+        float *g_dx = dtake(&p, d_dx, nc), *g_dw = dtake(&p, d_dw, (size_t)C);
+        assert_close_rows("rmsnorm_forward", g_y, y, (size_t)N, (size_t)C, TOL_DOUBLE);
+        assert_close_rows("rmsnorm rstd", g_r, r, (size_t)N, 1, TOL_DOUBLE);
+        assert_close_rows("rmsnorm_backward dinp", g_dx, dx, (size_t)N, (size_t)C, TOL_DOUBLE);
+        assert_close_rows("rmsnorm_backward dw", g_dw, dw, 1, (size_t)C, TOL_DOUBLE);
+        free(x); free(w); free(g); free(dx); free(dw); free(y); free(r);
+        free(g_y); free(g_r); free(g_dx); free(g_dw);
+        dfree(&p, d_x); dfree(&p, d_w); dfree(&p, d_g);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(rope_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int hds[] = {2, 7, 8, 34, 64};
+    static const int pos0s[] = {0, 17};
+    rng_seed(31);
+    for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
+        for (size_t pi = 0; pi < 2; pi++)
+            for (int dir = 0; dir < 2; dir++) {
+                int B = 2, T = 5, H = 3, hd = hds[hi];
+                size_t n = (size_t)B * T * H * hd;
+                float *x = vec_rand(n, -1, 1);
+                float *d = dput(&p, x, n);
+                if (dir == 0) {
+                    p.rb->rope_forward(p.rb, x, B, T, H, hd, pos0s[pi], 10000.0f);
+                    p.cb->rope_forward(p.cb, d, B, T, H, hd, pos0s[pi], 10000.0f);
+                } else {
+                    p.rb->rope_backward(p.rb, x, B, T, H, hd, pos0s[pi], 500.0f);
+                    p.cb->rope_backward(p.cb, d, B, T, H, hd, pos0s[pi], 500.0f);
+                }
+                float *got = dtake(&p, d, n);
+                assert_close_rows(dir ? "rope_backward" : "rope_forward", got, x, n / hd,
+                                  (size_t)hd, TOL_DOUBLE);
+                free(x); free(got);
+            }
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- attention --------------------------------------------------------------------------------- */
+
+struct attn_shape {
+    int B, Tq, pos0, kv_len, n_heads, n_kv, hd;
+};
+
+/* Training shapes (pos0 0, kv_len Tq: forward and backward) and decoding
+ * ones (forward only); odd head sizes, grouped heads, a longer sequence. */
+static const struct attn_shape attn_shapes[] = {
+    {1, 1, 0, 1, 1, 1, 1},    {2, 5, 0, 5, 2, 1, 8},     {1, 17, 0, 17, 4, 2, 5},
+    {2, 33, 0, 33, 6, 6, 48}, {1, 40, 0, 40, 8, 4, 17},  {3, 130, 0, 130, 9, 3, 64},
+    {1, 1, 9, 10, 8, 4, 8},   {2, 3, 30, 40, 6, 3, 48},
+};
+
+static void attention_case(struct pair *p, const struct attn_shape *a)
+{
+    qkd__backend *rb = p->rb, *cb = p->cb;
+    size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
+    size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
+    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads);
+    ck_assert_uint_ge(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads), np);
+    float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
+    float *o = vec_new(nq), *P = vec_new(np);
+    float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
+    float *d_o = dpoison(p, nq), *d_P = dpoison(p, np);
+    rb->attention_forward(rb, o, P, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
+                          a->n_kv, a->hd);
+    cb->attention_forward(cb, d_o, d_P, d_q, d_k, d_v, a->B, a->Tq, a->pos0, a->kv_len,
+                          a->n_heads, a->n_kv, a->hd);
+    if (a->pos0 == 0 && a->kv_len == a->Tq) {
+        float *dout = vec_rand(nq, -1, 1), *dq = vec_rand(nq, -1, 1);
+        float *dk = vec_rand(nkv, -1, 1), *dv = vec_rand(nkv, -1, 1);
+        float *d_dout = dput(p, dout, nq), *d_dq = dput(p, dq, nq);
+        float *d_dk = dput(p, dk, nkv), *d_dv = dput(p, dv, nkv);
+        rb->attention_backward(rb, dq, dk, dv, dout, P, q, k, v, o, a->B, a->Tq, a->n_heads,
+                               a->n_kv, a->hd);
+        cb->attention_backward(cb, d_dq, d_dk, d_dv, d_dout, d_P, d_q, d_k, d_v, d_o, a->B,
+                               a->Tq, a->n_heads, a->n_kv, a->hd);
+        float *g_dq = dtake(p, d_dq, nq), *g_dk = dtake(p, d_dk, nkv);
+        float *g_dv = dtake(p, d_dv, nkv);
+        assert_close_rows("attention_backward dq", g_dq, dq, nq / a->hd, (size_t)a->hd,
+                          TOL_FLOAT);
+        assert_close_rows("attention_backward dk", g_dk, dk, nkv / a->hd, (size_t)a->hd,
+                          TOL_FLOAT);
+        assert_close_rows("attention_backward dv", g_dv, dv, nkv / a->hd, (size_t)a->hd,
+                          TOL_FLOAT);
+        free(dout); free(dq); free(dk); free(dv); free(g_dq); free(g_dk); free(g_dv);
+        dfree(p, d_dout);
+    }
+    float *g_o = dtake(p, d_o, nq), *g_P = dtake(p, d_P, np);
+    assert_close_rows("attention_forward out", g_o, o, nq / a->hd, (size_t)a->hd, TOL_FLOAT);
+    assert_close_rows("attention_forward probs", g_P, P, np / a->kv_len, (size_t)a->kv_len,
+                      TOL_FLOAT);
+    free(q); free(k); free(v); free(o); free(P); free(g_o); free(g_P);
+    dfree(p, d_q); dfree(p, d_k); dfree(p, d_v);
+}
+
+START_TEST(attention_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(41);
+    for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
+        attention_case(&p, &attn_shapes[s]);
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- SwiGLU ---------------------------------------------------------------------------------- */
+
+START_TEST(swiglu_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(51);
+    for (size_t s = 0; s < sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
+        size_t n = elem_sizes[s];
+        float *gate = vec_rand(n, -12, 12), *up = vec_rand(n, -2, 2), *g = vec_rand(n, -1, 1);
+        gate[0] = -100.0f; /* exp(100) is past float: the gate closes, as in double */
+        float *o = vec_new(n), *dg = vec_rand(n, -1, 1), *du = vec_rand(n, -1, 1);
+        float *d_gate = dput(&p, gate, n), *d_up = dput(&p, up, n), *d_g = dput(&p, g, n);
+        float *d_o = dpoison(&p, n), *d_dg = dput(&p, dg, n), *d_du = dput(&p, du, n);
+        p.rb->swiglu_forward(p.rb, o, gate, up, n);
+        p.rb->swiglu_backward(p.rb, dg, du, g, gate, up, n);
+        p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
+        p.cb->swiglu_backward(p.cb, d_dg, d_du, d_g, d_gate, d_up, n);
+        float *g_o = dtake(&p, d_o, n), *g_dg = dtake(&p, d_dg, n), *g_du = dtake(&p, d_du, n);
+        /* element by element: each is its own row */
+        assert_close_rows("swiglu_forward", g_o, o, n, 1, TOL_DOUBLE);
+        assert_close_rows("swiglu_backward dgate", g_dg, dg, n, 1, TOL_DOUBLE);
+        assert_close_rows("swiglu_backward dup", g_du, du, n, 1, TOL_DOUBLE);
+        free(gate); free(up); free(g); free(o); free(dg); free(du);
+        free(g_o); free(g_dg); free(g_du);
+        dfree(&p, d_gate); dfree(&p, d_up); dfree(&p, d_g);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- softmax family and cross-entropy ---------------------------------------------------------- */
+
+static const int row_shapes[][2] = {{1, 1}, {3, 7}, {2, 16}, {5, 33}, {4, 512}, {3, 1000},
+                                    {17, 5003}};
+
+START_TEST(softmax_family_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const float inv_temps[] = {1.0f, 0.5f};
+    rng_seed(61);
+    for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++)
+        for (size_t ti = 0; ti < 2; ti++)
+            for (int logp = 0; logp < 2; logp++) {
+                int N = row_shapes[s][0], V = row_shapes[s][1];
+                size_t n = (size_t)N * V;
+                float it = inv_temps[ti];
+                float *x = vec_rand(n, -8, 8), *dy = vec_rand(n, -1, 1), *dx = vec_rand(n, -1, 1);
+                float *y = vec_new(n);
+                float *d_x = dput(&p, x, n), *d_dy = dput(&p, dy, n), *d_dx = dput(&p, dx, n);
+                float *d_y = dpoison(&p, n);
+                if (logp) {
+                    p.rb->log_softmax_forward(p.rb, y, x, N, V, it);
+                    p.rb->log_softmax_backward(p.rb, dx, dy, y, N, V, it);
+                    p.cb->log_softmax_forward(p.cb, d_y, d_x, N, V, it);
+                    p.cb->log_softmax_backward(p.cb, d_dx, d_dy, d_y, N, V, it);
+                } else {
+                    p.rb->softmax_forward(p.rb, y, x, N, V, it);
+                    p.rb->softmax_backward(p.rb, dx, dy, y, N, V, it);
+                    p.cb->softmax_forward(p.cb, d_y, d_x, N, V, it);
+                    p.cb->softmax_backward(p.cb, d_dx, d_dy, d_y, N, V, it);
+                }
+                float *g_y = dtake(&p, d_y, n), *g_dx = dtake(&p, d_dx, n);
+                assert_close_rows(logp ? "log_softmax_forward" : "softmax_forward", g_y, y,
+                                  (size_t)N, (size_t)V, TOL_DOUBLE);
+                assert_close_rows(logp ? "log_softmax_backward" : "softmax_backward", g_dx, dx,
+                                  (size_t)N, (size_t)V, TOL_DOUBLE);
+                free(x); free(dy); free(dx); free(y); free(g_y); free(g_dx);
+                dfree(&p, d_x); dfree(&p, d_dy);
+            }
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(cross_entropy_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(71);
+    for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++) {
+        int N = row_shapes[s][0], V = row_shapes[s][1];
+        size_t n = (size_t)N * V;
+        float *x = vec_rand(n, -8, 8), *dx = vec_rand(n, -1, 1), *loss = vec_new((size_t)N);
+        int32_t *targets = ids_rand((size_t)N, V, 1);
+        float *d_x = dput(&p, x, n), *d_dx = dput(&p, dx, n), *d_loss = dpoison(&p, (size_t)N);
+        int32_t *d_t = dput_ids(&p, targets, (size_t)N);
+        p.rb->cross_entropy_forward(p.rb, loss, x, targets, N, V);
+        p.rb->cross_entropy_backward(p.rb, dx, x, targets, 0.37f, N, V);
+        p.cb->cross_entropy_forward(p.cb, d_loss, d_x, d_t, N, V);
+        p.cb->cross_entropy_backward(p.cb, d_dx, d_x, d_t, 0.37f, N, V);
+        float *g_loss = dtake(&p, d_loss, (size_t)N), *g_dx = dtake(&p, d_dx, n);
+        assert_close_rows("cross_entropy_forward", g_loss, loss, (size_t)N, 1, TOL_DOUBLE);
+        assert_close_rows("cross_entropy_backward", g_dx, dx, (size_t)N, (size_t)V, TOL_DOUBLE);
+        free(x); free(dx); free(loss); free(targets); free(g_loss); free(g_dx);
+        dfree(&p, d_x); dfree(&p, d_t);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- distillation objectives ----------------------------------------------------------------- */
+
+static const int kd_kinds[] = {QKD_LOSS_CE,    QKD_LOSS_FKL,  QKD_LOSS_RKL, QKD_LOSS_JSD,
+                               QKD_LOSS_CAKLD, QKD_LOSS_TSLD, QKD_LOSS_MSE};
+
+/* One kd_loss case; variant bit 0: targets given, bit 1: row weights,
+ * bit 2: values only (no ds). */
+static void kd_case(struct pair *p, int N, int V, int kind, int variant)
+{
+    size_t n = (size_t)N * V;
+    float *s = vec_rand(n, -6, 6), *t = vec_rand(n, -6, 6), *ds = vec_rand(n, -1, 1);
+    float *w = vec_rand((size_t)N, 0.2, 2), *loss = vec_new((size_t)N);
+    int with_targets = (variant & 1) || kind == QKD_LOSS_CE, with_w = variant & 2;
+    int with_ds = !(variant & 4);
+    int32_t *targets = ids_rand((size_t)N, V, 1);
+    if (N > 1 && variant == 3)
+        s[V + 1] = INFINITY; /* a row with a non-finite logit: NaN value, no gradient */
+    float *d_s = dput(p, s, n), *d_t = dput(p, t, n), *d_ds = dput(p, ds, n);
+    float *d_w = dput(p, w, (size_t)N), *d_loss = dpoison(p, (size_t)N);
+    int32_t *d_y = dput_ids(p, targets, (size_t)N);
+    p->rb->kd_loss(p->rb, loss, with_ds ? ds : NULL, s, t, with_targets ? targets : NULL,
+                   with_w ? w : NULL, 0.7f, N, V, kind, 2.0f, 0.3f);
+    p->cb->kd_loss(p->cb, d_loss, with_ds ? d_ds : NULL, d_s, d_t, with_targets ? d_y : NULL,
+                   with_w ? d_w : NULL, 0.7f, N, V, kind, 2.0f, 0.3f);
+    float *g_loss = dtake(p, d_loss, (size_t)N), *g_ds = dtake(p, d_ds, n);
+    char what[64];
+    snprintf(what, sizeof what, "kd_loss kind %d variant %d V %d", kind, variant, V);
+    assert_close_rows(what, g_loss, loss, (size_t)N, 1, TOL_DOUBLE);
+    assert_close_rows(what, g_ds, ds, (size_t)N, (size_t)V, TOL_DOUBLE);
+    free(s); free(t); free(ds); free(w); free(loss); free(targets); free(g_loss); free(g_ds);
+    dfree(p, d_s); dfree(p, d_t); dfree(p, d_w); dfree(p, d_y);
+}
+
+START_TEST(kd_loss_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 257}, {6, 1000}, {4, 5003}};
+    rng_seed(101);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (size_t k = 0; k < sizeof kd_kinds / sizeof kd_kinds[0]; k++)
+            for (int variant = 0; variant < 5; variant++)
+                kd_case(&p, shapes[s][0], shapes[s][1], kd_kinds[k], variant);
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(tsld_and_max_prob_match_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(111);
+    for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++) {
+        int N = row_shapes[s][0], V = row_shapes[s][1];
+        size_t n = (size_t)N * V;
+        float *x = vec_rand(n, -8, 8), *mp = vec_new((size_t)N), *tw = vec_new(n);
+        int32_t *targets = ids_rand(n, 7, 1);
+        float *d_x = dput(&p, x, n), *d_mp = dpoison(&p, (size_t)N), *d_tw = dpoison(&p, n);
+        int32_t *d_y = dput_ids(&p, targets, n);
+        p.rb->row_max_prob(p.rb, mp, x, N, V);
+        p.rb->tsld_weights(p.rb, tw, x, targets, N, V, 0.8f); /* N sequences of V positions */
+        p.cb->row_max_prob(p.cb, d_mp, d_x, N, V);
+        p.cb->tsld_weights(p.cb, d_tw, d_x, d_y, N, V, 0.8f);
+        float *g_mp = dtake(&p, d_mp, (size_t)N), *g_tw = dtake(&p, d_tw, n);
+        assert_close_rows("row_max_prob", g_mp, mp, (size_t)N, 1, TOL_DOUBLE);
+        assert_close_rows("tsld_weights", g_tw, tw, (size_t)N, (size_t)V, TOL_DOUBLE);
+        free(x); free(mp); free(tw); free(targets); free(g_mp); free(g_tw);
+        dfree(&p, d_x); dfree(&p, d_y);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- fake quantization ------------------------------------------------------------------------- */
+
+/* One fake-quantization case: forward (wq, scales, zeros) and backward. */
+static void fq_case(struct pair *p, const float *w, const float *dq, const float *dw0,
+                    int64_t rows, int64_t cols, const qkd__quant_spec *spec, int64_t ng)
+{
+    size_t n = (size_t)(rows * cols);
+    float *q = vec_new(n), *sc = vec_new((size_t)ng), *z = vec_new((size_t)ng);
+    float *dw = vec_copy(dw0, n);
+    float *d_w = dput(p, w, n), *d_dq = dput(p, dq, n), *d_dw = dput(p, dw0, n);
+    float *d_q = dpoison(p, n), *d_sc = dpoison(p, (size_t)ng), *d_z = dpoison(p, (size_t)ng);
+    p->rb->fakequant_forward(p->rb, q, sc, z, w, rows, cols, spec);
+    p->rb->fakequant_backward(p->rb, dw, dq, w, sc, z, rows, cols, spec);
+    p->cb->fakequant_forward(p->cb, d_q, d_sc, d_z, d_w, rows, cols, spec);
+    p->cb->fakequant_backward(p->cb, d_dw, d_dq, d_w, d_sc, d_z, rows, cols, spec);
+    float *g_q = dtake(p, d_q, n), *g_sc = dtake(p, d_sc, (size_t)ng);
+    float *g_z = dtake(p, d_z, (size_t)ng), *g_dw = dtake(p, d_dw, n);
+    char what[96];
+    snprintf(what, sizeof what, "fakequant scheme %d bits %d group %lld clip %g smooth %d",
+             spec->scheme, spec->bits, (long long)spec->group, (double)spec->clip_ratio,
+             spec->continuous);
+    if (spec->continuous) {
+        assert_close_rows(what, g_q, q, (size_t)rows, (size_t)cols, TOL_DOUBLE);
+        assert_close_rows(what, g_dw, dw, (size_t)rows, (size_t)cols, TOL_DOUBLE);
+    } else {
+        assert_same(what, g_q, q, n);
+        assert_same(what, g_dw, dw, n);
+    }
+    assert_same(what, g_sc, sc, (size_t)ng);
+    assert_same(what, g_z, z, (size_t)ng);
+    free(q); free(sc); free(z); free(dw); free(g_q); free(g_sc); free(g_z); free(g_dw);
+    dfree(p, d_w); dfree(p, d_dq);
+}
+
+START_TEST(fakequant_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int schemes[] = {QKD_QUANT_SYM, QKD_QUANT_ASYM, QKD_QUANT_TERNARY};
+    static const int bits[] = {2, 4, 8};
+    static const int64_t groups[] = {7, 32, 96, 480}; /* partial, exact, a row, the tensor */
+    static const float clips[] = {1.0f, 0.8f};
+    const int64_t rows = 5, cols = 96;
+    const size_t n = (size_t)(rows * cols);
+    rng_seed(121);
+    float *w = vec_rand(n, -1, 1), *dq = vec_rand(n, -1, 1), *dw0 = vec_rand(n, -1, 1);
+    for (size_t i = 0; i < n; i += 13)
+        w[i] = (float)(0.125 * (int)(rng_uniform(-8, 8))); /* exact halves of some scales */
+    for (size_t si = 0; si < 3; si++)
+        for (size_t bi = 0; bi < 3; bi++)
+            for (size_t gi = 0; gi < 4; gi++)
+                for (size_t ci = 0; ci < 2; ci++)
+                    for (int smooth = 0; smooth < 2; smooth++) {
+                        /* per tensor: one row of rows * cols values */
+                        int64_t r = groups[gi] == 480 ? 1 : rows, c = (int64_t)n / r;
+                        qkd__quant_spec spec = {.scheme = schemes[si], .bits = bits[bi],
+                                                .group = groups[gi], .clip_ratio = clips[ci],
+                                                .continuous = smooth, .round_T = 8.0f,
+                                                .clamp_T = 12.0f};
+                        fq_case(&p, w, dq, dw0, r, c, &spec, r * ((c + spec.group - 1) / spec.group));
+                    }
+    free(w); free(dq); free(dw0);
+    pair_close(&p);
+}
+END_TEST
+
+/* The format schemes (ggml's grids, run on the host) and their fallbacks:
+ * Q4_K on rows of 256, Q4_K on rows of 64 (Q8_0), Q4_0 on rows of 172 (F16). */
+START_TEST(format_fakequant_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const struct {
+        int scheme;
+        int64_t cols, group;
+    } cases[] = {{QKD_QUANT_Q4_0, 64, 32}, {QKD_QUANT_Q4_1, 96, 32}, {QKD_QUANT_Q8_0, 64, 32},
+                 {QKD_QUANT_Q4_K, 256, 32}, {QKD_QUANT_Q6_K, 256, 16},
+                 {QKD_QUANT_Q4_K, 64, 32},  {QKD_QUANT_Q4_0, 172, 0}};
+    rng_seed(123);
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int64_t rows = 3, cols = cases[k].cols;
+        size_t n = (size_t)(rows * cols);
+        float *w = vec_rand(n, -1, 1), *dq = vec_rand(n, -1, 1), *dw0 = vec_rand(n, -1, 1);
+        qkd__quant_spec spec = {.scheme = cases[k].scheme, .bits = 4, .group = 32,
+                                .clip_ratio = 1.0f};
+        int64_t ng = cases[k].group ? (int64_t)n / cases[k].group : 0; /* F16: no groups */
+        fq_case(&p, w, dq, dw0, rows, cols, &spec, ng);
+        free(w); free(dq); free(dw0);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(quant_rows_equal_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {9, 64}, {5, 1000}};
+    static const int bits[] = {2, 4, 8, 16};
+    rng_seed(131);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (size_t bi = 0; bi < 4; bi++) {
+            int64_t rows = shapes[s][0], cols = shapes[s][1];
+            size_t n = (size_t)(rows * cols);
+            float *x = vec_rand(n, -3, 3), *out = vec_new(n);
+            float *d_x = dput(&p, x, n), *d_out = dpoison(&p, n);
+            p.rb->quant_rows(p.rb, out, x, rows, cols, bits[bi]);
+            p.cb->quant_rows(p.cb, d_out, d_x, rows, cols, bits[bi]);
+            p.cb->quant_rows(p.cb, d_x, d_x, rows, cols, bits[bi]); /* in place */
+            float *got = dtake(&p, d_out, n), *inplace = dtake(&p, d_x, n);
+            assert_same("quant_rows", got, out, n);
+            assert_same("quant_rows in place", inplace, out, n);
+            free(x); free(out); free(got); free(inplace);
+        }
+    pair_close(&p);
+}
+END_TEST
+
+/* ---- the table, errors and the choice of backend ---------------------------------------------- */
+
+START_TEST(table_complete)
+{
+    qkd_context *ctx = cuda_context();
+    if (!ctx)
+        return;
+    /* The table is a run of pointers after its header; none may be NULL. */
+    const qkd__backend *b = ctx->backend;
+    const char *first = (const char *)&b->destroy, *end = (const char *)(b + 1);
+    ck_assert_uint_eq(b->abi, QKD__BACKEND_ABI);
+    for (const char *q = first; q + sizeof(void (*)(void)) <= end; q += sizeof(void (*)(void))) {
+        void (*fn)(void);
+        memcpy(&fn, q, sizeof fn);
+        ck_assert_msg(fn != NULL, "slot at byte %td of the cuda table is empty",
+                      q - (const char *)b);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A failing CUDA call is reported as BACKEND with CUDA's message, and
+ * stays pending: the results after it cannot be trusted. */
+START_TEST(cuda_errors_are_reported)
+{
+    qkd_context *ctx = cuda_context();
+    if (!ctx)
+        return;
+    qkd__backend *b = ctx->backend;
+    void *d = NULL;
+    ck_assert_int_eq(b->alloc(b, 0, &d), QKD_ERR_INVALID_ARG);
+    ck_assert_int_eq(b->alloc(b, (size_t)1 << 62, &d), QKD_ERR_NO_MEMORY);
+    ck_assert_ptr_null(d);
+    expect_ok(ctx, b->alloc(b, 64, &d), "alloc after a refused one");
+    float host[16] = {0};
+    b->free(b, host); /* not device memory: cudaFree's invalid argument */
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "cuda backend: cudaFree"));
+    ck_assert_int_eq(b->sync(b), QKD_ERR_BACKEND);
+    ck_assert_int_eq(b->upload(b, d, host, sizeof host), QKD_ERR_BACKEND);
+    b->free(b, d);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+START_TEST(auto_stays_on_cpu)
+{
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.n_threads = 1;
+    qkd_context *ctx = NULL;
+    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    ck_assert_str_ne(qkd_context_backend_name(ctx), "cuda");
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- a whole model --------------------------------------------------------------------------------
+ * stories260K forward, cross-entropy and backward on B x T random tokens,
+ * then a few decoding steps. */
+
+#define MB 2
+#define MT 45
+#define DECODE_STEPS 12
+
+struct model_run {
+    float *logits, *grads, *decoded;
+    size_t n_logits, n_grads;
+    float loss;
+};
+
+/* Every tensor of m (weights, or gradients when grads) into one array. */
+static float *model_tensors(qkd_model *m, int grads, size_t *n)
+{
+    *n = (size_t)qkd_model_n_params(m);
+    float *all = vec_new(*n);
+    size_t off = 0;
+    for (int t = 0; t < qkd_model_n_tensors(m); t++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(m, t, &info), QKD_OK);
+        ck_assert_uint_le(off + (size_t)info.n_elements, *n);
+        qkd_status st = grads ? qkd_model_grad_get(m, t, all + off, (size_t)info.n_elements)
+                              : qkd_model_tensor_get(m, t, all + off, (size_t)info.n_elements);
+        ck_assert_int_eq(st, QKD_OK);
+        off += (size_t)info.n_elements;
+    }
+    *n = off;
+    return all;
+}
+
+static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
+{
+    qkd_model *m = NULL;
+    expect_ok(ctx, qkd_model_load(ctx, path, &m), "load");
+    qkd_model_config cfg;
+    ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
+    int32_t tokens[MB * MT], targets[MB * MT];
+    rng_seed(91);
+    for (int i = 0; i < MB * MT; i++) {
+        tokens[i] = (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
+        targets[i] = i % 7 == 3 ? -1 : (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
+    }
+    r->n_logits = (size_t)MB * MT * cfg.vocab_size;
+    r->logits = vec_new(r->n_logits);
+    expect_ok(ctx, qkd_model_forward(m, tokens, MB, MT), "forward");
+    expect_ok(ctx, qkd_model_logits(m, r->logits, r->n_logits), "logits");
+    expect_ok(ctx, qkd_model_zero_grad(m), "zero_grad");
+    expect_ok(ctx, qkd_model_cross_entropy(m, targets, 1, &r->loss), "cross_entropy");
+    expect_ok(ctx, qkd_model_backward(m, NULL), "backward");
+    r->grads = model_tensors(m, 1, &r->n_grads);
+    r->decoded = vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
+    for (int pos = 0; pos < DECODE_STEPS; pos++)
+        expect_ok(ctx, qkd_model_decode(m, tokens[pos], pos,
+                                        r->decoded + (size_t)pos * cfg.vocab_size),
+                  "decode");
+    qkd_model_free(m);
+}
+
+START_TEST(model_matches_ref)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path)
+        return;
+    qkd_context *cc = cuda_context();
+    if (!cc)
+        return;
+    qkd_context *rc = test_context(2);
+    struct model_run c, r;
+    model_run(cc, path, &c);
+    model_run(rc, path, &r);
+    ck_assert_uint_eq(c.n_grads, r.n_grads);
+    ck_assert_msg(fabs(c.loss - r.loss) <= 1e-4 * fabs(r.loss), "loss cuda %.9g ref %.9g",
+                  (double)c.loss, (double)r.loss);
+    assert_close_tensor("logits", c.logits, r.logits, c.n_logits, 1e-4);
+    assert_close_tensor("gradients", c.grads, r.grads, c.n_grads, 1e-4);
+    assert_close_tensor("decoded logits", c.decoded, r.decoded, (size_t)DECODE_STEPS * 512, 1e-4);
+    free(c.logits); free(c.grads); free(c.decoded);
+    free(r.logits); free(r.grads); free(r.decoded);
+    qkd_context_free(cc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- 50 KD-QAT steps ----------------------------------------------------------------------------
+ * The step of ../shared/bench/torch_kdqat.py on stories260K: the frozen
+ * teacher's forward, the student's forward with its linear weights
+ * fake-quantized (W4 asymmetric, groups of 32, STE), CAKLD with the
+ * teacher's confidence as beta, the student's backward and an AdamW step,
+ * cycling over KD_BATCHES fixed batches of random tokens. */
+
+#define KD_STEPS 50
+#define KD_BATCHES 5
+
+static void kdqat_curve(qkd_context *ctx, const char *path, float *curve)
+{
+    qkd_model *teacher = NULL, *student = NULL;
+    qkd_quantizer *quant = NULL;
+    qkd_loss *loss = NULL;
+    qkd_optimizer *opt = NULL;
+    expect_ok(ctx, qkd_model_load(ctx, path, &teacher), "load teacher");
+    expect_ok(ctx, qkd_model_load(ctx, path, &student), "load student");
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_ASYM;
+    qp.bits = 4;
+    qp.group_size = 32;
+    qp.estimator = QKD_ESTIMATOR_STE;
+    expect_ok(ctx, qkd_quantizer_create(ctx, &qp, &quant), "quantizer");
+    expect_ok(ctx, qkd_model_set_quantizer(student, quant, QKD_QUANT_TARGET_LINEAR), "bind");
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
+    expect_ok(ctx, qkd_loss_create(ctx, &loss), "loss");
+    expect_ok(ctx, qkd_loss_add(loss, &term), "loss term");
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 2e-3f;
+    expect_ok(ctx, qkd_optimizer_create(student, &op, &opt), "optimizer");
+    int32_t tokens[KD_BATCHES][MB * MT];
+    rng_seed(141);
+    for (int k = 0; k < KD_BATCHES; k++)
+        for (int i = 0; i < MB * MT; i++)
+            tokens[k][i] = (int32_t)(rng_uniform(0, 1) * 512);
+    for (int step = 0; step < KD_STEPS; step++) {
+        const int32_t *x = tokens[step % KD_BATCHES];
+        float beta;
+        expect_ok(ctx, qkd_model_forward(teacher, x, MB, MT), "teacher forward");
+        expect_ok(ctx, qkd_model_forward(student, x, MB, MT), "student forward");
+        expect_ok(ctx, qkd_loss_teacher_confidence(teacher, NULL, &beta), "confidence");
+        expect_ok(ctx, qkd_loss_set_beta(loss, 0, beta), "beta");
+        expect_ok(ctx, qkd_loss_compute(loss, student, teacher, NULL, &curve[step]), "CAKLD");
+        expect_ok(ctx, qkd_model_zero_grad(student), "zero_grad");
+        expect_ok(ctx, qkd_model_backward(student, NULL), "backward");
+        expect_ok(ctx, qkd_optimizer_step(opt, NULL), "optimizer step");
+    }
+    qkd_optimizer_free(opt);
+    qkd_loss_free(loss);
+    qkd_quantizer_free(quant);
+    qkd_model_free(student);
+    qkd_model_free(teacher);
+}
+
+START_TEST(kdqat_curve_follows_ref)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path)
+        return;
+    qkd_context *cc = cuda_context();
+    if (!cc)
+        return;
+    qkd_context *rc = test_context(2);
+    float c[KD_STEPS], r[KD_STEPS];
+    kdqat_curve(cc, path, c);
+    kdqat_curve(rc, path, r);
+    for (int step = 0; step < KD_STEPS; step++) {
+        fprintf(stderr, "kdqat step %2d: cuda %.7g ref %.7g\n", step, (double)c[step],
+                (double)r[step]);
+        ck_assert_msg(fabs(c[step] - r[step]) <= 1e-3 * fabs(r[step]),
+                      "step %d: loss cuda %.9g ref %.9g", step, (double)c[step], (double)r[step]);
+    }
+    /* the curve is a training curve: the last pass over the batches is lower */
+    ck_assert_msg(r[KD_STEPS - KD_BATCHES] < r[0], "the reference did not learn: %g -> %g",
+                  (double)r[0], (double)r[KD_STEPS - KD_BATCHES]);
+    qkd_context_free(cc);
+    qkd_context_free(rc);
+}
+END_TEST
+
+/* ---- the suite --------------------------------------------------------------------------------- */
+
+Suite *suite_backend_cuda(void)
+{
+    Suite *s = suite_create("backend_cuda");
+    TCase *tc = tcase_create("kernels");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, elementwise_equal_ref);
+    tcase_add_test(tc, sums_match_ref);
+    tcase_add_test(tc, optimizers_equal_ref);
+    tcase_add_test(tc, matmul_matches_ref);
+    tcase_add_test(tc, embedding_equals_ref);
+    tcase_add_test(tc, rmsnorm_matches_ref);
+    tcase_add_test(tc, rope_matches_ref);
+    tcase_add_test(tc, attention_matches_ref);
+    tcase_add_test(tc, swiglu_matches_ref);
+    tcase_add_test(tc, softmax_family_matches_ref);
+    tcase_add_test(tc, cross_entropy_matches_ref);
+    tcase_add_test(tc, kd_loss_matches_ref);
+    tcase_add_test(tc, tsld_and_max_prob_match_ref);
+    tcase_add_test(tc, fakequant_matches_ref);
+    tcase_add_test(tc, format_fakequant_matches_ref);
+    tcase_add_test(tc, quant_rows_equal_ref);
+    tcase_add_test(tc, table_complete);
+    tcase_add_test(tc, cuda_errors_are_reported);
+    tcase_add_test(tc, auto_stays_on_cpu);
+    suite_add_tcase(s, tc);
+
+    TCase *model = tcase_create("model");
+    tcase_set_timeout(model, 600);
+    tcase_add_test(model, model_matches_ref);
+    tcase_add_test(model, kdqat_curve_follows_ref);
+    suite_add_tcase(s, model);
+    return s;
+}
+
+#else /* no CUDA backend in this build */
+
+START_TEST(cuda_not_built)
+{
+    fprintf(stderr, "SKIP (backend_cuda): the CUDA backend is not built into this libqkd; "
+                    "its kernels were not tested\n");
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.backend = QKD_BACKEND_CUDA;
+    qkd_context *ctx = NULL;
+    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(ctx);
+}
+END_TEST
+
+Suite *suite_backend_cuda(void)
+{
+    Suite *s = suite_create("backend_cuda");
+    TCase *tc = tcase_create("not_built");
+    tcase_add_test(tc, cuda_not_built);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+#endif
