@@ -10,8 +10,9 @@
  * Tolerances, by how a kernel computes:
  *   - bit-identical (memcmp): kernels that compute in double with only
  *     correctly rounded operations, in the reference's order (fill, copy,
- *     add, axpy, scale, embedding, AdamW, SGD, hard fake quantization,
- *     quant_rows, the format schemes, which run the reference on the host);
+ *     add, axpy, scale, embedding, AdamW, SGD, hard fake quantization with
+ *     computed or learned scales, quant_rows, the format schemes, which
+ *     run the reference on the host);
  *   - TOL_DOUBLE = 1e-6 of the row's largest magnitude: kernels in double
  *     that sum in another order or call the device's exp, tanh, pow (RMSNorm,
  *     RoPE, SwiGLU, the softmax family, cross-entropy, kd_loss, TSLD
@@ -775,6 +776,41 @@ static void fq_case(struct pair *p, const float *w, const float *dq, const float
     dfree(p, d_w); dfree(p, d_dq);
 }
 
+/* The learned-scale (LSQ) kernels on the same groups: scales small enough
+ * that some codes clamp, zero points (ASYM) off the grid. */
+static void lsq_case(struct pair *p, const float *w, const float *dq, const float *dw0,
+                     int64_t rows, int64_t cols, const qkd__quant_spec *spec, int64_t ng)
+{
+    size_t n = (size_t)(rows * cols), g = (size_t)ng;
+    int asym = spec->scheme == QKD_QUANT_ASYM;
+    float *sc = vec_rand(g, 0.01, 0.2), *z = vec_rand(g, -1, 1 << spec->bits);
+    float *dsc = vec_rand(g, -1, 1), *dz = vec_rand(g, -1, 1);
+    float *q = vec_new(n), *dw = vec_copy(dw0, n);
+    float *d_w = dput(p, w, n), *d_dq = dput(p, dq, n), *d_sc = dput(p, sc, g);
+    float *d_z = dput(p, z, g), *d_dsc = dput(p, dsc, g), *d_dz = dput(p, dz, g);
+    float *d_q = dpoison(p, n), *d_dw = dput(p, dw0, n);
+    p->rb->fakequant_lsq_forward(p->rb, q, w, sc, asym ? z : NULL, rows, cols, spec);
+    p->rb->fakequant_lsq_backward(p->rb, dw, dsc, asym ? dz : NULL, dq, w, sc,
+                                  asym ? z : NULL, rows, cols, spec);
+    p->cb->fakequant_lsq_forward(p->cb, d_q, d_w, d_sc, asym ? d_z : NULL, rows, cols, spec);
+    p->cb->fakequant_lsq_backward(p->cb, d_dw, d_dsc, asym ? d_dz : NULL, d_dq, d_w, d_sc,
+                                  asym ? d_z : NULL, rows, cols, spec);
+    float *g_q = dtake(p, d_q, n), *g_dw = dtake(p, d_dw, n);
+    float *g_dsc = dtake(p, d_dsc, g), *g_dz = dtake(p, d_dz, g);
+    char what[96];
+    snprintf(what, sizeof what, "lsq scheme %d bits %d group %lld clip %g smooth %d",
+             spec->scheme, spec->bits, (long long)spec->group, (double)spec->clip_ratio,
+             spec->continuous);
+    double tol = spec->continuous ? TOL_DOUBLE : 0.0; /* hard rounding: identical */
+    assert_close_rows(what, g_q, q, (size_t)rows, (size_t)cols, tol);
+    assert_close_rows(what, g_dw, dw, (size_t)rows, (size_t)cols, tol);
+    assert_close_rows(what, g_dsc, dsc, 1, g, tol);
+    assert_close_rows(what, g_dz, dz, 1, g, tol);
+    free(sc); free(z); free(dsc); free(dz); free(q); free(dw);
+    free(g_q); free(g_dw); free(g_dsc); free(g_dz);
+    dfree(p, d_w); dfree(p, d_dq); dfree(p, d_sc); dfree(p, d_z);
+}
+
 START_TEST(fakequant_matches_ref)
 {
     struct pair p;
@@ -801,7 +837,9 @@ START_TEST(fakequant_matches_ref)
                                                 .group = groups[gi], .clip_ratio = clips[ci],
                                                 .continuous = smooth, .round_T = 8.0f,
                                                 .clamp_T = 12.0f};
-                        fq_case(&p, w, dq, dw0, r, c, &spec, r * ((c + spec.group - 1) / spec.group));
+                        int64_t ng = r * ((c + spec.group - 1) / spec.group);
+                        fq_case(&p, w, dq, dw0, r, c, &spec, ng);
+                        lsq_case(&p, w, dq, dw0, r, c, &spec, ng);
                     }
     free(w); free(dq); free(dw0);
     pair_close(&p);
@@ -1036,7 +1074,7 @@ static void kdqat_curve(qkd_context *ctx, const char *path, float *curve)
     expect_ok(ctx, qkd_loss_add(loss, &term), "loss term");
     qkd_optim_params op;
     qkd_optim_params_init(&op);
-    op.lr = 2e-3f;
+    op.lr = 1e-4f;
     expect_ok(ctx, qkd_optimizer_create(student, &op, &opt), "optimizer");
     int32_t tokens[KD_BATCHES][MB * MT];
     rng_seed(141);

@@ -4,6 +4,7 @@
  * skipped non-finite steps, the state's layout and round trip, allocation
  * and errors. Gradients come from the model's own backward pass. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,10 +12,12 @@
 
 #include "backend/backend.h"
 #include "model/model.h"
+#include "qkd/loss.h"
+#include "qkd/quant.h"
 
 /* ---- fixtures -------------------------------------------------------------- */
 
-enum { TB = 2, TT = 6, TV = 11, MAXT = 32 };
+enum { TB = 2, TT = 6, TV = 11, MAXT = 64 };
 
 static qkd_model_config tiny_config(int tied, int dim)
 {
@@ -562,23 +565,43 @@ static int ends_with(const char *s, const char *tail)
     return a >= b && strcmp(s + a - b, tail) == 0;
 }
 
-/* Which tensors a preset must freeze, decided from the GGUF names. */
+/* Which tensors a preset must freeze, decided from the GGUF names (the
+ * learned quantizer tensors end in .scale and .zero). */
 static int named_frozen(const char *name, unsigned presets)
 {
     int ov = ends_with(name, ".attn_v.weight") || ends_with(name, ".attn_output.weight");
     int embed_norm = strcmp(name, "token_embd.weight") == 0 ||
                      strcmp(name, "output.weight") == 0 || ends_with(name, "_norm.weight");
     return ((presets & QKD_PRESET_OV_FREEZE) && ov) ||
-           ((presets & QKD_PRESET_FREEZE_EMBED_NORM) && embed_norm);
+           ((presets & QKD_PRESET_FREEZE_EMBED_NORM) && embed_norm) ||
+           ((presets & QKD_PRESET_SCALES_ONLY) && !ends_with(name, ".scale"));
 }
 
-/* _i: bit 0 tied, bits 1-2 the presets (1..3). */
+/* Bind an ASYM quantizer with learned scales and zero points to every
+ * linear of m: the table gains a .scale and a .zero per linear. */
+static qkd_quantizer *bind_learned(qkd_context *ctx, qkd_model *m, int bits, int group)
+{
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.bits = bits;
+    qp.group_size = group;
+    qp.learn_scales = 1;
+    qkd_quantizer *q = NULL;
+    ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
+    ck_assert_int_le(qkd_model_n_tensors(m), MAXT);
+    return q;
+}
+
+/* _i: bit 0 tied, bits 1-3 the presets (1..7), on a student whose linears
+ * learn their scales and zero points. */
 START_TEST(test_presets)
 {
     const int tied = _i & 1;
     const unsigned presets = (unsigned)(_i >> 1) + 1;
     qkd_context *ctx = test_context(1);
     qkd_model *m = tiny_model(ctx, tied, 9);
+    qkd_quantizer *q = bind_learned(ctx, m, 4, 4);
     make_grads(m, 19);
     qkd_optim_params p = base_params(QKD_OPTIM_SGD);
     qkd_optimizer *opt = make_opt(m, &p);
@@ -596,15 +619,108 @@ START_TEST(test_presets)
                       info.name, want ? "changed" : "did not train");
     }
     /* per layer: v and o; plus token_embd, output (untied), 2 norms a layer
-     * and output_norm */
+     * and output_norm; scales-only: all but a scale per linear */
     int n_layers = 2;
-    int want_n = ((presets & 1) ? 2 * n_layers : 0) +
-                 ((presets & 2) ? 1 + !tied + 2 * n_layers + 1 : 0);
+    int want_n = (presets & 4) ? w0.n - 7 * n_layers
+                               : ((presets & 1) ? 2 * n_layers : 0) +
+                                     ((presets & 2) ? 1 + !tied + 2 * n_layers + 1 : 0);
     ck_assert_int_eq(n_frozen, want_n);
     snap_free(&w1);
     snap_free(&w0);
     qkd_optimizer_free(opt);
     qkd_model_free(m);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* Scales-only distillation of a 2-bit student from its float teacher
+ * (AdamW, forward KL): a few steps lower the loss and change nothing but
+ * the scale tensors (the weights and the zero points stay bit for bit). */
+START_TEST(test_scales_only_training)
+{
+    qkd_context *ctx = test_context(1);
+    qkd_model *teacher = tiny_model(ctx, 1, 31), *student = tiny_model(ctx, 1, 31);
+    qkd_quantizer *q = bind_learned(ctx, student, atoi(getenv("BITS")), atoi(getenv("GR")));
+    qkd_loss *loss = NULL;
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_FKL);
+    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
+    ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
+    qkd_optim_params p = base_params(QKD_OPTIM_ADAMW);
+    p.lr = getenv("LR") ? (float)atof(getenv("LR")) : 3e-3f;
+    qkd_optimizer *opt = make_opt(student, &p);
+    ck_assert_int_eq(qkd_optimizer_apply_preset(opt, QKD_PRESET_SCALES_ONLY), QKD_OK);
+    int32_t tokens[TB * TT];
+    uint64_t seed = 32;
+    for (int i = 0; i < TB * TT; i++)
+        tokens[i] = (int32_t)(lcg_next(&seed) % TV);
+    ck_assert_int_eq(qkd_model_forward(teacher, tokens, TB, TT), QKD_OK);
+    snap w0 = snap_take(student, 0);
+    float first = 0.0f, last = 0.0f;
+    for (int step = 0; step < 30; step++) {
+        ck_assert_int_eq(qkd_model_zero_grad(student), QKD_OK);
+        ck_assert_int_eq(qkd_model_forward(student, tokens, TB, TT), QKD_OK);
+        ck_assert_int_eq(qkd_loss_compute(loss, student, teacher, NULL, &last), QKD_OK);
+        ck_assert_int_eq(qkd_model_backward(student, NULL), QKD_OK);
+        do_step(opt);
+        fprintf(stderr, "step %d loss %g\n", step, (double)last);
+        first = step == 0 ? last : first;
+    }
+    ck_assert_msg(last < 0.8f * first, "KL %g after 30 steps, %g at the start", (double)last,
+                  (double)first);
+    snap w1 = snap_take(student, 0);
+    int n_scales = 0;
+    for (int i = 0; i < w0.n; i++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(student, i, &info), QKD_OK);
+        const int is_scale = info.kind == QKD_TENSOR_QUANT_SCALE;
+        n_scales += is_scale;
+        ck_assert_msg(tensor_equal(&w0, &w1, i) == !is_scale, "%s %s", info.name,
+                      is_scale ? "did not train" : "changed");
+    }
+    ck_assert_int_eq(n_scales, 14);
+    snap_free(&w1);
+    snap_free(&w0);
+    qkd_optimizer_free(opt);
+    qkd_loss_free(loss);
+    qkd_model_free(teacher);
+    qkd_model_free(student);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* An optimizer holds the table of its creation: binding or unbinding a
+ * quantizer with learned scales afterwards makes its step fail with STATE
+ * and change nothing; scales-only needs learned scales; one created after
+ * binding keeps moments for the scales too. */
+START_TEST(test_table_changes)
+{
+    qkd_context *ctx = test_context(1);
+    qkd_model *m = tiny_model(ctx, 0, 33);
+    qkd_optim_params p = base_params(QKD_OPTIM_ADAMW);
+    qkd_optimizer *before = make_opt(m, &p);
+    ck_assert_int_eq(qkd_optimizer_apply_preset(before, QKD_PRESET_SCALES_ONLY), QKD_ERR_STATE);
+    const size_t bytes_before = qkd_optimizer_state_bytes(before);
+    qkd_quantizer *q = bind_learned(ctx, m, 3, 8);
+    make_grads(m, 34);
+    snap w0 = snap_take(m, 0);
+    ck_assert_int_eq(qkd_optimizer_step(before, NULL), QKD_ERR_STATE);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "learn_scales"));
+    qkd_optimizer *after = make_opt(m, &p);
+    ck_assert_uint_gt(qkd_optimizer_state_bytes(after), bytes_before);
+    do_step(after);
+    snap w1 = snap_take(m, 0);
+    ck_assert(!snap_equal(&w0, &w1));
+    ck_assert_int_eq(qkd_model_set_quantizer(m, NULL, 0), QKD_OK);
+    ck_assert_int_eq(qkd_optimizer_step(after, NULL), QKD_ERR_STATE);
+    snap_free(&w1);
+    snap_free(&w0);
+    qkd_optimizer_free(before);
+    qkd_optimizer_free(after);
+    qkd_model_free(m);
+    qkd_quantizer_free(q);
     qkd_context_free(ctx);
 }
 END_TEST
@@ -1064,7 +1180,9 @@ Suite *suite_optim(void)
     tcase_add_test(tc, test_warmup_moves_weights);
     tcase_add_loop_test(tc, test_clipping, 0, 2);
     tcase_add_test(tc, test_groups);
-    tcase_add_loop_test(tc, test_presets, 0, 6);
+    tcase_add_loop_test(tc, test_presets, 0, 14);
+    tcase_add_test(tc, test_scales_only_training);
+    tcase_add_test(tc, test_table_changes);
     tcase_add_loop_test(tc, test_non_finite_skips, 0, 2);
     suite_add_tcase(s, tc);
 

@@ -866,7 +866,7 @@ START_TEST(test_lsq_gradients_match_finite_differences)
         lsq_params(be, &spec, w, sc, zr);
         int quiet = 0;
         for (int64_t i = 0; i < LN; i++) {
-            double u = w[i] / sc[group_of_elem(i)];
+            double u = (double)w[i] / sc[group_of_elem(i)];
             int near = !spec.continuous && fabs(u - floor(u) - 0.5) < 0.05;
             dqc[i] = near ? 0.0f : dq[i];
             quiet += near;
@@ -1449,6 +1449,7 @@ static void count_free(void *user, void *ptr)
     free(ptr);
 }
 
+/* _i: learn_scales. */
 START_TEST(test_student_step_allocates_nothing)
 {
     counting cnt = {0};
@@ -1469,6 +1470,7 @@ START_TEST(test_student_step_allocates_nothing)
     p.estimator = QKD_ESTIMATOR_CONTINUOUS;
     p.act_bits = 8;
     p.kv_bits = 4;
+    p.learn_scales = _i;
     qkd_quantizer *q = make_quantizer(ctx, &p);
     bind(m, q, QKD_QUANT_TARGET_LINEAR | QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT));
     train_step(m, tokens, targets);
@@ -1504,11 +1506,13 @@ static void *failing_alloc(void *user, size_t size)
     return malloc(size);
 }
 
-static qkd_status student_life(qkd_context *ctx, qkd_model *m, const int32_t *tokens)
+static qkd_status student_life(qkd_context *ctx, qkd_model *m, const int32_t *tokens,
+                               int learn_scales)
 {
     qkd_quant_params p = params(QKD_QUANT_SYM, 3, 16);
     p.clip = QKD_CLIP_SEARCH_OUTPUT;
     p.act_bits = 8;
+    p.learn_scales = learn_scales;
     qkd_quantizer *q = NULL;
     float w[64], wq[64];
     for (int i = 0; i < 64; i++)
@@ -1527,6 +1531,7 @@ static qkd_status student_life(qkd_context *ctx, qkd_model *m, const int32_t *to
     return st;
 }
 
+/* _i: learn_scales (binding then grows the model's buffers). */
 START_TEST(test_allocation_failures)
 {
     failing f = {-1};
@@ -1546,7 +1551,7 @@ START_TEST(test_allocation_failures)
     long budget = 0;
     for (; st != QKD_OK; budget++) {
         f.left = budget;
-        st = student_life(ctx, m, tokens);
+        st = student_life(ctx, m, tokens, _i);
         f.left = -1;
         ck_assert_msg(st == QKD_OK || st == QKD_ERR_NO_MEMORY, "budget %ld: %s (%s)", budget,
                       qkd_status_name(st), qkd_context_last_error(ctx));
@@ -1718,7 +1723,7 @@ START_TEST(test_learned_scale_gradients_in_student)
         double *want_z = calloc((size_t)tensor_len(m, is), sizeof *want_z);
         for (int64_t k = 0; k < wi.n_elements; k++) {
             const int64_t g = (k / cols) * per_row + (k % cols) / 16;
-            double u = w[k] / s[g], kk = round(u) + z[g]; /* the zeros stay integers */
+            double u = (double)w[k] / s[g], kk = round(u) + z[g]; /* z stays an integer */
             int inside = kk >= 0.0 && kk <= 15.0;
             masked += !inside;
             ck_assert_float_eq(dw[k], inside ? dwq[k] : 0.0f);
@@ -1859,6 +1864,12 @@ static void bad_scheme(qkd_quant_params *p) { p->scheme = (qkd_quant_scheme)99; 
 static void bad_clip(qkd_quant_params *p) { p->clip = (qkd_clip_mode)9; }
 static void bad_estimator(qkd_quant_params *p) { p->estimator = (qkd_estimator)3; }
 static void bad_size(qkd_quant_params *p) { p->size = 8; }
+static void bad_learn(qkd_quant_params *p) { p->learn_scales = 2; }
+static void learn_format(qkd_quant_params *p)
+{
+    p->scheme = QKD_QUANT_Q4_0;
+    p->learn_scales = 1;
+}
 
 START_TEST(test_bad_params_targets_and_state)
 {
@@ -1875,6 +1886,8 @@ START_TEST(test_bad_params_targets_and_state)
     expect_error(ctx, create_with(ctx, bad_clip), QKD_ERR_INVALID_ARG, "clip mode");
     expect_error(ctx, create_with(ctx, bad_estimator), QKD_ERR_INVALID_ARG, "estimator");
     expect_error(ctx, create_with(ctx, bad_size), QKD_ERR_INVALID_ARG, "size");
+    expect_error(ctx, create_with(ctx, bad_learn), QKD_ERR_INVALID_ARG, "learn_scales 2");
+    expect_error(ctx, create_with(ctx, learn_format), QKD_ERR_INVALID_ARG, "cannot learn");
     qkd_quant_params p = params(QKD_QUANT_TERNARY, 5, 32); /* bits ignored for TERNARY */
     qkd_quantizer *q = make_quantizer(ctx, &p);
     qkd_quantizer_free(q);
@@ -2012,8 +2025,8 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_calibrate_search_weight);
     tcase_add_test(tc, test_calibrate_search_output);
     tcase_add_test(tc, test_activation_and_kv_quantization);
-    tcase_add_test(tc, test_student_step_allocates_nothing);
-    tcase_add_test(tc, test_allocation_failures);
+    tcase_add_loop_test(tc, test_student_step_allocates_nothing, 0, 2);
+    tcase_add_loop_test(tc, test_allocation_failures, 0, 2);
     tcase_add_test(tc, test_bad_params_targets_and_state);
     tcase_add_test(tc, test_stories260k_students);
     tcase_add_test(tc, test_learned_scales_table_and_init);

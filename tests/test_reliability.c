@@ -106,10 +106,13 @@ typedef struct kd_opts {
     void *user;
 } kd_opts;
 
-static qkd_status tiny_model(qkd_context *ctx, int dim, int vocab, uint64_t seed, qkd_model **out)
+/* A random one-layer model; tied: the output head is token_embd. */
+static qkd_status tiny_model_tied(qkd_context *ctx, int dim, int vocab, uint64_t seed, int tied,
+                                  qkd_model **out)
 {
     qkd_model_config cfg;
     qkd_model_config_init(&cfg);
+    cfg.tied_embeddings = tied;
     cfg.dim = dim;
     cfg.hidden_dim = dim + dim / 2;
     cfg.n_layers = 1;
@@ -123,6 +126,11 @@ static qkd_status tiny_model(qkd_context *ctx, int dim, int vocab, uint64_t seed
         *out = NULL;
     }
     return st;
+}
+
+static qkd_status tiny_model(qkd_context *ctx, int dim, int vocab, uint64_t seed, qkd_model **out)
+{
+    return tiny_model_tied(ctx, dim, vocab, seed, 1, out);
 }
 
 /* N_TOKENS pseudo-random ids below VOCAB (a fixed LCG). */
@@ -208,7 +216,8 @@ static qkd_status kd_open(kd *r, qkd_context *ctx, const kd_opts *o)
     r->ctx = ctx;
     int32_t ids[N_TOKENS];
     random_ids(ids, N_TOKENS, VOCAB);
-    qkd_status st = tiny_model(ctx, 16, VOCAB, 1, &r->teacher);
+    /* An untied teacher: a NaN embedding row then poisons only its inputs. */
+    qkd_status st = tiny_model_tied(ctx, 16, VOCAB, 1, 0, &r->teacher);
     if (st == QKD_OK)
         st = tiny_model(ctx, 16, VOCAB, o->seed, &r->student);
     if (st == QKD_OK)
@@ -504,6 +513,763 @@ START_TEST(failed_step_leaves_the_run_usable)
 }
 END_TEST
 
+/* ---- checkpoints, export and the data layer under failing allocations ---------- */
+
+typedef struct save_arg {
+    kd *r;
+    char path[600], tmp[610];
+    unsigned char *good; /* the file a clean save wrote */
+    size_t n_good;
+} save_arg;
+
+static void save_arg_paths(save_arg *a, const char *name)
+{
+    snprintf(a->path, sizeof a->path, "%s/%s", test_tmpdir(), name);
+    snprintf(a->tmp, sizeof a->tmp, "%s.tmp", a->path);
+}
+
+/* After a failed save: the earlier file untouched, no temporary left. */
+static void save_left_file_alone(void *p)
+{
+    save_arg *a = p;
+    assert_file_is(a->path, a->good, a->n_good, "a failed save");
+    ck_assert_msg(!exists(a->tmp), "%s left behind", a->tmp);
+}
+
+static qkd_status save_checkpoint(void *p)
+{
+    save_arg *a = p;
+    return qkd_distill_save(a->r->run, a->path);
+}
+
+/* The weights, optimizer state and step of a run. */
+typedef struct snapshot {
+    float *w;
+    size_t n_w;
+    unsigned char *state;
+    size_t n_state;
+    int64_t step;
+} snapshot;
+
+static snapshot take_snapshot(const kd *r)
+{
+    snapshot s = {.step = qkd_distill_step(r->run)};
+    s.w = all_weights(r->student, &s.n_w);
+    s.state = opt_state(r->opt, &s.n_state);
+    return s;
+}
+
+static void assert_unchanged(const kd *r, const snapshot *was, const char *what)
+{
+    snapshot now = take_snapshot(r);
+    ck_assert_msg(now.n_w == was->n_w && memcmp(now.w, was->w, now.n_w * sizeof *now.w) == 0,
+                  "%s changed the weights", what);
+    ck_assert_msg(now.n_state == was->n_state && memcmp(now.state, was->state, now.n_state) == 0,
+                  "%s changed the optimizer", what);
+    ck_assert_msg(now.step == was->step, "%s changed the step", what);
+    free(now.w);
+    free(now.state);
+}
+
+START_TEST(fail_each_allocation_of_checkpoint_save_and_resume)
+{
+    counter c;
+    qkd_context *ctx = counting_context(&c);
+    kd_opts o = opts(6);
+    kd a, b;
+    kd_open_ok(&a, ctx, &o);
+    ck_assert_int_eq(qkd_distill_run(a.run, 3), QKD_OK);
+    save_arg sa = {.r = &a};
+    save_arg_paths(&sa, "run.qkdc");
+    ck_assert_int_eq(qkd_distill_save(a.run, sa.path), QKD_OK);
+    sa.good = test_read_file(sa.path, &sa.n_good);
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_distill_save", save_checkpoint, save_left_file_alone,
+                               &sa),
+                     0);
+    save_left_file_alone(&sa); /* the successful save wrote the same bytes */
+
+    /* b holds a history as long as the checkpoint's, and has moved on. */
+    kd_open_ok(&b, ctx, &o);
+    ck_assert_int_eq(qkd_distill_resume(b.run, sa.path), QKD_OK);
+    ck_assert_int_eq(qkd_distill_run(b.run, 1), QKD_OK);
+    snapshot before = take_snapshot(&b);
+    for (long k = 0;; k++) {
+        const long live = c.live;
+        fail_in(&c, k);
+        qkd_status st = qkd_distill_resume(b.run, sa.path);
+        disarm(&c);
+        if (!c.failed) {
+            ck_assert_msg(st == QKD_OK, "resume: %s", qkd_context_last_error(ctx));
+            break;
+        }
+        ck_assert_msg(st == QKD_ERR_NO_MEMORY, "resume, allocation %ld: %s (%s)", k,
+                      qkd_status_name(st), qkd_context_last_error(ctx));
+        ck_assert_msg(c.live == live, "resume, allocation %ld: leaked %ld", k, c.live - live);
+        assert_unchanged(&b, &before, "a failed resume");
+    }
+    /* The retried resume continues the run exactly. */
+    ck_assert_int_eq(qkd_distill_step(b.run), 3);
+    ck_assert_int_eq(qkd_distill_run(a.run, 0), QKD_OK);
+    ck_assert_int_eq(qkd_distill_run(b.run, 0), QKD_OK);
+    assert_same_weights(a.student, b.student, "resumed after failures");
+    free(before.w);
+    free(before.state);
+    free(sa.good);
+    kd_close(&a);
+    kd_close(&b);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+typedef struct export_arg {
+    qkd_model *model;
+    const qkd_gguf_params *gguf;
+    save_arg save;
+    char dir[600];
+} export_arg;
+
+static qkd_status export_gguf(void *p)
+{
+    export_arg *a = p;
+    return qkd_model_save_gguf(a->model, a->save.path, a->gguf);
+}
+
+static void gguf_left_alone(void *p)
+{
+    save_left_file_alone(&((export_arg *)p)->save);
+}
+
+static qkd_status export_safetensors(void *p)
+{
+    export_arg *a = p;
+    return qkd_model_save_safetensors(a->model, a->dir, NULL);
+}
+
+/* The folder holds no "*.tmp" file. */
+static void no_temporaries(void *p)
+{
+    export_arg *a = p;
+    DIR *d = opendir(a->dir);
+    ck_assert_ptr_nonnull(d);
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t n = strlen(e->d_name);
+        ck_assert_msg(n < 4 || strcmp(e->d_name + n - 4, ".tmp") != 0, "%s/%s left behind",
+                      a->dir, e->d_name);
+    }
+    closedir(d);
+}
+
+START_TEST(fail_each_allocation_of_export)
+{
+    counter c;
+    qkd_context *ctx = counting_context(&c);
+    qkd_model *m = NULL;
+    qkd_quantizer *q = NULL;
+    qkd_tokenizer *tok = NULL;
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_Q4_0;
+    ck_assert_int_eq(tiny_model(ctx, 32, QKD_BYTE_VOCAB_SIZE, 5, &m), QKD_OK);
+    ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
+    ck_assert_int_eq(qkd_tokenizer_create_bytes(ctx, &tok), QKD_OK);
+    qkd_gguf_params gp;
+    qkd_gguf_params_init(&gp);
+    gp.tokenizer = tok;
+    export_arg a = {.model = m, .gguf = &gp};
+    save_arg_paths(&a.save, "student.gguf");
+    ck_assert_int_eq(qkd_model_save_gguf(m, a.save.path, &gp), QKD_OK);
+    a.save.good = test_read_file(a.save.path, &a.save.n_good);
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_model_save_gguf", export_gguf, gguf_left_alone, &a),
+                     0);
+    gguf_left_alone(&a);
+
+    snprintf(a.dir, sizeof a.dir, "%s/hf", test_tmpdir());
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_model_save_safetensors", export_safetensors,
+                               no_temporaries, &a),
+                     0);
+    qkd_model *back = NULL;
+    ck_assert_int_eq(qkd_model_load(ctx, a.dir, &back), QKD_OK);
+    qkd_model_free(back);
+    free(a.save.good);
+    qkd_tokenizer_free(tok);
+    qkd_model_free(m);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+typedef struct data_arg {
+    qkd_context *ctx;
+    const qkd_tokenizer *tok;
+    char text[4096];
+    const qkd_tokenizer *bytes;
+    save_arg save;
+    qkd_dataset *ds;
+} data_arg;
+
+static qkd_status data_from_text(void *p)
+{
+    data_arg *a = p;
+    qkd_dataset *ds = NULL;
+    qkd_status st = qkd_dataset_from_text(a->ctx, a->tok, a->text, &ds);
+    qkd_dataset_free(ds);
+    return st;
+}
+
+static qkd_status data_load(void *p)
+{
+    data_arg *a = p;
+    qkd_dataset *ds = NULL;
+    qkd_status st = qkd_dataset_load(a->ctx, a->save.path, &ds);
+    qkd_dataset_free(ds);
+    return st;
+}
+
+static qkd_status data_save(void *p)
+{
+    data_arg *a = p;
+    return qkd_dataset_save(a->ds, a->save.path);
+}
+
+static void data_left_alone(void *p)
+{
+    save_left_file_alone(&((data_arg *)p)->save);
+}
+
+/* A fresh teacher writes two sequences: its decode cache is part of the
+ * job. */
+static qkd_status data_generate(void *p)
+{
+    data_arg *a = p;
+    qkd_datafree_params dp;
+    qkd_datafree_params_init(&dp);
+    dp.n_sequences = 2;
+    dp.seq_len = 8;
+    qkd_model *teacher = NULL;
+    qkd_dataset *ds = NULL;
+    qkd_status st = tiny_model(a->ctx, 16, QKD_BYTE_VOCAB_SIZE, 9, &teacher);
+    if (st == QKD_OK)
+        st = qkd_dataset_generate(a->ctx, teacher, a->bytes, &dp, &ds);
+    qkd_dataset_free(ds);
+    qkd_model_free(teacher);
+    return st;
+}
+
+START_TEST(fail_each_allocation_of_the_data_layer)
+{
+    const char *tok_path = test_shared(TOK512);
+    if (!tok_path)
+        return;
+    counter c;
+    qkd_context *ctx = counting_context(&c);
+    qkd_tokenizer *tok = NULL, *bytes = NULL;
+    ck_assert_int_eq(qkd_tokenizer_load(ctx, tok_path, &tok), QKD_OK);
+    data_arg a = {.ctx = ctx, .tok = tok};
+    const char *text = test_shared(SMALL_TEXT);
+    if (!text)
+        return;
+    snprintf(a.text, sizeof a.text, "%s", text);
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_dataset_from_text", data_from_text, NULL, &a), 1);
+
+    ck_assert_int_eq(qkd_dataset_from_text(ctx, tok, a.text, &a.ds), QKD_OK);
+    save_arg_paths(&a.save, "tokens.qkdt");
+    ck_assert_int_eq(qkd_dataset_save(a.ds, a.save.path), QKD_OK);
+    a.save.good = test_read_file(a.save.path, &a.save.n_good);
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_dataset_save", data_save, data_left_alone, &a), 0);
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_dataset_load", data_load, NULL, &a), 1);
+
+    ck_assert_int_eq(qkd_tokenizer_create_bytes(ctx, &bytes), QKD_OK);
+    a.bytes = bytes;
+    ck_assert_int_gt(fail_each(&c, ctx, "qkd_dataset_generate", data_generate, NULL, &a), 1);
+    free(a.save.good);
+    qkd_dataset_free(a.ds);
+    qkd_tokenizer_free(bytes);
+    qkd_tokenizer_free(tok);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- non-finite numbers ------------------------------------------------------------ */
+
+enum { MAX_STEPS = 64 };
+
+/* What the callback saw, step by step. */
+typedef struct step_trace {
+    const kd *r;
+    int n;
+    int skipped[MAX_STEPS + 1];
+    float loss[MAX_STEPS + 1], grad_norm[MAX_STEPS + 1];
+    int64_t n_skipped[MAX_STEPS + 1], streak[MAX_STEPS + 1];
+    uint64_t weights[MAX_STEPS + 1]; /* FNV-1a of the student's weights after the step */
+} step_trace;
+
+static uint64_t weights_hash(const qkd_model *m)
+{
+    size_t n;
+    float *w = all_weights(m, &n);
+    uint64_t h = UINT64_C(0xcbf29ce484222325);
+    const unsigned char *b = (const unsigned char *)w;
+    for (size_t i = 0; i < n * sizeof *w; i++)
+        h = (h ^ b[i]) * UINT64_C(0x100000001b3);
+    free(w);
+    return h;
+}
+
+static int trace_step(void *user, const qkd_distill_stats *st)
+{
+    step_trace *t = user;
+    const int64_t s = st->step;
+    ck_assert(s >= 1 && s <= MAX_STEPS);
+    t->n = (int)s;
+    t->skipped[s] = st->skipped;
+    t->loss[s] = st->loss;
+    t->grad_norm[s] = st->grad_norm;
+    t->n_skipped[s] = st->n_skipped;
+    t->streak[s] = st->bad_streak;
+    t->weights[s] = weights_hash(t->r->student);
+    ck_assert(st->skipped ? st->lr == 0.0f : st->lr >= 0.0f && isfinite(st->lr));
+    return 0;
+}
+
+static kd_opts traced(int total, int max_bad, step_trace *t)
+{
+    kd_opts o = opts(total);
+    o.max_bad = max_bad;
+    o.on_step = trace_step;
+    o.user = t;
+    return o;
+}
+
+/* Set element i of the student's (or teacher's) tensor `name` to v. */
+static void poke(qkd_model *m, const char *name, int64_t i, float v)
+{
+    int idx;
+    ck_assert_int_eq(qkd_model_tensor_find(m, name, &idx), QKD_OK);
+    qkd_tensor_info info = {.size = sizeof info};
+    ck_assert_int_eq(qkd_model_tensor_info(m, idx, &info), QKD_OK);
+    float *w = malloc((size_t)info.n_elements * sizeof *w);
+    ck_assert_int_eq(qkd_model_tensor_get(m, idx, w, (size_t)info.n_elements), QKD_OK);
+    for (int64_t k = i < 0 ? 0 : i; k < (i < 0 ? info.n_elements : i + 1); k++)
+        w[k] = v;
+    ck_assert_int_eq(qkd_model_tensor_set(m, idx, w, (size_t)info.n_elements), QKD_OK);
+    free(w);
+}
+
+/* Bad data: the teacher's embedding of token X is NaN, so exactly the steps
+ * whose batch feeds X to the teacher (found here from the data layer's
+ * batches) have a NaN loss. They are skipped, counted and reported; the
+ * weights do not move on them, the optimizer counts only the others, and
+ * the run goes on. */
+START_TEST(nan_teacher_skips_exactly_the_poisoned_batches)
+{
+    enum { TOTAL = 24, X = VOCAB - 1 };
+    qkd_context *ctx = test_context(1);
+    step_trace t = {0};
+    kd_opts o = traced(TOTAL, 8, &t);
+    kd r;
+    kd_open_ok(&r, ctx, &o);
+    t.r = &r;
+    /* X occurs only in windows 5 and 22 (as an input), never elsewhere. */
+    int32_t ids[N_TOKENS];
+    random_ids(ids, N_TOKENS, VOCAB - 1);
+    ids[5 * (SEQ + 1) + 3] = X;
+    ids[22 * (SEQ + 1) + 6] = X;
+    qkd_distill_free(r.run);
+    qkd_dataset_free(r.data);
+    ck_assert_int_eq(qkd_dataset_from_tokens(ctx, ids, N_TOKENS, VOCAB, &r.data), QKD_OK);
+    qkd_distill_params p;
+    qkd_distill_params_init(&p);
+    p.batch = BATCH;
+    p.seq = SEQ;
+    p.total_steps = TOTAL;
+    p.on_step = trace_step;
+    p.user = &t;
+    ck_assert_int_eq(qkd_distill_create(ctx, r.teacher, r.student, r.loss, r.opt, r.data, &p,
+                                        &r.run),
+                     QKD_OK);
+    poke(r.teacher, "token_embd.weight", (int64_t)X * 16 + 7, NAN);
+
+    int want[TOTAL + 1] = {0}, n_bad = 0;
+    for (int s = 0; s < TOTAL; s++) {
+        int32_t tok[BATCH * SEQ];
+        ck_assert_int_eq(qkd_dataset_batch(r.data, s, BATCH, SEQ, tok, NULL), QKD_OK);
+        for (int i = 0; i < BATCH * SEQ; i++)
+            want[s + 1] |= tok[i] == X;
+        n_bad += want[s + 1];
+    }
+    ck_assert_int_ge(n_bad, 2); /* both windows come up in the first epoch */
+    const uint64_t w0 = weights_hash(r.student);
+    qkd_status st = qkd_distill_run(r.run, 0);
+    ck_assert_msg(st == QKD_OK, "%s", qkd_context_last_error(ctx));
+    ck_assert_int_eq(t.n, TOTAL);
+    int64_t skipped = 0;
+    for (int s = 1; s <= TOTAL; s++) {
+        ck_assert_msg(t.skipped[s] == want[s], "step %d: skipped %d, poisoned %d", s,
+                      t.skipped[s], want[s]);
+        skipped += want[s];
+        ck_assert_int_eq(t.n_skipped[s], skipped);
+        ck_assert_int_eq(t.streak[s], want[s] ? t.streak[s - 1] + 1 : 0);
+        const uint64_t prev = s > 1 ? t.weights[s - 1] : w0;
+        ck_assert_msg(want[s] ? t.weights[s] == prev : t.weights[s] != prev,
+                      "step %d: weights %s", s, want[s] ? "moved" : "did not move");
+        ck_assert(want[s] ? isnan(t.loss[s]) && isnan(t.grad_norm[s])
+                          : isfinite(t.loss[s]) && isfinite(t.grad_norm[s]));
+    }
+    ck_assert_int_eq(opt_steps(r.opt), TOTAL - n_bad);
+    const float *h;
+    ck_assert_int_eq(qkd_distill_history(r.run, &h), TOTAL);
+    kd_close(&r);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* Bad gradients: an output norm weight of 1e30 keeps the logits and the
+ * loss finite but makes the head's gradient overflow. The optimizer sees
+ * the non-finite norm and the step is skipped; after max_bad_steps of them
+ * the run stops with NON_FINITE, and once the cause is gone it goes on. */
+START_TEST(nonfinite_gradients_are_skipped_then_stop_the_run)
+{
+    enum { K = 3 };
+    qkd_context *ctx = test_context(1);
+    step_trace t = {0};
+    kd_opts o = traced(12, K, &t);
+    kd r;
+    kd_open_ok(&r, ctx, &o);
+    t.r = &r;
+    ck_assert_int_eq(qkd_distill_run(r.run, 2), QKD_OK);
+    ck_assert_int_eq(t.skipped[1] + t.skipped[2], 0);
+    int idx;
+    ck_assert_int_eq(qkd_model_tensor_find(r.student, "output_norm.weight", &idx), QKD_OK);
+    float norm[16];
+    ck_assert_int_eq(qkd_model_tensor_get(r.student, idx, norm, 16), QKD_OK);
+    poke(r.student, "output_norm.weight", -1, 1e30f);
+    const uint64_t w = weights_hash(r.student);
+    size_t sn;
+    unsigned char *state = opt_state(r.opt, &sn);
+
+    qkd_status st = qkd_distill_run(r.run, 0);
+    ck_assert_msg(st == QKD_ERR_NON_FINITE, "%s: %s", qkd_status_name(st),
+                  qkd_context_last_error(ctx));
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "(3..5)"));
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "max_bad_steps 3"));
+    ck_assert_int_eq(qkd_distill_step(r.run), 2 + K);
+    for (int s = 3; s <= 2 + K; s++) {
+        ck_assert_msg(t.skipped[s] && isfinite(t.loss[s]) && !isfinite(t.grad_norm[s]),
+                      "step %d: skipped %d loss %g norm %g", s, t.skipped[s], t.loss[s],
+                      t.grad_norm[s]);
+        ck_assert_int_eq(t.streak[s], s - 2);
+    }
+    ck_assert(weights_hash(r.student) == w);
+    size_t n;
+    unsigned char *after = opt_state(r.opt, &n);
+    ck_assert_msg(n == sn && memcmp(after, state, n) == 0, "skipped steps moved the optimizer");
+    free(after);
+    free(state);
+
+    /* Cause removed: the run goes on and the streak ends. */
+    ck_assert_int_eq(qkd_model_tensor_set(r.student, idx, norm, 16), QKD_OK);
+    ck_assert_int_eq(qkd_distill_run(r.run, 2), QKD_OK);
+    ck_assert(!t.skipped[2 + K + 1] && t.streak[2 + K + 1] == 0);
+    ck_assert_int_eq(t.n_skipped[2 + K + 2], K);
+    kd_close(&r);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* Bad weights: a NaN in the student stops the run after max_bad_steps; a
+ * checkpoint is never written with it, so the last good one is intact,
+ * resumes, and finishes with the weights of a run that never broke. */
+START_TEST(nan_weights_stop_the_run_and_keep_the_last_checkpoint)
+{
+    enum { TOTAL = 10, GOOD = 3, K = 4 };
+    qkd_context *ctx = test_context(1);
+    step_trace t = {0};
+    kd_opts o = traced(TOTAL, K, &t);
+    kd r, clean;
+    kd_open_ok(&r, ctx, &o);
+    t.r = &r;
+    ck_assert_int_eq(qkd_distill_run(r.run, GOOD), QKD_OK);
+    save_arg sa = {.r = &r};
+    save_arg_paths(&sa, "good.qkdc");
+    ck_assert_int_eq(qkd_distill_save(r.run, sa.path), QKD_OK);
+    sa.good = test_read_file(sa.path, &sa.n_good);
+    snapshot good = take_snapshot(&r);
+
+    poke(r.student, "blk.0.attn_q.weight", 5, NAN);
+    qkd_status st = qkd_distill_run(r.run, 0);
+    ck_assert_msg(st == QKD_ERR_NON_FINITE, "%s", qkd_context_last_error(ctx));
+    ck_assert_int_eq(qkd_distill_step(r.run), GOOD + K);
+    const float *h;
+    ck_assert_int_eq(qkd_distill_history(r.run, &h), GOOD + K);
+    for (int s = GOOD; s < GOOD + K; s++)
+        ck_assert(isnan(h[s]) && t.skipped[s + 1]);
+    ck_assert_int_eq(t.n_skipped[GOOD + K], K);
+
+    st = qkd_distill_save(r.run, sa.path);
+    ck_assert_int_eq(st, QKD_ERR_NON_FINITE);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "blk.0.attn_q.weight[5]"));
+    save_left_file_alone(&sa);
+
+    ck_assert_int_eq(qkd_distill_resume(r.run, sa.path), QKD_OK);
+    assert_unchanged(&r, &good, "resuming the good checkpoint");
+    ck_assert_int_eq(qkd_distill_run(r.run, 0), QKD_OK);
+    kd_opts plain = opts(TOTAL);
+    kd_open_ok(&clean, ctx, &plain);
+    ck_assert_int_eq(qkd_distill_run(clean.run, 0), QKD_OK);
+    assert_same_weights(r.student, clean.student, "resumed after a blow-up");
+
+    /* max_bad_steps 0 never stops: every step is skipped to the end. */
+    kd never;
+    step_trace t2 = {0};
+    kd_opts o2 = traced(TOTAL, 0, &t2);
+    kd_open_ok(&never, ctx, &o2);
+    t2.r = &never;
+    poke(never.student, "blk.0.ffn_down.weight", 0, INFINITY);
+    ck_assert_int_eq(qkd_distill_run(never.run, 0), QKD_OK);
+    ck_assert_int_eq(t2.n_skipped[TOTAL], TOTAL);
+    ck_assert_int_eq(opt_steps(never.opt), 0);
+
+    /* And a negative limit is refused. */
+    qkd_distill_params p;
+    qkd_distill_params_init(&p);
+    ck_assert_int_eq(p.max_bad_steps, 8);
+    p.batch = BATCH;
+    p.seq = SEQ;
+    p.max_bad_steps = -1;
+    qkd_distill *d = (qkd_distill *)&d;
+    ck_assert_int_eq(qkd_distill_create(ctx, clean.teacher, clean.student, clean.loss, clean.opt,
+                                        clean.data, &p, &d),
+                     QKD_ERR_INVALID_ARG);
+    ck_assert_ptr_null(d);
+    free(good.w);
+    free(good.state);
+    free(sa.good);
+    kd_close(&never);
+    kd_close(&clean);
+    kd_close(&r);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* ---- `qkd distill` killed at random moments --------------------------------------- */
+
+/* Start QKD_CLI with args (NULL-terminated, without argv[0]); its stdout and
+ * stderr go to log. */
+static pid_t spawn_cli(const char *const *args, const char *log)
+{
+    const char *cli = getenv("QKD_CLI");
+    ck_assert_msg(cli && *cli, "QKD_CLI is not set (meson test sets it)");
+    char *argv[40] = {(char *)cli};
+    for (int i = 0; args[i]; i++) {
+        ck_assert_int_lt(i, 38);
+        argv[i + 1] = (char *)args[i];
+    }
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+            _exit(127);
+        execv(cli, argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+static void sleep_us(long us)
+{
+    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+    nanosleep(&ts, NULL);
+}
+
+/* The step of the checkpoint at path, -1 if there is none. A checkpoint
+ * that exists must be complete: checked here from the format, apart from
+ * the library: "QKDC", then the FNV-1a 64 of everything before the last
+ * 8 bytes equals them. */
+static int64_t complete_checkpoint_step(const char *path)
+{
+    if (!exists(path))
+        return -1;
+    size_t n;
+    unsigned char *b = test_read_file(path, &n);
+    ck_assert_msg(n >= 24 && memcmp(b, "QKDC", 4) == 0, "%s: not a checkpoint (%zu bytes)", path,
+                  n);
+    uint64_t h = UINT64_C(0xcbf29ce484222325), want = 0, step = 0;
+    for (size_t i = 0; i < n - 8; i++)
+        h = (h ^ b[i]) * UINT64_C(0x100000001b3);
+    for (int i = 7; i >= 0; i--) {
+        want = want << 8 | b[n - 8 + (size_t)i];
+        step = step << 8 | b[8 + (size_t)i];
+    }
+    ck_assert_msg(h == want, "%s: incomplete checkpoint (checksum)", path);
+    free(b);
+    return (int64_t)step;
+}
+
+static char *slurp_text(const char *path)
+{
+    size_t n;
+    char *b = test_read_file(path, &n);
+    char *s = realloc(b, n + 1);
+    ck_assert_ptr_nonnull(s);
+    s[n] = '\0';
+    return s;
+}
+
+typedef struct kill_job {
+    const char *args[32];
+    int n_args;          /* without --resume */
+    char out[600], ckpt[700], tmp[710], log[700];
+} kill_job;
+
+static void kill_job_init(kill_job *j, const char *teacher, const char *text, const char *out)
+{
+    static const char *const fixed[] = {"distill", "--data", NULL, "--teacher", NULL, "--steps",
+                                        "30", "--batch", "2", "--seq", "16", "--eval-windows",
+                                        "2", "--threads", "1", "--backend", "ref",
+                                        "--checkpoint-every", "1", "--out", NULL};
+    memset(j, 0, sizeof *j);
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        j->args[j->n_args++] = fixed[i];
+    j->args[2] = text;
+    j->args[4] = teacher;
+    snprintf(j->out, sizeof j->out, "%s", out);
+    j->args[j->n_args - 1] = j->out;
+    snprintf(j->ckpt, sizeof j->ckpt, "%s/checkpoint.qkdc", out);
+    snprintf(j->tmp, sizeof j->tmp, "%s.tmp", j->ckpt);
+    snprintf(j->log, sizeof j->log, "%s.log", out);
+}
+
+/* Launch the job: resuming when a checkpoint exists, fresh otherwise. */
+static pid_t kill_job_start(kill_job *j)
+{
+    j->args[j->n_args] = exists(j->ckpt) ? "--resume" : NULL;
+    j->args[j->n_args + 1] = NULL;
+    return spawn_cli(j->args, j->log);
+}
+
+/* Wait for pid; returns 1 if SIGKILL ended it, 0 if it exited with 0, and
+ * fails the test on any other end (showing its output). */
+static int kill_job_wait(const kill_job *j, pid_t pid)
+{
+    int ws;
+    ck_assert_int_eq(waitpid(pid, &ws, 0), pid);
+    if (WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL)
+        return 1;
+    if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) {
+        char *log = slurp_text(j->log);
+        ck_abort_msg("qkd distill ended with status 0x%x:\n%s", ws, log);
+    }
+    return 0;
+}
+
+static uint32_t next_random(uint64_t *state)
+{
+    *state = *state * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
+    return (uint32_t)(*state >> 33);
+}
+
+/* A teacher GGUF with the byte tokenizer inside: small enough that a
+ * checkpoint every step keeps the run short. */
+static void write_tiny_teacher(const char *path)
+{
+    qkd_context *ctx = test_context(1);
+    qkd_model *m = NULL;
+    qkd_tokenizer *bytes = NULL;
+    ck_assert_int_eq(tiny_model(ctx, 32, QKD_BYTE_VOCAB_SIZE, 11, &m), QKD_OK);
+    ck_assert_int_eq(qkd_tokenizer_create_bytes(ctx, &bytes), QKD_OK);
+    qkd_gguf_params gp;
+    qkd_gguf_params_init(&gp);
+    gp.tokenizer = bytes;
+    ck_assert_int_eq(qkd_model_save_gguf(m, path, &gp), QKD_OK);
+    qkd_tokenizer_free(bytes);
+    qkd_model_free(m);
+    qkd_context_free(ctx);
+}
+
+/* `qkd distill` with a checkpoint every step is SIGKILLed 20 times: at
+ * random moments, and (every other time) right as a checkpoint is being
+ * written. After every kill the checkpoint on disk is either absent (none
+ * yet) or complete, and never older than the last one; each relaunch
+ * resumes from it; every run that is finished ends with the very
+ * checkpoint (weights, optimizer, history) of an uninterrupted run. */
+START_TEST(killed_distill_resumes_bit_identical)
+{
+    enum { KILLS = 20 };
+    const char *text = test_shared(SMALL_TEXT);
+    if (!text)
+        return;
+    char text_path[4096], teacher[600], dir_ref[600], dir[700];
+    snprintf(text_path, sizeof text_path, "%s", text);
+    const char *tmpdir = test_tmpdir();
+    snprintf(teacher, sizeof teacher, "%s/teacher.gguf", tmpdir);
+    write_tiny_teacher(teacher);
+
+    kill_job ref;
+    snprintf(dir_ref, sizeof dir_ref, "%s/ref", tmpdir);
+    kill_job_init(&ref, teacher, text_path, dir_ref);
+    const double t0 = now_ms();
+    ck_assert_int_eq(kill_job_wait(&ref, kill_job_start(&ref)), 0);
+    const double run_ms = now_ms() - t0;
+    size_t n_want;
+    unsigned char *want = test_read_file(ref.ckpt, &n_want);
+
+    uint64_t rng = 20240611;
+    int kills = 0, during_write = 0, finished = 0, cycle = 0;
+    int64_t last_step = -1;
+    kill_job j;
+    snprintf(dir, sizeof dir, "%s/run%d", tmpdir, cycle);
+    kill_job_init(&j, teacher, text_path, dir);
+    while (kills < KILLS) {
+        pid_t pid = kill_job_start(&j);
+        const int at_write = kills % 2;
+        const double start = now_ms();
+        if (at_write) { /* right after a temporary checkpoint appears */
+            while (!exists(j.tmp) && now_ms() - start < run_ms)
+                ;
+            sleep_us((long)(next_random(&rng) % 100));
+        } else {
+            sleep_us((long)(next_random(&rng) % (uint32_t)(run_ms * 1000.0)));
+        }
+        kill(pid, SIGKILL);
+        const int killed = kill_job_wait(&j, pid);
+        fprintf(stderr, "DEBUG at_write %d waited %.1f ms killed %d tmp %d step %lld\n", at_write, now_ms() - start, killed, exists(j.tmp), (long long)complete_checkpoint_step(j.ckpt));
+        kills += killed;
+        during_write += killed && exists(j.tmp);
+        const int64_t step = complete_checkpoint_step(j.ckpt);
+        ck_assert_msg(step >= last_step, "checkpoint went back from step %lld to %lld",
+                      (long long)last_step, (long long)step);
+        last_step = step;
+        if (!killed) { /* it finished first: the run must equal the uninterrupted one */
+            assert_file_is(j.ckpt, want, n_want, "a finished run's checkpoint");
+            finished++;
+            snprintf(dir, sizeof dir, "%s/run%d", tmpdir, ++cycle);
+            kill_job_init(&j, teacher, text_path, dir);
+            last_step = -1;
+        }
+    }
+    /* Finish the run that was being killed, without killing it. */
+    ck_assert_int_eq(kill_job_wait(&j, kill_job_start(&j)), 0);
+    char *log = slurp_text(j.log);
+    if (last_step >= 0)
+        ck_assert_msg(strstr(log, "resumed at step") != NULL, "no resume:\n%s", log);
+    free(log);
+    assert_file_is(j.ckpt, want, n_want, "the resumed run's checkpoint");
+    fprintf(stderr, "killed_distill: %d kills (%d while a checkpoint was being written), %d "
+                    "runs finished between kills, run %.0f ms\n",
+            kills, during_write, finished, run_ms);
+    free(want);
+}
+END_TEST
+
 Suite *suite_reliability(void)
 {
     Suite *s = suite_create("reliability");
@@ -513,6 +1279,21 @@ Suite *suite_reliability(void)
     tcase_add_test(tc, fail_each_allocation_of_model_and_tokenizer_loads);
     tcase_add_test(tc, fail_each_allocation_of_a_kdqat_step);
     tcase_add_test(tc, failed_step_leaves_the_run_usable);
+    tcase_add_test(tc, fail_each_allocation_of_checkpoint_save_and_resume);
+    tcase_add_test(tc, fail_each_allocation_of_export);
+    tcase_add_test(tc, fail_each_allocation_of_the_data_layer);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("nonfinite");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, nan_teacher_skips_exactly_the_poisoned_batches);
+    tcase_add_test(tc, nonfinite_gradients_are_skipped_then_stop_the_run);
+    tcase_add_test(tc, nan_weights_stop_the_run_and_keep_the_last_checkpoint);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("kill");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, killed_distill_resumes_bit_identical);
     suite_add_tcase(s, tc);
     return s;
 }

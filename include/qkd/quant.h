@@ -192,7 +192,7 @@ QKD_API void qkd_quant_params_init(qkd_quant_params *p);
  * CONTINUOUS estimator, group_size < -1, clip_ratio outside (0,1],
  * sharpness not positive and finite, act_bits/kv_bits neither 0 nor in
  * [2, 16], learn_scales neither 0 nor 1 or set with a format scheme),
- * NO_MEMORY. A quantizer is used by one thread at a time, with
+ * UNSUPPORTED (learn_scales on a backend without its kernels), NO_MEMORY. A quantizer is used by one thread at a time, with
  * the models bound to it. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_create(qkd_context *ctx, const qkd_quant_params *p,
                                         qkd_quantizer **out);

@@ -146,6 +146,7 @@ typedef struct reader {
     void *state;         /* optimizer state (pass 1) */
     size_t state_n;
     float *history;      /* (pass 1) */
+    uint64_t n_history;
     uint64_t step;
 } reader;
 
@@ -270,10 +271,17 @@ static qkd_status read_state(reader *rd)
                                      "%s: truncated: a history of %llu losses at byte %llu",
                                      r->path, (unsigned long long)count,
                                      (unsigned long long)r->off);
-    qkd_context_dealloc(rd->d->ctx, rd->history);
-    rd->history = qkd_context_alloc(rd->d->ctx, (size_t)count * sizeof *rd->history);
-    if (!rd->history)
-        return qkd_context_set_error(rd->d->ctx, QKD_ERR_NO_MEMORY, "checkpoint: out of memory");
+    if (rd->apply) { /* pass 2 allocates nothing: it must not fail half-way */
+        if (count != rd->n_history)
+            return qkd_context_set_error(rd->d->ctx, QKD_ERR_FORMAT,
+                                         "%s: changed while it was being read", r->path);
+    } else {
+        rd->history = qkd_context_alloc(rd->d->ctx, (size_t)count * sizeof *rd->history);
+        if (!rd->history)
+            return qkd_context_set_error(rd->d->ctx, QKD_ERR_NO_MEMORY,
+                                         "checkpoint: out of memory");
+        rd->n_history = count;
+    }
     return qkd__rfile_words(r, rd->history, (size_t)count, "history");
 }
 

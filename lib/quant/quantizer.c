@@ -177,6 +177,11 @@ qkd_status qkd_quantizer_create(qkd_context *ctx, const qkd_quant_params *p, qkd
     qkd_status st = check_params(ctx, p);
     if (st != QKD_OK)
         return st;
+    const qkd__backend *be = ctx->backend;
+    if (p->learn_scales && (!be->fakequant_lsq_forward || !be->fakequant_lsq_backward))
+        return qkd__error(ctx, QKD_ERR_UNSUPPORTED,
+                          "quantizer create: the %s backend has no learned-scale kernels",
+                          be->name);
     qkd_quantizer *q = qkd__calloc(ctx, 1, sizeof *q);
     if (!q)
         return qkd__error(ctx, QKD_ERR_NO_MEMORY, "quantizer create: out of memory");

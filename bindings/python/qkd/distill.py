@@ -34,9 +34,9 @@ class Distill(Handle):
     """Distill(ctx, teacher, student, loss, optimizer, data, batch=8, seq=64,
     total_steps=100, on_step=None, max_bad_steps=None): a run over borrowed
     handles (closing any of them closes the run); max_bad_steps (None: the
-    library's default) stops it after that many skipped steps in a row. on_step(stats) is called after every step
-    with a DistillStats; a true result stops the run (run() then returns
-    False). The run keeps the C callback alive; an exception raised by
+    library's default) stops it after that many skipped steps in a row.
+    on_step(stats) is called after every step with a DistillStats; a true
+    result stops the run (run() then returns False). The run keeps the C callback alive; an exception raised by
     on_step stops the run and is re-raised by run()."""
 
     def __init__(self, ctx, teacher, student, loss, optimizer, data, batch=8, seq=64,

@@ -141,6 +141,13 @@ void qkd__cuda_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, 
                                   int64_t cols, const qkd__quant_spec *spec);
 void qkd__cuda_quant_rows(qkd__backend *b, float *out, const float *x, int64_t rows,
                           int64_t cols, int bits);
+void qkd__cuda_fakequant_lsq_forward(qkd__backend *b, float *wq, const float *w,
+                                     const float *scales, const float *zeros, int64_t rows,
+                                     int64_t cols, const qkd__quant_spec *spec);
+void qkd__cuda_fakequant_lsq_backward(qkd__backend *b, float *dw, float *dscales, float *dzeros,
+                                      const float *dwq, const float *w, const float *scales,
+                                      const float *zeros, int64_t rows, int64_t cols,
+                                      const qkd__quant_spec *spec);
 
 #ifdef __cplusplus
 }

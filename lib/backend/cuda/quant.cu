@@ -1,6 +1,6 @@
 /* CUDA fake-quantization kernels of the SYM, ASYM and TERNARY schemes
- * (include/qkd/quant.h gives the math) and the dynamic per-row
- * quantization. One thread owns a group and walks it in order, in double,
+ * (include/qkd/quant.h gives the math), with computed or learned (LSQ)
+ * scales, and the dynamic per-row quantization. One thread owns a group and walks it in order, in double,
  * exactly as the reference does (lib/backend/ref/ref_quant.c), so hard
  * rounding gives bit-identical codes, scales and zero points; the smooth
  * (CONTINUOUS) functions differ only by the device's double tanh and exp.
@@ -249,6 +249,126 @@ extern "C" void qkd__cuda_fakequant_backward(qkd__backend *b, float *dw, const f
             dw, dwq, w, scales, zeros, cols, per_row, n_groups, *spec);
     }
     qkd__cuda_launched(b, "fakequant_backward");
+}
+
+/* ---- learned scales (LSQ) --------------------------------------------------------------
+ * The group's stored scale (floored at FLT_MIN) and, for ASYM, its zero
+ * point rounded and clamped to the code range replace the computed ones;
+ * the clip range and TERNARY's threshold still come from the group. */
+
+__device__ static grid learned_grid(const float *w, int64_t n, const qkd__quant_spec &sp,
+                                    const float *scales, const float *zeros, size_t item)
+{
+    grid g = group_range(w, n, sp);
+    g.s = scale_floor(scales[item]);
+    if (zeros)
+        g.z = (float)clampd(round((double)zeros[item]), 0.0, g.qmax) + 0.0f; /* never -0 */
+    return g;
+}
+
+/* dQ/dw, dQ/ds and dQ/dz of one value. */
+struct lsq_grad {
+    double w, s, z;
+};
+
+__device__ static lsq_grad ternary_lsq_grad(const grid &g, float w, const qkd__quant_spec &sp)
+{
+    if (!sp.continuous) { /* Q = s c: the code does not depend on s */
+        lsq_grad d = {(double)(w >= g.lo && w <= g.hi),
+                      fabs(w) > g.d ? copysign(1.0, (double)w) : 0.0, 0.0};
+        return d;
+    }
+    const double T = sp.round_T, a = T * (w - g.d) / g.s, b = T * (-w - g.d) / g.s;
+    const double sa = sigmoid(a), sb = sigmoid(b), da = sa * (1.0 - sa), db = sb * (1.0 - sb);
+    lsq_grad d = {T * (da + db), sa - sb - da * a + db * b, 0.0};
+    return d;
+}
+
+__device__ static lsq_grad lsq_value_grad(const grid &g, float w, const qkd__quant_spec &sp)
+{
+    if (sp.scheme == QKD_QUANT_TERNARY)
+        return ternary_lsq_grad(g, w, sp);
+    const double u = (double)w / g.s;
+    if (sp.continuous) { /* Q = s (SoftClamp(round_T(u) + z) - z), exactly */
+        const double T = sp.round_T, dr = round_smooth_grad(u, T);
+        const double k = round_smooth(u, T) + g.z;
+        const double c = soft_clamp(k, g.qmin, g.qmax, sp.clamp_T);
+        const double dc = soft_clamp_grad(k, g.qmin, g.qmax, sp.clamp_T);
+        lsq_grad d = {dc * dr, c - g.z - dc * dr * u, g.s * (dc - 1.0)};
+        return d;
+    }
+    const double k = round(u) + g.z; /* the code before its clamp */
+    lsq_grad inside = {1.0, round(u) - u, 0.0};
+    lsq_grad outside = {0.0, clampd(k, g.qmin, g.qmax) - g.z, -(double)g.s};
+    return k >= g.qmin && k <= g.qmax ? inside : outside;
+}
+
+__global__ void lsq_forward_kernel(float *wq, const float *w, const float *scales,
+                                   const float *zeros, int64_t cols, int64_t per_row,
+                                   size_t n_groups, qkd__quant_spec sp)
+{
+    QKD__CUDA_FOR(item, n_groups)
+    {
+        int64_t n;
+        size_t at = group_at((int64_t)item, cols, per_row, sp.group, &n);
+        grid g = learned_grid(w + at, n, sp, scales, zeros, item);
+        for (int64_t i = 0; i < n; i++)
+            wq[at + i] = quantize_value(g, w[at + i], sp);
+    }
+}
+
+__global__ void lsq_backward_kernel(float *dw, float *dscales, float *dzeros, const float *dwq,
+                                    const float *w, const float *scales, const float *zeros,
+                                    int64_t cols, int64_t per_row, size_t n_groups,
+                                    qkd__quant_spec sp)
+{
+    QKD__CUDA_FOR(item, n_groups)
+    {
+        int64_t n;
+        size_t at = group_at((int64_t)item, cols, per_row, sp.group, &n);
+        grid g = learned_grid(w + at, n, sp, scales, zeros, item);
+        double ds = 0.0, dz = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            lsq_grad d = lsq_value_grad(g, w[at + i], sp);
+            dw[at + i] = (float)(dw[at + i] + d.w * dwq[at + i]);
+            ds += d.s * dwq[at + i];
+            dz += d.z * dwq[at + i];
+        }
+        dscales[item] = (float)(dscales[item] + ds);
+        if (dzeros)
+            dzeros[item] = (float)(dzeros[item] + dz);
+    }
+}
+
+extern "C" void qkd__cuda_fakequant_lsq_forward(qkd__backend *b, float *wq, const float *w,
+                                                const float *scales, const float *zeros,
+                                                int64_t rows, int64_t cols,
+                                                const qkd__quant_spec *spec)
+{
+    int64_t per_row = groups_per_row(cols, spec->group);
+    size_t n_groups = (size_t)(rows * per_row);
+    if (!n_groups)
+        return;
+    lsq_forward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0,
+                         qkd__cuda_of(b)->stream>>>(wq, w, scales, zeros, cols, per_row,
+                                                    n_groups, *spec);
+    qkd__cuda_launched(b, "fakequant_lsq_forward");
+}
+
+extern "C" void qkd__cuda_fakequant_lsq_backward(qkd__backend *b, float *dw, float *dscales,
+                                                 float *dzeros, const float *dwq, const float *w,
+                                                 const float *scales, const float *zeros,
+                                                 int64_t rows, int64_t cols,
+                                                 const qkd__quant_spec *spec)
+{
+    int64_t per_row = groups_per_row(cols, spec->group);
+    size_t n_groups = (size_t)(rows * per_row);
+    if (!n_groups)
+        return;
+    lsq_backward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0,
+                          qkd__cuda_of(b)->stream>>>(dw, dscales, dzeros, dwq, w, scales, zeros,
+                                                     cols, per_row, n_groups, *spec);
+    qkd__cuda_launched(b, "fakequant_lsq_backward");
 }
 
 /* ---- dynamic per-row quantization ----------------------------------------------------------

@@ -1,0 +1,195 @@
+/* The KD-QAT step of ../shared/bench/torch_kdqat.py on the CUDA backend,
+ * printing the same JSON fields for the same shapes, so the two can run
+ * side by side on one GPU (benchmarks/cuda_kdqat_vs_torch.sh):
+ * a frozen teacher's forward, the student's forward with every linear
+ * weight fake-quantized (asymmetric, per group, STE), CAKLD with the
+ * teacher's mean top-1 probability as beta, the student's backward and an
+ * AdamW step. Teacher and student start from the same random weights.
+ * Everything is fp32 (this first backend has no bf16 path), so "dtype"
+ * says so. tokens_s and tflops count what torch_kdqat.py counts (8 N flops
+ * per token plus attention); mem_gb is the device memory in use after the
+ * steps (cudaMemGetInfo: the CUDA context and cuBLAS included), nothing
+ * being freed in between.
+ *
+ *   cuda-kdqat [--cfg smollm135m|tinyllama1b] [--batch B] [--seq T]
+ *              [--bits 4] [--group G] [--steps S] */
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench_util.h"
+
+struct cfg {
+    const char *name;
+    int dim, hidden, layers, heads, kv_heads, vocab;
+};
+
+static const struct cfg cfgs[] = {
+    {"smollm135m", 576, 1536, 30, 9, 3, 49152},
+    {"tinyllama1b", 2048, 5632, 22, 32, 4, 32000},
+};
+
+struct run {
+    qkd_context *ctx;
+    qkd_model *teacher, *student;
+    qkd_quantizer *quant;
+    qkd_loss *loss;
+    qkd_optimizer *opt;
+    int32_t *tokens;
+    int B, T;
+    float value;
+};
+
+static void check(qkd_context *ctx, qkd_status st, const char *what)
+{
+    if (st != QKD_OK) {
+        fprintf(stderr, "cuda-kdqat: %s: %s (%s)\n", what, qkd_status_str(st),
+                ctx ? qkd_context_last_error(ctx) : "");
+        exit(1);
+    }
+}
+
+static qkd_model *make_model(qkd_context *ctx, const struct cfg *c, int T)
+{
+    qkd_model_config mc;
+    qkd_model_config_init(&mc);
+    mc.dim = c->dim;
+    mc.hidden_dim = c->hidden;
+    mc.n_layers = c->layers;
+    mc.n_heads = c->heads;
+    mc.n_kv_heads = c->kv_heads;
+    mc.vocab_size = c->vocab;
+    mc.max_seq_len = T;
+    mc.tied_embeddings = 0;
+    qkd_model *m = NULL;
+    check(ctx, qkd_model_create(ctx, &mc, &m), "model_create");
+    check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random"); /* same seed: same weights */
+    return m;
+}
+
+/* The CUDA context; without a device the benchmark is skipped (exit 77,
+ * meson's skip). */
+static qkd_context *cuda_context(void)
+{
+    qkd_context_params p;
+    qkd_context_params_init(&p);
+    p.backend = QKD_BACKEND_CUDA;
+    p.n_threads = bench_cores(); /* the host side: format schemes, checks */
+    qkd_context *ctx = NULL;
+    qkd_status st = qkd_context_create(&p, &ctx);
+    if (st == QKD_ERR_UNSUPPORTED) {
+        fprintf(stderr, "cuda-kdqat: SKIP: no CUDA device\n");
+        exit(77);
+    }
+    check(NULL, st, "context_create");
+    return ctx;
+}
+
+static void setup(struct run *r, const struct cfg *c, int bits, int group)
+{
+    r->ctx = cuda_context();
+    r->teacher = make_model(r->ctx, c, r->T);
+    r->student = make_model(r->ctx, c, r->T);
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_ASYM;
+    qp.bits = bits;
+    qp.group_size = group;
+    qp.estimator = QKD_ESTIMATOR_STE;
+    check(r->ctx, qkd_quantizer_create(r->ctx, &qp, &r->quant), "quantizer_create");
+    check(r->ctx, qkd_model_set_quantizer(r->student, r->quant, QKD_QUANT_TARGET_LINEAR),
+          "set_quantizer");
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
+    check(r->ctx, qkd_loss_create(r->ctx, &r->loss), "loss_create");
+    check(r->ctx, qkd_loss_add(r->loss, &term), "loss_add");
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 1e-5f;
+    check(r->ctx, qkd_optimizer_create(r->student, &op, &r->opt), "optimizer_create");
+    size_t n = (size_t)r->B * r->T;
+    float *u = bench_random(n, 7);
+    r->tokens = malloc(n * sizeof *r->tokens);
+    if (!r->tokens) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < n; i++)
+        r->tokens[i] = (int32_t)((u[i] + 1.0f) * 0.5f * (float)(c->vocab - 1));
+    free(u);
+}
+
+static void step(struct run *r)
+{
+    qkd_context *c = r->ctx;
+    float beta;
+    check(c, qkd_model_forward(r->teacher, r->tokens, r->B, r->T), "teacher forward");
+    check(c, qkd_model_forward(r->student, r->tokens, r->B, r->T), "student forward");
+    check(c, qkd_loss_teacher_confidence(r->teacher, NULL, &beta), "teacher_confidence");
+    check(c, qkd_loss_set_beta(r->loss, 0, beta), "set_beta");
+    check(c, qkd_loss_compute(r->loss, r->student, r->teacher, NULL, &r->value), "CAKLD");
+    check(c, qkd_model_backward(r->student, NULL), "backward");
+    check(c, qkd_optimizer_step(r->opt, NULL), "optimizer_step");
+    check(c, qkd_model_zero_grad(r->student), "zero_grad");
+}
+
+int main(int argc, char **argv)
+{
+    const char *name = "smollm135m";
+    int B = 16, T = 1024, bits = 4, group = 64, steps = 5;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        if (strcmp(k, "--cfg") == 0)
+            name = v;
+        else if (strcmp(k, "--batch") == 0)
+            B = atoi(v);
+        else if (strcmp(k, "--seq") == 0)
+            T = atoi(v);
+        else if (strcmp(k, "--bits") == 0)
+            bits = atoi(v);
+        else if (strcmp(k, "--group") == 0)
+            group = atoi(v);
+        else if (strcmp(k, "--steps") == 0)
+            steps = atoi(v);
+        else {
+            fprintf(stderr, "cuda-kdqat: unknown option %s\n", k);
+            return 2;
+        }
+    }
+    const struct cfg *c = NULL;
+    for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++)
+        if (strcmp(cfgs[i].name, name) == 0)
+            c = &cfgs[i];
+    if (!c || B < 1 || T < 1 || steps < 1) {
+        fprintf(stderr, "cuda-kdqat: bad configuration\n");
+        return 2;
+    }
+    struct run r = {.B = B, .T = T};
+    setup(&r, c, bits, group);
+    for (int i = 0; i < 3; i++) /* warm-up, as torch_kdqat.py does */
+        step(&r);
+    double t0 = bench_now();
+    for (int i = 0; i < steps; i++)
+        step(&r); /* each step ends with a download: the loss value */
+    double dt = (bench_now() - t0) / steps;
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    long long N = (long long)qkd_model_n_params(r.student);
+    double tok = (double)B * T / dt;
+    double flops_tok = 8.0 * (double)N + 4.0 * c->layers * (double)T * c->dim * 3;
+    printf("{\"cfg\": \"%s\", \"params\": %lld, \"batch\": %d, \"seq\": %d, \"bits\": %d, "
+           "\"group\": %d, \"compile\": false, \"backend\": \"libqkd-cuda\", \"dtype\": \"fp32\", "
+           "\"step_s\": %.4f, \"tokens_s\": %.0f, \"tflops\": %.1f, \"mem_gb\": %.1f, "
+           "\"loss\": %.6g}\n",
+           c->name, N, B, T, bits, group, dt, tok, tok * flops_tok / 1e12,
+           (double)(total_b - free_b) / 1e9, (double)r.value);
+    qkd_optimizer_free(r.opt);
+    qkd_loss_free(r.loss);
+    qkd_model_free(r.student);
+    qkd_model_free(r.teacher);
+    qkd_quantizer_free(r.quant);
+    qkd_context_free(r.ctx);
+    free(r.tokens);
+    return 0;
+}
