@@ -1047,7 +1047,11 @@ END_TEST
  * teacher's forward, the student's forward with its linear weights
  * fake-quantized (W4 asymmetric, groups of 32, STE), CAKLD with the
  * teacher's confidence as beta, the student's backward and an AdamW step,
- * cycling over KD_BATCHES fixed batches of random tokens. */
+ * cycling over KD_BATCHES fixed batches of random tokens. Hard rounding is
+ * discontinuous: float-level gradient differences can move a weight across
+ * a code boundary on one backend only. At lr 1e-4 that parted the curves by
+ * 1.5e-3 at step 23 (seen on an H200); at torch_kdqat.py's lr 1e-5 they
+ * stay within about 1e-6. */
 
 #define KD_STEPS 50
 #define KD_BATCHES 5
@@ -1074,7 +1078,7 @@ static void kdqat_curve(qkd_context *ctx, const char *path, float *curve)
     expect_ok(ctx, qkd_loss_add(loss, &term), "loss term");
     qkd_optim_params op;
     qkd_optim_params_init(&op);
-    op.lr = 1e-4f;
+    op.lr = 1e-5f; /* torch_kdqat.py's: the loss falls smoothly (0.093 to 0.039) */
     expect_ok(ctx, qkd_optimizer_create(student, &op, &opt), "optimizer");
     int32_t tokens[KD_BATCHES][MB * MT];
     rng_seed(141);
@@ -1112,12 +1116,21 @@ START_TEST(kdqat_curve_follows_ref)
     float c[KD_STEPS], r[KD_STEPS];
     kdqat_curve(cc, path, c);
     kdqat_curve(rc, path, r);
+    double worst = 0.0;
+    int at = 0;
     for (int step = 0; step < KD_STEPS; step++) {
-        fprintf(stderr, "kdqat step %2d: cuda %.7g ref %.7g\n", step, (double)c[step],
-                (double)r[step]);
-        ck_assert_msg(fabs(c[step] - r[step]) <= 1e-3 * fabs(r[step]),
-                      "step %d: loss cuda %.9g ref %.9g", step, (double)c[step], (double)r[step]);
+        double rel = fabs(c[step] - r[step]) / fabs(r[step]);
+        if (!(rel <= worst)) {
+            worst = rel;
+            at = step;
+        }
     }
+    fprintf(stderr, "kdqat: %d steps, loss %.6g -> %.6g (ref %.6g -> %.6g), largest relative "
+                    "difference %.3g at step %d\n",
+            KD_STEPS, (double)c[0], (double)c[KD_STEPS - 1], (double)r[0],
+            (double)r[KD_STEPS - 1], worst, at);
+    ck_assert_msg(worst <= 1e-3, "step %d: loss cuda %.9g ref %.9g", at, (double)c[at],
+                  (double)r[at]);
     /* the curve is a training curve: the last pass over the batches is lower */
     ck_assert_msg(r[KD_STEPS - KD_BATCHES] < r[0], "the reference did not learn: %g -> %g",
                   (double)r[0], (double)r[KD_STEPS - KD_BATCHES]);

@@ -83,8 +83,10 @@ static int log_step(void *user, const qkd_distill_stats *st)
 }
 
 /* A run of total steps: a 4-bit student of a random teacher, FKL + CE,
- * AdamW with warmup and cosine decay. quant_bits 0: no quantizer. */
-static void rig_open(rig *r, int total, int quant_bits, step_log *log)
+ * AdamW with warmup and cosine decay. quant_bits 0: no quantizer. learn:
+ * the quantizer learns its scales and zero points, and its clip is
+ * searched (call qkd_quantizer_calibrate). */
+static void rig_open(rig *r, int total, int quant_bits, int learn, step_log *log)
 {
     memset(r, 0, sizeof *r);
     r->ctx = test_context(2);
@@ -95,6 +97,8 @@ static void rig_open(rig *r, int total, int quant_bits, step_log *log)
         qkd_quant_params_init(&qp);
         qp.bits = quant_bits;
         qp.group_size = 8;
+        qp.learn_scales = learn;
+        qp.clip = learn ? QKD_CLIP_SEARCH_WEIGHT : QKD_CLIP_NONE;
         ck_assert_int_eq(qkd_quantizer_create(r->ctx, &qp, &r->quant), QKD_OK);
         ck_assert_int_eq(qkd_model_set_quantizer(r->student, r->quant, QKD_QUANT_TARGET_LINEAR),
                          QKD_OK);
@@ -168,7 +172,7 @@ START_TEST(loss_decreases)
     enum { STEPS = 40 };
     rig r;
     step_log log = {.finite = 1};
-    rig_open(&r, STEPS, 0, &log);
+    rig_open(&r, STEPS, 0, 0, &log);
     double kl0, kl1;
     ck_assert_int_eq(qkd_distill_eval_kl(r.ctx, r.student, r.teacher, r.data, 3, SEQ, &kl0),
                      QKD_OK);
@@ -195,7 +199,7 @@ START_TEST(callback_stops_run)
 {
     rig r;
     step_log log = {.finite = 1, .stop_at = 3};
-    rig_open(&r, 10, 4, &log);
+    rig_open(&r, 10, 4, 0, &log);
     ck_assert_int_eq(qkd_distill_run(r.run, 0), QKD_ERR_CANCELLED);
     ck_assert_int_eq(qkd_distill_step(r.run), 3);
     log.stop_at = 0;
@@ -209,7 +213,7 @@ END_TEST
 START_TEST(create_checks)
 {
     rig r;
-    rig_open(&r, 4, 0, NULL);
+    rig_open(&r, 4, 0, 0, NULL);
     qkd_distill_params p;
     qkd_distill_params_init(&p);
     ck_assert_int_eq(p.batch, 8);
@@ -244,24 +248,30 @@ END_TEST
 
 /* ---- checkpoints ------------------------------------------------------------------- */
 
+/* _i 1: learned scales and zero points after a clip search, which a
+ * resumed run does not repeat: the checkpoint carries them. */
 START_TEST(resume_is_bit_identical)
 {
     enum { TOTAL = 8, FIRST = 3 };
     rig a, b;
     size_t n_a, n_b;
-    rig_open(&a, TOTAL, 4, NULL);
+    rig_open(&a, TOTAL, 4, _i, NULL);
+    if (_i)
+        ck_assert_int_eq(qkd_quantizer_calibrate(a.quant, a.student, NULL, 0, 0), QKD_OK);
     ck_assert_int_eq(qkd_distill_run(a.run, 0), QKD_OK);
     float *wa = all_weights(a.student, &n_a);
 
     char path[512];
     snprintf(path, sizeof path, "%s/run.qkdc", test_tmpdir());
-    rig_open(&b, TOTAL, 4, NULL);
+    rig_open(&b, TOTAL, 4, _i, NULL);
+    if (_i)
+        ck_assert_int_eq(qkd_quantizer_calibrate(b.quant, b.student, NULL, 0, 0), QKD_OK);
     ck_assert_int_eq(qkd_distill_run(b.run, FIRST), QKD_OK);
     ck_assert_int_eq(qkd_distill_save(b.run, path), QKD_OK);
     rig_close(&b);
 
     /* Fresh handles, as a new process has them. */
-    rig_open(&b, TOTAL, 4, NULL);
+    rig_open(&b, TOTAL, 4, _i, NULL);
     ck_assert_int_eq(qkd_distill_resume(b.run, path), QKD_OK);
     ck_assert_int_eq(qkd_distill_step(b.run), FIRST);
     ck_assert_int_eq(qkd_distill_run(b.run, 0), QKD_OK);
@@ -316,7 +326,7 @@ static void expect_resume(rig *r, const char *dir, const unsigned char *bytes, s
 START_TEST(checkpoint_malformed)
 {
     rig r;
-    rig_open(&r, 6, 4, NULL);
+    rig_open(&r, 6, 4, 0, NULL);
     const char *dir = test_tmpdir();
     char path[512];
     snprintf(path, sizeof path, "%s/good.qkdc", dir);
@@ -358,7 +368,7 @@ START_TEST(checkpoint_malformed)
 
     /* A checkpoint of another model shape. */
     rig other;
-    rig_open(&other, 6, 4, NULL);
+    rig_open(&other, 6, 4, 0, NULL);
     qkd_model_config cfg;
     qkd_model_config_init(&cfg);
     ck_assert_int_eq(qkd_model_get_config(other.student, &cfg), QKD_OK);
@@ -428,7 +438,7 @@ static void direct_eval(rig *r, double *kl, double *ce)
 START_TEST(eval_matches_direct_computation)
 {
     rig r;
-    rig_open(&r, 4, 4, NULL);
+    rig_open(&r, 4, 4, 0, NULL);
     double kl_want, ce_want, kl, ce, ce3, self_kl;
     int64_t n_tok = 0;
     direct_eval(&r, &kl_want, &ce_want);
@@ -611,6 +621,45 @@ START_TEST(cli_distill_writes_metrics_and_summary)
 }
 END_TEST
 
+/* --scales-only (with the BitDistiller preset's clip search): run.json
+ * records it, the checkpoint carries every linear's scales and zero
+ * points, and the 2-bit student ends closer to the teacher than
+ * round-to-nearest. */
+START_TEST(cli_distill_scales_only)
+{
+    shared_paths sp;
+    if (!get_shared(&sp))
+        return;
+    const char *dir = test_tmpdir();
+    char out[512], path[600];
+    snprintf(out, sizeof out, "%s/run", dir);
+    const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok, "--data",
+                          sp.text, "--method", "bitdistiller", "--bits", "2", "--steps", "12",
+                          "--batch", "4", "--seq", "32", "--eval-windows", "4", "--out", out,
+                          "--threads", "2", "--scales-only", NULL};
+    run_cli_ok(args, dir);
+    snprintf(path, sizeof path, "%s/run.json", out);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert(json_is_true(json_object_get(cfg, "learn_scales")));
+    ck_assert(json_is_true(json_object_get(cfg, "scales_only")));
+    json_decref(cfg);
+    snprintf(path, sizeof path, "%s/checkpoint.qkdc", out);
+    size_t n;
+    char *ck = test_read_file(path, &n);
+    const char *names[] = {"blk.0.attn_q.scale", "blk.4.ffn_down.zero"};
+    for (int i = 0; i < 2; i++)
+        ck_assert_msg(memmem(ck, n, names[i], strlen(names[i])), "no %s in the checkpoint",
+                      names[i]);
+    free(ck);
+    snprintf(path, sizeof path, "%s/summary.json", out);
+    json_t *sum = json_load_file(path, 0, NULL);
+    ck_assert_ptr_nonnull(sum);
+    ck_assert_double_lt(number_at(sum, "student", "kl"), number_at(sum, "rtn", "kl"));
+    json_decref(sum);
+}
+END_TEST
+
 /* Ctrl-C saves a checkpoint and exits 130; --resume then ends with the
  * very checkpoint (weights, optimizer, history) of an uninterrupted run. */
 START_TEST(cli_interrupt_and_resume_bit_identical)
@@ -749,13 +798,14 @@ Suite *suite_distill(void)
     suite_add_tcase(s, tc);
     tc = tcase_create("checkpoint");
     tcase_set_timeout(tc, 60);
-    tcase_add_test(tc, resume_is_bit_identical);
+    tcase_add_loop_test(tc, resume_is_bit_identical, 0, 2);
     tcase_add_test(tc, checkpoint_malformed);
     suite_add_tcase(s, tc);
     tc = tcase_create("cli");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, cli_distill_writes_metrics_and_summary);
     tcase_add_test(tc, cli_interrupt_and_resume_bit_identical);
+    tcase_add_test(tc, cli_distill_scales_only);
     tcase_add_test(tc, cli_distill_usage_errors);
     tcase_add_test(tc, cli_report_writes_svg);
     suite_add_tcase(s, tc);

@@ -17,7 +17,7 @@
 
 /* ---- fixtures -------------------------------------------------------------- */
 
-enum { TB = 2, TT = 6, TV = 11, MAXT = 64 };
+enum { TB = 2, TT = 6, TV = 11, MAXT = 128 };
 
 static qkd_model_config tiny_config(int tied, int dim)
 {
@@ -578,7 +578,8 @@ static int named_frozen(const char *name, unsigned presets)
 }
 
 /* Bind an ASYM quantizer with learned scales and zero points to every
- * linear of m: the table gains a .scale and a .zero per linear. */
+ * linear of m (the table gains a .scale and a .zero per linear), the
+ * scales shrunk by a fifth so that some codes clamp. */
 static qkd_quantizer *bind_learned(qkd_context *ctx, qkd_model *m, int bits, int group)
 {
     qkd_quant_params qp;
@@ -590,6 +591,18 @@ static qkd_quantizer *bind_learned(qkd_context *ctx, qkd_model *m, int bits, int
     ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
     ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
     ck_assert_int_le(qkd_model_n_tensors(m), MAXT);
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(m, i, &info), QKD_OK);
+        if (info.kind != QKD_TENSOR_QUANT_SCALE)
+            continue;
+        float v[256];
+        ck_assert_int_le(info.n_elements, 256);
+        ck_assert_int_eq(qkd_model_tensor_get(m, i, v, (size_t)info.n_elements), QKD_OK);
+        for (int64_t k = 0; k < info.n_elements; k++)
+            v[k] *= 0.8f;
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, v, (size_t)info.n_elements), QKD_OK);
+    }
     return q;
 }
 
@@ -602,7 +615,7 @@ START_TEST(test_presets)
     qkd_context *ctx = test_context(1);
     qkd_model *m = tiny_model(ctx, tied, 9);
     qkd_quantizer *q = bind_learned(ctx, m, 4, 4);
-    make_grads(m, 19);
+    make_grads(m, 19); /* with some codes clamped, the zero points get gradient too */
     qkd_optim_params p = base_params(QKD_OPTIM_SGD);
     qkd_optimizer *opt = make_opt(m, &p);
     ck_assert_int_eq(qkd_optimizer_apply_preset(opt, presets), QKD_OK);
@@ -634,41 +647,60 @@ START_TEST(test_presets)
 }
 END_TEST
 
-/* Scales-only distillation of a 2-bit student from its float teacher
- * (AdamW, forward KL): a few steps lower the loss and change nothing but
+/* Scales-only distillation of a 2-bit g32 stories260K student from its
+ * float teacher on one batch (AdamW, forward KL): a few steps lower the
+ * loss by more than 15% (3.92 to 3.13 as written) and change nothing but
  * the scale tensors (the weights and the zero points stay bit for bit). */
 START_TEST(test_scales_only_training)
 {
-    qkd_context *ctx = test_context(1);
-    qkd_model *teacher = tiny_model(ctx, 1, 31), *student = tiny_model(ctx, 1, 31);
-    qkd_quantizer *q = bind_learned(ctx, student, atoi(getenv("BITS")), atoi(getenv("GR")));
+    enum { B = 2, T = 64, STEPS = 12 };
+    int32_t tokens[B * T];
+    const char *path =
+        test_shared("models/stories260K/reference/gen_greedy_n256.input_token_ids.txt");
+    if (!path)
+        return;
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    for (int i = 0; i < B * T; i++)
+        ck_assert_int_eq(fscanf(f, "%d", &tokens[i]), 1);
+    fclose(f);
+    if (!(path = test_shared("models/stories260K/stories260K.bin")))
+        return;
+    qkd_context *ctx = test_context(2);
+    qkd_model *teacher = NULL, *student = NULL;
+    ck_assert_int_eq(qkd_model_load(ctx, path, &teacher), QKD_OK);
+    ck_assert_int_eq(qkd_model_load(ctx, path, &student), QKD_OK);
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.bits = 2;
+    qp.group_size = 32;
+    qp.learn_scales = 1;
+    qkd_quantizer *q = NULL;
+    ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_quantizer(student, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
     qkd_loss *loss = NULL;
     qkd_loss_term term;
     qkd_loss_term_init(&term, QKD_LOSS_FKL);
     ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
     ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
     qkd_optim_params p = base_params(QKD_OPTIM_ADAMW);
-    p.lr = getenv("LR") ? (float)atof(getenv("LR")) : 3e-3f;
+    p.lr = 5e-4f;
     qkd_optimizer *opt = make_opt(student, &p);
     ck_assert_int_eq(qkd_optimizer_apply_preset(opt, QKD_PRESET_SCALES_ONLY), QKD_OK);
-    int32_t tokens[TB * TT];
-    uint64_t seed = 32;
-    for (int i = 0; i < TB * TT; i++)
-        tokens[i] = (int32_t)(lcg_next(&seed) % TV);
-    ck_assert_int_eq(qkd_model_forward(teacher, tokens, TB, TT), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(teacher, tokens, B, T), QKD_OK);
     snap w0 = snap_take(student, 0);
     float first = 0.0f, last = 0.0f;
-    for (int step = 0; step < 30; step++) {
+    for (int step = 0; step <= STEPS; step++) {
         ck_assert_int_eq(qkd_model_zero_grad(student), QKD_OK);
-        ck_assert_int_eq(qkd_model_forward(student, tokens, TB, TT), QKD_OK);
+        ck_assert_int_eq(qkd_model_forward(student, tokens, B, T), QKD_OK);
         ck_assert_int_eq(qkd_loss_compute(loss, student, teacher, NULL, &last), QKD_OK);
         ck_assert_int_eq(qkd_model_backward(student, NULL), QKD_OK);
-        do_step(opt);
-        fprintf(stderr, "step %d loss %g\n", step, (double)last);
+        if (step < STEPS)
+            do_step(opt);
         first = step == 0 ? last : first;
     }
-    ck_assert_msg(last < 0.8f * first, "KL %g after 30 steps, %g at the start", (double)last,
-                  (double)first);
+    ck_assert_msg(last < 0.85f * first, "KL %g after %d steps, %g at the start", (double)last,
+                  STEPS, (double)first);
     snap w1 = snap_take(student, 0);
     int n_scales = 0;
     for (int i = 0; i < w0.n; i++) {
@@ -679,7 +711,7 @@ START_TEST(test_scales_only_training)
         ck_assert_msg(tensor_equal(&w0, &w1, i) == !is_scale, "%s %s", info.name,
                       is_scale ? "did not train" : "changed");
     }
-    ck_assert_int_eq(n_scales, 14);
+    ck_assert_int_eq(n_scales, 7 * 5);
     snap_free(&w1);
     snap_free(&w0);
     qkd_optimizer_free(opt);
@@ -1181,9 +1213,13 @@ Suite *suite_optim(void)
     tcase_add_loop_test(tc, test_clipping, 0, 2);
     tcase_add_test(tc, test_groups);
     tcase_add_loop_test(tc, test_presets, 0, 14);
-    tcase_add_test(tc, test_scales_only_training);
     tcase_add_test(tc, test_table_changes);
     tcase_add_loop_test(tc, test_non_finite_skips, 0, 2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("scales-only");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_scales_only_training);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("schedules");

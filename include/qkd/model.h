@@ -58,7 +58,8 @@ QKD_API qkd_status qkd_model_create(qkd_context *ctx,
  * *out: owned, free with qkd_model_free; NULL on error.
  * Errors: IO (cannot open/read), FORMAT (malformed or truncated: the
  * message says where), UNSUPPORTED (valid file of a variant we do not
- * read, e.g. a quantized tensor type), NO_MEMORY. @since 0.1 */
+ * read, e.g. a quantized tensor type), NON_FINITE (a Hugging Face tensor
+ * holds a NaN or Inf: the message names it), NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_model_load(qkd_context *ctx, const char *path,
                                   qkd_model **out);
 

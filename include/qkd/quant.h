@@ -192,8 +192,9 @@ QKD_API void qkd_quant_params_init(qkd_quant_params *p);
  * CONTINUOUS estimator, group_size < -1, clip_ratio outside (0,1],
  * sharpness not positive and finite, act_bits/kv_bits neither 0 nor in
  * [2, 16], learn_scales neither 0 nor 1 or set with a format scheme),
- * UNSUPPORTED (learn_scales on a backend without its kernels), NO_MEMORY. A quantizer is used by one thread at a time, with
- * the models bound to it. @since 0.1 */
+ * UNSUPPORTED (learn_scales on a backend without its kernels), NO_MEMORY.
+ * A quantizer is used by one thread at a time, with the models bound to
+ * it. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_create(qkd_context *ctx, const qkd_quant_params *p,
                                         qkd_quantizer **out);
 /* Accepts NULL. @since 0.1 */
@@ -213,8 +214,8 @@ QKD_API int64_t qkd_quantizer_n_groups(const qkd_quantizer *q, int64_t rows, int
  * zeros) * scales), scales[n_groups] and zeros[n_groups] (ASYM's integer
  * zero point; 0 for others), groups in row-major order (row, then group
  * along the row). Format schemes give the file's codes, and each group's
- * scale and offset in scales and zeros (wq = codes * scales + zeros). A FIXED clip applies. All outputs are copied (caller's
- * memory). Errors: INVALID_ARG (NULL q or w, empty shape), NON_FINITE (a
+ * scale and offset in scales and zeros (wq = codes * scales + zeros). A
+ * FIXED clip applies. All outputs are copied (caller's memory). Errors: INVALID_ARG (NULL q or w, empty shape), NON_FINITE (a
  * NaN/Inf weight: the message gives its index, row and column), NO_MEMORY,
  * BACKEND. @since 0.1 */
 QKD_API qkd_status qkd_quantizer_quantize(qkd_quantizer *q, const float *w,

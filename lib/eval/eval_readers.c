@@ -262,7 +262,8 @@ qkd_status qkd__eval_read_jsonl(qkd_eval_set *set, const char *text, size_t len,
                                 const char *labels, size_t labels_len)
 {
     line_iter lines = {text, text + len, 0};
-    label_iter lab = {{labels, labels + labels_len, 0}, labels != NULL};
+    /* labels is NULL but for official PIQA: NULL + 0 is undefined in C */
+    label_iter lab = {{labels, labels ? labels + labels_len : NULL, 0}, labels != NULL};
     const char *s;
     size_t n;
     qkd_status st = QKD_OK;

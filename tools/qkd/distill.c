@@ -328,6 +328,23 @@ static int train(distill_job *j, const distill_opts *o, progress *p)
     return save_checkpoint(j);
 }
 
+/* DIR/student.gguf: the student as trained (a GGUF format grid is written
+ * in that format, other grids as their rounded weights in F32) with the
+ * teacher's tokenizer, ready for `qkd generate`, `qkd eval` or llama.cpp. */
+static int save_student(distill_job *j, const distill_opts *o)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/student.gguf", o->out);
+    qkd_gguf_params p;
+    qkd_gguf_params_init(&p);
+    p.tokenizer = j->s.tok;
+    qkd_status st = qkd_model_save_gguf(j->student, path, &p);
+    if (st != QKD_OK)
+        return cli_fail(j->s.ctx, st, path);
+    fprintf(stderr, "student written to %s\n", path);
+    return CLI_EXIT_OK;
+}
+
 static int run_job(distill_job *j, const distill_opts *o, const cli_common *c)
 {
     const double t_start = cli_now();
@@ -359,7 +376,8 @@ static int run_job(distill_job *j, const distill_opts *o, const cli_common *c)
     if (rc != CLI_EXIT_OK)
         return rc;
     print_report(&e, qkd_dataset_n_windows(j->eval, o->seq, QKD_SPLIT_EVAL));
-    return write_summary(j, o, &e, cli_now() - t_start, train_s);
+    rc = save_student(j, o);
+    return rc == CLI_EXIT_OK ? write_summary(j, o, &e, cli_now() - t_start, train_s) : rc;
 }
 
 static int distill_main(int argc, char **argv)

@@ -117,6 +117,24 @@ static int parse_clip(const char *s, qkd_quant_params *q)
     return 0;
 }
 
+/* A GGUF block format as a training grid: the student then trains on exactly
+ * the weights `qkd export` writes. */
+static int format_scheme(const char *name, qkd_quant_scheme *out)
+{
+    static const struct {
+        const char *name;
+        qkd_quant_scheme scheme;
+    } formats[] = {{"q8_0", QKD_QUANT_Q8_0}, {"q4_0", QKD_QUANT_Q4_0}, {"q4_1", QKD_QUANT_Q4_1},
+                   {"q5_0", QKD_QUANT_Q5_0}, {"q5_1", QKD_QUANT_Q5_1}, {"q4_k", QKD_QUANT_Q4_K},
+                   {"q6_k", QKD_QUANT_Q6_K}, {"tq2_0", QKD_QUANT_TQ2_0}};
+    for (size_t i = 0; i < sizeof formats / sizeof formats[0]; i++)
+        if (!strcmp(name, formats[i].name)) {
+            *out = formats[i].scheme;
+            return 0;
+        }
+    return -1;
+}
+
 static int parse_quant(distill_opts *o)
 {
     const cli_command *cmd = &cli_cmd_distill;
@@ -140,12 +158,17 @@ static int parse_quant(distill_opts *o)
     } else if (!strcmp(o->scheme, "clip")) {
         q->scheme = QKD_QUANT_ASYM;
         clip = "output";
-    } else {
-        return cli_usage_error(cmd, "--scheme '%s': use sym, asym, clip or ternary", o->scheme);
+    } else if (format_scheme(o->scheme, &q->scheme) != 0) {
+        return cli_usage_error(cmd, "--scheme '%s': use sym, asym, clip, ternary or a GGUF "
+                               "format (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k, tq2_0)",
+                               o->scheme);
     }
     if (parse_clip(o->clip ? o->clip : clip, q) != 0)
         return cli_usage_error(cmd, "--clip '%s': use none, weight, output or a ratio in (0, 1]",
                                o->clip);
+    if (q->learn_scales && q->scheme > QKD_QUANT_TERNARY) /* a format's scales are its own */
+        return cli_usage_error(cmd, "--learn-scales and --scales-only want --scheme sym, asym, "
+                               "clip or ternary, not '%s'", o->scheme);
     return CLI_CONTINUE;
 }
 

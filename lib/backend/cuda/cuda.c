@@ -3,7 +3,6 @@
  * runs ggml's block quantizers on the host (the reference kernel) between
  * a download and an upload: those grids must match llama.cpp bit for bit,
  * and a device port is future work. cuda.h describes the whole backend. */
-#include <string.h>
 
 #include "backend/cuda/cuda.h"
 #include "backend/ref/ref.h"

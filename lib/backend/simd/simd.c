@@ -43,6 +43,8 @@ void qkd__simd_run(qkd__backend *b, int64_t n_tasks, double flops, qkd__task_fn 
 
 /* Tasks per thread of a parallel job: a few even out uneven items. */
 #define TASKS_PER_THREAD 4
+/* Least work of one task. */
+#define MIN_TASK_FLOPS (MIN_PARALLEL_FLOPS / 4)
 
 /* How many tasks a job of n items of `flops` each is worth. */
 static int64_t n_tasks(qkd__backend *b, int64_t n, double flops)
@@ -51,9 +53,16 @@ static int64_t n_tasks(qkd__backend *b, int64_t n, double flops)
     if (total < MIN_PARALLEL_FLOPS)
         return 1;
     double tasks = (double)TASKS_PER_THREAD * qkd__pool_size(b->ctx->pool);
-    if (tasks > total / (MIN_PARALLEL_FLOPS / 4))
-        tasks = total / (MIN_PARALLEL_FLOPS / 4);
+    if (tasks > total / MIN_TASK_FLOPS)
+        tasks = total / MIN_TASK_FLOPS;
     return tasks > (double)n ? n : (int64_t)tasks;
+}
+
+/* Items [*begin, *end) of task `task`, per_task items each, of n. */
+static void task_items(int64_t task, int64_t per_task, int64_t n, int64_t *begin, int64_t *end)
+{
+    *begin = task * per_task;
+    *end = n - *begin < per_task ? n : *begin + per_task;
 }
 
 struct range_job {
@@ -65,8 +74,8 @@ struct range_job {
 static void range_task(void *p, int64_t task)
 {
     const struct range_job *job = p;
-    int64_t begin = task * job->per_task;
-    int64_t end = job->n - begin < job->per_task ? job->n : begin + job->per_task;
+    int64_t begin, end;
+    task_items(task, job->per_task, job->n, &begin, &end);
     job->fn(job->arg, begin, end);
 }
 
@@ -96,8 +105,8 @@ struct slot_job {
 static void slot_task(void *p, int64_t task)
 {
     const struct slot_job *job = p;
-    int64_t begin = task * job->per_task;
-    int64_t end = job->n - begin < job->per_task ? job->n : begin + job->per_task;
+    int64_t begin, end;
+    task_items(task, job->per_task, job->n, &begin, &end);
     job->fn(job->arg, begin, end, job->ws + (size_t)task * job->slot_floats);
 }
 
