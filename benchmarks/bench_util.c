@@ -40,6 +40,13 @@ void bench_compare(void (*fn)(void *arg), void *const *args, int n, double min_s
         }
         runs++;
     }
+    static double ratio[MAX_RUNS];
+    for (int i = 0; ratios && i < n; i++) {
+        for (int r = 0; r < runs; r++)
+            ratio[r] = times[i][r] / times[0][r];
+        qsort(ratio, (size_t)runs, sizeof ratio[0], cmp_double);
+        ratios[i] = ratio[runs / 2];
+    }
     for (int i = 0; i < n; i++) {
         qsort(times[i], (size_t)runs, sizeof times[i][0], cmp_double);
         seconds[i] = times[i][runs / 2];
@@ -49,7 +56,7 @@ void bench_compare(void (*fn)(void *arg), void *const *args, int n, double min_s
 double bench_time(void (*fn)(void *arg), void *arg, double min_seconds, int min_runs)
 {
     double t;
-    bench_compare(fn, &arg, 1, min_seconds, min_runs, &t);
+    bench_compare(fn, &arg, 1, min_seconds, min_runs, &t, NULL);
     return t;
 }
 

@@ -17,9 +17,12 @@ double bench_time(void (*fn)(void *arg), void *arg, double min_seconds, int min_
 /* Median seconds of one call of each of n contenders fn(args[i]), timed in
  * turn (one call of each per round, after a warm-up round) so that a
  * change in the machine's load affects them alike: rounds run until
- * min_seconds have passed and at least min_runs were made. */
+ * min_seconds have passed and at least min_runs were made. ratios (NULL,
+ * or n values) receives, for each contender, the median over the rounds
+ * of its time divided by contender 0's in the same round: a comparison
+ * that a load changing between rounds hardly moves. */
 void bench_compare(void (*fn)(void *arg), void *const *args, int n, double min_seconds,
-                   int min_runs, double *seconds);
+                   int min_runs, double *seconds, double *ratios);
 
 /* A context on `backend` with n_threads threads; exits with a message on
  * failure. */

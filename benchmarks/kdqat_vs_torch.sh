@@ -27,11 +27,13 @@ if ! pkg-config --exists libuv jansson check; then
     export PKG_CONFIG_PATH=$prefix/usr/lib/x86_64-linux-gnu/pkgconfig
     export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
-[ -d build-bench ] || meson setup build-bench -Dbuildtype=release >/dev/null
-ninja -C build-bench benchmarks/bench-train >/dev/null
+if [ ! -d build-bench ]; then
+    meson setup build-bench -Dbuildtype=release >/dev/null 2>&1 ||
+        { tail -20 build-bench/meson-logs/meson-log.txt; exit 1; }
+fi
+ninja -C build-bench benchmarks/bench-train >/dev/null || { echo "build failed"; exit 1; }
 
-torch_cfg=$model
 echo "== libqkd (every core: $(nproc))"
 build-bench/benchmarks/bench-train --only "$model/kdqat" $ref_flag
 echo "== PyTorch $(python3 -c 'import torch; print(torch.__version__)') on the CPU"
-python3 benchmarks/torch_kdqat_cpu.py --cfg "$torch_cfg" --batch 4 --seq 256 --bits 4 --group 32
+python3 benchmarks/torch_kdqat_cpu.py --cfg "$model" --batch 4 --seq 256 --bits 4 --group 32

@@ -134,7 +134,7 @@ def main():
                           batch=a.batch, seq=a.seq, bits=a.bits, group=a.group, dtype=a.dtype,
                           compile=a.compile, threads=torch.get_num_threads(),
                           step_s=round(dt, 4), tokens_per_s=round(a.batch * a.seq / dt),
-                          loss=float(loss))))
+                          loss=loss.item())))
 
 
 if __name__ == "__main__":

@@ -280,13 +280,18 @@ static int run_hf(const uint8_t *data, size_t size)
     qkd_status st = QKD_OK;
     if (setup() != 0)
         abort();
-    size_t n = size >= 2 ? (size_t)data[0] | (size_t)data[1] << 8 : 0;
-    size_t body = size >= 2 ? size - 2 : 0;
-    if (n > body)
-        n = body;
+    const uint8_t *body = data;
+    size_t n = 0, body_n = size;
+    if (size >= 2) {
+        n = (size_t)data[0] | (size_t)data[1] << 8;
+        body += 2;
+        body_n -= 2;
+    }
+    if (n > body_n)
+        n = body_n;
     mkdir(scratch("hf"), 0700);
-    if (write_file(scratch("hf/config.json"), data + 2 * (size >= 2), n) != 0 ||
-        write_file(scratch("hf/model.safetensors"), data + 2 * (size >= 2) + n, body - n) != 0)
+    if (write_file(scratch("hf/config.json"), body, n) != 0 ||
+        write_file(scratch("hf/model.safetensors"), body + n, body_n - n) != 0)
         abort();
     int rc = load_model(scratch("hf"), &st);
     return result(rc, st);

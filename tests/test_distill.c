@@ -730,6 +730,12 @@ START_TEST(cli_distill_usage_errors)
     const char *bad_bits[] = {"distill", "--teacher", "x.bin", "--data", "t", "--bits", "5",
                               "--out", dir, NULL};
     ck_assert_int_eq(run_cli(bad_bits, dir), 2);
+    const char *learn_format[] = {"distill", "--teacher", "x.bin", "--data", "t", "--scheme",
+                                  "q4_0", "--scales-only", "--out", dir, NULL};
+    ck_assert_int_eq(run_cli(learn_format, dir), 2);
+    char *learn_err = slurp(dir, "stderr");
+    ck_assert_ptr_nonnull(strstr(learn_err, "--learn-scales and --scales-only want"));
+    free(learn_err);
     const char *flag_value[] = {"distill", "--resume=1", NULL};
     ck_assert_int_eq(run_cli(flag_value, dir), 2);
     char *err = slurp(dir, "stderr");

@@ -294,6 +294,65 @@ START_TEST(test_student_other_scheme)
 }
 END_TEST
 
+/* A student with learned scales: moved away from their min-max start, the
+ * file still holds exactly the student's Q(w) (GGUF and safetensors), and no
+ * scale tensor is written. */
+START_TEST(test_learned_scales_export)
+{
+    qkd_context *ctx = test_context(1);
+    qkd_model *m = random_model(ctx, 64, 96, 64, 9);
+    int n_weights = qkd_model_n_tensors(m);
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.group_size = 32;
+    qp.learn_scales = 1;
+    qkd_quantizer *q = NULL;
+    ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
+    ck_assert_int_gt(qkd_model_n_tensors(m), n_weights);
+    for (int i = n_weights; i < qkd_model_n_tensors(m); i++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        ck_assert_int_eq(qkd_model_tensor_info(m, i, &info), QKD_OK);
+        if (info.kind != QKD_TENSOR_QUANT_SCALE)
+            continue;
+        int64_t n;
+        float *s = tensor_values(m, i, &n);
+        for (int64_t k = 0; k < n; k++)
+            s[k] *= 0.8f; /* a learned scale, not min-max's */
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, s, (size_t)n), QKD_OK);
+        free(s);
+    }
+    int32_t tokens[12] = {1, 5, 9, 33, 2, 0, 63, 7, 8, 11, 40, 41};
+    float *want = forward_logits(m, tokens, 1, 12);
+
+    const char *path = tmp_path("learned.gguf");
+    save_ok(m, ctx, path, NULL);
+    qkd_model *back = load_ok(ctx, path);
+    ck_assert_int_eq(qkd_model_n_tensors(back), n_weights);
+    float *got = forward_logits(back, tokens, 1, 12);
+    ck_assert(memcmp(got, want, 12 * 64 * sizeof(float)) == 0);
+    free(got);
+    qkd_model_free(back);
+
+    char *dir = strdup(tmp_path("learned-hf"));
+    qkd_safetensors_params sp;
+    qkd_safetensors_params_init(&sp);
+    sp.as_deployed = 1;
+    ck_assert_int_eq(qkd_model_save_safetensors(m, dir, &sp), QKD_OK);
+    back = load_ok(ctx, dir);
+    got = forward_logits(back, tokens, 1, 12);
+    for (int i = 0; i < 12 * 64; i++)
+        ck_assert_msg(fabsf(got[i] - want[i]) <= 1e-5f * (1 + fabsf(want[i])), "logit %d", i);
+    free(got);
+    free(dir);
+    free(want);
+    qkd_model_free(back);
+    qkd_model_free(m);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* ---- stories260K through every type ------------------------------------------------ */
 
 static const qkd_gguf_type all_types[] = {
@@ -865,6 +924,7 @@ Suite *suite_export_gguf(void)
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, test_student_round_trip, 0, N_FORMATS);
     tcase_add_test(tc, test_student_other_scheme);
+    tcase_add_test(tc, test_learned_scales_export);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("stories260K");

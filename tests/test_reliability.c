@@ -1417,12 +1417,11 @@ static void seed_and_mutations(const char *name, const uint8_t *data, size_t n, 
 
 START_TEST(fuzz_targets_load_their_seeds)
 {
-    const char *shared = test_shared("models/stories260K/tok512.bin");
+    const char *shared = test_shared("");
     if (!shared)
         return;
     char shared_dir[4096], source[4096];
     snprintf(shared_dir, sizeof shared_dir, "%s", shared);
-    *strstr(shared_dir, "/models/stories260K/tok512.bin") = '\0';
     snprintf(source, sizeof source, "%s", test_source(""));
     const fuzz_target *t = &fuzz_targets[_i];
     char dir[600];

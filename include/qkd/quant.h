@@ -86,16 +86,18 @@
  *        dQ/dw = 1, dQ/ds = R(w / s') - w / s' (LSQ), dQ/dz = 0;
  *   STE, k outside (clamped):
  *        dQ/dw = 0 (the mask), dQ/ds = clamp(k, a, b) - z', dQ/dz = -s';
- *   CONTINUOUS: the exact derivatives of the smooth forward above.
+ *   CONTINUOUS: the exact derivatives of the smooth forward above in w
+ *        and s, and dQ/dz = s' (SoftClamp'(k) - 1), k = round_T(w / s') +
+ *        z' (straight through the rounding of z).
  * TERNARY learns its s only (the threshold D still comes from the group):
  * Q = s' c, dQ/ds = c, dQ/dw as without learn_scales (STE), or the smooth
- * form's derivatives. LSQ's gradient scale 1/sqrt(group size * b) is not
- * applied: a scale's gradient is its true (STE) gradient, and
- * qkd_optimizer_set_group gives the scale tensors their own learning rate
- * where needed. Create the optimizer after binding (it sees the table of
- * its creation). qkd_quantizer_quantize and the export "as deployed" of a
- * quantizer alone compute min-max scales; a learned student's Q(w) is
- * what its forward reads.
+ * form's derivatives. LSQ's gradient scale 1/sqrt(group size * b) (b the
+ * top code) is not applied: a scale's gradient is the plain gradient of
+ * the straight-through forms above, and qkd_optimizer_set_group gives the
+ * scale tensors a learning rate of their own where needed. Create the
+ * optimizer after binding (it sees the table of its creation).
+ * qkd_quantizer_quantize, which sees a quantizer alone, computes min-max
+ * scales; a learned student's Q(w) is what its own forward reads.
  *
  * Format schemes (QKD_QUANT_Q8_0 .. QKD_QUANT_TQ2_0) are llama.cpp's GGUF
  * storage types: Q(w) of each row is exactly ggml's reference dequantize(

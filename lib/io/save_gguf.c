@@ -370,8 +370,7 @@ static qkd_status source_values(saver *s, int i, float *w, float *wq, const floa
         qkd__quant_scheme_type(qkd__quantizer_params(q)->scheme) >= 0)
         return st;
     *src = wq;
-    return qkd_quantizer_quantize(q, w, t->info.shape[0], t->info.shape[1], wq, NULL, NULL,
-                                  NULL);
+    return qkd__model_deployed_get(s->model, i, wq); /* learned scales included */
 }
 
 static qkd_status check_source(saver *s, const planned *t, const float *x)
@@ -474,7 +473,7 @@ static qkd_status setup(saver *s, qkd_model *model, const char *path, const qkd_
         return qkd__error(s->ctx, QKD_ERR_INVALID_ARG, "save gguf: path is NULL");
     s->tok = s->p.tokenizer ? s->p.tokenizer : qkd_model_tokenizer(model);
     s->cfg.size = sizeof s->cfg;
-    s->n = qkd_model_n_tensors(model);
+    s->n = qkd__model_n_weights(model);
     st = qkd_model_get_config(model, &s->cfg);
     if (st == QKD_OK)
         st = check_tokenizer(s);

@@ -136,7 +136,7 @@ static json_t *header_json(const hf_saver *sv)
         return NULL;
     }
     uint64_t offset = 0;
-    int n = qkd_model_n_tensors(sv->model);
+    int n = qkd__model_n_weights(sv->model);
     for (int i = 0; i < n; i++) {
         qkd_tensor_info info = {.size = sizeof info};
         char name[NAME_LEN];
@@ -181,10 +181,9 @@ static qkd_status tensor_values(hf_saver *sv, int index, const qkd_tensor_info *
     if (st != QKD_OK)
         return st;
     const float *w = sv->buf;
-    qkd_quantizer *q = sv->p.as_deployed ? qkd__model_tensor_quantizer(sv->model, index) : NULL;
-    if (q) {
-        st = qkd_quantizer_quantize(q, sv->buf, info->shape[0], info->shape[1], sv->wq, NULL,
-                                    NULL, NULL);
+    if (sv->p.as_deployed && qkd__model_tensor_quantizer(sv->model, index)) {
+        /* the student's own Q(w): its learned scales, if any, included */
+        st = qkd__model_deployed_get(sv->model, index, sv->wq);
         if (st != QKD_OK)
             return st;
         w = sv->wq;
@@ -255,7 +254,7 @@ static qkd_status fill_safetensors(hf_saver *sv, qkd__wfile *w)
     qkd__wfile_bytes(w, "       ", padded - len);
     free(header);
     qkd_status st = QKD_OK;
-    int n = qkd_model_n_tensors(sv->model);
+    int n = qkd__model_n_weights(sv->model);
     for (int i = 0; i < n && st == QKD_OK; i++)
         st = write_tensor(sv, w, i);
     return st;
@@ -647,7 +646,7 @@ static qkd_status check_args(qkd_context *ctx, const char *dir, const qkd_safete
 static qkd_status saver_alloc(hf_saver *sv)
 {
     int64_t largest = 0;
-    int n = qkd_model_n_tensors(sv->model);
+    int n = qkd__model_n_weights(sv->model);
     for (int i = 0; i < n; i++) {
         qkd_tensor_info info = {.size = sizeof info};
         if (qkd_model_tensor_info(sv->model, i, &info) == QKD_OK && info.n_elements > largest)

@@ -385,6 +385,11 @@ int qkd_model_n_tensors(const qkd_model *m)
     return m ? m->n_tensors : 0;
 }
 
+int qkd__model_n_weights(const qkd_model *m)
+{
+    return m->n_weights;
+}
+
 int qkd__model_tensor_index(const qkd_model *m, qkd_tensor_kind kind, int layer)
 {
     const int L = m->cfg.n_layers;

@@ -39,6 +39,10 @@ float *qkd__model_grad_dev(qkd_model *model, int index);
  * tensors: an optimizer holds on to the table of its creation. */
 unsigned qkd__model_table_gen(const qkd_model *model);
 
+/* The model's own tensors (the table's first), without a bound
+ * quantizer's learned scales and zero points: what a file stores. */
+int qkd__model_n_weights(const qkd_model *model);
+
 /* Tensor `index`'s weights as the student deploys them, into host dst
  * (its n_elements floats): Q(w) with hard rounding and the student's
  * scales (learned ones included) for a tensor a bound quantizer targets,
