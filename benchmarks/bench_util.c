@@ -21,7 +21,7 @@ static int cmp_double(const void *a, const void *b)
 enum { MAX_RUNS = 1000, MAX_CONTENDERS = 8 };
 
 void bench_compare(void (*fn)(void *arg), void *const *args, int n, double min_seconds,
-                   int min_runs, double *seconds)
+                   int min_runs, double *seconds, double *ratios)
 {
     static double times[MAX_CONTENDERS][MAX_RUNS];
     if (n > MAX_CONTENDERS) {

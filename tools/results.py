@@ -4,7 +4,7 @@
 One command (from the repository root, after building into build/):
 
     python3 tools/results.py [--qkd build/tools/qkd/qkd] [--shared ../shared]
-                             [--out build/results] [--steps 300]
+                             [--out build/results] [--steps 500]
 
 What it runs, all with the same training-token budget (steps x batch x seq):
   1. the teacher writes its own training data once (LLM-QAT data-free
@@ -85,7 +85,7 @@ def main():
     p.add_argument("--qkd", default="build/tools/qkd/qkd")
     p.add_argument("--shared", default="../shared")
     p.add_argument("--out", default="build/results")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--data-free", type=int, default=2000)
