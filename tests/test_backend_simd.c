@@ -846,6 +846,7 @@ static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
     qkd_model *m = NULL;
     ck_assert_int_eq(qkd_model_load(ctx, path, &m), QKD_OK);
     qkd_model_config cfg;
+    qkd_model_config_init(&cfg);
     ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
     int32_t tokens[MB * MT], targets[MB * MT];
     rng_seed(91);
