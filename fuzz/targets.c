@@ -110,6 +110,9 @@ static int setup(void)
 
 static int write_file(const char *path, const void *data, size_t n)
 {
+    /* A new file rather than a truncated one: ext4 flushes a file that is
+     * truncated and rewritten on close, which would make fuzzing I/O-bound. */
+    remove(path);
     FILE *f = fopen(path, "wb");
     int ok = f && (n == 0 || fwrite(data, 1, n, f) == n);
     if (f && fclose(f) != 0)
@@ -165,7 +168,8 @@ static int result(int rc, qkd_status st)
 static const qkd_status tokenizer_errors[] = {QKD_ERR_IO, QKD_ERR_FORMAT, QKD_ERR_UNSUPPORTED,
                                               QKD_ERR_NO_MEMORY, QKD_OK};
 static const qkd_status model_errors[] = {QKD_ERR_IO, QKD_ERR_FORMAT, QKD_ERR_UNSUPPORTED,
-                                          QKD_ERR_NON_FINITE, QKD_ERR_NO_MEMORY, QKD_OK};
+                                          QKD_ERR_SHAPE, QKD_ERR_NON_FINITE,
+                                          QKD_ERR_NO_MEMORY, QKD_OK};
 
 /* ---- using what loaded ------------------------------------------------------------- */
 

@@ -16,10 +16,11 @@
  * and optimizer state do not move), the step still counts and consumes
  * its batch, its stats say skipped = 1, and after max_bad_steps bad steps
  * in a row the run stops with QKD_ERR_NON_FINITE.
- * Nothing in a step is random: the batch is a function of
- * s and the optimizer's state is saved whole, so a run resumed from a
- * checkpoint reaches bit-identical weights to an uninterrupted one on the
- * same backend.
+ *
+ * Nothing in a step is random: the batch is a function of s and the
+ * optimizer's state is saved whole, so a run resumed from a checkpoint
+ * reaches bit-identical weights to an uninterrupted one on the same
+ * backend.
  *
  * The quantizer is the host's business: bind it to the student
  * (qkd_model_set_quantizer) and calibrate it before the run.
@@ -132,7 +133,8 @@ QKD_API qkd_status qkd_distill_save(const qkd_distill *d, const char *path);
 
 /* Restore a checkpoint into a run created with the same shapes (models,
  * optimizer, data, batch, seq): the student's weights, the optimizer's
- * state, the step and the history. Nothing changes unless the whole file
+ * state, the step and the history; the count of bad steps in a row starts
+ * again from 0. Nothing changes unless the whole file
  * is valid. Errors: INVALID_ARG, IO, FORMAT (bad magic, truncated,
  * checksum mismatch: the message says where), UNSUPPORTED (newer
  * version), SHAPE (tensors or optimizer state differ from the run's),

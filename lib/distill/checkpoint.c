@@ -336,6 +336,7 @@ static qkd_status apply(reader *rd, const char *path)
     if (rd->step)
         memcpy(d->history, rd->history, (size_t)rd->step * sizeof *d->history);
     d->step = (int64_t)rd->step;
+    d->bad_streak = 0; /* a checkpoint holds a good state */
     return QKD_OK;
 }
 

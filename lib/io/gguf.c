@@ -615,6 +615,15 @@ int64_t qkd__gguf_n_tensors(const qkd__gguf *g)
     return (int64_t)g->n_tensors;
 }
 
+uint64_t qkd__gguf_data_elements(const qkd__gguf *g)
+{
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < g->n_tensors; i++)
+        if (qkd__ggml_format_of(g->tensors[i].type))
+            n += g->tensors[i].n_elements;
+    return n;
+}
+
 qkd_status qkd__gguf_find_tensor(const qkd__gguf *g, const char *name,
                                  const qkd__gguf_tensor **out)
 {

@@ -55,6 +55,9 @@ typedef struct qkd__gguf_tensor {
 } qkd__gguf_tensor;
 
 int64_t qkd__gguf_n_tensors(const qkd__gguf *g);
+/* Elements of every tensor whose data open checked to lie in the file (the
+ * types qkd__gguf_read_f32 reads). */
+uint64_t qkd__gguf_data_elements(const qkd__gguf *g);
 /* Tensor by name: NOT_FOUND (not recorded on ctx) if absent. */
 qkd_status qkd__gguf_find_tensor(const qkd__gguf *g, const char *name,
                                  const qkd__gguf_tensor **out);

@@ -25,6 +25,13 @@ qkd_status qkd__tokenizer_load_llama2c(qkd_context *ctx, const char *path,
 qkd_status qkd__tokenizer_from_gguf(qkd_context *ctx, const qkd__gguf *g,
                                     qkd_tokenizer **out);
 
+/* FORMAT (recorded) when cfg describes far more weights than the `held`
+ * elements of the file's tensors: loaders call it before allocating the
+ * model, so that a few header bytes cannot make them allocate and zero
+ * gigabytes. The margin leaves small mismatches to their precise checks. */
+qkd_status qkd__check_backed(qkd_context *ctx, const char *path, const qkd_model_config *cfg,
+                             uint64_t held);
+
 /* Read a whole file into owned memory (qkd__free), refusing files larger
  * than max_bytes (FORMAT). IO/NO_MEMORY recorded on ctx with the path. */
 qkd_status qkd__read_file(qkd_context *ctx, const char *path, size_t max_bytes,

@@ -98,7 +98,7 @@ static qkd_status read_config(qkd_context *ctx, const qkd__gguf *g, const char *
         return qkd__error(ctx, QKD_ERR_FORMAT, "%s: the llama.* keys describe no valid "
                           "model: %s", path, why);
     }
-    return QKD_OK;
+    return qkd__check_backed(ctx, path, cfg, qkd__gguf_data_elements(g));
 }
 
 /* GGUF lists dimensions fastest first: a [rows][cols] weight has

@@ -514,6 +514,14 @@ static qkd_status fill_model(hf_source *src, qkd_model *model, const qkd_model_c
     return s;
 }
 
+static qkd_status check_backed(hf_source *src, const qkd_model_config *cfg)
+{
+    uint64_t held = 0;
+    for (size_t i = 0; i < src->n_shards; i++)
+        held += qkd__st_elements(src->shards[i].st);
+    return qkd__check_backed(src->ctx, src->weights, cfg, held);
+}
+
 qkd_status qkd__load_hf(qkd_context *ctx, const char *path, qkd_model **out)
 {
     *out = NULL;
@@ -525,6 +533,8 @@ qkd_status qkd__load_hf(qkd_context *ctx, const char *path, qkd_model **out)
         s = read_config(&src, &cfg);
     if (s == QKD_OK)
         s = open_weights(&src);
+    if (s == QKD_OK)
+        s = check_backed(&src, &cfg);
     if (s == QKD_OK)
         s = qkd_model_create(ctx, &cfg, &model);
     if (s == QKD_OK)

@@ -25,6 +25,21 @@ static qkd_status has_gguf_magic(qkd_context *ctx, const char *path, bool *yes)
     return QKD_OK;
 }
 
+qkd_status qkd__check_backed(qkd_context *ctx, const char *path, const qkd_model_config *cfg,
+                             uint64_t held)
+{
+    /* The standard tensors' weights, in double: only compared. */
+    const double d = cfg->dim, heads = cfg->n_heads > 0 ? cfg->n_heads : 1;
+    const double kv = d * cfg->n_kv_heads / heads;
+    const double layer = 2.0 * d + 2.0 * d * d + 2.0 * kv * d + 3.0 * d * cfg->hidden_dim;
+    const double need = (double)cfg->vocab_size * d * (cfg->tied_embeddings ? 1.0 : 2.0) +
+                        cfg->n_layers * layer + d;
+    if (need <= 4.0 * (double)held + (double)(1u << 20))
+        return QKD_OK;
+    return qkd__error(ctx, QKD_ERR_FORMAT, "%s: the header describes %.0f weights, the file "
+                      "holds %llu", path, need, (unsigned long long)held);
+}
+
 QKD_API qkd_status qkd_model_load(qkd_context *ctx, const char *path, qkd_model **out)
 {
     if (!ctx)

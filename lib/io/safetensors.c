@@ -240,6 +240,14 @@ const qkd__st_tensor *qkd__st_find(const qkd__safetensors *st, const char *name)
     return NULL;
 }
 
+uint64_t qkd__st_elements(const qkd__safetensors *st)
+{
+    uint64_t n = 0;
+    for (size_t i = 0; i < st->n_tensors; i++)
+        n += st->tensors[i].n_elements;
+    return n;
+}
+
 /* ---- conversion to float (little-endian bytes) ---- */
 
 static float f32_from(const uint8_t *p)

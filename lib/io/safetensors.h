@@ -37,6 +37,8 @@ void qkd__st_close(qkd__safetensors *st); /* accepts NULL */
 
 /* The tensor named `name`, or NULL (nothing recorded) if absent. */
 const qkd__st_tensor *qkd__st_find(const qkd__safetensors *st, const char *name);
+/* The elements of all its tensors (open checked they lie in the file). */
+uint64_t qkd__st_elements(const qkd__safetensors *st);
 
 /* Read tensor t converted to float. n must equal its element count
  * (SHAPE otherwise); UNSUPPORTED for dtypes other than F32, F16, BF16;
