@@ -23,54 +23,18 @@ typedef struct cli_result {
     char *err;  /* stderr */
 } cli_result;
 
-static char *slurp(const char *path)
-{
-    size_t len;
-    char *data = test_read_file(path, &len);
-    char *s = realloc(data, len + 1);
-    ck_assert_ptr_nonnull(s);
-    s[len] = '\0';
-    return s;
-}
-
-static void redirect(const char *path, int fd)
-{
-    int f = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    if (f < 0 || dup2(f, fd) < 0)
-        _exit(127);
-    close(f);
-}
-
 /* Run QKD_CLI with args (NULL-terminated, without argv[0]). */
 static cli_result run_cli(const char *const *args)
 {
-    const char *cli = getenv("QKD_CLI");
-    ck_assert_msg(cli && *cli, "QKD_CLI is not set (meson test sets it)");
     const char *dir = test_tmpdir();
     char out_path[512], err_path[512];
     snprintf(out_path, sizeof out_path, "%s/out", dir);
     snprintf(err_path, sizeof err_path, "%s/err", dir);
-
-    char *argv[32] = {(char *)cli};
-    int argc = 1;
-    for (; args[argc - 1]; argc++) {
-        ck_assert_int_lt(argc, 31);
-        argv[argc] = (char *)args[argc - 1];
-    }
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        redirect(out_path, STDOUT_FILENO);
-        redirect(err_path, STDERR_FILENO);
-        execv(cli, argv);
-        _exit(127);
-    }
-    int wstatus;
-    ck_assert_int_eq(waitpid(pid, &wstatus, 0), pid);
+    int status = test_wait_cli(test_spawn_cli(args, out_path, err_path));
     cli_result r = {
-        .status = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1,
-        .out = slurp(out_path),
-        .err = slurp(err_path),
+        .status = status,
+        .out = test_read_text(out_path, NULL),
+        .err = test_read_text(err_path, NULL),
     };
     unlink(out_path);
     unlink(err_path);
@@ -84,24 +48,17 @@ static void result_free(cli_result *r)
     free(r->err);
 }
 
-/* Paths under ../shared, copied out of test_shared's static buffer. */
-static char *shared_path(const char *rel)
-{
-    const char *p = test_shared(rel);
-    return p ? strdup(p) : NULL;
-}
-
 START_TEST(generate_greedy_bin)
 {
-    char *model = shared_path(MODEL_BIN), *tok = shared_path(TOK_BIN);
-    char *ref = shared_path(GREEDY);
+    char *model = test_shared_dup(MODEL_BIN), *tok = test_shared_dup(TOK_BIN);
+    char *ref = test_shared_dup(GREEDY);
     if (!model || !tok || !ref)
         return;
     const char *args[] = {"generate", model, "--tokenizer", tok, "--temp", "0",
                           "--threads", "2", NULL};
     cli_result r = run_cli(args);
     ck_assert_msg(r.status == 0, "status %d: %s", r.status, r.err);
-    char *want = slurp(ref);
+    char *want = test_read_text(ref, NULL);
     ck_assert_str_eq(r.out, want);
     free(want);
     result_free(&r);
@@ -114,13 +71,13 @@ END_TEST
 /* The GGUF carries its tokenizer and a context of 128: -n 256 widens it. */
 START_TEST(generate_greedy_gguf)
 {
-    char *model = shared_path(MODEL_GGUF), *ref = shared_path(GREEDY);
+    char *model = test_shared_dup(MODEL_GGUF), *ref = test_shared_dup(GREEDY);
     if (!model || !ref)
         return;
     const char *args[] = {"generate", model, "-t", "0", "-n", "256", NULL};
     cli_result r = run_cli(args);
     ck_assert_msg(r.status == 0, "status %d: %s", r.status, r.err);
-    char *want = slurp(ref);
+    char *want = test_read_text(ref, NULL);
     ck_assert_str_eq(r.out, want);
     ck_assert_ptr_nonnull(strstr(r.err, "128"));
     free(want);
@@ -132,7 +89,7 @@ END_TEST
 
 START_TEST(info_prints_config)
 {
-    char *model = shared_path(MODEL_BIN);
+    char *model = test_shared_dup(MODEL_BIN);
     if (!model)
         return;
     const char *args[] = {"info", model, NULL};
@@ -159,7 +116,7 @@ END_TEST
 
 START_TEST(info_gguf_tokenizer)
 {
-    char *model = shared_path(MODEL_GGUF);
+    char *model = test_shared_dup(MODEL_GGUF);
     if (!model)
         return;
     const char *args[] = {"info", model, NULL};
@@ -182,7 +139,7 @@ static double library_perplexity(const char *model_path, const char *tok_path,
     qkd_tokenizer *tok = NULL;
     ck_assert_int_eq(qkd_model_load(ctx, model_path, &m), QKD_OK);
     ck_assert_int_eq(qkd_tokenizer_load(ctx, tok_path, &tok), QKD_OK);
-    char *text = slurp(text_path);
+    char *text = test_read_text(text_path, NULL);
     size_t len = strlen(text), n = 0;
     int32_t *ids = malloc((len + 2) * sizeof *ids);
     ck_assert_int_eq(qkd_tokenizer_encode(tok, text, len, QKD_ENCODE_BOS, ids, len + 2, &n),
@@ -219,8 +176,8 @@ static double library_perplexity(const char *model_path, const char *tok_path,
 
 START_TEST(eval_perplexity_matches_library)
 {
-    char *model = shared_path(MODEL_BIN), *tok = shared_path(TOK_BIN);
-    char *text = shared_path(TEXT);
+    char *model = test_shared_dup(MODEL_BIN), *tok = test_shared_dup(TOK_BIN);
+    char *text = test_shared_dup(TEXT);
     if (!model || !tok || !text)
         return;
     const char *args[] = {"eval", model, "--tokenizer", tok, "--text", text, "--seq", "64",
@@ -264,7 +221,7 @@ static void expect_failure(const char *const *args, int status, const char *in_s
 
 START_TEST(bad_command_lines)
 {
-    char *model = shared_path(MODEL_BIN);
+    char *model = test_shared_dup(MODEL_BIN);
     if (!model)
         return;
     const char *unknown_opt[] = {"generate", model, "--bogus", "1", NULL};

@@ -65,8 +65,6 @@ END_TEST
 
 /* ---- context -------------------------------------------------------------- */
 
-static void *counting_alloc(void *user, size_t size);
-
 START_TEST(context_defaults)
 {
     qkd_context *ctx = NULL;
@@ -98,7 +96,7 @@ START_TEST(context_rejects_bad_params)
     ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_ERR_INVALID_ARG);
 
     qkd_context_params_init(&p);
-    p.alloc = counting_alloc; /* a hook without its partner */
+    p.alloc = test_alloc_hook; /* a hook without its partner */
     ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_ERR_INVALID_ARG);
 
     qkd_context_params_init(&p);
@@ -126,45 +124,24 @@ START_TEST(context_unavailable_backend_is_unsupported)
 }
 END_TEST
 
-/* A counting allocator that can fail the Nth call. */
-typedef struct {
-    long calls, live, fail_at;
-} counting;
-
-static void *counting_alloc(void *user, size_t size)
-{
-    counting *c = user;
-    if (++c->calls == c->fail_at)
-        return NULL;
-    c->live++;
-    return malloc(size);
-}
-
-static void counting_free(void *user, void *ptr)
-{
-    counting *c = user;
-    if (ptr)
-        c->live--;
-    free(ptr);
-}
-
-static qkd_status create_counted(counting *c, int threads, qkd_context **ctx)
+/* A context on the default backend counting its allocations; attempt
+ * fail_at (from 0; -1 none) fails. */
+static qkd_status create_counted(test_alloc *c, long fail_at, int threads, qkd_context **ctx)
 {
     qkd_context_params p;
     qkd_context_params_init(&p);
-    p.alloc = counting_alloc;
-    p.free = counting_free;
-    p.alloc_user = c;
+    test_alloc_hooks(&p, c);
+    c->fail_at = fail_at;
     p.n_threads = threads;
     return qkd_context_create(&p, ctx);
 }
 
 START_TEST(context_uses_allocator_hooks)
 {
-    counting c = {0};
+    test_alloc c;
     qkd_context *ctx = NULL;
-    ck_assert_int_eq(create_counted(&c, 3, &ctx), QKD_OK);
-    ck_assert_int_gt(c.calls, 0);
+    ck_assert_int_eq(create_counted(&c, -1, 3, &ctx), QKD_OK);
+    ck_assert_int_gt(c.n, 0);
     void *p = qkd__alloc(ctx, 1000);
     ck_assert_ptr_nonnull(p);
     ck_assert_uint_eq((uintptr_t)p % 64, 0);
@@ -176,14 +153,14 @@ END_TEST
 
 START_TEST(context_create_survives_every_allocation_failure)
 {
-    counting probe = {0};
+    test_alloc probe;
     qkd_context *ctx = NULL;
-    ck_assert_int_eq(create_counted(&probe, 3, &ctx), QKD_OK);
+    ck_assert_int_eq(create_counted(&probe, -1, 3, &ctx), QKD_OK);
     qkd_context_free(ctx);
-    for (long n = 1; n <= probe.calls; n++) {
-        counting c = {.fail_at = n};
+    for (long n = 0; n < probe.n; n++) {
+        test_alloc c;
         ctx = NULL;
-        ck_assert_int_eq(create_counted(&c, 3, &ctx), QKD_ERR_NO_MEMORY);
+        ck_assert_int_eq(create_counted(&c, n, 3, &ctx), QKD_ERR_NO_MEMORY);
         ck_assert_ptr_null(ctx);
         ck_assert_int_eq(c.live, 0);
     }

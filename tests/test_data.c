@@ -24,14 +24,6 @@ static qkd_dataset *ramp_dataset(qkd_context *ctx, int n)
     return ds;
 }
 
-static void write_file(const char *path, const void *data, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_uint_eq(fwrite(data, 1, n, f), n);
-    fclose(f);
-}
-
 /* ---- text ----------------------------------------------------------------- */
 
 START_TEST(text_equals_tokenizer_encode)
@@ -119,7 +111,7 @@ static void expect_load(qkd_context *ctx, const void *bytes, size_t n, qkd_statu
 {
     char path[512];
     snprintf(path, sizeof path, "%s/bad.tok", test_tmpdir());
-    write_file(path, bytes, n);
+    test_write_file(path, bytes, n);
     qkd_dataset *ds = (qkd_dataset *)&ds; /* must be reset to NULL */
     qkd_status st = qkd_dataset_load(ctx, path, &ds);
     ck_assert_msg(st == want, "%s: got %s, want %s (%s)", what, qkd_status_name(st),

@@ -33,10 +33,7 @@ static qkd_model *tiny_model(qkd_context *ctx, uint64_t seed)
     cfg.n_kv_heads = 1;
     cfg.vocab_size = VOCAB;
     cfg.max_seq_len = SEQ;
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_create(ctx, &cfg, &m), QKD_OK);
-    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.5f), QKD_OK);
-    return m;
+    return test_model(ctx, &cfg, seed, 0.5f);
 }
 
 /* N_TOKENS pseudo-random ids (a fixed LCG, so every run sees the same). */
@@ -466,56 +463,24 @@ END_TEST
 
 /* ---- the qkd tool ---------------------------------------------------------------------- */
 
-/* Start QKD_CLI with args (NULL-terminated, without argv[0]), its stdout
+/* Run QKD_CLI with args (NULL-terminated, without argv[0]), its stdout
  * and stderr going to files in dir. */
 static pid_t spawn_cli(const char *const *args, const char *dir)
 {
-    const char *cli = getenv("QKD_CLI");
-    ck_assert_msg(cli && *cli, "QKD_CLI is not set (meson test sets it)");
-    char *argv[48] = {(char *)cli};
-    for (int i = 0; args[i]; i++) {
-        ck_assert_int_lt(i, 46);
-        argv[i + 1] = (char *)args[i];
-    }
     char out[512], err[512];
     snprintf(out, sizeof out, "%s/stdout", dir);
     snprintf(err, sizeof err, "%s/stderr", dir);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        int fo = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        int fe = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0)
-            _exit(127);
-        execv(cli, argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-/* Exit status of pid, or -1 if it did not exit normally. */
-static int wait_cli(pid_t pid)
-{
-    int ws;
-    ck_assert_int_eq(waitpid(pid, &ws, 0), pid);
-    return WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+    return test_spawn_cli(args, out, err);
 }
 
 static char *slurp(const char *dir, const char *name)
 {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    size_t len;
-    char *data = test_read_file(path, &len);
-    char *s = realloc(data, len + 1);
-    ck_assert_ptr_nonnull(s);
-    s[len] = '\0';
-    return s;
+    return test_read_text(test_path_in(dir, name), NULL);
 }
 
 static int run_cli(const char *const *args, const char *dir)
 {
-    return wait_cli(spawn_cli(args, dir));
+    return test_wait_cli(spawn_cli(args, dir));
 }
 
 /* Run and require success, showing the tool's stderr otherwise. */
@@ -685,7 +650,7 @@ START_TEST(cli_interrupt_and_resume_bit_identical)
     for (int i = 0; i < 20000 && count_lines(metrics) < 3; i++)
         nanosleep(&nap, NULL);
     ck_assert_int_eq(kill(pid, SIGINT), 0);
-    int status = wait_cli(pid);
+    int status = test_wait_cli(pid);
     int lines = count_lines(metrics);
     char *err = slurp(dir, "stderr");
     ck_assert_msg(status == 130, "status %d: %s", status, err);

@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,45 +20,6 @@
 #define STORIES_GGUF "models/stories260K/stories260K.gguf"
 #define STORIES_TOK "models/stories260K/tok512.bin"
 #define TINYSTORIES "text/tinystories/TinyStories-valid.slice_My-AI_Tasks.txt"
-
-/* ---- a context whose allocations are counted ---------------------------------- */
-
-typedef struct counter {
-    long live; /* allocations not yet freed */
-    long base; /* those of the context itself */
-} counter;
-
-static void *count_alloc(void *user, size_t size)
-{
-    void *p = malloc(size);
-    if (p)
-        ((counter *)user)->live++;
-    return p;
-}
-
-static void count_free(void *user, void *p)
-{
-    if (p) {
-        ((counter *)user)->live--;
-        free(p);
-    }
-}
-
-static qkd_context *counting_context(counter *c)
-{
-    *c = (counter){0};
-    qkd_context_params p;
-    qkd_context_params_init(&p);
-    p.n_threads = 1;
-    p.backend = QKD_BACKEND_REF;
-    p.alloc = count_alloc;
-    p.free = count_free;
-    p.alloc_user = c;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
-    c->base = c->live;
-    return ctx;
-}
 
 /* ---- helpers ------------------------------------------------------------------ */
 
@@ -74,28 +34,9 @@ static const char *shared_path(const char *rel, char *buf, size_t n)
     return buf;
 }
 
-/* A whole file as a NUL-terminated string (malloc'd). */
-static char *read_text(const char *path, size_t *len)
-{
-    char *data = test_read_file(path, len), *text = realloc(data, *len + 1);
-    ck_assert_ptr_nonnull(text);
-    text[*len] = '\0';
-    return text;
-}
-
 static char *tmp_path(const char *name)
 {
-    static char path[512];
-    snprintf(path, sizeof path, "%s/%s", test_tmpdir(), name);
-    return path;
-}
-
-static qkd_model *load_ok(qkd_context *ctx, const char *path)
-{
-    qkd_model *m = NULL;
-    qkd_status st = qkd_model_load(ctx, path, &m);
-    ck_assert_msg(st == QKD_OK, "loading %s: %s", path, qkd_context_last_error(ctx));
-    return m;
+    return test_path_in(test_tmpdir(), name);
 }
 
 static void save_ok(qkd_model *m, qkd_context *ctx, const char *path, const qkd_gguf_params *p)
@@ -117,10 +58,7 @@ static qkd_model *random_model(qkd_context *ctx, int dim, int hidden, int vocab,
     cfg.n_kv_heads = 2;
     cfg.vocab_size = vocab;
     cfg.max_seq_len = 16;
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_create(ctx, &cfg, &m), QKD_OK);
-    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.05f), QKD_OK);
-    return m;
+    return test_model(ctx, &cfg, seed, 0.05f);
 }
 
 static float *forward_logits(qkd_model *m, const int32_t *tokens, int B, int T)
@@ -235,7 +173,7 @@ START_TEST(test_student_round_trip)
         ck_assert_int_eq((int)reported, (int)expect);
     }
     qkd__gguf_close(g);
-    qkd_model *back = load_ok(ctx, path);
+    qkd_model *back = test_load_model(ctx, path);
     float *got = forward_logits(back, tokens, 2, 8);
     ck_assert_msg(memcmp(got, want, 16 * 96 * sizeof(float)) == 0,
                   "logits from the file differ from the student's");
@@ -261,7 +199,7 @@ START_TEST(test_student_other_scheme)
     const char *path = tmp_path("asym.gguf");
     save_ok(m, ctx, path, NULL);
     ck_assert_uint_eq(file_tensor_type(ctx, path, "blk.0.attn_q.weight"), QKD__GGML_F32);
-    qkd_model *back = load_ok(ctx, path);
+    qkd_model *back = test_load_model(ctx, path);
     float *got = forward_logits(back, tokens, 1, 12);
     ck_assert(memcmp(got, want, 12 * 64 * sizeof(float)) == 0);
     free(got);
@@ -271,7 +209,7 @@ START_TEST(test_student_other_scheme)
     qkd_gguf_params_init(&p);
     p.type = QKD_GGUF_Q8_0;
     save_ok(m, ctx, path, &p);
-    back = load_ok(ctx, path);
+    back = test_load_model(ctx, path);
     int idx;
     int64_t n, n2;
     ck_assert_int_eq(qkd_model_tensor_find(m, "blk.0.ffn_up.weight", &idx), QKD_OK);
@@ -327,7 +265,7 @@ START_TEST(test_learned_scales_export)
 
     const char *path = tmp_path("learned.gguf");
     save_ok(m, ctx, path, NULL);
-    qkd_model *back = load_ok(ctx, path);
+    qkd_model *back = test_load_model(ctx, path);
     ck_assert_int_eq(qkd_model_n_tensors(back), n_weights);
     float *got = forward_logits(back, tokens, 1, 12);
     ck_assert(memcmp(got, want, 12 * 64 * sizeof(float)) == 0);
@@ -339,7 +277,7 @@ START_TEST(test_learned_scales_export)
     qkd_safetensors_params_init(&sp);
     sp.as_deployed = 1;
     ck_assert_int_eq(qkd_model_save_safetensors(m, dir, &sp), QKD_OK);
-    back = load_ok(ctx, dir);
+    back = test_load_model(ctx, dir);
     got = forward_logits(back, tokens, 1, 12);
     for (int i = 0; i < 12 * 64; i++)
         ck_assert_msg(fabsf(got[i] - want[i]) <= 1e-5f * (1 + fabsf(want[i])), "logit %d", i);
@@ -387,14 +325,14 @@ START_TEST(test_stories_every_type)
         return;
     const qkd_gguf_type t = all_types[_i];
     qkd_context *ctx = test_context(2);
-    qkd_model *m = load_ok(ctx, src);
+    qkd_model *m = test_load_model(ctx, src);
     qkd_gguf_params p;
     qkd_gguf_params_init(&p);
     p.type = t;
     p.embd_type = _i % 3 == 1 ? QKD_GGUF_F16 : QKD_GGUF_F32;
     const char *path = tmp_path("stories.gguf");
     save_ok(m, ctx, path, &p);
-    qkd_model *back = load_ok(ctx, path);
+    qkd_model *back = test_load_model(ctx, path);
     qkd_model_config a = {.size = sizeof a}, b = {.size = sizeof b};
     ck_assert_int_eq(qkd_model_get_config(m, &a), QKD_OK);
     ck_assert_int_eq(qkd_model_get_config(back, &b), QKD_OK);
@@ -457,7 +395,7 @@ START_TEST(test_stories_metadata)
     if (!src)
         return;
     qkd_context *ctx = test_context(1);
-    qkd_model *m = load_ok(ctx, src);
+    qkd_model *m = test_load_model(ctx, src);
     const char *path = tmp_path("meta.gguf");
     save_ok(m, ctx, path, NULL);
     qkd__gguf *ours, *ref;
@@ -554,7 +492,7 @@ START_TEST(test_stories_generate_same_text)
     if (!src)
         return;
     qkd_context *ctx = test_context(1);
-    qkd_model *m = load_ok(ctx, src);
+    qkd_model *m = test_load_model(ctx, src);
     qkd_tokenizer *tok = NULL;
     ck_assert_int_eq(qkd_tokenizer_load(ctx, test_shared(STORIES_TOK), &tok), QKD_OK);
     qkd_gguf_params p;
@@ -563,7 +501,7 @@ START_TEST(test_stories_generate_same_text)
     p.tokenizer = tok;
     const char *path = tmp_path("gen.gguf");
     save_ok(m, ctx, path, &p);
-    qkd_model *back = load_ok(ctx, path);
+    qkd_model *back = test_load_model(ctx, path);
     const qkd_tokenizer *inside = qkd_model_tokenizer(back);
     ck_assert_ptr_nonnull(inside);
     ck_assert_int_eq(qkd_tokenizer_vocab_size(inside), 512);
@@ -604,7 +542,7 @@ START_TEST(test_w4_perplexity)
         memcpy(tokens + b * T, ids + b * T, T * sizeof *ids);
         memcpy(targets + b * T, ids + b * T + 1, T * sizeof *ids);
     }
-    qkd_model *m = load_ok(ctx, src);
+    qkd_model *m = test_load_model(ctx, src);
     float fp_loss, student_loss, file_loss;
     ck_assert_int_eq(qkd_model_forward(m, tokens, B, T), QKD_OK);
     ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 0, &fp_loss), QKD_OK);
@@ -617,7 +555,7 @@ START_TEST(test_w4_perplexity)
     save_ok(m, ctx, path, NULL);
     ck_assert_uint_eq(file_tensor_type(ctx, path, "blk.2.attn_v.weight"),
                       _i == 0 ? QKD__GGML_Q4_0 : QKD__GGML_Q4_1);
-    qkd_model *back = load_ok(ctx, path);
+    qkd_model *back = test_load_model(ctx, path);
     ck_assert_int_eq(qkd_model_forward(back, tokens, B, T), QKD_OK);
     ck_assert_int_eq(qkd_model_cross_entropy(back, targets, 0, &file_loss), QKD_OK);
     ck_assert_msg(file_loss == student_loss, "perplexity from the file %.9g, in memory %.9g",
@@ -637,17 +575,9 @@ END_TEST
 
 /* ---- malformed block files ------------------------------------------------------------- */
 
-static void write_bytes(const char *path, const void *data, size_t len)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_uint_eq(fwrite(data, 1, len, f), len);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
 /* Loading must fail with want, mention `what`, and free everything. */
-static void load_fails(qkd_context *ctx, const counter *c, const char *path, qkd_status want,
-                       const char *what)
+static void load_fails(qkd_context *ctx, const test_alloc *c, long base, const char *path,
+                       qkd_status want, const char *what)
 {
     qkd_model *m = (qkd_model *)&m;
     qkd_status st = qkd_model_load(ctx, path, &m);
@@ -657,7 +587,7 @@ static void load_fails(qkd_context *ctx, const counter *c, const char *path, qkd
     if (what)
         ck_assert_msg(strstr(qkd_context_last_error(ctx), what), "message '%s' lacks '%s'",
                       qkd_context_last_error(ctx), what);
-    ck_assert_int_eq(c->live, c->base);
+    ck_assert_int_eq(c->live, base);
 }
 
 /* Offset of the tensor info of `name` (at its n_dims field). */
@@ -681,8 +611,9 @@ static void patch_u64(uint8_t *p, uint64_t v)
 
 START_TEST(test_malformed_block_files)
 {
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
+    const long base = c.live; /* the context's own */
     qkd_model *m = random_model(ctx, 64, 96, 64, 3);
     qkd_gguf_params p;
     qkd_gguf_params_init(&p);
@@ -690,7 +621,7 @@ START_TEST(test_malformed_block_files)
     const char *good = tmp_path("good.gguf");
     save_ok(m, ctx, good, &p);
     qkd_model_free(m);
-    ck_assert_int_eq(c.live, c.base);
+    ck_assert_int_eq(c.live, base);
     size_t len;
     uint8_t *orig = test_read_file(good, &len), *b = malloc(len);
     char bad[600];
@@ -698,51 +629,47 @@ START_TEST(test_malformed_block_files)
 
     /* block data cut short, anywhere in the data section */
     for (size_t cut = len - 1; cut > len - 3000; cut -= 151) {
-        write_bytes(bad, orig, cut);
-        load_fails(ctx, &c, bad, QKD_ERR_FORMAT, "runs past the end");
+        test_write_file(bad, orig, cut);
+        load_fails(ctx, &c, base, bad, QKD_ERR_FORMAT, "runs past the end");
     }
     /* ne[0] that is not a multiple of the block */
     const size_t q = info_at(orig, len, "blk.0.attn_q.weight");
     memcpy(b, orig, len);
     patch_u64(b + q + 4, 48);
-    write_bytes(bad, b, len);
-    load_fails(ctx, &c, bad, QKD_ERR_FORMAT, "not a multiple of the 32-value blocks of type Q4_0");
+    test_write_file(bad, b, len);
+    load_fails(ctx, &c, base, bad, QKD_ERR_FORMAT,
+               "not a multiple of the 32-value blocks of type Q4_0");
     /* a 256-value type on rows of 64 */
     memcpy(b, orig, len);
     b[q + 20] = QKD__GGML_Q4_K;
-    write_bytes(bad, b, len);
-    load_fails(ctx, &c, bad, QKD_ERR_FORMAT, "Q4_K");
+    test_write_file(bad, b, len);
+    load_fails(ctx, &c, base, bad, QKD_ERR_FORMAT, "Q4_K");
     /* more rows than the blocks in the file */
     memcpy(b, orig, len);
     const size_t down = info_at(orig, len, "blk.0.ffn_down.weight");
     patch_u64(b + down + 12, 1u << 20);
-    write_bytes(bad, b, len);
-    load_fails(ctx, &c, bad, QKD_ERR_FORMAT, "runs past the end");
+    test_write_file(bad, b, len);
+    load_fails(ctx, &c, base, bad, QKD_ERR_FORMAT, "runs past the end");
     /* a block type libqkd does not read */
     memcpy(b, orig, len);
     b[q + 20] = 10; /* Q2_K */
-    write_bytes(bad, b, len);
-    load_fails(ctx, &c, bad, QKD_ERR_UNSUPPORTED, "Q2_K");
+    test_write_file(bad, b, len);
+    load_fails(ctx, &c, base, bad, QKD_ERR_UNSUPPORTED, "Q2_K");
     /* and the untouched file still loads */
-    m = load_ok(ctx, good);
+    m = test_load_model(ctx, good);
     qkd_model_free(m);
-    ck_assert_int_eq(c.live, c.base);
+    ck_assert_int_eq(c.live, base);
     free(orig);
     free(b);
     qkd_context_free(ctx);
 }
 END_TEST
 
-static int file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
 START_TEST(test_save_errors)
 {
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
+    const long base = c.live; /* the context's own */
     qkd_model *m = random_model(ctx, 64, 96, 64, 5);
     const char *path = tmp_path("err.gguf");
     char tmp[600];
@@ -786,15 +713,15 @@ START_TEST(test_save_errors)
     ck_assert_int_eq(qkd_model_save_gguf(m, path, &p), QKD_ERR_RANGE);
     p.type = QKD_GGUF_Q4_0; /* d = 12500 fits */
     save_ok(m, ctx, path, &p);
-    ck_assert(file_exists(path));
-    ck_assert(!file_exists(tmp));
+    ck_assert(test_exists(path));
+    ck_assert(!test_exists(tmp));
     ck_assert_int_eq(unlink(path), 0);
     p.type = QKD_GGUF_F16;
     ck_assert_int_eq(qkd_model_save_gguf(m, path, &p), QKD_ERR_RANGE);
-    ck_assert(!file_exists(path) && !file_exists(tmp)); /* a failed save leaves nothing */
+    ck_assert(!test_exists(path) && !test_exists(tmp)); /* a failed save leaves nothing */
     free(w);
     qkd_model_free(m);
-    ck_assert_int_eq(c.live, c.base);
+    ck_assert_int_eq(c.live, base);
     qkd_context_free(ctx);
 }
 END_TEST
@@ -877,7 +804,7 @@ START_TEST(test_cli_export)
              tokp, out);
     ck_assert_int_eq(run_qkd(args, NULL, log), 0);
     size_t n;
-    char *text = read_text(log, &n);
+    char *text = test_read_text(log, &n);
     ck_assert_ptr_nonnull(strstr(text, "blk.4.ffn_down.weight: rows of 172 values do not fill "
                                        "Q4_0 blocks: written as F16"));
     ck_assert_ptr_nonnull(strstr(text, "5 tensors fell back"));

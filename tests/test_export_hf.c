@@ -27,15 +27,6 @@ static const char *const written_files[] = {
 
 /* ---- helpers ---- */
 
-static char *path_in(const char *dir, const char *name)
-{
-    static char buf[2][4096 + 64]; /* room for a name after any folder */
-    static int turn;
-    turn ^= 1;
-    snprintf(buf[turn], sizeof buf[turn], "%s/%s", dir, name);
-    return buf[turn];
-}
-
 /* A fresh folder path (not yet created) inside a new temporary folder. */
 static char *new_out_dir(void)
 {
@@ -48,7 +39,7 @@ static char *new_out_dir(void)
 static void remove_out_dir(const char *dir)
 {
     for (size_t i = 0; i < sizeof written_files / sizeof written_files[0]; i++)
-        unlink(path_in(dir, written_files[i]));
+        unlink(test_path_in(dir, written_files[i]));
     rmdir(dir);
     char parent[4096];
     snprintf(parent, sizeof parent, "%s", dir);
@@ -57,19 +48,6 @@ static void remove_out_dir(const char *dir)
         *slash = '\0';
         rmdir(parent);
     }
-}
-
-static bool exists(const char *path)
-{
-    return access(path, F_OK) == 0;
-}
-
-static void check_status(qkd_context *ctx, qkd_status got, qkd_status want, const char *what)
-{
-    ck_assert_msg(got == want, "%s: got %s (\"%s\"), want %s", what, qkd_status_name(got),
-                  qkd_context_last_error(ctx), qkd_status_name(want));
-    if (want != QKD_OK)
-        ck_assert_msg(qkd_context_last_error(ctx)[0] != '\0', "%s: no error message", what);
 }
 
 static qkd_model *tiny_model(qkd_context *ctx, int tied, uint64_t seed)
@@ -86,10 +64,7 @@ static qkd_model *tiny_model(qkd_context *ctx, int tied, uint64_t seed)
     c.rope_theta = 500000.0f;
     c.norm_eps = 1e-6f;
     c.tied_embeddings = tied;
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_create(ctx, &c, &m), QKD_OK);
-    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.3f), QKD_OK);
-    return m;
+    return test_model(ctx, &c, seed, 0.3f);
 }
 
 /* Logits of a fixed batch (2 x T tokens below vocab). */
@@ -135,9 +110,9 @@ static void expect_same_weights(qkd_model *a, qkd_model *b)
 static void round_trip(qkd_context *ctx, qkd_model *m, int T)
 {
     char *dir = new_out_dir();
-    check_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
     qkd_model *back = NULL;
-    check_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load");
+    test_expect_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load");
     qkd_model_config ca, cb;
     qkd_model_config_init(&ca);
     qkd_model_config_init(&cb);
@@ -236,10 +211,10 @@ START_TEST(hf_fixture_bytes_identical)
     qkd_model *m = NULL;
     ck_assert_int_eq(qkd_model_load(ctx, fixture, &m), QKD_OK);
     char *dir = new_out_dir();
-    check_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
 
-    st_file want = st_read(path_in(fixture, "model.safetensors"));
-    st_file got = st_read(path_in(dir, "model.safetensors"));
+    st_file want = st_read(test_path_in(fixture, "model.safetensors"));
+    st_file got = st_read(test_path_in(dir, "model.safetensors"));
     /* the data starts 8-byte aligned, the header padded with spaces */
     ck_assert_uint_eq(got.header_len % 8, 0);
     size_t end = (size_t)got.header_len;
@@ -266,8 +241,8 @@ START_TEST(hf_fixture_bytes_identical)
     }
     ck_assert_uint_eq(json_object_size(got.header) - 1, n_tensors);
 
-    json_t *cw = json_load_file(path_in(fixture, "config.json"), 0, NULL);
-    json_t *cg = json_load_file(path_in(dir, "config.json"), 0, NULL);
+    json_t *cw = json_load_file(test_path_in(fixture, "config.json"), 0, NULL);
+    json_t *cg = json_load_file(test_path_in(dir, "config.json"), 0, NULL);
     ck_assert_ptr_nonnull(cw);
     ck_assert_ptr_nonnull(cg);
     static const char *const keys[] = {
@@ -281,7 +256,7 @@ START_TEST(hf_fixture_bytes_identical)
     ck_assert(json_equal(json_object_get(json_object_get(cw, "rope_parameters"), "rope_theta"),
                          json_object_get(cg, "rope_theta")));
     ck_assert_str_eq(json_string_value(json_object_get(cg, "torch_dtype")), "float32");
-    ck_assert(!exists(path_in(dir, "tokenizer.bin"))); /* the fixture has no tokenizer */
+    ck_assert(!test_exists(test_path_in(dir, "tokenizer.bin"))); /* the fixture has no tokenizer */
     json_decref(cw);
     json_decref(cg);
     st_free(&want);
@@ -333,16 +308,16 @@ START_TEST(half_dtypes)
         qkd_safetensors_params_init(&p);
         p.dtype = types[k];
         char *dir = new_out_dir();
-        check_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_OK, "save 16-bit");
-        json_t *cfg = json_load_file(path_in(dir, "config.json"), 0, NULL);
+        test_expect_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_OK, "save 16-bit");
+        json_t *cfg = json_load_file(test_path_in(dir, "config.json"), 0, NULL);
         ck_assert_str_eq(json_string_value(json_object_get(cfg, "torch_dtype")), torch[k]);
         json_decref(cfg);
-        st_file f = st_read(path_in(dir, "model.safetensors"));
+        st_file f = st_read(test_path_in(dir, "model.safetensors"));
         const json_t *e = json_object_get(f.header, "model.norm.weight");
         ck_assert_str_eq(json_string_value(json_object_get(e, "dtype")), st_names[k]);
         st_free(&f);
         qkd_model *back = NULL;
-        check_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load 16-bit");
+        test_expect_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load 16-bit");
         for (int i = 0; i < qkd_model_n_tensors(m); i++) {
             qkd_tensor_info info = {.size = sizeof info};
             ck_assert_int_eq(qkd_model_tensor_info(m, i, &info), QKD_OK);
@@ -371,12 +346,12 @@ START_TEST(half_dtypes)
     qkd_safetensors_params_init(&p);
     p.dtype = QKD_SAVE_F16;
     char *dir = new_out_dir();
-    check_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_ERR_RANGE, "F16 overflow");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_ERR_RANGE, "F16 overflow");
     ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "ffn_up"));
-    ck_assert(!exists(path_in(dir, "model.safetensors")));
-    ck_assert(!exists(path_in(dir, "model.safetensors.tmp")));
+    ck_assert(!test_exists(test_path_in(dir, "model.safetensors")));
+    ck_assert(!test_exists(test_path_in(dir, "model.safetensors.tmp")));
     p.dtype = QKD_SAVE_BF16; /* bfloat16 holds it */
-    check_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_OK, "BF16 large value");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_OK, "BF16 large value");
     remove_out_dir(dir);
     free(w);
     qkd_model_free(m);
@@ -407,9 +382,9 @@ START_TEST(deployed_student)
         qkd_safetensors_params_init(&p);
         p.as_deployed = 1;
         char *dir = new_out_dir();
-        check_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_OK, "save deployed");
+        test_expect_status(ctx, qkd_model_save_safetensors(m, dir, &p), QKD_OK, "save deployed");
         qkd_model *back = NULL;
-        check_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load deployed");
+        test_expect_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load deployed");
         float *loaded = logits_of(back, T);
         size_t n = (size_t)2 * T * 64;
         ck_assert_msg(memcmp(student, loaded, n * sizeof *student) == 0,
@@ -434,8 +409,8 @@ START_TEST(deployed_student)
 
         /* not as deployed: the latent weights */
         dir = new_out_dir();
-        check_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save latent");
-        check_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load latent");
+        test_expect_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save latent");
+        test_expect_status(ctx, qkd_model_load(ctx, dir, &back), QKD_OK, "load latent");
         expect_same_weights(m, back);
         qkd_model_free(back);
         remove_out_dir(dir);
@@ -603,8 +578,8 @@ static void expect_same_encoding(const qkd_tokenizer *tok, const char *json_path
 static void expect_same_vocab(qkd_context *ctx, const qkd_tokenizer *tok, const char *dir)
 {
     qkd_tokenizer *back = NULL;
-    check_status(ctx, qkd_tokenizer_load(ctx, path_in(dir, "tokenizer.bin"), &back), QKD_OK,
-                 "load tokenizer.bin");
+    test_expect_status(ctx, qkd_tokenizer_load(ctx, test_path_in(dir, "tokenizer.bin"), &back),
+                       QKD_OK, "load tokenizer.bin");
     ck_assert_int_eq(qkd_tokenizer_vocab_size(back), qkd_tokenizer_vocab_size(tok));
     for (int32_t id = 0; id < qkd_tokenizer_vocab_size(tok); id++) {
         qkd__token_info a, b;
@@ -633,15 +608,15 @@ START_TEST(tokenizer_files_stories260K)
     const qkd_tokenizer *tok = qkd_model_tokenizer(m);
     ck_assert_ptr_nonnull(tok);
     char *dir = new_out_dir();
-    check_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
     expect_same_vocab(ctx, tok, dir);
-    expect_same_encoding(tok, path_in(dir, "tokenizer.json"), text, 20);
-    json_t *tc = json_load_file(path_in(dir, "tokenizer_config.json"), 0, NULL);
+    expect_same_encoding(tok, test_path_in(dir, "tokenizer.json"), text, 20);
+    json_t *tc = json_load_file(test_path_in(dir, "tokenizer_config.json"), 0, NULL);
     ck_assert_ptr_nonnull(tc);
     ck_assert_str_eq(json_string_value(json_object_get(tc, "bos_token")), "<s>");
     ck_assert_str_eq(json_string_value(json_object_get(tc, "eos_token")), "</s>");
     json_decref(tc);
-    json_t *cfg = json_load_file(path_in(dir, "config.json"), 0, NULL);
+    json_t *cfg = json_load_file(test_path_in(dir, "config.json"), 0, NULL);
     ck_assert_int_eq(json_integer_value(json_object_get(cfg, "bos_token_id")),
                      qkd_tokenizer_bos(tok));
     json_decref(cfg);
@@ -677,10 +652,10 @@ START_TEST(tokenizer_json_llama2)
     ck_assert_int_eq(qkd_model_create(ctx, &c, &m), QKD_OK);
     qkd__model_attach_tokenizer(m, tok);
     char *dir = new_out_dir();
-    check_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, dir, NULL), QKD_OK, "save");
     expect_same_vocab(ctx, tok, dir);
-    expect_same_encoding(tok, path_in(dir, "tokenizer.json"), text, 12);
-    json_t *tc = json_load_file(path_in(dir, "tokenizer_config.json"), 0, NULL);
+    expect_same_encoding(tok, test_path_in(dir, "tokenizer.json"), text, 12);
+    json_t *tc = json_load_file(test_path_in(dir, "tokenizer_config.json"), 0, NULL);
     ck_assert_str_eq(json_string_value(json_object_get(tc, "bos_token")), "<s>");
     json_decref(tc);
     qkd_model_free(m);
@@ -696,31 +671,35 @@ START_TEST(save_errors)
     qkd_context *ctx = test_context(1);
     qkd_model *m = tiny_model(ctx, 0, 5);
     ck_assert_int_eq(qkd_model_save_safetensors(NULL, "x", NULL), QKD_ERR_INVALID_ARG);
-    check_status(ctx, qkd_model_save_safetensors(m, NULL, NULL), QKD_ERR_INVALID_ARG, "NULL dir");
-    check_status(ctx, qkd_model_save_safetensors(m, "", NULL), QKD_ERR_INVALID_ARG, "empty dir");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, NULL, NULL), QKD_ERR_INVALID_ARG,
+                       "NULL dir");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, "", NULL), QKD_ERR_INVALID_ARG,
+                       "empty dir");
     qkd_safetensors_params p;
     qkd_safetensors_params_init(&p);
     p.size = 4;
-    check_status(ctx, qkd_model_save_safetensors(m, "x", &p), QKD_ERR_INVALID_ARG, "size field");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, "x", &p), QKD_ERR_INVALID_ARG,
+                       "size field");
     qkd_safetensors_params_init(&p);
     p.dtype = (qkd_save_dtype)7;
-    check_status(ctx, qkd_model_save_safetensors(m, "x", &p), QKD_ERR_INVALID_ARG, "dtype");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, "x", &p), QKD_ERR_INVALID_ARG, "dtype");
 
     const char *tmp = test_tmpdir();
     char path[4096];
     snprintf(path, sizeof path, "%s/no/such/parent", tmp);
-    check_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_IO, "missing parent");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_IO,
+                       "missing parent");
     ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "no/such/parent"));
     snprintf(path, sizeof path, "%s/file", tmp);
     FILE *f = fopen(path, "w");
     ck_assert_ptr_nonnull(f);
     fclose(f);
-    check_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_IO, "dir is a file");
+    test_expect_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_IO, "dir is a file");
     unlink(path);
     if (geteuid() != 0) { /* root writes anywhere */
         snprintf(path, sizeof path, "%s/ro", tmp);
         ck_assert_int_eq(mkdir(path, 0500), 0);
-        check_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_IO, "read-only");
+        test_expect_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_IO, "read-only");
         rmdir(path);
     }
     /* a non-finite weight is refused, and nothing is left behind */
@@ -730,35 +709,14 @@ START_TEST(save_errors)
     ck_assert_int_eq(qkd_model_tensor_find(m, "output_norm.weight", &idx), QKD_OK);
     ck_assert_int_eq(qkd_model_tensor_set(m, idx, nan_w, 32), QKD_OK);
     snprintf(path, sizeof path, "%s/out", tmp);
-    check_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_NON_FINITE, "NaN");
-    ck_assert(!exists(path_in(path, "model.safetensors")));
-    ck_assert(!exists(path_in(path, "model.safetensors.tmp")));
+    test_expect_status(ctx, qkd_model_save_safetensors(m, path, NULL), QKD_ERR_NON_FINITE, "NaN");
+    ck_assert(!test_exists(test_path_in(path, "model.safetensors")));
+    ck_assert(!test_exists(test_path_in(path, "model.safetensors.tmp")));
     remove_out_dir(path);
     qkd_model_free(m);
     qkd_context_free(ctx);
 }
 END_TEST
-
-typedef struct counting_alloc {
-    long calls, fail_at, live;
-} counting_alloc;
-
-static void *counting_malloc(void *user, size_t size)
-{
-    counting_alloc *a = user;
-    if (a->calls++ == a->fail_at)
-        return NULL;
-    a->live++;
-    return malloc(size);
-}
-
-static void counting_free(void *user, void *ptr)
-{
-    counting_alloc *a = user;
-    if (ptr)
-        a->live--;
-    free(ptr);
-}
 
 /* Every failing allocation of the writer gives NO_MEMORY, no leak. */
 START_TEST(save_allocation_failures)
@@ -766,16 +724,8 @@ START_TEST(save_allocation_failures)
     const char *path = test_shared(STORIES_GGUF);
     if (!path)
         return;
-    counting_alloc a = {.fail_at = -1};
-    qkd_context_params cp;
-    qkd_context_params_init(&cp);
-    cp.n_threads = 1;
-    cp.backend = QKD_BACKEND_REF;
-    cp.alloc = counting_malloc;
-    cp.free = counting_free;
-    cp.alloc_user = &a;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&cp, &ctx), QKD_OK);
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 1);
     qkd_model *m = NULL;
     ck_assert_int_eq(qkd_model_load(ctx, path, &m), QKD_OK);
     long baseline = a.live;
@@ -783,7 +733,7 @@ START_TEST(save_allocation_failures)
     qkd_status s = QKD_ERR_NO_MEMORY;
     long n;
     for (n = 0; n < 1000 && s != QKD_OK; n++) {
-        a.calls = 0;
+        a.n = 0;
         a.fail_at = n;
         s = qkd_model_save_safetensors(m, dir, NULL);
         ck_assert_msg(s == QKD_OK || s == QKD_ERR_NO_MEMORY, "failure %ld: %s", n,

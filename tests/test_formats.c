@@ -21,13 +21,10 @@
 
 static uint64_t rng_state;
 
+/* Uniform in [lo, hi), in float arithmetic, from the shared splitmix64 sequence. */
 static float rng_uniform(float lo, float hi)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (float)((double)(z >> 11) / 9007199254740992.0);
+    return lo + (hi - lo) * (float)test_rng_unit(&rng_state);
 }
 
 static float *random_weights(int64_t n, uint64_t seed)

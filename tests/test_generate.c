@@ -242,25 +242,6 @@ static char *generate_text(qkd_context *ctx, qkd_model *model, const qkd_tokeniz
     return b.data;
 }
 
-/* A whole file as a NUL-terminated string. */
-static char *read_text(const char *path)
-{
-    size_t len;
-    char *data = test_read_file(path, &len);
-    char *s = realloc(data, len + 1);
-    ck_assert_ptr_nonnull(s);
-    s[len] = '\0';
-    return s;
-}
-
-static qkd_model *load_model(qkd_context *ctx, const char *path)
-{
-    qkd_model *m = NULL;
-    qkd_status st = qkd_model_load(ctx, path, &m);
-    ck_assert_msg(st == QKD_OK, "%s: %s", qkd_status_name(st), qkd_context_last_error(ctx));
-    return m;
-}
-
 static qkd_tokenizer *load_tokenizer(qkd_context *ctx, const char *path)
 {
     qkd_tokenizer *t = NULL;
@@ -276,15 +257,15 @@ START_TEST(greedy_bin_matches_llama2c)
     const char *path = test_shared(REF_DIR "gen_greedy_n256.txt");
     if (!path)
         return;
-    char *want = read_text(path);
+    char *want = test_read_text(path, NULL);
     qkd_context *ctx = test_context(2);
-    qkd_model *m = load_model(ctx, test_shared(MODEL_BIN));
+    qkd_model *m = test_load_model(ctx, test_shared(MODEL_BIN));
     qkd_tokenizer *tok = load_tokenizer(ctx, test_shared(TOK_BIN));
     char *got = generate_text(ctx, m, tok, &greedy256);
     ck_assert_str_eq(got, want);
 
     /* the story block after llama2.c's `-t 0.0` command in stories260K.md */
-    char *md = read_text(test_shared(REF_DIR "stories260K.md"));
+    char *md = test_read_text(test_shared(REF_DIR "stories260K.md"), NULL);
     const char *cmd = "-z stories260K/tok512.bin -t 0.0\n";
     char *start = strstr(md, cmd);
     ck_assert_ptr_nonnull(start);
@@ -309,7 +290,7 @@ START_TEST(sampled_bin_matches_md)
     const char *path = test_shared(REF_DIR "stories260K.md");
     if (!path)
         return;
-    char *md = read_text(path);
+    char *md = test_read_text(path, NULL);
     const char *cmd = "-t 1.0 -p 0.9 -s 133742\n";
     char *start = strstr(md, cmd);
     ck_assert_ptr_nonnull(start);
@@ -319,7 +300,7 @@ START_TEST(sampled_bin_matches_md)
     *end = '\0';
 
     qkd_context *ctx = test_context(1);
-    qkd_model *m = load_model(ctx, test_shared(MODEL_BIN));
+    qkd_model *m = test_load_model(ctx, test_shared(MODEL_BIN));
     qkd_tokenizer *tok = load_tokenizer(ctx, test_shared(TOK_BIN));
     const gen_case c = {.temperature = 1.0f, .top_p = 0.9f, .seed = 133742, .steps = 256};
     char *got = generate_text(ctx, m, tok, &c);
@@ -337,9 +318,9 @@ START_TEST(greedy_gguf_own_tokenizer)
     const char *path = test_shared(REF_DIR "gen_greedy_n256.txt");
     if (!path)
         return;
-    char *want = read_text(path);
+    char *want = test_read_text(path, NULL);
     qkd_context *ctx = test_context(2);
-    qkd_model *m = load_model(ctx, test_shared(MODEL_GGUF));
+    qkd_model *m = test_load_model(ctx, test_shared(MODEL_GGUF));
     const qkd_tokenizer *tok = qkd_model_tokenizer(m);
     ck_assert_ptr_nonnull(tok);
     /* the file records a context of 128; the reference runs 256 steps */
@@ -363,14 +344,14 @@ static void check_reference_logits(const char *model_rel)
     const char *ids_path = test_shared(REF_DIR "gen_greedy_n256.input_token_ids.txt");
     if (!ids_path)
         return;
-    char *ids_text = read_text(ids_path);
+    char *ids_text = test_read_text(ids_path, NULL);
     size_t ref_len;
     float *ref = test_read_file(test_shared(REF_DIR "gen_greedy_n256.logits_f32le.bin"), &ref_len);
     enum { N_POS = 16, VOCAB = 512 };
     ck_assert_uint_eq(ref_len, sizeof(float) * N_POS * VOCAB);
 
     qkd_context *ctx = test_context(2);
-    qkd_model *m = load_model(ctx, test_shared(model_rel));
+    qkd_model *m = test_load_model(ctx, test_shared(model_rel));
     float logits[VOCAB];
     char *cur = ids_text;
     double worst = 0.0;
@@ -435,7 +416,7 @@ START_TEST(llama2c_expected_outputs)
     const char *path = test_shared(REF_DIR "llama2c_expected_outputs.txt");
     if (!path)
         return;
-    char *all = read_text(path);
+    char *all = test_read_text(path, NULL);
     /* test_shared returns one static buffer: keep copies */
     char *bin = strdup(test_shared(MODEL_BIN)), *tokp = strdup(test_shared(TOK_BIN));
     int n_cases = 0;
@@ -453,7 +434,7 @@ START_TEST(llama2c_expected_outputs)
             h[1] = '\0';
         }
         qkd_context *ctx = test_context(c.threads);
-        qkd_model *m = load_model(ctx, bin);
+        qkd_model *m = test_load_model(ctx, bin);
         qkd_tokenizer *tok = load_tokenizer(ctx, tokp);
         char *got = generate_text(ctx, m, tok, &c);
         ck_assert_msg(strcmp(got, text) == 0, "case %d:\n--- got\n%s--- want\n%s", n_cases,
@@ -479,7 +460,7 @@ START_TEST(generate_stops_and_cancels)
     if (!test_shared(MODEL_BIN))
         return;
     qkd_context *ctx = test_context(1);
-    qkd_model *m = load_model(ctx, test_shared(MODEL_BIN));
+    qkd_model *m = test_load_model(ctx, test_shared(MODEL_BIN));
     qkd_tokenizer *tok = load_tokenizer(ctx, test_shared(TOK_BIN));
     qkd_generate_params p;
     qkd_generate_params_init(&p);
@@ -560,39 +541,14 @@ START_TEST(generate_bad_params)
 }
 END_TEST
 
-/* An allocator that fails once its budget is spent (-1: unlimited). */
-static void *budget_alloc(void *user, size_t n)
-{
-    long *left = user;
-    if (*left == 0)
-        return NULL;
-    if (*left > 0)
-        (*left)--;
-    return malloc(n);
-}
-
-static void budget_free(void *user, void *ptr)
-{
-    (void)user;
-    free(ptr);
-}
-
 /* Every allocation generation makes may fail: NO_MEMORY, nothing else. */
 START_TEST(generate_out_of_memory)
 {
     if (!test_shared(MODEL_BIN))
         return;
-    long left = -1;
-    qkd_context_params cp;
-    qkd_context_params_init(&cp);
-    cp.n_threads = 1;
-    cp.backend = QKD_BACKEND_REF;
-    cp.alloc = budget_alloc;
-    cp.free = budget_free;
-    cp.alloc_user = &left;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&cp, &ctx), QKD_OK);
-    qkd_model *m = load_model(ctx, test_shared(MODEL_BIN));
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 1);
+    qkd_model *m = test_load_model(ctx, test_shared(MODEL_BIN));
     qkd_tokenizer *tok = load_tokenizer(ctx, test_shared(TOK_BIN));
     qkd_generate_params p;
     qkd_generate_params_init(&p);
@@ -601,9 +557,10 @@ START_TEST(generate_out_of_memory)
     qkd_status st = QKD_ERR_NO_MEMORY;
     long budget = 0;
     for (; budget < 100 && st != QKD_OK; budget++) {
-        left = budget;
+        test_alloc_fail_in(&a, budget, 1);
         text_buf b = {0};
         st = qkd_generate(m, tok, "Once", &p, collect, &b, NULL);
+        a.fail_at = -1;
         ck_assert_msg(st == QKD_OK || st == QKD_ERR_NO_MEMORY, "budget %ld: %s", budget,
                       qkd_status_name(st));
         if (st == QKD_OK)
@@ -612,7 +569,6 @@ START_TEST(generate_out_of_memory)
     }
     ck_assert_int_eq(st, QKD_OK);
     ck_assert_int_gt(budget, 1); /* at least one allocation was refused */
-    left = -1;
     qkd_tokenizer_free(tok);
     qkd_model_free(m);
     qkd_context_free(ctx);

@@ -15,23 +15,6 @@
 
 /* ---- small file helpers ---- */
 
-static char *path_in(const char *dir, const char *name)
-{
-    static char buf[2][4096];
-    static int turn;
-    turn ^= 1;
-    snprintf(buf[turn], sizeof buf[turn], "%s/%s", dir, name);
-    return buf[turn];
-}
-
-static void write_bytes(const char *path, const void *data, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_msg(f != NULL, "cannot write %s", path);
-    ck_assert_uint_eq(fwrite(data, 1, n, f), n);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
 /* A safetensors file: u64 length `len` (normally strlen(header)), the
  * header text, then `data` (zeros when NULL). */
 static void write_st(const char *path, uint64_t len, const char *header,
@@ -45,7 +28,7 @@ static void write_st(const char *path, uint64_t len, const char *header,
     memcpy(buf + 8, header, hl);
     if (data)
         memcpy(buf + 8 + hl, data, data_len);
-    write_bytes(path, buf, 8 + hl + data_len);
+    test_write_file(path, buf, 8 + hl + data_len);
     free(buf);
 }
 
@@ -53,16 +36,8 @@ static void copy_file(const char *from, const char *to, size_t keep)
 {
     size_t n;
     void *buf = test_read_file(from, &n);
-    write_bytes(to, buf, keep < n ? keep : n);
+    test_write_file(to, buf, keep < n ? keep : n);
     free(buf);
-}
-
-static void expect_error(qkd_context *ctx, qkd_status got, qkd_status want, const char *what)
-{
-    ck_assert_msg(got == want, "%s: got %s (\"%s\"), want %s", what, qkd_status_name(got),
-                  qkd_context_last_error(ctx), qkd_status_name(want));
-    if (want != QKD_OK)
-        ck_assert_msg(qkd_context_last_error(ctx)[0] != '\0', "%s: no error message", what);
 }
 
 /* ---- a tiny LLaMA written by the test itself ----
@@ -153,8 +128,8 @@ static const char *tiny_write(const tiny *t)
     const char *dir = test_tmpdir();
     char *cfg = json_dumps(t->config, JSON_COMPACT);
     char *hdr = json_dumps(t->header, JSON_COMPACT);
-    write_bytes(path_in(dir, "config.json"), cfg, strlen(cfg));
-    write_st(path_in(dir, "model.safetensors"), strlen(hdr), hdr, t->data,
+    test_write_file(test_path_in(dir, "config.json"), cfg, strlen(cfg));
+    write_st(test_path_in(dir, "model.safetensors"), strlen(hdr), hdr, t->data,
              t->n_floats * sizeof(float));
     free(cfg);
     free(hdr);
@@ -187,7 +162,7 @@ static void check_hf_logits(const char *model_path)
 {
     qkd_context *ctx = test_context(2);
     qkd_model *m;
-    expect_error(ctx, load_dir(ctx, model_path, &m), QKD_OK, model_path);
+    test_expect_status(ctx, load_dir(ctx, model_path, &m), QKD_OK, model_path);
 
     qkd_model_config cfg;
     qkd_model_config_init(&cfg);
@@ -247,7 +222,7 @@ START_TEST(hf_sharded_index_path_same_weights)
     qkd_model *a, *b;
     ck_assert_int_eq(load_dir(ctx, test_source("tests/fixtures/hf_tiny"), &a), QKD_OK);
     const char *index = test_source("tests/fixtures/hf_tiny_sharded/model.safetensors.index.json");
-    expect_error(ctx, qkd__load_hf(ctx, index, &b), QKD_OK, index);
+    test_expect_status(ctx, qkd__load_hf(ctx, index, &b), QKD_OK, index);
     ck_assert_int_eq(qkd_model_n_tensors(a), qkd_model_n_tensors(b));
     for (int i = 0; i < qkd_model_n_tensors(a); i++) {
         qkd_tensor_info info = {.size = sizeof info};
@@ -282,7 +257,7 @@ START_TEST(hf_tiny_mapping_and_qk_order)
     const char *dir = tiny_write(&t);
     qkd_context *ctx = test_context(1);
     qkd_model *m;
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
     ck_assert_int_eq(qkd_model_n_tensors(m), N_TINY);
     for (int i = 0; i < N_TINY; i++) {
         qkd_tensor_info info = {.size = sizeof info};
@@ -324,7 +299,7 @@ START_TEST(hf_tiny_config_variants)
     const char *dir = tiny_write(&t);
     qkd_context *ctx = test_context(1);
     qkd_model *m;
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
     qkd_model_config cfg;
     qkd_model_config_init(&cfg);
     ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
@@ -347,12 +322,12 @@ START_TEST(hf_tiny_tied)
     const char *dir = tiny_write(&t);
     qkd_context *ctx = test_context(1);
     qkd_model *m;
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
     ck_assert_int_eq(qkd_model_n_tensors(m), N_TINY - 1);
     qkd_model_free(m);
     json_object_del(t.header, "lm_head.weight");
     dir = tiny_write(&t);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_OK, dir);
     qkd_model_free(m);
     qkd_context_free(ctx);
     tiny_free(&t);
@@ -416,7 +391,7 @@ START_TEST(hf_bad_config)
     qkd_model *m;
     char what[128];
     snprintf(what, sizeof what, "config %s = %s", key, value ? value : "(absent)");
-    expect_error(ctx, load_dir(ctx, dir, &m), bad_configs[_i].want, what);
+    test_expect_status(ctx, load_dir(ctx, dir, &m), bad_configs[_i].want, what);
     qkd_context_free(ctx);
     tiny_free(&t);
 }
@@ -431,13 +406,13 @@ START_TEST(hf_config_file_broken)
     static const char *const texts[] = {"", "{\"hidden_size\": 8,", "[1, 2]", "{} {}",
                                         "{\"a\": 1, \"a\": 2}"};
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
-        write_bytes(path_in(dir, "config.json"), texts[i], strlen(texts[i]));
-        expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, texts[i]);
+        test_write_file(test_path_in(dir, "config.json"), texts[i], strlen(texts[i]));
+        test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, texts[i]);
     }
-    remove(path_in(dir, "config.json"));
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_IO, "no config.json");
-    remove(path_in(dir, "model.safetensors"));
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_IO, "no weights");
+    remove(test_path_in(dir, "config.json"));
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_IO, "no config.json");
+    remove(test_path_in(dir, "model.safetensors"));
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_IO, "no weights");
     qkd_context_free(ctx);
     tiny_free(&t);
 }
@@ -478,8 +453,8 @@ START_TEST(hf_bad_tensors)
         const char *dir = tiny_write(&t);
         qkd_context *ctx = test_context(1);
         qkd_model *m;
-        expect_error(ctx, load_dir(ctx, dir, &m), cases[c].want,
-                     cases[c].entry ? cases[c].entry : "q_proj missing");
+        test_expect_status(ctx, load_dir(ctx, dir, &m), cases[c].want,
+                           cases[c].entry ? cases[c].entry : "q_proj missing");
         qkd_context_free(ctx);
         tiny_free(&t);
     }
@@ -493,13 +468,13 @@ START_TEST(hf_missing_lm_head_and_nan)
     const char *dir = tiny_write(&t);
     qkd_context *ctx = test_context(1);
     qkd_model *m;
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "untied without lm_head");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "untied without lm_head");
     tiny_free(&t);
 
     t = tiny_make();
     t.data[100] = NAN; /* inside q_proj (floats 72..136) */
     dir = tiny_write(&t);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_NON_FINITE, "NaN weight");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_NON_FINITE, "NaN weight");
     qkd_context_free(ctx);
     tiny_free(&t);
 }
@@ -510,38 +485,38 @@ START_TEST(hf_bad_index)
 {
     tiny t = tiny_make();
     const char *dir = tiny_write(&t);
-    rename(path_in(dir, "model.safetensors"), path_in(dir, "part-1.safetensors"));
+    rename(test_path_in(dir, "model.safetensors"), test_path_in(dir, "part-1.safetensors"));
     json_t *map = json_object();
     for (int k = 0; k < N_TINY; k++)
         json_object_set_new(map, tiny_tensors[k].name, json_string("part-1.safetensors"));
-    const char *index = path_in(dir, "model.safetensors.index.json");
+    const char *index = test_path_in(dir, "model.safetensors.index.json");
     qkd_context *ctx = test_context(1);
     qkd_model *m;
 
     json_t *root = json_pack("{s:{}, s:O}", "metadata", "weight_map", map);
     json_dump_file(root, index, 0);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_OK, "good index");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_OK, "good index");
     qkd_model_free(m);
 
     json_object_set_new(map, "lm_head.weight", json_string("part-2.safetensors"));
     json_dump_file(root, index, 0);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_IO, "shard file absent");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_IO, "shard file absent");
 
     json_object_set_new(map, "lm_head.weight", json_string("../part-1.safetensors"));
     json_dump_file(root, index, 0);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "path in weight_map");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "path in weight_map");
 
     json_object_set_new(map, "lm_head.weight", json_integer(3));
     json_dump_file(root, index, 0);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "number in weight_map");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "number in weight_map");
 
     json_object_del(map, "lm_head.weight");
     json_dump_file(root, index, 0);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "tensor not in the index");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "tensor not in the index");
 
     json_object_del(root, "weight_map");
     json_dump_file(root, index, 0);
-    expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "no weight_map");
+    test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, "no weight_map");
 
     json_decref(root);
     json_decref(map);
@@ -552,46 +527,17 @@ END_TEST
 
 /* Every allocation of a load fails in turn: an error each time, nothing
  * left allocated, then a success. */
-typedef struct counting_alloc {
-    long calls, fail_at, live;
-} counting_alloc;
-
-static void *counting_malloc(void *user, size_t size)
-{
-    counting_alloc *a = user;
-    if (a->calls++ == a->fail_at)
-        return NULL;
-    a->live++;
-    return malloc(size);
-}
-
-static void counting_free(void *user, void *ptr)
-{
-    counting_alloc *a = user;
-    if (ptr)
-        a->live--;
-    free(ptr);
-}
-
 START_TEST(hf_allocation_failures)
 {
     tiny t = tiny_make();
     const char *dir = tiny_write(&t);
-    counting_alloc a = {.fail_at = -1};
-    qkd_context_params p;
-    qkd_context_params_init(&p);
-    p.n_threads = 1;
-    p.backend = QKD_BACKEND_REF;
-    p.alloc = counting_malloc;
-    p.free = counting_free;
-    p.alloc_user = &a;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 1);
     long baseline = a.live;
     qkd_status s = QKD_ERR_NO_MEMORY;
     long n;
     for (n = 0; n < 10000 && s != QKD_OK; n++) {
-        a.calls = 0;
+        a.n = 0;
         a.fail_at = n;
         qkd_model *m;
         s = load_dir(ctx, dir, &m);
@@ -655,12 +601,12 @@ static const struct {
 
 START_TEST(st_bad_header)
 {
-    const char *path = path_in(test_tmpdir(), "x.safetensors");
+    const char *path = test_path_in(test_tmpdir(), "x.safetensors");
     const char *h = bad_headers[_i].header;
     write_st(path, strlen(h), h, NULL, bad_headers[_i].data_len);
     qkd_context *ctx = test_context(1);
     qkd__safetensors *st = (qkd__safetensors *)(uintptr_t)1;
-    expect_error(ctx, qkd__st_open(ctx, path, &st), bad_headers[_i].want, h);
+    test_expect_status(ctx, qkd__st_open(ctx, path, &st), bad_headers[_i].want, h);
     if (bad_headers[_i].want == QKD_OK)
         ck_assert_ptr_nonnull(qkd__st_find(st, "w"));
     else
@@ -675,18 +621,19 @@ START_TEST(st_bad_length_prefix)
     const char *dir = test_tmpdir();
     qkd_context *ctx = test_context(1);
     qkd__safetensors *st;
-    const char *path = path_in(dir, "x.safetensors");
+    const char *path = test_path_in(dir, "x.safetensors");
     static const uint64_t lengths[] = {3, 1000, UINT64_MAX, (uint64_t)1 << 63, 0};
     for (size_t i = 0; i < sizeof lengths / sizeof lengths[0]; i++) {
         write_st(path, lengths[i], "{}", NULL, 0);
-        expect_error(ctx, qkd__st_open(ctx, path, &st), QKD_ERR_FORMAT, "length prefix");
+        test_expect_status(ctx, qkd__st_open(ctx, path, &st), QKD_ERR_FORMAT, "length prefix");
         ck_assert_ptr_null(st);
     }
     for (size_t n = 0; n < 8; n++) {
-        write_bytes(path, "\x02\0\0\0\0\0\0\0", n);
-        expect_error(ctx, qkd__st_open(ctx, path, &st), QKD_ERR_FORMAT, "under 8 bytes");
+        test_write_file(path, "\x02\0\0\0\0\0\0\0", n);
+        test_expect_status(ctx, qkd__st_open(ctx, path, &st), QKD_ERR_FORMAT, "under 8 bytes");
     }
-    expect_error(ctx, qkd__st_open(ctx, path_in(dir, "absent"), &st), QKD_ERR_IO, "absent");
+    test_expect_status(ctx, qkd__st_open(ctx, test_path_in(dir, "absent"), &st), QKD_ERR_IO,
+                       "absent");
     qkd_context_free(ctx);
 }
 END_TEST
@@ -698,16 +645,16 @@ START_TEST(st_truncated_fixture)
     size_t size;
     free(test_read_file(src, &size));
     const char *dir = test_tmpdir();
-    copy_file(test_source("tests/fixtures/hf_tiny/config.json"), path_in(dir, "config.json"),
+    copy_file(test_source("tests/fixtures/hf_tiny/config.json"), test_path_in(dir, "config.json"),
               SIZE_MAX);
     qkd_context *ctx = test_context(1);
     const size_t cuts[] = {0, 7, 8, 9, 100, 1000, size / 2, size - 4, size - 1};
     for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
-        copy_file(src, path_in(dir, "model.safetensors"), cuts[i]);
+        copy_file(src, test_path_in(dir, "model.safetensors"), cuts[i]);
         qkd_model *m;
         char what[64];
         snprintf(what, sizeof what, "cut at %zu of %zu", cuts[i], size);
-        expect_error(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, what);
+        test_expect_status(ctx, load_dir(ctx, dir, &m), QKD_ERR_FORMAT, what);
     }
     qkd_context_free(ctx);
 }
@@ -716,7 +663,7 @@ END_TEST
 /* Random bytes behind a plausible length prefix. */
 START_TEST(st_garbage)
 {
-    const char *path = path_in(test_tmpdir(), "g.safetensors");
+    const char *path = test_path_in(test_tmpdir(), "g.safetensors");
     qkd_context *ctx = test_context(1);
     uint64_t x = 0x9E3779B97F4A7C15u;
     for (int round = 0; round < 50; round++) {
@@ -731,7 +678,7 @@ START_TEST(st_garbage)
             buf[b] = (uint8_t)(len >> (8 * b));
         if (round % 3 == 0 && n > 9)
             buf[8] = '{';
-        write_bytes(path, buf, n);
+        test_write_file(path, buf, n);
         qkd__safetensors *st;
         qkd_status s = qkd__st_open(ctx, path, &st);
         ck_assert_msg(s == QKD_ERR_FORMAT || s == QKD_ERR_UNSUPPORTED, "round %d: %s", round,
@@ -759,7 +706,7 @@ START_TEST(st_read_dtypes)
                          "\"h\": {\"dtype\": \"F16\", \"shape\": [5], \"data_offsets\": [8, 18]},"
                          "\"b\": {\"dtype\": \"BF16\", \"shape\": [1, 3], \"data_offsets\": [18, 24]},"
                          "\"i\": {\"dtype\": \"I32\", \"shape\": [], \"data_offsets\": [24, 28]}}";
-    const char *path = path_in(test_tmpdir(), "d.safetensors");
+    const char *path = test_path_in(test_tmpdir(), "d.safetensors");
     write_st(path, strlen(header), header, data, sizeof data);
     qkd_context *ctx = test_context(1);
     qkd__safetensors *st;
@@ -776,10 +723,10 @@ START_TEST(st_read_dtypes)
     ck_assert_int_eq(t->n_dims, 2);
     ck_assert_int_eq(qkd__st_read_f32(st, t, v, 3), QKD_OK);
     ck_assert(v[0] == 1.0f && v[1] == -3.0f && v[2] == ldexpf(1.0f, -126));
-    expect_error(ctx, qkd__st_read_f32(st, t, v, 4), QKD_ERR_SHAPE, "wrong count");
+    test_expect_status(ctx, qkd__st_read_f32(st, t, v, 4), QKD_ERR_SHAPE, "wrong count");
     t = qkd__st_find(st, "i");
     ck_assert_int_eq(t->n_elements, 1);
-    expect_error(ctx, qkd__st_read_f32(st, t, v, 1), QKD_ERR_UNSUPPORTED, "I32");
+    test_expect_status(ctx, qkd__st_read_f32(st, t, v, 1), QKD_ERR_UNSUPPORTED, "I32");
     ck_assert_ptr_null(qkd__st_find(st, "zz"));
     qkd__st_close(st);
     qkd_context_free(ctx);
@@ -788,96 +735,23 @@ END_TEST
 
 /* ---- golden loss and gradients of stories260K (torch_golden.py) ---- */
 
-typedef struct golden {
-    uint8_t *raw;
-    size_t len, at;
-} golden;
-
-static const void *take(golden *g, size_t n)
-{
-    ck_assert_msg(g->len - g->at >= n, "golden file truncated at byte %zu", g->at);
-    const void *p = g->raw + g->at;
-    g->at += n;
-    return p;
-}
-
-static int32_t take_i32(golden *g)
-{
-    int32_t v;
-    memcpy(&v, take(g, 4), 4);
-    return v;
-}
-
-static int64_t take_i64(golden *g)
-{
-    int64_t v;
-    memcpy(&v, take(g, 8), 8);
-    return v;
-}
-
-static double take_f64(golden *g)
-{
-    double v;
-    memcpy(&v, take(g, 8), 8);
-    return v;
-}
-
-/* Compare one tensor's gradient with the golden record at g's cursor. */
-static void check_grad_record(golden *g, qkd_model *m)
-{
-    int32_t name_len = take_i32(g);
-    ck_assert(name_len > 0 && name_len < 64);
-    char name[64];
-    memcpy(name, take(g, (size_t)name_len), (size_t)name_len);
-    name[name_len] = '\0';
-    int64_t n = take_i64(g);
-    double l2_want = take_f64(g);
-    int32_t n_samples = take_i32(g);
-
-    int index;
-    ck_assert_msg(qkd_model_tensor_find(m, name, &index) == QKD_OK, "no tensor %s", name);
-    qkd_tensor_info info = {.size = sizeof info};
-    ck_assert_int_eq(qkd_model_tensor_info(m, index, &info), QKD_OK);
-    ck_assert_int_eq(info.n_elements, n);
-    float *grad = malloc((size_t)n * sizeof(float));
-    ck_assert_ptr_nonnull(grad);
-    ck_assert_int_eq(qkd_model_grad_get(m, index, grad, (size_t)n), QKD_OK);
-
-    double l2 = 0;
-    for (int64_t i = 0; i < n; i++)
-        l2 += (double)grad[i] * grad[i];
-    l2 = sqrt(l2);
-    ck_assert_msg(fabs(l2 - l2_want) <= 1e-4 * l2_want, "%s: |grad| %.9g vs PyTorch %.9g",
-                  name, l2, l2_want);
-    for (int32_t s = 0; s < n_samples; s++) {
-        int32_t i = take_i32(g);
-        double want = take_f64(g);
-        ck_assert(i >= 0 && i < n);
-        double err = fabs(grad[i] - want);
-        ck_assert_msg(err <= 1e-6 || err <= 1e-4 * fabs(want),
-                      "%s[%d]: grad %.9g vs PyTorch %.9g", name, i, (double)grad[i], want);
-    }
-    free(grad);
-}
-
 START_TEST(golden_stories260K_loss_and_grads)
 {
     const char *model_path = test_shared("models/stories260K/stories260K.bin");
     if (!model_path)
         return;
-    golden g = {0};
-    g.raw = test_read_file(test_source("tests/fixtures/stories260K_golden.bin"), &g.len);
-    ck_assert_msg(memcmp(take(&g, 8), "QKDGOLD1", 8) == 0, "bad golden magic");
-    int B = take_i32(&g), T = take_i32(&g);
+    test_golden g =
+        test_golden_open(test_source("tests/fixtures/stories260K_golden.bin"), "QKDGOLD1");
+    int B = test_golden_i32(&g), T = test_golden_i32(&g);
     ck_assert(B == 2 && T == 32);
     int32_t tokens[2 * 32], targets[2 * 32];
-    memcpy(tokens, take(&g, sizeof tokens), sizeof tokens);
-    memcpy(targets, take(&g, sizeof targets), sizeof targets);
-    double loss_want = take_f64(&g);
+    memcpy(tokens, test_golden_take(&g, sizeof tokens), sizeof tokens);
+    memcpy(targets, test_golden_take(&g, sizeof targets), sizeof targets);
+    double loss_want = test_golden_f64(&g);
 
     qkd_context *ctx = test_context(2);
     qkd_model *m;
-    expect_error(ctx, qkd_model_load(ctx, model_path, &m), QKD_OK, model_path);
+    test_expect_status(ctx, qkd_model_load(ctx, model_path, &m), QKD_OK, model_path);
     float loss;
     ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
     ck_assert_int_eq(qkd_model_forward(m, tokens, B, T), QKD_OK);
@@ -886,10 +760,10 @@ START_TEST(golden_stories260K_loss_and_grads)
     ck_assert_msg(fabs(loss - loss_want) <= 1e-5, "loss %.8f vs PyTorch %.8f", (double)loss,
                   loss_want);
 
-    int n_tensors = take_i32(&g);
+    int n_tensors = test_golden_i32(&g);
     ck_assert_int_eq(n_tensors, qkd_model_n_tensors(m));
     for (int k = 0; k < n_tensors; k++)
-        check_grad_record(&g, m);
+        test_golden_check_grad(&g, m);
     ck_assert_uint_eq(g.at, g.len);
     free(g.raw);
     qkd_model_free(m);

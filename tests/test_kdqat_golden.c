@@ -17,55 +17,25 @@ enum { GOLD_B = 2, GOLD_T = 32 };
 /* ---- reading the fixture ---- */
 
 typedef struct fixture {
-    uint8_t *raw;
-    size_t len, at;
+    test_golden g; /* the cursor is on the first tensor record */
     int32_t tokens[GOLD_B * GOLD_T];
     double beta, loss;
     int32_t n_tensors;
 } fixture;
 
-static const void *take(fixture *f, size_t n)
-{
-    ck_assert_msg(f->len - f->at >= n, "golden file truncated at byte %zu", f->at);
-    const void *p = f->raw + f->at;
-    f->at += n;
-    return p;
-}
-
-static int32_t take_i32(fixture *f)
-{
-    int32_t v;
-    memcpy(&v, take(f, 4), 4);
-    return v;
-}
-
-static int64_t take_i64(fixture *f)
-{
-    int64_t v;
-    memcpy(&v, take(f, 8), 8);
-    return v;
-}
-
-static double take_f64(fixture *f)
-{
-    double v;
-    memcpy(&v, take(f, 8), 8);
-    return v;
-}
-
 /* Read the header; the cursor is left on the first tensor record. */
 static fixture fixture_open(void)
 {
-    fixture f = {0};
-    f.raw = test_read_file(test_source("tests/fixtures/stories260K_kdqat_golden.bin"), &f.len);
-    ck_assert_msg(memcmp(take(&f, 8), "QKDKDQ01", 8) == 0, "bad golden magic");
-    ck_assert_int_eq(take_i32(&f), GOLD_B);
-    ck_assert_int_eq(take_i32(&f), GOLD_T);
-    memcpy(f.tokens, take(&f, sizeof f.tokens), sizeof f.tokens);
-    take(&f, sizeof f.tokens); /* targets: CAKLD does not use them */
-    f.beta = take_f64(&f);
-    f.loss = take_f64(&f);
-    f.n_tensors = take_i32(&f);
+    const char *path = test_source("tests/fixtures/stories260K_kdqat_golden.bin");
+    fixture f = {.g = test_golden_open(path, "QKDKDQ01")};
+    test_golden *g = &f.g;
+    ck_assert_int_eq(test_golden_i32(g), GOLD_B);
+    ck_assert_int_eq(test_golden_i32(g), GOLD_T);
+    memcpy(f.tokens, test_golden_take(g, sizeof f.tokens), sizeof f.tokens);
+    test_golden_take(g, sizeof f.tokens); /* targets: CAKLD does not use them */
+    f.beta = test_golden_f64(g);
+    f.loss = test_golden_f64(g);
+    f.n_tensors = test_golden_i32(g);
     return f;
 }
 
@@ -73,8 +43,7 @@ static fixture fixture_open(void)
 
 static void expect_ok(qkd_context *ctx, qkd_status s, const char *what)
 {
-    ck_assert_msg(s == QKD_OK, "%s: %s (\"%s\")", what, qkd_status_name(s),
-                  qkd_context_last_error(ctx));
+    test_expect_status(ctx, s, QKD_OK, what);
 }
 
 typedef struct step {
@@ -146,43 +115,6 @@ static float *student_grad(const step *st, int index, int64_t n)
     return grad;
 }
 
-/* Compare one tensor's gradient with the record at f's cursor. */
-static void check_grad_record(fixture *f, const step *st)
-{
-    int32_t name_len = take_i32(f);
-    ck_assert(name_len > 0 && name_len < 64);
-    char name[64];
-    memcpy(name, take(f, (size_t)name_len), (size_t)name_len);
-    name[name_len] = '\0';
-    int64_t n = take_i64(f);
-    double l2_want = take_f64(f);
-    int32_t n_samples = take_i32(f);
-
-    int index;
-    ck_assert_msg(qkd_model_tensor_find(st->student, name, &index) == QKD_OK, "no tensor %s",
-                  name);
-    qkd_tensor_info info = {.size = sizeof info};
-    ck_assert_int_eq(qkd_model_tensor_info(st->student, index, &info), QKD_OK);
-    ck_assert_int_eq(info.n_elements, n);
-    float *grad = student_grad(st, index, n);
-    double l2 = 0;
-    for (int64_t i = 0; i < n; i++)
-        l2 += (double)grad[i] * grad[i];
-    l2 = sqrt(l2);
-    ck_assert_msg(l2_want > 0, "%s: PyTorch's gradient is zero", name);
-    ck_assert_msg(fabs(l2 - l2_want) <= 1e-4 * l2_want, "%s: |grad| %.9g vs PyTorch %.9g", name,
-                  l2, l2_want);
-    for (int32_t s = 0; s < n_samples; s++) {
-        int32_t i = take_i32(f);
-        double want = take_f64(f);
-        ck_assert(i >= 0 && i < n);
-        double err = fabs(grad[i] - want);
-        ck_assert_msg(err <= 1e-6 || err <= 1e-4 * fabs(want),
-                      "%s[%d]: grad %.9g vs PyTorch %.9g", name, i, (double)grad[i], want);
-    }
-    free(grad);
-}
-
 START_TEST(kdqat_golden_w4_asym_g32_cakld)
 {
     const char *model_path = test_shared("models/stories260K/stories260K.bin");
@@ -197,10 +129,10 @@ START_TEST(kdqat_golden_w4_asym_g32_cakld)
                   (double)st.value, f.loss);
     ck_assert_int_eq(f.n_tensors, qkd_model_n_tensors(st.student));
     for (int k = 0; k < f.n_tensors; k++)
-        check_grad_record(&f, &st);
-    ck_assert_uint_eq(f.at, f.len);
+        test_golden_check_grad(&f.g, st.student);
+    ck_assert_uint_eq(f.g.at, f.g.len);
     step_free(&st);
-    free(f.raw);
+    free(f.g.raw);
 }
 END_TEST
 
@@ -225,7 +157,7 @@ START_TEST(kdqat_golden_float_student_is_teacher)
         free(grad);
     }
     step_free(&st);
-    free(f.raw);
+    free(f.g.raw);
 }
 END_TEST
 

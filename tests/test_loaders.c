@@ -14,70 +14,11 @@
 #define STORIES_BIN "models/stories260K/stories260K.bin"
 #define STORIES_GGUF "models/stories260K/stories260K.gguf"
 
-/* ---- a context whose allocations are counted (and can be made to fail) */
-
-typedef struct counter {
-    long live;     /* allocations not yet freed */
-    long n;        /* allocations attempted */
-    long fail_at;  /* attempt number that returns NULL, -1 for none */
-} counter;
-
-static void *count_alloc(void *user, size_t size)
-{
-    counter *c = user;
-    if (c->n++ == c->fail_at)
-        return NULL;
-    void *p = malloc(size);
-    if (p)
-        c->live++;
-    return p;
-}
-
-static void count_free(void *user, void *p)
-{
-    if (p) {
-        ((counter *)user)->live--;
-        free(p);
-    }
-}
-
-static qkd_context *counting_context(counter *c)
-{
-    *c = (counter){.fail_at = -1};
-    qkd_context_params p;
-    qkd_context_params_init(&p);
-    p.n_threads = 1;
-    p.backend = QKD_BACKEND_REF;
-    p.alloc = count_alloc;
-    p.free = count_free;
-    p.alloc_user = c;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
-    return ctx;
-}
-
 /* ---- small helpers ----------------------------------------------------- */
-
-static void write_file(const char *path, const void *data, size_t len)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_msg(f != NULL, "cannot write %s", path);
-    ck_assert_uint_eq(fwrite(data, 1, len, f), len);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
-static qkd_model *load_ok(qkd_context *ctx, const char *path)
-{
-    qkd_model *m = NULL;
-    qkd_status s = qkd_model_load(ctx, path, &m);
-    ck_assert_msg(s == QKD_OK, "loading %s: %s", path, qkd_context_last_error(ctx));
-    ck_assert_ptr_nonnull(m);
-    return m;
-}
 
 /* Load must fail (with `want` unless it is QKD_OK), leave *out NULL,
  * record a message, and give back every allocation. */
-static void load_fails(qkd_context *ctx, const counter *c, const char *path,
+static void load_fails(qkd_context *ctx, const test_alloc *c, const char *path,
                        qkd_status want, const char *what)
 {
     long live = c->live;
@@ -165,8 +106,8 @@ START_TEST(stories_bin_and_gguf_agree)
     if (!gguf)
         return;
     qkd_context *ctx = test_context(1);
-    qkd_model *a = load_ok(ctx, bin);
-    qkd_model *b = load_ok(ctx, gguf);
+    qkd_model *a = test_load_model(ctx, bin);
+    qkd_model *b = test_load_model(ctx, gguf);
     check_stories_config(a, 1, 512);
     check_stories_config(b, 0, 128); /* the converter recorded 128 */
     ck_assert_int_eq(qkd_model_n_tensors(a), 1 + 5 * 9 + 1);
@@ -229,7 +170,7 @@ START_TEST(stories_bin_raw_offsets)
     uint8_t *file = test_read_file(path, &len);
     ck_assert_uint_eq(len, 1056540);
     qkd_context *ctx = test_context(1);
-    qkd_model *m = load_ok(ctx, path);
+    qkd_model *m = test_load_model(ctx, path);
     const size_t D = 64, H = 172, L = 5, KV = 32, V = 512, F = 4;
     size_t embd = 28, att = embd + F * V * D, wq = att + F * L * D, wk = wq + F * L * D * D;
     size_t wv = wk + F * L * KV * D, wo = wv + F * L * KV * D, ffn = wo + F * L * D * D;
@@ -434,13 +375,6 @@ static gb tiny_gguf(uint32_t type, bool tied, bool with_kv)
     return b;
 }
 
-static const char *tmp_path(const char *dir, const char *name)
-{
-    static char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    return path;
-}
-
 static void check_tiny(const qkd_model *m, bool tied, bool with_kv)
 {
     qkd_model_config cfg;
@@ -472,13 +406,13 @@ static void tiny_roundtrip(uint32_t type, bool tied, bool with_kv)
 {
     const char *dir = test_tmpdir();
     gb b = tiny_gguf(type, tied, with_kv);
-    const char *path = tmp_path(dir, "tiny.gguf");
-    write_file(path, b.p, b.n);
+    const char *path = test_path_in(dir, "tiny.gguf");
+    test_write_file(path, b.p, b.n);
     free(b.p);
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     long live = c.live;
-    qkd_model *m = load_ok(ctx, path);
+    qkd_model *m = test_load_model(ctx, path);
     check_tiny(m, tied, with_kv);
     ck_assert_ptr_null(qkd_model_tokenizer(m)); /* no tokenizer.ggml.* keys */
     qkd_model_free(m);
@@ -500,11 +434,11 @@ START_TEST(gguf_version2)
 {
     gb b = tiny_gguf(QKD__GGML_F32, false, true);
     patch_u32(b.p + 4, 2);
-    const char *path = tmp_path(test_tmpdir(), "v2.gguf");
-    write_file(path, b.p, b.n);
+    const char *path = test_path_in(test_tmpdir(), "v2.gguf");
+    test_write_file(path, b.p, b.n);
     free(b.p);
     qkd_context *ctx = test_context(1);
-    qkd_model *m = load_ok(ctx, path);
+    qkd_model *m = test_load_model(ctx, path);
     check_tiny(m, false, true);
     qkd_model_free(m);
     qkd_context_free(ctx);
@@ -543,8 +477,8 @@ START_TEST(gguf_half_special_values)
     put(&b, half, sizeof half);
     pad_to(&b, 32);
     put(&b, bf16, sizeof bf16);
-    const char *path = tmp_path(test_tmpdir(), "special.gguf");
-    write_file(path, b.p, b.n);
+    const char *path = test_path_in(test_tmpdir(), "special.gguf");
+    test_write_file(path, b.p, b.n);
     free(b.p);
 
     qkd_context *ctx = test_context(1);
@@ -581,8 +515,8 @@ END_TEST
 START_TEST(gguf_metadata_getters)
 {
     gb b = tiny_gguf(QKD__GGML_F32, false, true);
-    const char *path = tmp_path(test_tmpdir(), "tiny.gguf");
-    write_file(path, b.p, b.n);
+    const char *path = test_path_in(test_tmpdir(), "tiny.gguf");
+    test_write_file(path, b.p, b.n);
     free(b.p);
     qkd_context *ctx = test_context(1);
     qkd__gguf *g;
@@ -657,19 +591,19 @@ END_TEST
 
 START_TEST(load_dispatch_errors)
 {
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     qkd_model *m = NULL;
     ck_assert_int_eq(qkd_model_load(NULL, "x", &m), QKD_ERR_INVALID_ARG);
     ck_assert_int_eq(qkd_model_load(ctx, NULL, &m), QKD_ERR_INVALID_ARG);
     ck_assert_int_eq(qkd_model_load(ctx, "x", NULL), QKD_ERR_INVALID_ARG);
     const char *dir = test_tmpdir();
-    const char *missing = tmp_path(dir, "missing.bin");
+    const char *missing = test_path_in(dir, "missing.bin");
     load_fails(ctx, &c, missing, QKD_ERR_IO, "missing file");
     assert_msg_has(ctx, "missing.bin");
     assert_msg_has(ctx, "No such file");
-    write_file(tmp_path(dir, "empty.bin"), "", 0);
-    load_fails(ctx, &c, tmp_path(dir, "empty.bin"), QKD_ERR_FORMAT, "empty file");
+    test_write_file(test_path_in(dir, "empty.bin"), "", 0);
+    load_fails(ctx, &c, test_path_in(dir, "empty.bin"), QKD_ERR_FORMAT, "empty file");
     assert_msg_has(ctx, "empty.bin");
     qkd_context_free(ctx);
 }
@@ -682,14 +616,14 @@ static void truncations(const char *src, const char *name)
 {
     size_t len;
     uint8_t *data = test_read_file(src, &len);
-    const char *path = tmp_path(test_tmpdir(), name);
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    const char *path = test_path_in(test_tmpdir(), name);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     for (size_t k = 0; k < 64 + 50; k++) {
         size_t cut = k < 64 ? k : (len * (k - 64)) / 50;
         char what[64];
         snprintf(what, sizeof what, "%s cut at %zu", name, cut);
-        write_file(path, data, cut);
+        test_write_file(path, data, cut);
         load_fails(ctx, &c, path, QKD_OK, what);
     }
     qkd_context_free(ctx);
@@ -727,15 +661,13 @@ START_TEST(bad_llama2c_headers)
     size_t len;
     uint8_t *data = test_read_file(src, &len);
     const char *dir = test_tmpdir();
-    const char *path = tmp_path(dir, "bad.bin");
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    const char *path = test_path_in(dir, "bad.bin");
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        uint8_t *copy = malloc(len);
-        ck_assert_ptr_nonnull(copy);
-        memcpy(copy, data, len);
+        uint8_t *copy = test_memdup(data, len);
         patch_u32(copy + 4 * cases[i].field, (uint32_t)cases[i].value);
-        write_file(path, copy, len);
+        test_write_file(path, copy, len);
         free(copy);
         char what[64];
         snprintf(what, sizeof what, "header field %d = %d", cases[i].field, cases[i].value);
@@ -746,7 +678,7 @@ START_TEST(bad_llama2c_headers)
     uint8_t *longer = calloc(len + 4, 1);
     ck_assert_ptr_nonnull(longer);
     memcpy(longer, data, len);
-    write_file(path, longer, len + 4);
+    test_write_file(path, longer, len + 4);
     free(longer);
     load_fails(ctx, &c, path, QKD_ERR_FORMAT, "4 bytes too long");
     assert_msg_has(ctx, "1056540");
@@ -777,9 +709,9 @@ START_TEST(bad_gguf_headers)
     };
     size_t len;
     uint8_t *data = test_read_file(src, &len);
-    const char *path = tmp_path(test_tmpdir(), "bad.gguf");
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    const char *path = test_path_in(test_tmpdir(), "bad.gguf");
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         uint8_t saved[8];
         memcpy(saved, data + cases[i].at, 8);
@@ -787,7 +719,7 @@ START_TEST(bad_gguf_headers)
             patch_u32(data + cases[i].at, (uint32_t)cases[i].value);
         else
             patch_u64(data + cases[i].at, cases[i].value);
-        write_file(path, data, len);
+        test_write_file(path, data, len);
         memcpy(data + cases[i].at, saved, 8);
         char what[64];
         snprintf(what, sizeof what, "gguf case %zu", i);
@@ -855,13 +787,11 @@ static const struct {
 START_TEST(bad_gguf_structure)
 {
     gb tiny = tiny_gguf(QKD__GGML_F32, false, true);
-    const char *path = tmp_path(test_tmpdir(), "tiny-bad.gguf");
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    const char *path = test_path_in(test_tmpdir(), "tiny-bad.gguf");
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     for (size_t i = 0; i < sizeof tiny_cases / sizeof tiny_cases[0]; i++) {
-        uint8_t *p = malloc(tiny.n);
-        ck_assert_ptr_nonnull(p);
-        memcpy(p, tiny.p, tiny.n);
+        uint8_t *p = test_memdup(tiny.p, tiny.n);
         size_t at = find_bytes(p, tiny.n, tiny_cases[i].anchor) +
                     strlen(tiny_cases[i].anchor) + (size_t)tiny_cases[i].delta;
         if (tiny_cases[i].kind == P_U32_AFTER)
@@ -871,7 +801,7 @@ START_TEST(bad_gguf_structure)
         else
             memcpy(p + at, tiny_cases[i].bytes, strlen(tiny_cases[i].bytes) + 
                    (tiny_cases[i].bytes[0] == '\0'));
-        write_file(path, p, tiny.n);
+        test_write_file(path, p, tiny.n);
         free(p);
         char what[64];
         snprintf(what, sizeof what, "tiny case %zu", i);
@@ -887,9 +817,9 @@ END_TEST
  * behind the stories260K llama2.c header. All must fail cleanly. */
 START_TEST(random_garbage)
 {
-    const char *path = tmp_path(test_tmpdir(), "garbage");
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    const char *path = test_path_in(test_tmpdir(), "garbage");
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     uint64_t seed = 0x9e3779b97f4a7c15ull;
     static const int32_t stories_header[7] = {64, 172, 5, 8, 4, 512, 512};
     for (int i = 0; i < 300; i++) {
@@ -910,7 +840,7 @@ START_TEST(random_garbage)
             memcpy(p, stories_header, sizeof stories_header);
             len += 28;
         }
-        write_file(path, p, len);
+        test_write_file(path, p, len);
         free(p);
         char what[64];
         snprintf(what, sizeof what, "garbage %d (%zu bytes)", i, len);
@@ -929,18 +859,16 @@ START_TEST(gguf_byte_flips)
         return;
     size_t len;
     uint8_t *data = test_read_file(src, &len);
-    const char *path = tmp_path(test_tmpdir(), "flip.gguf");
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    const char *path = test_path_in(test_tmpdir(), "flip.gguf");
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     uint64_t seed = 12345;
     int failed = 0;
     for (int i = 0; i < 150; i++) {
-        uint8_t *p = malloc(len);
-        ck_assert_ptr_nonnull(p);
-        memcpy(p, data, len);
+        uint8_t *p = test_memdup(data, len);
         for (int k = 0; k < 4; k++)
             p[xorshift(&seed) % 8192] ^= (uint8_t)(1u << (xorshift(&seed) % 8));
-        write_file(path, p, len);
+        test_write_file(path, p, len);
         free(p);
         long live = c.live;
         qkd_model *m = NULL;
@@ -965,15 +893,15 @@ END_TEST
 START_TEST(allocation_failures)
 {
     gb tiny = tiny_gguf(QKD__GGML_BF16, false, true);
-    const char *path = tmp_path(test_tmpdir(), "tiny.gguf");
-    write_file(path, tiny.p, tiny.n);
+    const char *path = test_path_in(test_tmpdir(), "tiny.gguf");
+    test_write_file(path, tiny.p, tiny.n);
     free(tiny.p);
-    counter c;
-    qkd_context *ctx = counting_context(&c);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     bool loaded = false;
     for (long k = 0; k < 10000 && !loaded; k++) {
         long live = c.live;
-        c.fail_at = c.n + k;
+        test_alloc_fail_in(&c, k, 0);
         qkd_model *m = NULL;
         qkd_status s = qkd_model_load(ctx, path, &m);
         c.fail_at = -1;

@@ -30,16 +30,12 @@
 
 /* ---- helpers ------------------------------------------------------------------- */
 
-static uint64_t rng_state;
+static uint64_t rng_state; /* each test seeds it */
 
-/* splitmix64 mapped to [lo, hi) */
+/* Uniform in [lo, hi) from the shared splitmix64 sequence. */
 static double rng_uniform(double lo, double hi)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
+    return test_rng_uniform(&rng_state, lo, hi);
 }
 
 static int rng_int(int n)
@@ -55,13 +51,6 @@ static float *rand_logits(size_t n)
     for (size_t i = 0; i < n; i++)
         x[i] = (float)(floor(rng_uniform(-4.0, 4.0) * 4096.0) / 4096.0);
     return x;
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size);
-    ck_assert_ptr_nonnull(p);
-    return p;
 }
 
 static void *dev_alloc(qkd__backend *be, size_t bytes)
@@ -100,7 +89,7 @@ static double max_abs(const double *x, size_t n)
 /* softmax(x / tau) in double */
 static double *ref_softmax(const float *x, int V, double tau)
 {
-    double *p = xcalloc((size_t)V, sizeof *p), mx = -INFINITY, sum = 0.0;
+    double *p = test_calloc((size_t)V, sizeof *p), mx = -INFINITY, sum = 0.0;
     for (int v = 0; v < V; v++)
         mx = fmax(mx, x[v] / tau);
     for (int v = 0; v < V; v++)
@@ -128,7 +117,7 @@ static double ref_row(int kind, const float *s, const float *t, int V, int y, do
     if (kind == QKD_LOSS_CE)
         tau = 1.0;
     double *q = ref_softmax(s, V, tau), *p = t ? ref_softmax(t, V, tau) : NULL;
-    double *g = xcalloc((size_t)V, sizeof *g), L = 0.0, t2 = tau * tau;
+    double *g = test_calloc((size_t)V, sizeof *g), L = 0.0, t2 = tau * tau;
     for (int v = 0; v < V; v++) {
         double fkl = 0, rkl = 0, dfkl = 0, drkl = 0;
         if (p) {
@@ -200,7 +189,7 @@ static void check_kd_case(qkd__backend *be, const struct kd_case *c)
     const float scale = 0.7f;
     float *s = rand_logits(NV), *t = rand_logits(NV), *ds0 = rand_logits(NV);
     int32_t y[N];
-    float w[N], loss[N], *ds = xcalloc(NV, sizeof *ds);
+    float w[N], loss[N], *ds = test_calloc(NV, sizeof *ds);
     for (int i = 0; i < N; i++) {
         y[i] = i == 1 ? -1 : rng_int(V);
         w[i] = (float)rng_uniform(0.5, 1.5);
@@ -214,7 +203,7 @@ static void check_kd_case(qkd__backend *be, const struct kd_case *c)
     dev_get(be, loss, loss_d, sizeof loss);
     dev_get(be, ds, ds_d, NV * 4);
 
-    double *grad = xcalloc((size_t)V, sizeof *grad);
+    double *grad = test_calloc((size_t)V, sizeof *grad);
     for (int i = 0; i < N; i++) {
         const float *si = s + (size_t)i * V, *ti = t + (size_t)i * V;
         double ref = y[i] < 0 ? 0.0 : w[i] * ref_row(c->kind, si, ti, V, y[i], c->tau, c->beta,
@@ -295,8 +284,8 @@ static void check_kd_fd(qkd__backend *be, const struct kd_case *c)
 {
     enum { N = 3 };
     const size_t NV = (size_t)N * c->V;
-    float *s = rand_logits(NV), *t = rand_logits(NV), *r = xcalloc(NV, sizeof *r);
-    float *sp = xcalloc(NV, sizeof *sp), *ds = xcalloc(NV, sizeof *ds);
+    float *s = rand_logits(NV), *t = rand_logits(NV), *r = test_calloc(NV, sizeof *r);
+    float *sp = test_calloc(NV, sizeof *sp), *ds = test_calloc(NV, sizeof *ds);
     int32_t y[N];
     for (int i = 0; i < N; i++)
         y[i] = rng_int(c->V);
@@ -388,7 +377,7 @@ START_TEST(test_kd_identities)
     qkd__backend *be = ctx->backend;
     rng_state = 3;
     float *s = rand_logits(N * V), *t = rand_logits(N * V);
-    float la[N], lb[N], *da = xcalloc(N * V, 4), *db = xcalloc(N * V, 4);
+    float la[N], lb[N], *da = test_calloc(N * V, 4), *db = test_calloc(N * V, 4);
 
     kd_eval(be, QKD_LOSS_CAKLD, s, t, N, V, 1.5, 0.0, la, da);
     kd_eval(be, QKD_LOSS_FKL, s, t, N, V, 1.5, 0.7, lb, db);
@@ -430,7 +419,7 @@ START_TEST(test_kd_threads)
     qkd_context *c1 = test_context(1), *c4 = test_context(4);
     rng_state = 4;
     float *s = rand_logits(N * V), *t = rand_logits(N * V);
-    float l1[N], l4[N], *d1 = xcalloc(N * V, 4), *d4 = xcalloc(N * V, 4);
+    float l1[N], l4[N], *d1 = test_calloc(N * V, 4), *d4 = test_calloc(N * V, 4);
     for (int k = 0; k < N_KINDS; k++) {
         if (all_kinds[k] == QKD_LOSS_CE)
             continue; /* needs targets; the other kinds share its sweeps */
@@ -457,7 +446,7 @@ START_TEST(test_kd_non_finite_row)
     qkd__backend *be = ctx->backend;
     rng_state = 5;
     float *s = rand_logits(N * V), *t = rand_logits(N * V);
-    float loss[N], *ds = xcalloc(N * V, 4);
+    float loss[N], *ds = test_calloc(N * V, 4);
     for (int k = 0; k < N_KINDS; k++) {
         if (all_kinds[k] == QKD_LOSS_CE)
             continue;
@@ -566,10 +555,7 @@ static qkd_model *tiny_model(qkd_context *ctx, int vocab, uint64_t seed)
     cfg.n_kv_heads = 1;
     cfg.vocab_size = vocab;
     cfg.max_seq_len = 16;
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_create(ctx, &cfg, &m), QKD_OK);
-    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.5f), QKD_OK);
-    return m;
+    return test_model(ctx, &cfg, seed, 0.5f);
 }
 
 /* Student and teacher forwarded on the same tokens; targets with masked
@@ -587,8 +573,8 @@ static void pair_open(struct pair *pr, qkd_context *ctx)
     }
     ck_assert_int_eq(qkd_model_forward(pr->student, pr->tokens, MB, MT), QKD_OK);
     ck_assert_int_eq(qkd_model_forward(pr->teacher, pr->tokens, MB, MT), QKD_OK);
-    pr->s = xcalloc((size_t)MB * MT * MV, 4);
-    pr->t = xcalloc((size_t)MB * MT * MV, 4);
+    pr->s = test_calloc((size_t)MB * MT * MV, 4);
+    pr->t = test_calloc((size_t)MB * MT * MV, 4);
     ck_assert_int_eq(qkd_model_logits(pr->student, pr->s, (size_t)MB * MT * MV), QKD_OK);
     ck_assert_int_eq(qkd_model_logits(pr->teacher, pr->t, (size_t)MB * MT * MV), QKD_OK);
 }
@@ -622,7 +608,7 @@ static void ref_token_weights(const struct pair *pr, const qkd_loss_term *term, 
  * adds weight * d value / ds to ds[MB*MT*MV]. */
 static double ref_term(const struct pair *pr, const qkd_loss_term *term, double *ds)
 {
-    double *g = xcalloc(MV, sizeof *g), sum = 0.0, w[MT];
+    double *g = test_calloc(MV, sizeof *g), sum = 0.0, w[MT];
     int n_rows = 0, n_seqs = 0;
     for (int b = 0; b < MB; b++) {
         int counted = 0;
@@ -652,7 +638,7 @@ static double ref_term(const struct pair *pr, const qkd_loss_term *term, double 
 static float *stored_dlogits(qkd_model *student)
 {
     size_t n = (size_t)MB * MT * MV;
-    float *ds = xcalloc(n, sizeof *ds);
+    float *ds = test_calloc(n, sizeof *ds);
     qkd__backend *be = qkd__model_context(student)->backend;
     dev_get(be, ds, qkd__model_dlogits_dev(student), n * sizeof *ds);
     return ds;
@@ -693,7 +679,7 @@ START_TEST(test_loss_each_term)
         float value, tv;
         ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
                          QKD_OK);
-        double *ds = xcalloc(n, sizeof *ds);
+        double *ds = test_calloc(n, sizeof *ds);
         double want = ref_term(&pr, &term, ds);
         ck_assert_msg(fabs(value - 0.8 * want) <= REL_TOL * fabs(want),
                       "kind %d: value %.9g, want %.9g", all_kinds[k], (double)value, 0.8 * want);
@@ -728,7 +714,7 @@ START_TEST(test_loss_weighted_sum_backward)
                  0.1f + 0.12f * (float)k, 3.0f);
         ck_assert_int_eq(qkd_loss_add(loss, &terms[k]), QKD_OK);
     }
-    double *ds = xcalloc(n, sizeof *ds), want = 0.0;
+    double *ds = test_calloc(n, sizeof *ds), want = 0.0;
     float value;
     ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
                      QKD_OK);
@@ -747,17 +733,17 @@ START_TEST(test_loss_weighted_sum_backward)
 
     /* end to end through the model's backward */
     int nt = qkd_model_n_tensors(pr.student);
-    float **g1 = xcalloc((size_t)nt, sizeof *g1);
+    float **g1 = test_calloc((size_t)nt, sizeof *g1);
     ck_assert_int_eq(qkd_model_zero_grad(pr.student), QKD_OK);
     ck_assert_int_eq(qkd_model_backward(pr.student, NULL), QKD_OK);
     for (int i = 0; i < nt; i++) {
         qkd_tensor_info info = {.size = sizeof info};
         ck_assert_int_eq(qkd_model_tensor_info(pr.student, i, &info), QKD_OK);
-        g1[i] = xcalloc((size_t)info.n_elements, 4);
+        g1[i] = test_calloc((size_t)info.n_elements, 4);
         ck_assert_int_eq(qkd_model_grad_get(pr.student, i, g1[i], (size_t)info.n_elements),
                          QKD_OK);
     }
-    float *dsf = xcalloc(n, 4);
+    float *dsf = test_calloc(n, 4);
     for (size_t i = 0; i < n; i++)
         dsf[i] = (float)ds[i];
     ck_assert_int_eq(qkd_model_zero_grad(pr.student), QKD_OK);
@@ -766,7 +752,7 @@ START_TEST(test_loss_weighted_sum_backward)
         qkd_tensor_info info = {.size = sizeof info};
         ck_assert_int_eq(qkd_model_tensor_info(pr.student, i, &info), QKD_OK);
         size_t ne = (size_t)info.n_elements;
-        float *g2 = xcalloc(ne, 4);
+        float *g2 = test_calloc(ne, 4);
         ck_assert_int_eq(qkd_model_grad_get(pr.student, i, g2, ne), QKD_OK);
         double gmax = 0.0;
         for (size_t e = 0; e < ne; e++)
@@ -804,7 +790,7 @@ START_TEST(test_loss_no_targets)
     ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
     float value;
     ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, NULL, &value), QKD_OK);
-    double *ds = xcalloc(n, sizeof *ds), want = ref_term(&pr, &term, ds);
+    double *ds = test_calloc(n, sizeof *ds), want = ref_term(&pr, &term, ds);
     ck_assert(fabs(value - want) <= REL_TOL * want);
     float *got = stored_dlogits(pr.student);
     assert_grad_close(got, ds, n, "no targets");
@@ -855,41 +841,6 @@ END_TEST
 
 /* ---- allocation ------------------------------------------------------------------- */
 
-struct alloc_count {
-    long n_allocs, live, fail_at; /* fail_at: 1-based index of the allocation to fail, 0 none */
-};
-
-static void *count_alloc(void *user, size_t size)
-{
-    struct alloc_count *a = user;
-    if (++a->n_allocs == a->fail_at)
-        return NULL;
-    void *p = malloc(size);
-    a->live += p != NULL;
-    return p;
-}
-
-static void count_free(void *user, void *ptr)
-{
-    struct alloc_count *a = user;
-    a->live -= ptr != NULL;
-    free(ptr);
-}
-
-static qkd_context *counting_context(struct alloc_count *a)
-{
-    qkd_context_params p;
-    qkd_context_params_init(&p);
-    p.n_threads = 1;
-    p.backend = QKD_BACKEND_REF;
-    p.alloc = count_alloc;
-    p.free = count_free;
-    p.alloc_user = a;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
-    return ctx;
-}
-
 static qkd_loss *tsld_fkl_loss(qkd_context *ctx)
 {
     qkd_loss *loss = NULL;
@@ -906,23 +857,23 @@ static qkd_loss *tsld_fkl_loss(qkd_context *ctx)
  * a shape already seen (nor a smaller one). */
 START_TEST(test_loss_no_step_allocation)
 {
-    struct alloc_count a = {0};
+    test_alloc a;
     struct pair pr;
-    pair_open(&pr, counting_context(&a));
+    pair_open(&pr, test_counting_context(&a, 1));
     qkd_loss *loss = tsld_fkl_loss(pr.ctx);
     float value;
     ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
                      QKD_OK);
-    long before = a.n_allocs;
+    long before = a.n;
     ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
                      QKD_OK);
-    ck_assert_int_eq(a.n_allocs, before);
+    ck_assert_int_eq(a.n, before);
     ck_assert_int_eq(qkd_model_forward(pr.student, pr.tokens, 2, MT), QKD_OK);
     ck_assert_int_eq(qkd_model_forward(pr.teacher, pr.tokens, 2, MT), QKD_OK);
-    before = a.n_allocs;
+    before = a.n;
     ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
                      QKD_OK);
-    ck_assert_int_eq(a.n_allocs, before);
+    ck_assert_int_eq(a.n, before);
     qkd_loss_free(loss);
     qkd_context *ctx = pr.ctx;
     pair_close(&pr);
@@ -935,20 +886,20 @@ END_TEST
  * no crash, nothing leaked. */
 START_TEST(test_loss_alloc_failures)
 {
-    struct alloc_count a = {0};
+    test_alloc a;
     struct pair pr;
-    pair_open(&pr, counting_context(&a));
-    long base = a.n_allocs, live = a.live;
+    pair_open(&pr, test_counting_context(&a, 1));
+    long base = a.n, live = a.live;
     qkd_loss *loss = tsld_fkl_loss(pr.ctx);
     float value;
     ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
                      QKD_OK);
-    long total = a.n_allocs - base;
+    long total = a.n - base;
     qkd_loss_free(loss);
     ck_assert_int_eq(a.live, live);
     ck_assert(total >= 3);
     for (long k = 1; k <= total; k++) {
-        a.fail_at = a.n_allocs + k;
+        test_alloc_fail_in(&a, k - 1, 0);
         loss = NULL;
         qkd_status st = qkd_loss_create(pr.ctx, &loss);
         if (st == QKD_OK) {
@@ -961,7 +912,7 @@ START_TEST(test_loss_alloc_failures)
         qkd_loss_free(loss);
         ck_assert_int_eq(a.live, live);
     }
-    a.fail_at = 0;
+    a.fail_at = -1;
     qkd_context *ctx = pr.ctx;
     pair_close(&pr);
     qkd_context_free(ctx);

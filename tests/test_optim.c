@@ -37,17 +37,9 @@ static qkd_model_config tiny_config(int tied, int dim)
 static qkd_model *tiny_model(qkd_context *ctx, int tied, uint64_t seed)
 {
     qkd_model_config c = tiny_config(tied, 8);
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_create(ctx, &c, &m), QKD_OK);
+    qkd_model *m = test_model(ctx, &c, seed, 0.3f);
     ck_assert_int_le(qkd_model_n_tensors(m), MAXT);
-    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.3f), QKD_OK);
     return m;
-}
-
-static uint64_t lcg_next(uint64_t *s)
-{
-    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
-    return *s >> 33;
 }
 
 /* Zero the gradients, then accumulate those of one batch drawn from seed. */
@@ -55,8 +47,8 @@ static void make_grads(qkd_model *m, uint64_t seed)
 {
     int32_t tokens[TB * TT], targets[TB * TT];
     for (int i = 0; i < TB * TT; i++) {
-        tokens[i] = (int32_t)(lcg_next(&seed) % TV);
-        targets[i] = (int32_t)(lcg_next(&seed) % TV);
+        tokens[i] = (int32_t)(test_lcg_next(&seed) % TV);
+        targets[i] = (int32_t)(test_lcg_next(&seed) % TV);
     }
     float loss;
     ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
@@ -1128,47 +1120,12 @@ END_TEST
 
 /* ---- allocation ---------------------------------------------------------------------- */
 
-typedef struct counting {
-    long allocs, frees;
-    long fail_at; /* refuse the allocation with this number; -1 never */
-} counting;
-
-static void *count_alloc(void *user, size_t size)
-{
-    counting *c = user;
-    if (c->allocs == c->fail_at)
-        return NULL;
-    c->allocs++;
-    return malloc(size);
-}
-
-static void count_free(void *user, void *ptr)
-{
-    counting *c = user;
-    c->frees++;
-    free(ptr);
-}
-
-static qkd_context *counting_context(counting *cnt)
-{
-    qkd_context_params cp;
-    qkd_context_params_init(&cp);
-    cp.n_threads = 1;
-    cp.backend = QKD_BACKEND_REF;
-    cp.alloc = count_alloc;
-    cp.free = count_free;
-    cp.alloc_user = cnt;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&cp, &ctx), QKD_OK);
-    return ctx;
-}
-
 /* Steps allocate nothing; every failed allocation in create is reported
  * and leaks nothing. */
 START_TEST(test_allocation)
 {
-    counting cnt = {0, 0, -1};
-    qkd_context *ctx = counting_context(&cnt);
+    test_alloc cnt;
+    qkd_context *ctx = test_counting_context(&cnt, 1);
     qkd_model *m = tiny_model(ctx, 0, 17);
     make_grads(m, 47);
     qkd_optim_params p = base_params(_i ? QKD_OPTIM_SGD : QKD_OPTIM_ADAMW);
@@ -1176,23 +1133,23 @@ START_TEST(test_allocation)
 
     int failures = 0;
     for (;;) {
-        long live = cnt.allocs - cnt.frees;
-        cnt.fail_at = cnt.allocs + failures;
+        long live = cnt.live;
+        test_alloc_fail_in(&cnt, failures, 0);
         qkd_optimizer *opt = NULL;
         qkd_status st = qkd_optimizer_create(m, &p, &opt);
         cnt.fail_at = -1;
         if (st == QKD_OK) {
-            long before = cnt.allocs;
+            long before = cnt.n;
             ck_assert_int_eq(do_step(opt).clipped, 1);
             do_step(opt);
-            ck_assert_int_eq(cnt.allocs, before);
+            ck_assert_int_eq(cnt.n, before);
             qkd_optimizer_free(opt);
-            ck_assert_int_eq(cnt.allocs - cnt.frees, live);
+            ck_assert_int_eq(cnt.live, live);
             break;
         }
         ck_assert_int_eq(st, QKD_ERR_NO_MEMORY);
         ck_assert_ptr_null(opt);
-        ck_assert_int_eq(cnt.allocs - cnt.frees, live);
+        ck_assert_int_eq(cnt.live, live);
         failures++;
     }
     ck_assert_int_ge(failures, 3); /* host table, norms, device state */

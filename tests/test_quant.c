@@ -20,22 +20,17 @@
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-static uint64_t rng_state;
+static uint64_t rng_state; /* each test seeds it */
 
+/* Uniform in [lo, hi) from the shared splitmix64 sequence. */
 static double rng_uniform(double lo, double hi)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
+    return test_rng_uniform(&rng_state, lo, hi);
 }
 
 static float *vec_new(size_t n)
 {
-    float *x = calloc(n ? n : 1, sizeof *x);
-    ck_assert_ptr_nonnull(x);
-    return x;
+    return test_calloc(n, sizeof(float));
 }
 
 /* Uniform in [-1, 1) with a per-row offset, so groups are not centred. */
@@ -944,10 +939,7 @@ static qkd_model *tiny_model(qkd_context *ctx, int tied, uint64_t seed)
     c.vocab_size = SV;
     c.max_seq_len = ST;
     c.tied_embeddings = tied;
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_create(ctx, &c, &m), QKD_OK);
-    ck_assert_int_eq(qkd_model_init_random(m, seed, 0.3f), QKD_OK);
-    return m;
+    return test_model(ctx, &c, seed, 0.3f);
 }
 
 static void random_ids(int32_t *ids, int n, uint64_t seed)
@@ -1433,35 +1425,11 @@ END_TEST
 
 /* ---- no allocation in a training step of a known shape ------------------------------ */
 
-typedef struct counting {
-    long allocs;
-} counting;
-
-static void *count_alloc(void *user, size_t size)
-{
-    ((counting *)user)->allocs++;
-    return malloc(size);
-}
-
-static void count_free(void *user, void *ptr)
-{
-    (void)user;
-    free(ptr);
-}
-
 /* _i: learn_scales. */
 START_TEST(test_student_step_allocates_nothing)
 {
-    counting cnt = {0};
-    qkd_context_params cp;
-    qkd_context_params_init(&cp);
-    cp.n_threads = 2;
-    cp.backend = QKD_BACKEND_REF;
-    cp.alloc = count_alloc;
-    cp.free = count_free;
-    cp.alloc_user = &cnt;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&cp, &ctx), QKD_OK);
+    test_alloc cnt;
+    qkd_context *ctx = test_counting_context(&cnt, 2);
     int32_t tokens[SB * ST], targets[SB * ST];
     random_ids(tokens, SB * ST, 11);
     random_ids(targets, SB * ST, 12);
@@ -1476,13 +1444,13 @@ START_TEST(test_student_step_allocates_nothing)
     train_step(m, tokens, targets);
     float row[SV];
     ck_assert_int_eq(qkd_model_decode(m, 1, 0, row), QKD_OK);
-    long before = cnt.allocs;
+    long before = cnt.n;
     train_step(m, tokens, targets);
     ck_assert_int_eq(qkd_quantizer_set_sharpness(q, 20.0f), QKD_OK);
     train_step(m, tokens, targets);
     for (int pos = 0; pos < ST; pos++)
         ck_assert_int_eq(qkd_model_decode(m, 2, pos, row), QKD_OK);
-    ck_assert_int_eq(cnt.allocs, before);
+    ck_assert_int_eq(cnt.n, before);
     qkd_model_free(m);
     qkd_quantizer_free(q);
     qkd_context_free(ctx);
@@ -1492,20 +1460,6 @@ END_TEST
 /* Every allocation of a quantizer's life failing in turn: each call
  * reports NO_MEMORY (never crashes) and everything is freed (the ASan
  * build checks for leaks). */
-typedef struct failing {
-    long left; /* allocations still allowed; < 0: no limit */
-} failing;
-
-static void *failing_alloc(void *user, size_t size)
-{
-    failing *f = user;
-    if (f->left == 0)
-        return NULL;
-    if (f->left > 0)
-        f->left--;
-    return malloc(size);
-}
-
 static qkd_status student_life(qkd_context *ctx, qkd_model *m, const int32_t *tokens,
                                int learn_scales)
 {
@@ -1534,25 +1488,17 @@ static qkd_status student_life(qkd_context *ctx, qkd_model *m, const int32_t *to
 /* _i: learn_scales (binding then grows the model's buffers). */
 START_TEST(test_allocation_failures)
 {
-    failing f = {-1};
-    qkd_context_params cp;
-    qkd_context_params_init(&cp);
-    cp.n_threads = 1;
-    cp.backend = QKD_BACKEND_REF;
-    cp.alloc = failing_alloc;
-    cp.free = count_free;
-    cp.alloc_user = &f;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&cp, &ctx), QKD_OK);
+    test_alloc f;
+    qkd_context *ctx = test_counting_context(&f, 1);
     qkd_model *m = tiny_model(ctx, 0, 16);
     int32_t tokens[SB * ST];
     random_ids(tokens, SB * ST, 13);
     qkd_status st = QKD_ERR_NO_MEMORY;
     long budget = 0;
     for (; st != QKD_OK; budget++) {
-        f.left = budget;
+        test_alloc_fail_in(&f, budget, 1);
         st = student_life(ctx, m, tokens, _i);
-        f.left = -1;
+        f.fail_at = -1;
         ck_assert_msg(st == QKD_OK || st == QKD_ERR_NO_MEMORY, "budget %ld: %s (%s)", budget,
                       qkd_status_name(st), qkd_context_last_error(ctx));
     }

@@ -30,61 +30,17 @@ enum { VOCAB = 32, SEQ = 8, BATCH = 2, N_TOKENS = (SEQ + 1) * 40 };
 
 /* ---- a context whose allocations are counted and can fail -------------------- */
 
-typedef struct counter {
-    long live;      /* allocations not given back */
-    long n;         /* allocations attempted */
-    long fail_at;   /* the attempt that fails, -1 for none */
-    int failed;     /* fail_at was reached */
-    size_t largest; /* the largest size asked for */
-} counter;
-
 /* No test needs more: a larger request fails (and shows in largest). */
 #define ALLOC_CAP ((size_t)256 << 20)
 
-static void *count_alloc(void *user, size_t size)
+static qkd_context *counting_context(test_alloc *c)
 {
-    counter *c = user;
-    c->largest = size > c->largest ? size : c->largest;
-    if (c->n++ == c->fail_at || size > ALLOC_CAP) {
-        c->failed = 1;
-        return NULL;
-    }
-    void *p = malloc(size);
-    c->live += p != NULL;
-    return p;
-}
-
-static void count_free(void *user, void *p)
-{
-    if (p) {
-        ((counter *)user)->live--;
-        free(p);
-    }
-}
-
-static qkd_context *counting_context(counter *c)
-{
-    *c = (counter){.fail_at = -1};
-    qkd_context_params p;
-    qkd_context_params_init(&p);
-    p.n_threads = 1;
-    p.backend = QKD_BACKEND_REF;
-    p.alloc = count_alloc;
-    p.free = count_free;
-    p.alloc_user = c;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    qkd_context *ctx = test_counting_context(c, 1);
+    c->cap = ALLOC_CAP;
     return ctx;
 }
 
-/* Arm the counter so that allocation k from now fails. */
-static void fail_in(counter *c, long k)
-{
-    c->fail_at = c->n + k;
-    c->failed = 0;
-}
-
-static void disarm(counter *c)
+static void disarm(test_alloc *c)
 {
     c->fail_at = -1;
 }
@@ -292,12 +248,6 @@ static int64_t opt_steps(const qkd_optimizer *opt)
     return steps;
 }
 
-static int exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0;
-}
-
 static void assert_file_is(const char *path, const void *want, size_t n, const char *what)
 {
     size_t len;
@@ -306,22 +256,11 @@ static void assert_file_is(const char *path, const void *want, size_t n, const c
     free(got);
 }
 
-/* A whole file as a string (malloc'd). */
-static char *slurp_text(const char *path)
-{
-    size_t n;
-    char *b = test_read_file(path, &n);
-    char *s = realloc(b, n + 1);
-    ck_assert_ptr_nonnull(s);
-    s[n] = '\0';
-    return s;
-}
-
 /* ---- allocation failures ----------------------------------------------------------- */
 
 START_TEST(context_alloc_goes_through_the_hooks)
 {
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     long live = c.live;
     void *p = qkd_context_alloc(ctx, 100), *z = qkd_context_alloc(ctx, 0);
@@ -335,7 +274,7 @@ START_TEST(context_alloc_goes_through_the_hooks)
     qkd_context_dealloc(ctx, z);
     qkd_context_dealloc(ctx, NULL);
     ck_assert_int_eq(c.live, live);
-    fail_in(&c, 0);
+    test_alloc_fail_in(&c, 0, 0);
     ck_assert_ptr_null(qkd_context_alloc(ctx, 8));
     ck_assert(c.failed);
     disarm(&c);
@@ -355,12 +294,12 @@ END_TEST
  * op makes. */
 typedef qkd_status (*op_fn)(void *arg);
 
-static long fail_each(counter *c, qkd_context *ctx, const char *what, op_fn op,
+static long fail_each(test_alloc *c, qkd_context *ctx, const char *what, op_fn op,
                       void (*check)(void *arg), void *arg)
 {
     for (long k = 0;; k++) {
         const long live = c->live;
-        fail_in(c, k);
+        test_alloc_fail_in(c, k, 0);
         qkd_status st = op(arg);
         disarm(c);
         if (!c->failed) {
@@ -419,7 +358,7 @@ static qkd_status load_tokenizer(void *p)
 START_TEST(fail_each_allocation_of_model_and_tokenizer_loads)
 {
     const char *rel[] = {STORIES_BIN, STORIES_GGUF};
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     for (int i = 0; i < 2; i++) {
         const char *path = test_shared(rel[i]);
@@ -458,7 +397,7 @@ static qkd_status build_and_step(void *ctx)
 
 START_TEST(fail_each_allocation_of_a_kdqat_step)
 {
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     ck_assert_int_gt(fail_each(&c, ctx, "build + one KD-QAT step", build_and_step, NULL, ctx), 20);
     qkd_context_free(ctx);
@@ -471,7 +410,7 @@ END_TEST
  * the same shape allocates nothing at all. */
 START_TEST(failed_step_leaves_the_run_usable)
 {
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     kd_opts o = opts(4);
     kd ref;
@@ -484,7 +423,7 @@ START_TEST(failed_step_leaves_the_run_usable)
     for (long k = 0;; k++) {
         kd r;
         kd_open_ok(&r, ctx, &o);
-        fail_in(&c, k);
+        test_alloc_fail_in(&c, k, 0);
         qkd_status st = qkd_distill_run(r.run, 1);
         disarm(&c);
         const int reached = c.failed;
@@ -542,7 +481,7 @@ static void save_left_file_alone(void *p)
 {
     save_arg *a = p;
     assert_file_is(a->path, a->good, a->n_good, "a failed save");
-    ck_assert_msg(!exists(a->tmp), "%s left behind", a->tmp);
+    ck_assert_msg(!test_exists(a->tmp), "%s left behind", a->tmp);
 }
 
 static qkd_status save_checkpoint(void *p)
@@ -600,7 +539,7 @@ static void resume_changed_nothing(void *p)
 
 START_TEST(fail_each_allocation_of_checkpoint_save_and_resume)
 {
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     kd_opts o = opts(6);
     kd a, b;
@@ -677,7 +616,7 @@ static void no_temporaries(void *p)
 
 START_TEST(fail_each_allocation_of_export)
 {
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     qkd_model *m = NULL;
     qkd_quantizer *q = NULL;
@@ -777,7 +716,7 @@ START_TEST(fail_each_allocation_of_the_data_layer)
     const char *tok_path = test_shared(TOK512);
     if (!tok_path)
         return;
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     qkd_tokenizer *tok = NULL, *bytes = NULL;
     ck_assert_int_eq(qkd_tokenizer_load(ctx, tok_path, &tok), QKD_OK);
@@ -812,7 +751,7 @@ END_TEST
  * overcommit, a smaller lie could have got, and zeroed). */
 START_TEST(headers_cannot_demand_huge_allocations)
 {
-    counter c;
+    test_alloc c;
     qkd_context *ctx = counting_context(&c);
     qkd_model *m = NULL;
     qkd_status st = qkd_model_load(ctx, test_source("tests/fixtures/fuzz/gguf/header-asks-825-gb"),
@@ -826,7 +765,7 @@ START_TEST(headers_cannot_demand_huge_allocations)
     char dir[600], path[700];
     snprintf(dir, sizeof dir, "%s/hf", test_tmpdir());
     ck_assert_int_eq(mkdir(dir, 0700), 0);
-    char *config = slurp_text(test_source("tests/fixtures/hf_tiny/config.json"));
+    char *config = test_read_text(test_source("tests/fixtures/hf_tiny/config.json"), NULL);
     char *layers = strstr(config, "\"num_hidden_layers\": 2");
     ck_assert_ptr_nonnull(layers);
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -1118,29 +1057,6 @@ END_TEST
 
 /* ---- `qkd distill` killed at random moments --------------------------------------- */
 
-/* Start QKD_CLI with args (NULL-terminated, without argv[0]); its stdout and
- * stderr go to log. */
-static pid_t spawn_cli(const char *const *args, const char *log)
-{
-    const char *cli = getenv("QKD_CLI");
-    ck_assert_msg(cli && *cli, "QKD_CLI is not set (meson test sets it)");
-    char *argv[40] = {(char *)cli};
-    for (int i = 0; args[i]; i++) {
-        ck_assert_int_lt(i, 38);
-        argv[i + 1] = (char *)args[i];
-    }
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
-            _exit(127);
-        execv(cli, argv);
-        _exit(127);
-    }
-    return pid;
-}
-
 static double now_ms(void)
 {
     struct timespec ts;
@@ -1160,7 +1076,7 @@ static void sleep_us(long us)
  * 8 bytes equals them. */
 static int64_t complete_checkpoint_step(const char *path)
 {
-    if (!exists(path))
+    if (!test_exists(path))
         return -1;
     size_t n;
     unsigned char *b = test_read_file(path, &n);
@@ -1206,9 +1122,9 @@ static void kill_job_init(kill_job *j, const char *teacher, const char *text, co
 /* Launch the job: resuming when a checkpoint exists, fresh otherwise. */
 static pid_t kill_job_start(kill_job *j)
 {
-    j->args[j->n_args] = exists(j->ckpt) ? "--resume" : NULL;
+    j->args[j->n_args] = test_exists(j->ckpt) ? "--resume" : NULL;
     j->args[j->n_args + 1] = NULL;
-    return spawn_cli(j->args, j->log);
+    return test_spawn_cli(j->args, j->log, j->log);
 }
 
 /* How a launch ended (its wait status): 1 if SIGKILL ended it, 0 if it
@@ -1218,7 +1134,7 @@ static int kill_job_ended(const kill_job *j, int ws)
     if (WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL)
         return 1;
     if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) {
-        char *log = slurp_text(j->log);
+        char *log = test_read_text(j->log, NULL);
         ck_abort_msg("qkd distill ended with status 0x%x:\n%s", ws, log);
     }
     return 0;
@@ -1238,7 +1154,7 @@ static int kill_job_kill(const kill_job *j, pid_t pid, int at_write, long delay_
     const double start = now_ms();
     int ws;
     if (at_write) { /* right after a temporary checkpoint appears */
-        while (!exists(j->tmp) && now_ms() - start < 20000.0)
+        while (!test_exists(j->tmp) && now_ms() - start < 20000.0)
             if (waitpid(pid, &ws, WNOHANG) == pid)
                 return kill_job_ended(j, ws);
     }
@@ -1313,7 +1229,7 @@ START_TEST(killed_distill_resumes_bit_identical)
                                          at_write ? (long)(r % 100)
                                                   : (long)(r % (uint32_t)(run_ms * 1000.0)));
         kills += killed;
-        during_write += killed && exists(j.tmp);
+        during_write += killed && test_exists(j.tmp);
         const int64_t step = complete_checkpoint_step(j.ckpt);
         ck_assert_msg(step >= last_step, "checkpoint went back from step %lld to %lld",
                       (long long)last_step, (long long)step);
@@ -1328,7 +1244,7 @@ START_TEST(killed_distill_resumes_bit_identical)
     }
     /* Finish the run that was being killed, without killing it. */
     ck_assert_int_eq(kill_job_wait(&j, kill_job_start(&j)), 0);
-    char *log = slurp_text(j.log);
+    char *log = test_read_text(j.log, NULL);
     if (last_step >= 0)
         ck_assert_msg(strstr(log, "resumed at step") != NULL, "no resume:\n%s", log);
     free(log);

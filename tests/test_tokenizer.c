@@ -390,13 +390,6 @@ START_TEST(test_long_text)
 }
 END_TEST
 
-/* A fixed pseudo-random sequence (64-bit LCG), the same on every run. */
-static uint32_t next_random(uint64_t *state)
-{
-    *state = *state * 6364136223846793005u + 1442695040888963407u;
-    return (uint32_t)(*state >> 33);
-}
-
 /* Arbitrary bytes, invalid UTF-8 included, come back unchanged: tok512 has
  * all 256 byte tokens. (0xE2 is left out: E2 96 81 is U+2581, which
  * decodes as a space, by design.) */
@@ -407,9 +400,9 @@ START_TEST(test_random_bytes)
     uint64_t state = 42;
     char text[4096];
     for (int round = 0; tok && round < 50; round++) {
-        size_t len = next_random(&state) % sizeof text;
+        size_t len = test_lcg_next(&state) % sizeof text;
         for (size_t i = 0; i < len; i++) {
-            uint32_t r = next_random(&state);
+            uint32_t r = test_lcg_next(&state);
             /* half printable ASCII, half any byte, so merges happen too */
             text[i] = (char)(r & 1 ? ' ' + (r >> 1) % 95 : (r >> 1) & 0xff);
             if ((unsigned char)text[i] == 0xe2)
@@ -537,12 +530,8 @@ END_TEST
 /* Write data to dir/name; the path is in a static buffer. */
 static const char *write_tmp(const char *dir, const char *name, const void *data, size_t len)
 {
-    static char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "wb");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_uint_eq(fwrite(data, 1, len, f), len);
-    ck_assert_int_eq(fclose(f), 0);
+    const char *path = test_path_in(dir, name);
+    test_write_file(path, data, len);
     return path;
 }
 
@@ -625,7 +614,7 @@ START_TEST(test_mutated_bin)
         for (int round = 0; round < 150; round++) {
             memcpy(data, orig, len);
             for (int k = 0; k < 4; k++)
-                data[next_random(&state) % len] = (unsigned char)next_random(&state);
+                data[test_lcg_next(&state) % len] = (unsigned char)test_lcg_next(&state);
             qkd_tokenizer *tok = NULL;
             qkd_status st = qkd_tokenizer_load(ctx, write_tmp(dir, "mut.bin", data, len), &tok);
             ck_assert_msg(st == QKD_OK || st == QKD_ERR_FORMAT, "round %d: %s", round,
@@ -823,27 +812,6 @@ END_TEST
 
 /* ---- allocation failures ---------------------------------------------------- */
 
-typedef struct alloc_counter {
-    long calls, fail_at, live; /* fail_at < 0: never fail */
-} alloc_counter;
-
-static void *counting_alloc(void *user, size_t size)
-{
-    alloc_counter *c = user;
-    if (c->fail_at >= 0 && c->calls++ == c->fail_at)
-        return NULL;
-    void *p = malloc(size);
-    c->live += p != NULL;
-    return p;
-}
-
-static void counting_free(void *user, void *ptr)
-{
-    alloc_counter *c = user;
-    c->live -= ptr != NULL;
-    free(ptr);
-}
-
 /* Fail the 1st, 2nd, ... allocation of a load and of an encode until they
  * succeed: each failure is NO_MEMORY and frees everything it took. */
 static void fail_each_allocation(const char *rel)
@@ -851,21 +819,13 @@ static void fail_each_allocation(const char *rel)
     const char *path = test_shared(rel);
     if (!path)
         return;
-    alloc_counter c = {.fail_at = -1};
-    qkd_context_params p;
-    qkd_context_params_init(&p);
-    p.n_threads = 1;
-    p.backend = QKD_BACKEND_REF;
-    p.alloc = counting_alloc;
-    p.free = counting_free;
-    p.alloc_user = &c;
-    qkd_context *ctx = NULL;
-    ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
+    test_alloc c;
+    qkd_context *ctx = test_counting_context(&c, 1);
     long base = c.live;
     qkd_tokenizer *tok = NULL;
     qkd_status st = QKD_ERR_NO_MEMORY;
     for (long k = 0; st == QKD_ERR_NO_MEMORY; k++) {
-        c.calls = 0, c.fail_at = k;
+        c.n = 0, c.fail_at = k;
         st = qkd_tokenizer_load(ctx, path, &tok);
         ck_assert_msg(st == QKD_OK || (st == QKD_ERR_NO_MEMORY && c.live == base),
                       "%s, allocation %ld: %s, %ld blocks live", rel, k,
@@ -876,7 +836,7 @@ static void fail_each_allocation(const char *rel)
     int32_t ids[64];
     long loaded = c.live;
     for (long k = 0; st == QKD_ERR_NO_MEMORY; k++) {
-        c.calls = 0, c.fail_at = k;
+        c.n = 0, c.fail_at = k;
         st = qkd_tokenizer_encode(tok, "Once upon a time", 16, 0, ids, 64, &n);
         ck_assert_int_eq(c.live, loaded);
         ck_assert(st == QKD_OK || st == QKD_ERR_NO_MEMORY);
@@ -917,7 +877,7 @@ START_TEST(test_byte_tokenizer)
     for (int rep = 0; rep < 20; rep++) {
         char buf[64];
         for (size_t i = 0; i < sizeof buf; i++)
-            buf[i] = (char)(next_random(&state) & 0xff);
+            buf[i] = (char)(test_lcg_next(&state) & 0xff);
         assert_round_trip(tok, buf, sizeof buf);
     }
     qkd_tokenizer_free(tok);

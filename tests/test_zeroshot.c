@@ -22,22 +22,10 @@
 
 /* ---- helpers ---- */
 
-static char *shared_copy(const char *rel)
-{
-    const char *p = test_shared(rel);
-    return p ? strdup(p) : NULL;
-}
-
-static void check_status(qkd_context *ctx, qkd_status got, qkd_status want, const char *what)
-{
-    ck_assert_msg(got == want, "%s: got %s (\"%s\"), want %s", what, qkd_status_name(got),
-                  qkd_context_last_error(ctx), qkd_status_name(want));
-}
-
 /* The decompressed HellaSwag file (owned), or NULL when bzip2 is absent. */
 static char *hellaswag_text(size_t *len)
 {
-    char *path = shared_copy(HELLASWAG);
+    char *path = test_shared_dup(HELLASWAG);
     if (!path)
         return NULL;
     char cmd[4200];
@@ -66,15 +54,15 @@ static qkd_eval_set *load_set(qkd_context *ctx, qkd_eval_task task, const char *
         char *text = hellaswag_text(&len);
         if (!text)
             return NULL;
-        check_status(ctx, qkd_eval_set_parse(ctx, task, "hellaswag", text, len, NULL, 0, &set),
-                     QKD_OK, rel);
+        qkd_status st = qkd_eval_set_parse(ctx, task, "hellaswag", text, len, NULL, 0, &set);
+        test_expect_status(ctx, st, QKD_OK, rel);
         free(text);
         return set;
     }
-    char *path = shared_copy(rel);
+    char *path = test_shared_dup(rel);
     if (!path)
         return NULL;
-    check_status(ctx, qkd_eval_set_load(ctx, task, path, &set), QKD_OK, rel);
+    test_expect_status(ctx, qkd_eval_set_load(ctx, task, path, &set), QKD_OK, rel);
     free(path);
     return set;
 }
@@ -252,7 +240,7 @@ START_TEST(reader_malformed)
     qkd_eval_set *set = (qkd_eval_set *)&set; /* must be reset to NULL */
     qkd_status st = qkd_eval_set_parse(ctx, bad_inputs[_i].task, "t.jsonl", text, strlen(text),
                                        labels, labels ? strlen(labels) : 0, &set);
-    check_status(ctx, st, QKD_ERR_FORMAT, text);
+    test_expect_status(ctx, st, QKD_ERR_FORMAT, text);
     ck_assert_ptr_null(set);
     ck_assert_msg(strstr(qkd_context_last_error(ctx), bad_inputs[_i].message) != NULL,
                   "message \"%s\" lacks \"%s\"", qkd_context_last_error(ctx),
@@ -269,8 +257,8 @@ START_TEST(reader_good_edge_cases)
     const char *jsonl = "\n{\"query\": \"Q\", \"choices\": [\"\xc3\xa9t\xc3\xa9\", \"b\"], "
                         "\"gold\": 1}\r\n\r\n";
     qkd_eval_set *set = NULL;
-    check_status(ctx, qkd_eval_set_parse(ctx, QKD_EVAL_ARC_EASY, "t", jsonl, strlen(jsonl),
-                                         NULL, 0, &set), QKD_OK, "jsonl");
+    test_expect_status(ctx, qkd_eval_set_parse(ctx, QKD_EVAL_ARC_EASY, "t", jsonl, strlen(jsonl),
+                                               NULL, 0, &set), QKD_OK, "jsonl");
     ck_assert_uint_eq(qkd_eval_set_size(set), 1);
     qkd_eval_item it = get_item(set, 0);
     ck_assert_uint_eq(it.line, 2);
@@ -284,8 +272,8 @@ START_TEST(reader_good_edge_cases)
     qkd_eval_set_free(set);
 
     const char *hs = "c1\n0\na\nb\nc\nd\nc2\n2\ne\nf\ng\nh\n\n\n";
-    check_status(ctx, qkd_eval_set_parse(ctx, QKD_EVAL_HELLASWAG, "h", hs, strlen(hs), NULL,
-                                         0, &set), QKD_OK, "hellaswag");
+    test_expect_status(ctx, qkd_eval_set_parse(ctx, QKD_EVAL_HELLASWAG, "h", hs, strlen(hs), NULL,
+                                               0, &set), QKD_OK, "hellaswag");
     ck_assert_uint_eq(qkd_eval_set_size(set), 2);
     it = get_item(set, 1);
     ck_assert_uint_eq(it.line, 7);
@@ -297,8 +285,8 @@ START_TEST(reader_good_edge_cases)
                      QKD_ERR_INVALID_ARG);
     ck_assert_int_eq(qkd_eval_set_parse(ctx, QKD_EVAL_MC, NULL, "", 0, NULL, 0, &set),
                      QKD_ERR_INVALID_ARG);
-    check_status(ctx, qkd_eval_set_load(ctx, QKD_EVAL_MC, "/nonexistent/x.jsonl", &set),
-                 QKD_ERR_IO, "missing file");
+    test_expect_status(ctx, qkd_eval_set_load(ctx, QKD_EVAL_MC, "/nonexistent/x.jsonl", &set),
+                       QKD_ERR_IO, "missing file");
     ck_assert_ptr_null(set);
     qkd_eval_set_free(NULL);
     ck_assert_uint_eq(qkd_eval_set_size(NULL), 0);
@@ -316,7 +304,7 @@ typedef struct lm {
 
 static bool lm_open(lm *l)
 {
-    char *model = shared_copy(MODEL_BIN), *tok = model ? shared_copy(TOK_BIN) : NULL;
+    char *model = test_shared_dup(MODEL_BIN), *tok = model ? test_shared_dup(TOK_BIN) : NULL;
     if (!tok) {
         free(model);
         return false;
@@ -425,8 +413,8 @@ static expected check_items(const lm *l, const qkd_eval_set *set, size_t n, int 
         double lls[8], ref[8];
         int greedy[8], ref_greedy = 0;
         ck_assert_int_le(it.n_choices, 8);
-        check_status(l->ctx, qkd_eval_item_score(l->ctx, l->model, l->tok, set, i, add_bos,
-                                                 lls, greedy), QKD_OK, "item_score");
+        test_expect_status(l->ctx, qkd_eval_item_score(l->ctx, l->model, l->tok, set, i, add_bos,
+                                                       lls, greedy), QKD_OK, "item_score");
         int best = 0, best_norm = 0;
         for (int c = 0; c < it.n_choices; c++) {
             ref[c] = reference_ll(l, it.contexts[c], it.continuations[c], add_bos, &ref_greedy);
@@ -460,7 +448,7 @@ static void check_run(const lm *l, const qkd_eval_set *set, qkd_eval_task task, 
     p.limit = n;
     p.add_bos = add_bos;
     qkd_eval_result r = {.size = sizeof r};
-    check_status(l->ctx, qkd_eval_run(l->ctx, l->model, l->tok, set, &p, &r), QKD_OK, "run");
+    test_expect_status(l->ctx, qkd_eval_run(l->ctx, l->model, l->tok, set, &p, &r), QKD_OK, "run");
     ck_assert_uint_eq(r.n_items, n);
     ck_assert_int_eq(r.task, task);
     if (task == QKD_EVAL_LAMBADA) {
@@ -530,25 +518,27 @@ START_TEST(single_pair_and_errors)
     double ll;
     int n_tokens, greedy, ref_greedy;
     const char *context = "Once upon a time, there was a little girl named Lily. ";
-    check_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, context, "She liked to play.",
-                                               1, &ll, &n_tokens, &greedy), QKD_OK, "pair");
+    test_expect_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, context,
+                                                     "She liked to play.", 1, &ll, &n_tokens,
+                                                     &greedy), QKD_OK, "pair");
     double ref = reference_ll(&l, context, "She liked to play.", 1, &ref_greedy);
     ck_assert_double_eq_tol(ll, ref, 1e-4);
     ck_assert_int_eq(greedy, ref_greedy);
     ck_assert_int_gt(n_tokens, 2);
     /* an empty context gets BOS even without add_bos */
-    check_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, "", "Lily", 0, &ll, NULL,
-                                               NULL), QKD_OK, "empty context");
+    test_expect_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, "", "Lily", 0, &ll,
+                                                     NULL, NULL), QKD_OK, "empty context");
     ck_assert_double_eq_tol(ll, reference_ll(&l, "", "Lily", 0, &ref_greedy), 1e-4);
 
-    check_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, "Once", "", 1, &ll,
-                                               NULL, NULL), QKD_ERR_INVALID_ARG, "empty cont");
-    check_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, NULL, context, "x", 1, &ll,
-                                               NULL, NULL), QKD_ERR_INVALID_ARG, "NULL tok");
+    test_expect_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, "Once", "", 1, &ll,
+                                                     NULL, NULL),
+                       QKD_ERR_INVALID_ARG, "empty cont");
+    test_expect_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, NULL, context, "x", 1, &ll,
+                                                     NULL, NULL), QKD_ERR_INVALID_ARG, "NULL tok");
     ck_assert_int_eq(qkd_model_set_max_seq_len(l.model, 4), QKD_OK);
-    check_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, "a",
-                                               " the little girl was happy and sad", 1, &ll,
-                                               NULL, NULL), QKD_ERR_RANGE, "too long");
+    test_expect_status(l.ctx, qkd_eval_loglikelihood(l.ctx, l.model, l.tok, "a",
+                                                     " the little girl was happy and sad", 1, &ll,
+                                                     NULL, NULL), QKD_ERR_RANGE, "too long");
     /* a tokenizer larger than the model's vocabulary */
     qkd_model_config c;
     qkd_model_config_init(&c);
@@ -556,8 +546,8 @@ START_TEST(single_pair_and_errors)
     c.max_seq_len = 16;
     qkd_model *small = NULL;
     ck_assert_int_eq(qkd_model_create(l.ctx, &c, &small), QKD_OK);
-    check_status(l.ctx, qkd_eval_loglikelihood(l.ctx, small, l.tok, "a", " b", 1, &ll, NULL,
-                                               NULL), QKD_ERR_SHAPE, "vocab");
+    test_expect_status(l.ctx, qkd_eval_loglikelihood(l.ctx, small, l.tok, "a", " b", 1, &ll, NULL,
+                                                     NULL), QKD_ERR_SHAPE, "vocab");
     qkd_model_free(small);
     lm_close(&l);
 }
@@ -588,19 +578,20 @@ START_TEST(run_params_and_cancel)
     p.progress = cancel_after_two;
     p.progress_user = &seen;
     qkd_eval_result r = {.size = sizeof r};
-    check_status(l.ctx, qkd_eval_run(l.ctx, l.model, l.tok, set, &p, &r), QKD_ERR_CANCELLED,
-                 "cancel");
+    test_expect_status(l.ctx, qkd_eval_run(l.ctx, l.model, l.tok, set, &p, &r), QKD_ERR_CANCELLED,
+                       "cancel");
     ck_assert_uint_eq(seen, 2);
     ck_assert_uint_eq(r.n_items, 2);
     p.size = 3;
-    check_status(l.ctx, qkd_eval_run(l.ctx, l.model, l.tok, set, &p, &r), QKD_ERR_INVALID_ARG,
-                 "params size");
+    test_expect_status(l.ctx, qkd_eval_run(l.ctx, l.model, l.tok, set, &p, &r), QKD_ERR_INVALID_ARG,
+                       "params size");
     r.size = 0;
-    check_status(l.ctx, qkd_eval_run(l.ctx, l.model, l.tok, set, NULL, &r), QKD_ERR_INVALID_ARG,
-                 "result size");
+    test_expect_status(l.ctx, qkd_eval_run(l.ctx, l.model, l.tok, set, NULL, &r),
+                       QKD_ERR_INVALID_ARG,
+                       "result size");
     double lls[2];
-    check_status(l.ctx, qkd_eval_item_score(l.ctx, l.model, l.tok, set, 100, 1, lls, NULL),
-                 QKD_ERR_RANGE, "index");
+    test_expect_status(l.ctx, qkd_eval_item_score(l.ctx, l.model, l.tok, set, 100, 1, lls, NULL),
+                       QKD_ERR_RANGE, "index");
     qkd_eval_set_free(set);
     lm_close(&l);
 }
@@ -641,8 +632,8 @@ START_TEST(cli_task_metrics)
     lm l;
     if (!lm_open(&l))
         return;
-    char *model = shared_copy(MODEL_BIN), *tok = shared_copy(TOK_BIN);
-    char *data = shared_copy(FOUNDRY("arc_easy.jsonl"));
+    char *model = test_shared_dup(MODEL_BIN), *tok = test_shared_dup(TOK_BIN);
+    char *data = test_shared_dup(FOUNDRY("arc_easy.jsonl"));
     char args[8192];
     snprintf(args, sizeof args, "eval '%s' --tokenizer '%s' --task arc_easy --data '%s' "
              "--limit 6 --backend ref", model, tok, data);
@@ -662,7 +653,7 @@ START_TEST(cli_task_metrics)
     qkd_eval_set_free(set);
 
     /* HellaSwag straight from its .bz2 */
-    char *hs = shared_copy(HELLASWAG);
+    char *hs = test_shared_dup(HELLASWAG);
     snprintf(args, sizeof args, "eval '%s' --tokenizer '%s' --task hellaswag --data '%s' "
              "--limit 2", model, tok, hs);
     out = run_cli(args, &status);
