@@ -12,7 +12,9 @@
  * The two backends are timed in turn (one reference step, then a few SIMD
  * steps, per round), so a change in the machine's load hits both; figures
  * are medians, the speedup the median over the rounds of the round's
- * ratio. Prints one JSON object.
+ * ratio. A third case, teacher_forward, times the frozen teacher's
+ * forward on the SIMD backend in fp32 and with bf16 matmuls
+ * (QKD_MATMUL_BF16), in turn. Prints one JSON object.
  *
  *   bench-train [--quick] [--simd-only] [--only MODEL/STEP]
  *     --quick: stories260K only; --simd-only: no reference steps (for
@@ -179,6 +181,40 @@ static void measure(const struct shape *sh, enum kind kind, const int32_t *token
         setup_free(&ref);
 }
 
+/* One model's forward on B x T tokens. */
+struct forward {
+    qkd_context *ctx;
+    qkd_model *m;
+    const int32_t *tokens;
+    int B, T;
+};
+
+static void run_forward(void *arg)
+{
+    const struct forward *f = arg;
+    check(f->ctx, qkd_model_forward(f->m, f->tokens, f->B, f->T), "teacher forward");
+}
+
+/* Median seconds of the teacher's forward in fp32 and in bf16, timed in
+ * turn, and the median over the rounds of the fp32 time over the bf16. */
+static void measure_teacher(const struct shape *sh, const int32_t *tokens, int B, int T,
+                            double *t_fp32, double *t_bf16, double *speedup)
+{
+    qkd_context *ctx = bench_context(QKD_BACKEND_SIMD, bench_cores());
+    struct forward bf16 = {ctx, make_model(ctx, sh, T), tokens, B, T}, fp32 = bf16;
+    fp32.m = make_model(ctx, sh, T);
+    check(ctx, qkd_model_set_matmul_precision(bf16.m, QKD_MATMUL_BF16), "matmul precision");
+    void *args[2] = {&bf16, &fp32};
+    double t[2], ratio[2];
+    bench_compare(run_forward, args, 2, 1.0, 5, t, ratio);
+    *t_bf16 = t[0];
+    *t_fp32 = t[1];
+    *speedup = ratio[1];
+    qkd_model_free(bf16.m);
+    qkd_model_free(fp32.m);
+    qkd_context_free(ctx);
+}
+
 int main(int argc, char **argv)
 {
     int quick = 0, with_ref = 1;
@@ -224,6 +260,18 @@ int main(int argc, char **argv)
             fflush(stdout);
             sep = ",\n";
         }
+        char name[64];
+        snprintf(name, sizeof name, "%s/teacher_forward", sh->name);
+        if (only && strcmp(only, name) != 0)
+            continue;
+        double t32, t16, speedup;
+        measure_teacher(sh, tokens, B, T, &t32, &t16, &speedup);
+        printf("%s  {\"model\": \"%s\", \"step\": \"teacher_forward\", \"B\": %d, "
+               "\"T\": %d, \"threads\": %d, \"fp32_tokens_per_s\": %.0f, "
+               "\"bf16_tokens_per_s\": %.0f, \"bf16_speedup\": %.2f}",
+               sep, sh->name, B, T, bench_cores(), n / t32, n / t16, speedup);
+        fflush(stdout);
+        sep = ",\n";
     }
     printf("\n]}\n");
     free(tokens);

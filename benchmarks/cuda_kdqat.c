@@ -5,14 +5,20 @@
  * weight fake-quantized (asymmetric, per group, STE), CAKLD with the
  * teacher's mean top-1 probability as beta, the student's backward and an
  * AdamW step. Teacher and student start from the same random weights.
- * Everything is fp32 (this first backend has no bf16 path), so "dtype"
- * says so. tokens_s and tflops count what torch_kdqat.py counts (8 N flops
- * per token plus attention); mem_gb is the device memory in use after the
- * steps (cudaMemGetInfo: the CUDA context and cuBLAS included), nothing
- * being freed in between.
+ * --dtype picks both models' matmul precision: bf16 (the default, as
+ * torch_kdqat.py runs: tensor-core products of bf16-rounded inputs, fp32
+ * master weights, activations and optimizer state) or fp32 (exact fp32
+ * SGEMMs); "dtype" says which. tokens_s and tflops count what
+ * torch_kdqat.py counts (8 N flops per token plus attention); mem_gb is
+ * the device memory in use after the steps (cudaMemGetInfo: the CUDA
+ * context and cuBLAS included), nothing being freed in between.
  *
  *   cuda-kdqat [--cfg smollm135m|tinyllama1b] [--batch B] [--seq T]
- *              [--bits 4] [--group G] [--steps S] */
+ *              [--bits 4] [--group G] [--steps S] [--dtype bf16|fp32]
+ *              [--phases 1]
+ *
+ * --phases 1 adds one untimed step drained after each part and prints
+ * the parts' seconds as a JSON line on stderr. */
 #include <cuda_runtime_api.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,7 +56,8 @@ static void check(qkd_context *ctx, qkd_status st, const char *what)
     }
 }
 
-static qkd_model *make_model(qkd_context *ctx, const struct cfg *c, int T)
+static qkd_model *make_model(qkd_context *ctx, const struct cfg *c, int T,
+                             qkd_matmul_precision prec)
 {
     qkd_model_config mc;
     qkd_model_config_init(&mc);
@@ -65,6 +72,7 @@ static qkd_model *make_model(qkd_context *ctx, const struct cfg *c, int T)
     qkd_model *m = NULL;
     check(ctx, qkd_model_create(ctx, &mc, &m), "model_create");
     check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random"); /* same seed: same weights */
+    check(ctx, qkd_model_set_matmul_precision(m, prec), "set_matmul_precision");
     return m;
 }
 
@@ -86,11 +94,12 @@ static qkd_context *cuda_context(void)
     return ctx;
 }
 
-static void setup(struct run *r, const struct cfg *c, int bits, int group)
+static void setup(struct run *r, const struct cfg *c, int bits, int group,
+                  qkd_matmul_precision prec)
 {
     r->ctx = cuda_context();
-    r->teacher = make_model(r->ctx, c, r->T);
-    r->student = make_model(r->ctx, c, r->T);
+    r->teacher = make_model(r->ctx, c, r->T, prec);
+    r->student = make_model(r->ctx, c, r->T, prec);
     qkd_quant_params qp;
     qkd_quant_params_init(&qp);
     qp.scheme = QKD_QUANT_ASYM;
@@ -120,24 +129,60 @@ static void setup(struct run *r, const struct cfg *c, int bits, int group)
     free(u);
 }
 
-static void step(struct run *r)
+/* With phases, the device is drained after each part of the step and the
+ * part's seconds are added to its entry (teacher forward, student
+ * forward, objective, backward, optimizer). */
+enum { PHASES = 5 };
+static const char *const phase_names[PHASES] = {"teacher_fwd", "student_fwd", "loss",
+                                                "backward", "optimizer"};
+
+static void phase_end(double *phases, int i, double *t)
+{
+    if (!phases)
+        return;
+    cudaDeviceSynchronize();
+    double now = bench_now();
+    phases[i] += now - *t;
+    *t = now;
+}
+
+static void step(struct run *r, double *phases)
 {
     qkd_context *c = r->ctx;
     float beta;
+    double t = bench_now();
     check(c, qkd_model_forward(r->teacher, r->tokens, r->B, r->T), "teacher forward");
+    phase_end(phases, 0, &t);
     check(c, qkd_model_forward(r->student, r->tokens, r->B, r->T), "student forward");
+    phase_end(phases, 1, &t);
     check(c, qkd_loss_teacher_confidence(r->teacher, NULL, &beta), "teacher_confidence");
     check(c, qkd_loss_set_beta(r->loss, 0, beta), "set_beta");
     check(c, qkd_loss_compute(r->loss, r->student, r->teacher, NULL, &r->value), "CAKLD");
+    phase_end(phases, 2, &t);
     check(c, qkd_model_backward(r->student, NULL), "backward");
+    phase_end(phases, 3, &t);
     check(c, qkd_optimizer_step(r->opt, NULL), "optimizer_step");
     check(c, qkd_model_zero_grad(r->student), "zero_grad");
+    phase_end(phases, 4, &t);
+}
+
+/* One more step, drained after each part; a JSON line on stderr. */
+static void print_phases(struct run *r)
+{
+    double phases[PHASES] = {0};
+    step(r, phases);
+    fprintf(stderr, "{\"phases_s\": {");
+    for (int i = 0; i < PHASES; i++)
+        fprintf(stderr, "%s\"%s\": %.4f", i ? ", " : "", phase_names[i], phases[i]);
+    fprintf(stderr, "}}\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *name = "smollm135m";
     int B = 16, T = 1024, bits = 4, group = 64, steps = 5;
+    const char *dtype = "bf16";
+    int phases = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (strcmp(k, "--cfg") == 0)
@@ -152,6 +197,10 @@ int main(int argc, char **argv)
             group = atoi(v);
         else if (strcmp(k, "--steps") == 0)
             steps = atoi(v);
+        else if (strcmp(k, "--dtype") == 0)
+            dtype = v;
+        else if (strcmp(k, "--phases") == 0)
+            phases = atoi(v);
         else {
             fprintf(stderr, "cuda-kdqat: unknown option %s\n", k);
             return 2;
@@ -161,17 +210,18 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++)
         if (strcmp(cfgs[i].name, name) == 0)
             c = &cfgs[i];
-    if (!c || B < 1 || T < 1 || steps < 1) {
+    const int bf16 = strcmp(dtype, "bf16") == 0;
+    if (!c || B < 1 || T < 1 || steps < 1 || (!bf16 && strcmp(dtype, "fp32") != 0)) {
         fprintf(stderr, "cuda-kdqat: bad configuration\n");
         return 2;
     }
     struct run r = {.B = B, .T = T};
-    setup(&r, c, bits, group);
+    setup(&r, c, bits, group, bf16 ? QKD_MATMUL_BF16 : QKD_MATMUL_FP32);
     for (int i = 0; i < 3; i++) /* warm-up, as torch_kdqat.py does */
-        step(&r);
+        step(&r, NULL);
     double t0 = bench_now();
     for (int i = 0; i < steps; i++)
-        step(&r); /* each step ends with a download: the loss value */
+        step(&r, NULL); /* each step ends with a download: the loss value */
     double dt = (bench_now() - t0) / steps;
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
@@ -179,11 +229,14 @@ int main(int argc, char **argv)
     double tok = (double)B * T / dt;
     double flops_tok = 8.0 * (double)N + 4.0 * c->layers * (double)T * c->dim * 3;
     printf("{\"cfg\": \"%s\", \"params\": %lld, \"batch\": %d, \"seq\": %d, \"bits\": %d, "
-           "\"group\": %d, \"compile\": false, \"backend\": \"libqkd-cuda\", \"dtype\": \"fp32\", "
+           "\"group\": %d, \"compile\": false, \"backend\": \"libqkd-cuda\", \"dtype\": \"%s\", "
            "\"step_s\": %.4f, \"tokens_s\": %.0f, \"tflops\": %.1f, \"mem_gb\": %.1f, "
            "\"loss\": %.6g}\n",
-           c->name, N, B, T, bits, group, dt, tok, tok * flops_tok / 1e12,
+           c->name, N, B, T, bits, group, dtype, dt, tok, tok * flops_tok / 1e12,
            (double)(total_b - free_b) / 1e9, (double)r.value);
+    fflush(stdout);
+    if (phases)
+        print_phases(&r);
     qkd_optimizer_free(r.opt);
     qkd_loss_free(r.loss);
     qkd_model_free(r.student);

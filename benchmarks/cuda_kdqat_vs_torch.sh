@@ -9,7 +9,9 @@
 #
 # Environment: QKD_SHARED (default ../shared: stories260K for the tests,
 # bench/torch_kdqat.py), TORCH_KDQAT (another torch_kdqat.py), STEPS
-# (timed steps of each side, default 5), SKIP_TESTS=1, SKIP_BENCH=1,
+# (timed steps of each side, default 5), DTYPE (libqkd's matmul precision,
+# bf16 (default, as PyTorch runs) or fp32), PHASES=1 (cuda-kdqat --phases 1:
+# one more step timed part by part, on stderr), SKIP_TESTS=1, SKIP_BENCH=1,
 # SKIP_EAGER=1, SKIP_COMPILE=1. Without libuv, jansson and check (or
 # pkg-config) installed, it takes them from the Debian packages in .debs/
 # (apt-get download libuv1 libuv1-dev libjansson4 libjansson-dev check
@@ -21,6 +23,7 @@ cfg=${1:-smollm135m} batch=${2:-16} seq=${3:-1024} group=${4:-64}
 shared=$(realpath "${QKD_SHARED:-../shared}")
 torch_kdqat=${TORCH_KDQAT:-$shared/bench/torch_kdqat.py}
 steps=${STEPS:-5}
+dtype=${DTYPE:-bf16}
 build=build-cuda
 
 if ! pkg-config --exists libuv jansson check 2>/dev/null; then
@@ -65,9 +68,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
         timeout 400 $runner || status=1
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-    echo "== libqkd CUDA backend ($cfg, batch $batch x $seq, 4-bit groups of $group)"
+    echo "== libqkd CUDA backend ($cfg, batch $batch x $seq, 4-bit groups of $group, $dtype)"
     timeout 300 $build/benchmarks/cuda-kdqat --cfg "$cfg" --batch "$batch" --seq "$seq" \
-        --group "$group" --steps "$steps" || status=1
+        --group "$group" --steps "$steps" --dtype "$dtype" ${PHASES:+--phases 1} || status=1
 fi
 torch_args=(--cfg "$cfg" --batch "$batch" --seq "$seq" --group "$group" --steps "$steps")
 if [ -z "${SKIP_EAGER:-}" ]; then

@@ -15,15 +15,34 @@
  *     run the reference on the host);
  *   - TOL_DOUBLE = 1e-6 of the row's largest magnitude: kernels in double
  *     that sum in another order or call the device's exp, tanh, pow (RMSNorm,
- *     RoPE, SwiGLU, the softmax family, cross-entropy, kd_loss, TSLD
- *     weights, top-1 probability, sums, smooth fake quantization);
+ *     RoPE, SwiGLU, the softmax family, cross-entropy, TSLD weights, sums,
+ *     smooth fake quantization);
+ *   - kd_loss and the top-1 probability run in float (online log-sum-exp):
+ *     TOL_KD = 1e-5 of the row's largest magnitude for gradients and the
+ *     probability, and TOL_KD_VALUE = 1e-4 of max(1, |value|) for a row's
+ *     value, which is a difference of expectations and log-normalisers of
+ *     about 10 (a float ulp there is 1e-6), times tau^2 = 4 and a row
+ *     weight up to 2; a wrong term or index is off by O(1);
  *   - TOL_FLOAT = 1e-5 (of the sum of the magnitudes of an element's terms
  *     for matmuls, of the row's largest magnitude for attention): fp32
- *     cuBLAS products (TF32 off) and attention's float softmax, about 100
+ *     cuBLAS products (TF32 off) and the fp32 flash attention, about 100
  *     float epsilons, where a lost term or a wrong index is off by O(1);
+ *   - TOL_BF16_MM = 1e-4 of the sum of the magnitudes of the terms: the
+ *     bf16 matmul slots against the reference's. Both multiply the same
+ *     bf16-rounded inputs exactly; only the accumulation differs (tensor
+ *     cores in fp32, the reference in double). Leaving an input unrounded
+ *     moves a product of depth 1 by up to 2^-8 of it, well past this;
+ *   - attention's saved logsumexp: 1e-5 of max(1, |lse|) against one
+ *     computed in double here from q and k (bf16-rounded for the bf16
+ *     slots);
+ *   - the bf16 attention slots against the reference's: TOL_BF16_ATT_OUT
+ *     (absolute, 2^-8 + 1e-5) for the output and TOL_BF16_ATT = 1e-3 of
+ *     the tensor's largest magnitude for the gradients (attention_case
+ *     says why);
  *   - a whole model: 1e-4 of the largest magnitude; the KD-QAT loss curve:
  *     1e-3 relative at every step. */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +57,11 @@
 
 #define TOL_DOUBLE 1e-6
 #define TOL_FLOAT 1e-5
+#define TOL_BF16_MM 1e-4
+#define TOL_KD 1e-5
+#define TOL_KD_VALUE 1e-4
+#define TOL_BF16_ATT_OUT (1.0 / 256 + 1e-5)
+#define TOL_BF16_ATT 1e-3
 
 #ifdef QKD_HAVE_CUDA
 
@@ -229,6 +253,20 @@ static void assert_close_rows(const char *what, const float *got, const float *w
     }
 }
 
+/* |got[i] - want[i]| <= tol * max(1, |want[i]|). */
+static void assert_close_floor(const char *what, const float *got, const float *want, size_t n,
+                               double tol)
+{
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)got[i] - want[i]), lim = tol * fmax(1.0, fabs(want[i]));
+        /* a NaN or an infinity must be the same one */
+        int same = (isnan(got[i]) && isnan(want[i])) || (isinf(want[i]) && got[i] == want[i]);
+        ck_assert_msg(same || err <= lim,
+                      "%s[%zu]: cuda %.9g, ref %.9g (err %.3g > %.3g)", what, i,
+                      (double)got[i], (double)want[i], err, lim);
+    }
+}
+
 /* max |got - want| <= tol * max |want| */
 static void assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
                                 double tol)
@@ -362,36 +400,77 @@ static void assert_close_scaled(const char *what, const float *got, const float 
     }
 }
 
+/* The three products of one shape on both backends, in fp32 or bf16. */
+static void mm_case(struct pair *p, int N, int C, int OC, int bf16)
+{
+    qkd__backend *rb = p->rb, *cb = p->cb;
+    size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float *x = vec_rand(nx, -1, 1), *w = vec_rand(nw, -1, 1), *dout = vec_rand(no, -1, 1);
+    float *dx = vec_rand(nx, -1, 1), *dw = vec_rand(nw, -1, 1), *out = vec_new(no);
+    float *s_out = vec_new(no), *s_dx = vec_new(nx), *s_dw = vec_new(nw);
+    mm_scales(x, w, dout, dx, dw, N, C, OC, s_out, s_dx, s_dw);
+    float *d_x = dput(p, x, nx), *d_w = dput(p, w, nw), *d_dout = dput(p, dout, no);
+    float *d_out = dpoison(p, no), *d_dx = dput(p, dx, nx), *d_dw = dput(p, dw, nw);
+    if (bf16) {
+        rb->matmul_forward_bf16(rb, out, x, w, N, C, OC);
+        rb->matmul_backward_input_bf16(rb, dx, dout, w, N, C, OC);
+        rb->matmul_backward_weight_bf16(rb, dw, dout, x, N, C, OC);
+        cb->matmul_forward_bf16(cb, d_out, d_x, d_w, N, C, OC);
+        cb->matmul_backward_input_bf16(cb, d_dx, d_dout, d_w, N, C, OC);
+        cb->matmul_backward_weight_bf16(cb, d_dw, d_dout, d_x, N, C, OC);
+    } else {
+        rb->matmul_forward(rb, out, x, w, N, C, OC);
+        rb->matmul_backward_input(rb, dx, dout, w, N, C, OC);
+        rb->matmul_backward_weight(rb, dw, dout, x, N, C, OC);
+        cb->matmul_forward(cb, d_out, d_x, d_w, N, C, OC);
+        cb->matmul_backward_input(cb, d_dx, d_dout, d_w, N, C, OC);
+        cb->matmul_backward_weight(cb, d_dw, d_dout, d_x, N, C, OC);
+    }
+    float *g_out = dtake(p, d_out, no), *g_dx = dtake(p, d_dx, nx), *g_dw = dtake(p, d_dw, nw);
+    const double tol = bf16 ? TOL_BF16_MM : TOL_FLOAT;
+    assert_close_scaled(bf16 ? "matmul_forward_bf16" : "matmul_forward", g_out, out, s_out, no,
+                        tol);
+    assert_close_scaled(bf16 ? "matmul_backward_input_bf16" : "matmul_backward_input", g_dx, dx,
+                        s_dx, nx, tol);
+    assert_close_scaled(bf16 ? "matmul_backward_weight_bf16" : "matmul_backward_weight", g_dw,
+                        dw, s_dw, nw, tol);
+    free(x); free(w); free(dout); free(dx); free(dw); free(out);
+    free(s_out); free(s_dx); free(s_dw); free(g_out); free(g_dx); free(g_dw);
+    dfree(p, d_x); dfree(p, d_w); dfree(p, d_dout);
+}
+
 START_TEST(matmul_matches_ref)
 {
     struct pair p;
     if (!pair_open(&p))
         return;
     rng_seed(11);
-    for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++) {
-        int N = mm_shapes[s][0], C = mm_shapes[s][1], OC = mm_shapes[s][2];
-        size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
-        float *x = vec_rand(nx, -1, 1), *w = vec_rand(nw, -1, 1), *dout = vec_rand(no, -1, 1);
-        float *dx = vec_rand(nx, -1, 1), *dw = vec_rand(nw, -1, 1), *out = vec_new(no);
-        float *s_out = vec_new(no), *s_dx = vec_new(nx), *s_dw = vec_new(nw);
-        mm_scales(x, w, dout, dx, dw, N, C, OC, s_out, s_dx, s_dw);
-        float *d_x = dput(&p, x, nx), *d_w = dput(&p, w, nw), *d_dout = dput(&p, dout, no);
-        float *d_out = dpoison(&p, no), *d_dx = dput(&p, dx, nx), *d_dw = dput(&p, dw, nw);
-        p.rb->matmul_forward(p.rb, out, x, w, N, C, OC);
-        p.rb->matmul_backward_input(p.rb, dx, dout, w, N, C, OC);
-        p.rb->matmul_backward_weight(p.rb, dw, dout, x, N, C, OC);
-        p.cb->matmul_forward(p.cb, d_out, d_x, d_w, N, C, OC);
-        p.cb->matmul_backward_input(p.cb, d_dx, d_dout, d_w, N, C, OC);
-        p.cb->matmul_backward_weight(p.cb, d_dw, d_dout, d_x, N, C, OC);
-        float *g_out = dtake(&p, d_out, no), *g_dx = dtake(&p, d_dx, nx);
-        float *g_dw = dtake(&p, d_dw, nw);
-        assert_close_scaled("matmul_forward", g_out, out, s_out, no, TOL_FLOAT);
-        assert_close_scaled("matmul_backward_input", g_dx, dx, s_dx, nx, TOL_FLOAT);
-        assert_close_scaled("matmul_backward_weight", g_dw, dw, s_dw, nw, TOL_FLOAT);
-        free(x); free(w); free(dout); free(dx); free(dw); free(out);
-        free(s_out); free(s_dx); free(s_dw); free(g_out); free(g_dx); free(g_dw);
-        dfree(&p, d_x); dfree(&p, d_w); dfree(&p, d_dout);
-    }
+    for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++)
+        mm_case(&p, mm_shapes[s][0], mm_shapes[s][1], mm_shapes[s][2], 0);
+    pair_close(&p);
+}
+END_TEST
+
+START_TEST(matmul_bf16_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(12);
+    for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++)
+        mm_case(&p, mm_shapes[s][0], mm_shapes[s][1], mm_shapes[s][2], 1);
+    /* a depth-1 product of two values that bf16 rounds: the reference's
+     * bf16 result differs from the fp32 one, and the GPU must give the
+     * former (exactly: one product, no accumulation) */
+    float x = 1.0115f, w = 3.007f, ref = 0.0f; /* bf16: 1.0078125 and 3 */
+    float *d_x = dput(&p, &x, 1), *d_w = dput(&p, &w, 1), *d_out = dpoison(&p, 1);
+    p.rb->matmul_forward_bf16(p.rb, &ref, &x, &w, 1, 1, 1);
+    p.cb->matmul_forward_bf16(p.cb, d_out, d_x, d_w, 1, 1, 1);
+    float *got = dtake(&p, d_out, 1);
+    ck_assert_msg(fabsf(ref - x * w) > 1e-3f * fabsf(x * w), "bf16 rounding not visible");
+    assert_same("matmul_forward_bf16 of one product", got, &ref, 1);
+    free(got);
+    dfree(&p, d_x); dfree(&p, d_w);
     pair_close(&p);
 }
 END_TEST
@@ -501,53 +580,142 @@ struct attn_shape {
 };
 
 /* Training shapes (pos0 0, kv_len Tq: forward and backward) and decoding
- * ones (forward only); odd head sizes, grouped heads, a longer sequence. */
+ * ones (forward only); odd head sizes (each padded size of the kernels:
+ * 16, 32, 64, 128, 256), grouped heads, sequences of several tiles. */
 static const struct attn_shape attn_shapes[] = {
-    {1, 1, 0, 1, 1, 1, 1},    {2, 5, 0, 5, 2, 1, 8},     {1, 17, 0, 17, 4, 2, 5},
-    {2, 33, 0, 33, 6, 6, 48}, {1, 40, 0, 40, 8, 4, 17},  {3, 130, 0, 130, 9, 3, 64},
-    {1, 1, 9, 10, 8, 4, 8},   {2, 3, 30, 40, 6, 3, 48},
+    {1, 1, 0, 1, 1, 1, 1},       {2, 5, 0, 5, 2, 1, 8},      {1, 17, 0, 17, 4, 2, 5},
+    {2, 33, 0, 33, 6, 6, 48},    {1, 40, 0, 40, 8, 4, 17},   {3, 130, 0, 130, 9, 3, 64},
+    {1, 1, 9, 10, 8, 4, 8},      {2, 3, 30, 40, 6, 3, 48},   {1, 300, 0, 300, 6, 2, 64},
+    {2, 70, 0, 70, 4, 2, 100},   {1, 45, 0, 45, 2, 1, 256},  {1, 2, 70, 80, 4, 1, 128},
 };
 
-static void attention_case(struct pair *p, const struct attn_shape *a)
+/* The CUDA forward's saved logsumexp of every query row against one
+ * computed here in double: log sum_key exp(q . k_key / sqrt(hd)). */
+static void assert_lse(const struct attn_shape *a, const float *lse, const float *q,
+                       const float *k)
+{
+    const int rep = a->n_heads / a->n_kv;
+    for (int b = 0; b < a->B; b++)
+        for (int h = 0; h < a->n_heads; h++)
+            for (int t = 0; t < a->Tq; t++) {
+                const float *qr = q + (((size_t)b * a->Tq + t) * a->n_heads + h) * a->hd;
+                int n_keys = a->pos0 + t + 1;
+                double *sc = malloc((size_t)n_keys * sizeof *sc), mx = -INFINITY, sum = 0.0;
+                ck_assert_ptr_nonnull(sc);
+                for (int key = 0; key < n_keys; key++) {
+                    const float *kr =
+                        k + (((size_t)b * a->kv_len + key) * a->n_kv + h / rep) * a->hd;
+                    double d = 0.0;
+                    for (int c = 0; c < a->hd; c++)
+                        d += (double)qr[c] * kr[c];
+                    sc[key] = d / sqrt((double)a->hd);
+                    mx = fmax(mx, sc[key]);
+                }
+                for (int key = 0; key < n_keys; key++)
+                    sum += exp(sc[key] - mx);
+                free(sc);
+                double want = mx + log(sum);
+                float got = lse[((size_t)b * a->n_heads + h) * a->Tq + t];
+                ck_assert_msg(fabs(got - want) <= TOL_FLOAT * fmax(1.0, fabs(want)),
+                              "attention logsumexp (b %d, h %d, t %d): cuda %.9g, want %.9g", b,
+                              h, t, (double)got, want);
+            }
+}
+
+/* x rounded to bf16, nearest even (finite x), by its bits: written apart
+ * from the library so the test does not check it against itself. */
+static float bf16_round(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+static float *vec_bf16(const float *x, size_t n)
+{
+    float *y = vec_new(n);
+    for (size_t i = 0; i < n; i++)
+        y[i] = bf16_round(x[i]);
+    return y;
+}
+
+/* Both backends' attention_forward (_bf16) on the host or device buffers. */
+static void attn_forward(qkd__backend *be, int bf16, float *o, float *scratch, const float *q,
+                         const float *k, const float *v, const struct attn_shape *a)
+{
+    (bf16 ? be->attention_forward_bf16 : be->attention_forward)(
+        be, o, scratch, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads, a->n_kv, a->hd);
+}
+
+static void attn_backward(qkd__backend *be, int bf16, float *dq, float *dk, float *dv,
+                          const float *dout, const float *scratch, const float *q,
+                          const float *k, const float *v, const float *o,
+                          const struct attn_shape *a)
+{
+    (bf16 ? be->attention_backward_bf16 : be->attention_backward)(
+        be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq, a->n_heads, a->n_kv, a->hd);
+}
+
+/* One shape on both backends, in fp32 or bf16. In bf16 the CUDA forward
+ * rounds the probabilities before normalising them (attention_bf16.cu),
+ * so its output is within 2^-8 sum p |v| <= 2^-8 (|v| <= 1) of the
+ * reference's, plus float noise; both backwards then read the
+ * reference's output, and differ only in accumulation order and the
+ * rare bf16 rounding that order flips: 1e-3 of the tensor's largest
+ * magnitude (an unrounded input or a wrong index is off by far more). */
+static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
 {
     qkd__backend *rb = p->rb, *cb = p->cb;
     size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
     size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
     size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads);
-    ck_assert_uint_ge(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads), np);
+    /* the CUDA scratch is one logsumexp per query row, not T x T */
+    size_t nl = (size_t)a->B * a->n_heads * a->Tq;
+    ck_assert_uint_eq(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads), nl);
     float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
     float *o = vec_new(nq), *P = vec_new(np);
     float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
-    float *d_o = dpoison(p, nq), *d_P = dpoison(p, np);
-    rb->attention_forward(rb, o, P, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
-                          a->n_kv, a->hd);
-    cb->attention_forward(cb, d_o, d_P, d_q, d_k, d_v, a->B, a->Tq, a->pos0, a->kv_len,
-                          a->n_heads, a->n_kv, a->hd);
+    float *d_o = dpoison(p, nq), *d_lse = dpoison(p, nl);
+    attn_forward(rb, bf16, o, P, q, k, v, a);
+    attn_forward(cb, bf16, d_o, d_lse, d_q, d_k, d_v, a);
+    float *g_o = dtake(p, d_o, nq), *g_lse = dtake(p, d_lse, nl);
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
         float *dout = vec_rand(nq, -1, 1), *dq = vec_rand(nq, -1, 1);
         float *dk = vec_rand(nkv, -1, 1), *dv = vec_rand(nkv, -1, 1);
         float *d_dout = dput(p, dout, nq), *d_dq = dput(p, dq, nq);
         float *d_dk = dput(p, dk, nkv), *d_dv = dput(p, dv, nkv);
-        rb->attention_backward(rb, dq, dk, dv, dout, P, q, k, v, o, a->B, a->Tq, a->n_heads,
-                               a->n_kv, a->hd);
-        cb->attention_backward(cb, d_dq, d_dk, d_dv, d_dout, d_P, d_q, d_k, d_v, d_o, a->B,
-                               a->Tq, a->n_heads, a->n_kv, a->hd);
+        float *d_or = dput(p, o, nq), *d_l = dput(p, g_lse, nl);
+        attn_backward(rb, bf16, dq, dk, dv, dout, P, q, k, v, o, a);
+        attn_backward(cb, bf16, d_dq, d_dk, d_dv, d_dout, d_l, d_q, d_k, d_v, d_or, a);
         float *g_dq = dtake(p, d_dq, nq), *g_dk = dtake(p, d_dk, nkv);
         float *g_dv = dtake(p, d_dv, nkv);
-        assert_close_rows("attention_backward dq", g_dq, dq, nq / a->hd, (size_t)a->hd,
-                          TOL_FLOAT);
-        assert_close_rows("attention_backward dk", g_dk, dk, nkv / a->hd, (size_t)a->hd,
-                          TOL_FLOAT);
-        assert_close_rows("attention_backward dv", g_dv, dv, nkv / a->hd, (size_t)a->hd,
-                          TOL_FLOAT);
+        if (bf16) {
+            assert_close_tensor("attention_backward_bf16 dq", g_dq, dq, nq, TOL_BF16_ATT);
+            assert_close_tensor("attention_backward_bf16 dk", g_dk, dk, nkv, TOL_BF16_ATT);
+            assert_close_tensor("attention_backward_bf16 dv", g_dv, dv, nkv, TOL_BF16_ATT);
+        } else {
+            assert_close_rows("attention_backward dq", g_dq, dq, nq / a->hd, (size_t)a->hd,
+                              TOL_FLOAT);
+            assert_close_rows("attention_backward dk", g_dk, dk, nkv / a->hd, (size_t)a->hd,
+                              TOL_FLOAT);
+            assert_close_rows("attention_backward dv", g_dv, dv, nkv / a->hd, (size_t)a->hd,
+                              TOL_FLOAT);
+        }
         free(dout); free(dq); free(dk); free(dv); free(g_dq); free(g_dk); free(g_dv);
-        dfree(p, d_dout);
+        dfree(p, d_dout); dfree(p, d_or); dfree(p, d_l);
     }
-    float *g_o = dtake(p, d_o, nq), *g_P = dtake(p, d_P, np);
-    assert_close_rows("attention_forward out", g_o, o, nq / a->hd, (size_t)a->hd, TOL_FLOAT);
-    assert_close_rows("attention_forward probs", g_P, P, np / a->kv_len, (size_t)a->kv_len,
-                      TOL_FLOAT);
-    free(q); free(k); free(v); free(o); free(P); free(g_o); free(g_P);
+    if (bf16) {
+        float *qr = vec_bf16(q, nq), *kr = vec_bf16(k, nkv);
+        assert_close_floor("attention_forward_bf16 out", g_o, o, nq, TOL_BF16_ATT_OUT);
+        assert_lse(a, g_lse, qr, kr);
+        free(qr); free(kr);
+    } else {
+        assert_close_rows("attention_forward out", g_o, o, nq / a->hd, (size_t)a->hd, TOL_FLOAT);
+        assert_lse(a, g_lse, q, k);
+    }
+    free(q); free(k); free(v); free(o); free(P); free(g_o); free(g_lse);
     dfree(p, d_q); dfree(p, d_k); dfree(p, d_v);
 }
 
@@ -558,7 +726,21 @@ START_TEST(attention_matches_ref)
         return;
     rng_seed(41);
     for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
-        attention_case(&p, &attn_shapes[s]);
+        attention_case(&p, &attn_shapes[s], 0);
+    pair_close(&p);
+}
+END_TEST
+
+/* The bf16 kernels hold head sizes up to 128. */
+START_TEST(attention_bf16_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    rng_seed(42);
+    for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
+        if (attn_shapes[s].hd <= 128)
+            attention_case(&p, &attn_shapes[s], 1);
     pair_close(&p);
 }
 END_TEST
@@ -694,8 +876,8 @@ static void kd_case(struct pair *p, int N, int V, int kind, int variant)
     float *g_loss = dtake(p, d_loss, (size_t)N), *g_ds = dtake(p, d_ds, n);
     char what[64];
     snprintf(what, sizeof what, "kd_loss kind %d variant %d V %d", kind, variant, V);
-    assert_close_rows(what, g_loss, loss, (size_t)N, 1, TOL_DOUBLE);
-    assert_close_rows(what, g_ds, ds, (size_t)N, (size_t)V, TOL_DOUBLE);
+    assert_close_floor(what, g_loss, loss, (size_t)N, TOL_KD_VALUE);
+    assert_close_rows(what, g_ds, ds, (size_t)N, (size_t)V, TOL_KD);
     free(s); free(t); free(ds); free(w); free(loss); free(targets); free(g_loss); free(g_ds);
     dfree(p, d_s); dfree(p, d_t); dfree(p, d_w); dfree(p, d_y);
 }
@@ -705,7 +887,7 @@ START_TEST(kd_loss_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 257}, {6, 1000}, {4, 5003}};
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 257}, {6, 1000}, {4, 5003}, {2, 49152}};
     rng_seed(101);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t k = 0; k < sizeof kd_kinds / sizeof kd_kinds[0]; k++)
@@ -733,7 +915,7 @@ START_TEST(tsld_and_max_prob_match_ref)
         p.cb->row_max_prob(p.cb, d_mp, d_x, N, V);
         p.cb->tsld_weights(p.cb, d_tw, d_x, d_y, N, V, 0.8f);
         float *g_mp = dtake(&p, d_mp, (size_t)N), *g_tw = dtake(&p, d_tw, n);
-        assert_close_rows("row_max_prob", g_mp, mp, (size_t)N, 1, TOL_DOUBLE);
+        assert_close_rows("row_max_prob", g_mp, mp, (size_t)N, 1, TOL_KD);
         assert_close_rows("tsld_weights", g_tw, tw, (size_t)N, (size_t)V, TOL_DOUBLE);
         free(x); free(mp); free(tw); free(targets); free(g_mp); free(g_tw);
         dfree(&p, d_x); dfree(&p, d_y);
@@ -902,20 +1084,32 @@ END_TEST
 
 /* ---- the table, errors and the choice of backend ---------------------------------------------- */
 
+/* Whether the slot at byte offset `at` of the table is one the CUDA
+ * backend leaves NULL on purpose: the fused fake-quantized products (the
+ * model then writes Q(w) and runs the plain products). */
+static int optional_slot(size_t at)
+{
+    return at == offsetof(qkd__backend, fakequant_groups) ||
+           at == offsetof(qkd__backend, matmul_forward_fq) ||
+           at == offsetof(qkd__backend, matmul_backward_input_fq);
+}
+
 START_TEST(table_complete)
 {
     qkd_context *ctx = cuda_context();
     if (!ctx)
         return;
-    /* The table is a run of pointers after its header; none may be NULL. */
+    /* The table is a run of pointers after its header; none may be NULL
+     * but the optional ones above. */
     const qkd__backend *b = ctx->backend;
     const char *first = (const char *)&b->destroy, *end = (const char *)(b + 1);
     ck_assert_uint_eq(b->abi, QKD__BACKEND_ABI);
     for (const char *q = first; q + sizeof(void (*)(void)) <= end; q += sizeof(void (*)(void))) {
         void (*fn)(void);
         memcpy(&fn, q, sizeof fn);
-        ck_assert_msg(fn != NULL, "slot at byte %td of the cuda table is empty",
-                      q - (const char *)b);
+        size_t at = (size_t)(q - (const char *)b);
+        ck_assert_msg(fn != NULL || optional_slot(at),
+                      "slot at byte %zu of the cuda table is empty", at);
     }
     qkd_context_free(ctx);
 }
@@ -940,6 +1134,37 @@ START_TEST(cuda_errors_are_reported)
     ck_assert_int_eq(b->sync(b), QKD_ERR_BACKEND);
     ck_assert_int_eq(b->upload(b, d, host, sizeof host), QKD_ERR_BACKEND);
     b->free(b, d);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A head size past the flash kernels' (256) is refused, not computed. */
+START_TEST(attention_head_limit)
+{
+    qkd_context *ctx = cuda_context();
+    if (!ctx)
+        return;
+    qkd__backend *b = ctx->backend;
+    const int hd = 257;
+    float *x = NULL, *lse = NULL;
+    expect_ok(ctx, b->alloc(b, (size_t)hd * sizeof *x, (void **)&x), "alloc");
+    expect_ok(ctx, b->alloc(b, sizeof *lse, (void **)&lse), "alloc");
+    b->attention_forward(b, x, lse, x, x, x, 1, 1, 0, 1, 1, 1, hd);
+    ck_assert_int_eq(b->sync(b), QKD_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "head size 257"));
+    b->free(b, x);
+    b->free(b, lse);
+    qkd_context_free(ctx);
+    /* the bf16 kernels stop at 128 */
+    ctx = cuda_context();
+    b = ctx->backend;
+    expect_ok(ctx, b->alloc(b, (size_t)hd * sizeof *x, (void **)&x), "alloc");
+    expect_ok(ctx, b->alloc(b, sizeof *lse, (void **)&lse), "alloc");
+    b->attention_forward_bf16(b, x, lse, x, x, x, 1, 1, 0, 1, 1, 1, 129);
+    ck_assert_int_eq(b->sync(b), QKD_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "head size 129"));
+    b->free(b, x);
+    b->free(b, lse);
     qkd_context_free(ctx);
 }
 END_TEST
@@ -1056,7 +1281,8 @@ END_TEST
 #define KD_STEPS 50
 #define KD_BATCHES 5
 
-static void kdqat_curve(qkd_context *ctx, const char *path, float *curve)
+static void kdqat_curve(qkd_context *ctx, const char *path, qkd_matmul_precision prec,
+                        float *curve)
 {
     qkd_model *teacher = NULL, *student = NULL;
     qkd_quantizer *quant = NULL;
@@ -1064,6 +1290,8 @@ static void kdqat_curve(qkd_context *ctx, const char *path, float *curve)
     qkd_optimizer *opt = NULL;
     expect_ok(ctx, qkd_model_load(ctx, path, &teacher), "load teacher");
     expect_ok(ctx, qkd_model_load(ctx, path, &student), "load student");
+    expect_ok(ctx, qkd_model_set_matmul_precision(teacher, prec), "teacher precision");
+    expect_ok(ctx, qkd_model_set_matmul_precision(student, prec), "student precision");
     qkd_quant_params qp;
     qkd_quant_params_init(&qp);
     qp.scheme = QKD_QUANT_ASYM;
@@ -1104,7 +1332,10 @@ static void kdqat_curve(qkd_context *ctx, const char *path, float *curve)
     qkd_model_free(teacher);
 }
 
-START_TEST(kdqat_curve_follows_ref)
+/* The loss curves of both backends in one precision: the first step's
+ * losses within tol_first relative, every step's within tol_all, and both
+ * curves must fall. */
+static void kdqat_compare(qkd_matmul_precision prec, double tol_first, double tol_all)
 {
     const char *path = test_shared("models/stories260K/stories260K.bin");
     if (!path)
@@ -1113,9 +1344,10 @@ START_TEST(kdqat_curve_follows_ref)
     if (!cc)
         return;
     qkd_context *rc = test_context(2);
+    const char *name = prec == QKD_MATMUL_BF16 ? "bf16" : "fp32";
     float c[KD_STEPS], r[KD_STEPS];
-    kdqat_curve(cc, path, c);
-    kdqat_curve(rc, path, r);
+    kdqat_curve(cc, path, prec, c);
+    kdqat_curve(rc, path, prec, r);
     double worst = 0.0;
     int at = 0;
     for (int step = 0; step < KD_STEPS; step++) {
@@ -1125,17 +1357,47 @@ START_TEST(kdqat_curve_follows_ref)
             at = step;
         }
     }
-    fprintf(stderr, "kdqat: %d steps, loss %.6g -> %.6g (ref %.6g -> %.6g), largest relative "
-                    "difference %.3g at step %d\n",
-            KD_STEPS, (double)c[0], (double)c[KD_STEPS - 1], (double)r[0],
+    fprintf(stderr, "kdqat %s: %d steps, loss %.6g -> %.6g (ref %.6g -> %.6g), largest "
+                    "relative difference %.3g at step %d\n",
+            name, KD_STEPS, (double)c[0], (double)c[KD_STEPS - 1], (double)r[0],
             (double)r[KD_STEPS - 1], worst, at);
-    ck_assert_msg(worst <= 1e-3, "step %d: loss cuda %.9g ref %.9g", at, (double)c[at],
-                  (double)r[at]);
+    ck_assert_msg(fabs(c[0] - r[0]) <= tol_first * fabs(r[0]), "%s first step: loss cuda %.9g "
+                  "ref %.9g", name, (double)c[0], (double)r[0]);
+    ck_assert_msg(worst <= tol_all, "%s step %d: loss cuda %.9g ref %.9g", name, at,
+                  (double)c[at], (double)r[at]);
     /* the curve is a training curve: the last pass over the batches is lower */
-    ck_assert_msg(r[KD_STEPS - KD_BATCHES] < r[0], "the reference did not learn: %g -> %g",
-                  (double)r[0], (double)r[KD_STEPS - KD_BATCHES]);
+    ck_assert_msg(r[KD_STEPS - KD_BATCHES] < r[0] && c[KD_STEPS - KD_BATCHES] < c[0],
+                  "a backend did not learn: ref %g -> %g, cuda %g -> %g", (double)r[0],
+                  (double)r[KD_STEPS - KD_BATCHES], (double)c[0],
+                  (double)c[KD_STEPS - KD_BATCHES]);
     qkd_context_free(cc);
     qkd_context_free(rc);
+}
+
+START_TEST(kdqat_curve_follows_ref)
+{
+    kdqat_compare(QKD_MATMUL_FP32, 1e-3, 1e-3);
+}
+END_TEST
+
+/* Both models in bf16 (the benchmark's mode): the GPU's tensor-core
+ * products against the reference's bf16 slots. Here the curve is chaotic
+ * at the level of float accumulation order: an activation a few float
+ * ulps away rounds to another bf16 value (2^-8 apart), and a weight that
+ * moves crosses another fake-quantization code. Measured (H100): the two
+ * backends differ by 7e-5 at step 0 and at most 1.65e-2 (step 36); the
+ * reference against itself, with every initial weight moved by one ulp,
+ * differs by 4.8e-3 at step 0 and at most 1.8e-2. Attention in bf16 adds
+ * one more such point: the GPU rounds each probability before the row's
+ * normalisation, the reference after it (both within 2^-9 of the exact
+ * value). The first step's loss moves by that alone: the reference with
+ * its probabilities rounded as bf16(p c) / c instead differs by 1.1e-3
+ * (c = 1.11), 1.3e-3 (1.7) and 5.6e-3 (1.37) at step 0 (measured on the
+ * CPU); GPU against reference: 4.7e-3 (H100). So: 1e-2 at the first
+ * step, where a wrong product is off by far more, and 5e-2 after. */
+START_TEST(kdqat_bf16_curve_follows_ref)
+{
+    kdqat_compare(QKD_MATMUL_BF16, 1e-2, 5e-2);
 }
 END_TEST
 
@@ -1150,10 +1412,12 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, sums_match_ref);
     tcase_add_test(tc, optimizers_equal_ref);
     tcase_add_test(tc, matmul_matches_ref);
+    tcase_add_test(tc, matmul_bf16_matches_ref);
     tcase_add_test(tc, embedding_equals_ref);
     tcase_add_test(tc, rmsnorm_matches_ref);
     tcase_add_test(tc, rope_matches_ref);
     tcase_add_test(tc, attention_matches_ref);
+    tcase_add_test(tc, attention_bf16_matches_ref);
     tcase_add_test(tc, swiglu_matches_ref);
     tcase_add_test(tc, softmax_family_matches_ref);
     tcase_add_test(tc, cross_entropy_matches_ref);
@@ -1164,6 +1428,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, quant_rows_equal_ref);
     tcase_add_test(tc, table_complete);
     tcase_add_test(tc, cuda_errors_are_reported);
+    tcase_add_test(tc, attention_head_limit);
     tcase_add_test(tc, auto_stays_on_cpu);
     suite_add_tcase(s, tc);
 
@@ -1171,6 +1436,7 @@ Suite *suite_backend_cuda(void)
     tcase_set_timeout(model, 600);
     tcase_add_test(model, model_matches_ref);
     tcase_add_test(model, kdqat_curve_follows_ref);
+    tcase_add_test(model, kdqat_bf16_curve_follows_ref);
     suite_add_tcase(s, model);
     return s;
 }

@@ -130,9 +130,12 @@ START_TEST(test_table_complete)
         SLOT(destroy), SLOT(extra), SLOT(alloc), SLOT(free), SLOT(upload), SLOT(download),
         SLOT(sync), SLOT(fill), SLOT(copy), SLOT(add), SLOT(axpy), SLOT(scale), SLOT(sum),
         SLOT(sum_squares), SLOT(matmul_forward), SLOT(matmul_backward_input),
-        SLOT(matmul_backward_weight), SLOT(embedding_forward), SLOT(embedding_backward),
+        SLOT(matmul_backward_weight), SLOT(matmul_forward_bf16),
+        SLOT(matmul_backward_input_bf16), SLOT(matmul_backward_weight_bf16),
+        SLOT(embedding_forward), SLOT(embedding_backward),
         SLOT(rmsnorm_forward), SLOT(rmsnorm_backward), SLOT(rope_forward), SLOT(rope_backward),
         SLOT(attention_scratch_floats), SLOT(attention_forward), SLOT(attention_backward),
+        SLOT(attention_forward_bf16), SLOT(attention_backward_bf16),
         SLOT(swiglu_forward), SLOT(swiglu_backward), SLOT(softmax_forward),
         SLOT(softmax_backward), SLOT(log_softmax_forward), SLOT(log_softmax_backward),
         SLOT(cross_entropy_forward), SLOT(cross_entropy_backward), SLOT(adamw_update),
@@ -345,6 +348,147 @@ END_TEST
 START_TEST(test_matmul_backward_weight)
 {
     matmul_backward_case(1);
+}
+END_TEST
+
+/* x rounded to bfloat16, nearest even (finite x), by its bits: written
+ * apart from lib/core/half.c so the test does not check the library
+ * against itself. */
+static double bf16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    float r;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
+
+/* The bf16 products: every input rounded to bf16, sums in double. */
+START_TEST(test_matmul_bf16)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(5);
+    const int N = 9, C = 70, OC = 11;
+    float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
+    float *dy = vec_rand((size_t)N * OC, -1, 1);
+    float *y = vec_new((size_t)N * OC), *dx = vec_new((size_t)N * C);
+    float *dw = vec_new((size_t)OC * C);
+    double *want_y = dvec_new((size_t)N * OC), *want_dx = dvec_new((size_t)N * C);
+    double *want_dw = dvec_new((size_t)OC * C);
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int c = 0; c < C; c++) {
+                want_y[n * OC + o] += bf16(x[n * C + c]) * bf16(w[o * C + c]);
+                want_dx[n * C + c] += bf16(dy[n * OC + o]) * bf16(w[o * C + c]);
+                want_dw[o * C + c] += bf16(dy[n * OC + o]) * bf16(x[n * C + c]);
+            }
+    b->matmul_forward_bf16(b, y, x, w, N, C, OC);
+    b->matmul_backward_input_bf16(b, dx, dy, w, N, C, OC);
+    b->matmul_backward_weight_bf16(b, dw, dy, x, N, C, OC);
+    assert_close("bf16 matmul out", y, want_y, (size_t)N * OC, FWD_TOL);
+    assert_close("bf16 matmul dinp", dx, want_dx, (size_t)N * C, FWD_TOL);
+    assert_close("bf16 matmul dw", dw, want_dw, (size_t)OC * C, FWD_TOL);
+    /* ... and the rounding is real: the fp32 product differs. */
+    float *y32 = vec_new((size_t)N * OC);
+    b->matmul_forward(b, y32, x, w, N, C, OC);
+    double most = 0.0;
+    for (int i = 0; i < N * OC; i++)
+        most = fmax(most, fabs((double)y32[i] - y[i]));
+    ck_assert_double_gt(most, 1e-3);
+    free(x), free(w), free(dy), free(y), free(dx), free(dw), free(y32);
+    free(want_y), free(want_dx), free(want_dw);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* Attention in bf16 precision, written plainly in double: scores from
+ * bf16 q and k; out from the float probabilities and v, both rounded;
+ * the backward's probability gradients from bf16 dout and v with the
+ * unrounded row term dout . out; dq, dk, dv from the rounded float score
+ * gradients, probabilities, q, k and dout. B 1, one kv head for two
+ * query heads, hd 9, T 6. */
+enum { AB_T = 6, AB_NH = 2, AB_HD = 9 };
+
+static void attention_bf16_direct(const float *q, const float *k, const float *v,
+                                  const float *dout, const float *out, double *want_out,
+                                  double *dq, double *dk, double *dv)
+{
+    const double scale = 1.0 / sqrt((double)AB_HD);
+    for (int h = 0; h < AB_NH; h++)
+        for (int t = 0; t < AB_T; t++) {
+            const float *qr = q + (t * AB_NH + h) * AB_HD, *gr = dout + (t * AB_NH + h) * AB_HD;
+            double sc[AB_T], mx = -INFINITY, sum = 0.0, d = 0.0;
+            float p[AB_T];
+            for (int j = 0; j <= t; j++) {
+                sc[j] = 0.0;
+                for (int c = 0; c < AB_HD; c++)
+                    sc[j] += bf16(qr[c]) * bf16(k[j * AB_HD + c]);
+                sc[j] *= scale;
+                mx = fmax(mx, sc[j]);
+            }
+            for (int j = 0; j <= t; j++)
+                sum += exp(sc[j] - mx);
+            for (int c = 0; c < AB_HD; c++)
+                d += (double)gr[c] * out[(t * AB_NH + h) * AB_HD + c];
+            for (int j = 0; j <= t; j++) {
+                p[j] = (float)(exp(sc[j] - mx) / sum);
+                double dp = 0.0;
+                for (int c = 0; c < AB_HD; c++)
+                    dp += bf16(gr[c]) * bf16(v[j * AB_HD + c]);
+                double ds = bf16((float)(p[j] * (dp - d)));
+                for (int c = 0; c < AB_HD; c++) {
+                    want_out[(t * AB_NH + h) * AB_HD + c] += bf16(p[j]) * bf16(v[j * AB_HD + c]);
+                    dq[(t * AB_NH + h) * AB_HD + c] += scale * ds * bf16(k[j * AB_HD + c]);
+                    dk[j * AB_HD + c] += scale * ds * bf16(qr[c]);
+                    dv[j * AB_HD + c] += bf16(p[j]) * bf16(gr[c]);
+                }
+            }
+        }
+}
+
+START_TEST(test_attention_bf16)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    rng_seed(6);
+    const size_t nq = AB_T * AB_NH * AB_HD, nkv = AB_T * AB_HD;
+    float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
+    float *dout = vec_rand(nq, -1, 1), *out = vec_new(nq), *out32 = vec_new(nq);
+    float *dq = vec_new(nq), *dk = vec_new(nkv), *dv = vec_new(nkv), *dq32 = vec_new(nq);
+    float *dk32 = vec_new(nkv), *dv32 = vec_new(nkv);
+    float *P = vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH));
+    double *want_out = dvec_new(nq), *want_dq = dvec_new(nq), *want_dk = dvec_new(nkv);
+    double *want_dv = dvec_new(nkv);
+    b->attention_forward_bf16(b, out, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD);
+    b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD);
+    attention_bf16_direct(q, k, v, dout, out, want_out, want_dq, want_dk, want_dv);
+    assert_close("bf16 attention out", out, want_out, nq, FWD_TOL);
+    assert_close("bf16 attention dq", dq, want_dq, nq, FWD_TOL);
+    assert_close("bf16 attention dk", dk, want_dk, nkv, FWD_TOL);
+    assert_close("bf16 attention dv", dv, want_dv, nkv, FWD_TOL);
+    /* ... and the rounding is real: the fp32 slots differ. */
+    b->attention_forward(b, out32, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD);
+    b->attention_backward(b, dq32, dk32, dv32, dout, P, q, k, v, out32, 1, AB_T, AB_NH, 1,
+                          AB_HD);
+    double most_out = 0.0, most_dq = 0.0, most_dk = 0.0, most_dv = 0.0;
+    for (size_t i = 0; i < nq; i++) {
+        most_out = fmax(most_out, fabs((double)out32[i] - out[i]));
+        most_dq = fmax(most_dq, fabs((double)dq32[i] - dq[i]));
+    }
+    for (size_t i = 0; i < nkv; i++) {
+        most_dk = fmax(most_dk, fabs((double)dk32[i] - dk[i]));
+        most_dv = fmax(most_dv, fabs((double)dv32[i] - dv[i]));
+    }
+    ck_assert_double_gt(most_out, 1e-4);
+    ck_assert_double_gt(most_dq, 1e-4);
+    ck_assert_double_gt(most_dk, 1e-4);
+    ck_assert_double_gt(most_dv, 1e-4);
+    free(q), free(k), free(v), free(dout), free(out), free(out32), free(dq), free(dk);
+    free(dv), free(dq32), free(dk32), free(dv32), free(P);
+    free(want_out), free(want_dq), free(want_dk), free(want_dv);
+    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1128,6 +1272,8 @@ Suite *suite_backend_ref(void)
     tcase_add_test(tc, test_matmul_forward);
     tcase_add_test(tc, test_matmul_backward_input);
     tcase_add_test(tc, test_matmul_backward_weight);
+    tcase_add_test(tc, test_matmul_bf16);
+    tcase_add_test(tc, test_attention_bf16);
     tcase_add_test(tc, test_embedding_forward);
     tcase_add_test(tc, test_embedding_backward);
     tcase_add_test(tc, test_rmsnorm_forward);

@@ -129,8 +129,23 @@ struct isa {
     int (*supported)(void);
 };
 
+#ifdef __aarch64__
+
+/* NEON is part of every AArch64 CPU. */
+static int has_neon(void)
+{
+    return 1;
+}
+
+static const struct isa isas[] = {
+    {"neon", qkd__simd_install_neon, has_neon},
+};
+
+#else
+
 static int has_avx512(void)
 {
+    __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("fma");
@@ -138,6 +153,7 @@ static int has_avx512(void)
 
 static int has_avx2(void)
 {
+    __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
@@ -145,17 +161,14 @@ static const struct isa isas[] = {
     {"avx512", qkd__simd_install_avx512, has_avx512},
     {"avx2", qkd__simd_install_avx2, has_avx2},
 };
+
+#endif
 #define N_ISAS ((int)(sizeof isas / sizeof isas[0]))
 
 /* A SIMD context running instruction set i, or NULL (test skipped) if the
  * CPU lacks it. */
-static qkd_context *simd_context(int i, int n_threads)
+static qkd_context *simd_context_with(void (*install)(qkd__backend *b), int n_threads)
 {
-    __builtin_cpu_init();
-    if (!isas[i].supported()) {
-        fprintf(stderr, "SKIP: this CPU has no %s\n", isas[i].name);
-        return NULL;
-    }
     qkd_context_params p;
     qkd_context_params_init(&p);
     p.n_threads = n_threads;
@@ -163,8 +176,17 @@ static qkd_context *simd_context(int i, int n_threads)
     qkd_context *ctx = NULL;
     ck_assert_int_eq(qkd_context_create(&p, &ctx), QKD_OK);
     ck_assert_str_eq(qkd_context_backend_name(ctx), "simd");
-    isas[i].install(ctx->backend);
+    install(ctx->backend);
     return ctx;
+}
+
+static qkd_context *simd_context(int i, int n_threads)
+{
+    if (!isas[i].supported()) {
+        fprintf(stderr, "SKIP: this CPU has no %s\n", isas[i].name);
+        return NULL;
+    }
+    return simd_context_with(isas[i].install, n_threads);
 }
 
 /* ---- matmul ------------------------------------------------------------------------ */
@@ -200,13 +222,13 @@ static void mm_scales(const float *x, const float *w, const float *dout, const f
         s_out[i] += 1e-30;
 }
 
-START_TEST(matmul_matches_ref)
+/* The three products of backend sb against rb's on every shape: fp32, or
+ * (bf16) the slots that round every input to bf16. Products of bf16 values
+ * are exact in fp32, so the bf16 slots differ from the reference's like
+ * the fp32 ones, by the float summation: the same TOL holds. Skipping the
+ * rounding would be off by up to 2^-9 of each term, past TOL. */
+static void matmul_case(qkd__backend *sb, qkd__backend *rb, int bf16)
 {
-    qkd_context *sc = simd_context(_i, 2);
-    if (!sc)
-        return;
-    qkd_context *rc = test_context(2);
-    qkd__backend *sb = sc->backend, *rb = rc->backend;
     rng_seed(11);
     for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++) {
         int N = mm_shapes[s][0], C = mm_shapes[s][1], OC = mm_shapes[s][2];
@@ -218,28 +240,65 @@ START_TEST(matmul_matches_ref)
         mm_scales(x, w, dout, dx0, dw0, N, C, OC, s_out, s_dx, s_dw);
 
         float *out_s = vec_new((size_t)N * OC), *out_r = vec_new((size_t)N * OC);
-        sb->matmul_forward(sb, out_s, x, w, N, C, OC);
-        rb->matmul_forward(rb, out_r, x, w, N, C, OC);
-        assert_close("matmul_forward", out_s, out_r, s_out, (size_t)N * OC, TOL);
+        (bf16 ? sb->matmul_forward_bf16 : sb->matmul_forward)(sb, out_s, x, w, N, C, OC);
+        (bf16 ? rb->matmul_forward_bf16 : rb->matmul_forward)(rb, out_r, x, w, N, C, OC);
+        assert_close(bf16 ? "matmul_forward_bf16" : "matmul_forward", out_s, out_r, s_out,
+                     (size_t)N * OC, TOL);
 
         float *dx_s = vec_copy(dx0, (size_t)N * C), *dx_r = vec_copy(dx0, (size_t)N * C);
-        sb->matmul_backward_input(sb, dx_s, dout, w, N, C, OC);
-        rb->matmul_backward_input(rb, dx_r, dout, w, N, C, OC);
-        assert_close("matmul_backward_input", dx_s, dx_r, s_dx, (size_t)N * C, TOL);
+        (bf16 ? sb->matmul_backward_input_bf16 : sb->matmul_backward_input)(sb, dx_s, dout, w,
+                                                                            N, C, OC);
+        (bf16 ? rb->matmul_backward_input_bf16 : rb->matmul_backward_input)(rb, dx_r, dout, w,
+                                                                            N, C, OC);
+        assert_close(bf16 ? "matmul_backward_input_bf16" : "matmul_backward_input", dx_s, dx_r,
+                     s_dx, (size_t)N * C, TOL);
 
         float *dw_s = vec_copy(dw0, (size_t)OC * C), *dw_r = vec_copy(dw0, (size_t)OC * C);
-        sb->matmul_backward_weight(sb, dw_s, dout, x, N, C, OC);
-        rb->matmul_backward_weight(rb, dw_r, dout, x, N, C, OC);
-        assert_close("matmul_backward_weight", dw_s, dw_r, s_dw, (size_t)OC * C, TOL);
+        (bf16 ? sb->matmul_backward_weight_bf16 : sb->matmul_backward_weight)(sb, dw_s, dout,
+                                                                              x, N, C, OC);
+        (bf16 ? rb->matmul_backward_weight_bf16 : rb->matmul_backward_weight)(rb, dw_r, dout,
+                                                                              x, N, C, OC);
+        assert_close(bf16 ? "matmul_backward_weight_bf16" : "matmul_backward_weight", dw_s,
+                     dw_r, s_dw, (size_t)OC * C, TOL);
 
         free(x); free(w); free(dout); free(dx0); free(dw0);
         free(s_out); free(s_dx); free(s_dw);
         free(out_s); free(out_r); free(dx_s); free(dx_r); free(dw_s); free(dw_r);
     }
+}
+
+/* fp32, then the bf16 slots (inputs rounded to bf16 while packing). */
+START_TEST(matmul_matches_ref)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    matmul_case(sc->backend, rc->backend, 0);
+    matmul_case(sc->backend, rc->backend, 1);
     qkd_context_free(sc);
     qkd_context_free(rc);
 }
 END_TEST
+
+#ifndef __aarch64__
+/* The bf16 slots on VDPBF16PS (AVX512_BF16), which AUTO picks on such a
+ * CPU. */
+START_TEST(matmul_bf16_vdpbf16ps_matches_ref)
+{
+    if (!has_avx512() || !__builtin_cpu_supports("avx512bf16")) {
+        fprintf(stderr, "SKIP: this CPU has no avx512_bf16: the VDPBF16PS products are not "
+                        "tested\n");
+        return;
+    }
+    qkd_context *sc = simd_context_with(qkd__simd_install_avx512bf16, 2);
+    qkd_context *rc = test_context(2);
+    matmul_case(sc->backend, rc->backend, 1);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+#endif
 
 /* The products of a shape big enough to be split over threads, for a
  * context of n_threads. */
@@ -799,6 +858,110 @@ START_TEST(fakequant_equals_ref)
 }
 END_TEST
 
+/* ---- fake quantization fused into the products ------------------------------------------ *
+ * The fused slots read the latent weights and the groups; the unfused path
+ * writes Q(w) with fakequant_forward and runs the plain products. With more
+ * than DOT_ROWS rows both run the same GEMM on the same values, so they
+ * must agree bit for bit; against the reference's fused slots (its
+ * composition) within TOL. Shapes: ragged tiles, a partial last group
+ * (172 = 5 x 32 + 12), K blocks that split groups (800 in blocks of 267),
+ * a per-row group and more outputs than one packed block (3100). */
+
+static const int fq_shapes[][3] = {
+    {5, 172, 37}, {13, 64, 100}, {29, 800, 23}, {7, 33, 3100}, {40, 172, 172},
+};
+
+struct fq_case {
+    int scheme, bits;
+    int64_t group;
+    float clip;
+};
+
+static const struct fq_case fq_cases[] = {
+    {QKD_QUANT_ASYM, 4, 32, 1.0f}, {QKD_QUANT_ASYM, 3, 7, 0.8f},  {QKD_QUANT_SYM, 4, 32, 1.0f},
+    {QKD_QUANT_SYM, 2, 32, 0.9f},  {QKD_QUANT_SYM, 8, 1 << 20, 1.0f}, /* one group per row */
+    {QKD_QUANT_TERNARY, 0, 32, 1.0f}, {QKD_QUANT_TERNARY, 0, 7, 0.8f},
+};
+
+static void assert_bits(const char *what, const struct fq_case *fc, int N, int C, int OC,
+                        const float *got, const float *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(memcmp(&got[i], &want[i], sizeof *got) == 0,
+                      "%s, scheme %d bits %d group %lld, %d x %d x %d: [%zu] %.9g vs %.9g",
+                      what, fc->scheme, fc->bits, (long long)fc->group, N, C, OC, i,
+                      (double)got[i], (double)want[i]);
+}
+
+/* One shape and setting: groups, forward and backward-input products. */
+static void fq_case_run(qkd__backend *sb, qkd__backend *rb, const struct fq_case *fc, int N,
+                        int C, int OC)
+{
+    const qkd__quant_spec spec = {.scheme = fc->scheme, .bits = fc->bits, .group = fc->group,
+                                  .clip_ratio = fc->clip};
+    const size_t nw = (size_t)OC * C, ng = (size_t)OC * ((C + fc->group - 1) / fc->group);
+    float *w = vec_rand(nw, -1, 1), *x = vec_rand((size_t)N * C, -1, 1);
+    float *dout = vec_rand((size_t)N * OC, -1, 1), *dx0 = vec_rand((size_t)N * C, -1, 1);
+    float *s_s = vec_new(ng), *z_s = vec_new(ng), *s_r = vec_new(ng), *z_r = vec_new(ng);
+    float *wq = vec_new(nw), *s_q = vec_new(ng), *z_q = vec_new(ng), *scratch = vec_new(nw);
+
+    sb->fakequant_groups(sb, s_s, z_s, w, OC, C, &spec);
+    rb->fakequant_groups(rb, s_r, z_r, w, OC, C, &spec);
+    assert_bits("fakequant_groups scales", fc, N, C, OC, s_s, s_r, ng);
+    assert_bits("fakequant_groups zeros", fc, N, C, OC, z_s, z_r, ng);
+    rb->fakequant_forward(rb, wq, s_q, z_q, w, OC, C, &spec);
+    assert_bits("scales of fakequant_groups and fakequant_forward", fc, N, C, OC, s_s, s_q, ng);
+    if (fc->scheme != QKD_QUANT_TERNARY) /* TERNARY's zeros hold the thresholds */
+        assert_bits("zeros of fakequant_groups and fakequant_forward", fc, N, C, OC, z_s, z_q,
+                    ng);
+
+    const qkd__qweight qw = {.w = w, .scales = s_s, .zeros = z_s, .spec = &spec,
+                             .scratch = scratch};
+    double *s_out = dvec_new((size_t)N * OC), *s_dx = dvec_new((size_t)N * C);
+    double *s_dw = dvec_new(nw);
+    mm_scales(x, wq, dout, dx0, wq, N, C, OC, s_out, s_dx, s_dw);
+
+    float *fused = vec_new((size_t)N * OC), *plain = vec_new((size_t)N * OC);
+    float *ref = vec_new((size_t)N * OC);
+    sb->matmul_forward_fq(sb, fused, x, &qw, N, C, OC);
+    sb->matmul_forward(sb, plain, x, wq, N, C, OC);
+    rb->matmul_forward_fq(rb, ref, x, &qw, N, C, OC);
+    assert_bits("matmul_forward_fq against fakequant_forward + matmul_forward", fc, N, C, OC,
+                fused, plain, (size_t)N * OC);
+    assert_close("matmul_forward_fq against the reference", fused, ref, s_out, (size_t)N * OC,
+                 TOL);
+
+    float *dx_f = vec_copy(dx0, (size_t)N * C), *dx_p = vec_copy(dx0, (size_t)N * C);
+    float *dx_r = vec_copy(dx0, (size_t)N * C);
+    sb->matmul_backward_input_fq(sb, dx_f, dout, &qw, N, C, OC);
+    sb->matmul_backward_input(sb, dx_p, dout, wq, N, C, OC);
+    rb->matmul_backward_input_fq(rb, dx_r, dout, &qw, N, C, OC);
+    assert_bits("matmul_backward_input_fq against fakequant_forward + matmul_backward_input",
+                fc, N, C, OC, dx_f, dx_p, (size_t)N * C);
+    assert_close("matmul_backward_input_fq against the reference", dx_f, dx_r, s_dx,
+                 (size_t)N * C, TOL);
+
+    free(w); free(x); free(dout); free(dx0); free(s_s); free(z_s); free(s_r); free(z_r);
+    free(wq); free(s_q); free(z_q); free(scratch); free(s_out); free(s_dx); free(s_dw);
+    free(fused); free(plain); free(ref); free(dx_f); free(dx_p); free(dx_r);
+}
+
+START_TEST(fused_fakequant_matmul)
+{
+    qkd_context *sc = simd_context(_i, 2);
+    if (!sc)
+        return;
+    qkd_context *rc = test_context(2);
+    rng_seed(151);
+    for (size_t s = 0; s < sizeof fq_shapes / sizeof fq_shapes[0]; s++)
+        for (size_t c = 0; c < sizeof fq_cases / sizeof fq_cases[0]; c++)
+            fq_case_run(sc->backend, rc->backend, &fq_cases[c], fq_shapes[s][0],
+                        fq_shapes[s][1], fq_shapes[s][2]);
+    qkd_context_free(sc);
+    qkd_context_free(rc);
+}
+END_TEST
+
 /* ---- every slot ------------------------------------------------------------------------- */
 
 START_TEST(table_complete)
@@ -1037,6 +1200,88 @@ static void kdqat_run(qkd_context *ctx, const char *path, struct kdqat_run *r)
     qkd_model_free(teacher);
 }
 
+/* ---- a fused student -------------------------------------------------------------------- *
+ * A student's forward, cross-entropy and backward with the fused slots and
+ * with them removed (the model then writes Q(w) and runs the plain
+ * products): with 18 rows both run the same GEMM on the same values, so
+ * logits and gradients must be the same bits. A small random model with
+ * grouped-query attention and an untied, quantized head; every scheme. */
+
+static void fused_student_run(int isa, int fused, const qkd_quant_params *qp, float **logits,
+                              float **grads, size_t *n_logits, size_t *n_grads)
+{
+    enum { B = 2, T = 9 };
+    qkd_context *ctx = simd_context(isa, 2);
+    if (!fused) {
+        ctx->backend->fakequant_groups = NULL;
+        ctx->backend->matmul_forward_fq = NULL;
+        ctx->backend->matmul_backward_input_fq = NULL;
+    }
+    qkd_model_config cfg;
+    qkd_model_config_init(&cfg);
+    cfg.dim = 64, cfg.hidden_dim = 172, cfg.n_layers = 2, cfg.n_heads = 4, cfg.n_kv_heads = 2;
+    cfg.vocab_size = 100, cfg.max_seq_len = T, cfg.tied_embeddings = 0;
+    qkd_model *m = NULL;
+    qkd_quantizer *q = NULL;
+    expect_ok(ctx, qkd_model_create(ctx, &cfg, &m), "model");
+    expect_ok(ctx, qkd_model_init_random(m, 5, 0.05f), "init_random");
+    expect_ok(ctx, qkd_quantizer_create(ctx, qp, &q), "quantizer");
+    expect_ok(ctx, qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR |
+                                                     QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT)),
+              "bind");
+    int32_t tokens[B * T], targets[B * T];
+    rng_seed(161);
+    for (int i = 0; i < B * T; i++) {
+        tokens[i] = (int32_t)(rng_uniform(0, 1) * 100);
+        targets[i] = (int32_t)(rng_uniform(0, 1) * 100);
+    }
+    float loss;
+    expect_ok(ctx, qkd_model_forward(m, tokens, B, T), "forward");
+    expect_ok(ctx, qkd_model_cross_entropy(m, targets, 1, &loss), "cross-entropy");
+    expect_ok(ctx, qkd_model_zero_grad(m), "zero_grad");
+    expect_ok(ctx, qkd_model_backward(m, NULL), "backward");
+    *n_logits = (size_t)B * T * 100;
+    *logits = vec_new(*n_logits);
+    expect_ok(ctx, qkd_model_logits(m, *logits, *n_logits), "logits");
+    *grads = model_tensors(m, 1, n_grads);
+    qkd_model_free(m);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+
+START_TEST(fused_student_equals_unfused)
+{
+    if (!isas[_i].supported())
+        return;
+    static const struct {
+        int scheme, bits, group;
+        float clip;
+    } cases[] = {{QKD_QUANT_ASYM, 4, 32, 1.0f}, {QKD_QUANT_SYM, 3, 0, 0.9f},
+                 {QKD_QUANT_TERNARY, 2, 32, 1.0f}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        qkd_quant_params qp;
+        qkd_quant_params_init(&qp);
+        qp.scheme = cases[c].scheme;
+        qp.bits = cases[c].bits;
+        qp.group_size = cases[c].group;
+        qp.estimator = QKD_ESTIMATOR_STE;
+        if (cases[c].clip < 1.0f) {
+            qp.clip = QKD_CLIP_FIXED;
+            qp.clip_ratio = cases[c].clip;
+        }
+        float *l[2], *g[2];
+        size_t nl, ng;
+        for (int fused = 0; fused < 2; fused++)
+            fused_student_run(_i, fused, &qp, &l[fused], &g[fused], &nl, &ng);
+        ck_assert_msg(memcmp(l[0], l[1], nl * sizeof *l[0]) == 0,
+                      "scheme %d: fused logits differ", qp.scheme);
+        ck_assert_msg(memcmp(g[0], g[1], ng * sizeof *g[0]) == 0,
+                      "scheme %d: fused gradients differ", qp.scheme);
+        free(l[0]), free(l[1]), free(g[0]), free(g[1]);
+    }
+}
+END_TEST
+
 START_TEST(kdqat_step_matches_ref)
 {
     const char *path = test_shared("models/stories260K/stories260K.bin");
@@ -1073,6 +1318,9 @@ Suite *suite_backend_simd(void)
     TCase *tc = tcase_create("kernels");
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, matmul_matches_ref, 0, N_ISAS);
+#ifndef __aarch64__
+    tcase_add_test(tc, matmul_bf16_vdpbf16ps_matches_ref);
+#endif
     tcase_add_loop_test(tc, matmul_thread_invariant, 0, N_ISAS);
     tcase_add_loop_test(tc, rmsnorm_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, rope_matches_ref, 0, N_ISAS);
@@ -1085,6 +1333,7 @@ Suite *suite_backend_simd(void)
     tcase_add_loop_test(tc, kd_loss_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, row_max_prob_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(tc, fakequant_equals_ref, 0, N_ISAS);
+    tcase_add_loop_test(tc, fused_fakequant_matmul, 0, N_ISAS);
     tcase_add_loop_test(tc, table_complete, 0, N_ISAS);
     tcase_add_test(tc, auto_picks_simd);
     suite_add_tcase(s, tc);
@@ -1094,6 +1343,7 @@ Suite *suite_backend_simd(void)
     tcase_add_loop_test(model, model_matches_ref, 0, N_ISAS);
     tcase_add_loop_test(model, model_thread_invariant, 0, N_ISAS);
     tcase_add_loop_test(model, kdqat_step_matches_ref, 0, N_ISAS);
+    tcase_add_loop_test(model, fused_student_equals_unfused, 0, N_ISAS);
     suite_add_tcase(s, model);
     return s;
 }

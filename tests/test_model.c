@@ -399,6 +399,59 @@ START_TEST(test_forward_matches_naive)
 }
 END_TEST
 
+/* BF16 matmuls round their inputs: logits and gradients move a little
+ * (more than float rounding, far less than the values), FP32 restores
+ * the exact results, and an unknown precision is refused. */
+static void forward_backward(qkd_model *m, const int32_t *tokens, const int32_t *targets,
+                             float **logits, float **grad)
+{
+    float loss;
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    *logits = all_logits(m, TB * TT * TV);
+    ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
+    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &loss), QKD_OK);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    *grad = tensor_copy(m, 1, 1);
+}
+
+static double max_rel_diff(const float *a, const float *b, int64_t n)
+{
+    double worst = 0, scale = 0;
+    for (int64_t i = 0; i < n; i++) {
+        worst = fmax(worst, fabs((double)a[i] - b[i]));
+        scale = fmax(scale, fabs((double)a[i]));
+    }
+    return worst / scale;
+}
+
+START_TEST(test_bf16_matmul_precision)
+{
+    qkd_context *ctx = test_context(2);
+    qkd_model *m = tiny_model(ctx, 0, 9);
+    int32_t tokens[TB * TT], targets[TB * TT];
+    random_ids(tokens, TB * TT, TV, 3);
+    random_ids(targets, TB * TT, TV, 4);
+    float *l32, *g32, *l16, *g16, *again, *g_again;
+    forward_backward(m, tokens, targets, &l32, &g32);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), QKD_OK);
+    forward_backward(m, tokens, targets, &l16, &g16);
+    const int64_t n = TB * TT * TV, ng = tensor_len(m, 1);
+    double dl = max_rel_diff(l32, l16, n), dg = max_rel_diff(g32, g16, ng);
+    ck_assert_msg(dl > 1e-5 && dl < 3e-2, "bf16 logits differ by %g (relative)", dl);
+    ck_assert_msg(dg > 1e-5 && dg < 5e-2, "bf16 gradients differ by %g (relative)", dg);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_FP32), QKD_OK);
+    forward_backward(m, tokens, targets, &again, &g_again);
+    ck_assert_mem_eq(again, l32, (size_t)n * sizeof *l32);
+    ck_assert_mem_eq(g_again, g32, (size_t)ng * sizeof *g32);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, (qkd_matmul_precision)7),
+                     QKD_ERR_INVALID_ARG);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(NULL, QKD_MATMUL_BF16), QKD_ERR_INVALID_ARG);
+    free(l32), free(g32), free(l16), free(g16), free(again), free(g_again);
+    qkd_model_free(m);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* The batched training forward on the real stories260K weights gives
  * llama2.c's logits for positions 0..15 of its greedy run (published
  * reference, to 1e-4), in both rows of a batch of two. */
@@ -955,6 +1008,7 @@ Suite *suite_model(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_forward_matches_naive, 0, 2);
     tcase_add_test(tc, test_forward_matches_llama2c);
+    tcase_add_test(tc, test_bf16_matmul_precision);
     tcase_add_loop_test(tc, test_gradient_finite_difference, 0, 2);
     tcase_add_loop_test(tc, test_gradient_accumulates, 0, 2);
     tcase_add_test(tc, test_backward_device_dlogits);

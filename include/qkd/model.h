@@ -58,8 +58,11 @@ QKD_API qkd_status qkd_model_create(qkd_context *ctx,
  * *out: owned, free with qkd_model_free; NULL on error.
  * Errors: IO (cannot open/read), FORMAT (malformed or truncated: the
  * message says where), UNSUPPORTED (valid file of a variant we do not
- * read, e.g. a quantized tensor type), NON_FINITE (a Hugging Face tensor
- * holds a NaN or Inf: the message names it), NO_MEMORY. @since 0.1 */
+ * read, e.g. a quantized tensor type), SHAPE (a Hugging Face tensor's
+ * shape differs from config.json's), NON_FINITE (a Hugging Face tensor
+ * holds a NaN or Inf: the message names it), NO_MEMORY. A header never
+ * makes the loader allocate much more than the file's tensors hold
+ * (FORMAT instead). @since 0.1 */
 QKD_API qkd_status qkd_model_load(qkd_context *ctx, const char *path,
                                   qkd_model **out);
 
@@ -194,6 +197,27 @@ QKD_API qkd_status qkd_model_get_config(const qkd_model *model,
  * the model was trained with. Errors: INVALID_ARG (n < 1 or > 1<<20).
  * @since 0.1 */
 QKD_API qkd_status qkd_model_set_max_seq_len(qkd_model *model, int n);
+
+/* How a model's matmuls treat their inputs. */
+typedef enum qkd_matmul_precision {
+    QKD_MATMUL_FP32 = 0, /* fp32 products (the default) */
+    QKD_MATMUL_BF16 = 1  /* inputs rounded to bf16, fp32 accumulation */
+} qkd_matmul_precision;
+
+/* Set the precision of every matmul of `model` (forward, backward,
+ * decode), attention's products included. BF16 rounds each input element
+ * of a product (activations, weights, output gradients; in attention q,
+ * k, v, the probabilities and their gradients) to bfloat16, round to
+ * nearest even, and accumulates in fp32 or better, as tensor cores and
+ * AVX-512 BF16 do; softmax, weights, gradients and optimizer state stay
+ * fp32. Every backend computes the same rounding, so results agree across
+ * backends within float accumulation order (attention on a GPU may round
+ * its probabilities before normalising them: within 2^-8 of each).
+ * Meant for a frozen teacher, or for mixed-precision training on a GPU.
+ * Errors: INVALID_ARG (NULL model, unknown precision), UNSUPPORTED (the
+ * backend has no bf16 matmuls or attention). @since 0.1 */
+QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
+                                                  qkd_matmul_precision precision);
 
 /* Total number of trainable scalars (a bound quantizer's learned scales
  * and zero points included). @since 0.1 */

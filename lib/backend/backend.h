@@ -29,7 +29,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 2
+#define QKD__BACKEND_ABI 5
 
 typedef struct qkd__backend qkd__backend;
 
@@ -45,6 +45,16 @@ typedef struct qkd__quant_spec {
     float round_T;     /* sharpness of round_T */
     float clamp_T;     /* sharpness of SoftClamp's gate */
 } qkd__quant_spec;
+
+/* A weight a fused product reads as Q(w): the latent weights, the groups
+ * fakequant_groups computed from them, and the setting. */
+typedef struct qkd__qweight {
+    const float *w;              /* [OC][C] */
+    const float *scales, *zeros; /* [OC][ceil(C / group)], fakequant_groups' */
+    const qkd__quant_spec *spec; /* hard rounding; SYM, ASYM or TERNARY */
+    float *scratch; /* [OC][C] floats a backend may write Q(w) to (the
+                       reference composes through it); unspecified after */
+} qkd__qweight;
 
 struct qkd__backend {
     uint32_t abi;
@@ -88,6 +98,16 @@ struct qkd__backend {
     /* dw[OC][C] += dout[N][OC]^T . inp[N][C] */
     void (*matmul_backward_weight)(qkd__backend *b, float *dw, const float *dout,
                                    const float *inp, int N, int C, int OC);
+    /* Optional: the same three products with every input element rounded
+     * to bf16 (nearest even) and fp32-or-better accumulation, for models
+     * set to QKD_MATMUL_BF16. NULL when the backend has none: the model
+     * then refuses that precision. */
+    void (*matmul_forward_bf16)(qkd__backend *b, float *out, const float *inp,
+                                const float *w, int N, int C, int OC);
+    void (*matmul_backward_input_bf16)(qkd__backend *b, float *dinp, const float *dout,
+                                       const float *w, int N, int C, int OC);
+    void (*matmul_backward_weight_bf16)(qkd__backend *b, float *dw, const float *dout,
+                                        const float *inp, int N, int C, int OC);
 
     /* ---- embedding -------------------------------------------------- */
     /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */
@@ -134,6 +154,23 @@ struct qkd__backend {
                                const float *q, const float *k, const float *v,
                                const float *out, int B, int T,
                                int n_heads, int n_kv, int hd);
+    /* Optional: the same two in bf16 precision, for models set to
+     * QKD_MATMUL_BF16 (NULL: the model refuses that precision). Every
+     * input of a product is rounded to bf16 (nearest even) as it enters
+     * it: q and k in the scores, the probabilities and v in the output,
+     * dout and v in the probabilities' gradient, the probabilities and
+     * dout in dv, the scores' gradients and k (q) in dq (dk). Softmax, the
+     * row term dout . out and every accumulation stay fp32 or better.
+     * Same scratch as the fp32 pair. */
+    void (*attention_forward_bf16)(qkd__backend *b, float *out, float *scratch,
+                                   const float *q, const float *k, const float *v,
+                                   int B, int Tq, int pos0, int kv_len,
+                                   int n_heads, int n_kv, int hd);
+    void (*attention_backward_bf16)(qkd__backend *b, float *dq, float *dk, float *dv,
+                                    const float *dout, const float *scratch,
+                                    const float *q, const float *k, const float *v,
+                                    const float *out, int B, int T,
+                                    int n_heads, int n_kv, int hd);
 
     /* ---- SwiGLU ---------------------------------------------------------- */
     /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */
@@ -212,6 +249,27 @@ struct qkd__backend {
                                    const float *dwq, const float *w, const float *scales,
                                    const float *zeros, int64_t rows, int64_t cols,
                                    const qkd__quant_spec *spec);
+
+    /* Optional (all three or none): fake quantization fused into the
+     * products of a student's linear layer, so that Q(w) of the whole
+     * weight is never written and read back. For hard rounding
+     * (spec->continuous == 0) with SYM, ASYM or TERNARY in groups along
+     * the rows. fakequant_groups is fakequant_forward without wq, except
+     * that TERNARY's zeros receive each group's threshold D as the largest
+     * float not above it (|w| > D exactly when |w| exceeds that float).
+     * The two products equal matmul_forward and matmul_backward_input on
+     * fakequant_forward's Q(w) (within the backend's matmul tolerance);
+     * the weight gradient goes to dL/dQ(w) through matmul_backward_weight
+     * and fakequant_backward as without fusion. NULL: the caller writes
+     * Q(w) with fakequant_forward and runs the plain products. */
+    void (*fakequant_groups)(qkd__backend *b, float *scales, float *zeros, const float *w,
+                             int64_t rows, int64_t cols, const qkd__quant_spec *spec);
+    /* out[N][OC] = inp[N][C] . Q(w)[OC][C]^T */
+    void (*matmul_forward_fq)(qkd__backend *b, float *out, const float *inp,
+                              const qkd__qweight *w, int N, int C, int OC);
+    /* dinp[N][C] += dout[N][OC] . Q(w)[OC][C] */
+    void (*matmul_backward_input_fq)(qkd__backend *b, float *dinp, const float *dout,
+                                     const qkd__qweight *w, int N, int C, int OC);
 
     /* ---- distillation objectives --------------------------------------------
      * Row-wise objective between student logits s and teacher logits t,

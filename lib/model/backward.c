@@ -12,19 +12,22 @@ static void zero(qkd__backend *be, float *x, size_t n)
     be->fill(be, x, 0.0f, n);
 }
 
-/* out = x W^T: add the input gradient to dx and the weight gradient to dw. */
-static void linear_backward(qkd__backend *be, float *dx, float *dw, const float *dout,
-                            const float *x, const float *w, int N, int C, int OC)
+/* out = x W^T of the linear (kind, layer): add the input gradient to dx
+ * and the weight gradient to where that weight's gradient goes. */
+static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *dx,
+                            const float *dout, const float *x, int N, int C, int OC)
 {
-    be->matmul_backward_input(be, dx, dout, w, N, C, OC);
-    be->matmul_backward_weight(be, dw, dout, x, N, C, OC);
+    qkd__backend *be = qkd__model_backend(m);
+    float *dw = qkd__model_weight_grad(m, kind, layer);
+    qkd__model_linear_backward_input(m, kind, layer, dx, dout, N, C, OC);
+    (m->matmul_bf16 ? be->matmul_backward_weight_bf16
+                    : be->matmul_backward_weight)(be, dw, dout, x, N, C, OC);
 }
 
-/* Layer l's weight as the forward read it, where its gradient goes, and
- * the input a linear read (see the student hooks in model_impl.h). Norm
- * weights are never quantized. */
-#define W(kind) qkd__model_weight(m, QKD_TENSOR_##kind, l)
-#define G(kind) qkd__model_weight_grad(m, QKD_TENSOR_##kind, l)
+/* Layer l's linears, the norm weights and their gradients, and the input
+ * a linear read (see the student hooks in model_impl.h). Norm weights are
+ * never quantized. */
+#define LINEAR(kind) QKD_TENSOR_##kind, l
 #define NORM_W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
 #define NORM_G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
 #define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q)
@@ -37,14 +40,13 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
     zero(be, g->dsw, (size_t)N * H);
-    linear_backward(be, g->dsw, G(FFN_DOWN), g->dres, IN(FFN_DOWN, sw), W(FFN_DOWN), N, H, C);
+    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, g->dres, IN(FFN_DOWN, sw), N, H, C);
     zero(be, g->dgate, (size_t)N * H);
     zero(be, g->dup, (size_t)N * H);
     be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(be, g->dnorm, G(FFN_GATE), g->dgate, IN(FFN_GATE, h2), W(FFN_GATE), N, C,
-                    H);
-    linear_backward(be, g->dnorm, G(FFN_UP), g->dup, IN(FFN_UP, h2), W(FFN_UP), N, C, H);
+    linear_backward(m, LINEAR(FFN_GATE), g->dnorm, g->dgate, IN(FFN_GATE, h2), N, C, H);
+    linear_backward(m, LINEAR(FFN_UP), g->dnorm, g->dup, IN(FFN_UP, h2), N, C, H);
     be->rmsnorm_backward(be, g->dres, NORM_G(FFN_NORM), g->dnorm, a->x_mid, NORM_W(FFN_NORM),
                          a->rstd2, N, C);
 }
@@ -58,25 +60,23 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
-    linear_backward(be, g->datt, G(ATTN_OUTPUT), g->dres, IN(ATTN_OUTPUT, att), W(ATTN_OUTPUT),
-                    N, C, C);
+    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, g->dres, IN(ATTN_OUTPUT, att), N, C, C);
     zero(be, g->dq, (size_t)N * C);
     zero(be, g->dk, (size_t)N * kvd);
     zero(be, g->dv, (size_t)N * kvd);
-    be->attention_backward(be, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k, a->v,
-                           a->att, B, T, c->n_heads, c->n_kv_heads, hd);
+    qkd__model_attention_backward(m, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k,
+                                  a->v, a->att, B, T, c->n_heads, c->n_kv_heads, hd);
     be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
     be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(be, g->dnorm, G(ATTN_Q), g->dq, IN(ATTN_Q, h), W(ATTN_Q), N, C, C);
-    linear_backward(be, g->dnorm, G(ATTN_K), g->dk, IN(ATTN_K, h), W(ATTN_K), N, C, kvd);
-    linear_backward(be, g->dnorm, G(ATTN_V), g->dv, IN(ATTN_V, h), W(ATTN_V), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, g->dq, IN(ATTN_Q, h), N, C, C);
+    linear_backward(m, LINEAR(ATTN_K), g->dnorm, g->dk, IN(ATTN_K, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_V), g->dnorm, g->dv, IN(ATTN_V, h), N, C, kvd);
     be->rmsnorm_backward(be, g->dres, NORM_G(ATTN_NORM), g->dnorm, a->x_in, NORM_W(ATTN_NORM),
                          a->rstd1, N, C);
 }
 
-#undef W
-#undef G
+#undef LINEAR
 #undef NORM_W
 #undef NORM_G
 #undef IN
@@ -88,9 +88,8 @@ static void head_backward(qkd_model *m, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(be, g->dnorm, qkd__model_weight_grad(m, QKD_TENSOR_OUTPUT, -1), g->dlogits,
-                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq),
-                    qkd__model_weight(m, QKD_TENSOR_OUTPUT, -1), N, C, V);
+    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, g->dlogits,
+                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq), N, C, V);
     zero(be, g->dres, (size_t)N * C);
     be->rmsnorm_backward(be, g->dres,
                          qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT_NORM, -1),

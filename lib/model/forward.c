@@ -23,38 +23,39 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     const int N = s.B * s.T, C = c->dim, H = c->hidden_dim;
     const int hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     const int kv_bits = qkd__model_kv_bits(m);
-#define W(kind) qkd__model_weight(m, QKD_TENSOR_##kind, l)
+#define LINEAR(kind, out, in, C, OC) \
+    qkd__model_linear_forward(m, QKD_TENSOR_##kind, l, out, in, N, C, OC)
 #define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q)
     be->rmsnorm_forward(be, a->h, a->rstd1, a->x_in,
                         qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_ATTN_NORM, l), N, C,
                         c->norm_eps);
     quantize_acts(m, a->hq, a->h, N, C);
-    be->matmul_forward(be, a->q, IN(ATTN_Q, h), W(ATTN_Q), N, C, C);
-    be->matmul_forward(be, a->k, IN(ATTN_K, h), W(ATTN_K), N, C, kvd);
-    be->matmul_forward(be, a->v, IN(ATTN_V, h), W(ATTN_V), N, C, kvd);
+    LINEAR(ATTN_Q, a->q, IN(ATTN_Q, h), C, C);
+    LINEAR(ATTN_K, a->k, IN(ATTN_K, h), C, kvd);
+    LINEAR(ATTN_V, a->v, IN(ATTN_V, h), C, kvd);
     if (kv_bits) { /* the cached keys and values, per token, before RoPE */
         be->quant_rows(be, a->k, a->k, N, kvd, kv_bits);
         be->quant_rows(be, a->v, a->v, N, kvd, kv_bits);
     }
     be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
     be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
-    be->attention_forward(be, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
-                          s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
+    qkd__model_attention_forward(m, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
+                                 s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
     quantize_acts(m, a->attq, a->att, N, C);
-    be->matmul_forward(be, a->proj, IN(ATTN_OUTPUT, att), W(ATTN_OUTPUT), N, C, C);
+    LINEAR(ATTN_OUTPUT, a->proj, IN(ATTN_OUTPUT, att), C, C);
     be->add(be, a->x_mid, a->x_in, a->proj, (size_t)N * C);
 
     be->rmsnorm_forward(be, a->h2, a->rstd2, a->x_mid,
                         qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_FFN_NORM, l), N, C,
                         c->norm_eps);
     quantize_acts(m, a->h2q, a->h2, N, C);
-    be->matmul_forward(be, a->gate, IN(FFN_GATE, h2), W(FFN_GATE), N, C, H);
-    be->matmul_forward(be, a->up, IN(FFN_UP, h2), W(FFN_UP), N, C, H);
+    LINEAR(FFN_GATE, a->gate, IN(FFN_GATE, h2), C, H);
+    LINEAR(FFN_UP, a->up, IN(FFN_UP, h2), C, H);
     be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
     quantize_acts(m, a->swq, a->sw, N, H);
-    be->matmul_forward(be, a->proj, IN(FFN_DOWN, sw), W(FFN_DOWN), N, H, C);
+    LINEAR(FFN_DOWN, a->proj, IN(FFN_DOWN, sw), H, C);
     be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
-#undef W
+#undef LINEAR
 #undef IN
 }
 
@@ -67,8 +68,9 @@ void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float
                         qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT_NORM, -1), N,
                         c->dim, c->norm_eps);
     quantize_acts(m, xfq, xf, N, c->dim);
-    be->matmul_forward(be, logits, qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq),
-                       qkd__model_weight(m, QKD_TENSOR_OUTPUT, -1), N, c->dim, c->vocab_size);
+    qkd__model_linear_forward(m, QKD_TENSOR_OUTPUT, -1, logits,
+                              qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq), N,
+                              c->dim, c->vocab_size);
 }
 
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,

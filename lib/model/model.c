@@ -368,6 +368,24 @@ qkd_status qkd_model_set_max_seq_len(qkd_model *m, int n)
     return QKD_OK;
 }
 
+qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (p != QKD_MATMUL_FP32 && p != QKD_MATMUL_BF16)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
+                          "model set_matmul_precision: unknown precision %d", (int)p);
+    const qkd__backend *be = qkd__model_backend(m);
+    if (p == QKD_MATMUL_BF16 && (!be->matmul_forward_bf16 || !be->matmul_backward_input_bf16 ||
+                                 !be->matmul_backward_weight_bf16 ||
+                                 !be->attention_forward_bf16 || !be->attention_backward_bf16))
+        return qkd__error(m->ctx, QKD_ERR_UNSUPPORTED,
+                          "model set_matmul_precision: the %s backend has no bf16 matmuls "
+                          "and attention", be->name);
+    m->matmul_bf16 = p == QKD_MATMUL_BF16;
+    return QKD_OK;
+}
+
 int64_t qkd_model_n_params(const qkd_model *m)
 {
     return m ? m->n_params : 0;

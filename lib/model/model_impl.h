@@ -82,6 +82,9 @@ typedef struct qkd__qtensor {
                              forward's, or (learned) the initial values */
     int scale_index, zero_index; /* learned scales: the table's tensors of
                              the scales and zero points; -1: none */
+    int fused;            /* the training forward's products quantize w
+                             while packing it (the backend's fused slots):
+                             scales/zeros are fakequant_groups', wq is stale */
 } qkd__qtensor;
 
 /* What makes a model a student (lib/model/student.c). */
@@ -90,7 +93,9 @@ typedef struct qkd__student {
     int off;              /* 1 while calibration runs the float model */
     int act_bits, kv_bits; /* the quantizer's, fixed when bound */
     int wq_smooth;        /* what the wq buffers hold: -1 nothing yet, 0 hard
-                             rounding, 1 the smooth forward */
+                             rounding, 1 the smooth forward, 2 the hard
+                             training forward with the fused tensors' wq
+                             left stale */
     qkd__qtensor *t;      /* host array [n_weights] */
     void *mem;            /* device memory of every qtensor */
 } qkd__student;
@@ -113,11 +118,43 @@ struct qkd_model {
     int has_dlogits;      /* acts.dlogits holds a logits gradient */
     qkd__decode dec;
     qkd__student student;
+    int matmul_bf16;      /* QKD_MATMUL_BF16: the backend's bf16 products */
 };
 
 static inline qkd__backend *qkd__model_backend(const qkd_model *m)
 {
     return m->ctx->backend;
+}
+
+/* out[N][OC] = inp[N][C] . w[OC][C]^T in the model's matmul precision. */
+static inline void qkd__model_matmul(const qkd_model *m, float *out, const float *inp,
+                                     const float *w, int N, int C, int OC)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(be, out, inp, w, N, C, OC);
+}
+
+/* The backend's attention in the model's matmul precision (backend.h). */
+static inline void qkd__model_attention_forward(const qkd_model *m, float *out, float *scratch,
+                                                const float *q, const float *k, const float *v,
+                                                int B, int Tq, int pos0, int kv_len,
+                                                int n_heads, int n_kv, int hd)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    (m->matmul_bf16 ? be->attention_forward_bf16 : be->attention_forward)(
+        be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd);
+}
+
+static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, float *dk,
+                                                 float *dv, const float *dout,
+                                                 const float *scratch, const float *q,
+                                                 const float *k, const float *v,
+                                                 const float *out, int B, int T, int n_heads,
+                                                 int n_kv, int hd)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    (m->matmul_bf16 ? be->attention_backward_bf16 : be->attention_backward)(
+        be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd);
 }
 
 /* The tensor of `kind` in `layer` inside base (params or grads). The
@@ -165,6 +202,14 @@ const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int lay
 /* Where the backward adds the gradient of that weight: dL/dQ(w) for a
  * targeted tensor, else the model's gradient. */
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
+/* out[N][OC] = inp[N][C] . W^T and dinp += dout . W for the linear `kind`
+ * in `layer`, W as the forward reads it (qkd__model_weight), in the
+ * model's matmul precision; a fused student tensor goes through the
+ * backend's fused products instead of its wq. */
+void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
+                               const float *inp, int N, int C, int OC);
+void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                      float *dinp, const float *dout, int N, int C, int OC);
 /* Bits of the per-token activation / key-value quantization; 0 when off. */
 int qkd__model_act_bits(const qkd_model *m);
 int qkd__model_kv_bits(const qkd_model *m);

@@ -1,6 +1,9 @@
 /* A student: a model bound to a quantizer. Its forward reads Q(w) from a
  * device copy of every targeted tensor, refreshed from the latent weights
- * at the start of each forward; its backward collects dL/dQ(w) in a
+ * at the start of each forward, or, where the backend fuses fake
+ * quantization into its products (hard rounding), only the groups' scales
+ * and zero points are refreshed and the linear layers' products quantize
+ * the latent weights as they pack them; its backward collects dL/dQ(w) in a
  * separate buffer and maps it to dL/dw through the quantizer's estimator,
  * adding it to the model's gradient. With learned scales the quantizer's
  * scales and zero points are tensors of the model's table, after its
@@ -63,6 +66,46 @@ float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int laye
     return t ? t->dwq : qkd__model_tensor_ptr(m, m->grads, kind, layer);
 }
 
+/* The fused view of tensor t of (kind, layer); spec receives its setting. */
+static qkd__qweight fused_weight(const qkd_model *m, const qkd__qtensor *t,
+                                 qkd_tensor_kind kind, int layer, qkd__quant_spec *spec)
+{
+    const qkd__tensor_entry *e = &m->tensors[weight_index(m, kind, layer)];
+    int64_t rows = e->rows, cols = e->cols;
+    *spec = qkd__quantizer_spec(m->student.q, &rows, &cols, 0);
+    return (qkd__qweight){.w = m->params + e->offset, .scales = t->scales, .zeros = t->zeros,
+                          .spec = spec, .scratch = t->wq};
+}
+
+void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
+                               const float *inp, int N, int C, int OC)
+{
+    const qkd__qtensor *t = live_qtensor(m, kind, layer);
+    if (!t || !t->fused) {
+        qkd__model_matmul(m, out, inp, qkd__model_weight(m, kind, layer), N, C, OC);
+        return;
+    }
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__quant_spec spec;
+    qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
+    be->matmul_forward_fq(be, out, inp, &w, N, C, OC);
+}
+
+void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                      float *dinp, const float *dout, int N, int C, int OC)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const qkd__qtensor *t = live_qtensor(m, kind, layer);
+    if (!t || !t->fused) {
+        (m->matmul_bf16 ? be->matmul_backward_input_bf16 : be->matmul_backward_input)(
+            be, dinp, dout, qkd__model_weight(m, kind, layer), N, C, OC);
+        return;
+    }
+    qkd__quant_spec spec;
+    qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
+    be->matmul_backward_input_fq(be, dinp, dout, &w, N, C, OC);
+}
+
 int qkd__model_act_bits(const qkd_model *m)
 {
     return is_live(m) ? m->student.act_bits : 0;
@@ -119,19 +162,60 @@ qkd_status qkd__model_deployed_get(qkd_model *m, int index, float *dst)
 
 /* ---- the passes' hooks ----------------------------------------------------- */
 
+#define WQ_FUSED 2 /* student.wq_smooth: the fused training forward */
+
+static int backend_fuses(const qkd_model *m)
+{
+    const qkd__backend *be = qkd__model_backend(m);
+    return be->fakequant_groups && be->matmul_forward_fq && be->matmul_backward_input_fq &&
+           !m->matmul_bf16;
+}
+
+/* Whether the hard training forward can fuse tensor i: a linear weight
+ * only (not the embedding table, nor a tied head), grouped along its
+ * rows, computed (not learned) scales, a scheme the fused slots take. */
+static int fusable(const qkd_model *m, int i)
+{
+    const qkd__tensor_entry *e = &m->tensors[i];
+    int64_t rows = e->rows, cols = e->cols;
+    const qkd__quant_spec spec = qkd__quantizer_spec(m->student.q, &rows, &cols, 0);
+    return e->kind != QKD_TENSOR_TOKEN_EMBD && m->student.t[i].scale_index < 0 &&
+           rows == e->rows &&
+           (spec.scheme == QKD_QUANT_SYM || spec.scheme == QKD_QUANT_ASYM ||
+            spec.scheme == QKD_QUANT_TERNARY);
+}
+
+/* The groups of a fused tensor i: its products quantize while packing. */
+static void quantize_groups(const qkd_model *m, int i)
+{
+    const qkd__qtensor *t = &m->student.t[i];
+    const qkd__tensor_entry *e = &m->tensors[i];
+    qkd__backend *be = qkd__model_backend(m);
+    int64_t rows = e->rows, cols = e->cols;
+    const qkd__quant_spec spec = qkd__quantizer_spec(m->student.q, &rows, &cols, 0);
+    be->fakequant_groups(be, t->scales, t->zeros, m->params + e->offset, rows, cols, &spec);
+}
+
 void qkd__model_quantize_weights(qkd_model *m, int training, int force)
 {
     qkd__student *s = &m->student;
     if (!is_live(m))
         return;
     int smooth = training && qkd__quantizer_smooth(s->q);
-    if (!force && s->wq_smooth == smooth)
+    int state = training && !smooth && backend_fuses(m) ? WQ_FUSED : smooth;
+    if (!force && s->wq_smooth == state)
         return;
     for (int i = 0; i < m->n_weights; i++) {
-        if (s->t[i].wq)
+        qkd__qtensor *t = &s->t[i];
+        if (!t->wq)
+            continue;
+        t->fused = state == WQ_FUSED && fusable(m, i);
+        if (t->fused)
+            quantize_groups(m, i);
+        else
             quantize_tensor(m, i, smooth);
     }
-    s->wq_smooth = smooth;
+    s->wq_smooth = state;
 }
 
 void qkd__model_init_scales(qkd_model *m)

@@ -23,6 +23,11 @@ int qkd__quant_row_type(int scheme, int64_t cols);
 /* 1 when the training forward rounds smoothly (the CONTINUOUS estimator). */
 int qkd__quantizer_smooth(const qkd_quantizer *q);
 
+/* The spec the kernels get for a rows x cols weight, and the shape they
+ * see (per-tensor quantization: one row of rows * cols values). */
+qkd__quant_spec qkd__quantizer_spec(const qkd_quantizer *q, int64_t *rows, int64_t *cols,
+                                    int smooth);
+
 /* wq = Q(w) of a device weight w[rows][cols] with the quantizer's groups;
  * scales and zeros receive qkd_quantizer_n_groups(q, rows, cols) floats.
  * smooth: round_T and SoftClamp instead of hard rounding. */

@@ -274,6 +274,12 @@ static qkd__quant_spec kernel_spec(const qkd_quantizer *q, int64_t *rows, int64_
     };
 }
 
+qkd__quant_spec qkd__quantizer_spec(const qkd_quantizer *q, int64_t *rows, int64_t *cols,
+                                    int smooth)
+{
+    return kernel_spec(q, rows, cols, smooth);
+}
+
 void qkd__quantizer_forward(const qkd_quantizer *q, float *wq, float *scales, float *zeros,
                             const float *w, int64_t rows, int64_t cols, int smooth)
 {

@@ -104,7 +104,7 @@ static json_t *row_json(const eval_row *r)
 static json_t *config_json(const distill_opts *o)
 {
     return json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:b, s:b, s:s, s:i, s:i, s:i, "
-                     "s:i, s:o, s:s, s:i, s:I, s:s}",
+                     "s:i, s:o, s:s, s:i, s:I, s:s, s:b}",
                      "method", o->method, "scheme", o->scheme, "bits", o->bits, "group",
                      o->group, "clip", o->clip ? o->clip : "preset", "loss", o->loss,
                      "act_bits", o->act_bits, "kv_bits", o->kv_bits, "learn_scales",
@@ -112,7 +112,8 @@ static json_t *config_json(const distill_opts *o)
                      o->data ? o->data : "data-free", "data_free", o->data_free, "steps",
                      o->steps, "batch", o->batch,
                      "seq", o->seq, "lr", real(o->lr), "schedule", o->schedule, "warmup",
-                     o->warmup, "seed", (json_int_t)o->seed, "teacher", o->teacher);
+                     o->warmup, "seed", (json_int_t)o->seed, "teacher", o->teacher,
+                     "teacher_bf16", o->teacher_bf16);
 }
 
 static int write_summary(const distill_job *j, const distill_opts *o, const eval_report *e,
@@ -399,6 +400,8 @@ const cli_command cli_cmd_distill = {
     .usage = "--teacher MODEL (--data FILE | --data-free N) --out DIR [options]",
     .help =
         "  --teacher MODEL      the float teacher; the student starts as a copy of it\n"
+        "  --teacher-bf16       run the frozen teacher's matmuls with bf16 inputs (fp32\n"
+        "                       accumulation; AVX-512 BF16 where the CPU has it)\n"
         "  --tokenizer T        tokenizer file (default: the one inside MODEL)\n"
         "  --method M           preset: bitdistiller (clip + cakld), tsld (ternary,\n"
         "                       tsld+ce), llm-qat (sym per channel, fkl, data-free),\n"

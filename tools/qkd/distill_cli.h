@@ -15,6 +15,7 @@ typedef struct distill_opts {
     int resume;
     int learn_scales;    /* --learn-scales: the quantizer's scales are trained */
     int scales_only;     /* --scales-only: and nothing else (implies the above) */
+    int teacher_bf16;    /* --teacher-bf16: the teacher's matmuls with bf16 inputs */
     float lr;
     uint64_t seed;
     /* Which options were given (a given option beats the method's preset). */

@@ -223,6 +223,7 @@ int distill_parse(int argc, char **argv, distill_opts *o, cli_common *c)
         {"--kv-bits", NULL, CLI_INT, &o->kv_bits, NULL},
         {"--learn-scales", NULL, CLI_FLAG, &o->learn_scales, NULL},
         {"--scales-only", NULL, CLI_FLAG, &o->scales_only, NULL},
+        {"--teacher-bf16", NULL, CLI_FLAG, &o->teacher_bf16, NULL},
         {"--loss", NULL, CLI_STRING, &o->loss, &o->seen.loss},
         {"--data", NULL, CLI_STRING, &o->data, NULL},
         {"--data-free", NULL, CLI_INT, &o->data_free, &o->seen.data_free},
@@ -403,6 +404,16 @@ static int open_student(distill_job *j, const distill_opts *o, const cli_common 
     return st == QKD_OK ? CLI_EXIT_OK : cli_fail(ctx, st, "the student");
 }
 
+/* --teacher-bf16: the frozen teacher's products (forward, data-free
+ * generation, evaluation) read bf16 inputs; the student stays fp32. */
+static int set_teacher_precision(distill_job *j, const distill_opts *o)
+{
+    if (!o->teacher_bf16)
+        return CLI_EXIT_OK;
+    qkd_status st = qkd_model_set_matmul_precision(j->s.model, QKD_MATMUL_BF16);
+    return st == QKD_OK ? CLI_EXIT_OK : cli_fail(j->s.ctx, st, "--teacher-bf16");
+}
+
 int distill_open(distill_job *j, const distill_opts *o, const cli_common *c)
 {
     memset(j, 0, sizeof *j);
@@ -415,6 +426,8 @@ int distill_open(distill_job *j, const distill_opts *o, const cli_common *c)
         rc = cli_session_open(&j->s, c, o->tokenizer, 0);
     if (rc == CLI_EXIT_OK)
         rc = cli_session_fit(&j->s, o->seq + 1);
+    if (rc == CLI_EXIT_OK)
+        rc = set_teacher_precision(j, o);
     if (rc == CLI_EXIT_OK)
         rc = open_student(j, o, c);
     if (rc == CLI_EXIT_OK)

@@ -157,13 +157,67 @@ static void cuda_matmul_backward_weight(qkd__backend *b, float *dw, const float 
           "matmul_backward_weight");
 }
 
-/* ---- attention scratch: the probabilities, as the reference stores them ---------------- */
+/* ---- matmuls in bf16: both operands rounded into the workspace, tensor cores -------------- */
+
+/* Elements of a bf16 operand, rounded up to keep the next one 16-byte
+ * aligned for cuBLAS. */
+static size_t bf16_span(size_t n)
+{
+    return (n + 7) & ~(size_t)7;
+}
+
+/* C = op(A) op(B) + beta C as sgemm, with A (na elements) and B (nb)
+ * rounded to bf16 first and fp32 accumulation. */
+static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                      int k, const float *A, size_t na, int lda, const float *B, size_t nb,
+                      int ldb, float beta, float *C, int ldc, const char *what)
+{
+    if (m <= 0 || n <= 0 || k <= 0)
+        return;
+    const size_t sa = bf16_span(na), sb = bf16_span(nb);
+    uint16_t *a16 = (uint16_t *)qkd__cuda_workspace(b, (sa + sb) / 2);
+    if (!a16)
+        return;
+    uint16_t *b16 = a16 + sa;
+    qkd__cuda_to_bf16(b, a16, A, na);
+    qkd__cuda_to_bf16(b, b16, B, nb);
+    const float one = 1.0f;
+    qkd__cuda_check_blas(b,
+                         cublasGemmEx(qkd__cuda_of(b)->blas, ta, tb, m, n, k, &one, a16,
+                                      CUDA_R_16BF, lda, b16, CUDA_R_16BF, ldb, &beta, C,
+                                      CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                         what);
+}
+
+static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
+                                     const float *w, int N, int C, int OC)
+{
+    gemm_bf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, (size_t)OC * C, C, inp, (size_t)N * C, C,
+              0.0f, out, OC, "matmul_forward_bf16");
+}
+
+static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
+                                            const float *w, int N, int C, int OC)
+{
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, dout, (size_t)N * OC,
+              OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
+}
+
+static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
+                                             const float *inp, int N, int C, int OC)
+{
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, dout, (size_t)N * OC,
+              OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
+}
+
+/* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */
 
 static size_t cuda_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
                                             int n_heads)
 {
     (void)b;
-    return (size_t)B * n_heads * Tq * kv_len;
+    (void)kv_len;
+    return (size_t)B * n_heads * Tq;
 }
 
 /* ---- fake quantization ---------------------------------------------------------------- */
@@ -266,6 +320,9 @@ static const qkd__backend cuda_table = {
     .matmul_forward = cuda_matmul_forward,
     .matmul_backward_input = cuda_matmul_backward_input,
     .matmul_backward_weight = cuda_matmul_backward_weight,
+    .matmul_forward_bf16 = cuda_matmul_forward_bf16,
+    .matmul_backward_input_bf16 = cuda_matmul_backward_input_bf16,
+    .matmul_backward_weight_bf16 = cuda_matmul_backward_weight_bf16,
     .embedding_forward = qkd__cuda_embedding_forward,
     .embedding_backward = qkd__cuda_embedding_backward,
     .rmsnorm_forward = qkd__cuda_rmsnorm_forward,
@@ -275,6 +332,8 @@ static const qkd__backend cuda_table = {
     .attention_scratch_floats = cuda_attention_scratch_floats,
     .attention_forward = qkd__cuda_attention_forward,
     .attention_backward = qkd__cuda_attention_backward,
+    .attention_forward_bf16 = qkd__cuda_attention_forward_bf16,
+    .attention_backward_bf16 = qkd__cuda_attention_backward_bf16,
     .swiglu_forward = qkd__cuda_swiglu_forward,
     .swiglu_backward = qkd__cuda_swiglu_backward,
     .softmax_forward = qkd__cuda_softmax_forward,

@@ -4,7 +4,10 @@
  * `download` synchronizes before it returns, `upload` returns once the
  * host buffer may be reused. Matmuls are cuBLAS SGEMMs in plain fp32 (the
  * default math mode, so TF32 tensor cores stay off and results match the
- * reference to float rounding); the other kernels are straightforward
+ * reference to float rounding); the bf16 slots convert both operands to
+ * bf16 in the workspace and run cublasGemmEx on the tensor cores with fp32
+ * accumulation. Attention is flash-style in fp32 (attention.cu). The
+ * other kernels are straightforward
  * CUDA, most of them computing in double like the reference (the objects
  * are built with -fmad=false, so the updates, axpy and hard fake
  * quantization round exactly as the reference does).
@@ -41,7 +44,7 @@ typedef struct qkd__cuda {
     cublasHandle_t blas;
     qkd_status status;  /* first failure, kept (see above) */
     double *partials;   /* per-block partial sums of sum and sum_squares */
-    float *ws;          /* grown on demand: attention's backward */
+    float *ws;          /* grown on demand: attention's backward, bf16 operands */
     size_t ws_floats;
     qkd__backend *host; /* reference backend for the format schemes */
     float *host_buf;    /* their host copy of a weight, grown on demand */
@@ -77,6 +80,8 @@ void qkd__cuda_fill(qkd__backend *b, float *x, float value, size_t n);
 void qkd__cuda_add(qkd__backend *b, float *out, const float *x, const float *y, size_t n);
 void qkd__cuda_axpy(qkd__backend *b, float *y, float alpha, const float *x, size_t n);
 void qkd__cuda_scale(qkd__backend *b, float *x, float alpha, size_t n);
+/* dst[i] = src[i] rounded to bf16 (nearest even), as raw bf16 bits. */
+void qkd__cuda_to_bf16(qkd__backend *b, uint16_t *dst, const float *src, size_t n);
 void qkd__cuda_sum(qkd__backend *b, float *out, const float *x, size_t n);
 void qkd__cuda_sum_squares(qkd__backend *b, float *out, const float *x, size_t n);
 void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
@@ -129,6 +134,22 @@ void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *dk, float *
                                   const float *dout, const float *scratch, const float *q,
                                   const float *k, const float *v, const float *out, int B,
                                   int T, int n_heads, int n_kv, int hd);
+/* true when hd <= max, else records UNSUPPORTED (naming the head size). */
+bool qkd__cuda_attention_head_ok(qkd__backend *b, int hd, int max);
+/* D[b][h][t] = dout . out of each query row (fp32), in the workspace;
+ * NULL (recorded) when the workspace cannot grow. */
+const float *qkd__cuda_attention_rowdots(qkd__backend *b, const float *dout, const float *out,
+                                         int B, int T, int H, int hd);
+
+/* ---- attention_bf16.cu: the same on the tensor cores, bf16 inputs ----------------- */
+void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+                                      const float *q, const float *k, const float *v, int B,
+                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
+                                      int hd);
+void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
+                                       const float *dout, const float *scratch, const float *q,
+                                       const float *k, const float *v, const float *out, int B,
+                                       int T, int n_heads, int n_kv, int hd);
 
 /* ---- quant.cu ------------------------------------------------------------------ */
 /* The SYM, ASYM and TERNARY schemes (cuda.c sends the format schemes to

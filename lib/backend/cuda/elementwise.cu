@@ -1,5 +1,5 @@
 /* CUDA kernels of the elementwise family: fill, add, axpy, scale, the
- * two-pass sums, SwiGLU, the optimizer updates and the embedding. Each
+ * bf16 conversion, the two-pass sums, SwiGLU, the optimizer updates and the embedding. Each
  * computes in the reference's precision (double where it uses double),
  * so most results are bit-identical to it. */
 #include "backend/cuda/common.cuh"
@@ -66,6 +66,52 @@ extern "C" void qkd__cuda_scale(qkd__backend *b, float *x, float alpha, size_t n
     scale_kernel<<<qkd__cuda_blocks(n), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(x, alpha,
                                                                                         n);
     qkd__cuda_launched(b, "scale");
+}
+
+/* ---- bf16 copies for the tensor-core matmuls ------------------------------------
+ * Round to nearest even on the bits, as qkd__f32_to_bf16 does (subnormals
+ * kept, a NaN stays a quiet NaN), so the GEMM reads exactly the operands
+ * the reference's bf16 products round to. */
+
+__device__ inline uint32_t bf16_bits(float f)
+{
+    uint32_t x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+        return (x >> 16) | 0x40;
+    return (x + 0x7fffu + ((x >> 16) & 1)) >> 16;
+}
+
+__global__ void to_bf16_kernel(uint16_t *dst, const float *src, size_t n)
+{
+    QKD__CUDA_FOR(i, n)
+    dst[i] = (uint16_t)bf16_bits(src[i]);
+}
+
+/* Four values per thread: 16-byte loads, 8-byte stores (memory bound). */
+__global__ void to_bf16x4_kernel(uint2 *dst, const float4 *src, size_t n4)
+{
+    QKD__CUDA_FOR(i, n4)
+    {
+        float4 v = src[i];
+        dst[i] = make_uint2(bf16_bits(v.x) | bf16_bits(v.y) << 16,
+                            bf16_bits(v.z) | bf16_bits(v.w) << 16);
+    }
+}
+
+extern "C" void qkd__cuda_to_bf16(qkd__backend *b, uint16_t *dst, const float *src, size_t n)
+{
+    cudaStream_t stream = qkd__cuda_of(b)->stream;
+    size_t n4 = ((uintptr_t)src % 16 == 0 && (uintptr_t)dst % 8 == 0) ? n / 4 : 0;
+    if (n4) {
+        to_bf16x4_kernel<<<qkd__cuda_blocks(n4), QKD__CUDA_THREADS, 0, stream>>>(
+            (uint2 *)dst, (const float4 *)src, n4);
+        qkd__cuda_launched(b, "to_bf16");
+    }
+    if (n > 4 * n4) {
+        to_bf16_kernel<<<qkd__cuda_blocks(n - 4 * n4), QKD__CUDA_THREADS, 0, stream>>>(
+            dst + 4 * n4, src + 4 * n4, n - 4 * n4);
+        qkd__cuda_launched(b, "to_bf16");
+    }
 }
 
 /* ---- sums ---------------------------------------------------------------------

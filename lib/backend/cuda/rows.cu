@@ -1,8 +1,10 @@
 /* CUDA kernels over rows: RMSNorm, the softmax family, cross-entropy, the
  * distillation objectives, TSLD's token weights and the top-1
- * probability. One block per row, sums in double through the block
- * reductions of common.cuh, the formulas written as the reference writes
- * them (lib/backend/ref/ref_activation.c, ref_kd.c, ref_linear.c). */
+ * probability. One block per row, the formulas written as the reference
+ * writes them (lib/backend/ref/ref_activation.c, ref_kd.c,
+ * ref_linear.c); sums in double through the block reductions of
+ * common.cuh, except kd_loss and the top-1 probability, which sweep the
+ * full-vocabulary logits of a batch and run in float (see kd_loss). */
 #include "backend/cuda/common.cuh"
 #include "qkd/loss.h"
 
@@ -253,100 +255,171 @@ extern "C" void qkd__cuda_cross_entropy_backward(qkd__backend *b, float *dlogits
 }
 
 /* ---- kd_loss (the math of each kind is in include/qkd/loss.h) ------------------------------
- * A block per row, three sweeps as in the reference: the log-normalisers,
- * the row's value, then the gradient (RKL, CAKLD and JSD need the value's
- * KL terms). */
+ * A block per row, in float: the objective reads two [N][V] logit tensors
+ * of a whole batch (16k x 49k for SmolLM), so it is bound by memory and
+ * by exp, and double would cost several times more. Numerical care: each
+ * thread folds its logits into an online log-sum-exp (running max m, sum
+ * z of exp(x - m)), the block combines them at the block's max, and the
+ * KL terms come out of the same sweep as expectations under the running
+ * weights: E_p[x_t - x_s] - (lse_t - lse_s) is FKL, so FKL, RKL, CAKLD
+ * and TSLD read each logit twice in all (this sweep and the gradient's);
+ * JSD needs log m_v, so it sweeps once more for its value. Against the
+ * reference (double) a value is off by about 1e-6 of the row's
+ * log-normalisers (times tau^2), a gradient by float rounding. */
 
 struct kd_args {
     float *row_loss, *ds;
     const float *s, *t, *row_w;
     const int32_t *targets;
-    double scale, tau, beta;
+    float scale, tau, beta;
     int V, kind;
 };
 
-/* log(beta e^lp + (1-beta) e^lq) without underflow; exact at beta 0 and 1. */
-__device__ static double log_mix(double lp, double lq, double beta)
-{
-    double a = beta > 0.0 ? log(beta) + lp : -INFINITY;
-    double b = beta < 1.0 ? log1p(-beta) + lq : -INFINITY;
-    double hi = fmax(a, b), lo = fmin(a, b);
-    return hi + log1p(exp(lo - hi));
-}
-
-/* What the gradient sweep needs of a softmax kind's row. */
-struct kd_row {
-    double lse_s, lse_t, rkl, kqm;
+/* One thread's online log-sum-exp of x with a running sum a of
+ * exp(x - m) * w; bad counts non-finite inputs. */
+struct lse_acc {
+    float m, z, a;
 };
 
-/* The row's term of a softmax kind before the tau^2 factor; fills r. */
-__device__ static double softmax_value(const kd_args &j, const float *s, const float *t,
-                                       kd_row *r)
+__device__ inline lse_acc lse_init()
 {
-    const double it = 1.0 / j.tau;
-    double fkl = 0.0, rkl = 0.0, xent = 0.0, kpm = 0.0, kqm = 0.0;
-    for (int v = threadIdx.x; v < j.V; v += blockDim.x) {
-        double lq = s[v] * it - r->lse_s, lp = t[v] * it - r->lse_t;
-        double q = exp(lq), p = exp(lp);
-        fkl += p * (lp - lq);
-        rkl += q * (lq - lp);
-        xent -= p * lq;
-        if (j.kind == QKD_LOSS_JSD) {
-            double lm = log_mix(lp, lq, j.beta);
-            kpm += p * (lp - lm);
-            kqm += q * (lq - lm);
-        }
-    }
-    fkl = qkd__block_sum(fkl);
-    r->rkl = rkl = qkd__block_sum(rkl);
-    xent = qkd__block_sum(xent);
-    if (j.kind == QKD_LOSS_JSD) {
-        kpm = qkd__block_sum(kpm);
-        r->kqm = kqm = qkd__block_sum(kqm);
-    }
-    switch (j.kind) {
-    case QKD_LOSS_FKL: return fkl;
-    case QKD_LOSS_RKL: return rkl;
-    case QKD_LOSS_JSD: return j.beta * kpm + (1.0 - j.beta) * kqm;
-    case QKD_LOSS_CAKLD: return j.beta * rkl + (1.0 - j.beta) * fkl;
-    default: return xent; /* TSLD */
+    return {-INFINITY, 0.0f, 0.0f};
+}
+
+__device__ inline void lse_push(lse_acc &acc, float x, float w)
+{
+    if (x > acc.m) { /* rescale what was summed to the new max */
+        const float c = expf(acc.m - x);
+        acc.z = acc.z * c + 1.0f;
+        acc.a = acc.a * c + w;
+        acc.m = x;
+    } else {
+        const float e = expf(x - acc.m);
+        acc.z += e;
+        acc.a += e * w;
     }
 }
 
-/* d term / d (s/tau) at logit v for the softmax kinds. */
-__device__ static double softmax_grad(const kd_args &j, const kd_row &r, float s, float t)
+/* The block's totals: every thread gets m, z and a over all threads'
+ * values (z and a at the common max). */
+__device__ inline lse_acc lse_block(lse_acc acc)
 {
-    const double it = 1.0 / j.tau;
-    double lq = s * it - r.lse_s, lp = t * it - r.lse_t;
-    double q = exp(lq), p = exp(lp);
+    const float m = qkd__block_maxf(acc.m);
+    const float c = acc.m == -INFINITY ? 0.0f : expf(acc.m - m);
+    return {m, qkd__block_sumf(acc.z * c), qkd__block_sumf(acc.a * c)};
+}
+
+/* Every thread of the block gets whether any thread saw a bad value. */
+__device__ inline bool block_any(bool bad)
+{
+    return __syncthreads_or(bad) != 0;
+}
+
+/* log(beta e^lp + (1-beta) e^lq) without underflow; exact at beta 0 and 1. */
+__device__ static float log_mix(float lp, float lq, float beta)
+{
+    const float a = beta > 0.0f ? logf(beta) + lp : -INFINITY;
+    const float b = beta < 1.0f ? log1pf(-beta) + lq : -INFINITY;
+    const float hi = fmaxf(a, b), lo = fminf(a, b);
+    return hi + log1pf(expf(lo - hi));
+}
+
+/* What the gradient sweep needs of a row. */
+struct kd_row {
+    float lse_s, lse_t, rkl, kqm;
+};
+
+/* log sum exp(x * it) of a row, NAN if it holds a non-finite value. */
+__device__ static float row_lse_f(const float *x, int V, float it)
+{
+    lse_acc acc = lse_init();
+    bool bad = false;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        bad |= !isfinite(x[v]);
+        lse_push(acc, x[v] * it, 0.0f);
+    }
+    acc = lse_block(acc);
+    return block_any(bad) ? NAN : acc.m + logf(acc.z);
+}
+
+/* JSD's value before tau^2, one more sweep; fills r->kqm. */
+__device__ static float jsd_value(const kd_args &j, const float *s, const float *t, kd_row *r)
+{
+    const float it = 1.0f / j.tau;
+    float kpm = 0.0f, kqm = 0.0f;
+    for (int v = threadIdx.x; v < j.V; v += blockDim.x) {
+        const float lq = s[v] * it - r->lse_s, lp = t[v] * it - r->lse_t;
+        const float lm = log_mix(lp, lq, j.beta);
+        kpm += expf(lp) * (lp - lm);
+        kqm += expf(lq) * (lq - lm);
+    }
+    kpm = qkd__block_sumf(kpm);
+    r->kqm = kqm = qkd__block_sumf(kqm);
+    return j.beta * kpm + (1.0f - j.beta) * kqm;
+}
+
+/* A softmax kind's term before tau^2 in one sweep over s and t (JSD:
+ * the log-normalisers only, then jsd_value); fills r. */
+__device__ static float softmax_value(const kd_args &j, const float *s, const float *t,
+                                      kd_row *r)
+{
+    const float it = 1.0f / j.tau;
+    lse_acc q = lse_init(), p = lse_init();
+    bool bad = false;
+    for (int v = threadIdx.x; v < j.V; v += blockDim.x) {
+        const float xs = s[v] * it, xt = t[v] * it;
+        bad |= !isfinite(s[v]) || !isfinite(t[v]);
+        lse_push(q, xs, xs - xt);                                 /* E_q[x_s - x_t] */
+        lse_push(p, xt, j.kind == QKD_LOSS_TSLD ? -xs : xt - xs); /* E_p[...] */
+    }
+    q = lse_block(q);
+    p = lse_block(p);
+    if (block_any(bad))
+        return NAN;
+    r->lse_s = q.m + logf(q.z);
+    r->lse_t = p.m + logf(p.z);
+    const float dl = r->lse_s - r->lse_t;
+    r->rkl = q.a / q.z - dl;
+    const float fkl = p.a / p.z + dl;
+    switch (j.kind) {
+    case QKD_LOSS_FKL: return fkl;
+    case QKD_LOSS_RKL: return r->rkl;
+    case QKD_LOSS_JSD: return jsd_value(j, s, t, r);
+    case QKD_LOSS_CAKLD: return j.beta * r->rkl + (1.0f - j.beta) * fkl;
+    default: return p.a / p.z + r->lse_s; /* TSLD: -E_p[log q] */
+    }
+}
+
+/* d term / d (s/tau) at one logit for the softmax kinds. */
+__device__ static float softmax_grad(const kd_args &j, const kd_row &r, float s, float t)
+{
+    const float it = 1.0f / j.tau;
+    const float lq = s * it - r.lse_s, lp = t * it - r.lse_t;
+    const float q = expf(lq), p = expf(lp);
     switch (j.kind) {
     case QKD_LOSS_RKL: return q * (lq - lp - r.rkl);
-    case QKD_LOSS_JSD: return (1.0 - j.beta) * q * (lq - log_mix(lp, lq, j.beta) - r.kqm);
-    case QKD_LOSS_CAKLD: return j.beta * q * (lq - lp - r.rkl) + (1.0 - j.beta) * (q - p);
+    case QKD_LOSS_JSD: return (1.0f - j.beta) * q * (lq - log_mix(lp, lq, j.beta) - r.kqm);
+    case QKD_LOSS_CAKLD: return j.beta * q * (lq - lp - r.rkl) + (1.0f - j.beta) * (q - p);
     default: return q - p; /* FKL, TSLD */
     }
 }
 
 /* The row's term (tau^2 included); NAN if a logit it reads is not finite. */
-__device__ static double kd_value(const kd_args &j, const float *s, const float *t, int y,
-                                  kd_row *r)
+__device__ static float kd_value(const kd_args &j, const float *s, const float *t, int y,
+                                 kd_row *r)
 {
     if (j.kind == QKD_LOSS_CE) {
-        r->lse_s = row_lse(s, j.V, 1.0);
+        r->lse_s = row_lse_f(s, j.V, 1.0f);
         return r->lse_s - s[y];
     }
     if (j.kind == QKD_LOSS_MSE) {
-        double sum = 0.0;
+        float sum = 0.0f;
         for (int v = threadIdx.x; v < j.V; v += blockDim.x) {
-            double d = (double)s[v] - t[v];
+            const float d = s[v] - t[v];
             sum += d * d;
         }
-        return qkd__block_sum(sum) / j.V;
+        return qkd__block_sumf(sum) / j.V;
     }
-    r->lse_s = row_lse(s, j.V, 1.0 / j.tau);
-    r->lse_t = row_lse(t, j.V, 1.0 / j.tau);
-    if (isnan(r->lse_s) || isnan(r->lse_t))
-        return NAN;
     return j.tau * j.tau * softmax_value(j, s, t, r);
 }
 
@@ -360,24 +433,24 @@ __global__ void kd_loss_kernel(kd_args j)
             j.row_loss[i] = 0.0f;
         return;
     }
-    double w = j.row_w ? j.row_w[i] : 1.0;
-    kd_row r = {0.0, 0.0, 0.0, 0.0};
-    double value = kd_value(j, s, t, y, &r);
+    const float w = j.row_w ? j.row_w[i] : 1.0f;
+    kd_row r = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float value = kd_value(j, s, t, y, &r);
     if (threadIdx.x == 0)
-        j.row_loss[i] = (float)(w * value);
+        j.row_loss[i] = w * value;
     if (!j.ds || !isfinite(value))
         return;
     float *ds = j.ds + i * j.V;
-    double coef = j.scale * w;
+    const float coef = j.scale * w;
     for (int v = threadIdx.x; v < j.V; v += blockDim.x) {
-        double g;
+        float g;
         if (j.kind == QKD_LOSS_CE)
-            g = exp(s[v] - r.lse_s) - (v == y);
+            g = expf(s[v] - r.lse_s) - (v == y);
         else if (j.kind == QKD_LOSS_MSE)
-            g = 2.0 * ((double)s[v] - t[v]) / j.V;
+            g = 2.0f * (s[v] - t[v]) / j.V;
         else /* d/ds = (1/tau) d/d(s/tau), times tau^2 */
             g = j.tau * softmax_grad(j, r, s[v], t[v]);
-        ds[v] = (float)(ds[v] + coef * g);
+        ds[v] += coef * g;
     }
 }
 
@@ -390,8 +463,8 @@ extern "C" void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds, c
         return;
     /* CE and MSE do not use the temperature. */
     int plain = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE;
-    kd_args j = {row_loss, ds, s, t, row_w, targets, scale, plain ? 1.0 : (double)temperature,
-                 beta, V, kind};
+    kd_args j = {row_loss, ds, s, t, row_w, targets, scale, plain ? 1.0f : temperature, beta,
+                 V, kind};
     kd_loss_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(j);
     qkd__cuda_launched(b, "kd_loss");
 }
@@ -418,17 +491,23 @@ __global__ void tsld_weights_kernel(float *w, const float *c, const int32_t *tar
         w[off + i] = y[i] >= 0 ? (float)(exp(c[off + i] * inv_tau - mx) / sum) : 0.0f;
 }
 
-/* max softmax = exp(max - lse) = 1 / sum of exp(x - max); NAN for a row
- * holding a non-finite value. */
+/* max softmax = exp(max - lse) = 1 / sum of exp(x - max), in float with an
+ * online log-sum-exp (one sweep); NAN for a row holding a non-finite
+ * value. */
 __global__ void row_max_prob_kernel(float *out, const float *x, int V)
 {
     const float *row = x + (size_t)blockIdx.x * V;
-    double lse = row_lse(row, V, 1.0), mx = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x)
-        mx = fmax(mx, (double)row[v]);
-    mx = qkd__block_max(mx);
+    lse_acc acc = lse_init();
+    bool bad = false;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        bad |= !isfinite(row[v]);
+        lse_push(acc, row[v], 0.0f);
+    }
+    acc = lse_block(acc);
+    if (block_any(bad))
+        acc.z = NAN;
     if (threadIdx.x == 0)
-        out[blockIdx.x] = isnan(lse) ? NAN : (float)exp(mx - lse);
+        out[blockIdx.x] = 1.0f / acc.z;
 }
 
 extern "C" void qkd__cuda_tsld_weights(qkd__backend *b, float *w, const float *c,

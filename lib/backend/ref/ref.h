@@ -36,6 +36,13 @@ void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *d
                                     const float *w, int N, int C, int OC);
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
                                      const float *inp, int N, int C, int OC);
+/* The same products with every input rounded to bf16 (QKD_MATMUL_BF16). */
+void qkd__ref_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
+                                  const float *w, int N, int C, int OC);
+void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
+                                         const float *w, int N, int C, int OC);
+void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
+                                          const float *inp, int N, int C, int OC);
 void qkd__ref_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
                                 const float *table, int N, int C);
 void qkd__ref_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
@@ -60,6 +67,15 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
                                  const float *dout, const float *scratch, const float *q,
                                  const float *k, const float *v, const float *out, int B,
                                  int T, int n_heads, int n_kv, int hd);
+/* The same in bf16 precision (backend.h): inputs of each product rounded. */
+void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+                                     const float *q, const float *k, const float *v, int B,
+                                     int Tq, int pos0, int kv_len, int n_heads, int n_kv,
+                                     int hd);
+void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
+                                      const float *dout, const float *scratch, const float *q,
+                                      const float *k, const float *v, const float *out, int B,
+                                      int T, int n_heads, int n_kv, int hd);
 
 /* ---- ref_activation.c --------------------------------------------------- */
 void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
@@ -95,6 +111,12 @@ void qkd__ref_fakequant_lsq_backward(qkd__backend *b, float *dw, float *dscales,
                                      const qkd__quant_spec *spec);
 void qkd__ref_quant_rows(qkd__backend *b, float *out, const float *x, int64_t rows,
                          int64_t cols, int bits);
+void qkd__ref_fakequant_groups(qkd__backend *b, float *scales, float *zeros, const float *w,
+                               int64_t rows, int64_t cols, const qkd__quant_spec *spec);
+void qkd__ref_matmul_forward_fq(qkd__backend *b, float *out, const float *inp,
+                                const qkd__qweight *w, int N, int C, int OC);
+void qkd__ref_matmul_backward_input_fq(qkd__backend *b, float *dinp, const float *dout,
+                                       const qkd__qweight *w, int N, int C, int OC);
 
 /* ---- ref_kd.c --------------------------------------------------------------- */
 void qkd__ref_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,

@@ -3,6 +3,7 @@
 #include <math.h>
 
 #include "backend/ref/ref.h"
+#include "core/half.h"
 
 /* ---- RoPE --------------------------------------------------------------------- */
 
@@ -55,14 +56,34 @@ void qkd__ref_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_head
 /* ---- attention ------------------------------------------------------------------
  * Layouts: q, out, dout, dq [B][Tq][n_heads][hd]; k, v, dk, dv
  * [B][kv_len][n_kv][hd]; probabilities [B][n_heads][Tq][kv_len], zero past
- * the causal limit. */
+ * the causal limit. The bf16 slots are the same code with each input of a
+ * product rounded to bf16 as it is read (rd, dot_rd); the probabilities
+ * and score gradients are rounded from their float values. */
 
 struct attn_job {
     float *out, *probs, *dq, *dk, *dv;
     const float *q, *k, *v, *dout, *o, *P;
     int Tq, pos0, kv_len, n_heads, n_kv, hd;
+    int bf16; /* round the inputs of every product to bf16 */
     double scale;
 };
+
+/* x as an input of a product reads it. */
+static double rd(const struct attn_job *j, float x)
+{
+    return j->bf16 ? qkd__bf16_to_f32(qkd__f32_to_bf16(x)) : x;
+}
+
+/* x . y over n, both read as product inputs. */
+static double dot_rd(const struct attn_job *j, const float *x, const float *y, int n)
+{
+    if (!j->bf16)
+        return qkd__ref_dot(x, y, n);
+    double s = 0.0;
+    for (int i = 0; i < n; i++)
+        s += rd(j, x[i]) * rd(j, y[i]);
+    return s;
+}
 
 static size_t q_off(const struct attn_job *j, int64_t b, int t, int h)
 {
@@ -100,7 +121,7 @@ static int block_cols(int hd, int c0)
 
 static double score(const struct attn_job *j, const float *qrow, int64_t b, int key, int g)
 {
-    return qkd__ref_dot(qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
+    return dot_rd(j, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
 }
 
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
@@ -146,7 +167,7 @@ static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
             for (int key = 0; key < n_keys; key++) {
                 const float *vr = j->v + kv_off(j, b, key, g) + c0;
                 for (int c = 0; c < nc; c++)
-                    acc[c] += (double)p[key] * vr[c];
+                    acc[c] += rd(j, p[key]) * rd(j, vr[c]);
             }
             for (int c = 0; c < nc; c++)
                 o[c0 + c] = (float)acc[c];
@@ -154,25 +175,40 @@ static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
     }
 }
 
-void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
-                                const float *k, const float *v, int B, int Tq, int pos0,
-                                int kv_len, int n_heads, int n_kv, int hd)
+static void attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
+                              const float *k, const float *v, int B, int Tq, int pos0,
+                              int kv_len, int n_heads, int n_kv, int hd, int bf16)
 {
     struct attn_job job = {.out = out, .probs = scratch, .q = q, .k = k, .v = v, .Tq = Tq,
                            .pos0 = pos0, .kv_len = kv_len, .n_heads = n_heads, .n_kv = n_kv,
-                           .hd = hd, .scale = 1.0 / sqrt((double)hd)};
+                           .hd = hd, .bf16 = bf16, .scale = 1.0 / sqrt((double)hd)};
     int64_t rows = (int64_t)B * Tq * n_heads;
     qkd__ref_parallel(b, rows, 4 * (int64_t)(pos0 + (Tq + 1) / 2) * hd,
                       attention_forward_range, &job);
 }
 
+void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
+                                const float *k, const float *v, int B, int Tq, int pos0,
+                                int kv_len, int n_heads, int n_kv, int hd)
+{
+    attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 0);
+}
+
+void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+                                     const float *q, const float *k, const float *v, int B,
+                                     int Tq, int pos0, int kv_len, int n_heads, int n_kv,
+                                     int hd)
+{
+    attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 1);
+}
+
 /* Gradient of the score s = scale * q.k of key `key` for query row
  * (b, t, h): ds = p (dout . v_key - dout . out), since
- * sum_i p_i (dout . v_i) is dout . out. */
+ * sum_i p_i (dout . v_i) is dout . out (a row term, never rounded). */
 static double dscore(const struct attn_job *j, int64_t b, int t, int h, int key)
 {
     const float *g = j->dout + q_off(j, b, t, h);
-    double dp = qkd__ref_dot(g, j->v + kv_off(j, b, key, kv_head(j, h)), j->hd);
+    double dp = dot_rd(j, g, j->v + kv_off(j, b, key, kv_head(j, h)), j->hd);
     double d = qkd__ref_dot(g, j->o + q_off(j, b, t, h), j->hd);
     return j->P[p_off(j, b, h, t) + key] * (dp - d);
 }
@@ -194,8 +230,10 @@ static void attention_dq_range(const void *arg, int64_t begin, int64_t end)
             for (int key = 0; key <= t; key++) {
                 double ds = dscore(j, b, t, h, key);
                 const float *kr = j->k + kv_off(j, b, key, g) + c0;
+                if (j->bf16)
+                    ds = rd(j, (float)ds);
                 for (int c = 0; c < nc; c++)
-                    acc[c] += ds * kr[c];
+                    acc[c] += ds * rd(j, kr[c]);
             }
             for (int c = 0; c < nc; c++)
                 dq[c0 + c] = (float)(dq[c0 + c] + j->scale * acc[c]);
@@ -222,13 +260,15 @@ static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
                 acck[c] = accv[c] = 0.0;
             for (int h = g * rep; h < (g + 1) * rep; h++) {
                 for (int t = key; t < j->Tq; t++) {
-                    double p = j->P[p_off(j, b, h, t) + key];
+                    double p = rd(j, j->P[p_off(j, b, h, t) + key]);
                     double ds = dscore(j, b, t, h, key);
                     const float *qr = j->q + q_off(j, b, t, h) + c0;
                     const float *gr = j->dout + q_off(j, b, t, h) + c0;
+                    if (j->bf16)
+                        ds = rd(j, (float)ds);
                     for (int c = 0; c < nc; c++) {
-                        acck[c] += ds * qr[c];
-                        accv[c] += p * gr[c];
+                        acck[c] += ds * rd(j, qr[c]);
+                        accv[c] += p * rd(j, gr[c]);
                     }
                 }
             }
@@ -240,17 +280,33 @@ static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
     }
 }
 
+static void attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
+                               const float *dout, const float *scratch, const float *q,
+                               const float *k, const float *v, const float *out, int B, int T,
+                               int n_heads, int n_kv, int hd, int bf16)
+{
+    struct attn_job job = {.dq = dq, .dk = dk, .dv = dv, .q = q, .k = k, .v = v,
+                           .dout = dout, .o = out, .P = scratch, .Tq = T, .pos0 = 0,
+                           .kv_len = T, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
+                           .bf16 = bf16, .scale = 1.0 / sqrt((double)hd)};
+    int64_t per_row = 6 * (int64_t)(T + 1) / 2 * hd;
+    qkd__ref_parallel(b, (int64_t)B * T * n_heads, per_row, attention_dq_range, &job);
+    qkd__ref_parallel(b, (int64_t)B * T * n_kv, per_row * (n_heads / n_kv),
+                      attention_dkdv_range, &job);
+}
+
 void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
                                  const float *dout, const float *scratch, const float *q,
                                  const float *k, const float *v, const float *out, int B,
                                  int T, int n_heads, int n_kv, int hd)
 {
-    struct attn_job job = {.dq = dq, .dk = dk, .dv = dv, .q = q, .k = k, .v = v,
-                           .dout = dout, .o = out, .P = scratch, .Tq = T, .pos0 = 0,
-                           .kv_len = T, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
-                           .scale = 1.0 / sqrt((double)hd)};
-    int64_t per_row = 6 * (int64_t)(T + 1) / 2 * hd;
-    qkd__ref_parallel(b, (int64_t)B * T * n_heads, per_row, attention_dq_range, &job);
-    qkd__ref_parallel(b, (int64_t)B * T * n_kv, per_row * (n_heads / n_kv),
-                      attention_dkdv_range, &job);
+    attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 0);
+}
+
+void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
+                                      const float *dout, const float *scratch, const float *q,
+                                      const float *k, const float *v, const float *out, int B,
+                                      int T, int n_heads, int n_kv, int hd)
+{
+    attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 1);
 }

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "backend/ref/ref.h"
+#include "core/half.h"
 
 static int min_int(int a, int b)
 {
@@ -16,11 +17,26 @@ static int n_blocks(int n, int width)
 
 /* ---- matmul ------------------------------------------------------------------ */
 
+/* x as a bf16 input of a QKD_MATMUL_BF16 product reads it. */
+static double bf16_round(float x)
+{
+    return qkd__bf16_to_f32(qkd__f32_to_bf16(x));
+}
+
 struct matmul_job {
     float *out;
     const float *inp, *w;
     int C, OC;
+    int bf16; /* round every input to bf16 */
 };
+
+static double dot_bf16(const float *x, const float *y, int n)
+{
+    double s = 0.0;
+    for (int i = 0; i < n; i++)
+        s += bf16_round(x[i]) * bf16_round(y[i]);
+    return s;
+}
 
 /* One item is one output element: a dot product over C. */
 static void matmul_forward_range(const void *arg, int64_t begin, int64_t end)
@@ -29,15 +45,27 @@ static void matmul_forward_range(const void *arg, int64_t begin, int64_t end)
     for (int64_t i = begin; i < end; i++) {
         const float *x = j->inp + (size_t)(i / j->OC) * j->C;
         const float *w = j->w + (size_t)(i % j->OC) * j->C;
-        j->out[i] = (float)qkd__ref_dot(x, w, j->C);
+        j->out[i] = (float)(j->bf16 ? dot_bf16(x, w, j->C) : qkd__ref_dot(x, w, j->C));
     }
+}
+
+static void matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
+                           int N, int C, int OC, int bf16)
+{
+    struct matmul_job job = {.out = out, .inp = inp, .w = w, .C = C, .OC = OC, .bf16 = bf16};
+    qkd__ref_parallel(b, (int64_t)N * OC, 2 * (int64_t)C, matmul_forward_range, &job);
 }
 
 void qkd__ref_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
                              int N, int C, int OC)
 {
-    struct matmul_job job = {.out = out, .inp = inp, .w = w, .C = C, .OC = OC};
-    qkd__ref_parallel(b, (int64_t)N * OC, 2 * (int64_t)C, matmul_forward_range, &job);
+    matmul_forward(b, out, inp, w, N, C, OC, 0);
+}
+
+void qkd__ref_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
+                                  const float *w, int N, int C, int OC)
+{
+    matmul_forward(b, out, inp, w, N, C, OC, 1);
 }
 
 /* out[r][c] += sum over k = 0..K-1 (ascending) of A[r*a_r + k*a_k] * M[k][c],
@@ -48,6 +76,7 @@ struct accum_job {
     const float *A, *M;
     int C, K;
     size_t a_r, a_k;
+    int bf16; /* round every input to bf16 */
 };
 
 static void accum_range(const void *arg, int64_t begin, int64_t end)
@@ -62,10 +91,17 @@ static void accum_range(const void *arg, int64_t begin, int64_t end)
         for (int c = 0; c < nc; c++)
             acc[c] = 0.0;
         for (int k = 0; k < j->K; k++) {
-            double a = j->A[r * j->a_r + (size_t)k * j->a_k];
+            const float ak = j->A[r * j->a_r + (size_t)k * j->a_k];
             const float *m = j->M + (size_t)k * j->C + c0;
-            for (int c = 0; c < nc; c++)
-                acc[c] += a * m[c];
+            if (j->bf16) {
+                const double a = bf16_round(ak);
+                for (int c = 0; c < nc; c++)
+                    acc[c] += a * bf16_round(m[c]);
+            } else {
+                const double a = ak;
+                for (int c = 0; c < nc; c++)
+                    acc[c] += a * m[c];
+            }
         }
         float *o = j->out + r * j->C + c0;
         for (int c = 0; c < nc; c++)
@@ -80,22 +116,46 @@ static void accumulate(qkd__backend *b, struct accum_job *job, int R)
                       accum_range, job);
 }
 
-void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
-                                    const float *w, int N, int C, int OC)
+static void backward_input(qkd__backend *b, float *dinp, const float *dout, const float *w,
+                           int N, int C, int OC, int bf16)
 {
     /* dinp[n][c] += sum_o dout[n][o] * w[o][c] */
     struct accum_job job = {.out = dinp, .A = dout, .M = w, .C = C, .K = OC,
-                            .a_r = (size_t)OC, .a_k = 1};
+                            .a_r = (size_t)OC, .a_k = 1, .bf16 = bf16};
     accumulate(b, &job, N);
+}
+
+static void backward_weight(qkd__backend *b, float *dw, const float *dout, const float *inp,
+                            int N, int C, int OC, int bf16)
+{
+    /* dw[o][c] += sum_n dout[n][o] * inp[n][c] */
+    struct accum_job job = {.out = dw, .A = dout, .M = inp, .C = C, .K = N,
+                            .a_r = 1, .a_k = (size_t)OC, .bf16 = bf16};
+    accumulate(b, &job, OC);
+}
+
+void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
+                                    const float *w, int N, int C, int OC)
+{
+    backward_input(b, dinp, dout, w, N, C, OC, 0);
+}
+
+void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
+                                         const float *w, int N, int C, int OC)
+{
+    backward_input(b, dinp, dout, w, N, C, OC, 1);
 }
 
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
                                      const float *inp, int N, int C, int OC)
 {
-    /* dw[o][c] += sum_n dout[n][o] * inp[n][c] */
-    struct accum_job job = {.out = dw, .A = dout, .M = inp, .C = C, .K = N,
-                            .a_r = 1, .a_k = (size_t)OC};
-    accumulate(b, &job, OC);
+    backward_weight(b, dw, dout, inp, N, C, OC, 0);
+}
+
+void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
+                                          const float *inp, int N, int C, int OC)
+{
+    backward_weight(b, dw, dout, inp, N, C, OC, 1);
 }
 
 /* ---- embedding ------------------------------------------------------------------- */

@@ -171,6 +171,13 @@ static double value_grad(const grid *g, float w, const qkd__quant_spec *sp)
            round_smooth_grad(u, sp->round_T);
 }
 
+/* The largest float not above d: |w| > d exactly when |w| > it, for float w. */
+static float threshold_floor(double d)
+{
+    float f = (float)d;
+    return (double)f > d ? nextafterf(f, -INFINITY) : f;
+}
+
 /* ---- kernels ------------------------------------------------------------------------ */
 
 struct fq_job {
@@ -181,6 +188,8 @@ struct fq_job {
     const float *in_scales, *in_zeros; /* the groups' scales and zero points */
     int64_t cols, per_row;
     const qkd__quant_spec *spec;
+    int groups_only;         /* fakequant_groups: no wq; TERNARY's zeros
+                                receive the thresholds */
 };
 
 /* Group `item` (row-major over rows, then groups along a row) of the job. */
@@ -199,13 +208,36 @@ static void forward_range(const void *arg, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) {
         int64_t n;
         const float *w = group_at(j, j->w, item, &n);
-        float *out = j->out + (w - j->w);
         grid g = group_range(w, n, j->spec);
         group_scale(&g, w, n, j->spec);
+        j->scales[item] = g.s;
+        if (j->groups_only) {
+            j->zeros[item] = j->spec->scheme == QKD_QUANT_TERNARY ? threshold_floor(g.d) : g.z;
+            continue;
+        }
+        float *out = j->out + (w - j->w);
         for (int64_t i = 0; i < n; i++)
             out[i] = quantize_value(&g, w[i], j->spec);
-        j->scales[item] = g.s;
         j->zeros[item] = g.z;
+    }
+}
+
+/* Q(w) (hard rounding) from the groups of fakequant_groups. */
+static void apply_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct fq_job *j = arg;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t n;
+        const float *w = group_at(j, j->w, item, &n);
+        float *out = j->out + (w - j->w);
+        grid g = group_range(w, n, j->spec); /* the code range */
+        g.s = j->in_scales[item];
+        if (j->spec->scheme == QKD_QUANT_TERNARY)
+            g.d = j->in_zeros[item];
+        else
+            g.z = j->in_zeros[item];
+        for (int64_t i = 0; i < n; i++)
+            out[i] = quantize_value(&g, w[i], j->spec);
     }
 }
 
@@ -294,6 +326,40 @@ void qkd__ref_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, c
     int64_t per_group = cols < spec->group ? cols : spec->group;
     qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 150 : 10),
                       backward_range, &job);
+}
+
+void qkd__ref_fakequant_groups(qkd__backend *b, float *scales, float *zeros, const float *w,
+                               int64_t rows, int64_t cols, const qkd__quant_spec *spec)
+{
+    struct fq_job job = {.scales = scales, .zeros = zeros, .w = w, .cols = cols,
+                         .per_row = groups_per_row(cols, spec->group), .spec = spec,
+                         .groups_only = 1};
+    int64_t per_group = cols < spec->group ? cols : spec->group;
+    qkd__ref_parallel(b, rows * job.per_row, per_group * 4, forward_range, &job);
+}
+
+/* The fused products compose: Q(w) into the scratch, then the plain product. */
+static const float *apply_groups(qkd__backend *b, const qkd__qweight *q, int64_t rows,
+                                 int64_t cols)
+{
+    struct fq_job job = {.out = q->scratch, .w = q->w, .in_scales = q->scales,
+                         .in_zeros = q->zeros, .cols = cols,
+                         .per_row = groups_per_row(cols, q->spec->group), .spec = q->spec};
+    int64_t per_group = cols < q->spec->group ? cols : q->spec->group;
+    qkd__ref_parallel(b, rows * job.per_row, per_group * 20, apply_range, &job);
+    return q->scratch;
+}
+
+void qkd__ref_matmul_forward_fq(qkd__backend *b, float *out, const float *inp,
+                                const qkd__qweight *w, int N, int C, int OC)
+{
+    qkd__ref_matmul_forward(b, out, inp, apply_groups(b, w, OC, C), N, C, OC);
+}
+
+void qkd__ref_matmul_backward_input_fq(qkd__backend *b, float *dinp, const float *dout,
+                                       const qkd__qweight *w, int N, int C, int OC)
+{
+    qkd__ref_matmul_backward_input(b, dinp, dout, apply_groups(b, w, OC, C), N, C, OC);
 }
 
 /* ---- learned scales (LSQ) --------------------------------------------------------------

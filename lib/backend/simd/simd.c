@@ -139,6 +139,13 @@ static void simd_destroy(qkd__backend *b)
     ref_destroy(b);
 }
 
+#ifdef __aarch64__
+/* NEON is mandatory in AArch64: every CPU this build runs on has it. */
+static void install_best(qkd__backend *b)
+{
+    qkd__simd_install_neon(b);
+}
+#else
 /* The best instruction set this CPU (and its OS, which must save the
  * wider registers) supports; the caller keeps the reference kernels when
  * there is none. */
@@ -148,10 +155,12 @@ static void install_best(qkd__backend *b)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma"))
-        qkd__simd_install_avx512(b);
+        (__builtin_cpu_supports("avx512bf16") ? qkd__simd_install_avx512bf16
+                                              : qkd__simd_install_avx512)(b);
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         qkd__simd_install_avx2(b);
 }
+#endif
 
 qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out)
 {

@@ -1,10 +1,11 @@
 /* The SIMD CPU backend: the reference backend's table with SIMD kernels in
  * the slots that matter for speed. The kernels (the *.inc files) are
  * written once against the vector layer of vec.h and compiled once per
- * instruction set (simd_avx2.c, simd_avx512.c); simd.c checks the CPU at
- * creation and installs the best set it supports. Slots without a SIMD
- * kernel keep the reference kernel, and so does a kernel whose workspace
- * cannot be allocated.
+ * instruction set (simd_avx2.c, simd_avx512.c, simd_avx512bf16.c;
+ * simd_neon.c on aarch64);
+ * simd.c checks the CPU at creation and installs the best set it
+ * supports. Slots without a SIMD kernel keep the reference kernel, and so
+ * does a kernel whose workspace cannot be allocated.
  *
  * Every SIMD kernel is deterministic like the reference ones: each output
  * element is written by one task and summed in an order fixed by the shape
@@ -18,6 +19,8 @@
 /* Instruction sets, for QKD_SIMD_ISA in the files that include vec.h. */
 #define QKD__SIMD_AVX2 1
 #define QKD__SIMD_AVX512 2
+#define QKD__SIMD_NEON 3
+#define QKD__SIMD_AVX512BF16 4
 
 /* Create the SIMD backend on ctx. */
 qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out);
@@ -54,5 +57,7 @@ int qkd__simd_parallel_slots(qkd__backend *b, int64_t n, double flops, size_t sl
 /* Put each instruction set's kernels into the table. */
 void qkd__simd_install_avx2(qkd__backend *b);
 void qkd__simd_install_avx512(qkd__backend *b);
+void qkd__simd_install_avx512bf16(qkd__backend *b);
+void qkd__simd_install_neon(qkd__backend *b);
 
 #endif

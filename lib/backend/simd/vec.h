@@ -2,19 +2,28 @@
  * `vf` of VL lanes and the few operations the kernels need, for the
  * instruction set the including file names with QKD_SIMD_ISA. The kernels
  * (the *.inc files) are written once against this layer and compiled once
- * per instruction set; every function of the including file is compiled
- * for that instruction set by the target pragma below, and only called
- * after the CPU was checked for it (simd.c).
+ * per instruction set. On x86-64 every function of the including file is
+ * compiled for that instruction set by the target pragma below, and only
+ * called after the CPU was checked for it (simd.c); NEON is part of every
+ * AArch64 CPU, so its file needs neither pragma nor check.
  *
  * Include this after every other header of the file. */
 #ifndef QKD_LIB_BACKEND_SIMD_VEC_H
 #define QKD_LIB_BACKEND_SIMD_VEC_H
 
-#include <immintrin.h>
 #include <stdint.h>
+
+#if QKD_SIMD_ISA == QKD__SIMD_NEON
+#include <arm_neon.h>
+#include <string.h>
+#else
+#include <immintrin.h>
 
 #if QKD_SIMD_ISA == QKD__SIMD_AVX512
 #define QKD_SIMD_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+#elif QKD_SIMD_ISA == QKD__SIMD_AVX512BF16 /* AVX-512 with VDPBF16PS for bf16 products */
+#define QKD_SIMD_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"
+#define QKD_SIMD_DPBF16 1
 #elif QKD_SIMD_ISA == QKD__SIMD_AVX2
 #define QKD_SIMD_TARGET "avx2,fma,f16c"
 #else
@@ -29,8 +38,9 @@
 #define QKD_SIMD_PUSH(t) QKD_SIMD_PRAGMA(GCC target(t))
 #endif
 QKD_SIMD_PUSH(QKD_SIMD_TARGET)
+#endif
 
-#if QKD_SIMD_ISA == QKD__SIMD_AVX512
+#if QKD_SIMD_ISA == QKD__SIMD_AVX512 || QKD_SIMD_ISA == QKD__SIMD_AVX512BF16
 
 #define VL 16
 #define GEMM_MR 12 /* rows of a matmul micro-tile: 24 of the 32 registers */
@@ -108,6 +118,79 @@ static inline vf vkeep_in(vf x, vf lo, vf hi, vf y)
 {
     __mmask16 in = _mm512_cmp_ps_mask(lo, x, _CMP_LE_OQ) & _mm512_cmp_ps_mask(x, hi, _CMP_LE_OQ);
     return _mm512_maskz_mov_ps(in, y);
+}
+
+#elif QKD_SIMD_ISA == QKD__SIMD_NEON
+
+#define VL 4
+/* Rows of a matmul micro-tile: gemm.inc packs a column-major A panel's rows
+ * at one k with one vector (pack_a), so GEMM_MR is at most VL here. */
+#define GEMM_MR 4
+typedef float32x4_t vf;
+typedef float64x2_t vd;
+
+static inline vf vzero(void) { return vdupq_n_f32(0.0f); }
+static inline vf vset1(float x) { return vdupq_n_f32(x); }
+static inline vf vload(const float *p) { return vld1q_f32(p); }
+static inline void vstore(float *p, vf x) { vst1q_f32(p, x); }
+/* NEON has no masked loads or stores: a partial vector goes through a
+ * buffer, so only the first n floats at p are touched. */
+static inline vf vload_n_or(const float *p, int n, float fill)
+{
+    float t[VL] = {fill, fill, fill, fill};
+    memcpy(t, p, (size_t)n * sizeof *p);
+    return vld1q_f32(t);
+}
+static inline vf vload_n(const float *p, int n)
+{
+    return n == VL ? vld1q_f32(p) : vload_n_or(p, n, 0.0f);
+}
+static inline void vstore_n(float *p, vf x, int n)
+{
+    float t[VL];
+    vst1q_f32(t, x);
+    memcpy(p, t, (size_t)n * sizeof *p);
+}
+static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
+/* NEON's fmax/fmin return NaN for a NaN operand: compare and select
+ * instead, for x86's "b where either is NaN" */
+static inline vf vmax(vf a, vf b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+static inline vf vmin(vf a, vf b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+static inline vf vsqrt(vf a) { return vsqrtq_f32(a); }
+static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf vswap_pairs(vf x) { return vrev64q_f32(x); }
+static inline vf vselect_lt(vf a, vf b, vf x, vf y) { return vbslq_f32(vcltq_f32(a, b), x, y); }
+static inline float vhsum(vf x) { return vaddvq_f32(x); }
+static inline float vhmax(vf x) { return vmaxvq_f32(x); }
+static inline vf vpow2i(vf n)
+{
+    int32x4_t e = vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127));
+    return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
+}
+static inline vf vround(vf x) { return vrndnq_f32(x); } /* ties to even, as x86 */
+
+static inline vd vd_load(const float *p) { return vcvt_f64_f32(vld1_f32(p)); }
+static inline void vd_store(float *p, vd x) { vst1_f32(p, vcvt_f32_f64(x)); }
+static inline vd vd_set1(double x) { return vdupq_n_f64(x); }
+static inline vd vd_add(vd a, vd b) { return vaddq_f64(a, b); }
+static inline vd vd_sub(vd a, vd b) { return vsubq_f64(a, b); }
+static inline vd vd_mul(vd a, vd b) { return vmulq_f64(a, b); }
+static inline vd vd_div(vd a, vd b) { return vdivq_f64(a, b); }
+static inline vd vd_sqrt(vd a) { return vsqrtq_f64(a); }
+static inline vd vd_zero(void) { return vdupq_n_f64(0.0); }
+static inline vd vd_lo(vf x) { return vcvt_f64_f32(vget_low_f32(x)); }
+static inline vd vd_hi(vf x) { return vcvt_high_f64_f32(x); }
+static inline double vd_hsum(vd x) { return vaddvq_f64(x); }
+static inline vd vd_min(vd a, vd b) { return vbslq_f64(vcltq_f64(a, b), a, b); }
+static inline vd vd_max(vd a, vd b) { return vbslq_f64(vcgtq_f64(a, b), a, b); }
+static inline vd vd_round_away(vd u) { return vrndaq_f64(u); } /* FRINTA: C's round() */
+static inline vf vkeep_in(vf x, vf lo, vf hi, vf y)
+{
+    uint32x4_t in = vandq_u32(vcleq_f32(lo, x), vcleq_f32(x, hi));
+    return vreinterpretq_f32_u32(vandq_u32(in, vreinterpretq_u32_f32(y)));
 }
 
 #else /* AVX2 */
