@@ -1,5 +1,11 @@
 /* A persistent thread pool on libuv threads. The caller's thread takes
- * part in every run, so a pool of one thread runs everything inline. */
+ * part in every run, so a pool of one thread runs everything inline.
+ *
+ * A training step is hundreds of short runs, and a futex wake-up costs
+ * tens of microseconds (more in a VM), so waiting spins a little first:
+ * a worker watches `generation` and the caller watches `busy` for up to
+ * SPIN_ROUNDS pauses before sleeping on the condition variables. Both are
+ * changed under the mutex too, so a sleeper never misses a wake-up. */
 #include <stdatomic.h>
 #include <uv.h>
 
@@ -11,14 +17,47 @@ struct qkd__pool {
     uv_mutex_t mutex;
     uv_cond_t work_cond;
     uv_cond_t done_cond;
-    uint64_t generation; /* bumped for every run and for shutdown */
-    int stop;
-    int busy;            /* workers still inside the current run */
+    atomic_uint_fast64_t generation; /* bumped for every run and for shutdown */
+    atomic_int stop;
+    atomic_int busy;     /* workers still inside the current run */
     qkd__task_fn fn;
     void *arg;
     int64_t n_tasks;
     atomic_int_fast64_t next;
 };
+
+/* About 50 to 200 microseconds of pauses. */
+#define SPIN_ROUNDS 4096
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spin until *x differs from `from` (1) or the rounds run out (0). */
+static int spin_until_changed(atomic_uint_fast64_t *x, uint64_t from)
+{
+    for (int i = 0; i < SPIN_ROUNDS; i++) {
+        if (atomic_load_explicit(x, memory_order_acquire) != from)
+            return 1;
+        cpu_relax();
+    }
+    return 0;
+}
+
+static int spin_until_zero(atomic_int *x)
+{
+    for (int i = 0; i < SPIN_ROUNDS; i++) {
+        if (atomic_load_explicit(x, memory_order_acquire) == 0)
+            return 1;
+        cpu_relax();
+    }
+    return 0;
+}
 
 static void run_tasks(qkd__pool *pool)
 {
@@ -34,20 +73,23 @@ static void worker(void *arg)
 {
     qkd__pool *pool = arg;
     uint64_t seen = 0;
-    uv_mutex_lock(&pool->mutex);
     for (;;) {
-        while (pool->generation == seen && !pool->stop)
-            uv_cond_wait(&pool->work_cond, &pool->mutex);
-        if (pool->stop)
-            break;
-        seen = pool->generation;
-        uv_mutex_unlock(&pool->mutex);
+        if (!spin_until_changed(&pool->generation, seen)) {
+            uv_mutex_lock(&pool->mutex);
+            while (atomic_load(&pool->generation) == seen && !atomic_load(&pool->stop))
+                uv_cond_wait(&pool->work_cond, &pool->mutex);
+            uv_mutex_unlock(&pool->mutex);
+        }
+        seen = atomic_load(&pool->generation);
+        if (atomic_load(&pool->stop))
+            return;
         run_tasks(pool);
-        uv_mutex_lock(&pool->mutex);
-        if (--pool->busy == 0)
+        if (atomic_fetch_sub(&pool->busy, 1) == 1) {
+            uv_mutex_lock(&pool->mutex);
             uv_cond_signal(&pool->done_cond);
+            uv_mutex_unlock(&pool->mutex);
+        }
     }
-    uv_mutex_unlock(&pool->mutex);
 }
 
 qkd_status qkd__pool_create(qkd_context *ctx, int n_threads, qkd__pool **out)
@@ -97,7 +139,8 @@ void qkd__pool_free(qkd_context *ctx, qkd__pool *pool)
     if (!pool)
         return;
     uv_mutex_lock(&pool->mutex);
-    pool->stop = 1;
+    atomic_store(&pool->stop, 1);
+    atomic_fetch_add(&pool->generation, 1); /* wakes spinning workers too */
     uv_cond_broadcast(&pool->work_cond);
     uv_mutex_unlock(&pool->mutex);
     for (int i = 0; i < pool->n_threads - 1; i++)
@@ -118,22 +161,24 @@ void qkd__pool_run(qkd__pool *pool, int64_t n_tasks, qkd__task_fn fn, void *arg)
             fn(arg, i);
         return;
     }
-    uv_mutex_lock(&pool->mutex);
     pool->fn = fn;
     pool->arg = arg;
     pool->n_tasks = n_tasks;
     atomic_store(&pool->next, 0);
-    pool->busy = pool->n_threads - 1;
-    pool->generation++;
+    atomic_store(&pool->busy, pool->n_threads - 1);
+    uv_mutex_lock(&pool->mutex);
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     uv_cond_broadcast(&pool->work_cond);
     uv_mutex_unlock(&pool->mutex);
 
     run_tasks(pool);
 
-    uv_mutex_lock(&pool->mutex);
-    while (pool->busy > 0)
-        uv_cond_wait(&pool->done_cond, &pool->mutex);
-    uv_mutex_unlock(&pool->mutex);
+    if (!spin_until_zero(&pool->busy)) {
+        uv_mutex_lock(&pool->mutex);
+        while (atomic_load(&pool->busy) > 0)
+            uv_cond_wait(&pool->done_cond, &pool->mutex);
+        uv_mutex_unlock(&pool->mutex);
+    }
 }
 
 int qkd__pool_size(const qkd__pool *pool)
