@@ -15,10 +15,14 @@
  *
  *   cuda-kdqat [--cfg smollm135m|tinyllama1b] [--batch B] [--seq T]
  *              [--bits 4] [--group G] [--steps S] [--dtype bf16|fp32]
- *              [--phases 1]
+ *              [--phases 1] [--profile MASK]
  *
  * --phases 1 adds one untimed step drained after each part and prints
- * the parts' seconds as a JSON line on stderr. */
+ * the parts' seconds as a JSON line on stderr; --profile MASK wraps the
+ * parts of that step with bit i set (0 teacher forward, 1 student
+ * forward, 2 objective, 3 backward, 4 optimizer) in cudaProfilerStart /
+ * Stop, for `ncu --profile-from-start off`. */
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -136,11 +140,19 @@ enum { PHASES = 5 };
 static const char *const phase_names[PHASES] = {"teacher_fwd", "student_fwd", "loss",
                                                 "backward", "optimizer"};
 
+/* Phases whose kernels a profiler started with --profile-from-start off
+ * records (bit i: phase i), for --phases' step. */
+static int profile_mask;
+
 static void phase_end(double *phases, int i, double *t)
 {
     if (!phases)
         return;
     cudaDeviceSynchronize();
+    if (profile_mask & (1 << i))
+        cudaProfilerStop();
+    if (i + 1 < PHASES && (profile_mask & (1 << (i + 1))))
+        cudaProfilerStart();
     double now = bench_now();
     phases[i] += now - *t;
     *t = now;
@@ -170,6 +182,9 @@ static void step(struct run *r, double *phases)
 static void print_phases(struct run *r)
 {
     double phases[PHASES] = {0};
+    cudaDeviceSynchronize();
+    if (profile_mask & 1)
+        cudaProfilerStart();
     step(r, phases);
     fprintf(stderr, "{\"phases_s\": {");
     for (int i = 0; i < PHASES; i++)
@@ -201,6 +216,8 @@ int main(int argc, char **argv)
             dtype = v;
         else if (strcmp(k, "--phases") == 0)
             phases = atoi(v);
+        else if (strcmp(k, "--profile") == 0)
+            profile_mask = atoi(v);
         else {
             fprintf(stderr, "cuda-kdqat: unknown option %s\n", k);
             return 2;

@@ -205,17 +205,19 @@ typedef enum qkd_matmul_precision {
 } qkd_matmul_precision;
 
 /* Set the precision of every matmul of `model` (forward, backward,
- * decode), attention's products included. BF16 rounds each input element
- * of a product (activations, weights, output gradients; in attention q,
- * k, v, the probabilities and their gradients) to bfloat16, round to
- * nearest even, and accumulates in fp32 or better, as tensor cores and
- * AVX-512 BF16 do; softmax, weights, gradients and optimizer state stay
- * fp32. Every backend computes the same rounding, so results agree across
- * backends within float accumulation order (attention on a GPU may round
- * its probabilities before normalising them: within 2^-8 of each).
- * Meant for a frozen teacher, or for mixed-precision training on a GPU.
+ * decode). BF16 rounds each input element of a product (activations,
+ * weights, output gradients) to bfloat16, round to nearest even, and
+ * accumulates in fp32 or better, as tensor cores and AVX-512 BF16 do;
+ * weights, gradients and optimizer state stay fp32. Attention's products
+ * (q, k, v, the probabilities and their gradients) are rounded the same
+ * way on backends with bf16 attention (the reference and CUDA; on a GPU
+ * the probabilities may be rounded before they are normalised: within
+ * 2^-8 of each); the SIMD backend keeps attention in fp32, its faster
+ * path. The matmuls round alike on every backend, so results agree
+ * within float accumulation order, and attention's rounding. Meant for a
+ * frozen teacher, or for mixed-precision training on a GPU.
  * Errors: INVALID_ARG (NULL model, unknown precision), UNSUPPORTED (the
- * backend has no bf16 matmuls or attention). @since 0.1 */
+ * backend has no bf16 matmuls). @since 0.1 */
 QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
                                                   qkd_matmul_precision precision);
 

@@ -155,7 +155,7 @@ struct qkd__backend {
                                const float *out, int B, int T,
                                int n_heads, int n_kv, int hd);
     /* Optional: the same two in bf16 precision, for models set to
-     * QKD_MATMUL_BF16 (NULL: the model refuses that precision). Every
+     * QKD_MATMUL_BF16 (NULL: such models keep fp32 attention). Every
      * input of a product is rounded to bf16 (nearest even) as it enters
      * it: q and k in the scores, the probabilities and v in the output,
      * dout and v in the probabilities' gradient, the probabilities and

@@ -134,14 +134,17 @@ static inline void qkd__model_matmul(const qkd_model *m, float *out, const float
     (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(be, out, inp, w, N, C, OC);
 }
 
-/* The backend's attention in the model's matmul precision (backend.h). */
+/* The backend's attention in the model's matmul precision (backend.h);
+ * fp32 where a backend has no bf16 attention (the SIMD backend: its fp32
+ * attention is the faster one there). */
 static inline void qkd__model_attention_forward(const qkd_model *m, float *out, float *scratch,
                                                 const float *q, const float *k, const float *v,
                                                 int B, int Tq, int pos0, int kv_len,
                                                 int n_heads, int n_kv, int hd)
 {
     qkd__backend *be = qkd__model_backend(m);
-    (m->matmul_bf16 ? be->attention_forward_bf16 : be->attention_forward)(
+    (m->matmul_bf16 && be->attention_forward_bf16 ? be->attention_forward_bf16
+                                                  : be->attention_forward)(
         be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd);
 }
 
@@ -153,7 +156,8 @@ static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, 
                                                  int n_kv, int hd)
 {
     qkd__backend *be = qkd__model_backend(m);
-    (m->matmul_bf16 ? be->attention_backward_bf16 : be->attention_backward)(
+    (m->matmul_bf16 && be->attention_backward_bf16 ? be->attention_backward_bf16
+                                                   : be->attention_backward)(
         be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd);
 }
 

@@ -460,18 +460,13 @@ extern "C" bool qkd__cuda_attention_head_ok(qkd__backend *b, int hd, int max)
     return false;
 }
 
-extern "C" const float *qkd__cuda_attention_rowdots(qkd__backend *b, const float *dout,
-                                                    const float *out, int B, int T, int H,
-                                                    int hd)
+extern "C" void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout,
+                                           const float *out, int B, int T, int H, int hd)
 {
     const size_t rows = (size_t)B * T * H;
-    float *D = qkd__cuda_workspace(b, rows);
-    if (!D)
-        return NULL;
     fa_rowdot_kernel<<<(unsigned)((rows * 32 + FA_THREADS - 1) / FA_THREADS), FA_THREADS, 0,
                        qkd__cuda_of(b)->stream>>>(D, dout, out, rows, T, H, hd);
     qkd__cuda_launched(b, "attention row dots");
-    return D;
 }
 
 static fa_args fa_make(const float *q, const float *k, const float *v, int B, int Tq, int pos0,
@@ -514,9 +509,10 @@ extern "C" void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *
 {
     if (B <= 0 || T <= 0 || hd <= 0 || !qkd__cuda_attention_head_ok(b, hd, FA_MAX_HD))
         return;
-    const float *D = qkd__cuda_attention_rowdots(b, dout, out, B, T, n_heads, hd);
+    float *D = qkd__cuda_workspace(b, (size_t)B * T * n_heads);
     if (!D)
         return;
+    qkd__cuda_attention_rowdots(b, D, dout, out, B, T, n_heads, hd);
     fa_args p = fa_make(q, k, v, B, T, 0, T, n_heads, n_kv, hd);
     p.dq = dq;
     p.dk = dk;

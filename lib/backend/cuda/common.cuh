@@ -18,9 +18,11 @@ static inline unsigned qkd__cuda_blocks(size_t n)
     return (unsigned)(blocks < QKD__CUDA_MAX_BLOCKS ? blocks : QKD__CUDA_MAX_BLOCKS);
 }
 
-/* Record a failed launch of the kernel `what` (just enqueued). */
+/* Count the write of the kernel `what` (just enqueued) and record its
+ * launch if it failed. */
 static inline void qkd__cuda_launched(qkd__backend *b, const char *what)
 {
+    qkd__cuda_of(b)->writes++;
     qkd__cuda_check(b, cudaGetLastError(), what);
 }
 

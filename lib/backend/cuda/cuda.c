@@ -23,6 +23,7 @@ qkd_status qkd__cuda_check(qkd__backend *b, cudaError_t err, const char *what)
 qkd_status qkd__cuda_check_blas(qkd__backend *b, cublasStatus_t st, const char *what)
 {
     qkd__cuda *c = qkd__cuda_of(b);
+    c->writes++; /* a product wrote its output */
     if (st != CUBLAS_STATUS_SUCCESS && c->status == QKD_OK)
         c->status = qkd__error(b->ctx, QKD_ERR_BACKEND, "cuda backend: %s: cuBLAS %s", what,
                                cublasGetStatusString(st));
@@ -52,6 +53,7 @@ static qkd_status cuda_alloc(qkd__backend *b, size_t bytes, void **out)
 
 static void cuda_free(qkd__backend *b, void *ptr)
 {
+    qkd__cuda_of(b)->writes++; /* the memory may come back holding other data */
     if (ptr)
         qkd__cuda_check(b, cudaFree(ptr), "cudaFree");
 }
@@ -61,6 +63,7 @@ static void cuda_free(qkd__backend *b, void *ptr)
 static qkd_status cuda_upload(qkd__backend *b, void *dst, const void *src, size_t bytes)
 {
     qkd__cuda *c = qkd__cuda_of(b);
+    c->writes++;
     if (c->status != QKD_OK || bytes == 0)
         return c->status;
     return qkd__cuda_check(b, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream),
@@ -85,32 +88,39 @@ static qkd_status cuda_sync(qkd__backend *b)
     return qkd__cuda_check(b, cudaStreamSynchronize(c->stream), "sync");
 }
 
-float *qkd__cuda_workspace(qkd__backend *b, size_t floats)
+/* *buf with room for at least `bytes` (*cap bytes now); NULL (recorded)
+ * when it cannot grow. */
+static void *grow(qkd__backend *b, void **buf, size_t *cap, size_t bytes)
 {
     qkd__cuda *c = qkd__cuda_of(b);
-    if (floats <= c->ws_floats)
-        return c->ws;
+    if (bytes <= *cap)
+        return *buf;
     /* kernels still queued may use the old one */
     if (qkd__cuda_check(b, cudaStreamSynchronize(c->stream), "workspace") != QKD_OK)
         return NULL;
-    cuda_free(b, c->ws);
-    c->ws = NULL;
-    c->ws_floats = 0;
-    void *ws = NULL;
-    if (cuda_alloc(b, floats * sizeof(float), &ws) != QKD_OK) {
+    cuda_free(b, *buf);
+    *buf = NULL;
+    *cap = 0;
+    if (cuda_alloc(b, bytes, buf) != QKD_OK) {
         if (c->status == QKD_OK) /* out of memory: the kernel's results are lost */
             c->status = QKD_ERR_NO_MEMORY;
         return NULL;
     }
-    c->ws = ws;
-    c->ws_floats = floats;
-    return c->ws;
+    *cap = bytes;
+    return *buf;
+}
+
+float *qkd__cuda_workspace(qkd__backend *b, size_t floats)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    return grow(b, (void **)&c->ws, &c->ws_bytes, floats * sizeof(float));
 }
 
 /* ---- elementwise copy --------------------------------------------------------------- */
 
 static void cuda_copy(qkd__backend *b, float *dst, const float *src, size_t n)
 {
+    qkd__cuda_of(b)->writes++;
     if (n && dst != src)
         qkd__cuda_check(b, cudaMemcpyAsync(dst, src, n * sizeof *dst, cudaMemcpyDeviceToDevice,
                                            qkd__cuda_of(b)->stream),
@@ -157,13 +167,38 @@ static void cuda_matmul_backward_weight(qkd__backend *b, float *dw, const float 
           "matmul_backward_weight");
 }
 
-/* ---- matmuls in bf16: both operands rounded into the workspace, tensor cores -------------- */
+/* ---- matmuls in bf16: both operands rounded to bf16 copies, tensor cores ----------------- */
 
-/* Elements of a bf16 operand, rounded up to keep the next one 16-byte
- * aligned for cuBLAS. */
+/* Elements of a bf16 operand, rounded up to a whole number of 16 bytes. */
 static size_t bf16_span(size_t n)
 {
     return (n + 7) & ~(size_t)7;
+}
+
+/* The bf16 copy of B (n elements, the activation or output-gradient side
+ * of a product) in its own buffer: reused when the last product converted
+ * the same range and nothing has written device memory since (c->writes
+ * counts kernels, copies, uploads, frees and cuBLAS calls). The model
+ * reads one tensor in several products in a row: q, k and v of one
+ * input, gate and up of another, both gradients of one output gradient. */
+static const uint16_t *bf16_operand(qkd__backend *b, const float *src, size_t n)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    if (c->b16_src == src && c->b16_n == n && c->b16_writes == c->writes)
+        return c->b16;
+    c->b16_src = NULL;
+    if (!grow(b, (void **)&c->b16, &c->b16_bytes, n * sizeof(uint16_t)))
+        return NULL;
+    qkd__cuda_to_bf16(b, c->b16, src, n);
+    c->b16_src = src;
+    c->b16_n = n;
+    return c->b16;
+}
+
+/* Whether [p, p + pn) and [q, q + qn) (floats) share an element. */
+static bool overlaps(const float *p, size_t pn, const float *q, size_t qn)
+{
+    return (uintptr_t)p < (uintptr_t)(q + qn) && (uintptr_t)q < (uintptr_t)(p + pn);
 }
 
 /* C = op(A) op(B) + beta C as sgemm, with A (na elements) and B (nb)
@@ -174,19 +209,23 @@ static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t t
 {
     if (m <= 0 || n <= 0 || k <= 0)
         return;
-    const size_t sa = bf16_span(na), sb = bf16_span(nb);
-    uint16_t *a16 = (uint16_t *)qkd__cuda_workspace(b, (sa + sb) / 2);
-    if (!a16)
+    qkd__cuda *c = qkd__cuda_of(b);
+    const uint16_t *b16 = bf16_operand(b, B, nb);
+    uint16_t *a16 = (uint16_t *)qkd__cuda_workspace(b, bf16_span(na) / 2);
+    if (!a16 || !b16)
         return;
-    uint16_t *b16 = a16 + sa;
     qkd__cuda_to_bf16(b, a16, A, na);
-    qkd__cuda_to_bf16(b, b16, B, nb);
     const float one = 1.0f;
     qkd__cuda_check_blas(b,
                          cublasGemmEx(qkd__cuda_of(b)->blas, ta, tb, m, n, k, &one, a16,
                                       CUDA_R_16BF, lda, b16, CUDA_R_16BF, ldb, &beta, C,
                                       CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                          what);
+    /* the product wrote C alone: B's copy holds unless C covers B */
+    if (overlaps(C, (size_t)ldc * (n - 1) + m, B, nb))
+        c->b16_src = NULL;
+    else
+        c->b16_writes = c->writes;
 }
 
 static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
@@ -289,6 +328,7 @@ static void cuda_destroy(qkd__backend *b)
             cudaStreamSynchronize(c->stream);
         cudaFree(c->partials);
         cudaFree(c->ws);
+        cudaFree(c->b16);
         if (c->blas)
             cublasDestroy(c->blas);
         if (c->stream)

@@ -45,7 +45,12 @@ typedef struct qkd__cuda {
     qkd_status status;  /* first failure, kept (see above) */
     double *partials;   /* per-block partial sums of sum and sum_squares */
     float *ws;          /* grown on demand: attention's backward, bf16 operands */
-    size_t ws_floats;
+    size_t ws_bytes;
+    unsigned long writes; /* device writes enqueued so far (kernels, copies, ...) */
+    uint16_t *b16;        /* bf16 copy of the last product's B operand (cuda.c) */
+    size_t b16_bytes, b16_n;
+    const float *b16_src; /* what b16 copies; NULL: nothing */
+    unsigned long b16_writes; /* writes when b16 was last known current */
     qkd__backend *host; /* reference backend for the format schemes */
     float *host_buf;    /* their host copy of a weight, grown on demand */
     size_t host_floats;
@@ -136,10 +141,9 @@ void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *dk, float *
                                   int T, int n_heads, int n_kv, int hd);
 /* true when hd <= max, else records UNSUPPORTED (naming the head size). */
 bool qkd__cuda_attention_head_ok(qkd__backend *b, int hd, int max);
-/* D[b][h][t] = dout . out of each query row (fp32), in the workspace;
- * NULL (recorded) when the workspace cannot grow. */
-const float *qkd__cuda_attention_rowdots(qkd__backend *b, const float *dout, const float *out,
-                                         int B, int T, int H, int hd);
+/* D[b][h][t] = dout . out of each query row (fp32). */
+void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout, const float *out,
+                                 int B, int T, int H, int hd);
 
 /* ---- attention_bf16.cu: the same on the tensor cores, bf16 inputs ----------------- */
 void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,

@@ -57,32 +57,85 @@ void qkd__ref_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_head
  * Layouts: q, out, dout, dq [B][Tq][n_heads][hd]; k, v, dk, dv
  * [B][kv_len][n_kv][hd]; probabilities [B][n_heads][Tq][kv_len], zero past
  * the causal limit. The bf16 slots are the same code with each input of a
- * product rounded to bf16 as it is read (rd, dot_rd); the probabilities
- * and score gradients are rounded from their float values. */
+ * product rounded to bf16: q, k, v and dout once, into copies (rounding
+ * is idempotent, so reading a copy is reading the input rounded; without
+ * memory for them, as each element is read: rd_in, dot_in), the
+ * probabilities and score gradients from their float values (rd). The row
+ * term dout . out reads dout unrounded. */
 
 struct attn_job {
     float *out, *probs, *dq, *dk, *dv;
     const float *q, *k, *v, *dout, *o, *P;
+    const float *dout_in; /* dout as a product input: dout or its rounded copy */
     int Tq, pos0, kv_len, n_heads, n_kv, hd;
-    int bf16; /* round the inputs of every product to bf16 */
+    int bf16;   /* round the inputs of every product to bf16 */
+    int copies; /* q, k, v and dout_in are already rounded */
     double scale;
 };
 
-/* x as an input of a product reads it. */
-static double rd(const struct attn_job *j, float x)
+static double bf16_of(float x)
 {
-    return j->bf16 ? qkd__bf16_to_f32(qkd__f32_to_bf16(x)) : x;
+    return qkd__bf16_to_f32(qkd__f32_to_bf16(x));
 }
 
-/* x . y over n, both read as product inputs. */
-static double dot_rd(const struct attn_job *j, const float *x, const float *y, int n)
+/* A probability or score gradient as a product input. */
+static double rd(const struct attn_job *j, float x)
 {
-    if (!j->bf16)
+    return j->bf16 ? bf16_of(x) : x;
+}
+
+/* An element of q, k, v or dout_in as a product input. */
+static double rd_in(const struct attn_job *j, float x)
+{
+    return j->bf16 && !j->copies ? bf16_of(x) : x;
+}
+
+/* x . y over n, both from q, k, v or dout_in. */
+static double dot_in(const struct attn_job *j, const float *x, const float *y, int n)
+{
+    if (!j->bf16 || j->copies)
         return qkd__ref_dot(x, y, n);
     double s = 0.0;
     for (int i = 0; i < n; i++)
-        s += rd(j, x[i]) * rd(j, y[i]);
+        s += bf16_of(x[i]) * bf16_of(y[i]);
     return s;
+}
+
+/* A bf16-rounded copy of x[n]; NULL when out of memory. */
+static float *rounded_copy(qkd__backend *b, const float *x, size_t n)
+{
+    float *r = qkd__alloc(b->ctx, (n ? n : 1) * sizeof *r);
+    if (r)
+        for (size_t i = 0; i < n; i++)
+            r[i] = (float)bf16_of(x[i]);
+    return r;
+}
+
+/* Point a bf16 job's q, k, v (and dout_in, when dout is set) at rounded
+ * copies held in c[4]; the job rounds as it reads when one cannot be
+ * made. Free them with free_copies. */
+static void make_copies(qkd__backend *b, struct attn_job *j, int B, float *c[4])
+{
+    const size_t nq = (size_t)B * j->Tq * j->n_heads * j->hd;
+    const size_t nkv = (size_t)B * j->kv_len * j->n_kv * j->hd;
+    c[0] = rounded_copy(b, j->q, nq);
+    c[1] = rounded_copy(b, j->k, nkv);
+    c[2] = rounded_copy(b, j->v, nkv);
+    c[3] = j->dout ? rounded_copy(b, j->dout, nq) : NULL;
+    if (!c[0] || !c[1] || !c[2] || (j->dout && !c[3]))
+        return;
+    j->q = c[0];
+    j->k = c[1];
+    j->v = c[2];
+    if (j->dout)
+        j->dout_in = c[3];
+    j->copies = 1;
+}
+
+static void free_copies(qkd__backend *b, float *c[4])
+{
+    for (int i = 0; i < 4; i++)
+        qkd__free(b->ctx, c[i]);
 }
 
 static size_t q_off(const struct attn_job *j, int64_t b, int t, int h)
@@ -121,7 +174,7 @@ static int block_cols(int hd, int c0)
 
 static double score(const struct attn_job *j, const float *qrow, int64_t b, int key, int g)
 {
-    return dot_rd(j, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
+    return dot_in(j, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
 }
 
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
@@ -167,7 +220,7 @@ static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
             for (int key = 0; key < n_keys; key++) {
                 const float *vr = j->v + kv_off(j, b, key, g) + c0;
                 for (int c = 0; c < nc; c++)
-                    acc[c] += rd(j, p[key]) * rd(j, vr[c]);
+                    acc[c] += rd(j, p[key]) * rd_in(j, vr[c]);
             }
             for (int c = 0; c < nc; c++)
                 o[c0 + c] = (float)acc[c];
@@ -182,9 +235,13 @@ static void attention_forward(qkd__backend *b, float *out, float *scratch, const
     struct attn_job job = {.out = out, .probs = scratch, .q = q, .k = k, .v = v, .Tq = Tq,
                            .pos0 = pos0, .kv_len = kv_len, .n_heads = n_heads, .n_kv = n_kv,
                            .hd = hd, .bf16 = bf16, .scale = 1.0 / sqrt((double)hd)};
+    float *copies[4] = {NULL, NULL, NULL, NULL};
+    if (bf16)
+        make_copies(b, &job, B, copies);
     int64_t rows = (int64_t)B * Tq * n_heads;
     qkd__ref_parallel(b, rows, 4 * (int64_t)(pos0 + (Tq + 1) / 2) * hd,
                       attention_forward_range, &job);
+    free_copies(b, copies);
 }
 
 void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
@@ -207,9 +264,9 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch
  * sum_i p_i (dout . v_i) is dout . out (a row term, never rounded). */
 static double dscore(const struct attn_job *j, int64_t b, int t, int h, int key)
 {
-    const float *g = j->dout + q_off(j, b, t, h);
-    double dp = dot_rd(j, g, j->v + kv_off(j, b, key, kv_head(j, h)), j->hd);
-    double d = qkd__ref_dot(g, j->o + q_off(j, b, t, h), j->hd);
+    const float *g = j->dout_in + q_off(j, b, t, h);
+    double dp = dot_in(j, g, j->v + kv_off(j, b, key, kv_head(j, h)), j->hd);
+    double d = qkd__ref_dot(j->dout + q_off(j, b, t, h), j->o + q_off(j, b, t, h), j->hd);
     return j->P[p_off(j, b, h, t) + key] * (dp - d);
 }
 
@@ -233,7 +290,7 @@ static void attention_dq_range(const void *arg, int64_t begin, int64_t end)
                 if (j->bf16)
                     ds = rd(j, (float)ds);
                 for (int c = 0; c < nc; c++)
-                    acc[c] += ds * rd(j, kr[c]);
+                    acc[c] += ds * rd_in(j, kr[c]);
             }
             for (int c = 0; c < nc; c++)
                 dq[c0 + c] = (float)(dq[c0 + c] + j->scale * acc[c]);
@@ -263,12 +320,12 @@ static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
                     double p = rd(j, j->P[p_off(j, b, h, t) + key]);
                     double ds = dscore(j, b, t, h, key);
                     const float *qr = j->q + q_off(j, b, t, h) + c0;
-                    const float *gr = j->dout + q_off(j, b, t, h) + c0;
+                    const float *gr = j->dout_in + q_off(j, b, t, h) + c0;
                     if (j->bf16)
                         ds = rd(j, (float)ds);
                     for (int c = 0; c < nc; c++) {
-                        acck[c] += ds * rd(j, qr[c]);
-                        accv[c] += p * rd(j, gr[c]);
+                        acck[c] += ds * rd_in(j, qr[c]);
+                        accv[c] += p * rd_in(j, gr[c]);
                     }
                 }
             }
@@ -286,13 +343,17 @@ static void attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
                                int n_heads, int n_kv, int hd, int bf16)
 {
     struct attn_job job = {.dq = dq, .dk = dk, .dv = dv, .q = q, .k = k, .v = v,
-                           .dout = dout, .o = out, .P = scratch, .Tq = T, .pos0 = 0,
-                           .kv_len = T, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
+                           .dout = dout, .dout_in = dout, .o = out, .P = scratch, .Tq = T,
+                           .pos0 = 0, .kv_len = T, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
                            .bf16 = bf16, .scale = 1.0 / sqrt((double)hd)};
+    float *copies[4] = {NULL, NULL, NULL, NULL};
+    if (bf16)
+        make_copies(b, &job, B, copies);
     int64_t per_row = 6 * (int64_t)(T + 1) / 2 * hd;
     qkd__ref_parallel(b, (int64_t)B * T * n_heads, per_row, attention_dq_range, &job);
     qkd__ref_parallel(b, (int64_t)B * T * n_kv, per_row * (n_heads / n_kv),
                       attention_dkdv_range, &job);
+    free_copies(b, copies);
 }
 
 void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
