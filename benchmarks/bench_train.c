@@ -39,22 +39,11 @@ static const char *const kind_names[] = {"train", "kdqat"};
 struct setup {
     qkd_context *ctx;
     qkd_model *student, *teacher;
-    qkd_quantizer *quant;
-    qkd_loss *loss;
-    qkd_optimizer *opt;
+    bench_kdqat kd;
     const int32_t *tokens, *targets;
     int B, T;
     enum kind kind;
 };
-
-static void check(qkd_context *ctx, qkd_status st, const char *what)
-{
-    if (st != QKD_OK) {
-        fprintf(stderr, "bench-train: %s: %s (%s)\n", what, qkd_status_str(st),
-                ctx ? qkd_context_last_error(ctx) : "");
-        exit(1);
-    }
-}
 
 static qkd_model *make_model(qkd_context *ctx, const struct shape *sh, int T)
 {
@@ -69,8 +58,8 @@ static qkd_model *make_model(qkd_context *ctx, const struct shape *sh, int T)
     cfg.max_seq_len = T;
     cfg.tied_embeddings = sh->tied;
     qkd_model *m = NULL;
-    check(ctx, qkd_model_create(ctx, &cfg, &m), "model_create");
-    check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random");
+    bench_check(ctx, qkd_model_create(ctx, &cfg, &m), "model_create");
+    bench_check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random");
     return m;
 }
 
@@ -81,32 +70,14 @@ static void setup_init(struct setup *s, qkd_backend_kind backend, const struct s
     if (s->kind == TRAIN)
         return;
     s->teacher = make_model(s->ctx, sh, s->T);
-    qkd_quant_params qp;
-    qkd_quant_params_init(&qp);
-    qp.scheme = QKD_QUANT_ASYM;
-    qp.bits = 4;
-    qp.group_size = 32;
-    qp.estimator = QKD_ESTIMATOR_STE;
-    check(s->ctx, qkd_quantizer_create(s->ctx, &qp, &s->quant), "quantizer_create");
-    check(s->ctx, qkd_model_set_quantizer(s->student, s->quant, QKD_QUANT_TARGET_LINEAR),
-          "set_quantizer");
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
-    check(s->ctx, qkd_loss_create(s->ctx, &s->loss), "loss_create");
-    check(s->ctx, qkd_loss_add(s->loss, &term), "loss_add");
-    qkd_optim_params op;
-    qkd_optim_params_init(&op);
-    op.lr = 1e-5f;
-    check(s->ctx, qkd_optimizer_create(s->student, &op, &s->opt), "optimizer_create");
+    bench_kdqat_init(&s->kd, s->ctx, s->student, 4, 32);
 }
 
 static void setup_free(struct setup *s)
 {
-    qkd_optimizer_free(s->opt);
-    qkd_loss_free(s->loss);
+    bench_kdqat_free(&s->kd, s->student);
     qkd_model_free(s->student);
     qkd_model_free(s->teacher);
-    qkd_quantizer_free(s->quant);
     qkd_context_free(s->ctx);
 }
 
@@ -116,21 +87,21 @@ static void run_step(void *arg)
     qkd_context *c = s->ctx;
     float value;
     if (s->kind == TRAIN) {
-        check(c, qkd_model_zero_grad(s->student), "zero_grad");
-        check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "forward");
-        check(c, qkd_model_cross_entropy(s->student, s->targets, 1, &value), "cross_entropy");
-        check(c, qkd_model_backward(s->student, NULL), "backward");
+        bench_check(c, qkd_model_zero_grad(s->student), "zero_grad");
+        bench_check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "forward");
+        bench_check(c, qkd_model_cross_entropy(s->student, s->targets, 1, &value), "cross_entropy");
+        bench_check(c, qkd_model_backward(s->student, NULL), "backward");
         return;
     }
     float beta;
-    check(c, qkd_model_forward(s->teacher, s->tokens, s->B, s->T), "teacher forward");
-    check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "student forward");
-    check(c, qkd_loss_teacher_confidence(s->teacher, NULL, &beta), "teacher_confidence");
-    check(c, qkd_loss_set_beta(s->loss, 0, beta), "set_beta");
-    check(c, qkd_loss_compute(s->loss, s->student, s->teacher, NULL, &value), "CAKLD");
-    check(c, qkd_model_backward(s->student, NULL), "backward");
-    check(c, qkd_optimizer_step(s->opt, NULL), "optimizer_step");
-    check(c, qkd_model_zero_grad(s->student), "zero_grad");
+    bench_check(c, qkd_model_forward(s->teacher, s->tokens, s->B, s->T), "teacher forward");
+    bench_check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "student forward");
+    bench_check(c, qkd_loss_teacher_confidence(s->teacher, NULL, &beta), "teacher_confidence");
+    bench_check(c, qkd_loss_set_beta(s->kd.loss, 0, beta), "set_beta");
+    bench_check(c, qkd_loss_compute(s->kd.loss, s->student, s->teacher, NULL, &value), "CAKLD");
+    bench_check(c, qkd_model_backward(s->student, NULL), "backward");
+    bench_check(c, qkd_optimizer_step(s->kd.opt, NULL), "optimizer_step");
+    bench_check(c, qkd_model_zero_grad(s->student), "zero_grad");
 }
 
 static double timed_step(struct setup *s)
@@ -192,7 +163,7 @@ struct forward {
 static void run_forward(void *arg)
 {
     const struct forward *f = arg;
-    check(f->ctx, qkd_model_forward(f->m, f->tokens, f->B, f->T), "teacher forward");
+    bench_check(f->ctx, qkd_model_forward(f->m, f->tokens, f->B, f->T), "teacher forward");
 }
 
 /* Median seconds of the teacher's forward in fp32 and in bf16, timed in
@@ -203,7 +174,7 @@ static void measure_teacher(const struct shape *sh, const int32_t *tokens, int B
     qkd_context *ctx = bench_context(QKD_BACKEND_SIMD, bench_cores());
     struct forward bf16 = {ctx, make_model(ctx, sh, T), tokens, B, T}, fp32 = bf16;
     fp32.m = make_model(ctx, sh, T);
-    check(ctx, qkd_model_set_matmul_precision(bf16.m, QKD_MATMUL_BF16), "matmul precision");
+    bench_check(ctx, qkd_model_set_matmul_precision(bf16.m, QKD_MATMUL_BF16), "matmul precision");
     void *args[2] = {&bf16, &fp32};
     double t[2], ratio[2];
     bench_compare(run_forward, args, 2, 1.0, 5, t, ratio);

@@ -98,3 +98,43 @@ int bench_cores(void)
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : (int)n;
 }
+
+void bench_check(qkd_context *ctx, qkd_status st, const char *what)
+{
+    if (st != QKD_OK) {
+        fprintf(stderr, "benchmark: %s: %s (%s)\n", what, qkd_status_str(st),
+                ctx ? qkd_context_last_error(ctx) : "");
+        exit(1);
+    }
+}
+
+void bench_kdqat_init(bench_kdqat *k, qkd_context *ctx, qkd_model *student, int bits,
+                      int group)
+{
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_ASYM;
+    qp.bits = bits;
+    qp.group_size = group;
+    qp.estimator = QKD_ESTIMATOR_STE;
+    bench_check(ctx, qkd_quantizer_create(ctx, &qp, &k->quant), "quantizer_create");
+    bench_check(ctx, qkd_model_set_quantizer(student, k->quant, QKD_QUANT_TARGET_LINEAR),
+                "set_quantizer");
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
+    bench_check(ctx, qkd_loss_create(ctx, &k->loss), "loss_create");
+    bench_check(ctx, qkd_loss_add(k->loss, &term), "loss_add");
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 1e-5f;
+    bench_check(ctx, qkd_optimizer_create(student, &op, &k->opt), "optimizer_create");
+}
+
+void bench_kdqat_free(bench_kdqat *k, qkd_model *student)
+{
+    qkd_optimizer_free(k->opt);
+    qkd_loss_free(k->loss);
+    if (k->quant)
+        bench_check(NULL, qkd_model_set_quantizer(student, NULL, 0), "unbind quantizer");
+    qkd_quantizer_free(k->quant);
+}

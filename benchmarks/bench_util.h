@@ -34,4 +34,23 @@ float *bench_random(size_t n, uint64_t seed);
 /* Online CPU cores. */
 int bench_cores(void);
 
+/* Exit with `what`, the status and the context's message unless st is OK. */
+void bench_check(qkd_context *ctx, qkd_status st, const char *what);
+
+/* What the KD-QAT step of ../shared/bench/torch_kdqat.py trains with:
+ * the student's linears fake-quantized (asymmetric, `bits`, groups of
+ * `group`, STE), CAKLD, AdamW at lr 1e-5. */
+typedef struct bench_kdqat {
+    qkd_quantizer *quant;
+    qkd_loss *loss;
+    qkd_optimizer *opt;
+} bench_kdqat;
+
+/* Bind and create them for `student` (exits on failure). */
+void bench_kdqat_init(bench_kdqat *k, qkd_context *ctx, qkd_model *student, int bits,
+                      int group);
+/* Free them (any may be NULL), unbinding the quantizer from `student`,
+ * before the student is freed. */
+void bench_kdqat_free(bench_kdqat *k, qkd_model *student);
+
 #endif

@@ -43,22 +43,11 @@ static const struct cfg cfgs[] = {
 struct run {
     qkd_context *ctx;
     qkd_model *teacher, *student;
-    qkd_quantizer *quant;
-    qkd_loss *loss;
-    qkd_optimizer *opt;
+    bench_kdqat kd;
     int32_t *tokens;
     int B, T;
     float value;
 };
-
-static void check(qkd_context *ctx, qkd_status st, const char *what)
-{
-    if (st != QKD_OK) {
-        fprintf(stderr, "cuda-kdqat: %s: %s (%s)\n", what, qkd_status_str(st),
-                ctx ? qkd_context_last_error(ctx) : "");
-        exit(1);
-    }
-}
 
 static qkd_model *make_model(qkd_context *ctx, const struct cfg *c, int T,
                              qkd_matmul_precision prec)
@@ -74,9 +63,9 @@ static qkd_model *make_model(qkd_context *ctx, const struct cfg *c, int T,
     mc.max_seq_len = T;
     mc.tied_embeddings = 0;
     qkd_model *m = NULL;
-    check(ctx, qkd_model_create(ctx, &mc, &m), "model_create");
-    check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random"); /* same seed: same weights */
-    check(ctx, qkd_model_set_matmul_precision(m, prec), "set_matmul_precision");
+    bench_check(ctx, qkd_model_create(ctx, &mc, &m), "model_create");
+    bench_check(ctx, qkd_model_init_random(m, 1, 0.02f), "init_random"); /* same seed: same weights */
+    bench_check(ctx, qkd_model_set_matmul_precision(m, prec), "set_matmul_precision");
     return m;
 }
 
@@ -94,7 +83,7 @@ static qkd_context *cuda_context(void)
         fprintf(stderr, "cuda-kdqat: SKIP: no CUDA device\n");
         exit(77);
     }
-    check(NULL, st, "context_create");
+    bench_check(NULL, st, "context_create");
     return ctx;
 }
 
@@ -104,23 +93,7 @@ static void setup(struct run *r, const struct cfg *c, int bits, int group,
     r->ctx = cuda_context();
     r->teacher = make_model(r->ctx, c, r->T, prec);
     r->student = make_model(r->ctx, c, r->T, prec);
-    qkd_quant_params qp;
-    qkd_quant_params_init(&qp);
-    qp.scheme = QKD_QUANT_ASYM;
-    qp.bits = bits;
-    qp.group_size = group;
-    qp.estimator = QKD_ESTIMATOR_STE;
-    check(r->ctx, qkd_quantizer_create(r->ctx, &qp, &r->quant), "quantizer_create");
-    check(r->ctx, qkd_model_set_quantizer(r->student, r->quant, QKD_QUANT_TARGET_LINEAR),
-          "set_quantizer");
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
-    check(r->ctx, qkd_loss_create(r->ctx, &r->loss), "loss_create");
-    check(r->ctx, qkd_loss_add(r->loss, &term), "loss_add");
-    qkd_optim_params op;
-    qkd_optim_params_init(&op);
-    op.lr = 1e-5f;
-    check(r->ctx, qkd_optimizer_create(r->student, &op, &r->opt), "optimizer_create");
+    bench_kdqat_init(&r->kd, r->ctx, r->student, bits, group);
     size_t n = (size_t)r->B * r->T;
     float *u = bench_random(n, 7);
     r->tokens = malloc(n * sizeof *r->tokens);
@@ -163,18 +136,18 @@ static void step(struct run *r, double *phases)
     qkd_context *c = r->ctx;
     float beta;
     double t = bench_now();
-    check(c, qkd_model_forward(r->teacher, r->tokens, r->B, r->T), "teacher forward");
+    bench_check(c, qkd_model_forward(r->teacher, r->tokens, r->B, r->T), "teacher forward");
     phase_end(phases, 0, &t);
-    check(c, qkd_model_forward(r->student, r->tokens, r->B, r->T), "student forward");
+    bench_check(c, qkd_model_forward(r->student, r->tokens, r->B, r->T), "student forward");
     phase_end(phases, 1, &t);
-    check(c, qkd_loss_teacher_confidence(r->teacher, NULL, &beta), "teacher_confidence");
-    check(c, qkd_loss_set_beta(r->loss, 0, beta), "set_beta");
-    check(c, qkd_loss_compute(r->loss, r->student, r->teacher, NULL, &r->value), "CAKLD");
+    bench_check(c, qkd_loss_teacher_confidence(r->teacher, NULL, &beta), "teacher_confidence");
+    bench_check(c, qkd_loss_set_beta(r->kd.loss, 0, beta), "set_beta");
+    bench_check(c, qkd_loss_compute(r->kd.loss, r->student, r->teacher, NULL, &r->value), "CAKLD");
     phase_end(phases, 2, &t);
-    check(c, qkd_model_backward(r->student, NULL), "backward");
+    bench_check(c, qkd_model_backward(r->student, NULL), "backward");
     phase_end(phases, 3, &t);
-    check(c, qkd_optimizer_step(r->opt, NULL), "optimizer_step");
-    check(c, qkd_model_zero_grad(r->student), "zero_grad");
+    bench_check(c, qkd_optimizer_step(r->kd.opt, NULL), "optimizer_step");
+    bench_check(c, qkd_model_zero_grad(r->student), "zero_grad");
     phase_end(phases, 4, &t);
 }
 
@@ -254,11 +227,9 @@ int main(int argc, char **argv)
     fflush(stdout);
     if (phases)
         print_phases(&r);
-    qkd_optimizer_free(r.opt);
-    qkd_loss_free(r.loss);
+    bench_kdqat_free(&r.kd, r.student);
     qkd_model_free(r.student);
     qkd_model_free(r.teacher);
-    qkd_quantizer_free(r.quant);
     qkd_context_free(r.ctx);
     free(r.tokens);
     return 0;

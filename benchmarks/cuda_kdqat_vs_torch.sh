@@ -26,17 +26,8 @@ steps=${STEPS:-5}
 dtype=${DTYPE:-bf16}
 build=build-cuda
 
-if ! pkg-config --exists libuv jansson check 2>/dev/null; then
-    prefix=$PWD/.prefix/cuda
-    rm -rf "$prefix" && mkdir -p "$prefix"
-    for deb in $(find .debs -name '*.deb'); do dpkg-deb -x "$deb" "$prefix"; done
-    for pc in "$prefix"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
-        sed -i "s|=/usr|=$prefix/usr|g" "$pc"
-    done
-    export PKG_CONFIG_PATH=$prefix/usr/lib/x86_64-linux-gnu/pkgconfig
-    export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    command -v pkg-config >/dev/null || export PKG_CONFIG=$prefix/usr/bin/pkgconf
-fi
+. benchmarks/debs_prefix.sh
+debs_prefix cuda
 cuda_lib=$(dirname "$(dirname "$(command -v nvcc)")")/lib64
 export LD_LIBRARY_PATH=$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 

@@ -17,16 +17,8 @@ model=${1:-15M}
 ref_flag=""
 [ "${2:-}" = "--no-ref" ] && ref_flag="--simd-only"
 
-if ! pkg-config --exists libuv jansson check; then
-    prefix=$PWD/.prefix/bench
-    rm -rf "$prefix" && mkdir -p "$prefix"
-    for deb in $(find .debs -name '*.deb'); do dpkg-deb -x "$deb" "$prefix"; done
-    for pc in "$prefix"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
-        sed -i "s|=/usr|=$prefix/usr|g" "$pc"
-    done
-    export PKG_CONFIG_PATH=$prefix/usr/lib/x86_64-linux-gnu/pkgconfig
-    export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
+. benchmarks/debs_prefix.sh
+debs_prefix bench
 if [ ! -d build-bench ]; then
     meson setup build-bench -Dbuildtype=release >/dev/null 2>&1 ||
         { tail -20 build-bench/meson-logs/meson-log.txt; exit 1; }
