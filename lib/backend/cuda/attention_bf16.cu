@@ -210,6 +210,26 @@ __device__ void fb_accum(float (&acc)[HD / 8][4], const float (&p)[FB_NB][4], co
     }
 }
 
+/* Wait for key/value tile `it` (in buffer it & 1) after issuing tile
+ * it + 1, if any, into the other buffer: the forward and dq passes stream
+ * K and V tiles of FB_ROWS keys this way, double-buffered. */
+template <int HD>
+__device__ void fb_next_kv_tile(bf16 *Ks, bf16 *Vs, const fb_args &p, size_t kv_row, size_t kld,
+                                int kend, int it, int n_tiles)
+{
+    typedef fb_geo<HD> G;
+    if (it + 1 < n_tiles) {
+        const int next = (it + 1) * FB_ROWS, buf = (it + 1) & 1;
+        const size_t at = (kv_row + (size_t)next * p.n_kv) * HD;
+        fb_issue<HD>(Ks + buf * G::TILE, p.k + at, kld, kend - next);
+        fb_issue<HD>(Vs + buf * G::TILE, p.v + at, kld, kend - next);
+        fb_commit();
+        fb_wait<1>();
+    } else {
+        fb_wait<0>();
+    }
+}
+
 template <int HD> __device__ void fb_zero(float (&acc)[HD / 8][4])
 {
 #pragma unroll
@@ -276,15 +296,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_forward_kerne
     fb_zero<HD>(o);
     for (int it = 0; it < n_tiles; it++) {
         const int k0 = it * FB_ROWS, buf = it & 1;
-        if (it + 1 < n_tiles) { /* the next tile into the other buffer */
-            const size_t at = (kv_row + (size_t)(k0 + FB_ROWS) * p.n_kv) * HD;
-            fb_issue<HD>(Ks + (buf ^ 1) * G::TILE, p.k + at, kld, kend - k0 - FB_ROWS);
-            fb_issue<HD>(Vs + (buf ^ 1) * G::TILE, p.v + at, kld, kend - k0 - FB_ROWS);
-            fb_commit();
-            fb_wait<1>();
-        } else {
-            fb_wait<0>();
-        }
+        fb_next_kv_tile<HD>(Ks, Vs, p, kv_row, kld, kend, it, n_tiles);
         __syncthreads();
         if (k0 <= p.pos0 + t0 + 16 * w + 15) { /* some row of this warp sees these keys */
             float s[FB_NB][4];
@@ -447,15 +459,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     fb_zero<HD>(dq);
     for (int it = 0; it < n_tiles; it++) {
         const int k0 = it * FB_ROWS, buf = it & 1;
-        if (it + 1 < n_tiles) { /* the next tile into the other buffer */
-            const size_t at = (kv_row + (size_t)(k0 + FB_ROWS) * p.n_kv) * HD;
-            fb_issue<HD>(Ks + (buf ^ 1) * G::TILE, p.k + at, kld, kend - k0 - FB_ROWS);
-            fb_issue<HD>(Vs + (buf ^ 1) * G::TILE, p.v + at, kld, kend - k0 - FB_ROWS);
-            fb_commit();
-            fb_wait<1>();
-        } else {
-            fb_wait<0>();
-        }
+        fb_next_kv_tile<HD>(Ks, Vs, p, kv_row, kld, kend, it, n_tiles);
         __syncthreads();
         if (k0 <= q0 + 16 * w + 15) { /* some row of this warp sees these keys */
             const bf16 *Kb = Ks + buf * G::TILE;
