@@ -57,85 +57,38 @@ void qkd__ref_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_head
  * Layouts: q, out, dout, dq [B][Tq][n_heads][hd]; k, v, dk, dv
  * [B][kv_len][n_kv][hd]; probabilities [B][n_heads][Tq][kv_len], zero past
  * the causal limit. The bf16 slots are the same code with each input of a
- * product rounded to bf16: q, k, v and dout once, into copies (rounding
- * is idempotent, so reading a copy is reading the input rounded; without
- * memory for them, as each element is read: rd_in, dot_in), the
- * probabilities and score gradients from their float values (rd). The row
- * term dout . out reads dout unrounded. */
+ * product rounded to bf16 as it is read (rd, dot_rd): q, k, v, dout, the
+ * probabilities and the score gradients. The row term dout . out reads
+ * dout unrounded. The bodies take `bf16` as an argument that their range
+ * functions pass as a constant, and are always inlined, so the fp32
+ * reference (the yardstick of the SIMD benchmarks) tests no flag in its
+ * inner loops. */
+
+#define BODY static inline __attribute__((always_inline))
 
 struct attn_job {
     float *out, *probs, *dq, *dk, *dv;
     const float *q, *k, *v, *dout, *o, *P;
-    const float *dout_in; /* dout as a product input: dout or its rounded copy */
     int Tq, pos0, kv_len, n_heads, n_kv, hd;
-    int bf16;   /* round the inputs of every product to bf16 */
-    int copies; /* q, k, v and dout_in are already rounded */
+    int bf16; /* round the inputs of every product to bf16 */
     double scale;
 };
 
-static double bf16_of(float x)
+/* x as an input of a product. */
+BODY double rd(int bf16, float x)
 {
-    return qkd__bf16_to_f32(qkd__f32_to_bf16(x));
+    return bf16 ? qkd__bf16_to_f32(qkd__f32_to_bf16(x)) : x;
 }
 
-/* A probability or score gradient as a product input. */
-static double rd(const struct attn_job *j, float x)
+/* x . y over n, both read as product inputs. */
+BODY double dot_rd(int bf16, const float *x, const float *y, int n)
 {
-    return j->bf16 ? bf16_of(x) : x;
-}
-
-/* An element of q, k, v or dout_in as a product input. */
-static double rd_in(const struct attn_job *j, float x)
-{
-    return j->bf16 && !j->copies ? bf16_of(x) : x;
-}
-
-/* x . y over n, both from q, k, v or dout_in. */
-static double dot_in(const struct attn_job *j, const float *x, const float *y, int n)
-{
-    if (!j->bf16 || j->copies)
+    if (!bf16)
         return qkd__ref_dot(x, y, n);
     double s = 0.0;
     for (int i = 0; i < n; i++)
-        s += bf16_of(x[i]) * bf16_of(y[i]);
+        s += rd(1, x[i]) * rd(1, y[i]);
     return s;
-}
-
-/* A bf16-rounded copy of x[n]; NULL when out of memory. */
-static float *rounded_copy(qkd__backend *b, const float *x, size_t n)
-{
-    float *r = qkd__alloc(b->ctx, (n ? n : 1) * sizeof *r);
-    if (r)
-        for (size_t i = 0; i < n; i++)
-            r[i] = (float)bf16_of(x[i]);
-    return r;
-}
-
-/* Point a bf16 job's q, k, v (and dout_in, when dout is set) at rounded
- * copies held in c[4]; the job rounds as it reads when one cannot be
- * made. Free them with free_copies. */
-static void make_copies(qkd__backend *b, struct attn_job *j, int B, float *c[4])
-{
-    const size_t nq = (size_t)B * j->Tq * j->n_heads * j->hd;
-    const size_t nkv = (size_t)B * j->kv_len * j->n_kv * j->hd;
-    c[0] = rounded_copy(b, j->q, nq);
-    c[1] = rounded_copy(b, j->k, nkv);
-    c[2] = rounded_copy(b, j->v, nkv);
-    c[3] = j->dout ? rounded_copy(b, j->dout, nq) : NULL;
-    if (!c[0] || !c[1] || !c[2] || (j->dout && !c[3]))
-        return;
-    j->q = c[0];
-    j->k = c[1];
-    j->v = c[2];
-    if (j->dout)
-        j->dout_in = c[3];
-    j->copies = 1;
-}
-
-static void free_copies(qkd__backend *b, float *c[4])
-{
-    for (int i = 0; i < 4; i++)
-        qkd__free(b->ctx, c[i]);
 }
 
 static size_t q_off(const struct attn_job *j, int64_t b, int t, int h)
@@ -172,9 +125,10 @@ static int block_cols(int hd, int c0)
     return hd - c0 < QKD__REF_COLS ? hd - c0 : QKD__REF_COLS;
 }
 
-static double score(const struct attn_job *j, const float *qrow, int64_t b, int key, int g)
+BODY double score(const struct attn_job *j, const float *qrow, int64_t b, int key, int g,
+                  int bf16)
 {
-    return dot_in(j, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
+    return dot_rd(bf16, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
 }
 
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
@@ -186,25 +140,25 @@ size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_
 
 /* Softmax over the causal scores of one query row, in double; the scores
  * are recomputed rather than stored so no precision is lost. */
-static void attention_probs(const struct attn_job *j, int64_t b, int t, int h, float *p)
+BODY void attention_probs(const struct attn_job *j, int64_t b, int t, int h, float *p,
+                         int bf16)
 {
     const float *qrow = j->q + q_off(j, b, t, h);
     int g = kv_head(j, h), n_keys = j->pos0 + t + 1;
     double mx = -INFINITY, sum = 0.0;
     for (int key = 0; key < n_keys; key++)
-        mx = fmax(mx, score(j, qrow, b, key, g));
+        mx = fmax(mx, score(j, qrow, b, key, g, bf16));
     for (int key = 0; key < n_keys; key++)
-        sum += exp(score(j, qrow, b, key, g) - mx);
+        sum += exp(score(j, qrow, b, key, g, bf16) - mx);
     for (int key = 0; key < n_keys; key++)
-        p[key] = (float)(exp(score(j, qrow, b, key, g) - mx) / sum);
+        p[key] = (float)(exp(score(j, qrow, b, key, g, bf16) - mx) / sum);
     for (int key = n_keys; key < j->kv_len; key++)
         p[key] = 0.0f;
 }
 
 /* One item is one query row (b, t, h). */
-static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
+BODY void forward_rows(const struct attn_job *j, int64_t begin, int64_t end, int bf16)
 {
-    const struct attn_job *j = arg;
     double acc[QKD__REF_COLS];
     for (int64_t i = begin; i < end; i++) {
         int h, t;
@@ -212,7 +166,7 @@ static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
         int g = kv_head(j, h), n_keys = j->pos0 + t + 1;
         float *p = j->probs + p_off(j, b, h, t);
         float *o = j->out + q_off(j, b, t, h);
-        attention_probs(j, b, t, h, p);
+        attention_probs(j, b, t, h, p, bf16);
         for (int c0 = 0; c0 < j->hd; c0 += QKD__REF_COLS) {
             int nc = block_cols(j->hd, c0);
             for (int c = 0; c < nc; c++)
@@ -220,12 +174,21 @@ static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
             for (int key = 0; key < n_keys; key++) {
                 const float *vr = j->v + kv_off(j, b, key, g) + c0;
                 for (int c = 0; c < nc; c++)
-                    acc[c] += rd(j, p[key]) * rd_in(j, vr[c]);
+                    acc[c] += rd(bf16, p[key]) * rd(bf16, vr[c]);
             }
             for (int c = 0; c < nc; c++)
                 o[c0 + c] = (float)acc[c];
         }
     }
+}
+
+static void attention_forward_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct attn_job *j = arg;
+    if (j->bf16)
+        forward_rows(j, begin, end, 1);
+    else
+        forward_rows(j, begin, end, 0);
 }
 
 static void attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
@@ -235,13 +198,9 @@ static void attention_forward(qkd__backend *b, float *out, float *scratch, const
     struct attn_job job = {.out = out, .probs = scratch, .q = q, .k = k, .v = v, .Tq = Tq,
                            .pos0 = pos0, .kv_len = kv_len, .n_heads = n_heads, .n_kv = n_kv,
                            .hd = hd, .bf16 = bf16, .scale = 1.0 / sqrt((double)hd)};
-    float *copies[4] = {NULL, NULL, NULL, NULL};
-    if (bf16)
-        make_copies(b, &job, B, copies);
     int64_t rows = (int64_t)B * Tq * n_heads;
     qkd__ref_parallel(b, rows, 4 * (int64_t)(pos0 + (Tq + 1) / 2) * hd,
                       attention_forward_range, &job);
-    free_copies(b, copies);
 }
 
 void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
@@ -262,18 +221,17 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch
 /* Gradient of the score s = scale * q.k of key `key` for query row
  * (b, t, h): ds = p (dout . v_key - dout . out), since
  * sum_i p_i (dout . v_i) is dout . out (a row term, never rounded). */
-static double dscore(const struct attn_job *j, int64_t b, int t, int h, int key)
+BODY double dscore(const struct attn_job *j, int64_t b, int t, int h, int key, int bf16)
 {
-    const float *g = j->dout_in + q_off(j, b, t, h);
-    double dp = dot_in(j, g, j->v + kv_off(j, b, key, kv_head(j, h)), j->hd);
-    double d = qkd__ref_dot(j->dout + q_off(j, b, t, h), j->o + q_off(j, b, t, h), j->hd);
+    const float *g = j->dout + q_off(j, b, t, h);
+    double dp = dot_rd(bf16, g, j->v + kv_off(j, b, key, kv_head(j, h)), j->hd);
+    double d = qkd__ref_dot(g, j->o + q_off(j, b, t, h), j->hd);
     return j->P[p_off(j, b, h, t) + key] * (dp - d);
 }
 
 /* dq of one query row (b, t, h): scale * sum_key ds_key k_key. */
-static void attention_dq_range(const void *arg, int64_t begin, int64_t end)
+BODY void dq_rows(const struct attn_job *j, int64_t begin, int64_t end, int bf16)
 {
-    const struct attn_job *j = arg;
     double acc[QKD__REF_COLS];
     for (int64_t i = begin; i < end; i++) {
         int h, t;
@@ -285,12 +243,12 @@ static void attention_dq_range(const void *arg, int64_t begin, int64_t end)
             for (int c = 0; c < nc; c++)
                 acc[c] = 0.0;
             for (int key = 0; key <= t; key++) {
-                double ds = dscore(j, b, t, h, key);
+                double ds = dscore(j, b, t, h, key, bf16);
                 const float *kr = j->k + kv_off(j, b, key, g) + c0;
-                if (j->bf16)
-                    ds = rd(j, (float)ds);
+                if (bf16)
+                    ds = rd(1, (float)ds);
                 for (int c = 0; c < nc; c++)
-                    acc[c] += ds * rd_in(j, kr[c]);
+                    acc[c] += ds * rd(bf16, kr[c]);
             }
             for (int c = 0; c < nc; c++)
                 dq[c0 + c] = (float)(dq[c0 + c] + j->scale * acc[c]);
@@ -301,9 +259,8 @@ static void attention_dq_range(const void *arg, int64_t begin, int64_t end)
 /* dk and dv of one key row (b, key, g), summed over the query heads of
  * group g and the query rows t >= key that see it: this task alone writes
  * them, so heads sharing a kv head never race. */
-static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
+BODY void dkdv_rows(const struct attn_job *j, int64_t begin, int64_t end, int bf16)
 {
-    const struct attn_job *j = arg;
     int rep = j->n_heads / j->n_kv;
     double acck[QKD__REF_COLS], accv[QKD__REF_COLS];
     for (int64_t i = begin; i < end; i++) {
@@ -317,15 +274,15 @@ static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
                 acck[c] = accv[c] = 0.0;
             for (int h = g * rep; h < (g + 1) * rep; h++) {
                 for (int t = key; t < j->Tq; t++) {
-                    double p = rd(j, j->P[p_off(j, b, h, t) + key]);
-                    double ds = dscore(j, b, t, h, key);
+                    double p = rd(bf16, j->P[p_off(j, b, h, t) + key]);
+                    double ds = dscore(j, b, t, h, key, bf16);
                     const float *qr = j->q + q_off(j, b, t, h) + c0;
-                    const float *gr = j->dout_in + q_off(j, b, t, h) + c0;
-                    if (j->bf16)
-                        ds = rd(j, (float)ds);
+                    const float *gr = j->dout + q_off(j, b, t, h) + c0;
+                    if (bf16)
+                        ds = rd(1, (float)ds);
                     for (int c = 0; c < nc; c++) {
-                        acck[c] += ds * rd_in(j, qr[c]);
-                        accv[c] += p * rd_in(j, gr[c]);
+                        acck[c] += ds * rd(bf16, qr[c]);
+                        accv[c] += p * rd(bf16, gr[c]);
                     }
                 }
             }
@@ -337,23 +294,37 @@ static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
     }
 }
 
+static void attention_dq_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct attn_job *j = arg;
+    if (j->bf16)
+        dq_rows(j, begin, end, 1);
+    else
+        dq_rows(j, begin, end, 0);
+}
+
+static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct attn_job *j = arg;
+    if (j->bf16)
+        dkdv_rows(j, begin, end, 1);
+    else
+        dkdv_rows(j, begin, end, 0);
+}
+
 static void attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
                                const float *dout, const float *scratch, const float *q,
                                const float *k, const float *v, const float *out, int B, int T,
                                int n_heads, int n_kv, int hd, int bf16)
 {
     struct attn_job job = {.dq = dq, .dk = dk, .dv = dv, .q = q, .k = k, .v = v,
-                           .dout = dout, .dout_in = dout, .o = out, .P = scratch, .Tq = T,
+                           .dout = dout, .o = out, .P = scratch, .Tq = T,
                            .pos0 = 0, .kv_len = T, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
                            .bf16 = bf16, .scale = 1.0 / sqrt((double)hd)};
-    float *copies[4] = {NULL, NULL, NULL, NULL};
-    if (bf16)
-        make_copies(b, &job, B, copies);
     int64_t per_row = 6 * (int64_t)(T + 1) / 2 * hd;
     qkd__ref_parallel(b, (int64_t)B * T * n_heads, per_row, attention_dq_range, &job);
     qkd__ref_parallel(b, (int64_t)B * T * n_kv, per_row * (n_heads / n_kv),
                       attention_dkdv_range, &job);
-    free_copies(b, copies);
 }
 
 void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
