@@ -5,10 +5,11 @@
  * depend on them). Two steps:
  *   - train: zero the gradients, forward, cross-entropy, backward;
  *   - kdqat: the KD-QAT step of ../shared/bench/torch_kdqat.py: a frozen
- *     fp32 teacher's forward, the student's forward with every linear
- *     weight fake-quantized (4-bit asymmetric, groups of 32, STE), CAKLD
- *     with the teacher's mean top-1 probability as beta, the student's
- *     backward and an AdamW step.
+ *     fp32 teacher's forward (not trainable: no per-layer activations
+ *     kept, as under torch.no_grad()), the student's forward with every
+ *     linear weight fake-quantized (4-bit asymmetric, groups of 32, STE),
+ *     CAKLD with the teacher's mean top-1 probability as beta, the
+ *     student's backward and an AdamW step.
  * The two backends are timed in turn (one reference step, then a few SIMD
  * steps, per round), so a change in the machine's load hits both; figures
  * are medians, the speedup the median over the rounds of the round's
@@ -70,6 +71,7 @@ static void setup_init(struct setup *s, qkd_backend_kind backend, const struct s
     if (s->kind == TRAIN)
         return;
     s->teacher = make_model(s->ctx, sh, s->T);
+    bench_check(s->ctx, qkd_model_set_trainable(s->teacher, 0), "frozen teacher");
     bench_kdqat_init(&s->kd, s->ctx, s->student, 4, 32);
 }
 

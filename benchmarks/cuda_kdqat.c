@@ -92,6 +92,7 @@ static void setup(struct run *r, const struct cfg *c, int bits, int group,
 {
     r->ctx = cuda_context();
     r->teacher = make_model(r->ctx, c, r->T, prec);
+    bench_check(r->ctx, qkd_model_set_trainable(r->teacher, 0), "frozen teacher");
     r->student = make_model(r->ctx, c, r->T, prec);
     bench_kdqat_init(&r->kd, r->ctx, r->student, bits, group);
     size_t n = (size_t)r->B * r->T;

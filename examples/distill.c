@@ -52,6 +52,7 @@ static int setup(job *j, char **argv, int steps)
     op.total_steps = steps;
     qkd_context *ctx = j->ctx;
     return failed(ctx, qkd_model_load(ctx, argv[1], &j->teacher), argv[1]) ||
+           failed(ctx, qkd_model_set_trainable(j->teacher, 0), "frozen teacher") ||
            failed(ctx, qkd_model_load(ctx, argv[1], &j->student), argv[1]) ||
            failed(ctx, qkd_tokenizer_load(ctx, argv[2], &j->tok), argv[2]) ||
            failed(ctx, qkd_quantizer_create(ctx, &qp, &j->quant), "quantizer") ||

@@ -225,6 +225,26 @@ static void dfree(struct pair *p, void *d)
     p->cb->free(p->cb, d);
 }
 
+/* h's n floats at float offset off of a new device array (off floats of
+ * NaN before them), so the kernels see a pointer off the 16-byte boundary
+ * when off is not a multiple of 4. */
+static float *dput_off(struct pair *p, const float *h, size_t n, size_t off)
+{
+    float *d = dpoison(p, n + off);
+    expect_ok(p->cc, p->cb->upload(p->cb, d + off, h, n * sizeof *h), "upload");
+    return d + off;
+}
+
+/* dtake of an array from dput_off. */
+static float *dtake_off(struct pair *p, float *d, size_t n, size_t off)
+{
+    float *h = vec_new(n);
+    expect_ok(p->cc, p->cb->sync(p->cb), "sync");
+    expect_ok(p->cc, p->cb->download(p->cb, h, d, n * sizeof *h), "download");
+    p->cb->free(p->cb, d - off);
+    return h;
+}
+
 /* ---- comparisons ---------------------------------------------------------------------- */
 
 static void assert_same(const char *what, const float *got, const float *want, size_t n)
@@ -303,6 +323,15 @@ START_TEST(elementwise_equal_ref)
         float *got = dtake(&p, dout, n), *copied = dtake(&p, dcopy, n);
         assert_same("fill, add, scale, axpy", got, o, n);
         assert_same("copy", copied, o, n);
+        /* +0 takes the memset path, -0 the kernel: each keeps its sign */
+        for (int neg = 0; neg < 2; neg++) {
+            float zero = neg ? -0.0f : 0.0f, *dz = dpoison(&p, n);
+            p.rb->fill(p.rb, o, zero, n);
+            p.cb->fill(p.cb, dz, zero, n);
+            float *zeros = dtake(&p, dz, n);
+            assert_same("fill with zero", zeros, o, n);
+            free(zeros);
+        }
         free(x); free(y); free(o); free(got); free(copied);
         dfree(&p, dx); dfree(&p, dy);
     }
@@ -332,6 +361,16 @@ START_TEST(sums_match_ref)
             ck_assert_msg(fabs((double)got[k] - want[k]) <= TOL_DOUBLE * (mag + 1e-30),
                           "%s of %zu: cuda %.9g, ref %.9g", k ? "sum_squares" : "sum", n,
                           (double)got[k], (double)want[k]);
+        if (n > 1) { /* from the second element: a start off the 16-byte boundary */
+            float *d1 = dpoison(&p, 1), *g1;
+            p.rb->sum(p.rb, &want[0], x + 1, n - 1);
+            p.cb->sum(p.cb, d1, dx + 1, n - 1);
+            g1 = dtake(&p, d1, 1);
+            ck_assert_msg(fabs((double)g1[0] - want[0]) <= TOL_DOUBLE * (mag + 1e-30),
+                          "sum of %zu from x + 1: cuda %.9g, ref %.9g", n - 1, (double)g1[0],
+                          (double)want[0]);
+            free(g1);
+        }
         free(x); free(got);
         dfree(&p, dx);
     }
@@ -361,6 +400,69 @@ START_TEST(optimizers_equal_ref)
     assert_same("adamw second moment", gv, v, n);
     free(w); free(g); free(m); free(v); free(gw); free(gm); free(gv);
     dfree(&p, dg);
+    pair_close(&p);
+}
+END_TEST
+
+/* Many tensors in one call against the reference's tensor-by-tensor
+ * updates: identical AdamW results (the clipped case scales a copy of the
+ * gradient on the reference side), squared norms within double rounding.
+ * The sizes straddle the CUDA kernels' 2048-element chunks. */
+START_TEST(multi_tensor_updates_match_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const size_t sizes[] = {2049, 0, 1, 2048, 70001, 5};
+    enum { NS = sizeof sizes / sizeof sizes[0] };
+    rng_seed(83);
+    qkd__update_span spans[NS];
+    float *h[NS][4], *d[NS][4]; /* p, g, m, v on each side */
+    for (int s = 0; s < NS; s++) {
+        size_t n = sizes[s] ? sizes[s] : 1; /* an empty span still gets a buffer */
+        h[s][0] = vec_rand(n, -1, 1);
+        h[s][1] = vec_rand(n, -1, 1);
+        h[s][2] = vec_rand(n, -0.1, 0.1);
+        h[s][3] = vec_rand(n, 0, 0.01);
+        for (int k = 0; k < 4; k++)
+            d[s][k] = dput(&p, h[s][k], n);
+        spans[s] = (qkd__update_span){d[s][0], d[s][1], d[s][2], d[s][3], sizes[s],
+                                      1e-3f * (float)(s + 1)};
+    }
+    float *d_norms = dpoison(&p, NS), want[NS];
+    p.cb->sum_squares_multi(p.cb, d_norms, spans, NS);
+    float *norms = dtake(&p, d_norms, NS);
+    for (int s = 0; s < NS; s++) {
+        double mag = 0.0;
+        for (size_t i = 0; i < sizes[s]; i++)
+            mag += (double)h[s][1][i] * h[s][1][i];
+        p.rb->sum_squares(p.rb, &want[s], h[s][1], sizes[s]);
+        ck_assert_msg(fabs((double)norms[s] - want[s]) <= TOL_DOUBLE * (mag + 1e-30),
+                      "sum_squares_multi span %d: cuda %.9g, ref %.9g", s, (double)norms[s],
+                      (double)want[s]);
+    }
+    for (int t = 1; t <= 3; t++) {
+        float gscale = t == 2 ? 0.37f : 1.0f;
+        p.cb->adamw_update_multi(p.cb, spans, NS, gscale, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+        for (int s = 0; s < NS; s++) {
+            float *g = vec_copy(h[s][1], sizes[s] ? sizes[s] : 1);
+            p.rb->scale(p.rb, g, gscale, sizes[s]);
+            p.rb->adamw_update(p.rb, h[s][0], g, h[s][2], h[s][3], sizes[s], spans[s].lr, 0.9f,
+                               0.95f, 1e-8f, 0.1f, t);
+            free(g);
+        }
+    }
+    static const char *names[] = {"adamw_update_multi weights", "its gradient (unchanged)",
+                                  "its first moment", "its second moment"};
+    for (int s = 0; s < NS; s++) {
+        for (int k = 0; k < 4; k++) {
+            float *got = dtake(&p, d[s][k], sizes[s]);
+            assert_same(names[k], got, h[s][k], sizes[s]);
+            free(got);
+            free(h[s][k]);
+        }
+    }
+    free(norms);
     pair_close(&p);
 }
 END_TEST
@@ -504,8 +606,35 @@ START_TEST(matmul_bf16_sees_writes)
                       (double)o2[i], 2.0 * o1[i]);
     p.rb->matmul_forward_bf16(p.rb, want, x2, w, N, C, OC);
     assert_close_tensor("after upload", o3, want, (size_t)N * OC, TOL_BF16_MM);
+    /* A weight gradient's input keeps its copy across a product that
+     * writes elsewhere (q, k and v of one input), not across one that
+     * writes the input itself. */
+    const size_t nx = (size_t)N * C, ng = (size_t)N * OC, nw = (size_t)OC * C;
+    float *g = vec_rand(ng, -1, 1), *d_g = dput(&p, g, ng), *d_y = dpoison(&p, nx);
+    float *d_dw[3], *dw[3], *x3 = vec_new(nx), *want_dw = vec_new(nw);
+    for (int k = 0; k < 3; k++)
+        d_dw[k] = dput(&p, want_dw, nw); /* zeros */
+    p.cb->fill(p.cb, d_y, 0.0f, nx);
+    p.cb->matmul_backward_weight_bf16(p.cb, d_dw[0], d_g, d_x, N, C, OC);
+    p.cb->matmul_backward_input_bf16(p.cb, d_y, d_g, d_w, N, C, OC);
+    p.cb->matmul_backward_weight_bf16(p.cb, d_dw[1], d_g, d_x, N, C, OC);
+    p.cb->matmul_backward_input_bf16(p.cb, d_x, d_g, d_w, N, C, OC); /* x += g w */
+    p.cb->matmul_backward_weight_bf16(p.cb, d_dw[2], d_g, d_x, N, C, OC);
+    expect_ok(p.cc, p.cb->download(p.cb, x3, d_x, nx * sizeof *x3), "download");
+    for (int k = 0; k < 3; k++)
+        dw[k] = dtake(&p, d_dw[k], nw);
+    p.rb->matmul_backward_weight_bf16(p.rb, want_dw, g, x2, N, C, OC);
+    assert_close_tensor("weight gradient", dw[0], want_dw, nw, TOL_BF16_MM);
+    assert_same("weight gradient after a product elsewhere", dw[1], dw[0], nw);
+    memset(want_dw, 0, nw * sizeof *want_dw);
+    p.rb->matmul_backward_weight_bf16(p.rb, want_dw, g, x3, N, C, OC);
+    assert_close_tensor("weight gradient after a product into its input", dw[2], want_dw, nw,
+                        TOL_BF16_MM);
     free(x); free(w); free(x2); free(want); free(o1); free(o2); free(o3);
-    dfree(&p, d_x); dfree(&p, d_w);
+    free(g); free(x3); free(want_dw);
+    for (int k = 0; k < 3; k++)
+        free(dw[k]);
+    dfree(&p, d_x); dfree(&p, d_w); dfree(&p, d_g); dfree(&p, d_y);
     pair_close(&p);
 }
 END_TEST
@@ -517,7 +646,9 @@ START_TEST(embedding_equals_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    static const int shapes[][3] = {{1, 1, 1}, {9, 7, 5}, {300, 64, 37}, {1000, 33, 2000}};
+    /* {N, C, V}: repeats (N > V), rows wider than a block, a large vocabulary */
+    static const int shapes[][3] = {{1, 1, 1}, {9, 7, 5},          {300, 64, 37},
+                                    {1000, 33, 2000}, {4096, 300, 61}, {2000, 40, 100000}};
     rng_seed(13);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int N = shapes[s][0], C = shapes[s][1], V = shapes[s][2];
@@ -548,7 +679,7 @@ START_TEST(rmsnorm_matches_ref)
     if (!pair_open(&p))
         return;
     static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 16}, {33, 64}, {7, 67}, {200, 288},
-                                    {130, 1000}};
+                                    {130, 1000}, {9, 2048}};
     rng_seed(21);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int N = shapes[s][0], C = shapes[s][1];
@@ -583,21 +714,24 @@ START_TEST(rope_matches_ref)
     if (!pair_open(&p))
         return;
     static const int hds[] = {2, 7, 8, 34, 64};
-    static const int pos0s[] = {0, 17};
+    /* rising positions grow the CUDA backend's (cos, sin) table; far ones
+     * check the angles (a float angle would be off by 4e-4 there) */
+    static const int pos0s[] = {0, 17, 6000};
     rng_seed(31);
     for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
-        for (size_t pi = 0; pi < 2; pi++)
+        for (size_t pi = 0; pi < sizeof pos0s / sizeof pos0s[0]; pi++)
             for (int dir = 0; dir < 2; dir++) {
                 int B = 2, T = 5, H = 3, hd = hds[hi];
+                float theta = hi % 2 ? 500.0f : 10000.0f; /* a change rebuilds the table */
                 size_t n = (size_t)B * T * H * hd;
                 float *x = vec_rand(n, -1, 1);
                 float *d = dput(&p, x, n);
                 if (dir == 0) {
-                    p.rb->rope_forward(p.rb, x, B, T, H, hd, pos0s[pi], 10000.0f);
-                    p.cb->rope_forward(p.cb, d, B, T, H, hd, pos0s[pi], 10000.0f);
+                    p.rb->rope_forward(p.rb, x, B, T, H, hd, pos0s[pi], theta);
+                    p.cb->rope_forward(p.cb, d, B, T, H, hd, pos0s[pi], theta);
                 } else {
-                    p.rb->rope_backward(p.rb, x, B, T, H, hd, pos0s[pi], 500.0f);
-                    p.cb->rope_backward(p.cb, d, B, T, H, hd, pos0s[pi], 500.0f);
+                    p.rb->rope_backward(p.rb, x, B, T, H, hd, pos0s[pi], theta);
+                    p.cb->rope_backward(p.cb, d, B, T, H, hd, pos0s[pi], theta);
                 }
                 float *got = dtake(&p, d, n);
                 assert_close_rows(dir ? "rope_backward" : "rope_forward", got, x, n / hd,
@@ -623,39 +757,6 @@ static const struct attn_shape attn_shapes[] = {
     {1, 1, 9, 10, 8, 4, 8},      {2, 3, 30, 40, 6, 3, 48},   {1, 300, 0, 300, 6, 2, 64},
     {2, 70, 0, 70, 4, 2, 100},   {1, 45, 0, 45, 2, 1, 256},  {1, 2, 70, 80, 4, 1, 128},
 };
-
-/* The CUDA forward's saved logsumexp of every query row against one
- * computed here in double: log sum_key exp(q . k_key / sqrt(hd)). */
-static void assert_lse(const struct attn_shape *a, const float *lse, const float *q,
-                       const float *k)
-{
-    const int rep = a->n_heads / a->n_kv;
-    for (int b = 0; b < a->B; b++)
-        for (int h = 0; h < a->n_heads; h++)
-            for (int t = 0; t < a->Tq; t++) {
-                const float *qr = q + (((size_t)b * a->Tq + t) * a->n_heads + h) * a->hd;
-                int n_keys = a->pos0 + t + 1;
-                double *sc = malloc((size_t)n_keys * sizeof *sc), mx = -INFINITY, sum = 0.0;
-                ck_assert_ptr_nonnull(sc);
-                for (int key = 0; key < n_keys; key++) {
-                    const float *kr =
-                        k + (((size_t)b * a->kv_len + key) * a->n_kv + h / rep) * a->hd;
-                    double d = 0.0;
-                    for (int c = 0; c < a->hd; c++)
-                        d += (double)qr[c] * kr[c];
-                    sc[key] = d / sqrt((double)a->hd);
-                    mx = fmax(mx, sc[key]);
-                }
-                for (int key = 0; key < n_keys; key++)
-                    sum += exp(sc[key] - mx);
-                free(sc);
-                double want = mx + log(sum);
-                float got = lse[((size_t)b * a->n_heads + h) * a->Tq + t];
-                ck_assert_msg(fabs(got - want) <= TOL_FLOAT * fmax(1.0, fabs(want)),
-                              "attention logsumexp (b %d, h %d, t %d): cuda %.9g, want %.9g", b,
-                              h, t, (double)got, want);
-            }
-}
 
 /* x rounded to bf16, nearest even (finite x), by its bits: written apart
  * from the library so the test does not check it against itself. */
@@ -685,7 +786,7 @@ static void attn_forward(qkd__backend *be, int bf16, float *o, float *scratch, c
 }
 
 static void attn_backward(qkd__backend *be, int bf16, float *dq, float *dk, float *dv,
-                          const float *dout, const float *scratch, const float *q,
+                          const float *dout, float *scratch, const float *q,
                           const float *k, const float *v, const float *o,
                           const struct attn_shape *a)
 {
@@ -705,10 +806,10 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
     qkd__backend *rb = p->rb, *cb = p->cb;
     size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
     size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
-    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads);
+    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd);
     /* the CUDA scratch is one logsumexp per query row, not T x T */
     size_t nl = (size_t)a->B * a->n_heads * a->Tq;
-    ck_assert_uint_eq(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads), nl);
+    ck_assert_uint_eq(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd), nl);
     float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
     float *o = vec_new(nq), *P = vec_new(np);
     float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
@@ -744,11 +845,13 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
     if (bf16) {
         float *qr = vec_bf16(q, nq), *kr = vec_bf16(k, nkv);
         assert_close_floor("attention_forward_bf16 out", g_o, o, nq, TOL_BF16_ATT_OUT);
-        assert_lse(a, g_lse, qr, kr);
+        assert_attention_lse("cuda", g_lse, qr, kr, a->B, a->Tq, a->pos0, a->kv_len,
+                             a->n_heads, a->n_kv, a->hd, TOL_FLOAT);
         free(qr); free(kr);
     } else {
         assert_close_rows("attention_forward out", g_o, o, nq / a->hd, (size_t)a->hd, TOL_FLOAT);
-        assert_lse(a, g_lse, q, k);
+        assert_attention_lse("cuda", g_lse, q, k, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
+                             a->n_kv, a->hd, TOL_FLOAT);
     }
     free(q); free(k); free(v); free(o); free(P); free(g_o); free(g_lse);
     dfree(p, d_q); dfree(p, d_k); dfree(p, d_v);
@@ -788,25 +891,32 @@ START_TEST(swiglu_matches_ref)
     if (!pair_open(&p))
         return;
     rng_seed(51);
-    for (size_t s = 0; s < sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
-        size_t n = elem_sizes[s];
+    /* off 1: pointers off the 16-byte boundary take the scalar kernels */
+    for (size_t s = 0; s < 2 * sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
+        size_t off = s % 2, n = elem_sizes[s / 2] - off;
+        if (n == 0)
+            continue;
         float *gate = vec_rand(n, -12, 12), *up = vec_rand(n, -2, 2), *g = vec_rand(n, -1, 1);
         gate[0] = -100.0f; /* exp(100) is past float: the gate closes, as in double */
         float *o = vec_new(n), *dg = vec_rand(n, -1, 1), *du = vec_rand(n, -1, 1);
-        float *d_gate = dput(&p, gate, n), *d_up = dput(&p, up, n), *d_g = dput(&p, g, n);
-        float *d_o = dpoison(&p, n), *d_dg = dput(&p, dg, n), *d_du = dput(&p, du, n);
+        for (size_t i = 0; i < n; i++)
+            o[i] = NAN; /* the device output starts poisoned */
+        float *d_gate = dput_off(&p, gate, n, off), *d_up = dput_off(&p, up, n, off);
+        float *d_g = dput_off(&p, g, n, off), *d_o = dput_off(&p, o, n, off);
+        float *d_dg = dput_off(&p, dg, n, off), *d_du = dput_off(&p, du, n, off);
         p.rb->swiglu_forward(p.rb, o, gate, up, n);
         p.rb->swiglu_backward(p.rb, dg, du, g, gate, up, n);
         p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
         p.cb->swiglu_backward(p.cb, d_dg, d_du, d_g, d_gate, d_up, n);
-        float *g_o = dtake(&p, d_o, n), *g_dg = dtake(&p, d_dg, n), *g_du = dtake(&p, d_du, n);
+        float *g_o = dtake_off(&p, d_o, n, off), *g_dg = dtake_off(&p, d_dg, n, off);
+        float *g_du = dtake_off(&p, d_du, n, off);
         /* element by element, in float (elementwise.cu) */
         assert_close_floor("swiglu_forward", g_o, o, n, TOL_FLOAT);
         assert_close_floor("swiglu_backward dgate", g_dg, dg, n, TOL_FLOAT);
         assert_close_floor("swiglu_backward dup", g_du, du, n, TOL_FLOAT);
         free(gate); free(up); free(g); free(o); free(dg); free(du);
         free(g_o); free(g_dg); free(g_du);
-        dfree(&p, d_gate); dfree(&p, d_up); dfree(&p, d_g);
+        dfree(&p, d_gate - off); dfree(&p, d_up - off); dfree(&p, d_g - off);
     }
     pair_close(&p);
 }
@@ -1446,6 +1556,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, elementwise_equal_ref);
     tcase_add_test(tc, sums_match_ref);
     tcase_add_test(tc, optimizers_equal_ref);
+    tcase_add_test(tc, multi_tensor_updates_match_ref);
     tcase_add_test(tc, matmul_matches_ref);
     tcase_add_test(tc, matmul_bf16_matches_ref);
     tcase_add_test(tc, matmul_bf16_sees_writes);

@@ -145,7 +145,7 @@ START_TEST(test_table_complete)
         ck_assert_msg(slots[i].set, "slot %s is NULL", slots[i].name);
     ck_assert_ptr_null(b->extra(b, "flash_attention"));
     /* probabilities [B][n_heads][Tq][kv_len] */
-    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4), 2 * 4 * 3 * 5);
+    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 8), 2 * 4 * 3 * 5);
     qkd_context_free(ctx);
 }
 END_TEST
@@ -458,7 +458,7 @@ START_TEST(test_attention_bf16)
     float *dout = vec_rand(nq, -1, 1), *out = vec_new(nq), *out32 = vec_new(nq);
     float *dq = vec_new(nq), *dk = vec_new(nkv), *dv = vec_new(nkv), *dq32 = vec_new(nq);
     float *dk32 = vec_new(nkv), *dv32 = vec_new(nkv);
-    float *P = vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH));
+    float *P = vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, AB_HD));
     double *want_out = dvec_new(nq), *want_dq = dvec_new(nq), *want_dk = dvec_new(nkv);
     double *want_dv = dvec_new(nkv);
     b->attention_forward_bf16(b, out, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD);
@@ -765,7 +765,7 @@ START_TEST(test_attention_forward)
         const struct attn_shape *s = &shapes[i];
         float *q = vec_rand(q_size(s), -1.5, 1.5), *k = vec_rand(kv_size(s), -1.5, 1.5);
         float *v = vec_rand(kv_size(s), -1, 1), *out = vec_new(q_size(s));
-        size_t n_p = b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh);
+        size_t n_p = b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh, s->hd);
         float *probs = vec_rand(n_p, 5, 6); /* every entry must be written */
         double *want = dvec_new(q_size(s)), *want_p = dvec_new(n_p);
         attention_direct(s, q, k, v, want, want_p);
@@ -813,7 +813,7 @@ START_TEST(test_attention_backward)
         size_t nq = q_size(s), nkv = kv_size(s);
         float *q = vec_rand(nq, -1.5, 1.5), *k = vec_rand(nkv, -1.5, 1.5);
         float *v = vec_rand(nkv, -1, 1), *R = vec_rand(nq, -1, 1), *out = vec_new(nq);
-        float *scratch = vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh));
+        float *scratch = vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh, s->hd));
         float *pq = vec_rand(nq, -1, 1), *pk = vec_rand(nkv, -1, 1), *pv = vec_rand(nkv, -1, 1);
         float *dq = vec_copy(pq, nq), *dk = vec_copy(pk, nkv), *dv = vec_copy(pv, nkv);
         b->attention_forward(b, out, scratch, q, k, v, s->B, s->Tq, 0, s->Tq, s->nh, s->nkv,
@@ -849,7 +849,7 @@ START_TEST(test_attention_decode_matches_full)
     enum { B = 2, T = 7, NH = 4, NKV = 2, HD = 6 };
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
     float *q = vec_rand(nq, -1.5, 1.5), *k = vec_rand(nkv, -1.5, 1.5), *v = vec_rand(nkv, -1, 1);
-    float *full = vec_new(nq), *scratch = vec_new(b->attention_scratch_floats(b, B, T, T, NH));
+    float *full = vec_new(nq), *scratch = vec_new(b->attention_scratch_floats(b, B, T, T, NH, HD));
     b->attention_forward(b, full, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int p = 0; p < T; p++) {
         /* Decode rows see only keys 0..p: the cache past p holds NaN. */
@@ -867,7 +867,7 @@ START_TEST(test_attention_decode_matches_full)
                 qd[bb * NH * HD + c] = q[(bb * T + p) * NH * HD + c];
                 want[bb * NH * HD + c] = full[(bb * T + p) * NH * HD + c];
             }
-        ck_assert_uint_eq(b->attention_scratch_floats(b, B, 1, T, NH), B * NH * T);
+        ck_assert_uint_eq(b->attention_scratch_floats(b, B, 1, T, NH, HD), B * NH * T);
         b->attention_forward(b, od, sd, qd, kc, vc, B, 1, p, T, NH, NKV, HD);
         assert_close("decode row", od, want, B * NH * HD, 1e-6);
         free(kc);
@@ -1174,7 +1174,7 @@ START_TEST(test_threads_attention_backward)
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
     float *q = vec_rand(nq, -1, 1), *k = vec_rand(nkv, -1, 1), *v = vec_rand(nkv, -1, 1);
     float *dout = vec_rand(nq, -1, 1), *out = vec_new(nq);
-    float *scratch = vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH));
+    float *scratch = vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH, HD));
     float *d[2][3];
     t.b[0]->attention_forward(t.b[0], out, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int i = 0; i < 2; i++) {

@@ -681,6 +681,56 @@ START_TEST(cli_interrupt_and_resume_bit_identical)
 }
 END_TEST
 
+/* run.json of a 2-step cont-approx run in DIR/NAME, with EXTRA appended
+ * (NULL-terminated, at most 4); stderr is left in DIR/stderr. */
+static json_t *cont_approx_config(const shared_paths *sp, const char *dir, const char *name,
+                                  const char *const *extra)
+{
+    char out[512], path[600];
+    snprintf(out, sizeof out, "%s/%s", dir, name);
+    const char *args[32] = {"distill", "--teacher", sp->model, "--tokenizer", sp->tok,
+                            "--data", sp->text, "--method", "cont-approx", "--bits", "3",
+                            "--steps", "2", "--batch", "2", "--seq", "16",
+                            "--eval-windows", "2", "--threads", "2", "--out", out};
+    int n = 23;
+    for (int i = 0; i < 4 && extra[i]; i++)
+        args[n++] = extra[i];
+    args[n] = NULL;
+    run_cli_ok(args, dir);
+    snprintf(path, sizeof path, "%s/run.json", out);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    ck_assert_ptr_nonnull(cfg);
+    return cfg;
+}
+
+/* The cont-approx preset starts from BitDistiller's searched clip at lr
+ * 1e-3; --scheme and --lr given explicitly still win. */
+START_TEST(cli_distill_cont_approx_preset)
+{
+    shared_paths sp;
+    if (!get_shared(&sp))
+        return;
+    const char *dir = test_tmpdir();
+    const char *none[] = {NULL};
+    json_t *cfg = cont_approx_config(&sp, dir, "preset", none);
+    ck_assert_str_eq(json_string_value(json_object_get(cfg, "scheme")), "clip");
+    ck_assert_double_eq_tol(number_at(cfg, NULL, "lr"), 1e-3, 1e-9);
+    json_decref(cfg);
+    char *err = slurp(dir, "stderr");
+    ck_assert_ptr_nonnull(strstr(err, "clip searched"));
+    free(err);
+
+    const char *given[] = {"--scheme", "asym", "--lr", "0.0002", NULL};
+    cfg = cont_approx_config(&sp, dir, "given", given);
+    ck_assert_str_eq(json_string_value(json_object_get(cfg, "scheme")), "asym");
+    ck_assert_double_eq_tol(number_at(cfg, NULL, "lr"), 2e-4, 1e-9);
+    json_decref(cfg);
+    err = slurp(dir, "stderr");
+    ck_assert_ptr_null(strstr(err, "clip searched"));
+    free(err);
+}
+END_TEST
+
 START_TEST(cli_distill_usage_errors)
 {
     const char *dir = test_tmpdir();
@@ -777,6 +827,7 @@ Suite *suite_distill(void)
     tcase_add_test(tc, cli_distill_writes_metrics_and_summary);
     tcase_add_test(tc, cli_interrupt_and_resume_bit_identical);
     tcase_add_test(tc, cli_distill_scales_only);
+    tcase_add_test(tc, cli_distill_cont_approx_preset);
     tcase_add_test(tc, cli_distill_usage_errors);
     tcase_add_test(tc, cli_report_writes_svg);
     suite_add_tcase(s, tc);

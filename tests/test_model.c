@@ -452,6 +452,46 @@ START_TEST(test_bf16_matmul_precision)
 }
 END_TEST
 
+/* A model that is not trained gives the same logits, bit for bit, from
+ * about a third of the activation memory here (three layers sharing one
+ * set of buffers), and refuses a backward until it is trainable again. */
+START_TEST(test_frozen_model_shares_activations)
+{
+    test_alloc counter;
+    qkd_context *ctx = test_counting_context(&counter, 2);
+    qkd_model_config c = tiny_config(0);
+    c.n_layers = 3; /* odd: the residual stream ends in either buffer */
+    qkd_model *m = NULL;
+    ck_assert_int_eq(qkd_model_create(ctx, &c, &m), QKD_OK);
+    ck_assert_int_eq(qkd_model_init_random(m, 5, 0.4f), QKD_OK);
+    int32_t tokens[TB * TT], targets[TB * TT];
+    random_ids(tokens, TB * TT, TV, 6);
+    random_ids(targets, TB * TT, TV, 7);
+    const size_t n = TB * TT * TV;
+    float *trained, *g, *frozen, *again, *g_again;
+    counter.largest = 0;
+    forward_backward(m, tokens, targets, &trained, &g);
+    size_t trained_bytes = counter.largest;
+    ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
+    counter.largest = 0;
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    size_t frozen_bytes = counter.largest;
+    frozen = all_logits(m, n);
+    ck_assert_mem_eq(frozen, trained, n * sizeof *frozen);
+    ck_assert_msg(frozen_bytes < trained_bytes, "frozen activations %zu bytes, trained %zu",
+                  frozen_bytes, trained_bytes);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
+    forward_backward(m, tokens, targets, &again, &g_again);
+    ck_assert_mem_eq(again, trained, n * sizeof *again);
+    ck_assert_mem_eq(g_again, g, (size_t)tensor_len(m, 1) * sizeof *g);
+    ck_assert_int_eq(qkd_model_set_trainable(NULL, 0), QKD_ERR_INVALID_ARG);
+    free(trained), free(g), free(frozen), free(again), free(g_again);
+    qkd_model_free(m);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* The batched training forward on the real stories260K weights gives
  * llama2.c's logits for positions 0..15 of its greedy run (published
  * reference, to 1e-4), in both rows of a batch of two. */
@@ -1009,6 +1049,7 @@ Suite *suite_model(void)
     tcase_add_loop_test(tc, test_forward_matches_naive, 0, 2);
     tcase_add_test(tc, test_forward_matches_llama2c);
     tcase_add_test(tc, test_bf16_matmul_precision);
+    tcase_add_test(tc, test_frozen_model_shares_activations);
     tcase_add_loop_test(tc, test_gradient_finite_difference, 0, 2);
     tcase_add_loop_test(tc, test_gradient_accumulates, 0, 2);
     tcase_add_test(tc, test_backward_device_dlogits);

@@ -1871,6 +1871,10 @@ START_TEST(test_bad_params_targets_and_state)
     ck_assert_int_eq(qkd_model_set_quantizer(m, qs, QKD_QUANT_TARGET_LINEAR), QKD_OK);
     int32_t bad[ST] = {1, 2, 99, 4, 5, 6, 7, 8};
     expect_error(ctx, qkd_quantizer_calibrate(qs, m, bad, 1, ST), QKD_ERR_RANGE, "token 99");
+    /* nor can it search on a model that keeps no per-layer inputs */
+    ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
+    expect_error(ctx, qkd_quantizer_calibrate(qs, m, tokens, 1, ST), QKD_ERR_STATE, "trainable");
+    ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
 
     /* a NaN weight in a target: NON_FINITE naming it, the old binding kept */
     int i_v;

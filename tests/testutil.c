@@ -336,3 +336,35 @@ int test_wait_cli(pid_t pid)
     ck_assert_int_eq(waitpid(pid, &ws, 0), pid);
     return WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
 }
+
+void assert_attention_lse(const char *backend, const float *lse, const float *q, const float *k,
+                          int B, int Tq, int pos0, int kv_len, int n_heads, int n_kv, int hd,
+                          double tol)
+{
+    const int rep = n_heads / n_kv;
+    double *sc = malloc((size_t)(pos0 + Tq) * sizeof *sc);
+    ck_assert_ptr_nonnull(sc);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < n_heads; h++)
+            for (int t = 0; t < Tq; t++) {
+                const float *qr = q + (((size_t)b * Tq + t) * n_heads + h) * hd;
+                int n_keys = pos0 + t + 1;
+                double mx = -INFINITY, sum = 0.0;
+                for (int key = 0; key < n_keys; key++) {
+                    const float *kr = k + (((size_t)b * kv_len + key) * n_kv + h / rep) * hd;
+                    double d = 0.0;
+                    for (int c = 0; c < hd; c++)
+                        d += (double)qr[c] * kr[c];
+                    sc[key] = d / sqrt((double)hd);
+                    mx = fmax(mx, sc[key]);
+                }
+                for (int key = 0; key < n_keys; key++)
+                    sum += exp(sc[key] - mx);
+                double want = mx + log(sum);
+                float got = lse[((size_t)b * n_heads + h) * Tq + t];
+                ck_assert_msg(fabs(got - want) <= tol * fmax(1.0, fabs(want)),
+                              "attention logsumexp (b %d, h %d, t %d): %s %.9g, want %.9g", b, h,
+                              t, backend, (double)got, want);
+            }
+    free(sc);
+}

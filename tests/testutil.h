@@ -113,6 +113,14 @@ pid_t test_spawn_cli(const char *const *args, const char *out, const char *err);
 /* Exit status of pid, or -1 if it did not exit normally. */
 int test_wait_cli(pid_t pid);
 
+/* The logsumexp a flash-style attention forward saved for every query row,
+ * lse[B][n_heads][Tq], against one computed in double from q
+ * [B][Tq][n_heads][hd] and k [B][kv_len][n_kv][hd]: log sum_key exp(q . k /
+ * sqrt(hd)) over keys 0..pos0+t, within tol of max(1, |value|). */
+void assert_attention_lse(const char *backend, const float *lse, const float *q, const float *k,
+                          int B, int Tq, int pos0, int kv_len, int n_heads, int n_kv, int hd,
+                          double tol);
+
 /* Suites, one per area; test_main.c runs them all. */
 Suite *suite_core(void);
 Suite *suite_backend_ref(void);

@@ -84,7 +84,8 @@ typedef struct qkd_distill_params {
 QKD_API void qkd_distill_params_init(qkd_distill_params *p);
 
 /* A run over borrowed handles (all valid until the run is freed; teacher
- * may be NULL when every loss term is CE). ctx is the context the handles
+ * may be NULL when every loss term is CE; qkd_model_set_trainable(teacher,
+ * 0) saves its per-layer activations). ctx is the context the handles
  * were created on; errors are reported there. The step counter starts at
  * 0. *out: owned, free with qkd_distill_free. Errors: INVALID_ARG (NULL
  * handle, bad params), SHAPE (teacher and student vocabularies differ, or

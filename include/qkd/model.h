@@ -221,6 +221,16 @@ typedef enum qkd_matmul_precision {
 QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
                                                   qkd_matmul_precision precision);
 
+/* Whether the model is trained (1, the default) or only run forward, as a
+ * frozen teacher is (0). A model that is not trained keeps no per-layer
+ * activations: its layers share one set of buffers, so a forward needs
+ * about 1 / n_layers of the activation memory (and stays in cache where
+ * the whole set would not), with the same logits, bit for bit;
+ * qkd_model_backward and an output-error clip search on it then fail with
+ * STATE. Changing it releases the activations (set up again by the next
+ * forward). Errors: INVALID_ARG (NULL model). @since 0.1 */
+QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
+
 /* Total number of trainable scalars (a bound quantizer's learned scales
  * and zero points included). @since 0.1 */
 QKD_API int64_t qkd_model_n_params(const qkd_model *model);

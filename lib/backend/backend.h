@@ -29,7 +29,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 5
+#define QKD__BACKEND_ABI 6
 
 typedef struct qkd__backend qkd__backend;
 
@@ -55,6 +55,16 @@ typedef struct qkd__qweight {
     float *scratch; /* [OC][C] floats a backend may write Q(w) to (the
                        reference composes through it); unspecified after */
 } qkd__qweight;
+
+/* One tensor of a multi-tensor optimizer update: parameters, gradient,
+ * AdamW's two moments, the element count and the learning rate. */
+typedef struct qkd__update_span {
+    float *p;
+    const float *g;
+    float *m, *v;
+    size_t n;
+    float lr;
+} qkd__update_span;
 
 struct qkd__backend {
     uint32_t abi;
@@ -140,17 +150,20 @@ struct qkd__backend {
      * q, out: [B][Tq][n_heads][hd]. k, v: [B][kv_len][n_kv][hd]; query row t
      * sits at position pos0 + t and attends keys 0..pos0+t (so
      * pos0 + Tq <= kv_len). Query head h uses kv head h / (n_heads/n_kv).
-     * Scores are scaled by 1/sqrt(hd). `scratch` holds what the backward
-     * needs; its size in floats comes from attention_scratch_floats. */
+     * Scores are scaled by 1/sqrt(hd). `scratch` is the backend's: the
+     * forward leaves in it what the backward needs (the reference: the
+     * probabilities; CUDA and SIMD: one logsumexp per query row), and
+     * kernels may use the rest as working memory, so they allocate nothing.
+     * Its size in floats comes from attention_scratch_floats. */
     size_t (*attention_scratch_floats)(qkd__backend *b, int B, int Tq, int kv_len,
-                                       int n_heads);
+                                       int n_heads, int hd);
     void (*attention_forward)(qkd__backend *b, float *out, float *scratch,
                               const float *q, const float *k, const float *v,
                               int B, int Tq, int pos0, int kv_len,
                               int n_heads, int n_kv, int hd);
     /* Training form only: pos0 = 0, kv_len = T. dq, dk, dv += ... */
     void (*attention_backward)(qkd__backend *b, float *dq, float *dk, float *dv,
-                               const float *dout, const float *scratch,
+                               const float *dout, float *scratch,
                                const float *q, const float *k, const float *v,
                                const float *out, int B, int T,
                                int n_heads, int n_kv, int hd);
@@ -167,7 +180,7 @@ struct qkd__backend {
                                    int B, int Tq, int pos0, int kv_len,
                                    int n_heads, int n_kv, int hd);
     void (*attention_backward_bf16)(qkd__backend *b, float *dq, float *dk, float *dv,
-                                    const float *dout, const float *scratch,
+                                    const float *dout, float *scratch,
                                     const float *q, const float *k, const float *v,
                                     const float *out, int B, int T,
                                     int n_heads, int n_kv, int hd);
@@ -214,6 +227,16 @@ struct qkd__backend {
     /* SGD with momentum: u = momentum u + g; p -= lr * (u + wd * p). */
     void (*sgd_update)(qkd__backend *b, float *p, const float *g, float *u, size_t n,
                        float lr, float momentum, float wd);
+    /* Optional (both or none): many tensors in one pass. spans is host
+     * memory, read before the call returns. sum_squares_multi writes
+     * out[i] = the sum of spans[i].g[j]^2 (summed in double, as
+     * sum_squares); adamw_update_multi runs adamw_update on every span at
+     * its lr, reading each g[j] as the float g[j] * gscale (what `scale` on
+     * a copy gives; 1: g itself). NULL: the caller goes tensor by tensor. */
+    void (*sum_squares_multi)(qkd__backend *b, float *out, const qkd__update_span *spans,
+                              int n_spans);
+    void (*adamw_update_multi)(qkd__backend *b, const qkd__update_span *spans, int n_spans,
+                               float gscale, float b1, float b2, float eps, float wd, int t);
 
     /* ---- fake quantization ------------------------------------------------
      * wq[rows][cols] = Q(w) per group of spec->group values along each row

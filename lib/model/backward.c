@@ -102,6 +102,9 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
 {
     if (!m)
         return QKD_ERR_INVALID_ARG;
+    if (m->frozen)
+        return qkd__error(m->ctx, QKD_ERR_STATE,
+                          "model backward: the model is not trainable (qkd_model_set_trainable)");
     if (!m->has_forward)
         return qkd__error(m->ctx, QKD_ERR_STATE, "model backward: no forward pass yet");
     qkd__backend *be = qkd__model_backend(m);

@@ -106,6 +106,10 @@ qkd_status qkd_quantizer_calibrate(qkd_quantizer *q, qkd_model *m, const int32_t
                           "calibrate: the quantizer's clip mode %d is not a SEARCH mode",
                           (int)clip);
     const int by_output = clip == QKD_CLIP_SEARCH_OUTPUT;
+    if (by_output && m->frozen)
+        return qkd__error(ctx, QKD_ERR_STATE,
+                          "calibrate: an output-error search reads every layer's inputs, which a "
+                          "model that is not trainable does not keep (qkd_model_set_trainable)");
     int64_t n_x = 0;
     if (by_output) {
         m->student.off = 1; /* the float model's activations */

@@ -115,7 +115,8 @@ static void plan_train(void *arg, qkd__arena *a)
     const size_t N = (size_t)p->B * (size_t)p->T, C = (size_t)c->dim;
     const size_t H = (size_t)c->hidden_dim, V = (size_t)c->vocab_size;
     const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
-    const size_t scratch = be->attention_scratch_floats(be, p->B, p->T, p->T, c->n_heads);
+    const size_t scratch =
+        be->attention_scratch_floats(be, p->B, p->T, p->T, c->n_heads, c->dim / c->n_heads);
     const int act_quant = p->m->student.act_bits > 0;
 
     t->tokens = (int32_t *)qkd__arena_take(a, N, 1);
@@ -124,12 +125,19 @@ static void plan_train(void *arg, qkd__arena *a)
     t->loss_sum = qkd__arena_take(a, 1, 1);
     float *proj = qkd__arena_take(a, N, C);
     float *x = qkd__arena_take(a, N, C);
+    /* A frozen model's layers share layer 0's buffers, the residual
+     * stream going back and forth between two. */
+    float *x_other = p->m->frozen ? qkd__arena_take(a, N, C) : NULL;
     for (int l = 0; l < c->n_layers; l++) {
         qkd__layer_acts *la = &t->layers[l];
+        if (p->m->frozen && l > 0)
+            *la = t->layers[0];
+        else
+            qkd__model_plan_layer(a, la, c, N, scratch, 1, act_quant);
         la->x_in = x;
         la->proj = proj;
-        qkd__model_plan_layer(a, la, c, N, scratch, 1, act_quant);
-        la->x_out = x = qkd__arena_take(a, N, C);
+        la->x_out = x = p->m->frozen ? (l % 2 ? t->layers[0].x_in : x_other)
+                                     : qkd__arena_take(a, N, C);
     }
     t->xf = qkd__arena_take(a, N, C);
     t->rstdf = qkd__arena_take(a, N, 1);

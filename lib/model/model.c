@@ -368,6 +368,17 @@ qkd_status qkd_model_set_max_seq_len(qkd_model *m, int n)
     return QKD_OK;
 }
 
+qkd_status qkd_model_set_trainable(qkd_model *m, int trainable)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (m->frozen != !trainable) {
+        m->frozen = !trainable;
+        qkd__model_free_acts(m); /* planned again, with or without per-layer buffers */
+    }
+    return QKD_OK;
+}
+
 qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
 {
     if (!m)

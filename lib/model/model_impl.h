@@ -119,6 +119,7 @@ struct qkd_model {
     qkd__decode dec;
     qkd__student student;
     int matmul_bf16;      /* QKD_MATMUL_BF16: the backend's bf16 products */
+    int frozen;           /* not trained: the layers share their activations */
 };
 
 static inline qkd__backend *qkd__model_backend(const qkd_model *m)
@@ -150,7 +151,7 @@ static inline void qkd__model_attention_forward(const qkd_model *m, float *out, 
 
 static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, float *dk,
                                                  float *dv, const float *dout,
-                                                 const float *scratch, const float *q,
+                                                 float *scratch, const float *q,
                                                  const float *k, const float *v,
                                                  const float *out, int B, int T, int n_heads,
                                                  int n_kv, int hd)

@@ -1,6 +1,6 @@
 /* Optimizers: parameter checks, state allocation on the model's backend,
  * groups and presets, the schedule, and the step (global norm, clipping,
- * one backend update per trainable tensor). */
+ * one backend update per trainable tensor, or one for all of them). */
 #include <limits.h>
 #include <math.h>
 
@@ -117,7 +117,8 @@ static qkd_status build_tensors(qkd_optimizer *opt)
     int n = qkd_model_n_tensors(opt->model);
     opt->tensors = qkd__calloc(opt->ctx, (size_t)n, sizeof *opt->tensors);
     opt->norms_host = qkd__calloc(opt->ctx, (size_t)n, sizeof *opt->norms_host);
-    if (!opt->tensors || !opt->norms_host)
+    opt->spans = qkd__calloc(opt->ctx, (size_t)n, sizeof *opt->spans);
+    if (!opt->tensors || !opt->norms_host || !opt->spans)
         return qkd__error(opt->ctx, QKD_ERR_NO_MEMORY, "optimizer create: out of memory");
     opt->n_tensors = n;
     for (int i = 0; i < n; i++) {
@@ -209,6 +210,7 @@ void qkd_optimizer_free(qkd_optimizer *opt)
         return;
     opt->be->free(opt->be, opt->mem);
     qkd__free(opt->ctx, opt->norms_host);
+    qkd__free(opt->ctx, opt->spans);
     qkd__free(opt->ctx, opt->tensors);
     qkd__free(opt->ctx, opt);
 }
@@ -313,60 +315,89 @@ float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t)
 
 /* ---- step ------------------------------------------------------------------------ */
 
-/* Global L2 norm of the trainable gradients: one sum_squares per tensor
- * into a device array, one download, summed in double in tensor order. */
-static qkd_status grad_norm(qkd_optimizer *opt, double *norm)
+/* opt->spans: the trainable tensors in order, at learning rate lr_t;
+ * returns how many. */
+static int fill_spans(qkd_optimizer *opt, float lr_t)
+{
+    int k = 0;
+    for (int i = 0; i < opt->n_tensors; i++) {
+        const qkd__optim_tensor *t = &opt->tensors[i];
+        if (t->frozen)
+            continue;
+        opt->spans[k++] = (qkd__update_span){
+            .p = qkd__model_param_dev(opt->model, i),
+            .g = qkd__model_grad_dev(opt->model, i),
+            .m = t->moments,
+            .v = opt->n_moments > 1 ? t->moments + qkd__optim_stride(t) : NULL,
+            .n = (size_t)t->n,
+            .lr = (float)((double)lr_t * t->lr_scale),
+        };
+    }
+    return k;
+}
+
+/* Global L2 norm of the n trainable gradients in opt->spans: their squared
+ * norms into a device array (one multi-tensor call where the backend has
+ * it, else one sum_squares each), one download, summed in double in
+ * tensor order. */
+static qkd_status grad_norm(qkd_optimizer *opt, int n, double *norm)
 {
     qkd__backend *be = opt->be;
-    int any = 0;
-    for (int i = 0; i < opt->n_tensors; i++) {
-        if (opt->tensors[i].frozen)
-            continue;
-        be->sum_squares(be, opt->norms + i, qkd__model_grad_dev(opt->model, i),
-                        (size_t)opt->tensors[i].n);
-        any = 1;
-    }
     double sum = 0.0;
-    if (any) {
+    if (n) {
+        if (be->sum_squares_multi) {
+            be->sum_squares_multi(be, opt->norms, opt->spans, n);
+        } else {
+            for (int k = 0; k < n; k++)
+                be->sum_squares(be, opt->norms + k, opt->spans[k].g, opt->spans[k].n);
+        }
         qkd_status st = be->sync(be);
         if (st == QKD_OK)
-            st = be->download(be, opt->norms_host, opt->norms,
-                              (size_t)opt->n_tensors * sizeof(float));
+            st = be->download(be, opt->norms_host, opt->norms, (size_t)n * sizeof(float));
         if (st != QKD_OK)
             return st;
-        for (int i = 0; i < opt->n_tensors; i++) {
-            if (!opt->tensors[i].frozen)
-                sum += opt->norms_host[i];
-        }
+        for (int k = 0; k < n; k++)
+            sum += opt->norms_host[k];
     }
     *norm = sqrt(sum);
     return QKD_OK;
 }
 
-/* Update tensor i at learning rate lr_t; a clipped gradient is scaled on
- * the scratch copy, never in the model. */
-static void update_tensor(qkd_optimizer *opt, int i, float lr_t, int clipped, float clip)
+/* Update one span; a clipped gradient is scaled on the scratch copy, never
+ * in the model. */
+static void update_span(qkd_optimizer *opt, const qkd__update_span *s, int clipped, float clip,
+                        int bias_t)
 {
-    const qkd__optim_tensor *t = &opt->tensors[i];
     const qkd_optim_params *p = &opt->p;
     qkd__backend *be = opt->be;
-    const size_t n = (size_t)t->n;
-    const float *g = qkd__model_grad_dev(opt->model, i);
+    const float *g = s->g;
     if (clipped) {
-        be->copy(be, opt->scratch, g, n);
-        be->scale(be, opt->scratch, clip, n);
+        be->copy(be, opt->scratch, g, s->n);
+        be->scale(be, opt->scratch, clip, s->n);
         g = opt->scratch;
     }
-    float *w = qkd__model_param_dev(opt->model, i);
-    float lr = (float)((double)lr_t * t->lr_scale);
-    if (p->kind == QKD_OPTIM_SGD) {
-        be->sgd_update(be, w, g, t->moments, n, lr, p->momentum, p->weight_decay);
-        return;
-    }
+    if (p->kind == QKD_OPTIM_SGD)
+        be->sgd_update(be, s->p, g, s->m, s->n, s->lr, p->momentum, p->weight_decay);
+    else
+        be->adamw_update(be, s->p, g, s->m, s->v, s->n, s->lr, p->beta1, p->beta2, p->eps,
+                         p->weight_decay, bias_t);
+}
+
+/* Update the n spans: AdamW in one multi-tensor call where the backend
+ * has it, else span by span. */
+static void update_all(qkd_optimizer *opt, int n, int clipped, float clip)
+{
+    const qkd_optim_params *p = &opt->p;
+    qkd__backend *be = opt->be;
     /* beta^t underflows to 0 long before t leaves int's range */
     int bias_t = opt->step + 1 > INT_MAX ? INT_MAX : (int)(opt->step + 1);
-    be->adamw_update(be, w, g, t->moments, t->moments + qkd__optim_stride(t), n, lr,
-                     p->beta1, p->beta2, p->eps, p->weight_decay, bias_t);
+    if (p->kind == QKD_OPTIM_ADAMW && be->adamw_update_multi) {
+        be->adamw_update_multi(be, opt->spans, n, clipped ? clip : 1.0f, p->beta1, p->beta2,
+                               p->eps, p->weight_decay, bias_t);
+        return;
+    }
+    for (int k = 0; k < n; k++)
+        update_span(opt, &opt->spans[k], clipped, clip, bias_t);
 }
 
 qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
@@ -384,8 +415,9 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
                           "create the optimizer again");
     const int64_t t = opt->step + 1;
     const float lr_t = qkd_optimizer_lr_at(opt, t);
+    const int n = fill_spans(opt, lr_t);
     double norm;
-    qkd_status st = grad_norm(opt, &norm);
+    qkd_status st = grad_norm(opt, n, &norm);
     if (st != QKD_OK)
         return st;
     const int skipped = !isfinite(norm);
@@ -393,10 +425,7 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
     const int clipped = !skipped && max_norm > 0.0f && norm > max_norm;
     if (!skipped) {
         const float clip = clipped ? (float)(max_norm / norm) : 1.0f;
-        for (int i = 0; i < opt->n_tensors; i++) {
-            if (!opt->tensors[i].frozen)
-                update_tensor(opt, i, lr_t, clipped, clip);
-        }
+        update_all(opt, n, clipped, clip);
         opt->step = t;
     }
     if (info) {

@@ -29,6 +29,7 @@ struct qkd_optimizer {
     float *norms;         /* device [n_tensors]: each tensor's squared norm */
     float *scratch;       /* device, the largest tensor: a clipped gradient */
     float *norms_host;    /* host [n_tensors] */
+    qkd__update_span *spans; /* host [n_tensors]: the trainable ones, for the multi slots */
 };
 
 /* Floats between one moment slice of tensor t and the next (n rounded up

@@ -20,7 +20,7 @@ typedef struct distill_opts {
     uint64_t seed;
     /* Which options were given (a given option beats the method's preset). */
     struct {
-        int scheme, loss, group, data_free, warmup;
+        int scheme, loss, group, data_free, warmup, lr;
     } seen;
     /* From the method preset. */
     unsigned optim_presets;

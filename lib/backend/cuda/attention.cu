@@ -7,23 +7,61 @@
 
 /* ---- RoPE --------------------------------------------------------------------------- */
 
+/* RoPE from a table of (cos, sin) per position and pair, computed once in
+ * double as the reference computes its angles (pos * theta^(-2j/hd)), so
+ * the rotations read two doubles instead of calling pow, cos and sin per
+ * pair, and round as the reference's do. The table is rebuilt when the
+ * head size or theta changes, and grows by doubling as decoding moves the
+ * positions on. */
+
+__global__ void rope_table_kernel(double2 *tab, size_t n, int half, int hd, double theta)
+{
+    QKD__CUDA_FOR(i, n)
+    {
+        double pos = (double)(i / half), p = 2.0 * (double)(i % half);
+        double angle = pos * pow(theta, -p / hd);
+        tab[i] = make_double2(cos(angle), sin(angle));
+    }
+}
+
 /* One thread per rotated pair of a head row; sign -1 rotates back. */
-__global__ void rope_kernel(float *x, size_t n_pairs, int T, int n_heads, int hd, int pos0,
-                            double theta, double sign)
+__global__ void rope_kernel(float *x, const double2 *tab, size_t n_pairs, int T, int n_heads,
+                            int hd, int pos0, double sign)
 {
     int half = hd / 2;
     QKD__CUDA_FOR(i, n_pairs)
     {
         size_t row = i / half;
-        int p = 2 * (int)(i % half);
-        double pos = pos0 + (double)((row / n_heads) % T);
-        double angle = sign * pos * pow(theta, -(double)p / hd);
-        double c = cos(angle), s = sin(angle);
-        float *r = x + row * hd;
-        double x0 = r[p], x1 = r[p + 1];
-        r[p] = (float)(x0 * c - x1 * s);
-        r[p + 1] = (float)(x0 * s + x1 * c);
+        int j = (int)(i % half), pos = pos0 + (int)((row / n_heads) % T);
+        double2 cs = tab[(size_t)pos * half + j];
+        double sn = sign * cs.y;
+        float *r = x + row * hd + 2 * j;
+        double x0 = r[0], x1 = r[1];
+        r[0] = (float)(x0 * cs.x - x1 * sn);
+        r[1] = (float)(x0 * sn + x1 * cs.x);
     }
+}
+
+/* The table for positions [0, len) of head size hd, or NULL (recorded). */
+static const double2 *rope_table(qkd__backend *b, int len, int hd, float theta)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    const bool same = c->rope_hd == hd && c->rope_theta == theta;
+    if (same && c->rope_len >= len)
+        return (const double2 *)c->rope;
+    if (same && len < 2 * c->rope_len)
+        len = 2 * c->rope_len;
+    size_t half = (size_t)(hd / 2), n = (size_t)len * half;
+    c->rope_len = 0;
+    if (!qkd__cuda_grow(b, (void **)&c->rope, &c->rope_bytes, n * sizeof(double2)))
+        return NULL;
+    rope_table_kernel<<<qkd__cuda_blocks(n), QKD__CUDA_THREADS, 0, c->stream>>>(
+        (double2 *)c->rope, n, (int)half, hd, theta);
+    qkd__cuda_launched(b, "rope table");
+    c->rope_len = len;
+    c->rope_hd = hd;
+    c->rope_theta = theta;
+    return (const double2 *)c->rope;
 }
 
 static void rope(qkd__backend *b, float *x, int B, int T, int n_heads, int hd, int pos0,
@@ -32,8 +70,11 @@ static void rope(qkd__backend *b, float *x, int B, int T, int n_heads, int hd, i
     size_t n_pairs = (size_t)B * T * n_heads * (hd / 2);
     if (!n_pairs)
         return;
+    const double2 *tab = rope_table(b, pos0 + T, hd, theta);
+    if (!tab)
+        return;
     rope_kernel<<<qkd__cuda_blocks(n_pairs), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
-        x, n_pairs, T, n_heads, hd, pos0, theta, sign);
+        x, tab, n_pairs, T, n_heads, hd, pos0, sign);
     qkd__cuda_launched(b, "rope");
 }
 
@@ -502,7 +543,7 @@ extern "C" void qkd__cuda_attention_forward(qkd__backend *b, float *out, float *
 }
 
 extern "C" void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
-                                             const float *dout, const float *scratch,
+                                             const float *dout, float *scratch,
                                              const float *q, const float *k, const float *v,
                                              const float *out, int B, int T, int n_heads,
                                              int n_kv, int hd)

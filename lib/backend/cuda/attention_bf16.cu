@@ -610,7 +610,7 @@ extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, fl
 
 extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk,
                                                   float *dv, const float *dout,
-                                                  const float *scratch, const float *q,
+                                                  float *scratch, const float *q,
                                                   const float *k, const float *v,
                                                   const float *out, int B, int T, int n_heads,
                                                   int n_kv, int hd)

@@ -88,9 +88,7 @@ static qkd_status cuda_sync(qkd__backend *b)
     return qkd__cuda_check(b, cudaStreamSynchronize(c->stream), "sync");
 }
 
-/* *buf with room for at least `bytes` (*cap bytes now); NULL (recorded)
- * when it cannot grow. */
-static void *grow(qkd__backend *b, void **buf, size_t *cap, size_t bytes)
+void *qkd__cuda_grow(qkd__backend *b, void **buf, size_t *cap, size_t bytes)
 {
     qkd__cuda *c = qkd__cuda_of(b);
     if (bytes <= *cap)
@@ -113,7 +111,7 @@ static void *grow(qkd__backend *b, void **buf, size_t *cap, size_t bytes)
 float *qkd__cuda_workspace(qkd__backend *b, size_t floats)
 {
     qkd__cuda *c = qkd__cuda_of(b);
-    return grow(b, (void **)&c->ws, &c->ws_bytes, floats * sizeof(float));
+    return qkd__cuda_grow(b, (void **)&c->ws, &c->ws_bytes, floats * sizeof(float));
 }
 
 /* ---- elementwise copy --------------------------------------------------------------- */
@@ -175,24 +173,34 @@ static size_t bf16_span(size_t n)
     return (n + 7) & ~(size_t)7;
 }
 
-/* The bf16 copy of B (n elements, the activation or output-gradient side
- * of a product) in its own buffer: reused when the last product converted
- * the same range and nothing has written device memory since (c->writes
- * counts kernels, copies, uploads, frees and cuBLAS calls). The model
- * reads one tensor in several products in a row: q, k and v of one
- * input, gate and up of another, both gradients of one output gradient. */
-static const uint16_t *bf16_operand(qkd__backend *b, const float *src, size_t n)
+/* The bf16 copies of activation-side operands: copy 0 holds the last
+ * product's B operand (an activation or an output gradient), copy 1 the
+ * input of the last weight gradient. A copy is reused while its source
+ * range is unchanged: c->writes counts every device write (kernels,
+ * copies, uploads, frees, memsets, cuBLAS calls) and a copy is current
+ * while its `writes` equals it; a product keeps the copies current when
+ * its output does not overlap their sources. The model reads one tensor in
+ * several products in a row: q, k and v of one input (forward: B; weight
+ * gradients: copy 1, across the input-gradient products between them),
+ * gate and up of another, both gradients of one output gradient. */
+typedef struct qkd__cuda_bf16 bf16_copy;
+
+/* src (n elements) in bf16 through copy cp: reused if current at the
+ * product's start (`entry` writes), else converted; NULL (recorded) on
+ * failure. */
+static const uint16_t *bf16_operand(qkd__backend *b, bf16_copy *cp, const float *src, size_t n,
+                                    unsigned long entry)
 {
-    qkd__cuda *c = qkd__cuda_of(b);
-    if (c->b16_src == src && c->b16_n == n && c->b16_writes == c->writes)
-        return c->b16;
-    c->b16_src = NULL;
-    if (!grow(b, (void **)&c->b16, &c->b16_bytes, n * sizeof(uint16_t)))
+    if (cp->src == src && cp->n == n && cp->writes == entry)
+        return cp->buf;
+    cp->src = NULL;
+    if (!qkd__cuda_grow(b, (void **)&cp->buf, &cp->bytes, n * sizeof(uint16_t)))
         return NULL;
-    qkd__cuda_to_bf16(b, c->b16, src, n);
-    c->b16_src = src;
-    c->b16_n = n;
-    return c->b16;
+    qkd__cuda_to_bf16(b, cp->buf, src, n);
+    cp->src = src;
+    cp->n = n;
+    cp->writes = entry; /* current: the conversions wrote bf16 buffers alone */
+    return cp->buf;
 }
 
 /* Whether [p, p + pn) and [q, q + qn) (floats) share an element. */
@@ -202,67 +210,80 @@ static bool overlaps(const float *p, size_t pn, const float *q, size_t qn)
 }
 
 /* C = op(A) op(B) + beta C as sgemm, with A (na elements) and B (nb)
- * rounded to bf16 first and fp32 accumulation. */
+ * rounded to bf16 first and fp32 accumulation. A_act: A is the input of a
+ * weight gradient (kept in copy 1); else a weight (converted each time). */
 static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                      int k, const float *A, size_t na, int lda, const float *B, size_t nb,
-                      int ldb, float beta, float *C, int ldc, const char *what)
+                      int k, const float *A, size_t na, int lda, bool A_act, const float *B,
+                      size_t nb, int ldb, float beta, float *C, int ldc, const char *what)
 {
     if (m <= 0 || n <= 0 || k <= 0)
         return;
     qkd__cuda *c = qkd__cuda_of(b);
-    const uint16_t *b16 = bf16_operand(b, B, nb);
-    uint16_t *a16 = (uint16_t *)qkd__cuda_workspace(b, bf16_span(na) / 2);
+    const unsigned long entry = c->writes;
+    const uint16_t *b16 = bf16_operand(b, &c->b16[0], B, nb, entry), *a16;
+    if (A_act) {
+        a16 = bf16_operand(b, &c->b16[1], A, na, entry);
+    } else {
+        uint16_t *ws = (uint16_t *)qkd__cuda_workspace(b, bf16_span(na) / 2);
+        if (ws)
+            qkd__cuda_to_bf16(b, ws, A, na);
+        a16 = ws;
+    }
     if (!a16 || !b16)
         return;
-    qkd__cuda_to_bf16(b, a16, A, na);
     const float one = 1.0f;
     qkd__cuda_check_blas(b,
                          cublasGemmEx(qkd__cuda_of(b)->blas, ta, tb, m, n, k, &one, a16,
                                       CUDA_R_16BF, lda, b16, CUDA_R_16BF, ldb, &beta, C,
                                       CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                          what);
-    /* the product wrote C alone: B's copy holds unless C covers B */
-    if (overlaps(C, (size_t)ldc * (n - 1) + m, B, nb))
-        c->b16_src = NULL;
-    else
-        c->b16_writes = c->writes;
+    /* the product wrote C alone: a copy current at entry holds unless C
+     * covers its source */
+    const size_t nc = (size_t)ldc * (n - 1) + m;
+    for (int i = 0; i < 2; i++) {
+        bf16_copy *cp = &c->b16[i];
+        if (cp->src && cp->writes == entry && !overlaps(C, nc, cp->src, cp->n))
+            cp->writes = c->writes;
+        else
+            cp->src = NULL;
+    }
 }
 
 static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
                                      const float *w, int N, int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, (size_t)OC * C, C, inp, (size_t)N * C, C,
-              0.0f, out, OC, "matmul_forward_bf16");
+    gemm_bf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, (size_t)OC * C, C, false, inp,
+              (size_t)N * C, C, 0.0f, out, OC, "matmul_forward_bf16");
 }
 
 static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                             const float *w, int N, int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, dout, (size_t)N * OC,
-              OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, dout,
+              (size_t)N * OC, OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
 }
 
 static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                              const float *inp, int N, int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, dout, (size_t)N * OC,
-              OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, dout,
+              (size_t)N * OC, OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
 }
 
 /* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */
 
 static size_t cuda_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
-                                            int n_heads)
+                                            int n_heads, int hd)
 {
     (void)b;
     (void)kv_len;
+    (void)hd;
     return (size_t)B * n_heads * Tq;
 }
 
 /* ---- fake quantization ---------------------------------------------------------------- */
 
-/* Host memory for the format schemes' round trip, grown on demand. */
-static float *host_buffer(qkd__backend *b, size_t floats)
+float *qkd__cuda_host_buffer(qkd__backend *b, size_t floats)
 {
     qkd__cuda *c = qkd__cuda_of(b);
     if (floats <= c->host_floats)
@@ -288,7 +309,7 @@ static void format_forward(qkd__backend *b, float *wq, float *scales, float *zer
 {
     const qkd__ggml_format *f = qkd__ggml_format_of((uint32_t)type);
     size_t n = (size_t)(rows * cols), ng = f->group ? n / (size_t)f->group : 0;
-    float *hw = host_buffer(b, 2 * n + 2 * ng);
+    float *hw = qkd__cuda_host_buffer(b, 2 * n + 2 * ng);
     if (!hw || cuda_download(b, hw, w, n * sizeof *hw) != QKD_OK)
         return;
     float *hq = hw + n, *hs = hq + n, *hz = hs + ng;
@@ -328,7 +349,10 @@ static void cuda_destroy(qkd__backend *b)
             cudaStreamSynchronize(c->stream);
         cudaFree(c->partials);
         cudaFree(c->ws);
-        cudaFree(c->b16);
+        cudaFree(c->b16[0].buf);
+        cudaFree(c->b16[1].buf);
+        cudaFree(c->rope);
+        cudaFree(c->spans);
         if (c->blas)
             cublasDestroy(c->blas);
         if (c->stream)
@@ -384,6 +408,8 @@ static const qkd__backend cuda_table = {
     .cross_entropy_backward = qkd__cuda_cross_entropy_backward,
     .adamw_update = qkd__cuda_adamw_update,
     .sgd_update = qkd__cuda_sgd_update,
+    .sum_squares_multi = qkd__cuda_sum_squares_multi,
+    .adamw_update_multi = qkd__cuda_adamw_update_multi,
     .fakequant_forward = cuda_fakequant_forward,
     .fakequant_backward = qkd__cuda_fakequant_backward,
     .quant_rows = qkd__cuda_quant_rows,

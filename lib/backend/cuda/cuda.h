@@ -8,7 +8,7 @@
  * bf16 in the workspace and run cublasGemmEx on the tensor cores with fp32
  * accumulation. Attention is flash-style in fp32 (attention.cu). The
  * other kernels are straightforward
- * CUDA, most of them computing in double like the reference (the objects
+ * CUDA, many of them computing in double like the reference (the objects
  * are built with -fmad=false, so the updates, axpy and hard fake
  * quantization round exactly as the reference does).
  *
@@ -47,10 +47,20 @@ typedef struct qkd__cuda {
     float *ws;          /* grown on demand: attention's backward, bf16 operands */
     size_t ws_bytes;
     unsigned long writes; /* device writes enqueued so far (kernels, copies, ...) */
-    uint16_t *b16;        /* bf16 copy of the last product's B operand (cuda.c) */
-    size_t b16_bytes, b16_n;
-    const float *b16_src; /* what b16 copies; NULL: nothing */
-    unsigned long b16_writes; /* writes when b16 was last known current */
+    /* bf16 copies of a product's activation-side operands (cuda.c): [0]
+     * the B operand, [1] the input of a weight gradient */
+    struct qkd__cuda_bf16 {
+        uint16_t *buf;
+        size_t bytes, n;
+        const float *src;     /* what buf copies; NULL: nothing */
+        unsigned long writes; /* writes when buf was last known current */
+    } b16[2];
+    void *rope;           /* RoPE's (cos, sin) per position and pair (attention.cu) */
+    size_t rope_bytes;
+    int rope_len, rope_hd; /* rope covers positions [0, rope_len) of this head size */
+    float rope_theta;
+    void *spans;          /* the multi-tensor updates' span table (elementwise.cu) */
+    size_t spans_bytes;
     qkd__backend *host; /* reference backend for the format schemes */
     float *host_buf;    /* their host copy of a weight, grown on demand */
     size_t host_floats;
@@ -66,6 +76,12 @@ qkd_status qkd__backend_cuda_create(qkd_context *ctx, qkd__backend **out);
 qkd_status qkd__cuda_check(qkd__backend *b, cudaError_t err, const char *what);
 /* The same for a cuBLAS status. */
 qkd_status qkd__cuda_check_blas(qkd__backend *b, cublasStatus_t st, const char *what);
+/* *buf (*cap bytes) grown to at least `bytes`, its contents lost when it
+ * grows; NULL (recorded) when it cannot. */
+void *qkd__cuda_grow(qkd__backend *b, void **buf, size_t *cap, size_t bytes);
+/* Host memory of at least `floats` floats, grown on demand (shared by the
+ * format schemes' round trip and the span tables); NULL (recorded). */
+float *qkd__cuda_host_buffer(qkd__backend *b, size_t floats);
 /* Device workspace of at least `floats` floats, valid until the next call;
  * NULL (recorded) when it cannot grow. */
 float *qkd__cuda_workspace(qkd__backend *b, size_t floats);
@@ -97,6 +113,10 @@ void qkd__cuda_adamw_update(qkd__backend *b, float *p, const float *g, float *m,
                             size_t n, float lr, float b1, float b2, float eps, float wd, int t);
 void qkd__cuda_sgd_update(qkd__backend *b, float *p, const float *g, float *u, size_t n,
                           float lr, float momentum, float wd);
+void qkd__cuda_sum_squares_multi(qkd__backend *b, float *out, const qkd__update_span *spans,
+                                 int n_spans);
+void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_span *spans, int n_spans,
+                                  float gscale, float b1, float b2, float eps, float wd, int t);
 void qkd__cuda_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
                                  const float *table, int N, int C);
 void qkd__cuda_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
@@ -136,7 +156,7 @@ void qkd__cuda_attention_forward(qkd__backend *b, float *out, float *scratch, co
                                  const float *k, const float *v, int B, int Tq, int pos0,
                                  int kv_len, int n_heads, int n_kv, int hd);
 void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
-                                  const float *dout, const float *scratch, const float *q,
+                                  const float *dout, float *scratch, const float *q,
                                   const float *k, const float *v, const float *out, int B,
                                   int T, int n_heads, int n_kv, int hd);
 /* true when hd <= max, else records UNSUPPORTED (naming the head size). */
@@ -151,7 +171,7 @@ void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratc
                                       int Tq, int pos0, int kv_len, int n_heads, int n_kv,
                                       int hd);
 void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
-                                       const float *dout, const float *scratch, const float *q,
+                                       const float *dout, float *scratch, const float *q,
                                        const float *k, const float *v, const float *out, int B,
                                        int T, int n_heads, int n_kv, int hd);
 

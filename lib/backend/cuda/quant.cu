@@ -5,7 +5,8 @@
  * rounding gives bit-identical codes, scales and zero points; the smooth
  * (CONTINUOUS) functions differ only by the device's double tanh and exp.
  * A group per thread is the simple form: enough parallelism for grouped
- * weights, slow for one group per tensor. */
+ * weights, slow for one group per tensor. The forward of SYM and ASYM,
+ * which runs every step, gives each group a warp instead (same results). */
 #include <float.h>
 
 #include "backend/cuda/common.cuh"
@@ -41,13 +42,11 @@ __device__ static double mean_abs_clamped(const float *w, int64_t n, double lo, 
     return sum / (double)n;
 }
 
-__device__ static grid group_range(const float *w, int64_t n, const qkd__quant_spec &sp)
+/* The grid of a group of n values w whose largest and smallest (zero
+ * included) are mx and mn. */
+__device__ static grid grid_of(double mx, double mn, const float *w, int64_t n,
+                               const qkd__quant_spec &sp)
 {
-    double mx = 0.0, mn = 0.0; /* zero always lies in the range */
-    for (int64_t i = 0; i < n; i++) {
-        mx = fmax(mx, (double)w[i]);
-        mn = fmin(mn, (double)w[i]);
-    }
     const double r = sp.clip_ratio;
     grid g = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0f, 0.0f};
     if (sp.scheme == QKD_QUANT_ASYM) {
@@ -66,6 +65,16 @@ __device__ static grid group_range(const float *w, int64_t n, const qkd__quant_s
     }
     g.qmin = -g.qmax;
     return g;
+}
+
+__device__ static grid group_range(const float *w, int64_t n, const qkd__quant_spec &sp)
+{
+    double mx = 0.0, mn = 0.0; /* zero always lies in the range */
+    for (int64_t i = 0; i < n; i++) {
+        mx = fmax(mx, (double)w[i]);
+        mn = fmin(mn, (double)w[i]);
+    }
+    return grid_of(mx, mn, w, n, sp);
 }
 
 __device__ static void group_scale(grid *g, const float *w, int64_t n, const qkd__quant_spec &sp)
@@ -189,6 +198,39 @@ __global__ void fakequant_forward_kernel(float *wq, float *scales, float *zeros,
     }
 }
 
+/* SYM and ASYM: a warp per group, its lanes striding over the group
+ * (coalesced, where a thread per group reads 64 floats alone). The range
+ * is a max and a min, which no order changes, and each value's code
+ * depends on the grid alone, so the results equal the thread-per-group
+ * kernel's bit for bit. TERNARY's sums keep that kernel (their order). */
+__global__ void fakequant_forward_warp_kernel(float *wq, float *scales, float *zeros,
+                                              const float *w, int64_t cols, int64_t per_row,
+                                              size_t n_groups, qkd__quant_spec sp)
+{
+    const size_t warps = (size_t)gridDim.x * (blockDim.x / 32);
+    const int lane = threadIdx.x & 31;
+    for (size_t item = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; item < n_groups;
+         item += warps) {
+        int64_t n;
+        const size_t at = group_at((int64_t)item, cols, per_row, sp.group, &n);
+        float mx = 0.0f, mn = 0.0f;
+        for (int64_t i = lane; i < n; i += 32) {
+            mx = fmaxf(mx, w[at + i]);
+            mn = fminf(mn, w[at + i]);
+        }
+        mx = qkd__warp_reduce(mx, qkd__max_op<float>());
+        mn = -qkd__warp_reduce(-mn, qkd__max_op<float>());
+        grid g = grid_of(mx, mn, w + at, n, sp);
+        group_scale(&g, w + at, n, sp);
+        for (int64_t i = lane; i < n; i += 32)
+            wq[at + i] = quantize_value(g, w[at + i], sp);
+        if (lane == 0) {
+            scales[item] = g.s;
+            zeros[item] = g.z;
+        }
+    }
+}
+
 __global__ void fakequant_backward_kernel(float *dw, const float *dwq, const float *w,
                                           const float *scales, const float *zeros, int64_t cols,
                                           int64_t per_row, size_t n_groups, qkd__quant_spec sp)
@@ -225,9 +267,14 @@ extern "C" void qkd__cuda_fakequant_groups(qkd__backend *b, float *wq, float *sc
     size_t n_groups = (size_t)(rows * per_row);
     if (!n_groups)
         return;
-    fakequant_forward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0,
-                               qkd__cuda_of(b)->stream>>>(wq, scales, zeros, w, cols, per_row,
-                                                          n_groups, *spec);
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    if (spec->scheme == QKD_QUANT_TERNARY)
+        fakequant_forward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0, st>>>(
+            wq, scales, zeros, w, cols, per_row, n_groups, *spec);
+    else
+        fakequant_forward_warp_kernel<<<qkd__cuda_blocks(32 * n_groups), QKD__CUDA_THREADS, 0,
+                                        st>>>(wq, scales, zeros, w, cols, per_row, n_groups,
+                                              *spec);
     qkd__cuda_launched(b, "fakequant_forward");
 }
 

@@ -59,12 +59,12 @@ void qkd__ref_rope_forward(qkd__backend *b, float *x, int B, int T, int n_heads,
 void qkd__ref_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_heads,
                             int head_dim, int pos0, float theta);
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
-                                         int n_heads);
+                                         int n_heads, int hd);
 void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
                                 const float *k, const float *v, int B, int Tq, int pos0,
                                 int kv_len, int n_heads, int n_kv, int hd);
 void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
-                                 const float *dout, const float *scratch, const float *q,
+                                 const float *dout, float *scratch, const float *q,
                                  const float *k, const float *v, const float *out, int B,
                                  int T, int n_heads, int n_kv, int hd);
 /* The same in bf16 precision (backend.h): inputs of each product rounded. */
@@ -73,7 +73,7 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch
                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
                                      int hd);
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
-                                      const float *dout, const float *scratch, const float *q,
+                                      const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
                                       int T, int n_heads, int n_kv, int hd);
 

@@ -132,9 +132,10 @@ BODY double score(const struct attn_job *j, const float *qrow, int64_t b, int ke
 }
 
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
-                                         int n_heads)
+                                         int n_heads, int hd)
 {
     (void)b;
+    (void)hd;
     return (size_t)B * n_heads * Tq * kv_len;
 }
 
@@ -313,7 +314,7 @@ static void attention_dkdv_range(const void *arg, int64_t begin, int64_t end)
 }
 
 static void attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
-                               const float *dout, const float *scratch, const float *q,
+                               const float *dout, float *scratch, const float *q,
                                const float *k, const float *v, const float *out, int B, int T,
                                int n_heads, int n_kv, int hd, int bf16)
 {
@@ -328,7 +329,7 @@ static void attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
 }
 
 void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *dv,
-                                 const float *dout, const float *scratch, const float *q,
+                                 const float *dout, float *scratch, const float *q,
                                  const float *k, const float *v, const float *out, int B,
                                  int T, int n_heads, int n_kv, int hd)
 {
@@ -336,7 +337,7 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
 }
 
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
-                                      const float *dout, const float *scratch, const float *q,
+                                      const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
                                       int T, int n_heads, int n_kv, int hd)
 {

@@ -9,8 +9,11 @@ struct simd_impl {
     void (*ref_destroy)(qkd__backend *b); /* frees the table itself */
 };
 
-/* Below this many flops a job runs on the calling thread. */
-#define MIN_PARALLEL_FLOPS 200000.0
+/* Below this many flops a job runs on the calling thread. The pool's
+ * threads spin between the runs of a step, so handing work over costs a
+ * few microseconds: a job of tens of microseconds (the packing of a
+ * stories260K product, RoPE over a batch) is worth splitting. */
+#define MIN_PARALLEL_FLOPS 50000.0
 
 float *qkd__simd_workspace(qkd__backend *b, size_t floats)
 {
@@ -110,24 +113,59 @@ static void slot_task(void *p, int64_t task)
     job->fn(job->arg, begin, end, job->ws + (size_t)task * job->slot_floats);
 }
 
+/* Slots whole cache lines apart. */
+static size_t slot_stride(size_t slot_floats)
+{
+    return (slot_floats + 15) & ~(size_t)15;
+}
+
+/* The job's tasks, each with a slot in ws (room for `tasks` slots). */
+static void run_slots(qkd__backend *b, int64_t n, int64_t tasks, int64_t per_task, double flops,
+                      size_t slot_floats, float *ws, qkd__simd_slot_fn fn, const void *arg)
+{
+    struct slot_job job = {.fn = fn, .arg = arg, .ws = ws, .slot_floats = slot_stride(slot_floats),
+                           .n = n, .per_task = per_task};
+    qkd__simd_run(b, tasks, (double)n * flops, slot_task, &job);
+}
+
+/* Tasks of a slot job of n items and their items per task. */
+static int64_t slot_tasks(qkd__backend *b, int64_t n, double flops, int64_t *per_task)
+{
+    int64_t tasks = n_tasks(b, n, flops);
+    *per_task = (n + tasks - 1) / tasks;
+    return (n + *per_task - 1) / *per_task;
+}
+
 int qkd__simd_parallel_slots(qkd__backend *b, int64_t n, double flops, size_t slot_floats,
                              qkd__simd_slot_fn fn, const void *arg)
 {
     if (n <= 0)
         return 1;
-    int64_t tasks = n_tasks(b, n, flops);
-    int64_t per_task = (n + tasks - 1) / tasks;
-    tasks = (n + per_task - 1) / per_task;
-    slot_floats = (slot_floats + 15) & ~(size_t)15; /* whole cache lines apart */
-    if (slot_floats && (size_t)tasks > SIZE_MAX / sizeof(float) / slot_floats)
+    int64_t per_task, tasks = slot_tasks(b, n, flops, &per_task);
+    size_t stride = slot_stride(slot_floats);
+    if (stride && (size_t)tasks > SIZE_MAX / sizeof(float) / stride)
         return 0;
-    float *ws = qkd__simd_workspace(b, (size_t)tasks * slot_floats);
+    float *ws = qkd__simd_workspace(b, (size_t)tasks * stride);
     if (!ws)
         return 0;
-    struct slot_job job = {.fn = fn, .arg = arg, .ws = ws, .slot_floats = slot_floats,
-                           .n = n, .per_task = per_task};
-    qkd__simd_run(b, tasks, (double)n * flops, slot_task, &job);
+    run_slots(b, n, tasks, per_task, flops, slot_floats, ws, fn, arg);
     return 1;
+}
+
+size_t qkd__simd_slots_floats(qkd__backend *b, size_t slot_floats)
+{
+    size_t tasks = (size_t)TASKS_PER_THREAD * (size_t)qkd__pool_size(b->ctx->pool);
+    return tasks * slot_stride(slot_floats) + 15;
+}
+
+void qkd__simd_parallel_slots_in(qkd__backend *b, int64_t n, double flops, size_t slot_floats,
+                                 float *mem, qkd__simd_slot_fn fn, const void *arg)
+{
+    if (n <= 0)
+        return;
+    int64_t per_task, tasks = slot_tasks(b, n, flops, &per_task);
+    float *ws = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
+    run_slots(b, n, tasks, per_task, flops, slot_floats, ws, fn, arg);
 }
 
 static void simd_destroy(qkd__backend *b)

@@ -32,13 +32,13 @@ qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out);
 float *qkd__simd_workspace(qkd__backend *b, size_t floats);
 
 /* Run fn(arg, i) for i in [0, n_tasks) on the context's pool, or inline on
- * the calling thread when the whole job is below a few hundred thousand
+ * the calling thread when the whole job is below some fifty thousand
  * flops (waking threads would cost more). */
 void qkd__simd_run(qkd__backend *b, int64_t n_tasks, double flops, qkd__task_fn fn, void *arg);
 
 /* Run fn over the items [0, n) in contiguous ranges on the context's pool;
  * cost is the rough number of flops of one item. Like qkd__ref_parallel,
- * but a job below a few hundred thousand flops stays on the calling thread,
+ * but a job below some fifty thousand flops stays on the calling thread,
  * since SIMD kernels finish small jobs faster than threads wake up. */
 void qkd__simd_parallel(qkd__backend *b, int64_t n, double cost, qkd__ref_range_fn fn,
                         const void *arg);
@@ -53,6 +53,17 @@ typedef void (*qkd__simd_slot_fn)(const void *arg, int64_t begin, int64_t end, f
  * nothing, if the workspace cannot be allocated. */
 int qkd__simd_parallel_slots(qkd__backend *b, int64_t n, double flops, size_t slot_floats,
                              qkd__simd_slot_fn fn, const void *arg);
+
+/* Floats of memory that holds the slots of any job of
+ * qkd__simd_parallel_slots_in with slot_floats per slot (a few tasks per
+ * thread, cache-line aligned wherever the memory starts). */
+size_t qkd__simd_slots_floats(qkd__backend *b, size_t slot_floats);
+
+/* qkd__simd_parallel_slots with the slots in mem, of
+ * qkd__simd_slots_floats(b, slot_floats) floats: allocates nothing, so it
+ * always runs. */
+void qkd__simd_parallel_slots_in(qkd__backend *b, int64_t n, double flops, size_t slot_floats,
+                                 float *mem, qkd__simd_slot_fn fn, const void *arg);
 
 /* Put each instruction set's kernels into the table. */
 void qkd__simd_install_avx2(qkd__backend *b);
