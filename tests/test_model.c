@@ -481,6 +481,20 @@ START_TEST(test_frozen_model_shares_activations)
     ck_assert_msg(frozen_bytes < trained_bytes, "frozen activations %zu bytes, trained %zu",
                   frozen_bytes, trained_bytes);
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_ERR_STATE);
+    /* no gradient buffers: a loss may be evaluated, not differentiated */
+    float ce_grad, ce;
+    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &ce_grad), QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 0, &ce), QKD_OK);
+    ck_assert(isfinite(ce) && ce > 0.0f);
+    qkd_loss *loss = NULL;
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CE);
+    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
+    ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
+    float value;
+    ck_assert_int_eq(qkd_loss_compute(loss, m, NULL, targets, &value), QKD_ERR_STATE);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "not trainable"));
+    qkd_loss_free(loss);
     ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
     forward_backward(m, tokens, targets, &again, &g_again);
     ck_assert_mem_eq(again, trained, n * sizeof *again);

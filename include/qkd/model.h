@@ -225,9 +225,10 @@ QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
  * frozen teacher is (0). A model that is not trained keeps no per-layer
  * activations: its layers share one set of buffers, so a forward needs
  * about 1 / n_layers of the activation memory (and stays in cache where
- * the whole set would not), with the same logits, bit for bit;
- * qkd_model_backward and an output-error clip search on it then fail with
- * STATE. Changing it releases the activations (set up again by the next
+ * the whole set would not), with the same logits, bit for bit, and no
+ * gradient buffers; qkd_model_backward, qkd_model_cross_entropy with
+ * compute_grad, qkd_loss_compute with it as the student and an
+ * output-error clip search on it then fail with STATE. Changing it releases the activations (set up again by the next
  * forward). Errors: INVALID_ARG (NULL model). @since 0.1 */
 QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
 

@@ -222,6 +222,9 @@ static qkd_status check_models(qkd_loss *loss, struct loss_batch *bt)
         return qkd__error(ctx, QKD_ERR_INVALID_ARG,
                           "loss compute: student and teacher must live on the loss's context");
     qkd_status st = forward_shape(ctx, bt->student, "loss compute", "student", &bt->B, &bt->T, &bt->V);
+    if (st == QKD_OK && !qkd__model_dlogits_dev(bt->student))
+        return qkd__error(ctx, QKD_ERR_STATE,
+                          "loss compute: the student is not trainable (qkd_model_set_trainable)");
     if (st != QKD_OK || !bt->teacher)
         return st;
     int B, T, V;

@@ -143,6 +143,11 @@ static void plan_train(void *arg, qkd__arena *a)
     t->rstdf = qkd__arena_take(a, N, 1);
     t->xfq = act_quant ? qkd__arena_take(a, N, C) : t->xf;
     t->logits = qkd__arena_take(a, N, V);
+    if (p->m->frozen) { /* no gradients: those buffers stay NULL */
+        t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
+        t->dsw = t->dgate = t->dup = NULL;
+        return;
+    }
     t->dlogits = qkd__arena_take(a, N, V);
     t->dres = qkd__arena_take(a, N, C);
     t->dnorm = qkd__arena_take(a, N, C);

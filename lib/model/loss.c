@@ -27,6 +27,10 @@ qkd_status qkd_model_cross_entropy(qkd_model *m, const int32_t *targets, int com
     *loss = 0.0f;
     if (!m->has_forward)
         return qkd__error(m->ctx, QKD_ERR_STATE, "model cross_entropy: no forward pass yet");
+    if (compute_grad && m->frozen)
+        return qkd__error(m->ctx, QKD_ERR_STATE,
+                          "model cross_entropy: no gradient for a model that is not trainable "
+                          "(qkd_model_set_trainable)");
     qkd__backend *be = qkd__model_backend(m);
     qkd__train_acts *a = &m->acts;
     const int N = a->B * a->T, V = m->cfg.vocab_size;

@@ -20,7 +20,8 @@ qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg
 int qkd__model_tensor_index(const qkd_model *model, qkd_tensor_kind kind, int layer);
 
 /* Device pointers to the last forward's logits and to the logits gradient
- * ([n_rows][vocab] each; *n_rows = B*T), NULL before any forward. A loss
+ * ([n_rows][vocab] each; *n_rows = B*T), NULL before any forward (and the
+ * gradient always NULL for a model that is not trainable). A loss
  * that writes the gradient calls qkd__model_mark_dlogits so that
  * qkd_model_backward(model, NULL) accepts it. */
 float *qkd__model_logits_dev(qkd_model *model, int *n_rows);
