@@ -403,6 +403,15 @@ START_TEST(rope_matches_ref)
             assert_close_rows("rope_backward", xs, xr, n / hd, (size_t)hd, TOL);
             free(x); free(xs); free(xr);
         }
+    /* one position a call, as decoding does: the backend's table grows */
+    for (int pos0 = 0; pos0 < 40; pos0++) {
+        float x[2 * 8], y[2 * 8];
+        for (int i = 0; i < 16; i++)
+            x[i] = y[i] = (float)rng_uniform(-1, 1);
+        sb->rope_forward(sb, x, 1, 1, 2, 8, pos0, 10000.0f);
+        rb->rope_forward(rb, y, 1, 1, 2, 8, pos0, 10000.0f);
+        assert_close_rows("rope_forward decode", x, y, 2, 8, TOL);
+    }
     qkd_context_free(sc);
     qkd_context_free(rc);
 }

@@ -1,11 +1,18 @@
 /* The SIMD backend's table, instruction-set choice, workspace and
  * parallel-for. */
+#include <math.h>
+
 #include "backend/simd/simd.h"
 
 /* The backend's private state. */
 struct simd_impl {
     float *ws;
     size_t ws_floats;
+    struct rope_table {
+        float *rows;
+        int hd, width, n_pos;
+        float theta;
+    } rope;
     void (*ref_destroy)(qkd__backend *b); /* frees the table itself */
 };
 
@@ -168,10 +175,52 @@ void qkd__simd_parallel_slots_in(qkd__backend *b, int64_t n, double flops, size_
     run_slots(b, n, tasks, per_task, flops, slot_floats, ws, fn, arg);
 }
 
+/* Positions [begin, end) of the RoPE table in arg. */
+static void rope_rows_range(const void *arg, int64_t begin, int64_t end)
+{
+    const struct rope_table *r = arg;
+    for (int64_t pos = begin; pos < end; pos++) {
+        float *cs = r->rows + (size_t)pos * 2 * r->width, *sn = cs + r->width;
+        for (int p = 0; p + 1 < r->hd; p += 2) {
+            double angle = (double)pos * pow(r->theta, -(double)p / r->hd);
+            float c = (float)cos(angle), s = (float)sin(angle);
+            for (int at = p; at < r->width; at += r->hd) {
+                cs[at] = cs[at + 1] = c;
+                sn[at] = -s;
+                sn[at + 1] = s;
+            }
+        }
+        for (int at = r->hd - 1; r->hd % 2 && at < r->width; at += r->hd) {
+            cs[at] = 1.0f;
+            sn[at] = 0.0f;
+        }
+    }
+}
+
+const float *qkd__simd_rope_table(qkd__backend *b, int hd, int width, float theta, int n_pos)
+{
+    struct rope_table *r = &((struct simd_impl *)b->impl)->rope;
+    if (r->rows && r->hd == hd && r->width == width && r->theta == theta && r->n_pos >= n_pos)
+        return r->rows;
+    /* Room for half as many positions again: decoding grows one a call. */
+    int64_t want = (int64_t)n_pos + n_pos / 2;
+    if ((uint64_t)want > SIZE_MAX / sizeof(float) / 2 / (size_t)width)
+        return NULL;
+    float *rows = qkd__alloc(b->ctx, (size_t)want * 2 * (size_t)width * sizeof *rows);
+    if (!rows)
+        return NULL;
+    qkd__free(b->ctx, r->rows);
+    *r = (struct rope_table){.rows = rows, .hd = hd, .width = width, .n_pos = (int)want,
+                             .theta = theta};
+    qkd__simd_parallel(b, want, 40.0 * width, rope_rows_range, r);
+    return rows;
+}
+
 static void simd_destroy(qkd__backend *b)
 {
     struct simd_impl *impl = b->impl;
     void (*ref_destroy)(qkd__backend *b) = impl->ref_destroy;
+    qkd__free(b->ctx, impl->rope.rows);
     qkd__free(b->ctx, impl->ws);
     qkd__free(b->ctx, impl);
     ref_destroy(b);

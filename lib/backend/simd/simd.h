@@ -31,6 +31,17 @@ qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out);
  * kernel instead. */
 float *qkd__simd_workspace(qkd__backend *b, size_t floats);
 
+/* RoPE's rotation for positions [0, n_pos) and more, kept by the backend
+ * until hd, width or theta change or more positions are asked: row pos
+ * is 2 * width floats, cs then sn, each repeating the hd values of the
+ * position width / hd times (width a multiple of hd, so whole vectors
+ * cover several heads): cs = cos of each pair's angle pos theta^(-p/hd)
+ * on both of its values, sn = -sin on the first and +sin on the second
+ * (an odd last value has no partner: 1 and 0). Then x' = x cs +
+ * swap_pairs(x) sn; the backward rotation is x cs - swap_pairs(x) sn.
+ * NULL when out of memory. */
+const float *qkd__simd_rope_table(qkd__backend *b, int hd, int width, float theta, int n_pos);
+
 /* Run fn(arg, i) for i in [0, n_tasks) on the context's pool, or inline on
  * the calling thread when the whole job is below some fifty thousand
  * flops (waking threads would cost more). */

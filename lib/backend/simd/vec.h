@@ -89,6 +89,9 @@ static inline vf vround(vf x)
 {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+/* x * 2^n for integral n in a float vector, -126 <= n <= 127: one
+ * rounding, as x * vpow2i(n) */
+static inline vf vscale2(vf x, vf n) { return _mm512_scalef_ps(x, n); }
 
 static inline vd vd_load(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 static inline void vd_store(float *p, vd x) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(x)); }
@@ -171,6 +174,7 @@ static inline vf vpow2i(vf n)
     return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
 }
 static inline vf vround(vf x) { return vrndnq_f32(x); } /* ties to even, as x86 */
+static inline vf vscale2(vf x, vf n) { return vmulq_f32(x, vpow2i(n)); }
 
 static inline vd vd_load(const float *p) { return vcvt_f64_f32(vld1_f32(p)); }
 static inline void vd_store(float *p, vd x) { vst1_f32(p, vcvt_f32_f64(x)); }
@@ -251,6 +255,7 @@ static inline vf vround(vf x)
 {
     return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+static inline vf vscale2(vf x, vf n) { return _mm256_mul_ps(x, vpow2i(n)); }
 
 static inline vd vd_load(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 static inline void vd_store(float *p, vd x) { _mm_storeu_ps(p, _mm256_cvtpd_ps(x)); }
@@ -306,15 +311,12 @@ static inline int round_up(int n, int m)
     return ceil_div(n, m) * m;
 }
 
-/* exp(x) in float: x = n ln2 + r with |r| <= ln2/2, e^r from a degree-6
- * polynomial (Cephes' expf coefficients, about 1 ulp), times 2^n. Below
- * -87.3 the result is 0, above 88.7 it is +inf; NaN stays NaN. */
-static inline vf vexp(vf x)
+/* e^r for x = n ln2 + r, |r| <= ln2/2, from a degree-6 polynomial
+ * (Cephes' expf coefficients, about 1 ulp); n = round(x / ln2). */
+static inline vf vexp_reduced(vf x, vf *n_out)
 {
-    const vf lo = vset1(-87.33654f), hi = vset1(88.72283f);
-    vf xc = vmin(hi, vmax(lo, x)); /* max/min return x when it is NaN */
-    vf n = vround(vmul(xc, vset1(1.44269504088896341f)));
-    vf r = vfma(n, vset1(-0.693359375f), xc);
+    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfma(n, vset1(-0.693359375f), x);
     r = vfma(n, vset1(2.12194440e-4f), r);
     vf p = vset1(1.9875691500e-4f);
     p = vfma(p, r, vset1(1.3981999507e-3f));
@@ -322,12 +324,33 @@ static inline vf vexp(vf x)
     p = vfma(p, r, vset1(4.1665795894e-2f));
     p = vfma(p, r, vset1(1.6666665459e-1f));
     p = vfma(p, r, vset1(5.0000001201e-1f));
-    p = vfma(vmul(p, r), r, vadd(r, vset1(1.0f)));
+    *n_out = n;
+    return vfma(vmul(p, r), r, vadd(r, vset1(1.0f)));
+}
+
+#define VEXP_LO -87.33654f /* e^x rounds below the smallest normal float */
+
+/* exp(x) in float, e^r times 2^n. Below -87.3 the result is 0, above 88.7
+ * it is +inf; NaN stays NaN. */
+static inline vf vexp(vf x)
+{
+    const vf lo = vset1(VEXP_LO), hi = vset1(88.72283f);
+    vf n, p = vexp_reduced(vmin(hi, vmax(lo, x)), &n); /* max/min return x when it is NaN */
     /* 2^n in two halves keeps n = 128 (x near 88.7) representable */
     vf half = vround(vmul(n, vset1(0.5f)));
-    vf e = vmul(vmul(p, vpow2i(half)), vpow2i(vsub(n, half)));
+    vf e = vscale2(vscale2(p, half), vsub(n, half));
     e = vselect_lt(x, lo, vzero(), e);
     return vselect_lt(hi, x, vset1(__builtin_inff()), e);
+}
+
+/* vexp(x), bit for bit, for x <= 88 (NaN stays NaN): the arguments of a
+ * softmax, less their row's maximum, are <= 0. Cheaper, since 2^n is then
+ * one normal float. */
+static inline vf vexp_le88(vf x)
+{
+    const vf lo = vset1(VEXP_LO);
+    vf n, p = vexp_reduced(vmax(lo, x), &n);
+    return vselect_lt(x, lo, vzero(), vscale2(p, n));
 }
 
 #endif
