@@ -239,6 +239,10 @@ _proto("qkd_model_cross_entropy", status_t, ModelP, c_int32_p, c_int, c_float_p)
 _proto("qkd_model_backward", status_t, ModelP, c_float_p)
 # qkd_status qkd_model_zero_grad(qkd_model *model);
 _proto("qkd_model_zero_grad", status_t, ModelP)
+# qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
+_proto("qkd_model_set_trainable", status_t, ModelP, c_int)
+# qkd_status qkd_model_set_matmul_precision(qkd_model *model, qkd_matmul_precision precision);
+_proto("qkd_model_set_matmul_precision", status_t, ModelP, c_int)
 # void qkd_gguf_params_init(qkd_gguf_params *p);
 _proto("qkd_gguf_params_init", None, POINTER(GgufParams))
 # qkd_status qkd_gguf_type_from_name(const char *name, qkd_gguf_type *out);

@@ -19,6 +19,7 @@ TENSOR_KINDS = {"token_embd": 0, "attn_norm": 1, "attn_q": 2, "attn_k": 3, "attn
 TARGET_LINEAR = sum(1 << TENSOR_KINDS[k] for k in (
     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up"))
 SAVE_DTYPES = {"f32": 0, "f16": 1, "bf16": 2}
+MATMUL_PRECISIONS = {"fp32": 0, "bf16": 1}
 
 TensorInfo = namedtuple("TensorInfo", "index name kind layer shape")
 
@@ -42,6 +43,7 @@ class Model(Handle):
         super().__init__(ptr, lib.qkd_model_free, (ctx,), ctx)
         self._quantizer = None
         self._shape = None  # (B, T) of the last forward, for the logits' shape
+        self._trainable = True
 
     @classmethod
     def load(cls, ctx, path):
@@ -159,6 +161,20 @@ class Model(Handle):
 
     def zero_grad(self):
         self._check(lib.qkd_model_zero_grad(self._ptr))
+
+    def set_trainable(self, trainable):
+        """False for a model only run forward, as a frozen teacher: its layers
+        then share one set of activations and it has no gradient buffers
+        (backward and cross_entropy(compute_grad=True) raise StateError)."""
+        self._check(lib.qkd_model_set_trainable(self._ptr, int(bool(trainable))))
+        if bool(trainable) != self._trainable:
+            self._shape = None  # a change releases the activations, logits included
+        self._trainable = bool(trainable)
+
+    def set_matmul_precision(self, precision):
+        """"fp32" (the default) or "bf16" matmul inputs, fp32 accumulation."""
+        self._check(lib.qkd_model_set_matmul_precision(
+            self._ptr, enum_value(MATMUL_PRECISIONS, precision, "matmul precision")))
 
     # ---- quantization ----------------------------------------------------------------
 

@@ -113,6 +113,28 @@ def test_one_step_by_hand_matches_numpy(ctx, stories):
     assert not np.array_equal(student.get(name), before)
 
 
+def test_frozen_teacher_gives_the_same_logits_and_refuses_gradients(ctx, stories):
+    trained, frozen = qkd.Model.load(ctx, stories[0]), qkd.Model.load(ctx, stories[0])
+    frozen.set_trainable(False)
+    tokens = np.arange(2 * 16, dtype=np.int32).reshape(2, 16) % 512
+    trained.forward(tokens)
+    frozen.forward(tokens)
+    np.testing.assert_array_equal(frozen.logits(), trained.logits())
+    with pytest.raises(qkd.StateError):
+        frozen.cross_entropy(tokens)
+    with pytest.raises(qkd.StateError):
+        frozen.backward()
+    assert frozen.cross_entropy(tokens, compute_grad=False) == pytest.approx(
+        trained.cross_entropy(tokens, compute_grad=False), rel=1e-6)
+    frozen.set_matmul_precision("bf16")
+    frozen.forward(tokens)
+    bf16 = frozen.logits()
+    assert not np.array_equal(bf16, trained.logits())
+    np.testing.assert_allclose(bf16, trained.logits(), rtol=0.02, atol=0.1)  # bf16: 2^-8
+    with pytest.raises(ValueError):
+        frozen.set_matmul_precision("fp8")
+
+
 def test_tensor_set_get_round_trip_without_copies(ctx, stories):
     model = qkd.Model.load(ctx, stories[0])
     w = model.get("blk.1.ffn_down.weight")

@@ -16,6 +16,7 @@ pub struct Model<'c> {
     ctx: &'c Context,
     /// (B, T) of the last forward, for the sizes of logits and targets.
     shape: Cell<Option<(usize, usize)>>,
+    trainable: Cell<bool>,
 }
 
 impl<'c> Model<'c> {
@@ -29,6 +30,7 @@ impl<'c> Model<'c> {
             raw,
             ctx,
             shape: Cell::new(None),
+            trainable: Cell::new(true),
         })
     }
 
@@ -175,6 +177,29 @@ impl<'c> Model<'c> {
         // SAFETY: the model is alive.
         self.ctx
             .check(unsafe { sys::qkd_model_zero_grad(self.as_ptr()) })
+    }
+
+    /// `false` for a model only run forward, as a frozen teacher: its
+    /// layers then share one set of activations and it keeps no gradient
+    /// buffers ([`Model::backward`] and [`Model::cross_entropy`] fail with
+    /// `QKD_ERR_STATE`). A change discards the last forward.
+    pub fn set_trainable(&self, trainable: bool) -> Result<()> {
+        // SAFETY: the model is alive.
+        self.ctx.check(unsafe {
+            sys::qkd_model_set_trainable(self.as_ptr(), trainable as std::os::raw::c_int)
+        })?;
+        if trainable != self.trainable.replace(trainable) {
+            self.shape.set(None);
+        }
+        Ok(())
+    }
+
+    /// bf16 matmul inputs with fp32 accumulation
+    /// (`sys::QKD_MATMUL_BF16`) or fp32 (`sys::QKD_MATMUL_FP32`, the default).
+    pub fn set_matmul_precision(&self, precision: sys::qkd_matmul_precision) -> Result<()> {
+        // SAFETY: the model is alive; the library checks the value.
+        self.ctx
+            .check(unsafe { sys::qkd_model_set_matmul_precision(self.as_ptr(), precision) })
     }
 
     /// Make the model a student of `q` for the tensors in `targets` (a mask

@@ -177,3 +177,31 @@ fn misuse_returns_errors() {
     assert_eq!((config.dim, config.vocab_size), (64, 512));
     assert!(qkd::version().starts_with("0."));
 }
+
+#[test]
+fn frozen_model_gives_the_same_logits_and_no_gradients() {
+    let files = match stories() {
+        Some(files) => files,
+        None => return,
+    };
+    let ctx = Context::with_threads(1).unwrap();
+    let trained = Model::load(&ctx, &files[0]).unwrap();
+    let frozen = Model::load(&ctx, &files[0]).unwrap();
+    frozen.set_trainable(false).unwrap();
+    let tokens: Vec<i32> = (0..32).collect();
+    trained.forward(&tokens, 2, 16).unwrap();
+    frozen.forward(&tokens, 2, 16).unwrap();
+    assert_eq!(frozen.logits().unwrap(), trained.logits().unwrap());
+    assert_eq!(
+        frozen.cross_entropy(&tokens).unwrap_err().status(),
+        sys::QKD_ERR_STATE
+    );
+    assert_eq!(frozen.backward().unwrap_err().status(), sys::QKD_ERR_STATE);
+    frozen.set_matmul_precision(sys::QKD_MATMUL_BF16).unwrap();
+    frozen.forward(&tokens, 2, 16).unwrap();
+    assert_ne!(frozen.logits().unwrap(), trained.logits().unwrap());
+    assert_eq!(
+        frozen.set_matmul_precision(7).unwrap_err().status(),
+        sys::QKD_ERR_INVALID_ARG
+    );
+}
