@@ -11,7 +11,8 @@
 # bench/torch_kdqat.py), TORCH_KDQAT (another torch_kdqat.py), STEPS
 # (timed steps of each side, default 5), DTYPE (libqkd's matmul precision,
 # bf16 (default, as PyTorch runs) or fp32), PHASES=1 (cuda-kdqat --phases 1:
-# one more step timed part by part, on stderr), SKIP_TESTS=1, SKIP_BENCH=1,
+# one more step timed part by part, on stderr), ATTN=1 (first the bf16
+# attention slots alone, cuda-kdqat-attn), SKIP_TESTS=1, SKIP_BENCH=1,
 # SKIP_EAGER=1, SKIP_COMPILE=1. Without libuv, jansson and check (or
 # pkg-config) installed, it takes them from the Debian packages in .debs/
 # (apt-get download libuv1 libuv1-dev libjansson4 libjansson-dev check
@@ -35,7 +36,8 @@ echo "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 echo "== nvcc $(nvcc --version | grep -o 'release [0-9.]*'), meson $(meson --version)"
 [ -d $build ] || meson setup $build -Dbuildtype=release -Dcuda=enabled >$build.setup.log 2>&1 ||
     { cat $build.setup.log; exit 1; }
-ninja -C $build lib/libqkd_internal.a benchmarks/cuda-kdqat >/dev/null || exit 1
+ninja -C $build lib/libqkd_internal.a benchmarks/cuda-kdqat benchmarks/cuda-kdqat-attn \
+    >/dev/null || exit 1
 
 status=0
 if [ -z "${SKIP_TESTS:-}" ]; then
@@ -57,6 +59,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     fi
     QKD_SOURCE=$PWD QKD_SHARED=$shared CK_RUN_SUITE=backend_cuda CK_DEFAULT_TIMEOUT=600 \
         timeout 400 $runner || status=1
+fi
+if [ -n "${ATTN:-}" ]; then
+    echo "== libqkd bf16 attention slots alone"
+    timeout 120 $build/benchmarks/cuda-kdqat-attn || status=1
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
     echo "== libqkd CUDA backend ($cfg, batch $batch x $seq, 4-bit groups of $group, $dtype)"

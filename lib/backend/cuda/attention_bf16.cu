@@ -5,23 +5,31 @@
  * m16n8k16), softmax and its running max and sum stay fp32.
  *
  * The scheme is attention.cu's (FlashAttention-2): the forward walks the
- * key tiles of a 64-query tile with an online softmax and saves each row's
+ * key tiles of a query tile with an online softmax and saves each row's
  * logsumexp; the backward recomputes the probabilities per tile from it,
  * in two kernels without atomics (dk and dv per key tile, then dq per
- * query tile). A block is 4 warps, each owning 16 rows of the block's 64
- * (queries in the forward and dq, keys in dk/dv). Scores stay in
- * registers: an m16n8k16 accumulator holds rows g and g + 8 (g = lane / 4)
- * at columns 2 t and 2 t + 1 (t = lane % 4) of each 8-column block, which
- * is the layout of the A operand of the next product, so probabilities
- * and score gradients go to the tensor cores without shared memory, and
- * the online softmax rescales each thread's two rows of the output in
- * place. q, k, v (and dout) are first rounded once into bf16 copies
- * whose rows are padded with zeros to the kernel's head size; tiles then
- * stream into shared memory with cp.async, the next tile's copy in
- * flight while the current one is computed (two buffers). Tiles are
- * row-major [row][d]; a product that reads one along its rows (v in the
- * forward, k in dq, q and dout in dk/dv) takes its fragments with
- * ldmatrix .trans.
+ * query tile). A block is 4 warps. Each warp owns 16 rows (keys in dk/dv,
+ * queries in dq) or, in the forward for head sizes up to 64, 32 query
+ * rows, so that every key and value fragment it loads feeds two products.
+ * Scores stay in registers: an m16n8k16 accumulator holds rows g and
+ * g + 8 (g = lane / 4) at columns 2 t and 2 t + 1 (t = lane % 4) of each
+ * 8-column block, which is the layout of the A operand of the next
+ * product, so probabilities and score gradients go to the tensor cores
+ * without shared memory, and the online softmax rescales each thread's two
+ * rows of the output in place. q, k, v (and dout) are first rounded once
+ * into bf16 copies whose rows are padded with zeros to the kernel's head
+ * size; tiles then stream into shared memory with cp.async, the next
+ * tile's copy in flight while the current one is computed (two buffers).
+ * Tiles are row-major [row][d]; fragments come from them by ldmatrix (four
+ * 8x8 matrices a load), .trans for a product that reads a tile along its
+ * rows (v in the forward, k in dq, q and dout in dk/dv).
+ *
+ * Exponentials are exp2 of the scores times scale * log2(e) minus the
+ * row's max (or logsumexp) in the same unit, one fused multiply-add and
+ * the hardware's ex2 (relative error about 2^-22, far inside the bf16
+ * rounding the probabilities then get). Only tiles that straddle the
+ * causal diagonal apply the mask. Blocks are launched longest first (the
+ * tile index is the grid's slowest dimension).
  *
  * One difference from the reference in rounding: the forward rounds the
  * probabilities relative to the running max (exp(s - m), divided by the
@@ -36,9 +44,11 @@ typedef __nv_bfloat16 bf16;
 
 #define FB_WARPS 4
 #define FB_THREADS (32 * FB_WARPS)
-#define FB_ROWS 64 /* rows of a query or key tile */
+#define FB_ROWS 64 /* rows of a key tile, and of the backward's query tiles */
 #define FB_NB (FB_ROWS / 8) /* 8-column blocks of a score tile */
 #define FB_MAX_HD 128
+#define FB_LOG2E 1.4426950408889634f
+#define FB_LN2 0.6931471805599453f
 
 /* Everything one attention call touches; unused members are NULL. The
  * bf16 copies have rows of HD (the kernel's padded head size): row
@@ -48,15 +58,21 @@ struct fb_args {
     const bf16 *q, *k, *v, *dout;
     const float *D;
     int Tq, pos0, kv_len, H, n_kv, hd, rep;
-    float scale;
+    float scale, scale2; /* 1 / sqrt(hd); scale * log2(e): scores into exp2's unit */
 };
 
-/* Row stride (bf16 elements) of the [64][HD] tiles for a padded head
- * size HD: the 8-element pad puts the 8 rows a fragment load touches in
- * 8 different bank quads, and keeps rows 16-byte aligned for ldmatrix. */
+/* Row stride (bf16 elements) of the [rows][HD] tiles for a padded head
+ * size HD: the 8-element pad puts the 8 rows an ldmatrix matrix spans in
+ * 8 different bank quads, and keeps rows 16-byte aligned. */
 template <int HD> struct fb_geo {
     static constexpr int LD = HD + 8;
     static constexpr int TILE = FB_ROWS * LD;
+};
+
+/* 16-row groups a forward warp owns: two while the registers allow. */
+template <int HD> struct fb_fwd {
+    static constexpr int MI = HD <= 64 ? 2 : 1;
+    static constexpr int ROWS = FB_WARPS * 16 * MI; /* query rows of a block */
 };
 
 /* ---- tiles ------------------------------------------------------------------------------ */
@@ -103,12 +119,12 @@ template <int n> __device__ inline void fb_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(n));
 }
 
-/* Start copying rows 0..63 of a bf16 copy (row stride `stride`) into a
- * tile; rows past n_rows become zeros (0 * NaN would be NaN). */
-template <int HD>
+/* Start copying rows 0..ROWS-1 of a bf16 copy (row stride `stride`) into
+ * a tile; rows past n_rows become zeros (0 * NaN would be NaN). */
+template <int HD, int ROWS = FB_ROWS>
 __device__ void fb_issue(bf16 *dst, const bf16 *src, size_t stride, int n_rows)
 {
-    for (int i = threadIdx.x; i < FB_ROWS * HD / 8; i += FB_THREADS) {
+    for (int i = threadIdx.x; i < ROWS * HD / 8; i += FB_THREADS) {
         const int r = i / (HD / 8), c = i % (HD / 8) * 8;
         const bool valid = r < n_rows;
         fb_cp16(dst + r * fb_geo<HD>::LD + c, valid ? src + r * stride + c : src, valid);
@@ -129,9 +145,27 @@ __device__ inline uint32_t fb_pack(float lo, float hi)
     return *(uint32_t *)&v;
 }
 
-__device__ inline uint32_t fb_ld32(const bf16 *p)
+/* 2^x, flushing results below 2^-126 to zero. */
+__device__ inline float fb_exp2(float x)
 {
-    return *(const uint32_t *)p;
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Four 8x8 bf16 matrices from shared memory, lane l addressing a row of
+ * matrix l / 8; .trans hands each thread a column pair instead. */
+template <bool TRANS> __device__ inline void fb_ldm4(uint32_t (&r)[4], const bf16 *row)
+{
+    const uint32_t at = (uint32_t)__cvta_generic_to_shared(row);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(at));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(at));
 }
 
 /* c += a . b, a 16x16 (row), b 16x8 (col), bf16 in, fp32 accumulators. */
@@ -143,70 +177,79 @@ __device__ inline void fb_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* The A fragment of rows 0..15, columns 0..15 of x (row stride ld). */
+/* The A fragment of rows 0..15, columns 0..15 of x (row stride ld):
+ * matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15). */
 __device__ inline void fb_frag_a(uint32_t (&a)[4], const bf16 *x, int ld)
 {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = fb_ld32(x + g * ld + 2 * t);
-    a[1] = fb_ld32(x + (g + 8) * ld + 2 * t);
-    a[2] = fb_ld32(x + g * ld + 2 * t + 8);
-    a[3] = fb_ld32(x + (g + 8) * ld + 2 * t + 8);
+    const int l = threadIdx.x & 31;
+    fb_ldm4<false>(a, x + (l & 15) * ld + (l >> 4) * 8);
 }
 
-/* c += a . y^T over 16 columns, y stored as [8 rows n][16 k] (stride ld). */
-__device__ inline void fb_mma_nt(float (&c)[4], const uint32_t (&a)[4], const bf16 *y, int ld)
-{
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    fb_mma(c, a, fb_ld32(y + g * ld + 2 * t), fb_ld32(y + g * ld + 2 * t + 8));
-}
-
-/* c += a . m over 16 rows of m, m stored row-major as [16 k][8 n]
- * (stride ld): ldmatrix .trans hands each thread the two k-adjacent
- * elements of its column that the B fragment holds. */
-__device__ inline void fb_mma_nn(float (&c)[4], const uint32_t (&a)[4], const bf16 *m, int ld)
-{
-    const bf16 *row = m + (threadIdx.x & 15) * ld; /* lanes 0-15 address rows 0-15 */
-    const uint32_t at = (uint32_t)__cvta_generic_to_shared(row);
-    uint32_t b0, b1;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(b0), "=r"(b1)
-                 : "r"(at));
-    fb_mma(c, a, b0, b1);
-}
-
-/* s[16][64] = x[16][HD] . y[64][HD]^T: a warp's 16 rows of one row-major
- * tile against all 64 rows of another. */
-template <int HD> __device__ void fb_scores(float (&s)[FB_NB][4], const bf16 *x, const bf16 *y)
+/* s[mi][16][64] = x[16 MI][HD] . y[64][HD]^T: a warp's 16 MI rows of one
+ * row-major tile against all 64 rows of another. The B fragments of
+ * 8-column blocks nb and nb + 1 are one ldmatrix: y's rows nb * 8 + 0..7
+ * at columns kk and kk + 8, then the same for nb + 1. */
+template <int HD, int MI>
+__device__ void fb_scores(float (&s)[MI][FB_NB][4], const bf16 *x, const bf16 *y)
 {
     typedef fb_geo<HD> G;
+    const int l = threadIdx.x & 31;
+    const bf16 *yl = y + ((l & 7) + (l >> 4) * 8) * G::LD + ((l >> 3) & 1) * 8;
 #pragma unroll
-    for (int nb = 0; nb < FB_NB; nb++)
-        s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < HD; kk += 16) {
-        uint32_t a[4];
-        fb_frag_a(a, x + kk, G::LD);
+    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
         for (int nb = 0; nb < FB_NB; nb++)
-            fb_mma_nt(s[nb], a, y + nb * 8 * G::LD + kk, G::LD);
+            s[mi][nb][0] = s[mi][nb][1] = s[mi][nb][2] = s[mi][nb][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < HD; kk += 16) {
+        uint32_t a[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++)
+            fb_frag_a(a[mi], x + 16 * mi * G::LD + kk, G::LD);
+#pragma unroll
+        for (int nb = 0; nb < FB_NB; nb += 2) {
+            uint32_t b[4];
+            fb_ldm4<false>(b, yl + nb * 8 * G::LD + kk);
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                fb_mma(s[mi][nb], a[mi], b[0], b[1]);
+                fb_mma(s[mi][nb + 1], a[mi], b[2], b[3]);
+            }
+        }
     }
 }
 
-/* acc[16][HD] += p[16][64] . m[64][HD], p in registers (score layout,
- * rounded here), m a row-major tile. */
-template <int HD>
-__device__ void fb_accum(float (&acc)[HD / 8][4], const float (&p)[FB_NB][4], const bf16 *m)
+/* acc[mi][16][HD] += p[mi][16][64] . m[64][HD], p in registers (score
+ * layout, rounded here), m a row-major tile: ldmatrix .trans of m's rows
+ * 16 kc + 0..15 at columns nb * 8 and nb * 8 + 8 gives the B fragments of
+ * blocks nb and nb + 1. */
+template <int HD, int MI>
+__device__ void fb_accum(float (&acc)[MI][HD / 8][4], const float (&p)[MI][FB_NB][4],
+                         const bf16 *m)
 {
     typedef fb_geo<HD> G;
+    const int l = threadIdx.x & 31;
+    const bf16 *ml = m + (l & 15) * G::LD + (l >> 4) * 8;
 #pragma unroll
     for (int kc = 0; kc < FB_NB / 2; kc++) {
-        const uint32_t a[4] = {fb_pack(p[2 * kc][0], p[2 * kc][1]),
-                               fb_pack(p[2 * kc][2], p[2 * kc][3]),
-                               fb_pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                               fb_pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+        uint32_t a[MI][4];
 #pragma unroll
-        for (int nb = 0; nb < HD / 8; nb++)
-            fb_mma_nn(acc[nb], a, m + 16 * kc * G::LD + nb * 8, G::LD);
+        for (int mi = 0; mi < MI; mi++) {
+            a[mi][0] = fb_pack(p[mi][2 * kc][0], p[mi][2 * kc][1]);
+            a[mi][1] = fb_pack(p[mi][2 * kc][2], p[mi][2 * kc][3]);
+            a[mi][2] = fb_pack(p[mi][2 * kc + 1][0], p[mi][2 * kc + 1][1]);
+            a[mi][3] = fb_pack(p[mi][2 * kc + 1][2], p[mi][2 * kc + 1][3]);
+        }
+#pragma unroll
+        for (int nb = 0; nb < HD / 8; nb += 2) {
+            uint32_t b[4];
+            fb_ldm4<true>(b, ml + 16 * kc * G::LD + nb * 8);
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                fb_mma(acc[mi][nb], a[mi], b[0], b[1]);
+                fb_mma(acc[mi][nb + 1], a[mi], b[2], b[3]);
+            }
+        }
     }
 }
 
@@ -230,11 +273,13 @@ __device__ void fb_next_kv_tile(bf16 *Ks, bf16 *Vs, const fb_args &p, size_t kv_
     }
 }
 
-template <int HD> __device__ void fb_zero(float (&acc)[HD / 8][4])
+template <int HD, int MI> __device__ void fb_zero(float (&acc)[MI][HD / 8][4])
 {
 #pragma unroll
-    for (int nb = 0; nb < HD / 8; nb++)
-        acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.0f;
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int nb = 0; nb < HD / 8; nb++)
+            acc[mi][nb][0] = acc[mi][nb][1] = acc[mi][nb][2] = acc[mi][nb][3] = 0.0f;
 }
 
 /* dst[r][d] (+)= scale * acc (a warp's 16 rows in score layout) for rows
@@ -269,95 +314,131 @@ __device__ inline float fb_quad_sum(float v)
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-/* ---- kernels ----------------------------------------------------------------------------- */
-
-/* One block per (query tile, head, batch row). */
-template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
+/* -inf at the scores of keys after the row's last: the thread's rows are
+ * g and g + 8 of a 16-row group whose row g sees keys up to last0, its
+ * columns are keys k0 + nb * 8 + 2 t (+ 1). */
+__device__ inline void fb_mask(float (&s)[FB_NB][4], int k0, int last0)
 {
-    typedef fb_geo<HD> G;
-    extern __shared__ __align__(16) unsigned char fb_sm[];
-    bf16 *Qs = (bf16 *)fb_sm, *Ks = Qs + G::TILE, *Vs = Ks + 2 * G::TILE; /* K, V: 2 buffers */
-    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const int t0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS, h = blockIdx.y, bi = blockIdx.z;
-    const int kvh = h / p.rep;
-    const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
-    const size_t q_row = ((size_t)bi * p.Tq + t0) * p.H + h; /* in rows of hd */
-    const size_t kv_row = (size_t)bi * p.kv_len * p.n_kv + kvh;
-    const int nq = min(FB_ROWS, p.Tq - t0);
-    const int kend = p.pos0 + t0 + nq; /* keys 0..kend-1 are seen by some row */
-    const int n_tiles = (kend + FB_ROWS - 1) / FB_ROWS;
-    fb_issue<HD>(Qs, p.q + q_row * HD, qld, nq);
-    fb_issue<HD>(Ks, p.k + kv_row * HD, kld, kend);
-    fb_issue<HD>(Vs, p.v + kv_row * HD, kld, kend);
-    fb_commit();
-    /* the thread's rows g and g + 8 of the warp's 16: their last keys */
-    const int last0 = p.pos0 + t0 + 16 * w + g, last1 = last0 + 8;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[HD / 8][4];
-    fb_zero<HD>(o);
-    for (int it = 0; it < n_tiles; it++) {
-        const int k0 = it * FB_ROWS, buf = it & 1;
-        fb_next_kv_tile<HD>(Ks, Vs, p, kv_row, kld, kend, it, n_tiles);
-        __syncthreads();
-        if (k0 <= p.pos0 + t0 + 16 * w + 15) { /* some row of this warp sees these keys */
-            float s[FB_NB][4];
-            fb_scores<HD>(s, Qs + 16 * w * G::LD, Ks + buf * G::TILE);
-            float mx[2] = {-INFINITY, -INFINITY};
+    const int t = threadIdx.x & 3;
 #pragma unroll
-            for (int nb = 0; nb < FB_NB; nb++)
+    for (int nb = 0; nb < FB_NB; nb++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int key = k0 + nb * 8 + 2 * t + (i & 1);
-                    const bool on = key <= (i < 2 ? last0 : last1) && key < kend;
-                    s[nb][i] = on ? s[nb][i] * p.scale : -INFINITY;
-                    mx[i >> 1] = fmaxf(mx[i >> 1], s[nb][i]);
-                }
-            float corr[2];
+        for (int i = 0; i < 4; i++)
+            if (k0 + nb * 8 + 2 * t + (i & 1) > last0 + 8 * (i >> 1))
+                s[nb][i] = -INFINITY;
+}
+
+/* One key tile of a 16-row group in the online softmax: s (raw scores,
+ * masked) into probabilities relative to the new running max m (in exp2's
+ * unit), the row sums l and the output o rescaled to it. */
+template <int HD>
+__device__ void fb_online(float (&s)[FB_NB][4], float (&m)[2], float (&l)[2],
+                          float (&o)[HD / 8][4], float scale2)
+{
+    float mx[2] = {-INFINITY, -INFINITY}, corr[2];
 #pragma unroll
-            for (int j = 0; j < 2; j++) {
-                /* finite: key 0 is in every row's first tile */
-                const float m_new = fmaxf(m[j], fb_quad_max(mx[j]));
-                corr[j] = expf(m[j] - m_new);
-                m[j] = m_new;
-                l[j] *= corr[j];
-            }
+    for (int nb = 0; nb < FB_NB; nb++)
 #pragma unroll
-            for (int nb = 0; nb < FB_NB; nb++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    s[nb][i] = expf(s[nb][i] - m[i >> 1]);
-                    l[i >> 1] += s[nb][i];
-                }
-#pragma unroll
-            for (int nb = 0; nb < HD / 8; nb++)
-#pragma unroll
-                for (int i = 0; i < 4; i++)
-                    o[nb][i] *= corr[i >> 1];
-            fb_accum<HD>(o, s, Vs + buf * G::TILE);
-        }
-        __syncthreads(); /* every warp is done with buf before it is refilled */
-    }
-    float inv[2];
+        for (int i = 0; i < 4; i++)
+            mx[i >> 1] = fmaxf(mx[i >> 1], s[nb][i]);
 #pragma unroll
     for (int j = 0; j < 2; j++) {
-        l[j] = fb_quad_sum(l[j]);
-        inv[j] = 1.0f / l[j];
-        const int row = 16 * w + g + 8 * j;
-        if (row < nq && t == 0)
-            p.lse[((size_t)bi * p.H + h) * p.Tq + t0 + row] = m[j] + logf(l[j]);
+        /* finite: key 0 is in every row's first tile; scale2 > 0 keeps the max */
+        const float m_new = fmaxf(m[j], fb_quad_max(mx[j]) * scale2);
+        corr[j] = fb_exp2(m[j] - m_new);
+        m[j] = m_new;
+        l[j] *= corr[j];
     }
+#pragma unroll
+    for (int nb = 0; nb < FB_NB; nb++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            s[nb][i] = fb_exp2(__fmaf_rn(s[nb][i], scale2, -m[i >> 1]));
+            l[i >> 1] += s[nb][i];
+        }
 #pragma unroll
     for (int nb = 0; nb < HD / 8; nb++)
 #pragma unroll
         for (int i = 0; i < 4; i++)
-            o[nb][i] *= inv[i >> 1];
-    const size_t qf = (size_t)p.H * p.hd;
-    fb_store<HD>(p.out + (q_row + (size_t)16 * w * p.H) * p.hd, qf, o, nq - 16 * w, p.hd, 1.0f,
-                 false);
+            o[nb][i] *= corr[i >> 1];
 }
 
-/* One block per (key tile, kv head, batch row): dk and dv of its keys,
- * summed over the rep query heads and the query tiles at or after it. */
-template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dkdv_kernel(fb_args p)
+/* ---- kernels ----------------------------------------------------------------------------- */
+
+/* One block per (head, batch row, query tile), longest tiles first. */
+template <int HD>
+__global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
+{
+    typedef fb_geo<HD> G;
+    constexpr int MI = fb_fwd<HD>::MI, BM = fb_fwd<HD>::ROWS;
+    extern __shared__ __align__(16) unsigned char fb_sm[];
+    bf16 *Qs = (bf16 *)fb_sm, *Ks = Qs + BM * G::LD, *Vs = Ks + 2 * G::TILE; /* K, V: 2 buffers */
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const int t0 = (gridDim.z - 1 - blockIdx.z) * BM, h = blockIdx.x, bi = blockIdx.y;
+    const int kvh = h / p.rep;
+    const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
+    const size_t q_row = ((size_t)bi * p.Tq + t0) * p.H + h; /* in rows of hd */
+    const size_t kv_row = (size_t)bi * p.kv_len * p.n_kv + kvh;
+    const int nq = min(BM, p.Tq - t0);
+    const int kend = p.pos0 + t0 + nq; /* keys 0..kend-1 are seen by some row */
+    const int n_tiles = (kend + FB_ROWS - 1) / FB_ROWS;
+    fb_issue<HD, BM>(Qs, p.q + q_row * HD, qld, nq);
+    fb_issue<HD>(Ks, p.k + kv_row * HD, kld, kend);
+    fb_issue<HD>(Vs, p.v + kv_row * HD, kld, kend);
+    fb_commit();
+    /* the last key of the warp's first row; rows past nq are zeros, unused */
+    const int first = p.pos0 + t0 + 16 * MI * w;
+    float m[MI][2], l[MI][2], o[MI][HD / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+        m[mi][0] = m[mi][1] = -INFINITY, l[mi][0] = l[mi][1] = 0.0f;
+    fb_zero<HD, MI>(o);
+    for (int it = 0; it < n_tiles; it++) {
+        const int k0 = it * FB_ROWS, buf = it & 1;
+        fb_next_kv_tile<HD>(Ks, Vs, p, kv_row, kld, kend, it, n_tiles);
+        __syncthreads();
+        if (k0 <= first + 16 * MI - 1) { /* some row of this warp sees these keys */
+            float s[MI][FB_NB][4];
+            fb_scores<HD, MI>(s, Qs + 16 * MI * w * G::LD, Ks + buf * G::TILE);
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                if (k0 + FB_ROWS - 1 > first + 16 * mi) /* the tile crosses the diagonal */
+                    fb_mask(s[mi], k0, first + 16 * mi + g);
+                fb_online<HD>(s[mi], m[mi], l[mi], o[mi], p.scale2);
+            }
+            fb_accum<HD, MI>(o, s, Vs + buf * G::TILE);
+        }
+        __syncthreads(); /* every warp is done with buf before it is refilled */
+    }
+    const size_t qf = (size_t)p.H * p.hd;
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++) {
+        const int r0 = 16 * (MI * w + mi);
+        float inv[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            l[mi][j] = fb_quad_sum(l[mi][j]);
+            inv[j] = 1.0f / l[mi][j];
+            const int row = r0 + g + 8 * j;
+            if (row < nq && t == 0)
+                p.lse[((size_t)bi * p.H + h) * p.Tq + t0 + row] =
+                    m[mi][j] * FB_LN2 + logf(l[mi][j]);
+        }
+#pragma unroll
+        for (int nb = 0; nb < HD / 8; nb++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                o[mi][nb][i] *= inv[i >> 1];
+        fb_store<HD>(p.out + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd, 1.0f,
+                     false);
+    }
+}
+
+/* One block per (kv head, batch row, key tile), longest first: dk and dv
+ * of its keys, summed over the rep query heads and the query tiles at or
+ * after it. */
+template <int HD>
+__global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_dkdv_kernel(fb_args p)
 {
     typedef fb_geo<HD> G;
     extern __shared__ __align__(16) unsigned char fb_sm[];
@@ -365,7 +446,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dkdv_kernel(f
     bf16 *Ks = (bf16 *)fb_sm, *Vs = Ks + G::TILE, *Qs = Vs + G::TILE, *Os = Qs + 2 * G::TILE;
     float *rows = (float *)(Os + 2 * G::TILE); /* [2][lse 64, D 64] */
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const int T = p.Tq, k0 = blockIdx.x * FB_ROWS, kvh = blockIdx.y, bi = blockIdx.z;
+    const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, kvh = blockIdx.x, bi = blockIdx.y;
     const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
     const int nk = min(FB_ROWS, T - k0);
     const size_t kv_row = ((size_t)bi * T + k0) * p.n_kv + kvh;
@@ -373,7 +454,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dkdv_kernel(f
     const int n_it = p.rep * n_qt;
     fb_issue<HD>(Ks, p.k + kv_row * HD, kld, nk);
     fb_issue<HD>(Vs, p.v + kv_row * HD, kld, nk);
-    /* iteration it: query head g * rep + it / n_qt, query tile it % n_qt */
+    /* iteration it: query head kvh * rep + it / n_qt, query tile it % n_qt */
     auto issue = [&](int it, int buf) {
         const int h = kvh * p.rep + it / n_qt, q0 = k0 + it % n_qt * FB_ROWS;
         const int nq = min(FB_ROWS, T - q0);
@@ -389,13 +470,11 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dkdv_kernel(f
         fb_commit();
     };
     issue(0, 0);
-    float dk[HD / 8][4], dv[HD / 8][4];
-    fb_zero<HD>(dk);
-    fb_zero<HD>(dv);
-    const int key0 = k0 + 16 * w + g; /* the thread's keys: key0 and key0 + 8 */
+    float dk[1][HD / 8][4], dv[1][HD / 8][4];
+    fb_zero<HD, 1>(dk);
+    fb_zero<HD, 1>(dv);
     for (int it = 0; it < n_it; it++) {
         const int buf = it & 1, q0 = k0 + it % n_qt * FB_ROWS;
-        const int nq = min(FB_ROWS, T - q0);
         if (it + 1 < n_it) {
             issue(it + 1, buf ^ 1);
             fb_wait<1>();
@@ -405,38 +484,43 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dkdv_kernel(f
         __syncthreads();
         const bf16 *Qb = Qs + buf * G::TILE, *Ob = Os + buf * G::TILE;
         const float *lse_s = rows + buf * 2 * FB_ROWS, *D_s = lse_s + FB_ROWS;
-        float s[FB_NB][4], dp[FB_NB][4]; /* [key][query] */
-        fb_scores<HD>(s, Ks + 16 * w * G::LD, Qb);
-        fb_scores<HD>(dp, Vs + 16 * w * G::LD, Ob);
+        float s[1][FB_NB][4], dp[1][FB_NB][4]; /* [key][query] */
+        fb_scores<HD, 1>(s, Ks + 16 * w * G::LD, Qb);
+        fb_scores<HD, 1>(dp, Vs + 16 * w * G::LD, Ob);
+        /* query rows past T are zeros with lse = D = 0: p = 1, dp = 0, no
+         * contribution; only the diagonal tile (q0 == k0) needs the mask */
+        const bool diag = q0 == k0;
 #pragma unroll
         for (int nb = 0; nb < FB_NB; nb++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int qc = nb * 8 + 2 * t + (i & 1);
-                const bool on = qc < nq && q0 + qc >= key0 + 8 * (i >> 1);
-                const float pr = on ? expf(s[nb][i] * p.scale - lse_s[qc]) : 0.0f;
-                s[nb][i] = pr;
-                dp[nb][i] = pr * (dp[nb][i] - D_s[qc]);
+                float pr = fb_exp2(__fmaf_rn(s[0][nb][i], p.scale2, -lse_s[qc] * FB_LOG2E));
+                if (diag && qc < 16 * w + g + 8 * (i >> 1))
+                    pr = 0.0f;
+                s[0][nb][i] = pr;
+                dp[0][nb][i] = pr * (dp[0][nb][i] - D_s[qc]);
             }
-        fb_accum<HD>(dv, s, Ob);  /* dv += P^T dO */
-        fb_accum<HD>(dk, dp, Qb); /* dk += dS^T Q */
+        fb_accum<HD, 1>(dv, s, Ob);  /* dv += P^T dO */
+        fb_accum<HD, 1>(dk, dp, Qb); /* dk += dS^T Q */
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
     const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
-    fb_store<HD>(p.dk + at, kf, dk, nk - 16 * w, p.hd, p.scale, true);
-    fb_store<HD>(p.dv + at, kf, dv, nk - 16 * w, p.hd, 1.0f, true);
+    fb_store<HD>(p.dk + at, kf, dk[0], nk - 16 * w, p.hd, p.scale, true);
+    fb_store<HD>(p.dv + at, kf, dv[0], nk - 16 * w, p.hd, 1.0f, true);
 }
 
-/* One block per (query tile, head, batch row): dq of its rows. */
+/* One block per (head, batch row, query tile), longest first: dq of its
+ * rows. */
 template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_args p)
 {
     typedef fb_geo<HD> G;
     extern __shared__ __align__(16) unsigned char fb_sm[];
     /* Q, dO; K and V two buffers each */
     bf16 *Qs = (bf16 *)fb_sm, *Os = Qs + G::TILE, *Ks = Os + G::TILE, *Vs = Ks + 2 * G::TILE;
-    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const int T = p.Tq, q0 = (gridDim.x - 1 - blockIdx.x) * FB_ROWS, h = blockIdx.y;
-    const int bi = blockIdx.z, kvh = h / p.rep;
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+    const int T = p.Tq, q0 = (gridDim.z - 1 - blockIdx.z) * FB_ROWS, h = blockIdx.x;
+    const int bi = blockIdx.y, kvh = h / p.rep;
     const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
     const int nq = min(FB_ROWS, T - q0);
     const size_t q_row = ((size_t)bi * T + q0) * p.H + h;
@@ -449,38 +533,40 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     fb_issue<HD>(Vs, p.v + kv_row * HD, kld, kend);
     fb_commit();
     const int row0 = 16 * w + g; /* the thread's rows: row0 and row0 + 8 */
-    float lse[2], D[2], dq[HD / 8][4];
+    float lse2[2], D[2], dq[1][HD / 8][4];
 #pragma unroll
     for (int j = 0; j < 2; j++) {
+        /* rows past nq: zeros with lse = D = 0, so dS = 0 there */
         const int r = row0 + 8 * j;
-        lse[j] = r < nq ? p.lse[row_at + r] : 0.0f;
+        lse2[j] = r < nq ? p.lse[row_at + r] * FB_LOG2E : 0.0f;
         D[j] = r < nq ? p.D[row_at + r] : 0.0f;
     }
-    fb_zero<HD>(dq);
+    fb_zero<HD, 1>(dq);
     for (int it = 0; it < n_tiles; it++) {
         const int k0 = it * FB_ROWS, buf = it & 1;
         fb_next_kv_tile<HD>(Ks, Vs, p, kv_row, kld, kend, it, n_tiles);
         __syncthreads();
         if (k0 <= q0 + 16 * w + 15) { /* some row of this warp sees these keys */
             const bf16 *Kb = Ks + buf * G::TILE;
-            float s[FB_NB][4], dp[FB_NB][4];
-            fb_scores<HD>(s, Qs + 16 * w * G::LD, Kb);
-            fb_scores<HD>(dp, Os + 16 * w * G::LD, Vs + buf * G::TILE);
+            float s[1][FB_NB][4], dp[1][FB_NB][4];
+            fb_scores<HD, 1>(s, Qs + 16 * w * G::LD, Kb);
+            fb_scores<HD, 1>(dp, Os + 16 * w * G::LD, Vs + buf * G::TILE);
+            if (k0 + FB_ROWS - 1 > q0 + 16 * w) /* the tile crosses the diagonal */
+                fb_mask(s[0], k0, q0 + row0);
 #pragma unroll
             for (int nb = 0; nb < FB_NB; nb++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const int r = row0 + 8 * (i >> 1), key = k0 + nb * 8 + 2 * t + (i & 1);
-                    const bool on = r < nq && key <= q0 + r;
-                    const float pr = on ? expf(s[nb][i] * p.scale - lse[i >> 1]) : 0.0f;
-                    dp[nb][i] = pr * (dp[nb][i] - D[i >> 1]);
+                    const float pr =
+                        fb_exp2(__fmaf_rn(s[0][nb][i], p.scale2, -lse2[i >> 1]));
+                    dp[0][nb][i] = pr * (dp[0][nb][i] - D[i >> 1]);
                 }
-            fb_accum<HD>(dq, dp, Kb); /* dq += dS K */
+            fb_accum<HD, 1>(dq, dp, Kb); /* dq += dS K */
         }
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
     const size_t qf = (size_t)p.H * p.hd;
-    fb_store<HD>(p.dq + (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq, nq - 16 * w, p.hd,
+    fb_store<HD>(p.dq + (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq[0], nq - 16 * w, p.hd,
                  p.scale, true);
 }
 
@@ -493,21 +579,23 @@ template <int HD> static void fb_launch(qkd__backend *b, fb_pass pass, const fb_
     typedef fb_geo<HD> G;
     void (*kern)(fb_args);
     size_t bytes = 6 * (size_t)G::TILE * sizeof(bf16);
-    dim3 grid((unsigned)((p.Tq + FB_ROWS - 1) / FB_ROWS), (unsigned)p.H, (unsigned)B);
+    int rows = FB_ROWS, heads = p.H;
     switch (pass) {
     case FB_FORWARD:
         kern = fb_forward_kernel<HD>;
-        bytes = 5 * (size_t)G::TILE * sizeof(bf16);
+        rows = fb_fwd<HD>::ROWS;
+        bytes = (size_t)(rows + 4 * FB_ROWS) * G::LD * sizeof(bf16);
         break;
     case FB_DKDV:
         kern = fb_dkdv_kernel<HD>;
         bytes += 4 * FB_ROWS * sizeof(float); /* lse and D, two buffers */
-        grid.y = (unsigned)p.n_kv;
+        heads = p.n_kv;
         break;
     default:
         kern = fb_dq_kernel<HD>;
         break;
     }
+    const dim3 grid((unsigned)heads, (unsigned)B, (unsigned)((p.Tq + rows - 1) / rows));
     if (qkd__cuda_check(b, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 (int)bytes),
                         "attention_bf16 shared memory") != QKD_OK)
@@ -589,6 +677,7 @@ static fb_args fb_make(int Tq, int pos0, int kv_len, int H, int n_kv, int hd)
     p.hd = hd;
     p.rep = H / n_kv;
     p.scale = (float)(1.0 / sqrt((double)hd));
+    p.scale2 = p.scale * FB_LOG2E;
     return p;
 }
 
