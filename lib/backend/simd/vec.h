@@ -52,12 +52,24 @@ static inline vf vset1(float x) { return _mm512_set1_ps(x); }
 static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
 static inline __mmask16 first_n(int n) { return (__mmask16)((1u << n) - 1u); }
-/* The first n (0..VL) lanes from p, zeros after; reads only those lanes. */
-static inline vf vload_n(const float *p, int n) { return _mm512_maskz_loadu_ps(first_n(n), p); }
-static inline void vstore_n(float *p, vf x, int n) { _mm512_mask_storeu_ps(p, first_n(n), x); }
+/* The first n (0..VL) lanes from p, zeros after; reads only those lanes.
+ * A whole vector takes the plain load or store: masked ones are slower. */
+static inline vf vload_n(const float *p, int n)
+{
+    return n == VL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_n(n), p);
+}
+static inline void vstore_n(float *p, vf x, int n)
+{
+    if (n == VL)
+        _mm512_storeu_ps(p, x);
+    else
+        _mm512_mask_storeu_ps(p, first_n(n), x);
+}
 /* The first n lanes from p, `fill` after. */
 static inline vf vload_n_or(const float *p, int n, float fill)
 {
+    if (n == VL)
+        return _mm512_loadu_ps(p);
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_n(n), p);
 }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
@@ -212,10 +224,21 @@ static inline __m256i first_n(int n)
 {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-static inline vf vload_n(const float *p, int n) { return _mm256_maskload_ps(p, first_n(n)); }
-static inline void vstore_n(float *p, vf x, int n) { _mm256_maskstore_ps(p, first_n(n), x); }
+static inline vf vload_n(const float *p, int n)
+{
+    return n == VL ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_n(n));
+}
+static inline void vstore_n(float *p, vf x, int n)
+{
+    if (n == VL)
+        _mm256_storeu_ps(p, x);
+    else
+        _mm256_maskstore_ps(p, first_n(n), x);
+}
 static inline vf vload_n_or(const float *p, int n, float fill)
 {
+    if (n == VL)
+        return _mm256_loadu_ps(p);
     __m256i m = first_n(n);
     return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
 }
