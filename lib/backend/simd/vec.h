@@ -366,6 +366,24 @@ static inline vf vexp(vf x)
     return vselect_lt(hi, x, vset1(__builtin_inff()), e);
 }
 
+/* 2^x for x <= 127, to about 2 ulp: 2^r for r = x - round(x), |r| <= 1/2,
+ * from its degree-6 Taylor polynomial, times 2^round(x). Below -126 the
+ * result is 0; NaN stays NaN. A softmax in base 2 (its arguments scaled by
+ * log2(e) beforehand) spends fewer operations per value than vexp. */
+static inline vf vexp2_le127(vf x)
+{
+    const vf lo = vset1(-126.0f);
+    vf xc = vmax(lo, x), n = vround(xc), r = vsub(xc, n);
+    vf p = vset1(1.5403530393381606e-4f); /* ln(2)^k / k!, k = 6 .. 1 */
+    p = vfma(p, r, vset1(1.3333558146428443e-3f));
+    p = vfma(p, r, vset1(9.6181291076284772e-3f));
+    p = vfma(p, r, vset1(5.5504108664821580e-2f));
+    p = vfma(p, r, vset1(2.4022650695910071e-1f));
+    p = vfma(p, r, vset1(6.9314718055994531e-1f));
+    p = vfma(p, r, vset1(1.0f));
+    return vselect_lt(x, lo, vzero(), vscale2(p, n));
+}
+
 /* vexp(x), bit for bit, for x <= 88 (NaN stays NaN): the arguments of a
  * softmax, less their row's maximum, are <= 0. Cheaper, since 2^n is then
  * one normal float. */
