@@ -1,5 +1,6 @@
 /* The SIMD backend's table, instruction-set choice, workspace and
  * parallel-for. */
+#include <limits.h>
 #include <math.h>
 
 #include "backend/simd/simd.h"
@@ -204,6 +205,8 @@ const float *qkd__simd_rope_table(qkd__backend *b, int hd, int width, float thet
         return r->rows;
     /* Room for half as many positions again: decoding grows one a call. */
     int64_t want = (int64_t)n_pos + n_pos / 2;
+    if (want > INT_MAX)
+        want = n_pos;
     if ((uint64_t)want > SIZE_MAX / sizeof(float) / 2 / (size_t)width)
         return NULL;
     float *rows = qkd__alloc(b->ctx, (size_t)want * 2 * (size_t)width * sizeof *rows);
