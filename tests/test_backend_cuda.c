@@ -69,51 +69,12 @@
 
 /* ---- random data ------------------------------------------------------------------ */
 
-static uint64_t rng_state;
-
-static void rng_seed(uint64_t seed)
-{
-    rng_state = seed;
-}
-
-/* splitmix64, mapped to [lo, hi) */
-static double rng_uniform(double lo, double hi)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
-}
-
-static float *vec_new(size_t n)
-{
-    float *x = calloc(n ? n : 1, sizeof *x);
-    ck_assert_ptr_nonnull(x);
-    return x;
-}
-
-static float *vec_rand(size_t n, double lo, double hi)
-{
-    float *x = vec_new(n);
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)rng_uniform(lo, hi);
-    return x;
-}
-
-static float *vec_copy(const float *src, size_t n)
-{
-    float *x = vec_new(n);
-    memcpy(x, src, n * sizeof *x);
-    return x;
-}
-
 static int32_t *ids_rand(size_t n, int V, int with_negative)
 {
     int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
     ck_assert_ptr_nonnull(ids);
     for (size_t i = 0; i < n; i++)
-        ids[i] = with_negative && i % 5 == 2 ? -1 : (int32_t)(rng_uniform(0, 1) * V);
+        ids[i] = with_negative && i % 5 == 2 ? -1 : (int32_t)(test_rng_next(0, 1) * V);
     return ids;
 }
 
@@ -201,7 +162,7 @@ static int32_t *dput_ids(struct pair *p, const int32_t *h, size_t n)
 /* A device output poisoned with NaN, so an element never written fails. */
 static float *dpoison(struct pair *p, size_t n)
 {
-    float *h = vec_new(n);
+    float *h = test_vec_new(n);
     for (size_t i = 0; i < n; i++)
         h[i] = NAN;
     float *d = dput(p, h, n);
@@ -212,7 +173,7 @@ static float *dpoison(struct pair *p, size_t n)
 /* Download n floats of d into a new host array and free d. */
 static float *dtake(struct pair *p, float *d, size_t n)
 {
-    float *h = vec_new(n);
+    float *h = test_vec_new(n);
     expect_ok(p->cc, p->cb->sync(p->cb), "sync");
     if (n)
         expect_ok(p->cc, p->cb->download(p->cb, h, d, n * sizeof *h), "download");
@@ -238,7 +199,7 @@ static float *dput_off(struct pair *p, const float *h, size_t n, size_t off)
 /* dtake of an array from dput_off. */
 static float *dtake_off(struct pair *p, float *d, size_t n, size_t off)
 {
-    float *h = vec_new(n);
+    float *h = test_vec_new(n);
     expect_ok(p->cc, p->cb->sync(p->cb), "sync");
     expect_ok(p->cc, p->cb->download(p->cb, h, d, n * sizeof *h), "download");
     p->cb->free(p->cb, d - off);
@@ -305,10 +266,10 @@ START_TEST(elementwise_equal_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(55);
+    test_rng_seed(55);
     for (size_t s = 0; s < sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
         size_t n = elem_sizes[s];
-        float *x = vec_rand(n, -2, 2), *y = vec_rand(n, -2, 2), *o = vec_rand(n, -1, 1);
+        float *x = test_vec_rand(n, -2, 2), *y = test_vec_rand(n, -2, 2), *o = test_vec_rand(n, -1, 1);
         float *dx = dput(&p, x, n), *dy = dput(&p, y, n), *dout = dpoison(&p, n);
         float *dcopy = dpoison(&p, n);
         p.rb->fill(p.rb, o, 0.25f, n);
@@ -345,10 +306,10 @@ START_TEST(sums_match_ref)
     if (!pair_open(&p))
         return;
     static const size_t sizes[] = {0, 1, 33, 4099, 3000017};
-    rng_seed(57);
+    test_rng_seed(57);
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
-        float *x = vec_rand(n, -1, 3), want[2], mag = 0.0f;
+        float *x = test_vec_rand(n, -1, 3), want[2], mag = 0.0f;
         for (size_t i = 0; i < n; i++)
             mag += fabsf(x[i]) * (1.0f + fabsf(x[i]));
         p.rb->sum(p.rb, &want[0], x, n);
@@ -383,10 +344,10 @@ START_TEST(optimizers_equal_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(81);
+    test_rng_seed(81);
     const size_t n = 70001;
-    float *w = vec_rand(n, -1, 1), *g = vec_rand(n, -1, 1), *m = vec_rand(n, -0.1, 0.1);
-    float *v = vec_rand(n, 0, 0.01);
+    float *w = test_vec_rand(n, -1, 1), *g = test_vec_rand(n, -1, 1), *m = test_vec_rand(n, -0.1, 0.1);
+    float *v = test_vec_rand(n, 0, 0.01);
     float *dw = dput(&p, w, n), *dg = dput(&p, g, n), *dm = dput(&p, m, n), *dv = dput(&p, v, n);
     for (int t = 1; t <= 3; t++) {
         p.rb->adamw_update(p.rb, w, g, m, v, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
@@ -415,15 +376,15 @@ START_TEST(multi_tensor_updates_match_ref)
         return;
     static const size_t sizes[] = {2049, 0, 1, 2048, 70001, 5};
     enum { NS = sizeof sizes / sizeof sizes[0] };
-    rng_seed(83);
+    test_rng_seed(83);
     qkd__update_span spans[NS];
     float *h[NS][4], *d[NS][4]; /* p, g, m, v on each side */
     for (int s = 0; s < NS; s++) {
         size_t n = sizes[s] ? sizes[s] : 1; /* an empty span still gets a buffer */
-        h[s][0] = vec_rand(n, -1, 1);
-        h[s][1] = vec_rand(n, -1, 1);
-        h[s][2] = vec_rand(n, -0.1, 0.1);
-        h[s][3] = vec_rand(n, 0, 0.01);
+        h[s][0] = test_vec_rand(n, -1, 1);
+        h[s][1] = test_vec_rand(n, -1, 1);
+        h[s][2] = test_vec_rand(n, -0.1, 0.1);
+        h[s][3] = test_vec_rand(n, 0, 0.01);
         for (int k = 0; k < 4; k++)
             d[s][k] = dput(&p, h[s][k], n);
         spans[s] = (qkd__update_span){d[s][0], d[s][1], d[s][2], d[s][3], sizes[s],
@@ -445,7 +406,7 @@ START_TEST(multi_tensor_updates_match_ref)
         float gscale = t == 2 ? 0.37f : 1.0f;
         p.cb->adamw_update_multi(p.cb, spans, NS, gscale, 0.9f, 0.95f, 1e-8f, 0.1f, t);
         for (int s = 0; s < NS; s++) {
-            float *g = vec_copy(h[s][1], sizes[s] ? sizes[s] : 1);
+            float *g = test_vec_copy(h[s][1], sizes[s] ? sizes[s] : 1);
             p.rb->scale(p.rb, g, gscale, sizes[s]);
             p.rb->adamw_update(p.rb, h[s][0], g, h[s][2], h[s][3], sizes[s], spans[s].lr, 0.9f,
                                0.95f, 1e-8f, 0.1f, t);
@@ -509,9 +470,9 @@ static void mm_case(struct pair *p, int N, int C, int OC, int bf16)
 {
     qkd__backend *rb = p->rb, *cb = p->cb;
     size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
-    float *x = vec_rand(nx, -1, 1), *w = vec_rand(nw, -1, 1), *dout = vec_rand(no, -1, 1);
-    float *dx = vec_rand(nx, -1, 1), *dw = vec_rand(nw, -1, 1), *out = vec_new(no);
-    float *s_out = vec_new(no), *s_dx = vec_new(nx), *s_dw = vec_new(nw);
+    float *x = test_vec_rand(nx, -1, 1), *w = test_vec_rand(nw, -1, 1), *dout = test_vec_rand(no, -1, 1);
+    float *dx = test_vec_rand(nx, -1, 1), *dw = test_vec_rand(nw, -1, 1), *out = test_vec_new(no);
+    float *s_out = test_vec_new(no), *s_dx = test_vec_new(nx), *s_dw = test_vec_new(nw);
     mm_scales(x, w, dout, dx, dw, N, C, OC, s_out, s_dx, s_dw);
     float *d_x = dput(p, x, nx), *d_w = dput(p, w, nw), *d_dout = dput(p, dout, no);
     float *d_out = dpoison(p, no), *d_dx = dput(p, dx, nx), *d_dw = dput(p, dw, nw);
@@ -548,7 +509,7 @@ START_TEST(matmul_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(11);
+    test_rng_seed(11);
     for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++)
         mm_case(&p, mm_shapes[s][0], mm_shapes[s][1], mm_shapes[s][2], 0);
     pair_close(&p);
@@ -560,7 +521,7 @@ START_TEST(matmul_bf16_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(12);
+    test_rng_seed(12);
     for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++)
         mm_case(&p, mm_shapes[s][0], mm_shapes[s][1], mm_shapes[s][2], 1);
     /* a depth-1 product of two values that bf16 rounds: the reference's
@@ -587,10 +548,10 @@ START_TEST(matmul_bf16_sees_writes)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(13);
+    test_rng_seed(13);
     const int N = 33, C = 40, OC = 24;
-    float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
-    float *x2 = vec_rand((size_t)N * C, -1, 1), *want = vec_new((size_t)N * OC);
+    float *x = test_vec_rand((size_t)N * C, -1, 1), *w = test_vec_rand((size_t)OC * C, -1, 1);
+    float *x2 = test_vec_rand((size_t)N * C, -1, 1), *want = test_vec_new((size_t)N * OC);
     float *d_x = dput(&p, x, (size_t)N * C), *d_w = dput(&p, w, (size_t)OC * C);
     float *d_o1 = dpoison(&p, (size_t)N * OC), *d_o2 = dpoison(&p, (size_t)N * OC);
     float *d_o3 = dpoison(&p, (size_t)N * OC);
@@ -610,8 +571,8 @@ START_TEST(matmul_bf16_sees_writes)
      * writes elsewhere (q, k and v of one input), not across one that
      * writes the input itself. */
     const size_t nx = (size_t)N * C, ng = (size_t)N * OC, nw = (size_t)OC * C;
-    float *g = vec_rand(ng, -1, 1), *d_g = dput(&p, g, ng), *d_y = dpoison(&p, nx);
-    float *d_dw[3], *dw[3], *x3 = vec_new(nx), *want_dw = vec_new(nw);
+    float *g = test_vec_rand(ng, -1, 1), *d_g = dput(&p, g, ng), *d_y = dpoison(&p, nx);
+    float *d_dw[3], *dw[3], *x3 = test_vec_new(nx), *want_dw = test_vec_new(nw);
     for (int k = 0; k < 3; k++)
         d_dw[k] = dput(&p, want_dw, nw); /* zeros */
     p.cb->fill(p.cb, d_y, 0.0f, nx);
@@ -649,13 +610,13 @@ START_TEST(embedding_equals_ref)
     /* {N, C, V}: repeats (N > V), rows wider than a block, a large vocabulary */
     static const int shapes[][3] = {{1, 1, 1}, {9, 7, 5},          {300, 64, 37},
                                     {1000, 33, 2000}, {4096, 300, 61}, {2000, 40, 100000}};
-    rng_seed(13);
+    test_rng_seed(13);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int N = shapes[s][0], C = shapes[s][1], V = shapes[s][2];
         size_t nt = (size_t)V * C, no = (size_t)N * C;
         int32_t *ids = ids_rand((size_t)N, V, 0); /* repeats: N > V for some */
-        float *table = vec_rand(nt, -1, 1), *dout = vec_rand(no, -1, 1), *out = vec_new(no);
-        float *dtable = vec_rand(nt, -1, 1);
+        float *table = test_vec_rand(nt, -1, 1), *dout = test_vec_rand(no, -1, 1), *out = test_vec_new(no);
+        float *dtable = test_vec_rand(nt, -1, 1);
         int32_t *d_ids = dput_ids(&p, ids, (size_t)N);
         float *d_table = dput(&p, table, nt), *d_dout = dput(&p, dout, no);
         float *d_out = dpoison(&p, no), *d_dtable = dput(&p, dtable, nt);
@@ -680,13 +641,13 @@ START_TEST(rmsnorm_matches_ref)
         return;
     static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 16}, {33, 64}, {7, 67}, {200, 288},
                                     {130, 1000}, {9, 2048}};
-    rng_seed(21);
+    test_rng_seed(21);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int N = shapes[s][0], C = shapes[s][1];
         size_t nc = (size_t)N * C;
-        float *x = vec_rand(nc, -2, 2), *w = vec_rand((size_t)C, 0.5, 1.5);
-        float *g = vec_rand(nc, -1, 1), *dx = vec_rand(nc, -1, 1), *dw = vec_rand((size_t)C, -1, 1);
-        float *y = vec_new(nc), *r = vec_new((size_t)N);
+        float *x = test_vec_rand(nc, -2, 2), *w = test_vec_rand((size_t)C, 0.5, 1.5);
+        float *g = test_vec_rand(nc, -1, 1), *dx = test_vec_rand(nc, -1, 1), *dw = test_vec_rand((size_t)C, -1, 1);
+        float *y = test_vec_new(nc), *r = test_vec_new((size_t)N);
         float *d_x = dput(&p, x, nc), *d_w = dput(&p, w, (size_t)C), *d_g = dput(&p, g, nc);
         float *d_dx = dput(&p, dx, nc), *d_dw = dput(&p, dw, (size_t)C);
         float *d_y = dpoison(&p, nc), *d_r = dpoison(&p, (size_t)N);
@@ -717,14 +678,14 @@ START_TEST(rope_matches_ref)
     /* rising positions grow the CUDA backend's (cos, sin) table; far ones
      * check the angles (a float angle would be off by 4e-4 there) */
     static const int pos0s[] = {0, 17, 6000};
-    rng_seed(31);
+    test_rng_seed(31);
     for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
         for (size_t pi = 0; pi < sizeof pos0s / sizeof pos0s[0]; pi++)
             for (int dir = 0; dir < 2; dir++) {
                 int B = 2, T = 5, H = 3, hd = hds[hi];
                 float theta = hi % 2 ? 500.0f : 10000.0f; /* a change rebuilds the table */
                 size_t n = (size_t)B * T * H * hd;
-                float *x = vec_rand(n, -1, 1);
+                float *x = test_vec_rand(n, -1, 1);
                 float *d = dput(&p, x, n);
                 if (dir == 0) {
                     p.rb->rope_forward(p.rb, x, B, T, H, hd, pos0s[pi], theta);
@@ -771,7 +732,7 @@ static float bf16_round(float x)
 
 static float *vec_bf16(const float *x, size_t n)
 {
-    float *y = vec_new(n);
+    float *y = test_vec_new(n);
     for (size_t i = 0; i < n; i++)
         y[i] = bf16_round(x[i]);
     return y;
@@ -810,16 +771,16 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
     /* the CUDA scratch is one logsumexp per query row, not T x T */
     size_t nl = (size_t)a->B * a->n_heads * a->Tq;
     ck_assert_uint_eq(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd), nl);
-    float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
-    float *o = vec_new(nq), *P = vec_new(np);
+    float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nkv, -2, 2), *v = test_vec_rand(nkv, -1, 1);
+    float *o = test_vec_new(nq), *P = test_vec_new(np);
     float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
     float *d_o = dpoison(p, nq), *d_lse = dpoison(p, nl);
     attn_forward(rb, bf16, o, P, q, k, v, a);
     attn_forward(cb, bf16, d_o, d_lse, d_q, d_k, d_v, a);
     float *g_o = dtake(p, d_o, nq), *g_lse = dtake(p, d_lse, nl);
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
-        float *dout = vec_rand(nq, -1, 1), *dq = vec_rand(nq, -1, 1);
-        float *dk = vec_rand(nkv, -1, 1), *dv = vec_rand(nkv, -1, 1);
+        float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
+        float *dk = test_vec_rand(nkv, -1, 1), *dv = test_vec_rand(nkv, -1, 1);
         float *d_dout = dput(p, dout, nq), *d_dq = dput(p, dq, nq);
         float *d_dk = dput(p, dk, nkv), *d_dv = dput(p, dv, nkv);
         float *d_or = dput(p, o, nq), *d_l = dput(p, g_lse, nl);
@@ -862,7 +823,7 @@ START_TEST(attention_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(41);
+    test_rng_seed(41);
     for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
         attention_case(&p, &attn_shapes[s], 0);
     pair_close(&p);
@@ -875,7 +836,7 @@ START_TEST(attention_bf16_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(42);
+    test_rng_seed(42);
     for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
         if (attn_shapes[s].hd <= 128)
             attention_case(&p, &attn_shapes[s], 1);
@@ -890,15 +851,15 @@ START_TEST(swiglu_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(51);
+    test_rng_seed(51);
     /* off 1: pointers off the 16-byte boundary take the scalar kernels */
     for (size_t s = 0; s < 2 * sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
         size_t off = s % 2, n = elem_sizes[s / 2] - off;
         if (n == 0)
             continue;
-        float *gate = vec_rand(n, -12, 12), *up = vec_rand(n, -2, 2), *g = vec_rand(n, -1, 1);
+        float *gate = test_vec_rand(n, -12, 12), *up = test_vec_rand(n, -2, 2), *g = test_vec_rand(n, -1, 1);
         gate[0] = -100.0f; /* exp(100) is past float: the gate closes, as in double */
-        float *o = vec_new(n), *dg = vec_rand(n, -1, 1), *du = vec_rand(n, -1, 1);
+        float *o = test_vec_new(n), *dg = test_vec_rand(n, -1, 1), *du = test_vec_rand(n, -1, 1);
         for (size_t i = 0; i < n; i++)
             o[i] = NAN; /* the device output starts poisoned */
         float *d_gate = dput_off(&p, gate, n, off), *d_up = dput_off(&p, up, n, off);
@@ -933,15 +894,15 @@ START_TEST(softmax_family_matches_ref)
     if (!pair_open(&p))
         return;
     static const float inv_temps[] = {1.0f, 0.5f};
-    rng_seed(61);
+    test_rng_seed(61);
     for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++)
         for (size_t ti = 0; ti < 2; ti++)
             for (int logp = 0; logp < 2; logp++) {
                 int N = row_shapes[s][0], V = row_shapes[s][1];
                 size_t n = (size_t)N * V;
                 float it = inv_temps[ti];
-                float *x = vec_rand(n, -8, 8), *dy = vec_rand(n, -1, 1), *dx = vec_rand(n, -1, 1);
-                float *y = vec_new(n);
+                float *x = test_vec_rand(n, -8, 8), *dy = test_vec_rand(n, -1, 1), *dx = test_vec_rand(n, -1, 1);
+                float *y = test_vec_new(n);
                 float *d_x = dput(&p, x, n), *d_dy = dput(&p, dy, n), *d_dx = dput(&p, dx, n);
                 float *d_y = dpoison(&p, n);
                 if (logp) {
@@ -972,11 +933,11 @@ START_TEST(cross_entropy_matches_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(71);
+    test_rng_seed(71);
     for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++) {
         int N = row_shapes[s][0], V = row_shapes[s][1];
         size_t n = (size_t)N * V;
-        float *x = vec_rand(n, -8, 8), *dx = vec_rand(n, -1, 1), *loss = vec_new((size_t)N);
+        float *x = test_vec_rand(n, -8, 8), *dx = test_vec_rand(n, -1, 1), *loss = test_vec_new((size_t)N);
         int32_t *targets = ids_rand((size_t)N, V, 1);
         float *d_x = dput(&p, x, n), *d_dx = dput(&p, dx, n), *d_loss = dpoison(&p, (size_t)N);
         int32_t *d_t = dput_ids(&p, targets, (size_t)N);
@@ -1004,8 +965,8 @@ static const int kd_kinds[] = {QKD_LOSS_CE,    QKD_LOSS_FKL,  QKD_LOSS_RKL, QKD_
 static void kd_case(struct pair *p, int N, int V, int kind, int variant)
 {
     size_t n = (size_t)N * V;
-    float *s = vec_rand(n, -6, 6), *t = vec_rand(n, -6, 6), *ds = vec_rand(n, -1, 1);
-    float *w = vec_rand((size_t)N, 0.2, 2), *loss = vec_new((size_t)N);
+    float *s = test_vec_rand(n, -6, 6), *t = test_vec_rand(n, -6, 6), *ds = test_vec_rand(n, -1, 1);
+    float *w = test_vec_rand((size_t)N, 0.2, 2), *loss = test_vec_new((size_t)N);
     int with_targets = (variant & 1) || kind == QKD_LOSS_CE, with_w = variant & 2;
     int with_ds = !(variant & 4);
     int32_t *targets = ids_rand((size_t)N, V, 1);
@@ -1033,7 +994,7 @@ START_TEST(kd_loss_matches_ref)
     if (!pair_open(&p))
         return;
     static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 257}, {6, 1000}, {4, 5003}, {2, 49152}};
-    rng_seed(101);
+    test_rng_seed(101);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t k = 0; k < sizeof kd_kinds / sizeof kd_kinds[0]; k++)
             for (int variant = 0; variant < 5; variant++)
@@ -1047,11 +1008,11 @@ START_TEST(tsld_and_max_prob_match_ref)
     struct pair p;
     if (!pair_open(&p))
         return;
-    rng_seed(111);
+    test_rng_seed(111);
     for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++) {
         int N = row_shapes[s][0], V = row_shapes[s][1];
         size_t n = (size_t)N * V;
-        float *x = vec_rand(n, -8, 8), *mp = vec_new((size_t)N), *tw = vec_new(n);
+        float *x = test_vec_rand(n, -8, 8), *mp = test_vec_new((size_t)N), *tw = test_vec_new(n);
         int32_t *targets = ids_rand(n, 7, 1);
         float *d_x = dput(&p, x, n), *d_mp = dpoison(&p, (size_t)N), *d_tw = dpoison(&p, n);
         int32_t *d_y = dput_ids(&p, targets, n);
@@ -1076,8 +1037,8 @@ static void fq_case(struct pair *p, const float *w, const float *dq, const float
                     int64_t rows, int64_t cols, const qkd__quant_spec *spec, int64_t ng)
 {
     size_t n = (size_t)(rows * cols);
-    float *q = vec_new(n), *sc = vec_new((size_t)ng), *z = vec_new((size_t)ng);
-    float *dw = vec_copy(dw0, n);
+    float *q = test_vec_new(n), *sc = test_vec_new((size_t)ng), *z = test_vec_new((size_t)ng);
+    float *dw = test_vec_copy(dw0, n);
     float *d_w = dput(p, w, n), *d_dq = dput(p, dq, n), *d_dw = dput(p, dw0, n);
     float *d_q = dpoison(p, n), *d_sc = dpoison(p, (size_t)ng), *d_z = dpoison(p, (size_t)ng);
     p->rb->fakequant_forward(p->rb, q, sc, z, w, rows, cols, spec);
@@ -1110,9 +1071,9 @@ static void lsq_case(struct pair *p, const float *w, const float *dq, const floa
 {
     size_t n = (size_t)(rows * cols), g = (size_t)ng;
     int asym = spec->scheme == QKD_QUANT_ASYM;
-    float *sc = vec_rand(g, 0.01, 0.2), *z = vec_rand(g, -1, 1 << spec->bits);
-    float *dsc = vec_rand(g, -1, 1), *dz = vec_rand(g, -1, 1);
-    float *q = vec_new(n), *dw = vec_copy(dw0, n);
+    float *sc = test_vec_rand(g, 0.01, 0.2), *z = test_vec_rand(g, -1, 1 << spec->bits);
+    float *dsc = test_vec_rand(g, -1, 1), *dz = test_vec_rand(g, -1, 1);
+    float *q = test_vec_new(n), *dw = test_vec_copy(dw0, n);
     float *d_w = dput(p, w, n), *d_dq = dput(p, dq, n), *d_sc = dput(p, sc, g);
     float *d_z = dput(p, z, g), *d_dsc = dput(p, dsc, g), *d_dz = dput(p, dz, g);
     float *d_q = dpoison(p, n), *d_dw = dput(p, dw0, n);
@@ -1149,10 +1110,10 @@ START_TEST(fakequant_matches_ref)
     static const float clips[] = {1.0f, 0.8f};
     const int64_t rows = 5, cols = 96;
     const size_t n = (size_t)(rows * cols);
-    rng_seed(121);
-    float *w = vec_rand(n, -1, 1), *dq = vec_rand(n, -1, 1), *dw0 = vec_rand(n, -1, 1);
+    test_rng_seed(121);
+    float *w = test_vec_rand(n, -1, 1), *dq = test_vec_rand(n, -1, 1), *dw0 = test_vec_rand(n, -1, 1);
     for (size_t i = 0; i < n; i += 13)
-        w[i] = (float)(0.125 * (int)(rng_uniform(-8, 8))); /* exact halves of some scales */
+        w[i] = (float)(0.125 * (int)(test_rng_next(-8, 8))); /* exact halves of some scales */
     for (size_t si = 0; si < 3; si++)
         for (size_t bi = 0; bi < 3; bi++)
             for (size_t gi = 0; gi < 4; gi++)
@@ -1186,11 +1147,11 @@ START_TEST(format_fakequant_matches_ref)
     } cases[] = {{QKD_QUANT_Q4_0, 64, 32}, {QKD_QUANT_Q4_1, 96, 32}, {QKD_QUANT_Q8_0, 64, 32},
                  {QKD_QUANT_Q4_K, 256, 32}, {QKD_QUANT_Q6_K, 256, 16},
                  {QKD_QUANT_Q4_K, 64, 32},  {QKD_QUANT_Q4_0, 172, 0}};
-    rng_seed(123);
+    test_rng_seed(123);
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         int64_t rows = 3, cols = cases[k].cols;
         size_t n = (size_t)(rows * cols);
-        float *w = vec_rand(n, -1, 1), *dq = vec_rand(n, -1, 1), *dw0 = vec_rand(n, -1, 1);
+        float *w = test_vec_rand(n, -1, 1), *dq = test_vec_rand(n, -1, 1), *dw0 = test_vec_rand(n, -1, 1);
         qkd__quant_spec spec = {.scheme = cases[k].scheme, .bits = 4, .group = 32,
                                 .clip_ratio = 1.0f};
         int64_t ng = cases[k].group ? (int64_t)n / cases[k].group : 0; /* F16: no groups */
@@ -1208,12 +1169,12 @@ START_TEST(quant_rows_equal_ref)
         return;
     static const int shapes[][2] = {{1, 1}, {3, 7}, {9, 64}, {5, 1000}};
     static const int bits[] = {2, 4, 8, 16};
-    rng_seed(131);
+    test_rng_seed(131);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t bi = 0; bi < 4; bi++) {
             int64_t rows = shapes[s][0], cols = shapes[s][1];
             size_t n = (size_t)(rows * cols);
-            float *x = vec_rand(n, -3, 3), *out = vec_new(n);
+            float *x = test_vec_rand(n, -3, 3), *out = test_vec_new(n);
             float *d_x = dput(&p, x, n), *d_out = dpoison(&p, n);
             p.rb->quant_rows(p.rb, out, x, rows, cols, bits[bi]);
             p.cb->quant_rows(p.cb, d_out, d_x, rows, cols, bits[bi]);
@@ -1344,7 +1305,7 @@ struct model_run {
 static float *model_tensors(qkd_model *m, int grads, size_t *n)
 {
     *n = (size_t)qkd_model_n_params(m);
-    float *all = vec_new(*n);
+    float *all = test_vec_new(*n);
     size_t off = 0;
     for (int t = 0; t < qkd_model_n_tensors(m); t++) {
         qkd_tensor_info info = {.size = sizeof info};
@@ -1366,20 +1327,20 @@ static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
     qkd_model_config cfg;
     ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
     int32_t tokens[MB * MT], targets[MB * MT];
-    rng_seed(91);
+    test_rng_seed(91);
     for (int i = 0; i < MB * MT; i++) {
-        tokens[i] = (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
-        targets[i] = i % 7 == 3 ? -1 : (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
+        tokens[i] = (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
+        targets[i] = i % 7 == 3 ? -1 : (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
     }
     r->n_logits = (size_t)MB * MT * cfg.vocab_size;
-    r->logits = vec_new(r->n_logits);
+    r->logits = test_vec_new(r->n_logits);
     expect_ok(ctx, qkd_model_forward(m, tokens, MB, MT), "forward");
     expect_ok(ctx, qkd_model_logits(m, r->logits, r->n_logits), "logits");
     expect_ok(ctx, qkd_model_zero_grad(m), "zero_grad");
     expect_ok(ctx, qkd_model_cross_entropy(m, targets, 1, &r->loss), "cross_entropy");
     expect_ok(ctx, qkd_model_backward(m, NULL), "backward");
     r->grads = model_tensors(m, 1, &r->n_grads);
-    r->decoded = vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
+    r->decoded = test_vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
     for (int pos = 0; pos < DECODE_STEPS; pos++)
         expect_ok(ctx, qkd_model_decode(m, tokens[pos], pos,
                                         r->decoded + (size_t)pos * cfg.vocab_size),
@@ -1454,10 +1415,10 @@ static void kdqat_curve(qkd_context *ctx, const char *path, qkd_matmul_precision
     op.lr = 1e-5f; /* torch_kdqat.py's: the loss falls smoothly (0.093 to 0.039) */
     expect_ok(ctx, qkd_optimizer_create(student, &op, &opt), "optimizer");
     int32_t tokens[KD_BATCHES][MB * MT];
-    rng_seed(141);
+    test_rng_seed(141);
     for (int k = 0; k < KD_BATCHES; k++)
         for (int i = 0; i < MB * MT; i++)
-            tokens[k][i] = (int32_t)(rng_uniform(0, 1) * 512);
+            tokens[k][i] = (int32_t)(test_rng_next(0, 1) * 512);
     for (int step = 0; step < KD_STEPS; step++) {
         const int32_t *x = tokens[step % KD_BATCHES];
         float beta;

@@ -25,52 +25,6 @@
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-static uint64_t rng_state;
-
-static void rng_seed(uint64_t seed)
-{
-    rng_state = seed;
-}
-
-/* splitmix64, mapped to [lo, hi) */
-static double rng_uniform(double lo, double hi)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
-}
-
-static float *vec_new(size_t n)
-{
-    float *x = calloc(n ? n : 1, sizeof *x);
-    ck_assert_ptr_nonnull(x);
-    return x;
-}
-
-static float *vec_rand(size_t n, double lo, double hi)
-{
-    float *x = vec_new(n);
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)rng_uniform(lo, hi);
-    return x;
-}
-
-static float *vec_copy(const float *src, size_t n)
-{
-    float *x = vec_new(n);
-    memcpy(x, src, n * sizeof *x);
-    return x;
-}
-
-static double *dvec_new(size_t n)
-{
-    double *x = calloc(n ? n : 1, sizeof *x);
-    ck_assert_ptr_nonnull(x);
-    return x;
-}
-
 static double weighted_sum(const float *y, const float *R, size_t n)
 {
     double s = 0.0;
@@ -217,9 +171,9 @@ START_TEST(test_elementwise)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(1);
+    test_rng_seed(1);
     enum { n = 37 };
-    float *x = vec_rand(n, -1, 1), *y = vec_rand(n, -1, 1), *out = vec_new(n);
+    float *x = test_vec_rand(n, -1, 1), *y = test_vec_rand(n, -1, 1), *out = test_vec_new(n);
     double want[n];
 
     b->fill(b, out, 0.25f, n);
@@ -285,12 +239,12 @@ START_TEST(test_matmul_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(2);
+    test_rng_seed(2);
     for (int s = 0; s < 2; s++) {
         int N = matmul_shapes[s][0], C = matmul_shapes[s][1], OC = matmul_shapes[s][2];
-        float *inp = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
-        float *out = vec_new((size_t)N * OC);
-        double *want = dvec_new((size_t)N * OC);
+        float *inp = test_vec_rand((size_t)N * C, -1, 1), *w = test_vec_rand((size_t)OC * C, -1, 1);
+        float *out = test_vec_new((size_t)N * OC);
+        double *want = test_dvec_new((size_t)N * OC);
         for (int n = 0; n < N; n++)
             for (int o = 0; o < OC; o++)
                 for (int c = 0; c < C; c++)
@@ -311,21 +265,21 @@ static void matmul_backward_case(int which)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(3 + (uint64_t)which);
+    test_rng_seed(3 + (uint64_t)which);
     for (int s = 0; s < 2; s++) {
         int N = matmul_shapes[s][0], C = matmul_shapes[s][1], OC = matmul_shapes[s][2];
         size_t n_inp = (size_t)N * C, n_w = (size_t)OC * C;
-        float *inp = vec_rand(n_inp, -1, 1), *w = vec_rand(n_w, -1, 1);
-        float *R = vec_rand((size_t)N * OC, -1, 1), *out = vec_new((size_t)N * OC);
+        float *inp = test_vec_rand(n_inp, -1, 1), *w = test_vec_rand(n_w, -1, 1);
+        float *R = test_vec_rand((size_t)N * OC, -1, 1), *out = test_vec_new((size_t)N * OC);
         struct matmul_probe st = {b, out, inp, w, R, N, C, OC};
         if (which == 0) {
-            float *prior = vec_rand(n_inp, -1, 1), *g = vec_copy(prior, n_inp);
+            float *prior = test_vec_rand(n_inp, -1, 1), *g = test_vec_copy(prior, n_inp);
             b->matmul_backward_input(b, g, R, w, N, C, OC);
             check_gradient("matmul dinp", inp, n_inp, g, prior, matmul_probe_fn, &st);
             free(prior);
             free(g);
         } else {
-            float *prior = vec_rand(n_w, -1, 1), *g = vec_copy(prior, n_w);
+            float *prior = test_vec_rand(n_w, -1, 1), *g = test_vec_copy(prior, n_w);
             b->matmul_backward_weight(b, g, R, inp, N, C, OC);
             check_gradient("matmul dw", w, n_w, g, prior, matmul_probe_fn, &st);
             free(prior);
@@ -369,14 +323,14 @@ START_TEST(test_matmul_bf16)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(5);
+    test_rng_seed(5);
     const int N = 9, C = 70, OC = 11;
-    float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
-    float *dy = vec_rand((size_t)N * OC, -1, 1);
-    float *y = vec_new((size_t)N * OC), *dx = vec_new((size_t)N * C);
-    float *dw = vec_new((size_t)OC * C);
-    double *want_y = dvec_new((size_t)N * OC), *want_dx = dvec_new((size_t)N * C);
-    double *want_dw = dvec_new((size_t)OC * C);
+    float *x = test_vec_rand((size_t)N * C, -1, 1), *w = test_vec_rand((size_t)OC * C, -1, 1);
+    float *dy = test_vec_rand((size_t)N * OC, -1, 1);
+    float *y = test_vec_new((size_t)N * OC), *dx = test_vec_new((size_t)N * C);
+    float *dw = test_vec_new((size_t)OC * C);
+    double *want_y = test_dvec_new((size_t)N * OC), *want_dx = test_dvec_new((size_t)N * C);
+    double *want_dw = test_dvec_new((size_t)OC * C);
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OC; o++)
             for (int c = 0; c < C; c++) {
@@ -391,7 +345,7 @@ START_TEST(test_matmul_bf16)
     assert_close("bf16 matmul dinp", dx, want_dx, (size_t)N * C, FWD_TOL);
     assert_close("bf16 matmul dw", dw, want_dw, (size_t)OC * C, FWD_TOL);
     /* ... and the rounding is real: the fp32 product differs. */
-    float *y32 = vec_new((size_t)N * OC);
+    float *y32 = test_vec_new((size_t)N * OC);
     b->matmul_forward(b, y32, x, w, N, C, OC);
     double most = 0.0;
     for (int i = 0; i < N * OC; i++)
@@ -452,15 +406,15 @@ START_TEST(test_attention_bf16)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(6);
+    test_rng_seed(6);
     const size_t nq = AB_T * AB_NH * AB_HD, nkv = AB_T * AB_HD;
-    float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
-    float *dout = vec_rand(nq, -1, 1), *out = vec_new(nq), *out32 = vec_new(nq);
-    float *dq = vec_new(nq), *dk = vec_new(nkv), *dv = vec_new(nkv), *dq32 = vec_new(nq);
-    float *dk32 = vec_new(nkv), *dv32 = vec_new(nkv);
-    float *P = vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, AB_HD));
-    double *want_out = dvec_new(nq), *want_dq = dvec_new(nq), *want_dk = dvec_new(nkv);
-    double *want_dv = dvec_new(nkv);
+    float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nkv, -2, 2), *v = test_vec_rand(nkv, -1, 1);
+    float *dout = test_vec_rand(nq, -1, 1), *out = test_vec_new(nq), *out32 = test_vec_new(nq);
+    float *dq = test_vec_new(nq), *dk = test_vec_new(nkv), *dv = test_vec_new(nkv), *dq32 = test_vec_new(nq);
+    float *dk32 = test_vec_new(nkv), *dv32 = test_vec_new(nkv);
+    float *P = test_vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, AB_HD));
+    double *want_out = test_dvec_new(nq), *want_dq = test_dvec_new(nq), *want_dk = test_dvec_new(nkv);
+    double *want_dv = test_dvec_new(nkv);
     b->attention_forward_bf16(b, out, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD);
     b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD);
     attention_bf16_direct(q, k, v, dout, out, want_out, want_dq, want_dk, want_dv);
@@ -501,8 +455,8 @@ START_TEST(test_embedding_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(5);
-    float *table = vec_rand(EMB_V * EMB_C, -1, 1), *out = vec_new(EMB_N * EMB_C);
+    test_rng_seed(5);
+    float *table = test_vec_rand(EMB_V * EMB_C, -1, 1), *out = test_vec_new(EMB_N * EMB_C);
     b->embedding_forward(b, out, emb_ids, table, EMB_N, EMB_C);
     for (int i = 0; i < EMB_N; i++)
         ck_assert_mem_eq(out + i * EMB_C, table + emb_ids[i] * EMB_C, EMB_C * sizeof *out);
@@ -529,10 +483,10 @@ START_TEST(test_embedding_backward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(6);
-    float *table = vec_rand(EMB_V * EMB_C, -1, 1), *out = vec_new(EMB_N * EMB_C);
-    float *R = vec_rand(EMB_N * EMB_C, -1, 1);
-    float *prior = vec_rand(EMB_V * EMB_C, -1, 1), *g = vec_copy(prior, EMB_V * EMB_C);
+    test_rng_seed(6);
+    float *table = test_vec_rand(EMB_V * EMB_C, -1, 1), *out = test_vec_new(EMB_N * EMB_C);
+    float *R = test_vec_rand(EMB_N * EMB_C, -1, 1);
+    float *prior = test_vec_rand(EMB_V * EMB_C, -1, 1), *g = test_vec_copy(prior, EMB_V * EMB_C);
     b->embedding_backward(b, g, R, emb_ids, EMB_N, EMB_C, EMB_V);
     struct embedding_probe st = {b, out, table, R};
     check_gradient("embedding dtable", table, EMB_V * EMB_C, g, prior, embedding_probe_fn, &st);
@@ -554,9 +508,9 @@ START_TEST(test_rmsnorm_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(7);
-    float *inp = vec_rand(NORM_N * NORM_C, -2, 2), *w = vec_rand(NORM_C, 0.5, 1.5);
-    float *out = vec_new(NORM_N * NORM_C), *rstd = vec_new(NORM_N);
+    test_rng_seed(7);
+    float *inp = test_vec_rand(NORM_N * NORM_C, -2, 2), *w = test_vec_rand(NORM_C, 0.5, 1.5);
+    float *out = test_vec_new(NORM_N * NORM_C), *rstd = test_vec_new(NORM_N);
     double want[NORM_N * NORM_C], want_rstd[NORM_N];
     for (int n = 0; n < NORM_N; n++) {
         double ms = 0.0;
@@ -594,12 +548,12 @@ START_TEST(test_rmsnorm_backward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(8);
+    test_rng_seed(8);
     size_t n = NORM_N * NORM_C;
-    float *inp = vec_rand(n, -2, 2), *w = vec_rand(NORM_C, 0.5, 1.5);
-    float *out = vec_new(n), *rstd = vec_new(NORM_N), *R = vec_rand(n, -1, 1);
-    float *prior_x = vec_rand(n, -1, 1), *gx = vec_copy(prior_x, n);
-    float *prior_w = vec_rand(NORM_C, -1, 1), *gw = vec_copy(prior_w, NORM_C);
+    float *inp = test_vec_rand(n, -2, 2), *w = test_vec_rand(NORM_C, 0.5, 1.5);
+    float *out = test_vec_new(n), *rstd = test_vec_new(NORM_N), *R = test_vec_rand(n, -1, 1);
+    float *prior_x = test_vec_rand(n, -1, 1), *gx = test_vec_copy(prior_x, n);
+    float *prior_w = test_vec_rand(NORM_C, -1, 1), *gw = test_vec_copy(prior_w, NORM_C);
     b->rmsnorm_forward(b, out, rstd, inp, w, NORM_N, NORM_C, NORM_EPS);
     b->rmsnorm_backward(b, gx, gw, R, inp, w, rstd, NORM_N, NORM_C);
     struct rmsnorm_probe st = {b, out, rstd, inp, w, R};
@@ -628,8 +582,8 @@ START_TEST(test_rope_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(9);
-    float *x = vec_rand(ROPE_N, -1, 1), *y = vec_copy(x, ROPE_N);
+    test_rng_seed(9);
+    float *x = test_vec_rand(ROPE_N, -1, 1), *y = test_vec_copy(x, ROPE_N);
     double want[ROPE_N];
     for (int bt = 0; bt < ROPE_B * ROPE_T; bt++) {
         int pos = ROPE_POS0 + bt % ROPE_T;
@@ -669,9 +623,9 @@ START_TEST(test_rope_backward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(10);
-    float *x = vec_rand(ROPE_N, -1, 1), *R = vec_rand(ROPE_N, -1, 1);
-    float *work = vec_new(ROPE_N), *g = vec_copy(R, ROPE_N);
+    test_rng_seed(10);
+    float *x = test_vec_rand(ROPE_N, -1, 1), *R = test_vec_rand(ROPE_N, -1, 1);
+    float *work = test_vec_new(ROPE_N), *g = test_vec_copy(R, ROPE_N);
     /* In place: the gradient of the output becomes that of the input. */
     b->rope_backward(b, g, ROPE_B, ROPE_T, ROPE_H, ROPE_HD, ROPE_POS0, ROPE_THETA);
     struct rope_probe st = {b, work, x, R};
@@ -688,8 +642,8 @@ START_TEST(test_rope_roundtrip)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(11);
-    float *x = vec_rand(ROPE_N, -1, 1), *y = vec_copy(x, ROPE_N);
+    test_rng_seed(11);
+    float *x = test_vec_rand(ROPE_N, -1, 1), *y = test_vec_copy(x, ROPE_N);
     double want[ROPE_N];
     for (int i = 0; i < ROPE_N; i++)
         want[i] = x[i];
@@ -714,7 +668,7 @@ static void attention_direct(const struct attn_shape *s, const float *q, const f
                              const float *v, double *out, double *probs)
 {
     int rep = s->nh / s->nkv;
-    double *sc = dvec_new((size_t)s->kv_len);
+    double *sc = test_dvec_new((size_t)s->kv_len);
     for (int b = 0; b < s->B; b++)
         for (int t = 0; t < s->Tq; t++)
             for (int h = 0; h < s->nh; h++) {
@@ -758,16 +712,16 @@ START_TEST(test_attention_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(12);
+    test_rng_seed(12);
     /* training form, then a chunk of 3 rows after 2 cached ones */
     const struct attn_shape shapes[] = {{2, 5, 0, 5, 4, 2, 6}, {2, 3, 2, 6, 4, 2, 6}};
     for (int i = 0; i < 2; i++) {
         const struct attn_shape *s = &shapes[i];
-        float *q = vec_rand(q_size(s), -1.5, 1.5), *k = vec_rand(kv_size(s), -1.5, 1.5);
-        float *v = vec_rand(kv_size(s), -1, 1), *out = vec_new(q_size(s));
+        float *q = test_vec_rand(q_size(s), -1.5, 1.5), *k = test_vec_rand(kv_size(s), -1.5, 1.5);
+        float *v = test_vec_rand(kv_size(s), -1, 1), *out = test_vec_new(q_size(s));
         size_t n_p = b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh, s->hd);
-        float *probs = vec_rand(n_p, 5, 6); /* every entry must be written */
-        double *want = dvec_new(q_size(s)), *want_p = dvec_new(n_p);
+        float *probs = test_vec_rand(n_p, 5, 6); /* every entry must be written */
+        double *want = test_dvec_new(q_size(s)), *want_p = test_dvec_new(n_p);
         attention_direct(s, q, k, v, want, want_p);
         b->attention_forward(b, out, probs, q, k, v, s->B, s->Tq, s->pos0, s->kv_len, s->nh,
                              s->nkv, s->hd);
@@ -805,17 +759,17 @@ START_TEST(test_attention_backward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(13);
+    test_rng_seed(13);
     /* GQA 4/2 with hd 6; and hd 130, spanning two column blocks */
     const struct attn_shape shapes[] = {{2, 5, 0, 5, 4, 2, 6}, {1, 3, 0, 3, 2, 1, 130}};
     for (int i = 0; i < 2; i++) {
         const struct attn_shape *s = &shapes[i];
         size_t nq = q_size(s), nkv = kv_size(s);
-        float *q = vec_rand(nq, -1.5, 1.5), *k = vec_rand(nkv, -1.5, 1.5);
-        float *v = vec_rand(nkv, -1, 1), *R = vec_rand(nq, -1, 1), *out = vec_new(nq);
-        float *scratch = vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh, s->hd));
-        float *pq = vec_rand(nq, -1, 1), *pk = vec_rand(nkv, -1, 1), *pv = vec_rand(nkv, -1, 1);
-        float *dq = vec_copy(pq, nq), *dk = vec_copy(pk, nkv), *dv = vec_copy(pv, nkv);
+        float *q = test_vec_rand(nq, -1.5, 1.5), *k = test_vec_rand(nkv, -1.5, 1.5);
+        float *v = test_vec_rand(nkv, -1, 1), *R = test_vec_rand(nq, -1, 1), *out = test_vec_new(nq);
+        float *scratch = test_vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh, s->hd));
+        float *pq = test_vec_rand(nq, -1, 1), *pk = test_vec_rand(nkv, -1, 1), *pv = test_vec_rand(nkv, -1, 1);
+        float *dq = test_vec_copy(pq, nq), *dk = test_vec_copy(pk, nkv), *dv = test_vec_copy(pv, nkv);
         b->attention_forward(b, out, scratch, q, k, v, s->B, s->Tq, 0, s->Tq, s->nh, s->nkv,
                              s->hd);
         b->attention_backward(b, dq, dk, dv, R, scratch, q, k, v, out, s->B, s->Tq, s->nh,
@@ -845,15 +799,15 @@ START_TEST(test_attention_decode_matches_full)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(14);
+    test_rng_seed(14);
     enum { B = 2, T = 7, NH = 4, NKV = 2, HD = 6 };
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
-    float *q = vec_rand(nq, -1.5, 1.5), *k = vec_rand(nkv, -1.5, 1.5), *v = vec_rand(nkv, -1, 1);
-    float *full = vec_new(nq), *scratch = vec_new(b->attention_scratch_floats(b, B, T, T, NH, HD));
+    float *q = test_vec_rand(nq, -1.5, 1.5), *k = test_vec_rand(nkv, -1.5, 1.5), *v = test_vec_rand(nkv, -1, 1);
+    float *full = test_vec_new(nq), *scratch = test_vec_new(b->attention_scratch_floats(b, B, T, T, NH, HD));
     b->attention_forward(b, full, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int p = 0; p < T; p++) {
         /* Decode rows see only keys 0..p: the cache past p holds NaN. */
-        float *kc = vec_copy(k, nkv), *vc = vec_copy(v, nkv);
+        float *kc = test_vec_copy(k, nkv), *vc = test_vec_copy(v, nkv);
         for (int bb = 0; bb < B; bb++)
             for (int j = p + 1; j < T; j++)
                 for (int c = 0; c < NKV * HD; c++) {
@@ -890,8 +844,8 @@ START_TEST(test_swiglu_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(15);
-    float *gate = vec_rand(ACT_N, -4, 4), *up = vec_rand(ACT_N, -2, 2), *out = vec_new(ACT_N);
+    test_rng_seed(15);
+    float *gate = test_vec_rand(ACT_N, -4, 4), *up = test_vec_rand(ACT_N, -2, 2), *out = test_vec_new(ACT_N);
     double want[ACT_N];
     for (int i = 0; i < ACT_N; i++)
         want[i] = gate[i] / (1.0 + exp(-(double)gate[i])) * up[i];
@@ -921,11 +875,11 @@ START_TEST(test_swiglu_backward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(16);
-    float *gate = vec_rand(ACT_N, -4, 4), *up = vec_rand(ACT_N, -2, 2), *out = vec_new(ACT_N);
-    float *R = vec_rand(ACT_N, -1, 1);
-    float *pg = vec_rand(ACT_N, -1, 1), *pu = vec_rand(ACT_N, -1, 1);
-    float *dg = vec_copy(pg, ACT_N), *du = vec_copy(pu, ACT_N);
+    test_rng_seed(16);
+    float *gate = test_vec_rand(ACT_N, -4, 4), *up = test_vec_rand(ACT_N, -2, 2), *out = test_vec_new(ACT_N);
+    float *R = test_vec_rand(ACT_N, -1, 1);
+    float *pg = test_vec_rand(ACT_N, -1, 1), *pu = test_vec_rand(ACT_N, -1, 1);
+    float *dg = test_vec_copy(pg, ACT_N), *du = test_vec_copy(pu, ACT_N);
     b->swiglu_backward(b, dg, du, R, gate, up, ACT_N);
     struct swiglu_probe st = {b, out, gate, up, R};
     check_gradient("swiglu dgate", gate, ACT_N, dg, pg, swiglu_probe_fn, &st);
@@ -965,8 +919,8 @@ START_TEST(test_softmax_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(17);
-    float *x = vec_rand(SM_N * SM_V, -3, 3), *p = vec_new(SM_N * SM_V);
+    test_rng_seed(17);
+    float *x = test_vec_rand(SM_N * SM_V, -3, 3), *p = test_vec_new(SM_N * SM_V);
     double want[SM_N * SM_V];
     log_softmax_direct(x, SM_INV_TEMP, want);
     for (int i = 0; i < SM_N * SM_V; i++)
@@ -983,8 +937,8 @@ START_TEST(test_log_softmax_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(18);
-    float *x = vec_rand(SM_N * SM_V, -3, 3), *lp = vec_new(SM_N * SM_V);
+    test_rng_seed(18);
+    float *x = test_vec_rand(SM_N * SM_V, -3, 3), *lp = test_vec_new(SM_N * SM_V);
     double want[SM_N * SM_V];
     log_softmax_direct(x, SM_INV_TEMP, want);
     b->log_softmax_forward(b, lp, x, SM_N, SM_V, SM_INV_TEMP);
@@ -1022,10 +976,10 @@ static void softmax_backward_case(int log)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(19 + (uint64_t)log);
+    test_rng_seed(19 + (uint64_t)log);
     size_t n = SM_N * SM_V;
-    float *x = vec_rand(n, -3, 3), *y = vec_new(n), *R = vec_rand(n, -1, 1);
-    float *prior = vec_rand(n, -1, 1), *g = vec_copy(prior, n);
+    float *x = test_vec_rand(n, -3, 3), *y = test_vec_new(n), *R = test_vec_rand(n, -1, 1);
+    float *prior = test_vec_rand(n, -1, 1), *g = test_vec_copy(prior, n);
     struct softmax_probe st = {b, y, x, R, log};
     softmax_probe_fn(&st); /* y = the forward output the backward reads */
     if (log)
@@ -1063,8 +1017,8 @@ START_TEST(test_cross_entropy_forward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(21);
-    float *x = vec_rand(SM_N * SM_V, -3, 3), *losses = vec_rand(SM_N, 5, 6);
+    test_rng_seed(21);
+    float *x = test_vec_rand(SM_N * SM_V, -3, 3), *losses = test_vec_rand(SM_N, 5, 6);
     x[2 * SM_V + 5] = 1000.0f; /* stable with a huge logit: row 2's loss is about 1000 */
     double logp[SM_N * SM_V], want[SM_N];
     log_softmax_direct(x, 1.0, logp);
@@ -1100,10 +1054,10 @@ START_TEST(test_cross_entropy_backward)
 {
     qkd_context *ctx = test_context(2);
     qkd__backend *b = ctx->backend;
-    rng_seed(22);
+    test_rng_seed(22);
     size_t n = SM_N * SM_V;
-    float *x = vec_rand(n, -3, 3), *losses = vec_new(SM_N);
-    float *prior = vec_rand(n, -1, 1), *g = vec_copy(prior, n);
+    float *x = test_vec_rand(n, -3, 3), *losses = test_vec_new(SM_N);
+    float *prior = test_vec_rand(n, -1, 1), *g = test_vec_copy(prior, n);
     b->cross_entropy_backward(b, g, x, ce_targets, CE_SCALE, SM_N, SM_V);
     /* rows without a target get nothing */
     ck_assert_mem_eq(g + 1 * SM_V, prior + 1 * SM_V, SM_V * sizeof *g);
@@ -1148,12 +1102,12 @@ static void two_backends_free(struct two_backends *t)
 START_TEST(test_threads_matmul_backward_weight)
 {
     struct two_backends t = two_backends_new();
-    rng_seed(23);
+    test_rng_seed(23);
     enum { N = 64, C = 200, OC = 48 };
-    float *dout = vec_rand(N * OC, -1, 1), *inp = vec_rand(N * C, -1, 1);
-    float *prior = vec_rand(OC * C, -1, 1), *dw[2];
+    float *dout = test_vec_rand(N * OC, -1, 1), *inp = test_vec_rand(N * C, -1, 1);
+    float *prior = test_vec_rand(OC * C, -1, 1), *dw[2];
     for (int i = 0; i < 2; i++) {
-        dw[i] = vec_copy(prior, OC * C);
+        dw[i] = test_vec_copy(prior, OC * C);
         t.b[i]->matmul_backward_weight(t.b[i], dw[i], dout, inp, N, C, OC);
     }
     ck_assert_mem_eq(dw[0], dw[1], OC * C * sizeof(float));
@@ -1169,18 +1123,18 @@ END_TEST
 START_TEST(test_threads_attention_backward)
 {
     struct two_backends t = two_backends_new();
-    rng_seed(24);
+    test_rng_seed(24);
     enum { B = 2, T = 33, NH = 4, NKV = 2, HD = 16 };
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
-    float *q = vec_rand(nq, -1, 1), *k = vec_rand(nkv, -1, 1), *v = vec_rand(nkv, -1, 1);
-    float *dout = vec_rand(nq, -1, 1), *out = vec_new(nq);
-    float *scratch = vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH, HD));
+    float *q = test_vec_rand(nq, -1, 1), *k = test_vec_rand(nkv, -1, 1), *v = test_vec_rand(nkv, -1, 1);
+    float *dout = test_vec_rand(nq, -1, 1), *out = test_vec_new(nq);
+    float *scratch = test_vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH, HD));
     float *d[2][3];
     t.b[0]->attention_forward(t.b[0], out, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int i = 0; i < 2; i++) {
-        d[i][0] = vec_new(nq);
-        d[i][1] = vec_new(nkv);
-        d[i][2] = vec_new(nkv);
+        d[i][0] = test_vec_new(nq);
+        d[i][1] = test_vec_new(nkv);
+        d[i][2] = test_vec_new(nkv);
         t.b[i]->attention_backward(t.b[i], d[i][0], d[i][1], d[i][2], dout, scratch, q, k, v,
                                    out, B, T, NH, NKV, HD);
     }
@@ -1203,15 +1157,15 @@ END_TEST
 START_TEST(test_threads_embedding_backward)
 {
     struct two_backends t = two_backends_new();
-    rng_seed(25);
+    test_rng_seed(25);
     enum { N = 1000, C = 160, V = 37 };
     int32_t *ids = malloc(N * sizeof *ids);
     ck_assert_ptr_nonnull(ids);
     for (int i = 0; i < N; i++)
-        ids[i] = (int32_t)(rng_uniform(0, V));
-    float *dout = vec_rand(N * C, -1, 1), *dt[2];
+        ids[i] = (int32_t)(test_rng_next(0, V));
+    float *dout = test_vec_rand(N * C, -1, 1), *dt[2];
     for (int i = 0; i < 2; i++) {
-        dt[i] = vec_new(V * C);
+        dt[i] = test_vec_new(V * C);
         t.b[i]->embedding_backward(t.b[i], dt[i], dout, ids, N, C, V);
     }
     ck_assert_mem_eq(dt[0], dt[1], V * C * sizeof(float));

@@ -30,52 +30,6 @@
 
 /* ---- helpers ------------------------------------------------------------------- */
 
-static uint64_t rng_state;
-
-static void rng_seed(uint64_t seed)
-{
-    rng_state = seed;
-}
-
-/* splitmix64, mapped to [lo, hi) */
-static double rng_uniform(double lo, double hi)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
-}
-
-static float *vec_new(size_t n)
-{
-    float *x = calloc(n ? n : 1, sizeof *x);
-    ck_assert_ptr_nonnull(x);
-    return x;
-}
-
-static float *vec_rand(size_t n, double lo, double hi)
-{
-    float *x = vec_new(n);
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)rng_uniform(lo, hi);
-    return x;
-}
-
-static float *vec_copy(const float *src, size_t n)
-{
-    float *x = vec_new(n);
-    memcpy(x, src, n * sizeof *x);
-    return x;
-}
-
-static double *dvec_new(size_t n)
-{
-    double *x = calloc(n ? n : 1, sizeof *x);
-    ck_assert_ptr_nonnull(x);
-    return x;
-}
-
 /* The helpers below look for the first violation and assert once: Check
  * writes to its result pipe on every assertion, too slow per element. */
 
@@ -229,23 +183,23 @@ static void mm_scales(const float *x, const float *w, const float *dout, const f
  * rounding would be off by up to 2^-9 of each term, past TOL. */
 static void matmul_case(qkd__backend *sb, qkd__backend *rb, int bf16)
 {
-    rng_seed(11);
+    test_rng_seed(11);
     for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++) {
         int N = mm_shapes[s][0], C = mm_shapes[s][1], OC = mm_shapes[s][2];
-        float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
-        float *dout = vec_rand((size_t)N * OC, -1, 1);
-        float *dx0 = vec_rand((size_t)N * C, -1, 1), *dw0 = vec_rand((size_t)OC * C, -1, 1);
-        double *s_out = dvec_new((size_t)N * OC), *s_dx = dvec_new((size_t)N * C);
-        double *s_dw = dvec_new((size_t)OC * C);
+        float *x = test_vec_rand((size_t)N * C, -1, 1), *w = test_vec_rand((size_t)OC * C, -1, 1);
+        float *dout = test_vec_rand((size_t)N * OC, -1, 1);
+        float *dx0 = test_vec_rand((size_t)N * C, -1, 1), *dw0 = test_vec_rand((size_t)OC * C, -1, 1);
+        double *s_out = test_dvec_new((size_t)N * OC), *s_dx = test_dvec_new((size_t)N * C);
+        double *s_dw = test_dvec_new((size_t)OC * C);
         mm_scales(x, w, dout, dx0, dw0, N, C, OC, s_out, s_dx, s_dw);
 
-        float *out_s = vec_new((size_t)N * OC), *out_r = vec_new((size_t)N * OC);
+        float *out_s = test_vec_new((size_t)N * OC), *out_r = test_vec_new((size_t)N * OC);
         (bf16 ? sb->matmul_forward_bf16 : sb->matmul_forward)(sb, out_s, x, w, N, C, OC);
         (bf16 ? rb->matmul_forward_bf16 : rb->matmul_forward)(rb, out_r, x, w, N, C, OC);
         assert_close(bf16 ? "matmul_forward_bf16" : "matmul_forward", out_s, out_r, s_out,
                      (size_t)N * OC, TOL);
 
-        float *dx_s = vec_copy(dx0, (size_t)N * C), *dx_r = vec_copy(dx0, (size_t)N * C);
+        float *dx_s = test_vec_copy(dx0, (size_t)N * C), *dx_r = test_vec_copy(dx0, (size_t)N * C);
         (bf16 ? sb->matmul_backward_input_bf16 : sb->matmul_backward_input)(sb, dx_s, dout, w,
                                                                             N, C, OC);
         (bf16 ? rb->matmul_backward_input_bf16 : rb->matmul_backward_input)(rb, dx_r, dout, w,
@@ -253,7 +207,7 @@ static void matmul_case(qkd__backend *sb, qkd__backend *rb, int bf16)
         assert_close(bf16 ? "matmul_backward_input_bf16" : "matmul_backward_input", dx_s, dx_r,
                      s_dx, (size_t)N * C, TOL);
 
-        float *dw_s = vec_copy(dw0, (size_t)OC * C), *dw_r = vec_copy(dw0, (size_t)OC * C);
+        float *dw_s = test_vec_copy(dw0, (size_t)OC * C), *dw_r = test_vec_copy(dw0, (size_t)OC * C);
         (bf16 ? sb->matmul_backward_weight_bf16 : sb->matmul_backward_weight)(sb, dw_s, dout,
                                                                               x, N, C, OC);
         (bf16 ? rb->matmul_backward_weight_bf16 : rb->matmul_backward_weight)(rb, dw_r, dout,
@@ -307,9 +261,9 @@ static void matmul_run(int isa, int n_threads, int N, int C, int OC, float *out,
 {
     qkd_context *ctx = simd_context(isa, n_threads);
     qkd__backend *b = ctx->backend;
-    rng_seed(5);
-    float *x = vec_rand((size_t)N * C, -1, 1), *w = vec_rand((size_t)OC * C, -1, 1);
-    float *dout = vec_rand((size_t)N * OC, -1, 1);
+    test_rng_seed(5);
+    float *x = test_vec_rand((size_t)N * C, -1, 1), *w = test_vec_rand((size_t)OC * C, -1, 1);
+    float *dout = test_vec_rand((size_t)N * OC, -1, 1);
     b->matmul_forward(b, out, x, w, N, C, OC);
     b->matmul_backward_input(b, dx, dout, w, N, C, OC);
     b->matmul_backward_weight(b, dw, dout, x, N, C, OC);
@@ -325,9 +279,9 @@ START_TEST(matmul_thread_invariant)
     float *out[2], *dx[2], *dw[2];
     const int threads[2] = {1, 3};
     for (int t = 0; t < 2; t++) {
-        out[t] = vec_new((size_t)N * OC);
-        dx[t] = vec_new((size_t)N * C);
-        dw[t] = vec_new((size_t)OC * C);
+        out[t] = test_vec_new((size_t)N * OC);
+        dx[t] = test_vec_new((size_t)N * C);
+        dw[t] = test_vec_new((size_t)OC * C);
         matmul_run(_i, threads[t], N, C, OC, out[t], dx[t], dw[t]);
     }
     assert_same("matmul_forward", out[0], out[1], (size_t)N * OC);
@@ -349,20 +303,20 @@ START_TEST(rmsnorm_matches_ref)
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
     static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 16}, {33, 64}, {7, 67}, {40, 288}};
-    rng_seed(21);
+    test_rng_seed(21);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int N = shapes[s][0], C = shapes[s][1];
         size_t nc = (size_t)N * C;
-        float *x = vec_rand(nc, -2, 2), *w = vec_rand((size_t)C, 0.5, 1.5);
-        float *g = vec_rand(nc, -1, 1), *dx0 = vec_rand(nc, -1, 1), *dw0 = vec_rand((size_t)C, -1, 1);
-        float *y_s = vec_new(nc), *y_r = vec_new(nc), *r_s = vec_new((size_t)N), *r_r = vec_new((size_t)N);
+        float *x = test_vec_rand(nc, -2, 2), *w = test_vec_rand((size_t)C, 0.5, 1.5);
+        float *g = test_vec_rand(nc, -1, 1), *dx0 = test_vec_rand(nc, -1, 1), *dw0 = test_vec_rand((size_t)C, -1, 1);
+        float *y_s = test_vec_new(nc), *y_r = test_vec_new(nc), *r_s = test_vec_new((size_t)N), *r_r = test_vec_new((size_t)N);
         sb->rmsnorm_forward(sb, y_s, r_s, x, w, N, C, 1e-5f);
         rb->rmsnorm_forward(rb, y_r, r_r, x, w, N, C, 1e-5f);
         assert_close_rows("rmsnorm_forward", y_s, y_r, (size_t)N, (size_t)C, TOL);
         assert_close_rows("rmsnorm rstd", r_s, r_r, (size_t)N, 1, TOL);
 
-        float *dx_s = vec_copy(dx0, nc), *dx_r = vec_copy(dx0, nc);
-        float *dw_s = vec_copy(dw0, (size_t)C), *dw_r = vec_copy(dw0, (size_t)C);
+        float *dx_s = test_vec_copy(dx0, nc), *dx_r = test_vec_copy(dx0, nc);
+        float *dw_s = test_vec_copy(dw0, (size_t)C), *dw_r = test_vec_copy(dw0, (size_t)C);
         sb->rmsnorm_backward(sb, dx_s, dw_s, g, x, w, r_r, N, C);
         rb->rmsnorm_backward(rb, dx_r, dw_r, g, x, w, r_r, N, C);
         assert_close_rows("rmsnorm_backward dinp", dx_s, dx_r, (size_t)N, (size_t)C, TOL);
@@ -386,13 +340,13 @@ START_TEST(rope_matches_ref)
     qkd__backend *sb = sc->backend, *rb = rc->backend;
     static const int hds[] = {2, 7, 8, 34, 48};
     static const int pos0s[] = {0, 17};
-    rng_seed(31);
+    test_rng_seed(31);
     for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
         for (size_t pi = 0; pi < 2; pi++) {
             int B = 2, T = 5, H = 3, hd = hds[hi];
             size_t n = (size_t)B * T * H * hd;
-            float *x = vec_rand(n, -1, 1);
-            float *xs = vec_copy(x, n), *xr = vec_copy(x, n);
+            float *x = test_vec_rand(n, -1, 1);
+            float *xs = test_vec_copy(x, n), *xr = test_vec_copy(x, n);
             sb->rope_forward(sb, xs, B, T, H, hd, pos0s[pi], 10000.0f);
             rb->rope_forward(rb, xr, B, T, H, hd, pos0s[pi], 10000.0f);
             assert_close_rows("rope_forward", xs, xr, n / hd, (size_t)hd, TOL);
@@ -407,7 +361,7 @@ START_TEST(rope_matches_ref)
     for (int pos0 = 0; pos0 < 40; pos0++) {
         float x[2 * 8], y[2 * 8];
         for (int i = 0; i < 16; i++)
-            x[i] = y[i] = (float)rng_uniform(-1, 1);
+            x[i] = y[i] = (float)test_rng_next(-1, 1);
         sb->rope_forward(sb, x, 1, 1, 2, 8, pos0, 10000.0f);
         rb->rope_forward(rb, y, 1, 1, 2, 8, pos0, 10000.0f);
         assert_close_rows("rope_forward decode", x, y, 2, 8, TOL);
@@ -438,9 +392,9 @@ static void attention_case(qkd__backend *sb, qkd__backend *rb, const struct attn
     size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
     size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd);
     size_t ns = sb->attention_scratch_floats(sb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd);
-    float *q = vec_rand(nq, -2, 2), *k = vec_rand(nkv, -2, 2), *v = vec_rand(nkv, -1, 1);
-    float *o_s = vec_new(nq), *o_r = vec_new(nq), *p_r = vec_new(np);
-    float *p_s = vec_rand(ns, 5, 6); /* the kernels must not rely on what it held */
+    float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nkv, -2, 2), *v = test_vec_rand(nkv, -1, 1);
+    float *o_s = test_vec_new(nq), *o_r = test_vec_new(nq), *p_r = test_vec_new(np);
+    float *p_s = test_vec_rand(ns, 5, 6); /* the kernels must not rely on what it held */
     sb->attention_forward(sb, o_s, p_s, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
                           a->n_kv, a->hd);
     rb->attention_forward(rb, o_r, p_r, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
@@ -449,11 +403,11 @@ static void attention_case(qkd__backend *sb, qkd__backend *rb, const struct attn
     assert_attention_lse("simd", p_s, q, k, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads,
                          a->n_kv, a->hd, TOL);
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
-        float *dout = vec_rand(nq, -1, 1), *dq0 = vec_rand(nq, -1, 1);
-        float *dk0 = vec_rand(nkv, -1, 1), *dv0 = vec_rand(nkv, -1, 1);
-        float *dq_s = vec_copy(dq0, nq), *dq_r = vec_copy(dq0, nq);
-        float *dk_s = vec_copy(dk0, nkv), *dk_r = vec_copy(dk0, nkv);
-        float *dv_s = vec_copy(dv0, nkv), *dv_r = vec_copy(dv0, nkv);
+        float *dout = test_vec_rand(nq, -1, 1), *dq0 = test_vec_rand(nq, -1, 1);
+        float *dk0 = test_vec_rand(nkv, -1, 1), *dv0 = test_vec_rand(nkv, -1, 1);
+        float *dq_s = test_vec_copy(dq0, nq), *dq_r = test_vec_copy(dq0, nq);
+        float *dk_s = test_vec_copy(dk0, nkv), *dk_r = test_vec_copy(dk0, nkv);
+        float *dv_s = test_vec_copy(dv0, nkv), *dv_r = test_vec_copy(dv0, nkv);
         sb->attention_backward(sb, dq_s, dk_s, dv_s, dout, p_s, q, k, v, o_s, a->B, a->Tq,
                                a->n_heads, a->n_kv, a->hd);
         rb->attention_backward(rb, dq_r, dk_r, dv_r, dout, p_r, q, k, v, o_r, a->B, a->Tq,
@@ -473,7 +427,7 @@ START_TEST(attention_matches_ref)
     if (!sc)
         return;
     qkd_context *rc = test_context(2);
-    rng_seed(41);
+    test_rng_seed(41);
     for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
         attention_case(sc->backend, rc->backend, &attn_shapes[s]);
     qkd_context_free(sc);
@@ -491,11 +445,11 @@ START_TEST(elementwise_matches_ref)
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
     static const size_t sizes[] = {1, 15, 17, 1000, 100003, 1000001};
-    rng_seed(55);
+    test_rng_seed(55);
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
-        float *x = vec_rand(n, -2, 2), *y = vec_rand(n, -2, 2);
-        float *o_s = vec_rand(n, -1, 1), *o_r = vec_copy(o_s, n);
+        float *x = test_vec_rand(n, -2, 2), *y = test_vec_rand(n, -2, 2);
+        float *o_s = test_vec_rand(n, -1, 1), *o_r = test_vec_copy(o_s, n);
         sb->fill(sb, o_s, 0.25f, n);
         rb->fill(rb, o_r, 0.25f, n);
         ck_assert_msg(memcmp(o_s, o_r, n * sizeof *o_s) == 0, "fill differs");
@@ -507,7 +461,7 @@ START_TEST(elementwise_matches_ref)
         ck_assert_msg(memcmp(o_s, o_r, n * sizeof *o_s) == 0, "scale differs");
         sb->axpy(sb, o_s, 1.7f, x, n);
         rb->axpy(rb, o_r, 1.7f, x, n);
-        double *mag = dvec_new(n);
+        double *mag = test_dvec_new(n);
         for (size_t k = 0; k < n; k++)
             mag[k] = fabs(o_r[k]) + fabs(1.7 * x[k]);
         /* one rounding against the reference's two (double, then float) */
@@ -542,20 +496,20 @@ START_TEST(swiglu_matches_ref)
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
     static const size_t sizes[] = {1, 15, 17, 1000, 40000};
-    rng_seed(51);
+    test_rng_seed(51);
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
-        float *gate = vec_rand(n, -12, 12), *up = vec_rand(n, -2, 2), *g = vec_rand(n, -1, 1);
+        float *gate = test_vec_rand(n, -12, 12), *up = test_vec_rand(n, -2, 2), *g = test_vec_rand(n, -1, 1);
         gate[0] = -100.0f; /* exp(100) overflows float: the gate closes, as in double */
-        float *o_s = vec_new(n), *o_r = vec_new(n);
+        float *o_s = test_vec_new(n), *o_r = test_vec_new(n);
         sb->swiglu_forward(sb, o_s, gate, up, n);
         rb->swiglu_forward(rb, o_r, gate, up, n);
-        float *dg0 = vec_rand(n, -1, 1), *du0 = vec_rand(n, -1, 1);
-        float *dg_s = vec_copy(dg0, n), *dg_r = vec_copy(dg0, n);
-        float *du_s = vec_copy(du0, n), *du_r = vec_copy(du0, n);
+        float *dg0 = test_vec_rand(n, -1, 1), *du0 = test_vec_rand(n, -1, 1);
+        float *dg_s = test_vec_copy(dg0, n), *dg_r = test_vec_copy(dg0, n);
+        float *du_s = test_vec_copy(du0, n), *du_r = test_vec_copy(du0, n);
         sb->swiglu_backward(sb, dg_s, du_s, g, gate, up, n);
         rb->swiglu_backward(rb, dg_r, du_r, g, gate, up, n);
-        double *mag = dvec_new(n), *one = dvec_new(n);
+        double *mag = test_dvec_new(n), *one = test_dvec_new(n);
         for (size_t i = 0; i < n; i++) {
             mag[i] = fabs(o_r[i]) + 1e-30;
             one[i] = 1.0;
@@ -584,15 +538,15 @@ START_TEST(softmax_family_matches_ref)
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
     static const float inv_temps[] = {1.0f, 0.5f};
-    rng_seed(61);
+    test_rng_seed(61);
     for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++)
         for (size_t ti = 0; ti < 2; ti++) {
             int N = row_shapes[s][0], V = row_shapes[s][1];
             size_t n = (size_t)N * V;
             float it = inv_temps[ti];
-            float *x = vec_rand(n, -8, 8), *dy = vec_rand(n, -1, 1), *d0 = vec_rand(n, -1, 1);
-            float *y_s = vec_new(n), *y_r = vec_new(n);
-            float *d_s = vec_copy(d0, n), *d_r = vec_copy(d0, n);
+            float *x = test_vec_rand(n, -8, 8), *dy = test_vec_rand(n, -1, 1), *d0 = test_vec_rand(n, -1, 1);
+            float *y_s = test_vec_new(n), *y_r = test_vec_new(n);
+            float *d_s = test_vec_copy(d0, n), *d_r = test_vec_copy(d0, n);
 
             sb->softmax_forward(sb, y_s, x, N, V, it);
             rb->softmax_forward(rb, y_r, x, N, V, it);
@@ -623,23 +577,23 @@ START_TEST(cross_entropy_matches_ref)
         return;
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
-    rng_seed(71);
+    test_rng_seed(71);
     for (size_t s = 0; s < sizeof row_shapes / sizeof row_shapes[0]; s++) {
         int N = row_shapes[s][0], V = row_shapes[s][1];
         size_t n = (size_t)N * V;
-        float *x = vec_rand(n, -8, 8), *d0 = vec_rand(n, -1, 1);
+        float *x = test_vec_rand(n, -8, 8), *d0 = test_vec_rand(n, -1, 1);
         int32_t *targets = malloc((size_t)N * sizeof *targets);
         ck_assert_ptr_nonnull(targets);
         for (int i = 0; i < N; i++)
-            targets[i] = i == 1 ? -1 : (int32_t)(rng_uniform(0, 1) * V);
-        float *l_s = vec_new((size_t)N), *l_r = vec_new((size_t)N);
+            targets[i] = i == 1 ? -1 : (int32_t)(test_rng_next(0, 1) * V);
+        float *l_s = test_vec_new((size_t)N), *l_r = test_vec_new((size_t)N);
         sb->cross_entropy_forward(sb, l_s, x, targets, N, V);
         rb->cross_entropy_forward(rb, l_r, x, targets, N, V);
-        double *mag = dvec_new((size_t)N);
+        double *mag = test_dvec_new((size_t)N);
         for (int i = 0; i < N; i++)
             mag[i] = 1.0 + fabs(l_r[i]); /* |log-sum-exp| <= 8 + log V */
         assert_close("cross_entropy_forward", l_s, l_r, mag, (size_t)N, TOL);
-        float *d_s = vec_copy(d0, n), *d_r = vec_copy(d0, n);
+        float *d_s = test_vec_copy(d0, n), *d_r = test_vec_copy(d0, n);
         sb->cross_entropy_backward(sb, d_s, x, targets, 0.25f, N, V);
         rb->cross_entropy_backward(rb, d_r, x, targets, 0.25f, N, V);
         assert_close_rows("cross_entropy_backward", d_s, d_r, (size_t)N, (size_t)V, TOL);
@@ -659,12 +613,12 @@ START_TEST(optimizers_equal_ref)
         return;
     qkd_context *rc = test_context(2);
     qkd__backend *sb = sc->backend, *rb = rc->backend;
-    rng_seed(81);
+    test_rng_seed(81);
     const size_t n = 1237;
-    float *p0 = vec_rand(n, -1, 1), *g = vec_rand(n, -1, 1), *m0 = vec_rand(n, -0.1, 0.1);
-    float *v0 = vec_rand(n, 0, 0.01);
-    float *p_s = vec_copy(p0, n), *p_r = vec_copy(p0, n), *m_s = vec_copy(m0, n);
-    float *m_r = vec_copy(m0, n), *v_s = vec_copy(v0, n), *v_r = vec_copy(v0, n);
+    float *p0 = test_vec_rand(n, -1, 1), *g = test_vec_rand(n, -1, 1), *m0 = test_vec_rand(n, -0.1, 0.1);
+    float *v0 = test_vec_rand(n, 0, 0.01);
+    float *p_s = test_vec_copy(p0, n), *p_r = test_vec_copy(p0, n), *m_s = test_vec_copy(m0, n);
+    float *m_r = test_vec_copy(m0, n), *v_s = test_vec_copy(v0, n), *v_r = test_vec_copy(v0, n);
     for (int t = 1; t <= 3; t++) {
         sb->adamw_update(sb, p_s, g, m_s, v_s, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, t);
         rb->adamw_update(rb, p_r, g, m_r, v_r, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, t);
@@ -739,20 +693,20 @@ static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, 
 {
     size_t n = (size_t)N * V;
     const float scale = 0.7f;
-    float *s = vec_rand(n, -8, 8), *t = vec_rand(n, -8, 8), *w = vec_rand((size_t)N, 0.5, 2);
-    float *ds0 = vec_rand(n, -1e-3, 1e-3);
+    float *s = test_vec_rand(n, -8, 8), *t = test_vec_rand(n, -8, 8), *w = test_vec_rand((size_t)N, 0.5, 2);
+    float *ds0 = test_vec_rand(n, -1e-3, 1e-3);
     int32_t *y = malloc((size_t)N * sizeof *y);
     ck_assert_ptr_nonnull(y);
     for (int i = 0; i < N; i++)
-        y[i] = i == 1 ? -1 : (int32_t)(rng_uniform(0, 1) * V);
+        y[i] = i == 1 ? -1 : (int32_t)(test_rng_next(0, 1) * V);
     s[(size_t)(N - 1) * V] = NAN; /* the last row: no value, no gradient */
-    float *l_s = vec_new((size_t)N), *l_r = vec_new((size_t)N);
-    float *d_s = vec_copy(ds0, n), *d_r = vec_copy(ds0, n);
+    float *l_s = test_vec_new((size_t)N), *l_r = test_vec_new((size_t)N);
+    float *d_s = test_vec_copy(ds0, n), *d_r = test_vec_copy(ds0, n);
     const float *row_w = weighted ? w : NULL;
     sb->kd_loss(sb, l_s, with_grad ? d_s : NULL, s, t, y, row_w, scale, N, V, kind, tau, 0.3f);
     rb->kd_loss(rb, l_r, with_grad ? d_r : NULL, s, t, y, row_w, scale, N, V, kind, tau, 0.3f);
     double tau_k = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE ? 1.0 : tau;
-    struct kd_scales k = {.grad = dvec_new((size_t)V)};
+    struct kd_scales k = {.grad = test_dvec_new((size_t)V)};
     char what[80];
     for (int i = 0; i < N; i++) {
         size_t off = (size_t)i * V;
@@ -784,7 +738,7 @@ START_TEST(kd_loss_matches_ref)
         return;
     qkd_context *rc = test_context(2);
     static const int Vs[] = {1, 7, 33, 512, 1000};
-    rng_seed(101);
+    test_rng_seed(101);
     for (int kind = QKD_LOSS_CE; kind <= QKD_LOSS_MSE; kind++)
         for (size_t vi = 0; vi < sizeof Vs / sizeof Vs[0]; vi++)
             for (int variant = 0; variant < 4; variant++)
@@ -801,12 +755,12 @@ START_TEST(row_max_prob_matches_ref)
     if (!sc)
         return;
     qkd_context *rc = test_context(2);
-    rng_seed(111);
+    test_rng_seed(111);
     for (size_t r = 0; r < sizeof row_shapes / sizeof row_shapes[0]; r++) {
         int N = row_shapes[r][0], V = row_shapes[r][1];
-        float *x = vec_rand((size_t)N * V, -8, 8);
+        float *x = test_vec_rand((size_t)N * V, -8, 8);
         x[0] = INFINITY;
-        float *o_s = vec_new((size_t)N), *o_r = vec_new((size_t)N);
+        float *o_s = test_vec_new((size_t)N), *o_r = test_vec_new((size_t)N);
         sc->backend->row_max_prob(sc->backend, o_s, x, N, V);
         rc->backend->row_max_prob(rc->backend, o_r, x, N, V);
         ck_assert(isnan(o_s[0]) && isnan(o_r[0]));
@@ -833,10 +787,10 @@ START_TEST(fakequant_equals_ref)
     static const float clips[] = {1.0f, 0.8f};
     const int64_t rows = 5, cols = 96;
     const size_t n = (size_t)(rows * cols);
-    rng_seed(121);
-    float *w = vec_rand(n, -1, 1), *dq = vec_rand(n, -1, 1), *dw0 = vec_rand(n, -1, 1);
+    test_rng_seed(121);
+    float *w = test_vec_rand(n, -1, 1), *dq = test_vec_rand(n, -1, 1), *dw0 = test_vec_rand(n, -1, 1);
     for (size_t i = 0; i < n; i += 13)
-        w[i] = (float)(0.125 * (int)(rng_uniform(-8, 8))); /* exact halves of some scales */
+        w[i] = (float)(0.125 * (int)(test_rng_next(-8, 8))); /* exact halves of some scales */
     for (size_t si = 0; si < 3; si++)
         for (size_t bi = 0; bi < 3; bi++)
             for (size_t gi = 0; gi < 3; gi++)
@@ -844,9 +798,9 @@ START_TEST(fakequant_equals_ref)
                     qkd__quant_spec spec = {.scheme = schemes[si], .bits = bits[bi],
                                             .group = groups[gi], .clip_ratio = clips[ci]};
                     size_t ng = (size_t)(rows * ((cols + spec.group - 1) / spec.group));
-                    float *q_s = vec_new(n), *q_r = vec_new(n);
-                    float *s_s = vec_new(ng), *s_r = vec_new(ng), *z_s = vec_new(ng);
-                    float *z_r = vec_new(ng);
+                    float *q_s = test_vec_new(n), *q_r = test_vec_new(n);
+                    float *s_s = test_vec_new(ng), *s_r = test_vec_new(ng), *z_s = test_vec_new(ng);
+                    float *z_r = test_vec_new(ng);
                     sb->fakequant_forward(sb, q_s, s_s, z_s, w, rows, cols, &spec);
                     rb->fakequant_forward(rb, q_r, s_r, z_r, w, rows, cols, &spec);
                     ck_assert_msg(memcmp(q_s, q_r, n * sizeof *q_s) == 0,
@@ -854,7 +808,7 @@ START_TEST(fakequant_equals_ref)
                                   spec.bits, (int)spec.group, (double)spec.clip_ratio);
                     ck_assert(memcmp(s_s, s_r, ng * sizeof *s_s) == 0);
                     ck_assert(memcmp(z_s, z_r, ng * sizeof *z_s) == 0);
-                    float *d_s = vec_copy(dw0, n), *d_r = vec_copy(dw0, n);
+                    float *d_s = test_vec_copy(dw0, n), *d_r = test_vec_copy(dw0, n);
                     sb->fakequant_backward(sb, d_s, dq, w, s_r, z_r, rows, cols, &spec);
                     rb->fakequant_backward(rb, d_r, dq, w, s_r, z_r, rows, cols, &spec);
                     ck_assert_msg(memcmp(d_s, d_r, n * sizeof *d_s) == 0,
@@ -911,10 +865,10 @@ static void fq_case_run(qkd__backend *sb, qkd__backend *rb, const struct fq_case
     const qkd__quant_spec spec = {.scheme = fc->scheme, .bits = fc->bits, .group = fc->group,
                                   .clip_ratio = fc->clip};
     const size_t nw = (size_t)OC * C, ng = (size_t)OC * ((C + fc->group - 1) / fc->group);
-    float *w = vec_rand(nw, -1, 1), *x = vec_rand((size_t)N * C, -1, 1);
-    float *dout = vec_rand((size_t)N * OC, -1, 1), *dx0 = vec_rand((size_t)N * C, -1, 1);
-    float *s_s = vec_new(ng), *z_s = vec_new(ng), *s_r = vec_new(ng), *z_r = vec_new(ng);
-    float *wq = vec_new(nw), *s_q = vec_new(ng), *z_q = vec_new(ng), *scratch = vec_new(nw);
+    float *w = test_vec_rand(nw, -1, 1), *x = test_vec_rand((size_t)N * C, -1, 1);
+    float *dout = test_vec_rand((size_t)N * OC, -1, 1), *dx0 = test_vec_rand((size_t)N * C, -1, 1);
+    float *s_s = test_vec_new(ng), *z_s = test_vec_new(ng), *s_r = test_vec_new(ng), *z_r = test_vec_new(ng);
+    float *wq = test_vec_new(nw), *s_q = test_vec_new(ng), *z_q = test_vec_new(ng), *scratch = test_vec_new(nw);
 
     sb->fakequant_groups(sb, s_s, z_s, w, OC, C, &spec);
     rb->fakequant_groups(rb, s_r, z_r, w, OC, C, &spec);
@@ -928,12 +882,12 @@ static void fq_case_run(qkd__backend *sb, qkd__backend *rb, const struct fq_case
 
     const qkd__qweight qw = {.w = w, .scales = s_s, .zeros = z_s, .spec = &spec,
                              .scratch = scratch};
-    double *s_out = dvec_new((size_t)N * OC), *s_dx = dvec_new((size_t)N * C);
-    double *s_dw = dvec_new(nw);
+    double *s_out = test_dvec_new((size_t)N * OC), *s_dx = test_dvec_new((size_t)N * C);
+    double *s_dw = test_dvec_new(nw);
     mm_scales(x, wq, dout, dx0, wq, N, C, OC, s_out, s_dx, s_dw);
 
-    float *fused = vec_new((size_t)N * OC), *plain = vec_new((size_t)N * OC);
-    float *ref = vec_new((size_t)N * OC);
+    float *fused = test_vec_new((size_t)N * OC), *plain = test_vec_new((size_t)N * OC);
+    float *ref = test_vec_new((size_t)N * OC);
     sb->matmul_forward_fq(sb, fused, x, &qw, N, C, OC);
     sb->matmul_forward(sb, plain, x, wq, N, C, OC);
     rb->matmul_forward_fq(rb, ref, x, &qw, N, C, OC);
@@ -942,8 +896,8 @@ static void fq_case_run(qkd__backend *sb, qkd__backend *rb, const struct fq_case
     assert_close("matmul_forward_fq against the reference", fused, ref, s_out, (size_t)N * OC,
                  TOL);
 
-    float *dx_f = vec_copy(dx0, (size_t)N * C), *dx_p = vec_copy(dx0, (size_t)N * C);
-    float *dx_r = vec_copy(dx0, (size_t)N * C);
+    float *dx_f = test_vec_copy(dx0, (size_t)N * C), *dx_p = test_vec_copy(dx0, (size_t)N * C);
+    float *dx_r = test_vec_copy(dx0, (size_t)N * C);
     sb->matmul_backward_input_fq(sb, dx_f, dout, &qw, N, C, OC);
     sb->matmul_backward_input(sb, dx_p, dout, wq, N, C, OC);
     rb->matmul_backward_input_fq(rb, dx_r, dout, &qw, N, C, OC);
@@ -963,7 +917,7 @@ START_TEST(fused_fakequant_matmul)
     if (!sc)
         return;
     qkd_context *rc = test_context(2);
-    rng_seed(151);
+    test_rng_seed(151);
     for (size_t s = 0; s < sizeof fq_shapes / sizeof fq_shapes[0]; s++)
         for (size_t c = 0; c < sizeof fq_cases / sizeof fq_cases[0]; c++)
             fq_case_run(sc->backend, rc->backend, &fq_cases[c], fq_shapes[s][0],
@@ -1040,20 +994,20 @@ static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
     qkd_model_config_init(&cfg);
     ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
     int32_t tokens[MB * MT], targets[MB * MT];
-    rng_seed(91);
+    test_rng_seed(91);
     for (int i = 0; i < MB * MT; i++) {
-        tokens[i] = (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
-        targets[i] = i % 7 == 3 ? -1 : (int32_t)(rng_uniform(0, 1) * cfg.vocab_size);
+        tokens[i] = (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
+        targets[i] = i % 7 == 3 ? -1 : (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
     }
     r->n_logits = (size_t)MB * MT * cfg.vocab_size;
-    r->logits = vec_new(r->n_logits);
+    r->logits = test_vec_new(r->n_logits);
     ck_assert_int_eq(qkd_model_forward(m, tokens, MB, MT), QKD_OK);
     ck_assert_int_eq(qkd_model_logits(m, r->logits, r->n_logits), QKD_OK);
     ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
     ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &r->loss), QKD_OK);
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
     r->n_grads = (size_t)qkd_model_n_params(m);
-    r->grads = vec_new(r->n_grads);
+    r->grads = test_vec_new(r->n_grads);
     size_t off = 0;
     for (int t = 0; t < qkd_model_n_tensors(m); t++) {
         qkd_tensor_info info = {.size = sizeof info};
@@ -1064,7 +1018,7 @@ static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
         off += (size_t)info.n_elements;
     }
     r->n_grads = off;
-    r->decoded = vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
+    r->decoded = test_vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
     for (int pos = 0; pos < DECODE_STEPS; pos++)
         ck_assert_int_eq(qkd_model_decode(m, tokens[pos], pos,
                                           r->decoded + (size_t)pos * cfg.vocab_size),
@@ -1160,7 +1114,7 @@ static void expect_ok(qkd_context *ctx, qkd_status st, const char *what)
 static float *model_tensors(qkd_model *m, int grads, size_t *n)
 {
     *n = (size_t)qkd_model_n_params(m);
-    float *all = vec_new(*n);
+    float *all = test_vec_new(*n);
     size_t off = 0;
     for (int t = 0; t < qkd_model_n_tensors(m); t++) {
         qkd_tensor_info info = {.size = sizeof info};
@@ -1201,9 +1155,9 @@ static void kdqat_run(qkd_context *ctx, const char *path, struct kdqat_run *r)
     expect_ok(ctx, qkd_optimizer_create(student, &op, &opt), "optimizer");
 
     int32_t tokens[MB * MT];
-    rng_seed(131);
+    test_rng_seed(131);
     for (int i = 0; i < MB * MT; i++)
-        tokens[i] = (int32_t)(rng_uniform(0, 1) * 512);
+        tokens[i] = (int32_t)(test_rng_next(0, 1) * 512);
     expect_ok(ctx, qkd_model_forward(teacher, tokens, MB, MT), "teacher forward");
     expect_ok(ctx, qkd_model_forward(student, tokens, MB, MT), "student forward");
     expect_ok(ctx, qkd_loss_teacher_confidence(teacher, NULL, &r->beta), "confidence");
@@ -1253,10 +1207,10 @@ static void fused_student_run(int isa, int fused, const qkd_quant_params *qp, fl
                                                      QKD_QUANT_TARGET(QKD_TENSOR_OUTPUT)),
               "bind");
     int32_t tokens[B * T], targets[B * T];
-    rng_seed(161);
+    test_rng_seed(161);
     for (int i = 0; i < B * T; i++) {
-        tokens[i] = (int32_t)(rng_uniform(0, 1) * 100);
-        targets[i] = (int32_t)(rng_uniform(0, 1) * 100);
+        tokens[i] = (int32_t)(test_rng_next(0, 1) * 100);
+        targets[i] = (int32_t)(test_rng_next(0, 1) * 100);
     }
     float loss;
     expect_ok(ctx, qkd_model_forward(m, tokens, B, T), "forward");
@@ -1264,7 +1218,7 @@ static void fused_student_run(int isa, int fused, const qkd_quant_params *qp, fl
     expect_ok(ctx, qkd_model_zero_grad(m), "zero_grad");
     expect_ok(ctx, qkd_model_backward(m, NULL), "backward");
     *n_logits = (size_t)B * T * 100;
-    *logits = vec_new(*n_logits);
+    *logits = test_vec_new(*n_logits);
     expect_ok(ctx, qkd_model_logits(m, *logits, *n_logits), "logits");
     *grads = model_tensors(m, 1, n_grads);
     qkd_model_free(m);

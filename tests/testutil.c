@@ -148,6 +148,45 @@ uint32_t test_lcg_next(uint64_t *state)
     return (uint32_t)(*state >> 33);
 }
 
+/* ---- random vectors ---- */
+
+static uint64_t vec_rng_state;
+
+void test_rng_seed(uint64_t seed)
+{
+    vec_rng_state = seed;
+}
+
+double test_rng_next(double lo, double hi)
+{
+    return test_rng_uniform(&vec_rng_state, lo, hi);
+}
+
+float *test_vec_new(size_t n)
+{
+    return test_calloc(n ? n : 1, sizeof(float));
+}
+
+double *test_dvec_new(size_t n)
+{
+    return test_calloc(n ? n : 1, sizeof(double));
+}
+
+float *test_vec_rand(size_t n, double lo, double hi)
+{
+    float *x = test_vec_new(n);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)test_rng_next(lo, hi);
+    return x;
+}
+
+float *test_vec_copy(const float *src, size_t n)
+{
+    float *x = test_vec_new(n);
+    memcpy(x, src, n * sizeof *x);
+    return x;
+}
+
 /* ---- counting allocator ---- */
 
 void *test_alloc_hook(void *user, size_t size)

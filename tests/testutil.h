@@ -54,6 +54,21 @@ double test_rng_uniform(uint64_t *state, double lo, double hi);
 /* The next 31 bits of a 64-bit LCG (Knuth's MMIX constants) on *state. */
 uint32_t test_lcg_next(uint64_t *state);
 
+/* ---- random vectors for the backend suites: one test_rng_unit stream per
+ * process, which each test seeds ---- */
+
+void test_rng_seed(uint64_t seed);
+/* The stream's next value, uniform in [lo, hi). */
+double test_rng_next(double lo, double hi);
+/* n zero floats or doubles (room for one at least; free with free); fail the
+ * test when out of memory. */
+float *test_vec_new(size_t n);
+double *test_dvec_new(size_t n);
+/* n floats from test_rng_next(lo, hi). */
+float *test_vec_rand(size_t n, double lo, double hi);
+/* A copy of n floats. */
+float *test_vec_copy(const float *src, size_t n);
+
 /* ---- allocation hooks that count and can fail ---- */
 
 typedef struct test_alloc {
