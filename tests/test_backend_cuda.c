@@ -250,13 +250,6 @@ static void assert_close_floor(const char *what, const float *got, const float *
     }
 }
 
-/* max |got - want| <= tol * max |want| */
-static void assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
-                                double tol)
-{
-    assert_close_rows(what, got, want, 1, n, tol);
-}
-
 /* ---- elementwise, sums, optimizer updates ------------------------------------------------ */
 
 static const size_t elem_sizes[] = {1, 15, 17, 1000, 100003};
@@ -566,7 +559,7 @@ START_TEST(matmul_bf16_sees_writes)
         ck_assert_msg(o2[i] == 2.0f * o1[i], "after scale [%zu]: %.9g, want %.9g", i,
                       (double)o2[i], 2.0 * o1[i]);
     p.rb->matmul_forward_bf16(p.rb, want, x2, w, N, C, OC);
-    assert_close_tensor("after upload", o3, want, (size_t)N * OC, TOL_BF16_MM);
+    test_assert_close_tensor("after upload", o3, want, (size_t)N * OC, TOL_BF16_MM);
     /* A weight gradient's input keeps its copy across a product that
      * writes elsewhere (q, k and v of one input), not across one that
      * writes the input itself. */
@@ -585,11 +578,11 @@ START_TEST(matmul_bf16_sees_writes)
     for (int k = 0; k < 3; k++)
         dw[k] = dtake(&p, d_dw[k], nw);
     p.rb->matmul_backward_weight_bf16(p.rb, want_dw, g, x2, N, C, OC);
-    assert_close_tensor("weight gradient", dw[0], want_dw, nw, TOL_BF16_MM);
+    test_assert_close_tensor("weight gradient", dw[0], want_dw, nw, TOL_BF16_MM);
     assert_same("weight gradient after a product elsewhere", dw[1], dw[0], nw);
     memset(want_dw, 0, nw * sizeof *want_dw);
     p.rb->matmul_backward_weight_bf16(p.rb, want_dw, g, x3, N, C, OC);
-    assert_close_tensor("weight gradient after a product into its input", dw[2], want_dw, nw,
+    test_assert_close_tensor("weight gradient after a product into its input", dw[2], want_dw, nw,
                         TOL_BF16_MM);
     free(x); free(w); free(x2); free(want); free(o1); free(o2); free(o3);
     free(g); free(x3); free(want_dw);
@@ -789,9 +782,9 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
         float *g_dq = dtake(p, d_dq, nq), *g_dk = dtake(p, d_dk, nkv);
         float *g_dv = dtake(p, d_dv, nkv);
         if (bf16) {
-            assert_close_tensor("attention_backward_bf16 dq", g_dq, dq, nq, TOL_BF16_ATT);
-            assert_close_tensor("attention_backward_bf16 dk", g_dk, dk, nkv, TOL_BF16_ATT);
-            assert_close_tensor("attention_backward_bf16 dv", g_dv, dv, nkv, TOL_BF16_ATT);
+            test_assert_close_tensor("attention_backward_bf16 dq", g_dq, dq, nq, TOL_BF16_ATT);
+            test_assert_close_tensor("attention_backward_bf16 dk", g_dk, dk, nkv, TOL_BF16_ATT);
+            test_assert_close_tensor("attention_backward_bf16 dv", g_dv, dv, nkv, TOL_BF16_ATT);
         } else {
             assert_close_rows("attention_backward dq", g_dq, dq, nq / a->hd, (size_t)a->hd,
                               TOL_FLOAT);
@@ -1295,59 +1288,6 @@ END_TEST
 #define MT 45
 #define DECODE_STEPS 12
 
-struct model_run {
-    float *logits, *grads, *decoded;
-    size_t n_logits, n_grads;
-    float loss;
-};
-
-/* Every tensor of m (weights, or gradients when grads) into one array. */
-static float *model_tensors(qkd_model *m, int grads, size_t *n)
-{
-    *n = (size_t)qkd_model_n_params(m);
-    float *all = test_vec_new(*n);
-    size_t off = 0;
-    for (int t = 0; t < qkd_model_n_tensors(m); t++) {
-        qkd_tensor_info info = {.size = sizeof info};
-        ck_assert_int_eq(qkd_model_tensor_info(m, t, &info), QKD_OK);
-        ck_assert_uint_le(off + (size_t)info.n_elements, *n);
-        qkd_status st = grads ? qkd_model_grad_get(m, t, all + off, (size_t)info.n_elements)
-                              : qkd_model_tensor_get(m, t, all + off, (size_t)info.n_elements);
-        ck_assert_int_eq(st, QKD_OK);
-        off += (size_t)info.n_elements;
-    }
-    *n = off;
-    return all;
-}
-
-static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
-{
-    qkd_model *m = NULL;
-    expect_ok(ctx, qkd_model_load(ctx, path, &m), "load");
-    qkd_model_config cfg;
-    ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
-    int32_t tokens[MB * MT], targets[MB * MT];
-    test_rng_seed(91);
-    for (int i = 0; i < MB * MT; i++) {
-        tokens[i] = (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
-        targets[i] = i % 7 == 3 ? -1 : (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
-    }
-    r->n_logits = (size_t)MB * MT * cfg.vocab_size;
-    r->logits = test_vec_new(r->n_logits);
-    expect_ok(ctx, qkd_model_forward(m, tokens, MB, MT), "forward");
-    expect_ok(ctx, qkd_model_logits(m, r->logits, r->n_logits), "logits");
-    expect_ok(ctx, qkd_model_zero_grad(m), "zero_grad");
-    expect_ok(ctx, qkd_model_cross_entropy(m, targets, 1, &r->loss), "cross_entropy");
-    expect_ok(ctx, qkd_model_backward(m, NULL), "backward");
-    r->grads = model_tensors(m, 1, &r->n_grads);
-    r->decoded = test_vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
-    for (int pos = 0; pos < DECODE_STEPS; pos++)
-        expect_ok(ctx, qkd_model_decode(m, tokens[pos], pos,
-                                        r->decoded + (size_t)pos * cfg.vocab_size),
-                  "decode");
-    qkd_model_free(m);
-}
-
 START_TEST(model_matches_ref)
 {
     const char *path = test_shared("models/stories260K/stories260K.bin");
@@ -1357,17 +1297,17 @@ START_TEST(model_matches_ref)
     if (!cc)
         return;
     qkd_context *rc = test_context(2);
-    struct model_run c, r;
-    model_run(cc, path, &c);
-    model_run(rc, path, &r);
+    test_model_run c, r;
+    test_model_run_do(cc, path, MB, MT, DECODE_STEPS, &c);
+    test_model_run_do(rc, path, MB, MT, DECODE_STEPS, &r);
     ck_assert_uint_eq(c.n_grads, r.n_grads);
     ck_assert_msg(fabs(c.loss - r.loss) <= 1e-4 * fabs(r.loss), "loss cuda %.9g ref %.9g",
                   (double)c.loss, (double)r.loss);
-    assert_close_tensor("logits", c.logits, r.logits, c.n_logits, 1e-4);
-    assert_close_tensor("gradients", c.grads, r.grads, c.n_grads, 1e-4);
-    assert_close_tensor("decoded logits", c.decoded, r.decoded, (size_t)DECODE_STEPS * 512, 1e-4);
-    free(c.logits); free(c.grads); free(c.decoded);
-    free(r.logits); free(r.grads); free(r.decoded);
+    test_assert_close_tensor("logits", c.logits, r.logits, c.n_logits, 1e-4);
+    test_assert_close_tensor("gradients", c.grads, r.grads, c.n_grads, 1e-4);
+    test_assert_close_tensor("decoded logits", c.decoded, r.decoded, c.n_decoded, 1e-4);
+    test_model_run_free(&c);
+    test_model_run_free(&r);
     qkd_context_free(cc);
     qkd_context_free(rc);
 }

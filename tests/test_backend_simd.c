@@ -980,72 +980,6 @@ END_TEST
 #define MT 45
 #define DECODE_STEPS 12
 
-struct model_run {
-    float *logits, *grads, *decoded;
-    size_t n_logits, n_grads;
-    float loss;
-};
-
-static void model_run(qkd_context *ctx, const char *path, struct model_run *r)
-{
-    qkd_model *m = NULL;
-    ck_assert_int_eq(qkd_model_load(ctx, path, &m), QKD_OK);
-    qkd_model_config cfg;
-    qkd_model_config_init(&cfg);
-    ck_assert_int_eq(qkd_model_get_config(m, &cfg), QKD_OK);
-    int32_t tokens[MB * MT], targets[MB * MT];
-    test_rng_seed(91);
-    for (int i = 0; i < MB * MT; i++) {
-        tokens[i] = (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
-        targets[i] = i % 7 == 3 ? -1 : (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
-    }
-    r->n_logits = (size_t)MB * MT * cfg.vocab_size;
-    r->logits = test_vec_new(r->n_logits);
-    ck_assert_int_eq(qkd_model_forward(m, tokens, MB, MT), QKD_OK);
-    ck_assert_int_eq(qkd_model_logits(m, r->logits, r->n_logits), QKD_OK);
-    ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
-    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &r->loss), QKD_OK);
-    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
-    r->n_grads = (size_t)qkd_model_n_params(m);
-    r->grads = test_vec_new(r->n_grads);
-    size_t off = 0;
-    for (int t = 0; t < qkd_model_n_tensors(m); t++) {
-        qkd_tensor_info info = {.size = sizeof info};
-        ck_assert_int_eq(qkd_model_tensor_info(m, t, &info), QKD_OK);
-        ck_assert_uint_le(off + (size_t)info.n_elements, r->n_grads);
-        ck_assert_int_eq(qkd_model_grad_get(m, t, r->grads + off, (size_t)info.n_elements),
-                         QKD_OK);
-        off += (size_t)info.n_elements;
-    }
-    r->n_grads = off;
-    r->decoded = test_vec_new((size_t)DECODE_STEPS * cfg.vocab_size);
-    for (int pos = 0; pos < DECODE_STEPS; pos++)
-        ck_assert_int_eq(qkd_model_decode(m, tokens[pos], pos,
-                                          r->decoded + (size_t)pos * cfg.vocab_size),
-                         QKD_OK);
-    qkd_model_free(m);
-}
-
-static void model_run_free(struct model_run *r)
-{
-    free(r->logits);
-    free(r->grads);
-    free(r->decoded);
-}
-
-/* max |got - want| <= tol * max |want| */
-static void assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
-                                double tol)
-{
-    double mag = 0.0, err = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        mag = fmax(mag, fabs(want[i]));
-        err = fmax(err, fabs((double)got[i] - want[i]));
-    }
-    ck_assert_msg(err <= tol * mag, "%s: max error %.3g > %.3g * max magnitude %.3g", what, err,
-                  tol, mag);
-}
-
 START_TEST(model_matches_ref)
 {
     const char *path = test_shared("models/stories260K/stories260K.bin");
@@ -1055,17 +989,17 @@ START_TEST(model_matches_ref)
     if (!sc)
         return;
     qkd_context *rc = test_context(2);
-    struct model_run s, r;
-    model_run(sc, path, &s);
-    model_run(rc, path, &r);
+    test_model_run s, r;
+    test_model_run_do(sc, path, MB, MT, DECODE_STEPS, &s);
+    test_model_run_do(rc, path, MB, MT, DECODE_STEPS, &r);
     ck_assert_uint_eq(s.n_grads, r.n_grads);
     ck_assert_msg(fabs(s.loss - r.loss) <= 1e-4 * fabs(r.loss), "loss simd %.9g ref %.9g",
                   (double)s.loss, (double)r.loss);
-    assert_close_tensor("logits", s.logits, r.logits, s.n_logits, 1e-4);
-    assert_close_tensor("gradients", s.grads, r.grads, s.n_grads, 1e-4);
-    assert_close_tensor("decoded logits", s.decoded, r.decoded, (size_t)DECODE_STEPS * 512, 1e-4);
-    model_run_free(&s);
-    model_run_free(&r);
+    test_assert_close_tensor("logits", s.logits, r.logits, s.n_logits, 1e-4);
+    test_assert_close_tensor("gradients", s.grads, r.grads, s.n_grads, 1e-4);
+    test_assert_close_tensor("decoded logits", s.decoded, r.decoded, s.n_decoded, 1e-4);
+    test_model_run_free(&s);
+    test_model_run_free(&r);
     qkd_context_free(sc);
     qkd_context_free(rc);
 }
@@ -1076,18 +1010,18 @@ START_TEST(model_thread_invariant)
     const char *path = test_shared("models/stories260K/stories260K.bin");
     if (!path || !isas[_i].supported())
         return;
-    struct model_run runs[2];
+    test_model_run runs[2];
     const int threads[2] = {1, 3};
     for (int t = 0; t < 2; t++) {
         qkd_context *ctx = simd_context(_i, threads[t]);
-        model_run(ctx, path, &runs[t]);
+        test_model_run_do(ctx, path, MB, MT, DECODE_STEPS, &runs[t]);
         qkd_context_free(ctx);
     }
     assert_same("logits", runs[0].logits, runs[1].logits, runs[0].n_logits);
     assert_same("gradients", runs[0].grads, runs[1].grads, runs[0].n_grads);
-    assert_same("decoded logits", runs[0].decoded, runs[1].decoded, (size_t)DECODE_STEPS * 512);
-    model_run_free(&runs[0]);
-    model_run_free(&runs[1]);
+    assert_same("decoded logits", runs[0].decoded, runs[1].decoded, runs[0].n_decoded);
+    test_model_run_free(&runs[0]);
+    test_model_run_free(&runs[1]);
 }
 END_TEST
 
@@ -1279,8 +1213,8 @@ START_TEST(kdqat_step_matches_ref)
     ck_assert_msg(fabs(s.loss_after - r.loss_after) <= 1e-4 * fabs(r.loss_after),
                   "loss after the step: simd %.9g ref %.9g", (double)s.loss_after,
                   (double)r.loss_after);
-    assert_close_tensor("student gradients", s.grads, r.grads, s.n, 1e-4);
-    assert_close_tensor("updated weights", s.weights, r.weights, s.n, 1e-4);
+    test_assert_close_tensor("student gradients", s.grads, r.grads, s.n, 1e-4);
+    test_assert_close_tensor("updated weights", s.weights, r.weights, s.n, 1e-4);
     free(s.grads); free(s.weights); free(r.grads); free(r.weights);
     qkd_context_free(sc);
     qkd_context_free(rc);

@@ -187,6 +187,80 @@ float *test_vec_copy(const float *src, size_t n)
     return x;
 }
 
+/* ---- one model run ---- */
+
+/* Every gradient of m, tensor after tensor. */
+static float *all_grads(qkd_context *ctx, qkd_model *m, size_t *n)
+{
+    *n = (size_t)qkd_model_n_params(m);
+    float *all = test_vec_new(*n);
+    size_t off = 0;
+    for (int t = 0; t < qkd_model_n_tensors(m); t++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        test_expect_status(ctx, qkd_model_tensor_info(m, t, &info), QKD_OK, "tensor_info");
+        ck_assert_uint_le(off + (size_t)info.n_elements, *n);
+        test_expect_status(ctx, qkd_model_grad_get(m, t, all + off, (size_t)info.n_elements),
+                           QKD_OK, "grad_get");
+        off += (size_t)info.n_elements;
+    }
+    *n = off;
+    return all;
+}
+
+void test_model_run_do(qkd_context *ctx, const char *path, int B, int T, int decode_steps,
+                       test_model_run *r)
+{
+    qkd_model *m = NULL;
+    test_expect_status(ctx, qkd_model_load(ctx, path, &m), QKD_OK, "load");
+    qkd_model_config cfg;
+    qkd_model_config_init(&cfg);
+    test_expect_status(ctx, qkd_model_get_config(m, &cfg), QKD_OK, "get_config");
+    size_t n = (size_t)B * T;
+    int32_t *tokens = test_calloc(n, sizeof *tokens), *targets = test_calloc(n, sizeof *targets);
+    test_rng_seed(91);
+    for (size_t i = 0; i < n; i++) {
+        tokens[i] = (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
+        targets[i] = i % 7 == 3 ? -1 : (int32_t)(test_rng_next(0, 1) * cfg.vocab_size);
+    }
+    r->n_logits = n * (size_t)cfg.vocab_size;
+    r->logits = test_vec_new(r->n_logits);
+    test_expect_status(ctx, qkd_model_forward(m, tokens, B, T), QKD_OK, "forward");
+    test_expect_status(ctx, qkd_model_logits(m, r->logits, r->n_logits), QKD_OK, "logits");
+    test_expect_status(ctx, qkd_model_zero_grad(m), QKD_OK, "zero_grad");
+    test_expect_status(ctx, qkd_model_cross_entropy(m, targets, 1, &r->loss), QKD_OK,
+                       "cross_entropy");
+    test_expect_status(ctx, qkd_model_backward(m, NULL), QKD_OK, "backward");
+    r->grads = all_grads(ctx, m, &r->n_grads);
+    r->n_decoded = (size_t)decode_steps * (size_t)cfg.vocab_size;
+    r->decoded = test_vec_new(r->n_decoded);
+    for (int pos = 0; pos < decode_steps; pos++)
+        test_expect_status(ctx, qkd_model_decode(m, tokens[pos], pos,
+                                                 r->decoded + (size_t)pos * cfg.vocab_size),
+                           QKD_OK, "decode");
+    free(tokens);
+    free(targets);
+    qkd_model_free(m);
+}
+
+void test_model_run_free(test_model_run *r)
+{
+    free(r->logits);
+    free(r->grads);
+    free(r->decoded);
+}
+
+void test_assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
+                              double tol)
+{
+    double mag = 0.0, err = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        mag = fmax(mag, fabs(want[i]));
+        err = fmax(err, fabs((double)got[i] - want[i]));
+    }
+    ck_assert_msg(err <= tol * mag, "%s: max error %.3g > %.3g * max magnitude %.3g", what, err,
+                  tol, mag);
+}
+
 /* ---- counting allocator ---- */
 
 void *test_alloc_hook(void *user, size_t size)

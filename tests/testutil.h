@@ -120,6 +120,27 @@ double test_golden_f64(test_golden *g);
  * elements (within 1e-6 absolute or 1e-4 relative). */
 void test_golden_check_grad(test_golden *g, const qkd_model *m);
 
+/* ---- one model run, for comparing backends ---- */
+
+typedef struct test_model_run {
+    float *logits;  /* [B * T][vocab] */
+    float *grads;   /* every tensor's gradient, in tensor order */
+    float *decoded; /* [decode_steps][vocab] */
+    size_t n_logits, n_grads, n_decoded;
+    float loss;
+} test_model_run;
+
+/* The model at path on ctx: forward of B x T seeded random tokens, its
+ * logits, cross-entropy (every seventh target ignored) and backward, then
+ * decode_steps decoding steps from the same tokens; every call must
+ * succeed. */
+void test_model_run_do(qkd_context *ctx, const char *path, int B, int T, int decode_steps,
+                       test_model_run *r);
+void test_model_run_free(test_model_run *r);
+/* max |got - want| <= tol * max |want| over n values. */
+void test_assert_close_tensor(const char *what, const float *got, const float *want, size_t n,
+                              double tol);
+
 /* ---- the qkd tool ---- */
 
 /* Start QKD_CLI with args (NULL-terminated, without argv[0]), its stdout
