@@ -357,6 +357,32 @@ START_TEST(rope_matches_ref)
             assert_close_rows("rope_backward", xs, xr, n / hd, (size_t)hd, TOL);
             free(x); free(xs); free(xr);
         }
+    /* two models of other head sizes and bases on one context, in turn,
+     * each keep their table: after the first call of each, no allocation */
+    {
+        qkd_context_params cp;
+        qkd_context_params_init(&cp);
+        cp.n_threads = 2;
+        cp.backend = QKD_BACKEND_SIMD;
+        test_alloc a;
+        test_alloc_hooks(&cp, &a);
+        qkd_context *ac = NULL;
+        ck_assert_int_eq(qkd_context_create(&cp, &ac), QKD_OK);
+        isas[_i].install(ac->backend);
+        float x[4 * 3 * 16];
+        for (int round = 0; round < 3; round++) {
+            long before = a.n;
+            for (int k = 0; k < 2; k++) {
+                for (size_t i = 0; i < sizeof x / sizeof x[0]; i++)
+                    x[i] = (float)test_rng_next(-1, 1);
+                ac->backend->rope_forward(ac->backend, x, 1, 4, 3, k ? 16 : 8, 0,
+                                          k ? 500.0f : 10000.0f);
+            }
+            if (round > 0)
+                ck_assert_msg(a.n == before, "round %d: %ld allocations", round, a.n - before);
+        }
+        qkd_context_free(ac);
+    }
     /* one position a call, as decoding does: the backend's table grows */
     for (int pos0 = 0; pos0 < 40; pos0++) {
         float x[2 * 8], y[2 * 8];

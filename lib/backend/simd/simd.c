@@ -5,15 +5,21 @@
 
 #include "backend/simd/simd.h"
 
+#define ROPE_TABLES 4
+
 /* The backend's private state. */
 struct simd_impl {
     float *ws;
     size_t ws_floats;
+    /* RoPE tables of the last few (hd, width, theta) used, so models of
+     * other head sizes or bases sharing the context do not rebuild one
+     * another's table at every call */
     struct rope_table {
         float *rows;
         int hd, width, n_pos;
         float theta;
-    } rope;
+    } rope[ROPE_TABLES];
+    int rope_next; /* the slot a new kind of table replaces */
     void (*ref_destroy)(qkd__backend *b); /* frees the table itself */
 };
 
@@ -198,9 +204,23 @@ static void rope_rows_range(const void *arg, int64_t begin, int64_t end)
     }
 }
 
+/* The slot of the table for (hd, width, theta): its own, else the next
+ * one to replace. */
+static struct rope_table *rope_slot(struct simd_impl *impl, int hd, int width, float theta)
+{
+    for (int i = 0; i < ROPE_TABLES; i++) {
+        struct rope_table *r = &impl->rope[i];
+        if (r->rows && r->hd == hd && r->width == width && r->theta == theta)
+            return r;
+    }
+    struct rope_table *r = &impl->rope[impl->rope_next];
+    impl->rope_next = (impl->rope_next + 1) % ROPE_TABLES;
+    return r;
+}
+
 const float *qkd__simd_rope_table(qkd__backend *b, int hd, int width, float theta, int n_pos)
 {
-    struct rope_table *r = &((struct simd_impl *)b->impl)->rope;
+    struct rope_table *r = rope_slot(b->impl, hd, width, theta);
     if (r->rows && r->hd == hd && r->width == width && r->theta == theta && r->n_pos >= n_pos)
         return r->rows;
     /* Room for half as many positions again: decoding grows one a call. */
@@ -223,7 +243,8 @@ static void simd_destroy(qkd__backend *b)
 {
     struct simd_impl *impl = b->impl;
     void (*ref_destroy)(qkd__backend *b) = impl->ref_destroy;
-    qkd__free(b->ctx, impl->rope.rows);
+    for (int i = 0; i < ROPE_TABLES; i++)
+        qkd__free(b->ctx, impl->rope[i].rows);
     qkd__free(b->ctx, impl->ws);
     qkd__free(b->ctx, impl);
     ref_destroy(b);

@@ -32,7 +32,8 @@ qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out);
 float *qkd__simd_workspace(qkd__backend *b, size_t floats);
 
 /* RoPE's rotation for positions [0, n_pos) and more, kept by the backend
- * until hd, width or theta change or more positions are asked: row pos
+ * (a few tables, one per hd, width and theta) until more positions are
+ * asked: row pos
  * is 2 * width floats, cs then sn, each repeating the hd values of the
  * position width / hd times (width a multiple of hd, so whole vectors
  * cover several heads): cs = cos of each pair's angle pos theta^(-p/hd)

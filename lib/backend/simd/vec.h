@@ -91,18 +91,12 @@ static inline vf vselect_lt(vf a, vf b, vf x, vf y)
 }
 static inline float vhsum(vf x) { return _mm512_reduce_add_ps(x); }
 static inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
-/* 2^n for integral n in a float vector, n >= -126 */
-static inline vf vpow2i(vf n)
-{
-    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-}
 static inline vf vround(vf x)
 {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 /* x * 2^n for integral n in a float vector, -126 <= n <= 127: one
- * rounding, as x * vpow2i(n) */
+ * rounding, as x times the float 2^n (vpow2i on the other sets) */
 static inline vf vscale2(vf x, vf n) { return _mm512_scalef_ps(x, n); }
 
 static inline vd vd_load(const float *p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
