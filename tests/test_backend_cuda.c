@@ -52,6 +52,7 @@
 
 #include "backend/backend.h"
 #include "core/core.h"
+#include "core/half.h"
 #include "qkd/loss.h"
 #include "qkd/optim.h"
 #include "qkd/quant.h"
@@ -361,14 +362,16 @@ END_TEST
 /* Many tensors in one call against the reference's tensor-by-tensor
  * updates: identical AdamW results (the clipped case scales a copy of the
  * gradient on the reference side), squared norms within double rounding.
- * The sizes straddle the CUDA kernels' 2048-element chunks. */
+ * The sizes straddle the CUDA kernels' 2048-element chunks and their
+ * float4 loads; the last span is not 16-byte aligned. */
 START_TEST(multi_tensor_updates_match_ref)
 {
     struct pair p;
     if (!pair_open(&p))
         return;
-    static const size_t sizes[] = {2049, 0, 1, 2048, 70001, 5};
+    static const size_t sizes[] = {2049, 0, 1, 2048, 70001, 5, 4099};
     enum { NS = sizeof sizes / sizeof sizes[0] };
+    const size_t off[NS] = {[NS - 1] = 1}; /* the last span off the float4 boundary */
     test_rng_seed(83);
     qkd__update_span spans[NS];
     float *h[NS][4], *d[NS][4]; /* p, g, m, v on each side */
@@ -379,7 +382,7 @@ START_TEST(multi_tensor_updates_match_ref)
         h[s][2] = test_vec_rand(n, -0.1, 0.1);
         h[s][3] = test_vec_rand(n, 0, 0.01);
         for (int k = 0; k < 4; k++)
-            d[s][k] = dput(&p, h[s][k], n);
+            d[s][k] = dput_off(&p, h[s][k], n, off[s]);
         spans[s] = (qkd__update_span){d[s][0], d[s][1], d[s][2], d[s][3], sizes[s],
                                       1e-3f * (float)(s + 1)};
     }
@@ -410,7 +413,7 @@ START_TEST(multi_tensor_updates_match_ref)
                                   "its first moment", "its second moment"};
     for (int s = 0; s < NS; s++) {
         for (int k = 0; k < 4; k++) {
-            float *got = dtake(&p, d[s][k], sizes[s]);
+            float *got = dtake_off(&p, d[s][k], sizes[s] ? sizes[s] : 1, off[s]);
             assert_same(names[k], got, h[s][k], sizes[s]);
             free(got);
             free(h[s][k]);
@@ -529,6 +532,46 @@ START_TEST(matmul_bf16_matches_ref)
     assert_same("matmul_forward_bf16 of one product", got, &ref, 1);
     free(got);
     dfree(&p, d_x); dfree(&p, d_w);
+    pair_close(&p);
+}
+END_TEST
+
+/* The wbf16 products on a weight given in bf16 equal the bf16 products on
+ * the fp32 weight those bits decode to, bit for bit: the same operands
+ * reach the tensor cores. */
+START_TEST(matmul_wbf16_equals_bf16)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    test_rng_seed(13);
+    for (size_t s = 0; s < sizeof mm_shapes / sizeof mm_shapes[0]; s++) {
+        const int N = mm_shapes[s][0], C = mm_shapes[s][1], OC = mm_shapes[s][2];
+        const size_t nw = (size_t)OC * C, nx = (size_t)N * C, no = (size_t)N * OC;
+        float *w = test_vec_rand(nw, -1, 1), *x = test_vec_rand(nx, -1, 1);
+        float *dout = test_vec_rand(no, -1, 1), *dx0 = test_vec_rand(nx, -1, 1);
+        uint16_t *w16 = malloc(nw * sizeof *w16);
+        ck_assert_ptr_nonnull(w16);
+        for (size_t i = 0; i < nw; i++) {
+            w16[i] = qkd__f32_to_bf16(w[i]);
+            w[i] = qkd__bf16_to_f32(w16[i]);
+        }
+        uint16_t *d_w16 = dput_bytes(&p, w16, nw, sizeof *w16);
+        float *d_w = dput(&p, w, nw), *d_x = dput(&p, x, nx), *d_dout = dput(&p, dout, no);
+        float *d_o16 = dpoison(&p, no), *d_o = dpoison(&p, no);
+        float *d_dx16 = dput(&p, dx0, nx), *d_dx = dput(&p, dx0, nx);
+        p.cb->matmul_forward_wbf16(p.cb, d_o16, d_x, d_w16, N, C, OC);
+        p.cb->matmul_forward_bf16(p.cb, d_o, d_x, d_w, N, C, OC);
+        p.cb->matmul_backward_input_wbf16(p.cb, d_dx16, d_dout, d_w16, N, C, OC);
+        p.cb->matmul_backward_input_bf16(p.cb, d_dx, d_dout, d_w, N, C, OC);
+        float *o16 = dtake(&p, d_o16, no), *o = dtake(&p, d_o, no);
+        float *dx16 = dtake(&p, d_dx16, nx), *dx = dtake(&p, d_dx, nx);
+        assert_same("matmul_forward_wbf16", o16, o, no);
+        assert_same("matmul_backward_input_wbf16", dx16, dx, nx);
+        free(w); free(x); free(dout); free(dx0); free(w16);
+        free(o16); free(o); free(dx16); free(dx);
+        dfree(&p, d_w16); dfree(&p, d_w); dfree(&p, d_x); dfree(&p, d_dout);
+    }
     pair_close(&p);
 }
 END_TEST
@@ -1127,6 +1170,76 @@ START_TEST(fakequant_matches_ref)
 }
 END_TEST
 
+/* fakequant_forward_bf16 against the reference's fp32 Q(w) rounded to
+ * bf16: the same bits under hard rounding (within one bf16 step for the
+ * smooth forward, whose double functions may differ), the same scales and
+ * zero points. Groups of 32, 64 and 128 along the rows take the segment
+ * kernel; a partial group (7), 96, the whole tensor, TERNARY and a weight
+ * off the 16-byte boundary the others. */
+static void fq_bf16_case(struct pair *p, const float *w, int64_t rows, int64_t cols,
+                         const qkd__quant_spec *spec, size_t off)
+{
+    const size_t n = (size_t)(rows * cols);
+    const size_t ng = (size_t)(rows * ((cols + spec->group - 1) / spec->group));
+    float *q = test_vec_new(n), *sc = test_vec_new(ng), *z = test_vec_new(ng);
+    uint16_t *got = malloc(n * sizeof *got);
+    ck_assert_ptr_nonnull(got);
+    memset(got, 0xff, n * sizeof *got); /* NaN bits: an element never written fails */
+    p->rb->fakequant_forward(p->rb, q, sc, z, w, rows, cols, spec);
+    float *d_w = dput_off(p, w, n, off), *d_sc = dpoison(p, ng), *d_z = dpoison(p, ng);
+    uint16_t *d_q = dput_bytes(p, got, n, sizeof *got);
+    p->cb->fakequant_forward_bf16(p->cb, d_q, d_sc, d_z, d_w, rows, cols, spec);
+    expect_ok(p->cc, p->cb->sync(p->cb), "sync");
+    expect_ok(p->cc, p->cb->download(p->cb, got, d_q, n * sizeof *got), "download");
+    for (size_t i = 0; i < n; i++) {
+        const float want = qkd__bf16_to_f32(qkd__f32_to_bf16(q[i]));
+        const float have = qkd__bf16_to_f32(got[i]);
+        const int ok = spec->continuous ? fabsf(have - q[i]) <= 0x1p-8f * fabsf(q[i]) + 1e-6f
+                                        : got[i] == qkd__f32_to_bf16(q[i]);
+        ck_assert_msg(ok, "fakequant_forward_bf16 scheme %d group %lld clip %g smooth %d "
+                          "off %zu: [%zu] = %.9g, want %.9g",
+                      spec->scheme, (long long)spec->group, (double)spec->clip_ratio,
+                      spec->continuous, off, i, (double)have, (double)want);
+    }
+    float *g_sc = dtake(p, d_sc, ng), *g_z = dtake(p, d_z, ng);
+    assert_same("fakequant_forward_bf16 scales", g_sc, sc, ng);
+    assert_same("fakequant_forward_bf16 zeros", g_z, z, ng);
+    free(q); free(sc); free(z); free(got); free(g_sc); free(g_z);
+    dfree(p, d_q);
+    dfree(p, d_w - off);
+}
+
+START_TEST(fakequant_bf16_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int schemes[] = {QKD_QUANT_SYM, QKD_QUANT_ASYM, QKD_QUANT_TERNARY};
+    static const int64_t groups[] = {7, 32, 64, 96, 128, 1536};
+    const int64_t rows = 4, cols = 384;
+    const size_t n = (size_t)(rows * cols);
+    test_rng_seed(122);
+    float *w = test_vec_rand(n, -1, 1);
+    for (size_t i = 0; i < n; i += 13)
+        w[i] = (float)(0.125 * (int)(test_rng_next(-8, 8))); /* exact halves of some scales */
+    for (size_t si = 0; si < 3; si++)
+        for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++)
+            for (int clip = 0; clip < 2; clip++)
+                for (int smooth = 0; smooth < 2; smooth++)
+                    for (size_t off = 0; off < 2; off++) {
+                        int64_t r = groups[gi] == (int64_t)n ? 1 : rows, c = (int64_t)n / r;
+                        qkd__quant_spec spec = {.scheme = schemes[si], .bits = 4,
+                                                .group = groups[gi],
+                                                .clip_ratio = clip ? 0.8f : 1.0f,
+                                                .continuous = smooth, .round_T = 8.0f,
+                                                .clamp_T = 12.0f};
+                        fq_bf16_case(&p, w, r, c, &spec, off);
+                    }
+    free(w);
+    pair_close(&p);
+}
+END_TEST
+
 /* The format schemes (ggml's grids, run on the host) and their fallbacks:
  * Q4_K on rows of 256, Q4_K on rows of 64 (Q8_0), Q4_0 on rows of 172 (F16). */
 START_TEST(format_fakequant_matches_ref)
@@ -1461,6 +1574,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, matmul_matches_ref);
     tcase_add_test(tc, matmul_bf16_matches_ref);
     tcase_add_test(tc, matmul_bf16_sees_writes);
+    tcase_add_test(tc, matmul_wbf16_equals_bf16);
     tcase_add_test(tc, embedding_equals_ref);
     tcase_add_test(tc, rmsnorm_matches_ref);
     tcase_add_test(tc, rope_matches_ref);
@@ -1472,6 +1586,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, kd_loss_matches_ref);
     tcase_add_test(tc, tsld_and_max_prob_match_ref);
     tcase_add_test(tc, fakequant_matches_ref);
+    tcase_add_test(tc, fakequant_bf16_matches_ref);
     tcase_add_test(tc, format_fakequant_matches_ref);
     tcase_add_test(tc, quant_rows_equal_ref);
     tcase_add_test(tc, table_complete);

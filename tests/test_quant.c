@@ -1118,6 +1118,41 @@ START_TEST(test_ste_gradient_equals_quantized_model_gradient)
 }
 END_TEST
 
+/* The plain STE without a clip maps dL/dQ(w) to dL/dw unchanged, so the
+ * student's backward adds its weight gradients to dL/dw directly and
+ * never allocates a dL/dQ(w) buffer; a clip (or another estimator) makes
+ * the first backward allocate one, which later backwards reuse. */
+START_TEST(test_identity_ste_backward_allocates_no_dwq)
+{
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 1);
+    int32_t tokens[SB * ST], targets[SB * ST];
+    random_ids(tokens, SB * ST, 12);
+    random_ids(targets, SB * ST, 13);
+    for (int clipped = 0; clipped < 2; clipped++) {
+        qkd_model *m = tiny_model(ctx, 0, 14);
+        qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
+        if (clipped) {
+            p.clip = QKD_CLIP_FIXED;
+            p.clip_ratio = 0.9f;
+        }
+        qkd_quantizer *q = make_quantizer(ctx, &p);
+        bind(m, q, QKD_QUANT_TARGET_LINEAR);
+        float loss;
+        ck_assert_int_eq(qkd_model_forward(m, tokens, SB, ST), QKD_OK);
+        ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &loss), QKD_OK);
+        for (int round = 0; round < 2; round++) {
+            const long before = a.n;
+            ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+            ck_assert_int_eq(a.n - before, clipped && round == 0);
+        }
+        qkd_model_free(m);
+        qkd_quantizer_free(q);
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* CONTINUOUS: the student's gradient against central differences of its
  * smooth forward, on elements that are not their group's extremes (whose
  * moves would change the group's scale, held constant by the estimator). */
@@ -1970,6 +2005,7 @@ Suite *suite_quant(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_student_forward_equals_quantized_model);
     tcase_add_test(tc, test_ste_gradient_equals_quantized_model_gradient);
+    tcase_add_test(tc, test_identity_ste_backward_allocates_no_dwq);
     tcase_add_test(tc, test_continuous_student_gradient);
     tcase_add_test(tc, test_decode_uses_quantized_weights);
     tcase_add_test(tc, test_calibrate_search_weight);

@@ -29,7 +29,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 6
+#define QKD__BACKEND_ABI 7
 
 typedef struct qkd__backend qkd__backend;
 
@@ -118,6 +118,13 @@ struct qkd__backend {
                                        const float *w, int N, int C, int OC);
     void (*matmul_backward_weight_bf16)(qkd__backend *b, float *dw, const float *dout,
                                         const float *inp, int N, int C, int OC);
+    /* Optional (both or none, with fakequant_forward_bf16): the first two
+     * with the weight already in bf16 (raw bits, as fakequant_forward_bf16
+     * writes it), equal to them on the weight those bits decode to. */
+    void (*matmul_forward_wbf16)(qkd__backend *b, float *out, const float *inp,
+                                 const uint16_t *w, int N, int C, int OC);
+    void (*matmul_backward_input_wbf16)(qkd__backend *b, float *dinp, const float *dout,
+                                        const uint16_t *w, int N, int C, int OC);
 
     /* ---- embedding -------------------------------------------------- */
     /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */
@@ -247,6 +254,12 @@ struct qkd__backend {
     void (*fakequant_forward)(qkd__backend *b, float *wq, float *scales, float *zeros,
                               const float *w, int64_t rows, int64_t cols,
                               const qkd__quant_spec *spec);
+    /* Optional, for SYM, ASYM and TERNARY: fakequant_forward with Q(w)
+     * rounded to bf16 (nearest even, raw bits) in the same pass: the weight
+     * operand of the wbf16 products, never stored in fp32. */
+    void (*fakequant_forward_bf16)(qkd__backend *b, uint16_t *wq, float *scales, float *zeros,
+                                   const float *w, int64_t rows, int64_t cols,
+                                   const qkd__quant_spec *spec);
     /* dw += dQ(w)/dw * dwq, from the forward's scales and zeros: the STE's 1
      * inside the clip range and 0 outside, or the smooth functions'
      * derivative when spec->continuous. */

@@ -3,7 +3,8 @@
  * parameter gradients are only ever added to (micro-batches accumulate).
  * acts.dres carries the gradient of the residual stream down the layers.
  * In a student, the gradients of quantized weights gather in dL/dQ(w) and
- * go through the quantizer's estimator at the end (student.c); quantized
+ * go through the quantizer's estimator at the end, unless that is the
+ * identity (student.c); quantized
  * activations and keys/values pass their gradient straight through (STE). */
 #include "model/model_impl.h"
 
@@ -121,7 +122,9 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
                           "model backward: no logits gradient (run a loss with compute_grad, "
                           "or pass dlogits)");
     }
-    qkd__model_student_backward_begin(m);
+    qkd_status st = qkd__model_student_backward_begin(m);
+    if (st != QKD_OK)
+        return st;
     head_backward(m, N);
     for (int l = m->cfg.n_layers - 1; l >= 0; l--) {
         ffn_backward(m, l, &a->layers[l], N);

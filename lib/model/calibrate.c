@@ -122,6 +122,6 @@ qkd_status qkd_quantizer_calibrate(qkd_quantizer *q, qkd_model *m, const int32_t
     qkd_status st = search_all(m, by_output, n_x);
     m->has_forward = m->has_dlogits = 0; /* that forward was not the student's */
     qkd__model_init_scales(m);           /* learned ones start at the searched clip */
-    m->student.wq_smooth = -1;           /* the latent weights changed */
+    m->student.wq_state = -1;             /* the latent weights changed */
     return st;
 }

@@ -74,17 +74,26 @@ typedef struct qkd__decode {
     float *xf, *rstdf, *xfq, *logits;
 } qkd__decode;
 
+/* How a targeted tensor's products read Q(w) (student.c). */
+typedef enum qkd__wq_form {
+    QKD__WQ_FLOAT, /* from wq, in fp32 */
+    QKD__WQ_FUSED, /* the training forward's products quantize w while packing
+                      it (the backend's fused slots): scales/zeros are
+                      fakequant_groups', wq is stale */
+    QKD__WQ_BF16   /* wq's first half holds Q(w) in bf16 (fakequant_forward_bf16)
+                      for the wbf16 products; its fp32 values are stale */
+} qkd__wq_form;
+
 /* A targeted tensor's quantization state (device buffers). */
 typedef struct qkd__qtensor {
     float *wq;            /* Q(w), what the forward reads; NULL: not targeted */
-    float *dwq;           /* dL/dQ(w), zeroed by each backward */
+    float *dwq;           /* dL/dQ(w), zeroed by each backward that collects it;
+                             NULL until the first (student.dwq_mem) */
     float *scales, *zeros; /* the groups as the quantizer computes them: the
                              forward's, or (learned) the initial values */
     int scale_index, zero_index; /* learned scales: the table's tensors of
                              the scales and zero points; -1: none */
-    int fused;            /* the training forward's products quantize w
-                             while packing it (the backend's fused slots):
-                             scales/zeros are fakequant_groups', wq is stale */
+    qkd__wq_form form;    /* how the products read Q(w) */
 } qkd__qtensor;
 
 /* What makes a model a student (lib/model/student.c). */
@@ -92,12 +101,14 @@ typedef struct qkd__student {
     qkd_quantizer *q;     /* borrowed; NULL when the model is not a student */
     int off;              /* 1 while calibration runs the float model */
     int act_bits, kv_bits; /* the quantizer's, fixed when bound */
-    int wq_smooth;        /* what the wq buffers hold: -1 nothing yet, 0 hard
-                             rounding, 1 the smooth forward, 2 the hard
-                             training forward with the fused tensors' wq
-                             left stale */
+    int wq_state;         /* what the wq buffers hold: -1 nothing yet, else
+                             the WQ_* bits of the last refresh (student.c) */
     qkd__qtensor *t;      /* host array [n_weights] */
-    void *mem;            /* device memory of every qtensor */
+    void *mem;            /* device memory of every qtensor but dwq */
+    void *dwq_mem;        /* every dwq: allocated by the first backward whose
+                             estimator is not the identity */
+    int grad_direct;      /* this backward adds weight gradients to dL/dw
+                             directly (qkd__quantizer_grad_is_identity) */
 } qkd__student;
 
 struct qkd_model {
@@ -209,8 +220,8 @@ const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int lay
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
 /* out[N][OC] = inp[N][C] . W^T and dinp += dout . W for the linear `kind`
  * in `layer`, W as the forward reads it (qkd__model_weight), in the
- * model's matmul precision; a fused student tensor goes through the
- * backend's fused products instead of its wq. */
+ * model's matmul precision; a fused or bf16 student tensor goes through
+ * the backend's fused or wbf16 products (qkd__wq_form). */
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
                                const float *inp, int N, int C, int OC);
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
@@ -226,8 +237,11 @@ const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, i
  * the CONTINUOUS estimator) or hard rounding (decoding). Without force,
  * nothing is done when the buffers already hold that kind of values. */
 void qkd__model_quantize_weights(qkd_model *m, int training, int force);
-/* Around the backward pass: zero dL/dQ(w), then add dL/dw to the gradient. */
-void qkd__model_student_backward_begin(qkd_model *m);
+/* Around the backward pass: zero dL/dQ(w), then add dL/dw to the gradient
+ * (neither when the estimator is the identity: the products then add to
+ * dL/dw directly). begin fails with NO_MEMORY when dL/dQ(w) cannot be
+ * allocated; nothing is then changed. */
+qkd_status qkd__model_student_backward_begin(qkd_model *m);
 void qkd__model_student_backward_end(qkd_model *m);
 /* Unbind (the model stays usable as a float model); the table keeps any
  * learned tensors until qkd__model_set_learned_tensors drops them. */

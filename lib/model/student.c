@@ -5,7 +5,8 @@
  * and zero points are refreshed and the linear layers' products quantize
  * the latent weights as they pack them; its backward collects dL/dQ(w) in a
  * separate buffer and maps it to dL/dw through the quantizer's estimator,
- * adding it to the model's gradient. With learned scales the quantizer's
+ * adding it to the model's gradient, or, when that estimator is the
+ * identity (the plain STE without a clip), adds to dL/dw directly. With learned scales the quantizer's
  * scales and zero points are tensors of the model's table, after its
  * weights: the forward reads them and the backward adds their gradients. */
 #include <math.h>
@@ -63,7 +64,8 @@ const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int lay
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer)
 {
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    return t ? t->dwq : qkd__model_tensor_ptr(m, m->grads, kind, layer);
+    return t && !m->student.grad_direct ? t->dwq
+                                        : qkd__model_tensor_ptr(m, m->grads, kind, layer);
 }
 
 /* The fused view of tensor t of (kind, layer); spec receives its setting. */
@@ -80,15 +82,17 @@ static qkd__qweight fused_weight(const qkd_model *m, const qkd__qtensor *t,
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
                                const float *inp, int N, int C, int OC)
 {
-    const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    if (!t || !t->fused) {
-        qkd__model_matmul(m, out, inp, qkd__model_weight(m, kind, layer), N, C, OC);
-        return;
-    }
     qkd__backend *be = qkd__model_backend(m);
+    const qkd__qtensor *t = live_qtensor(m, kind, layer);
     qkd__quant_spec spec;
-    qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
-    be->matmul_forward_fq(be, out, inp, &w, N, C, OC);
+    if (t && t->form == QKD__WQ_BF16) {
+        be->matmul_forward_wbf16(be, out, inp, (const uint16_t *)t->wq, N, C, OC);
+    } else if (t && t->form == QKD__WQ_FUSED) {
+        qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
+        be->matmul_forward_fq(be, out, inp, &w, N, C, OC);
+    } else {
+        qkd__model_matmul(m, out, inp, qkd__model_weight(m, kind, layer), N, C, OC);
+    }
 }
 
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
@@ -96,14 +100,16 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    if (!t || !t->fused) {
+    qkd__quant_spec spec;
+    if (t && t->form == QKD__WQ_BF16) {
+        be->matmul_backward_input_wbf16(be, dinp, dout, (const uint16_t *)t->wq, N, C, OC);
+    } else if (t && t->form == QKD__WQ_FUSED) {
+        qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
+        be->matmul_backward_input_fq(be, dinp, dout, &w, N, C, OC);
+    } else {
         (m->matmul_bf16 ? be->matmul_backward_input_bf16 : be->matmul_backward_input)(
             be, dinp, dout, qkd__model_weight(m, kind, layer), N, C, OC);
-        return;
     }
-    qkd__quant_spec spec;
-    qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
-    be->matmul_backward_input_fq(be, dinp, dout, &w, N, C, OC);
 }
 
 int qkd__model_act_bits(const qkd_model *m)
@@ -156,13 +162,17 @@ qkd_status qkd__model_deployed_get(qkd_model *m, int index, float *dst)
     if (!qkd__model_tensor_quantizer(m, index))
         return qkd__model_download(m, dst, m->params + e->offset, n);
     quantize_tensor(m, index, 0);
-    m->student.wq_smooth = -1; /* one tensor's wq is now hard: refresh them all */
+    m->student.wq_state = -1; /* one tensor's wq is now hard: refresh them all */
     return qkd__model_download(m, dst, m->student.t[index].wq, n);
 }
 
 /* ---- the passes' hooks ----------------------------------------------------- */
 
-#define WQ_FUSED 2 /* student.wq_smooth: the fused training forward */
+/* student.wq_state: the training forward's bits (0: hard rounding for
+ * decoding and export) */
+#define WQ_SMOOTH 1 /* round_T and SoftClamp (the CONTINUOUS estimator) */
+#define WQ_FUSED 2  /* the backend's fused products, fp32 */
+#define WQ_BF16 4   /* Q(w) in bf16 for the wbf16 products */
 
 static int backend_fuses(const qkd_model *m)
 {
@@ -171,18 +181,29 @@ static int backend_fuses(const qkd_model *m)
            !m->matmul_bf16;
 }
 
-/* Whether the hard training forward can fuse tensor i: a linear weight
- * only (not the embedding table, nor a tied head), grouped along its
- * rows, computed (not learned) scales, a scheme the fused slots take. */
-static int fusable(const qkd_model *m, int i)
+static int backend_bf16_weights(const qkd_model *m)
+{
+    const qkd__backend *be = qkd__model_backend(m);
+    return be->fakequant_forward_bf16 && be->matmul_forward_wbf16 &&
+           be->matmul_backward_input_wbf16 && m->matmul_bf16;
+}
+
+/* How the training forward of `state` reads tensor i: FUSED or BF16 only
+ * for a linear weight (not the embedding table, nor a tied head), with
+ * computed (not learned) scales, in a scheme those slots take; FUSED
+ * also needs groups along the rows. */
+static qkd__wq_form form_of(const qkd_model *m, int i, int state)
 {
     const qkd__tensor_entry *e = &m->tensors[i];
     int64_t rows = e->rows, cols = e->cols;
     const qkd__quant_spec spec = qkd__quantizer_spec(m->student.q, &rows, &cols, 0);
-    return e->kind != QKD_TENSOR_TOKEN_EMBD && m->student.t[i].scale_index < 0 &&
-           rows == e->rows &&
-           (spec.scheme == QKD_QUANT_SYM || spec.scheme == QKD_QUANT_ASYM ||
-            spec.scheme == QKD_QUANT_TERNARY);
+    if (e->kind == QKD_TENSOR_TOKEN_EMBD || m->student.t[i].scale_index >= 0 ||
+        (spec.scheme != QKD_QUANT_SYM && spec.scheme != QKD_QUANT_ASYM &&
+         spec.scheme != QKD_QUANT_TERNARY))
+        return QKD__WQ_FLOAT;
+    if (state & WQ_BF16)
+        return QKD__WQ_BF16;
+    return (state & WQ_FUSED) && rows == e->rows ? QKD__WQ_FUSED : QKD__WQ_FLOAT;
 }
 
 /* The groups of a fused tensor i: its products quantize while packing. */
@@ -201,21 +222,29 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
     qkd__student *s = &m->student;
     if (!is_live(m))
         return;
-    int smooth = training && qkd__quantizer_smooth(s->q);
-    int state = training && !smooth && backend_fuses(m) ? WQ_FUSED : smooth;
-    if (!force && s->wq_smooth == state)
+    const int smooth = training && qkd__quantizer_smooth(s->q);
+    int state = smooth ? WQ_SMOOTH : 0;
+    if (training && backend_bf16_weights(m))
+        state |= WQ_BF16;
+    else if (training && !smooth && backend_fuses(m))
+        state |= WQ_FUSED;
+    if (!force && s->wq_state == state)
         return;
     for (int i = 0; i < m->n_weights; i++) {
         qkd__qtensor *t = &s->t[i];
+        const qkd__tensor_entry *e = &m->tensors[i];
         if (!t->wq)
             continue;
-        t->fused = state == WQ_FUSED && fusable(m, i);
-        if (t->fused)
+        t->form = form_of(m, i, state);
+        if (t->form == QKD__WQ_FUSED)
             quantize_groups(m, i);
+        else if (t->form == QKD__WQ_BF16)
+            qkd__quantizer_forward_bf16(s->q, (uint16_t *)t->wq, t->scales, t->zeros,
+                                        m->params + e->offset, e->rows, e->cols, smooth);
         else
             quantize_tensor(m, i, smooth);
     }
-    s->wq_smooth = state;
+    s->wq_state = state;
 }
 
 void qkd__model_init_scales(qkd_model *m)
@@ -234,26 +263,48 @@ void qkd__model_init_scales(qkd_model *m)
         if (t->zero_index >= 0)
             be->copy(be, learned(m, m->params, t->zero_index), t->zeros, ng);
     }
-    s->wq_smooth = -1;
+    s->wq_state = -1;
 }
 
-void qkd__model_student_backward_begin(qkd_model *m)
+/* Every targeted tensor's dwq, in one buffer of the student's. */
+static void plan_dwq(void *arg, qkd__arena *a)
 {
-    qkd__backend *be = qkd__model_backend(m);
-    if (!is_live(m))
-        return;
-    qkd__model_quantize_weights(m, 1, 0); /* in case a decode left hard values */
+    const qkd_model *m = arg;
     for (int i = 0; i < m->n_weights; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];
-        if (m->student.t[i].dwq)
-            be->fill(be, m->student.t[i].dwq, 0.0f, (size_t)(e->rows * e->cols));
+        if (m->student.t[i].wq)
+            m->student.t[i].dwq = qkd__arena_take(a, (size_t)e->rows, (size_t)e->cols);
     }
+}
+
+qkd_status qkd__model_student_backward_begin(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__student *s = &m->student;
+    if (!is_live(m))
+        return QKD_OK;
+    qkd__model_quantize_weights(m, 1, 0); /* in case a decode left hard values */
+    s->grad_direct = qkd__quantizer_grad_is_identity(s->q);
+    if (s->grad_direct)
+        return QKD_OK;
+    if (!s->dwq_mem) {
+        qkd_status st = qkd__arena_alloc(m->ctx, "model backward: quantized weights' gradient",
+                                         plan_dwq, m, &s->dwq_mem);
+        if (st != QKD_OK)
+            return st;
+    }
+    for (int i = 0; i < m->n_weights; i++) {
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (s->t[i].dwq)
+            be->fill(be, s->t[i].dwq, 0.0f, (size_t)(e->rows * e->cols));
+    }
+    return QKD_OK;
 }
 
 void qkd__model_student_backward_end(qkd_model *m)
 {
     const qkd__student *s = &m->student;
-    if (!is_live(m))
+    if (!is_live(m) || s->grad_direct)
         return;
     for (int i = 0; i < m->n_weights; i++) {
         const qkd__qtensor *t = &s->t[i];
@@ -342,7 +393,6 @@ static void plan_student(void *arg, qkd__arena *a)
             continue;
         size_t ng = (size_t)qkd_quantizer_n_groups(p->q, e->rows, e->cols);
         p->t[i].wq = qkd__arena_take(a, (size_t)e->rows, (size_t)e->cols);
-        p->t[i].dwq = qkd__arena_take(a, (size_t)e->rows, (size_t)e->cols);
         p->t[i].scales = qkd__arena_take(a, ng, 1);
         p->t[i].zeros = qkd__arena_take(a, ng, 1);
     }
@@ -352,6 +402,7 @@ void qkd__model_free_student(qkd_model *m)
 {
     qkd__backend *be = qkd__model_backend(m);
     be->free(be, m->student.mem);
+    be->free(be, m->student.dwq_mem);
     qkd__free(m->ctx, m->student.t);
     m->student = (qkd__student){0};
 }
@@ -401,7 +452,7 @@ static qkd_status add_learned_tensors(qkd_model *m, const qkd_quantizer *q, qkd_
 static qkd_status bind(qkd_model *m, qkd_quantizer *q, unsigned targets)
 {
     const qkd_quant_params *p = qkd__quantizer_params(q);
-    qkd__student s = {.q = q, .act_bits = p->act_bits, .kv_bits = p->kv_bits, .wq_smooth = -1};
+    qkd__student s = {.q = q, .act_bits = p->act_bits, .kv_bits = p->kv_bits, .wq_state = -1};
     s.t = qkd__calloc(m->ctx, (size_t)m->n_weights, sizeof *s.t);
     if (!s.t)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");

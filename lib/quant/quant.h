@@ -33,11 +33,22 @@ qkd__quant_spec qkd__quantizer_spec(const qkd_quantizer *q, int64_t *rows, int64
  * smooth: round_T and SoftClamp instead of hard rounding. */
 void qkd__quantizer_forward(const qkd_quantizer *q, float *wq, float *scales, float *zeros,
                             const float *w, int64_t rows, int64_t cols, int smooth);
+/* The same with Q(w) rounded to bf16 (raw bits) through the backend's
+ * fakequant_forward_bf16 (which the caller checks is there), for SYM,
+ * ASYM and TERNARY. */
+void qkd__quantizer_forward_bf16(const qkd_quantizer *q, uint16_t *wq, float *scales,
+                                 float *zeros, const float *w, int64_t rows, int64_t cols,
+                                 int smooth);
 /* dw += dQ(w)/dw * dwq through the quantizer's estimator, from the
  * scales and zeros of the forward. */
 void qkd__quantizer_backward(const qkd_quantizer *q, float *dw, const float *dwq,
                              const float *w, const float *scales, const float *zeros,
                              int64_t rows, int64_t cols);
+
+/* 1 when the backward maps dL/dQ(w) to dL/dw unchanged for every weight
+ * (the plain STE without a clip, computed scales): the model then adds
+ * the weight gradients straight to dL/dw, with no dL/dQ(w) buffer. */
+int qkd__quantizer_grad_is_identity(const qkd_quantizer *q);
 
 /* 1 when the groups' scales (and ASYM zero points) are trainable
  * (learn_scales); 2 when the zero points are too (ASYM). 0 otherwise. */

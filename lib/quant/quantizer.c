@@ -288,6 +288,15 @@ void qkd__quantizer_forward(const qkd_quantizer *q, float *wq, float *scales, fl
     be->fakequant_forward(be, wq, scales, zeros, w, rows, cols, &spec);
 }
 
+void qkd__quantizer_forward_bf16(const qkd_quantizer *q, uint16_t *wq, float *scales,
+                                 float *zeros, const float *w, int64_t rows, int64_t cols,
+                                 int smooth)
+{
+    qkd__backend *be = q->ctx->backend;
+    qkd__quant_spec spec = kernel_spec(q, &rows, &cols, smooth);
+    be->fakequant_forward_bf16(be, wq, scales, zeros, w, rows, cols, &spec);
+}
+
 void qkd__quantizer_backward(const qkd_quantizer *q, float *dw, const float *dwq,
                              const float *w, const float *scales, const float *zeros,
                              int64_t rows, int64_t cols)
@@ -295,6 +304,14 @@ void qkd__quantizer_backward(const qkd_quantizer *q, float *dw, const float *dwq
     qkd__backend *be = q->ctx->backend;
     qkd__quant_spec spec = kernel_spec(q, &rows, &cols, qkd__quantizer_smooth(q));
     be->fakequant_backward(be, dw, dwq, w, scales, zeros, rows, cols, &spec);
+}
+
+int qkd__quantizer_grad_is_identity(const qkd_quantizer *q)
+{
+    int64_t rows = 1, cols = 1;
+    const qkd__quant_spec spec = kernel_spec(q, &rows, &cols, qkd__quantizer_smooth(q));
+    /* the condition of the backends' fakequant_backward for the plain STE */
+    return !q->p.learn_scales && !spec.continuous && spec.clip_ratio >= 1.0f;
 }
 
 int qkd__quantizer_learned(const qkd_quantizer *q)

@@ -30,6 +30,18 @@ static inline void qkd__cuda_launched(qkd__backend *b, const char *what)
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);            \
          i += (size_t)gridDim.x * blockDim.x)
 
+/* f rounded to bf16 (nearest even on the bits, as qkd__f32_to_bf16 does:
+ * subnormals kept, a NaN stays a quiet NaN), as raw bits in the low half,
+ * so the tensor cores read exactly what the reference's bf16 products
+ * round to. */
+__device__ inline uint32_t qkd__bf16_bits(float f)
+{
+    uint32_t x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+        return (x >> 16) | 0x40;
+    return (x + 0x7fffu + ((x >> 16) & 1)) >> 16;
+}
+
 template <typename T> struct qkd__sum_op {
     __device__ T operator()(T a, T b) const { return a + b; }
 };

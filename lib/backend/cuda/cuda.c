@@ -209,9 +209,35 @@ static bool overlaps(const float *p, size_t pn, const float *q, size_t qn)
     return (uintptr_t)p < (uintptr_t)(q + qn) && (uintptr_t)q < (uintptr_t)(p + pn);
 }
 
-/* C = op(A) op(B) + beta C as sgemm, with A (na elements) and B (nb)
- * rounded to bf16 first and fp32 accumulation. A_act: A is the input of a
- * weight gradient (kept in copy 1); else a weight (converted each time). */
+/* C = op(A) op(B) + beta C on bf16 operands (cublasGemmEx, fp32
+ * accumulation), the copies current at `entry` staying current unless C
+ * covers their source. */
+static void gemm_16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                    int k, const uint16_t *a16, int lda, const uint16_t *b16, int ldb,
+                    float beta, float *C, int ldc, unsigned long entry, const char *what)
+{
+    qkd__cuda *c = qkd__cuda_of(b);
+    const float one = 1.0f;
+    qkd__cuda_check_blas(b,
+                         cublasGemmEx(c->blas, ta, tb, m, n, k, &one, a16, CUDA_R_16BF, lda,
+                                      b16, CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                         what);
+    /* the product wrote C alone: a copy current at entry holds unless C
+     * covers its source */
+    const size_t nc = (size_t)ldc * (n - 1) + m;
+    for (int i = 0; i < 2; i++) {
+        bf16_copy *cp = &c->b16[i];
+        if (cp->src && cp->writes == entry && !overlaps(C, nc, cp->src, cp->n))
+            cp->writes = c->writes;
+        else
+            cp->src = NULL;
+    }
+}
+
+/* gemm_16 with A (na elements) and B (nb) rounded to bf16 first. A_act: A
+ * is the input of a weight gradient (kept in copy 1); else a weight
+ * (converted each time). */
 static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                       int k, const float *A, size_t na, int lda, bool A_act, const float *B,
                       size_t nb, int ldb, float beta, float *C, int ldc, const char *what)
@@ -229,24 +255,22 @@ static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t t
             qkd__cuda_to_bf16(b, ws, A, na);
         a16 = ws;
     }
-    if (!a16 || !b16)
+    if (a16 && b16)
+        gemm_16(b, ta, tb, m, n, k, a16, lda, b16, ldb, beta, C, ldc, entry, what);
+}
+
+/* gemm_16 with A a weight already in bf16 and B rounded to bf16 first. */
+static void gemm_wbf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m,
+                       int n, int k, const uint16_t *A, int lda, const float *B, size_t nb,
+                       int ldb, float beta, float *C, int ldc, const char *what)
+{
+    if (m <= 0 || n <= 0 || k <= 0)
         return;
-    const float one = 1.0f;
-    qkd__cuda_check_blas(b,
-                         cublasGemmEx(qkd__cuda_of(b)->blas, ta, tb, m, n, k, &one, a16,
-                                      CUDA_R_16BF, lda, b16, CUDA_R_16BF, ldb, &beta, C,
-                                      CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                         what);
-    /* the product wrote C alone: a copy current at entry holds unless C
-     * covers its source */
-    const size_t nc = (size_t)ldc * (n - 1) + m;
-    for (int i = 0; i < 2; i++) {
-        bf16_copy *cp = &c->b16[i];
-        if (cp->src && cp->writes == entry && !overlaps(C, nc, cp->src, cp->n))
-            cp->writes = c->writes;
-        else
-            cp->src = NULL;
-    }
+    qkd__cuda *c = qkd__cuda_of(b);
+    const unsigned long entry = c->writes;
+    const uint16_t *b16 = bf16_operand(b, &c->b16[0], B, nb, entry);
+    if (b16)
+        gemm_16(b, ta, tb, m, n, k, A, lda, b16, ldb, beta, C, ldc, entry, what);
 }
 
 static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
@@ -268,6 +292,20 @@ static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const f
 {
     gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, dout,
               (size_t)N * OC, OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
+}
+
+static void cuda_matmul_forward_wbf16(qkd__backend *b, float *out, const float *inp,
+                                      const uint16_t *w, int N, int C, int OC)
+{
+    gemm_wbf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, inp, (size_t)N * C, C, 0.0f, out,
+               OC, "matmul_forward_wbf16");
+}
+
+static void cuda_matmul_backward_input_wbf16(qkd__backend *b, float *dinp, const float *dout,
+                                             const uint16_t *w, int N, int C, int OC)
+{
+    gemm_wbf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, C, dout, (size_t)N * OC, OC, 1.0f,
+               dinp, C, "matmul_backward_input_wbf16");
 }
 
 /* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */
@@ -387,6 +425,8 @@ static const qkd__backend cuda_table = {
     .matmul_forward_bf16 = cuda_matmul_forward_bf16,
     .matmul_backward_input_bf16 = cuda_matmul_backward_input_bf16,
     .matmul_backward_weight_bf16 = cuda_matmul_backward_weight_bf16,
+    .matmul_forward_wbf16 = cuda_matmul_forward_wbf16,
+    .matmul_backward_input_wbf16 = cuda_matmul_backward_input_wbf16,
     .embedding_forward = qkd__cuda_embedding_forward,
     .embedding_backward = qkd__cuda_embedding_backward,
     .rmsnorm_forward = qkd__cuda_rmsnorm_forward,
@@ -411,6 +451,7 @@ static const qkd__backend cuda_table = {
     .sum_squares_multi = qkd__cuda_sum_squares_multi,
     .adamw_update_multi = qkd__cuda_adamw_update_multi,
     .fakequant_forward = cuda_fakequant_forward,
+    .fakequant_forward_bf16 = qkd__cuda_fakequant_forward_bf16,
     .fakequant_backward = qkd__cuda_fakequant_backward,
     .quant_rows = qkd__cuda_quant_rows,
     .fakequant_lsq_forward = qkd__cuda_fakequant_lsq_forward,

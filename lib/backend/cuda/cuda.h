@@ -6,7 +6,8 @@
  * default math mode, so TF32 tensor cores stay off and results match the
  * reference to float rounding); the bf16 slots convert both operands to
  * bf16 in the workspace and run cublasGemmEx on the tensor cores with fp32
- * accumulation. Attention is flash-style in fp32 (attention.cu). The
+ * accumulation (the wbf16 slots take the weight already in bf16, as the
+ * fake quantization writes it). Attention is flash-style in fp32 (attention.cu). The
  * other kernels are straightforward
  * CUDA, many of them computing in double like the reference (the objects
  * are built with -fmad=false, so the updates, axpy and hard fake
@@ -181,6 +182,10 @@ void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, fl
 void qkd__cuda_fakequant_groups(qkd__backend *b, float *wq, float *scales, float *zeros,
                                 const float *w, int64_t rows, int64_t cols,
                                 const qkd__quant_spec *spec);
+/* The same with Q(w) rounded to bf16 (raw bits): the slot fakequant_forward_bf16. */
+void qkd__cuda_fakequant_forward_bf16(qkd__backend *b, uint16_t *wq, float *scales,
+                                      float *zeros, const float *w, int64_t rows, int64_t cols,
+                                      const qkd__quant_spec *spec);
 void qkd__cuda_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, const float *w,
                                   const float *scales, const float *zeros, int64_t rows,
                                   int64_t cols, const qkd__quant_spec *spec);

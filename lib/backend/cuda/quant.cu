@@ -6,7 +6,10 @@
  * (CONTINUOUS) functions differ only by the device's double tanh and exp.
  * A group per thread is the simple form: enough parallelism for grouped
  * weights, slow for one group per tensor. The forward of SYM and ASYM,
- * which runs every step, gives each group a warp instead (same results). */
+ * which runs every step, gives each group a warp instead, or, for groups
+ * of 8 to 128 whole float4s, a segment of a warp (same results). The
+ * forwards write Q(w) in fp32 or rounded to bf16 (the bf16 products'
+ * operand, written in the same pass). */
 #include <float.h>
 
 #include "backend/cuda/common.cuh"
@@ -171,6 +174,17 @@ __device__ static double value_grad(const grid &g, float w, const qkd__quant_spe
 
 /* ---- kernels ------------------------------------------------------------------------------ */
 
+/* A forward's output: Q(w) in fp32, or rounded to bf16 (raw bits). */
+__device__ inline void put_q(float *wq, size_t i, float v)
+{
+    wq[i] = v;
+}
+
+__device__ inline void put_q(uint16_t *wq, size_t i, float v)
+{
+    wq[i] = (uint16_t)qkd__bf16_bits(v);
+}
+
 /* Group `item` (row-major over rows, then groups along a row): its offset
  * in the weight and its length (a row's last group may be partial). */
 __device__ static size_t group_at(int64_t item, int64_t cols, int64_t per_row, int64_t group,
@@ -181,7 +195,8 @@ __device__ static size_t group_at(int64_t item, int64_t cols, int64_t per_row, i
     return (size_t)(row * cols + first);
 }
 
-__global__ void fakequant_forward_kernel(float *wq, float *scales, float *zeros, const float *w,
+template <typename T>
+__global__ void fakequant_forward_kernel(T *wq, float *scales, float *zeros, const float *w,
                                          int64_t cols, int64_t per_row, size_t n_groups,
                                          qkd__quant_spec sp)
 {
@@ -192,7 +207,7 @@ __global__ void fakequant_forward_kernel(float *wq, float *scales, float *zeros,
         grid g = group_range(w + at, n, sp);
         group_scale(&g, w + at, n, sp);
         for (int64_t i = 0; i < n; i++)
-            wq[at + i] = quantize_value(g, w[at + i], sp);
+            put_q(wq, at + i, quantize_value(g, w[at + i], sp));
         scales[item] = g.s;
         zeros[item] = g.z;
     }
@@ -203,7 +218,8 @@ __global__ void fakequant_forward_kernel(float *wq, float *scales, float *zeros,
  * is a max and a min, which no order changes, and each value's code
  * depends on the grid alone, so the results equal the thread-per-group
  * kernel's bit for bit. TERNARY's sums keep that kernel (their order). */
-__global__ void fakequant_forward_warp_kernel(float *wq, float *scales, float *zeros,
+template <typename T>
+__global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros,
                                               const float *w, int64_t cols, int64_t per_row,
                                               size_t n_groups, qkd__quant_spec sp)
 {
@@ -223,10 +239,56 @@ __global__ void fakequant_forward_warp_kernel(float *wq, float *scales, float *z
         grid g = grid_of(mx, mn, w + at, n, sp);
         group_scale(&g, w + at, n, sp);
         for (int64_t i = lane; i < n; i += 32)
-            wq[at + i] = quantize_value(g, w[at + i], sp);
+            put_q(wq, at + i, quantize_value(g, w[at + i], sp));
         if (lane == 0) {
             scales[item] = g.s;
             zeros[item] = g.z;
+        }
+    }
+}
+
+__device__ inline void put_q4(float *wq, size_t i, float a, float b, float c, float d)
+{
+    reinterpret_cast<float4 *>(wq)[i] = make_float4(a, b, c, d);
+}
+
+__device__ inline void put_q4(uint16_t *wq, size_t i, float a, float b, float c, float d)
+{
+    reinterpret_cast<uint2 *>(wq)[i] =
+        make_uint2(qkd__bf16_bits(a) | qkd__bf16_bits(b) << 16,
+                   qkd__bf16_bits(c) | qkd__bf16_bits(d) << 16);
+}
+
+/* SYM and ASYM over whole groups of 4 seg values (seg a power of two up to
+ * 32): thread i owns values 4i .. 4i+3 (one float4), a group's seg threads
+ * are neighbours in one warp and combine their range with shuffles. The
+ * loop bound is the same for a whole block, so every lane reaches every
+ * shuffle. Same results as the warp kernel (a range is order-free). */
+template <typename T>
+__global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
+                                             const float4 *w, size_t n4, int seg,
+                                             qkd__quant_spec sp)
+{
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x; i0 < n4; i0 += stride) {
+        const size_t i = i0 + threadIdx.x;
+        const bool live = i < n4; /* a group's threads are all live or none */
+        const float4 v = live ? w[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float mx = fmaxf(fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)), 0.0f);
+        float mn = fminf(fminf(fminf(v.x, v.y), fminf(v.z, v.w)), 0.0f);
+        for (int o = seg / 2; o > 0; o /= 2) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+        }
+        if (!live)
+            continue;
+        grid g = grid_of(mx, mn, nullptr, 4 * seg, sp); /* SYM, ASYM: no values read */
+        group_scale(&g, nullptr, 4 * seg, sp);
+        put_q4(wq, i, quantize_value(g, v.x, sp), quantize_value(g, v.y, sp),
+               quantize_value(g, v.z, sp), quantize_value(g, v.w, sp));
+        if (i % seg == 0) {
+            scales[i / seg] = g.s;
+            zeros[i / seg] = g.z;
         }
     }
 }
@@ -259,23 +321,58 @@ static int64_t groups_per_row(int64_t cols, int64_t group)
     return (cols + group - 1) / group;
 }
 
-extern "C" void qkd__cuda_fakequant_groups(qkd__backend *b, float *wq, float *scales,
-                                           float *zeros, const float *w, int64_t rows,
-                                           int64_t cols, const qkd__quant_spec *spec)
+/* Threads per group of the segment kernel, or 0 when it does not apply:
+ * SYM or ASYM, groups of 4 seg values with seg a power of two up to 32
+ * that tile the rows, and aligned vectors. */
+template <typename T>
+static int segment_of(const T *wq, const float *w, int64_t cols, const qkd__quant_spec *spec)
+{
+    const int64_t g = spec->group, seg = g / 4;
+    if ((spec->scheme != QKD_QUANT_SYM && spec->scheme != QKD_QUANT_ASYM) || g % 4 ||
+        seg > 32 || (seg & (seg - 1)) || cols % g || (uintptr_t)w % 16 ||
+        (uintptr_t)wq % (4 * sizeof(T)))
+        return 0;
+    return (int)seg;
+}
+
+template <typename T>
+static void fakequant_launch(qkd__backend *b, T *wq, float *scales, float *zeros,
+                             const float *w, int64_t rows, int64_t cols,
+                             const qkd__quant_spec *spec, const char *what)
 {
     int64_t per_row = groups_per_row(cols, spec->group);
     size_t n_groups = (size_t)(rows * per_row);
     if (!n_groups)
         return;
     cudaStream_t st = qkd__cuda_of(b)->stream;
-    if (spec->scheme == QKD_QUANT_TERNARY)
+    const int seg = segment_of(wq, w, cols, spec);
+    if (seg) {
+        const size_t n4 = n_groups * (size_t)seg;
+        fakequant_forward_seg_kernel<<<qkd__cuda_blocks(n4), QKD__CUDA_THREADS, 0, st>>>(
+            wq, scales, zeros, (const float4 *)w, n4, seg, *spec);
+    } else if (spec->scheme == QKD_QUANT_TERNARY) {
         fakequant_forward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0, st>>>(
             wq, scales, zeros, w, cols, per_row, n_groups, *spec);
-    else
+    } else {
         fakequant_forward_warp_kernel<<<qkd__cuda_blocks(32 * n_groups), QKD__CUDA_THREADS, 0,
                                         st>>>(wq, scales, zeros, w, cols, per_row, n_groups,
                                               *spec);
-    qkd__cuda_launched(b, "fakequant_forward");
+    }
+    qkd__cuda_launched(b, what);
+}
+
+extern "C" void qkd__cuda_fakequant_groups(qkd__backend *b, float *wq, float *scales,
+                                           float *zeros, const float *w, int64_t rows,
+                                           int64_t cols, const qkd__quant_spec *spec)
+{
+    fakequant_launch(b, wq, scales, zeros, w, rows, cols, spec, "fakequant_forward");
+}
+
+extern "C" void qkd__cuda_fakequant_forward_bf16(qkd__backend *b, uint16_t *wq, float *scales,
+                                                 float *zeros, const float *w, int64_t rows,
+                                                 int64_t cols, const qkd__quant_spec *spec)
+{
+    fakequant_launch(b, wq, scales, zeros, w, rows, cols, spec, "fakequant_forward_bf16");
 }
 
 extern "C" void qkd__cuda_fakequant_backward(qkd__backend *b, float *dw, const float *dwq,
