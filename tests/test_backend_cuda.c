@@ -536,10 +536,27 @@ START_TEST(matmul_bf16_matches_ref)
 }
 END_TEST
 
-/* The wbf16 products on a weight given in bf16 equal the bf16 products on
- * the fp32 weight those bits decode to, bit for bit: the same operands
- * reach the tensor cores. */
-START_TEST(matmul_wbf16_equals_bf16)
+/* n values rounded to bf16: their bits into bits, the values they decode
+ * to back into x. */
+static void round_bf16(float *x, uint16_t *bits, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        bits[i] = qkd__f32_to_bf16(x[i]);
+        x[i] = qkd__bf16_to_f32(bits[i]);
+    }
+}
+
+static uint16_t *bits_new(size_t n)
+{
+    uint16_t *b = malloc((n ? n : 1) * sizeof *b);
+    ck_assert_ptr_nonnull(b);
+    return b;
+}
+
+/* The bf16-bits products, each operand given as bits or as fp32, equal
+ * the bf16 products on the fp32 values those bits decode to, bit for bit:
+ * the same operands reach the tensor cores. */
+START_TEST(matmul_bf16_bits_equal_bf16)
 {
     struct pair p;
     if (!pair_open(&p))
@@ -550,27 +567,99 @@ START_TEST(matmul_wbf16_equals_bf16)
         const size_t nw = (size_t)OC * C, nx = (size_t)N * C, no = (size_t)N * OC;
         float *w = test_vec_rand(nw, -1, 1), *x = test_vec_rand(nx, -1, 1);
         float *dout = test_vec_rand(no, -1, 1), *dx0 = test_vec_rand(nx, -1, 1);
-        uint16_t *w16 = malloc(nw * sizeof *w16);
-        ck_assert_ptr_nonnull(w16);
-        for (size_t i = 0; i < nw; i++) {
-            w16[i] = qkd__f32_to_bf16(w[i]);
-            w[i] = qkd__bf16_to_f32(w16[i]);
-        }
-        uint16_t *d_w16 = dput_bytes(&p, w16, nw, sizeof *w16);
+        float *dw0 = test_vec_rand(nw, -1, 1);
+        uint16_t *w16 = bits_new(nw), *x16 = bits_new(nx);
+        round_bf16(w, w16, nw);
+        round_bf16(x, x16, nx);
+        const uint16_t *d_w16 = dput_bytes(&p, w16, nw, sizeof *w16);
+        const uint16_t *d_x16 = dput_bytes(&p, x16, nx, sizeof *x16);
         float *d_w = dput(&p, w, nw), *d_x = dput(&p, x, nx), *d_dout = dput(&p, dout, no);
-        float *d_o16 = dpoison(&p, no), *d_o = dpoison(&p, no);
-        float *d_dx16 = dput(&p, dx0, nx), *d_dx = dput(&p, dx0, nx);
-        p.cb->matmul_forward_wbf16(p.cb, d_o16, d_x, d_w16, N, C, OC);
-        p.cb->matmul_forward_bf16(p.cb, d_o, d_x, d_w, N, C, OC);
-        p.cb->matmul_backward_input_wbf16(p.cb, d_dx16, d_dout, d_w16, N, C, OC);
+        float *d_want = dpoison(&p, no), *d_dx = dput(&p, dx0, nx), *d_dw = dput(&p, dw0, nw);
+        p.cb->matmul_forward_bf16(p.cb, d_want, d_x, d_w, N, C, OC);
         p.cb->matmul_backward_input_bf16(p.cb, d_dx, d_dout, d_w, N, C, OC);
-        float *o16 = dtake(&p, d_o16, no), *o = dtake(&p, d_o, no);
-        float *dx16 = dtake(&p, d_dx16, nx), *dx = dtake(&p, d_dx, nx);
-        assert_same("matmul_forward_wbf16", o16, o, no);
-        assert_same("matmul_backward_input_wbf16", dx16, dx, nx);
-        free(w); free(x); free(dout); free(dx0); free(w16);
-        free(o16); free(o); free(dx16); free(dx);
-        dfree(&p, d_w16); dfree(&p, d_w); dfree(&p, d_x); dfree(&p, d_dout);
+        p.cb->matmul_backward_weight_bf16(p.cb, d_dw, d_dout, d_x, N, C, OC);
+        float *want = dtake(&p, d_want, no), *want_dx = dtake(&p, d_dx, nx);
+        float *want_dw = dtake(&p, d_dw, nw);
+        for (int form = 1; form < 4; form++) { /* bit 0: the input as bits, bit 1: the weight */
+            const qkd__bf16_in in = form & 1 ? (qkd__bf16_in){.bits = d_x16}
+                                             : (qkd__bf16_in){.f32 = d_x};
+            const qkd__bf16_in wt = form & 2 ? (qkd__bf16_in){.bits = d_w16}
+                                             : (qkd__bf16_in){.f32 = d_w};
+            float *d_o = dpoison(&p, no);
+            d_dx = dput(&p, dx0, nx);
+            d_dw = dput(&p, dw0, nw);
+            p.cb->matmul_forward_bf16_bits(p.cb, d_o, in, wt, N, C, OC);
+            p.cb->matmul_backward_input_bf16_bits(p.cb, d_dx, d_dout, wt, N, C, OC);
+            p.cb->matmul_backward_weight_bf16_bits(p.cb, d_dw, d_dout, in, N, C, OC);
+            float *o = dtake(&p, d_o, no), *dx = dtake(&p, d_dx, nx), *dw = dtake(&p, d_dw, nw);
+            assert_same("matmul_forward_bf16_bits", o, want, no);
+            assert_same("matmul_backward_input_bf16_bits", dx, want_dx, nx);
+            assert_same("matmul_backward_weight_bf16_bits", dw, want_dw, nw);
+            free(o); free(dx); free(dw);
+        }
+        free(w); free(x); free(dout); free(dx0); free(dw0); free(w16); free(x16);
+        free(want); free(want_dx); free(want_dw);
+        dfree(&p, (void *)d_w16); dfree(&p, (void *)d_x16);
+        dfree(&p, d_w); dfree(&p, d_x); dfree(&p, d_dout);
+    }
+    pair_close(&p);
+}
+END_TEST
+
+/* The producers' bf16-bits forms write exactly their fp32 outputs rounded
+ * to bf16: RMSNorm on its shapes, SwiGLU on and off the vector boundary. */
+static void assert_bits_of(const char *what, const uint16_t *d_bits, const float *d_f32,
+                           size_t n, struct pair *p)
+{
+    uint16_t *bits = bits_new(n);
+    float *f = test_vec_new(n);
+    expect_ok(p->cc, p->cb->sync(p->cb), "sync");
+    expect_ok(p->cc, p->cb->download(p->cb, bits, d_bits, n * sizeof *bits), "download");
+    expect_ok(p->cc, p->cb->download(p->cb, f, d_f32, n * sizeof *f), "download");
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(bits[i] == qkd__f32_to_bf16(f[i]), "%s [%zu]: bits 0x%04x, fp32 %.9g", what,
+                      i, bits[i], (double)f[i]);
+    free(bits);
+    free(f);
+}
+
+START_TEST(bf16_bits_producers_round_fp32)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {33, 64}, {130, 1000}, {9, 2048}};
+    test_rng_seed(22);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int N = shapes[s][0], C = shapes[s][1];
+        const size_t nc = (size_t)N * C;
+        float *x = test_vec_rand(nc, -2, 2), *w = test_vec_rand((size_t)C, 0.5, 1.5);
+        uint16_t *poison = bits_new(nc);
+        memset(poison, 0xff, nc * sizeof *poison);
+        float *d_x = dput(&p, x, nc), *d_w = dput(&p, w, (size_t)C), *d_y = dpoison(&p, nc);
+        float *d_r = dpoison(&p, (size_t)N), *d_r16 = dpoison(&p, (size_t)N);
+        uint16_t *d_y16 = dput_bytes(&p, poison, nc, sizeof *poison);
+        p.cb->rmsnorm_forward(p.cb, d_y, d_r, d_x, d_w, N, C, 1e-5f);
+        p.cb->rmsnorm_forward_bf16_bits(p.cb, d_y16, d_r16, d_x, d_w, N, C, 1e-5f);
+        assert_bits_of("rmsnorm_forward_bf16_bits", d_y16, d_y, nc, &p);
+        float *r = dtake(&p, d_r, (size_t)N), *r16 = dtake(&p, d_r16, (size_t)N);
+        assert_same("rmsnorm_forward_bf16_bits rstd", r16, r, (size_t)N);
+        free(x); free(w); free(poison); free(r); free(r16);
+        dfree(&p, d_x); dfree(&p, d_w); dfree(&p, d_y); dfree(&p, d_y16);
+    }
+    for (size_t s = 0; s < 2 * sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
+        const size_t off = s % 2, n = elem_sizes[s / 2];
+        float *gate = test_vec_rand(n, -12, 12), *up = test_vec_rand(n, -2, 2);
+        uint16_t *poison = bits_new(n + off);
+        memset(poison, 0xff, (n + off) * sizeof *poison);
+        float *d_gate = dput_off(&p, gate, n, off), *d_up = dput_off(&p, up, n, off);
+        float *d_o = dpoison(&p, n);
+        uint16_t *d_o16 = dput_bytes(&p, poison, n + off, sizeof *poison);
+        p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
+        p.cb->swiglu_forward_bf16_bits(p.cb, d_o16 + off, d_gate, d_up, n);
+        assert_bits_of("swiglu_forward_bf16_bits", d_o16 + off, d_o, n, &p);
+        free(gate); free(up); free(poison);
+        dfree(&p, d_gate - off); dfree(&p, d_up - off); dfree(&p, d_o); dfree(&p, d_o16);
     }
     pair_close(&p);
 }
@@ -1574,7 +1663,8 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, matmul_matches_ref);
     tcase_add_test(tc, matmul_bf16_matches_ref);
     tcase_add_test(tc, matmul_bf16_sees_writes);
-    tcase_add_test(tc, matmul_wbf16_equals_bf16);
+    tcase_add_test(tc, matmul_bf16_bits_equal_bf16);
+    tcase_add_test(tc, bf16_bits_producers_round_fp32);
     tcase_add_test(tc, embedding_equals_ref);
     tcase_add_test(tc, rmsnorm_matches_ref);
     tcase_add_test(tc, rope_matches_ref);

@@ -33,6 +33,13 @@
 
 typedef struct qkd__backend qkd__backend;
 
+/* An input of a bf16 product: fp32 values, rounded to bf16 (nearest even)
+ * as they are read, or bf16 bits. Exactly one of the two is set. */
+typedef struct qkd__bf16_in {
+    const float *f32;
+    const uint16_t *bits;
+} qkd__bf16_in;
+
 /* How fake_quant kernels quantize: one resolved quantizer setting (see
  * include/qkd/quant.h for the math of each scheme). */
 typedef struct qkd__quant_spec {
@@ -118,13 +125,19 @@ struct qkd__backend {
                                        const float *w, int N, int C, int OC);
     void (*matmul_backward_weight_bf16)(qkd__backend *b, float *dw, const float *dout,
                                         const float *inp, int N, int C, int OC);
-    /* Optional (both or none, with fakequant_forward_bf16): the first two
-     * with the weight already in bf16 (raw bits, as fakequant_forward_bf16
-     * writes it), equal to them on the weight those bits decode to. */
-    void (*matmul_forward_wbf16)(qkd__backend *b, float *out, const float *inp,
-                                 const uint16_t *w, int N, int C, int OC);
-    void (*matmul_backward_input_wbf16)(qkd__backend *b, float *dinp, const float *dout,
-                                        const uint16_t *w, int N, int C, int OC);
+    /* Optional, the bf16-bits family (all of matmul_*_bf16_bits,
+     * rmsnorm_forward_bf16_bits, swiglu_forward_bf16_bits and
+     * fakequant_forward_bf16, or none): the three bf16 products with
+     * operands that may already be bf16 bits (qkd__bf16_in), equal to them
+     * on the fp32 values those bits decode to. A model keeps its linear
+     * layers' inputs and its quantized weights in bf16 with them, so no
+     * product converts what a kernel could write in bf16 at once. */
+    void (*matmul_forward_bf16_bits)(qkd__backend *b, float *out, qkd__bf16_in inp,
+                                     qkd__bf16_in w, int N, int C, int OC);
+    void (*matmul_backward_input_bf16_bits)(qkd__backend *b, float *dinp, const float *dout,
+                                            qkd__bf16_in w, int N, int C, int OC);
+    void (*matmul_backward_weight_bf16_bits)(qkd__backend *b, float *dw, const float *dout,
+                                             qkd__bf16_in inp, int N, int C, int OC);
 
     /* ---- embedding -------------------------------------------------- */
     /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */
@@ -138,6 +151,11 @@ struct qkd__backend {
     /* out = inp * rstd * w, rstd[i] = 1/sqrt(mean(inp[i]^2) + eps) (saved) */
     void (*rmsnorm_forward)(qkd__backend *b, float *out, float *rstd, const float *inp,
                             const float *w, int N, int C, float eps);
+    /* Optional (the bf16-bits family): rmsnorm_forward with out rounded to
+     * bf16 (nearest even, raw bits) as it is written. */
+    void (*rmsnorm_forward_bf16_bits)(qkd__backend *b, uint16_t *out, float *rstd,
+                                      const float *inp, const float *w, int N, int C,
+                                      float eps);
     /* dinp += ..., dw += ... from the saved rstd */
     void (*rmsnorm_backward)(qkd__backend *b, float *dinp, float *dw, const float *dout,
                              const float *inp, const float *w, const float *rstd,
@@ -196,6 +214,10 @@ struct qkd__backend {
     /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */
     void (*swiglu_forward)(qkd__backend *b, float *out, const float *gate,
                            const float *up, size_t n);
+    /* Optional (the bf16-bits family): swiglu_forward with out rounded to
+     * bf16 (nearest even, raw bits). */
+    void (*swiglu_forward_bf16_bits)(qkd__backend *b, uint16_t *out, const float *gate,
+                                     const float *up, size_t n);
     /* dgate += ..., dup += ... */
     void (*swiglu_backward)(qkd__backend *b, float *dgate, float *dup,
                             const float *dout, const float *gate, const float *up,
@@ -254,9 +276,10 @@ struct qkd__backend {
     void (*fakequant_forward)(qkd__backend *b, float *wq, float *scales, float *zeros,
                               const float *w, int64_t rows, int64_t cols,
                               const qkd__quant_spec *spec);
-    /* Optional, for SYM, ASYM and TERNARY: fakequant_forward with Q(w)
-     * rounded to bf16 (nearest even, raw bits) in the same pass: the weight
-     * operand of the wbf16 products, never stored in fp32. */
+    /* Optional (the bf16-bits family), for SYM, ASYM and TERNARY:
+     * fakequant_forward with Q(w) rounded to bf16 (nearest even, raw bits)
+     * in the same pass: a weight operand of the bf16-bits products, never
+     * stored in fp32. */
     void (*fakequant_forward_bf16)(qkd__backend *b, uint16_t *wq, float *scales, float *zeros,
                                    const float *w, int64_t rows, int64_t cols,
                                    const qkd__quant_spec *spec);

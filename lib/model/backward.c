@@ -16,13 +16,10 @@ static void zero(qkd__backend *be, float *x, size_t n)
 /* out = x W^T of the linear (kind, layer): add the input gradient to dx
  * and the weight gradient to where that weight's gradient goes. */
 static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *dx,
-                            const float *dout, const float *x, int N, int C, int OC)
+                            const float *dout, qkd__bf16_in x, int N, int C, int OC)
 {
-    qkd__backend *be = qkd__model_backend(m);
-    float *dw = qkd__model_weight_grad(m, kind, layer);
     qkd__model_linear_backward_input(m, kind, layer, dx, dout, N, C, OC);
-    (m->matmul_bf16 ? be->matmul_backward_weight_bf16
-                    : be->matmul_backward_weight)(be, dw, dout, x, N, C, OC);
+    qkd__model_linear_backward_weight(m, kind, layer, dout, x, N, C, OC);
 }
 
 /* Layer l's linears, the norm weights and their gradients, and the input
@@ -31,7 +28,7 @@ static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer,
 #define LINEAR(kind) QKD_TENSOR_##kind, l
 #define NORM_W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
 #define NORM_G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
-#define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q)
+#define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q, a->x##_bits)
 
 /* On entry acts.dres is d x_out; on return it is d x_mid. */
 static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
@@ -61,7 +58,9 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, g->dres, IN(ATTN_OUTPUT, att), N, C, C);
+    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, g->dres,
+                    qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL),
+                    N, C, C);
     zero(be, g->dq, (size_t)N * C);
     zero(be, g->dk, (size_t)N * kvd);
     zero(be, g->dv, (size_t)N * kvd);
@@ -90,7 +89,8 @@ static void head_backward(qkd_model *m, int N)
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     zero(be, g->dnorm, (size_t)N * C);
     linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, g->dlogits,
-                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq), N, C, V);
+                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
+                    C, V);
     zero(be, g->dres, (size_t)N * C);
     be->rmsnorm_backward(be, g->dres,
                          qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT_NORM, -1),

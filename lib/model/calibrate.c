@@ -3,43 +3,61 @@
  * clip is then searched on them and its latent weights clamped in place.
  * As in BitDistiller, every layer sees the unclipped outputs of the layer
  * below. */
+#include "core/half.h"
 #include "model/model_impl.h"
 
 #define MAX_SAMPLES 512 /* input rows a search looks at */
 
 /* The device inputs [N][cols] the tensor's linear read in the last
- * forward; NULL for an untied embedding, which is searched on its weight
- * error. */
-static const float *linear_input(const qkd_model *m, const qkd__tensor_entry *e)
+ * forward (fp32, or bf16 bits where the layer keeps them so); none (both
+ * NULL) for an untied embedding, which is searched on its weight error. */
+static qkd__bf16_in linear_input(const qkd_model *m, const qkd__tensor_entry *e)
 {
     const qkd__train_acts *a = &m->acts;
+    const qkd__layer_acts *la = e->layer >= 0 ? &a->layers[e->layer] : NULL;
     switch (e->kind) {
     case QKD_TENSOR_ATTN_Q:
     case QKD_TENSOR_ATTN_K:
     case QKD_TENSOR_ATTN_V:
-        return a->layers[e->layer].h;
+        return (qkd__bf16_in){la->h, la->h_bits};
     case QKD_TENSOR_ATTN_OUTPUT:
-        return a->layers[e->layer].att;
+        return (qkd__bf16_in){la->att, NULL};
     case QKD_TENSOR_FFN_GATE:
     case QKD_TENSOR_FFN_UP:
-        return a->layers[e->layer].h2;
+        return (qkd__bf16_in){la->h2, la->h2_bits};
     case QKD_TENSOR_FFN_DOWN:
-        return a->layers[e->layer].sw;
+        return (qkd__bf16_in){la->sw, la->sw_bits};
     case QKD_TENSOR_OUTPUT:
-        return a->xf;
+        return (qkd__bf16_in){a->xf, NULL};
     default: /* token_embd: the head's input when tied */
-        return m->cfg.tied_embeddings ? a->xf : NULL;
+        return (qkd__bf16_in){m->cfg.tied_embeddings ? a->xf : NULL, NULL};
     }
 }
 
+/* Row r of in ([N][cols]) into x, bf16 bits widened to float. */
+static qkd_status download_row(const qkd_model *m, qkd__bf16_in in, int64_t r, int64_t cols,
+                               float *x)
+{
+    if (in.f32)
+        return qkd__model_download(m, x, in.f32 + r * cols, (size_t)cols);
+    uint16_t *bits = qkd__alloc(m->ctx, (size_t)cols * sizeof *bits);
+    if (!bits)
+        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "calibrate: out of memory");
+    qkd__backend *be = qkd__model_backend(m);
+    qkd_status st = be->download(be, bits, in.bits + r * cols, (size_t)cols * sizeof *bits);
+    for (int64_t c = 0; st == QKD_OK && c < cols; c++)
+        x[c] = qkd__bf16_to_f32(bits[c]);
+    qkd__free(m->ctx, bits);
+    return st;
+}
+
 /* n_x rows spread evenly over the N of the last forward: row k*N/n_x. */
-static qkd_status sample_inputs(const qkd_model *m, const float *in, int64_t cols, int64_t n_x,
+static qkd_status sample_inputs(const qkd_model *m, qkd__bf16_in in, int64_t cols, int64_t n_x,
                                 float *x)
 {
     const int64_t N = (int64_t)m->acts.B * m->acts.T;
     for (int64_t k = 0; k < n_x; k++) {
-        qkd_status st = qkd__model_download(m, x + k * cols, in + (k * N / n_x) * cols,
-                                            (size_t)cols);
+        qkd_status st = download_row(m, in, k * N / n_x, cols, x + k * cols);
         if (st != QKD_OK)
             return st;
     }
@@ -52,13 +70,14 @@ static qkd_status calibrate_tensor(qkd_model *m, int i, int by_output, float *w,
     qkd__backend *be = qkd__model_backend(m);
     const qkd__tensor_entry *e = &m->tensors[i];
     const size_t n = (size_t)(e->rows * e->cols);
-    const float *in = by_output ? linear_input(m, e) : NULL;
+    const qkd__bf16_in in = by_output ? linear_input(m, e) : (qkd__bf16_in){NULL, NULL};
+    const int has_in = in.f32 || in.bits;
     float *dev_w = m->params + e->offset;
     qkd_status st = qkd__model_download(m, w, dev_w, n);
-    if (st == QKD_OK && in)
+    if (st == QKD_OK && has_in)
         st = sample_inputs(m, in, e->cols, n_x, x);
     if (st == QKD_OK)
-        st = qkd__quantizer_search_clip(m->student.q, w, e->rows, e->cols, in ? x : NULL, n_x,
+        st = qkd__quantizer_search_clip(m->student.q, w, e->rows, e->cols, has_in ? x : NULL, n_x,
                                         e->name);
     return st == QKD_OK ? be->upload(be, dev_w, w, n * sizeof(float)) : st;
 }

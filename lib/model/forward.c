@@ -15,6 +15,19 @@ static void quantize_acts(const qkd_model *m, float *xq, const float *x, int N, 
         be->quant_rows(be, xq, x, N, C, bits);
 }
 
+/* RMSNorm of x with the norm weight (kind, layer) into out, or into out16
+ * as bf16 bits when the layer keeps its linear inputs in bf16. */
+static void norm_forward(const qkd_model *m, float *out, uint16_t *out16, float *rstd,
+                         const float *x, qkd_tensor_kind kind, int layer, int N)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const float *w = qkd__model_tensor_ptr(m, m->params, kind, layer);
+    if (out16)
+        be->rmsnorm_forward_bf16_bits(be, out16, rstd, x, w, N, m->cfg.dim, m->cfg.norm_eps);
+    else
+        be->rmsnorm_forward(be, out, rstd, x, w, N, m->cfg.dim, m->cfg.norm_eps);
+}
+
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
                               qkd__step s)
 {
@@ -25,10 +38,8 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     const int kv_bits = qkd__model_kv_bits(m);
 #define LINEAR(kind, out, in, C, OC) \
     qkd__model_linear_forward(m, QKD_TENSOR_##kind, l, out, in, N, C, OC)
-#define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q)
-    be->rmsnorm_forward(be, a->h, a->rstd1, a->x_in,
-                        qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_ATTN_NORM, l), N, C,
-                        c->norm_eps);
+#define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q, a->x##_bits)
+    norm_forward(m, a->h, a->h_bits, a->rstd1, a->x_in, QKD_TENSOR_ATTN_NORM, l, N);
     quantize_acts(m, a->hq, a->h, N, C);
     LINEAR(ATTN_Q, a->q, IN(ATTN_Q, h), C, C);
     LINEAR(ATTN_K, a->k, IN(ATTN_K, h), C, kvd);
@@ -42,16 +53,18 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     qkd__model_attention_forward(m, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
                                  s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
     quantize_acts(m, a->attq, a->att, N, C);
-    LINEAR(ATTN_OUTPUT, a->proj, IN(ATTN_OUTPUT, att), C, C);
+    LINEAR(ATTN_OUTPUT, a->proj,
+           qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL), C, C);
     be->add(be, a->x_mid, a->x_in, a->proj, (size_t)N * C);
 
-    be->rmsnorm_forward(be, a->h2, a->rstd2, a->x_mid,
-                        qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_FFN_NORM, l), N, C,
-                        c->norm_eps);
+    norm_forward(m, a->h2, a->h2_bits, a->rstd2, a->x_mid, QKD_TENSOR_FFN_NORM, l, N);
     quantize_acts(m, a->h2q, a->h2, N, C);
     LINEAR(FFN_GATE, a->gate, IN(FFN_GATE, h2), C, H);
     LINEAR(FFN_UP, a->up, IN(FFN_UP, h2), C, H);
-    be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
+    if (a->sw_bits)
+        be->swiglu_forward_bf16_bits(be, a->sw_bits, a->gate, a->up, (size_t)N * H);
+    else
+        be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
     quantize_acts(m, a->swq, a->sw, N, H);
     LINEAR(FFN_DOWN, a->proj, IN(FFN_DOWN, sw), H, C);
     be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
@@ -62,23 +75,29 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
 void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
                              float *xfq, const float *x, int N)
 {
-    qkd__backend *be = qkd__model_backend(m);
     const qkd_model_config *c = &m->cfg;
-    be->rmsnorm_forward(be, xf, rstdf, x,
-                        qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT_NORM, -1), N,
-                        c->dim, c->norm_eps);
+    norm_forward(m, xf, NULL, rstdf, x, QKD_TENSOR_OUTPUT_NORM, -1, N);
     quantize_acts(m, xfq, xf, N, c->dim);
     qkd__model_linear_forward(m, QKD_TENSOR_OUTPUT, -1, logits,
-                              qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq), N,
-                              c->dim, c->vocab_size);
+                              qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq, NULL),
+                              N, c->dim, c->vocab_size);
+}
+
+/* n bf16 values in the arena (whole floats of two). */
+static uint16_t *take16(qkd__arena *a, size_t rows, size_t cols)
+{
+    return (uint16_t *)qkd__arena_take(a, rows, (cols + 1) / 2);
 }
 
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
-                           size_t N, size_t scratch_floats, int own_kv, int act_quant)
+                           size_t N, size_t scratch_floats, int own_kv, int act_quant,
+                           int bf16_bits)
 {
     const size_t C = (size_t)c->dim, H = (size_t)c->hidden_dim;
     const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
-    la->h = qkd__arena_take(a, N, C);
+    const int bits = bf16_bits && !act_quant;
+    la->h = bits ? NULL : qkd__arena_take(a, N, C);
+    la->h_bits = bits ? take16(a, N, C) : NULL;
     la->rstd1 = qkd__arena_take(a, N, 1);
     la->q = qkd__arena_take(a, N, C);
     if (own_kv) {
@@ -88,11 +107,13 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
     la->scratch = qkd__arena_take(a, scratch_floats, 1);
     la->att = qkd__arena_take(a, N, C);
     la->x_mid = qkd__arena_take(a, N, C);
-    la->h2 = qkd__arena_take(a, N, C);
+    la->h2 = bits ? NULL : qkd__arena_take(a, N, C);
+    la->h2_bits = bits ? take16(a, N, C) : NULL;
     la->rstd2 = qkd__arena_take(a, N, 1);
     la->gate = qkd__arena_take(a, N, H);
     la->up = qkd__arena_take(a, N, H);
-    la->sw = qkd__arena_take(a, N, H);
+    la->sw = bits ? NULL : qkd__arena_take(a, N, H);
+    la->sw_bits = bits ? take16(a, N, H) : NULL;
     la->hq = act_quant ? qkd__arena_take(a, N, C) : la->h;
     la->attq = act_quant ? qkd__arena_take(a, N, C) : la->att;
     la->h2q = act_quant ? qkd__arena_take(a, N, C) : la->h2;
@@ -133,7 +154,8 @@ static void plan_train(void *arg, qkd__arena *a)
         if (p->m->frozen && l > 0)
             *la = t->layers[0];
         else
-            qkd__model_plan_layer(a, la, c, N, scratch, 1, act_quant);
+            qkd__model_plan_layer(a, la, c, N, scratch, 1, act_quant,
+                                  qkd__model_bf16_bits(p->m));
         la->x_in = x;
         la->proj = proj;
         la->x_out = x = p->m->frozen ? (l % 2 ? t->layers[0].x_in : x_other)

@@ -41,6 +41,10 @@ typedef struct qkd__layer_acts {
      * activations: per-token quantized copies of h, att, h2 and sw (else
      * these alias them). */
     float *hq, *attq, *h2q, *swq;
+    /* h, h2 and sw as bf16 bits instead (h, h2 and sw then NULL) where the
+     * model's products take them (qkd__model_bf16_bits) and activations
+     * are not quantized: only products read them. Else NULL. */
+    uint16_t *h_bits, *h2_bits, *sw_bits;
 } qkd__layer_acts;
 
 /* Geometry of one pass: B sequences of T rows at positions pos0.., with
@@ -138,12 +142,15 @@ static inline qkd__backend *qkd__model_backend(const qkd_model *m)
     return m->ctx->backend;
 }
 
-/* out[N][OC] = inp[N][C] . w[OC][C]^T in the model's matmul precision. */
-static inline void qkd__model_matmul(const qkd_model *m, float *out, const float *inp,
-                                     const float *w, int N, int C, int OC)
+/* Whether the model's bf16 products run on the backend's bf16-bits family
+ * (backend.h): linear inputs and quantized weights then stay in bf16. */
+static inline int qkd__model_bf16_bits(const qkd_model *m)
 {
-    qkd__backend *be = qkd__model_backend(m);
-    (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(be, out, inp, w, N, C, OC);
+    const qkd__backend *be = qkd__model_backend(m);
+    return m->matmul_bf16 && be->matmul_forward_bf16_bits &&
+           be->matmul_backward_input_bf16_bits && be->matmul_backward_weight_bf16_bits &&
+           be->rmsnorm_forward_bf16_bits && be->swiglu_forward_bf16_bits &&
+           be->fakequant_forward_bf16;
 }
 
 /* The backend's attention in the model's matmul precision (backend.h);
@@ -195,10 +202,12 @@ qkd_status qkd__arena_alloc(qkd_context *ctx, const char *what,
 
 /* Place one layer's row buffers (h .. sw) for N rows; with own_kv also
  * k and v (read back by the attention as kcache/vcache); with act_quant
- * the quantized copies hq .. swq (else they alias h .. sw). x_in, x_out
- * and proj are the caller's. */
+ * the quantized copies hq .. swq (else they alias h .. sw); with bf16_bits
+ * (and no act_quant) h_bits, h2_bits and sw_bits in place of h, h2 and
+ * sw. x_in, x_out and proj are the caller's. */
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
-                           size_t N, size_t scratch_floats, int own_kv, int act_quant);
+                           size_t N, size_t scratch_floats, int own_kv, int act_quant,
+                           int bf16_bits);
 
 /* One transformer layer forward and the final norm + head, shared by the
  * training forward and decoding. xfq: the head's quantized input (may
@@ -218,21 +227,26 @@ const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int lay
 /* Where the backward adds the gradient of that weight: dL/dQ(w) for a
  * targeted tensor, else the model's gradient. */
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
-/* out[N][OC] = inp[N][C] . W^T and dinp += dout . W for the linear `kind`
- * in `layer`, W as the forward reads it (qkd__model_weight), in the
- * model's matmul precision; a fused or bf16 student tensor goes through
- * the backend's fused or wbf16 products (qkd__wq_form). */
+/* out[N][OC] = inp[N][C] . W^T, dinp += dout . W and dW += dout^T . inp
+ * for the linear `kind` in `layer`, W as the forward reads it
+ * (qkd__model_weight), in the model's matmul precision; a fused or bf16
+ * student tensor goes through the backend's fused or bf16-bits products
+ * (qkd__wq_form). inp is fp32 unless the bf16-bits products run. */
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
-                               const float *inp, int N, int C, int OC);
+                               qkd__bf16_in inp, int N, int C, int OC);
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
                                       float *dinp, const float *dout, int N, int C, int OC);
+void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                       const float *dout, qkd__bf16_in inp, int N, int C,
+                                       int OC);
 /* Bits of the per-token activation / key-value quantization; 0 when off. */
 int qkd__model_act_bits(const qkd_model *m);
 int qkd__model_kv_bits(const qkd_model *m);
-/* The input the linear `kind` reads: xq (its per-token quantized copy of
- * x) for a targeted linear while activations are quantized, else x. */
-const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                     const float *x, const float *xq);
+/* The input the linear `kind` reads: x16 (x in bf16 bits) when not NULL,
+ * xq (its per-token quantized copy of x) for a targeted linear while
+ * activations are quantized, else x. */
+qkd__bf16_in qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                     const float *x, const float *xq, const uint16_t *x16);
 /* Refresh Q(w) from the latent weights: the training forward (smooth for
  * the CONTINUOUS estimator) or hard rounding (decoding). Without force,
  * nothing is done when the buffers already hold that kind of values. */

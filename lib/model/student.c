@@ -79,19 +79,31 @@ static qkd__qweight fused_weight(const qkd_model *m, const qkd__qtensor *t,
                           .spec = spec, .scratch = t->wq};
 }
 
+/* The weight operand of a bf16-bits product: Q(w) in bf16 for a tensor of
+ * that form, else the fp32 weight the forward reads. */
+static qkd__bf16_in weight_in(const qkd_model *m, const qkd__qtensor *t, qkd_tensor_kind kind,
+                              int layer)
+{
+    if (t && t->form == QKD__WQ_BF16)
+        return (qkd__bf16_in){.bits = (const uint16_t *)t->wq};
+    return (qkd__bf16_in){.f32 = qkd__model_weight(m, kind, layer)};
+}
+
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
-                               const float *inp, int N, int C, int OC)
+                               qkd__bf16_in inp, int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
+    const float *w = qkd__model_weight(m, kind, layer);
     qkd__quant_spec spec;
-    if (t && t->form == QKD__WQ_BF16) {
-        be->matmul_forward_wbf16(be, out, inp, (const uint16_t *)t->wq, N, C, OC);
+    if (qkd__model_bf16_bits(m)) {
+        be->matmul_forward_bf16_bits(be, out, inp, weight_in(m, t, kind, layer), N, C, OC);
     } else if (t && t->form == QKD__WQ_FUSED) {
-        qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
-        be->matmul_forward_fq(be, out, inp, &w, N, C, OC);
+        qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
+        be->matmul_forward_fq(be, out, inp.f32, &fw, N, C, OC);
     } else {
-        qkd__model_matmul(m, out, inp, qkd__model_weight(m, kind, layer), N, C, OC);
+        (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(be, out, inp.f32, w, N,
+                                                                         C, OC);
     }
 }
 
@@ -100,16 +112,30 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
+    const float *w = qkd__model_weight(m, kind, layer);
     qkd__quant_spec spec;
-    if (t && t->form == QKD__WQ_BF16) {
-        be->matmul_backward_input_wbf16(be, dinp, dout, (const uint16_t *)t->wq, N, C, OC);
+    if (qkd__model_bf16_bits(m)) {
+        be->matmul_backward_input_bf16_bits(be, dinp, dout, weight_in(m, t, kind, layer), N, C,
+                                            OC);
     } else if (t && t->form == QKD__WQ_FUSED) {
-        qkd__qweight w = fused_weight(m, t, kind, layer, &spec);
-        be->matmul_backward_input_fq(be, dinp, dout, &w, N, C, OC);
+        qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
+        be->matmul_backward_input_fq(be, dinp, dout, &fw, N, C, OC);
     } else {
         (m->matmul_bf16 ? be->matmul_backward_input_bf16 : be->matmul_backward_input)(
-            be, dinp, dout, qkd__model_weight(m, kind, layer), N, C, OC);
+            be, dinp, dout, w, N, C, OC);
     }
+}
+
+void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                       const float *dout, qkd__bf16_in inp, int N, int C, int OC)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    float *dw = qkd__model_weight_grad(m, kind, layer);
+    if (qkd__model_bf16_bits(m))
+        be->matmul_backward_weight_bf16_bits(be, dw, dout, inp, N, C, OC);
+    else
+        (m->matmul_bf16 ? be->matmul_backward_weight_bf16 : be->matmul_backward_weight)(
+            be, dw, dout, inp.f32, N, C, OC);
 }
 
 int qkd__model_act_bits(const qkd_model *m)
@@ -122,10 +148,12 @@ int qkd__model_kv_bits(const qkd_model *m)
     return is_live(m) ? m->student.kv_bits : 0;
 }
 
-const float *qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                     const float *x, const float *xq)
+qkd__bf16_in qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                     const float *x, const float *xq, const uint16_t *x16)
 {
-    return qkd__model_act_bits(m) && live_qtensor(m, kind, layer) ? xq : x;
+    if (x16)
+        return (qkd__bf16_in){.bits = x16};
+    return (qkd__bf16_in){.f32 = qkd__model_act_bits(m) && live_qtensor(m, kind, layer) ? xq : x};
 }
 
 qkd_quantizer *qkd__model_tensor_quantizer(const qkd_model *m, int index)
@@ -181,13 +209,6 @@ static int backend_fuses(const qkd_model *m)
            !m->matmul_bf16;
 }
 
-static int backend_bf16_weights(const qkd_model *m)
-{
-    const qkd__backend *be = qkd__model_backend(m);
-    return be->fakequant_forward_bf16 && be->matmul_forward_wbf16 &&
-           be->matmul_backward_input_wbf16 && m->matmul_bf16;
-}
-
 /* How the training forward of `state` reads tensor i: FUSED or BF16 only
  * for a linear weight (not the embedding table, nor a tied head), with
  * computed (not learned) scales, in a scheme those slots take; FUSED
@@ -224,7 +245,7 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
         return;
     const int smooth = training && qkd__quantizer_smooth(s->q);
     int state = smooth ? WQ_SMOOTH : 0;
-    if (training && backend_bf16_weights(m))
+    if (training && qkd__model_bf16_bits(m))
         state |= WQ_BF16;
     else if (training && !smooth && backend_fuses(m))
         state |= WQ_FUSED;

@@ -209,14 +209,38 @@ static bool overlaps(const float *p, size_t pn, const float *q, size_t qn)
     return (uintptr_t)p < (uintptr_t)(q + qn) && (uintptr_t)q < (uintptr_t)(p + pn);
 }
 
-/* C = op(A) op(B) + beta C on bf16 operands (cublasGemmEx, fp32
- * accumulation), the copies current at `entry` staying current unless C
- * covers their source. */
-static void gemm_16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                    int k, const uint16_t *a16, int lda, const uint16_t *b16, int ldb,
-                    float beta, float *C, int ldc, unsigned long entry, const char *what)
+/* The bf16 operand of `in` (n elements): its bits, or its fp32 values
+ * rounded through copy cp (an activation-side operand) or, cp NULL, into
+ * the workspace (a weight, converted each time); NULL (recorded) on
+ * failure. */
+static const uint16_t *bf16_input(qkd__backend *b, qkd__bf16_in in, bf16_copy *cp, size_t n,
+                                  unsigned long entry)
 {
+    if (in.bits)
+        return in.bits;
+    if (cp)
+        return bf16_operand(b, cp, in.f32, n, entry);
+    uint16_t *ws = (uint16_t *)qkd__cuda_workspace(b, bf16_span(n) / 2);
+    if (ws)
+        qkd__cuda_to_bf16(b, ws, in.f32, n);
+    return ws;
+}
+
+/* C = op(A) op(B) + beta C as sgemm on bf16 operands (cublasGemmEx, fp32
+ * accumulation). A has na elements and is a weight, or (A_act) the input
+ * of a weight gradient, kept in copy 1; B (nb) is kept in copy 0. */
+static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                      int k, qkd__bf16_in A, size_t na, int lda, bool A_act, qkd__bf16_in B,
+                      size_t nb, int ldb, float beta, float *C, int ldc, const char *what)
+{
+    if (m <= 0 || n <= 0 || k <= 0)
+        return;
     qkd__cuda *c = qkd__cuda_of(b);
+    const unsigned long entry = c->writes;
+    const uint16_t *b16 = bf16_input(b, B, &c->b16[0], nb, entry);
+    const uint16_t *a16 = bf16_input(b, A, A_act ? &c->b16[1] : NULL, na, entry);
+    if (!a16 || !b16)
+        return;
     const float one = 1.0f;
     qkd__cuda_check_blas(b,
                          cublasGemmEx(c->blas, ta, tb, m, n, k, &one, a16, CUDA_R_16BF, lda,
@@ -235,77 +259,50 @@ static void gemm_16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb,
     }
 }
 
-/* gemm_16 with A (na elements) and B (nb) rounded to bf16 first. A_act: A
- * is the input of a weight gradient (kept in copy 1); else a weight
- * (converted each time). */
-static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                      int k, const float *A, size_t na, int lda, bool A_act, const float *B,
-                      size_t nb, int ldb, float beta, float *C, int ldc, const char *what)
+static qkd__bf16_in f32_in(const float *x)
 {
-    if (m <= 0 || n <= 0 || k <= 0)
-        return;
-    qkd__cuda *c = qkd__cuda_of(b);
-    const unsigned long entry = c->writes;
-    const uint16_t *b16 = bf16_operand(b, &c->b16[0], B, nb, entry), *a16;
-    if (A_act) {
-        a16 = bf16_operand(b, &c->b16[1], A, na, entry);
-    } else {
-        uint16_t *ws = (uint16_t *)qkd__cuda_workspace(b, bf16_span(na) / 2);
-        if (ws)
-            qkd__cuda_to_bf16(b, ws, A, na);
-        a16 = ws;
-    }
-    if (a16 && b16)
-        gemm_16(b, ta, tb, m, n, k, a16, lda, b16, ldb, beta, C, ldc, entry, what);
+    return (qkd__bf16_in){.f32 = x};
 }
 
-/* gemm_16 with A a weight already in bf16 and B rounded to bf16 first. */
-static void gemm_wbf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m,
-                       int n, int k, const uint16_t *A, int lda, const float *B, size_t nb,
-                       int ldb, float beta, float *C, int ldc, const char *what)
-{
-    if (m <= 0 || n <= 0 || k <= 0)
-        return;
-    qkd__cuda *c = qkd__cuda_of(b);
-    const unsigned long entry = c->writes;
-    const uint16_t *b16 = bf16_operand(b, &c->b16[0], B, nb, entry);
-    if (b16)
-        gemm_16(b, ta, tb, m, n, k, A, lda, b16, ldb, beta, C, ldc, entry, what);
-}
-
-static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
-                                     const float *w, int N, int C, int OC)
+static void cuda_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
+                                          qkd__bf16_in w, int N, int C, int OC)
 {
     gemm_bf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, (size_t)OC * C, C, false, inp,
               (size_t)N * C, C, 0.0f, out, OC, "matmul_forward_bf16");
 }
 
+static void cuda_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp,
+                                                 const float *dout, qkd__bf16_in w, int N,
+                                                 int C, int OC)
+{
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, f32_in(dout),
+              (size_t)N * OC, OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
+}
+
+static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
+                                                  const float *dout, qkd__bf16_in inp, int N,
+                                                  int C, int OC)
+{
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, f32_in(dout),
+              (size_t)N * OC, OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
+}
+
+static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
+                                     const float *w, int N, int C, int OC)
+{
+    cuda_matmul_forward_bf16_bits(b, out, f32_in(inp), f32_in(w), N, C, OC);
+}
+
 static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                             const float *w, int N, int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, dout,
-              (size_t)N * OC, OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
+    cuda_matmul_backward_input_bf16_bits(b, dinp, dout, f32_in(w), N, C, OC);
 }
 
 static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                              const float *inp, int N, int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, dout,
-              (size_t)N * OC, OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
-}
-
-static void cuda_matmul_forward_wbf16(qkd__backend *b, float *out, const float *inp,
-                                      const uint16_t *w, int N, int C, int OC)
-{
-    gemm_wbf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, C, inp, (size_t)N * C, C, 0.0f, out,
-               OC, "matmul_forward_wbf16");
-}
-
-static void cuda_matmul_backward_input_wbf16(qkd__backend *b, float *dinp, const float *dout,
-                                             const uint16_t *w, int N, int C, int OC)
-{
-    gemm_wbf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, C, dout, (size_t)N * OC, OC, 1.0f,
-               dinp, C, "matmul_backward_input_wbf16");
+    cuda_matmul_backward_weight_bf16_bits(b, dw, dout, f32_in(inp), N, C, OC);
 }
 
 /* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */
@@ -425,11 +422,13 @@ static const qkd__backend cuda_table = {
     .matmul_forward_bf16 = cuda_matmul_forward_bf16,
     .matmul_backward_input_bf16 = cuda_matmul_backward_input_bf16,
     .matmul_backward_weight_bf16 = cuda_matmul_backward_weight_bf16,
-    .matmul_forward_wbf16 = cuda_matmul_forward_wbf16,
-    .matmul_backward_input_wbf16 = cuda_matmul_backward_input_wbf16,
+    .matmul_forward_bf16_bits = cuda_matmul_forward_bf16_bits,
+    .matmul_backward_input_bf16_bits = cuda_matmul_backward_input_bf16_bits,
+    .matmul_backward_weight_bf16_bits = cuda_matmul_backward_weight_bf16_bits,
     .embedding_forward = qkd__cuda_embedding_forward,
     .embedding_backward = qkd__cuda_embedding_backward,
     .rmsnorm_forward = qkd__cuda_rmsnorm_forward,
+    .rmsnorm_forward_bf16_bits = qkd__cuda_rmsnorm_forward_bf16_bits,
     .rmsnorm_backward = qkd__cuda_rmsnorm_backward,
     .rope_forward = qkd__cuda_rope_forward,
     .rope_backward = qkd__cuda_rope_backward,
@@ -439,6 +438,7 @@ static const qkd__backend cuda_table = {
     .attention_forward_bf16 = qkd__cuda_attention_forward_bf16,
     .attention_backward_bf16 = qkd__cuda_attention_backward_bf16,
     .swiglu_forward = qkd__cuda_swiglu_forward,
+    .swiglu_forward_bf16_bits = qkd__cuda_swiglu_forward_bf16_bits,
     .swiglu_backward = qkd__cuda_swiglu_backward,
     .softmax_forward = qkd__cuda_softmax_forward,
     .softmax_backward = qkd__cuda_softmax_backward,

@@ -6,8 +6,8 @@
  * default math mode, so TF32 tensor cores stay off and results match the
  * reference to float rounding); the bf16 slots convert both operands to
  * bf16 in the workspace and run cublasGemmEx on the tensor cores with fp32
- * accumulation (the wbf16 slots take the weight already in bf16, as the
- * fake quantization writes it). Attention is flash-style in fp32 (attention.cu). The
+ * accumulation (the bf16_bits slots take operands that may already be
+ * bf16, as the fake quantization, RMSNorm and SwiGLU can write them). Attention is flash-style in fp32 (attention.cu). The
  * other kernels are straightforward
  * CUDA, many of them computing in double like the reference (the objects
  * are built with -fmad=false, so the updates, axpy and hard fake
@@ -108,6 +108,8 @@ void qkd__cuda_sum(qkd__backend *b, float *out, const float *x, size_t n);
 void qkd__cuda_sum_squares(qkd__backend *b, float *out, const float *x, size_t n);
 void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
                               size_t n);
+void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const float *gate,
+                                        const float *up, size_t n);
 void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
                                const float *gate, const float *up, size_t n);
 void qkd__cuda_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
@@ -126,6 +128,9 @@ void qkd__cuda_embedding_backward(qkd__backend *b, float *dtable, const float *d
 /* ---- rows.cu --------------------------------------------------------------- */
 void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const float *inp,
                                const float *w, int N, int C, float eps);
+void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
+                                         const float *inp, const float *w, int N, int C,
+                                         float eps);
 void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const float *dout,
                                 const float *inp, const float *w, const float *rstd, int N,
                                 int C);

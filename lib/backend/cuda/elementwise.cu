@@ -29,7 +29,7 @@ template <typename Op> __global__ void map4_kernel(Op op, size_t n4)
     op.four(i);
 }
 
-static bool aligned16(const void *p)
+__host__ __device__ static bool aligned16(const void *p)
 {
     return (uintptr_t)p % 16 == 0;
 }
@@ -276,6 +276,25 @@ struct swiglu_forward_op {
     }
 };
 
+/* The forward with out in bf16 bits (its four() stores 8 bytes). */
+struct swiglu_forward_bits_op {
+    uint16_t *out;
+    const float *gate, *up;
+    __device__ void one(size_t i) const
+    {
+        out[i] = (uint16_t)qkd__bf16_bits(silu_times(gate[i], up[i]));
+    }
+    __device__ void four(size_t i) const
+    {
+        const float4 x = ld4(gate, i), u = ld4(up, i);
+        reinterpret_cast<uint2 *>(out)[i] =
+            make_uint2(qkd__bf16_bits(silu_times(x.x, u.x)) |
+                           qkd__bf16_bits(silu_times(x.y, u.y)) << 16,
+                       qkd__bf16_bits(silu_times(x.z, u.z)) |
+                           qkd__bf16_bits(silu_times(x.w, u.w)) << 16);
+    }
+};
+
 struct swiglu_backward_op {
     float *dgate, *dup;
     const float *dout, *gate, *up;
@@ -300,6 +319,15 @@ extern "C" void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const floa
         return;
     map(b, swiglu_forward_op{out, gate, up}, n,
         aligned16(out) && aligned16(gate) && aligned16(up), "swiglu_forward");
+}
+
+extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out,
+                                                   const float *gate, const float *up, size_t n)
+{
+    if (!n)
+        return;
+    map(b, swiglu_forward_bits_op{out, gate, up}, n,
+        (uintptr_t)out % 8 == 0 && aligned16(gate) && aligned16(up), "swiglu_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *dup,
@@ -392,12 +420,6 @@ extern "C" void qkd__cuda_sgd_update(qkd__backend *b, float *p, const float *g, 
  * float4 loads, 2 per thread, are the form kept). A multiple of 4. */
 #define MT_CHUNK (QKD__CUDA_THREADS * 8)
 
-/* Whether every pointer is 16-byte aligned (float4 loads). */
-__device__ inline bool aligned4(const void *a, const void *b, const void *c, const void *d)
-{
-    return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 15) == 0;
-}
-
 /* The span holding grid block blk: the last s with first[s] <= blk (spans
  * of no elements own no blocks and are skipped). */
 __device__ inline int span_at(const unsigned *first, int n, unsigned blk)
@@ -450,7 +472,7 @@ __global__ void sum_squares_blocks_kernel(double *partials, const qkd__update_sp
     const size_t end = spans[s].n < base + MT_CHUNK ? spans[s].n : base + MT_CHUNK;
     size_t tail = base;
     double acc = 0.0;
-    if (aligned4(g, g, g, g)) {
+    if (aligned16(g)) {
         tail = base + (end - base) / 4 * 4;
         for (size_t i = base + 4 * threadIdx.x; i < tail; i += 4 * blockDim.x) {
             const float4 x = *reinterpret_cast<const float4 *>(g + i);
@@ -507,7 +529,7 @@ __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned
     const size_t base = (size_t)(blockIdx.x - first[s]) * MT_CHUNK;
     const size_t end = sp.n < base + MT_CHUNK ? sp.n : base + MT_CHUNK;
     size_t tail = base;
-    if (aligned4(sp.p, sp.g, sp.m, sp.v)) {
+    if (aligned16(sp.p) && aligned16(sp.g) && aligned16(sp.m) && aligned16(sp.v)) {
         tail = base + (end - base) / 4 * 4;
         for (size_t i = base + 4 * threadIdx.x; i < tail; i += 4 * blockDim.x) {
             float4 p = *reinterpret_cast<float4 *>(sp.p + i);

@@ -48,7 +48,19 @@ __device__ inline double warp_sum(double v)
     return qkd__warp_reduce(v, qkd__sum_op<double>());
 }
 
-__global__ void rmsnorm_forward_kernel(float *__restrict__ out, float *__restrict__ rstd,
+/* The output: fp32, or bf16 bits (the bf16-bits slot). */
+__device__ inline void put_norm(float *y, int c, float v)
+{
+    y[c] = v;
+}
+
+__device__ inline void put_norm(uint16_t *y, int c, float v)
+{
+    y[c] = (uint16_t)qkd__bf16_bits(v);
+}
+
+template <typename T>
+__global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ rstd,
                                        const float *__restrict__ inp,
                                        const float *__restrict__ w, int N, int C, float eps)
 {
@@ -56,13 +68,13 @@ __global__ void rmsnorm_forward_kernel(float *__restrict__ out, float *__restric
     if (row >= N) /* the whole warp agrees */
         return;
     const float *x = inp + (size_t)row * C;
-    float *y = out + (size_t)row * C;
+    T *y = out + (size_t)row * C;
     double ss = 0.0;
     for (int c = lane; c < C; c += 32)
         ss += (double)x[c] * x[c];
     double r = 1.0 / sqrt(warp_sum(ss) / C + eps);
     for (int c = lane; c < C; c += 32)
-        y[c] = (float)(x[c] * r * w[c]);
+        put_norm(y, c, (float)(x[c] * r * w[c]));
     if (lane == 0)
         rstd[row] = (float)r;
 }
@@ -162,6 +174,17 @@ extern "C" void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rs
     rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
         out, rstd, inp, w, N, C, eps);
     qkd__cuda_launched(b, "rmsnorm_forward");
+}
+
+extern "C" void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
+                                                    const float *inp, const float *w, int N,
+                                                    int C, float eps)
+{
+    if (N <= 0 || C <= 0)
+        return;
+    rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
+        out, rstd, inp, w, N, C, eps);
+    qkd__cuda_launched(b, "rmsnorm_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw,
