@@ -568,11 +568,13 @@ START_TEST(matmul_bf16_bits_equal_bf16)
         float *w = test_vec_rand(nw, -1, 1), *x = test_vec_rand(nx, -1, 1);
         float *dout = test_vec_rand(no, -1, 1), *dx0 = test_vec_rand(nx, -1, 1);
         float *dw0 = test_vec_rand(nw, -1, 1);
-        uint16_t *w16 = bits_new(nw), *x16 = bits_new(nx);
+        uint16_t *w16 = bits_new(nw), *x16 = bits_new(nx), *g16 = bits_new(no);
         round_bf16(w, w16, nw);
         round_bf16(x, x16, nx);
+        round_bf16(dout, g16, no);
         const uint16_t *d_w16 = dput_bytes(&p, w16, nw, sizeof *w16);
         const uint16_t *d_x16 = dput_bytes(&p, x16, nx, sizeof *x16);
+        const uint16_t *d_g16 = dput_bytes(&p, g16, no, sizeof *g16);
         float *d_w = dput(&p, w, nw), *d_x = dput(&p, x, nx), *d_dout = dput(&p, dout, no);
         float *d_want = dpoison(&p, no), *d_dx = dput(&p, dx0, nx), *d_dw = dput(&p, dw0, nw);
         p.cb->matmul_forward_bf16(p.cb, d_want, d_x, d_w, N, C, OC);
@@ -580,26 +582,28 @@ START_TEST(matmul_bf16_bits_equal_bf16)
         p.cb->matmul_backward_weight_bf16(p.cb, d_dw, d_dout, d_x, N, C, OC);
         float *want = dtake(&p, d_want, no), *want_dx = dtake(&p, d_dx, nx);
         float *want_dw = dtake(&p, d_dw, nw);
-        for (int form = 1; form < 4; form++) { /* bit 0: the input as bits, bit 1: the weight */
+        for (int form = 1; form < 8; form++) { /* as bits: 1 the input, 2 the weight, 4 dout */
             const qkd__bf16_in in = form & 1 ? (qkd__bf16_in){.bits = d_x16}
                                              : (qkd__bf16_in){.f32 = d_x};
             const qkd__bf16_in wt = form & 2 ? (qkd__bf16_in){.bits = d_w16}
                                              : (qkd__bf16_in){.f32 = d_w};
+            const qkd__bf16_in go = form & 4 ? (qkd__bf16_in){.bits = d_g16}
+                                             : (qkd__bf16_in){.f32 = d_dout};
             float *d_o = dpoison(&p, no);
             d_dx = dput(&p, dx0, nx);
             d_dw = dput(&p, dw0, nw);
             p.cb->matmul_forward_bf16_bits(p.cb, d_o, in, wt, N, C, OC);
-            p.cb->matmul_backward_input_bf16_bits(p.cb, d_dx, d_dout, wt, N, C, OC);
-            p.cb->matmul_backward_weight_bf16_bits(p.cb, d_dw, d_dout, in, N, C, OC);
+            p.cb->matmul_backward_input_bf16_bits(p.cb, d_dx, go, wt, N, C, OC);
+            p.cb->matmul_backward_weight_bf16_bits(p.cb, d_dw, go, in, N, C, OC);
             float *o = dtake(&p, d_o, no), *dx = dtake(&p, d_dx, nx), *dw = dtake(&p, d_dw, nw);
             assert_same("matmul_forward_bf16_bits", o, want, no);
             assert_same("matmul_backward_input_bf16_bits", dx, want_dx, nx);
             assert_same("matmul_backward_weight_bf16_bits", dw, want_dw, nw);
             free(o); free(dx); free(dw);
         }
-        free(w); free(x); free(dout); free(dx0); free(dw0); free(w16); free(x16);
+        free(w); free(x); free(dout); free(dx0); free(dw0); free(w16); free(x16); free(g16);
         free(want); free(want_dx); free(want_dw);
-        dfree(&p, (void *)d_w16); dfree(&p, (void *)d_x16);
+        dfree(&p, (void *)d_w16); dfree(&p, (void *)d_x16); dfree(&p, (void *)d_g16);
         dfree(&p, d_w); dfree(&p, d_x); dfree(&p, d_dout);
     }
     pair_close(&p);
@@ -607,7 +611,8 @@ START_TEST(matmul_bf16_bits_equal_bf16)
 END_TEST
 
 /* The producers' bf16-bits forms write exactly their fp32 outputs rounded
- * to bf16: RMSNorm on its shapes, SwiGLU on and off the vector boundary. */
+ * to bf16 (the SwiGLU backward's: into zeroed gradients): RMSNorm on its
+ * shapes, SwiGLU on and off the vector boundary. */
 static void assert_bits_of(const char *what, const uint16_t *d_bits, const float *d_f32,
                            size_t n, struct pair *p)
 {
@@ -650,16 +655,26 @@ START_TEST(bf16_bits_producers_round_fp32)
     for (size_t s = 0; s < 2 * sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
         const size_t off = s % 2, n = elem_sizes[s / 2];
         float *gate = test_vec_rand(n, -12, 12), *up = test_vec_rand(n, -2, 2);
+        float *g = test_vec_rand(n, -1, 1), *zeros = test_vec_new(n);
         uint16_t *poison = bits_new(n + off);
         memset(poison, 0xff, (n + off) * sizeof *poison);
         float *d_gate = dput_off(&p, gate, n, off), *d_up = dput_off(&p, up, n, off);
-        float *d_o = dpoison(&p, n);
+        float *d_g = dput_off(&p, g, n, off), *d_o = dpoison(&p, n);
+        float *d_dg = dput(&p, zeros, n), *d_du = dput(&p, zeros, n);
         uint16_t *d_o16 = dput_bytes(&p, poison, n + off, sizeof *poison);
+        uint16_t *d_dg16 = dput_bytes(&p, poison, n + off, sizeof *poison);
+        uint16_t *d_du16 = dput_bytes(&p, poison, n + off, sizeof *poison);
         p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
         p.cb->swiglu_forward_bf16_bits(p.cb, d_o16 + off, d_gate, d_up, n);
+        p.cb->swiglu_backward(p.cb, d_dg, d_du, d_g, d_gate, d_up, n);
+        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, d_g, d_gate, d_up, n);
         assert_bits_of("swiglu_forward_bf16_bits", d_o16 + off, d_o, n, &p);
-        free(gate); free(up); free(poison);
-        dfree(&p, d_gate - off); dfree(&p, d_up - off); dfree(&p, d_o); dfree(&p, d_o16);
+        assert_bits_of("swiglu_backward_bf16_bits dgate", d_dg16 + off, d_dg, n, &p);
+        assert_bits_of("swiglu_backward_bf16_bits dup", d_du16 + off, d_du, n, &p);
+        free(gate); free(up); free(g); free(zeros); free(poison);
+        dfree(&p, d_gate - off); dfree(&p, d_up - off); dfree(&p, d_g - off);
+        dfree(&p, d_o); dfree(&p, d_dg); dfree(&p, d_du);
+        dfree(&p, d_o16); dfree(&p, d_dg16); dfree(&p, d_du16);
     }
     pair_close(&p);
 }

@@ -126,17 +126,18 @@ struct qkd__backend {
     void (*matmul_backward_weight_bf16)(qkd__backend *b, float *dw, const float *dout,
                                         const float *inp, int N, int C, int OC);
     /* Optional, the bf16-bits family (all of matmul_*_bf16_bits,
-     * rmsnorm_forward_bf16_bits, swiglu_forward_bf16_bits and
+     * rmsnorm_forward_bf16_bits, swiglu_*_bf16_bits and
      * fakequant_forward_bf16, or none): the three bf16 products with
      * operands that may already be bf16 bits (qkd__bf16_in), equal to them
      * on the fp32 values those bits decode to. A model keeps its linear
-     * layers' inputs and its quantized weights in bf16 with them, so no
-     * product converts what a kernel could write in bf16 at once. */
+     * layers' inputs, some output gradients and its quantized weights in
+     * bf16 with them, so no product converts what a kernel could write in
+     * bf16 at once. */
     void (*matmul_forward_bf16_bits)(qkd__backend *b, float *out, qkd__bf16_in inp,
                                      qkd__bf16_in w, int N, int C, int OC);
-    void (*matmul_backward_input_bf16_bits)(qkd__backend *b, float *dinp, const float *dout,
+    void (*matmul_backward_input_bf16_bits)(qkd__backend *b, float *dinp, qkd__bf16_in dout,
                                             qkd__bf16_in w, int N, int C, int OC);
-    void (*matmul_backward_weight_bf16_bits)(qkd__backend *b, float *dw, const float *dout,
+    void (*matmul_backward_weight_bf16_bits)(qkd__backend *b, float *dw, qkd__bf16_in dout,
                                              qkd__bf16_in inp, int N, int C, int OC);
 
     /* ---- embedding -------------------------------------------------- */
@@ -222,6 +223,12 @@ struct qkd__backend {
     void (*swiglu_backward)(qkd__backend *b, float *dgate, float *dup,
                             const float *dout, const float *gate, const float *up,
                             size_t n);
+    /* Optional (the bf16-bits family): the gradients of swiglu_backward
+     * into zeroed buffers, rounded to bf16 (raw bits) and WRITTEN, not
+     * added: the operands of the gate and up products' backward. */
+    void (*swiglu_backward_bf16_bits)(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
+                                      const float *dout, const float *gate, const float *up,
+                                      size_t n);
 
     /* ---- softmax over rows of V ---------------------------------------- */
     /* probs = softmax(logits * inv_temp) row-wise */

@@ -13,10 +13,15 @@ static void zero(qkd__backend *be, float *x, size_t n)
     be->fill(be, x, 0.0f, n);
 }
 
+static qkd__bf16_in f32_in(const float *x)
+{
+    return (qkd__bf16_in){.f32 = x};
+}
+
 /* out = x W^T of the linear (kind, layer): add the input gradient to dx
  * and the weight gradient to where that weight's gradient goes. */
 static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *dx,
-                            const float *dout, qkd__bf16_in x, int N, int C, int OC)
+                            qkd__bf16_in dout, qkd__bf16_in x, int N, int C, int OC)
 {
     qkd__model_linear_backward_input(m, kind, layer, dx, dout, N, C, OC);
     qkd__model_linear_backward_weight(m, kind, layer, dout, x, N, C, OC);
@@ -29,6 +34,9 @@ static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer,
 #define NORM_W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
 #define NORM_G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
 #define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q, a->x##_bits)
+/* a SwiGLU gradient as the products read it: fp32, or bf16 bits (one of
+ * the two pointers is NULL) */
+#define GRAD(x) ((qkd__bf16_in){g->x, g->x##_bits})
 
 /* On entry acts.dres is d x_out; on return it is d x_mid. */
 static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
@@ -38,13 +46,18 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
     zero(be, g->dsw, (size_t)N * H);
-    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, g->dres, IN(FFN_DOWN, sw), N, H, C);
-    zero(be, g->dgate, (size_t)N * H);
-    zero(be, g->dup, (size_t)N * H);
-    be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
+    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, f32_in(g->dres), IN(FFN_DOWN, sw), N, H, C);
+    if (g->dgate_bits) { /* written, not added */
+        be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw, a->gate, a->up,
+                                      (size_t)N * H);
+    } else {
+        zero(be, g->dgate, (size_t)N * H);
+        zero(be, g->dup, (size_t)N * H);
+        be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
+    }
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, LINEAR(FFN_GATE), g->dnorm, g->dgate, IN(FFN_GATE, h2), N, C, H);
-    linear_backward(m, LINEAR(FFN_UP), g->dnorm, g->dup, IN(FFN_UP, h2), N, C, H);
+    linear_backward(m, LINEAR(FFN_GATE), g->dnorm, GRAD(dgate), IN(FFN_GATE, h2), N, C, H);
+    linear_backward(m, LINEAR(FFN_UP), g->dnorm, GRAD(dup), IN(FFN_UP, h2), N, C, H);
     be->rmsnorm_backward(be, g->dres, NORM_G(FFN_NORM), g->dnorm, a->x_mid, NORM_W(FFN_NORM),
                          a->rstd2, N, C);
 }
@@ -58,7 +71,7 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, g->dres,
+    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, f32_in(g->dres),
                     qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL),
                     N, C, C);
     zero(be, g->dq, (size_t)N * C);
@@ -69,9 +82,9 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
     be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, g->dq, IN(ATTN_Q, h), N, C, C);
-    linear_backward(m, LINEAR(ATTN_K), g->dnorm, g->dk, IN(ATTN_K, h), N, C, kvd);
-    linear_backward(m, LINEAR(ATTN_V), g->dnorm, g->dv, IN(ATTN_V, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, f32_in(g->dq), IN(ATTN_Q, h), N, C, C);
+    linear_backward(m, LINEAR(ATTN_K), g->dnorm, f32_in(g->dk), IN(ATTN_K, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_V), g->dnorm, f32_in(g->dv), IN(ATTN_V, h), N, C, kvd);
     be->rmsnorm_backward(be, g->dres, NORM_G(ATTN_NORM), g->dnorm, a->x_in, NORM_W(ATTN_NORM),
                          a->rstd1, N, C);
 }
@@ -80,6 +93,7 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
 #undef NORM_W
 #undef NORM_G
 #undef IN
+#undef GRAD
 
 /* logits = rmsnorm(x_L) Wout^T; leaves d x_L in acts.dres. */
 static void head_backward(qkd_model *m, int N)
@@ -88,7 +102,7 @@ static void head_backward(qkd_model *m, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, g->dlogits,
+    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, f32_in(g->dlogits),
                     qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
                     C, V);
     zero(be, g->dres, (size_t)N * C);

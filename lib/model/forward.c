@@ -168,6 +168,7 @@ static void plan_train(void *arg, qkd__arena *a)
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
         t->dsw = t->dgate = t->dup = NULL;
+        t->dgate_bits = t->dup_bits = NULL;
         return;
     }
     t->dlogits = qkd__arena_take(a, N, V);
@@ -178,8 +179,11 @@ static void plan_train(void *arg, qkd__arena *a)
     t->dk = qkd__arena_take(a, N, kvd);
     t->dv = qkd__arena_take(a, N, kvd);
     t->dsw = qkd__arena_take(a, N, H);
-    t->dgate = qkd__arena_take(a, N, H);
-    t->dup = qkd__arena_take(a, N, H);
+    const int bits = qkd__model_bf16_bits(p->m);
+    t->dgate = bits ? NULL : qkd__arena_take(a, N, H);
+    t->dup = bits ? NULL : qkd__arena_take(a, N, H);
+    t->dgate_bits = bits ? take16(a, N, H) : NULL;
+    t->dup_bits = bits ? take16(a, N, H) : NULL;
 }
 
 void qkd__model_free_acts(qkd_model *m)

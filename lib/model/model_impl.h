@@ -65,6 +65,9 @@ typedef struct qkd__train_acts {
     float *logits, *dlogits; /* [N][V] */
     /* activation gradients, reused by every layer */
     float *dres, *dnorm, *datt, *dq, *dk, *dv, *dsw, *dgate, *dup;
+    /* dgate and dup as bf16 bits instead (dgate, dup then NULL) where the
+     * model's products take them (qkd__model_bf16_bits); else NULL */
+    uint16_t *dgate_bits, *dup_bits;
 } qkd__train_acts;
 
 /* Decoding state: the key/value cache and one row of activations. */
@@ -231,13 +234,14 @@ float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int laye
  * for the linear `kind` in `layer`, W as the forward reads it
  * (qkd__model_weight), in the model's matmul precision; a fused or bf16
  * student tensor goes through the backend's fused or bf16-bits products
- * (qkd__wq_form). inp is fp32 unless the bf16-bits products run. */
+ * (qkd__wq_form). inp and dout are fp32 unless the bf16-bits products
+ * run. */
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
                                qkd__bf16_in inp, int N, int C, int OC);
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                      float *dinp, const float *dout, int N, int C, int OC);
+                                      float *dinp, qkd__bf16_in dout, int N, int C, int OC);
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                       const float *dout, qkd__bf16_in inp, int N, int C,
+                                       qkd__bf16_in dout, qkd__bf16_in inp, int N, int C,
                                        int OC);
 /* Bits of the per-token activation / key-value quantization; 0 when off. */
 int qkd__model_act_bits(const qkd_model *m);

@@ -108,7 +108,7 @@ void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int lay
 }
 
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                      float *dinp, const float *dout, int N, int C, int OC)
+                                      float *dinp, qkd__bf16_in dout, int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
@@ -119,15 +119,15 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
                                             OC);
     } else if (t && t->form == QKD__WQ_FUSED) {
         qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
-        be->matmul_backward_input_fq(be, dinp, dout, &fw, N, C, OC);
+        be->matmul_backward_input_fq(be, dinp, dout.f32, &fw, N, C, OC);
     } else {
         (m->matmul_bf16 ? be->matmul_backward_input_bf16 : be->matmul_backward_input)(
-            be, dinp, dout, w, N, C, OC);
+            be, dinp, dout.f32, w, N, C, OC);
     }
 }
 
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                       const float *dout, qkd__bf16_in inp, int N, int C, int OC)
+                                       qkd__bf16_in dout, qkd__bf16_in inp, int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
     float *dw = qkd__model_weight_grad(m, kind, layer);
@@ -135,7 +135,7 @@ void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind,
         be->matmul_backward_weight_bf16_bits(be, dw, dout, inp, N, C, OC);
     else
         (m->matmul_bf16 ? be->matmul_backward_weight_bf16 : be->matmul_backward_weight)(
-            be, dw, dout, inp.f32, N, C, OC);
+            be, dw, dout.f32, inp.f32, N, C, OC);
 }
 
 int qkd__model_act_bits(const qkd_model *m)

@@ -42,6 +42,13 @@ __device__ inline uint32_t qkd__bf16_bits(float f)
     return (x + 0x7fffu + ((x >> 16) & 1)) >> 16;
 }
 
+/* Four values as bf16 bits, in memory order (one 8-byte store). */
+__device__ inline uint2 qkd__bf16_bits4(float4 v)
+{
+    return make_uint2(qkd__bf16_bits(v.x) | qkd__bf16_bits(v.y) << 16,
+                      qkd__bf16_bits(v.z) | qkd__bf16_bits(v.w) << 16);
+}
+
 template <typename T> struct qkd__sum_op {
     __device__ T operator()(T a, T b) const { return a + b; }
 };

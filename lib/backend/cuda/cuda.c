@@ -272,18 +272,18 @@ static void cuda_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16
 }
 
 static void cuda_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp,
-                                                 const float *dout, qkd__bf16_in w, int N,
+                                                 qkd__bf16_in dout, qkd__bf16_in w, int N,
                                                  int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, f32_in(dout),
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, dout,
               (size_t)N * OC, OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
 }
 
 static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
-                                                  const float *dout, qkd__bf16_in inp, int N,
+                                                  qkd__bf16_in dout, qkd__bf16_in inp, int N,
                                                   int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, f32_in(dout),
+    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, dout,
               (size_t)N * OC, OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
 }
 
@@ -296,13 +296,13 @@ static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *i
 static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                             const float *w, int N, int C, int OC)
 {
-    cuda_matmul_backward_input_bf16_bits(b, dinp, dout, f32_in(w), N, C, OC);
+    cuda_matmul_backward_input_bf16_bits(b, dinp, f32_in(dout), f32_in(w), N, C, OC);
 }
 
 static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                              const float *inp, int N, int C, int OC)
 {
-    cuda_matmul_backward_weight_bf16_bits(b, dw, dout, f32_in(inp), N, C, OC);
+    cuda_matmul_backward_weight_bf16_bits(b, dw, f32_in(dout), f32_in(inp), N, C, OC);
 }
 
 /* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */
@@ -439,6 +439,7 @@ static const qkd__backend cuda_table = {
     .attention_backward_bf16 = qkd__cuda_attention_backward_bf16,
     .swiglu_forward = qkd__cuda_swiglu_forward,
     .swiglu_forward_bf16_bits = qkd__cuda_swiglu_forward_bf16_bits,
+    .swiglu_backward_bf16_bits = qkd__cuda_swiglu_backward_bf16_bits,
     .swiglu_backward = qkd__cuda_swiglu_backward,
     .softmax_forward = qkd__cuda_softmax_forward,
     .softmax_backward = qkd__cuda_softmax_backward,

@@ -148,9 +148,7 @@ __global__ void to_bf16x4_kernel(uint2 *dst, const float4 *src, size_t n4)
 {
     QKD__CUDA_FOR(i, n4)
     {
-        float4 v = src[i];
-        dst[i] = make_uint2(qkd__bf16_bits(v.x) | qkd__bf16_bits(v.y) << 16,
-                            qkd__bf16_bits(v.z) | qkd__bf16_bits(v.w) << 16);
+        dst[i] = qkd__bf16_bits4(src[i]);
     }
 }
 
@@ -287,11 +285,9 @@ struct swiglu_forward_bits_op {
     __device__ void four(size_t i) const
     {
         const float4 x = ld4(gate, i), u = ld4(up, i);
-        reinterpret_cast<uint2 *>(out)[i] =
-            make_uint2(qkd__bf16_bits(silu_times(x.x, u.x)) |
-                           qkd__bf16_bits(silu_times(x.y, u.y)) << 16,
-                       qkd__bf16_bits(silu_times(x.z, u.z)) |
-                           qkd__bf16_bits(silu_times(x.w, u.w)) << 16);
+        reinterpret_cast<uint2 *>(out)[i] = qkd__bf16_bits4(
+            make_float4(silu_times(x.x, u.x), silu_times(x.y, u.y), silu_times(x.z, u.z),
+                        silu_times(x.w, u.w)));
     }
 };
 
@@ -312,6 +308,30 @@ struct swiglu_backward_op {
     }
 };
 
+/* The backward into zeroed gradients, written as bf16 bits. */
+struct swiglu_backward_bits_op {
+    uint16_t *dgate, *dup;
+    const float *dout, *gate, *up;
+    __device__ void one(size_t i) const
+    {
+        float dg = 0.0f, du = 0.0f;
+        swiglu_grads(dout[i], gate[i], up[i], dg, du);
+        dgate[i] = (uint16_t)qkd__bf16_bits(dg);
+        dup[i] = (uint16_t)qkd__bf16_bits(du);
+    }
+    __device__ void four(size_t i) const
+    {
+        const float4 g = ld4(dout, i), x = ld4(gate, i), u = ld4(up, i);
+        float4 dg = make_float4(0.0f, 0.0f, 0.0f, 0.0f), du = dg;
+        swiglu_grads(g.x, x.x, u.x, dg.x, du.x);
+        swiglu_grads(g.y, x.y, u.y, dg.y, du.y);
+        swiglu_grads(g.z, x.z, u.z, dg.z, du.z);
+        swiglu_grads(g.w, x.w, u.w, dg.w, du.w);
+        reinterpret_cast<uint2 *>(dgate)[i] = qkd__bf16_bits4(dg);
+        reinterpret_cast<uint2 *>(dup)[i] = qkd__bf16_bits4(du);
+    }
+};
+
 extern "C" void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const float *gate,
                                          const float *up, size_t n)
 {
@@ -328,6 +348,18 @@ extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *ou
         return;
     map(b, swiglu_forward_bits_op{out, gate, up}, n,
         (uintptr_t)out % 8 == 0 && aligned16(gate) && aligned16(up), "swiglu_forward_bf16_bits");
+}
+
+extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate,
+                                                    uint16_t *dup, const float *dout,
+                                                    const float *gate, const float *up, size_t n)
+{
+    if (!n)
+        return;
+    map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up}, n,
+        (uintptr_t)dgate % 8 == 0 && (uintptr_t)dup % 8 == 0 && aligned16(dout) &&
+            aligned16(gate) && aligned16(up),
+        "swiglu_backward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *dup,

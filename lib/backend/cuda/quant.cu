@@ -254,9 +254,7 @@ __device__ inline void put_q4(float *wq, size_t i, float a, float b, float c, fl
 
 __device__ inline void put_q4(uint16_t *wq, size_t i, float a, float b, float c, float d)
 {
-    reinterpret_cast<uint2 *>(wq)[i] =
-        make_uint2(qkd__bf16_bits(a) | qkd__bf16_bits(b) << 16,
-                   qkd__bf16_bits(c) | qkd__bf16_bits(d) << 16);
+    reinterpret_cast<uint2 *>(wq)[i] = qkd__bf16_bits4(make_float4(a, b, c, d));
 }
 
 /* SYM and ASYM over whole groups of 4 seg values (seg a power of two up to
