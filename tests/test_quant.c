@@ -1153,6 +1153,108 @@ START_TEST(test_identity_ste_backward_allocates_no_dwq)
 }
 END_TEST
 
+/* Every value of m (logits of its last forward, and with grads every
+ * tensor's gradient) equals other's, bit for bit. */
+static void assert_same_model(qkd_model *m, qkd_model *other, int grads, const char *what)
+{
+    float *a = vec_new(SB * ST * SV), *b = vec_new(SB * ST * SV);
+    ck_assert_int_eq(qkd_model_logits(m, a, SB * ST * SV), QKD_OK);
+    ck_assert_int_eq(qkd_model_logits(other, b, SB * ST * SV), QKD_OK);
+    ck_assert_msg(memcmp(a, b, sizeof(float) * SB * ST * SV) == 0, "%s: logits differ", what);
+    free(a), free(b);
+    for (int i = 0; grads && i < qkd_model_n_tensors(m); i++) {
+        float *ga = get_grad(m, i), *gb = get_grad(other, i);
+        ck_assert_msg(memcmp(ga, gb, sizeof(float) * (size_t)tensor_len(m, i)) == 0,
+                      "%s: tensor %d's gradients differ", what, i);
+        free(ga), free(gb);
+    }
+}
+
+/* The bf16-bits family changes no value: a bf16 model that keeps its
+ * linear inputs, SwiGLU's gradients and its quantized weights as bf16 bits
+ * (the reference backend's family) computes the logits, loss and gradients
+ * of the same model without the family (fp32 operands, rounded as the
+ * products read them), bit for bit: a plain model, a frozen one, a
+ * plain-STE student (weight gradients straight to dL/dw) and a clipped one
+ * (through dL/dQ(w)). An output-error clip search reads those inputs as
+ * bits, the values the products saw rather than their fp32 originals, and
+ * picks the same clips for almost every group. */
+START_TEST(test_bf16_bits_change_no_value)
+{
+    qkd_context *ctx[2] = {test_context(2), test_context(2)};
+    ctx[1]->backend->matmul_forward_bf16_bits = NULL; /* one slot off turns the family off */
+    int32_t tokens[SB * ST], targets[SB * ST];
+    random_ids(tokens, SB * ST, 41);
+    random_ids(targets, SB * ST, 42);
+    static const char *what[] = {"plain", "frozen", "STE student", "clipped student"};
+    for (int kind = 0; kind < 4; kind++) {
+        qkd_model *m[2];
+        qkd_quantizer *q[2] = {NULL, NULL};
+        float loss[2] = {0.0f, 0.0f};
+        for (int k = 0; k < 2; k++) {
+            m[k] = tiny_model(ctx[k], 0, 43);
+            ck_assert_int_eq(qkd_model_set_matmul_precision(m[k], QKD_MATMUL_BF16), QKD_OK);
+            if (kind >= 2) {
+                qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
+                p.clip = kind == 3 ? QKD_CLIP_FIXED : p.clip;
+                p.clip_ratio = kind == 3 ? 0.9f : p.clip_ratio;
+                q[k] = make_quantizer(ctx[k], &p);
+                bind(m[k], q[k], QKD_QUANT_TARGET_LINEAR);
+            }
+            if (kind == 1) {
+                ck_assert_int_eq(qkd_model_set_trainable(m[k], 0), QKD_OK);
+                ck_assert_int_eq(qkd_model_forward(m[k], tokens, SB, ST), QKD_OK);
+            } else {
+                loss[k] = train_step(m[k], tokens, targets);
+            }
+        }
+        ck_assert_msg(loss[0] == loss[1], "%s: loss %.9g against %.9g", what[kind],
+                      (double)loss[0], (double)loss[1]);
+        assert_same_model(m[0], m[1], kind != 1, what[kind]);
+        for (int k = 0; k < 2; k++) {
+            qkd_model_free(m[k]);
+            qkd_quantizer_free(q[k]);
+        }
+    }
+    /* the clip search on bits against the search on fp32 inputs */
+    float *w[2];
+    size_t n = 0, same = 0, moved = 0;
+    qkd_model *m[2];
+    qkd_quantizer *q[2];
+    for (int k = 0; k < 2; k++) {
+        m[k] = tiny_model(ctx[k], 0, 44);
+        ck_assert_int_eq(qkd_model_set_matmul_precision(m[k], QKD_MATMUL_BF16), QKD_OK);
+        qkd_quant_params p = params(QKD_QUANT_ASYM, 3, 32);
+        p.clip = QKD_CLIP_SEARCH_OUTPUT;
+        q[k] = make_quantizer(ctx[k], &p);
+        bind(m[k], q[k], QKD_QUANT_TARGET_LINEAR);
+        ck_assert_int_eq(qkd_quantizer_calibrate(q[k], m[k], tokens, SB, ST), QKD_OK);
+    }
+    qkd_model *fresh = tiny_model(ctx[0], 0, 44);
+    for (int i = 0; i < qkd_model_n_tensors(m[0]); i++) {
+        if (!targeted(m[0], i, QKD_QUANT_TARGET_LINEAR))
+            continue;
+        float *w0 = get_tensor(fresh, i);
+        w[0] = get_tensor(m[0], i);
+        w[1] = get_tensor(m[1], i);
+        for (int64_t e = 0; e < tensor_len(m[0], i); e++) {
+            same += w[0][e] == w[1][e];
+            moved += w[0][e] != w0[e];
+        }
+        n += (size_t)tensor_len(m[0], i);
+        free(w0), free(w[0]), free(w[1]);
+    }
+    ck_assert_msg(moved > 0, "the search clipped nothing");
+    ck_assert_msg(same >= n - n / 100, "clips differ on %zu of %zu weights", n - same, n);
+    qkd_model_free(fresh);
+    for (int k = 0; k < 2; k++) {
+        qkd_model_free(m[k]);
+        qkd_quantizer_free(q[k]);
+        qkd_context_free(ctx[k]);
+    }
+}
+END_TEST
+
 /* CONTINUOUS: the student's gradient against central differences of its
  * smooth forward, on elements that are not their group's extremes (whose
  * moves would change the group's scale, held constant by the estimator). */
@@ -2006,6 +2108,7 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_student_forward_equals_quantized_model);
     tcase_add_test(tc, test_ste_gradient_equals_quantized_model_gradient);
     tcase_add_test(tc, test_identity_ste_backward_allocates_no_dwq);
+    tcase_add_test(tc, test_bf16_bits_change_no_value);
     tcase_add_test(tc, test_continuous_student_gradient);
     tcase_add_test(tc, test_decode_uses_quantized_weights);
     tcase_add_test(tc, test_calibrate_search_weight);

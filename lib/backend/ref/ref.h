@@ -43,12 +43,22 @@ void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const flo
                                          const float *w, int N, int C, int OC);
 void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                           const float *inp, int N, int C, int OC);
+/* The bf16-bits family (backend.h): operands that may be bf16 bits. */
+void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
+                                       qkd__bf16_in w, int N, int C, int OC);
+void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
+                                              qkd__bf16_in w, int N, int C, int OC);
+void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
+                                               qkd__bf16_in inp, int N, int C, int OC);
 void qkd__ref_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
                                 const float *table, int N, int C);
 void qkd__ref_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
                                  const int32_t *ids, int N, int C, int V);
 void qkd__ref_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const float *inp,
                               const float *w, int N, int C, float eps);
+void qkd__ref_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
+                                        const float *inp, const float *w, int N, int C,
+                                        float eps);
 void qkd__ref_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const float *dout,
                                const float *inp, const float *w, const float *rstd, int N,
                                int C);
@@ -80,6 +90,11 @@ void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, flo
 /* ---- ref_activation.c --------------------------------------------------- */
 void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
                              size_t n);
+void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const float *gate,
+                                       const float *up, size_t n);
+void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
+                                        const float *dout, const float *gate, const float *up,
+                                        size_t n);
 void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
                               const float *gate, const float *up, size_t n);
 void qkd__ref_softmax_forward(qkd__backend *b, float *probs, const float *logits, int N, int V,
@@ -99,6 +114,10 @@ void qkd__ref_cross_entropy_backward(qkd__backend *b, float *dlogits, const floa
 void qkd__ref_fakequant_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
                                 const float *w, int64_t rows, int64_t cols,
                                 const qkd__quant_spec *spec);
+/* SYM, ASYM and TERNARY only (the slot's schemes). */
+void qkd__ref_fakequant_forward_bf16(qkd__backend *b, uint16_t *wq, float *scales,
+                                     float *zeros, const float *w, int64_t rows, int64_t cols,
+                                     const qkd__quant_spec *spec);
 void qkd__ref_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, const float *w,
                                  const float *scales, const float *zeros, int64_t rows,
                                  int64_t cols, const qkd__quant_spec *spec);

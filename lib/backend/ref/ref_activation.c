@@ -3,11 +3,13 @@
 #include <math.h>
 
 #include "backend/ref/ref.h"
+#include "core/half.h"
 
 /* ---- SwiGLU ---------------------------------------------------------------------- */
 
 struct swiglu_job {
     float *out, *dgate, *dup;
+    uint16_t *out_bits, *dgate_bits, *dup_bits; /* the bf16-bits forms' outputs */
     const float *dout, *gate, *up;
 };
 
@@ -21,7 +23,11 @@ static void swiglu_forward_range(const void *arg, int64_t begin, int64_t end)
     const struct swiglu_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
         double x = j->gate[i];
-        j->out[i] = (float)(x * sigmoid(x) * j->up[i]);
+        const float v = (float)(x * sigmoid(x) * j->up[i]);
+        if (j->out_bits)
+            j->out_bits[i] = qkd__f32_to_bf16(v);
+        else
+            j->out[i] = v;
     }
 }
 
@@ -31,8 +37,14 @@ static void swiglu_backward_range(const void *arg, int64_t begin, int64_t end)
     const struct swiglu_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
         double x = j->gate[i], s = sigmoid(x), g = j->dout[i];
-        j->dgate[i] = (float)(j->dgate[i] + g * j->up[i] * s * (1.0 + x * (1.0 - s)));
-        j->dup[i] = (float)(j->dup[i] + g * x * s);
+        const double dg = g * j->up[i] * s * (1.0 + x * (1.0 - s)), du = g * x * s;
+        if (j->dgate_bits) { /* written: what adding to zero gives */
+            j->dgate_bits[i] = qkd__f32_to_bf16((float)(0.0f + dg));
+            j->dup_bits[i] = qkd__f32_to_bf16((float)(0.0f + du));
+        } else {
+            j->dgate[i] = (float)(j->dgate[i] + dg);
+            j->dup[i] = (float)(j->dup[i] + du);
+        }
     }
 }
 
@@ -47,6 +59,22 @@ void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const f
                               const float *gate, const float *up, size_t n)
 {
     struct swiglu_job job = {.dgate = dgate, .dup = dup, .dout = dout, .gate = gate, .up = up};
+    qkd__ref_parallel(b, (int64_t)n, 40, swiglu_backward_range, &job);
+}
+
+void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const float *gate,
+                                       const float *up, size_t n)
+{
+    struct swiglu_job job = {.out_bits = out, .gate = gate, .up = up};
+    qkd__ref_parallel(b, (int64_t)n, 30, swiglu_forward_range, &job);
+}
+
+void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
+                                        const float *dout, const float *gate, const float *up,
+                                        size_t n)
+{
+    struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .dout = dout, .gate = gate,
+                             .up = up};
     qkd__ref_parallel(b, (int64_t)n, 40, swiglu_backward_range, &job);
 }
 

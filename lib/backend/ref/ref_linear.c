@@ -17,53 +17,67 @@ static int n_blocks(int n, int width)
 
 /* ---- matmul ------------------------------------------------------------------ */
 
-/* x as a bf16 input of a QKD_MATMUL_BF16 product reads it. */
-static double bf16_round(float x)
+/* Element i of a product's input: as an fp32 product reads it, or (bf16)
+ * as a QKD_MATMUL_BF16 product does: fp32 values rounded to bf16, or bf16
+ * bits decoded. */
+static double in_at(qkd__bf16_in in, size_t i, int bf16)
 {
-    return qkd__bf16_to_f32(qkd__f32_to_bf16(x));
+    if (in.bits)
+        return qkd__bf16_to_f32(in.bits[i]);
+    return bf16 ? qkd__bf16_to_f32(qkd__f32_to_bf16(in.f32[i])) : in.f32[i];
 }
 
 struct matmul_job {
     float *out;
-    const float *inp, *w;
+    qkd__bf16_in inp, w;
     int C, OC;
     int bf16; /* round every input to bf16 */
 };
-
-static double dot_bf16(const float *x, const float *y, int n)
-{
-    double s = 0.0;
-    for (int i = 0; i < n; i++)
-        s += bf16_round(x[i]) * bf16_round(y[i]);
-    return s;
-}
 
 /* One item is one output element: a dot product over C. */
 static void matmul_forward_range(const void *arg, int64_t begin, int64_t end)
 {
     const struct matmul_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
-        const float *x = j->inp + (size_t)(i / j->OC) * j->C;
-        const float *w = j->w + (size_t)(i % j->OC) * j->C;
-        j->out[i] = (float)(j->bf16 ? dot_bf16(x, w, j->C) : qkd__ref_dot(x, w, j->C));
+        const size_t x = (size_t)(i / j->OC) * j->C, w = (size_t)(i % j->OC) * j->C;
+        double s;
+        if (!j->bf16) {
+            s = qkd__ref_dot(j->inp.f32 + x, j->w.f32 + w, j->C);
+        } else {
+            s = 0.0;
+            for (int c = 0; c < j->C; c++)
+                s += in_at(j->inp, x + c, 1) * in_at(j->w, w + c, 1);
+        }
+        j->out[i] = (float)s;
     }
 }
 
-static void matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
+static void matmul_forward(qkd__backend *b, float *out, qkd__bf16_in inp, qkd__bf16_in w,
                            int N, int C, int OC, int bf16)
 {
     struct matmul_job job = {.out = out, .inp = inp, .w = w, .C = C, .OC = OC, .bf16 = bf16};
     qkd__ref_parallel(b, (int64_t)N * OC, 2 * (int64_t)C, matmul_forward_range, &job);
 }
 
+static qkd__bf16_in f32_in(const float *x)
+{
+    return (qkd__bf16_in){.f32 = x};
+}
+
 void qkd__ref_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
                              int N, int C, int OC)
 {
-    matmul_forward(b, out, inp, w, N, C, OC, 0);
+    matmul_forward(b, out, f32_in(inp), f32_in(w), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
                                   const float *w, int N, int C, int OC)
+{
+    matmul_forward(b, out, f32_in(inp), f32_in(w), N, C, OC, 1);
+}
+
+void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
+                                       qkd__bf16_in w, int N, int C, int OC)
 {
     matmul_forward(b, out, inp, w, N, C, OC, 1);
 }
@@ -73,7 +87,7 @@ void qkd__ref_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
  * shape; an item is one column block of one output row. */
 struct accum_job {
     float *out;
-    const float *A, *M;
+    qkd__bf16_in A, M;
     int C, K;
     size_t a_r, a_k;
     int bf16; /* round every input to bf16 */
@@ -91,16 +105,14 @@ static void accum_range(const void *arg, int64_t begin, int64_t end)
         for (int c = 0; c < nc; c++)
             acc[c] = 0.0;
         for (int k = 0; k < j->K; k++) {
-            const float ak = j->A[r * j->a_r + (size_t)k * j->a_k];
-            const float *m = j->M + (size_t)k * j->C + c0;
-            if (j->bf16) {
-                const double a = bf16_round(ak);
+            const double a = in_at(j->A, r * j->a_r + (size_t)k * j->a_k, j->bf16);
+            const size_t m = (size_t)k * j->C + c0;
+            if (!j->bf16) { /* the plain product's loop, kept tight */
                 for (int c = 0; c < nc; c++)
-                    acc[c] += a * bf16_round(m[c]);
+                    acc[c] += a * j->M.f32[m + c];
             } else {
-                const double a = ak;
                 for (int c = 0; c < nc; c++)
-                    acc[c] += a * m[c];
+                    acc[c] += a * in_at(j->M, m + c, 1);
             }
         }
         float *o = j->out + r * j->C + c0;
@@ -116,7 +128,7 @@ static void accumulate(qkd__backend *b, struct accum_job *job, int R)
                       accum_range, job);
 }
 
-static void backward_input(qkd__backend *b, float *dinp, const float *dout, const float *w,
+static void backward_input(qkd__backend *b, float *dinp, qkd__bf16_in dout, qkd__bf16_in w,
                            int N, int C, int OC, int bf16)
 {
     /* dinp[n][c] += sum_o dout[n][o] * w[o][c] */
@@ -125,7 +137,7 @@ static void backward_input(qkd__backend *b, float *dinp, const float *dout, cons
     accumulate(b, &job, N);
 }
 
-static void backward_weight(qkd__backend *b, float *dw, const float *dout, const float *inp,
+static void backward_weight(qkd__backend *b, float *dw, qkd__bf16_in dout, qkd__bf16_in inp,
                             int N, int C, int OC, int bf16)
 {
     /* dw[o][c] += sum_n dout[n][o] * inp[n][c] */
@@ -137,11 +149,17 @@ static void backward_weight(qkd__backend *b, float *dw, const float *dout, const
 void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
                                     const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, dout, w, N, C, OC, 0);
+    backward_input(b, dinp, f32_in(dout), f32_in(w), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                          const float *w, int N, int C, int OC)
+{
+    backward_input(b, dinp, f32_in(dout), f32_in(w), N, C, OC, 1);
+}
+
+void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
+                                              qkd__bf16_in w, int N, int C, int OC)
 {
     backward_input(b, dinp, dout, w, N, C, OC, 1);
 }
@@ -149,11 +167,17 @@ void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const flo
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
                                      const float *inp, int N, int C, int OC)
 {
-    backward_weight(b, dw, dout, inp, N, C, OC, 0);
+    backward_weight(b, dw, f32_in(dout), f32_in(inp), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                           const float *inp, int N, int C, int OC)
+{
+    backward_weight(b, dw, f32_in(dout), f32_in(inp), N, C, OC, 1);
+}
+
+void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
+                                               qkd__bf16_in inp, int N, int C, int OC)
 {
     backward_weight(b, dw, dout, inp, N, C, OC, 1);
 }
@@ -205,6 +229,7 @@ void qkd__ref_embedding_backward(qkd__backend *b, float *dtable, const float *do
 
 struct rmsnorm_job {
     float *out, *dinp, *dw, *rstd_out;
+    uint16_t *out_bits; /* the forward's output as bf16 bits instead of out */
     const float *dout, *inp, *w, *rstd;
     int N, C;
     float eps;
@@ -215,10 +240,15 @@ static void rmsnorm_forward_range(const void *arg, int64_t begin, int64_t end)
     const struct rmsnorm_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
         const float *x = j->inp + (size_t)i * j->C;
-        float *y = j->out + (size_t)i * j->C;
+        const size_t y = (size_t)i * j->C;
         double r = 1.0 / sqrt(qkd__ref_dot(x, x, j->C) / j->C + j->eps);
-        for (int c = 0; c < j->C; c++)
-            y[c] = (float)(x[c] * r * j->w[c]);
+        for (int c = 0; c < j->C; c++) {
+            const float v = (float)(x[c] * r * j->w[c]);
+            if (j->out_bits)
+                j->out_bits[y + c] = qkd__f32_to_bf16(v);
+            else
+                j->out[y + c] = v;
+        }
         j->rstd_out[i] = (float)r;
     }
 }
@@ -227,6 +257,15 @@ void qkd__ref_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const fl
                               const float *w, int N, int C, float eps)
 {
     struct rmsnorm_job job = {.out = out, .rstd_out = rstd, .inp = inp, .w = w,
+                              .N = N, .C = C, .eps = eps};
+    qkd__ref_parallel(b, N, 4 * (int64_t)C, rmsnorm_forward_range, &job);
+}
+
+void qkd__ref_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
+                                        const float *inp, const float *w, int N, int C,
+                                        float eps)
+{
+    struct rmsnorm_job job = {.out_bits = out, .rstd_out = rstd, .inp = inp, .w = w,
                               .N = N, .C = C, .eps = eps};
     qkd__ref_parallel(b, N, 4 * (int64_t)C, rmsnorm_forward_range, &job);
 }

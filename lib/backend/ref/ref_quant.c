@@ -6,6 +6,7 @@
 #include <math.h>
 
 #include "backend/ref/ref.h"
+#include "core/half.h"
 #include "quant/ggml_blocks.h"
 #include "quant/quant.h"
 
@@ -182,6 +183,7 @@ static float threshold_floor(double d)
 
 struct fq_job {
     float *out;              /* wq, or dw */
+    uint16_t *out_bits;      /* wq as bf16 bits instead (fakequant_forward_bf16) */
     float *scales, *zeros;   /* per group: the forward's scale and zero point,
                                 or the LSQ backward's dscales and dzeros */
     const float *w, *dq;
@@ -215,9 +217,14 @@ static void forward_range(const void *arg, int64_t begin, int64_t end)
             j->zeros[item] = j->spec->scheme == QKD_QUANT_TERNARY ? threshold_floor(g.d) : g.z;
             continue;
         }
-        float *out = j->out + (w - j->w);
-        for (int64_t i = 0; i < n; i++)
-            out[i] = quantize_value(&g, w[i], j->spec);
+        const size_t at = (size_t)(w - j->w);
+        for (int64_t i = 0; i < n; i++) {
+            const float q = quantize_value(&g, w[i], j->spec);
+            if (j->out_bits)
+                j->out_bits[at + i] = qkd__f32_to_bf16(q);
+            else
+                j->out[at + i] = q;
+        }
         j->zeros[item] = g.z;
     }
 }
@@ -311,6 +318,18 @@ void qkd__ref_fakequant_forward(qkd__backend *b, float *wq, float *scales, float
     }
     struct fq_job job = {.out = wq, .scales = scales, .zeros = zeros, .w = w, .cols = cols,
                          .per_row = groups_per_row(cols, spec->group), .spec = spec};
+    int64_t per_group = cols < spec->group ? cols : spec->group;
+    qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 120 : 20),
+                      forward_range, &job);
+}
+
+void qkd__ref_fakequant_forward_bf16(qkd__backend *b, uint16_t *wq, float *scales,
+                                     float *zeros, const float *w, int64_t rows, int64_t cols,
+                                     const qkd__quant_spec *spec)
+{
+    struct fq_job job = {.out_bits = wq, .scales = scales, .zeros = zeros, .w = w,
+                         .cols = cols, .per_row = groups_per_row(cols, spec->group),
+                         .spec = spec};
     int64_t per_group = cols < spec->group ? cols : spec->group;
     qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 120 : 20),
                       forward_range, &job);

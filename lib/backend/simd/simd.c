@@ -273,6 +273,20 @@ static void install_best(qkd__backend *b)
 }
 #endif
 
+/* The reference's bf16-bits family would route a bf16 model's products
+ * to the scalar kernels: without it the model keeps fp32 operands, which
+ * the vector bf16 products round as they pack them. */
+static void drop_bf16_bits(qkd__backend *b)
+{
+    b->matmul_forward_bf16_bits = NULL;
+    b->matmul_backward_input_bf16_bits = NULL;
+    b->matmul_backward_weight_bf16_bits = NULL;
+    b->rmsnorm_forward_bf16_bits = NULL;
+    b->swiglu_forward_bf16_bits = NULL;
+    b->swiglu_backward_bf16_bits = NULL;
+    b->fakequant_forward_bf16 = NULL;
+}
+
 qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out)
 {
     *out = NULL;
@@ -290,6 +304,7 @@ qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out)
     b->impl = impl;
     b->destroy = simd_destroy;
     install_best(b);
+    drop_bf16_bits(b);
     *out = b;
     return QKD_OK;
 }
