@@ -307,6 +307,17 @@ static void format_forward(qkd__backend *b, float *wq, float *scales, float *zer
     qkd__ref_parallel(b, rows * cols / job.f->block, job.f->block * 60, format_range, &job);
 }
 
+/* A forward job (outputs, w and spec set) over the groups of rows x cols. */
+static void forward_groups(qkd__backend *b, struct fq_job *job, int64_t rows, int64_t cols)
+{
+    const qkd__quant_spec *spec = job->spec;
+    job->cols = cols;
+    job->per_row = groups_per_row(cols, spec->group);
+    int64_t per_group = cols < spec->group ? cols : spec->group;
+    qkd__ref_parallel(b, rows * job->per_row, per_group * (spec->continuous ? 120 : 20),
+                      forward_range, job);
+}
+
 void qkd__ref_fakequant_forward(qkd__backend *b, float *wq, float *scales, float *zeros,
                                 const float *w, int64_t rows, int64_t cols,
                                 const qkd__quant_spec *spec)
@@ -316,11 +327,8 @@ void qkd__ref_fakequant_forward(qkd__backend *b, float *wq, float *scales, float
         format_forward(b, wq, scales, zeros, w, rows, cols, type);
         return;
     }
-    struct fq_job job = {.out = wq, .scales = scales, .zeros = zeros, .w = w, .cols = cols,
-                         .per_row = groups_per_row(cols, spec->group), .spec = spec};
-    int64_t per_group = cols < spec->group ? cols : spec->group;
-    qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 120 : 20),
-                      forward_range, &job);
+    struct fq_job job = {.out = wq, .scales = scales, .zeros = zeros, .w = w, .spec = spec};
+    forward_groups(b, &job, rows, cols);
 }
 
 void qkd__ref_fakequant_forward_bf16(qkd__backend *b, uint16_t *wq, float *scales,
@@ -328,11 +336,8 @@ void qkd__ref_fakequant_forward_bf16(qkd__backend *b, uint16_t *wq, float *scale
                                      const qkd__quant_spec *spec)
 {
     struct fq_job job = {.out_bits = wq, .scales = scales, .zeros = zeros, .w = w,
-                         .cols = cols, .per_row = groups_per_row(cols, spec->group),
                          .spec = spec};
-    int64_t per_group = cols < spec->group ? cols : spec->group;
-    qkd__ref_parallel(b, rows * job.per_row, per_group * (spec->continuous ? 120 : 20),
-                      forward_range, &job);
+    forward_groups(b, &job, rows, cols);
 }
 
 void qkd__ref_fakequant_backward(qkd__backend *b, float *dw, const float *dwq, const float *w,
