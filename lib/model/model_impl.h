@@ -88,7 +88,7 @@ typedef enum qkd__wq_form {
                       it (the backend's fused slots): scales/zeros are
                       fakequant_groups', wq is stale */
     QKD__WQ_BF16   /* wq's first half holds Q(w) in bf16 (fakequant_forward_bf16)
-                      for the wbf16 products; its fp32 values are stale */
+                      for the bf16-bits products; its fp32 values are stale */
 } qkd__wq_form;
 
 /* A targeted tensor's quantization state (device buffers). */

@@ -6,9 +6,11 @@
  * the latent weights as they pack them; its backward collects dL/dQ(w) in a
  * separate buffer and maps it to dL/dw through the quantizer's estimator,
  * adding it to the model's gradient, or, when that estimator is the
- * identity (the plain STE without a clip), adds to dL/dw directly. With learned scales the quantizer's
- * scales and zero points are tensors of the model's table, after its
- * weights: the forward reads them and the backward adds their gradients. */
+ * identity (the plain STE without a clip), adds to dL/dw directly. A bf16
+ * model on a backend with the bf16-bits family writes Q(w) in bf16 only.
+ * With learned scales the quantizer's scales and zero points are tensors
+ * of the model's table, after its weights: the forward reads them and the
+ * backward adds their gradients. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -94,16 +96,15 @@ void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int lay
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    const float *w = qkd__model_weight(m, kind, layer);
-    qkd__quant_spec spec;
     if (qkd__model_bf16_bits(m)) {
         be->matmul_forward_bf16_bits(be, out, inp, weight_in(m, t, kind, layer), N, C, OC);
     } else if (t && t->form == QKD__WQ_FUSED) {
+        qkd__quant_spec spec;
         qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
         be->matmul_forward_fq(be, out, inp.f32, &fw, N, C, OC);
     } else {
-        (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(be, out, inp.f32, w, N,
-                                                                         C, OC);
+        (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(
+            be, out, inp.f32, qkd__model_weight(m, kind, layer), N, C, OC);
     }
 }
 
@@ -112,17 +113,16 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    const float *w = qkd__model_weight(m, kind, layer);
-    qkd__quant_spec spec;
     if (qkd__model_bf16_bits(m)) {
         be->matmul_backward_input_bf16_bits(be, dinp, dout, weight_in(m, t, kind, layer), N, C,
                                             OC);
     } else if (t && t->form == QKD__WQ_FUSED) {
+        qkd__quant_spec spec;
         qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
         be->matmul_backward_input_fq(be, dinp, dout.f32, &fw, N, C, OC);
     } else {
         (m->matmul_bf16 ? be->matmul_backward_input_bf16 : be->matmul_backward_input)(
-            be, dinp, dout.f32, w, N, C, OC);
+            be, dinp, dout.f32, qkd__model_weight(m, kind, layer), N, C, OC);
     }
 }
 
@@ -153,7 +153,8 @@ qkd__bf16_in qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, i
 {
     if (x16)
         return (qkd__bf16_in){.bits = x16};
-    return (qkd__bf16_in){.f32 = qkd__model_act_bits(m) && live_qtensor(m, kind, layer) ? xq : x};
+    const int quantized = qkd__model_act_bits(m) && live_qtensor(m, kind, layer);
+    return (qkd__bf16_in){.f32 = quantized ? xq : x};
 }
 
 qkd_quantizer *qkd__model_tensor_quantizer(const qkd_model *m, int index)
@@ -200,7 +201,7 @@ qkd_status qkd__model_deployed_get(qkd_model *m, int index, float *dst)
  * decoding and export) */
 #define WQ_SMOOTH 1 /* round_T and SoftClamp (the CONTINUOUS estimator) */
 #define WQ_FUSED 2  /* the backend's fused products, fp32 */
-#define WQ_BF16 4   /* Q(w) in bf16 for the wbf16 products */
+#define WQ_BF16 4   /* Q(w) in bf16 for the bf16-bits products */
 
 static int backend_fuses(const qkd_model *m)
 {
