@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "core/half.h"
 #include "core/core.h"
 #include "testutil.h"
 
@@ -353,6 +354,84 @@ START_TEST(test_matmul_bf16)
     ck_assert_double_gt(most, 1e-3);
     free(x), free(w), free(dy), free(y), free(dx), free(dw), free(y32);
     free(want_y), free(want_dx), free(want_dw);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* n bf16 bits from a vector of floats: their rounding. */
+static uint16_t *bits_of(const float *x, size_t n)
+{
+    uint16_t *b = malloc((n ? n : 1) * sizeof *b);
+    ck_assert_ptr_nonnull(b);
+    for (size_t i = 0; i < n; i++)
+        b[i] = qkd__f32_to_bf16(x[i]);
+    return b;
+}
+
+static void assert_bits(const char *what, const uint16_t *got, const float *f32, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(got[i] == qkd__f32_to_bf16(f32[i]), "%s [%zu]: 0x%04x, fp32 %.9g", what,
+                      i, got[i], (double)f32[i]);
+}
+
+/* The bf16-bits family: the products on bits equal the bf16 products on
+ * the values the bits decode to, and the producers write their fp32 forms'
+ * outputs rounded (SwiGLU's backward: into zeroed gradients), bit for bit. */
+START_TEST(test_bf16_bits_family)
+{
+    qkd_context *ctx = test_context(2);
+    qkd__backend *b = ctx->backend;
+    test_rng_seed(6);
+    const int N = 9, C = 70, OC = 11;
+    const size_t nx = (size_t)N * C, nw = (size_t)OC * C, ny = (size_t)N * OC;
+    float *x = test_vec_rand(nx, -1, 1), *w = test_vec_rand(nw, -1, 1);
+    float *dy = test_vec_rand(ny, -1, 1);
+    uint16_t *xb = bits_of(x, nx), *wb = bits_of(w, nw), *dyb = bits_of(dy, ny);
+    float *y = test_vec_new(ny), *dx = test_vec_new(nx), *dw = test_vec_new(nw);
+    float *y2 = test_vec_new(ny), *dx2 = test_vec_new(nx), *dw2 = test_vec_new(nw);
+    b->matmul_forward_bf16(b, y, x, w, N, C, OC);
+    b->matmul_backward_input_bf16(b, dx, dy, w, N, C, OC);
+    b->matmul_backward_weight_bf16(b, dw, dy, x, N, C, OC);
+    const qkd__bf16_in xi = {.bits = xb}, wi = {.bits = wb}, dyi = {.bits = dyb};
+    b->matmul_forward_bf16_bits(b, y2, xi, wi, N, C, OC);
+    b->matmul_backward_input_bf16_bits(b, dx2, dyi, wi, N, C, OC);
+    b->matmul_backward_weight_bf16_bits(b, dw2, dyi, xi, N, C, OC);
+    ck_assert_mem_eq(y2, y, ny * sizeof *y);
+    ck_assert_mem_eq(dx2, dx, nx * sizeof *dx);
+    ck_assert_mem_eq(dw2, dw, nw * sizeof *dw);
+
+    float *nw_ = test_vec_rand((size_t)C, 0.5, 1.5), *r = test_vec_new((size_t)N);
+    float *r2 = test_vec_new((size_t)N);
+    uint16_t *yb = bits_of(x, nx); /* overwritten */
+    b->rmsnorm_forward(b, dx, r, x, nw_, N, C, 1e-5f);
+    b->rmsnorm_forward_bf16_bits(b, yb, r2, x, nw_, N, C, 1e-5f);
+    assert_bits("rmsnorm_forward_bf16_bits", yb, dx, nx);
+    ck_assert_mem_eq(r2, r, (size_t)N * sizeof *r);
+
+    float *gate = test_vec_rand(nx, -8, 8), *up = test_vec_rand(nx, -2, 2);
+    float *dg = test_vec_new(nx), *du = test_vec_new(nx);
+    uint16_t *dgb = bits_of(x, nx), *dub = bits_of(x, nx);
+    b->swiglu_forward(b, dx, gate, up, nx);
+    b->swiglu_forward_bf16_bits(b, yb, gate, up, nx);
+    assert_bits("swiglu_forward_bf16_bits", yb, dx, nx);
+    b->swiglu_backward(b, dg, du, x, gate, up, nx); /* into zeroed dg, du */
+    b->swiglu_backward_bf16_bits(b, dgb, dub, x, gate, up, nx);
+    assert_bits("swiglu_backward_bf16_bits dgate", dgb, dg, nx);
+    assert_bits("swiglu_backward_bf16_bits dup", dub, du, nx);
+
+    for (int scheme = QKD_QUANT_SYM; scheme <= QKD_QUANT_TERNARY; scheme++) {
+        const qkd__quant_spec spec = {.scheme = scheme, .bits = 4, .group = 32, .clip_ratio = 0.9f};
+        float s1[3 * 9], z1[3 * 9], s2[3 * 9], z2[3 * 9]; /* 9 rows of 70: 3 groups each */
+        b->fakequant_forward(b, dx, s1, z1, x, N, C, &spec);
+        b->fakequant_forward_bf16(b, yb, s2, z2, x, N, C, &spec);
+        assert_bits("fakequant_forward_bf16", yb, dx, nx);
+        ck_assert_mem_eq(s2, s1, sizeof s1);
+        ck_assert_mem_eq(z2, z1, sizeof z1);
+    }
+    free(x), free(w), free(dy), free(xb), free(wb), free(dyb), free(y), free(dx), free(dw);
+    free(y2), free(dx2), free(dw2), free(nw_), free(r), free(r2), free(yb);
+    free(gate), free(up), free(dg), free(du), free(dgb), free(dub);
     qkd_context_free(ctx);
 }
 END_TEST
@@ -1227,6 +1306,7 @@ Suite *suite_backend_ref(void)
     tcase_add_test(tc, test_matmul_backward_input);
     tcase_add_test(tc, test_matmul_backward_weight);
     tcase_add_test(tc, test_matmul_bf16);
+    tcase_add_test(tc, test_bf16_bits_family);
     tcase_add_test(tc, test_attention_bf16);
     tcase_add_test(tc, test_embedding_forward);
     tcase_add_test(tc, test_embedding_backward);
