@@ -1170,13 +1170,38 @@ static void assert_same_model(qkd_model *m, qkd_model *other, int grads, const c
     }
 }
 
+/* Three decoding steps of m and other give the same logits, and every
+ * quantized tensor exports (qkd__model_deployed_get) the same values, bit
+ * for bit. */
+static void assert_same_decode_and_export(qkd_model *m, qkd_model *other, const int32_t *tokens,
+                                          const char *what)
+{
+    float a[SV], b[SV];
+    for (int pos = 0; pos < 3; pos++) {
+        ck_assert_int_eq(qkd_model_decode(m, tokens[pos], pos, a), QKD_OK);
+        ck_assert_int_eq(qkd_model_decode(other, tokens[pos], pos, b), QKD_OK);
+        ck_assert_msg(memcmp(a, b, sizeof a) == 0, "%s: decoded logits differ at %d", what,
+                      pos);
+    }
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        const size_t n = (size_t)tensor_len(m, i);
+        float *da = vec_new(n), *db = vec_new(n);
+        ck_assert_int_eq(qkd__model_deployed_get(m, i, da), QKD_OK);
+        ck_assert_int_eq(qkd__model_deployed_get(other, i, db), QKD_OK);
+        ck_assert_msg(memcmp(da, db, n * sizeof *da) == 0, "%s: tensor %d exports differently",
+                      what, i);
+        free(da), free(db);
+    }
+}
+
 /* The bf16-bits family changes no value: a bf16 model that keeps its
  * linear inputs, SwiGLU's gradients and its quantized weights as bf16 bits
  * (the reference backend's family) computes the logits, loss and gradients
  * of the same model without the family (fp32 operands, rounded as the
  * products read them), bit for bit: a plain model, a frozen one, a
  * plain-STE student (weight gradients straight to dL/dw) and a clipped one
- * (through dL/dQ(w)). An output-error clip search reads those inputs as
+ * (through dL/dQ(w)), then decoding and export (from bf16-sized Q(w)
+ * buffers on the family's side). An output-error clip search reads those inputs as
  * bits, the values the products saw rather than their fp32 originals, and
  * picks the same clips for almost every group. */
 START_TEST(test_bf16_bits_change_no_value)
@@ -1211,6 +1236,7 @@ START_TEST(test_bf16_bits_change_no_value)
         ck_assert_msg(loss[0] == loss[1], "%s: loss %.9g against %.9g", what[kind],
                       (double)loss[0], (double)loss[1]);
         assert_same_model(m[0], m[1], kind != 1, what[kind]);
+        assert_same_decode_and_export(m[0], m[1], tokens, what[kind]);
         for (int k = 0; k < 2; k++) {
             qkd_model_free(m[k]);
             qkd_quantizer_free(q[k]);
@@ -1252,6 +1278,52 @@ START_TEST(test_bf16_bits_change_no_value)
         qkd_quantizer_free(q[k]);
         qkd_context_free(ctx[k]);
     }
+}
+END_TEST
+
+/* The bytes set_quantizer asks for. */
+static size_t bind_bytes(test_alloc *a, qkd_model *m, qkd_quantizer *q)
+{
+    const size_t before = a->bytes;
+    bind(m, q, QKD_QUANT_TARGET_LINEAR);
+    return a->bytes - before;
+}
+
+/* A bf16 student on a backend with the bf16-bits family keeps Q(w) in
+ * buffers of bf16 size (about half the fp32 ones); switching its
+ * precision sizes them again, and it then computes what a student bound
+ * in that precision computes, bit for bit. */
+START_TEST(test_bf16_student_sizes_qw_buffers)
+{
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 2);
+    int32_t tokens[SB * ST], targets[SB * ST];
+    random_ids(tokens, SB * ST, 51);
+    random_ids(targets, SB * ST, 52);
+    qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
+    qkd_quantizer *q = make_quantizer(ctx, &p);
+    qkd_model *m32 = tiny_model(ctx, 0, 53), *m16 = tiny_model(ctx, 0, 53);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m16, QKD_MATMUL_BF16), QKD_OK);
+    const size_t fp32_bytes = bind_bytes(&a, m32, q), bf16_bytes = bind_bytes(&a, m16, q);
+    size_t linear = 0; /* the quantized weights' elements */
+    for (int i = 0; i < qkd_model_n_tensors(m32); i++)
+        linear += targeted(m32, i, QKD_QUANT_TARGET_LINEAR) ? (size_t)tensor_len(m32, i) : 0;
+    ck_assert_msg(fp32_bytes - bf16_bytes >= 2 * linear, "bf16 %zu bytes against fp32 %zu",
+                  bf16_bytes, fp32_bytes);
+    static const qkd_matmul_precision flips[] = {QKD_MATMUL_FP32, QKD_MATMUL_BF16};
+    for (int f = 0; f < 2; f++) {
+        qkd_model *same = tiny_model(ctx, 0, 53); /* bound in that precision */
+        ck_assert_int_eq(qkd_model_set_matmul_precision(same, flips[f]), QKD_OK);
+        bind(same, q, QKD_QUANT_TARGET_LINEAR);
+        ck_assert_int_eq(qkd_model_set_matmul_precision(m16, flips[f]), QKD_OK);
+        ck_assert_float_eq(train_step(m16, tokens, targets), train_step(same, tokens, targets));
+        assert_same_model(m16, same, 1, f ? "back to bf16" : "switched to fp32");
+        assert_same_decode_and_export(m16, same, tokens, f ? "back to bf16" : "fp32");
+        qkd_model_free(same);
+    }
+    qkd_model_free(m32), qkd_model_free(m16);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -2109,6 +2181,7 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_ste_gradient_equals_quantized_model_gradient);
     tcase_add_test(tc, test_identity_ste_backward_allocates_no_dwq);
     tcase_add_test(tc, test_bf16_bits_change_no_value);
+    tcase_add_test(tc, test_bf16_student_sizes_qw_buffers);
     tcase_add_test(tc, test_continuous_student_gradient);
     tcase_add_test(tc, test_decode_uses_quantized_weights);
     tcase_add_test(tc, test_calibrate_search_weight);

@@ -267,6 +267,7 @@ void *test_alloc_hook(void *user, size_t size)
 {
     test_alloc *a = user;
     a->largest = size > a->largest ? size : a->largest;
+    a->bytes += size;
     long k = a->n++;
     int refused = a->fail_at >= 0 && (k == a->fail_at || (a->fail_rest && k > a->fail_at));
     if (refused || (a->cap && size > a->cap)) {

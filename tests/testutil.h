@@ -78,6 +78,7 @@ typedef struct test_alloc {
     int fail_rest;  /* refuse every attempt after fail_at as well */
     int failed;     /* an attempt was refused */
     size_t largest; /* the largest size asked for */
+    size_t bytes;   /* every size asked for, summed */
     size_t cap;     /* a larger request is refused; 0 for no cap */
 } test_alloc;
 

@@ -215,9 +215,15 @@ typedef enum qkd_matmul_precision {
  * 2^-8 of each); the SIMD backend keeps attention in fp32, its faster
  * path. The matmuls round alike on every backend, so results agree
  * within float accumulation order, and attention's rounding. Meant for a
- * frozen teacher, or for mixed-precision training on a GPU.
- * Errors: INVALID_ARG (NULL model, unknown precision), UNSUPPORTED (the
- * backend has no bf16 matmuls). @since 0.1 */
+ * frozen teacher, or for mixed-precision training on a GPU. Where the
+ * backend can take bf16 operands as they are (CUDA, the reference), a
+ * BF16 model keeps the tensors its products only read rounded (some
+ * activations and gradients, a student's quantized weights) in bf16, with
+ * the same results; changing the precision releases the activations and
+ * resizes a student's quantized-weight buffers. Errors: INVALID_ARG (NULL
+ * model, unknown precision), UNSUPPORTED (the backend has no bf16
+ * matmuls), NO_MEMORY (the resized buffers; the model is then unchanged).
+ * @since 0.1 */
 QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
                                                   qkd_matmul_precision precision);
 

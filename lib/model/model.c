@@ -392,9 +392,16 @@ qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
         return qkd__error(m->ctx, QKD_ERR_UNSUPPORTED,
                           "model set_matmul_precision: the %s backend has no bf16 matmuls",
                           be->name);
-    if (m->matmul_bf16 != (p == QKD_MATMUL_BF16))
-        qkd__model_free_acts(m); /* planned again: their linear inputs may be bf16 */
-    m->matmul_bf16 = p == QKD_MATMUL_BF16;
+    const int was = m->matmul_bf16;
+    if (was == (p == QKD_MATMUL_BF16))
+        return QKD_OK;
+    m->matmul_bf16 = !was;
+    qkd_status st = qkd__model_student_refit(m); /* its Q(w) may be bf16-sized */
+    if (st != QKD_OK) {
+        m->matmul_bf16 = was;
+        return st;
+    }
+    qkd__model_free_acts(m); /* planned again: their linear inputs may be bf16 */
     return QKD_OK;
 }
 

@@ -101,11 +101,14 @@ typedef struct qkd__qtensor {
     int scale_index, zero_index; /* learned scales: the table's tensors of
                              the scales and zero points; -1: none */
     qkd__wq_form form;    /* how the products read Q(w) */
+    int bf16_only;        /* wq has room for bf16 values only: the model's
+                             products always read this Q(w) in bf16 */
 } qkd__qtensor;
 
 /* What makes a model a student (lib/model/student.c). */
 typedef struct qkd__student {
     qkd_quantizer *q;     /* borrowed; NULL when the model is not a student */
+    unsigned targets;     /* what it quantizes (qkd_model_set_quantizer) */
     int off;              /* 1 while calibration runs the float model */
     int act_bits, kv_bits; /* the quantizer's, fixed when bound */
     int wq_state;         /* what the wq buffers hold: -1 nothing yet, else
@@ -261,6 +264,10 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force);
  * allocated; nothing is then changed. */
 qkd_status qkd__model_student_backward_begin(qkd_model *m);
 void qkd__model_student_backward_end(qkd_model *m);
+/* Size the quantized weights' buffers again for the model's matmul
+ * precision (after it changed): bf16-sized where the products only read
+ * Q(w) in bf16. NO_MEMORY leaves everything as it was. */
+qkd_status qkd__model_student_refit(qkd_model *m);
 /* Unbind (the model stays usable as a float model); the table keeps any
  * learned tensors until qkd__model_set_learned_tensors drops them. */
 void qkd__model_free_student(qkd_model *m);

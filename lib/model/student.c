@@ -169,17 +169,17 @@ static float *learned(const qkd_model *m, float *base, int index)
     return index < 0 ? NULL : base + m->tensors[index].offset;
 }
 
-/* Q(w) of targeted tensor i into its wq. */
-static void quantize_tensor(const qkd_model *m, int i, int smooth)
+/* Q(w) of targeted tensor i into wq (its own, or one of its size). */
+static void quantize_tensor(const qkd_model *m, int i, float *wq, int smooth)
 {
     const qkd__student *s = &m->student;
     const qkd__qtensor *t = &s->t[i];
     const qkd__tensor_entry *e = &m->tensors[i];
     const float *w = m->params + e->offset;
     if (t->scale_index < 0)
-        qkd__quantizer_forward(s->q, t->wq, t->scales, t->zeros, w, e->rows, e->cols, smooth);
+        qkd__quantizer_forward(s->q, wq, t->scales, t->zeros, w, e->rows, e->cols, smooth);
     else
-        qkd__quantizer_lsq_forward(s->q, t->wq, w, learned(m, m->params, t->scale_index),
+        qkd__quantizer_lsq_forward(s->q, wq, w, learned(m, m->params, t->scale_index),
                                    learned(m, m->params, t->zero_index), e->rows, e->cols,
                                    smooth);
 }
@@ -187,18 +187,30 @@ static void quantize_tensor(const qkd_model *m, int i, int smooth)
 qkd_status qkd__model_deployed_get(qkd_model *m, int index, float *dst)
 {
     const qkd__tensor_entry *e = &m->tensors[index];
+    const qkd__qtensor *t = &m->student.t[index];
     const size_t n = (size_t)(e->rows * e->cols);
     if (!qkd__model_tensor_quantizer(m, index))
         return qkd__model_download(m, dst, m->params + e->offset, n);
-    quantize_tensor(m, index, 0);
-    m->student.wq_state = -1; /* one tensor's wq is now hard: refresh them all */
-    return qkd__model_download(m, dst, m->student.t[index].wq, n);
+    m->student.wq_state = -1; /* wq or the groups are now hard: refresh them all */
+    if (!t->bf16_only) {
+        quantize_tensor(m, index, t->wq, 0);
+        return qkd__model_download(m, dst, t->wq, n);
+    }
+    qkd__backend *be = qkd__model_backend(m);
+    float *wq = NULL; /* the fp32 Q(w) that wq has no room for */
+    qkd_status st = be->alloc(be, n * sizeof *wq, (void **)&wq);
+    if (st != QKD_OK)
+        return st;
+    quantize_tensor(m, index, wq, 0);
+    st = qkd__model_download(m, dst, wq, n);
+    be->free(be, wq);
+    return st;
 }
 
 /* ---- the passes' hooks ----------------------------------------------------- */
 
-/* student.wq_state: the training forward's bits (0: hard rounding for
- * decoding and export) */
+/* student.wq_state: what the last refresh wrote (0: fp32 hard rounding,
+ * for decoding) */
 #define WQ_SMOOTH 1 /* round_T and SoftClamp (the CONTINUOUS estimator) */
 #define WQ_FUSED 2  /* the backend's fused products, fp32 */
 #define WQ_BF16 4   /* Q(w) in bf16 for the bf16-bits products */
@@ -210,18 +222,24 @@ static int backend_fuses(const qkd_model *m)
            !m->matmul_bf16;
 }
 
-/* How the training forward of `state` reads tensor i: FUSED or BF16 only
- * for a linear weight (not the embedding table, nor a tied head), with
- * computed (not learned) scales, in a scheme those slots take; FUSED
- * also needs groups along the rows. */
+/* Whether weight e, quantized by spec with learned scales or not, can be
+ * read FUSED or BF16: a linear weight (not the embedding table, nor a tied
+ * head), computed scales, a scheme those slots take. */
+static int groupable(const qkd__tensor_entry *e, const qkd__quant_spec *spec, int learned)
+{
+    return e->kind != QKD_TENSOR_TOKEN_EMBD && !learned &&
+           (spec->scheme == QKD_QUANT_SYM || spec->scheme == QKD_QUANT_ASYM ||
+            spec->scheme == QKD_QUANT_TERNARY);
+}
+
+/* How the forward of `state` reads tensor i: FUSED or BF16 only where
+ * groupable; FUSED also needs groups along the rows. */
 static qkd__wq_form form_of(const qkd_model *m, int i, int state)
 {
     const qkd__tensor_entry *e = &m->tensors[i];
     int64_t rows = e->rows, cols = e->cols;
     const qkd__quant_spec spec = qkd__quantizer_spec(m->student.q, &rows, &cols, 0);
-    if (e->kind == QKD_TENSOR_TOKEN_EMBD || m->student.t[i].scale_index >= 0 ||
-        (spec.scheme != QKD_QUANT_SYM && spec.scheme != QKD_QUANT_ASYM &&
-         spec.scheme != QKD_QUANT_TERNARY))
+    if (!groupable(e, &spec, m->student.t[i].scale_index >= 0))
         return QKD__WQ_FLOAT;
     if (state & WQ_BF16)
         return QKD__WQ_BF16;
@@ -246,7 +264,7 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
         return;
     const int smooth = training && qkd__quantizer_smooth(s->q);
     int state = smooth ? WQ_SMOOTH : 0;
-    if (training && qkd__model_bf16_bits(m))
+    if (qkd__model_bf16_bits(m)) /* decoding too: its products would round Q(w) so */
         state |= WQ_BF16;
     else if (training && !smooth && backend_fuses(m))
         state |= WQ_FUSED;
@@ -264,7 +282,7 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
             qkd__quantizer_forward_bf16(s->q, (uint16_t *)t->wq, t->scales, t->zeros,
                                         m->params + e->offset, e->rows, e->cols, smooth);
         else
-            quantize_tensor(m, i, smooth);
+            quantize_tensor(m, i, t->wq, smooth);
     }
     s->wq_state = state;
 }
@@ -406,6 +424,8 @@ typedef struct student_plan {
     qkd__qtensor *t;
 } student_plan;
 
+/* Each targeted tensor's wq, scales and zeros; a wq with room for bf16
+ * values only where the model's products always read Q(w) in bf16. */
 static void plan_student(void *arg, qkd__arena *a)
 {
     const student_plan *p = arg;
@@ -413,11 +433,52 @@ static void plan_student(void *arg, qkd__arena *a)
         const qkd__tensor_entry *e = &p->m->tensors[i];
         if (!is_targeted(p->m, e, p->targets))
             continue;
-        size_t ng = (size_t)qkd_quantizer_n_groups(p->q, e->rows, e->cols);
-        p->t[i].wq = qkd__arena_take(a, (size_t)e->rows, (size_t)e->cols);
+        int64_t rows = e->rows, cols = e->cols;
+        const qkd__quant_spec spec = qkd__quantizer_spec(p->q, &rows, &cols, 0);
+        const size_t ng = (size_t)qkd_quantizer_n_groups(p->q, e->rows, e->cols);
+        const size_t n = (size_t)e->rows * (size_t)e->cols;
+        p->t[i].bf16_only = qkd__model_bf16_bits(p->m) &&
+                            groupable(e, &spec, qkd__quantizer_learned(p->q) > 0);
+        p->t[i].wq = qkd__arena_take(a, p->t[i].bf16_only ? (n + 1) / 2 : n, 1);
         p->t[i].scales = qkd__arena_take(a, ng, 1);
         p->t[i].zeros = qkd__arena_take(a, ng, 1);
     }
+}
+
+qkd_status qkd__model_student_refit(qkd_model *m)
+{
+    qkd__student *s = &m->student;
+    if (!s->q)
+        return QKD_OK;
+    qkd__qtensor *t = qkd__calloc(m->ctx, (size_t)m->n_weights, sizeof *t);
+    if (!t)
+        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_matmul_precision: out of memory");
+    student_plan plan = {m, s->q, s->targets, t};
+    void *mem = NULL;
+    qkd_status st = qkd__arena_alloc(m->ctx, "set_matmul_precision: quantized weights",
+                                     plan_student, &plan, &mem);
+    if (st != QKD_OK) {
+        qkd__free(m->ctx, t);
+        return st;
+    }
+    qkd__backend *be = qkd__model_backend(m);
+    for (int i = 0; i < m->n_weights; i++) {
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (!s->t[i].wq)
+            continue;
+        const size_t ng = (size_t)qkd_quantizer_n_groups(s->q, e->rows, e->cols);
+        be->copy(be, t[i].scales, s->t[i].scales, ng); /* learned ones' initial values */
+        be->copy(be, t[i].zeros, s->t[i].zeros, ng);
+        s->t[i].wq = t[i].wq;
+        s->t[i].scales = t[i].scales;
+        s->t[i].zeros = t[i].zeros;
+        s->t[i].bf16_only = t[i].bf16_only;
+    }
+    qkd__free(m->ctx, t);
+    be->free(be, s->mem);
+    s->mem = mem;
+    s->wq_state = -1;
+    return QKD_OK;
 }
 
 void qkd__model_free_student(qkd_model *m)
@@ -474,7 +535,8 @@ static qkd_status add_learned_tensors(qkd_model *m, const qkd_quantizer *q, qkd_
 static qkd_status bind(qkd_model *m, qkd_quantizer *q, unsigned targets)
 {
     const qkd_quant_params *p = qkd__quantizer_params(q);
-    qkd__student s = {.q = q, .act_bits = p->act_bits, .kv_bits = p->kv_bits, .wq_state = -1};
+    qkd__student s = {.q = q, .targets = targets, .act_bits = p->act_bits,
+                      .kv_bits = p->kv_bits, .wq_state = -1};
     s.t = qkd__calloc(m->ctx, (size_t)m->n_weights, sizeof *s.t);
     if (!s.t)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "set_quantizer: out of memory");
