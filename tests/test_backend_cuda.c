@@ -1,7 +1,10 @@
 /* The CUDA backend against the reference backend (the oracle): every
  * kernel forward and backward on random shapes with ragged edges, a whole
- * stories260K forward, backward and decode, and 50 KD-QAT steps whose loss
- * curve must follow the reference's.
+ * stories260K forward, backward and decode, 50 KD-QAT steps whose loss
+ * curve must follow the reference's, and the GGUF round trip of a student
+ * trained on the GPU. (trained_student_exports was checked with the
+ * reference training in the GPU's place, 2026-11-23; it has not yet run on
+ * a GPU.)
  *
  * Without a GPU (or without the backend built in) every test prints a SKIP
  * line saying so and passes without checking anything: a green run on a
@@ -1666,6 +1669,111 @@ START_TEST(kdqat_bf16_curve_follows_ref)
 }
 END_TEST
 
+/* ---- export of a student trained on the GPU --------------------------------------------------
+ * The GGUF issue's round trip for a student trained here: a few bf16
+ * KD-QAT steps on the GPU, saved as trained, loaded on the reference
+ * backend: the file gives bit for bit the logits of the reference
+ * student holding the same latent weights. Q4_0 (a GGUF block type: the
+ * file holds the codes and scales) and ASYM groups of 32 (the benchmark's
+ * scheme: the file holds Q(w) as F32). */
+static void export_round_trip(qkd_context *train, qkd_context *rc, const char *path,
+                              const qkd_quant_params *qp, const char *file)
+{
+    qkd_model *teacher = NULL, *student = NULL, *mirror = NULL;
+    qkd_quantizer *q = NULL, *rq = NULL;
+    qkd_loss *loss = NULL;
+    qkd_optimizer *opt = NULL;
+    expect_ok(train, qkd_model_load(train, path, &teacher), "load teacher");
+    expect_ok(train, qkd_model_load(train, path, &student), "load student");
+    expect_ok(train, qkd_model_set_trainable(teacher, 0), "freeze teacher");
+    expect_ok(train, qkd_model_set_matmul_precision(teacher, QKD_MATMUL_BF16), "precision");
+    expect_ok(train, qkd_model_set_matmul_precision(student, QKD_MATMUL_BF16), "precision");
+    expect_ok(train, qkd_quantizer_create(train, qp, &q), "quantizer");
+    expect_ok(train, qkd_model_set_quantizer(student, q, QKD_QUANT_TARGET_LINEAR), "bind");
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_FKL);
+    expect_ok(train, qkd_loss_create(train, &loss), "loss");
+    expect_ok(train, qkd_loss_add(loss, &term), "loss term");
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    op.lr = 1e-3f; /* enough to move weights across codes in a few steps */
+    expect_ok(train, qkd_optimizer_create(student, &op, &opt), "optimizer");
+    int32_t tokens[MB * MT];
+    test_rng_seed(151);
+    for (int i = 0; i < MB * MT; i++)
+        tokens[i] = (int32_t)(test_rng_next(0, 1) * 512);
+    for (int step = 0; step < 5; step++) {
+        float value;
+        expect_ok(train, qkd_model_forward(teacher, tokens, MB, MT), "teacher forward");
+        expect_ok(train, qkd_model_forward(student, tokens, MB, MT), "student forward");
+        expect_ok(train, qkd_loss_compute(loss, student, teacher, NULL, &value), "loss");
+        expect_ok(train, qkd_model_zero_grad(student), "zero_grad");
+        expect_ok(train, qkd_model_backward(student, NULL), "backward");
+        expect_ok(train, qkd_optimizer_step(opt, NULL), "optimizer step");
+    }
+    expect_ok(train, qkd_model_save_gguf(student, file, NULL), "save");
+    /* the same latent weights and quantizer on the reference */
+    expect_ok(rc, qkd_model_load(rc, path, &mirror), "load mirror");
+    expect_ok(rc, qkd_quantizer_create(rc, qp, &rq), "mirror quantizer");
+    expect_ok(rc, qkd_model_set_quantizer(mirror, rq, QKD_QUANT_TARGET_LINEAR), "mirror bind");
+    size_t moved = 0;
+    for (int i = 0; i < qkd_model_n_tensors(student); i++) {
+        qkd_tensor_info info = {.size = sizeof info};
+        expect_ok(train, qkd_model_tensor_info(student, i, &info), "tensor info");
+        const size_t n = (size_t)info.n_elements;
+        float *w = test_vec_new(n), *w0 = test_vec_new(n);
+        expect_ok(train, qkd_model_tensor_get(student, i, w, n), "tensor get");
+        expect_ok(rc, qkd_model_tensor_get(mirror, i, w0, n), "mirror tensor get");
+        for (size_t k = 0; k < n; k++)
+            moved += w[k] != w0[k];
+        expect_ok(rc, qkd_model_tensor_set(mirror, i, w, n), "mirror tensor set");
+        free(w), free(w0);
+    }
+    ck_assert_msg(moved > 0, "training moved no weight");
+    qkd_model *back = test_load_model(rc, file);
+    const size_t nl = (size_t)MB * MT * 512;
+    float *want = test_vec_new(nl), *got = test_vec_new(nl);
+    expect_ok(rc, qkd_model_forward(mirror, tokens, MB, MT), "mirror forward");
+    expect_ok(rc, qkd_model_logits(mirror, want, nl), "mirror logits");
+    expect_ok(rc, qkd_model_forward(back, tokens, MB, MT), "file forward");
+    expect_ok(rc, qkd_model_logits(back, got, nl), "file logits");
+    ck_assert_msg(memcmp(got, want, nl * sizeof *got) == 0,
+                  "scheme %d: the file's logits differ from the student's", qp->scheme);
+    free(want), free(got);
+    qkd_model_free(back), qkd_model_free(mirror), qkd_model_free(student);
+    qkd_model_free(teacher);
+    qkd_optimizer_free(opt), qkd_loss_free(loss);
+    qkd_quantizer_free(q), qkd_quantizer_free(rq);
+}
+
+START_TEST(trained_student_exports)
+{
+    char *model = test_shared_dup("models/stories260K/stories260K.bin");
+    if (!model)
+        return;
+    qkd_context *cc = cuda_context();
+    if (!cc) {
+        free(model);
+        return;
+    }
+    qkd_context *rc = test_context(2);
+    char *file = strdup(test_path_in(test_tmpdir(), "cuda_student.gguf"));
+    ck_assert_ptr_nonnull(file);
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_Q4_0;
+    export_round_trip(cc, rc, model, &qp, file);
+    qkd_quant_params_init(&qp);
+    qp.scheme = QKD_QUANT_ASYM;
+    qp.bits = 4;
+    qp.group_size = 32;
+    export_round_trip(cc, rc, model, &qp, file);
+    free(model), free(file);
+    qkd_context_free(cc);
+    qkd_context_free(rc);
+}
+END_TEST
+
 /* ---- the suite --------------------------------------------------------------------------------- */
 
 Suite *suite_backend_cuda(void)
@@ -1707,6 +1815,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(model, model_matches_ref);
     tcase_add_test(model, kdqat_curve_follows_ref);
     tcase_add_test(model, kdqat_bf16_curve_follows_ref);
+    tcase_add_test(model, trained_student_exports);
     suite_add_tcase(s, model);
     return s;
 }
