@@ -87,8 +87,9 @@ typedef enum qkd__wq_form {
     QKD__WQ_FUSED, /* the training forward's products quantize w while packing
                       it (the backend's fused slots): scales/zeros are
                       fakequant_groups', wq is stale */
-    QKD__WQ_BF16   /* wq's first half holds Q(w) in bf16 (fakequant_forward_bf16)
-                      for the bf16-bits products; its fp32 values are stale */
+    QKD__WQ_BF16   /* wq holds Q(w) in bf16 (fakequant_forward_bf16) for the
+                      bf16-bits products, in its first half where it has
+                      room for fp32 values (those are then stale) */
 } qkd__wq_form;
 
 /* A targeted tensor's quantization state (device buffers). */
@@ -231,7 +232,8 @@ void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float
  * tensor, else the latent weight (a tied head is token_embd). */
 const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int layer);
 /* Where the backward adds the gradient of that weight: dL/dQ(w) for a
- * targeted tensor, else the model's gradient. */
+ * targeted tensor (while the estimator is not the identity), else the
+ * model's gradient. */
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
 /* out[N][OC] = inp[N][C] . W^T, dinp += dout . W and dW += dout^T . inp
  * for the linear `kind` in `layer`, W as the forward reads it
@@ -255,8 +257,9 @@ int qkd__model_kv_bits(const qkd_model *m);
 qkd__bf16_in qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
                                      const float *x, const float *xq, const uint16_t *x16);
 /* Refresh Q(w) from the latent weights: the training forward (smooth for
- * the CONTINUOUS estimator) or hard rounding (decoding). Without force,
- * nothing is done when the buffers already hold that kind of values. */
+ * the CONTINUOUS estimator) or hard rounding (decoding), in bf16 where the
+ * products take bf16 bits (qkd__wq_form). Without force, nothing is done
+ * when the buffers already hold that kind of values. */
 void qkd__model_quantize_weights(qkd_model *m, int training, int force);
 /* Around the backward pass: zero dL/dQ(w), then add dL/dw to the gradient
  * (neither when the estimator is the identity: the products then add to
