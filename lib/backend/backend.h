@@ -40,6 +40,12 @@ typedef struct qkd__bf16_in {
     const uint16_t *bits;
 } qkd__bf16_in;
 
+/* x as an fp32 input of a bf16 product. */
+static inline qkd__bf16_in qkd__bf16_f32(const float *x)
+{
+    return (qkd__bf16_in){.f32 = x};
+}
+
 /* How fake_quant kernels quantize: one resolved quantizer setting (see
  * include/qkd/quant.h for the math of each scheme). */
 typedef struct qkd__quant_spec {

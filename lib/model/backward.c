@@ -13,11 +13,6 @@ static void zero(qkd__backend *be, float *x, size_t n)
     be->fill(be, x, 0.0f, n);
 }
 
-static qkd__bf16_in f32_in(const float *x)
-{
-    return (qkd__bf16_in){.f32 = x};
-}
-
 /* out = x W^T of the linear (kind, layer): add the input gradient to dx
  * and the weight gradient to where that weight's gradient goes. */
 static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *dx,
@@ -46,7 +41,7 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
     zero(be, g->dsw, (size_t)N * H);
-    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, f32_in(g->dres), IN(FFN_DOWN, sw), N, H, C);
+    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, qkd__bf16_f32(g->dres), IN(FFN_DOWN, sw), N, H, C);
     if (g->dgate_bits) { /* written, not added */
         be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw, a->gate, a->up,
                                       (size_t)N * H);
@@ -71,7 +66,7 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, f32_in(g->dres),
+    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, qkd__bf16_f32(g->dres),
                     qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL),
                     N, C, C);
     zero(be, g->dq, (size_t)N * C);
@@ -82,9 +77,9 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
     be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, f32_in(g->dq), IN(ATTN_Q, h), N, C, C);
-    linear_backward(m, LINEAR(ATTN_K), g->dnorm, f32_in(g->dk), IN(ATTN_K, h), N, C, kvd);
-    linear_backward(m, LINEAR(ATTN_V), g->dnorm, f32_in(g->dv), IN(ATTN_V, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N, C, C);
+    linear_backward(m, LINEAR(ATTN_K), g->dnorm, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_V), g->dnorm, qkd__bf16_f32(g->dv), IN(ATTN_V, h), N, C, kvd);
     be->rmsnorm_backward(be, g->dres, NORM_G(ATTN_NORM), g->dnorm, a->x_in, NORM_W(ATTN_NORM),
                          a->rstd1, N, C);
 }
@@ -102,7 +97,7 @@ static void head_backward(qkd_model *m, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, f32_in(g->dlogits),
+    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, qkd__bf16_f32(g->dlogits),
                     qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
                     C, V);
     zero(be, g->dres, (size_t)N * C);

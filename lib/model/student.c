@@ -88,7 +88,7 @@ static qkd__bf16_in weight_in(const qkd_model *m, const qkd__qtensor *t, qkd_ten
 {
     if (t && t->form == QKD__WQ_BF16)
         return (qkd__bf16_in){.bits = (const uint16_t *)t->wq};
-    return (qkd__bf16_in){.f32 = qkd__model_weight(m, kind, layer)};
+    return qkd__bf16_f32(qkd__model_weight(m, kind, layer));
 }
 
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
@@ -154,7 +154,7 @@ qkd__bf16_in qkd__model_linear_input(const qkd_model *m, qkd_tensor_kind kind, i
     if (x16)
         return (qkd__bf16_in){.bits = x16};
     const int quantized = qkd__model_act_bits(m) && live_qtensor(m, kind, layer);
-    return (qkd__bf16_in){.f32 = quantized ? xq : x};
+    return qkd__bf16_f32(quantized ? xq : x);
 }
 
 qkd_quantizer *qkd__model_tensor_quantizer(const qkd_model *m, int index)

@@ -259,11 +259,6 @@ static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t t
     }
 }
 
-static qkd__bf16_in f32_in(const float *x)
-{
-    return (qkd__bf16_in){.f32 = x};
-}
-
 static void cuda_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
                                           qkd__bf16_in w, int N, int C, int OC)
 {
@@ -290,19 +285,19 @@ static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
 static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
                                      const float *w, int N, int C, int OC)
 {
-    cuda_matmul_forward_bf16_bits(b, out, f32_in(inp), f32_in(w), N, C, OC);
+    cuda_matmul_forward_bf16_bits(b, out, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC);
 }
 
 static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                             const float *w, int N, int C, int OC)
 {
-    cuda_matmul_backward_input_bf16_bits(b, dinp, f32_in(dout), f32_in(w), N, C, OC);
+    cuda_matmul_backward_input_bf16_bits(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC);
 }
 
 static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                              const float *inp, int N, int C, int OC)
 {
-    cuda_matmul_backward_weight_bf16_bits(b, dw, f32_in(dout), f32_in(inp), N, C, OC);
+    cuda_matmul_backward_weight_bf16_bits(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC);
 }
 
 /* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */

@@ -59,21 +59,16 @@ static void matmul_forward(qkd__backend *b, float *out, qkd__bf16_in inp, qkd__b
     qkd__ref_parallel(b, (int64_t)N * OC, 2 * (int64_t)C, matmul_forward_range, &job);
 }
 
-static qkd__bf16_in f32_in(const float *x)
-{
-    return (qkd__bf16_in){.f32 = x};
-}
-
 void qkd__ref_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
                              int N, int C, int OC)
 {
-    matmul_forward(b, out, f32_in(inp), f32_in(w), N, C, OC, 0);
+    matmul_forward(b, out, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
                                   const float *w, int N, int C, int OC)
 {
-    matmul_forward(b, out, f32_in(inp), f32_in(w), N, C, OC, 1);
+    matmul_forward(b, out, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC, 1);
 }
 
 void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
@@ -149,13 +144,13 @@ static void backward_weight(qkd__backend *b, float *dw, qkd__bf16_in dout, qkd__
 void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
                                     const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, f32_in(dout), f32_in(w), N, C, OC, 0);
+    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                          const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, f32_in(dout), f32_in(w), N, C, OC, 1);
+    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 1);
 }
 
 void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
@@ -167,13 +162,13 @@ void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd_
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
                                      const float *inp, int N, int C, int OC)
 {
-    backward_weight(b, dw, f32_in(dout), f32_in(inp), N, C, OC, 0);
+    backward_weight(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                           const float *inp, int N, int C, int OC)
 {
-    backward_weight(b, dw, f32_in(dout), f32_in(inp), N, C, OC, 1);
+    backward_weight(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC, 1);
 }
 
 void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
