@@ -49,6 +49,28 @@ __device__ inline uint2 qkd__bf16_bits4(float4 v)
                       qkd__bf16_bits(v.z) | qkd__bf16_bits(v.w) << 16);
 }
 
+/* Store v at p[i] as a kernel's output type: fp32, or bf16 bits (the
+ * bf16-bits slots); the 4 forms store v as element group i. */
+__device__ inline void qkd__store(float *p, size_t i, float v)
+{
+    p[i] = v;
+}
+
+__device__ inline void qkd__store(uint16_t *p, size_t i, float v)
+{
+    p[i] = (uint16_t)qkd__bf16_bits(v);
+}
+
+__device__ inline void qkd__store4(float *p, size_t i, float4 v)
+{
+    reinterpret_cast<float4 *>(p)[i] = v;
+}
+
+__device__ inline void qkd__store4(uint16_t *p, size_t i, float4 v)
+{
+    reinterpret_cast<uint2 *>(p)[i] = qkd__bf16_bits4(v);
+}
+
 template <typename T> struct qkd__sum_op {
     __device__ T operator()(T a, T b) const { return a + b; }
 };

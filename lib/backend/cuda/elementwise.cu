@@ -280,14 +280,14 @@ struct swiglu_forward_bits_op {
     const float *gate, *up;
     __device__ void one(size_t i) const
     {
-        out[i] = (uint16_t)qkd__bf16_bits(silu_times(gate[i], up[i]));
+        qkd__store(out, i, silu_times(gate[i], up[i]));
     }
     __device__ void four(size_t i) const
     {
         const float4 x = ld4(gate, i), u = ld4(up, i);
-        reinterpret_cast<uint2 *>(out)[i] = qkd__bf16_bits4(
-            make_float4(silu_times(x.x, u.x), silu_times(x.y, u.y), silu_times(x.z, u.z),
-                        silu_times(x.w, u.w)));
+        qkd__store4(out, i,
+                    make_float4(silu_times(x.x, u.x), silu_times(x.y, u.y),
+                                silu_times(x.z, u.z), silu_times(x.w, u.w)));
     }
 };
 
@@ -316,8 +316,8 @@ struct swiglu_backward_bits_op {
     {
         float dg = 0.0f, du = 0.0f;
         swiglu_grads(dout[i], gate[i], up[i], dg, du);
-        dgate[i] = (uint16_t)qkd__bf16_bits(dg);
-        dup[i] = (uint16_t)qkd__bf16_bits(du);
+        qkd__store(dgate, i, dg);
+        qkd__store(dup, i, du);
     }
     __device__ void four(size_t i) const
     {
@@ -327,8 +327,8 @@ struct swiglu_backward_bits_op {
         swiglu_grads(g.y, x.y, u.y, dg.y, du.y);
         swiglu_grads(g.z, x.z, u.z, dg.z, du.z);
         swiglu_grads(g.w, x.w, u.w, dg.w, du.w);
-        reinterpret_cast<uint2 *>(dgate)[i] = qkd__bf16_bits4(dg);
-        reinterpret_cast<uint2 *>(dup)[i] = qkd__bf16_bits4(du);
+        qkd__store4(dgate, i, dg);
+        qkd__store4(dup, i, du);
     }
 };
 

@@ -174,17 +174,6 @@ __device__ static double value_grad(const grid &g, float w, const qkd__quant_spe
 
 /* ---- kernels ------------------------------------------------------------------------------ */
 
-/* A forward's output: Q(w) in fp32, or rounded to bf16 (raw bits). */
-__device__ inline void put_q(float *wq, size_t i, float v)
-{
-    wq[i] = v;
-}
-
-__device__ inline void put_q(uint16_t *wq, size_t i, float v)
-{
-    wq[i] = (uint16_t)qkd__bf16_bits(v);
-}
-
 /* Group `item` (row-major over rows, then groups along a row): its offset
  * in the weight and its length (a row's last group may be partial). */
 __device__ static size_t group_at(int64_t item, int64_t cols, int64_t per_row, int64_t group,
@@ -207,7 +196,7 @@ __global__ void fakequant_forward_kernel(T *wq, float *scales, float *zeros, con
         grid g = group_range(w + at, n, sp);
         group_scale(&g, w + at, n, sp);
         for (int64_t i = 0; i < n; i++)
-            put_q(wq, at + i, quantize_value(g, w[at + i], sp));
+            qkd__store(wq, at + i, quantize_value(g, w[at + i], sp));
         scales[item] = g.s;
         zeros[item] = g.z;
     }
@@ -239,22 +228,12 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
         grid g = grid_of(mx, mn, w + at, n, sp);
         group_scale(&g, w + at, n, sp);
         for (int64_t i = lane; i < n; i += 32)
-            put_q(wq, at + i, quantize_value(g, w[at + i], sp));
+            qkd__store(wq, at + i, quantize_value(g, w[at + i], sp));
         if (lane == 0) {
             scales[item] = g.s;
             zeros[item] = g.z;
         }
     }
-}
-
-__device__ inline void put_q4(float *wq, size_t i, float a, float b, float c, float d)
-{
-    reinterpret_cast<float4 *>(wq)[i] = make_float4(a, b, c, d);
-}
-
-__device__ inline void put_q4(uint16_t *wq, size_t i, float a, float b, float c, float d)
-{
-    reinterpret_cast<uint2 *>(wq)[i] = qkd__bf16_bits4(make_float4(a, b, c, d));
 }
 
 /* SYM and ASYM over whole groups of 4 seg values (seg a power of two up to
@@ -282,8 +261,9 @@ __global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
             continue;
         grid g = grid_of(mx, mn, nullptr, 4 * seg, sp); /* SYM, ASYM: no values read */
         group_scale(&g, nullptr, 4 * seg, sp);
-        put_q4(wq, i, quantize_value(g, v.x, sp), quantize_value(g, v.y, sp),
-               quantize_value(g, v.z, sp), quantize_value(g, v.w, sp));
+        qkd__store4(wq, i,
+                    make_float4(quantize_value(g, v.x, sp), quantize_value(g, v.y, sp),
+                                quantize_value(g, v.z, sp), quantize_value(g, v.w, sp)));
         if (i % seg == 0) {
             scales[i / seg] = g.s;
             zeros[i / seg] = g.z;

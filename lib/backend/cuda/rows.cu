@@ -48,17 +48,7 @@ __device__ inline double warp_sum(double v)
     return qkd__warp_reduce(v, qkd__sum_op<double>());
 }
 
-/* The output: fp32, or bf16 bits (the bf16-bits slot). */
-__device__ inline void put_norm(float *y, int c, float v)
-{
-    y[c] = v;
-}
-
-__device__ inline void put_norm(uint16_t *y, int c, float v)
-{
-    y[c] = (uint16_t)qkd__bf16_bits(v);
-}
-
+/* T: the output's type, fp32 or bf16 bits (qkd__store). */
 template <typename T>
 __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ rstd,
                                        const float *__restrict__ inp,
@@ -74,7 +64,7 @@ __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ 
         ss += (double)x[c] * x[c];
     double r = 1.0 / sqrt(warp_sum(ss) / C + eps);
     for (int c = lane; c < C; c += 32)
-        put_norm(y, c, (float)(x[c] * r * w[c]));
+        qkd__store(y, (size_t)c, (float)(x[c] * r * w[c]));
     if (lane == 0)
         rstd[row] = (float)r;
 }
