@@ -3,6 +3,8 @@
  * clip is then searched on them and its latent weights clamped in place.
  * As in BitDistiller, every layer sees the unclipped outputs of the layer
  * below. */
+#include <string.h>
+
 #include "core/half.h"
 #include "model/model_impl.h"
 
@@ -34,20 +36,23 @@ static qkd__bf16_in linear_input(const qkd_model *m, const qkd__tensor_entry *e)
     }
 }
 
-/* Row r of in ([N][cols]) into x, bf16 bits widened to float. */
+/* Row r of in ([N][cols]) into x, bf16 bits widened to float in place:
+ * the bits land in x's first half and are widened from the last one down,
+ * so no value is overwritten before it is read (float c covers bytes
+ * 4c..4c+3, the bits still to read lie below byte 2c). */
 static qkd_status download_row(const qkd_model *m, qkd__bf16_in in, int64_t r, int64_t cols,
                                float *x)
 {
     if (in.f32)
         return qkd__model_download(m, x, in.f32 + r * cols, (size_t)cols);
-    uint16_t *bits = qkd__alloc(m->ctx, (size_t)cols * sizeof *bits);
-    if (!bits)
-        return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "calibrate: out of memory");
     qkd__backend *be = qkd__model_backend(m);
-    qkd_status st = be->download(be, bits, in.bits + r * cols, (size_t)cols * sizeof *bits);
-    for (int64_t c = 0; st == QKD_OK && c < cols; c++)
-        x[c] = qkd__bf16_to_f32(bits[c]);
-    qkd__free(m->ctx, bits);
+    unsigned char *bytes = (unsigned char *)x; /* read through memcpy: no aliasing */
+    qkd_status st = be->download(be, bytes, in.bits + r * cols, (size_t)cols * sizeof(uint16_t));
+    for (int64_t c = cols - 1; st == QKD_OK && c >= 0; c--) {
+        uint16_t h;
+        memcpy(&h, bytes + (size_t)c * sizeof h, sizeof h);
+        x[c] = qkd__bf16_to_f32(h);
+    }
     return st;
 }
 
