@@ -1327,6 +1327,61 @@ START_TEST(test_bf16_student_sizes_qw_buffers)
 }
 END_TEST
 
+/* The allocations this round added fail cleanly: a precision switch that
+ * cannot resize Q(w) returns NO_MEMORY and leaves the student as it was
+ * (it still trains exactly as a bf16 student), and a first backward that
+ * cannot allocate dL/dQ(w) returns NO_MEMORY, then succeeds when retried,
+ * with the gradients of a student that never failed. */
+START_TEST(test_new_buffers_fail_cleanly)
+{
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 2);
+    int32_t tokens[SB * ST], targets[SB * ST];
+    random_ids(tokens, SB * ST, 61);
+    random_ids(targets, SB * ST, 62);
+    qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
+    qkd_quantizer *q = make_quantizer(ctx, &p);
+    qkd_model *m = tiny_model(ctx, 0, 63), *same = tiny_model(ctx, 0, 63);
+    for (int k = 0; k < 2; k++) {
+        qkd_model *x = k ? same : m;
+        ck_assert_int_eq(qkd_model_set_matmul_precision(x, QKD_MATMUL_BF16), QKD_OK);
+        bind(x, q, QKD_QUANT_TARGET_LINEAR);
+    }
+    for (long at = 0; at < 2; at++) { /* the host table, then the device buffers */
+        test_alloc_fail_in(&a, at, 0);
+        ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_FP32), QKD_ERR_NO_MEMORY);
+        ck_assert(a.failed);
+        ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "out of memory"));
+    }
+    test_alloc_fail_in(&a, -1, 0);
+    ck_assert_float_eq(train_step(m, tokens, targets), train_step(same, tokens, targets));
+    assert_same_model(m, same, 1, "after a failed switch");
+    qkd_model_free(m), qkd_model_free(same);
+    qkd_quantizer_free(q);
+
+    p.clip = QKD_CLIP_FIXED; /* not the identity: the backward needs dL/dQ(w) */
+    p.clip_ratio = 0.9f;
+    q = make_quantizer(ctx, &p);
+    m = tiny_model(ctx, 0, 64), same = tiny_model(ctx, 0, 64);
+    bind(m, q, QKD_QUANT_TARGET_LINEAR);
+    bind(same, q, QKD_QUANT_TARGET_LINEAR);
+    float loss;
+    ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, SB, ST), QKD_OK);
+    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &loss), QKD_OK);
+    test_alloc_fail_in(&a, 0, 1);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_ERR_NO_MEMORY);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "out of memory"));
+    test_alloc_fail_in(&a, -1, 0);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    ck_assert_float_eq(loss, train_step(same, tokens, targets));
+    assert_same_model(m, same, 1, "after a failed backward");
+    qkd_model_free(m), qkd_model_free(same);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* CONTINUOUS: the student's gradient against central differences of its
  * smooth forward, on elements that are not their group's extremes (whose
  * moves would change the group's scale, held constant by the estimator). */
@@ -2182,6 +2237,7 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_identity_ste_backward_allocates_no_dwq);
     tcase_add_test(tc, test_bf16_bits_change_no_value);
     tcase_add_test(tc, test_bf16_student_sizes_qw_buffers);
+    tcase_add_test(tc, test_new_buffers_fail_cleanly);
     tcase_add_test(tc, test_continuous_student_gradient);
     tcase_add_test(tc, test_decode_uses_quantized_weights);
     tcase_add_test(tc, test_calibrate_search_weight);
