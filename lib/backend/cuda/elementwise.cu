@@ -261,6 +261,15 @@ __device__ inline void swiglu_grads(float g, float x, float u, float &dg, float 
     du += g * x * s;
 }
 
+/* swiglu_grads on four elements. */
+__device__ inline void swiglu_grads4(float4 g, float4 x, float4 u, float4 &dg, float4 &du)
+{
+    swiglu_grads(g.x, x.x, u.x, dg.x, du.x);
+    swiglu_grads(g.y, x.y, u.y, dg.y, du.y);
+    swiglu_grads(g.z, x.z, u.z, dg.z, du.z);
+    swiglu_grads(g.w, x.w, u.w, dg.w, du.w);
+}
+
 struct swiglu_forward_op {
     float *out;
     const float *gate, *up;
@@ -299,10 +308,7 @@ struct swiglu_backward_op {
     {
         const float4 g = ld4(dout, i), x = ld4(gate, i), u = ld4(up, i);
         float4 dg = ld4(dgate, i), du = ld4(dup, i);
-        swiglu_grads(g.x, x.x, u.x, dg.x, du.x);
-        swiglu_grads(g.y, x.y, u.y, dg.y, du.y);
-        swiglu_grads(g.z, x.z, u.z, dg.z, du.z);
-        swiglu_grads(g.w, x.w, u.w, dg.w, du.w);
+        swiglu_grads4(g, x, u, dg, du);
         st4(dgate, i, dg);
         st4(dup, i, du);
     }
@@ -323,10 +329,7 @@ struct swiglu_backward_bits_op {
     {
         const float4 g = ld4(dout, i), x = ld4(gate, i), u = ld4(up, i);
         float4 dg = make_float4(0.0f, 0.0f, 0.0f, 0.0f), du = dg;
-        swiglu_grads(g.x, x.x, u.x, dg.x, du.x);
-        swiglu_grads(g.y, x.y, u.y, dg.y, du.y);
-        swiglu_grads(g.z, x.z, u.z, dg.z, du.z);
-        swiglu_grads(g.w, x.w, u.w, dg.w, du.w);
+        swiglu_grads4(g, x, u, dg, du);
         qkd__store4(dgate, i, dg);
         qkd__store4(dup, i, du);
     }
