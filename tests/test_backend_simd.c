@@ -715,7 +715,7 @@ static void kd_row_scales(const float *s, const float *t, const float *ds0, int 
 }
 
 static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, float tau,
-                    int weighted, int with_grad)
+                    int weighted, int with_grad, int accumulate)
 {
     size_t n = (size_t)N * V;
     const float scale = 0.7f;
@@ -725,12 +725,14 @@ static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, 
     ck_assert_ptr_nonnull(y);
     for (int i = 0; i < N; i++)
         y[i] = i == 1 ? -1 : (int32_t)(test_rng_next(0, 1) * V);
-    s[(size_t)(N - 1) * V] = NAN; /* the last row: no value, no gradient */
+    s[(size_t)(N - 1) * V] = NAN; /* the last row: no value, a NaN gradient */
     float *l_s = test_vec_new((size_t)N), *l_r = test_vec_new((size_t)N);
     float *d_s = test_vec_copy(ds0, n), *d_r = test_vec_copy(ds0, n);
     const float *row_w = weighted ? w : NULL;
-    sb->kd_loss(sb, l_s, with_grad ? d_s : NULL, s, t, y, row_w, scale, N, V, kind, tau, 0.3f);
-    rb->kd_loss(rb, l_r, with_grad ? d_r : NULL, s, t, y, row_w, scale, N, V, kind, tau, 0.3f);
+    qkd__kd_term term = {.kind = kind, .temperature = tau, .beta = 0.3f, .scale = scale,
+                         .accumulate = accumulate};
+    sb->kd_loss(sb, l_s, with_grad ? d_s : NULL, NULL, s, t, y, row_w, N, V, &term);
+    rb->kd_loss(rb, l_r, with_grad ? d_r : NULL, NULL, s, t, y, row_w, N, V, &term);
     double tau_k = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE ? 1.0 : tau;
     struct kd_scales k = {.grad = test_dvec_new((size_t)V)};
     char what[80];
@@ -739,8 +741,9 @@ static void kd_case(qkd__backend *sb, qkd__backend *rb, int N, int V, int kind, 
         if (!isfinite(l_r[i])) {
             ck_assert_msg(!isfinite(l_s[i]), "kind %d row %d: simd %g, ref non-finite", kind,
                           i, (double)l_s[i]);
-            ck_assert_msg(memcmp(d_s + off, ds0 + off, (size_t)V * sizeof *d_s) == 0,
-                          "kind %d row %d: a non-finite row got a gradient", kind, i);
+            for (int v = 0; v < V; v++)
+                ck_assert_msg((isnan(d_s[off + v]) != 0) == with_grad,
+                              "kind %d row %d: a non-finite row's gradient is not NaN", kind, i);
             continue;
         }
         double wi = weighted ? w[i] : 1.0;
@@ -767,9 +770,9 @@ START_TEST(kd_loss_matches_ref)
     test_rng_seed(101);
     for (int kind = QKD_LOSS_CE; kind <= QKD_LOSS_MSE; kind++)
         for (size_t vi = 0; vi < sizeof Vs / sizeof Vs[0]; vi++)
-            for (int variant = 0; variant < 4; variant++)
+            for (int variant = 0; variant < 4; variant++) /* 1: written, 3: values only */
                 kd_case(sc->backend, rc->backend, 5, Vs[vi], kind, variant & 1 ? 2.5f : 1.0f,
-                        variant & 2, variant != 3);
+                        variant & 2, variant != 3, !(variant & 1));
     qkd_context_free(sc);
     qkd_context_free(rc);
 }
@@ -787,11 +790,19 @@ START_TEST(row_max_prob_matches_ref)
         float *x = test_vec_rand((size_t)N * V, -8, 8);
         x[0] = INFINITY;
         float *o_s = test_vec_new((size_t)N), *o_r = test_vec_new((size_t)N);
-        sc->backend->row_max_prob(sc->backend, o_s, x, N, V);
-        rc->backend->row_max_prob(rc->backend, o_r, x, N, V);
+        sc->backend->row_max_prob(sc->backend, o_s, x, NULL, N, V);
+        rc->backend->row_max_prob(rc->backend, o_r, x, NULL, N, V);
         ck_assert(isnan(o_s[0]) && isnan(o_r[0]));
         assert_close_rows("row_max_prob", o_s + 1, o_r + 1, (size_t)N - 1, 1, TOL);
-        free(x); free(o_s); free(o_r);
+        /* targets: a masked row reads 0, the others as before */
+        int32_t *y = calloc((size_t)N, sizeof *y);
+        ck_assert_ptr_nonnull(y);
+        y[N - 1] = -1;
+        float *o_m = test_vec_new((size_t)N);
+        sc->backend->row_max_prob(sc->backend, o_m, x, y, N, V);
+        ck_assert(o_m[N - 1] == 0.0f);
+        ck_assert_mem_eq(o_m, o_s, (size_t)(N - 1) * sizeof *o_m);
+        free(x); free(o_s); free(o_r); free(o_m); free(y);
     }
     qkd_context_free(sc);
     qkd_context_free(rc);
@@ -964,8 +975,9 @@ START_TEST(table_complete)
     /* The table is a run of pointers after its header; every slot the
      * reference fills the SIMD table fills too, but those it leaves out on
      * purpose: bf16 attention (its fp32 attention is faster than the
-     * reference's bf16 one) and the bf16-bits family (the reference's
-     * scalar products would replace its vector bf16 ones). */
+     * reference's bf16 one), the bf16-bits family (the reference's
+     * scalar products would replace its vector bf16 ones) and the
+     * device-decided step (its vector AdamW runs the synchronous one). */
     const qkd__backend *b = sc->backend, *r = rc->backend;
     const char *first = (const char *)&b->destroy, *end = (const char *)(b + 1);
     const char *left_out[] = {
@@ -974,7 +986,8 @@ START_TEST(table_complete)
         (const char *)&b->matmul_backward_input_bf16_bits,
         (const char *)&b->matmul_backward_weight_bf16_bits,
         (const char *)&b->rmsnorm_forward_bf16_bits, (const char *)&b->swiglu_forward_bf16_bits,
-        (const char *)&b->swiglu_backward_bf16_bits, (const char *)&b->fakequant_forward_bf16};
+        (const char *)&b->swiglu_backward_bf16_bits, (const char *)&b->fakequant_forward_bf16,
+        (const char *)&b->step_decide, (const char *)&b->adamw_update_multi_dev};
     const size_t n_left_out = sizeof left_out / sizeof left_out[0];
     ck_assert_uint_eq(b->abi, QKD__BACKEND_ABI);
     for (const char *p = first; p + sizeof(void (*)(void)) <= end; p += sizeof(void (*)(void))) {

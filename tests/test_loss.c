@@ -20,6 +20,7 @@
 
 #include "backend/backend.h"
 #include "core/core.h"
+#include "core/half.h"
 #include "model/model.h"
 #include "qkd/loss.h"
 #include "testutil.h"
@@ -178,9 +179,42 @@ struct kd_case {
     double tau, beta;
 };
 
-/* N rows with a masked one, row weights, scale 0.7 and a non-zero ds (the
- * kernel adds): row_loss and ds against ref_row, and the values again
- * without ds. */
+/* kd_loss's term for case c. */
+static qkd__kd_term kd_term(const struct kd_case *c, float scale, int accumulate)
+{
+    return (qkd__kd_term){.kind = c->kind, .temperature = (float)c->tau,
+                          .beta = (float)c->beta, .scale = scale, .accumulate = accumulate};
+}
+
+/* ds after one kernel call against base (NULL: written) plus scale * w_i
+ * times ref_row's gradient, 0 at the masked row. */
+static void check_kd_grad(const struct kd_case *c, const float *s, const float *t,
+                          const int32_t *y, const float *w, int N, float scale, const float *base,
+                          const float *ds)
+{
+    const int V = c->V;
+    double *grad = test_calloc((size_t)V, sizeof *grad);
+    for (int i = 0; i < N; i++) {
+        if (y[i] >= 0)
+            ref_row(c->kind, s + (size_t)i * V, t + (size_t)i * V, V, y[i], c->tau, c->beta,
+                    grad);
+        double gmax = max_abs(grad, (size_t)V);
+        for (int v = 0; v < V; v++) {
+            double want = (base ? base[(size_t)i * V + v] : 0.0) +
+                          (y[i] < 0 ? 0.0 : scale * w[i] * grad[v]);
+            double got = ds[(size_t)i * V + v];
+            ck_assert_msg(fabs(got - want) <= REL_TOL * scale * w[i] * gmax + 1e-6 * fabs(want),
+                          "kind %d V %d tau %g beta %g %s: ds[%d][%d] = %.9g, want %.9g",
+                          c->kind, V, c->tau, c->beta, base ? "added" : "written", i, v, got,
+                          want);
+        }
+    }
+    free(grad);
+}
+
+/* N rows with a masked one, row weights, scale 0.7 and a non-zero ds: the
+ * kernel adds to it, then writes over it (the masked row zeroed):
+ * row_loss and ds against ref_row, and the values again without ds. */
 static void check_kd_case(qkd__backend *be, const struct kd_case *c)
 {
     enum { N = 4 };
@@ -198,36 +232,37 @@ static void check_kd_case(qkd__backend *be, const struct kd_case *c)
     float *ds_d = dev_copy(be, ds0, NV * 4), *w_d = dev_copy(be, w, sizeof w);
     int32_t *y_d = dev_copy(be, y, sizeof y);
     float *loss_d = dev_alloc(be, sizeof loss);
-    be->kd_loss(be, loss_d, ds_d, s_d, t_d, y_d, w_d, scale, N, V, c->kind, (float)c->tau,
-                (float)c->beta);
+    qkd__kd_term add = kd_term(c, scale, 1), write = kd_term(c, scale, 0);
+    be->kd_loss(be, loss_d, ds_d, NULL, s_d, t_d, y_d, w_d, N, V, &add);
     dev_get(be, loss, loss_d, sizeof loss);
     dev_get(be, ds, ds_d, NV * 4);
-
-    double *grad = test_calloc((size_t)V, sizeof *grad);
     for (int i = 0; i < N; i++) {
         const float *si = s + (size_t)i * V, *ti = t + (size_t)i * V;
         double ref = y[i] < 0 ? 0.0 : w[i] * ref_row(c->kind, si, ti, V, y[i], c->tau, c->beta,
-                                                     grad);
+                                                     NULL);
         ck_assert_msg(fabs(loss[i] - ref) <= REL_TOL * fabs(ref) + 1e-7,
                       "kind %d V %d tau %g beta %g row %d: value %.9g, want %.9g", c->kind, V,
                       c->tau, c->beta, i, (double)loss[i], ref);
-        double gmax = max_abs(grad, (size_t)V);
-        for (int v = 0; v < V; v++) {
-            double want = ds0[(size_t)i * V + v] + (y[i] < 0 ? 0.0 : scale * w[i] * grad[v]);
-            double got = ds[(size_t)i * V + v];
-            ck_assert_msg(fabs(got - want) <= REL_TOL * scale * w[i] * gmax + 1e-6 * fabs(want),
-                          "kind %d V %d tau %g beta %g: ds[%d][%d] = %.9g, want %.9g", c->kind,
-                          V, c->tau, c->beta, i, v, got, want);
-        }
     }
+    check_kd_grad(c, s, t, y, w, N, scale, ds0, ds);
+    be->kd_loss(be, loss_d, ds_d, NULL, s_d, t_d, y_d, w_d, N, V, &write);
+    dev_get(be, ds, ds_d, NV * 4);
+    check_kd_grad(c, s, t, y, w, N, scale, NULL, ds);
+    /* as bf16 bits: those of the floats just written */
+    uint16_t *bits = test_calloc(NV, sizeof *bits), *bits_d = dev_alloc(be, NV * 2);
+    be->kd_loss(be, loss_d, NULL, bits_d, s_d, t_d, y_d, w_d, N, V, &write);
+    dev_get(be, bits, bits_d, NV * 2);
+    for (size_t e = 0; e < NV; e++)
+        ck_assert_msg(bits[e] == qkd__f32_to_bf16(ds[e]), "kind %d: bits[%zu] %04x, want %04x",
+                      c->kind, e, bits[e], qkd__f32_to_bf16(ds[e]));
+    free(bits);
+    be->free(be, bits_d);
     /* values only */
     float loss2[N];
-    be->kd_loss(be, loss_d, NULL, s_d, t_d, y_d, w_d, scale, N, V, c->kind, (float)c->tau,
-                (float)c->beta);
+    be->kd_loss(be, loss_d, NULL, NULL, s_d, t_d, y_d, w_d, N, V, &add);
     dev_get(be, loss2, loss_d, sizeof loss2);
     ck_assert_mem_eq(loss, loss2, sizeof loss);
 
-    free(grad);
     free(s);
     free(t);
     free(ds0);
@@ -269,8 +304,8 @@ static double kd_total(qkd__backend *be, float *s_d, const float *s, const float
 {
     float loss[8];
     ck_assert_int_eq(be->upload(be, s_d, s, (size_t)N * c->V * 4), QKD_OK);
-    be->kd_loss(be, loss_d, NULL, s_d, t_d, y_d, NULL, 1.0f, N, c->V, c->kind, (float)c->tau,
-                (float)c->beta);
+    qkd__kd_term term = kd_term(c, 1.0f, 0);
+    be->kd_loss(be, loss_d, NULL, NULL, s_d, t_d, y_d, NULL, N, c->V, &term);
     dev_get(be, loss, loss_d, (size_t)N * sizeof *loss);
     double sum = 0.0;
     for (int i = 0; i < N; i++)
@@ -293,8 +328,8 @@ static void check_kd_fd(qkd__backend *be, const struct kd_case *c)
     float *ds_d = dev_copy(be, ds, NV * 4), *loss_d = dev_alloc(be, N * sizeof(float));
     int32_t *y_d = dev_copy(be, y, sizeof y);
 
-    be->kd_loss(be, loss_d, ds_d, s_d, t_d, y_d, NULL, 1.0f, N, c->V, c->kind, (float)c->tau,
-                (float)c->beta);
+    qkd__kd_term term = kd_term(c, 1.0f, 0);
+    be->kd_loss(be, loss_d, ds_d, NULL, s_d, t_d, y_d, NULL, N, c->V, &term);
     dev_get(be, ds, ds_d, NV * 4);
     /* random steps along the gradient's signs, so the derivative is not
      * flat: any direction is a valid probe */
@@ -350,9 +385,9 @@ static void kd_eval(qkd__backend *be, int kind, const float *s, const float *t, 
     const size_t NV = (size_t)N * V;
     float *s_d = dev_copy(be, s, NV * 4), *t_d = dev_copy(be, t, NV * 4);
     float *ds_d = dev_alloc(be, NV * 4), *loss_d = dev_alloc(be, (size_t)N * 4);
-    be->fill(be, ds_d, 0.0f, NV);
-    be->kd_loss(be, loss_d, ds_d, s_d, t_d, NULL, NULL, 1.0f, N, V, kind, (float)tau,
-                (float)beta);
+    qkd__kd_term term = {.kind = kind, .temperature = (float)tau, .beta = (float)beta,
+                         .scale = 1.0f};
+    be->kd_loss(be, loss_d, ds_d, NULL, s_d, t_d, NULL, NULL, N, V, &term);
     dev_get(be, loss, loss_d, (size_t)N * 4);
     dev_get(be, ds, ds_d, NV * 4);
     be->free(be, s_d);
@@ -437,8 +472,8 @@ START_TEST(test_kd_threads)
 }
 END_TEST
 
-/* A NaN or Inf logit makes its row's value non-finite and leaves its
- * gradient alone; other rows are unaffected. */
+/* A NaN or Inf logit makes its row's value non-finite and its gradient
+ * NaN; other rows are unaffected. */
 START_TEST(test_kd_non_finite_row)
 {
     enum { N = 2, V = 300 };
@@ -457,7 +492,8 @@ START_TEST(test_kd_non_finite_row)
         ck_assert_msg(!isfinite(loss[0]), "kind %d", all_kinds[k]);
         ck_assert(isfinite(loss[1]));
         for (int v = 0; v < V; v++)
-            ck_assert(ds[v] == 0.0f || all_kinds[k] == QKD_LOSS_MSE);
+            ck_assert_msg(isnan(ds[v]) && isfinite(ds[V + v]), "kind %d logit %d",
+                          all_kinds[k], v);
     }
     free(s);
     free(t);
@@ -515,8 +551,17 @@ START_TEST(test_row_max_prob)
     float *x = rand_logits(N * V), out[N];
     x[2 * V + 999] = 30.0f; /* a confident row, its max in the last chunk */
     float *x_d = dev_copy(be, x, (size_t)N * V * 4), *o_d = dev_alloc(be, sizeof out);
-    be->row_max_prob(be, o_d, x_d, N, V);
+    be->row_max_prob(be, o_d, x_d, NULL, N, V);
     dev_get(be, out, o_d, sizeof out);
+    /* a masked row reads 0, the others as without targets */
+    int32_t y[N] = {1, 2, 3, -1, 4};
+    float masked[N];
+    int32_t *y_d = dev_copy(be, y, sizeof y);
+    be->row_max_prob(be, o_d, x_d, y_d, N, V);
+    dev_get(be, masked, o_d, sizeof masked);
+    for (int i = 0; i < N; i++)
+        ck_assert(masked[i] == (y[i] < 0 ? 0.0f : out[i]));
+    be->free(be, y_d);
     for (int i = 0; i < N; i++) {
         double *p = ref_softmax(x + (size_t)i * V, V, 1.0), mx = 0.0;
         for (int v = 0; v < V; v++)
@@ -978,19 +1023,25 @@ START_TEST(test_loss_bad_params)
 }
 END_TEST
 
+/* A loss of one default term of kind, its beta from the teacher or not. */
+static qkd_loss *one_term_loss(qkd_context *ctx, qkd_loss_kind kind, int beta_from_teacher)
+{
+    qkd_loss *loss = NULL;
+    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
+    qkd_loss_term t;
+    qkd_loss_term_init(&t, kind);
+    t.beta_from_teacher = beta_from_teacher;
+    ck_assert_int_eq(qkd_loss_add(loss, &t), QKD_OK);
+    return loss;
+}
+
 /* set_beta changes what compute evaluates: CAKLD at beta 1 equals RKL. */
 START_TEST(test_loss_set_beta)
 {
     struct pair pr;
     pair_open(&pr, test_context(1));
-    qkd_loss *cakld = NULL, *rkl = NULL;
-    ck_assert_int_eq(qkd_loss_create(pr.ctx, &cakld), QKD_OK);
-    ck_assert_int_eq(qkd_loss_create(pr.ctx, &rkl), QKD_OK);
-    qkd_loss_term t;
-    qkd_loss_term_init(&t, QKD_LOSS_CAKLD);
-    ck_assert_int_eq(qkd_loss_add(cakld, &t), QKD_OK);
-    qkd_loss_term_init(&t, QKD_LOSS_RKL);
-    ck_assert_int_eq(qkd_loss_add(rkl, &t), QKD_OK);
+    qkd_loss *cakld = one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 0);
+    qkd_loss *rkl = one_term_loss(pr.ctx, QKD_LOSS_RKL, 0);
     float a, b;
     ck_assert_int_eq(qkd_loss_compute(cakld, pr.student, pr.teacher, NULL, &a), QKD_OK);
     ck_assert_int_eq(qkd_loss_compute(rkl, pr.student, pr.teacher, NULL, &b), QKD_OK);
@@ -1000,6 +1051,87 @@ START_TEST(test_loss_set_beta)
     ck_assert(fabs(a - b) <= 1e-6 * b);
     qkd_loss_free(cakld);
     qkd_loss_free(rkl);
+    qkd_context *ctx = pr.ctx;
+    pair_close(&pr);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A deferred compute stores the gradient a waiting one stores, bit for
+ * bit, and qkd_loss_value / qkd_loss_term_value read its values later.
+ * A compute writes every row, so positions masked after a batch that
+ * counted them hold 0, not the earlier gradient. */
+START_TEST(test_loss_deferred)
+{
+    struct pair pr;
+    pair_open(&pr, test_context(2));
+    qkd_loss *loss = tsld_fkl_loss(pr.ctx);
+    float waited, deferred, term_w[2], term_d[2];
+    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &waited),
+                     QKD_OK);
+    for (int k = 0; k < 2; k++)
+        ck_assert_int_eq(qkd_loss_term_value(loss, k, &term_w[k]), QKD_OK);
+    float *before = stored_dlogits(pr.student);
+
+    int32_t all[MB * MT];
+    for (int i = 0; i < MB * MT; i++)
+        all[i] = pr.tokens[(i + 1) % (MB * MT)];
+    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, all, NULL), QKD_OK);
+    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, NULL), QKD_OK);
+    ck_assert_int_eq(qkd_loss_value(loss, &deferred), QKD_OK);
+    for (int k = 0; k < 2; k++)
+        ck_assert_int_eq(qkd_loss_term_value(loss, k, &term_d[k]), QKD_OK);
+    float *after = stored_dlogits(pr.student);
+    ck_assert(waited == deferred && waited > 0.0f);
+    ck_assert_mem_eq(term_w, term_d, sizeof term_w);
+    ck_assert_mem_eq(before, after, (size_t)MB * MT * MV * 4);
+    for (int i = 0; i < MB * MT; i++)
+        for (int v = 0; pr.targets[i] < 0 && v < MV; v++)
+            ck_assert(after[(size_t)i * MV + v] == 0.0f);
+    free(before);
+    free(after);
+    qkd_loss_free(loss);
+    qkd_context *ctx = pr.ctx;
+    pair_close(&pr);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* beta_from_teacher: each compute gives what qkd_loss_set_beta with that
+ * batch's qkd_loss_teacher_confidence gives (the mean is a float sum on
+ * the device, so within float rounding); it is CAKLD's only. */
+START_TEST(test_loss_beta_from_teacher)
+{
+    struct pair pr;
+    pair_open(&pr, test_context(2));
+    qkd_loss *fixed = one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 0);
+    qkd_loss *from = one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 1);
+    const int32_t *targets[2] = {pr.targets, NULL};
+    for (int c = 0; c < 2; c++) {
+        float conf, a, b;
+        ck_assert_int_eq(qkd_loss_teacher_confidence(pr.teacher, targets[c], &conf), QKD_OK);
+        ck_assert(fabsf(conf - 0.5f) > 1e-3f); /* the default beta would differ */
+        ck_assert_int_eq(qkd_loss_set_beta(fixed, 0, conf), QKD_OK);
+        ck_assert_int_eq(qkd_loss_compute(fixed, pr.student, pr.teacher, targets[c], &a),
+                         QKD_OK);
+        float *want = stored_dlogits(pr.student);
+        ck_assert_int_eq(qkd_loss_compute(from, pr.student, pr.teacher, targets[c], NULL),
+                         QKD_OK);
+        ck_assert_int_eq(qkd_loss_value(from, &b), QKD_OK);
+        float *got = stored_dlogits(pr.student);
+        ck_assert_msg(fabsf(a - b) <= 1e-5f * a, "targets %d: %.9g vs %.9g", c, (double)a,
+                      (double)b);
+        for (size_t i = 0; i < (size_t)MB * MT * MV; i++)
+            ck_assert(fabsf(got[i] - want[i]) <= 1e-5f * fabsf(want[i]) + 1e-9f);
+        free(want);
+        free(got);
+    }
+    qkd_loss_term t;
+    qkd_loss_term_init(&t, QKD_LOSS_FKL);
+    t.beta_from_teacher = 1;
+    ck_assert_int_eq(qkd_loss_add(fixed, &t), QKD_ERR_INVALID_ARG);
+    qkd_loss_free(fixed);
+    qkd_loss_free(from);
     qkd_context *ctx = pr.ctx;
     pair_close(&pr);
     qkd_context_free(ctx);
@@ -1037,8 +1169,12 @@ START_TEST(test_loss_compute_errors)
                      QKD_ERR_INVALID_ARG);
     ck_assert_int_eq(qkd_loss_compute(empty, NULL, pr.teacher, pr.targets, &value),
                      QKD_ERR_INVALID_ARG);
+    /* a deferred compute checks its arguments as one that waits */
     ck_assert_int_eq(qkd_loss_compute(empty, pr.student, pr.teacher, pr.targets, NULL),
-                     QKD_ERR_INVALID_ARG);
+                     QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_loss_value(empty, &value), QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_loss_value(empty, NULL), QKD_ERR_INVALID_ARG);
+    ck_assert_int_eq(qkd_loss_value(NULL, &value), QKD_ERR_INVALID_ARG);
     qkd_loss_free(empty);
 
     /* targets and teacher required */
@@ -1120,6 +1256,24 @@ START_TEST(test_loss_non_finite)
     ck_assert_mem_eq(before, after, (size_t)MB * MT * MV * 4);
     free(after);
 
+    /* deferred: queued, reported by qkd_loss_value, and the NaN gradient
+     * makes the optimizer skip its step */
+    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, NULL), QKD_OK);
+    value = 1.0f;
+    ck_assert_int_eq(qkd_loss_value(loss, &value), QKD_ERR_NON_FINITE);
+    ck_assert(value == 0.0f);
+    after = stored_dlogits(pr.student);
+    ck_assert(isnan(after[0]));
+    free(after);
+    qkd_optimizer *opt = NULL;
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    ck_assert_int_eq(qkd_optimizer_create(pr.student, &op, &opt), QKD_OK);
+    ck_assert_int_eq(qkd_model_zero_grad(pr.student), QKD_OK);
+    ck_assert_int_eq(qkd_model_backward(pr.student, NULL), QKD_OK);
+    ck_assert_int_eq(qkd_optimizer_step(opt, NULL), QKD_ERR_NON_FINITE);
+    qkd_optimizer_free(opt);
+
     /* the student's own logits, right after its forward: nothing to backward */
     poison(pr.student, INFINITY);
     ck_assert_int_eq(qkd_model_forward(pr.student, pr.tokens, MB, MT), QKD_OK);
@@ -1157,6 +1311,8 @@ Suite *suite_loss(void)
     tcase_add_test(tc, test_loss_no_targets);
     tcase_add_test(tc, test_loss_confidence);
     tcase_add_test(tc, test_loss_set_beta);
+    tcase_add_test(tc, test_loss_deferred);
+    tcase_add_test(tc, test_loss_beta_from_teacher);
     tcase_add_test(tc, test_loss_no_step_allocation);
     tcase_add_test(tc, test_loss_alloc_failures);
     suite_add_tcase(s, tc);

@@ -694,7 +694,7 @@ START_TEST(test_backward_device_dlogits)
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_ERR_STATE); /* forward dropped it */
     qkd__backend *be = ctx->backend;
     ck_assert_int_eq(be->upload(be, qkd__model_dlogits_dev(m), dl, sizeof dl), QKD_OK);
-    qkd__model_mark_dlogits(m);
+    qkd__model_mark_dlogits(m, 0);
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
     float *dev = tensor_copy(m, 2, 1);
     ck_assert_mem_eq(host, dev, (size_t)tensor_len(m, 2) * sizeof *dev);

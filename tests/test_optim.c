@@ -956,6 +956,120 @@ START_TEST(test_state_round_trip)
 }
 END_TEST
 
+/* ---- deferred steps ------------------------------------------------------------ */
+
+/* Two models from seed with an optimizer each; twins_free frees them. */
+static void twins_open(qkd_context *ctx, const qkd_optim_params *p, uint64_t seed,
+                       qkd_model *m[2], qkd_optimizer *opt[2])
+{
+    for (int k = 0; k < 2; k++) {
+        m[k] = tiny_model(ctx, 0, seed);
+        opt[k] = make_opt(m[k], p);
+    }
+}
+
+static void twins_free(qkd_model *m[2], qkd_optimizer *opt[2])
+{
+    for (int k = 0; k < 2; k++) {
+        qkd_optimizer_free(opt[k]);
+        qkd_model_free(m[k]);
+    }
+}
+
+/* One step of `how`: 0 qkd_optimizer_step, 1 deferred. */
+static void step_by(qkd_optimizer *opt, int how)
+{
+    ck_assert_int_eq(how ? qkd_optimizer_step_deferred(opt) : qkd_optimizer_step(opt, NULL),
+                     QKD_OK);
+}
+
+/* Deferred AdamW steps (decided on the device) give the synchronous steps'
+ * weights, state and reports bit for bit, with a schedule, weight decay
+ * and clipping that catches some steps, deferred and synchronous steps
+ * mixed; SGD's deferred step is the synchronous one. */
+START_TEST(test_deferred_matches_step)
+{
+    const qkd_optim_kind kind = _i ? QKD_OPTIM_SGD : QKD_OPTIM_ADAMW;
+    static const int how[] = {1, 1, 1, 0, 1, 1};
+    qkd_context *ctx = test_context(2);
+    qkd_optim_params p = resume_params(kind);
+    qkd_model *m[2];
+    qkd_optimizer *opt[2];
+    twins_open(ctx, &p, 12, m, opt);
+    qkd_step_info info[2] = {{.size = sizeof info[0]}, {.size = sizeof info[1]}};
+    ck_assert_int_eq(qkd_optimizer_last_step(opt[1], &info[1]), QKD_ERR_STATE);
+    int clipped = 0;
+    for (int s = 0; s < 6; s++)
+        for (int k = 0; k < 2; k++) {
+            make_grads(m[k], 2000 + (uint64_t)s);
+            step_by(opt[k], k && how[s]);
+            ck_assert_int_eq(qkd_optimizer_last_step(opt[k], &info[k]), QKD_OK);
+            clipped += k && info[k].clipped;
+        }
+    ck_assert_int_gt(clipped, 0);
+    ck_assert_int_eq(info[1].step, 6);
+    ck_assert_mem_eq(&info[0], &info[1], sizeof info[0]);
+    snap w0 = snap_take(m[0], 0), w1 = snap_take(m[1], 0);
+    ck_assert(snap_equal(&w0, &w1));
+    /* the state of queued steps, read without a report first */
+    make_grads(m[0], 3000), make_grads(m[1], 3000);
+    step_by(opt[0], 0), step_by(opt[1], 1);
+    size_t n0, n1;
+    void *s0 = state_copy(opt[0], &n0), *s1 = state_copy(opt[1], &n1);
+    ck_assert_uint_eq(n0, n1);
+    ck_assert_mem_eq(s0, s1, n0);
+    free(s0), free(s1);
+    snap_free(&w0), snap_free(&w1);
+    twins_free(m, opt);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A deferred step on a NaN gradient is skipped on the device: it returns
+ * OK, changes nothing, and the report says NON_FINITE; the next finite
+ * step is step 2 at step 2's rate, as after a synchronous skip. */
+START_TEST(test_deferred_non_finite)
+{
+    qkd_context *ctx = test_context(2);
+    qkd_optim_params p = resume_params(QKD_OPTIM_ADAMW);
+    qkd_model *m[2];
+    qkd_optimizer *opt[2];
+    twins_open(ctx, &p, 13, m, opt);
+    for (int k = 0; k < 2; k++) {
+        make_grads(m[k], 41);
+        step_by(opt[k], k);
+        make_grads(m[k], 43);
+        set_grad_value(ctx, m[k], 1, 3, NAN);
+    }
+    snap w0 = snap_take(m[1], 0);
+    ck_assert_int_eq(qkd_optimizer_step(opt[0], NULL), QKD_ERR_NON_FINITE);
+    ck_assert_int_eq(qkd_optimizer_step_deferred(opt[1]), QKD_OK);
+    snap w1 = snap_take(m[1], 0);
+    ck_assert(snap_equal(&w0, &w1));
+    qkd_step_info info = {.size = sizeof info};
+    ck_assert_int_eq(qkd_optimizer_last_step(opt[1], &info), QKD_ERR_NON_FINITE);
+    ck_assert(info.skipped && info.step == 1 && !isfinite(info.grad_norm));
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "skipped"));
+    for (int k = 0; k < 2; k++) {
+        make_grads(m[k], 47);
+        step_by(opt[k], k);
+    }
+    ck_assert_int_eq(qkd_optimizer_last_step(opt[1], &info), QKD_OK);
+    ck_assert_int_eq(info.step, 2);
+    ck_assert_float_eq(info.lr, qkd_optimizer_lr_at(opt[1], 2));
+    snap_free(&w0), snap_free(&w1);
+    w0 = snap_take(m[0], 0), w1 = snap_take(m[1], 0);
+    ck_assert(snap_equal(&w0, &w1));
+    snap_free(&w0), snap_free(&w1);
+    ck_assert_int_eq(qkd_optimizer_step_deferred(NULL), QKD_ERR_INVALID_ARG);
+    ck_assert_int_eq(qkd_optimizer_last_step(NULL, &info), QKD_ERR_INVALID_ARG);
+    info.size = 4;
+    ck_assert_int_eq(qkd_optimizer_last_step(opt[1], &info), QKD_ERR_INVALID_ARG);
+    twins_free(m, opt);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 START_TEST(test_state_errors)
 {
     qkd_context *ctx = test_context(1);
@@ -1187,6 +1301,8 @@ Suite *suite_optim(void)
     tc = tcase_create("state");
     tcase_add_loop_test(tc, test_state_layout, 0, 2);
     tcase_add_loop_test(tc, test_state_round_trip, 0, 2);
+    tcase_add_loop_test(tc, test_deferred_matches_step, 0, 2);
+    tcase_add_test(tc, test_deferred_non_finite);
     tcase_add_test(tc, test_state_errors);
     suite_add_tcase(s, tc);
 

@@ -1024,6 +1024,33 @@ static float train_step(qkd_model *m, const int32_t *tokens, const int32_t *targ
     return loss;
 }
 
+/* One KD step of m against a bf16 teacher of the same shape (seed 45):
+ * CAKLD, the only term, so a bf16-bits student gets its logits gradient as
+ * bf16 bits; returns the loss. */
+static float kd_step(qkd_model *m, const int32_t *tokens)
+{
+    qkd_context *ctx = qkd__model_context(m);
+    qkd_model *teacher = tiny_model(ctx, 0, 45);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(teacher, QKD_MATMUL_BF16), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_trainable(teacher, 0), QKD_OK);
+    qkd_loss *loss = NULL;
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
+    term.beta_from_teacher = 1;
+    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
+    ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
+    float value;
+    ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(teacher, tokens, SB, ST), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, SB, ST), QKD_OK);
+    ck_assert_int_eq(qkd_loss_compute(loss, m, teacher, NULL, NULL), QKD_OK);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    ck_assert_int_eq(qkd_loss_value(loss, &value), QKD_OK);
+    qkd_loss_free(loss);
+    qkd_model_free(teacher);
+    return value;
+}
+
 static float loss_of(qkd_model *m, const int32_t *tokens, const int32_t *targets)
 {
     float loss;
@@ -1199,8 +1226,9 @@ static void assert_same_decode_and_export(qkd_model *m, qkd_model *other, const 
  * (the reference backend's family) computes the logits, loss and gradients
  * of the same model without the family (fp32 operands, rounded as the
  * products read them), bit for bit: a plain model, a frozen one, a
- * plain-STE student (weight gradients straight to dL/dw) and a clipped one
- * (through dL/dQ(w)), then decoding and export (from bf16-sized Q(w)
+ * plain-STE student (weight gradients straight to dL/dw), a clipped one
+ * (through dL/dQ(w)) and a KD student (its logits gradient written as bf16
+ * bits by the loss), then decoding and export (from bf16-sized Q(w)
  * buffers on the family's side). An output-error clip search reads those inputs as
  * bits, the values the products saw rather than their fp32 originals, and
  * picks the same clips for almost every group. */
@@ -1211,8 +1239,9 @@ START_TEST(test_bf16_bits_change_no_value)
     int32_t tokens[SB * ST], targets[SB * ST];
     random_ids(tokens, SB * ST, 41);
     random_ids(targets, SB * ST, 42);
-    static const char *what[] = {"plain", "frozen", "STE student", "clipped student"};
-    for (int kind = 0; kind < 4; kind++) {
+    static const char *what[] = {"plain", "frozen", "STE student", "clipped student",
+                                 "KD student (logits gradient as bits)"};
+    for (int kind = 0; kind < 5; kind++) {
         qkd_model *m[2];
         qkd_quantizer *q[2] = {NULL, NULL};
         float loss[2] = {0.0f, 0.0f};
@@ -1229,6 +1258,8 @@ START_TEST(test_bf16_bits_change_no_value)
             if (kind == 1) {
                 ck_assert_int_eq(qkd_model_set_trainable(m[k], 0), QKD_OK);
                 ck_assert_int_eq(qkd_model_forward(m[k], tokens, SB, ST), QKD_OK);
+            } else if (kind == 4) {
+                loss[k] = kd_step(m[k], tokens);
             } else {
                 loss[k] = train_step(m[k], tokens, targets);
             }

@@ -15,7 +15,8 @@
  *   RKL    tau^2 KL(q||p)                              (reverse KL)
  *   JSD    tau^2 (beta KL(p||m) + (1-beta) KL(q||m)),  m = beta p + (1-beta) q
  *   CAKLD  tau^2 (beta KL(q||p) + (1-beta) KL(p||q))   (BitDistiller; beta is
- *          the teacher's mean top-1 probability: qkd_loss_teacher_confidence)
+ *          the teacher's mean top-1 probability: qkd_loss_teacher_confidence,
+ *          or, with beta_from_teacher, that of each batch, on the device)
  *   TSLD   w_i tau^2 (-sum p log q), w = softmax over the positions of each
  *          sequence of c_i / tsld_tau, c_i = -log softmax(t_i)[y_i] (the
  *          teacher's own cross-entropy; detached): hard tokens weigh more
@@ -54,10 +55,15 @@ typedef struct qkd_loss_term {
     float temperature;  /* tau > 0 */
     float beta;         /* JSD / CAKLD mixing weight in [0, 1] */
     float tsld_tau;     /* TSLD token-weight temperature > 0 */
+    int beta_from_teacher; /* CAKLD only, 0 or 1: at every compute, beta is the
+                              teacher's mean top-1 probability over the batch's
+                              counted positions (qkd_loss_teacher_confidence of
+                              that batch), computed on the device; beta and
+                              qkd_loss_set_beta are then not used */
 } qkd_loss_term;
 
-/* Defaults for kind: weight 1, temperature 1, beta 0.5, tsld_tau 10.
- * @since 0.1 */
+/* Defaults for kind: weight 1, temperature 1, beta 0.5, tsld_tau 10,
+ * beta_from_teacher 0. @since 0.1 */
 QKD_API void qkd_loss_term_init(qkd_loss_term *term, qkd_loss_kind kind);
 
 /* An empty loss. *out: owned, free with qkd_loss_free. @since 0.1 */
@@ -66,8 +72,9 @@ QKD_API qkd_status qkd_loss_create(qkd_context *ctx, qkd_loss **out);
 QKD_API void qkd_loss_free(qkd_loss *loss);
 
 /* Append a term (copied). Errors: INVALID_ARG (unknown kind, weight not
- * finite, temperature or tsld_tau <= 0, beta outside [0, 1]), RANGE (more
- * than 8 terms). @since 0.1 */
+ * finite, temperature or tsld_tau <= 0, beta outside [0, 1],
+ * beta_from_teacher on a kind other than CAKLD), RANGE (more than 8
+ * terms). @since 0.1 */
 QKD_API qkd_status qkd_loss_add(qkd_loss *loss, const qkd_loss_term *term);
 
 /* Change term i's beta (CAKLD's confidence, JSD's mixture).
@@ -81,18 +88,32 @@ QKD_API qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta);
  * replaces the logits gradient held there). student and teacher must live
  * on the loss's context. Scratch memory is allocated on the first compute
  * of a batch larger than any before, never in a step of a shape seen.
- * Errors: INVALID_ARG (NULL, a needed teacher or targets missing, a model
- * on another context), STATE (a model has no forward, or the loss has no
- * term), SHAPE (B, T or vocabulary differ), RANGE (a target >= the
- * vocabulary), NON_FINITE (a NaN or Inf logit; nothing is stored),
- * NO_MEMORY. @since 0.1 */
+ *
+ * value NULL defers: the call queues the work and returns without waiting
+ * for the device (no host round trip in a GPU step); qkd_loss_value and
+ * qkd_loss_term_value wait for it later. A deferred compute makes no
+ * finiteness check first: a position whose logits hold a NaN or Inf gets
+ * a NaN gradient row, so a following qkd_optimizer_step reports
+ * NON_FINITE and changes nothing, and qkd_loss_value reports NON_FINITE.
+ *
+ * Errors: INVALID_ARG (NULL student, a needed teacher or targets missing,
+ * a model on another context), STATE (a model has no forward, or the loss
+ * has no term), SHAPE (B, T or vocabulary differ), RANGE (a target >= the
+ * vocabulary), NON_FINITE (value given, and a NaN or Inf logit; nothing is
+ * stored), NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student,
                                     qkd_model *teacher, const int32_t *targets,
                                     float *value);
 
-/* Value of term i at the last compute (unweighted).
- * Errors: INVALID_ARG, RANGE (no term i), STATE (no compute since the
- * last qkd_loss_add). @since 0.1 */
+/* The weighted sum at the last compute, waiting for a deferred one.
+ * Errors: INVALID_ARG, STATE (no compute since the last qkd_loss_add),
+ * NON_FINITE (the value is NaN or Inf: a logit it read was; *value 0).
+ * @since 0.1 */
+QKD_API qkd_status qkd_loss_value(const qkd_loss *loss, float *value);
+
+/* Value of term i at the last compute (unweighted), waiting for a
+ * deferred one. Errors: INVALID_ARG, RANGE (no term i), STATE (no compute
+ * since the last qkd_loss_add). @since 0.1 */
 QKD_API qkd_status qkd_loss_term_value(const qkd_loss *loss, int term, float *value);
 
 /* Mean over positions (targets >= 0, or all if NULL) of the teacher's top-1

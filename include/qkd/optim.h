@@ -135,6 +135,24 @@ typedef struct qkd_step_info {
  * with info->skipped = 1. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
 
+/* qkd_optimizer_step without a host round trip: the step is queued and
+ * the call returns without waiting for the device, which computes the
+ * gradient norm, clips, and skips a step whose norm is not finite
+ * (nothing changed, the step not counted), as qkd_optimizer_step decides
+ * on the host. The learning-rate schedule advances with each call: a
+ * skipped step's advance is taken back once the host learns of it
+ * (qkd_optimizer_last_step, or a synchronous step). AdamW on a backend
+ * that can decide on the device (CUDA, the reference); elsewhere (SGD,
+ * SIMD) it is qkd_optimizer_step, returning its status. Errors:
+ * INVALID_ARG, STATE (as qkd_optimizer_step), BACKEND. @since 0.1 */
+QKD_API qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt);
+
+/* The report of the last step (deferred or not), waiting for the device:
+ * info as qkd_optimizer_step fills it. Returns QKD_ERR_NON_FINITE with
+ * info->skipped = 1 when that step was skipped. Errors: INVALID_ARG (NULL
+ * opt, info->size too small), STATE (no step yet), BACKEND. @since 0.1 */
+QKD_API qkd_status qkd_optimizer_last_step(qkd_optimizer *opt, qkd_step_info *info);
+
 /* The optimizer's whole state (step counter and every moment buffer) as
  * bytes, for checkpoints: state_bytes gives the size (0 for NULL),
  * state_get copies it out (n >= state_bytes, else INVALID_ARG),

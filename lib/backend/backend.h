@@ -24,12 +24,13 @@
 #ifndef QKD_LIB_BACKEND_H
 #define QKD_LIB_BACKEND_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 7
+#define QKD__BACKEND_ABI 8
 
 typedef struct qkd__backend qkd__backend;
 
@@ -45,6 +46,16 @@ static inline qkd__bf16_in qkd__bf16_f32(const float *x)
 {
     return (qkd__bf16_in){.f32 = x};
 }
+
+/* One term of kd_loss: the qkd_loss_term fields a kernel reads, resolved. */
+typedef struct qkd__kd_term {
+    int kind;              /* a qkd_loss_kind */
+    float temperature;     /* 1 for CE and MSE */
+    float beta;            /* CAKLD's and JSD's weight when beta_dev is NULL */
+    const float *beta_dev; /* else that weight, one float in backend memory */
+    float scale;           /* factor of the gradient rows */
+    int accumulate;        /* 1: add the gradient to ds; 0: write it */
+} qkd__kd_term;
 
 /* How fake_quant kernels quantize: one resolved quantizer setting (see
  * include/qkd/quant.h for the math of each scheme). */
@@ -78,6 +89,38 @@ typedef struct qkd__update_span {
     size_t n;
     float lr;
 } qkd__update_span;
+
+/* An optimizer step decided on the device (qkd_optimizer_step_deferred),
+ * in backend memory: what step_decide writes and adamw_update_multi_dev
+ * reads. */
+typedef struct qkd__step_state {
+    int64_t t;       /* steps applied */
+    double bc1, bc2; /* AdamW's bias corrections at t: 1 - b1^t, 1 - b2^t */
+    double norm;     /* the last step's global gradient norm, before clipping */
+    float gscale;    /* the last step's clip factor (1: not clipped) */
+    int32_t clipped; /* 1: the last step scaled its gradients down */
+    int32_t skipped; /* 1: the last step's norm was not finite; nothing applied */
+} qkd__step_state;
+
+#ifdef __CUDACC__
+#define QKD__HOST_DEVICE __host__ __device__
+#else
+#define QKD__HOST_DEVICE
+#endif
+
+/* step_decide's decision from sum, the double sum of the squared norms:
+ * one definition for every backend, host and device. */
+static inline QKD__HOST_DEVICE void qkd__step_decide(qkd__step_state *st, double sum,
+                                                     float max_norm, float b1, float b2)
+{
+    st->norm = sqrt(sum);
+    st->skipped = !isfinite(st->norm);
+    st->clipped = !st->skipped && max_norm > 0.0f && st->norm > max_norm;
+    st->gscale = st->clipped ? (float)(max_norm / st->norm) : 1.0f;
+    st->t += !st->skipped;
+    st->bc1 = 1.0 - pow((double)b1, (double)st->t);
+    st->bc2 = 1.0 - pow((double)b2, (double)st->t);
+}
 
 struct qkd__backend {
     uint32_t abi;
@@ -279,6 +322,20 @@ struct qkd__backend {
                               int n_spans);
     void (*adamw_update_multi)(qkd__backend *b, const qkd__update_span *spans, int n_spans,
                                float gscale, float b1, float b2, float eps, float wd, int t);
+    /* Optional (both or none): a step decided on the device, with no host
+     * round trip. step_decide reads n squared norms (as sum_squares_multi
+     * writes them) and sets st->norm to the root of their double sum in
+     * order, skipped (norm not finite), clipped and gscale (max_norm / norm
+     * where 0 < max_norm < norm, in float, else 1), adding 1 to st->t
+     * unless skipped, then bc1 and bc2 for b1 and b2 at that t (once, not
+     * in every block of the update). adamw_update_multi_dev is
+     * adamw_update_multi with gscale, bc1 and bc2 read from st, doing
+     * nothing where st->skipped. */
+    void (*step_decide)(qkd__backend *b, qkd__step_state *st, const float *norms, int n,
+                        float max_norm, float b1, float b2);
+    void (*adamw_update_multi_dev)(qkd__backend *b, const qkd__update_span *spans, int n_spans,
+                                   const qkd__step_state *st, float b1, float b2, float eps,
+                                   float wd);
 
     /* ---- fake quantization ------------------------------------------------
      * wq[rows][cols] = Q(w) per group of spec->group values along each row
@@ -345,23 +402,32 @@ struct qkd__backend {
 
     /* ---- distillation objectives --------------------------------------------
      * Row-wise objective between student logits s and teacher logits t,
-     * both [N][V]; kind is a qkd_loss_kind (CE reads targets, not t). The
-     * vocabulary is processed in chunks with a running max and sum, so no
-     * [N][V] probability tensor is stored. With w_i = row_w[i] (1 if row_w
-     * is NULL) and L_i the term of row i: row_loss[i] = w_i * L_i (0 where
-     * targets is given and targets[i] < 0), so the weighted total is one
-     * `sum` away; ds[i] += scale * w_i * dL_i / ds[i]; ds NULL computes
-     * values only. */
-    void (*kd_loss)(qkd__backend *b, float *row_loss, float *ds, const float *s,
-                    const float *t, const int32_t *targets, const float *row_w, float scale,
-                    int N, int V, int kind, float temperature, float beta);
+     * both [N][V]; term->kind is a qkd_loss_kind (CE reads targets, not t).
+     * The vocabulary is processed in chunks with a running max and sum, so
+     * no [N][V] probability tensor is stored. With w_i = row_w[i] (1 if
+     * row_w is NULL) and L_i the term of row i: row_loss[i] = w_i * L_i (0
+     * where targets is given and targets[i] < 0), so the weighted total is
+     * one `sum` away. The gradient row g_i = term->scale * w_i * dL_i / ds[i]
+     * is added to ds (term->accumulate) or written over it, every row then
+     * written (0 at a row targets leave out); or, with ds_bits instead of ds
+     * (accumulate 0), written as bf16 bits: those of the float ds would
+     * hold, rounded to nearest even. ds and ds_bits NULL: values only.
+     * A row whose value is not finite (it reads a NaN or Inf logit) gets a
+     * non-finite row_loss and a NaN gradient row, so nothing downstream can
+     * mistake it for a finite gradient. */
+    void (*kd_loss)(qkd__backend *b, float *row_loss, float *ds, uint16_t *ds_bits,
+                    const float *s, const float *t, const int32_t *targets,
+                    const float *row_w, int N, int V, const qkd__kd_term *term);
     /* TSLD's token weights: for each of B sequences of T positions,
      * w = softmax over the positions with targets >= 0 of c / tau (0 at the
      * others). c[B*T] is the teacher's per-position cross-entropy. */
     void (*tsld_weights)(qkd__backend *b, float *w, const float *c, const int32_t *targets,
                          int B, int T, float tau);
-    /* out[i] = max_j softmax(x[i])_j: the teacher's top-1 probability. */
-    void (*row_max_prob)(qkd__backend *b, float *out, const float *x, int N, int V);
+    /* out[i] = max_j softmax(x[i])_j, the teacher's top-1 probability (NAN
+     * for a row holding a non-finite value); 0 where targets is given and
+     * targets[i] < 0, so the mean over counted rows is one `sum` away. */
+    void (*row_max_prob)(qkd__backend *b, float *out, const float *x, const int32_t *targets,
+                         int N, int V);
 };
 
 /* Create the backend asked for (AUTO picks the best available) on ctx.

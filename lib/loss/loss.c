@@ -1,8 +1,9 @@
 /* The qkd_loss handle: a weighted sum of objective terms evaluated on the
  * last forwards of a student and a teacher, through the backend's kd_loss,
  * tsld_weights and row_max_prob kernels. Everything of a step stays on the
- * device: targets are uploaded once, each term's row losses are summed
- * there, and the sums come back in one download. */
+ * device: targets are uploaded once, each term's row losses (and a
+ * teacher-confidence beta) are summed there, and the sums come back in
+ * one download, at the compute or, deferred, when the value is asked for. */
 #include <math.h>
 #include <string.h>
 
@@ -11,8 +12,11 @@
 #include "qkd/loss.h"
 
 #define MAX_TERMS 8
-/* sums_dev: one slot per term, then the two logit sums of the finiteness check. */
-#define SUM_SLOTS (MAX_TERMS + 2)
+/* sums_dev: one slot per term, the two logit sums of the finiteness check,
+ * then the teacher's confidence (beta_from_teacher). */
+#define FINITE_SLOT MAX_TERMS
+#define BETA_SLOT (MAX_TERMS + 2)
+#define SUM_SLOTS (MAX_TERMS + 3)
 
 struct qkd_loss {
     qkd_context *ctx;
@@ -20,6 +24,10 @@ struct qkd_loss {
     qkd_loss_term terms[MAX_TERMS];
     float values[MAX_TERMS]; /* unweighted, at the last compute */
     int has_values;
+    /* A deferred compute: values are still row sums in sums_dev, each to be
+     * divided by its denominator. */
+    int pending;
+    int denoms[MAX_TERMS];
     /* Device scratch for `cap` rows, grown only when a larger batch comes. */
     int cap;
     int32_t *targets_dev;
@@ -122,6 +130,9 @@ static qkd_status check_term(qkd_loss *loss, const qkd_loss_term *t)
         return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG,
                           "%s: tsld_tau %g must be finite and > 0", where,
                           (double)t->tsld_tau);
+    if (t->beta_from_teacher && t->kind != QKD_LOSS_CAKLD)
+        return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG,
+                          "%s: beta_from_teacher applies to CAKLD only", where);
     return check_beta(loss, t->beta, where);
 }
 
@@ -140,7 +151,7 @@ qkd_status qkd_loss_add(qkd_loss *loss, const qkd_loss_term *term)
     loss->terms[loss->n_terms] = *term;
     loss->terms[loss->n_terms].size = sizeof *term;
     loss->n_terms++;
-    loss->has_values = 0;
+    loss->has_values = loss->pending = 0;
     return QKD_OK;
 }
 
@@ -164,6 +175,52 @@ qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta)
     return st;
 }
 
+/* The unweighted values of the last compute, downloaded if it was deferred. */
+static qkd_status read_values(const qkd_loss *loss, float *values, const char *where)
+{
+    if (!loss->has_values && !loss->pending)
+        return qkd__error(loss->ctx, QKD_ERR_STATE, "%s: no compute yet", where);
+    if (!loss->pending) {
+        memcpy(values, loss->values, (size_t)loss->n_terms * sizeof *values);
+        return QKD_OK;
+    }
+    qkd__backend *be = backend(loss);
+    float sums[MAX_TERMS];
+    qkd_status st = be->download(be, sums, loss->sums_dev, (size_t)loss->n_terms * sizeof *sums);
+    for (int k = 0; st == QKD_OK && k < loss->n_terms; k++)
+        values[k] = loss->denoms[k] > 0 ? (float)((double)sums[k] / loss->denoms[k]) : 0.0f;
+    return st;
+}
+
+/* The weighted sum of values. */
+static double weighted_sum(const qkd_loss *loss, const float *values)
+{
+    double total = 0.0;
+    for (int k = 0; k < loss->n_terms; k++)
+        total += (double)loss->terms[k].weight * values[k];
+    return total;
+}
+
+qkd_status qkd_loss_value(const qkd_loss *loss, float *value)
+{
+    if (!loss)
+        return QKD_ERR_INVALID_ARG;
+    if (!value)
+        return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG, "loss value: value is NULL");
+    *value = 0.0f;
+    float values[MAX_TERMS];
+    qkd_status st = read_values(loss, values, "loss value");
+    if (st != QKD_OK)
+        return st;
+    const double total = weighted_sum(loss, values);
+    if (!isfinite(total))
+        return qkd__error(loss->ctx, QKD_ERR_NON_FINITE,
+                          "loss value: the last compute's value is not finite (a logit it read "
+                          "was NaN or Inf; its gradient holds NaN)");
+    *value = (float)total;
+    return QKD_OK;
+}
+
 qkd_status qkd_loss_term_value(const qkd_loss *loss, int term, float *value)
 {
     if (!loss)
@@ -171,12 +228,12 @@ qkd_status qkd_loss_term_value(const qkd_loss *loss, int term, float *value)
     if (!value)
         return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG, "loss term_value: value is NULL");
     qkd_status st = check_index(loss, term, "loss term_value");
-    if (st != QKD_OK)
-        return st;
-    if (!loss->has_values)
-        return qkd__error(loss->ctx, QKD_ERR_STATE, "loss term_value: no compute yet");
-    *value = loss->values[term];
-    return QKD_OK;
+    float values[MAX_TERMS];
+    if (st == QKD_OK)
+        st = read_values(loss, values, "loss term_value");
+    if (st == QKD_OK)
+        *value = values[term];
+    return st;
 }
 
 /* ---- validation ------------------------------------------------------------ */
@@ -312,7 +369,7 @@ static qkd_status check_finite(qkd_loss *loss, const struct loss_batch *bt, cons
                                const float *t)
 {
     qkd__backend *be = backend(loss);
-    float *slots = loss->sums_dev + MAX_TERMS;
+    float *slots = loss->sums_dev + FINITE_SLOT;
     size_t n = (size_t)bt->N * (size_t)bt->V;
     be->sum(be, slots, s, n);
     if (t)
@@ -337,56 +394,76 @@ static int term_denom(const qkd_loss_term *term, const struct loss_batch *bt)
     return term->kind == QKD_LOSS_TSLD ? bt->n_seqs : bt->n_rows;
 }
 
-/* Add term k's gradient to ds and its row-loss sum to sums_dev[k]. */
+/* The mean top-1 probability of the teacher's logits t over the counted
+ * rows, into *conf on the device; rows: N floats of scratch. */
+static void confidence_dev(qkd__backend *be, float *conf, float *rows, const float *t,
+                           const int32_t *targets, int N, int V, int n_rows)
+{
+    be->row_max_prob(be, rows, t, targets, N, V);
+    be->sum(be, conf, rows, (size_t)N);
+    be->scale(be, conf, n_rows > 0 ? 1.0f / (float)n_rows : 0.0f, 1);
+}
+
+/* Term k's gradient into ds (written by the first term, added by the
+ * others; or written as bf16 bits into ds_bits by a single term) and its
+ * row-loss sum into sums_dev[k]. */
 static void run_term(qkd_loss *loss, int k, const struct loss_batch *bt, float *ds,
-                     const float *s, const float *t)
+                     uint16_t *ds_bits, const float *s, const float *t)
 {
     qkd__backend *be = backend(loss);
     const qkd_loss_term *term = &loss->terms[k];
     const int32_t *y = bt->targets ? loss->targets_dev : NULL;
     float *rows = loss->rows_dev, *cost = rows + loss->cap, *w = cost + loss->cap;
     int denom = term_denom(term, bt);
-    float scale = denom > 0 ? (float)((double)term->weight / denom) : 0.0f;
+    qkd__kd_term kt = {.kind = (int)term->kind, .temperature = term->temperature,
+                       .beta = term->beta,
+                       .scale = denom > 0 ? (float)((double)term->weight / denom) : 0.0f,
+                       .accumulate = k > 0};
     const float *row_w = NULL;
     if (term->kind == QKD_LOSS_TSLD) {
         /* c_i: the teacher's own cross-entropy, detached */
-        be->kd_loss(be, cost, NULL, t, NULL, y, NULL, 0.0f, bt->N, bt->V, QKD_LOSS_CE, 1.0f,
-                    0.0f);
+        qkd__kd_term ce = {.kind = QKD_LOSS_CE, .temperature = 1.0f};
+        be->kd_loss(be, cost, NULL, NULL, t, NULL, y, NULL, bt->N, bt->V, &ce);
         be->tsld_weights(be, w, cost, y, bt->B, bt->T, term->tsld_tau);
         row_w = w;
     }
-    be->kd_loss(be, rows, ds, s, t, y, row_w, scale, bt->N, bt->V, (int)term->kind,
-                term->temperature, term->beta);
+    if (term->beta_from_teacher) {
+        kt.beta_dev = loss->sums_dev + BETA_SLOT;
+        confidence_dev(be, loss->sums_dev + BETA_SLOT, cost, t, y, bt->N, bt->V, bt->n_rows);
+    }
+    be->kd_loss(be, rows, ds_bits ? NULL : ds, ds_bits, s, t, y, row_w, bt->N, bt->V, &kt);
     be->sum(be, loss->sums_dev + k, rows, (size_t)bt->N);
 }
 
-/* Evaluate every term, storing the gradient; *value: the weighted sum. */
+/* Evaluate every term, storing the gradient; *value: the weighted sum, or
+ * with value NULL the sums stay on the device (deferred: no finiteness
+ * check before, no download after). */
 static qkd_status run_terms(qkd_loss *loss, const struct loss_batch *bt, float *value)
 {
-    qkd__backend *be = backend(loss);
     int n_rows;
     const float *s = qkd__model_logits_dev(bt->student, &n_rows);
     const float *t = bt->teacher ? qkd__model_logits_dev(bt->teacher, &n_rows) : NULL;
-    qkd_status st = check_finite(loss, bt, s, t);
+    qkd_status st = value ? check_finite(loss, bt, s, t) : QKD_OK;
     if (st != QKD_OK)
         return st;
     float *ds = qkd__model_dlogits_dev(bt->student);
-    be->fill(be, ds, 0.0f, (size_t)bt->N * (size_t)bt->V);
-    for (int k = 0; k < loss->n_terms; k++)
-        run_term(loss, k, bt, ds, s, t);
-    float sums[MAX_TERMS];
-    st = be->download(be, sums, loss->sums_dev, (size_t)loss->n_terms * sizeof(float));
+    /* bits where the student's backward reads them and no term adds to them */
+    uint16_t *ds_bits = loss->n_terms == 1 ? qkd__model_dlogits_bits_dev(bt->student) : NULL;
+    for (int k = 0; k < loss->n_terms; k++) {
+        run_term(loss, k, bt, ds, ds_bits, s, t);
+        loss->denoms[k] = term_denom(&loss->terms[k], bt);
+    }
+    qkd__model_mark_dlogits(bt->student, ds_bits != NULL);
+    loss->has_values = 0;
+    loss->pending = 1;
+    if (!value)
+        return QKD_OK;
+    st = read_values(loss, loss->values, "loss compute");
     if (st != QKD_OK)
         return st;
-    double total = 0.0;
-    for (int k = 0; k < loss->n_terms; k++) {
-        int denom = term_denom(&loss->terms[k], bt);
-        loss->values[k] = denom > 0 ? (float)((double)sums[k] / denom) : 0.0f;
-        total += (double)loss->terms[k].weight * loss->values[k];
-    }
-    qkd__model_mark_dlogits(bt->student);
+    loss->pending = 0;
     loss->has_values = 1;
-    *value = (float)total;
+    *value = (float)weighted_sum(loss, loss->values);
     return QKD_OK;
 }
 
@@ -395,10 +472,10 @@ qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student, qkd_model *teach
 {
     if (!loss)
         return QKD_ERR_INVALID_ARG;
-    if (!student || !value)
-        return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG,
-                          "loss compute: student or value is NULL");
-    *value = 0.0f;
+    if (!student)
+        return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG, "loss compute: student is NULL");
+    if (value)
+        *value = 0.0f;
     struct loss_batch bt = {.student = student, .teacher = teacher, .targets = targets};
     qkd_status st = check_compute(loss, &bt);
     if (st == QKD_OK)
@@ -450,7 +527,7 @@ qkd_status qkd_loss_teacher_confidence(qkd_model *teacher, const int32_t *target
         return qkd__error(ctx, QKD_ERR_NO_MEMORY, "loss teacher_confidence: out of memory");
     st = be->alloc(be, (size_t)N * sizeof *prob, (void **)&prob_dev);
     if (st == QKD_OK) {
-        be->row_max_prob(be, prob_dev, logits, N, V);
+        be->row_max_prob(be, prob_dev, logits, NULL, N, V);
         st = be->download(be, prob, prob_dev, (size_t)N * sizeof *prob);
     }
     if (st == QKD_OK) {

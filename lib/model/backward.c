@@ -97,7 +97,10 @@ static void head_backward(qkd_model *m, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, qkd__bf16_f32(g->dlogits),
+    const qkd__bf16_in dlogits = m->has_dlogits == QKD__DLOGITS_BITS
+                                     ? (qkd__bf16_in){.bits = (const uint16_t *)g->dlogits}
+                                     : qkd__bf16_f32(g->dlogits);
+    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, dlogits,
                     qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
                     C, V);
     zero(be, g->dres, (size_t)N * C);
@@ -125,7 +128,7 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
                                    (size_t)N * (size_t)m->cfg.vocab_size * sizeof(float));
         if (st != QKD_OK)
             return st;
-        m->has_dlogits = 1;
+        m->has_dlogits = QKD__DLOGITS_F32;
     } else if (!m->has_dlogits) {
         return qkd__error(m->ctx, QKD_ERR_STATE,
                           "model backward: no logits gradient (run a loss with compute_grad, "

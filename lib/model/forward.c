@@ -308,7 +308,17 @@ float *qkd__model_dlogits_dev(qkd_model *m)
     return m->has_forward ? m->acts.dlogits : NULL;
 }
 
-void qkd__model_mark_dlogits(qkd_model *m)
+uint16_t *qkd__model_dlogits_bits_dev(qkd_model *m)
 {
-    m->has_dlogits = m->has_forward;
+    /* the head's bf16-bits products round dlogits to these bits as they read them */
+    return m->has_forward && m->acts.dlogits && qkd__model_bf16_bits(m)
+               ? (uint16_t *)m->acts.dlogits
+               : NULL;
+}
+
+void qkd__model_mark_dlogits(qkd_model *m, int bits)
+{
+    m->has_dlogits = !m->has_forward ? QKD__DLOGITS_NONE
+                     : bits          ? QKD__DLOGITS_BITS
+                                     : QKD__DLOGITS_F32;
 }

@@ -48,7 +48,7 @@ qkd_status qkd_model_cross_entropy(qkd_model *m, const int32_t *targets, int com
         if (n_valid > 0)
             be->cross_entropy_backward(be, a->dlogits, a->logits, a->targets,
                                        1.0f / (float)n_valid, N, V);
-        m->has_dlogits = 1;
+        m->has_dlogits = QKD__DLOGITS_F32;
     }
     float sum;
     st = qkd__model_download(m, &sum, a->loss_sum, 1);

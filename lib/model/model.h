@@ -21,14 +21,18 @@ int qkd__model_tensor_index(const qkd_model *model, qkd_tensor_kind kind, int la
 
 /* Device pointers to the last forward's logits and to the logits gradient
  * ([n_rows][vocab] each; *n_rows = B*T), NULL before any forward (and the
- * gradient always NULL for a model that is not trainable). A loss
- * that writes the gradient calls qkd__model_mark_dlogits so that
+ * gradient always NULL for a model that is not trainable). The gradient
+ * may instead be written as bf16 bits where the model's backward reads it
+ * so (a model on the bf16-bits family, whose head products round it to
+ * those bits anyway; NULL otherwise). A loss that writes the gradient
+ * calls qkd__model_mark_dlogits (bits: 1 if it wrote the bits) so that
  * qkd_model_backward(model, NULL) accepts it. */
 float *qkd__model_logits_dev(qkd_model *model, int *n_rows);
 float *qkd__model_dlogits_dev(qkd_model *model);
+uint16_t *qkd__model_dlogits_bits_dev(qkd_model *model);
 /* B and T of the last forward (both 0 before any forward). */
 void qkd__model_last_shape(const qkd_model *model, int *B, int *T);
-void qkd__model_mark_dlogits(qkd_model *model);
+void qkd__model_mark_dlogits(qkd_model *model, int bits);
 
 /* Device pointers to tensor `index`'s weights and gradient (its
  * n_elements floats each); index must be valid. The optimizer and the

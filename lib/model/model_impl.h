@@ -137,12 +137,16 @@ struct qkd_model {
     qkd_tokenizer *tokenizer;
     qkd__train_acts acts;
     int has_forward;      /* acts hold a forward's results */
-    int has_dlogits;      /* acts.dlogits holds a logits gradient */
+    int has_dlogits;      /* acts.dlogits holds a logits gradient: QKD__DLOGITS_* */
     qkd__decode dec;
     qkd__student student;
     int matmul_bf16;      /* QKD_MATMUL_BF16: the backend's bf16 products */
     int frozen;           /* not trained: the layers share their activations */
 };
+
+/* What acts.dlogits holds: nothing, floats, or bf16 bits in its first half
+ * (qkd__model_dlogits_bits_dev). */
+enum { QKD__DLOGITS_NONE = 0, QKD__DLOGITS_F32 = 1, QKD__DLOGITS_BITS = 2 };
 
 static inline qkd__backend *qkd__model_backend(const qkd_model *m)
 {

@@ -163,7 +163,13 @@ static qkd_status alloc_state(qkd_optimizer *opt)
     opt->norms = base;
     opt->scratch = base + norms;
     be->fill(be, opt->mem, 0.0f, moments + norms);
-    return QKD_OK;
+    if (!be->step_decide)
+        return QKD_OK;
+    const size_t st_floats = sizeof *opt->st / sizeof(float);
+    st = be->alloc(be, sizeof *opt->st, (void **)&opt->st);
+    if (st == QKD_OK)
+        be->fill(be, (float *)opt->st, 0.0f, st_floats); /* t 0, nothing decided */
+    return st;
 }
 
 qkd_status qkd_optimizer_create(qkd_model *model, const qkd_optim_params *p,
@@ -209,6 +215,7 @@ void qkd_optimizer_free(qkd_optimizer *opt)
     if (!opt)
         return;
     opt->be->free(opt->be, opt->mem);
+    opt->be->free(opt->be, opt->st);
     qkd__free(opt->ctx, opt->norms_host);
     qkd__free(opt->ctx, opt->spans);
     qkd__free(opt->ctx, opt->tensors);
@@ -336,21 +343,28 @@ static int fill_spans(qkd_optimizer *opt, float lr_t)
     return k;
 }
 
-/* Global L2 norm of the n trainable gradients in opt->spans: their squared
- * norms into a device array (one multi-tensor call where the backend has
- * it, else one sum_squares each), one download, summed in double in
- * tensor order. */
+/* The squared norms of the n trainable gradients in opt->spans into
+ * opt->norms on the device: one multi-tensor call where the backend has
+ * it, else one sum_squares each. */
+static void squared_norms(qkd_optimizer *opt, int n)
+{
+    qkd__backend *be = opt->be;
+    if (be->sum_squares_multi) {
+        be->sum_squares_multi(be, opt->norms, opt->spans, n);
+        return;
+    }
+    for (int k = 0; k < n; k++)
+        be->sum_squares(be, opt->norms + k, opt->spans[k].g, opt->spans[k].n);
+}
+
+/* Global L2 norm of the n trainable gradients: their squared norms, one
+ * download, summed in double in tensor order. */
 static qkd_status grad_norm(qkd_optimizer *opt, int n, double *norm)
 {
     qkd__backend *be = opt->be;
     double sum = 0.0;
     if (n) {
-        if (be->sum_squares_multi) {
-            be->sum_squares_multi(be, opt->norms, opt->spans, n);
-        } else {
-            for (int k = 0; k < n; k++)
-                be->sum_squares(be, opt->norms + k, opt->spans[k].g, opt->spans[k].n);
-        }
+        squared_norms(opt, n);
         qkd_status st = be->sync(be);
         if (st == QKD_OK)
             st = be->download(be, opt->norms_host, opt->norms, (size_t)n * sizeof(float));
@@ -400,24 +414,88 @@ static void update_all(qkd_optimizer *opt, int n, int clipped, float clip)
         update_span(opt, &opt->spans[k], clipped, clip, bias_t);
 }
 
+static qkd_status check_table(const qkd_optimizer *opt, const char *where)
+{
+    if (qkd__model_table_gen(opt->model) != opt->table_gen)
+        return qkd__error(opt->ctx, QKD_ERR_STATE,
+                          "%s: the model's tensors changed since the optimizer was created (a "
+                          "quantizer with learn_scales was bound or unbound); create the "
+                          "optimizer again",
+                          where);
+    return QKD_OK;
+}
+
+static qkd_status check_info(const qkd_optimizer *opt, const qkd_step_info *info,
+                             const char *where)
+{
+    if (info && info->size < sizeof *info)
+        return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG, "%s: info size field %zu, expected %zu",
+                          where, info->size, sizeof *info);
+    return QKD_OK;
+}
+
+/* Bring the host up to date with the deferred steps queued (one download). */
+static qkd_status settle(qkd_optimizer *opt)
+{
+    if (!opt->pending)
+        return QKD_OK;
+    qkd__step_state st;
+    qkd_status s = opt->be->download(opt->be, &st, opt->st, sizeof st);
+    if (s != QKD_OK)
+        return s;
+    opt->step = st.t;
+    opt->pending = 0;
+    opt->last.step = st.t;
+    opt->last.grad_norm = (float)st.norm;
+    opt->last.clipped = st.clipped;
+    opt->last.skipped = st.skipped;
+    return QKD_OK;
+}
+
+qkd_status qkd__optim_applied(const qkd_optimizer *opt, int64_t *step)
+{
+    *step = opt->step;
+    if (!opt->pending)
+        return QKD_OK;
+    qkd__step_state st;
+    qkd_status s = opt->be->download(opt->be, &st, opt->st, sizeof st);
+    if (s == QKD_OK)
+        *step = st.t;
+    return s;
+}
+
+/* The step's report, NON_FINITE when it was skipped. */
+static qkd_status report(qkd_optimizer *opt, qkd_step_info *info, const char *where)
+{
+    if (info) {
+        const size_t size = info->size;
+        *info = opt->last;
+        info->size = size;
+    }
+    if (opt->last.skipped)
+        return qkd__error(opt->ctx, QKD_ERR_NON_FINITE,
+                          "%s %lld: gradient norm is %g; step skipped, nothing changed", where,
+                          (long long)(opt->last.step + 1), (double)opt->last.grad_norm);
+    return QKD_OK;
+}
+
 qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
 {
     if (!opt)
         return QKD_ERR_INVALID_ARG;
-    if (info && info->size < sizeof *info)
-        return qkd__error(opt->ctx, QKD_ERR_INVALID_ARG,
-                          "optimizer step: info size field %zu, expected %zu", info->size,
-                          sizeof *info);
-    if (qkd__model_table_gen(opt->model) != opt->table_gen)
-        return qkd__error(opt->ctx, QKD_ERR_STATE,
-                          "optimizer step: the model's tensors changed since the optimizer was "
-                          "created (a quantizer with learn_scales was bound or unbound); "
-                          "create the optimizer again");
+    const char *where = "optimizer step";
+    qkd_status st = check_info(opt, info, where);
+    if (st == QKD_OK)
+        st = check_table(opt, where);
+    if (st == QKD_OK)
+        st = settle(opt);
+    if (st != QKD_OK)
+        return st;
     const int64_t t = opt->step + 1;
     const float lr_t = qkd_optimizer_lr_at(opt, t);
     const int n = fill_spans(opt, lr_t);
     double norm;
-    qkd_status st = grad_norm(opt, n, &norm);
+    st = grad_norm(opt, n, &norm);
     if (st != QKD_OK)
         return st;
     const int skipped = !isfinite(norm);
@@ -427,18 +505,51 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
         const float clip = clipped ? (float)(max_norm / norm) : 1.0f;
         update_all(opt, n, clipped, clip);
         opt->step = t;
+        opt->st_stale = 1;
     }
-    if (info) {
-        info->step = opt->step;
-        info->lr = lr_t;
-        info->grad_norm = (float)norm;
-        info->clipped = clipped;
-        info->skipped = skipped;
-    }
-    if (skipped)
-        return qkd__error(opt->ctx, QKD_ERR_NON_FINITE,
-                          "optimizer step %lld: gradient norm is %g; step skipped, nothing "
-                          "changed",
-                          (long long)t, norm);
+    opt->last = (qkd_step_info){.size = sizeof opt->last, .step = opt->step, .lr = lr_t,
+                                .grad_norm = (float)norm, .clipped = clipped,
+                                .skipped = skipped};
+    return report(opt, info, "optimizer step");
+}
+
+qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt)
+{
+    if (!opt)
+        return QKD_ERR_INVALID_ARG;
+    qkd__backend *be = opt->be;
+    if (opt->p.kind != QKD_OPTIM_ADAMW || !opt->st || !be->adamw_update_multi_dev)
+        return qkd_optimizer_step(opt, NULL); /* nothing to decide on the device */
+    qkd_status st = check_table(opt, "optimizer step_deferred");
+    if (st == QKD_OK && opt->st_stale)
+        st = be->upload(be, &opt->st->t, &opt->step, sizeof opt->step);
+    if (st != QKD_OK)
+        return st;
+    opt->st_stale = 0;
+    /* the schedule counts the steps queued; the device, those applied */
+    const float lr_t = qkd_optimizer_lr_at(opt, opt->step + opt->pending + 1);
+    const int n = fill_spans(opt, lr_t);
+    squared_norms(opt, n);
+    const qkd_optim_params *p = &opt->p;
+    be->step_decide(be, opt->st, opt->norms, n, p->max_grad_norm, p->beta1, p->beta2);
+    be->adamw_update_multi_dev(be, opt->spans, n, opt->st, p->beta1, p->beta2, p->eps,
+                               p->weight_decay);
+    opt->pending++;
+    opt->last.lr = lr_t;
     return QKD_OK;
+}
+
+qkd_status qkd_optimizer_last_step(qkd_optimizer *opt, qkd_step_info *info)
+{
+    if (!opt)
+        return QKD_ERR_INVALID_ARG;
+    const char *where = "optimizer last_step";
+    qkd_status st = check_info(opt, info, where);
+    if (st == QKD_OK && !opt->pending && !opt->last.size)
+        st = qkd__error(opt->ctx, QKD_ERR_STATE, "%s: no step yet", where);
+    if (st == QKD_OK)
+        st = settle(opt);
+    if (st == QKD_OK)
+        opt->last.size = sizeof opt->last;
+    return st == QKD_OK ? report(opt, info, where) : st;
 }

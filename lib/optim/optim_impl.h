@@ -30,7 +30,18 @@ struct qkd_optimizer {
     float *scratch;       /* device, the largest tensor: a clipped gradient */
     float *norms_host;    /* host [n_tensors] */
     qkd__update_span *spans; /* host [n_tensors]: the trainable ones, for the multi slots */
+    /* Steps decided on the device (qkd_optimizer_step_deferred): their
+     * state, how many were queued since the host last read it (step then
+     * lags behind st->t), and whether st->t lags behind step (a synchronous
+     * step or state_set since). */
+    qkd__step_state *st;  /* device */
+    int64_t pending;
+    int st_stale;
+    qkd_step_info last;   /* the last step, as known on the host (size 0: none yet) */
 };
+
+/* Steps applied, pending deferred ones included (the device's count). */
+qkd_status qkd__optim_applied(const qkd_optimizer *opt, int64_t *step);
 
 /* Floats between one moment slice of tensor t and the next (n rounded up
  * to a 64-byte line, so every slice stays aligned). */

@@ -68,12 +68,16 @@ qkd_status qkd_optimizer_state_get(const qkd_optimizer *opt, void *dst, size_t n
     put_u32(q + 4, STATE_VERSION);
     put_u32(q + 8, (uint32_t)opt->p.kind);
     put_u32(q + 12, (uint32_t)opt->n_tensors);
-    put_i64(q + 16, opt->step);
+    int64_t step;
+    qkd_status st = qkd__optim_applied(opt, &step);
+    if (st != QKD_OK)
+        return st;
+    put_i64(q + 16, step);
     q += HEADER_BYTES;
     for (int i = 0; i < opt->n_tensors; i++, q += sizeof(int64_t))
         put_i64(q, opt->tensors[i].n);
     qkd__backend *be = opt->be;
-    qkd_status st = be->sync(be);
+    st = be->sync(be);
     for (int i = 0; i < opt->n_tensors && st == QKD_OK; i++) {
         const qkd__optim_tensor *t = &opt->tensors[i];
         size_t bytes = (size_t)t->n * sizeof(float);
@@ -147,7 +151,10 @@ qkd_status qkd_optimizer_state_set(qkd_optimizer *opt, const void *src, size_t n
         for (int k = 0; k < opt->n_moments && st == QKD_OK; k++, q += bytes)
             st = be->upload(be, t->moments + (size_t)k * qkd__optim_stride(t), q, bytes);
     }
-    if (st == QKD_OK)
+    if (st == QKD_OK) {
         opt->step = step;
+        opt->pending = 0;  /* the queued steps ran before these uploads */
+        opt->st_stale = 1; /* the device's count is step's from the next deferred step */
+    }
     return st;
 }

@@ -123,6 +123,11 @@ void qkd__cuda_sum_squares_multi(qkd__backend *b, float *out, const qkd__update_
                                  int n_spans);
 void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_span *spans, int n_spans,
                                   float gscale, float b1, float b2, float eps, float wd, int t);
+void qkd__cuda_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
+                                      int n_spans, const qkd__step_state *st, float b1,
+                                      float b2, float eps, float wd);
+void qkd__cuda_step_decide(qkd__backend *b, qkd__step_state *st, const float *norms, int n,
+                           float max_norm, float b1, float b2);
 void qkd__cuda_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
                                  const float *table, int N, int C);
 void qkd__cuda_embedding_backward(qkd__backend *b, float *dtable, const float *dout,
@@ -149,12 +154,13 @@ void qkd__cuda_cross_entropy_forward(qkd__backend *b, float *losses, const float
                                      const int32_t *targets, int N, int V);
 void qkd__cuda_cross_entropy_backward(qkd__backend *b, float *dlogits, const float *logits,
                                       const int32_t *targets, float scale, int N, int V);
-void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,
-                       const float *t, const int32_t *targets, const float *row_w, float scale,
-                       int N, int V, int kind, float temperature, float beta);
+void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds, uint16_t *ds_bits,
+                       const float *s, const float *t, const int32_t *targets,
+                       const float *row_w, int N, int V, const qkd__kd_term *term);
 void qkd__cuda_tsld_weights(qkd__backend *b, float *w, const float *c, const int32_t *targets,
                             int B, int T, float tau);
-void qkd__cuda_row_max_prob(qkd__backend *b, float *out, const float *x, int N, int V);
+void qkd__cuda_row_max_prob(qkd__backend *b, float *out, const float *x,
+                            const int32_t *targets, int N, int V);
 
 /* ---- attention.cu ------------------------------------------------------------ */
 void qkd__cuda_rope_forward(qkd__backend *b, float *x, int B, int T, int n_heads, int head_dim,

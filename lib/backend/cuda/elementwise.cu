@@ -556,9 +556,17 @@ extern "C" void qkd__cuda_sum_squares_multi(qkd__backend *b, float *out,
     qkd__cuda_launched(b, "sum_squares_multi");
 }
 
+/* st (NULL: gscale and a as given): the step decided on the device. */
 __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned *first, int n,
-                                   float gscale, adamw_args a)
+                                   const qkd__step_state *st, float gscale, adamw_args a)
 {
+    if (st) {
+        if (st->skipped)
+            return;
+        gscale = st->gscale;
+        a.bc1 = st->bc1;
+        a.bc2 = st->bc2;
+    }
     const int s = span_at(first, n, blockIdx.x);
     const qkd__update_span sp = spans[s];
     const size_t base = (size_t)(blockIdx.x - first[s]) * MT_CHUNK;
@@ -584,9 +592,8 @@ __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned
         adamw_one(sp.p[i], sp.g[i] * gscale, sp.m[i], sp.v[i], sp.lr, a);
 }
 
-extern "C" void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_span *spans,
-                                             int n_spans, float gscale, float b1, float b2,
-                                             float eps, float wd, int t)
+static void adamw_multi(qkd__backend *b, const qkd__update_span *spans, int n_spans,
+                        const qkd__step_state *st, float gscale, adamw_args a)
 {
     if (n_spans <= 0)
         return;
@@ -596,8 +603,39 @@ extern "C" void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_
         return;
     adamw_multi_kernel<<<blocks, QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
         (const qkd__update_span *)tab, (const unsigned *)(tab + first_offset(n_spans)), n_spans,
-        gscale, adamw_of(b1, b2, eps, wd, t));
+        st, gscale, a);
     qkd__cuda_launched(b, "adamw_update_multi");
+}
+
+extern "C" void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_span *spans,
+                                             int n_spans, float gscale, float b1, float b2,
+                                             float eps, float wd, int t)
+{
+    adamw_multi(b, spans, n_spans, NULL, gscale, adamw_of(b1, b2, eps, wd, t));
+}
+
+extern "C" void qkd__cuda_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
+                                                 int n_spans, const qkd__step_state *st,
+                                                 float b1, float b2, float eps, float wd)
+{
+    adamw_multi(b, spans, n_spans, st, 1.0f, {b1, b2, eps, wd, 0.0, 0.0}); /* st: the rest */
+}
+
+/* One thread: the norms in order, in double, as the host would sum them. */
+__global__ void step_decide_kernel(qkd__step_state *st, const float *norms, int n,
+                                   float max_norm, float b1, float b2)
+{
+    double sum = 0.0;
+    for (int k = 0; k < n; k++)
+        sum += norms[k];
+    qkd__step_decide(st, sum, max_norm, b1, b2);
+}
+
+extern "C" void qkd__cuda_step_decide(qkd__backend *b, qkd__step_state *st, const float *norms,
+                                      int n, float max_norm, float b1, float b2)
+{
+    step_decide_kernel<<<1, 1, 0, qkd__cuda_of(b)->stream>>>(st, norms, n, max_norm, b1, b2);
+    qkd__cuda_launched(b, "step_decide");
 }
 
 /* ---- embedding -------------------------------------------------------------------- */

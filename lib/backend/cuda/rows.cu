@@ -345,10 +345,12 @@ extern "C" void qkd__cuda_cross_entropy_backward(qkd__backend *b, float *dlogits
 
 struct kd_args {
     float *row_loss, *ds;
+    uint16_t *ds_bits; /* instead of ds: the gradient as bf16 bits */
     const float *s, *t, *row_w;
     const int32_t *targets;
+    const float *beta_dev; /* NULL: beta */
     float scale, tau, beta;
-    int V, kind;
+    int V, kind, accumulate;
 };
 
 /* One thread's online log-sum-exp of x with a running sum a of
@@ -499,24 +501,48 @@ __device__ static float kd_value(const kd_args &j, const float *s, const float *
     return j.tau * j.tau * softmax_value(j, s, t, r);
 }
 
+/* Row i's gradient element v: x added to or written over ds, or its bits. */
+__device__ inline void put_grad(const kd_args &j, size_t at, float x)
+{
+    if (j.ds_bits)
+        qkd__store(j.ds_bits, at, x);
+    else
+        j.ds[at] = j.accumulate ? j.ds[at] + x : x;
+}
+
+/* Every element of row i's gradient set to x (added, where ds accumulates). */
+__device__ static void fill_grad_row(const kd_args &j, size_t i, float x)
+{
+    for (int v = threadIdx.x; v < j.V; v += blockDim.x)
+        put_grad(j, i * j.V + v, x);
+}
+
 __global__ void kd_loss_kernel(kd_args j)
 {
     const size_t i = blockIdx.x;
     const float *s = j.s + i * j.V, *t = j.t ? j.t + i * j.V : NULL;
+    const bool grad = j.ds || j.ds_bits;
     int y = j.targets ? j.targets[i] : 0;
     if (j.targets && y < 0) { /* the whole block agrees */
         if (threadIdx.x == 0)
             j.row_loss[i] = 0.0f;
+        if (grad && !j.accumulate)
+            fill_grad_row(j, i, 0.0f);
         return;
     }
+    if (j.beta_dev)
+        j.beta = *j.beta_dev;
     const float w = j.row_w ? j.row_w[i] : 1.0f;
     kd_row r = {0.0f, 0.0f, 0.0f, 0.0f};
     const float value = kd_value(j, s, t, y, &r);
     if (threadIdx.x == 0)
         j.row_loss[i] = w * value;
-    if (!j.ds || !isfinite(value))
+    if (!grad)
         return;
-    float *ds = j.ds + i * j.V;
+    if (!isfinite(value)) {
+        fill_grad_row(j, i, NAN);
+        return;
+    }
     const float coef = j.scale * w;
     for (int v = threadIdx.x; v < j.V; v += blockDim.x) {
         float g;
@@ -526,21 +552,22 @@ __global__ void kd_loss_kernel(kd_args j)
             g = 2.0f * (s[v] - t[v]) / j.V;
         else /* d/ds = (1/tau) d/d(s/tau), times tau^2 */
             g = j.tau * softmax_grad(j, r, s[v], t[v]);
-        ds[v] += coef * g;
+        put_grad(j, i * j.V + v, coef * g);
     }
 }
 
-extern "C" void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,
-                                  const float *t, const int32_t *targets, const float *row_w,
-                                  float scale, int N, int V, int kind, float temperature,
-                                  float beta)
+extern "C" void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds,
+                                  uint16_t *ds_bits, const float *s, const float *t,
+                                  const int32_t *targets, const float *row_w, int N, int V,
+                                  const qkd__kd_term *term)
 {
     if (N <= 0 || V <= 0)
         return;
     /* CE and MSE do not use the temperature. */
-    int plain = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE;
-    kd_args j = {row_loss, ds, s, t, row_w, targets, scale, plain ? 1.0f : temperature, beta,
-                 V, kind};
+    int plain = term->kind == QKD_LOSS_CE || term->kind == QKD_LOSS_MSE;
+    kd_args j = {row_loss, ds, ds_bits, s, t, row_w, targets, term->beta_dev, term->scale,
+                 plain ? 1.0f : term->temperature, term->beta, V, term->kind,
+                 term->accumulate};
     kd_loss_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(j);
     qkd__cuda_launched(b, "kd_loss");
 }
@@ -570,8 +597,13 @@ __global__ void tsld_weights_kernel(float *w, const float *c, const int32_t *tar
 /* max softmax = exp(max - lse) = 1 / sum of exp(x - max), in float with an
  * online log-sum-exp (one sweep); NAN for a row holding a non-finite
  * value. */
-__global__ void row_max_prob_kernel(float *out, const float *x, int V)
+__global__ void row_max_prob_kernel(float *out, const float *x, const int32_t *targets, int V)
 {
+    if (targets && targets[blockIdx.x] < 0) { /* the whole block agrees */
+        if (threadIdx.x == 0)
+            out[blockIdx.x] = 0.0f;
+        return;
+    }
     const float *row = x + (size_t)blockIdx.x * V;
     lse_acc acc = lse_init();
     bool bad = false;
@@ -596,11 +628,12 @@ extern "C" void qkd__cuda_tsld_weights(qkd__backend *b, float *w, const float *c
     qkd__cuda_launched(b, "tsld_weights");
 }
 
-extern "C" void qkd__cuda_row_max_prob(qkd__backend *b, float *out, const float *x, int N, int V)
+extern "C" void qkd__cuda_row_max_prob(qkd__backend *b, float *out, const float *x,
+                                       const int32_t *targets, int N, int V)
 {
     if (N <= 0 || V <= 0)
         return;
-    row_max_prob_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(out, x,
-                                                                                        V);
+    row_max_prob_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
+        out, x, targets, V);
     qkd__cuda_launched(b, "row_max_prob");
 }

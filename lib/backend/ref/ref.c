@@ -150,20 +150,48 @@ static void ref_sum_squares(qkd__backend *b, float *out, const float *x, size_t 
 
 /* ---- optimizer ---------------------------------------------------------------- */
 
-static void ref_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
-                             size_t n, float lr, float b1, float b2, float eps, float wd, int t)
+/* AdamW on g * gscale (the float product, as `scale` on a copy gives),
+ * bias corrections bc1 = 1 - b1^t and bc2 = 1 - b2^t. */
+static void adamw_span(float *p, const float *g, float gscale, float *m, float *v, size_t n,
+                       float lr, float b1, float b2, float eps, float wd, double bc1,
+                       double bc2)
 {
-    (void)b;
-    double bc1 = 1.0 - pow(b1, t);
-    double bc2 = 1.0 - pow(b2, t);
     for (size_t i = 0; i < n; i++) {
-        double mi = (double)b1 * m[i] + (1.0 - b1) * g[i];
-        double vi = (double)b2 * v[i] + (1.0 - b2) * (double)g[i] * g[i];
+        const float gi = g[i] * gscale;
+        double mi = (double)b1 * m[i] + (1.0 - b1) * gi;
+        double vi = (double)b2 * v[i] + (1.0 - b2) * (double)gi * gi;
         double step = mi / bc1 / (sqrt(vi / bc2) + eps) + (double)wd * p[i];
         m[i] = (float)mi;
         v[i] = (float)vi;
         p[i] = (float)(p[i] - (double)lr * step);
     }
+}
+
+static void ref_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
+                             size_t n, float lr, float b1, float b2, float eps, float wd, int t)
+{
+    (void)b;
+    adamw_span(p, g, 1.0f, m, v, n, lr, b1, b2, eps, wd, 1.0 - pow(b1, t), 1.0 - pow(b2, t));
+}
+
+static void ref_step_decide(qkd__backend *b, qkd__step_state *st, const float *norms, int n,
+                            float max_norm, float b1, float b2)
+{
+    (void)b;
+    double sum = 0.0;
+    for (int k = 0; k < n; k++)
+        sum += norms[k];
+    qkd__step_decide(st, sum, max_norm, b1, b2);
+}
+
+static void ref_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
+                                       int n_spans, const qkd__step_state *st, float b1,
+                                       float b2, float eps, float wd)
+{
+    (void)b;
+    for (int k = 0; k < n_spans && !st->skipped; k++)
+        adamw_span(spans[k].p, spans[k].g, st->gscale, spans[k].m, spans[k].v, spans[k].n,
+                   spans[k].lr, b1, b2, eps, wd, st->bc1, st->bc2);
 }
 
 /* ---- the table ---------------------------------------------------------------- */
@@ -229,6 +257,8 @@ static const qkd__backend ref_table = {
     .cross_entropy_forward = qkd__ref_cross_entropy_forward,
     .cross_entropy_backward = qkd__ref_cross_entropy_backward,
     .adamw_update = ref_adamw_update,
+    .step_decide = ref_step_decide,
+    .adamw_update_multi_dev = ref_adamw_update_multi_dev,
     .sgd_update = qkd__ref_sgd_update,
     .fakequant_forward = qkd__ref_fakequant_forward,
     .fakequant_forward_bf16 = qkd__ref_fakequant_forward_bf16,

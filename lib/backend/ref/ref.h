@@ -138,12 +138,13 @@ void qkd__ref_matmul_backward_input_fq(qkd__backend *b, float *dinp, const float
                                        const qkd__qweight *w, int N, int C, int OC);
 
 /* ---- ref_kd.c --------------------------------------------------------------- */
-void qkd__ref_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,
-                      const float *t, const int32_t *targets, const float *row_w, float scale,
-                      int N, int V, int kind, float temperature, float beta);
+void qkd__ref_kd_loss(qkd__backend *b, float *row_loss, float *ds, uint16_t *ds_bits,
+                      const float *s, const float *t, const int32_t *targets,
+                      const float *row_w, int N, int V, const qkd__kd_term *term);
 void qkd__ref_tsld_weights(qkd__backend *b, float *w, const float *c, const int32_t *targets,
                            int B, int T, float tau);
-void qkd__ref_row_max_prob(qkd__backend *b, float *out, const float *x, int N, int V);
+void qkd__ref_row_max_prob(qkd__backend *b, float *out, const float *x,
+                           const int32_t *targets, int N, int V);
 
 /* ---- ref_optim.c ------------------------------------------------------------- */
 void qkd__ref_sgd_update(qkd__backend *b, float *p, const float *g, float *u, size_t n,

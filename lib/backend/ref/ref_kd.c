@@ -12,10 +12,11 @@
  * row_w scales both the row's value and its gradient: row_loss[i] is
  * w_i * term_i (TSLD's row term includes its weight), ds gets
  * scale * w_i * d term_i / ds. A row holding a NaN or Inf logit gets a
- * non-finite row_loss and no gradient. */
+ * non-finite row_loss and a NaN gradient row. */
 #include <math.h>
 
 #include "backend/ref/ref.h"
+#include "core/half.h"
 #include "qkd/loss.h"
 
 #define CHUNK 256
@@ -70,10 +71,11 @@ static double row_lse(const float *x, int V, double inv_temp)
 
 struct kd_job {
     float *row_loss, *ds;
+    uint16_t *ds_bits;
     const float *s, *t, *row_w;
     const int32_t *targets;
     double scale, tau, beta;
-    int V, kind;
+    int V, kind, accumulate;
 };
 
 /* One row: its logits, log-normalisers, and the KL values its gradient uses. */
@@ -166,8 +168,19 @@ static double row_value(const struct kd_job *j, struct kd_row *r)
     }
 }
 
-/* ds += coef * d term / ds; coef already holds scale * w. */
-static void row_grad(const struct kd_job *j, const struct kd_row *r, float *ds, double coef)
+/* Gradient element v of row i: x added to or written over ds, or written
+ * as the bf16 bits of the float it would be. */
+static void put_grad(const struct kd_job *j, int64_t i, int v, double x)
+{
+    const size_t at = (size_t)i * j->V + v;
+    if (j->ds_bits)
+        j->ds_bits[at] = qkd__f32_to_bf16((float)x);
+    else
+        j->ds[at] = (float)(j->accumulate ? j->ds[at] + x : x);
+}
+
+/* Row i's gradient: coef * d term / ds; coef already holds scale * w. */
+static void row_grad(const struct kd_job *j, const struct kd_row *r, int64_t i, double coef)
 {
     for (int v = 0; v < j->V; v++) {
         double g;
@@ -177,39 +190,52 @@ static void row_grad(const struct kd_job *j, const struct kd_row *r, float *ds, 
             g = 2.0 * ((double)r->s[v] - r->t[v]) / j->V;
         else /* d/ds = (1/tau) d/d(s/tau), times tau^2 */
             g = j->tau * softmax_grad(j, r, v);
-        ds[v] = (float)(ds[v] + coef * g);
+        put_grad(j, i, v, coef * g);
     }
+}
+
+/* Row i's gradient set to x (added, where ds accumulates). */
+static void fill_grad_row(const struct kd_job *j, int64_t i, double x)
+{
+    for (int v = 0; v < j->V; v++)
+        put_grad(j, i, v, x);
 }
 
 static void kd_loss_range(const void *arg, int64_t begin, int64_t end)
 {
     const struct kd_job *j = arg;
+    const int grad = j->ds || j->ds_bits;
     for (int64_t i = begin; i < end; i++) {
         struct kd_row r = {.s = j->s + (size_t)i * j->V,
                            .t = j->t ? j->t + (size_t)i * j->V : NULL,
                            .y = j->targets ? j->targets[i] : 0};
         if (j->targets && r.y < 0) {
             j->row_loss[i] = 0.0f;
+            if (grad && !j->accumulate)
+                fill_grad_row(j, i, 0.0);
             continue;
         }
         double w = j->row_w ? j->row_w[i] : 1.0;
         double value = row_value(j, &r);
         j->row_loss[i] = (float)(w * value);
-        if (j->ds && isfinite(value))
-            row_grad(j, &r, j->ds + (size_t)i * j->V, j->scale * w);
+        if (grad && isfinite(value))
+            row_grad(j, &r, i, j->scale * w);
+        else if (grad)
+            fill_grad_row(j, i, NAN);
     }
 }
 
-void qkd__ref_kd_loss(qkd__backend *b, float *row_loss, float *ds, const float *s,
-                      const float *t, const int32_t *targets, const float *row_w, float scale,
-                      int N, int V, int kind, float temperature, float beta)
+void qkd__ref_kd_loss(qkd__backend *b, float *row_loss, float *ds, uint16_t *ds_bits,
+                      const float *s, const float *t, const int32_t *targets,
+                      const float *row_w, int N, int V, const qkd__kd_term *term)
 {
     /* CE and MSE do not use the temperature. */
-    int plain = kind == QKD_LOSS_CE || kind == QKD_LOSS_MSE;
-    struct kd_job job = {.row_loss = row_loss, .ds = ds, .s = s, .t = t, .row_w = row_w,
-                         .targets = targets, .scale = scale,
-                         .tau = plain ? 1.0 : temperature, .beta = beta, .V = V,
-                         .kind = kind};
+    int plain = term->kind == QKD_LOSS_CE || term->kind == QKD_LOSS_MSE;
+    struct kd_job job = {.row_loss = row_loss, .ds = ds, .ds_bits = ds_bits, .s = s, .t = t,
+                         .row_w = row_w, .targets = targets, .scale = term->scale,
+                         .tau = plain ? 1.0 : term->temperature,
+                         .beta = term->beta_dev ? *term->beta_dev : term->beta, .V = V,
+                         .kind = term->kind, .accumulate = term->accumulate};
     qkd__ref_parallel(b, N, 100 * (int64_t)V, kd_loss_range, &job);
 }
 
@@ -255,6 +281,7 @@ void qkd__ref_tsld_weights(qkd__backend *b, float *w, const float *c, const int3
 struct max_prob_job {
     float *out;
     const float *x;
+    const int32_t *targets;
     int V;
 };
 
@@ -263,14 +290,19 @@ static void row_max_prob_range(const void *arg, int64_t begin, int64_t end)
 {
     const struct max_prob_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
+        if (j->targets && j->targets[i] < 0) {
+            j->out[i] = 0.0f;
+            continue;
+        }
         struct lse_acc acc;
         int finite = row_softmax(j->x + (size_t)i * j->V, j->V, 1.0, &acc);
         j->out[i] = finite ? (float)(1.0 / acc.sum) : NAN;
     }
 }
 
-void qkd__ref_row_max_prob(qkd__backend *b, float *out, const float *x, int N, int V)
+void qkd__ref_row_max_prob(qkd__backend *b, float *out, const float *x,
+                           const int32_t *targets, int N, int V)
 {
-    struct max_prob_job job = {.out = out, .x = x, .V = V};
+    struct max_prob_job job = {.out = out, .x = x, .targets = targets, .V = V};
     qkd__ref_parallel(b, N, 30 * (int64_t)V, row_max_prob_range, &job);
 }

@@ -287,6 +287,15 @@ static void drop_bf16_bits(qkd__backend *b)
     b->fakequant_forward_bf16 = NULL;
 }
 
+/* A CPU backend has no host round trip to save: without the reference's
+ * device-decided step, a deferred step is the synchronous one and runs
+ * SIMD's vector AdamW rather than the reference's scalar loop. */
+static void drop_device_step(qkd__backend *b)
+{
+    b->step_decide = NULL;
+    b->adamw_update_multi_dev = NULL;
+}
+
 qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out)
 {
     *out = NULL;
@@ -305,6 +314,7 @@ qkd_status qkd__backend_simd_create(qkd_context *ctx, qkd__backend **out)
     b->destroy = simd_destroy;
     install_best(b);
     drop_bf16_bits(b);
+    drop_device_step(b);
     *out = b;
     return QKD_OK;
 }

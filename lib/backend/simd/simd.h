@@ -13,6 +13,8 @@
 #ifndef QKD_LIB_BACKEND_SIMD_H
 #define QKD_LIB_BACKEND_SIMD_H
 
+#include <string.h>
+
 #include "backend/backend.h"
 #include "backend/ref/ref.h"
 
