@@ -150,7 +150,8 @@ class QuantParams(Structure):
 
 class LossTerm(Structure):
     _fields_ = [("size", c_size_t), ("kind", c_int), ("weight", c_float),
-                ("temperature", c_float), ("beta", c_float), ("tsld_tau", c_float)]
+                ("temperature", c_float), ("beta", c_float), ("tsld_tau", c_float),
+                ("beta_from_teacher", c_int)]
 
 
 class OptimParams(Structure):
@@ -309,6 +310,8 @@ _proto("qkd_loss_add", status_t, LossP, POINTER(LossTerm))
 # qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student, qkd_model *teacher,
 #                             const int32_t *targets, float *value);
 _proto("qkd_loss_compute", status_t, LossP, ModelP, ModelP, c_int32_p, c_float_p)
+# qkd_status qkd_loss_value(const qkd_loss *loss, float *value);
+_proto("qkd_loss_value", status_t, LossP, c_float_p)
 # qkd_status qkd_loss_term_value(const qkd_loss *loss, int term, float *value);
 _proto("qkd_loss_term_value", status_t, LossP, c_int, c_float_p)
 
@@ -324,6 +327,10 @@ _proto("qkd_optimizer_free", None, OptimizerP)
 _proto("qkd_optimizer_set_group", status_t, OptimizerP, c_int, c_float, c_int)
 # qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
 _proto("qkd_optimizer_step", status_t, OptimizerP, POINTER(StepInfo))
+# qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt);
+_proto("qkd_optimizer_step_deferred", status_t, OptimizerP)
+# qkd_status qkd_optimizer_last_step(qkd_optimizer *opt, qkd_step_info *info);
+_proto("qkd_optimizer_last_step", status_t, OptimizerP, POINTER(StepInfo))
 # float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t);
 _proto("qkd_optimizer_lr_at", c_float, OptimizerP, c_int64)
 

@@ -27,11 +27,23 @@ class Optimizer(Handle):
                      byref(p))
         super().__init__(ptr, lib.qkd_optimizer_free, (model,), model._ctx)
 
-    def step(self):
+    def step(self, wait=True):
         """Apply one update; a step skipped for non-finite gradients is
-        returned with skipped=True rather than raised."""
+        returned with skipped=True rather than raised. wait=False queues it
+        (norm, clipping and skipping decided on the device) and returns None;
+        last_step() reports it later."""
+        if not wait:
+            self._check(lib.qkd_optimizer_step_deferred(self._ptr))
+            return None
+        return self._report(lib.qkd_optimizer_step)
+
+    def last_step(self):
+        """The report of the last step, waiting for a queued one."""
+        return self._report(lib.qkd_optimizer_last_step)
+
+    def _report(self, fn):
         info = _lib.StepInfo(size=sizeof(_lib.StepInfo))
-        status = lib.qkd_optimizer_step(self._ptr, byref(info))
+        status = fn(self._ptr, byref(info))
         if not info.skipped:
             self._check(status)
         return StepInfo(info.step, info.lr, info.grad_norm, bool(info.clipped),

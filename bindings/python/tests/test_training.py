@@ -111,6 +111,30 @@ def test_one_step_by_hand_matches_numpy(ctx, stories):
     info = opt.step()
     assert info.step == 1 and not info.skipped and info.grad_norm > 0
     assert not np.array_equal(student.get(name), before)
+    after_one = student.get(name)
+    assert opt.step(wait=False) is None
+    assert opt.last_step().step == 2
+    assert not np.array_equal(student.get(name), after_one)
+
+
+def test_deferred_loss_and_beta_from_teacher(ctx, stories):
+    """compute(wait=False) queues the loss and value() reads what a waiting
+    compute returns; beta_from_teacher gives CAKLD with that batch's
+    teacher confidence."""
+    teacher, student, _, _, data = make_job(ctx, stories, 4)
+    tokens, targets = data.batch(0, 2, 16)
+    teacher.forward(tokens)
+    student.forward(tokens)
+    fixed, auto = qkd.Loss(ctx), qkd.Loss(ctx)
+    fixed.add("cakld", beta=0.2)
+    auto.add("cakld", beta=0.2, beta_from_teacher=1)
+    waited = fixed.compute(student, teacher, targets)
+    assert fixed.compute(student, teacher, targets, wait=False) is None
+    assert fixed.value() == waited
+    assert auto.compute(student, teacher, targets, wait=False) is None
+    assert auto.value() != pytest.approx(waited, rel=1e-4)
+    with pytest.raises(qkd.InvalidArgError):
+        qkd.Loss(ctx).add("fkl", beta_from_teacher=1)
 
 
 def test_frozen_teacher_gives_the_same_logits_and_refuses_gradients(ctx, stories):

@@ -80,21 +80,51 @@ impl<'c> Loss<'c> {
         teacher: Option<&Model<'_>>,
         targets: Option<&[i32]>,
     ) -> Result<f32> {
+        let mut value = 0.0;
+        self.run(student, teacher, targets, &mut value)?;
+        Ok(value)
+    }
+
+    /// `compute` without waiting for the device; `value` reads the loss later.
+    pub fn compute_deferred(
+        &self,
+        student: &Model<'_>,
+        teacher: Option<&Model<'_>>,
+        targets: Option<&[i32]>,
+    ) -> Result<()> {
+        self.run(student, teacher, targets, ptr::null_mut())
+    }
+
+    /// The loss at the last compute, waiting for a deferred one.
+    pub fn value(&self) -> Result<f32> {
+        let mut value = 0.0;
+        // SAFETY: the loss is alive; value is written.
+        self.ctx
+            .check(unsafe { sys::qkd_loss_value(self.raw.as_ptr(), &mut value) })?;
+        Ok(value)
+    }
+
+    fn run(
+        &self,
+        student: &Model<'_>,
+        teacher: Option<&Model<'_>>,
+        targets: Option<&[i32]>,
+        value: *mut f32,
+    ) -> Result<()> {
         if let Some(targets) = targets {
             check_len(targets.len(), student.positions()?, "targets")?;
         }
-        let mut value = 0.0;
-        // SAFETY: models alive; targets hold B * T ids or are NULL.
+        // SAFETY: models alive; targets hold B * T ids or are NULL; value is
+        // a float or NULL (deferred).
         self.ctx.check(unsafe {
             sys::qkd_loss_compute(
                 self.raw.as_ptr(),
                 student.as_ptr(),
                 teacher.map_or(ptr::null_mut(), |t| t.as_ptr()),
                 targets.map_or(ptr::null(), |t| t.as_ptr()),
-                &mut value,
+                value,
             )
-        })?;
-        Ok(value)
+        })
     }
 }
 
@@ -138,11 +168,33 @@ impl<'m> Optimizer<'m> {
 
     /// Apply one update from the model's gradients.
     pub fn step(&self) -> Result<StepInfo> {
+        // SAFETY: info is a valid out-parameter.
+        self.report(|info| unsafe { sys::qkd_optimizer_step(self.raw.as_ptr(), info) })
+    }
+
+    /// Queue one update without waiting for the device (which decides the
+    /// norm, the clip and a skip); `last_step` reports it.
+    pub fn step_deferred(&self) -> Result<()> {
+        // SAFETY: the optimizer is alive.
+        self.model
+            .context()
+            .check(unsafe { sys::qkd_optimizer_step_deferred(self.raw.as_ptr()) })
+    }
+
+    /// The report of the last step, waiting for a queued one.
+    pub fn last_step(&self) -> Result<StepInfo> {
+        // SAFETY: info is a valid out-parameter.
+        self.report(|info| unsafe { sys::qkd_optimizer_last_step(self.raw.as_ptr(), info) })
+    }
+
+    fn report(
+        &self,
+        call: impl FnOnce(*mut sys::qkd_step_info) -> sys::qkd_status,
+    ) -> Result<StepInfo> {
         // SAFETY: plain data; size is set below.
         let mut info: sys::qkd_step_info = unsafe { std::mem::zeroed() };
         info.size = std::mem::size_of::<sys::qkd_step_info>();
-        // SAFETY: info is a valid out-parameter.
-        let status = unsafe { sys::qkd_optimizer_step(self.raw.as_ptr(), &mut info) };
+        let status = call(&mut info);
         if info.skipped == 0 {
             self.model.context().check(status)?;
         }

@@ -111,6 +111,9 @@ fn one_training_step_gives_the_c_example_loss() {
     let value = loss
         .compute(&student, Some(&teacher), Some(&targets))
         .unwrap();
+    loss.compute_deferred(&student, Some(&teacher), Some(&targets))
+        .unwrap();
+    assert_eq!(loss.value().unwrap(), value);
     student.zero_grad().unwrap();
     student.backward().unwrap();
     let q_index = student.tensor_index("blk.0.attn_q.weight").unwrap();
@@ -118,6 +121,10 @@ fn one_training_step_gives_the_c_example_loss() {
     assert!(student.grad(q_index).unwrap().iter().any(|g| *g != 0.0));
     let info = opt.step().unwrap();
     assert_eq!((info.step, info.skipped), (1, false));
+    let after_one = student.tensor(q_index).unwrap();
+    opt.step_deferred().unwrap();
+    assert_eq!(opt.last_step().unwrap().step, 2);
+    assert_ne!(student.tensor(q_index).unwrap(), after_one);
     assert_ne!(student.tensor(q_index).unwrap(), before);
     assert!(
         expected.starts_with(&format!("step    1  loss {value:.4}  ")),
