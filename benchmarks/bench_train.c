@@ -72,7 +72,7 @@ static void setup_init(struct setup *s, qkd_backend_kind backend, const struct s
         return;
     s->teacher = make_model(s->ctx, sh, s->T);
     bench_check(s->ctx, qkd_model_set_trainable(s->teacher, 0), "frozen teacher");
-    bench_kdqat_init(&s->kd, s->ctx, s->student, 4, 32);
+    bench_kdqat_init(&s->kd, s->ctx, s->student, 4, 32, 0); /* beta set by each step */
 }
 
 static void setup_free(struct setup *s)
@@ -95,9 +95,12 @@ static void run_step(void *arg)
         bench_check(c, qkd_model_backward(s->student, NULL), "backward");
         return;
     }
+    float beta;
     bench_check(c, qkd_model_forward(s->teacher, s->tokens, s->B, s->T), "teacher forward");
     bench_check(c, qkd_model_forward(s->student, s->tokens, s->B, s->T), "student forward");
-    bench_check(c, qkd_loss_compute(s->kd.loss, s->student, s->teacher, NULL, NULL), "CAKLD");
+    bench_check(c, qkd_loss_teacher_confidence(s->teacher, NULL, &beta), "teacher_confidence");
+    bench_check(c, qkd_loss_set_beta(s->kd.loss, 0, beta), "set_beta");
+    bench_check(c, qkd_loss_compute(s->kd.loss, s->student, s->teacher, NULL, &value), "CAKLD");
     bench_check(c, qkd_model_backward(s->student, NULL), "backward");
     bench_check(c, qkd_optimizer_step(s->kd.opt, NULL), "optimizer_step");
     bench_check(c, qkd_model_zero_grad(s->student), "zero_grad");

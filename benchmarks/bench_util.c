@@ -109,7 +109,7 @@ void bench_check(qkd_context *ctx, qkd_status st, const char *what)
 }
 
 void bench_kdqat_init(bench_kdqat *k, qkd_context *ctx, qkd_model *student, int bits,
-                      int group)
+                      int group, int beta_from_teacher)
 {
     qkd_quant_params qp;
     qkd_quant_params_init(&qp);
@@ -122,7 +122,7 @@ void bench_kdqat_init(bench_kdqat *k, qkd_context *ctx, qkd_model *student, int 
                 "set_quantizer");
     qkd_loss_term term;
     qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
-    term.beta_from_teacher = 1; /* as torch_kdqat.py: each batch's confidence */
+    term.beta_from_teacher = beta_from_teacher;
     bench_check(ctx, qkd_loss_create(ctx, &k->loss), "loss_create");
     bench_check(ctx, qkd_loss_add(k->loss, &term), "loss_add");
     qkd_optim_params op;

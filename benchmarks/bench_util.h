@@ -46,9 +46,12 @@ typedef struct bench_kdqat {
     qkd_optimizer *opt;
 } bench_kdqat;
 
-/* Bind and create them for `student` (exits on failure). */
+/* Bind and create them for `student` (exits on failure): ASYM `bits` in
+ * groups of `group`, STE; one CAKLD term, its beta from the teacher on the
+ * device with beta_from_teacher, else set by the caller each step; AdamW
+ * at lr 1e-5. */
 void bench_kdqat_init(bench_kdqat *k, qkd_context *ctx, qkd_model *student, int bits,
-                      int group);
+                      int group, int beta_from_teacher);
 /* Free them (any may be NULL), unbinding the quantizer from `student`,
  * before the student is freed. */
 void bench_kdqat_free(bench_kdqat *k, qkd_model *student);

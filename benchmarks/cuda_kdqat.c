@@ -96,7 +96,7 @@ static void setup(struct run *r, const struct cfg *c, int bits, int group,
     r->teacher = make_model(r->ctx, c, r->T, prec);
     bench_check(r->ctx, qkd_model_set_trainable(r->teacher, 0), "frozen teacher");
     r->student = make_model(r->ctx, c, r->T, prec);
-    bench_kdqat_init(&r->kd, r->ctx, r->student, bits, group);
+    bench_kdqat_init(&r->kd, r->ctx, r->student, bits, group, 1); /* beta on the device */
     size_t n = (size_t)r->B * r->T;
     float *u = bench_random(n, 7);
     r->tokens = malloc(n * sizeof *r->tokens);
