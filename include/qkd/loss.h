@@ -92,9 +92,10 @@ QKD_API qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta);
  * value NULL defers: the call queues the work and returns without waiting
  * for the device (no host round trip in a GPU step); qkd_loss_value and
  * qkd_loss_term_value wait for it later. A deferred compute makes no
- * finiteness check first: a position whose logits hold a NaN or Inf gets
- * a NaN gradient row, so a following qkd_optimizer_step reports
- * NON_FINITE and changes nothing, and qkd_loss_value reports NON_FINITE.
+ * finiteness check first: a counted position whose logits (those a term
+ * reads) hold a NaN or Inf gets a NaN gradient row, so a following
+ * qkd_optimizer_step reports NON_FINITE and changes nothing, and
+ * qkd_loss_value reports NON_FINITE.
  *
  * Errors: INVALID_ARG (NULL student, a needed teacher or targets missing,
  * a model on another context), STATE (a model has no forward, or the loss
