@@ -1627,11 +1627,7 @@ static void kdqat_curve(qkd_context *ctx, const char *path, qkd_matmul_precision
     qp.estimator = QKD_ESTIMATOR_STE;
     expect_ok(ctx, qkd_quantizer_create(ctx, &qp, &quant), "quantizer");
     expect_ok(ctx, qkd_model_set_quantizer(student, quant, QKD_QUANT_TARGET_LINEAR), "bind");
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
-    term.beta_from_teacher = deferred;
-    expect_ok(ctx, qkd_loss_create(ctx, &loss), "loss");
-    expect_ok(ctx, qkd_loss_add(loss, &term), "loss term");
+    loss = test_one_term_loss(ctx, QKD_LOSS_CAKLD, deferred);
     qkd_optim_params op;
     qkd_optim_params_init(&op);
     op.lr = 1e-5f; /* torch_kdqat.py's: the loss falls smoothly (0.093 to 0.039) */
@@ -1768,10 +1764,7 @@ static void export_round_trip(qkd_context *train, qkd_context *rc, const char *p
     expect_ok(train, qkd_model_set_matmul_precision(student, QKD_MATMUL_BF16), "precision");
     expect_ok(train, qkd_quantizer_create(train, qp, &q), "quantizer");
     expect_ok(train, qkd_model_set_quantizer(student, q, QKD_QUANT_TARGET_LINEAR), "bind");
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_FKL);
-    expect_ok(train, qkd_loss_create(train, &loss), "loss");
-    expect_ok(train, qkd_loss_add(loss, &term), "loss term");
+    loss = test_one_term_loss(train, QKD_LOSS_FKL, 0);
     qkd_optim_params op;
     qkd_optim_params_init(&op);
     op.lr = 1e-3f; /* enough to move weights across codes in a few steps */

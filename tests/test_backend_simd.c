@@ -1127,10 +1127,7 @@ static void kdqat_run(qkd_context *ctx, const char *path, struct kdqat_run *r)
     qp.estimator = QKD_ESTIMATOR_STE;
     expect_ok(ctx, qkd_quantizer_create(ctx, &qp, &quant), "quantizer");
     expect_ok(ctx, qkd_model_set_quantizer(student, quant, QKD_QUANT_TARGET_LINEAR), "bind");
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
-    expect_ok(ctx, qkd_loss_create(ctx, &loss), "loss");
-    expect_ok(ctx, qkd_loss_add(loss, &term), "loss term");
+    loss = test_one_term_loss(ctx, QKD_LOSS_CAKLD, 0);
     qkd_optim_params op;
     qkd_optim_params_init(&op);
     op.lr = 1e-5f;

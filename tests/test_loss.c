@@ -1023,25 +1023,13 @@ START_TEST(test_loss_bad_params)
 }
 END_TEST
 
-/* A loss of one default term of kind, its beta from the teacher or not. */
-static qkd_loss *one_term_loss(qkd_context *ctx, qkd_loss_kind kind, int beta_from_teacher)
-{
-    qkd_loss *loss = NULL;
-    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
-    qkd_loss_term t;
-    qkd_loss_term_init(&t, kind);
-    t.beta_from_teacher = beta_from_teacher;
-    ck_assert_int_eq(qkd_loss_add(loss, &t), QKD_OK);
-    return loss;
-}
-
 /* set_beta changes what compute evaluates: CAKLD at beta 1 equals RKL. */
 START_TEST(test_loss_set_beta)
 {
     struct pair pr;
     pair_open(&pr, test_context(1));
-    qkd_loss *cakld = one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 0);
-    qkd_loss *rkl = one_term_loss(pr.ctx, QKD_LOSS_RKL, 0);
+    qkd_loss *cakld = test_one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 0);
+    qkd_loss *rkl = test_one_term_loss(pr.ctx, QKD_LOSS_RKL, 0);
     float a, b;
     ck_assert_int_eq(qkd_loss_compute(cakld, pr.student, pr.teacher, NULL, &a), QKD_OK);
     ck_assert_int_eq(qkd_loss_compute(rkl, pr.student, pr.teacher, NULL, &b), QKD_OK);
@@ -1104,8 +1092,8 @@ START_TEST(test_loss_beta_from_teacher)
 {
     struct pair pr;
     pair_open(&pr, test_context(2));
-    qkd_loss *fixed = one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 0);
-    qkd_loss *from = one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 1);
+    qkd_loss *fixed = test_one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 0);
+    qkd_loss *from = test_one_term_loss(pr.ctx, QKD_LOSS_CAKLD, 1);
     const int32_t *targets[2] = {pr.targets, NULL};
     for (int c = 0; c < 2; c++) {
         float conf, a, b;
@@ -1141,11 +1129,7 @@ END_TEST
 static qkd_status compute_one(struct pair *pr, int kind, qkd_model *teacher,
                               const int32_t *targets)
 {
-    qkd_loss *loss = NULL;
-    ck_assert_int_eq(qkd_loss_create(pr->ctx, &loss), QKD_OK);
-    qkd_loss_term t;
-    qkd_loss_term_init(&t, (qkd_loss_kind)kind);
-    ck_assert_int_eq(qkd_loss_add(loss, &t), QKD_OK);
+    qkd_loss *loss = test_one_term_loss(pr->ctx, (qkd_loss_kind)kind, 0);
     float value = 1.0f;
     qkd_status st = qkd_loss_compute(loss, pr->student, teacher, targets, &value);
     if (st != QKD_OK) {

@@ -670,11 +670,7 @@ START_TEST(test_scales_only_training)
     qkd_quantizer *q = NULL;
     ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
     ck_assert_int_eq(qkd_model_set_quantizer(student, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
-    qkd_loss *loss = NULL;
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_FKL);
-    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
-    ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
+    qkd_loss *loss = test_one_term_loss(ctx, QKD_LOSS_FKL, 0);
     qkd_optim_params p = base_params(QKD_OPTIM_ADAMW);
     p.lr = 5e-4f;
     qkd_optimizer *opt = make_opt(student, &p);

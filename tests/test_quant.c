@@ -949,6 +949,13 @@ static void random_ids(int32_t *ids, int n, uint64_t seed)
         ids[i] = (int32_t)rng_uniform(0.0, SV - 1e-9);
 }
 
+/* A batch's tokens (seed) and next-token targets (seed + 1). */
+static void random_batch(int32_t *tokens, int32_t *targets, uint64_t seed)
+{
+    random_ids(tokens, SB * ST, seed);
+    random_ids(targets, SB * ST, seed + 1);
+}
+
 static int64_t tensor_len(const qkd_model *m, int i)
 {
     qkd_tensor_info info = {.size = sizeof info};
@@ -1033,12 +1040,7 @@ static float kd_step(qkd_model *m, const int32_t *tokens)
     qkd_model *teacher = tiny_model(ctx, 0, 45);
     ck_assert_int_eq(qkd_model_set_matmul_precision(teacher, QKD_MATMUL_BF16), QKD_OK);
     ck_assert_int_eq(qkd_model_set_trainable(teacher, 0), QKD_OK);
-    qkd_loss *loss = NULL;
-    qkd_loss_term term;
-    qkd_loss_term_init(&term, QKD_LOSS_CAKLD);
-    term.beta_from_teacher = 1;
-    ck_assert_int_eq(qkd_loss_create(ctx, &loss), QKD_OK);
-    ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
+    qkd_loss *loss = test_one_term_loss(ctx, QKD_LOSS_CAKLD, 1);
     float value;
     ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
     ck_assert_int_eq(qkd_model_forward(teacher, tokens, SB, ST), QKD_OK);
@@ -1114,8 +1116,7 @@ START_TEST(test_ste_gradient_equals_quantized_model_gradient)
 {
     qkd_context *ctx = test_context(2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 2);
-    random_ids(targets, SB * ST, 3);
+    random_batch(tokens, targets, 2);
     const unsigned tset = QKD_QUANT_TARGET_LINEAR | QKD_QUANT_TARGET(QKD_TENSOR_TOKEN_EMBD);
     qkd_model *student = tiny_model(ctx, 1, 8), *plain = tiny_model(ctx, 1, 8);
     qkd_quant_params p = params(QKD_QUANT_SYM, 4, 32);
@@ -1154,8 +1155,7 @@ START_TEST(test_identity_ste_backward_allocates_no_dwq)
     test_alloc a;
     qkd_context *ctx = test_counting_context(&a, 1);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 12);
-    random_ids(targets, SB * ST, 13);
+    random_batch(tokens, targets, 12);
     for (int clipped = 0; clipped < 2; clipped++) {
         qkd_model *m = tiny_model(ctx, 0, 14);
         qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
@@ -1237,8 +1237,7 @@ START_TEST(test_bf16_bits_change_no_value)
     qkd_context *ctx[2] = {test_context(2), test_context(2)};
     ctx[1]->backend->matmul_forward_bf16_bits = NULL; /* one slot off turns the family off */
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 41);
-    random_ids(targets, SB * ST, 42);
+    random_batch(tokens, targets, 41);
     static const char *what[] = {"plain", "frozen", "STE student", "clipped student",
                                  "KD student (logits gradient as bits)"};
     for (int kind = 0; kind < 5; kind++) {
@@ -1329,8 +1328,7 @@ START_TEST(test_bf16_student_sizes_qw_buffers)
     test_alloc a;
     qkd_context *ctx = test_counting_context(&a, 2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 51);
-    random_ids(targets, SB * ST, 52);
+    random_batch(tokens, targets, 51);
     qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
     qkd_quantizer *q = make_quantizer(ctx, &p);
     qkd_model *m32 = tiny_model(ctx, 0, 53), *m16 = tiny_model(ctx, 0, 53);
@@ -1368,8 +1366,7 @@ START_TEST(test_new_buffers_fail_cleanly)
     test_alloc a;
     qkd_context *ctx = test_counting_context(&a, 2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 61);
-    random_ids(targets, SB * ST, 62);
+    random_batch(tokens, targets, 61);
     qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
     qkd_quantizer *q = make_quantizer(ctx, &p);
     qkd_model *m = tiny_model(ctx, 0, 63), *same = tiny_model(ctx, 0, 63);
@@ -1420,8 +1417,7 @@ START_TEST(test_continuous_student_gradient)
 {
     qkd_context *ctx = test_context(2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 4);
-    random_ids(targets, SB * ST, 5);
+    random_batch(tokens, targets, 4);
     qkd_model *m = tiny_model(ctx, 0, 9);
     qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
     p.estimator = QKD_ESTIMATOR_CONTINUOUS;
@@ -1477,8 +1473,7 @@ START_TEST(test_decode_uses_quantized_weights)
 {
     qkd_context *ctx = test_context(2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 6);
-    random_ids(targets, SB * ST, 7);
+    random_batch(tokens, targets, 6);
     for (int est = QKD_ESTIMATOR_STE; est <= QKD_ESTIMATOR_CONTINUOUS; est++) {
         qkd_model *student = tiny_model(ctx, 1, 10), *plain = tiny_model(ctx, 1, 10);
         qkd_quant_params p = params(QKD_QUANT_SYM, 3, 16);
@@ -1669,8 +1664,7 @@ START_TEST(test_activation_and_kv_quantization)
 {
     qkd_context *ctx = test_context(2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 9);
-    random_ids(targets, SB * ST, 10);
+    random_batch(tokens, targets, 9);
     qkd_model *base = tiny_model(ctx, 0, 13);
     qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
     qkd_quantizer *q0 = make_quantizer(ctx, &p);
@@ -1726,8 +1720,7 @@ START_TEST(test_student_step_allocates_nothing)
     test_alloc cnt;
     qkd_context *ctx = test_counting_context(&cnt, 2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 11);
-    random_ids(targets, SB * ST, 12);
+    random_batch(tokens, targets, 11);
     qkd_model *m = tiny_model(ctx, 1, 14);
     qkd_quant_params p = params(QKD_QUANT_ASYM, 4, 32);
     p.estimator = QKD_ESTIMATOR_CONTINUOUS;
@@ -1931,8 +1924,7 @@ START_TEST(test_learned_scale_gradients_in_student)
 {
     qkd_context *ctx = test_context(2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 23);
-    random_ids(targets, SB * ST, 24);
+    random_batch(tokens, targets, 23);
     qkd_model *m = tiny_model(ctx, 0, 25);
     qkd_quant_params p = learned_params(QKD_QUANT_ASYM, 4, 16);
     qkd_quantizer *q = make_quantizer(ctx, &p);
@@ -1995,8 +1987,7 @@ START_TEST(test_learned_scales_continuous_finite_differences)
 {
     qkd_context *ctx = test_context(2);
     int32_t tokens[SB * ST], targets[SB * ST];
-    random_ids(tokens, SB * ST, 26);
-    random_ids(targets, SB * ST, 27);
+    random_batch(tokens, targets, 26);
     qkd_model *m = tiny_model(ctx, 1, 28);
     qkd_quant_params p = learned_params(QKD_QUANT_SYM, 4, 32);
     p.estimator = QKD_ESTIMATOR_CONTINUOUS;

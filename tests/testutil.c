@@ -322,6 +322,19 @@ qkd_model *test_model(qkd_context *ctx, const qkd_model_config *cfg, uint64_t se
     return m;
 }
 
+qkd_loss *test_one_term_loss(qkd_context *ctx, qkd_loss_kind kind, int beta_from_teacher)
+{
+    qkd_loss *loss = NULL;
+    qkd_loss_term term;
+    qkd_loss_term_init(&term, kind);
+    term.beta_from_teacher = beta_from_teacher;
+    qkd_status st = qkd_loss_create(ctx, &loss);
+    if (st == QKD_OK)
+        st = qkd_loss_add(loss, &term);
+    ck_assert_msg(st == QKD_OK, "loss: %s", qkd_context_last_error(ctx));
+    return loss;
+}
+
 qkd_model *test_load_model(qkd_context *ctx, const char *path)
 {
     qkd_model *m = NULL;

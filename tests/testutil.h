@@ -98,6 +98,10 @@ qkd_context *test_counting_context(test_alloc *a, int n_threads);
  * error. */
 qkd_model *test_model(qkd_context *ctx, const qkd_model_config *cfg, uint64_t seed, float scale);
 
+/* A loss of one term of kind with its defaults, beta_from_teacher set as
+ * given (owned); fails the test on error. */
+qkd_loss *test_one_term_loss(qkd_context *ctx, qkd_loss_kind kind, int beta_from_teacher);
+
 /* qkd_model_load of path (owned); fails the test on error. */
 qkd_model *test_load_model(qkd_context *ctx, const char *path);
 
