@@ -22,11 +22,9 @@ struct qkd_loss {
     qkd_context *ctx;
     int n_terms;
     qkd_loss_term terms[MAX_TERMS];
-    float values[MAX_TERMS]; /* unweighted, at the last compute */
-    int has_values;
-    /* A deferred compute: values are still row sums in sums_dev, each to be
-     * divided by its denominator. */
-    int pending;
+    /* The last compute's terms: their row sums stay in sums_dev, each to be
+     * divided by its denominator when a value is asked for. */
+    int computed;
     int denoms[MAX_TERMS];
     /* Device scratch for `cap` rows, grown only when a larger batch comes. */
     int cap;
@@ -151,7 +149,7 @@ qkd_status qkd_loss_add(qkd_loss *loss, const qkd_loss_term *term)
     loss->terms[loss->n_terms] = *term;
     loss->terms[loss->n_terms].size = sizeof *term;
     loss->n_terms++;
-    loss->has_values = loss->pending = 0;
+    loss->computed = 0;
     return QKD_OK;
 }
 
@@ -175,15 +173,11 @@ qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta)
     return st;
 }
 
-/* The unweighted values of the last compute, downloaded if it was deferred. */
+/* The unweighted values of the last compute (one download, waiting for it). */
 static qkd_status read_values(const qkd_loss *loss, float *values, const char *where)
 {
-    if (!loss->has_values && !loss->pending)
+    if (!loss->computed)
         return qkd__error(loss->ctx, QKD_ERR_STATE, "%s: no compute yet", where);
-    if (!loss->pending) {
-        memcpy(values, loss->values, (size_t)loss->n_terms * sizeof *values);
-        return QKD_OK;
-    }
     qkd__backend *be = backend(loss);
     float sums[MAX_TERMS];
     qkd_status st = be->download(be, sums, loss->sums_dev, (size_t)loss->n_terms * sizeof *sums);
@@ -454,17 +448,14 @@ static qkd_status run_terms(qkd_loss *loss, const struct loss_batch *bt, float *
         loss->denoms[k] = term_denom(&loss->terms[k], bt);
     }
     qkd__model_mark_dlogits(bt->student, ds_bits != NULL);
-    loss->has_values = 0;
-    loss->pending = 1;
+    loss->computed = 1;
     if (!value)
         return QKD_OK;
-    st = read_values(loss, loss->values, "loss compute");
-    if (st != QKD_OK)
-        return st;
-    loss->pending = 0;
-    loss->has_values = 1;
-    *value = (float)weighted_sum(loss, loss->values);
-    return QKD_OK;
+    float values[MAX_TERMS];
+    st = read_values(loss, values, "loss compute");
+    if (st == QKD_OK)
+        *value = (float)weighted_sum(loss, values);
+    return st;
 }
 
 qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student, qkd_model *teacher,
@@ -490,18 +481,13 @@ qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student, qkd_model *teach
 
 /* ---- CAKLD's confidence ----------------------------------------------------------- */
 
-/* Mean of prob over the counted rows, in double. */
-static double masked_mean(const float *prob, const int32_t *targets, int N, int *n_counted)
+/* Rows of targets that count (all N without targets). */
+static int counted_rows(const int32_t *targets, int N)
 {
-    double sum = 0.0;
-    *n_counted = 0;
-    for (int i = 0; i < N; i++) {
-        if (targets && targets[i] < 0)
-            continue;
-        sum += prob[i];
-        (*n_counted)++;
-    }
-    return *n_counted > 0 ? sum / *n_counted : 0.0;
+    int n = 0;
+    for (int i = 0; i < N; i++)
+        n += !targets || targets[i] >= 0;
+    return n;
 }
 
 qkd_status qkd_loss_teacher_confidence(qkd_model *teacher, const int32_t *targets,
@@ -521,25 +507,23 @@ qkd_status qkd_loss_teacher_confidence(qkd_model *teacher, const int32_t *target
     qkd__backend *be = ctx->backend;
     int n_rows;
     const float *logits = qkd__model_logits_dev(teacher, &n_rows);
-    float *prob_dev = NULL;
-    float *prob = qkd__alloc(ctx, (size_t)N * sizeof *prob);
-    if (!prob)
-        return qkd__error(ctx, QKD_ERR_NO_MEMORY, "loss teacher_confidence: out of memory");
-    st = be->alloc(be, (size_t)N * sizeof *prob, (void **)&prob_dev);
+    /* one device buffer: the mean, N rows' top-1 probabilities, the targets */
+    const size_t y_bytes = targets ? (size_t)N * sizeof *targets : 0;
+    float *dev = NULL;
+    st = be->alloc(be, (1 + (size_t)N) * sizeof(float) + y_bytes, (void **)&dev);
+    int32_t *y = targets ? (int32_t *)(dev + 1 + N) : NULL;
+    if (st == QKD_OK && y)
+        st = be->upload(be, y, targets, y_bytes);
+    float mean = 0.0f;
     if (st == QKD_OK) {
-        be->row_max_prob(be, prob_dev, logits, NULL, N, V);
-        st = be->download(be, prob, prob_dev, (size_t)N * sizeof *prob);
+        confidence_dev(be, dev, dev + 1, logits, y, N, V, counted_rows(targets, N));
+        st = be->download(be, &mean, dev, sizeof mean);
     }
-    if (st == QKD_OK) {
-        int counted;
-        double mean = masked_mean(prob, targets, N, &counted);
-        if (!isfinite(mean))
-            st = qkd__error(ctx, QKD_ERR_NON_FINITE,
-                            "loss teacher_confidence: the teacher's logits hold a NaN or Inf");
-        else
-            *confidence = (float)mean;
-    }
-    be->free(be, prob_dev);
-    qkd__free(ctx, prob);
+    if (st == QKD_OK && !isfinite(mean))
+        st = qkd__error(ctx, QKD_ERR_NON_FINITE,
+                        "loss teacher_confidence: the teacher's logits hold a NaN or Inf");
+    if (st == QKD_OK)
+        *confidence = mean;
+    be->free(be, dev);
     return st;
 }

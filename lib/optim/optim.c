@@ -357,9 +357,9 @@ static void squared_norms(qkd_optimizer *opt, int n)
         be->sum_squares(be, opt->norms + k, opt->spans[k].g, opt->spans[k].n);
 }
 
-/* Global L2 norm of the n trainable gradients: their squared norms, one
- * download, summed in double in tensor order. */
-static qkd_status grad_norm(qkd_optimizer *opt, int n, double *norm)
+/* The squared global L2 norm of the n trainable gradients: their squared
+ * norms, one download, summed in double in tensor order. */
+static qkd_status grad_sum_squares(qkd_optimizer *opt, int n, double *sum_out)
 {
     qkd__backend *be = opt->be;
     double sum = 0.0;
@@ -373,7 +373,7 @@ static qkd_status grad_norm(qkd_optimizer *opt, int n, double *norm)
         for (int k = 0; k < n; k++)
             sum += opt->norms_host[k];
     }
-    *norm = sqrt(sum);
+    *sum_out = sum;
     return QKD_OK;
 }
 
@@ -434,13 +434,23 @@ static qkd_status check_info(const qkd_optimizer *opt, const qkd_step_info *info
     return QKD_OK;
 }
 
-/* Bring the host up to date with the deferred steps queued (one download). */
+/* The last decided step: the device's state where deferred steps are
+ * queued (one download), else the host's record of it. */
+static qkd_status last_state(const qkd_optimizer *opt, qkd__step_state *st)
+{
+    if (opt->pending)
+        return opt->be->download(opt->be, st, opt->st, sizeof *st);
+    *st = (qkd__step_state){.t = opt->step};
+    return QKD_OK;
+}
+
+/* Bring the host up to date with the deferred steps queued. */
 static qkd_status settle(qkd_optimizer *opt)
 {
     if (!opt->pending)
         return QKD_OK;
     qkd__step_state st;
-    qkd_status s = opt->be->download(opt->be, &st, opt->st, sizeof st);
+    qkd_status s = last_state(opt, &st);
     if (s != QKD_OK)
         return s;
     opt->step = st.t;
@@ -454,13 +464,9 @@ static qkd_status settle(qkd_optimizer *opt)
 
 qkd_status qkd__optim_applied(const qkd_optimizer *opt, int64_t *step)
 {
-    *step = opt->step;
-    if (!opt->pending)
-        return QKD_OK;
     qkd__step_state st;
-    qkd_status s = opt->be->download(opt->be, &st, opt->st, sizeof st);
-    if (s == QKD_OK)
-        *step = st.t;
+    qkd_status s = last_state(opt, &st);
+    *step = s == QKD_OK ? st.t : opt->step;
     return s;
 }
 
@@ -491,25 +497,23 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
         st = settle(opt);
     if (st != QKD_OK)
         return st;
-    const int64_t t = opt->step + 1;
-    const float lr_t = qkd_optimizer_lr_at(opt, t);
+    const float lr_t = qkd_optimizer_lr_at(opt, opt->step + 1);
     const int n = fill_spans(opt, lr_t);
-    double norm;
-    st = grad_norm(opt, n, &norm);
+    double sum;
+    st = grad_sum_squares(opt, n, &sum);
     if (st != QKD_OK)
         return st;
-    const int skipped = !isfinite(norm);
-    const float max_norm = opt->p.max_grad_norm;
-    const int clipped = !skipped && max_norm > 0.0f && norm > max_norm;
-    if (!skipped) {
-        const float clip = clipped ? (float)(max_norm / norm) : 1.0f;
-        update_all(opt, n, clipped, clip);
-        opt->step = t;
+    /* the decision a deferred step makes on the device, made here */
+    qkd__step_state d = {.t = opt->step};
+    qkd__step_decide(&d, sum, opt->p.max_grad_norm, opt->p.beta1, opt->p.beta2);
+    if (!d.skipped) {
+        update_all(opt, n, d.clipped, d.gscale);
+        opt->step = d.t;
         opt->st_stale = 1;
     }
     opt->last = (qkd_step_info){.size = sizeof opt->last, .step = opt->step, .lr = lr_t,
-                                .grad_norm = (float)norm, .clipped = clipped,
-                                .skipped = skipped};
+                                .grad_norm = (float)d.norm, .clipped = d.clipped,
+                                .skipped = d.skipped};
     return report(opt, info, "optimizer step");
 }
 
@@ -535,6 +539,7 @@ qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt)
     be->adamw_update_multi_dev(be, opt->spans, n, opt->st, p->beta1, p->beta2, p->eps,
                                p->weight_decay);
     opt->pending++;
+    opt->last.size = sizeof opt->last; /* a step is known; settle() fills the rest */
     opt->last.lr = lr_t;
     return QKD_OK;
 }
@@ -545,11 +550,9 @@ qkd_status qkd_optimizer_last_step(qkd_optimizer *opt, qkd_step_info *info)
         return QKD_ERR_INVALID_ARG;
     const char *where = "optimizer last_step";
     qkd_status st = check_info(opt, info, where);
-    if (st == QKD_OK && !opt->pending && !opt->last.size)
+    if (st == QKD_OK && !opt->last.size)
         st = qkd__error(opt->ctx, QKD_ERR_STATE, "%s: no step yet", where);
     if (st == QKD_OK)
         st = settle(opt);
-    if (st == QKD_OK)
-        opt->last.size = sizeof opt->last;
     return st == QKD_OK ? report(opt, info, where) : st;
 }
