@@ -91,39 +91,52 @@ static qkd__bf16_in weight_in(const qkd_model *m, const qkd__qtensor *t, qkd_ten
     return qkd__bf16_f32(qkd__model_weight(m, kind, layer));
 }
 
-void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
-                               qkd__bf16_in inp, int N, int C, int OC)
+/* The products of one pass over a linear weight, in each of the forms it
+ * can take: forward (out = x W^T) and backward-input (out += x W) share
+ * the shapes of every slot. */
+typedef struct linear_slots {
+    void (*bits)(qkd__backend *, float *, qkd__bf16_in, qkd__bf16_in, int, int, int);
+    void (*fused)(qkd__backend *, float *, const float *, const qkd__qweight *, int, int, int);
+    void (*bf16)(qkd__backend *, float *, const float *, const float *, int, int, int);
+    void (*fp32)(qkd__backend *, float *, const float *, const float *, int, int, int);
+} linear_slots;
+
+/* out and x of the linear (kind, layer) through the product of its form:
+ * the bf16-bits family, the fused student products, or the plain ones in
+ * the model's precision. */
+static void linear_product(const qkd_model *m, const linear_slots *sl, qkd_tensor_kind kind,
+                           int layer, float *out, qkd__bf16_in x, int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
     if (qkd__model_bf16_bits(m)) {
-        be->matmul_forward_bf16_bits(be, out, inp, weight_in(m, t, kind, layer), N, C, OC);
+        sl->bits(be, out, x, weight_in(m, t, kind, layer), N, C, OC);
     } else if (t && t->form == QKD__WQ_FUSED) {
         qkd__quant_spec spec;
         qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
-        be->matmul_forward_fq(be, out, inp.f32, &fw, N, C, OC);
+        sl->fused(be, out, x.f32, &fw, N, C, OC);
     } else {
-        (m->matmul_bf16 ? be->matmul_forward_bf16 : be->matmul_forward)(
-            be, out, inp.f32, qkd__model_weight(m, kind, layer), N, C, OC);
+        (m->matmul_bf16 ? sl->bf16 : sl->fp32)(be, out, x.f32, qkd__model_weight(m, kind, layer),
+                                               N, C, OC);
     }
+}
+
+void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
+                               qkd__bf16_in inp, int N, int C, int OC)
+{
+    const qkd__backend *be = qkd__model_backend(m);
+    const linear_slots sl = {be->matmul_forward_bf16_bits, be->matmul_forward_fq,
+                             be->matmul_forward_bf16, be->matmul_forward};
+    linear_product(m, &sl, kind, layer, out, inp, N, C, OC);
 }
 
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
                                       float *dinp, qkd__bf16_in dout, int N, int C, int OC)
 {
-    qkd__backend *be = qkd__model_backend(m);
-    const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    if (qkd__model_bf16_bits(m)) {
-        be->matmul_backward_input_bf16_bits(be, dinp, dout, weight_in(m, t, kind, layer), N, C,
-                                            OC);
-    } else if (t && t->form == QKD__WQ_FUSED) {
-        qkd__quant_spec spec;
-        qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
-        be->matmul_backward_input_fq(be, dinp, dout.f32, &fw, N, C, OC);
-    } else {
-        (m->matmul_bf16 ? be->matmul_backward_input_bf16 : be->matmul_backward_input)(
-            be, dinp, dout.f32, qkd__model_weight(m, kind, layer), N, C, OC);
-    }
+    const qkd__backend *be = qkd__model_backend(m);
+    const linear_slots sl = {be->matmul_backward_input_bf16_bits, be->matmul_backward_input_fq,
+                             be->matmul_backward_input_bf16, be->matmul_backward_input};
+    linear_product(m, &sl, kind, layer, dinp, dout, N, C, OC);
 }
 
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
