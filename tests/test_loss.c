@@ -1118,6 +1118,11 @@ START_TEST(test_loss_beta_from_teacher)
     qkd_loss_term_init(&t, QKD_LOSS_FKL);
     t.beta_from_teacher = 1;
     ck_assert_int_eq(qkd_loss_add(fixed, &t), QKD_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(pr.ctx), "CAKLD only"));
+    qkd_loss_term_init(&t, QKD_LOSS_CAKLD);
+    t.beta_from_teacher = 2;
+    ck_assert_int_eq(qkd_loss_add(fixed, &t), QKD_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(pr.ctx), "not 0 or 1"));
     qkd_loss_free(fixed);
     qkd_loss_free(from);
     qkd_context *ctx = pr.ctx;

@@ -73,8 +73,8 @@ QKD_API void qkd_loss_free(qkd_loss *loss);
 
 /* Append a term (copied). Errors: INVALID_ARG (unknown kind, weight not
  * finite, temperature or tsld_tau <= 0, beta outside [0, 1],
- * beta_from_teacher on a kind other than CAKLD), RANGE (more than 8
- * terms). @since 0.1 */
+ * beta_from_teacher not 0 or 1, or set on a kind other than CAKLD), RANGE
+ * (more than 8 terms). @since 0.1 */
 QKD_API qkd_status qkd_loss_add(qkd_loss *loss, const qkd_loss_term *term);
 
 /* Change term i's beta (CAKLD's confidence, JSD's mixture).
@@ -91,7 +91,8 @@ QKD_API qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta);
  *
  * value NULL defers: the call queues the work and returns without waiting
  * for the device (no host round trip in a GPU step); qkd_loss_value and
- * qkd_loss_term_value wait for it later. A deferred compute makes no
+ * qkd_loss_term_value wait for it later, on the thread that uses the loss
+ * (one at a time, as every handle: core.h). A deferred compute makes no
  * finiteness check first: a counted position whose logits (those a term
  * reads) hold a NaN or Inf gets a NaN gradient row, so a following
  * qkd_optimizer_step reports NON_FINITE and changes nothing, and

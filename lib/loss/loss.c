@@ -128,6 +128,9 @@ static qkd_status check_term(qkd_loss *loss, const qkd_loss_term *t)
         return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG,
                           "%s: tsld_tau %g must be finite and > 0", where,
                           (double)t->tsld_tau);
+    if (t->beta_from_teacher != 0 && t->beta_from_teacher != 1)
+        return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG, "%s: beta_from_teacher %d is not 0 or 1",
+                          where, t->beta_from_teacher);
     if (t->beta_from_teacher && t->kind != QKD_LOSS_CAKLD)
         return qkd__error(loss->ctx, QKD_ERR_INVALID_ARG,
                           "%s: beta_from_teacher applies to CAKLD only", where);
