@@ -1,7 +1,7 @@
 /* The CUDA backend's bf16 attention slots alone, at the attention shapes
  * of cuda-kdqat's two models (causal, T = 1024, head size 64): seconds
  * of one forward and one backward call (the bf16 copies of q, k, v and
- * dout included), the mean of `reps` calls after two warm-up calls, and
+ * dout included, RoPE applied inside as the models run it), the mean of `reps` calls after two warm-up calls, and
  * their rate in model FLOPs (causal: 4 B H T^2 hd / 2 for the forward,
  * 2.5 times that for the backward). One JSON line per shape.
  *
@@ -13,6 +13,8 @@
 
 #include "backend/backend.h"
 #include "core/core.h"
+
+#define ROPE_THETA 10000.0f /* both models' */
 
 struct shape {
     const char *name;
@@ -61,10 +63,10 @@ static double time_pass(qkd__backend *be, const struct shape *s, int backward, i
         }
         if (backward)
             be->attention_backward_bf16(be, t[4], t[5], t[6], t[7], t[8], t[0], t[1], t[2], t[3],
-                                        s->B, s->T, s->H, s->n_kv, s->hd);
+                                        s->B, s->T, s->H, s->n_kv, s->hd, ROPE_THETA);
         else
             be->attention_forward_bf16(be, t[3], t[8], t[0], t[1], t[2], s->B, s->T, 0, s->T,
-                                       s->H, s->n_kv, s->hd);
+                                       s->H, s->n_kv, s->hd, ROPE_THETA);
     }
     cudaDeviceSynchronize();
     return (now() - t0) / reps;

@@ -913,21 +913,57 @@ static float *vec_bf16(const float *x, size_t n)
     return y;
 }
 
+/* The precision of a case: fp32, or bf16 with RoPE inside at theta
+ * (0: none). */
+struct attn_prec {
+    int bf16;
+    float theta;
+};
+
 /* Both backends' attention_forward (_bf16) on the host or device buffers. */
-static void attn_forward(qkd__backend *be, int bf16, float *o, float *scratch, const float *q,
-                         const float *k, const float *v, const struct attn_shape *a)
+static void attn_forward(qkd__backend *be, struct attn_prec pr, float *o, float *scratch,
+                         const float *q, const float *k, const float *v,
+                         const struct attn_shape *a)
 {
-    (bf16 ? be->attention_forward_bf16 : be->attention_forward)(
-        be, o, scratch, q, k, v, a->B, a->Tq, a->pos0, a->kv_len, a->n_heads, a->n_kv, a->hd);
+    if (pr.bf16)
+        be->attention_forward_bf16(be, o, scratch, q, k, v, a->B, a->Tq, a->pos0, a->kv_len,
+                                   a->n_heads, a->n_kv, a->hd, pr.theta);
+    else
+        be->attention_forward(be, o, scratch, q, k, v, a->B, a->Tq, a->pos0, a->kv_len,
+                              a->n_heads, a->n_kv, a->hd);
 }
 
-static void attn_backward(qkd__backend *be, int bf16, float *dq, float *dk, float *dv,
-                          const float *dout, float *scratch, const float *q,
+static void attn_backward(qkd__backend *be, struct attn_prec pr, float *dq, float *dk,
+                          float *dv, const float *dout, float *scratch, const float *q,
                           const float *k, const float *v, const float *o,
                           const struct attn_shape *a)
 {
-    (bf16 ? be->attention_backward_bf16 : be->attention_backward)(
-        be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq, a->n_heads, a->n_kv, a->hd);
+    if (pr.bf16)
+        be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq,
+                                    a->n_heads, a->n_kv, a->hd, pr.theta);
+    else
+        be->attention_backward(be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq,
+                               a->n_heads, a->n_kv, a->hd);
+}
+
+/* q and k as the bf16 products read them: rotated by the reference's own
+ * rope_forward where the case applies RoPE, then rounded. */
+static void attn_product_qk(qkd__backend *rb, struct attn_prec pr, const struct attn_shape *a,
+                            const float *q, const float *k, size_t nq, size_t nkv, float **qr,
+                            float **kr)
+{
+    *qr = vec_bf16(q, nq);
+    *kr = vec_bf16(k, nkv);
+    if (!(pr.theta > 0.0f))
+        return;
+    memcpy(*qr, q, nq * sizeof *q);
+    memcpy(*kr, k, nkv * sizeof *k);
+    rb->rope_forward(rb, *qr, a->B, a->Tq, a->n_heads, a->hd, a->pos0, pr.theta);
+    rb->rope_forward(rb, *kr, a->B, a->kv_len, a->n_kv, a->hd, 0, pr.theta);
+    for (size_t i = 0; i < nq; i++)
+        (*qr)[i] = bf16_round((*qr)[i]);
+    for (size_t i = 0; i < nkv; i++)
+        (*kr)[i] = bf16_round((*kr)[i]);
 }
 
 /* One shape on both backends, in fp32 or bf16. In bf16 the CUDA forward
@@ -937,8 +973,9 @@ static void attn_backward(qkd__backend *be, int bf16, float *dq, float *dk, floa
  * reference's output, and differ only in accumulation order and the
  * rare bf16 rounding that order flips: 1e-3 of the tensor's largest
  * magnitude (an unrounded input or a wrong index is off by far more). */
-static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
+static void attention_case(struct pair *p, const struct attn_shape *a, struct attn_prec pr)
 {
+    const int bf16 = pr.bf16;
     qkd__backend *rb = p->rb, *cb = p->cb;
     size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
     size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
@@ -950,8 +987,8 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
     float *o = test_vec_new(nq), *P = test_vec_new(np);
     float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
     float *d_o = dpoison(p, nq), *d_lse = dpoison(p, nl);
-    attn_forward(rb, bf16, o, P, q, k, v, a);
-    attn_forward(cb, bf16, d_o, d_lse, d_q, d_k, d_v, a);
+    attn_forward(rb, pr, o, P, q, k, v, a);
+    attn_forward(cb, pr, d_o, d_lse, d_q, d_k, d_v, a);
     float *g_o = dtake(p, d_o, nq), *g_lse = dtake(p, d_lse, nl);
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
         float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
@@ -959,8 +996,8 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
         float *d_dout = dput(p, dout, nq), *d_dq = dput(p, dq, nq);
         float *d_dk = dput(p, dk, nkv), *d_dv = dput(p, dv, nkv);
         float *d_or = dput(p, o, nq), *d_l = dput(p, g_lse, nl);
-        attn_backward(rb, bf16, dq, dk, dv, dout, P, q, k, v, o, a);
-        attn_backward(cb, bf16, d_dq, d_dk, d_dv, d_dout, d_l, d_q, d_k, d_v, d_or, a);
+        attn_backward(rb, pr, dq, dk, dv, dout, P, q, k, v, o, a);
+        attn_backward(cb, pr, d_dq, d_dk, d_dv, d_dout, d_l, d_q, d_k, d_v, d_or, a);
         float *g_dq = dtake(p, d_dq, nq), *g_dk = dtake(p, d_dk, nkv);
         float *g_dv = dtake(p, d_dv, nkv);
         if (bf16) {
@@ -979,7 +1016,8 @@ static void attention_case(struct pair *p, const struct attn_shape *a, int bf16)
         dfree(p, d_dout); dfree(p, d_or); dfree(p, d_l);
     }
     if (bf16) {
-        float *qr = vec_bf16(q, nq), *kr = vec_bf16(k, nkv);
+        float *qr, *kr;
+        attn_product_qk(rb, pr, a, q, k, nq, nkv, &qr, &kr);
         assert_close_floor("attention_forward_bf16 out", g_o, o, nq, TOL_BF16_ATT_OUT);
         assert_attention_lse("cuda", g_lse, qr, kr, a->B, a->Tq, a->pos0, a->kv_len,
                              a->n_heads, a->n_kv, a->hd, TOL_FLOAT);
@@ -1000,21 +1038,27 @@ START_TEST(attention_matches_ref)
         return;
     test_rng_seed(41);
     for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
-        attention_case(&p, &attn_shapes[s], 0);
+        attention_case(&p, &attn_shapes[s], (struct attn_prec){0, 0.0f});
     pair_close(&p);
 }
 END_TEST
 
-/* The bf16 kernels hold head sizes up to 128. */
+/* The bf16 kernels hold head sizes up to 128; each shape without RoPE
+ * and with it inside (odd head sizes leave their last column unrotated;
+ * theta 500 turns the pairs far from the identity even at short range,
+ * where a lost rotation, a wrong position or a forward rotation of a
+ * gradient would show). */
 START_TEST(attention_bf16_matches_ref)
 {
     struct pair p;
     if (!pair_open(&p))
         return;
     test_rng_seed(42);
+    static const float thetas[] = {0.0f, 500.0f};
     for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++)
-        if (attn_shapes[s].hd <= 128)
-            attention_case(&p, &attn_shapes[s], 1);
+        for (int r = 0; r < 2; r++)
+            if (attn_shapes[s].hd <= 128)
+                attention_case(&p, &attn_shapes[s], (struct attn_prec){1, thetas[r]});
     pair_close(&p);
 }
 END_TEST
@@ -1537,7 +1581,7 @@ START_TEST(attention_head_limit)
     b = ctx->backend;
     expect_ok(ctx, b->alloc(b, (size_t)hd * sizeof *x, (void **)&x), "alloc");
     expect_ok(ctx, b->alloc(b, sizeof *lse, (void **)&lse), "alloc");
-    b->attention_forward_bf16(b, x, lse, x, x, x, 1, 1, 0, 1, 1, 1, 129);
+    b->attention_forward_bf16(b, x, lse, x, x, x, 1, 1, 0, 1, 1, 1, 129, 0.0f);
     ck_assert_int_eq(b->sync(b), QKD_ERR_UNSUPPORTED);
     ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "head size 129"));
     b->free(b, x);

@@ -99,8 +99,10 @@ START_TEST(test_table_complete)
     for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
         ck_assert_msg(slots[i].set, "slot %s is NULL", slots[i].name);
     ck_assert_ptr_null(b->extra(b, "flash_attention"));
-    /* probabilities [B][n_heads][Tq][kv_len] */
-    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 8), 2 * 4 * 3 * 5);
+    /* probabilities [B][n_heads][Tq][kv_len], then the bf16 slots' RoPE
+     * room: rotated q and k and their gradients (k's bounded by n_heads) */
+    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 8),
+                      2 * 4 * 3 * 5 + 2 * (2 * 3 * 4 * 8 + 2 * 5 * 4 * 8));
     qkd_context_free(ctx);
 }
 END_TEST
@@ -494,8 +496,9 @@ START_TEST(test_attention_bf16)
     float *P = test_vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, AB_HD));
     double *want_out = test_dvec_new(nq), *want_dq = test_dvec_new(nq), *want_dk = test_dvec_new(nkv);
     double *want_dv = test_dvec_new(nkv);
-    b->attention_forward_bf16(b, out, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD);
-    b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD);
+    b->attention_forward_bf16(b, out, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD, 0.0f);
+    b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD,
+                               0.0f);
     attention_bf16_direct(q, k, v, dout, out, want_out, want_dq, want_dk, want_dv);
     assert_close("bf16 attention out", out, want_out, nq, FWD_TOL);
     assert_close("bf16 attention dq", dq, want_dq, nq, FWD_TOL);
@@ -521,6 +524,66 @@ START_TEST(test_attention_bf16)
     free(q), free(k), free(v), free(dout), free(out), free(out32), free(dq), free(dk);
     free(dv), free(dq32), free(dk32), free(dv32), free(P);
     free(want_out), free(want_dq), free(want_dk), free(want_dv);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* RoPE inside the bf16 slots (rope_theta > 0) is rope_forward on q and k
+ * (query row t at pos0 + t, key j at j) and then the slot without it; the
+ * backward adds rope_backward of the rotated inputs' gradients to what
+ * dq and dk held. Bit for bit: the same kernels in the same order. */
+enum { AR_B = 2, AR_H = 4, AR_KV = 2, AR_HD = 6, AR_T = 7 };
+#define AR_THETA 500.0f
+
+static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
+{
+    const size_t nq = (size_t)AR_B * Tq * AR_H * AR_HD, nk = (size_t)AR_B * kv_len * AR_KV * AR_HD;
+    const size_t np = b->attention_scratch_floats(b, AR_B, Tq, kv_len, AR_H, AR_HD);
+    float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nk, -2, 2), *v = test_vec_rand(nk, -1, 1);
+    float *qr = test_vec_new(nq), *kr = test_vec_new(nk), *P = test_vec_new(np);
+    float *P_want = test_vec_new(np), *out = test_vec_new(nq), *want = test_vec_new(nq);
+    memcpy(qr, q, nq * sizeof *q);
+    memcpy(kr, k, nk * sizeof *k);
+    b->rope_forward(b, qr, AR_B, Tq, AR_H, AR_HD, pos0, AR_THETA);
+    b->rope_forward(b, kr, AR_B, kv_len, AR_KV, AR_HD, 0, AR_THETA);
+    b->attention_forward_bf16(b, out, P, q, k, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV, AR_HD,
+                              AR_THETA);
+    b->attention_forward_bf16(b, want, P_want, qr, kr, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV,
+                              AR_HD, 0.0f);
+    ck_assert_mem_eq(out, want, nq * sizeof *out);
+    if (pos0 == 0 && kv_len == Tq) {
+        float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
+        float *dk = test_vec_rand(nk, -1, 1), *dv = test_vec_rand(nk, -1, 1);
+        float *gq = test_vec_new(nq), *gk = test_vec_new(nk), *gv = test_vec_new(nk);
+        float *want_dq = test_vec_new(nq), *want_dk = test_vec_new(nk), *want_dv = test_vec_new(nk);
+        memcpy(want_dv, dv, nk * sizeof *dv);
+        b->attention_backward_bf16(b, gq, gk, want_dv, dout, P_want, qr, kr, v, want, AR_B, Tq,
+                                   AR_H, AR_KV, AR_HD, 0.0f);
+        b->rope_backward(b, gq, AR_B, Tq, AR_H, AR_HD, 0, AR_THETA);
+        b->rope_backward(b, gk, AR_B, Tq, AR_KV, AR_HD, 0, AR_THETA);
+        for (size_t i = 0; i < nq; i++)
+            want_dq[i] = dq[i] + gq[i];
+        for (size_t i = 0; i < nk; i++)
+            want_dk[i] = dk[i] + gk[i];
+        b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, AR_B, Tq, AR_H, AR_KV,
+                                   AR_HD, AR_THETA);
+        ck_assert_mem_eq(dq, want_dq, nq * sizeof *dq);
+        ck_assert_mem_eq(dk, want_dk, nk * sizeof *dk);
+        ck_assert_mem_eq(dv, want_dv, nk * sizeof *dv);
+        /* the rotation is real: un-rotated gradients differ */
+        ck_assert(memcmp(gq, want_dq, nq * sizeof *gq) != 0);
+        free(dout), free(dq), free(dk), free(dv), free(gq), free(gk), free(gv);
+        free(want_dq), free(want_dk), free(want_dv);
+    }
+    free(q), free(k), free(v), free(qr), free(kr), free(P), free(P_want), free(out), free(want);
+}
+
+START_TEST(test_attention_bf16_rope)
+{
+    qkd_context *ctx = test_context(2);
+    test_rng_seed(16);
+    attention_rope_case(ctx->backend, AR_T, 0, AR_T);     /* training */
+    attention_rope_case(ctx->backend, 2, 3, 5);           /* decoding: keys at 0..4 */
     qkd_context_free(ctx);
 }
 END_TEST
@@ -798,8 +861,10 @@ START_TEST(test_attention_forward)
         const struct attn_shape *s = &shapes[i];
         float *q = test_vec_rand(q_size(s), -1.5, 1.5), *k = test_vec_rand(kv_size(s), -1.5, 1.5);
         float *v = test_vec_rand(kv_size(s), -1, 1), *out = test_vec_new(q_size(s));
-        size_t n_p = b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh, s->hd);
-        float *probs = test_vec_rand(n_p, 5, 6); /* every entry must be written */
+        /* the probabilities lead the scratch; every one must be written */
+        size_t n_p = (size_t)s->B * s->nh * s->Tq * s->kv_len;
+        float *probs = test_vec_rand(
+            b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh, s->hd), 5, 6);
         double *want = test_dvec_new(q_size(s)), *want_p = test_dvec_new(n_p);
         attention_direct(s, q, k, v, want, want_p);
         b->attention_forward(b, out, probs, q, k, v, s->B, s->Tq, s->pos0, s->kv_len, s->nh,
@@ -893,16 +958,17 @@ START_TEST(test_attention_decode_matches_full)
                     kc[(bb * T + j) * NKV * HD + c] = NAN;
                     vc[(bb * T + j) * NKV * HD + c] = NAN;
                 }
-        float qd[B * NH * HD], od[B * NH * HD], sd[B * NH * T];
+        float qd[B * NH * HD], od[B * NH * HD];
+        float *sd = test_vec_new(b->attention_scratch_floats(b, B, 1, T, NH, HD));
         double want[B * NH * HD];
         for (int bb = 0; bb < B; bb++)
             for (int c = 0; c < NH * HD; c++) {
                 qd[bb * NH * HD + c] = q[(bb * T + p) * NH * HD + c];
                 want[bb * NH * HD + c] = full[(bb * T + p) * NH * HD + c];
             }
-        ck_assert_uint_eq(b->attention_scratch_floats(b, B, 1, T, NH, HD), B * NH * T);
         b->attention_forward(b, od, sd, qd, kc, vc, B, 1, p, T, NH, NKV, HD);
         assert_close("decode row", od, want, B * NH * HD, 1e-6);
+        free(sd);
         free(kc);
         free(vc);
     }
@@ -1308,6 +1374,7 @@ Suite *suite_backend_ref(void)
     tcase_add_test(tc, test_matmul_bf16);
     tcase_add_test(tc, test_bf16_bits_family);
     tcase_add_test(tc, test_attention_bf16);
+    tcase_add_test(tc, test_attention_bf16_rope);
     tcase_add_test(tc, test_embedding_forward);
     tcase_add_test(tc, test_embedding_backward);
     tcase_add_test(tc, test_rmsnorm_forward);

@@ -707,11 +707,15 @@ END_TEST
 
 /* ---- decode -------------------------------------------------------------------- */
 
+/* Loop index: bit 0 tied embeddings, bit 1 bf16 matmuls (whose attention
+ * applies RoPE itself, so the cache holds keys before RoPE). */
 START_TEST(test_decode_matches_forward)
 {
-    int tied = _i;
+    int tied = _i & 1, bf16 = _i >> 1;
     qkd_context *ctx = test_context(2);
     qkd_model *m = tiny_model(ctx, tied, 21);
+    if (bf16)
+        ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), QKD_OK);
     int32_t tokens[TT];
     random_ids(tokens, TT, TV, 31);
     ck_assert_int_eq(qkd_model_forward(m, tokens, 1, TT), QKD_OK);
@@ -733,6 +737,14 @@ START_TEST(test_decode_matches_forward)
     ck_assert_int_eq(qkd_model_decode(m, tokens[1], 1, NULL), QKD_OK);
     ck_assert_int_eq(qkd_model_decode(m, tokens[1], TT, NULL), QKD_ERR_RANGE);
     ck_assert_int_eq(qkd_model_decode(m, TV, 2, NULL), QKD_ERR_RANGE);
+
+    /* a new precision ends the sequence: its cache may hold other keys */
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, bf16 ? QKD_MATMUL_FP32 : QKD_MATMUL_BF16),
+                     QKD_OK);
+    ck_assert_int_eq(qkd_model_decode(m, tokens[2], 2, NULL), QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, bf16 ? QKD_MATMUL_BF16 : QKD_MATMUL_FP32),
+                     QKD_OK);
+    ck_assert_int_eq(qkd_model_decode(m, tokens[0], 0, NULL), QKD_OK);
 
     /* a longer window re-sizes the cache; the sequence starts over */
     ck_assert_int_eq(qkd_model_set_max_seq_len(m, 2 * TT), QKD_OK);
@@ -1067,7 +1079,7 @@ Suite *suite_model(void)
     tcase_add_loop_test(tc, test_gradient_finite_difference, 0, 2);
     tcase_add_loop_test(tc, test_gradient_accumulates, 0, 2);
     tcase_add_test(tc, test_backward_device_dlogits);
-    tcase_add_loop_test(tc, test_decode_matches_forward, 0, 2);
+    tcase_add_loop_test(tc, test_decode_matches_forward, 0, 4);
     tcase_add_test(tc, test_thread_count_is_bit_exact);
     tcase_add_test(tc, test_no_allocation_in_a_known_step);
     suite_add_tcase(s, tc);

@@ -220,7 +220,9 @@ typedef enum qkd_matmul_precision {
  * BF16 model keeps the tensors its products only read rounded (some
  * activations and gradients, a student's quantized weights) in bf16, with
  * the same results; changing the precision releases the activations and
- * resizes a student's quantized-weight buffers. Errors: INVALID_ARG (NULL
+ * the decode cache (a sequence being decoded starts again at position 0:
+ * the cache of a bf16 attention holds its keys before RoPE) and resizes a
+ * student's quantized-weight buffers. Errors: INVALID_ARG (NULL
  * model, unknown precision), UNSUPPORTED (the backend has no bf16
  * matmuls), NO_MEMORY (the resized buffers; the model is then unchanged).
  * @since 0.1 */

@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 8
+#define QKD__BACKEND_ABI 9
 
 typedef struct qkd__backend qkd__backend;
 
@@ -249,16 +249,23 @@ struct qkd__backend {
      * dout and v in the probabilities' gradient, the probabilities and
      * dout in dv, the scores' gradients and k (q) in dq (dk). Softmax, the
      * row term dout . out and every accumulation stay fp32 or better.
-     * Same scratch as the fp32 pair. */
+     * Same scratch as the fp32 pair.
+     * With rope_theta > 0 they also apply RoPE (rope_forward's rotation at
+     * that theta), so that no pass of its own reads and writes q and k: q
+     * and k arrive un-rotated, query row t is rotated to position pos0 + t
+     * and key row j to position j, in fp32, before the rounding. The
+     * backward then adds the gradients of the un-rotated q and k: dq +=
+     * R^T (the rotated q's gradient), as rope_backward on it would give,
+     * and the same for dk. rope_theta 0: q and k arrive rotated. */
     void (*attention_forward_bf16)(qkd__backend *b, float *out, float *scratch,
                                    const float *q, const float *k, const float *v,
                                    int B, int Tq, int pos0, int kv_len,
-                                   int n_heads, int n_kv, int hd);
+                                   int n_heads, int n_kv, int hd, float rope_theta);
     void (*attention_backward_bf16)(qkd__backend *b, float *dq, float *dk, float *dv,
                                     const float *dout, float *scratch,
                                     const float *q, const float *k, const float *v,
                                     const float *out, int B, int T,
-                                    int n_heads, int n_kv, int hd);
+                                    int n_heads, int n_kv, int hd, float rope_theta);
 
     /* ---- SwiGLU ---------------------------------------------------------- */
     /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */

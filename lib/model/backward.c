@@ -74,8 +74,10 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     zero(be, g->dv, (size_t)N * kvd);
     qkd__model_attention_backward(m, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k,
                                   a->v, a->att, B, T, c->n_heads, c->n_kv_heads, hd);
-    be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
-    be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
+    if (!qkd__model_attention_bf16(m)) { /* that one returns the un-rotated gradients */
+        be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
+        be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
+    }
     zero(be, g->dnorm, (size_t)N * C);
     linear_backward(m, LINEAR(ATTN_Q), g->dnorm, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N, C, C);
     linear_backward(m, LINEAR(ATTN_K), g->dnorm, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N, C, kvd);

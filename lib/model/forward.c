@@ -48,8 +48,10 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
         be->quant_rows(be, a->k, a->k, N, kvd, kv_bits);
         be->quant_rows(be, a->v, a->v, N, kvd, kv_bits);
     }
-    be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
-    be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
+    if (!qkd__model_attention_bf16(m)) { /* that one rotates q and k itself */
+        be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
+        be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
+    }
     qkd__model_attention_forward(m, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
                                  s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
     quantize_acts(m, a->attq, a->att, N, C);

@@ -402,6 +402,7 @@ qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
         return st;
     }
     qkd__model_free_acts(m); /* planned again: their linear inputs may be bf16 */
+    qkd__model_free_decode(m); /* its keys are rotated or not (qkd__model_attention_bf16) */
     return QKD_OK;
 }
 

@@ -164,18 +164,28 @@ static inline int qkd__model_bf16_bits(const qkd_model *m)
            be->fakequant_forward_bf16;
 }
 
-/* The backend's attention in the model's matmul precision (backend.h);
- * fp32 where a backend has no bf16 attention (the SIMD backend: its fp32
- * attention is the faster one there). */
+/* Whether the model's attention is the backend's bf16 pair (backend.h),
+ * which applies RoPE itself as it rounds q and k: q, k and the key cache
+ * then stay un-rotated and no RoPE pass runs. Otherwise (fp32, or a
+ * backend with no bf16 attention, as the SIMD one: its fp32 attention is
+ * the faster one there) the model rotates q and k with rope_forward. */
+static inline int qkd__model_attention_bf16(const qkd_model *m)
+{
+    return m->matmul_bf16 && qkd__model_backend(m)->attention_forward_bf16;
+}
+
 static inline void qkd__model_attention_forward(const qkd_model *m, float *out, float *scratch,
                                                 const float *q, const float *k, const float *v,
                                                 int B, int Tq, int pos0, int kv_len,
                                                 int n_heads, int n_kv, int hd)
 {
     qkd__backend *be = qkd__model_backend(m);
-    (m->matmul_bf16 && be->attention_forward_bf16 ? be->attention_forward_bf16
-                                                  : be->attention_forward)(
-        be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd);
+    if (qkd__model_attention_bf16(m))
+        be->attention_forward_bf16(be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads,
+                                   n_kv, hd, m->cfg.rope_theta);
+    else
+        be->attention_forward(be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv,
+                              hd);
 }
 
 static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, float *dk,
@@ -186,9 +196,12 @@ static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, 
                                                  int n_kv, int hd)
 {
     qkd__backend *be = qkd__model_backend(m);
-    (m->matmul_bf16 && be->attention_backward_bf16 ? be->attention_backward_bf16
-                                                   : be->attention_backward)(
-        be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd);
+    if (qkd__model_attention_bf16(m))
+        be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads,
+                                    n_kv, hd, m->cfg.rope_theta);
+    else
+        be->attention_backward(be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv,
+                               hd);
 }
 
 /* The tensor of `kind` in `layer` inside base (params or grads). The

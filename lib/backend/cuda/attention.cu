@@ -42,8 +42,7 @@ __global__ void rope_kernel(float *x, const double2 *tab, size_t n_pairs, int T,
     }
 }
 
-/* The table for positions [0, len) of head size hd, or NULL (recorded). */
-static const double2 *rope_table(qkd__backend *b, int len, int hd, float theta)
+extern "C" const double2 *qkd__cuda_rope_table(qkd__backend *b, int len, int hd, float theta)
 {
     qkd__cuda *c = qkd__cuda_of(b);
     const bool same = c->rope_hd == hd && c->rope_theta == theta;
@@ -70,7 +69,7 @@ static void rope(qkd__backend *b, float *x, int B, int T, int n_heads, int hd, i
     size_t n_pairs = (size_t)B * T * n_heads * (hd / 2);
     if (!n_pairs)
         return;
-    const double2 *tab = rope_table(b, pos0 + T, hd, theta);
+    const double2 *tab = qkd__cuda_rope_table(b, pos0 + T, hd, theta);
     if (!tab)
         return;
     rope_kernel<<<qkd__cuda_blocks(n_pairs), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(

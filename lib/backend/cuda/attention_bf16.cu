@@ -57,6 +57,7 @@ struct fb_args {
     float *out, *lse, *dq, *dk, *dv;
     const bf16 *q, *k, *v, *dout;
     const float *D;
+    const double2 *rope; /* the backward's: dq and dk rotated back as stored; NULL: none */
     int Tq, pos0, kv_len, H, n_kv, hd, rep;
     float scale, scale2; /* 1 / sqrt(hd); scale * log2(e): scores into exp2's unit */
 };
@@ -77,18 +78,40 @@ template <int HD> struct fb_fwd {
 
 /* ---- tiles ------------------------------------------------------------------------------ */
 
+/* Where rows of a copy sit for RoPE: row r ([b][t][head]) at position
+ * pos0 + (r / heads) % T; tab NULL: no rotation. */
+struct fb_rope {
+    const double2 *tab;
+    int T, heads, pos0;
+};
+
+/* (x0, x1), the pair j of a row at position pos, rotated as rope_kernel
+ * rotates it (sign -1: back). */
+__device__ inline void fb_rotate(float &x0, float &x1, const double2 *tab, int hd, int pos,
+                                 int j, double sign)
+{
+    const double2 cs = tab[(size_t)pos * (hd / 2) + j];
+    const double sn = sign * cs.y, a = x0, b = x1;
+    x0 = (float)(a * cs.x - b * sn);
+    x1 = (float)(a * sn + b * cs.x);
+}
+
 /* dst[r][d] = bf16(src[r][d]) for d < hd, 0 for hd <= d < HD: rows of hd
- * floats into rows of HD bf16 values. */
+ * floats into rows of HD bf16 values, RoPE applied first where rope says. */
 template <int HD>
-__global__ void fb_convert_kernel(bf16 *dst, const float *src, size_t rows, int hd)
+__global__ void fb_convert_kernel(bf16 *dst, const float *src, size_t rows, int hd,
+                                  fb_rope rope)
 {
     QKD__CUDA_FOR(i, rows * (HD / 2))
     {
         const size_t r = i / (HD / 2);
         const int d = (int)(i % (HD / 2)) * 2;
         const float *x = src + r * hd;
-        *(__nv_bfloat162 *)(dst + r * HD + d) =
-            __floats2bfloat162_rn(d < hd ? x[d] : 0.0f, d + 1 < hd ? x[d + 1] : 0.0f);
+        float x0 = d < hd ? x[d] : 0.0f, x1 = d + 1 < hd ? x[d + 1] : 0.0f;
+        if (rope.tab && d + 1 < hd)
+            fb_rotate(x0, x1, rope.tab, hd, rope.pos0 + (int)(r / rope.heads % rope.T), d / 2,
+                      1.0);
+        *(__nv_bfloat162 *)(dst + r * HD + d) = __floats2bfloat162_rn(x0, x1);
     }
 }
 
@@ -283,21 +306,28 @@ template <int HD, int MI> __device__ void fb_zero(float (&acc)[MI][HD / 8][4])
 }
 
 /* dst[r][d] (+)= scale * acc (a warp's 16 rows in score layout) for rows
- * r < n_rows and d < hd. */
+ * r < n_rows and d < hd. With a RoPE table, each thread's column pair
+ * (2 t, 2 t + 1) of row r is first rotated back from position pos + r:
+ * the gradient of the un-rotated rows. */
 template <int HD>
 __device__ void fb_store(float *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows,
-                         int hd, float scale, bool add)
+                         int hd, float scale, bool add, const double2 *rope = NULL, int pos = 0)
 {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
     for (int nb = 0; nb < HD / 8; nb++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int r = g + 8 * (i >> 1), d = nb * 8 + 2 * t + (i & 1);
-            if (r < n_rows && d < hd) {
-                float *x = dst + (size_t)r * stride + d;
-                *x = add ? *x + scale * acc[nb][i] : scale * acc[nb][i];
-            }
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half, d = nb * 8 + 2 * t;
+            float v[2] = {scale * acc[nb][2 * half], scale * acc[nb][2 * half + 1]};
+            if (rope && r < n_rows && d + 1 < hd)
+                fb_rotate(v[0], v[1], rope, hd, pos + r, d / 2, -1.0);
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                if (r < n_rows && d + e < hd) {
+                    float *x = dst + (size_t)r * stride + d + e;
+                    *x = add ? *x + v[e] : v[e];
+                }
         }
 }
 
@@ -506,7 +536,7 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_dkdv_kernel(f
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
     const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
-    fb_store<HD>(p.dk + at, kf, dk[0], nk - 16 * w, p.hd, p.scale, true);
+    fb_store<HD>(p.dk + at, kf, dk[0], nk - 16 * w, p.hd, p.scale, true, p.rope, k0 + 16 * w);
     fb_store<HD>(p.dv + at, kf, dv[0], nk - 16 * w, p.hd, 1.0f, true);
 }
 
@@ -567,7 +597,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     }
     const size_t qf = (size_t)p.H * p.hd;
     fb_store<HD>(p.dq + (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq[0], nq - 16 * w, p.hd,
-                 p.scale, true);
+                 p.scale, true, p.rope, q0 + 16 * w);
 }
 
 /* ---- launch ------------------------------------------------------------------------------ */
@@ -604,25 +634,27 @@ template <int HD> static void fb_launch(qkd__backend *b, fb_pass pass, const fb_
     qkd__cuda_launched(b, "attention_bf16");
 }
 
-/* x [rows][hd] into its bf16 copy [rows][HD]. */
+/* x [rows][hd] into its bf16 copy [rows][HD], rotated where rope says. */
 template <int HD> static void fb_convert(qkd__backend *b, bf16 *dst, const float *x, size_t rows,
-                                         int hd)
+                                         int hd, fb_rope rope = fb_rope{})
 {
     fb_convert_kernel<HD><<<qkd__cuda_blocks(rows * (HD / 2)), QKD__CUDA_THREADS, 0,
-                            qkd__cuda_of(b)->stream>>>(dst, x, rows, hd);
+                            qkd__cuda_of(b)->stream>>>(dst, x, rows, hd, rope);
     qkd__cuda_launched(b, "attention_bf16 copies");
 }
 
 /* Round q, k, v (and dout when given) into bf16 copies in ws (laid out
- * one after the other, each a multiple of 16 bytes), then run the pass. */
+ * one after the other, each a multiple of 16 bytes), q and k rotated
+ * first when a RoPE table is given, then run the pass. */
 template <int HD>
 static void fb_pass_hd(qkd__backend *b, fb_pass pass, fb_args &p, int B, bf16 *ws,
-                       const float *q, const float *k, const float *v, const float *dout)
+                       const double2 *rope, const float *q, const float *k, const float *v,
+                       const float *dout)
 {
     const size_t nq = (size_t)B * p.Tq * p.H, nkv = (size_t)B * p.kv_len * p.n_kv;
     bf16 *qb = ws, *kb = qb + nq * HD, *vb = kb + nkv * HD, *ob = vb + nkv * HD;
-    fb_convert<HD>(b, qb, q, nq, p.hd);
-    fb_convert<HD>(b, kb, k, nkv, p.hd);
+    fb_convert<HD>(b, qb, q, nq, p.hd, fb_rope{rope, p.Tq, p.H, p.pos0});
+    fb_convert<HD>(b, kb, k, nkv, p.hd, fb_rope{rope, p.kv_len, p.n_kv, 0});
     fb_convert<HD>(b, vb, v, nkv, p.hd);
     if (dout)
         fb_convert<HD>(b, ob, dout, nq, p.hd);
@@ -645,16 +677,27 @@ static int fb_hd(int hd)
 }
 
 /* The pass (forward, or both backward kernels) for the smallest padded
- * head size that holds p.hd, its bf16 copies written to ws. */
-static void fb_run(qkd__backend *b, fb_pass pass, fb_args &p, int B, float *ws, const float *q,
-                   const float *k, const float *v, const float *dout)
+ * head size that holds p.hd, its bf16 copies written to ws; RoPE at
+ * rope_theta when it is > 0. */
+static void fb_run(qkd__backend *b, fb_pass pass, fb_args &p, int B, float *ws,
+                   float rope_theta, const float *q, const float *k, const float *v,
+                   const float *dout)
 {
+    const double2 *rope = NULL;
+    if (rope_theta > 0.0f) {
+        const int len = p.pos0 + p.Tq > p.kv_len ? p.pos0 + p.Tq : p.kv_len;
+        rope = qkd__cuda_rope_table(b, len, p.hd, rope_theta);
+        if (!rope)
+            return;
+    }
+    if (pass != FB_FORWARD)
+        p.rope = rope;
     bf16 *copies = (bf16 *)ws;
     switch (fb_hd(p.hd)) {
-    case 16: fb_pass_hd<16>(b, pass, p, B, copies, q, k, v, dout); break;
-    case 32: fb_pass_hd<32>(b, pass, p, B, copies, q, k, v, dout); break;
-    case 64: fb_pass_hd<64>(b, pass, p, B, copies, q, k, v, dout); break;
-    default: fb_pass_hd<128>(b, pass, p, B, copies, q, k, v, dout); break;
+    case 16: fb_pass_hd<16>(b, pass, p, B, copies, rope, q, k, v, dout); break;
+    case 32: fb_pass_hd<32>(b, pass, p, B, copies, rope, q, k, v, dout); break;
+    case 64: fb_pass_hd<64>(b, pass, p, B, copies, rope, q, k, v, dout); break;
+    default: fb_pass_hd<128>(b, pass, p, B, copies, rope, q, k, v, dout); break;
     }
 }
 
@@ -684,7 +727,8 @@ static fb_args fb_make(int Tq, int pos0, int kv_len, int H, int n_kv, int hd)
 extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
                                                  const float *q, const float *k, const float *v,
                                                  int B, int Tq, int pos0, int kv_len,
-                                                 int n_heads, int n_kv, int hd)
+                                                 int n_heads, int n_kv, int hd,
+                                                 float rope_theta)
 {
     if (B <= 0 || Tq <= 0 || hd <= 0 || !qkd__cuda_attention_head_ok(b, hd, FB_MAX_HD))
         return;
@@ -694,7 +738,7 @@ extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, fl
     fb_args p = fb_make(Tq, pos0, kv_len, n_heads, n_kv, hd);
     p.out = out;
     p.lse = scratch;
-    fb_run(b, FB_FORWARD, p, B, ws, q, k, v, NULL);
+    fb_run(b, FB_FORWARD, p, B, ws, rope_theta, q, k, v, NULL);
 }
 
 extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk,
@@ -702,7 +746,7 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
                                                   float *scratch, const float *q,
                                                   const float *k, const float *v,
                                                   const float *out, int B, int T, int n_heads,
-                                                  int n_kv, int hd)
+                                                  int n_kv, int hd, float rope_theta)
 {
     if (B <= 0 || T <= 0 || hd <= 0 || !qkd__cuda_attention_head_ok(b, hd, FB_MAX_HD))
         return;
@@ -719,5 +763,5 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
     p.dv = dv;
     p.lse = (float *)scratch; /* read only by the backward kernels */
     p.D = ws;
-    fb_run(b, FB_BACKWARD, p, B, ws + d_floats, q, k, v, dout);
+    fb_run(b, FB_BACKWARD, p, B, ws + d_floats, rope_theta, q, k, v, dout);
 }

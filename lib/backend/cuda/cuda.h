@@ -180,15 +180,19 @@ bool qkd__cuda_attention_head_ok(qkd__backend *b, int hd, int max);
 void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout, const float *out,
                                  int B, int T, int H, int hd);
 
+/* RoPE's (cos, sin) for positions [0, len) of head size hd at theta,
+ * [pos][pair] in double, or NULL (recorded): rope_forward's rotation. */
+const double2 *qkd__cuda_rope_table(qkd__backend *b, int len, int hd, float theta);
+
 /* ---- attention_bf16.cu: the same on the tensor cores, bf16 inputs ----------------- */
 void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
                                       const float *q, const float *k, const float *v, int B,
                                       int Tq, int pos0, int kv_len, int n_heads, int n_kv,
-                                      int hd);
+                                      int hd, float rope_theta);
 void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                        const float *dout, float *scratch, const float *q,
                                        const float *k, const float *v, const float *out, int B,
-                                       int T, int n_heads, int n_kv, int hd);
+                                       int T, int n_heads, int n_kv, int hd, float rope_theta);
 
 /* ---- quant.cu ------------------------------------------------------------------ */
 /* The SYM, ASYM and TERNARY schemes (cuda.c sends the format schemes to

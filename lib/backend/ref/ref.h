@@ -77,15 +77,16 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
                                  const float *dout, float *scratch, const float *q,
                                  const float *k, const float *v, const float *out, int B,
                                  int T, int n_heads, int n_kv, int hd);
-/* The same in bf16 precision (backend.h): inputs of each product rounded. */
+/* The same in bf16 precision (backend.h): inputs of each product rounded;
+ * with rope_theta > 0, RoPE applied to q and k inside. */
 void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
                                      const float *q, const float *k, const float *v, int B,
                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
-                                     int hd);
+                                     int hd, float rope_theta);
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
-                                      int T, int n_heads, int n_kv, int hd);
+                                      int T, int n_heads, int n_kv, int hd, float rope_theta);
 
 /* ---- ref_activation.c --------------------------------------------------- */
 void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,

@@ -1,6 +1,7 @@
 /* Reference kernels of the attention family: RoPE and causal grouped-query
  * attention. */
 #include <math.h>
+#include <string.h>
 
 #include "backend/ref/ref.h"
 #include "core/half.h"
@@ -131,12 +132,55 @@ BODY double score(const struct attn_job *j, const float *qrow, int64_t b, int ke
     return dot_rd(bf16, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
 }
 
+/* The probabilities, then room for the bf16 slots' RoPE: rotated copies
+ * of q and k, and the gradients of those copies (rope_work; k's room
+ * bounded with n_heads, the scratch size not knowing n_kv). */
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
                                          int n_heads, int hd)
 {
     (void)b;
-    (void)hd;
-    return (size_t)B * n_heads * Tq * kv_len;
+    const size_t nq = (size_t)B * Tq * n_heads * hd, nk = (size_t)B * kv_len * n_heads * hd;
+    return (size_t)B * n_heads * Tq * kv_len + 2 * (nq + nk);
+}
+
+/* The bf16 slots' RoPE works on copies in scratch past the probabilities:
+ * q and k rotated (query row t to pos0 + t, key row j to j), and their
+ * gradients before the rotation back. */
+struct rope_work {
+    float *q, *k, *dq, *dk;
+    size_t nq, nk; /* floats of q (dq) and k (dk) */
+};
+
+static struct rope_work rope_work(float *scratch, int B, int Tq, int kv_len, int n_heads,
+                                  int n_kv, int hd)
+{
+    struct rope_work w;
+    const size_t nk_room = (size_t)B * kv_len * n_heads * hd;
+    w.nq = (size_t)B * Tq * n_heads * hd;
+    w.nk = (size_t)B * kv_len * n_kv * hd;
+    w.q = scratch + (size_t)B * n_heads * Tq * kv_len;
+    w.k = w.q + w.nq;
+    w.dq = w.k + nk_room;
+    w.dk = w.dq + w.nq;
+    return w;
+}
+
+/* Rotated copies of q and k into w. */
+static void rope_copies(qkd__backend *b, const struct rope_work *w, const float *q,
+                        const float *k, int B, int Tq, int pos0, int kv_len, int n_heads,
+                        int n_kv, int hd, float theta)
+{
+    memcpy(w->q, q, w->nq * sizeof *q);
+    memcpy(w->k, k, w->nk * sizeof *k);
+    rope(b, w->q, B, Tq, n_heads, hd, pos0, theta, 1.0);
+    rope(b, w->k, B, kv_len, n_kv, hd, 0, theta, 1.0);
+}
+
+/* dst += src over n. */
+static void add_into(float *dst, const float *src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
 }
 
 /* Softmax over the causal scores of one query row, in double; the scores
@@ -214,8 +258,14 @@ void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, con
 void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
                                      const float *q, const float *k, const float *v, int B,
                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
-                                     int hd)
+                                     int hd, float rope_theta)
 {
+    if (rope_theta > 0.0f) {
+        struct rope_work w = rope_work(scratch, B, Tq, kv_len, n_heads, n_kv, hd);
+        rope_copies(b, &w, q, k, B, Tq, pos0, kv_len, n_heads, n_kv, hd, rope_theta);
+        q = w.q;
+        k = w.k;
+    }
     attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 1);
 }
 
@@ -336,10 +386,26 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
     attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 0);
 }
 
+/* With RoPE: the gradients of the rotated copies, rotated back (the
+ * rotation's transpose) and added. */
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
-                                      int T, int n_heads, int n_kv, int hd)
+                                      int T, int n_heads, int n_kv, int hd, float rope_theta)
 {
-    attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 1);
+    if (!(rope_theta > 0.0f)) {
+        attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv,
+                           hd, 1);
+        return;
+    }
+    struct rope_work w = rope_work(scratch, B, T, T, n_heads, n_kv, hd);
+    rope_copies(b, &w, q, k, B, T, 0, T, n_heads, n_kv, hd, rope_theta);
+    memset(w.dq, 0, w.nq * sizeof *dq);
+    memset(w.dk, 0, w.nk * sizeof *dk);
+    attention_backward(b, w.dq, w.dk, dv, dout, scratch, w.q, w.k, v, out, B, T, n_heads, n_kv,
+                       hd, 1);
+    rope(b, w.dq, B, T, n_heads, hd, 0, rope_theta, -1.0);
+    rope(b, w.dk, B, T, n_kv, hd, 0, rope_theta, -1.0);
+    add_into(dq, w.dq, w.nq);
+    add_into(dk, w.dk, w.nk);
 }
