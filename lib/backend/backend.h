@@ -206,6 +206,13 @@ struct qkd__backend {
     void (*rmsnorm_forward_bf16_bits)(qkd__backend *b, uint16_t *out, float *rstd,
                                       const float *inp, const float *w, int N, int C,
                                       float eps);
+    /* Optional (NULL: `add`, then rmsnorm_forward_bf16_bits): a residual
+     * add and the RMSNorm of its sum in one pass, the same values as the
+     * two slots give: sum = x + y (N x C), then out and rstd as
+     * rmsnorm_forward_bf16_bits writes them from sum. */
+    void (*add_rmsnorm_forward_bf16_bits)(qkd__backend *b, float *sum, uint16_t *out,
+                                          float *rstd, const float *x, const float *y,
+                                          const float *w, int N, int C, float eps);
     /* dinp += ..., dw += ... from the saved rstd */
     void (*rmsnorm_backward)(qkd__backend *b, float *dinp, float *dw, const float *dout,
                              const float *inp, const float *w, const float *rstd,

@@ -107,7 +107,8 @@ qkd_status qkd_model_decode(qkd_model *m, int32_t token, int pos, float *logits)
         row.vcache = d->vcache + (size_t)l * layer_floats;
         row.k = d->kcache + (size_t)l * layer_floats + (size_t)pos * kvd;
         row.v = d->vcache + (size_t)l * layer_floats + (size_t)pos * kvd;
-        qkd__model_layer_forward(m, l, &row, step);
+        /* the next layer's norm goes to the same shared row */
+        qkd__model_layer_forward(m, l, &row, l + 1 < c->n_layers ? &row : NULL, step);
     }
     qkd__model_head_forward(m, d->logits, d->xf, d->rstdf, d->xfq, d->row.x_out, 1);
     d->next_pos = pos + 1;

@@ -28,8 +28,26 @@ static void norm_forward(const qkd_model *m, float *out, uint16_t *out16, float 
         be->rmsnorm_forward(be, out, rstd, x, w, N, m->cfg.dim, m->cfg.norm_eps);
 }
 
+/* x_sum = x + y, then its RMSNorm as norm_forward: one pass where the
+ * backend fuses the two. */
+static void add_norm_forward(const qkd_model *m, float *x_sum, const float *x, const float *y,
+                             float *out, uint16_t *out16, float *rstd, qkd_tensor_kind kind,
+                             int layer, int N)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const int C = m->cfg.dim;
+    if (out16 && be->add_rmsnorm_forward_bf16_bits) {
+        be->add_rmsnorm_forward_bf16_bits(be, x_sum, out16, rstd, x, y,
+                                          qkd__model_tensor_ptr(m, m->params, kind, layer), N,
+                                          C, m->cfg.norm_eps);
+        return;
+    }
+    be->add(be, x_sum, x, y, (size_t)N * C);
+    norm_forward(m, out, out16, rstd, x_sum, kind, layer, N);
+}
+
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
-                              qkd__step s)
+                              const qkd__layer_acts *next, qkd__step s)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd_model_config *c = &m->cfg;
@@ -39,7 +57,8 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
 #define LINEAR(kind, out, in, C, OC) \
     qkd__model_linear_forward(m, QKD_TENSOR_##kind, l, out, in, N, C, OC)
 #define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q, a->x##_bits)
-    norm_forward(m, a->h, a->h_bits, a->rstd1, a->x_in, QKD_TENSOR_ATTN_NORM, l, N);
+    if (l == 0) /* later layers' come with the add that ends the layer before */
+        norm_forward(m, a->h, a->h_bits, a->rstd1, a->x_in, QKD_TENSOR_ATTN_NORM, l, N);
     quantize_acts(m, a->hq, a->h, N, C);
     LINEAR(ATTN_Q, a->q, IN(ATTN_Q, h), C, C);
     LINEAR(ATTN_K, a->k, IN(ATTN_K, h), C, kvd);
@@ -57,9 +76,8 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     quantize_acts(m, a->attq, a->att, N, C);
     LINEAR(ATTN_OUTPUT, a->proj,
            qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL), C, C);
-    be->add(be, a->x_mid, a->x_in, a->proj, (size_t)N * C);
-
-    norm_forward(m, a->h2, a->h2_bits, a->rstd2, a->x_mid, QKD_TENSOR_FFN_NORM, l, N);
+    add_norm_forward(m, a->x_mid, a->x_in, a->proj, a->h2, a->h2_bits, a->rstd2,
+                     QKD_TENSOR_FFN_NORM, l, N);
     quantize_acts(m, a->h2q, a->h2, N, C);
     LINEAR(FFN_GATE, a->gate, IN(FFN_GATE, h2), C, H);
     LINEAR(FFN_UP, a->up, IN(FFN_UP, h2), C, H);
@@ -69,7 +87,11 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
         be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
     quantize_acts(m, a->swq, a->sw, N, H);
     LINEAR(FFN_DOWN, a->proj, IN(FFN_DOWN, sw), H, C);
-    be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
+    if (next)
+        add_norm_forward(m, a->x_out, a->x_mid, a->proj, next->h, next->h_bits, next->rstd1,
+                         QKD_TENSOR_ATTN_NORM, l + 1, N);
+    else
+        be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
 #undef LINEAR
 #undef IN
 }
@@ -268,8 +290,10 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
     be->embedding_forward(be, a->layers[0].x_in, a->tokens,
                           qkd__model_weight(m, QKD_TENSOR_TOKEN_EMBD, -1), N, m->cfg.dim);
     const qkd__step step = {.B = B, .T = T, .pos0 = 0, .kv_len = T};
-    for (int l = 0; l < m->cfg.n_layers; l++)
-        qkd__model_layer_forward(m, l, &a->layers[l], step);
+    const int L = m->cfg.n_layers;
+    for (int l = 0; l < L; l++)
+        qkd__model_layer_forward(m, l, &a->layers[l], l + 1 < L ? &a->layers[l + 1] : NULL,
+                                 step);
     qkd__model_head_forward(m, a->logits, a->xf, a->rstdf, a->xfq,
                             a->layers[m->cfg.n_layers - 1].x_out, N);
     m->has_forward = 1;

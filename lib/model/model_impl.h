@@ -27,8 +27,10 @@ typedef struct qkd__tensor_entry {
 typedef struct qkd__layer_acts {
     float *x_in;          /* residual stream into the layer [N][C] */
     float *h, *rstd1;     /* attn_norm output [N][C], its 1/rms [N] */
-    float *q;             /* [N][C], after RoPE */
-    float *k, *v;         /* this step's keys and values [N][kvd], after RoPE */
+    /* [N][C]; this step's keys and values [N][kvd]: rotated by RoPE,
+     * unless the attention rotates them itself (qkd__model_attention_bf16) */
+    float *q;
+    float *k, *v;
     const float *kcache, *vcache; /* what attention reads [B][kv_len][kvd] */
     float *scratch;       /* attention's saved softmax */
     float *att;           /* attention output [N][C] */
@@ -234,10 +236,15 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
                            int bf16_bits);
 
 /* One transformer layer forward and the final norm + head, shared by the
- * training forward and decoding. xfq: the head's quantized input (may
- * alias xf when activations are not quantized). */
+ * training forward and decoding, which run every layer in order. Layer 0
+ * normalises its input itself; the residual add that ends layer l writes
+ * x_out together with the attention norm of the layer after (next: its
+ * h, h_bits and rstd1, its x_in being x_out), so layer l + 1 starts at
+ * its products. next NULL: the last layer, whose x_out the head
+ * normalises. xfq: the head's quantized input (may alias xf when
+ * activations are not quantized). */
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
-                              qkd__step s);
+                              const qkd__layer_acts *next, qkd__step s);
 void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
                              float *xfq, const float *x, int N);
 

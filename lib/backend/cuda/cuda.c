@@ -424,6 +424,7 @@ static const qkd__backend cuda_table = {
     .embedding_backward = qkd__cuda_embedding_backward,
     .rmsnorm_forward = qkd__cuda_rmsnorm_forward,
     .rmsnorm_forward_bf16_bits = qkd__cuda_rmsnorm_forward_bf16_bits,
+    .add_rmsnorm_forward_bf16_bits = qkd__cuda_add_rmsnorm_forward_bf16_bits,
     .rmsnorm_backward = qkd__cuda_rmsnorm_backward,
     .rope_forward = qkd__cuda_rope_forward,
     .rope_backward = qkd__cuda_rope_backward,

@@ -48,7 +48,23 @@ __device__ inline double warp_sum(double v)
     return qkd__warp_reduce(v, qkd__sum_op<double>());
 }
 
-/* T: the output's type, fp32 or bf16 bits (qkd__store). */
+/* y = x r w for the warp's row x, r = 1 / sqrt(mean(x^2) + eps) saved to
+ * *rstd. T: the output's type, fp32 or bf16 bits (qkd__store). */
+template <typename T>
+__device__ inline void norm_row(T *__restrict__ y, float *__restrict__ rstd,
+                                const float *__restrict__ x, const float *__restrict__ w, int C,
+                                float eps, int lane)
+{
+    double ss = 0.0;
+    for (int c = lane; c < C; c += 32)
+        ss += (double)x[c] * x[c];
+    double r = 1.0 / sqrt(warp_sum(ss) / C + eps);
+    for (int c = lane; c < C; c += 32)
+        qkd__store(y, (size_t)c, (float)(x[c] * r * w[c]));
+    if (lane == 0)
+        *rstd = (float)r;
+}
+
 template <typename T>
 __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ rstd,
                                        const float *__restrict__ inp,
@@ -57,16 +73,25 @@ __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ 
     const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= N) /* the whole warp agrees */
         return;
-    const float *x = inp + (size_t)row * C;
-    T *y = out + (size_t)row * C;
-    double ss = 0.0;
+    const size_t off = (size_t)row * C;
+    norm_row(out + off, rstd + row, inp + off, w, C, eps, lane);
+}
+
+/* sum = x + y, then norm_row of sum: the norm reads back the sum its own
+ * lane just wrote (same columns), from cache rather than memory. */
+__global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__restrict__ out,
+                                           float *__restrict__ rstd,
+                                           const float *__restrict__ x,
+                                           const float *__restrict__ y,
+                                           const float *__restrict__ w, int N, int C, float eps)
+{
+    const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= N)
+        return;
+    const size_t off = (size_t)row * C;
     for (int c = lane; c < C; c += 32)
-        ss += (double)x[c] * x[c];
-    double r = 1.0 / sqrt(warp_sum(ss) / C + eps);
-    for (int c = lane; c < C; c += 32)
-        qkd__store(y, (size_t)c, (float)(x[c] * r * w[c]));
-    if (lane == 0)
-        rstd[row] = (float)r;
+        sum[off + c] = x[off + c] + y[off + c];
+    norm_row(out + off, rstd + row, sum + off, w, C, eps, lane);
 }
 
 /* Columns a lane loads at once in the dinp pass, all loads issued before
@@ -175,6 +200,18 @@ extern "C" void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *o
     rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
         out, rstd, inp, w, N, C, eps);
     qkd__cuda_launched(b, "rmsnorm_forward_bf16_bits");
+}
+
+extern "C" void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum,
+                                                        uint16_t *out, float *rstd,
+                                                        const float *x, const float *y,
+                                                        const float *w, int N, int C, float eps)
+{
+    if (N <= 0 || C <= 0)
+        return;
+    add_rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
+        sum, out, rstd, x, y, w, N, C, eps);
+    qkd__cuda_launched(b, "add_rmsnorm_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw,

@@ -238,6 +238,7 @@ static const qkd__backend ref_table = {
     .embedding_backward = qkd__ref_embedding_backward,
     .rmsnorm_forward = qkd__ref_rmsnorm_forward,
     .rmsnorm_forward_bf16_bits = qkd__ref_rmsnorm_forward_bf16_bits,
+    .add_rmsnorm_forward_bf16_bits = qkd__ref_add_rmsnorm_forward_bf16_bits,
     .rmsnorm_backward = qkd__ref_rmsnorm_backward,
     .rope_forward = qkd__ref_rope_forward,
     .rope_backward = qkd__ref_rope_backward,

@@ -265,6 +265,15 @@ void qkd__ref_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *r
     qkd__ref_parallel(b, N, 4 * (int64_t)C, rmsnorm_forward_range, &job);
 }
 
+/* The two slots it stands for, one after the other. */
+void qkd__ref_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum, uint16_t *out,
+                                            float *rstd, const float *x, const float *y,
+                                            const float *w, int N, int C, float eps)
+{
+    b->add(b, sum, x, y, (size_t)N * C);
+    qkd__ref_rmsnorm_forward_bf16_bits(b, out, rstd, sum, w, N, C, eps);
+}
+
 /* y_c = x_c r w_c with r = (mean(x^2) + eps)^-1/2, so
  * dx_c = r w_c g_c - x_c r^3 / C * sum_i g_i w_i x_i. One item is a row. */
 static void rmsnorm_dinp_range(const void *arg, int64_t begin, int64_t end)
