@@ -941,14 +941,15 @@ struct attn_prec {
     float theta;
 };
 
-/* Both backends' attention_forward (_bf16) on the host or device buffers. */
-static void attn_forward(qkd__backend *be, struct attn_prec pr, float *o, float *scratch,
-                         const float *q, const float *k, const float *v,
+/* Both backends' attention_forward (_bf16) on the host or device buffers;
+ * o_bits: the bf16 form's output bits too (or NULL). */
+static void attn_forward(qkd__backend *be, struct attn_prec pr, float *o, uint16_t *o_bits,
+                         float *scratch, const float *q, const float *k, const float *v,
                          const struct attn_shape *a)
 {
     if (pr.bf16)
-        be->attention_forward_bf16(be, o, scratch, q, k, v, a->B, a->Tq, a->pos0, a->kv_len,
-                                   a->n_heads, a->n_kv, a->hd, pr.theta);
+        be->attention_forward_bf16(be, o, o_bits, scratch, q, k, v, a->B, a->Tq, a->pos0,
+                                   a->kv_len, a->n_heads, a->n_kv, a->hd, pr.theta);
     else
         be->attention_forward(be, o, scratch, q, k, v, a->B, a->Tq, a->pos0, a->kv_len,
                               a->n_heads, a->n_kv, a->hd);
@@ -1024,8 +1025,17 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
     float *o = test_vec_new(nq), *P = test_vec_new(np);
     float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
     float *d_o = dpoison(p, nq), *d_lse = dpoison(p, nl);
-    attn_forward(rb, pr, o, P, q, k, v, a);
-    attn_forward(cb, pr, d_o, d_lse, d_q, d_k, d_v, a);
+    /* the bf16 form writes its output's bits too, from a poisoned buffer */
+    uint16_t *poison = bits_new(nq);
+    memset(poison, 0xff, nq * sizeof *poison);
+    uint16_t *d_o16 = bf16 ? dput_bytes(p, poison, nq, sizeof *poison) : NULL;
+    attn_forward(rb, pr, o, NULL, P, q, k, v, a);
+    attn_forward(cb, pr, d_o, d_o16, d_lse, d_q, d_k, d_v, a);
+    if (bf16) {
+        assert_bits_of("attention_forward_bf16 out_bits", d_o16, d_o, nq, p);
+        dfree(p, d_o16);
+    }
+    free(poison);
     float *g_o = dtake(p, d_o, nq), *g_lse = dtake(p, d_lse, nl);
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
         float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
@@ -1618,7 +1628,7 @@ START_TEST(attention_head_limit)
     b = ctx->backend;
     expect_ok(ctx, b->alloc(b, (size_t)hd * sizeof *x, (void **)&x), "alloc");
     expect_ok(ctx, b->alloc(b, sizeof *lse, (void **)&lse), "alloc");
-    b->attention_forward_bf16(b, x, lse, x, x, x, 1, 1, 0, 1, 1, 1, 129, 0.0f);
+    b->attention_forward_bf16(b, x, NULL, lse, x, x, x, 1, 1, 0, 1, 1, 1, 129, 0.0f);
     ck_assert_int_eq(b->sync(b), QKD_ERR_UNSUPPORTED);
     ck_assert_ptr_nonnull(strstr(qkd_context_last_error(ctx), "head size 129"));
     b->free(b, x);

@@ -496,7 +496,7 @@ START_TEST(test_attention_bf16)
     float *P = test_vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, AB_HD));
     double *want_out = test_dvec_new(nq), *want_dq = test_dvec_new(nq), *want_dk = test_dvec_new(nkv);
     double *want_dv = test_dvec_new(nkv);
-    b->attention_forward_bf16(b, out, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD, 0.0f);
+    b->attention_forward_bf16(b, out, NULL, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD, 0.0f);
     b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD,
                                0.0f);
     attention_bf16_direct(q, k, v, dout, out, want_out, want_dq, want_dk, want_dv);
@@ -531,7 +531,8 @@ END_TEST
 /* RoPE inside the bf16 slots (rope_theta > 0) is rope_forward on q and k
  * (query row t at pos0 + t, key j at j) and then the slot without it; the
  * backward adds rope_backward of the rotated inputs' gradients to what
- * dq and dk held. Bit for bit: the same kernels in the same order. */
+ * dq and dk held. Bit for bit: the same kernels in the same order. The
+ * forward's out_bits hold its output rounded to bf16. */
 enum { AR_B = 2, AR_H = 4, AR_KV = 2, AR_HD = 6, AR_T = 7 };
 #define AR_THETA 500.0f
 
@@ -542,15 +543,19 @@ static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
     float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nk, -2, 2), *v = test_vec_rand(nk, -1, 1);
     float *qr = test_vec_new(nq), *kr = test_vec_new(nk), *P = test_vec_new(np);
     float *P_want = test_vec_new(np), *out = test_vec_new(nq), *want = test_vec_new(nq);
+    uint16_t *bits = calloc(nq, sizeof *bits);
     memcpy(qr, q, nq * sizeof *q);
     memcpy(kr, k, nk * sizeof *k);
     b->rope_forward(b, qr, AR_B, Tq, AR_H, AR_HD, pos0, AR_THETA);
     b->rope_forward(b, kr, AR_B, kv_len, AR_KV, AR_HD, 0, AR_THETA);
-    b->attention_forward_bf16(b, out, P, q, k, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV, AR_HD,
-                              AR_THETA);
-    b->attention_forward_bf16(b, want, P_want, qr, kr, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV,
+    b->attention_forward_bf16(b, out, bits, P, q, k, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV,
+                              AR_HD, AR_THETA);
+    b->attention_forward_bf16(b, want, NULL, P_want, qr, kr, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV,
                               AR_HD, 0.0f);
     ck_assert_mem_eq(out, want, nq * sizeof *out);
+    for (size_t i = 0; i < nq; i++) /* out_bits: the output rounded */
+        ck_assert_uint_eq(bits[i], qkd__f32_to_bf16(out[i]));
+    free(bits);
     if (pos0 == 0 && kv_len == Tq) {
         float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
         float *dk = test_vec_rand(nk, -1, 1), *dv = test_vec_rand(nk, -1, 1);

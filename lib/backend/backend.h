@@ -263,8 +263,11 @@ struct qkd__backend {
      * and key row j to position j, in fp32, before the rounding. The
      * backward then adds the gradients of the un-rotated q and k: dq +=
      * R^T (the rotated q's gradient), as rope_backward on it would give,
-     * and the same for dk. rope_theta 0: q and k arrive rotated. */
-    void (*attention_forward_bf16)(qkd__backend *b, float *out, float *scratch,
+     * and the same for dk. rope_theta 0: q and k arrive rotated.
+     * out_bits: NULL, or where the forward also writes out rounded to
+     * bf16 (nearest even, raw bits), the operand of the output projection. */
+    void (*attention_forward_bf16)(qkd__backend *b, float *out, uint16_t *out_bits,
+                                   float *scratch,
                                    const float *q, const float *k, const float *v,
                                    int B, int Tq, int pos0, int kv_len,
                                    int n_heads, int n_kv, int hd, float rope_theta);

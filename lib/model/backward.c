@@ -67,7 +67,8 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
     linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, qkd__bf16_f32(g->dres),
-                    qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL),
+                    qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq,
+                                            a->att_bits),
                     N, C, C);
     zero(be, g->dq, (size_t)N * C);
     zero(be, g->dk, (size_t)N * kvd);

@@ -71,11 +71,12 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
         be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
         be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
     }
-    qkd__model_attention_forward(m, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
-                                 s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
+    qkd__model_attention_forward(m, a->att, a->att_bits, a->scratch, a->q, a->kcache, a->vcache,
+                                 s.B, s.T, s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
     quantize_acts(m, a->attq, a->att, N, C);
     LINEAR(ATTN_OUTPUT, a->proj,
-           qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, NULL), C, C);
+           qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, a->att_bits),
+           C, C);
     add_norm_forward(m, a->x_mid, a->x_in, a->proj, a->h2, a->h2_bits, a->rstd2,
                      QKD_TENSOR_FFN_NORM, l, N);
     quantize_acts(m, a->h2q, a->h2, N, C);
@@ -130,6 +131,7 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
     }
     la->scratch = qkd__arena_take(a, scratch_floats, 1);
     la->att = qkd__arena_take(a, N, C);
+    la->att_bits = bits ? take16(a, N, C) : NULL;
     la->x_mid = qkd__arena_take(a, N, C);
     la->h2 = bits ? NULL : qkd__arena_take(a, N, C);
     la->h2_bits = bits ? take16(a, N, C) : NULL;

@@ -45,8 +45,10 @@ typedef struct qkd__layer_acts {
     float *hq, *attq, *h2q, *swq;
     /* h, h2 and sw as bf16 bits instead (h, h2 and sw then NULL) where the
      * model's products take them (qkd__model_bf16_bits) and activations
-     * are not quantized: only products read them. Else NULL. */
-    uint16_t *h_bits, *h2_bits, *sw_bits;
+     * are not quantized: only products read them. att_bits: att's bits
+     * beside it (the attention backward reads att), written by the
+     * attention for the output projection. Else NULL. */
+    uint16_t *h_bits, *h2_bits, *sw_bits, *att_bits;
 } qkd__layer_acts;
 
 /* Geometry of one pass: B sequences of T rows at positions pos0.., with
@@ -156,14 +158,15 @@ static inline qkd__backend *qkd__model_backend(const qkd_model *m)
 }
 
 /* Whether the model's bf16 products run on the backend's bf16-bits family
- * (backend.h): linear inputs and quantized weights then stay in bf16. */
+ * (backend.h) and a bf16 attention, which writes its output's bits too:
+ * linear inputs and quantized weights then stay in bf16. */
 static inline int qkd__model_bf16_bits(const qkd_model *m)
 {
     const qkd__backend *be = qkd__model_backend(m);
     return m->matmul_bf16 && be->matmul_forward_bf16_bits &&
            be->matmul_backward_input_bf16_bits && be->matmul_backward_weight_bf16_bits &&
            be->rmsnorm_forward_bf16_bits && be->swiglu_forward_bf16_bits &&
-           be->fakequant_forward_bf16;
+           be->fakequant_forward_bf16 && be->attention_forward_bf16;
 }
 
 /* Whether the model's attention is the backend's bf16 pair (backend.h),
@@ -176,15 +179,18 @@ static inline int qkd__model_attention_bf16(const qkd_model *m)
     return m->matmul_bf16 && qkd__model_backend(m)->attention_forward_bf16;
 }
 
-static inline void qkd__model_attention_forward(const qkd_model *m, float *out, float *scratch,
+/* out_bits: where the bf16 attention also writes out as bf16 bits (NULL:
+ * nowhere; only a bf16-bits model plans it, whose attention is bf16). */
+static inline void qkd__model_attention_forward(const qkd_model *m, float *out,
+                                                uint16_t *out_bits, float *scratch,
                                                 const float *q, const float *k, const float *v,
                                                 int B, int Tq, int pos0, int kv_len,
                                                 int n_heads, int n_kv, int hd)
 {
     qkd__backend *be = qkd__model_backend(m);
     if (qkd__model_attention_bf16(m))
-        be->attention_forward_bf16(be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads,
-                                   n_kv, hd, m->cfg.rope_theta);
+        be->attention_forward_bf16(be, out, out_bits, scratch, q, k, v, B, Tq, pos0, kv_len,
+                                   n_heads, n_kv, hd, m->cfg.rope_theta);
     else
         be->attention_forward(be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv,
                               hd);

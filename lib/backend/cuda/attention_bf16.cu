@@ -55,6 +55,7 @@ typedef __nv_bfloat16 bf16;
  * strides H * HD (q, dout) and n_kv * HD (k, v). */
 struct fb_args {
     float *out, *lse, *dq, *dk, *dv;
+    bf16 *out_bits; /* the forward's out in bf16 too; NULL: none */
     const bf16 *q, *k, *v, *dout;
     const float *D;
     const double2 *rope; /* the backward's: dq and dk rotated back as stored; NULL: none */
@@ -331,6 +332,32 @@ __device__ void fb_store(float *dst, size_t stride, const float (&acc)[HD / 8][4
         }
 }
 
+/* dst[r][d] = bf16(acc) for rows r < n_rows and d < hd: fb_store's
+ * values (scale 1, written) as bf16, a column pair per store. */
+template <int HD>
+__device__ void fb_store_bits(bf16 *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows,
+                              int hd)
+{
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int nb = 0; nb < HD / 8; nb++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half, d = nb * 8 + 2 * t;
+            if (r >= n_rows || d >= hd)
+                continue;
+            bf16 *x = dst + (size_t)r * stride + d;
+            const float v0 = acc[nb][2 * half], v1 = acc[nb][2 * half + 1];
+            if (d + 1 < hd && (((size_t)x) & 3) == 0)
+                *(__nv_bfloat162 *)x = __floats2bfloat162_rn(v0, v1);
+            else {
+                x[0] = __float2bfloat16_rn(v0);
+                if (d + 1 < hd)
+                    x[1] = __float2bfloat16_rn(v1);
+            }
+        }
+}
+
 /* op over the 4 threads of a quad (the threads holding one row). */
 __device__ inline float fb_quad_max(float v)
 {
@@ -461,6 +488,9 @@ __global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
                 o[mi][nb][i] *= inv[i >> 1];
         fb_store<HD>(p.out + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd, 1.0f,
                      false);
+        if (p.out_bits)
+            fb_store_bits<HD>(p.out_bits + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0,
+                              p.hd);
     }
 }
 
@@ -724,7 +754,8 @@ static fb_args fb_make(int Tq, int pos0, int kv_len, int H, int n_kv, int hd)
     return p;
 }
 
-extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out,
+                                                 uint16_t *out_bits, float *scratch,
                                                  const float *q, const float *k, const float *v,
                                                  int B, int Tq, int pos0, int kv_len,
                                                  int n_heads, int n_kv, int hd,
@@ -737,6 +768,7 @@ extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, fl
         return;
     fb_args p = fb_make(Tq, pos0, kv_len, n_heads, n_kv, hd);
     p.out = out;
+    p.out_bits = (bf16 *)out_bits;
     p.lse = scratch;
     fb_run(b, FB_FORWARD, p, B, ws, rope_theta, q, k, v, NULL);
 }

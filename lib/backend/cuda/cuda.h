@@ -188,7 +188,8 @@ void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout, c
 const double2 *qkd__cuda_rope_table(qkd__backend *b, int len, int hd, float theta);
 
 /* ---- attention_bf16.cu: the same on the tensor cores, bf16 inputs ----------------- */
-void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_bits,
+                                      float *scratch,
                                       const float *q, const float *k, const float *v, int B,
                                       int Tq, int pos0, int kv_len, int n_heads, int n_kv,
                                       int hd, float rope_theta);

@@ -82,7 +82,8 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
                                  int T, int n_heads, int n_kv, int hd);
 /* The same in bf16 precision (backend.h): inputs of each product rounded;
  * with rope_theta > 0, RoPE applied to q and k inside. */
-void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_bits,
+                                     float *scratch,
                                      const float *q, const float *k, const float *v, int B,
                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
                                      int hd, float rope_theta);

@@ -255,7 +255,8 @@ void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, con
     attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 0);
 }
 
-void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch,
+void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_bits,
+                                     float *scratch,
                                      const float *q, const float *k, const float *v, int B,
                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
                                      int hd, float rope_theta)
@@ -267,6 +268,9 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, float *scratch
         k = w.k;
     }
     attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 1);
+    if (out_bits)
+        for (size_t i = 0, n = (size_t)B * Tq * n_heads * hd; i < n; i++)
+            out_bits[i] = qkd__f32_to_bf16(out[i]);
 }
 
 /* Gradient of the score s = scale * q.k of key `key` for query row
