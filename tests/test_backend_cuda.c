@@ -648,7 +648,8 @@ END_TEST
 /* The producers' bf16-bits forms write exactly their fp32 outputs rounded
  * to bf16 (the SwiGLU backward's: into zeroed gradients): RMSNorm on its
  * shapes, SwiGLU on and off the vector boundary. The fused residual add
- * and RMSNorm writes exactly what `add` and the bits RMSNorm write. */
+ * and RMSNorm writes exactly what `add` and the bits RMSNorm write; the
+ * RMSNorm backward with bits adds exactly what the plain one adds. */
 static void assert_bits_of(const char *what, const uint16_t *d_bits, const float *d_f32,
                            size_t n, struct pair *p)
 {
@@ -705,6 +706,21 @@ START_TEST(bf16_bits_producers_round_fp32)
         assert_same("add_rmsnorm_forward_bf16_bits rstd", rf, ra, (size_t)N);
         free(y); free(s); free(sf); free(ra); free(rf); free(b); free(bf);
         dfree(&p, d_yy); dfree(&p, d_b); dfree(&p, d_bf);
+        float *g = test_vec_rand(nc, -1, 1), *dx0 = test_vec_rand(nc, -1, 1);
+        float *dw0 = test_vec_rand((size_t)C, -1, 1), *d_g = dput(&p, g, nc);
+        float *d_r2 = dput(&p, r, (size_t)N);
+        float *d_dx = dput(&p, dx0, nc), *d_dxb = dput(&p, dx0, nc);
+        float *d_dw = dput(&p, dw0, (size_t)C), *d_dwb = dput(&p, dw0, (size_t)C);
+        uint16_t *d_dx16 = dput_bytes(&p, poison, nc, sizeof *poison);
+        p.cb->rmsnorm_backward(p.cb, d_dx, d_dw, d_g, d_x, d_w, d_r2, N, C);
+        p.cb->rmsnorm_backward_bf16_bits(p.cb, d_dxb, d_dx16, d_dwb, d_g, d_x, d_w, d_r2, N, C);
+        assert_bits_of("rmsnorm_backward_bf16_bits dinp_bits", d_dx16, d_dxb, nc, &p);
+        float *dx = dtake(&p, d_dx, nc), *dxb = dtake(&p, d_dxb, nc);
+        float *dw = dtake(&p, d_dw, (size_t)C), *dwb = dtake(&p, d_dwb, (size_t)C);
+        assert_same("rmsnorm_backward_bf16_bits dinp", dxb, dx, nc);
+        assert_same("rmsnorm_backward_bf16_bits dw", dwb, dw, (size_t)C);
+        free(g); free(dx0); free(dw0); free(dx); free(dxb); free(dw); free(dwb);
+        dfree(&p, d_g); dfree(&p, d_r2); dfree(&p, d_dx16);
         free(x); free(w); free(poison); free(r); free(r16);
         dfree(&p, d_x); dfree(&p, d_w); dfree(&p, d_y); dfree(&p, d_y16);
     }

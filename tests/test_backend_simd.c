@@ -975,8 +975,8 @@ START_TEST(table_complete)
     /* The table is a run of pointers after its header; every slot the
      * reference fills the SIMD table fills too, but those it leaves out on
      * purpose: bf16 attention (its fp32 attention is faster than the
-     * reference's bf16 one), the bf16-bits family and the fused add and
-     * RMSNorm into bits (the reference's scalar products would replace
+     * reference's bf16 one), the bf16-bits family and the RMSNorm forms
+     * that write bits (the reference's scalar products would replace
      * its vector bf16 ones) and the
      * device-decided step (its vector AdamW runs the synchronous one). */
     const qkd__backend *b = sc->backend, *r = rc->backend;
@@ -987,7 +987,8 @@ START_TEST(table_complete)
         (const char *)&b->matmul_backward_input_bf16_bits,
         (const char *)&b->matmul_backward_weight_bf16_bits,
         (const char *)&b->rmsnorm_forward_bf16_bits,
-        (const char *)&b->add_rmsnorm_forward_bf16_bits, (const char *)&b->swiglu_forward_bf16_bits,
+        (const char *)&b->add_rmsnorm_forward_bf16_bits,
+        (const char *)&b->rmsnorm_backward_bf16_bits, (const char *)&b->swiglu_forward_bf16_bits,
         (const char *)&b->swiglu_backward_bf16_bits, (const char *)&b->fakequant_forward_bf16,
         (const char *)&b->step_decide, (const char *)&b->adamw_update_multi_dev};
     const size_t n_left_out = sizeof left_out / sizeof left_out[0];

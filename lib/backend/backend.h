@@ -217,6 +217,13 @@ struct qkd__backend {
     void (*rmsnorm_backward)(qkd__backend *b, float *dinp, float *dw, const float *dout,
                              const float *inp, const float *w, const float *rstd,
                              int N, int C);
+    /* Optional (NULL: the caller's products read dinp in fp32):
+     * rmsnorm_backward that also writes dinp's new values rounded to bf16
+     * (nearest even, raw bits) into dinp_bits, for the products that read
+     * that gradient next. */
+    void (*rmsnorm_backward_bf16_bits)(qkd__backend *b, float *dinp, uint16_t *dinp_bits,
+                                       float *dw, const float *dout, const float *inp,
+                                       const float *w, const float *rstd, int N, int C);
 
     /* ---- RoPE ----------------------------------------------------------
      * In place on x[B][T][n_heads][head_dim]; row t has position pos0 + t.

@@ -22,12 +22,32 @@ static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer,
     qkd__model_linear_backward_weight(m, kind, layer, dout, x, N, C, OC);
 }
 
-/* Layer l's linears, the norm weights and their gradients, and the input
- * a linear read (see the student hooks in model_impl.h). Norm weights are
- * never quantized. */
+/* dres += the input gradient of the RMSNorm (kind, layer) of x from dnorm,
+ * with dres's bits where the model keeps them (norm weights are never
+ * quantized: their own gradients). */
+static void norm_backward(qkd_model *m, qkd_tensor_kind kind, int layer, const float *x,
+                          const float *rstd, int N)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *g = &m->acts;
+    float *dw = qkd__model_tensor_ptr(m, m->grads, kind, layer);
+    const float *w = qkd__model_tensor_ptr(m, m->params, kind, layer);
+    if (g->dres_bits)
+        be->rmsnorm_backward_bf16_bits(be, g->dres, g->dres_bits, dw, g->dnorm, x, w, rstd, N,
+                                       m->cfg.dim);
+    else
+        be->rmsnorm_backward(be, g->dres, dw, g->dnorm, x, w, rstd, N, m->cfg.dim);
+}
+
+/* dres as the products read it. */
+static qkd__bf16_in dres_in(const qkd__train_acts *g)
+{
+    return g->dres_bits ? (qkd__bf16_in){.bits = g->dres_bits} : qkd__bf16_f32(g->dres);
+}
+
+/* Layer l's linears and the input a linear read (see the student hooks
+ * in model_impl.h). */
 #define LINEAR(kind) QKD_TENSOR_##kind, l
-#define NORM_W(kind) qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_##kind, l)
-#define NORM_G(kind) qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_##kind, l)
 #define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q, a->x##_bits)
 /* a SwiGLU gradient as the products read it: fp32, or bf16 bits (one of
  * the two pointers is NULL) */
@@ -41,7 +61,7 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
     zero(be, g->dsw, (size_t)N * H);
-    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, qkd__bf16_f32(g->dres), IN(FFN_DOWN, sw), N, H, C);
+    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, dres_in(g), IN(FFN_DOWN, sw), N, H, C);
     if (g->dgate_bits) { /* written, not added */
         be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw, a->gate, a->up,
                                       (size_t)N * H);
@@ -53,8 +73,7 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     zero(be, g->dnorm, (size_t)N * C);
     linear_backward(m, LINEAR(FFN_GATE), g->dnorm, GRAD(dgate), IN(FFN_GATE, h2), N, C, H);
     linear_backward(m, LINEAR(FFN_UP), g->dnorm, GRAD(dup), IN(FFN_UP, h2), N, C, H);
-    be->rmsnorm_backward(be, g->dres, NORM_G(FFN_NORM), g->dnorm, a->x_mid, NORM_W(FFN_NORM),
-                         a->rstd2, N, C);
+    norm_backward(m, QKD_TENSOR_FFN_NORM, l, a->x_mid, a->rstd2, N);
 }
 
 /* On entry acts.dres is d x_mid; on return it is d x_in. */
@@ -66,7 +85,7 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
     zero(be, g->datt, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, qkd__bf16_f32(g->dres),
+    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, dres_in(g),
                     qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq,
                                             a->att_bits),
                     N, C, C);
@@ -83,13 +102,10 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     linear_backward(m, LINEAR(ATTN_Q), g->dnorm, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N, C, C);
     linear_backward(m, LINEAR(ATTN_K), g->dnorm, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N, C, kvd);
     linear_backward(m, LINEAR(ATTN_V), g->dnorm, qkd__bf16_f32(g->dv), IN(ATTN_V, h), N, C, kvd);
-    be->rmsnorm_backward(be, g->dres, NORM_G(ATTN_NORM), g->dnorm, a->x_in, NORM_W(ATTN_NORM),
-                         a->rstd1, N, C);
+    norm_backward(m, QKD_TENSOR_ATTN_NORM, l, a->x_in, a->rstd1, N);
 }
 
 #undef LINEAR
-#undef NORM_W
-#undef NORM_G
 #undef IN
 #undef GRAD
 
@@ -107,11 +123,8 @@ static void head_backward(qkd_model *m, int N)
                     qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
                     C, V);
     zero(be, g->dres, (size_t)N * C);
-    be->rmsnorm_backward(be, g->dres,
-                         qkd__model_tensor_ptr(m, m->grads, QKD_TENSOR_OUTPUT_NORM, -1),
-                         g->dnorm, g->layers[m->cfg.n_layers - 1].x_out,
-                         qkd__model_tensor_ptr(m, m->params, QKD_TENSOR_OUTPUT_NORM, -1),
-                         g->rstdf, N, C);
+    norm_backward(m, QKD_TENSOR_OUTPUT_NORM, -1, g->layers[m->cfg.n_layers - 1].x_out, g->rstdf,
+                  N);
 }
 
 qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)

@@ -194,7 +194,7 @@ static void plan_train(void *arg, qkd__arena *a)
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
         t->dsw = t->dgate = t->dup = NULL;
-        t->dgate_bits = t->dup_bits = NULL;
+        t->dgate_bits = t->dup_bits = t->dres_bits = NULL;
         return;
     }
     t->dlogits = qkd__arena_take(a, N, V);
@@ -210,6 +210,7 @@ static void plan_train(void *arg, qkd__arena *a)
     t->dup = bits ? NULL : qkd__arena_take(a, N, H);
     t->dgate_bits = bits ? take16(a, N, H) : NULL;
     t->dup_bits = bits ? take16(a, N, H) : NULL;
+    t->dres_bits = bits && be->rmsnorm_backward_bf16_bits ? take16(a, N, C) : NULL;
 }
 
 void qkd__model_free_acts(qkd_model *m)

@@ -72,6 +72,10 @@ typedef struct qkd__train_acts {
     /* dgate and dup as bf16 bits instead (dgate, dup then NULL) where the
      * model's products take them (qkd__model_bf16_bits); else NULL */
     uint16_t *dgate_bits, *dup_bits;
+    /* dres's bits beside it, written with it by the RMSNorm backward for
+     * the products that read it, where the model's products take bits and
+     * the backend has rmsnorm_backward_bf16_bits; else NULL */
+    uint16_t *dres_bits;
 } qkd__train_acts;
 
 /* Decoding state: the key/value cache and one row of activations. */

@@ -426,6 +426,7 @@ static const qkd__backend cuda_table = {
     .rmsnorm_forward_bf16_bits = qkd__cuda_rmsnorm_forward_bf16_bits,
     .add_rmsnorm_forward_bf16_bits = qkd__cuda_add_rmsnorm_forward_bf16_bits,
     .rmsnorm_backward = qkd__cuda_rmsnorm_backward,
+    .rmsnorm_backward_bf16_bits = qkd__cuda_rmsnorm_backward_bf16_bits,
     .rope_forward = qkd__cuda_rope_forward,
     .rope_backward = qkd__cuda_rope_backward,
     .attention_scratch_floats = cuda_attention_scratch_floats,

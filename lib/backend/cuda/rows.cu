@@ -100,8 +100,10 @@ __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__
  * call on SmolLM's rows against 0.03 ms for the forward). */
 #define NORM_U 8
 
-/* dx_c += r w_c g_c - x_c r^3 / C * sum_i g_i w_i x_i */
-__global__ void rmsnorm_dinp_kernel(float *__restrict__ dinp, const float *__restrict__ dout,
+/* dx_c += r w_c g_c - x_c r^3 / C * sum_i g_i w_i x_i, and into bits
+ * (unless NULL) the new dx_c rounded to bf16. */
+__global__ void rmsnorm_dinp_kernel(float *__restrict__ dinp, uint16_t *__restrict__ bits,
+                                    const float *__restrict__ dout,
                                     const float *__restrict__ inp, const float *__restrict__ w,
                                     const float *__restrict__ rstd, int N, int C)
 {
@@ -141,8 +143,12 @@ __global__ void rmsnorm_dinp_kernel(float *__restrict__ dinp, const float *__res
 #pragma unroll
         for (int u = 0; u < NORM_U; u++) {
             const int c = c0 + 32 * u;
-            if (c < C)
-                dx[c] = (float)(dv[u] + r * wv[u] * gv[u] - xv[u] * k);
+            if (c < C) {
+                const float v = (float)(dv[u] + r * wv[u] * gv[u] - xv[u] * k);
+                dx[c] = v;
+                if (bits)
+                    qkd__store(bits + off, (size_t)c, v);
+            }
         }
     }
 }
@@ -214,15 +220,17 @@ extern "C" void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *
     qkd__cuda_launched(b, "add_rmsnorm_forward_bf16_bits");
 }
 
-extern "C" void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw,
-                                           const float *dout, const float *inp, const float *w,
-                                           const float *rstd, int N, int C)
+extern "C" void qkd__cuda_rmsnorm_backward_bf16_bits(qkd__backend *b, float *dinp,
+                                                     uint16_t *dinp_bits, float *dw,
+                                                     const float *dout, const float *inp,
+                                                     const float *w, const float *rstd, int N,
+                                                     int C)
 {
     if (N <= 0 || C <= 0)
         return;
     cudaStream_t st = qkd__cuda_of(b)->stream;
-    rmsnorm_dinp_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(dinp, dout, inp, w, rstd, N,
-                                                                    C);
+    rmsnorm_dinp_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(dinp, dinp_bits, dout, inp,
+                                                                    w, rstd, N, C);
     qkd__cuda_launched(b, "rmsnorm_backward");
     int chunks = (N + DW_ROWS - 1) / DW_ROWS;
     double *part = (double *)qkd__cuda_workspace(b, 2 * (size_t)chunks * C);
@@ -233,6 +241,13 @@ extern "C" void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *
         part, dout, inp, rstd, N, C);
     rmsnorm_dw_sum_kernel<<<col_blocks, QKD__CUDA_THREADS, 0, st>>>(dw, part, chunks, C);
     qkd__cuda_launched(b, "rmsnorm_backward dw");
+}
+
+extern "C" void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw,
+                                           const float *dout, const float *inp, const float *w,
+                                           const float *rstd, int N, int C)
+{
+    qkd__cuda_rmsnorm_backward_bf16_bits(b, dinp, NULL, dw, dout, inp, w, rstd, N, C);
 }
 
 /* ---- softmax family ------------------------------------------------------------------ */

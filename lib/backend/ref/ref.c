@@ -240,6 +240,7 @@ static const qkd__backend ref_table = {
     .rmsnorm_forward_bf16_bits = qkd__ref_rmsnorm_forward_bf16_bits,
     .add_rmsnorm_forward_bf16_bits = qkd__ref_add_rmsnorm_forward_bf16_bits,
     .rmsnorm_backward = qkd__ref_rmsnorm_backward,
+    .rmsnorm_backward_bf16_bits = qkd__ref_rmsnorm_backward_bf16_bits,
     .rope_forward = qkd__ref_rope_forward,
     .rope_backward = qkd__ref_rope_backward,
     .attention_scratch_floats = qkd__ref_attention_scratch_floats,

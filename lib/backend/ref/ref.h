@@ -62,6 +62,9 @@ void qkd__ref_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum, uint16_
 void qkd__ref_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
                                         const float *inp, const float *w, int N, int C,
                                         float eps);
+void qkd__ref_rmsnorm_backward_bf16_bits(qkd__backend *b, float *dinp, uint16_t *dinp_bits,
+                                         float *dw, const float *dout, const float *inp,
+                                         const float *w, const float *rstd, int N, int C);
 void qkd__ref_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const float *dout,
                                const float *inp, const float *w, const float *rstd, int N,
                                int C);

@@ -324,3 +324,12 @@ void qkd__ref_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw, const fl
     qkd__ref_parallel(b, n_blocks(C, QKD__REF_LINE), 3 * (int64_t)N * QKD__REF_LINE,
                       rmsnorm_dw_range, &job);
 }
+
+void qkd__ref_rmsnorm_backward_bf16_bits(qkd__backend *b, float *dinp, uint16_t *dinp_bits,
+                                         float *dw, const float *dout, const float *inp,
+                                         const float *w, const float *rstd, int N, int C)
+{
+    qkd__ref_rmsnorm_backward(b, dinp, dw, dout, inp, w, rstd, N, C);
+    for (size_t i = 0, n = (size_t)N * C; i < n; i++)
+        dinp_bits[i] = qkd__f32_to_bf16(dinp[i]);
+}

@@ -283,6 +283,7 @@ static void drop_bf16_bits(qkd__backend *b)
     b->matmul_backward_weight_bf16_bits = NULL;
     b->rmsnorm_forward_bf16_bits = NULL;
     b->add_rmsnorm_forward_bf16_bits = NULL;
+    b->rmsnorm_backward_bf16_bits = NULL;
     b->swiglu_forward_bf16_bits = NULL;
     b->swiglu_backward_bf16_bits = NULL;
     b->fakequant_forward_bf16 = NULL;
