@@ -1,6 +1,7 @@
-/* The exact reverse of forward.c. Backend backward kernels ADD, so each
- * activation-gradient buffer is zeroed right before the pass fills it;
- * parameter gradients are only ever added to (micro-batches accumulate).
+/* The exact reverse of forward.c. Backend backward kernels ADD: the first
+ * product into an activation gradient writes it (linear_backward's
+ * accumulate 0), and other activation-gradient buffers are zeroed right
+ * before the pass fills them; parameter gradients are only ever added to (micro-batches accumulate).
  * acts.dres carries the gradient of the residual stream down the layers.
  * In a student, the gradients of quantized weights gather in dL/dQ(w) and
  * go through the quantizer's estimator at the end, unless that is the
@@ -14,11 +15,13 @@ static void zero(qkd__backend *be, float *x, size_t n)
 }
 
 /* out = x W^T of the linear (kind, layer): add the input gradient to dx
- * and the weight gradient to where that weight's gradient goes. */
+ * (accumulate 1) or write it there (0), and add the weight gradient to
+ * where that weight's gradient goes. */
 static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *dx,
-                            qkd__bf16_in dout, qkd__bf16_in x, int N, int C, int OC)
+                            int accumulate, qkd__bf16_in dout, qkd__bf16_in x, int N, int C,
+                            int OC)
 {
-    qkd__model_linear_backward_input(m, kind, layer, dx, dout, N, C, OC);
+    qkd__model_linear_backward_input(m, kind, layer, dx, dout, N, C, OC, accumulate);
     qkd__model_linear_backward_weight(m, kind, layer, dout, x, N, C, OC);
 }
 
@@ -60,8 +63,7 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
-    zero(be, g->dsw, (size_t)N * H);
-    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, dres_in(g), IN(FFN_DOWN, sw), N, H, C);
+    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, 0, dres_in(g), IN(FFN_DOWN, sw), N, H, C);
     if (g->dgate_bits) { /* written, not added */
         be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw, a->gate, a->up,
                                       (size_t)N * H);
@@ -70,9 +72,8 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
         zero(be, g->dup, (size_t)N * H);
         be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
     }
-    zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, LINEAR(FFN_GATE), g->dnorm, GRAD(dgate), IN(FFN_GATE, h2), N, C, H);
-    linear_backward(m, LINEAR(FFN_UP), g->dnorm, GRAD(dup), IN(FFN_UP, h2), N, C, H);
+    linear_backward(m, LINEAR(FFN_GATE), g->dnorm, 0, GRAD(dgate), IN(FFN_GATE, h2), N, C, H);
+    linear_backward(m, LINEAR(FFN_UP), g->dnorm, 1, GRAD(dup), IN(FFN_UP, h2), N, C, H);
     norm_backward(m, QKD_TENSOR_FFN_NORM, l, a->x_mid, a->rstd2, N);
 }
 
@@ -84,8 +85,7 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
     const qkd_model_config *c = &m->cfg;
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
     /* x_mid = x_in + att Wo^T */
-    zero(be, g->datt, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, dres_in(g),
+    linear_backward(m, LINEAR(ATTN_OUTPUT), g->datt, 0, dres_in(g),
                     qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq,
                                             a->att_bits),
                     N, C, C);
@@ -98,10 +98,11 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
         be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
         be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
     }
-    zero(be, g->dnorm, (size_t)N * C);
-    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N, C, C);
-    linear_backward(m, LINEAR(ATTN_K), g->dnorm, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N, C, kvd);
-    linear_backward(m, LINEAR(ATTN_V), g->dnorm, qkd__bf16_f32(g->dv), IN(ATTN_V, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, 0, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N, C, C);
+    linear_backward(m, LINEAR(ATTN_K), g->dnorm, 1, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N, C,
+                    kvd);
+    linear_backward(m, LINEAR(ATTN_V), g->dnorm, 1, qkd__bf16_f32(g->dv), IN(ATTN_V, h), N, C,
+                    kvd);
     norm_backward(m, QKD_TENSOR_ATTN_NORM, l, a->x_in, a->rstd1, N);
 }
 
@@ -115,11 +116,10 @@ static void head_backward(qkd_model *m, int N)
     qkd__backend *be = qkd__model_backend(m);
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
-    zero(be, g->dnorm, (size_t)N * C);
     const qkd__bf16_in dlogits = m->has_dlogits == QKD__DLOGITS_BITS
                                      ? (qkd__bf16_in){.bits = (const uint16_t *)g->dlogits}
                                      : qkd__bf16_f32(g->dlogits);
-    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, dlogits,
+    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, 0, dlogits,
                     qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
                     C, V);
     zero(be, g->dres, (size_t)N * C);

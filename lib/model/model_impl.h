@@ -269,8 +269,9 @@ const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int lay
  * targeted tensor (while the estimator is not the identity), else the
  * model's gradient. */
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
-/* out[N][OC] = inp[N][C] . W^T, dinp += dout . W and dW += dout^T . inp
- * for the linear `kind` in `layer`, W as the forward reads it
+/* out[N][OC] = inp[N][C] . W^T, dinp += dout . W (accumulate 1; 0: dinp
+ * = dout . W, its old contents not needed) and dW += dout^T . inp for the
+ * linear `kind` in `layer`, W as the forward reads it
  * (qkd__model_weight), in the model's matmul precision; a fused or bf16
  * student tensor goes through the backend's fused or bf16-bits products
  * (qkd__wq_form). inp and dout are fp32 unless the bf16-bits products
@@ -278,7 +279,8 @@ float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int laye
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
                                qkd__bf16_in inp, int N, int C, int OC);
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                      float *dinp, qkd__bf16_in dout, int N, int C, int OC);
+                                      float *dinp, qkd__bf16_in dout, int N, int C, int OC,
+                                      int accumulate);
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
                                        qkd__bf16_in dout, qkd__bf16_in inp, int N, int C,
                                        int OC);

@@ -91,27 +91,24 @@ static qkd__bf16_in weight_in(const qkd_model *m, const qkd__qtensor *t, qkd_ten
     return qkd__bf16_f32(qkd__model_weight(m, kind, layer));
 }
 
-/* The products of one pass over a linear weight, in each of the forms it
- * can take: forward (out = x W^T) and backward-input (out += x W) share
- * the shapes of every slot. */
+/* The fp32-operand products of one pass over a linear weight, in each of
+ * the forms it can take: forward (out = x W^T) and backward-input (out +=
+ * x W) share the shapes of these slots. */
 typedef struct linear_slots {
-    void (*bits)(qkd__backend *, float *, qkd__bf16_in, qkd__bf16_in, int, int, int);
     void (*fused)(qkd__backend *, float *, const float *, const qkd__qweight *, int, int, int);
     void (*bf16)(qkd__backend *, float *, const float *, const float *, int, int, int);
     void (*fp32)(qkd__backend *, float *, const float *, const float *, int, int, int);
 } linear_slots;
 
-/* out and x of the linear (kind, layer) through the product of its form:
- * the bf16-bits family, the fused student products, or the plain ones in
- * the model's precision. */
+/* out and x of the linear (kind, layer), not of the bf16-bits family,
+ * through the product of its form: the fused student products, or the
+ * plain ones in the model's precision. */
 static void linear_product(const qkd_model *m, const linear_slots *sl, qkd_tensor_kind kind,
                            int layer, float *out, qkd__bf16_in x, int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd__qtensor *t = live_qtensor(m, kind, layer);
-    if (qkd__model_bf16_bits(m)) {
-        sl->bits(be, out, x, weight_in(m, t, kind, layer), N, C, OC);
-    } else if (t && t->form == QKD__WQ_FUSED) {
+    if (t && t->form == QKD__WQ_FUSED) {
         qkd__quant_spec spec;
         qkd__qweight fw = fused_weight(m, t, kind, layer, &spec);
         sl->fused(be, out, x.f32, &fw, N, C, OC);
@@ -124,18 +121,32 @@ static void linear_product(const qkd_model *m, const linear_slots *sl, qkd_tenso
 void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int layer, float *out,
                                qkd__bf16_in inp, int N, int C, int OC)
 {
-    const qkd__backend *be = qkd__model_backend(m);
-    const linear_slots sl = {be->matmul_forward_bf16_bits, be->matmul_forward_fq,
-                             be->matmul_forward_bf16, be->matmul_forward};
+    qkd__backend *be = qkd__model_backend(m);
+    if (qkd__model_bf16_bits(m)) {
+        be->matmul_forward_bf16_bits(be, out, inp,
+                                     weight_in(m, live_qtensor(m, kind, layer), kind, layer), N,
+                                     C, OC);
+        return;
+    }
+    const linear_slots sl = {be->matmul_forward_fq, be->matmul_forward_bf16, be->matmul_forward};
     linear_product(m, &sl, kind, layer, out, inp, N, C, OC);
 }
 
 void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                      float *dinp, qkd__bf16_in dout, int N, int C, int OC)
+                                      float *dinp, qkd__bf16_in dout, int N, int C, int OC,
+                                      int accumulate)
 {
-    const qkd__backend *be = qkd__model_backend(m);
-    const linear_slots sl = {be->matmul_backward_input_bf16_bits, be->matmul_backward_input_fq,
-                             be->matmul_backward_input_bf16, be->matmul_backward_input};
+    qkd__backend *be = qkd__model_backend(m);
+    if (qkd__model_bf16_bits(m)) {
+        be->matmul_backward_input_bf16_bits(
+            be, dinp, dout, weight_in(m, live_qtensor(m, kind, layer), kind, layer), N, C, OC,
+            accumulate);
+        return;
+    }
+    if (!accumulate) /* the other products add */
+        be->fill(be, dinp, 0.0f, (size_t)N * C);
+    const linear_slots sl = {be->matmul_backward_input_fq, be->matmul_backward_input_bf16,
+                             be->matmul_backward_input};
     linear_product(m, &sl, kind, layer, dinp, dout, N, C, OC);
 }
 

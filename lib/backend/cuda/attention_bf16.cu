@@ -708,13 +708,14 @@ static int fb_hd(int hd)
 
 /* The pass (forward, or both backward kernels) for the smallest padded
  * head size that holds p.hd, its bf16 copies written to ws; RoPE at
- * rope_theta when it is > 0. */
+ * rope_theta when it is > 0 (a head size of 1 has no pair to rotate, and
+ * no table). */
 static void fb_run(qkd__backend *b, fb_pass pass, fb_args &p, int B, float *ws,
                    float rope_theta, const float *q, const float *k, const float *v,
                    const float *dout)
 {
     const double2 *rope = NULL;
-    if (rope_theta > 0.0f) {
+    if (rope_theta > 0.0f && p.hd >= 2) {
         const int len = p.pos0 + p.Tq > p.kv_len ? p.pos0 + p.Tq : p.kv_len;
         rope = qkd__cuda_rope_table(b, len, p.hd, rope_theta);
         if (!rope)

@@ -266,12 +266,13 @@ static void cuda_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16
               (size_t)N * C, C, 0.0f, out, OC, "matmul_forward_bf16");
 }
 
+/* beta 0 when writing: cuBLAS then reads nothing of dinp */
 static void cuda_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp,
                                                  qkd__bf16_in dout, qkd__bf16_in w, int N,
-                                                 int C, int OC)
+                                                 int C, int OC, int accumulate)
 {
     gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, dout,
-              (size_t)N * OC, OC, 1.0f, dinp, C, "matmul_backward_input_bf16");
+              (size_t)N * OC, OC, accumulate ? 1.0f : 0.0f, dinp, C, "matmul_backward_input_bf16");
 }
 
 static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
@@ -291,7 +292,8 @@ static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *i
 static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                             const float *w, int N, int C, int OC)
 {
-    cuda_matmul_backward_input_bf16_bits(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC);
+    cuda_matmul_backward_input_bf16_bits(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC,
+                                         1);
 }
 
 static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,

@@ -47,7 +47,8 @@ void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const floa
 void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
                                        qkd__bf16_in w, int N, int C, int OC);
 void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
-                                              qkd__bf16_in w, int N, int C, int OC);
+                                              qkd__bf16_in w, int N, int C, int OC,
+                                              int accumulate);
 void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
                                                qkd__bf16_in inp, int N, int C, int OC);
 void qkd__ref_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,

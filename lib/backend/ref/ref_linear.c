@@ -85,7 +85,8 @@ struct accum_job {
     qkd__bf16_in A, M;
     int C, K;
     size_t a_r, a_k;
-    int bf16; /* round every input to bf16 */
+    int bf16;  /* round every input to bf16 */
+    int write; /* out = the sum: out's old values are not read (as if 0) */
 };
 
 static void accum_range(const void *arg, int64_t begin, int64_t end)
@@ -112,11 +113,11 @@ static void accum_range(const void *arg, int64_t begin, int64_t end)
         }
         float *o = j->out + r * j->C + c0;
         for (int c = 0; c < nc; c++)
-            o[c] = (float)(o[c] + acc[c]);
+            o[c] = (float)((j->write ? 0.0 : o[c]) + acc[c]);
     }
 }
 
-static void accumulate(qkd__backend *b, struct accum_job *job, int R)
+static void run_accum(qkd__backend *b, struct accum_job *job, int R)
 {
     int64_t items = (int64_t)R * n_blocks(job->C, QKD__REF_COLS);
     qkd__ref_parallel(b, items, 2 * (int64_t)job->K * min_int(job->C, QKD__REF_COLS),
@@ -124,12 +125,12 @@ static void accumulate(qkd__backend *b, struct accum_job *job, int R)
 }
 
 static void backward_input(qkd__backend *b, float *dinp, qkd__bf16_in dout, qkd__bf16_in w,
-                           int N, int C, int OC, int bf16)
+                           int N, int C, int OC, int bf16, int accumulate)
 {
-    /* dinp[n][c] += sum_o dout[n][o] * w[o][c] */
+    /* dinp[n][c] (+)= sum_o dout[n][o] * w[o][c] */
     struct accum_job job = {.out = dinp, .A = dout, .M = w, .C = C, .K = OC,
-                            .a_r = (size_t)OC, .a_k = 1, .bf16 = bf16};
-    accumulate(b, &job, N);
+                            .a_r = (size_t)OC, .a_k = 1, .bf16 = bf16, .write = !accumulate};
+    run_accum(b, &job, N);
 }
 
 static void backward_weight(qkd__backend *b, float *dw, qkd__bf16_in dout, qkd__bf16_in inp,
@@ -138,25 +139,26 @@ static void backward_weight(qkd__backend *b, float *dw, qkd__bf16_in dout, qkd__
     /* dw[o][c] += sum_n dout[n][o] * inp[n][c] */
     struct accum_job job = {.out = dw, .A = dout, .M = inp, .C = C, .K = N,
                             .a_r = 1, .a_k = (size_t)OC, .bf16 = bf16};
-    accumulate(b, &job, OC);
+    run_accum(b, &job, OC);
 }
 
 void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
                                     const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 0);
+    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 0, 1);
 }
 
 void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                          const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 1);
+    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 1, 1);
 }
 
 void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
-                                              qkd__bf16_in w, int N, int C, int OC)
+                                              qkd__bf16_in w, int N, int C, int OC,
+                                              int accumulate)
 {
-    backward_input(b, dinp, dout, w, N, C, OC, 1);
+    backward_input(b, dinp, dout, w, N, C, OC, 1, accumulate);
 }
 
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
