@@ -1020,6 +1020,7 @@ static void assert_close_grad(const char *what, const float *got, const float *w
 {
     double mag = 1.0, err = 0.0;
     for (size_t i = 0; i < n; i++) {
+        ck_assert_msg(isfinite(got[i]), "%s[%zu] = %g", what, i, (double)got[i]);
         mag = fmax(mag, fabs(want[i]));
         err = fmax(err, fabs((double)got[i] - want[i]));
     }
@@ -1063,8 +1064,12 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
         float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
         float *dk = test_vec_rand(nkv, -1, 1), *dv = test_vec_rand(nkv, -1, 1);
-        float *d_dout = dput(p, dout, nq), *d_dq = dput(p, dq, nq);
-        float *d_dk = dput(p, dk, nkv), *d_dv = dput(p, dv, nkv);
+        /* the fp32 backward adds to dq, dk, dv; the bf16 one writes them,
+         * so its device buffers start as NaN */
+        float *d_dout = dput(p, dout, nq);
+        float *d_dq = bf16 ? dpoison(p, nq) : dput(p, dq, nq);
+        float *d_dk = bf16 ? dpoison(p, nkv) : dput(p, dk, nkv);
+        float *d_dv = bf16 ? dpoison(p, nkv) : dput(p, dv, nkv);
         float *d_or = dput(p, o, nq), *d_l = dput(p, g_lse, nl);
         attn_backward(rb, pr, dq, dk, dv, dout, P, q, k, v, o, a);
         attn_backward(cb, pr, d_dq, d_dk, d_dv, d_dout, d_l, d_q, d_k, d_v, d_or, a);

@@ -271,9 +271,11 @@ struct qkd__backend {
      * that theta), so that no pass of its own reads and writes q and k: q
      * and k arrive un-rotated, query row t is rotated to position pos0 + t
      * and key row j to position j, in fp32, before the rounding. The
-     * backward then adds the gradients of the un-rotated q and k: dq +=
-     * R^T (the rotated q's gradient), as rope_backward on it would give,
-     * and the same for dk. rope_theta 0: q and k arrive rotated.
+     * backward's dq and dk are then the gradients of the un-rotated q and
+     * k: R^T (the rotated q's gradient), as rope_backward on it would
+     * give. rope_theta 0: q and k arrive rotated. Unlike the fp32 pair's,
+     * this backward WRITES dq, dk and dv (their old contents, NaN
+     * included, are not read), so the caller zeroes nothing.
      * out_bits: NULL, or where the forward also writes out rounded to
      * bf16 (nearest even, raw bits), the operand of the output projection. */
     void (*attention_forward_bf16)(qkd__backend *b, float *out, uint16_t *out_bits,

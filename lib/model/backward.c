@@ -89,9 +89,11 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
                     qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq,
                                             a->att_bits),
                     N, C, C);
-    zero(be, g->dq, (size_t)N * C);
-    zero(be, g->dk, (size_t)N * kvd);
-    zero(be, g->dv, (size_t)N * kvd);
+    if (!qkd__model_attention_bf16(m)) { /* that one writes its gradients */
+        zero(be, g->dq, (size_t)N * C);
+        zero(be, g->dk, (size_t)N * kvd);
+        zero(be, g->dv, (size_t)N * kvd);
+    }
     qkd__model_attention_backward(m, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k,
                                   a->v, a->att, B, T, c->n_heads, c->n_kv_heads, hd);
     if (!qkd__model_attention_bf16(m)) { /* that one returns the un-rotated gradients */

@@ -306,13 +306,13 @@ template <int HD, int MI> __device__ void fb_zero(float (&acc)[MI][HD / 8][4])
             acc[mi][nb][0] = acc[mi][nb][1] = acc[mi][nb][2] = acc[mi][nb][3] = 0.0f;
 }
 
-/* dst[r][d] (+)= scale * acc (a warp's 16 rows in score layout) for rows
+/* dst[r][d] = scale * acc (a warp's 16 rows in score layout) for rows
  * r < n_rows and d < hd. With a RoPE table, each thread's column pair
  * (2 t, 2 t + 1) of row r is first rotated back from position pos + r:
  * the gradient of the un-rotated rows. */
 template <int HD>
 __device__ void fb_store(float *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows,
-                         int hd, float scale, bool add, const double2 *rope = NULL, int pos = 0)
+                         int hd, float scale, const double2 *rope = NULL, int pos = 0)
 {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
@@ -325,15 +325,13 @@ __device__ void fb_store(float *dst, size_t stride, const float (&acc)[HD / 8][4
                 fb_rotate(v[0], v[1], rope, hd, pos + r, d / 2, -1.0);
 #pragma unroll
             for (int e = 0; e < 2; e++)
-                if (r < n_rows && d + e < hd) {
-                    float *x = dst + (size_t)r * stride + d + e;
-                    *x = add ? *x + v[e] : v[e];
-                }
+                if (r < n_rows && d + e < hd)
+                    dst[(size_t)r * stride + d + e] = v[e];
         }
 }
 
 /* dst[r][d] = bf16(acc) for rows r < n_rows and d < hd: fb_store's
- * values (scale 1, written) as bf16, a column pair per store. */
+ * values (scale 1) as bf16, a column pair per store. */
 template <int HD>
 __device__ void fb_store_bits(bf16 *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows,
                               int hd)
@@ -486,8 +484,7 @@ __global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 o[mi][nb][i] *= inv[i >> 1];
-        fb_store<HD>(p.out + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd, 1.0f,
-                     false);
+        fb_store<HD>(p.out + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd, 1.0f);
         if (p.out_bits)
             fb_store_bits<HD>(p.out_bits + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0,
                               p.hd);
@@ -566,8 +563,8 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_dkdv_kernel(f
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
     const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
-    fb_store<HD>(p.dk + at, kf, dk[0], nk - 16 * w, p.hd, p.scale, true, p.rope, k0 + 16 * w);
-    fb_store<HD>(p.dv + at, kf, dv[0], nk - 16 * w, p.hd, 1.0f, true);
+    fb_store<HD>(p.dk + at, kf, dk[0], nk - 16 * w, p.hd, p.scale, p.rope, k0 + 16 * w);
+    fb_store<HD>(p.dv + at, kf, dv[0], nk - 16 * w, p.hd, 1.0f);
 }
 
 /* One block per (head, batch row, query tile), longest first: dq of its
@@ -627,7 +624,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     }
     const size_t qf = (size_t)p.H * p.hd;
     fb_store<HD>(p.dq + (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq[0], nq - 16 * w, p.hd,
-                 p.scale, true, p.rope, q0 + 16 * w);
+                 p.scale, p.rope, q0 + 16 * w);
 }
 
 /* ---- launch ------------------------------------------------------------------------------ */

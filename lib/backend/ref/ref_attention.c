@@ -133,35 +133,31 @@ BODY double score(const struct attn_job *j, const float *qrow, int64_t b, int ke
 }
 
 /* The probabilities, then room for the bf16 slots' RoPE: rotated copies
- * of q and k, and the gradients of those copies (rope_work; k's room
- * bounded with n_heads, the scratch size not knowing n_kv). */
+ * of q and k (rope_work; k's room bounded with n_heads, the scratch size
+ * not knowing n_kv). */
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
                                          int n_heads, int hd)
 {
     (void)b;
     const size_t nq = (size_t)B * Tq * n_heads * hd, nk = (size_t)B * kv_len * n_heads * hd;
-    return (size_t)B * n_heads * Tq * kv_len + 2 * (nq + nk);
+    return (size_t)B * n_heads * Tq * kv_len + nq + nk;
 }
 
 /* The bf16 slots' RoPE works on copies in scratch past the probabilities:
- * q and k rotated (query row t to pos0 + t, key row j to j), and their
- * gradients before the rotation back. */
+ * q and k rotated (query row t to pos0 + t, key row j to j). */
 struct rope_work {
-    float *q, *k, *dq, *dk;
-    size_t nq, nk; /* floats of q (dq) and k (dk) */
+    float *q, *k;
+    size_t nq, nk; /* floats of q and k */
 };
 
 static struct rope_work rope_work(float *scratch, int B, int Tq, int kv_len, int n_heads,
                                   int n_kv, int hd)
 {
     struct rope_work w;
-    const size_t nk_room = (size_t)B * kv_len * n_heads * hd;
     w.nq = (size_t)B * Tq * n_heads * hd;
     w.nk = (size_t)B * kv_len * n_kv * hd;
     w.q = scratch + (size_t)B * n_heads * Tq * kv_len;
     w.k = w.q + w.nq;
-    w.dq = w.k + nk_room;
-    w.dk = w.dq + w.nq;
     return w;
 }
 
@@ -176,12 +172,6 @@ static void rope_copies(qkd__backend *b, const struct rope_work *w, const float 
     rope(b, w->k, B, kv_len, n_kv, hd, 0, theta, 1.0);
 }
 
-/* dst += src over n. */
-static void add_into(float *dst, const float *src, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        dst[i] += src[i];
-}
 
 /* Softmax over the causal scores of one query row, in double; the scores
  * are recomputed rather than stored so no precision is lost. */
@@ -390,26 +380,27 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
     attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 0);
 }
 
-/* With RoPE: the gradients of the rotated copies, rotated back (the
- * rotation's transpose) and added. */
+/* The fp32 pair's accumulating kernels into zeroed gradients (written,
+ * not added); with RoPE, those of the rotated copies, rotated back (the
+ * rotation's transpose) in place. */
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
                                       int T, int n_heads, int n_kv, int hd, float rope_theta)
 {
-    if (!(rope_theta > 0.0f)) {
-        attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv,
-                           hd, 1);
-        return;
+    const size_t nq = (size_t)B * T * n_heads * hd, nk = (size_t)B * T * n_kv * hd;
+    memset(dq, 0, nq * sizeof *dq);
+    memset(dk, 0, nk * sizeof *dk);
+    memset(dv, 0, nk * sizeof *dv);
+    if (rope_theta > 0.0f) {
+        struct rope_work w = rope_work(scratch, B, T, T, n_heads, n_kv, hd);
+        rope_copies(b, &w, q, k, B, T, 0, T, n_heads, n_kv, hd, rope_theta);
+        q = w.q;
+        k = w.k;
     }
-    struct rope_work w = rope_work(scratch, B, T, T, n_heads, n_kv, hd);
-    rope_copies(b, &w, q, k, B, T, 0, T, n_heads, n_kv, hd, rope_theta);
-    memset(w.dq, 0, w.nq * sizeof *dq);
-    memset(w.dk, 0, w.nk * sizeof *dk);
-    attention_backward(b, w.dq, w.dk, dv, dout, scratch, w.q, w.k, v, out, B, T, n_heads, n_kv,
-                       hd, 1);
-    rope(b, w.dq, B, T, n_heads, hd, 0, rope_theta, -1.0);
-    rope(b, w.dk, B, T, n_kv, hd, 0, rope_theta, -1.0);
-    add_into(dq, w.dq, w.nq);
-    add_into(dk, w.dk, w.nk);
+    attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 1);
+    if (rope_theta > 0.0f) {
+        rope(b, dq, B, T, n_heads, hd, 0, rope_theta, -1.0);
+        rope(b, dk, B, T, n_kv, hd, 0, rope_theta, -1.0);
+    }
 }
