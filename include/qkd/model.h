@@ -364,6 +364,8 @@ QKD_API qkd_status qkd_model_zero_grad(qkd_model *model);
  * key/value cache; positions must come in order 0, 1, 2... (pos 0 starts a
  * new sequence, dropping the cache). logits: vocab_size floats out, or NULL.
  * The cache is allocated on the first call (max_seq_len positions).
+ * qkd_model_set_matmul_precision and qkd_model_set_max_seq_len end the
+ * sequence: the next call must be at pos 0.
  * Errors: INVALID_ARG, RANGE (token outside the vocabulary, pos >=
  * max_seq_len), STATE (pos skips a position), NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_model_decode(qkd_model *model, int32_t token, int pos,

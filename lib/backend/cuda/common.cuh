@@ -42,6 +42,12 @@ __device__ inline uint32_t qkd__bf16_bits(float f)
     return (x + 0x7fffu + ((x >> 16) & 1)) >> 16;
 }
 
+/* Whether p may be read or written as float4s. */
+__host__ __device__ inline bool qkd__aligned16(const void *p)
+{
+    return (uintptr_t)p % 16 == 0;
+}
+
 /* Four values as bf16 bits, in memory order (one 8-byte store). */
 __device__ inline uint2 qkd__bf16_bits4(float4 v)
 {

@@ -29,11 +29,6 @@ template <typename Op> __global__ void map4_kernel(Op op, size_t n4)
     op.four(i);
 }
 
-__host__ __device__ static bool aligned16(const void *p)
-{
-    return (uintptr_t)p % 16 == 0;
-}
-
 /* op over n elements; `aligned`: every pointer op reads or writes is. */
 template <typename Op>
 static void map(qkd__backend *b, const Op &op, size_t n, bool aligned, const char *what)
@@ -114,7 +109,7 @@ extern "C" void qkd__cuda_add(qkd__backend *b, float *out, const float *x, const
 {
     if (!n)
         return;
-    map(b, add_op{out, x, y}, n, aligned16(out) && aligned16(x) && aligned16(y), "add");
+    map(b, add_op{out, x, y}, n, qkd__aligned16(out) && qkd__aligned16(x) && qkd__aligned16(y), "add");
 }
 
 extern "C" void qkd__cuda_axpy(qkd__backend *b, float *y, float alpha, const float *x, size_t n)
@@ -341,7 +336,7 @@ extern "C" void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const floa
     if (!n)
         return;
     map(b, swiglu_forward_op{out, gate, up}, n,
-        aligned16(out) && aligned16(gate) && aligned16(up), "swiglu_forward");
+        qkd__aligned16(out) && qkd__aligned16(gate) && qkd__aligned16(up), "swiglu_forward");
 }
 
 extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out,
@@ -350,7 +345,7 @@ extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *ou
     if (!n)
         return;
     map(b, swiglu_forward_bits_op{out, gate, up}, n,
-        (uintptr_t)out % 8 == 0 && aligned16(gate) && aligned16(up), "swiglu_forward_bf16_bits");
+        (uintptr_t)out % 8 == 0 && qkd__aligned16(gate) && qkd__aligned16(up), "swiglu_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate,
@@ -360,8 +355,8 @@ extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *d
     if (!n)
         return;
     map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up}, n,
-        (uintptr_t)dgate % 8 == 0 && (uintptr_t)dup % 8 == 0 && aligned16(dout) &&
-            aligned16(gate) && aligned16(up),
+        (uintptr_t)dgate % 8 == 0 && (uintptr_t)dup % 8 == 0 && qkd__aligned16(dout) &&
+            qkd__aligned16(gate) && qkd__aligned16(up),
         "swiglu_backward_bf16_bits");
 }
 
@@ -372,8 +367,8 @@ extern "C" void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *
     if (!n)
         return;
     map(b, swiglu_backward_op{dgate, dup, dout, gate, up}, n,
-        aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) &&
-            aligned16(up),
+        qkd__aligned16(dgate) && qkd__aligned16(dup) && qkd__aligned16(dout) && qkd__aligned16(gate) &&
+            qkd__aligned16(up),
         "swiglu_backward");
 }
 
@@ -507,7 +502,7 @@ __global__ void sum_squares_blocks_kernel(double *partials, const qkd__update_sp
     const size_t end = spans[s].n < base + MT_CHUNK ? spans[s].n : base + MT_CHUNK;
     size_t tail = base;
     double acc = 0.0;
-    if (aligned16(g)) {
+    if (qkd__aligned16(g)) {
         tail = base + (end - base) / 4 * 4;
         for (size_t i = base + 4 * threadIdx.x; i < tail; i += 4 * blockDim.x) {
             const float4 x = *reinterpret_cast<const float4 *>(g + i);
@@ -572,7 +567,7 @@ __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned
     const size_t base = (size_t)(blockIdx.x - first[s]) * MT_CHUNK;
     const size_t end = sp.n < base + MT_CHUNK ? sp.n : base + MT_CHUNK;
     size_t tail = base;
-    if (aligned16(sp.p) && aligned16(sp.g) && aligned16(sp.m) && aligned16(sp.v)) {
+    if (qkd__aligned16(sp.p) && qkd__aligned16(sp.g) && qkd__aligned16(sp.m) && qkd__aligned16(sp.v)) {
         tail = base + (end - base) / 4 * 4;
         for (size_t i = base + 4 * threadIdx.x; i < tail; i += 4 * blockDim.x) {
             float4 p = *reinterpret_cast<float4 *>(sp.p + i);

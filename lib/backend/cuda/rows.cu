@@ -48,24 +48,61 @@ __device__ inline double warp_sum(double v)
     return qkd__warp_reduce(v, qkd__sum_op<double>());
 }
 
+/* The RMSNorm rows read 4 columns at a time (V 4: float4s, for C a
+ * multiple of 4 and 16-byte aligned rows) or one (V 1). Both kernels of a
+ * shape take the same V, so their sums run in the same order. */
+template <int V> struct norm_vec;
+template <> struct norm_vec<1> {
+    static __device__ float4 load(const float *p, int i) { return make_float4(p[i], 0, 0, 0); }
+    static __device__ void store(float *p, int i, float4 v) { p[i] = v.x; }
+    template <typename T> static __device__ void put(T *p, int i, float4 v)
+    {
+        qkd__store(p, (size_t)i, v.x);
+    }
+};
+template <> struct norm_vec<4> {
+    static __device__ float4 load(const float *p, int i)
+    {
+        return reinterpret_cast<const float4 *>(p)[i];
+    }
+    static __device__ void store(float *p, int i, float4 v)
+    {
+        reinterpret_cast<float4 *>(p)[i] = v;
+    }
+    template <typename T> static __device__ void put(T *p, int i, float4 v)
+    {
+        qkd__store4(p, (size_t)i, v);
+    }
+};
+
 /* y = x r w for the warp's row x, r = 1 / sqrt(mean(x^2) + eps) saved to
- * *rstd. T: the output's type, fp32 or bf16 bits (qkd__store). */
-template <typename T>
+ * *rstd. T: the output's type, fp32 or bf16 bits (qkd__store). The sum
+ * of squares runs over each lane's groups of V columns, in order. */
+template <int V, typename T>
 __device__ inline void norm_row(T *__restrict__ y, float *__restrict__ rstd,
                                 const float *__restrict__ x, const float *__restrict__ w, int C,
                                 float eps, int lane)
 {
+    typedef norm_vec<V> NV;
     double ss = 0.0;
-    for (int c = lane; c < C; c += 32)
-        ss += (double)x[c] * x[c];
+    for (int c = lane; c < C / V; c += 32) {
+        const float4 v = NV::load(x, c);
+        ss += (double)v.x * v.x;
+        if (V == 4)
+            ss += (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+    }
     double r = 1.0 / sqrt(warp_sum(ss) / C + eps);
-    for (int c = lane; c < C; c += 32)
-        qkd__store(y, (size_t)c, (float)(x[c] * r * w[c]));
+    for (int c = lane; c < C / V; c += 32) {
+        const float4 v = NV::load(x, c), g = NV::load(w, c);
+        NV::put(y, c,
+                make_float4((float)(v.x * r * g.x), (float)(v.y * r * g.y),
+                            (float)(v.z * r * g.z), (float)(v.w * r * g.w)));
+    }
     if (lane == 0)
         *rstd = (float)r;
 }
 
-template <typename T>
+template <int V, typename T>
 __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ rstd,
                                        const float *__restrict__ inp,
                                        const float *__restrict__ w, int N, int C, float eps)
@@ -74,24 +111,35 @@ __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ 
     if (row >= N) /* the whole warp agrees */
         return;
     const size_t off = (size_t)row * C;
-    norm_row(out + off, rstd + row, inp + off, w, C, eps, lane);
+    norm_row<V>(out + off, rstd + row, inp + off, w, C, eps, lane);
 }
 
 /* sum = x + y, then norm_row of sum: the norm reads back the sum its own
  * lane just wrote (same columns), from cache rather than memory. */
+template <int V>
 __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__restrict__ out,
                                            float *__restrict__ rstd,
                                            const float *__restrict__ x,
                                            const float *__restrict__ y,
                                            const float *__restrict__ w, int N, int C, float eps)
 {
+    typedef norm_vec<V> NV;
     const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= N)
         return;
     const size_t off = (size_t)row * C;
-    for (int c = lane; c < C; c += 32)
-        sum[off + c] = x[off + c] + y[off + c];
-    norm_row(out + off, rstd + row, sum + off, w, C, eps, lane);
+    for (int c = lane; c < C / V; c += 32) {
+        const float4 a = NV::load(x + off, c), b = NV::load(y + off, c);
+        NV::store(sum + off, c, make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w));
+    }
+    norm_row<V>(out + off, rstd + row, sum + off, w, C, eps, lane);
+}
+
+/* Whether the rows of a norm over these buffers go as float4s (norm_vec). */
+static bool norm_by4(int C, const void *a, const void *b, const void *c, const void *d)
+{
+    return C % 4 == 0 && qkd__aligned16(a) && qkd__aligned16(b) && qkd__aligned16(c) &&
+           qkd__aligned16(d);
 }
 
 /* Columns a lane loads at once in the dinp pass, all loads issued before
@@ -100,20 +148,28 @@ __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__
  * call on SmolLM's rows against 0.03 ms for the forward). */
 #define NORM_U 8
 
-/* dx_c += r w_c g_c - x_c r^3 / C * sum_i g_i w_i x_i, and into bits
- * (unless NULL) the new dx_c rounded to bf16. */
-__global__ void rmsnorm_dinp_kernel(float *__restrict__ dinp, uint16_t *__restrict__ bits,
-                                    const float *__restrict__ dout,
-                                    const float *__restrict__ inp, const float *__restrict__ w,
-                                    const float *__restrict__ rstd, int N, int C)
+static unsigned norm_grid(int N)
 {
-    const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x & 31;
+    return (unsigned)((N + NORM_ROWS - 1) / NORM_ROWS);
+}
+
+/* Rows a warp of the backward owns, and so the rows of a block: the chunk
+ * of rows whose dw sums the block writes. Chunk sums first, then the
+ * chunks in order: the sum is deterministic and its parallelism grows
+ * with N. */
+#define DW_WARP_ROWS 4
+#define DW_ROWS (NORM_ROWS * DW_WARP_ROWS)
+
+/* k = r^3 / C * sum_i g_i w_i x_i of row `row` (every lane gets it; 0 past
+ * N, where the whole warp agrees). */
+__device__ double norm_backward_k(const float *__restrict__ dout, const float *__restrict__ inp,
+                                  const float *__restrict__ w, const float *__restrict__ rstd,
+                                  int row, int N, int C, int lane)
+{
     if (row >= N)
-        return;
-    size_t off = (size_t)row * C;
-    const float *x = inp + off, *g = dout + off;
-    float *dx = dinp + off;
-    double r = rstd[row], gwx = 0.0;
+        return 0.0;
+    const float *x = inp + (size_t)row * C, *g = dout + (size_t)row * C;
+    double gwx = 0.0;
     for (int c0 = lane; c0 < C; c0 += 32 * NORM_U) {
         float gv[NORM_U], wv[NORM_U], xv[NORM_U];
 #pragma unroll
@@ -127,63 +183,101 @@ __global__ void rmsnorm_dinp_kernel(float *__restrict__ dinp, uint16_t *__restri
         for (int u = 0; u < NORM_U; u++) /* columns in order; the zeros add nothing */
             gwx += (double)gv[u] * wv[u] * xv[u];
     }
-    double k = r * r * r / C * warp_sum(gwx);
-    for (int c0 = lane; c0 < C; c0 += 32 * NORM_U) {
-        float dv[NORM_U], gv[NORM_U], wv[NORM_U], xv[NORM_U];
+    const double r = rstd[row];
+    return r * r * r / C * warp_sum(gwx);
+}
+
+/* RMSNorm's backward over a block's DW_ROWS rows, reading dout and inp
+ * for both gradients: dx_c += r w_c g_c - x_c k (and into bits, unless
+ * NULL, the new dx_c rounded to bf16), and part[block][c] = sum over the
+ * rows of g_c x_c r. Each warp takes k of its rows first; then, a chunk of
+ * 32 NORM_U columns at a time (a lane's NORM_U loads in flight together),
+ * it updates dx on its rows and sums their terms per column, and the block
+ * adds its warps' sums in order. */
+__global__ void __launch_bounds__(QKD__CUDA_THREADS)
+    rmsnorm_backward_kernel(float *__restrict__ dinp, uint16_t *__restrict__ bits,
+                            double *__restrict__ part, const float *__restrict__ dout,
+                            const float *__restrict__ inp, const float *__restrict__ w,
+                            const float *__restrict__ rstd, int N, int C)
+{
+    static_assert(32 * NORM_U == QKD__CUDA_THREADS, "a block's threads span a column chunk");
+    __shared__ double sums[NORM_ROWS][32 * NORM_U];
+    const int wi = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * DW_ROWS + wi * DW_WARP_ROWS;
+    double k[DW_WARP_ROWS];
 #pragma unroll
-        for (int u = 0; u < NORM_U; u++) {
-            const int c = c0 + 32 * u;
-            if (c < C) {
-                dv[u] = dx[c];
-                gv[u] = g[c];
-                wv[u] = w[c];
-                xv[u] = x[c];
+    for (int i = 0; i < DW_WARP_ROWS; i++)
+        k[i] = norm_backward_k(dout, inp, w, rstd, row0 + i, N, C, lane);
+    for (int c0 = 0; c0 < C; c0 += 32 * NORM_U) {
+        double acc[NORM_U] = {};
+#pragma unroll
+        for (int i = 0; i < DW_WARP_ROWS; i++) {
+            const int row = row0 + i;
+            if (row >= N)
+                break;
+            const size_t off = (size_t)row * C;
+            const double r = rstd[row];
+            float dv[NORM_U], gv[NORM_U], wv[NORM_U], xv[NORM_U];
+#pragma unroll
+            for (int u = 0; u < NORM_U; u++) {
+                const int c = c0 + lane + 32 * u;
+                if (c < C) {
+                    dv[u] = dinp[off + c];
+                    gv[u] = dout[off + c];
+                    wv[u] = w[c];
+                    xv[u] = inp[off + c];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < NORM_U; u++) {
+                const int c = c0 + lane + 32 * u;
+                if (c < C) {
+                    const float v = (float)(dv[u] + r * wv[u] * gv[u] - xv[u] * k[i]);
+                    dinp[off + c] = v;
+                    if (bits)
+                        qkd__store(bits + off, (size_t)c, v);
+                    acc[u] += (double)gv[u] * xv[u] * r;
+                }
             }
         }
 #pragma unroll
-        for (int u = 0; u < NORM_U; u++) {
-            const int c = c0 + 32 * u;
-            if (c < C) {
-                const float v = (float)(dv[u] + r * wv[u] * gv[u] - xv[u] * k);
-                dx[c] = v;
-                if (bits)
-                    qkd__store(bits + off, (size_t)c, v);
-            }
+        for (int u = 0; u < NORM_U; u++)
+            sums[wi][lane + 32 * u] = acc[u];
+        __syncthreads();
+        const int c = c0 + threadIdx.x; /* the column of sums[.][threadIdx.x] */
+        if (c < C) {
+            double t = 0.0;
+            for (int j = 0; j < NORM_ROWS; j++)
+                t += sums[j][threadIdx.x];
+            part[(size_t)blockIdx.x * C + c] = t;
         }
+        __syncthreads(); /* sums is refilled for the next chunk */
     }
 }
 
-static unsigned norm_grid(int N)
-{
-    return (unsigned)((N + NORM_ROWS - 1) / NORM_ROWS);
-}
+/* Threads that sum one column's chunks, each every DW_SPLIT-th chunk in
+ * order, their sums then added in order; a block covers DW_COLS columns. */
+#define DW_SPLIT 8
+#define DW_COLS (QKD__CUDA_THREADS / DW_SPLIT)
 
-/* Rows per chunk of the dw sums: chunk sums first, then the chunks in
- * order, so the sum is deterministic and its parallelism grows with N. */
-#define DW_ROWS 64
-
-__global__ void rmsnorm_dw_chunks_kernel(double *part, const float *dout, const float *inp,
-                                         const float *rstd, int N, int C)
-{
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C)
-        return;
-    int n0 = blockIdx.y * DW_ROWS, n1 = min(N, n0 + DW_ROWS);
-    double acc = 0.0;
-    for (int n = n0; n < n1; n++)
-        acc += (double)dout[(size_t)n * C + c] * inp[(size_t)n * C + c] * rstd[n];
-    part[(size_t)blockIdx.y * C + c] = acc;
-}
-
+/* dw_c += the sum over chunks of part[chunk][c]. */
 __global__ void rmsnorm_dw_sum_kernel(float *dw, const double *part, int chunks, int C)
 {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C)
-        return;
+    __shared__ double s[DW_SPLIT][DW_COLS];
+    const int col = threadIdx.x % DW_COLS, j = threadIdx.x / DW_COLS;
+    const int c = blockIdx.x * DW_COLS + col;
     double acc = 0.0;
-    for (int k = 0; k < chunks; k++)
-        acc += part[(size_t)k * C + c];
-    dw[c] = (float)(dw[c] + acc);
+    if (c < C)
+        for (int k = j; k < chunks; k += DW_SPLIT)
+            acc += part[(size_t)k * C + c];
+    s[j][col] = acc;
+    __syncthreads();
+    if (j == 0 && c < C) {
+        double t = 0.0;
+        for (int i = 0; i < DW_SPLIT; i++)
+            t += s[i][col];
+        dw[c] = (float)(dw[c] + t);
+    }
 }
 
 extern "C" void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rstd,
@@ -192,8 +286,13 @@ extern "C" void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rs
 {
     if (N <= 0 || C <= 0)
         return;
-    rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
-        out, rstd, inp, w, N, C, eps);
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    if (norm_by4(C, out, inp, w, w))
+        rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
+                                                                             C, eps);
+    else
+        rmsnorm_forward_kernel<1><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
+                                                                             C, eps);
     qkd__cuda_launched(b, "rmsnorm_forward");
 }
 
@@ -203,8 +302,14 @@ extern "C" void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *o
 {
     if (N <= 0 || C <= 0)
         return;
-    rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
-        out, rstd, inp, w, N, C, eps);
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    /* bits rows of C % 4 == 0 values start on 8 bytes when out does */
+    if (norm_by4(C, inp, w, inp, w) && (uintptr_t)out % 8 == 0)
+        rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
+                                                                             C, eps);
+    else
+        rmsnorm_forward_kernel<1><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
+                                                                             C, eps);
     qkd__cuda_launched(b, "rmsnorm_forward_bf16_bits");
 }
 
@@ -215,8 +320,13 @@ extern "C" void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *
 {
     if (N <= 0 || C <= 0)
         return;
-    add_rmsnorm_forward_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
-        sum, out, rstd, x, y, w, N, C, eps);
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    if (norm_by4(C, sum, x, y, w) && (uintptr_t)out % 8 == 0)
+        add_rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(
+            sum, out, rstd, x, y, w, N, C, eps);
+    else
+        add_rmsnorm_forward_kernel<1><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(
+            sum, out, rstd, x, y, w, N, C, eps);
     qkd__cuda_launched(b, "add_rmsnorm_forward_bf16_bits");
 }
 
@@ -228,19 +338,16 @@ extern "C" void qkd__cuda_rmsnorm_backward_bf16_bits(qkd__backend *b, float *din
 {
     if (N <= 0 || C <= 0)
         return;
-    cudaStream_t st = qkd__cuda_of(b)->stream;
-    rmsnorm_dinp_kernel<<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(dinp, dinp_bits, dout, inp,
-                                                                    w, rstd, N, C);
-    qkd__cuda_launched(b, "rmsnorm_backward");
-    int chunks = (N + DW_ROWS - 1) / DW_ROWS;
+    const int chunks = (N + DW_ROWS - 1) / DW_ROWS;
     double *part = (double *)qkd__cuda_workspace(b, 2 * (size_t)chunks * C);
     if (!part)
         return;
-    unsigned col_blocks = (unsigned)((C + QKD__CUDA_THREADS - 1) / QKD__CUDA_THREADS);
-    rmsnorm_dw_chunks_kernel<<<dim3(col_blocks, (unsigned)chunks), QKD__CUDA_THREADS, 0, st>>>(
-        part, dout, inp, rstd, N, C);
-    rmsnorm_dw_sum_kernel<<<col_blocks, QKD__CUDA_THREADS, 0, st>>>(dw, part, chunks, C);
-    qkd__cuda_launched(b, "rmsnorm_backward dw");
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    rmsnorm_backward_kernel<<<(unsigned)chunks, QKD__CUDA_THREADS, 0, st>>>(
+        dinp, dinp_bits, part, dout, inp, w, rstd, N, C);
+    rmsnorm_dw_sum_kernel<<<(unsigned)((C + DW_COLS - 1) / DW_COLS), QKD__CUDA_THREADS, 0, st>>>(
+        dw, part, chunks, C);
+    qkd__cuda_launched(b, "rmsnorm_backward");
 }
 
 extern "C" void qkd__cuda_rmsnorm_backward(qkd__backend *b, float *dinp, float *dw,
