@@ -1,8 +1,8 @@
 /* The CUDA backend's bf16 attention slots alone, at the attention shapes
  * of cuda-kdqat's two models (causal, T = 1024, head size 64): seconds
  * of one forward and one backward call (the bf16 copies of q, k, v and
- * dout included, RoPE applied inside and the output written in bf16 too,
- * as the models run them), the mean of `reps` calls after two warm-up calls, and
+ * dout included, RoPE applied inside, the output written in bf16 too and
+ * the gradients in bf16, as the models run them), the mean of `reps` calls after two warm-up calls, and
  * their rate in model FLOPs (causal: 4 B H T^2 hd / 2 for the forward,
  * 2.5 times that for the backward). One JSON line per shape.
  *
@@ -64,7 +64,8 @@ static double time_pass(qkd__backend *be, const struct shape *s, int backward, i
         }
         if (backward)
             be->attention_backward_bf16(be, t[4], t[5], t[6], t[7], t[8], t[0], t[1], t[2], t[3],
-                                        s->B, s->T, s->H, s->n_kv, s->hd, ROPE_THETA);
+                                        s->B, s->T, s->H, s->n_kv, s->hd, ROPE_THETA,
+                                        (uint16_t *)t[10]);
         else
             be->attention_forward_bf16(be, t[3], (uint16_t *)t[9], t[8], t[0], t[1], t[2], s->B, s->T, 0, s->T,
                                        s->H, s->n_kv, s->hd, ROPE_THETA);
@@ -88,10 +89,11 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct shape *s = &shapes[i];
         size_t nq = (size_t)s->B * s->T * s->H * s->hd, nkv = (size_t)s->B * s->T * s->n_kv * s->hd;
-        size_t sizes[10] = {nq, nkv, nkv, nq, nq, nkv, nkv, nq, (size_t)s->B * s->H * s->T,
-                            nq / 2};
-        float *t[10]; /* q k v out dq dk dv dout lse, out's bf16 bits */
-        for (int j = 0; j < 10; j++)
+        size_t sizes[11] = {nq, nkv, nkv, nq, nq, nkv, nkv, nq, (size_t)s->B * s->H * s->T,
+                            nq / 2, nq / 2 + nkv};
+        /* q k v out dq dk dv dout lse, out's bf16 bits, dq dk dv's bf16 bits */
+        float *t[11];
+        for (int j = 0; j < 11; j++)
             t[j] = device_random(sizes[j], 11u + (unsigned)j);
         double fwd = time_pass(be, s, 0, reps, t), bwd = time_pass(be, s, 1, reps, t);
         double flops = 4.0 * s->B * s->H * (double)s->T * s->T * s->hd / 2;
@@ -99,7 +101,7 @@ int main(int argc, char **argv)
                "\"backward_ms\": %.4f, \"backward_tflops\": %.1f, \"error\": \"%s\"}\n",
                s->name, fwd * 1e3, flops / fwd / 1e12, bwd * 1e3, 2.5 * flops / bwd / 1e12,
                qkd_context_last_error(ctx));
-        for (int j = 0; j < 10; j++)
+        for (int j = 0; j < 11; j++)
             cudaFree(t[j]);
     }
     qkd_context_free(ctx);

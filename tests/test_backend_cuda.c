@@ -978,14 +978,15 @@ static void attn_forward(qkd__backend *be, struct attn_prec pr, float *o, uint16
                               a->n_heads, a->n_kv, a->hd);
 }
 
+/* dqkv_bits: the bf16 form's gradients as bits instead (or NULL). */
 static void attn_backward(qkd__backend *be, struct attn_prec pr, float *dq, float *dk,
-                          float *dv, const float *dout, float *scratch, const float *q,
-                          const float *k, const float *v, const float *o,
+                          float *dv, uint16_t *dqkv_bits, const float *dout, float *scratch,
+                          const float *q, const float *k, const float *v, const float *o,
                           const struct attn_shape *a)
 {
     if (pr.bf16)
         be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq,
-                                    a->n_heads, a->n_kv, a->hd, pr.theta);
+                                    a->n_heads, a->n_kv, a->hd, pr.theta, dqkv_bits);
     else
         be->attention_backward(be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq,
                                a->n_heads, a->n_kv, a->hd);
@@ -1071,14 +1072,29 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
         float *d_dk = bf16 ? dpoison(p, nkv) : dput(p, dk, nkv);
         float *d_dv = bf16 ? dpoison(p, nkv) : dput(p, dv, nkv);
         float *d_or = dput(p, o, nq), *d_l = dput(p, g_lse, nl);
-        attn_backward(rb, pr, dq, dk, dv, dout, P, q, k, v, o, a);
-        attn_backward(cb, pr, d_dq, d_dk, d_dv, d_dout, d_l, d_q, d_k, d_v, d_or, a);
+        attn_backward(rb, pr, dq, dk, dv, NULL, dout, P, q, k, v, o, a);
+        attn_backward(cb, pr, d_dq, d_dk, d_dv, NULL, d_dout, d_l, d_q, d_k, d_v, d_or, a);
         float *g_dq = dtake(p, d_dq, nq), *g_dk = dtake(p, d_dk, nkv);
         float *g_dv = dtake(p, d_dv, nkv);
         if (bf16) {
             assert_close_grad("attention_backward_bf16 dq", g_dq, dq, nq);
             assert_close_grad("attention_backward_bf16 dk", g_dk, dk, nkv);
             assert_close_grad("attention_backward_bf16 dv", g_dv, dv, nkv);
+            /* as bits instead: the same values rounded, dq then dk then dv */
+            const size_t nb = nq + 2 * nkv;
+            uint16_t *bits = bits_new(nb);
+            memset(bits, 0xff, nb * sizeof *bits);
+            uint16_t *d_bits = dput_bytes(p, bits, nb, sizeof *bits);
+            attn_backward(cb, pr, NULL, NULL, NULL, d_bits, d_dout, d_l, d_q, d_k, d_v, d_or, a);
+            expect_ok(p->cc, cb->sync(cb), "sync");
+            expect_ok(p->cc, cb->download(cb, bits, d_bits, nb * sizeof *bits), "download");
+            for (size_t i = 0; i < nb; i++) {
+                const float f = i < nq ? g_dq[i] : i < nq + nkv ? g_dk[i - nq] : g_dv[i - nq - nkv];
+                ck_assert_msg(bits[i] == qkd__f32_to_bf16(f), "dqkv_bits[%zu]: 0x%04x, fp32 %.9g",
+                              i, bits[i], (double)f);
+            }
+            free(bits);
+            dfree(p, d_bits);
         } else {
             assert_close_rows("attention_backward dq", g_dq, dq, nq / a->hd, (size_t)a->hd,
                               TOL_FLOAT);

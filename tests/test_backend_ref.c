@@ -99,10 +99,10 @@ START_TEST(test_table_complete)
     for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
         ck_assert_msg(slots[i].set, "slot %s is NULL", slots[i].name);
     ck_assert_ptr_null(b->extra(b, "flash_attention"));
-    /* probabilities [B][n_heads][Tq][kv_len], then the bf16 slots' RoPE
-     * room: rotated q and k (k's bounded by n_heads) */
+    /* probabilities [B][n_heads][Tq][kv_len], then the bf16 slots' room:
+     * rotated q and k, dq, dk and dv (k's bounded by n_heads) */
     ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 8),
-                      2 * 4 * 3 * 5 + 2 * 3 * 4 * 8 + 2 * 5 * 4 * 8);
+                      2 * 4 * 3 * 5 + 2 * (2 * 3 * 4 * 8) + 3 * (2 * 5 * 4 * 8));
     qkd_context_free(ctx);
 }
 END_TEST
@@ -503,7 +503,7 @@ START_TEST(test_attention_bf16)
     double *want_dv = test_dvec_new(nkv);
     b->attention_forward_bf16(b, out, NULL, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD, 0.0f);
     b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD,
-                               0.0f);
+                               0.0f, NULL);
     attention_bf16_direct(q, k, v, dout, out, want_out, want_dq, want_dk, want_dv);
     assert_close("bf16 attention out", out, want_out, nq, FWD_TOL);
     assert_close("bf16 attention dq", dq, want_dq, nq, FWD_TOL);
@@ -546,7 +546,8 @@ static float *nan_vec(size_t n)
  * (query row t at pos0 + t, key j at j) and then the slot without it; the
  * backward writes rope_backward of the rotated inputs' gradients into dq
  * and dk. Bit for bit: the same kernels in the same order. The forward's
- * out_bits hold its output rounded to bf16. */
+ * out_bits hold its output rounded to bf16, the backward's dqkv_bits its
+ * gradients. */
 enum { AR_B = 2, AR_H = 4, AR_KV = 2, AR_HD = 6, AR_T = 7 };
 #define AR_THETA 500.0f
 
@@ -576,7 +577,7 @@ static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
         float *dv = nan_vec(nk), *gq = nan_vec(nq), *gk = nan_vec(nk), *gv = nan_vec(nk);
         float *gq_rot = test_vec_new(nq);
         b->attention_backward_bf16(b, gq, gk, gv, dout, P_want, qr, kr, v, want, AR_B, Tq, AR_H,
-                                   AR_KV, AR_HD, 0.0f);
+                                   AR_KV, AR_HD, 0.0f, NULL);
         for (size_t i = 0; i < nq; i++)
             ck_assert(isfinite(gq[i]));
         for (size_t i = 0; i < nk; i++)
@@ -585,10 +586,21 @@ static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
         b->rope_backward(b, gq, AR_B, Tq, AR_H, AR_HD, 0, AR_THETA);
         b->rope_backward(b, gk, AR_B, Tq, AR_KV, AR_HD, 0, AR_THETA);
         b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, AR_B, Tq, AR_H, AR_KV,
-                                   AR_HD, AR_THETA);
+                                   AR_HD, AR_THETA, NULL);
         ck_assert_mem_eq(dq, gq, nq * sizeof *dq);
         ck_assert_mem_eq(dk, gk, nk * sizeof *dk);
         ck_assert_mem_eq(dv, gv, nk * sizeof *dv);
+        /* dqkv_bits: the same gradients rounded, dq then dk then dv */
+        uint16_t *bits = calloc(nq + 2 * nk, sizeof *bits);
+        b->attention_backward_bf16(b, NULL, NULL, NULL, dout, P, q, k, v, out, AR_B, Tq, AR_H,
+                                   AR_KV, AR_HD, AR_THETA, bits);
+        for (size_t i = 0; i < nq; i++)
+            ck_assert_uint_eq(bits[i], qkd__f32_to_bf16(dq[i]));
+        for (size_t i = 0; i < nk; i++) {
+            ck_assert_uint_eq(bits[nq + i], qkd__f32_to_bf16(dk[i]));
+            ck_assert_uint_eq(bits[nq + nk + i], qkd__f32_to_bf16(dv[i]));
+        }
+        free(bits);
         /* the rotation is real: the rotated copy's gradient differs */
         ck_assert(memcmp(gq_rot, dq, nq * sizeof *dq) != 0);
         free(dout), free(dq), free(dk), free(dv), free(gq), free(gk), free(gv), free(gq_rot);

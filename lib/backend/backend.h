@@ -275,7 +275,10 @@ struct qkd__backend {
      * k: R^T (the rotated q's gradient), as rope_backward on it would
      * give. rope_theta 0: q and k arrive rotated. Unlike the fp32 pair's,
      * this backward WRITES dq, dk and dv (their old contents, NaN
-     * included, are not read), so the caller zeroes nothing.
+     * included, are not read), so the caller zeroes nothing; with
+     * dqkv_bits it writes them there instead, as bf16 bits one after the
+     * other (B T n_heads hd values of dq, then B T n_kv hd of dk and of
+     * dv), for the products that read them, and dq, dk, dv go unused.
      * out_bits: NULL, or where the forward also writes out rounded to
      * bf16 (nearest even, raw bits), the operand of the output projection. */
     void (*attention_forward_bf16)(qkd__backend *b, float *out, uint16_t *out_bits,
@@ -287,7 +290,8 @@ struct qkd__backend {
                                     const float *dout, float *scratch,
                                     const float *q, const float *k, const float *v,
                                     const float *out, int B, int T,
-                                    int n_heads, int n_kv, int hd, float rope_theta);
+                                    int n_heads, int n_kv, int hd, float rope_theta,
+                                    uint16_t *dqkv_bits);
 
     /* ---- SwiGLU ---------------------------------------------------------- */
     /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */

@@ -94,17 +94,23 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
         zero(be, g->dk, (size_t)N * kvd);
         zero(be, g->dv, (size_t)N * kvd);
     }
-    qkd__model_attention_backward(m, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k,
-                                  a->v, a->att, B, T, c->n_heads, c->n_kv_heads, hd);
+    qkd__model_attention_backward(m, g->dq, g->dk, g->dv, g->dqkv_bits, g->datt, a->scratch,
+                                  a->q, a->k, a->v, a->att, B, T, c->n_heads, c->n_kv_heads,
+                                  hd);
     if (!qkd__model_attention_bf16(m)) { /* that one returns the un-rotated gradients */
         be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
         be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
     }
-    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, 0, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N, C, C);
-    linear_backward(m, LINEAR(ATTN_K), g->dnorm, 1, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N, C,
-                    kvd);
-    linear_backward(m, LINEAR(ATTN_V), g->dnorm, 1, qkd__bf16_f32(g->dv), IN(ATTN_V, h), N, C,
-                    kvd);
+    /* the gradients as the q, k and v products read them */
+    const uint16_t *bits = g->dqkv_bits;
+    const size_t nq = (size_t)N * C, nkv = (size_t)N * kvd;
+    const qkd__bf16_in dq = bits ? (qkd__bf16_in){.bits = bits} : qkd__bf16_f32(g->dq);
+    const qkd__bf16_in dk = bits ? (qkd__bf16_in){.bits = bits + nq} : qkd__bf16_f32(g->dk);
+    const qkd__bf16_in dv =
+        bits ? (qkd__bf16_in){.bits = bits + nq + nkv} : qkd__bf16_f32(g->dv);
+    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, 0, dq, IN(ATTN_Q, h), N, C, C);
+    linear_backward(m, LINEAR(ATTN_K), g->dnorm, 1, dk, IN(ATTN_K, h), N, C, kvd);
+    linear_backward(m, LINEAR(ATTN_V), g->dnorm, 1, dv, IN(ATTN_V, h), N, C, kvd);
     norm_backward(m, QKD_TENSOR_ATTN_NORM, l, a->x_in, a->rstd1, N);
 }
 

@@ -194,18 +194,19 @@ static void plan_train(void *arg, qkd__arena *a)
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
         t->dsw = t->dgate = t->dup = NULL;
-        t->dgate_bits = t->dup_bits = t->dres_bits = NULL;
+        t->dgate_bits = t->dup_bits = t->dres_bits = t->dqkv_bits = NULL;
         return;
     }
     t->dlogits = qkd__arena_take(a, N, V);
     t->dres = qkd__arena_take(a, N, C);
     t->dnorm = qkd__arena_take(a, N, C);
     t->datt = qkd__arena_take(a, N, C);
-    t->dq = qkd__arena_take(a, N, C);
-    t->dk = qkd__arena_take(a, N, kvd);
-    t->dv = qkd__arena_take(a, N, kvd);
-    t->dsw = qkd__arena_take(a, N, H);
     const int bits = qkd__model_bf16_bits(p->m);
+    t->dq = bits ? NULL : qkd__arena_take(a, N, C);
+    t->dk = bits ? NULL : qkd__arena_take(a, N, kvd);
+    t->dv = bits ? NULL : qkd__arena_take(a, N, kvd);
+    t->dqkv_bits = bits ? take16(a, N, C + 2 * kvd) : NULL;
+    t->dsw = qkd__arena_take(a, N, H);
     t->dgate = bits ? NULL : qkd__arena_take(a, N, H);
     t->dup = bits ? NULL : qkd__arena_take(a, N, H);
     t->dgate_bits = bits ? take16(a, N, H) : NULL;

@@ -76,6 +76,10 @@ typedef struct qkd__train_acts {
      * the products that read it, where the model's products take bits and
      * the backend has rmsnorm_backward_bf16_bits; else NULL */
     uint16_t *dres_bits;
+    /* dq, dk and dv as bf16 bits, one after the other, instead (dq, dk,
+     * dv then NULL) where the model's products take bits: written so by
+     * the bf16 attention, read only by the q, k and v products; else NULL */
+    uint16_t *dqkv_bits;
 } qkd__train_acts;
 
 /* Decoding state: the key/value cache and one row of activations. */
@@ -200,17 +204,19 @@ static inline void qkd__model_attention_forward(const qkd_model *m, float *out,
                               hd);
 }
 
+/* dqkv_bits: where the bf16 attention writes dq, dk and dv as bits
+ * instead (backend.h), or NULL. */
 static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, float *dk,
-                                                 float *dv, const float *dout,
-                                                 float *scratch, const float *q,
-                                                 const float *k, const float *v,
+                                                 float *dv, uint16_t *dqkv_bits,
+                                                 const float *dout, float *scratch,
+                                                 const float *q, const float *k, const float *v,
                                                  const float *out, int B, int T, int n_heads,
                                                  int n_kv, int hd)
 {
     qkd__backend *be = qkd__model_backend(m);
     if (qkd__model_attention_bf16(m))
         be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads,
-                                    n_kv, hd, m->cfg.rope_theta);
+                                    n_kv, hd, m->cfg.rope_theta, dqkv_bits);
     else
         be->attention_backward(be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv,
                                hd);

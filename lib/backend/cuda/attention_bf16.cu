@@ -56,6 +56,7 @@ typedef __nv_bfloat16 bf16;
 struct fb_args {
     float *out, *lse, *dq, *dk, *dv;
     bf16 *out_bits; /* the forward's out in bf16 too; NULL: none */
+    bf16 *dq16, *dk16, *dv16; /* the backward's gradients in bf16 instead; NULL: fp32 */
     const bf16 *q, *k, *v, *dout;
     const float *D;
     const double2 *rope; /* the backward's: dq and dk rotated back as stored; NULL: none */
@@ -306,35 +307,33 @@ template <int HD, int MI> __device__ void fb_zero(float (&acc)[MI][HD / 8][4])
             acc[mi][nb][0] = acc[mi][nb][1] = acc[mi][nb][2] = acc[mi][nb][3] = 0.0f;
 }
 
-/* dst[r][d] = scale * acc (a warp's 16 rows in score layout) for rows
- * r < n_rows and d < hd. With a RoPE table, each thread's column pair
- * (2 t, 2 t + 1) of row r is first rotated back from position pos + r:
- * the gradient of the un-rotated rows. */
-template <int HD>
-__device__ void fb_store(float *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows,
-                         int hd, float scale, const double2 *rope = NULL, int pos = 0)
+/* x[0] (and x[1] where two) = v as the output's type: fp32, or bf16
+ * (a column pair in one store where aligned). */
+__device__ inline void fb_put(float *x, const float (&v)[2], int two)
 {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-#pragma unroll
-    for (int nb = 0; nb < HD / 8; nb++)
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int r = g + 8 * half, d = nb * 8 + 2 * t;
-            float v[2] = {scale * acc[nb][2 * half], scale * acc[nb][2 * half + 1]};
-            if (rope && r < n_rows && d + 1 < hd)
-                fb_rotate(v[0], v[1], rope, hd, pos + r, d / 2, -1.0);
-#pragma unroll
-            for (int e = 0; e < 2; e++)
-                if (r < n_rows && d + e < hd)
-                    dst[(size_t)r * stride + d + e] = v[e];
-        }
+    x[0] = v[0];
+    if (two)
+        x[1] = v[1];
 }
 
-/* dst[r][d] = bf16(acc) for rows r < n_rows and d < hd: fb_store's
- * values (scale 1) as bf16, a column pair per store. */
-template <int HD>
-__device__ void fb_store_bits(bf16 *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows,
-                              int hd)
+__device__ inline void fb_put(bf16 *x, const float (&v)[2], int two)
+{
+    if (two && ((size_t)x & 3) == 0) {
+        *(__nv_bfloat162 *)x = __floats2bfloat162_rn(v[0], v[1]);
+        return;
+    }
+    x[0] = __float2bfloat16_rn(v[0]);
+    if (two)
+        x[1] = __float2bfloat16_rn(v[1]);
+}
+
+/* dst[r][d] = scale * acc (a warp's 16 rows in score layout) for rows
+ * r < n_rows and d < hd, in fp32 or bf16 (T). With a RoPE table, each
+ * thread's column pair (2 t, 2 t + 1) of row r is first rotated back from
+ * position pos + r: the gradient of the un-rotated rows. */
+template <int HD, typename T>
+__device__ void fb_store(T *dst, size_t stride, const float (&acc)[HD / 8][4], int n_rows, int hd,
+                         float scale, const double2 *rope = NULL, int pos = 0)
 {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
@@ -344,16 +343,24 @@ __device__ void fb_store_bits(bf16 *dst, size_t stride, const float (&acc)[HD / 
             const int r = g + 8 * half, d = nb * 8 + 2 * t;
             if (r >= n_rows || d >= hd)
                 continue;
-            bf16 *x = dst + (size_t)r * stride + d;
-            const float v0 = acc[nb][2 * half], v1 = acc[nb][2 * half + 1];
-            if (d + 1 < hd && (((size_t)x) & 3) == 0)
-                *(__nv_bfloat162 *)x = __floats2bfloat162_rn(v0, v1);
-            else {
-                x[0] = __float2bfloat16_rn(v0);
-                if (d + 1 < hd)
-                    x[1] = __float2bfloat16_rn(v1);
-            }
+            float v[2] = {scale * acc[nb][2 * half], scale * acc[nb][2 * half + 1]};
+            if (rope && d + 1 < hd)
+                fb_rotate(v[0], v[1], rope, hd, pos + r, d / 2, -1.0);
+            fb_put(dst + (size_t)r * stride + d, v, d + 1 < hd);
         }
+}
+
+/* A backward gradient from element `at` on: into its fp32 rows, or its
+ * bf16 ones when given. */
+template <int HD>
+__device__ void fb_store_grad(float *dst, bf16 *dst16, size_t at, size_t stride,
+                              const float (&acc)[HD / 8][4], int n_rows, int hd, float scale,
+                              const double2 *rope = NULL, int pos = 0)
+{
+    if (dst16)
+        fb_store<HD>(dst16 + at, stride, acc, n_rows, hd, scale, rope, pos);
+    else
+        fb_store<HD>(dst + at, stride, acc, n_rows, hd, scale, rope, pos);
 }
 
 /* op over the 4 threads of a quad (the threads holding one row). */
@@ -486,8 +493,8 @@ __global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
                 o[mi][nb][i] *= inv[i >> 1];
         fb_store<HD>(p.out + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd, 1.0f);
         if (p.out_bits)
-            fb_store_bits<HD>(p.out_bits + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0,
-                              p.hd);
+            fb_store<HD>(p.out_bits + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd,
+                         1.0f);
     }
 }
 
@@ -563,8 +570,9 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_dkdv_kernel(f
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
     const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
-    fb_store<HD>(p.dk + at, kf, dk[0], nk - 16 * w, p.hd, p.scale, p.rope, k0 + 16 * w);
-    fb_store<HD>(p.dv + at, kf, dv[0], nk - 16 * w, p.hd, 1.0f);
+    fb_store_grad<HD>(p.dk, p.dk16, at, kf, dk[0], nk - 16 * w, p.hd, p.scale, p.rope,
+                      k0 + 16 * w);
+    fb_store_grad<HD>(p.dv, p.dv16, at, kf, dv[0], nk - 16 * w, p.hd, 1.0f);
 }
 
 /* One block per (head, batch row, query tile), longest first: dq of its
@@ -623,8 +631,8 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
     const size_t qf = (size_t)p.H * p.hd;
-    fb_store<HD>(p.dq + (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq[0], nq - 16 * w, p.hd,
-                 p.scale, p.rope, q0 + 16 * w);
+    fb_store_grad<HD>(p.dq, p.dq16, (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq[0],
+                      nq - 16 * w, p.hd, p.scale, p.rope, q0 + 16 * w);
 }
 
 /* ---- launch ------------------------------------------------------------------------------ */
@@ -776,7 +784,8 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
                                                   float *scratch, const float *q,
                                                   const float *k, const float *v,
                                                   const float *out, int B, int T, int n_heads,
-                                                  int n_kv, int hd, float rope_theta)
+                                                  int n_kv, int hd, float rope_theta,
+                                                  uint16_t *dqkv_bits)
 {
     if (B <= 0 || T <= 0 || hd <= 0 || !qkd__cuda_attention_head_ok(b, hd, FB_MAX_HD))
         return;
@@ -791,6 +800,12 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
     p.dq = dq;
     p.dk = dk;
     p.dv = dv;
+    if (dqkv_bits) {
+        const size_t nq = (size_t)B * T * n_heads * hd, nkv = (size_t)B * T * n_kv * hd;
+        p.dq16 = (bf16 *)dqkv_bits;
+        p.dk16 = p.dq16 + nq;
+        p.dv16 = p.dk16 + nkv;
+    }
     p.lse = (float *)scratch; /* read only by the backward kernels */
     p.D = ws;
     fb_run(b, FB_BACKWARD, p, B, ws + d_floats, rope_theta, q, k, v, dout);

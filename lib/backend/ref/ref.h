@@ -94,7 +94,8 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
-                                      int T, int n_heads, int n_kv, int hd, float rope_theta);
+                                      int T, int n_heads, int n_kv, int hd, float rope_theta,
+                                      uint16_t *dqkv_bits);
 
 /* ---- ref_activation.c --------------------------------------------------- */
 void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,

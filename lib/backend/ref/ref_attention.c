@@ -132,37 +132,41 @@ BODY double score(const struct attn_job *j, const float *qrow, int64_t b, int ke
     return dot_rd(bf16, qrow, j->k + kv_off(j, b, key, g), j->hd) * j->scale;
 }
 
-/* The probabilities, then room for the bf16 slots' RoPE: rotated copies
- * of q and k (rope_work; k's room bounded with n_heads, the scratch size
- * not knowing n_kv). */
+/* The probabilities, then the bf16 slots' room (bf16_work): rotated
+ * copies of q and k, and fp32 gradients for a backward that writes bits
+ * (k's room bounded with n_heads, the scratch size not knowing n_kv). */
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
                                          int n_heads, int hd)
 {
     (void)b;
     const size_t nq = (size_t)B * Tq * n_heads * hd, nk = (size_t)B * kv_len * n_heads * hd;
-    return (size_t)B * n_heads * Tq * kv_len + nq + nk;
+    return (size_t)B * n_heads * Tq * kv_len + 2 * nq + 3 * nk;
 }
 
-/* The bf16 slots' RoPE works on copies in scratch past the probabilities:
- * q and k rotated (query row t to pos0 + t, key row j to j). */
-struct rope_work {
-    float *q, *k;
-    size_t nq, nk; /* floats of q and k */
+/* The bf16 slots' working copies in scratch past the probabilities: q and
+ * k rotated (query row t to pos0 + t, key row j to j), and dq, dk, dv. */
+struct bf16_work {
+    float *q, *k, *dq, *dk, *dv;
+    size_t nq, nk; /* floats of q (dq) and of k (dk, dv) */
 };
 
-static struct rope_work rope_work(float *scratch, int B, int Tq, int kv_len, int n_heads,
+static struct bf16_work bf16_work(float *scratch, int B, int Tq, int kv_len, int n_heads,
                                   int n_kv, int hd)
 {
-    struct rope_work w;
+    struct bf16_work w;
+    const size_t nk_room = (size_t)B * kv_len * n_heads * hd;
     w.nq = (size_t)B * Tq * n_heads * hd;
     w.nk = (size_t)B * kv_len * n_kv * hd;
     w.q = scratch + (size_t)B * n_heads * Tq * kv_len;
     w.k = w.q + w.nq;
+    w.dq = w.k + nk_room;
+    w.dk = w.dq + w.nq;
+    w.dv = w.dk + nk_room;
     return w;
 }
 
 /* Rotated copies of q and k into w. */
-static void rope_copies(qkd__backend *b, const struct rope_work *w, const float *q,
+static void rope_copies(qkd__backend *b, const struct bf16_work *w, const float *q,
                         const float *k, int B, int Tq, int pos0, int kv_len, int n_heads,
                         int n_kv, int hd, float theta)
 {
@@ -245,6 +249,13 @@ void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, con
     attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 0);
 }
 
+/* n floats as bf16 bits. */
+static void to_bits(uint16_t *dst, const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = qkd__f32_to_bf16(x[i]);
+}
+
 void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_bits,
                                      float *scratch,
                                      const float *q, const float *k, const float *v, int B,
@@ -252,15 +263,14 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_
                                      int hd, float rope_theta)
 {
     if (rope_theta > 0.0f) {
-        struct rope_work w = rope_work(scratch, B, Tq, kv_len, n_heads, n_kv, hd);
+        struct bf16_work w = bf16_work(scratch, B, Tq, kv_len, n_heads, n_kv, hd);
         rope_copies(b, &w, q, k, B, Tq, pos0, kv_len, n_heads, n_kv, hd, rope_theta);
         q = w.q;
         k = w.k;
     }
     attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 1);
     if (out_bits)
-        for (size_t i = 0, n = (size_t)B * Tq * n_heads * hd; i < n; i++)
-            out_bits[i] = qkd__f32_to_bf16(out[i]);
+        to_bits(out_bits, out, (size_t)B * Tq * n_heads * hd);
 }
 
 /* Gradient of the score s = scale * q.k of key `key` for query row
@@ -381,19 +391,25 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
 }
 
 /* The fp32 pair's accumulating kernels into zeroed gradients (written,
- * not added); with RoPE, those of the rotated copies, rotated back (the
- * rotation's transpose) in place. */
+ * not added; for dqkv_bits, into the scratch's and then rounded); with
+ * RoPE, those of the rotated copies, rotated back (the rotation's
+ * transpose) in place. */
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
-                                      int T, int n_heads, int n_kv, int hd, float rope_theta)
+                                      int T, int n_heads, int n_kv, int hd, float rope_theta,
+                                      uint16_t *dqkv_bits)
 {
-    const size_t nq = (size_t)B * T * n_heads * hd, nk = (size_t)B * T * n_kv * hd;
-    memset(dq, 0, nq * sizeof *dq);
-    memset(dk, 0, nk * sizeof *dk);
-    memset(dv, 0, nk * sizeof *dv);
+    const struct bf16_work w = bf16_work(scratch, B, T, T, n_heads, n_kv, hd);
+    if (dqkv_bits) {
+        dq = w.dq;
+        dk = w.dk;
+        dv = w.dv;
+    }
+    memset(dq, 0, w.nq * sizeof *dq);
+    memset(dk, 0, w.nk * sizeof *dk);
+    memset(dv, 0, w.nk * sizeof *dv);
     if (rope_theta > 0.0f) {
-        struct rope_work w = rope_work(scratch, B, T, T, n_heads, n_kv, hd);
         rope_copies(b, &w, q, k, B, T, 0, T, n_heads, n_kv, hd, rope_theta);
         q = w.q;
         k = w.k;
@@ -402,5 +418,10 @@ void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, flo
     if (rope_theta > 0.0f) {
         rope(b, dq, B, T, n_heads, hd, 0, rope_theta, -1.0);
         rope(b, dk, B, T, n_kv, hd, 0, rope_theta, -1.0);
+    }
+    if (dqkv_bits) {
+        to_bits(dqkv_bits, dq, w.nq);
+        to_bits(dqkv_bits + w.nq, dk, w.nk);
+        to_bits(dqkv_bits + w.nq + w.nk, dv, w.nk);
     }
 }
