@@ -1,9 +1,10 @@
 /* The CUDA backend's bf16 attention slots alone, at the attention shapes
  * of cuda-kdqat's two models (causal, T = 1024, head size 64): seconds
- * of one forward and one backward call (the bf16 copies of q, k, v and
- * dout included, RoPE applied inside, the output written in bf16 too and
- * the gradients in bf16, as the models run them), the mean of `reps` calls after two warm-up calls, and
- * their rate in model FLOPs (causal: 4 B H T^2 hd / 2 for the forward,
+ * of one forward and one backward call as the models run them (the
+ * forward's bf16 copies of q, k and v, which the backward reads from the
+ * scratch, and the backward's of dout included; RoPE applied inside; the
+ * output and the gradients written in bf16), the mean of `reps` calls
+ * after two warm-up calls, and their rate in model FLOPs (causal: 4 B H T^2 hd / 2 for the forward,
  * 2.5 times that for the backward). One JSON line per shape.
  *
  *   cuda-kdqat-attn [reps]     (default 20; exit 77 without a device) */
@@ -89,9 +90,9 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct shape *s = &shapes[i];
         size_t nq = (size_t)s->B * s->T * s->H * s->hd, nkv = (size_t)s->B * s->T * s->n_kv * s->hd;
-        size_t sizes[11] = {nq, nkv, nkv, nq, nq, nkv, nkv, nq, (size_t)s->B * s->H * s->T,
-                            nq / 2, nq / 2 + nkv};
-        /* q k v out dq dk dv dout lse, out's bf16 bits, dq dk dv's bf16 bits */
+        size_t scratch = be->attention_scratch_floats(be, s->B, s->T, s->T, s->H, s->n_kv, s->hd);
+        size_t sizes[11] = {nq, nkv, nkv, nq, nq, nkv, nkv, nq, scratch, nq / 2, nq / 2 + nkv};
+        /* q k v out dq dk dv dout, the scratch, out's and dq dk dv's bf16 bits */
         float *t[11];
         for (int j = 0; j < 11; j++)
             t[j] = device_random(sizes[j], 11u + (unsigned)j);

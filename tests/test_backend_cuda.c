@@ -1042,26 +1042,31 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
     qkd__backend *rb = p->rb, *cb = p->cb;
     size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
     size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
-    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd);
-    /* the CUDA scratch is one logsumexp per query row, not T x T */
+    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads, a->n_kv,
+                                            a->hd);
+    /* the CUDA scratch leads with one logsumexp per query row (then the
+     * bf16 copies the backward reads), not T x T */
     size_t nl = (size_t)a->B * a->n_heads * a->Tq;
-    ck_assert_uint_eq(cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd), nl);
+    size_t ns =
+        cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads, a->n_kv, a->hd);
+    ck_assert_uint_ge(ns, nl);
     float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nkv, -2, 2), *v = test_vec_rand(nkv, -1, 1);
     float *o = test_vec_new(nq), *P = test_vec_new(np);
     float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
-    float *d_o = dpoison(p, nq), *d_lse = dpoison(p, nl);
+    float *d_o = dpoison(p, nq), *d_scr = dpoison(p, ns);
     /* the bf16 form writes its output's bits too, from a poisoned buffer */
     uint16_t *poison = bits_new(nq);
     memset(poison, 0xff, nq * sizeof *poison);
     uint16_t *d_o16 = bf16 ? dput_bytes(p, poison, nq, sizeof *poison) : NULL;
     attn_forward(rb, pr, o, NULL, P, q, k, v, a);
-    attn_forward(cb, pr, d_o, d_o16, d_lse, d_q, d_k, d_v, a);
+    attn_forward(cb, pr, d_o, d_o16, d_scr, d_q, d_k, d_v, a);
     if (bf16) {
         assert_bits_of("attention_forward_bf16 out_bits", d_o16, d_o, nq, p);
         dfree(p, d_o16);
     }
     free(poison);
-    float *g_o = dtake(p, d_o, nq), *g_lse = dtake(p, d_lse, nl);
+    float *g_o = dtake(p, d_o, nq), *g_lse = test_vec_new(nl);
+    expect_ok(p->cc, cb->download(cb, g_lse, d_scr, nl * sizeof *g_lse), "download");
     if (a->pos0 == 0 && a->kv_len == a->Tq) {
         float *dout = test_vec_rand(nq, -1, 1), *dq = test_vec_rand(nq, -1, 1);
         float *dk = test_vec_rand(nkv, -1, 1), *dv = test_vec_rand(nkv, -1, 1);
@@ -1071,9 +1076,10 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
         float *d_dq = bf16 ? dpoison(p, nq) : dput(p, dq, nq);
         float *d_dk = bf16 ? dpoison(p, nkv) : dput(p, dk, nkv);
         float *d_dv = bf16 ? dpoison(p, nkv) : dput(p, dv, nkv);
-        float *d_or = dput(p, o, nq), *d_l = dput(p, g_lse, nl);
+        /* the backward reads the forward's scratch */
+        float *d_or = dput(p, o, nq);
         attn_backward(rb, pr, dq, dk, dv, NULL, dout, P, q, k, v, o, a);
-        attn_backward(cb, pr, d_dq, d_dk, d_dv, NULL, d_dout, d_l, d_q, d_k, d_v, d_or, a);
+        attn_backward(cb, pr, d_dq, d_dk, d_dv, NULL, d_dout, d_scr, d_q, d_k, d_v, d_or, a);
         float *g_dq = dtake(p, d_dq, nq), *g_dk = dtake(p, d_dk, nkv);
         float *g_dv = dtake(p, d_dv, nkv);
         if (bf16) {
@@ -1085,7 +1091,8 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
             uint16_t *bits = bits_new(nb);
             memset(bits, 0xff, nb * sizeof *bits);
             uint16_t *d_bits = dput_bytes(p, bits, nb, sizeof *bits);
-            attn_backward(cb, pr, NULL, NULL, NULL, d_bits, d_dout, d_l, d_q, d_k, d_v, d_or, a);
+            attn_backward(cb, pr, NULL, NULL, NULL, d_bits, d_dout, d_scr, d_q, d_k, d_v, d_or,
+                          a);
             expect_ok(p->cc, cb->sync(cb), "sync");
             expect_ok(p->cc, cb->download(cb, bits, d_bits, nb * sizeof *bits), "download");
             for (size_t i = 0; i < nb; i++) {
@@ -1104,7 +1111,7 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
                               TOL_FLOAT);
         }
         free(dout); free(dq); free(dk); free(dv); free(g_dq); free(g_dk); free(g_dv);
-        dfree(p, d_dout); dfree(p, d_or); dfree(p, d_l);
+        dfree(p, d_dout); dfree(p, d_or);
     }
     if (bf16) {
         float *qr, *kr;
@@ -1119,7 +1126,7 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
                              a->n_kv, a->hd, TOL_FLOAT);
     }
     free(q); free(k); free(v); free(o); free(P); free(g_o); free(g_lse);
-    dfree(p, d_q); dfree(p, d_k); dfree(p, d_v);
+    dfree(p, d_q); dfree(p, d_k); dfree(p, d_v); dfree(p, d_scr);
 }
 
 START_TEST(attention_matches_ref)

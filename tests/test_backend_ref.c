@@ -100,9 +100,9 @@ START_TEST(test_table_complete)
         ck_assert_msg(slots[i].set, "slot %s is NULL", slots[i].name);
     ck_assert_ptr_null(b->extra(b, "flash_attention"));
     /* probabilities [B][n_heads][Tq][kv_len], then the bf16 slots' room:
-     * rotated q and k, dq, dk and dv (k's bounded by n_heads) */
-    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 8),
-                      2 * 4 * 3 * 5 + 2 * (2 * 3 * 4 * 8) + 3 * (2 * 5 * 4 * 8));
+     * rotated q and k, dq, dk and dv */
+    ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 2, 8),
+                      2 * 4 * 3 * 5 + 2 * (2 * 3 * 4 * 8) + 3 * (2 * 5 * 2 * 8));
     qkd_context_free(ctx);
 }
 END_TEST
@@ -498,7 +498,7 @@ START_TEST(test_attention_bf16)
     float *dout = test_vec_rand(nq, -1, 1), *out = test_vec_new(nq), *out32 = test_vec_new(nq);
     float *dq = test_vec_new(nq), *dk = test_vec_new(nkv), *dv = test_vec_new(nkv), *dq32 = test_vec_new(nq);
     float *dk32 = test_vec_new(nkv), *dv32 = test_vec_new(nkv);
-    float *P = test_vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, AB_HD));
+    float *P = test_vec_new(b->attention_scratch_floats(b, 1, AB_T, AB_T, AB_NH, 1, AB_HD));
     double *want_out = test_dvec_new(nq), *want_dq = test_dvec_new(nq), *want_dk = test_dvec_new(nkv);
     double *want_dv = test_dvec_new(nkv);
     b->attention_forward_bf16(b, out, NULL, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD, 0.0f);
@@ -554,7 +554,7 @@ enum { AR_B = 2, AR_H = 4, AR_KV = 2, AR_HD = 6, AR_T = 7 };
 static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
 {
     const size_t nq = (size_t)AR_B * Tq * AR_H * AR_HD, nk = (size_t)AR_B * kv_len * AR_KV * AR_HD;
-    const size_t np = b->attention_scratch_floats(b, AR_B, Tq, kv_len, AR_H, AR_HD);
+    const size_t np = b->attention_scratch_floats(b, AR_B, Tq, kv_len, AR_H, AR_KV, AR_HD);
     float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nk, -2, 2), *v = test_vec_rand(nk, -1, 1);
     float *qr = test_vec_new(nq), *kr = test_vec_new(nk), *P = test_vec_new(np);
     float *P_want = test_vec_new(np), *out = test_vec_new(nq), *want = test_vec_new(nq);
@@ -894,7 +894,7 @@ START_TEST(test_attention_forward)
         /* the probabilities lead the scratch; every one must be written */
         size_t n_p = (size_t)s->B * s->nh * s->Tq * s->kv_len;
         float *probs = test_vec_rand(
-            b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh, s->hd), 5, 6);
+            b->attention_scratch_floats(b, s->B, s->Tq, s->kv_len, s->nh, s->nkv, s->hd), 5, 6);
         double *want = test_dvec_new(q_size(s)), *want_p = test_dvec_new(n_p);
         attention_direct(s, q, k, v, want, want_p);
         b->attention_forward(b, out, probs, q, k, v, s->B, s->Tq, s->pos0, s->kv_len, s->nh,
@@ -941,7 +941,8 @@ START_TEST(test_attention_backward)
         size_t nq = q_size(s), nkv = kv_size(s);
         float *q = test_vec_rand(nq, -1.5, 1.5), *k = test_vec_rand(nkv, -1.5, 1.5);
         float *v = test_vec_rand(nkv, -1, 1), *R = test_vec_rand(nq, -1, 1), *out = test_vec_new(nq);
-        float *scratch = test_vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh, s->hd));
+        float *scratch =
+            test_vec_new(b->attention_scratch_floats(b, s->B, s->Tq, s->Tq, s->nh, s->nkv, s->hd));
         float *pq = test_vec_rand(nq, -1, 1), *pk = test_vec_rand(nkv, -1, 1), *pv = test_vec_rand(nkv, -1, 1);
         float *dq = test_vec_copy(pq, nq), *dk = test_vec_copy(pk, nkv), *dv = test_vec_copy(pv, nkv);
         b->attention_forward(b, out, scratch, q, k, v, s->B, s->Tq, 0, s->Tq, s->nh, s->nkv,
@@ -977,7 +978,7 @@ START_TEST(test_attention_decode_matches_full)
     enum { B = 2, T = 7, NH = 4, NKV = 2, HD = 6 };
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
     float *q = test_vec_rand(nq, -1.5, 1.5), *k = test_vec_rand(nkv, -1.5, 1.5), *v = test_vec_rand(nkv, -1, 1);
-    float *full = test_vec_new(nq), *scratch = test_vec_new(b->attention_scratch_floats(b, B, T, T, NH, HD));
+    float *full = test_vec_new(nq), *scratch = test_vec_new(b->attention_scratch_floats(b, B, T, T, NH, NKV, HD));
     b->attention_forward(b, full, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int p = 0; p < T; p++) {
         /* Decode rows see only keys 0..p: the cache past p holds NaN. */
@@ -989,7 +990,7 @@ START_TEST(test_attention_decode_matches_full)
                     vc[(bb * T + j) * NKV * HD + c] = NAN;
                 }
         float qd[B * NH * HD], od[B * NH * HD];
-        float *sd = test_vec_new(b->attention_scratch_floats(b, B, 1, T, NH, HD));
+        float *sd = test_vec_new(b->attention_scratch_floats(b, B, 1, T, NH, NKV, HD));
         double want[B * NH * HD];
         for (int bb = 0; bb < B; bb++)
             for (int c = 0; c < NH * HD; c++) {
@@ -1303,7 +1304,8 @@ START_TEST(test_threads_attention_backward)
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
     float *q = test_vec_rand(nq, -1, 1), *k = test_vec_rand(nkv, -1, 1), *v = test_vec_rand(nkv, -1, 1);
     float *dout = test_vec_rand(nq, -1, 1), *out = test_vec_new(nq);
-    float *scratch = test_vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH, HD));
+    float *scratch =
+        test_vec_new(t.b[0]->attention_scratch_floats(t.b[0], B, T, T, NH, NKV, HD));
     float *d[2][3];
     t.b[0]->attention_forward(t.b[0], out, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int i = 0; i < 2; i++) {

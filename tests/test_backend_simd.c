@@ -416,8 +416,10 @@ static void attention_case(qkd__backend *sb, qkd__backend *rb, const struct attn
 {
     size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
     size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
-    size_t np = rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd);
-    size_t ns = sb->attention_scratch_floats(sb, a->B, a->Tq, a->kv_len, a->n_heads, a->hd);
+    size_t np =
+        rb->attention_scratch_floats(rb, a->B, a->Tq, a->kv_len, a->n_heads, a->n_kv, a->hd);
+    size_t ns =
+        sb->attention_scratch_floats(sb, a->B, a->Tq, a->kv_len, a->n_heads, a->n_kv, a->hd);
     float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nkv, -2, 2), *v = test_vec_rand(nkv, -1, 1);
     float *o_s = test_vec_new(nq), *o_r = test_vec_new(nq), *p_r = test_vec_new(np);
     float *p_s = test_vec_rand(ns, 5, 6); /* the kernels must not rely on what it held */

@@ -244,11 +244,13 @@ struct qkd__backend {
      * pos0 + Tq <= kv_len). Query head h uses kv head h / (n_heads/n_kv).
      * Scores are scaled by 1/sqrt(hd). `scratch` is the backend's: the
      * forward leaves in it what the backward needs (the reference: the
-     * probabilities; CUDA and SIMD: one logsumexp per query row), and
-     * kernels may use the rest as working memory, so they allocate nothing.
-     * Its size in floats comes from attention_scratch_floats. */
+     * probabilities; SIMD: one logsumexp per query row; CUDA: that, and
+     * its bf16 attention's copies of q, k and v), and kernels may use the
+     * rest as working memory, so they allocate nothing. Its size in floats
+     * comes from attention_scratch_floats. A backward reads the scratch of
+     * the forward just before it on the same inputs. */
     size_t (*attention_scratch_floats)(qkd__backend *b, int B, int Tq, int kv_len,
-                                       int n_heads, int hd);
+                                       int n_heads, int n_kv, int hd);
     void (*attention_forward)(qkd__backend *b, float *out, float *scratch,
                               const float *q, const float *k, const float *v,
                               int B, int Tq, int pos0, int kv_len,

@@ -28,7 +28,7 @@ static void plan_decode(void *arg, qkd__arena *a)
     d->row.proj = qkd__arena_take(a, 1, C);
     qkd__model_plan_layer(a, &d->row, c, 1,
                           be->attention_scratch_floats(be, 1, 1, p->seq_len, c->n_heads,
-                                                       c->dim / c->n_heads),
+                                                       c->n_kv_heads, c->dim / c->n_heads),
                           0, act_quant, 0);
     d->xf = qkd__arena_take(a, 1, C);
     d->rstdf = qkd__arena_take(a, 1, 1);

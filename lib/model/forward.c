@@ -163,7 +163,8 @@ static void plan_train(void *arg, qkd__arena *a)
     const size_t H = (size_t)c->hidden_dim, V = (size_t)c->vocab_size;
     const size_t kvd = C / (size_t)c->n_heads * (size_t)c->n_kv_heads;
     const size_t scratch =
-        be->attention_scratch_floats(be, p->B, p->T, p->T, c->n_heads, c->dim / c->n_heads);
+        be->attention_scratch_floats(be, p->B, p->T, p->T, c->n_heads, c->n_kv_heads,
+                                     c->dim / c->n_heads);
     const int act_quant = p->m->student.act_bits > 0;
 
     t->tokens = (int32_t *)qkd__arena_take(a, N, 1);

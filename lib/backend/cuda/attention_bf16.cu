@@ -637,7 +637,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
 
 /* ---- launch ------------------------------------------------------------------------------ */
 
-enum fb_pass { FB_FORWARD, FB_DKDV, FB_DQ, FB_BACKWARD };
+enum fb_pass { FB_FORWARD, FB_DKDV, FB_DQ };
 
 template <int HD> static void fb_launch(qkd__backend *b, fb_pass pass, const fb_args &p, int B)
 {
@@ -678,71 +678,96 @@ template <int HD> static void fb_convert(qkd__backend *b, bf16 *dst, const float
     qkd__cuda_launched(b, "attention_bf16 copies");
 }
 
-/* Round q, k, v (and dout when given) into bf16 copies in ws (laid out
- * one after the other, each a multiple of 16 bytes), q and k rotated
- * first when a RoPE table is given, then run the pass. */
-template <int HD>
-static void fb_pass_hd(qkd__backend *b, fb_pass pass, fb_args &p, int B, bf16 *ws,
-                       const double2 *rope, const float *q, const float *k, const float *v,
-                       const float *dout)
-{
-    const size_t nq = (size_t)B * p.Tq * p.H, nkv = (size_t)B * p.kv_len * p.n_kv;
-    bf16 *qb = ws, *kb = qb + nq * HD, *vb = kb + nkv * HD, *ob = vb + nkv * HD;
-    fb_convert<HD>(b, qb, q, nq, p.hd, fb_rope{rope, p.Tq, p.H, p.pos0});
-    fb_convert<HD>(b, kb, k, nkv, p.hd, fb_rope{rope, p.kv_len, p.n_kv, 0});
-    fb_convert<HD>(b, vb, v, nkv, p.hd);
-    if (dout)
-        fb_convert<HD>(b, ob, dout, nq, p.hd);
-    p.q = qb;
-    p.k = kb;
-    p.v = vb;
-    p.dout = dout ? ob : NULL;
-    if (pass == FB_FORWARD) {
-        fb_launch<HD>(b, FB_FORWARD, p, B);
-    } else {
-        fb_launch<HD>(b, FB_DKDV, p, B);
-        fb_launch<HD>(b, FB_DQ, p, B);
-    }
-}
-
 /* The padded head size of the kernels for hd. */
 static int fb_hd(int hd)
 {
     return hd <= 16 ? 16 : hd <= 32 ? 32 : hd <= 64 ? 64 : 128;
 }
 
-/* The pass (forward, or both backward kernels) for the smallest padded
- * head size that holds p.hd, its bf16 copies written to ws; RoPE at
- * rope_theta when it is > 0 (a head size of 1 has no pair to rotate, and
- * no table). */
-static void fb_run(qkd__backend *b, fb_pass pass, fb_args &p, int B, float *ws,
-                   float rope_theta, const float *q, const float *k, const float *v,
-                   const float *dout)
+/* The scratch: each query row's logsumexp, rounded up to 16 bytes, then
+ * the forward's bf16 copies of q, k and v (rows of the padded head size,
+ * one after the other), which the backward reads again instead of
+ * rounding q, k and v a second time. */
+static size_t fb_lse_floats(int B, int Tq, int H)
 {
-    const double2 *rope = NULL;
-    if (rope_theta > 0.0f && p.hd >= 2) {
-        const int len = p.pos0 + p.Tq > p.kv_len ? p.pos0 + p.Tq : p.kv_len;
-        rope = qkd__cuda_rope_table(b, len, p.hd, rope_theta);
-        if (!rope)
-            return;
-    }
-    if (pass != FB_FORWARD)
-        p.rope = rope;
-    bf16 *copies = (bf16 *)ws;
-    switch (fb_hd(p.hd)) {
-    case 16: fb_pass_hd<16>(b, pass, p, B, copies, rope, q, k, v, dout); break;
-    case 32: fb_pass_hd<32>(b, pass, p, B, copies, rope, q, k, v, dout); break;
-    case 64: fb_pass_hd<64>(b, pass, p, B, copies, rope, q, k, v, dout); break;
-    default: fb_pass_hd<128>(b, pass, p, B, copies, rope, q, k, v, dout); break;
-    }
+    return ((size_t)B * Tq * H + 3) & ~(size_t)3;
 }
 
-/* Floats of workspace the bf16 copies take. */
-static size_t fb_copy_floats(int B, int Tq, int kv_len, int H, int n_kv, int hd, int with_dout)
+/* Floats of n_rows bf16 rows of the padded head size. */
+static size_t fb_rows_floats(size_t n_rows, int hd)
 {
-    const size_t HD = (size_t)fb_hd(hd);
-    const size_t nq = (size_t)B * Tq * H, nkv = (size_t)B * kv_len * n_kv;
-    return ((1 + (size_t)with_dout) * nq + 2 * nkv) * HD / 2;
+    return n_rows * (size_t)fb_hd(hd) / 2;
+}
+
+extern "C" size_t qkd__cuda_attention_scratch_floats(int B, int Tq, int kv_len, int n_heads,
+                                                     int n_kv, int hd)
+{
+    const size_t lse = fb_lse_floats(B, Tq, n_heads);
+    if (hd > FB_MAX_HD) /* no bf16 attention: the logsumexps alone */
+        return lse;
+    return lse + fb_rows_floats((size_t)B * Tq * n_heads + 2 * (size_t)B * kv_len * n_kv, hd);
+}
+
+/* The bf16 copies of q, k and v in a scratch; rows of HD values. */
+struct fb_copies {
+    bf16 *q, *k, *v;
+};
+
+template <int HD> static fb_copies fb_copies_in(float *scratch, const fb_args &p, int B)
+{
+    const size_t nq = (size_t)B * p.Tq * p.H, nkv = (size_t)B * p.kv_len * p.n_kv;
+    fb_copies c;
+    c.q = (bf16 *)(scratch + fb_lse_floats(B, p.Tq, p.H));
+    c.k = c.q + nq * HD;
+    c.v = c.k + nkv * HD;
+    return c;
+}
+
+/* The forward: q, k, v rounded into the scratch's copies (q and k rotated
+ * first when a RoPE table is given), then the kernel. */
+template <int HD>
+static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
+                          const double2 *rope, const float *q, const float *k, const float *v)
+{
+    const size_t nq = (size_t)B * p.Tq * p.H, nkv = (size_t)B * p.kv_len * p.n_kv;
+    const fb_copies c = fb_copies_in<HD>(scratch, p, B);
+    fb_convert<HD>(b, c.q, q, nq, p.hd, fb_rope{rope, p.Tq, p.H, p.pos0});
+    fb_convert<HD>(b, c.k, k, nkv, p.hd, fb_rope{rope, p.kv_len, p.n_kv, 0});
+    fb_convert<HD>(b, c.v, v, nkv, p.hd);
+    p.q = c.q;
+    p.k = c.k;
+    p.v = c.v;
+    fb_launch<HD>(b, FB_FORWARD, p, B);
+}
+
+/* The backward: the forward's copies from the scratch, dout rounded into
+ * ob, then both kernels. */
+template <int HD>
+static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, bf16 *ob,
+                           const float *dout)
+{
+    const fb_copies c = fb_copies_in<HD>(scratch, p, B);
+    fb_convert<HD>(b, ob, dout, (size_t)B * p.Tq * p.H, p.hd);
+    p.q = c.q;
+    p.k = c.k;
+    p.v = c.v;
+    p.dout = ob;
+    fb_launch<HD>(b, FB_DKDV, p, B);
+    fb_launch<HD>(b, FB_DQ, p, B);
+}
+
+/* RoPE's table for p when rope_theta > 0 (a head size of 1 has no pair to
+ * rotate, and no table); *ok false (recorded) when it could not be had. */
+static const double2 *fb_rope_table(qkd__backend *b, const fb_args &p, float rope_theta,
+                                    bool *ok)
+{
+    *ok = true;
+    if (!(rope_theta > 0.0f) || p.hd < 2)
+        return NULL;
+    const int len = p.pos0 + p.Tq > p.kv_len ? p.pos0 + p.Tq : p.kv_len;
+    const double2 *tab = qkd__cuda_rope_table(b, len, p.hd, rope_theta);
+    *ok = tab != NULL;
+    return tab;
 }
 
 static fb_args fb_make(int Tq, int pos0, int kv_len, int H, int n_kv, int hd)
@@ -769,16 +794,23 @@ extern "C" void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out,
 {
     if (B <= 0 || Tq <= 0 || hd <= 0 || !qkd__cuda_attention_head_ok(b, hd, FB_MAX_HD))
         return;
-    float *ws = qkd__cuda_workspace(b, fb_copy_floats(B, Tq, kv_len, n_heads, n_kv, hd, 0));
-    if (!ws)
-        return;
     fb_args p = fb_make(Tq, pos0, kv_len, n_heads, n_kv, hd);
+    bool ok;
+    const double2 *rope = fb_rope_table(b, p, rope_theta, &ok);
+    if (!ok)
+        return;
     p.out = out;
     p.out_bits = (bf16 *)out_bits;
     p.lse = scratch;
-    fb_run(b, FB_FORWARD, p, B, ws, rope_theta, q, k, v, NULL);
+    switch (fb_hd(hd)) {
+    case 16: fb_forward_hd<16>(b, p, B, scratch, rope, q, k, v); break;
+    case 32: fb_forward_hd<32>(b, p, B, scratch, rope, q, k, v); break;
+    case 64: fb_forward_hd<64>(b, p, B, scratch, rope, q, k, v); break;
+    default: fb_forward_hd<128>(b, p, B, scratch, rope, q, k, v); break;
+    }
 }
 
+/* q, k and v are the forward's, read from its copies in the scratch. */
 extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk,
                                                   float *dv, const float *dout,
                                                   float *scratch, const float *q,
@@ -787,16 +819,20 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
                                                   int n_kv, int hd, float rope_theta,
                                                   uint16_t *dqkv_bits)
 {
+    (void)q, (void)k, (void)v;
     if (B <= 0 || T <= 0 || hd <= 0 || !qkd__cuda_attention_head_ok(b, hd, FB_MAX_HD))
         return;
-    /* D first, then the bf16 copies (16-byte aligned: D rounded up to 4) */
-    const size_t rows = (size_t)B * T * n_heads, d_floats = (rows + 3) & ~(size_t)3;
-    float *ws =
-        qkd__cuda_workspace(b, d_floats + fb_copy_floats(B, T, T, n_heads, n_kv, hd, 1));
+    fb_args p = fb_make(T, 0, T, n_heads, n_kv, hd);
+    bool ok;
+    p.rope = fb_rope_table(b, p, rope_theta, &ok);
+    if (!ok)
+        return;
+    /* D, then dout's bf16 copy (16-byte aligned: D rounded up to 4) */
+    const size_t d_floats = fb_lse_floats(B, T, n_heads);
+    float *ws = qkd__cuda_workspace(b, d_floats + fb_rows_floats((size_t)B * T * n_heads, hd));
     if (!ws)
         return;
     qkd__cuda_attention_rowdots(b, ws, dout, out, B, T, n_heads, hd);
-    fb_args p = fb_make(T, 0, T, n_heads, n_kv, hd);
     p.dq = dq;
     p.dk = dk;
     p.dv = dv;
@@ -806,7 +842,13 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
         p.dk16 = p.dq16 + nq;
         p.dv16 = p.dk16 + nkv;
     }
-    p.lse = (float *)scratch; /* read only by the backward kernels */
+    p.lse = scratch;
     p.D = ws;
-    fb_run(b, FB_BACKWARD, p, B, ws + d_floats, rope_theta, q, k, v, dout);
+    bf16 *ob = (bf16 *)(ws + d_floats);
+    switch (fb_hd(hd)) {
+    case 16: fb_backward_hd<16>(b, p, B, scratch, ob, dout); break;
+    case 32: fb_backward_hd<32>(b, p, B, scratch, ob, dout); break;
+    case 64: fb_backward_hd<64>(b, p, B, scratch, ob, dout); break;
+    default: fb_backward_hd<128>(b, p, B, scratch, ob, dout); break;
+    }
 }

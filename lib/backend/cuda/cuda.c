@@ -302,15 +302,13 @@ static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const f
     cuda_matmul_backward_weight_bf16_bits(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC);
 }
 
-/* ---- attention scratch: each query row's logsumexp (attention.cu) ------------------------ */
+/* ---- attention scratch (attention_bf16.cu) ------------------------------------------------ */
 
 static size_t cuda_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
-                                            int n_heads, int hd)
+                                            int n_heads, int n_kv, int hd)
 {
     (void)b;
-    (void)kv_len;
-    (void)hd;
-    return (size_t)B * n_heads * Tq;
+    return qkd__cuda_attention_scratch_floats(B, Tq, kv_len, n_heads, n_kv, hd);
 }
 
 /* ---- fake quantization ---------------------------------------------------------------- */

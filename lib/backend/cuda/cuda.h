@@ -191,6 +191,11 @@ void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout, c
 const double2 *qkd__cuda_rope_table(qkd__backend *b, int len, int hd, float theta);
 
 /* ---- attention_bf16.cu: the same on the tensor cores, bf16 inputs ----------------- */
+/* The attention scratch: each query row's logsumexp (all the fp32
+ * attention keeps), then, for head sizes the bf16 attention takes, its
+ * forward's bf16 copies of q, k and v, which its backward reads. */
+size_t qkd__cuda_attention_scratch_floats(int B, int Tq, int kv_len, int n_heads, int n_kv,
+                                          int hd);
 void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_bits,
                                       float *scratch,
                                       const float *q, const float *k, const float *v, int B,

@@ -76,7 +76,7 @@ void qkd__ref_rope_forward(qkd__backend *b, float *x, int B, int T, int n_heads,
 void qkd__ref_rope_backward(qkd__backend *b, float *dx, int B, int T, int n_heads,
                             int head_dim, int pos0, float theta);
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
-                                         int n_heads, int hd);
+                                         int n_heads, int n_kv, int hd);
 void qkd__ref_attention_forward(qkd__backend *b, float *out, float *scratch, const float *q,
                                 const float *k, const float *v, int B, int Tq, int pos0,
                                 int kv_len, int n_heads, int n_kv, int hd);

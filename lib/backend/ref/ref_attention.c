@@ -133,13 +133,12 @@ BODY double score(const struct attn_job *j, const float *qrow, int64_t b, int ke
 }
 
 /* The probabilities, then the bf16 slots' room (bf16_work): rotated
- * copies of q and k, and fp32 gradients for a backward that writes bits
- * (k's room bounded with n_heads, the scratch size not knowing n_kv). */
+ * copies of q and k, and fp32 gradients for a backward that writes bits. */
 size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_len,
-                                         int n_heads, int hd)
+                                         int n_heads, int n_kv, int hd)
 {
     (void)b;
-    const size_t nq = (size_t)B * Tq * n_heads * hd, nk = (size_t)B * kv_len * n_heads * hd;
+    const size_t nq = (size_t)B * Tq * n_heads * hd, nk = (size_t)B * kv_len * n_kv * hd;
     return (size_t)B * n_heads * Tq * kv_len + 2 * nq + 3 * nk;
 }
 
@@ -154,14 +153,13 @@ static struct bf16_work bf16_work(float *scratch, int B, int Tq, int kv_len, int
                                   int n_kv, int hd)
 {
     struct bf16_work w;
-    const size_t nk_room = (size_t)B * kv_len * n_heads * hd;
     w.nq = (size_t)B * Tq * n_heads * hd;
     w.nk = (size_t)B * kv_len * n_kv * hd;
     w.q = scratch + (size_t)B * n_heads * Tq * kv_len;
     w.k = w.q + w.nq;
-    w.dq = w.k + nk_room;
+    w.dq = w.k + w.nk;
     w.dk = w.dq + w.nq;
-    w.dv = w.dk + nk_room;
+    w.dv = w.dk + w.nk;
     return w;
 }
 
