@@ -68,8 +68,8 @@ static double time_pass(qkd__backend *be, const struct shape *s, int backward, i
                                         s->B, s->T, s->H, s->n_kv, s->hd, ROPE_THETA,
                                         (uint16_t *)t[10]);
         else
-            be->attention_forward_bf16(be, t[3], (uint16_t *)t[9], t[8], t[0], t[1], t[2], s->B, s->T, 0, s->T,
-                                       s->H, s->n_kv, s->hd, ROPE_THETA);
+            be->attention_forward_bf16(be, t[3], (uint16_t *)t[9], t[8], t[0], t[1], t[2], s->B,
+                                       s->T, 0, s->T, s->H, s->n_kv, s->hd, ROPE_THETA);
     }
     cudaDeviceSynchronize();
     return (now() - t0) / reps;

@@ -555,7 +555,8 @@ static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
 {
     const size_t nq = (size_t)AR_B * Tq * AR_H * AR_HD, nk = (size_t)AR_B * kv_len * AR_KV * AR_HD;
     const size_t np = b->attention_scratch_floats(b, AR_B, Tq, kv_len, AR_H, AR_KV, AR_HD);
-    float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nk, -2, 2), *v = test_vec_rand(nk, -1, 1);
+    float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nk, -2, 2);
+    float *v = test_vec_rand(nk, -1, 1);
     float *qr = test_vec_new(nq), *kr = test_vec_new(nk), *P = test_vec_new(np);
     float *P_want = test_vec_new(np), *out = test_vec_new(nq), *want = test_vec_new(nq);
     uint16_t *bits = calloc(nq, sizeof *bits);
@@ -978,7 +979,8 @@ START_TEST(test_attention_decode_matches_full)
     enum { B = 2, T = 7, NH = 4, NKV = 2, HD = 6 };
     size_t nq = B * T * NH * HD, nkv = B * T * NKV * HD;
     float *q = test_vec_rand(nq, -1.5, 1.5), *k = test_vec_rand(nkv, -1.5, 1.5), *v = test_vec_rand(nkv, -1, 1);
-    float *full = test_vec_new(nq), *scratch = test_vec_new(b->attention_scratch_floats(b, B, T, T, NH, NKV, HD));
+    float *full = test_vec_new(nq);
+    float *scratch = test_vec_new(b->attention_scratch_floats(b, B, T, T, NH, NKV, HD));
     b->attention_forward(b, full, scratch, q, k, v, B, T, 0, T, NH, NKV, HD);
     for (int p = 0; p < T; p++) {
         /* Decode rows see only keys 0..p: the cache past p holds NaN. */

@@ -1,7 +1,9 @@
 /* The exact reverse of forward.c. Backend backward kernels ADD: the first
  * product into an activation gradient writes it (linear_backward's
  * accumulate 0), and other activation-gradient buffers are zeroed right
- * before the pass fills them; parameter gradients are only ever added to (micro-batches accumulate).
+ * before the pass fills them (none of dq, dk, dv for the bf16 attention,
+ * which writes them); parameter gradients are only ever added to
+ * (micro-batches accumulate).
  * acts.dres carries the gradient of the residual stream down the layers.
  * In a student, the gradients of quantized weights gather in dL/dQ(w) and
  * go through the quantizer's estimator at the end, unless that is the

@@ -109,7 +109,8 @@ extern "C" void qkd__cuda_add(qkd__backend *b, float *out, const float *x, const
 {
     if (!n)
         return;
-    map(b, add_op{out, x, y}, n, qkd__aligned16(out) && qkd__aligned16(x) && qkd__aligned16(y), "add");
+    map(b, add_op{out, x, y}, n,
+        qkd__aligned16(out) && qkd__aligned16(x) && qkd__aligned16(y), "add");
 }
 
 extern "C" void qkd__cuda_axpy(qkd__backend *b, float *y, float alpha, const float *x, size_t n)
@@ -345,7 +346,8 @@ extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *ou
     if (!n)
         return;
     map(b, swiglu_forward_bits_op{out, gate, up}, n,
-        (uintptr_t)out % 8 == 0 && qkd__aligned16(gate) && qkd__aligned16(up), "swiglu_forward_bf16_bits");
+        (uintptr_t)out % 8 == 0 && qkd__aligned16(gate) && qkd__aligned16(up),
+        "swiglu_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate,
@@ -367,8 +369,8 @@ extern "C" void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *
     if (!n)
         return;
     map(b, swiglu_backward_op{dgate, dup, dout, gate, up}, n,
-        qkd__aligned16(dgate) && qkd__aligned16(dup) && qkd__aligned16(dout) && qkd__aligned16(gate) &&
-            qkd__aligned16(up),
+        qkd__aligned16(dgate) && qkd__aligned16(dup) && qkd__aligned16(dout) &&
+            qkd__aligned16(gate) && qkd__aligned16(up),
         "swiglu_backward");
 }
 
@@ -567,7 +569,8 @@ __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned
     const size_t base = (size_t)(blockIdx.x - first[s]) * MT_CHUNK;
     const size_t end = sp.n < base + MT_CHUNK ? sp.n : base + MT_CHUNK;
     size_t tail = base;
-    if (qkd__aligned16(sp.p) && qkd__aligned16(sp.g) && qkd__aligned16(sp.m) && qkd__aligned16(sp.v)) {
+    if (qkd__aligned16(sp.p) && qkd__aligned16(sp.g) && qkd__aligned16(sp.m) &&
+        qkd__aligned16(sp.v)) {
         tail = base + (end - base) / 4 * 4;
         for (size_t i = base + 4 * threadIdx.x; i < tail; i += 4 * blockDim.x) {
             float4 p = *reinterpret_cast<float4 *>(sp.p + i);
