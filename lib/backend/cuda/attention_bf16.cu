@@ -16,10 +16,13 @@
  * 8-column block, which is the layout of the A operand of the next
  * product, so probabilities and score gradients go to the tensor cores
  * without shared memory, and the online softmax rescales each thread's two
- * rows of the output in place. q, k, v (and dout) are first rounded once
+ * rows of the output in place. The forward first rounds q, k and v once
  * into bf16 copies whose rows are padded with zeros to the kernel's head
- * size; tiles then stream into shared memory with cp.async, the next
- * tile's copy in flight while the current one is computed (two buffers).
+ * size (q and k rotated by RoPE on the way when asked), kept in the
+ * caller's scratch for the backward, which rounds only dout; tiles then
+ * stream into shared memory with cp.async, the next tile's copy in flight
+ * while the current one is computed (two buffers). Outputs are stored in
+ * fp32 or bf16 (fb_store), the gradients of q and k rotated back first.
  * Tiles are row-major [row][d]; fragments come from them by ldmatrix (four
  * 8x8 matrices a load), .trans for a product that reads a tile along its
  * rows (v in the forward, k in dq, q and dout in dk/dv).
