@@ -174,7 +174,6 @@ static void rope_copies(qkd__backend *b, const struct bf16_work *w, const float 
     rope(b, w->k, B, kv_len, n_kv, hd, 0, theta, 1.0);
 }
 
-
 /* Softmax over the causal scores of one query row, in double; the scores
  * are recomputed rather than stored so no precision is lost. */
 BODY void attention_probs(const struct attn_job *j, int64_t b, int t, int h, float *p,
