@@ -624,12 +624,14 @@ static void pair_open(struct pair *pr, qkd_context *ctx)
     ck_assert_int_eq(qkd_model_logits(pr->teacher, pr->t, (size_t)MB * MT * MV), QKD_OK);
 }
 
+/* Frees the models, the host copies and the context pair_open was given. */
 static void pair_close(struct pair *pr)
 {
     qkd_model_free(pr->student);
     qkd_model_free(pr->teacher);
     free(pr->s);
     free(pr->t);
+    qkd_context_free(pr->ctx);
 }
 
 /* TSLD's weight of each position of sequence b (1 for other kinds). */
@@ -736,9 +738,7 @@ START_TEST(test_loss_each_term)
         free(ds);
         qkd_loss_free(loss);
     }
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -814,9 +814,7 @@ START_TEST(test_loss_weighted_sum_backward)
     free(stored);
     free(ds);
     qkd_loss_free(loss);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -842,9 +840,7 @@ START_TEST(test_loss_no_targets)
     free(got);
     free(ds);
     qkd_loss_free(loss);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -878,9 +874,7 @@ START_TEST(test_loss_confidence)
                      QKD_ERR_INVALID_ARG);
     ck_assert_int_eq(qkd_loss_teacher_confidence(NULL, NULL, &conf), QKD_ERR_INVALID_ARG);
     qkd_model_free(fresh);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -920,9 +914,7 @@ START_TEST(test_loss_no_step_allocation)
                      QKD_OK);
     ck_assert_int_eq(a.n, before);
     qkd_loss_free(loss);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
     ck_assert_int_eq(a.live, 0);
 }
 END_TEST
@@ -958,9 +950,7 @@ START_TEST(test_loss_alloc_failures)
         ck_assert_int_eq(a.live, live);
     }
     a.fail_at = -1;
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1039,9 +1029,7 @@ START_TEST(test_loss_set_beta)
     ck_assert(fabs(a - b) <= 1e-6 * b);
     qkd_loss_free(cakld);
     qkd_loss_free(rkl);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1079,9 +1067,7 @@ START_TEST(test_loss_deferred)
     free(before);
     free(after);
     qkd_loss_free(loss);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1125,9 +1111,7 @@ START_TEST(test_loss_beta_from_teacher)
     ck_assert_ptr_nonnull(strstr(qkd_context_last_error(pr.ctx), "not 0 or 1"));
     qkd_loss_free(fixed);
     qkd_loss_free(from);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1207,9 +1191,7 @@ START_TEST(test_loss_compute_errors)
     pr.student = student;
     qkd_model_free(fresh);
 
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
@@ -1273,9 +1255,7 @@ START_TEST(test_loss_non_finite)
 
     free(before);
     qkd_loss_free(loss);
-    qkd_context *ctx = pr.ctx;
     pair_close(&pr);
-    qkd_context_free(ctx);
 }
 END_TEST
 
