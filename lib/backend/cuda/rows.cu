@@ -48,6 +48,11 @@ __device__ inline double warp_sum(double v)
     return qkd__warp_reduce(v, qkd__sum_op<double>());
 }
 
+static unsigned norm_grid(int N)
+{
+    return (unsigned)((N + NORM_ROWS - 1) / NORM_ROWS);
+}
+
 /* The RMSNorm rows read 4 columns at a time (V 4: float4s, for C a
  * multiple of 4 and 16-byte aligned rows) or one (V 1). Both kernels of a
  * shape take the same V, so their sums run in the same order. */
@@ -135,11 +140,40 @@ __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__
     norm_row<V>(out + off, rstd + row, sum + off, w, C, eps, lane);
 }
 
-/* Whether the rows of a norm over these buffers go as float4s (norm_vec). */
-static bool norm_by4(int C, const void *a, const void *b, const void *c, const void *d)
+/* Whether a row of four-value groups starts where a group's store may go:
+ * 16 bytes for floats, 8 for bf16 bits. */
+static bool group_aligned(const float *p)
 {
-    return C % 4 == 0 && qkd__aligned16(a) && qkd__aligned16(b) && qkd__aligned16(c) &&
-           qkd__aligned16(d);
+    return qkd__aligned16(p);
+}
+
+static bool group_aligned(const uint16_t *p)
+{
+    return (uintptr_t)p % 8 == 0;
+}
+
+/* Whether the rows of a norm of x with weight w into out go as float4s
+ * (norm_vec): C a multiple of 4 keeps every row as aligned as the first. */
+template <typename T> static bool norm_by4(int C, const float *x, const float *w, const T *out)
+{
+    return C % 4 == 0 && qkd__aligned16(x) && qkd__aligned16(w) && group_aligned(out);
+}
+
+/* rmsnorm_forward into fp32 or bf16 bits (T). */
+template <typename T>
+static void rmsnorm_forward(qkd__backend *b, T *out, float *rstd, const float *inp,
+                            const float *w, int N, int C, float eps, const char *what)
+{
+    if (N <= 0 || C <= 0)
+        return;
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    if (norm_by4(C, inp, w, out))
+        rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
+                                                                             C, eps);
+    else
+        rmsnorm_forward_kernel<1><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
+                                                                             C, eps);
+    qkd__cuda_launched(b, what);
 }
 
 /* Columns a lane loads at once in the dinp pass, all loads issued before
@@ -147,11 +181,6 @@ static bool norm_by4(int C, const void *a, const void *b, const void *c, const v
  * per 32 columns (ncu: warps stalled on L1TEX 94% of the time, 0.15 ms a
  * call on SmolLM's rows against 0.03 ms for the forward). */
 #define NORM_U 8
-
-static unsigned norm_grid(int N)
-{
-    return (unsigned)((N + NORM_ROWS - 1) / NORM_ROWS);
-}
 
 /* Rows a warp of the backward owns, and so the rows of a block: the chunk
  * of rows whose dw sums the block writes. Chunk sums first, then the
@@ -284,33 +313,14 @@ extern "C" void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rs
                                           const float *inp, const float *w, int N, int C,
                                           float eps)
 {
-    if (N <= 0 || C <= 0)
-        return;
-    cudaStream_t st = qkd__cuda_of(b)->stream;
-    if (norm_by4(C, out, inp, w, w))
-        rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
-                                                                             C, eps);
-    else
-        rmsnorm_forward_kernel<1><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
-                                                                             C, eps);
-    qkd__cuda_launched(b, "rmsnorm_forward");
+    rmsnorm_forward(b, out, rstd, inp, w, N, C, eps, "rmsnorm_forward");
 }
 
 extern "C" void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
                                                     const float *inp, const float *w, int N,
                                                     int C, float eps)
 {
-    if (N <= 0 || C <= 0)
-        return;
-    cudaStream_t st = qkd__cuda_of(b)->stream;
-    /* bits rows of C % 4 == 0 values start on 8 bytes when out does */
-    if (norm_by4(C, inp, w, inp, w) && (uintptr_t)out % 8 == 0)
-        rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
-                                                                             C, eps);
-    else
-        rmsnorm_forward_kernel<1><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(out, rstd, inp, w, N,
-                                                                             C, eps);
-    qkd__cuda_launched(b, "rmsnorm_forward_bf16_bits");
+    rmsnorm_forward(b, out, rstd, inp, w, N, C, eps, "rmsnorm_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum,
@@ -321,7 +331,7 @@ extern "C" void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *
     if (N <= 0 || C <= 0)
         return;
     cudaStream_t st = qkd__cuda_of(b)->stream;
-    if (norm_by4(C, sum, x, y, w) && (uintptr_t)out % 8 == 0)
+    if (norm_by4(C, x, w, out) && qkd__aligned16(y) && qkd__aligned16(sum))
         add_rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(
             sum, out, rstd, x, y, w, N, C, eps);
     else
