@@ -48,6 +48,18 @@ __host__ __device__ inline bool qkd__aligned16(const void *p)
     return (uintptr_t)p % 16 == 0;
 }
 
+/* Whether p may take a group of four values in one store (qkd__store4):
+ * 16 bytes for floats, 8 for bf16 bits. */
+__host__ __device__ inline bool qkd__aligned4(const float *p)
+{
+    return qkd__aligned16(p);
+}
+
+__host__ __device__ inline bool qkd__aligned4(const uint16_t *p)
+{
+    return (uintptr_t)p % 8 == 0;
+}
+
 /* Four values as bf16 bits, in memory order (one 8-byte store). */
 __device__ inline uint2 qkd__bf16_bits4(float4 v)
 {

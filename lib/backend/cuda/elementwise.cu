@@ -151,7 +151,7 @@ __global__ void to_bf16x4_kernel(uint2 *dst, const float4 *src, size_t n4)
 extern "C" void qkd__cuda_to_bf16(qkd__backend *b, uint16_t *dst, const float *src, size_t n)
 {
     cudaStream_t stream = qkd__cuda_of(b)->stream;
-    size_t n4 = ((uintptr_t)src % 16 == 0 && (uintptr_t)dst % 8 == 0) ? n / 4 : 0;
+    size_t n4 = qkd__aligned16(src) && qkd__aligned4(dst) ? n / 4 : 0;
     if (n4) {
         to_bf16x4_kernel<<<qkd__cuda_blocks(n4), QKD__CUDA_THREADS, 0, stream>>>(
             (uint2 *)dst, (const float4 *)src, n4);
@@ -346,7 +346,7 @@ extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *ou
     if (!n)
         return;
     map(b, swiglu_forward_bits_op{out, gate, up}, n,
-        (uintptr_t)out % 8 == 0 && qkd__aligned16(gate) && qkd__aligned16(up),
+        qkd__aligned4(out) && qkd__aligned16(gate) && qkd__aligned16(up),
         "swiglu_forward_bf16_bits");
 }
 
@@ -357,7 +357,7 @@ extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *d
     if (!n)
         return;
     map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up}, n,
-        (uintptr_t)dgate % 8 == 0 && (uintptr_t)dup % 8 == 0 && qkd__aligned16(dout) &&
+        qkd__aligned4(dgate) && qkd__aligned4(dup) && qkd__aligned16(dout) &&
             qkd__aligned16(gate) && qkd__aligned16(up),
         "swiglu_backward_bf16_bits");
 }

@@ -140,23 +140,11 @@ __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__
     norm_row<V>(out + off, rstd + row, sum + off, w, C, eps, lane);
 }
 
-/* Whether a row of four-value groups starts where a group's store may go:
- * 16 bytes for floats, 8 for bf16 bits. */
-static bool group_aligned(const float *p)
-{
-    return qkd__aligned16(p);
-}
-
-static bool group_aligned(const uint16_t *p)
-{
-    return (uintptr_t)p % 8 == 0;
-}
-
 /* Whether the rows of a norm of x with weight w into out go as float4s
  * (norm_vec): C a multiple of 4 keeps every row as aligned as the first. */
 template <typename T> static bool norm_by4(int C, const float *x, const float *w, const T *out)
 {
-    return C % 4 == 0 && qkd__aligned16(x) && qkd__aligned16(w) && group_aligned(out);
+    return C % 4 == 0 && qkd__aligned16(x) && qkd__aligned16(w) && qkd__aligned4(out);
 }
 
 /* rmsnorm_forward into fp32 or bf16 bits (T). */
