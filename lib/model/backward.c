@@ -79,10 +79,34 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     norm_backward(m, QKD_TENSOR_FFN_NORM, l, a->x_mid, a->rstd2, N);
 }
 
+/* dq, dk and dv of the un-rotated q and k from datt, written: the bf16
+ * attention writes them (as dqkv_bits where planned) and rotates dq and dk
+ * back itself; the fp32 one adds to zeroed buffers and rope_backward
+ * rotates them back. */
+static void attention_grads(qkd_model *m, const qkd__layer_acts *a, int B, int T)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    qkd__train_acts *g = &m->acts;
+    const qkd_model_config *c = &m->cfg;
+    const int N = B * T, H = c->n_heads, KV = c->n_kv_heads, hd = c->dim / H;
+    if (qkd__model_attention_bf16(m)) {
+        be->attention_backward_bf16(be, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k,
+                                    a->v, a->att, B, T, H, KV, hd, c->rope_theta,
+                                    g->dqkv_bits);
+        return;
+    }
+    zero(be, g->dq, (size_t)N * H * hd);
+    zero(be, g->dk, (size_t)N * KV * hd);
+    zero(be, g->dv, (size_t)N * KV * hd);
+    be->attention_backward(be, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k, a->v,
+                           a->att, B, T, H, KV, hd);
+    be->rope_backward(be, g->dq, B, T, H, hd, 0, c->rope_theta);
+    be->rope_backward(be, g->dk, B, T, KV, hd, 0, c->rope_theta);
+}
+
 /* On entry acts.dres is d x_mid; on return it is d x_in. */
 static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, int B, int T)
 {
-    qkd__backend *be = qkd__model_backend(m);
     qkd__train_acts *g = &m->acts;
     const qkd_model_config *c = &m->cfg;
     const int N = B * T, C = c->dim, hd = C / c->n_heads, kvd = hd * c->n_kv_heads;
@@ -91,18 +115,7 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
                     qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq,
                                             a->att_bits),
                     N, C, C);
-    if (!qkd__model_attention_bf16(m)) { /* that one writes its gradients */
-        zero(be, g->dq, (size_t)N * C);
-        zero(be, g->dk, (size_t)N * kvd);
-        zero(be, g->dv, (size_t)N * kvd);
-    }
-    qkd__model_attention_backward(m, g->dq, g->dk, g->dv, g->dqkv_bits, g->datt, a->scratch,
-                                  a->q, a->k, a->v, a->att, B, T, c->n_heads, c->n_kv_heads,
-                                  hd);
-    if (!qkd__model_attention_bf16(m)) { /* that one returns the un-rotated gradients */
-        be->rope_backward(be, g->dq, B, T, c->n_heads, hd, 0, c->rope_theta);
-        be->rope_backward(be, g->dk, B, T, c->n_kv_heads, hd, 0, c->rope_theta);
-    }
+    attention_grads(m, a, B, T);
     /* the gradients as the q, k and v products read them */
     const uint16_t *bits = g->dqkv_bits;
     const size_t nq = (size_t)N * C, nkv = (size_t)N * kvd;

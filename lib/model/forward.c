@@ -46,6 +46,27 @@ static void add_norm_forward(const qkd_model *m, float *x_sum, const float *x, c
     norm_forward(m, out, out16, rstd, x_sum, kind, layer, N);
 }
 
+/* att (and att_bits, where planned: only a bf16-bits model, whose
+ * attention is bf16) from this step's q, k and the cache: the bf16
+ * attention rotates q and k itself, else they are rotated in place first
+ * (the cache then holds rotated keys). */
+static void attention_forward(const qkd_model *m, const qkd__layer_acts *a, qkd__step s)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const qkd_model_config *c = &m->cfg;
+    const int H = c->n_heads, KV = c->n_kv_heads, hd = c->dim / H;
+    if (qkd__model_attention_bf16(m)) {
+        be->attention_forward_bf16(be, a->att, a->att_bits, a->scratch, a->q, a->kcache,
+                                   a->vcache, s.B, s.T, s.pos0, s.kv_len, H, KV, hd,
+                                   c->rope_theta);
+        return;
+    }
+    be->rope_forward(be, a->q, s.B, s.T, H, hd, s.pos0, c->rope_theta);
+    be->rope_forward(be, a->k, s.B, s.T, KV, hd, s.pos0, c->rope_theta);
+    be->attention_forward(be, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T, s.pos0,
+                          s.kv_len, H, KV, hd);
+}
+
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
                               const qkd__layer_acts *next, qkd__step s)
 {
@@ -67,12 +88,7 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
         be->quant_rows(be, a->k, a->k, N, kvd, kv_bits);
         be->quant_rows(be, a->v, a->v, N, kvd, kv_bits);
     }
-    if (!qkd__model_attention_bf16(m)) { /* that one rotates q and k itself */
-        be->rope_forward(be, a->q, s.B, s.T, c->n_heads, hd, s.pos0, c->rope_theta);
-        be->rope_forward(be, a->k, s.B, s.T, c->n_kv_heads, hd, s.pos0, c->rope_theta);
-    }
-    qkd__model_attention_forward(m, a->att, a->att_bits, a->scratch, a->q, a->kcache, a->vcache,
-                                 s.B, s.T, s.pos0, s.kv_len, c->n_heads, c->n_kv_heads, hd);
+    attention_forward(m, a, s);
     quantize_acts(m, a->attq, a->att, N, C);
     LINEAR(ATTN_OUTPUT, a->proj,
            qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, a->att_bits),

@@ -187,41 +187,6 @@ static inline int qkd__model_attention_bf16(const qkd_model *m)
     return m->matmul_bf16 && qkd__model_backend(m)->attention_forward_bf16;
 }
 
-/* out_bits: where the bf16 attention also writes out as bf16 bits (NULL:
- * nowhere; only a bf16-bits model plans it, whose attention is bf16). */
-static inline void qkd__model_attention_forward(const qkd_model *m, float *out,
-                                                uint16_t *out_bits, float *scratch,
-                                                const float *q, const float *k, const float *v,
-                                                int B, int Tq, int pos0, int kv_len,
-                                                int n_heads, int n_kv, int hd)
-{
-    qkd__backend *be = qkd__model_backend(m);
-    if (qkd__model_attention_bf16(m))
-        be->attention_forward_bf16(be, out, out_bits, scratch, q, k, v, B, Tq, pos0, kv_len,
-                                   n_heads, n_kv, hd, m->cfg.rope_theta);
-    else
-        be->attention_forward(be, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv,
-                              hd);
-}
-
-/* dqkv_bits: where the bf16 attention writes dq, dk and dv as bits
- * instead (backend.h), or NULL. */
-static inline void qkd__model_attention_backward(const qkd_model *m, float *dq, float *dk,
-                                                 float *dv, uint16_t *dqkv_bits,
-                                                 const float *dout, float *scratch,
-                                                 const float *q, const float *k, const float *v,
-                                                 const float *out, int B, int T, int n_heads,
-                                                 int n_kv, int hd)
-{
-    qkd__backend *be = qkd__model_backend(m);
-    if (qkd__model_attention_bf16(m))
-        be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads,
-                                    n_kv, hd, m->cfg.rope_theta, dqkv_bits);
-    else
-        be->attention_backward(be, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv,
-                               hd);
-}
-
 /* The tensor of `kind` in `layer` inside base (params or grads). The
  * output head of a tied model is token_embd. */
 float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind kind,
