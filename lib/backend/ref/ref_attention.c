@@ -389,8 +389,8 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
 
 /* The fp32 pair's accumulating kernels into zeroed gradients (written,
  * not added; for dqkv_bits, into the scratch's and then rounded); with
- * RoPE, those of the rotated copies, rotated back (the rotation's
- * transpose) in place. */
+ * RoPE, those of the forward's rotated copies (left in the scratch),
+ * rotated back (the rotation's transpose) in place. */
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
                                       const float *k, const float *v, const float *out, int B,
@@ -407,7 +407,6 @@ void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, flo
     memset(dk, 0, w.nk * sizeof *dk);
     memset(dv, 0, w.nk * sizeof *dv);
     if (rope_theta > 0.0f) {
-        rope_copies(b, &w, q, k, B, T, 0, T, n_heads, n_kv, hd, rope_theta);
         q = w.q;
         k = w.k;
     }
