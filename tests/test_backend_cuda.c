@@ -1477,14 +1477,38 @@ START_TEST(fakequant_matches_ref)
 }
 END_TEST
 
+/* How many of the reference's hard-rounded SYM or ASYM values q differ
+ * from rounding w * (1 / s) in float: the near-ties the CUDA forward must
+ * settle in double (quantize_grid). */
+static size_t float_rounding_misses(const float *w, const float *q, const float *sc,
+                                    const float *z, int64_t rows, int64_t cols,
+                                    const qkd__quant_spec *spec)
+{
+    if (spec->continuous || spec->scheme == QKD_QUANT_TERNARY)
+        return 0;
+    const int asym = spec->scheme == QKD_QUANT_ASYM;
+    const float qmax = asym ? (float)((1 << spec->bits) - 1) : (float)((1 << (spec->bits - 1)) - 1);
+    const float qmin = asym ? 0.0f : -qmax;
+    const int64_t per_row = (cols + spec->group - 1) / spec->group;
+    size_t misses = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+            const int64_t g = r * per_row + c / spec->group;
+            const float zg = asym ? z[g] : 0.0f;
+            const float code = fminf(fmaxf(roundf(w[r * cols + c] * (1.0f / sc[g])) + zg, qmin), qmax);
+            misses += (code - zg) * sc[g] != q[r * cols + c];
+        }
+    return misses;
+}
+
 /* fakequant_forward_bf16 against the reference's fp32 Q(w) rounded to
  * bf16: the same bits under hard rounding (within one bf16 step for the
  * smooth forward, whose double functions may differ), the same scales and
  * zero points. Groups of 32, 64 and 128 along the rows take the segment
  * kernel; a partial group (7), 96, the whole tensor, TERNARY and a weight
- * off the 16-byte boundary the others. */
-static void fq_bf16_case(struct pair *p, const float *w, int64_t rows, int64_t cols,
-                         const qkd__quant_spec *spec, size_t off)
+ * off the 16-byte boundary the others. Returns float_rounding_misses. */
+static size_t fq_bf16_case(struct pair *p, const float *w, int64_t rows, int64_t cols,
+                           const qkd__quant_spec *spec, size_t off)
 {
     const size_t n = (size_t)(rows * cols);
     const size_t ng = (size_t)(rows * ((cols + spec->group - 1) / spec->group));
@@ -1511,9 +1535,11 @@ static void fq_bf16_case(struct pair *p, const float *w, int64_t rows, int64_t c
     float *g_sc = dtake(p, d_sc, ng), *g_z = dtake(p, d_z, ng);
     assert_same("fakequant_forward_bf16 scales", g_sc, sc, ng);
     assert_same("fakequant_forward_bf16 zeros", g_z, z, ng);
+    const size_t misses = float_rounding_misses(w, q, sc, z, rows, cols, spec);
     free(q); free(sc); free(z); free(got); free(g_sc); free(g_z);
     dfree(p, d_q);
     dfree(p, d_w - off);
+    return misses;
 }
 
 START_TEST(fakequant_bf16_matches_ref)
@@ -1529,6 +1555,12 @@ START_TEST(fakequant_bf16_matches_ref)
     float *w = test_vec_rand(n, -1, 1);
     for (size_t i = 0; i < n; i += 13)
         w[i] = (float)(0.125 * (int)(test_rng_next(-8, 8))); /* exact halves of some scales */
+    /* Near-ties: rows 0 and 1 hold multiples of 0.05 under a group maximum
+     * of 1.5 (ASYM's scale 0.1) or 0.7 (SYM's), w / s a hair off k + 0.5. */
+    for (int64_t r = 0; r < 2; r++)
+        for (int64_t c = 0; c < cols; c++)
+            w[r * cols + c] = c % 32 ? 0.05f * (float)(c % (r ? 14 : 30)) : (r ? 0.7f : 1.5f);
+    size_t misses = 0;
     for (size_t si = 0; si < 3; si++)
         for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++)
             for (int clip = 0; clip < 2; clip++)
@@ -1540,8 +1572,10 @@ START_TEST(fakequant_bf16_matches_ref)
                                                 .clip_ratio = clip ? 0.8f : 1.0f,
                                                 .continuous = smooth, .round_T = 8.0f,
                                                 .clamp_T = 12.0f};
-                        fq_bf16_case(&p, w, r, c, &spec, off);
+                        misses += fq_bf16_case(&p, w, r, c, &spec, off);
                     }
+    ck_assert_msg(misses > 0, "no weight where rounding in float would differ: the near-ties "
+                              "do not test the double fallback");
     free(w);
     pair_close(&p);
 }

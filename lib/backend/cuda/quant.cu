@@ -7,7 +7,8 @@
  * A group per thread is the simple form: enough parallelism for grouped
  * weights, slow for one group per tensor. The forward of SYM and ASYM,
  * which runs every step, gives each group a warp instead, or, for groups
- * of 8 to 128 whole float4s, a segment of a warp (same results). The
+ * of 8 to 128 whole float4s, a segment of a warp, rounding in float
+ * wherever that decides as double does (quantize_grid; same results). The
  * forwards write Q(w) in fp32 or rounded to bf16 (the bf16 products'
  * operand, written in the same pass). */
 #include <float.h>
@@ -161,6 +162,25 @@ __device__ static float quantize_value(const grid &g, float w, const qkd__quant_
     return (float)((code - g.z) * g.s);
 }
 
+/* quantize_value of SYM and ASYM, hard rounding in float where that
+ * decides alike: w * inv_s (inv_s = 1 / s in float) is within 2^-23 of
+ * w / s, relatively, so a quotient farther than 2^-21 of itself from a
+ * half-integer rounds as the double one does; nearer (ties included) or
+ * not finite, the double path decides. The codes and code - z are small
+ * integers, exact in float, and their product with s is one rounding in
+ * either precision: the same bits, at a fraction of the double work (the
+ * forward runs over every weight each step). Smooth rounding keeps its
+ * double functions. */
+__device__ static float quantize_grid(const grid &g, float inv_s, float w,
+                                      const qkd__quant_spec &sp)
+{
+    const float u = w * inv_s;
+    if (sp.continuous || !(fabsf(u - floorf(u) - 0.5f) > fabsf(u) * 0x1p-21f))
+        return quantize_value(g, w, sp);
+    const float code = fminf(fmaxf(roundf(u) + g.z, (float)g.qmin), (float)g.qmax);
+    return (code - g.z) * g.s;
+}
+
 __device__ static double value_grad(const grid &g, float w, const qkd__quant_spec &sp)
 {
     if (!sp.continuous)
@@ -227,8 +247,9 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
         mn = -qkd__warp_reduce(-mn, qkd__max_op<float>());
         grid g = grid_of(mx, mn, w + at, n, sp);
         group_scale(&g, w + at, n, sp);
+        const float inv_s = 1.0f / g.s;
         for (int64_t i = lane; i < n; i += 32)
-            qkd__store(wq, at + i, quantize_value(g, w[at + i], sp));
+            qkd__store(wq, at + i, quantize_grid(g, inv_s, w[at + i], sp));
         if (lane == 0) {
             scales[item] = g.s;
             zeros[item] = g.z;
@@ -236,38 +257,63 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
     }
 }
 
+/* float4s a thread of the segment kernel loads before computing any:
+ * one load, then a long dependent chain, left the memory system idle. */
+#define FQ_ITEMS 4
+
+/* Float4 i (v; live: i < n4) of the segment kernel: its group's range by
+ * shuffles (every lane takes part), then Q of its four values and, at the
+ * group's first thread, the group's scale and zero point. */
+template <typename T>
+__device__ void fakequant_seg_item(T *wq, float *scales, float *zeros, float4 v, size_t i,
+                                   bool live, int seg, const qkd__quant_spec &sp)
+{
+    float mx = fmaxf(fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)), 0.0f);
+    float mn = fminf(fminf(fminf(v.x, v.y), fminf(v.z, v.w)), 0.0f);
+    for (int o = seg / 2; o > 0; o /= 2) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    }
+    if (!live)
+        return;
+    grid g = grid_of(mx, mn, nullptr, 4 * seg, sp); /* SYM, ASYM: no values read */
+    group_scale(&g, nullptr, 4 * seg, sp);
+    const float inv_s = 1.0f / g.s;
+    qkd__store4(wq, i,
+                make_float4(quantize_grid(g, inv_s, v.x, sp), quantize_grid(g, inv_s, v.y, sp),
+                            quantize_grid(g, inv_s, v.z, sp), quantize_grid(g, inv_s, v.w, sp)));
+    if ((i & (size_t)(seg - 1)) == 0) { /* seg is a power of two: no 64-bit division */
+        const size_t at = i >> (__ffs(seg) - 1);
+        scales[at] = g.s;
+        zeros[at] = g.z;
+    }
+}
+
 /* SYM and ASYM over whole groups of 4 seg values (seg a power of two up to
  * 32): thread i owns values 4i .. 4i+3 (one float4), a group's seg threads
- * are neighbours in one warp and combine their range with shuffles. The
- * loop bound is the same for a whole block, so every lane reaches every
- * shuffle. Same results as the warp kernel (a range is order-free). */
+ * are neighbours in one warp and combine their range with shuffles. Each
+ * pass of the loop loads FQ_ITEMS float4s a grid's stride apart, then
+ * quantizes them. Its bound is the same for a whole block, so every lane
+ * reaches every shuffle. Same results as the warp kernel (a range is
+ * order-free). */
 template <typename T>
 __global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
                                              const float4 *w, size_t n4, int seg,
                                              qkd__quant_spec sp)
 {
     const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i0 = (size_t)blockIdx.x * blockDim.x; i0 < n4; i0 += stride) {
-        const size_t i = i0 + threadIdx.x;
-        const bool live = i < n4; /* a group's threads are all live or none */
-        const float4 v = live ? w[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        float mx = fmaxf(fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)), 0.0f);
-        float mn = fminf(fminf(fminf(v.x, v.y), fminf(v.z, v.w)), 0.0f);
-        for (int o = seg / 2; o > 0; o /= 2) {
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 - threadIdx.x < n4;
+         i0 += FQ_ITEMS * stride) {
+        float4 v[FQ_ITEMS];
+#pragma unroll
+        for (int k = 0; k < FQ_ITEMS; k++) {
+            const size_t i = i0 + k * stride; /* a group's threads are all live or none */
+            v[k] = i < n4 ? w[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
-        if (!live)
-            continue;
-        grid g = grid_of(mx, mn, nullptr, 4 * seg, sp); /* SYM, ASYM: no values read */
-        group_scale(&g, nullptr, 4 * seg, sp);
-        qkd__store4(wq, i,
-                    make_float4(quantize_value(g, v.x, sp), quantize_value(g, v.y, sp),
-                                quantize_value(g, v.z, sp), quantize_value(g, v.w, sp)));
-        if (i % seg == 0) {
-            scales[i / seg] = g.s;
-            zeros[i / seg] = g.z;
-        }
+#pragma unroll
+        for (int k = 0; k < FQ_ITEMS; k++)
+            fakequant_seg_item(wq, scales, zeros, v[k], i0 + k * stride, i0 + k * stride < n4,
+                               seg, sp);
     }
 }
 
@@ -326,7 +372,8 @@ static void fakequant_launch(qkd__backend *b, T *wq, float *scales, float *zeros
     const int seg = segment_of(wq, w, cols, spec);
     if (seg) {
         const size_t n4 = n_groups * (size_t)seg;
-        fakequant_forward_seg_kernel<<<qkd__cuda_blocks(n4), QKD__CUDA_THREADS, 0, st>>>(
+        fakequant_forward_seg_kernel<<<qkd__cuda_blocks((n4 + FQ_ITEMS - 1) / FQ_ITEMS),
+                                       QKD__CUDA_THREADS, 0, st>>>(
             wq, scales, zeros, (const float4 *)w, n4, seg, *spec);
     } else if (spec->scheme == QKD_QUANT_TERNARY) {
         fakequant_forward_kernel<<<qkd__cuda_blocks(n_groups), QKD__CUDA_THREADS, 0, st>>>(
