@@ -750,6 +750,14 @@ START_TEST(bf16_bits_producers_round_fp32)
         assert_bits_of("swiglu_forward_bf16_bits", d_o16 + off, d_o, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dgate", d_dg16 + off, d_dg, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dup", d_du16 + off, d_du, n, &p);
+        /* to_bf16_bits, special values first: NaN, infinity, -0, a subnormal */
+        static const float special[] = {NAN, -INFINITY, -0.0f, 0x1.ff8p-130f};
+        memcpy(up, special, (n < 4 ? n : 4) * sizeof *up);
+        float *d_x = dput_off(&p, up, n, off);
+        uint16_t *d_x16 = dput_bytes(&p, poison, n + off, sizeof *poison);
+        p.cb->to_bf16_bits(p.cb, d_x16 + off, d_x, n);
+        assert_bits_of("to_bf16_bits", d_x16 + off, d_x, n, &p);
+        dfree(&p, d_x - off); dfree(&p, d_x16);
         free(gate); free(up); free(g); free(zeros); free(poison);
         dfree(&p, d_gate - off); dfree(&p, d_up - off); dfree(&p, d_g - off);
         dfree(&p, d_o); dfree(&p, d_dg); dfree(&p, d_du);

@@ -9,7 +9,7 @@
 #include "testutil.h"
 
 #include "backend/backend.h"
-#include "model/model.h"
+#include "model/model_impl.h"
 #include "tokenizer/tokenizer.h"
 
 /* ---- fixtures -------------------------------------------------------------- */
@@ -447,6 +447,85 @@ START_TEST(test_bf16_matmul_precision)
                      QKD_ERR_INVALID_ARG);
     ck_assert_int_eq(qkd_model_set_matmul_precision(NULL, QKD_MATMUL_BF16), QKD_ERR_INVALID_ARG);
     free(l32), free(g32), free(l16), free(g16), free(again), free(g_again);
+    qkd_model_free(m);
+    qkd_context_free(ctx);
+}
+END_TEST
+
+/* A frozen model with bf16 products rounds its weights to bf16 once, at
+ * its first forward, and its products read them: the same logits, bit for
+ * bit, as trained. A weight set rounds them again; the model keeps no
+ * gradients, so grad_get and an optimizer step on it fail. Tied: the head
+ * reads token_embd's bits. */
+START_TEST(test_frozen_bf16_model_rounds_weights_once)
+{
+    qkd_context *ctx = test_context(2);
+    qkd_model *m = tiny_model(ctx, 1, 13);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), QKD_OK);
+    qkd_optim_params op;
+    qkd_optim_params_init(&op);
+    qkd_optimizer *opt = NULL;
+    ck_assert_int_eq(qkd_optimizer_create(m, &op, &opt), QKD_OK);
+    int32_t tokens[TB * TT];
+    random_ids(tokens, TB * TT, TV, 14);
+    const size_t n = TB * TT * TV;
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *trained = all_logits(m, n);
+
+    ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
+    ck_assert_ptr_null(qkd__model_weight_bits(m, 0));
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    ck_assert_ptr_nonnull(qkd__model_weight_bits(m, 0));
+    float *frozen = all_logits(m, n);
+    ck_assert_mem_eq(frozen, trained, n * sizeof *frozen);
+    /* the products read the copy: zeroed (host memory on this backend),
+     * every product is zero and so are the logits */
+    memset(m->weight_bits, 0, m->weight_floats * sizeof *m->weight_bits);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *zeroed = all_logits(m, n);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_float_eq(zeroed[i], 0.0f);
+
+    /* a weight set, even to its own values, rounds them again */
+    int iq;
+    ck_assert_int_eq(qkd_model_tensor_find(m, "blk.0.attn_q.weight", &iq), QKD_OK);
+    float *wq = tensor_copy(m, iq, 0);
+    ck_assert_int_eq(qkd_model_tensor_set(m, iq, wq, (size_t)tensor_len(m, iq)), QKD_OK);
+    ck_assert_ptr_null(qkd__model_weight_bits(m, iq));
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *again = all_logits(m, n);
+    ck_assert_mem_eq(again, trained, n * sizeof *again);
+    wq[0] += 0.5f;
+    ck_assert_int_eq(qkd_model_tensor_set(m, iq, wq, (size_t)tensor_len(m, iq)), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *changed = all_logits(m, n);
+    ck_assert(memcmp(changed, trained, n * sizeof *changed) != 0);
+
+    /* no gradients while frozen */
+    float g[1];
+    test_expect_error(ctx, qkd_model_grad_get(m, iq, g, 0), QKD_ERR_SHAPE, "elements");
+    float *gq = malloc((size_t)tensor_len(m, iq) * sizeof *gq);
+    ck_assert_ptr_nonnull(gq);
+    test_expect_error(ctx, qkd_model_grad_get(m, iq, gq, (size_t)tensor_len(m, iq)), QKD_ERR_STATE,
+                 "not trainable");
+    ck_assert_int_eq(qkd_model_zero_grad(m), QKD_OK);
+    test_expect_error(ctx, qkd_optimizer_step(opt, NULL), QKD_ERR_STATE, "not trainable");
+    test_expect_error(ctx, qkd_optimizer_step_deferred(opt), QKD_ERR_STATE, "not trainable");
+
+    /* trained again: the same logits as the frozen model's, the bf16 copy
+     * dropped, zeroed gradients, and the optimizer steps */
+    ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
+    ck_assert_ptr_null(m->weight_bits);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *retrained = all_logits(m, n);
+    ck_assert_mem_eq(retrained, changed, n * sizeof *retrained);
+    ck_assert_int_eq(qkd_model_grad_get(m, iq, gq, (size_t)tensor_len(m, iq)), QKD_OK);
+    for (int64_t i = 0; i < tensor_len(m, iq); i++)
+        ck_assert_float_eq(gq[i], 0.0f);
+    ck_assert_int_eq(qkd_optimizer_step(opt, NULL), QKD_OK);
+    free(trained), free(frozen), free(zeroed), free(again), free(changed), free(retrained);
+    free(wq), free(gq);
+    qkd_optimizer_free(opt);
     qkd_model_free(m);
     qkd_context_free(ctx);
 }
@@ -915,19 +994,11 @@ END_TEST
 
 /* ---- errors ------------------------------------------------------------------------ */
 
-static void expect_error(qkd_context *ctx, qkd_status got, qkd_status want, const char *needle)
-{
-    ck_assert_msg(got == want, "status %s, expected %s (%s)", qkd_status_name(got),
-                  qkd_status_name(want), qkd_context_last_error(ctx));
-    ck_assert_msg(strstr(qkd_context_last_error(ctx), needle) != NULL,
-                  "message '%s' does not mention '%s'", qkd_context_last_error(ctx), needle);
-}
-
 static void expect_bad_config(qkd_context *ctx, qkd_model_config c, const char *needle)
 {
     static char sentinel;
     qkd_model *m = (qkd_model *)&sentinel; /* create must reset it to NULL */
-    expect_error(ctx, qkd_model_create(ctx, &c, &m), QKD_ERR_INVALID_ARG, needle);
+    test_expect_error(ctx, qkd_model_create(ctx, &c, &m), QKD_ERR_INVALID_ARG, needle);
     ck_assert_ptr_null(m);
 }
 
@@ -971,7 +1042,7 @@ START_TEST(test_bad_configs)
     c.size = 8;
     expect_bad_config(ctx, c, "size field");
     qkd_model *m = NULL;
-    expect_error(ctx, qkd_model_create(ctx, NULL, &m), QKD_ERR_INVALID_ARG, "NULL");
+    test_expect_error(ctx, qkd_model_create(ctx, NULL, &m), QKD_ERR_INVALID_ARG, "NULL");
     ck_assert_int_eq(qkd_model_create(NULL, &c, &m), QKD_ERR_INVALID_ARG);
     qkd_context_free(ctx);
 }
@@ -991,7 +1062,7 @@ START_TEST(test_huge_model_is_no_memory)
     c.n_kv_heads = 1 << 16;
     c.vocab_size = 1 << 24;
     qkd_model *m = NULL;
-    expect_error(ctx, qkd_model_create(ctx, &c, &m), QKD_ERR_NO_MEMORY, "memory");
+    test_expect_error(ctx, qkd_model_create(ctx, &c, &m), QKD_ERR_NO_MEMORY, "memory");
     ck_assert_ptr_null(m);
     qkd_context_free(ctx);
 }
@@ -1007,48 +1078,48 @@ START_TEST(test_call_errors)
     float loss, buf[TB * TT * TV];
 
     /* wrong state: nothing to differentiate yet */
-    expect_error(ctx, qkd_model_backward(m, NULL), QKD_ERR_STATE, "no forward");
-    expect_error(ctx, qkd_model_logits(m, buf, TB * TT * TV), QKD_ERR_STATE, "no forward");
-    expect_error(ctx, qkd_model_cross_entropy(m, targets, 1, &loss), QKD_ERR_STATE,
+    test_expect_error(ctx, qkd_model_backward(m, NULL), QKD_ERR_STATE, "no forward");
+    test_expect_error(ctx, qkd_model_logits(m, buf, TB * TT * TV), QKD_ERR_STATE, "no forward");
+    test_expect_error(ctx, qkd_model_cross_entropy(m, targets, 1, &loss), QKD_ERR_STATE,
                  "no forward");
 
     /* bad forward arguments */
-    expect_error(ctx, qkd_model_forward(m, tokens, TB, TT + 1), QKD_ERR_INVALID_ARG,
+    test_expect_error(ctx, qkd_model_forward(m, tokens, TB, TT + 1), QKD_ERR_INVALID_ARG,
                  "max_seq_len");
-    expect_error(ctx, qkd_model_forward(m, tokens, 0, TT), QKD_ERR_INVALID_ARG, "B = 0");
-    expect_error(ctx, qkd_model_forward(m, NULL, TB, TT), QKD_ERR_INVALID_ARG, "NULL");
+    test_expect_error(ctx, qkd_model_forward(m, tokens, 0, TT), QKD_ERR_INVALID_ARG, "B = 0");
+    test_expect_error(ctx, qkd_model_forward(m, NULL, TB, TT), QKD_ERR_INVALID_ARG, "NULL");
     tokens[TT + 3] = TV;
-    expect_error(ctx, qkd_model_forward(m, tokens, TB, TT), QKD_ERR_RANGE,
+    test_expect_error(ctx, qkd_model_forward(m, tokens, TB, TT), QKD_ERR_RANGE,
                  "batch 1 position 3");
     tokens[TT + 3] = -1;
-    expect_error(ctx, qkd_model_forward(m, tokens, TB, TT), QKD_ERR_RANGE, "token -1");
+    test_expect_error(ctx, qkd_model_forward(m, tokens, TB, TT), QKD_ERR_RANGE, "token -1");
     tokens[TT + 3] = 0;
 
     ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
-    expect_error(ctx, qkd_model_backward(m, NULL), QKD_ERR_STATE, "no logits gradient");
-    expect_error(ctx, qkd_model_logits(m, buf, 5), QKD_ERR_SHAPE, "logits");
+    test_expect_error(ctx, qkd_model_backward(m, NULL), QKD_ERR_STATE, "no logits gradient");
+    test_expect_error(ctx, qkd_model_logits(m, buf, 5), QKD_ERR_SHAPE, "logits");
     targets[7] = TV;
-    expect_error(ctx, qkd_model_cross_entropy(m, targets, 1, &loss), QKD_ERR_RANGE, "row 7");
+    test_expect_error(ctx, qkd_model_cross_entropy(m, targets, 1, &loss), QKD_ERR_RANGE, "row 7");
     for (int i = 0; i < TB * TT; i++)
         targets[i] = -1;
     ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &loss), QKD_OK);
     ck_assert(loss == 0.0f); /* all padding */
 
     /* tensors */
-    expect_error(ctx, qkd_model_tensor_get(m, 0, buf, 5), QKD_ERR_SHAPE, "token_embd");
-    expect_error(ctx, qkd_model_tensor_set(m, 1, buf, 17), QKD_ERR_SHAPE, "blk.0.attn_norm");
-    expect_error(ctx, qkd_model_grad_get(m, 2, buf, 1), QKD_ERR_SHAPE, "attn_q");
-    expect_error(ctx, qkd_model_tensor_get(m, 99, buf, 1), QKD_ERR_RANGE, "index 99");
-    expect_error(ctx, qkd_model_grad_get(m, -1, buf, 1), QKD_ERR_RANGE, "index -1");
+    test_expect_error(ctx, qkd_model_tensor_get(m, 0, buf, 5), QKD_ERR_SHAPE, "token_embd");
+    test_expect_error(ctx, qkd_model_tensor_set(m, 1, buf, 17), QKD_ERR_SHAPE, "blk.0.attn_norm");
+    test_expect_error(ctx, qkd_model_grad_get(m, 2, buf, 1), QKD_ERR_SHAPE, "attn_q");
+    test_expect_error(ctx, qkd_model_tensor_get(m, 99, buf, 1), QKD_ERR_RANGE, "index 99");
+    test_expect_error(ctx, qkd_model_grad_get(m, -1, buf, 1), QKD_ERR_RANGE, "index -1");
     qkd_tensor_info info = {.size = 3};
-    expect_error(ctx, qkd_model_tensor_info(m, 0, &info), QKD_ERR_INVALID_ARG, "size");
+    test_expect_error(ctx, qkd_model_tensor_info(m, 0, &info), QKD_ERR_INVALID_ARG, "size");
     int idx;
-    expect_error(ctx, qkd_model_tensor_find(m, "blk.9.attn_q.weight", &idx), QKD_ERR_NOT_FOUND,
+    test_expect_error(ctx, qkd_model_tensor_find(m, "blk.9.attn_q.weight", &idx), QKD_ERR_NOT_FOUND,
                  "blk.9.attn_q.weight");
-    expect_error(ctx, qkd_model_init_random(m, 1, -1.0f), QKD_ERR_INVALID_ARG, "std");
-    expect_error(ctx, qkd_model_init_random(m, 1, INFINITY), QKD_ERR_INVALID_ARG, "std");
-    expect_error(ctx, qkd_model_set_max_seq_len(m, 0), QKD_ERR_INVALID_ARG, "set_max_seq_len");
-    expect_error(ctx, qkd_model_decode(m, 0, -1, NULL), QKD_ERR_RANGE, "position -1");
+    test_expect_error(ctx, qkd_model_init_random(m, 1, -1.0f), QKD_ERR_INVALID_ARG, "std");
+    test_expect_error(ctx, qkd_model_init_random(m, 1, INFINITY), QKD_ERR_INVALID_ARG, "std");
+    test_expect_error(ctx, qkd_model_set_max_seq_len(m, 0), QKD_ERR_INVALID_ARG, "set_max_seq_len");
+    test_expect_error(ctx, qkd_model_decode(m, 0, -1, NULL), QKD_ERR_RANGE, "position -1");
 
     /* NULL handles never crash */
     ck_assert_int_eq(qkd_model_forward(NULL, tokens, 1, 1), QKD_ERR_INVALID_ARG);
@@ -1076,6 +1147,7 @@ Suite *suite_model(void)
     tcase_add_test(tc, test_forward_matches_llama2c);
     tcase_add_test(tc, test_bf16_matmul_precision);
     tcase_add_test(tc, test_frozen_model_shares_activations);
+    tcase_add_test(tc, test_frozen_bf16_model_rounds_weights_once);
     tcase_add_loop_test(tc, test_gradient_finite_difference, 0, 2);
     tcase_add_loop_test(tc, test_gradient_accumulates, 0, 2);
     tcase_add_test(tc, test_backward_device_dlogits);

@@ -2065,14 +2065,6 @@ END_TEST
 
 /* ---- errors ----------------------------------------------------------------------- */
 
-static void expect_error(qkd_context *ctx, qkd_status got, qkd_status want, const char *needle)
-{
-    ck_assert_msg(got == want, "got %s, want %s (%s)", qkd_status_name(got),
-                  qkd_status_name(want), qkd_context_last_error(ctx));
-    ck_assert_msg(strstr(qkd_context_last_error(ctx), needle), "message '%s' lacks '%s'",
-                  qkd_context_last_error(ctx), needle);
-}
-
 static qkd_status create_with(qkd_context *ctx, void (*edit)(qkd_quant_params *))
 {
     qkd_quant_params p;
@@ -2106,47 +2098,47 @@ static void learn_format(qkd_quant_params *p)
 START_TEST(test_bad_params_targets_and_state)
 {
     qkd_context *ctx = test_context(1);
-    expect_error(ctx, create_with(ctx, bad_bits), QKD_ERR_INVALID_ARG, "bits 5");
-    expect_error(ctx, create_with(ctx, bad_group), QKD_ERR_INVALID_ARG, "group_size -2");
-    expect_error(ctx, create_with(ctx, bad_ratio), QKD_ERR_INVALID_ARG, "clip_ratio");
-    expect_error(ctx, create_with(ctx, nan_ratio), QKD_ERR_INVALID_ARG, "clip_ratio");
-    expect_error(ctx, create_with(ctx, bad_sharpness), QKD_ERR_INVALID_ARG, "sharpness");
-    expect_error(ctx, create_with(ctx, bad_clamp), QKD_ERR_INVALID_ARG, "sharpness");
-    expect_error(ctx, create_with(ctx, bad_act), QKD_ERR_INVALID_ARG, "act_bits 1");
-    expect_error(ctx, create_with(ctx, bad_kv), QKD_ERR_INVALID_ARG, "kv_bits 17");
-    expect_error(ctx, create_with(ctx, bad_scheme), QKD_ERR_INVALID_ARG, "scheme");
-    expect_error(ctx, create_with(ctx, bad_clip), QKD_ERR_INVALID_ARG, "clip mode");
-    expect_error(ctx, create_with(ctx, bad_estimator), QKD_ERR_INVALID_ARG, "estimator");
-    expect_error(ctx, create_with(ctx, bad_size), QKD_ERR_INVALID_ARG, "size");
-    expect_error(ctx, create_with(ctx, bad_learn), QKD_ERR_INVALID_ARG, "learn_scales 2");
-    expect_error(ctx, create_with(ctx, learn_format), QKD_ERR_INVALID_ARG, "cannot learn");
+    test_expect_error(ctx, create_with(ctx, bad_bits), QKD_ERR_INVALID_ARG, "bits 5");
+    test_expect_error(ctx, create_with(ctx, bad_group), QKD_ERR_INVALID_ARG, "group_size -2");
+    test_expect_error(ctx, create_with(ctx, bad_ratio), QKD_ERR_INVALID_ARG, "clip_ratio");
+    test_expect_error(ctx, create_with(ctx, nan_ratio), QKD_ERR_INVALID_ARG, "clip_ratio");
+    test_expect_error(ctx, create_with(ctx, bad_sharpness), QKD_ERR_INVALID_ARG, "sharpness");
+    test_expect_error(ctx, create_with(ctx, bad_clamp), QKD_ERR_INVALID_ARG, "sharpness");
+    test_expect_error(ctx, create_with(ctx, bad_act), QKD_ERR_INVALID_ARG, "act_bits 1");
+    test_expect_error(ctx, create_with(ctx, bad_kv), QKD_ERR_INVALID_ARG, "kv_bits 17");
+    test_expect_error(ctx, create_with(ctx, bad_scheme), QKD_ERR_INVALID_ARG, "scheme");
+    test_expect_error(ctx, create_with(ctx, bad_clip), QKD_ERR_INVALID_ARG, "clip mode");
+    test_expect_error(ctx, create_with(ctx, bad_estimator), QKD_ERR_INVALID_ARG, "estimator");
+    test_expect_error(ctx, create_with(ctx, bad_size), QKD_ERR_INVALID_ARG, "size");
+    test_expect_error(ctx, create_with(ctx, bad_learn), QKD_ERR_INVALID_ARG, "learn_scales 2");
+    test_expect_error(ctx, create_with(ctx, learn_format), QKD_ERR_INVALID_ARG, "cannot learn");
     qkd_quant_params p = params(QKD_QUANT_TERNARY, 5, 32); /* bits ignored for TERNARY */
     qkd_quantizer *q = make_quantizer(ctx, &p);
     qkd_quantizer_free(q);
     ck_assert_int_eq(qkd_quantizer_create(NULL, &p, &q), QKD_ERR_INVALID_ARG);
-    expect_error(ctx, qkd_quantizer_create(ctx, NULL, &q), QKD_ERR_INVALID_ARG, "NULL");
+    test_expect_error(ctx, qkd_quantizer_create(ctx, NULL, &q), QKD_ERR_INVALID_ARG, "NULL");
 
     p = params(QKD_QUANT_ASYM, 4, 32);
     q = make_quantizer(ctx, &p);
-    expect_error(ctx, qkd_quantizer_set_sharpness(q, -1.0f), QKD_ERR_INVALID_ARG, "positive");
-    expect_error(ctx, qkd_quantizer_set_estimator(q, (qkd_estimator)5), QKD_ERR_INVALID_ARG,
+    test_expect_error(ctx, qkd_quantizer_set_sharpness(q, -1.0f), QKD_ERR_INVALID_ARG, "positive");
+    test_expect_error(ctx, qkd_quantizer_set_estimator(q, (qkd_estimator)5), QKD_ERR_INVALID_ARG,
                  "estimator");
     ck_assert_int_eq(qkd_quantizer_set_sharpness(NULL, 1.0f), QKD_ERR_INVALID_ARG);
 
     qkd_model *m = tiny_model(ctx, 1, 15);
-    expect_error(ctx, qkd_model_set_quantizer(m, q, 0), QKD_ERR_INVALID_ARG, "empty");
-    expect_error(ctx, qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET(QKD_TENSOR_ATTN_NORM)),
+    test_expect_error(ctx, qkd_model_set_quantizer(m, q, 0), QKD_ERR_INVALID_ARG, "empty");
+    test_expect_error(ctx, qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET(QKD_TENSOR_ATTN_NORM)),
                  QKD_ERR_INVALID_ARG, "norm");
-    expect_error(ctx, qkd_model_set_quantizer(m, q, 1u << 20), QKD_ERR_INVALID_ARG, "names no");
+    test_expect_error(ctx, qkd_model_set_quantizer(m, q, 1u << 20), QKD_ERR_INVALID_ARG, "names no");
     ck_assert_int_eq(qkd_model_set_quantizer(NULL, q, QKD_QUANT_TARGET_LINEAR),
                      QKD_ERR_INVALID_ARG);
 
     /* calibrate: unbound, then bound without a SEARCH clip */
     int32_t tokens[ST] = {1, 2, 3, 4, 5, 6, 7, 8};
-    expect_error(ctx, qkd_quantizer_calibrate(q, m, tokens, 1, ST), QKD_ERR_STATE, "not bound");
+    test_expect_error(ctx, qkd_quantizer_calibrate(q, m, tokens, 1, ST), QKD_ERR_STATE, "not bound");
     ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
-    expect_error(ctx, qkd_quantizer_calibrate(q, m, tokens, 1, ST), QKD_ERR_STATE, "SEARCH");
-    expect_error(ctx, qkd_quantizer_calibrate(q, NULL, tokens, 1, ST), QKD_ERR_INVALID_ARG,
+    test_expect_error(ctx, qkd_quantizer_calibrate(q, m, tokens, 1, ST), QKD_ERR_STATE, "SEARCH");
+    test_expect_error(ctx, qkd_quantizer_calibrate(q, NULL, tokens, 1, ST), QKD_ERR_INVALID_ARG,
                  "model");
     ck_assert_int_eq(qkd_quantizer_calibrate(NULL, m, tokens, 1, ST), QKD_ERR_INVALID_ARG);
 
@@ -2156,10 +2148,10 @@ START_TEST(test_bad_params_targets_and_state)
     qkd_quantizer *qs = make_quantizer(ctx, &ps);
     ck_assert_int_eq(qkd_model_set_quantizer(m, qs, QKD_QUANT_TARGET_LINEAR), QKD_OK);
     int32_t bad[ST] = {1, 2, 99, 4, 5, 6, 7, 8};
-    expect_error(ctx, qkd_quantizer_calibrate(qs, m, bad, 1, ST), QKD_ERR_RANGE, "token 99");
+    test_expect_error(ctx, qkd_quantizer_calibrate(qs, m, bad, 1, ST), QKD_ERR_RANGE, "token 99");
     /* nor can it search on a model that keeps no per-layer inputs */
     ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
-    expect_error(ctx, qkd_quantizer_calibrate(qs, m, tokens, 1, ST), QKD_ERR_STATE, "trainable");
+    test_expect_error(ctx, qkd_quantizer_calibrate(qs, m, tokens, 1, ST), QKD_ERR_STATE, "trainable");
     ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
 
     /* a NaN weight in a target: NON_FINITE naming it, the old binding kept */
@@ -2168,10 +2160,10 @@ START_TEST(test_bad_params_targets_and_state)
     float *w = get_tensor(m, i_v);
     w[5] = NAN;
     ck_assert_int_eq(qkd_model_tensor_set(m, i_v, w, (size_t)tensor_len(m, i_v)), QKD_OK);
-    expect_error(ctx, qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_ERR_NON_FINITE,
+    test_expect_error(ctx, qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_ERR_NON_FINITE,
                  "blk.1.attn_v.weight[5]");
     ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET(QKD_TENSOR_ATTN_Q)), QKD_OK);
-    expect_error(ctx, qkd_quantizer_calibrate(qs, m, tokens, 1, ST), QKD_ERR_STATE, "not bound");
+    test_expect_error(ctx, qkd_quantizer_calibrate(qs, m, tokens, 1, ST), QKD_ERR_STATE, "not bound");
     free(w);
     qkd_model_free(m);
     qkd_quantizer_free(q);

@@ -60,6 +60,14 @@ void test_expect_status(qkd_context *ctx, qkd_status got, qkd_status want, const
         ck_assert_msg(qkd_context_last_error(ctx)[0] != '\0', "%s: no error message", what);
 }
 
+void test_expect_error(qkd_context *ctx, qkd_status got, qkd_status want, const char *needle)
+{
+    ck_assert_msg(got == want, "status %s, expected %s (%s)", qkd_status_name(got),
+                  qkd_status_name(want), qkd_context_last_error(ctx));
+    ck_assert_msg(strstr(qkd_context_last_error(ctx), needle) != NULL,
+                  "message '%s' does not mention '%s'", qkd_context_last_error(ctx), needle);
+}
+
 void *test_read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");

@@ -26,6 +26,8 @@ qkd_context *test_context(int n_threads);
 /* got must be want; a failure (want != QKD_OK) must leave a message in
  * ctx. `what` names the call in the test's message. */
 void test_expect_status(qkd_context *ctx, qkd_status got, qkd_status want, const char *what);
+/* got is want, and the context's last error message contains needle. */
+void test_expect_error(qkd_context *ctx, qkd_status got, qkd_status want, const char *needle);
 
 /* Read a whole file (malloc'd, caller frees); fails the test on error. */
 void *test_read_file(const char *path, size_t *len);

@@ -233,11 +233,20 @@ QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
  * frozen teacher is (0). A model that is not trained keeps no per-layer
  * activations: its layers share one set of buffers, so a forward needs
  * about 1 / n_layers of the activation memory (and stays in cache where
- * the whole set would not), with the same logits, bit for bit, and no
- * gradient buffers; qkd_model_backward, qkd_model_cross_entropy with
- * compute_grad, qkd_loss_compute with it as the student and an
- * output-error clip search on it then fail with STATE. Changing it releases the activations (set up again by the next
- * forward). Errors: INVALID_ARG (NULL model). @since 0.1 */
+ * the whole set would not), with the same logits, bit for bit. It keeps
+ * no gradients either, of activations or of parameters (4 bytes a
+ * parameter freed); qkd_model_backward, qkd_model_cross_entropy with
+ * compute_grad, qkd_loss_compute with it as the student, an output-error
+ * clip search on it, qkd_model_grad_get and an optimizer step on it then
+ * fail with STATE, and qkd_model_zero_grad does nothing. With bf16
+ * matmuls, on a backend that can, it keeps its weights rounded to bf16 as
+ * well (2 bytes a parameter), rounded again by the first forward after
+ * they change, and its products read them (the same logits, bit for bit,
+ * without rounding every weight in every forward). Changing it releases
+ * the activations (set up again by the next forward); training it again
+ * releases the bf16 weights and gives zeroed gradients. Errors:
+ * INVALID_ARG (NULL model), NO_MEMORY (the gradients, when training it
+ * again; it then stays frozen). @since 0.1 */
 QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
 
 /* Total number of trainable scalars (a bound quantizer's learned scales
@@ -309,7 +318,8 @@ QKD_API qkd_status qkd_model_tensor_find(const qkd_model *model,
 
 /* Copy tensor `index`'s weights (get) or gradient (grad_get) to dst, or
  * set its weights from src (copied). n must equal the tensor's element
- * count. Errors: INVALID_ARG, RANGE, SHAPE (wrong n), BACKEND.
+ * count. Errors: INVALID_ARG, RANGE, SHAPE (wrong n), STATE (grad_get on
+ * a model that is not trainable), BACKEND.
  * @since 0.1 */
 QKD_API qkd_status qkd_model_tensor_get(const qkd_model *model, int index,
                                         float *dst, size_t n);
@@ -355,7 +365,8 @@ QKD_API qkd_status qkd_model_cross_entropy(qkd_model *model,
  * gradient). @since 0.1 */
 QKD_API qkd_status qkd_model_backward(qkd_model *model, const float *dlogits);
 
-/* Set every parameter gradient to zero. @since 0.1 */
+/* Set every parameter gradient to zero (nothing, for a model that is not
+ * trainable: it keeps none). @since 0.1 */
 QKD_API qkd_status qkd_model_zero_grad(qkd_model *model);
 
 /* ---- inference ----------------------------------------------------------- */

@@ -129,9 +129,10 @@ typedef struct qkd_step_info {
 /* Apply one update from the model's current gradients (which are left as
  * they are: zero them before the next accumulation). info may be NULL;
  * it is filled on success and on a skipped step. Errors: INVALID_ARG (NULL
- * opt, info->size too small), STATE (the model's tensor table changed
- * since the optimizer was created: a quantizer with learn_scales was
- * bound or unbound), BACKEND. A skipped step returns QKD_ERR_NON_FINITE
+ * opt, info->size too small), STATE (the model is not trainable, see
+ * qkd_model_set_trainable, or its tensor table changed since the
+ * optimizer was created: a quantizer with learn_scales was bound or
+ * unbound), BACKEND. A skipped step returns QKD_ERR_NON_FINITE
  * with info->skipped = 1. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
 

@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 9
+#define QKD__BACKEND_ABI 10
 
 typedef struct qkd__backend qkd__backend;
 
@@ -153,6 +153,10 @@ struct qkd__backend {
     void (*sum)(qkd__backend *b, float *out, const float *x, size_t n);
     /* *out (one device float) = sum of x[i]^2 (summed in double). */
     void (*sum_squares)(qkd__backend *b, float *out, const float *x, size_t n);
+    /* Optional: dst = x rounded to bf16 (nearest even), as raw bits. A
+     * frozen model with bf16-bits products keeps its weights so, rounded
+     * once instead of by every product (NULL: every product rounds them). */
+    void (*to_bf16_bits)(qkd__backend *b, uint16_t *dst, const float *x, size_t n);
 
     /* ---- linear layers ---------------------------------------------- */
     /* out[N][OC] = inp[N][C] . w[OC][C]^T */

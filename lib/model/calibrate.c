@@ -84,7 +84,10 @@ static qkd_status calibrate_tensor(qkd_model *m, int i, int by_output, float *w,
     if (st == QKD_OK)
         st = qkd__quantizer_search_clip(m->student.q, w, e->rows, e->cols, has_in ? x : NULL, n_x,
                                         e->name);
-    return st == QKD_OK ? be->upload(be, dev_w, w, n * sizeof(float)) : st;
+    if (st != QKD_OK)
+        return st;
+    qkd__model_weights_changed(m);
+    return be->upload(be, dev_w, w, n * sizeof(float));
 }
 
 /* Host buffers for the largest targeted tensor and its sampled inputs. */

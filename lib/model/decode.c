@@ -94,6 +94,8 @@ qkd_status qkd_model_decode(qkd_model *m, int32_t token, int pos, float *logits)
 
     d->next_pos = 0; /* until this position is complete */
     st = be->upload(be, d->token, &token, sizeof token);
+    if (st == QKD_OK)
+        st = qkd__model_round_weights(m);
     if (st != QKD_OK)
         return st;
     /* a student decodes with hard rounding, refreshed when a sequence starts */

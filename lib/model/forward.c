@@ -305,6 +305,8 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
     qkd__train_acts *a = &m->acts;
     const int N = B * T;
     st = be->upload(be, a->tokens, tokens, (size_t)N * sizeof *tokens);
+    if (st == QKD_OK)
+        st = qkd__model_round_weights(m);
     if (st != QKD_OK)
         return st;
     qkd__model_quantize_weights(m, 1, 1);

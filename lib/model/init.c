@@ -71,6 +71,7 @@ qkd_status qkd_model_init_random(qkd_model *m, uint64_t seed, float std)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "model init_random: out of memory");
     qkd__backend *be = qkd__model_backend(m);
     normal_rng r = {.state = seed};
+    qkd__model_weights_changed(m);
     qkd_status st = QKD_OK;
     for (int i = 0; i < m->n_weights && st == QKD_OK; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];

@@ -183,18 +183,49 @@ qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg
 
 /* ---- building -------------------------------------------------------- */
 
-static qkd_status alloc_params(qkd_model *m)
+/* A zeroed buffer of n_floats into *buf. */
+static qkd_status alloc_zeros(qkd_model *m, float **buf)
 {
     qkd__backend *be = qkd__model_backend(m);
-    size_t bytes = m->n_floats * sizeof(float);
-    qkd_status st = be->alloc(be, bytes, (void **)&m->params);
+    qkd_status st = be->alloc(be, m->n_floats * sizeof(float), (void **)buf);
     if (st == QKD_OK)
-        st = be->alloc(be, bytes, (void **)&m->grads);
-    if (st != QKD_OK)
-        return st;
-    be->fill(be, m->params, 0.0f, m->n_floats);
-    be->fill(be, m->grads, 0.0f, m->n_floats);
+        be->fill(be, *buf, 0.0f, m->n_floats);
+    return st;
+}
+
+static qkd_status alloc_params(qkd_model *m)
+{
+    qkd_status st = alloc_zeros(m, &m->params);
+    return st == QKD_OK ? alloc_zeros(m, &m->grads) : st;
+}
+
+static void free_weight_bits(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    be->free(be, m->weight_bits);
+    m->weight_bits = NULL;
+    m->weight_bits_current = 0;
+}
+
+qkd_status qkd__model_round_weights(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    if (!m->frozen || !qkd__model_bf16_bits(m) || !be->to_bf16_bits || m->weight_bits_current)
+        return QKD_OK;
+    if (!m->weight_bits) {
+        qkd_status st =
+            be->alloc(be, m->weight_floats * sizeof *m->weight_bits, (void **)&m->weight_bits);
+        if (st != QKD_OK)
+            return st;
+    }
+    be->to_bf16_bits(be, m->weight_bits, m->params, m->weight_floats);
+    m->weight_bits_current = 1;
     return QKD_OK;
+}
+
+const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index)
+{
+    return m->weight_bits_current ? m->weight_bits + m->tensors[index].offset : NULL;
 }
 
 static void count_params(qkd_model *m)
@@ -249,8 +280,13 @@ static qkd_status grow_buffers(qkd_model *m, size_t n, float **params, float **g
         return st;
     }
     be->copy(be, *params, m->params, m->weight_floats);
-    be->copy(be, *grads, m->grads, m->weight_floats);
     be->fill(be, *params + m->weight_floats, 0.0f, n - m->weight_floats);
+    if (!m->grads) { /* frozen: no gradients to carry */
+        be->free(be, *grads);
+        *grads = NULL;
+        return QKD_OK;
+    }
+    be->copy(be, *grads, m->grads, m->weight_floats);
     be->fill(be, *grads + m->weight_floats, 0.0f, n - m->weight_floats);
     return QKD_OK;
 }
@@ -337,6 +373,7 @@ void qkd_model_free(qkd_model *m)
     qkd__model_free_student(m);
     be->free(be, m->params);
     be->free(be, m->grads);
+    free_weight_bits(m);
     qkd_tokenizer_free(m->tokenizer);
     qkd__free(m->ctx, m->acts.layers);
     qkd__free(m->ctx, m->tensors);
@@ -368,14 +405,26 @@ qkd_status qkd_model_set_max_seq_len(qkd_model *m, int n)
     return QKD_OK;
 }
 
+/* Frozen, the model drops its gradients; trained again, it gets zeroed
+ * ones and drops its bf16 weights, which an update would make stale. */
 qkd_status qkd_model_set_trainable(qkd_model *m, int trainable)
 {
     if (!m)
         return QKD_ERR_INVALID_ARG;
-    if (m->frozen != !trainable) {
-        m->frozen = !trainable;
-        qkd__model_free_acts(m); /* planned again, with or without per-layer buffers */
+    if (m->frozen == !trainable)
+        return QKD_OK;
+    qkd__backend *be = qkd__model_backend(m);
+    if (trainable) {
+        qkd_status st = alloc_zeros(m, &m->grads);
+        if (st != QKD_OK)
+            return st;
+        free_weight_bits(m);
+    } else {
+        be->free(be, m->grads);
+        m->grads = NULL;
     }
+    m->frozen = !trainable;
+    qkd__model_free_acts(m); /* planned again, with or without per-layer buffers */
     return QKD_OK;
 }
 
@@ -402,6 +451,7 @@ qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
         return st;
     }
     qkd__model_free_acts(m); /* planned again: their linear inputs may be bf16 */
+    free_weight_bits(m);       /* rounded again by a bf16 forward */
     qkd__model_free_decode(m); /* its keys are rotated or not (qkd__model_attention_bf16) */
     return QKD_OK;
 }
@@ -454,7 +504,13 @@ float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind ki
 
 float *qkd__model_param_dev(qkd_model *m, int index)
 {
+    qkd__model_weights_changed(m); /* the caller writes them */
     return m->params + m->tensors[index].offset;
+}
+
+int qkd__model_trainable(const qkd_model *m)
+{
+    return !m->frozen;
 }
 
 float *qkd__model_grad_dev(qkd_model *m, int index)
@@ -539,6 +595,10 @@ qkd_status qkd_model_grad_get(const qkd_model *m, int index, float *dst, size_t 
     if (!m)
         return QKD_ERR_INVALID_ARG;
     qkd_status st = check_transfer(m, "grad_get", index, dst, n);
+    if (st == QKD_OK && !m->grads)
+        st = qkd__error(m->ctx, QKD_ERR_STATE,
+                        "model grad_get: the model is not trainable (qkd_model_set_trainable) "
+                        "and keeps no gradients");
     if (st != QKD_OK)
         return st;
     return qkd__model_download(m, dst, m->grads + m->tensors[index].offset, n);
@@ -552,6 +612,7 @@ qkd_status qkd_model_tensor_set(qkd_model *m, int index, const float *src, size_
     if (st != QKD_OK)
         return st;
     qkd__backend *be = qkd__model_backend(m);
+    qkd__model_weights_changed(m);
     return be->upload(be, m->params + m->tensors[index].offset, src, n * sizeof(float));
 }
 
@@ -560,7 +621,8 @@ qkd_status qkd_model_zero_grad(qkd_model *m)
     if (!m)
         return QKD_ERR_INVALID_ARG;
     qkd__backend *be = qkd__model_backend(m);
-    be->fill(be, m->grads, 0.0f, m->n_floats);
+    if (m->grads) /* a frozen model has none */
+        be->fill(be, m->grads, 0.0f, m->n_floats);
     return QKD_OK;
 }
 

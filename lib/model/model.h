@@ -35,10 +35,13 @@ void qkd__model_last_shape(const qkd_model *model, int *B, int *T);
 void qkd__model_mark_dlogits(qkd_model *model, int bits);
 
 /* Device pointers to tensor `index`'s weights and gradient (its
- * n_elements floats each); index must be valid. The optimizer and the
- * quantizer work on these in place. */
+ * n_elements floats each); index must be valid, and the gradient exists
+ * only while the model is trainable. The optimizer and the quantizer work
+ * on these in place. */
 float *qkd__model_param_dev(qkd_model *model, int index);
 float *qkd__model_grad_dev(qkd_model *model, int index);
+/* Whether the model is trained (qkd_model_set_trainable): it has gradients. */
+int qkd__model_trainable(const qkd_model *model);
 
 /* Bumped whenever the tensor table gains or loses a quantizer's learned
  * tensors: an optimizer holds on to the table of its creation. */

@@ -145,7 +145,12 @@ struct qkd_model {
     size_t n_floats;      /* buffer length, alignment padding included */
     size_t weight_floats; /* the part of it the weights use */
     unsigned table_gen;   /* bumped whenever the learned tensors change */
-    float *params, *grads; /* device buffers of at least n_floats each */
+    float *params;        /* device buffer of at least n_floats */
+    float *grads;         /* as params; NULL while frozen (no gradients kept) */
+    uint16_t *weight_bits; /* a frozen bf16-bits model's weights [weight_floats]
+                             in bf16 (backend to_bf16_bits), which its products
+                             read instead of rounding the fp32 ones; NULL: none */
+    int weight_bits_current; /* weight_bits holds the weights' present values */
     qkd_tokenizer *tokenizer;
     qkd__train_acts acts;
     int has_forward;      /* acts hold a forward's results */
@@ -155,6 +160,13 @@ struct qkd_model {
     int matmul_bf16;      /* QKD_MATMUL_BF16: the backend's bf16 products */
     int frozen;           /* not trained: the layers share their activations */
 };
+
+/* The weights changed (an upload, a fill, an update): a frozen model's
+ * bf16 copy of them is out of date until the next forward rounds it again. */
+static inline void qkd__model_weights_changed(qkd_model *m)
+{
+    m->weight_bits_current = 0;
+}
 
 /* What acts.dlogits holds: nothing, floats, or bf16 bits in its first half
  * (qkd__model_dlogits_bits_dev). */
@@ -293,6 +305,13 @@ void qkd__model_init_scales(qkd_model *m);
  * error nothing changes. */
 qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry *extra,
                                           int n_extra);
+
+/* A frozen model with bf16-bits products: round its weights into
+ * weight_bits unless they are current (a forward's first step). Nothing
+ * for other models. Errors: NO_MEMORY, BACKEND (weight_bits then unset). */
+qkd_status qkd__model_round_weights(qkd_model *m);
+/* Tensor `index` in weight_bits, or NULL while they are not current. */
+const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index);
 
 /* Download n floats after the queued kernels have finished. */
 qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n);

@@ -82,13 +82,16 @@ static qkd__qweight fused_weight(const qkd_model *m, const qkd__qtensor *t,
 }
 
 /* The weight operand of a bf16-bits product: Q(w) in bf16 for a tensor of
- * that form, else the fp32 weight the forward reads. */
+ * that form, a frozen model's bf16 weight where it keeps them, else the
+ * fp32 weight the forward reads. */
 static qkd__bf16_in weight_in(const qkd_model *m, const qkd__qtensor *t, qkd_tensor_kind kind,
                               int layer)
 {
     if (t && t->form == QKD__WQ_BF16)
         return (qkd__bf16_in){.bits = (const uint16_t *)t->wq};
-    return qkd__bf16_f32(qkd__model_weight(m, kind, layer));
+    const uint16_t *bits = t ? NULL : qkd__model_weight_bits(m, weight_index(m, kind, layer));
+    return bits ? (qkd__bf16_in){.bits = bits}
+                : qkd__bf16_f32(qkd__model_weight(m, kind, layer));
 }
 
 /* The fp32-operand products of one pass over a linear weight, in each of

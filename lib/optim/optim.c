@@ -414,8 +414,15 @@ static void update_all(qkd_optimizer *opt, int n, int clipped, float clip)
         update_span(opt, &opt->spans[k], clipped, clip, bias_t);
 }
 
-static qkd_status check_table(const qkd_optimizer *opt, const char *where)
+/* The model can be updated: it keeps gradients, and the tensors the
+ * optimizer was made for. */
+static qkd_status check_model(const qkd_optimizer *opt, const char *where)
 {
+    if (!qkd__model_trainable(opt->model))
+        return qkd__error(opt->ctx, QKD_ERR_STATE,
+                          "%s: the model is not trainable (qkd_model_set_trainable) and keeps "
+                          "no gradients",
+                          where);
     if (qkd__model_table_gen(opt->model) != opt->table_gen)
         return qkd__error(opt->ctx, QKD_ERR_STATE,
                           "%s: the model's tensors changed since the optimizer was created (a "
@@ -492,7 +499,7 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
     const char *where = "optimizer step";
     qkd_status st = check_info(opt, info, where);
     if (st == QKD_OK)
-        st = check_table(opt, where);
+        st = check_model(opt, where);
     if (st == QKD_OK)
         st = settle(opt);
     if (st != QKD_OK)
@@ -524,7 +531,7 @@ qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt)
     qkd__backend *be = opt->be;
     if (opt->p.kind != QKD_OPTIM_ADAMW || !opt->st || !be->adamw_update_multi_dev)
         return qkd_optimizer_step(opt, NULL); /* nothing to decide on the device */
-    qkd_status st = check_table(opt, "optimizer step_deferred");
+    qkd_status st = check_model(opt, "optimizer step_deferred");
     if (st == QKD_OK && opt->st_stale)
         st = be->upload(be, &opt->st->t, &opt->step, sizeof opt->step);
     if (st != QKD_OK)

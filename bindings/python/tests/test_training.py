@@ -148,6 +148,8 @@ def test_frozen_teacher_gives_the_same_logits_and_refuses_gradients(ctx, stories
         frozen.cross_entropy(tokens)
     with pytest.raises(qkd.StateError):
         frozen.backward()
+    with pytest.raises(qkd.StateError):  # no gradient buffers at all
+        frozen.grad(1)
     assert frozen.cross_entropy(tokens, compute_grad=False) == pytest.approx(
         trained.cross_entropy(tokens, compute_grad=False), rel=1e-6)
     frozen.set_matmul_precision("bf16")

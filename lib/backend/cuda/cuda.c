@@ -411,6 +411,7 @@ static const qkd__backend cuda_table = {
     .scale = qkd__cuda_scale,
     .sum = qkd__cuda_sum,
     .sum_squares = qkd__cuda_sum_squares,
+    .to_bf16_bits = qkd__cuda_to_bf16,
     .matmul_forward = cuda_matmul_forward,
     .matmul_backward_input = cuda_matmul_backward_input,
     .matmul_backward_weight = cuda_matmul_backward_weight,

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "backend/ref/ref.h"
+#include "core/half.h"
 
 /* Below this many flops a job is not worth waking other threads for. */
 #define MIN_TASK_FLOPS 16384
@@ -107,6 +108,13 @@ static void ref_copy(qkd__backend *b, float *dst, const float *src, size_t n)
     (void)b;
     if (n)
         memmove(dst, src, n * sizeof *dst);
+}
+
+static void ref_to_bf16_bits(qkd__backend *b, uint16_t *dst, const float *x, size_t n)
+{
+    (void)b;
+    for (size_t i = 0; i < n; i++)
+        dst[i] = qkd__f32_to_bf16(x[i]);
 }
 
 static void ref_add(qkd__backend *b, float *out, const float *x, const float *y, size_t n)
@@ -225,6 +233,7 @@ static const qkd__backend ref_table = {
     .scale = ref_scale,
     .sum = ref_sum,
     .sum_squares = ref_sum_squares,
+    .to_bf16_bits = ref_to_bf16_bits,
     .matmul_forward = qkd__ref_matmul_forward,
     .matmul_backward_input = qkd__ref_matmul_backward_input,
     .matmul_backward_weight = qkd__ref_matmul_backward_weight,

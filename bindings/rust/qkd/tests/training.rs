@@ -204,6 +204,8 @@ fn frozen_model_gives_the_same_logits_and_no_gradients() {
         sys::QKD_ERR_STATE
     );
     assert_eq!(frozen.backward().unwrap_err().status(), sys::QKD_ERR_STATE);
+    // no gradient buffers at all
+    assert_eq!(frozen.grad(1).unwrap_err().status(), sys::QKD_ERR_STATE);
     frozen.set_matmul_precision(sys::QKD_MATMUL_BF16).unwrap();
     frozen.forward(&tokens, 2, 16).unwrap();
     assert_ne!(frozen.logits().unwrap(), trained.logits().unwrap());
