@@ -101,22 +101,38 @@ __device__ inline void fb_rotate(float &x0, float &x1, const double2 *tab, int h
     x1 = (float)(a * sn + b * cs.x);
 }
 
+/* The position of row r of a copy, in 32-bit arithmetic where r fits:
+ * a 64-bit division costs several times more, once per row segment. */
+__device__ inline int fb_pos(size_t r, const fb_rope &rope)
+{
+    if (r <= UINT32_MAX)
+        return rope.pos0 + (int)((uint32_t)r / (uint32_t)rope.heads % (uint32_t)rope.T);
+    return rope.pos0 + (int)(r / rope.heads % rope.T);
+}
+
 /* dst[r][d] = bf16(src[r][d]) for d < hd, 0 for hd <= d < HD: rows of hd
- * floats into rows of HD bf16 values, RoPE applied first where rope says. */
+ * floats into rows of HD bf16 values, RoPE applied first where rope says.
+ * A thread writes 8 values (one 16-byte store; HD is a multiple of 8). */
 template <int HD>
 __global__ void fb_convert_kernel(bf16 *dst, const float *src, size_t rows, int hd,
                                   fb_rope rope)
 {
-    QKD__CUDA_FOR(i, rows * (HD / 2))
+    QKD__CUDA_FOR(i, rows * (HD / 8))
     {
-        const size_t r = i / (HD / 2);
-        const int d = (int)(i % (HD / 2)) * 2;
+        const size_t r = i / (HD / 8);
+        const int d0 = (int)(i % (HD / 8)) * 8;
         const float *x = src + r * hd;
-        float x0 = d < hd ? x[d] : 0.0f, x1 = d + 1 < hd ? x[d + 1] : 0.0f;
-        if (rope.tab && d + 1 < hd)
-            fb_rotate(x0, x1, rope.tab, hd, rope.pos0 + (int)(r / rope.heads % rope.T), d / 2,
-                      1.0);
-        *(__nv_bfloat162 *)(dst + r * HD + d) = __floats2bfloat162_rn(x0, x1);
+        const int pos = rope.tab ? fb_pos(r, rope) : 0;
+        uint32_t out[4];
+        for (int k = 0; k < 4; k++) {
+            const int d = d0 + 2 * k;
+            float x0 = d < hd ? x[d] : 0.0f, x1 = d + 1 < hd ? x[d + 1] : 0.0f;
+            if (rope.tab && d + 1 < hd)
+                fb_rotate(x0, x1, rope.tab, hd, pos, d / 2, 1.0);
+            const __nv_bfloat162 v = __floats2bfloat162_rn(x0, x1);
+            out[k] = *(const uint32_t *)&v;
+        }
+        *(uint4 *)(dst + r * HD + d0) = make_uint4(out[0], out[1], out[2], out[3]);
     }
 }
 
@@ -430,9 +446,11 @@ __device__ void fb_online(float (&s)[FB_NB][4], float (&m)[2], float (&l)[2],
 
 /* ---- kernels ----------------------------------------------------------------------------- */
 
-/* One block per (head, batch row, query tile), longest tiles first. */
+/* One block per (head, batch row, query tile), longest tiles first. Up to
+ * head size 64, three blocks an SM: 168 registers, no spill, where the
+ * unbounded 228 allowed two (docs/benchmarks.md has the comparison). */
 template <int HD>
-__global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kernel(fb_args p)
 {
     typedef fb_geo<HD> G;
     constexpr int MI = fb_fwd<HD>::MI, BM = fb_fwd<HD>::ROWS;
@@ -503,9 +521,10 @@ __global__ void __launch_bounds__(FB_THREADS) fb_forward_kernel(fb_args p)
 
 /* One block per (kv head, batch row, key tile), longest first: dk and dv
  * of its keys, summed over the rep query heads and the query tiles at or
- * after it. */
+ * after it. Two blocks an SM up to head size 64: three spilled (168
+ * registers), which cost TinyLlama's long rep loops 11%. */
 template <int HD>
-__global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_dkdv_kernel(fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 2 : 1) fb_dkdv_kernel(fb_args p)
 {
     typedef fb_geo<HD> G;
     extern __shared__ __align__(16) unsigned char fb_sm[];
@@ -676,7 +695,7 @@ template <int HD> static void fb_launch(qkd__backend *b, fb_pass pass, const fb_
 template <int HD> static void fb_convert(qkd__backend *b, bf16 *dst, const float *x, size_t rows,
                                          int hd, fb_rope rope = fb_rope{})
 {
-    fb_convert_kernel<HD><<<qkd__cuda_blocks(rows * (HD / 2)), QKD__CUDA_THREADS, 0,
+    fb_convert_kernel<HD><<<qkd__cuda_blocks(rows * (HD / 8)), QKD__CUDA_THREADS, 0,
                             qkd__cuda_of(b)->stream>>>(dst, x, rows, hd, rope);
     qkd__cuda_launched(b, "attention_bf16 copies");
 }
