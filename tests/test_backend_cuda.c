@@ -615,9 +615,11 @@ START_TEST(matmul_bf16_bits_equal_bf16)
         p.cb->matmul_forward_bf16(p.cb, d_want, d_x, d_w, N, C, OC);
         p.cb->matmul_backward_input_bf16(p.cb, d_dx, d_dout, d_w, N, C, OC);
         p.cb->matmul_backward_weight_bf16(p.cb, d_dw, d_dout, d_x, N, C, OC);
-        float *zeros = test_vec_new(nx), *d_dx_only = dput(&p, zeros, nx);
+        float *zeros = test_vec_new(nx > nw ? nx : nw), *d_dx_only = dput(&p, zeros, nx);
+        float *d_dw_only = dput(&p, zeros, nw);
         p.cb->matmul_backward_input_bf16(p.cb, d_dx_only, d_dout, d_w, N, C, OC);
-        float *want_dx_only = dtake(&p, d_dx_only, nx);
+        p.cb->matmul_backward_weight_bf16(p.cb, d_dw_only, d_dout, d_x, N, C, OC);
+        float *want_dx_only = dtake(&p, d_dx_only, nx), *want_dw_only = dtake(&p, d_dw_only, nw);
         float *want = dtake(&p, d_want, no), *want_dx = dtake(&p, d_dx, nx);
         float *want_dw = dtake(&p, d_dw, nw);
         for (int form = 1; form < 8; form++) { /* as bits: 1 the input, 2 the weight, 4 dout */
@@ -632,19 +634,23 @@ START_TEST(matmul_bf16_bits_equal_bf16)
             d_dw = dput(&p, dw0, nw);
             p.cb->matmul_forward_bf16_bits(p.cb, d_o, in, wt, N, C, OC);
             p.cb->matmul_backward_input_bf16_bits(p.cb, d_dx, go, wt, N, C, OC, 1);
-            p.cb->matmul_backward_weight_bf16_bits(p.cb, d_dw, go, in, N, C, OC);
+            p.cb->matmul_backward_weight_bf16_bits(p.cb, d_dw, go, in, N, C, OC, 1);
             float *d_dxw = dpoison(&p, nx); /* accumulate 0 writes, reading no NaN */
+            float *d_dww = dpoison(&p, nw);
             p.cb->matmul_backward_input_bf16_bits(p.cb, d_dxw, go, wt, N, C, OC, 0);
+            p.cb->matmul_backward_weight_bf16_bits(p.cb, d_dww, go, in, N, C, OC, 0);
             float *o = dtake(&p, d_o, no), *dx = dtake(&p, d_dx, nx), *dw = dtake(&p, d_dw, nw);
-            float *dxw = dtake(&p, d_dxw, nx);
+            float *dxw = dtake(&p, d_dxw, nx), *dww = dtake(&p, d_dww, nw);
             assert_same("matmul_forward_bf16_bits", o, want, no);
             assert_same("matmul_backward_input_bf16_bits", dx, want_dx, nx);
             assert_same("matmul_backward_input_bf16_bits written", dxw, want_dx_only, nx);
             assert_same("matmul_backward_weight_bf16_bits", dw, want_dw, nw);
-            free(o); free(dx); free(dw); free(dxw);
+            assert_same("matmul_backward_weight_bf16_bits written", dww, want_dw_only, nw);
+            free(o); free(dx); free(dw); free(dxw); free(dww);
         }
         free(w); free(x); free(dout); free(dx0); free(dw0); free(w16); free(x16); free(g16);
         free(want); free(want_dx); free(want_dw); free(zeros); free(want_dx_only);
+        free(want_dw_only);
         dfree(&p, (void *)d_w16); dfree(&p, (void *)d_x16); dfree(&p, (void *)d_g16);
         dfree(&p, d_w); dfree(&p, d_x); dfree(&p, d_dout);
     }

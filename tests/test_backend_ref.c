@@ -398,13 +398,17 @@ START_TEST(test_bf16_bits_family)
     const qkd__bf16_in xi = {.bits = xb}, wi = {.bits = wb}, dyi = {.bits = dyb};
     b->matmul_forward_bf16_bits(b, y2, xi, wi, N, C, OC);
     b->matmul_backward_input_bf16_bits(b, dx2, dyi, wi, N, C, OC, 1);
-    b->matmul_backward_weight_bf16_bits(b, dw2, dyi, xi, N, C, OC);
+    b->matmul_backward_weight_bf16_bits(b, dw2, dyi, xi, N, C, OC, 1);
     ck_assert_mem_eq(y2, y, ny * sizeof *y);
     ck_assert_mem_eq(dx2, dx, nx * sizeof *dx);
+    ck_assert_mem_eq(dw2, dw, nw * sizeof *dw);
     /* accumulate 0 writes: NaN in the buffer is not read */
     for (size_t i = 0; i < nx; i++)
         dx2[i] = NAN;
+    for (size_t i = 0; i < nw; i++)
+        dw2[i] = NAN;
     b->matmul_backward_input_bf16_bits(b, dx2, dyi, wi, N, C, OC, 0);
+    b->matmul_backward_weight_bf16_bits(b, dw2, dyi, xi, N, C, OC, 0);
     ck_assert_mem_eq(dx2, dx, nx * sizeof *dx);
     ck_assert_mem_eq(dw2, dw, nw * sizeof *dw);
 

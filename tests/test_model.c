@@ -708,12 +708,14 @@ START_TEST(test_gradient_finite_difference)
 }
 END_TEST
 
-/* Two backwards from the same logits gradient give twice one. */
-START_TEST(test_gradient_accumulates)
+/* Two backwards from the same logits gradient give twice one; after a
+ * zero_grad, a backward gives one again, bit for bit (bf16: the products
+ * write the weight gradients over the old ones, the rest is zeroed). */
+static void gradient_accumulates(int tied, qkd_matmul_precision prec)
 {
-    int tied = _i;
     qkd_context *ctx = test_context(1);
     qkd_model *m = tiny_model(ctx, tied, 8);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, prec), QKD_OK);
     int32_t tokens[TB * TT], targets[TB * TT];
     random_ids(tokens, TB * TT, TV, 1);
     random_ids(targets, TB * TT, TV, 2);
@@ -739,10 +741,22 @@ START_TEST(test_gradient_accumulates)
     for (int64_t e = 0; e < tensor_len(m, 0); e++)
         ck_assert(z[e] == 0.0f);
     free(z);
-    for (int i = 0; i < qkd_model_n_tensors(m); i++)
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        float *again = tensor_copy(m, i, 1);
+        ck_assert_msg(memcmp(again, once[i], (size_t)tensor_len(m, i) * sizeof *again) == 0,
+                      "tensor %d: the backward after zero_grad differs", i);
+        free(again);
         free(once[i]);
+    }
     qkd_model_free(m);
     qkd_context_free(ctx);
+}
+
+START_TEST(test_gradient_accumulates)
+{
+    gradient_accumulates(_i, QKD_MATMUL_FP32);
+    gradient_accumulates(_i, QKD_MATMUL_BF16);
 }
 END_TEST
 

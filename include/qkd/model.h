@@ -366,7 +366,10 @@ QKD_API qkd_status qkd_model_cross_entropy(qkd_model *model,
 QKD_API qkd_status qkd_model_backward(qkd_model *model, const float *dlogits);
 
 /* Set every parameter gradient to zero (nothing, for a model that is not
- * trainable: it keeps none). @since 0.1 */
+ * trainable: it keeps none). The zeroing is deferred: the next backward
+ * writes the gradients its bf16 products make instead of adding them to
+ * zeros, so a step need not write and read back a zeroed buffer the size
+ * of the weights. @since 0.1 */
 QKD_API qkd_status qkd_model_zero_grad(qkd_model *model);
 
 /* ---- inference ----------------------------------------------------------- */

@@ -185,16 +185,18 @@ struct qkd__backend {
      * on the fp32 values those bits decode to. A model keeps its linear
      * layers' inputs, some output gradients and its quantized weights in
      * bf16 with them, so no product converts what a kernel could write in
-     * bf16 at once. The backward-input product adds (accumulate 1) or
-     * writes (0: dinp = dout . w, its old contents, NaN included, not
-     * read), so the first product into a gradient needs no zeroed buffer. */
+     * bf16 at once. The backward products add (accumulate 1) or write (0:
+     * dinp = dout . w, dw = dout^T . inp, the old contents, NaN included,
+     * not read), so the first product into a gradient needs no zeroed
+     * buffer. */
     void (*matmul_forward_bf16_bits)(qkd__backend *b, float *out, qkd__bf16_in inp,
                                      qkd__bf16_in w, int N, int C, int OC);
     void (*matmul_backward_input_bf16_bits)(qkd__backend *b, float *dinp, qkd__bf16_in dout,
                                             qkd__bf16_in w, int N, int C, int OC,
                                             int accumulate);
     void (*matmul_backward_weight_bf16_bits)(qkd__backend *b, float *dw, qkd__bf16_in dout,
-                                             qkd__bf16_in inp, int N, int C, int OC);
+                                             qkd__bf16_in inp, int N, int C, int OC,
+                                             int accumulate);
 
     /* ---- embedding -------------------------------------------------- */
     /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */

@@ -2,8 +2,9 @@
  * product into an activation gradient writes it (linear_backward's
  * accumulate 0), and other activation-gradient buffers are zeroed right
  * before the pass fills them (none of dq, dk, dv for the bf16 attention,
- * which writes them); parameter gradients are only ever added to
- * (micro-batches accumulate).
+ * which writes them); parameter gradients are added to (micro-batches
+ * accumulate), except after a zero_grad, when the products write those
+ * they can (begin_grads).
  * acts.dres carries the gradient of the residual stream down the layers.
  * In a student, the gradients of quantized weights gather in dL/dQ(w) and
  * go through the quantizer's estimator at the end, unless that is the
@@ -24,7 +25,42 @@ static void linear_backward(const qkd_model *m, qkd_tensor_kind kind, int layer,
                             int OC)
 {
     qkd__model_linear_backward_input(m, kind, layer, dx, dout, N, C, OC, accumulate);
-    qkd__model_linear_backward_weight(m, kind, layer, dout, x, N, C, OC);
+    /* written over a deferred zero_grad (begin_grads) */
+    qkd__model_linear_backward_weight(m, kind, layer, dout, x, N, C, OC, !m->grads_cleared);
+}
+
+/* Whether a linear product gives tensor e's gradient (a tied head's is
+ * token_embd's, which the embedding's backward then adds to). */
+static int product_grad(const qkd_model *m, const qkd__tensor_entry *e)
+{
+    switch (e->kind) {
+    case QKD_TENSOR_TOKEN_EMBD: return m->cfg.tied_embeddings;
+    case QKD_TENSOR_ATTN_NORM:
+    case QKD_TENSOR_FFN_NORM:
+    case QKD_TENSOR_OUTPUT_NORM: return 0;
+    default: return 1;
+    }
+}
+
+/* Apply a deferred zero_grad. Where each weight gradient is one bf16-bits
+ * product's, straight into the model's gradient (no quantizer estimator,
+ * no learned scales), the products write those (linear_backward) and only
+ * the other tensors are zeroed: no zeroed buffer is written and read back
+ * for the largest ones. Otherwise the whole buffer is zeroed. */
+static void begin_grads(qkd_model *m)
+{
+    if (!m->grads_cleared)
+        return;
+    if (!qkd__model_bf16_bits(m) || !qkd__model_grads_direct(m) ||
+        m->n_tensors != m->n_weights) {
+        qkd__model_settle_grads(m);
+        return;
+    }
+    for (int i = 0; i < m->n_tensors; i++) {
+        const qkd__tensor_entry *e = &m->tensors[i];
+        if (!product_grad(m, e))
+            zero(qkd__model_backend(m), m->grads + e->offset, (size_t)(e->rows * e->cols));
+    }
 }
 
 /* dres += the input gradient of the RMSNorm (kind, layer) of x from dnorm,
@@ -176,6 +212,7 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
     qkd_status st = qkd__model_student_backward_begin(m);
     if (st != QKD_OK)
         return st;
+    begin_grads(m);
     head_backward(m, N);
     for (int l = m->cfg.n_layers - 1; l >= 0; l--) {
         ffn_backward(m, l, &a->layers[l], N);
@@ -184,5 +221,6 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
     be->embedding_backward(be, qkd__model_weight_grad(m, QKD_TENSOR_TOKEN_EMBD, -1), a->dres,
                            a->tokens, N, m->cfg.dim, m->cfg.vocab_size);
     qkd__model_student_backward_end(m);
+    m->grads_cleared = 0; /* the products wrote what was not zeroed */
     return QKD_OK;
 }

@@ -423,6 +423,7 @@ qkd_status qkd_model_set_trainable(qkd_model *m, int trainable)
         be->free(be, m->grads);
         m->grads = NULL;
     }
+    m->grads_cleared = 0;
     m->frozen = !trainable;
     qkd__model_free_acts(m); /* planned again, with or without per-layer buffers */
     return QKD_OK;
@@ -515,6 +516,7 @@ int qkd__model_trainable(const qkd_model *m)
 
 float *qkd__model_grad_dev(qkd_model *m, int index)
 {
+    qkd__model_settle_grads(m); /* the caller reads them */
     return m->grads + m->tensors[index].offset;
 }
 
@@ -601,6 +603,10 @@ qkd_status qkd_model_grad_get(const qkd_model *m, int index, float *dst, size_t 
                         "and keeps no gradients");
     if (st != QKD_OK)
         return st;
+    if (m->grads_cleared) { /* zero, not yet written */
+        memset(dst, 0, n * sizeof *dst);
+        return QKD_OK;
+    }
     return qkd__model_download(m, dst, m->grads + m->tensors[index].offset, n);
 }
 
@@ -616,14 +622,23 @@ qkd_status qkd_model_tensor_set(qkd_model *m, int index, const float *src, size_
     return be->upload(be, m->params + m->tensors[index].offset, src, n * sizeof(float));
 }
 
+/* Deferred: the next backward writes most gradients instead of adding
+ * them to zeros (backward.c), and code that reads them zeroes them first. */
 qkd_status qkd_model_zero_grad(qkd_model *m)
 {
     if (!m)
         return QKD_ERR_INVALID_ARG;
-    qkd__backend *be = qkd__model_backend(m);
-    if (m->grads) /* a frozen model has none */
-        be->fill(be, m->grads, 0.0f, m->n_floats);
+    m->grads_cleared = m->grads != NULL; /* a frozen model has none */
     return QKD_OK;
+}
+
+void qkd__model_settle_grads(qkd_model *m)
+{
+    if (!m->grads_cleared)
+        return;
+    qkd__backend *be = qkd__model_backend(m);
+    be->fill(be, m->grads, 0.0f, m->n_floats);
+    m->grads_cleared = 0;
 }
 
 qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n)

@@ -147,6 +147,10 @@ struct qkd_model {
     unsigned table_gen;   /* bumped whenever the learned tensors change */
     float *params;        /* device buffer of at least n_floats */
     float *grads;         /* as params; NULL while frozen (no gradients kept) */
+    int grads_cleared;    /* a zero_grad not yet applied: the gradients read
+                             as zero (qkd__model_settle_grads zeroes them),
+                             and a backward whose products can write the
+                             weight gradients writes them instead */
     uint16_t *weight_bits; /* a frozen bf16-bits model's weights [weight_floats]
                              in bf16 (backend to_bf16_bits), which its products
                              read instead of rounding the fp32 ones; NULL: none */
@@ -253,7 +257,8 @@ const float *qkd__model_weight(const qkd_model *m, qkd_tensor_kind kind, int lay
  * model's gradient. */
 float *qkd__model_weight_grad(const qkd_model *m, qkd_tensor_kind kind, int layer);
 /* out[N][OC] = inp[N][C] . W^T, dinp += dout . W (accumulate 1; 0: dinp
- * = dout . W, its old contents not needed) and dW += dout^T . inp for the
+ * = dout . W, its old contents not needed) and dW += dout^T . inp (or, with
+ * accumulate 0, which only the bf16-bits products take, dW = ...) for the
  * linear `kind` in `layer`, W as the forward reads it
  * (qkd__model_weight), in the model's matmul precision; a fused or bf16
  * student tensor goes through the backend's fused or bf16-bits products
@@ -266,7 +271,7 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
                                       int accumulate);
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
                                        qkd__bf16_in dout, qkd__bf16_in inp, int N, int C,
-                                       int OC);
+                                       int OC, int accumulate);
 /* Bits of the per-token activation / key-value quantization; 0 when off. */
 int qkd__model_act_bits(const qkd_model *m);
 int qkd__model_kv_bits(const qkd_model *m);
@@ -312,6 +317,13 @@ qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry 
 qkd_status qkd__model_round_weights(qkd_model *m);
 /* Tensor `index` in weight_bits, or NULL while they are not current. */
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index);
+
+/* Apply a deferred zero_grad: zero the gradient buffer, for code that
+ * reads it or adds to it. */
+void qkd__model_settle_grads(qkd_model *m);
+/* Whether this backward's weight gradients go straight to m->grads (no
+ * quantizer estimator between: not a student, or the plain STE). */
+int qkd__model_grads_direct(const qkd_model *m);
 
 /* Download n floats after the queued kernels have finished. */
 qkd_status qkd__model_download(const qkd_model *m, float *dst, const float *src, size_t n);

@@ -154,15 +154,21 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
 }
 
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                                       qkd__bf16_in dout, qkd__bf16_in inp, int N, int C, int OC)
+                                       qkd__bf16_in dout, qkd__bf16_in inp, int N, int C, int OC,
+                                       int accumulate)
 {
     qkd__backend *be = qkd__model_backend(m);
     float *dw = qkd__model_weight_grad(m, kind, layer);
     if (qkd__model_bf16_bits(m))
-        be->matmul_backward_weight_bf16_bits(be, dw, dout, inp, N, C, OC);
+        be->matmul_backward_weight_bf16_bits(be, dw, dout, inp, N, C, OC, accumulate);
     else
         (m->matmul_bf16 ? be->matmul_backward_weight_bf16 : be->matmul_backward_weight)(
             be, dw, dout.f32, inp.f32, N, C, OC);
+}
+
+int qkd__model_grads_direct(const qkd_model *m)
+{
+    return !is_live(m) || m->student.grad_direct;
 }
 
 int qkd__model_act_bits(const qkd_model *m)

@@ -277,10 +277,11 @@ static void cuda_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp,
 
 static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
                                                   qkd__bf16_in dout, qkd__bf16_in inp, int N,
-                                                  int C, int OC)
+                                                  int C, int OC, int accumulate)
 {
     gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, dout,
-              (size_t)N * OC, OC, 1.0f, dw, C, "matmul_backward_weight_bf16");
+              (size_t)N * OC, OC, accumulate ? 1.0f : 0.0f, dw, C,
+              "matmul_backward_weight_bf16");
 }
 
 static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
@@ -299,7 +300,8 @@ static void cuda_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const 
 static void cuda_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                              const float *inp, int N, int C, int OC)
 {
-    cuda_matmul_backward_weight_bf16_bits(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC);
+    cuda_matmul_backward_weight_bf16_bits(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC,
+                                          1);
 }
 
 /* ---- attention scratch (attention_bf16.cu) ------------------------------------------------ */

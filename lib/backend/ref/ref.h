@@ -50,7 +50,8 @@ void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd_
                                               qkd__bf16_in w, int N, int C, int OC,
                                               int accumulate);
 void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
-                                               qkd__bf16_in inp, int N, int C, int OC);
+                                               qkd__bf16_in inp, int N, int C, int OC,
+                                               int accumulate);
 void qkd__ref_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,
                                 const float *table, int N, int C);
 void qkd__ref_embedding_backward(qkd__backend *b, float *dtable, const float *dout,

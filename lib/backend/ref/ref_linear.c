@@ -134,11 +134,11 @@ static void backward_input(qkd__backend *b, float *dinp, qkd__bf16_in dout, qkd_
 }
 
 static void backward_weight(qkd__backend *b, float *dw, qkd__bf16_in dout, qkd__bf16_in inp,
-                            int N, int C, int OC, int bf16)
+                            int N, int C, int OC, int bf16, int accumulate)
 {
-    /* dw[o][c] += sum_n dout[n][o] * inp[n][c] */
+    /* dw[o][c] (+)= sum_n dout[n][o] * inp[n][c] */
     struct accum_job job = {.out = dw, .A = dout, .M = inp, .C = C, .K = N,
-                            .a_r = 1, .a_k = (size_t)OC, .bf16 = bf16};
+                            .a_r = 1, .a_k = (size_t)OC, .bf16 = bf16, .write = !accumulate};
     run_accum(b, &job, OC);
 }
 
@@ -164,19 +164,20 @@ void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd_
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,
                                      const float *inp, int N, int C, int OC)
 {
-    backward_weight(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC, 0);
+    backward_weight(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC, 0, 1);
 }
 
 void qkd__ref_matmul_backward_weight_bf16(qkd__backend *b, float *dw, const float *dout,
                                           const float *inp, int N, int C, int OC)
 {
-    backward_weight(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC, 1);
+    backward_weight(b, dw, qkd__bf16_f32(dout), qkd__bf16_f32(inp), N, C, OC, 1, 1);
 }
 
 void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
-                                               qkd__bf16_in inp, int N, int C, int OC)
+                                               qkd__bf16_in inp, int N, int C, int OC,
+                                               int accumulate)
 {
-    backward_weight(b, dw, dout, inp, N, C, OC, 1);
+    backward_weight(b, dw, dout, inp, N, C, OC, 1, accumulate);
 }
 
 /* ---- embedding ------------------------------------------------------------------- */
