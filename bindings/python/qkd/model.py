@@ -165,7 +165,9 @@ class Model(Handle):
     def set_trainable(self, trainable):
         """False for a model only run forward, as a frozen teacher: its layers
         then share one set of activations and it has no gradient buffers
-        (backward and cross_entropy(compute_grad=True) raise StateError)."""
+        (backward, cross_entropy(compute_grad=True), grad and an optimizer
+        step raise StateError); with bf16 matmuls it keeps its weights
+        rounded to bf16 once."""
         self._check(lib.qkd_model_set_trainable(self._ptr, int(bool(trainable))))
         if bool(trainable) != self._trainable:
             self._shape = None  # a change releases the activations, logits included

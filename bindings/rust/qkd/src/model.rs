@@ -181,8 +181,10 @@ impl<'c> Model<'c> {
 
     /// `false` for a model only run forward, as a frozen teacher: its
     /// layers then share one set of activations and it keeps no gradient
-    /// buffers ([`Model::backward`] and [`Model::cross_entropy`] fail with
-    /// `QKD_ERR_STATE`). A change discards the last forward.
+    /// buffers ([`Model::backward`], [`Model::cross_entropy`],
+    /// [`Model::grad`] and an optimizer step fail with `QKD_ERR_STATE`);
+    /// with bf16 matmuls it keeps its weights rounded to bf16 once. A
+    /// change discards the last forward.
     pub fn set_trainable(&self, trainable: bool) -> Result<()> {
         // SAFETY: the model is alive.
         self.ctx.check(unsafe {
