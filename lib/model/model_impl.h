@@ -313,7 +313,8 @@ qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry 
 
 /* A frozen model with bf16-bits products: round its weights into
  * weight_bits unless they are current (a forward's first step). Nothing
- * for other models. Errors: NO_MEMORY, BACKEND (weight_bits then unset). */
+ * for other models. Errors: NO_MEMORY, BACKEND (the copy could not be
+ * allocated; nothing changed). */
 qkd_status qkd__model_round_weights(qkd_model *m);
 /* Tensor `index` in weight_bits, or NULL while they are not current. */
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index);
