@@ -77,17 +77,14 @@ static qkd_status calibrate_tensor(qkd_model *m, int i, int by_output, float *w,
     const size_t n = (size_t)(e->rows * e->cols);
     const qkd__bf16_in in = by_output ? linear_input(m, e) : (qkd__bf16_in){NULL, NULL};
     const int has_in = in.f32 || in.bits;
-    float *dev_w = m->params + e->offset;
+    float *dev_w = qkd__model_param_dev(m, i);
     qkd_status st = qkd__model_download(m, w, dev_w, n);
     if (st == QKD_OK && has_in)
         st = sample_inputs(m, in, e->cols, n_x, x);
     if (st == QKD_OK)
         st = qkd__quantizer_search_clip(m->student.q, w, e->rows, e->cols, has_in ? x : NULL, n_x,
                                         e->name);
-    if (st != QKD_OK)
-        return st;
-    qkd__model_weights_changed(m);
-    return be->upload(be, dev_w, w, n * sizeof(float));
+    return st == QKD_OK ? be->upload(be, dev_w, w, n * sizeof(float)) : st;
 }
 
 /* Host buffers for the largest targeted tensor and its sampled inputs. */

@@ -42,12 +42,11 @@ static double normal(normal_rng *r)
     return radius * cos(angle);
 }
 
-static qkd_status fill_normal(qkd_model *m, const qkd__tensor_entry *e, normal_rng *r,
-                              float std, float *chunk)
+static qkd_status fill_normal(qkd_model *m, float *dst, const qkd__tensor_entry *e,
+                              normal_rng *r, float std, float *chunk)
 {
     qkd__backend *be = qkd__model_backend(m);
     size_t n = (size_t)(e->rows * e->cols);
-    float *dst = m->params + e->offset;
     for (size_t done = 0; done < n; done += CHUNK_FLOATS) {
         size_t len = n - done < CHUNK_FLOATS ? n - done : CHUNK_FLOATS;
         for (size_t i = 0; i < len; i++)
@@ -71,14 +70,14 @@ qkd_status qkd_model_init_random(qkd_model *m, uint64_t seed, float std)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "model init_random: out of memory");
     qkd__backend *be = qkd__model_backend(m);
     normal_rng r = {.state = seed};
-    qkd__model_weights_changed(m);
     qkd_status st = QKD_OK;
     for (int i = 0; i < m->n_weights && st == QKD_OK; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];
+        float *w = qkd__model_param_dev(m, i);
         if (e->n_dims == 1)
-            be->fill(be, m->params + e->offset, 1.0f, (size_t)e->rows);
+            be->fill(be, w, 1.0f, (size_t)e->rows);
         else
-            st = fill_normal(m, e, &r, std, chunk);
+            st = fill_normal(m, w, e, &r, std, chunk);
     }
     qkd__free(m->ctx, chunk);
     if (st == QKD_OK)

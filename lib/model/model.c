@@ -505,7 +505,9 @@ float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind ki
 
 float *qkd__model_param_dev(qkd_model *m, int index)
 {
-    qkd__model_weights_changed(m); /* the caller writes them */
+    /* every writer of the weights asks here: a frozen model's bf16 copy
+     * is rounded again by its next forward */
+    m->weight_bits_current = 0;
     return m->params + m->tensors[index].offset;
 }
 
@@ -618,8 +620,7 @@ qkd_status qkd_model_tensor_set(qkd_model *m, int index, const float *src, size_
     if (st != QKD_OK)
         return st;
     qkd__backend *be = qkd__model_backend(m);
-    qkd__model_weights_changed(m);
-    return be->upload(be, m->params + m->tensors[index].offset, src, n * sizeof(float));
+    return be->upload(be, qkd__model_param_dev(m, index), src, n * sizeof(float));
 }
 
 /* Deferred: the next backward writes most gradients instead of adding

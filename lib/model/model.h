@@ -37,7 +37,8 @@ void qkd__model_mark_dlogits(qkd_model *model, int bits);
 /* Device pointers to tensor `index`'s weights and gradient (its
  * n_elements floats each); index must be valid, and the gradient exists
  * only while the model is trainable. The optimizer and the quantizer work
- * on these in place. */
+ * on these in place. Code that writes the weights takes their pointer
+ * here (a frozen model's bf16 copy then goes stale). */
 float *qkd__model_param_dev(qkd_model *model, int index);
 float *qkd__model_grad_dev(qkd_model *model, int index);
 /* Whether the model is trained (qkd_model_set_trainable): it has gradients. */

@@ -154,7 +154,9 @@ struct qkd_model {
     uint16_t *weight_bits; /* a frozen bf16-bits model's weights [weight_floats]
                              in bf16 (backend to_bf16_bits), which its products
                              read instead of rounding the fp32 ones; NULL: none */
-    int weight_bits_current; /* weight_bits holds the weights' present values */
+    int weight_bits_current; /* weight_bits holds the weights' present values;
+                             cleared by qkd__model_param_dev, which every
+                             writer of the weights goes through */
     qkd_tokenizer *tokenizer;
     qkd__train_acts acts;
     int has_forward;      /* acts hold a forward's results */
@@ -164,13 +166,6 @@ struct qkd_model {
     int matmul_bf16;      /* QKD_MATMUL_BF16: the backend's bf16 products */
     int frozen;           /* not trained: the layers share their activations */
 };
-
-/* The weights changed (an upload, a fill, an update): a frozen model's
- * bf16 copy of them is out of date until the next forward rounds it again. */
-static inline void qkd__model_weights_changed(qkd_model *m)
-{
-    m->weight_bits_current = 0;
-}
 
 /* What acts.dlogits holds: nothing, floats, or bf16 bits in its first half
  * (qkd__model_dlogits_bits_dev). */
