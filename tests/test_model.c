@@ -531,6 +531,55 @@ START_TEST(test_frozen_bf16_model_rounds_weights_once)
 }
 END_TEST
 
+/* Allocation failures around a frozen model: a first frozen bf16 forward
+ * returns NO_MEMORY for each allocation it cannot make (activations, bf16
+ * weights) and, once they can be made, gives the trained logits; training
+ * it again without memory for its gradients returns NO_MEMORY and leaves
+ * it frozen. */
+START_TEST(test_frozen_model_fails_cleanly)
+{
+    test_alloc a;
+    qkd_context *ctx = test_counting_context(&a, 2);
+    qkd_model *m = tiny_model(ctx, 1, 19);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), QKD_OK);
+    int32_t tokens[TB * TT], targets[TB * TT];
+    random_ids(tokens, TB * TT, TV, 20);
+    random_ids(targets, TB * TT, TV, 21);
+    const size_t n = TB * TT * TV;
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *want = all_logits(m, n);
+    ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
+    int failures = 0;
+    for (long k = 0;; k++) {
+        test_alloc_fail_in(&a, k, 0);
+        const qkd_status st = qkd_model_forward(m, tokens, TB, TT);
+        if (!a.failed) {
+            ck_assert_int_eq(st, QKD_OK);
+            break;
+        }
+        test_expect_error(ctx, st, QKD_ERR_NO_MEMORY, "out of memory");
+        ck_assert_ptr_null(qkd__model_weight_bits(m, 0));
+        failures++;
+    }
+    ck_assert_int_ge(failures, 2); /* the activations and the bf16 weights */
+    float *got = all_logits(m, n);
+    ck_assert_mem_eq(got, want, n * sizeof *got);
+
+    test_alloc_fail_in(&a, 0, 1);
+    test_expect_error(ctx, qkd_model_set_trainable(m, 1), QKD_ERR_NO_MEMORY, "out of memory");
+    test_alloc_fail_in(&a, -1, 0);
+    test_expect_error(ctx, qkd_model_backward(m, NULL), QKD_ERR_STATE, "not trainable");
+    ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
+    float loss;
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &loss), QKD_OK);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    free(want), free(got);
+    qkd_model_free(m);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* A model that is not trained gives the same logits, bit for bit, from
  * about a third of the activation memory here (three layers sharing one
  * set of buffers), and refuses a backward until it is trainable again. */
@@ -1162,6 +1211,7 @@ Suite *suite_model(void)
     tcase_add_test(tc, test_bf16_matmul_precision);
     tcase_add_test(tc, test_frozen_model_shares_activations);
     tcase_add_test(tc, test_frozen_bf16_model_rounds_weights_once);
+    tcase_add_test(tc, test_frozen_model_fails_cleanly);
     tcase_add_loop_test(tc, test_gradient_finite_difference, 0, 2);
     tcase_add_loop_test(tc, test_gradient_accumulates, 0, 2);
     tcase_add_test(tc, test_backward_device_dlogits);
