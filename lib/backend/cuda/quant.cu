@@ -258,8 +258,10 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
 }
 
 /* float4s a thread of the segment kernel loads before computing any:
- * one load, then a long dependent chain, left the memory system idle. */
-#define FQ_ITEMS 4
+ * one load, then a long dependent chain, left the memory system idle;
+ * four held 96 registers, two blocks an SM, where two hold 76 and three
+ * blocks fit (TinyLlama's 154 calls: 5.56 ms at four, 4.86 at two). */
+#define FQ_ITEMS 2
 
 /* Float4 i (v; live: i < n4) of the segment kernel: its group's range by
  * shuffles (every lane takes part), then Q of its four values and, at the
