@@ -119,6 +119,10 @@ __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ 
     norm_row<V>(out + off, rstd + row, inp + off, w, C, eps, lane);
 }
 
+/* Loads of x and y a lane of add_rmsnorm issues before its first add:
+ * one pair at a time left a warp waiting a memory latency per 32 vectors. */
+#define ADD_U 4
+
 /* sum = x + y, then norm_row of sum: the norm reads back the sum its own
  * lane just wrote (same columns), from cache rather than memory. */
 template <int V>
@@ -133,9 +137,22 @@ __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__
     if (row >= N)
         return;
     const size_t off = (size_t)row * C;
-    for (int c = lane; c < C / V; c += 32) {
-        const float4 a = NV::load(x + off, c), b = NV::load(y + off, c);
-        NV::store(sum + off, c, make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w));
+    for (int c0 = lane; c0 < C / V; c0 += 32 * ADD_U) {
+        float4 a[ADD_U], b[ADD_U];
+#pragma unroll
+        for (int u = 0; u < ADD_U; u++) {
+            const int c = c0 + 32 * u;
+            if (c < C / V)
+                a[u] = NV::load(x + off, c), b[u] = NV::load(y + off, c);
+        }
+#pragma unroll
+        for (int u = 0; u < ADD_U; u++) {
+            const int c = c0 + 32 * u;
+            if (c < C / V)
+                NV::store(sum + off, c,
+                          make_float4(a[u].x + b[u].x, a[u].y + b[u].y, a[u].z + b[u].z,
+                                      a[u].w + b[u].w));
+        }
     }
     norm_row<V>(out + off, rstd + row, sum + off, w, C, eps, lane);
 }
@@ -173,8 +190,10 @@ static void rmsnorm_forward(qkd__backend *b, T *out, float *rstd, const float *i
 /* Rows a warp of the backward owns, and so the rows of a block: the chunk
  * of rows whose dw sums the block writes. Chunk sums first, then the
  * chunks in order: the sum is deterministic and its parallelism grows
- * with N. */
-#define DW_WARP_ROWS 4
+ * with N. Two rows, not four: TinyLlama's 4096 rows were 128 blocks, too
+ * few for 132 SMs (4.50 ms against 3.70 a step); one row doubles the
+ * chunks the dw pass then adds (docs/benchmarks.md). */
+#define DW_WARP_ROWS 2
 #define DW_ROWS (NORM_ROWS * DW_WARP_ROWS)
 
 /* k = r^3 / C * sum_i g_i w_i x_i of row `row` (every lane gets it; 0 past
@@ -273,8 +292,10 @@ __global__ void __launch_bounds__(QKD__CUDA_THREADS)
 }
 
 /* Threads that sum one column's chunks, each every DW_SPLIT-th chunk in
- * order, their sums then added in order; a block covers DW_COLS columns. */
-#define DW_SPLIT 8
+ * order, their sums then added in order; a block covers DW_COLS columns.
+ * 32, not 8: SmolLM's 576 columns were 18 blocks (0.75 ms a step against
+ * 0.40). */
+#define DW_SPLIT 32
 #define DW_COLS (QKD__CUDA_THREADS / DW_SPLIT)
 
 /* dw_c += the sum over chunks of part[chunk][c]. */
