@@ -500,8 +500,9 @@ extern "C" bool qkd__cuda_attention_head_ok(qkd__backend *b, int hd, int max)
     return false;
 }
 
-extern "C" void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout,
-                                           const float *out, int B, int T, int H, int hd)
+/* D[b][h][t] = dout . out of each query row (fp32). */
+static void fa_rowdots(qkd__backend *b, float *D, const float *dout, const float *out, int B,
+                       int T, int H, int hd)
 {
     const size_t rows = (size_t)B * T * H;
     fa_rowdot_kernel<<<(unsigned)((rows * 32 + FA_THREADS - 1) / FA_THREADS), FA_THREADS, 0,
@@ -552,7 +553,7 @@ extern "C" void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *
     float *D = qkd__cuda_workspace(b, (size_t)B * T * n_heads);
     if (!D)
         return;
-    qkd__cuda_attention_rowdots(b, D, dout, out, B, T, n_heads, hd);
+    fa_rowdots(b, D, dout, out, B, T, n_heads, hd);
     fa_args p = fa_make(q, k, v, B, T, 0, T, n_heads, n_kv, hd);
     p.dq = dq;
     p.dk = dk;

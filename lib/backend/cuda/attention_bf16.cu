@@ -19,8 +19,9 @@
  * rows of the output in place. The forward first rounds q, k and v once
  * into bf16 copies whose rows are padded with zeros to the kernel's head
  * size (q and k rotated by RoPE on the way when asked), kept in the
- * caller's scratch for the backward, which rounds only dout; tiles then
- * stream into shared memory with cp.async, the next tile's copy in flight
+ * caller's scratch for the backward, which rounds only dout (taking each
+ * row's dot of dout and out, D, in the same pass); tiles then stream into
+ * shared memory with cp.async, the next tile's copy in flight
  * while the current one is computed (two buffers). Outputs are stored in
  * fp32 or bf16 (fb_store), the gradients of q and k rotated back first.
  * Tiles are row-major [row][d]; fragments come from them by ldmatrix (four
@@ -110,27 +111,83 @@ __device__ inline int fb_pos(size_t r, const fb_rope &rope)
     return rope.pos0 + (int)(r / rope.heads % rope.T);
 }
 
+/* The backward's row dots, D[b][h][t] = sum_d dout[r][d] out[r][d] for
+ * row r = [b][t][h] of dout, taken by the pass that rounds dout: a kernel
+ * of their own read dout a second time. D NULL: none. */
+struct fb_dots {
+    const float *out;
+    float *D;
+    int T, H;
+};
+
+/* v = x[d0..d0+7], zeros at and past hd: two 16-byte loads where the
+ * eight lie in the row and are aligned. */
+__device__ inline void fb_load8(float (&v)[8], const float *x, int d0, int hd)
+{
+    const float *at = x + d0;
+    if (d0 + 8 <= hd && ((uintptr_t)at & 15) == 0) {
+        const float4 a = ((const float4 *)at)[0], b = ((const float4 *)at)[1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        v[k] = d0 + k < hd ? at[k] : 0.0f;
+}
+
+/* Row r's dot (dots) from its G = HD / 8 threads, each holding dout's
+ * d0..d0+7 in v: neighbours in one warp, aligned to G, and all live or
+ * none (rows * G items, G a power of two dividing the block), so they
+ * add their parts by shuffles among themselves. */
+template <int HD>
+__device__ void fb_row_dot(const fb_dots &dots, const float (&v)[8], size_t r, int d0, int hd)
+{
+    constexpr int G = HD / 8;
+    const int lane = threadIdx.x & 31;
+    const unsigned group = G == 32 ? 0xffffffffu : ((1u << G) - 1) << (lane & ~(G - 1));
+    float o[8], dot = 0.0f;
+    fb_load8(o, dots.out + r * hd, d0, hd);
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        dot = fmaf(v[k], o[k], dot);
+#pragma unroll
+    for (int w = G / 2; w > 0; w /= 2)
+        dot += __shfl_xor_sync(group, dot, w);
+    if (d0 == 0) {
+        const size_t t = r / dots.H % dots.T, h = r % dots.H, bi = r / ((size_t)dots.H * dots.T);
+        dots.D[(bi * dots.H + h) * dots.T + t] = dot;
+    }
+}
+
 /* dst[r][d] = bf16(src[r][d]) for d < hd, 0 for hd <= d < HD: rows of hd
- * floats into rows of HD bf16 values, RoPE applied first where rope says.
- * A thread writes 8 values (one 16-byte store; HD is a multiple of 8). */
+ * floats into rows of HD bf16 values, RoPE applied first where rope says,
+ * the row dots taken on the way where dots says. A thread converts 8
+ * values (one 16-byte store; HD is a multiple of 8). */
 template <int HD>
 __global__ void fb_convert_kernel(bf16 *dst, const float *src, size_t rows, int hd,
-                                  fb_rope rope)
+                                  fb_rope rope, fb_dots dots)
 {
     QKD__CUDA_FOR(i, rows * (HD / 8))
     {
         const size_t r = i / (HD / 8);
         const int d0 = (int)(i % (HD / 8)) * 8;
-        const float *x = src + r * hd;
-        const int pos = rope.tab ? fb_pos(r, rope) : 0;
+        float v[8];
+        fb_load8(v, src + r * hd, d0, hd);
+        if (dots.D)
+            fb_row_dot<HD>(dots, v, r, d0, hd);
+        if (rope.tab) {
+            const int pos = fb_pos(r, rope);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                if (d0 + 2 * k + 1 < hd)
+                    fb_rotate(v[2 * k], v[2 * k + 1], rope.tab, hd, pos, d0 / 2 + k, 1.0);
+        }
         uint32_t out[4];
+#pragma unroll
         for (int k = 0; k < 4; k++) {
-            const int d = d0 + 2 * k;
-            float x0 = d < hd ? x[d] : 0.0f, x1 = d + 1 < hd ? x[d + 1] : 0.0f;
-            if (rope.tab && d + 1 < hd)
-                fb_rotate(x0, x1, rope.tab, hd, pos, d / 2, 1.0);
-            const __nv_bfloat162 v = __floats2bfloat162_rn(x0, x1);
-            out[k] = *(const uint32_t *)&v;
+            const __nv_bfloat162 b2 = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+            out[k] = *(const uint32_t *)&b2;
         }
         *(uint4 *)(dst + r * HD + d0) = make_uint4(out[0], out[1], out[2], out[3]);
     }
@@ -691,12 +748,14 @@ template <int HD> static void fb_launch(qkd__backend *b, fb_pass pass, const fb_
     qkd__cuda_launched(b, "attention_bf16");
 }
 
-/* x [rows][hd] into its bf16 copy [rows][HD], rotated where rope says. */
+/* x [rows][hd] into its bf16 copy [rows][HD], rotated where rope says,
+ * the row dots taken where dots says. */
 template <int HD> static void fb_convert(qkd__backend *b, bf16 *dst, const float *x, size_t rows,
-                                         int hd, fb_rope rope = fb_rope{})
+                                         int hd, fb_rope rope = fb_rope{},
+                                         fb_dots dots = fb_dots{})
 {
     fb_convert_kernel<HD><<<qkd__cuda_blocks(rows * (HD / 8)), QKD__CUDA_THREADS, 0,
-                            qkd__cuda_of(b)->stream>>>(dst, x, rows, hd, rope);
+                            qkd__cuda_of(b)->stream>>>(dst, x, rows, hd, rope, dots);
     qkd__cuda_launched(b, "attention_bf16 copies");
 }
 
@@ -763,13 +822,14 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
 }
 
 /* The backward: the forward's copies from the scratch, dout rounded into
- * ob, then both kernels. */
+ * ob with the row dots of dout and out into D, then both kernels. */
 template <int HD>
 static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, bf16 *ob,
-                           const float *dout)
+                           float *D, const float *dout, const float *out)
 {
     const fb_copies c = fb_copies_in<HD>(scratch, p, B);
-    fb_convert<HD>(b, ob, dout, (size_t)B * p.Tq * p.H, p.hd);
+    fb_convert<HD>(b, ob, dout, (size_t)B * p.Tq * p.H, p.hd, fb_rope{},
+                   fb_dots{out, D, p.Tq, p.H});
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
@@ -854,7 +914,6 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
     float *ws = qkd__cuda_workspace(b, d_floats + fb_rows_floats((size_t)B * T * n_heads, hd));
     if (!ws)
         return;
-    qkd__cuda_attention_rowdots(b, ws, dout, out, B, T, n_heads, hd);
     p.dq = dq;
     p.dk = dk;
     p.dv = dv;
@@ -868,9 +927,9 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
     p.D = ws;
     bf16 *ob = (bf16 *)(ws + d_floats);
     switch (fb_hd(hd)) {
-    case 16: fb_backward_hd<16>(b, p, B, scratch, ob, dout); break;
-    case 32: fb_backward_hd<32>(b, p, B, scratch, ob, dout); break;
-    case 64: fb_backward_hd<64>(b, p, B, scratch, ob, dout); break;
-    default: fb_backward_hd<128>(b, p, B, scratch, ob, dout); break;
+    case 16: fb_backward_hd<16>(b, p, B, scratch, ob, ws, dout, out); break;
+    case 32: fb_backward_hd<32>(b, p, B, scratch, ob, ws, dout, out); break;
+    case 64: fb_backward_hd<64>(b, p, B, scratch, ob, ws, dout, out); break;
+    default: fb_backward_hd<128>(b, p, B, scratch, ob, ws, dout, out); break;
     }
 }

@@ -182,9 +182,6 @@ void qkd__cuda_attention_backward(qkd__backend *b, float *dq, float *dk, float *
                                   int T, int n_heads, int n_kv, int hd);
 /* true when hd <= max, else records UNSUPPORTED (naming the head size). */
 bool qkd__cuda_attention_head_ok(qkd__backend *b, int hd, int max);
-/* D[b][h][t] = dout . out of each query row (fp32). */
-void qkd__cuda_attention_rowdots(qkd__backend *b, float *D, const float *dout, const float *out,
-                                 int B, int T, int H, int hd);
 
 /* RoPE's (cos, sin) for positions [0, len) of head size hd at theta,
  * [pos][pair] in double, or NULL (recorded): rope_forward's rotation. */
