@@ -191,8 +191,8 @@ static void rmsnorm_forward(qkd__backend *b, T *out, float *rstd, const float *i
  * of rows whose dw sums the block writes. Chunk sums first, then the
  * chunks in order: the sum is deterministic and its parallelism grows
  * with N. Two rows, not four: TinyLlama's 4096 rows were 128 blocks, too
- * few for 132 SMs (4.50 ms against 3.70 a step); one row doubles the
- * chunks the dw pass then adds (docs/benchmarks.md). */
+ * few for 132 SMs (3.70 ms a step against 4.50); one row gained on
+ * SmolLM's rows but lost on TinyLlama's (docs/benchmarks.md). */
 #define DW_WARP_ROWS 2
 #define DW_ROWS (NORM_ROWS * DW_WARP_ROWS)
 
