@@ -1916,17 +1916,19 @@ END_TEST
  * ulps away rounds to another bf16 value (2^-8 apart), and a weight that
  * moves crosses another fake-quantization code. Measured (H100): the two
  * backends differ by 7e-5 at step 0 and at most 1.65e-2 (step 36); at
- * commit 25c227f, 2.4e-2 (step 18): the figure moves with any change of
- * float order, such as the gradient norm's float4 sums; the reference
- * against itself, with every initial weight moved by one ulp,
- * differs by 4.8e-3 at step 0 and at most 1.8e-2. Attention in bf16 adds
- * one more such point: the GPU rounds each probability before the row's
- * normalisation, the reference after it (both within 2^-9 of the exact
- * value). The first step's loss moves by that alone: the reference with
- * its probabilities rounded as bf16(p c) / c instead differs by 1.1e-3
- * (c = 1.11), 1.3e-3 (1.7) and 5.6e-3 (1.37) at step 0 (measured on the
- * CPU); GPU against reference: 4.7e-3 (H100). So: 1e-2 at the first
- * step, where a wrong product is off by far more, and 5e-2 after. */
+ * commit 25c227f, 2.4e-2 (step 18); at 382dbb8, after new orders of sums
+ * in the attention's row dots and RMSNorm's dw, 3.0e-2 (step 37): the
+ * figure moves with any change of float order, such as the gradient
+ * norm's float4 sums; the reference against itself, with every initial
+ * weight moved by one ulp, differs by 4.8e-3 at step 0 and at most
+ * 1.8e-2. Attention in bf16 adds one more such point: the GPU rounds
+ * each probability before the row's normalisation, the reference after
+ * it (both within 2^-9 of the exact value). The first step's loss moves
+ * by that alone: the reference with its probabilities rounded as
+ * bf16(p c) / c instead differs by 1.1e-3 (c = 1.11), 1.3e-3 (1.7) and
+ * 5.6e-3 (1.37) at step 0 (measured on the CPU); GPU against reference:
+ * 4.7e-3 (H100). So: 1e-2 at the first step, where a wrong product is
+ * off by far more, and 5e-2 after. */
 START_TEST(kdqat_bf16_curve_follows_ref)
 {
     kdqat_compare(QKD_MATMUL_BF16, 1e-2, 5e-2);
