@@ -1888,6 +1888,48 @@ START_TEST(test_learned_scales_table_and_init)
 }
 END_TEST
 
+/* A frozen model (qkd_model_set_trainable 0) bound to a learn_scales
+ * quantizer grows its weights only: binding allocates at least a gradient
+ * buffer's n_params floats fewer than for the same model trained, the
+ * learned tensors have no gradient (STATE), and training the model again
+ * gives them zeroed ones. The logits are the trained model's. */
+START_TEST(test_frozen_model_grows_no_gradients)
+{
+    test_alloc f;
+    qkd_context *ctx = test_counting_context(&f, 2);
+    int32_t tokens[SB * ST];
+    random_ids(tokens, SB * ST, 23);
+    const qkd_quant_params p = learned_params(QKD_QUANT_ASYM, 3, 32);
+    qkd_quantizer *q = make_quantizer(ctx, &p);
+    size_t bound[2];
+    qkd_model *m[2];
+    for (int frozen = 0; frozen < 2; frozen++) {
+        m[frozen] = tiny_model(ctx, 0, 24);
+        ck_assert_int_eq(qkd_model_set_trainable(m[frozen], !frozen), QKD_OK);
+        const size_t before = f.bytes;
+        bind(m[frozen], q, QKD_QUANT_TARGET_LINEAR);
+        bound[frozen] = f.bytes - before;
+    }
+    const int64_t n_params = qkd_model_n_params(m[1]);
+    ck_assert_uint_ge(bound[0] - bound[1], (size_t)n_params * sizeof(float));
+    const int last = qkd_model_n_tensors(m[1]) - 1; /* a learned tensor */
+    ck_assert_int_eq(tensor_info(m[1], last).kind, QKD_TENSOR_QUANT_ZERO);
+    const size_t len = (size_t)tensor_len(m[1], last);
+    float *g = vec_new(len);
+    test_expect_error(ctx, qkd_model_grad_get(m[1], last, g, len), QKD_ERR_STATE, "trainable");
+    float *trained = logits_of(m[0], tokens), *kept = logits_of(m[1], tokens);
+    ck_assert_int_eq(memcmp(trained, kept, sizeof(float) * SB * ST * SV), 0);
+    ck_assert_int_eq(qkd_model_set_trainable(m[1], 1), QKD_OK);
+    float *grad = get_grad(m[1], last);
+    for (int64_t i = 0; i < tensor_len(m[1], last); i++)
+        ck_assert_float_eq(grad[i], 0.0f);
+    free(g), free(trained), free(kept), free(grad);
+    qkd_model_free(m[0]), qkd_model_free(m[1]);
+    qkd_quantizer_free(q);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* Multiply every learned scale of m by f. */
 static void scale_scales(qkd_model *m, float f)
 {
@@ -2262,6 +2304,7 @@ Suite *suite_quant(void)
     tcase_add_test(tc, test_bad_params_targets_and_state);
     tcase_add_test(tc, test_stories260k_students);
     tcase_add_test(tc, test_learned_scales_table_and_init);
+    tcase_add_test(tc, test_frozen_model_grows_no_gradients);
     tcase_add_test(tc, test_learned_scale_gradients_in_student);
     tcase_add_test(tc, test_learned_scales_continuous_finite_differences);
     tcase_add_test(tc, test_learned_scales_follow_calibration);

@@ -267,13 +267,14 @@ static size_t place_extra(const qkd_model *m, qkd__tensor_entry *t,
     return a.used;
 }
 
-/* New weight and gradient buffers of n floats, the weights' part copied. */
+/* New weight and gradient buffers of n floats, the weights' part copied;
+ * a frozen model gets no gradient buffer (*grads NULL). */
 static qkd_status grow_buffers(qkd_model *m, size_t n, float **params, float **grads)
 {
     qkd__backend *be = qkd__model_backend(m);
     *params = *grads = NULL;
     qkd_status st = be->alloc(be, n * sizeof(float), (void **)params);
-    if (st == QKD_OK)
+    if (st == QKD_OK && m->grads)
         st = be->alloc(be, n * sizeof(float), (void **)grads);
     if (st != QKD_OK) {
         be->free(be, *params);
@@ -281,13 +282,10 @@ static qkd_status grow_buffers(qkd_model *m, size_t n, float **params, float **g
     }
     be->copy(be, *params, m->params, m->weight_floats);
     be->fill(be, *params + m->weight_floats, 0.0f, n - m->weight_floats);
-    if (!m->grads) { /* frozen: no gradients to carry */
-        be->free(be, *grads);
-        *grads = NULL;
-        return QKD_OK;
+    if (*grads) {
+        be->copy(be, *grads, m->grads, m->weight_floats);
+        be->fill(be, *grads + m->weight_floats, 0.0f, n - m->weight_floats);
     }
-    be->copy(be, *grads, m->grads, m->weight_floats);
-    be->fill(be, *grads + m->weight_floats, 0.0f, n - m->weight_floats);
     return QKD_OK;
 }
 
