@@ -151,9 +151,7 @@ __device__ void fb_row_dot(const fb_dots &dots, const float (&v)[8], size_t r, i
 #pragma unroll
     for (int k = 0; k < 8; k++)
         dot = fmaf(v[k], o[k], dot);
-#pragma unroll
-    for (int w = G / 2; w > 0; w /= 2)
-        dot += __shfl_xor_sync(group, dot, w);
+    dot = qkd__lanes_reduce(dot, qkd__sum_op<float>(), G, group);
     if (d0 == 0) {
         const size_t t = r / dots.H % dots.T, h = r % dots.H, bi = r / ((size_t)dots.H * dots.T);
         dots.D[(bi * dots.H + h) * dots.T + t] = dot;

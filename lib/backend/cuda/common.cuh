@@ -96,11 +96,20 @@ template <typename T> struct qkd__max_op {
     __device__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
+/* op over the aligned group of `width` lanes (a power of two up to 32)
+ * holding each v, every lane of the group getting it; mask names the
+ * lanes taking part (at least the group's). */
+template <typename T, typename Op>
+__device__ T qkd__lanes_reduce(T v, Op op, int width, unsigned mask = 0xffffffffu)
+{
+    for (int o = width / 2; o > 0; o >>= 1)
+        v = op(v, __shfl_xor_sync(mask, v, o));
+    return v;
+}
+
 template <typename T, typename Op> __device__ T qkd__warp_reduce(T v, Op op)
 {
-    for (int o = 16; o > 0; o >>= 1)
-        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+    return qkd__lanes_reduce(v, op, 32);
 }
 
 /* Every thread of the block gets op over all threads' v. All threads must

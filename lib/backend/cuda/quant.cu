@@ -270,12 +270,12 @@ template <typename T>
 __device__ void fakequant_seg_item(T *wq, float *scales, float *zeros, float4 v, size_t i,
                                    bool live, int seg, const qkd__quant_spec &sp)
 {
-    float mx = fmaxf(fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)), 0.0f);
-    float mn = fminf(fminf(fminf(v.x, v.y), fminf(v.z, v.w)), 0.0f);
-    for (int o = seg / 2; o > 0; o /= 2) {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
-    }
+    const auto max = [](float a, float b) { return fmaxf(a, b); };
+    const auto min = [](float a, float b) { return fminf(a, b); };
+    const float mx =
+        qkd__lanes_reduce(fmaxf(fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)), 0.0f), max, seg);
+    const float mn =
+        qkd__lanes_reduce(fminf(fminf(fminf(v.x, v.y), fminf(v.z, v.w)), 0.0f), min, seg);
     if (!live)
         return;
     grid g = grid_of(mx, mn, nullptr, 4 * seg, sp); /* SYM, ASYM: no values read */
