@@ -70,6 +70,7 @@
 #define TOL_BF16_ATT 1e-3
 
 #ifdef QKD_HAVE_CUDA
+#include "backend/cuda/cuda.h" /* gemm_candidates_agree reaches the plans */
 
 /* ---- random data ------------------------------------------------------------------ */
 
@@ -587,6 +588,79 @@ static uint16_t *bits_new(size_t n)
     ck_assert_ptr_nonnull(b);
     return b;
 }
+
+/* Every candidate a bf16 product's plan chooses among gives the same bits
+ * (gemm.c: so the timing that chooses cannot change a result), the
+ * planned product equals them whether it adds to C or writes it, at its
+ * first use (timed) and after, and sampled elements match a product in
+ * double. The shapes: a forward, an input gradient and a weight gradient
+ * of SmolLM's (the last split over k), large enough to be timed, and a
+ * ragged one that is not. */
+START_TEST(gemm_candidates_agree)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const qkd__cuda_gemm shapes[] = {
+        {CUBLAS_OP_T, CUBLAS_OP_N, 576, 2048, 576, 576, 576, 576, 0.0f},
+        {CUBLAS_OP_N, CUBLAS_OP_N, 576, 4096, 192, 576, 192, 576, 0.0f},
+        {CUBLAS_OP_N, CUBLAS_OP_T, 576, 192, 16384, 576, 192, 576, 0.0f},
+        {CUBLAS_OP_N, CUBLAS_OP_N, 17, 33, 65, 17, 65, 17, 0.0f},
+    };
+    test_rng_seed(29);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        for (int add = 0; add < 2; add++) {
+            qkd__cuda_gemm g = shapes[s];
+            g.beta = (float)add;
+            const bool an = g.ta == CUBLAS_OP_N, bn = g.tb == CUBLAS_OP_N;
+            const size_t na = (size_t)g.lda * (an ? g.k : g.m);
+            const size_t nb = (size_t)g.ldb * (bn ? g.n : g.k), nc = (size_t)g.ldc * g.n;
+            float *a = test_vec_rand(na, -1, 1), *bv = test_vec_rand(nb, -1, 1);
+            float *c0 = test_vec_rand(nc, -1, 1);
+            uint16_t *a16 = bits_new(na), *b16 = bits_new(nb);
+            round_bf16(a, a16, na);
+            round_bf16(bv, b16, nb);
+            const uint16_t *d_a = dput_bytes(&p, a16, na, sizeof *a16);
+            const uint16_t *d_b = dput_bytes(&p, b16, nb, sizeof *b16);
+            float *d_c = dput(&p, c0, nc);
+            const int n = qkd__cuda_gemm_bf16_candidate(p.cb, &g, 0, d_a, d_b, d_c);
+            ck_assert_msg(n >= 1, "shape %zu: no candidate", s);
+            float *want = dtake(&p, d_c, nc);
+            for (int i = 1; i < n; i++) {
+                d_c = dput(&p, c0, nc);
+                qkd__cuda_gemm_bf16_candidate(p.cb, &g, i, d_a, d_b, d_c);
+                float *got = dtake(&p, d_c, nc);
+                assert_same("a candidate's product", got, want, nc);
+                free(got);
+            }
+            d_c = dput(&p, c0, nc);
+            for (int use = 0; use < 2; use++) { /* the first use plans and times */
+                expect_ok(p.cc, p.cb->upload(p.cb, d_c, c0, nc * sizeof *c0), "upload");
+                qkd__cuda_gemm_bf16(p.cb, &g, d_a, d_b, d_c, "gemm_candidates_agree");
+                expect_ok(p.cc, p.cb->sync(p.cb), "planned product");
+            }
+            float *got = dtake(&p, d_c, nc);
+            assert_same("the planned product", got, want, nc);
+            for (int t = 0; t < 64; t++) { /* element (i, j) against double */
+                const int i = (int)(test_rng_next(0, 1) * g.m), j = (int)(test_rng_next(0, 1) * g.n);
+                double sum = add ? c0[(size_t)j * g.ldc + i] : 0.0, mag = fabs(sum);
+                for (int k = 0; k < g.k; k++) {
+                    const double x = an ? a[(size_t)k * g.lda + i] : a[(size_t)i * g.lda + k];
+                    const double y = bn ? bv[(size_t)j * g.ldb + k] : bv[(size_t)k * g.ldb + j];
+                    sum += x * y;
+                    mag += fabs(x * y);
+                }
+                ck_assert_msg(fabs(got[(size_t)j * g.ldc + i] - sum) <= TOL_BF16_MM * mag,
+                              "shape %zu (%d, %d): %g, want %g", s, i, j,
+                              (double)got[(size_t)j * g.ldc + i], sum);
+            }
+            free(got); free(want); free(a); free(bv); free(c0); free(a16); free(b16);
+            dfree(&p, (void *)d_a); dfree(&p, (void *)d_b);
+        }
+    }
+    pair_close(&p);
+}
+END_TEST
 
 /* The bf16-bits products, each operand given as bits or as fp32, equal
  * the bf16 products on the fp32 values those bits decode to, bit for bit:
@@ -2052,6 +2126,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, matmul_bf16_matches_ref);
     tcase_add_test(tc, matmul_bf16_sees_writes);
     tcase_add_test(tc, matmul_bf16_bits_equal_bf16);
+    tcase_add_test(tc, gemm_candidates_agree);
     tcase_add_test(tc, bf16_bits_producers_round_fp32);
     tcase_add_test(tc, embedding_equals_ref);
     tcase_add_test(tc, rmsnorm_matches_ref);

@@ -226,14 +226,13 @@ static const uint16_t *bf16_input(qkd__backend *b, qkd__bf16_in in, bf16_copy *c
     return ws;
 }
 
-/* C = op(A) op(B) + beta C as sgemm on bf16 operands (cublasGemmEx, fp32
- * accumulation). A has na elements and is a weight, or (A_act) the input
- * of a weight gradient, kept in copy 1; B (nb) is kept in copy 0. */
-static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                      int k, qkd__bf16_in A, size_t na, int lda, bool A_act, qkd__bf16_in B,
-                      size_t nb, int ldb, float beta, float *C, int ldc, const char *what)
+/* g's product on bf16 operands (gemm.c). A has na elements and is a
+ * weight, or (A_act) the input of a weight gradient, kept in copy 1; B
+ * (nb) is kept in copy 0. */
+static void gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, qkd__bf16_in A, size_t na,
+                      bool A_act, qkd__bf16_in B, size_t nb, float *C, const char *what)
 {
-    if (m <= 0 || n <= 0 || k <= 0)
+    if (g->m <= 0 || g->n <= 0 || g->k <= 0)
         return;
     qkd__cuda *c = qkd__cuda_of(b);
     const unsigned long entry = c->writes;
@@ -241,15 +240,10 @@ static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t t
     const uint16_t *a16 = bf16_input(b, A, A_act ? &c->b16[1] : NULL, na, entry);
     if (!a16 || !b16)
         return;
-    const float one = 1.0f;
-    qkd__cuda_check_blas(b,
-                         cublasGemmEx(c->blas, ta, tb, m, n, k, &one, a16, CUDA_R_16BF, lda,
-                                      b16, CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc,
-                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                         what);
+    qkd__cuda_gemm_bf16(b, g, a16, b16, C, what);
     /* the product wrote C alone: a copy current at entry holds unless C
      * covers its source */
-    const size_t nc = (size_t)ldc * (n - 1) + m;
+    const size_t nc = (size_t)g->ldc * (g->n - 1) + g->m;
     for (int i = 0; i < 2; i++) {
         bf16_copy *cp = &c->b16[i];
         if (cp->src && cp->writes == entry && !overlaps(C, nc, cp->src, cp->n))
@@ -262,8 +256,8 @@ static void gemm_bf16(qkd__backend *b, cublasOperation_t ta, cublasOperation_t t
 static void cuda_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
                                           qkd__bf16_in w, int N, int C, int OC)
 {
-    gemm_bf16(b, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, w, (size_t)OC * C, C, false, inp,
-              (size_t)N * C, C, 0.0f, out, OC, "matmul_forward_bf16");
+    const qkd__cuda_gemm g = {CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, C, C, OC, 0.0f};
+    gemm_bf16(b, &g, w, (size_t)OC * C, false, inp, (size_t)N * C, out, "matmul_forward_bf16");
 }
 
 /* beta 0 when writing: cuBLAS then reads nothing of dinp */
@@ -271,16 +265,19 @@ static void cuda_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp,
                                                  qkd__bf16_in dout, qkd__bf16_in w, int N,
                                                  int C, int OC, int accumulate)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, w, (size_t)OC * C, C, false, dout,
-              (size_t)N * OC, OC, accumulate ? 1.0f : 0.0f, dinp, C, "matmul_backward_input_bf16");
+    const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, C, OC, C,
+                              accumulate ? 1.0f : 0.0f};
+    gemm_bf16(b, &g, w, (size_t)OC * C, false, dout, (size_t)N * OC, dinp,
+              "matmul_backward_input_bf16");
 }
 
 static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
                                                   qkd__bf16_in dout, qkd__bf16_in inp, int N,
                                                   int C, int OC, int accumulate)
 {
-    gemm_bf16(b, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, inp, (size_t)N * C, C, true, dout,
-              (size_t)N * OC, OC, accumulate ? 1.0f : 0.0f, dw, C,
+    const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, C, OC, C,
+                              accumulate ? 1.0f : 0.0f};
+    gemm_bf16(b, &g, inp, (size_t)N * C, true, dout, (size_t)N * OC, dw,
               "matmul_backward_weight_bf16");
 }
 
@@ -387,6 +384,7 @@ static void cuda_destroy(qkd__backend *b)
         cudaFree(c->spans);
         if (c->blas)
             cublasDestroy(c->blas);
+        qkd__cuda_gemm_teardown(c);
         if (c->stream)
             cudaStreamDestroy(c->stream);
         qkd__backend_free(c->host);
@@ -464,7 +462,7 @@ static const qkd__backend cuda_table = {
     .row_max_prob = qkd__cuda_row_max_prob,
 };
 
-/* Stream, cuBLAS handle (fp32 math: no TF32), sum partials and the host
+/* Stream, cuBLAS handle (fp32 math: no TF32), cuBLASLt, sum partials and the host
  * backend of the format schemes. */
 static qkd_status setup(qkd__backend *b, qkd__cuda *c)
 {
@@ -479,6 +477,8 @@ static qkd_status setup(qkd__backend *b, qkd__cuda *c)
     if (st == QKD_OK)
         st = qkd__cuda_check_blas(b, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH),
                                   "cublasSetMathMode");
+    if (st == QKD_OK)
+        st = qkd__cuda_gemm_setup(b);
     if (st == QKD_OK)
         st = cuda_alloc(b, QKD__CUDA_SUM_BLOCKS * sizeof(double), (void **)&c->partials);
     if (st == QKD_OK)

@@ -5,9 +5,10 @@
  * host buffer may be reused. Matmuls are cuBLAS SGEMMs in plain fp32 (the
  * default math mode, so TF32 tensor cores stay off and results match the
  * reference to float rounding); the bf16 slots convert both operands to
- * bf16 in the workspace and run cublasGemmEx on the tensor cores with fp32
- * accumulation (the bf16_bits slots take operands that may already be
- * bf16, as the fake quantization, RMSNorm and SwiGLU can write them). Attention is flash-style in fp32 (attention.cu). The
+ * bf16 in the workspace and run cuBLASLt on the tensor cores with fp32
+ * accumulation, each shape's algorithm timed at its first use (gemm.c;
+ * the bf16_bits slots take operands that may already be bf16, as the
+ * fake quantization, RMSNorm and SwiGLU can write them). Attention is flash-style in fp32 (attention.cu). The
  * other kernels are straightforward
  * CUDA, many of them computing in double like the reference (the objects
  * are built with -fmad=false, so the updates, axpy and hard fake
@@ -20,11 +21,13 @@
  * failed kernel cannot be trusted.
  *
  * The file split: cuda.c holds the table, memory, errors and the cuBLAS
- * matmuls (plain C against the runtime API); the kernels live in the .cu
+ * matmuls (plain C against the runtime API), gemm.c the bf16 products'
+ * plans; the kernels live in the .cu
  * files, each exporting the launch functions declared below. */
 #ifndef QKD_LIB_BACKEND_CUDA_H
 #define QKD_LIB_BACKEND_CUDA_H
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <stdarg.h>
@@ -38,11 +41,34 @@ extern "C" {
 
 #include "backend/backend.h"
 
+/* A bf16 product C = op(A) op(B) + beta C, column-major, fp32 C (gemm.c). */
+typedef struct qkd__cuda_gemm {
+    cublasOperation_t ta, tb;
+    int m, n, k, lda, ldb, ldc;
+    float beta;
+} qkd__cuda_gemm;
+
+/* A shape's cuBLASLt descriptors and chosen algorithm (gemm.c). */
+typedef struct qkd__cuda_gemm_plan {
+    qkd__cuda_gemm g;  /* the shape; of beta only whether it is 0 counts */
+    unsigned align[3]; /* of A, B and C, bytes: the heuristic's assumption */
+    cublasLtMatmulDesc_t op; /* NULL: an empty slot */
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+} qkd__cuda_gemm_plan;
+
+/* Plans kept: the KD-QAT step of one model makes about 30 shapes. */
+#define QKD__CUDA_GEMM_PLANS 128
+
 /* The backend's private state (b->impl). */
 typedef struct qkd__cuda {
     int device;
     cudaStream_t stream;
-    cublasHandle_t blas;
+    cublasHandle_t blas;  /* the fp32 products */
+    cublasLtHandle_t lt;  /* the bf16 products (gemm.c) */
+    void *lt_ws;          /* their workspace */
+    qkd__cuda_gemm_plan plans[QKD__CUDA_GEMM_PLANS]; /* a ring */
+    int next_plan;        /* the slot the next new shape takes */
     qkd_status status;  /* first failure, kept (see above) */
     double *partials;   /* per-block partial sums of sum and sum_squares */
     float *ws;          /* grown on demand: attention's backward, bf16 operands */
@@ -96,6 +122,20 @@ static inline qkd__cuda *qkd__cuda_of(qkd__backend *b)
 #define QKD__CUDA_MAX_BLOCKS 65535
 /* Block count of the two-pass sums (partials holds this many doubles). */
 #define QKD__CUDA_SUM_BLOCKS 1024
+
+/* ---- gemm.c ------------------------------------------------------------------ */
+/* cuBLASLt's handle and workspace; BACKEND or NO_MEMORY (recorded). */
+qkd_status qkd__cuda_gemm_setup(qkd__backend *b);
+/* Frees what setup and the plans hold. */
+void qkd__cuda_gemm_teardown(qkd__cuda *c);
+/* g's product on bf16 A and B into fp32 C, by the shape's plan (made,
+ * and timed, at its first use); a failure is recorded, naming `what`. */
+void qkd__cuda_gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, const uint16_t *A,
+                         const uint16_t *B, float *C, const char *what);
+/* For the tests: g's product by the i-th of the candidates the plan
+ * chooses among (none when i is past them); their count. */
+int qkd__cuda_gemm_bf16_candidate(qkd__backend *b, const qkd__cuda_gemm *g, int i,
+                                  const uint16_t *A, const uint16_t *B, float *C);
 
 /* ---- elementwise.cu ------------------------------------------------------ */
 void qkd__cuda_fill(qkd__backend *b, float *x, float value, size_t n);
