@@ -1636,7 +1636,10 @@ START_TEST(fakequant_bf16_matches_ref)
     if (!pair_open(&p))
         return;
     static const int schemes[] = {QKD_QUANT_SYM, QKD_QUANT_ASYM, QKD_QUANT_TERNARY};
-    static const int64_t groups[] = {7, 32, 64, 96, 128, 1536};
+    /* 4 to 128: every segment size of the segment kernel (1 to 32 lanes a
+     * group: below FQ_ITEMS lanes, a lane plans its items' grids in
+     * several passes) */
+    static const int64_t groups[] = {4, 7, 8, 16, 32, 64, 96, 128, 1536};
     const int64_t rows = 4, cols = 384;
     const size_t n = (size_t)(rows * cols);
     test_rng_seed(122);

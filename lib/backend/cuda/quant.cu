@@ -7,7 +7,7 @@
  * A group per thread is the simple form: enough parallelism for grouped
  * weights, slow for one group per tensor. The forward of SYM and ASYM,
  * which runs every step, gives each group a warp instead, or, for groups
- * of 8 to 128 whole float4s, a segment of a warp, rounding in float
+ * of 4 to 128 values in whole float4s, a segment of a warp, rounding in float
  * wherever that decides as double does (quantize_grid; same results). The
  * forwards write Q(w) in fp32 or rounded to bf16 (the bf16 products'
  * operand, written in the same pass). */
@@ -257,65 +257,99 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
     }
 }
 
-/* float4s a thread of the segment kernel loads before computing any:
- * one load, then a long dependent chain, left the memory system idle;
- * four held 96 registers, two blocks an SM, where two hold 76 and three
- * blocks fit (TinyLlama's 154 calls: 5.56 ms at four, 4.86 at two). */
-#define FQ_ITEMS 2
+/* float4s a thread of the segment kernel loads before computing any (one
+ * load, then a long dependent chain, left the memory system idle). Three
+ * take 74 registers, three blocks an SM; four took 94, two blocks, and
+ * ran slower (TinyLlama's step: 40,291 tokens/s at four, 40,545 at three,
+ * 40,243 for the kernel before, one run each in one command). */
+#define FQ_ITEMS 3
 
-/* Float4 i (v; live: i < n4) of the segment kernel: its group's range by
- * shuffles (every lane takes part), then Q of its four values and, at the
- * group's first thread, the group's scale and zero point. */
-template <typename T>
-__device__ void fakequant_seg_item(T *wq, float *scales, float *zeros, float4 v, size_t i,
-                                   bool live, int seg, const qkd__quant_spec &sp)
+/* The grid of a SYM or ASYM group of n values from its range alone. */
+__device__ static grid seg_grid(float mx, float mn, int n, const qkd__quant_spec &sp)
 {
-    const auto max = [](float a, float b) { return fmaxf(a, b); };
-    const auto min = [](float a, float b) { return fminf(a, b); };
-    const float mx =
-        qkd__lanes_reduce(fmaxf(fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)), 0.0f), max, seg);
-    const float mn =
-        qkd__lanes_reduce(fminf(fminf(fminf(v.x, v.y), fminf(v.z, v.w)), 0.0f), min, seg);
-    if (!live)
-        return;
-    grid g = grid_of(mx, mn, nullptr, 4 * seg, sp); /* SYM, ASYM: no values read */
-    group_scale(&g, nullptr, 4 * seg, sp);
-    const float inv_s = 1.0f / g.s;
-    qkd__store4(wq, i,
-                make_float4(quantize_grid(g, inv_s, v.x, sp), quantize_grid(g, inv_s, v.y, sp),
-                            quantize_grid(g, inv_s, v.z, sp), quantize_grid(g, inv_s, v.w, sp)));
-    if ((i & (size_t)(seg - 1)) == 0) { /* seg is a power of two: no 64-bit division */
-        const size_t at = i >> (__ffs(seg) - 1);
-        scales[at] = g.s;
-        zeros[at] = g.z;
-    }
+    grid g = grid_of(mx, mn, nullptr, n, sp); /* SYM, ASYM: no values read */
+    group_scale(&g, nullptr, n, sp);
+    return g;
 }
 
 /* SYM and ASYM over whole groups of 4 seg values (seg a power of two up to
  * 32): thread i owns values 4i .. 4i+3 (one float4), a group's seg threads
  * are neighbours in one warp and combine their range with shuffles. Each
- * pass of the loop loads FQ_ITEMS float4s a grid's stride apart, then
- * quantizes them. Its bound is the same for a whole block, so every lane
- * reaches every shuffle. Same results as the warp kernel (a range is
- * order-free). */
+ * pass of the loop loads FQ_ITEMS float4s a grid's stride apart.
+ *
+ * A grid costs two double divisions, and a warp issues them once for all
+ * its lanes: were every lane to compute its own group's grid, the warp
+ * would issue them once an item. Instead lane r of a segment computes
+ * item r's grid (items seg apart share a pass when seg < FQ_ITEMS) and
+ * the segment's lanes take scale, zero point and 1/scale by shuffles: one
+ * pass of the double work for FQ_ITEMS items. The loop's bound is the same
+ * for a whole block, so every lane reaches every shuffle. Same results as
+ * the warp kernel: a range is order-free, and each grid is computed by
+ * the same function from it. */
 template <typename T>
 __global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
                                              const float4 *w, size_t n4, int seg,
                                              qkd__quant_spec sp)
 {
+    const auto max = [](float a, float b) { return fmaxf(a, b); };
+    const auto min = [](float a, float b) { return fminf(a, b); };
+    const int first = (threadIdx.x & 31) & ~(seg - 1), rank = (threadIdx.x & 31) - first;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 - threadIdx.x < n4;
          i0 += FQ_ITEMS * stride) {
         float4 v[FQ_ITEMS];
+        float mx[FQ_ITEMS], mn[FQ_ITEMS], s[FQ_ITEMS], z[FQ_ITEMS], inv_s[FQ_ITEMS];
 #pragma unroll
         for (int k = 0; k < FQ_ITEMS; k++) {
             const size_t i = i0 + k * stride; /* a group's threads are all live or none */
             v[k] = i < n4 ? w[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
-        for (int k = 0; k < FQ_ITEMS; k++)
-            fakequant_seg_item(wq, scales, zeros, v[k], i0 + k * stride, i0 + k * stride < n4,
-                               seg, sp);
+        for (int k = 0; k < FQ_ITEMS; k++) {
+            mx[k] = qkd__lanes_reduce(fmaxf(fmaxf(fmaxf(v[k].x, v[k].y), fmaxf(v[k].z, v[k].w)), 0.0f),
+                                      max, seg);
+            mn[k] = qkd__lanes_reduce(fminf(fminf(fminf(v[k].x, v[k].y), fminf(v[k].z, v[k].w)), 0.0f),
+                                      min, seg);
+        }
+        for (int pass = 0; pass * seg < FQ_ITEMS; pass++) {
+            const int mine = pass * seg + rank; /* the item this lane plans */
+            float hi = 0.0f, lo = 0.0f;
+#pragma unroll
+            for (int k = 0; k < FQ_ITEMS; k++) { /* selects: an indexed array would be local memory */
+                hi = k == mine ? mx[k] : hi;
+                lo = k == mine ? mn[k] : lo;
+            }
+            const grid g = seg_grid(hi, lo, 4 * seg, sp);
+            const float inv = 1.0f / g.s;
+#pragma unroll
+            for (int k = 0; k < FQ_ITEMS; k++) {
+                const int from = k - pass * seg; /* the rank that planned item k */
+                if (from >= 0 && from < seg) {
+                    s[k] = __shfl_sync(0xffffffffu, g.s, first + from);
+                    z[k] = __shfl_sync(0xffffffffu, g.z, first + from);
+                    inv_s[k] = __shfl_sync(0xffffffffu, inv, first + from);
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < FQ_ITEMS; k++) {
+            const size_t i = i0 + k * stride;
+            if (i >= n4)
+                continue;
+            grid g = grid_of(0.0, 0.0, nullptr, 4 * seg, sp); /* the code range */
+            g.s = s[k];
+            g.z = z[k];
+            qkd__store4(wq, i,
+                        make_float4(quantize_grid(g, inv_s[k], v[k].x, sp),
+                                    quantize_grid(g, inv_s[k], v[k].y, sp),
+                                    quantize_grid(g, inv_s[k], v[k].z, sp),
+                                    quantize_grid(g, inv_s[k], v[k].w, sp)));
+            if (rank == 0) {
+                const size_t at = i >> (__ffs(seg) - 1); /* seg is a power of two */
+                scales[at] = g.s;
+                zeros[at] = g.z;
+            }
+        }
     }
 }
 
