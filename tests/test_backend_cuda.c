@@ -2,9 +2,7 @@
  * kernel forward and backward on random shapes with ragged edges, a whole
  * stories260K forward, backward and decode, 50 KD-QAT steps whose loss
  * curve must follow the reference's, and the GGUF round trip of a student
- * trained on the GPU. (trained_student_exports was checked with the
- * reference training in the GPU's place, 2026-11-23; it has not yet run on
- * a GPU.)
+ * trained on the GPU.
  *
  * Without a GPU (or without the backend built in) every test prints a SKIP
  * line saying so and passes without checking anything: a green run on a
