@@ -9,11 +9,13 @@
  * them on the product's own operands, and keeps the fastest in a plan
  * that every later product of that shape reuses.
  *
- * Bits do not depend on that timing: only candidates that split the sum
- * over k as the first candidate does are timed. The tile shape does not
- * change the order of each element's sum, a split of k does; the suite's
- * gemm_candidates_agree checks this on the GPU at hand. So a resumed run
- * still reaches the weights of an uninterrupted one bit for bit.
+ * Bits do not depend on that timing: only candidates that sum each element
+ * in the first candidate's order are timed: the same algorithm, split of k
+ * and reduction of the split parts, whatever their tiles. On an H100 every
+ * candidate of the first one's split gave its bits and every other split
+ * other bits; the suite's gemm_candidates_agree checks it on the GPU at
+ * hand. So a resumed run still reaches the weights of an uninterrupted one
+ * bit for bit.
  *
  * A product below TUNE_MIN_MACS takes the first candidate untimed: timing
  * costs a stream synchronize, and such a product is launch-bound anyway.
@@ -105,36 +107,44 @@ static cublasStatus_t describe(qkd__cuda_gemm_plan *p, const qkd__cuda_gemm *g)
     return st;
 }
 
-static int split_of(const cublasLtMatmulAlgo_t *algo)
+static int algo_attr(const cublasLtMatmulAlgo_t *algo, cublasLtMatmulAlgoConfigAttributes_t at)
 {
-    int split = 1;
+    int v = 0;
     size_t got;
-    cublasLtMatmulAlgoConfigGetAttribute(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split,
-                                         sizeof split, &got);
-    return split;
+    cublasLtMatmulAlgoConfigGetAttribute(algo, at, &v, sizeof v, &got);
+    return v;
 }
 
-/* The heuristic's candidates that split k as its first one does, into
- * algos (at most CANDIDATES); their count, 0 when it has none. */
+/* Whether a and b sum each element in the same order: the same algorithm,
+ * split of k and reduction of the split parts (the tile may differ). */
+static bool same_sum_order(const cublasLtMatmulAlgo_t *a, const cublasLtMatmulAlgo_t *b)
+{
+    static const cublasLtMatmulAlgoConfigAttributes_t order[3] = {
+        CUBLASLT_ALGO_CONFIG_ID, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+        CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME};
+    for (int i = 0; i < 3; i++)
+        if (algo_attr(a, order[i]) != algo_attr(b, order[i]))
+            return false;
+    return true;
+}
+
+/* The heuristic's candidates that sum as its first one does, into algos
+ * (at most CANDIDATES); their count, 0 when it has none. */
 static int candidates(qkd__cuda *c, const qkd__cuda_gemm_plan *p, cublasLtMatmulAlgo_t *algos,
                       cublasStatus_t *st)
 {
     cublasLtMatmulPreference_t pref = NULL;
     const size_t ws = GEMM_WS_BYTES;
-    static const cublasLtMatmulPreferenceAttributes_t align_attr[3] = {
+    static const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES};
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
     *st = cublasLtMatmulPreferenceCreate(&pref);
     if (*st == CUBLAS_STATUS_SUCCESS)
         *st = cublasLtMatmulPreferenceSetAttribute(
             pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    for (int i = 0; i < 3 && *st == CUBLAS_STATUS_SUCCESS; i++)
-        *st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &p->align[i],
-                                                   sizeof p->align[i]);
-    /* D is C */
-    if (*st == CUBLAS_STATUS_SUCCESS)
-        *st = cublasLtMatmulPreferenceSetAttribute(
-            pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &p->align[2], sizeof p->align[2]);
+    for (int i = 0; i < 4 && *st == CUBLAS_STATUS_SUCCESS; i++) /* D is C */
+        *st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &p->align[i < 3 ? i : 2],
+                                                   sizeof p->align[0]);
     cublasLtMatmulHeuristicResult_t res[CANDIDATES];
     int n_res = 0;
     if (*st == CUBLAS_STATUS_SUCCESS)
@@ -144,7 +154,7 @@ static int candidates(qkd__cuda *c, const qkd__cuda_gemm_plan *p, cublasLtMatmul
         cublasLtMatmulPreferenceDestroy(pref);
     int n = 0;
     for (int i = 0; *st == CUBLAS_STATUS_SUCCESS && i < n_res; i++)
-        if (res[i].state == CUBLAS_STATUS_SUCCESS && split_of(&res[i].algo) == split_of(&res[0].algo))
+        if (res[i].state == CUBLAS_STATUS_SUCCESS && same_sum_order(&res[i].algo, &res[0].algo))
             algos[n++] = res[i].algo;
     return n;
 }
