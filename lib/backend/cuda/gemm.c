@@ -189,8 +189,9 @@ static float time_algo(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
 
 /* The fastest of algos[0..n) on the product's operands. Timing writes C
  * over and over: harmless when beta is 0 (the product then overwrites
- * it), so the runs write C itself; a product that adds to C is timed on
- * a scratch copy, or not at all when there is no memory for one. */
+ * it), so the runs write C itself; a product that adds to C is timed
+ * writing a scratch output instead (its contents do not matter), or not
+ * at all when there is no memory for one. */
 static int fastest(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
                    const cublasLtMatmulAlgo_t *algos, int n, const uint16_t *A,
                    const uint16_t *B, float *C)
