@@ -53,9 +53,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
             '    int failed = srunner_ntests_failed(sr);' \
             '    srunner_free(sr);' '    return failed != 0;' '}' >$build/backend_cuda_main.c
         cc -O2 -std=c11 -D_GNU_SOURCE -DQKD_HAVE_CUDA=1 -Iinclude -Ilib -Itests \
+            -I"$(dirname "$cuda_lib")/include" \
             $build/backend_cuda_main.c tests/test_backend_cuda.c tests/testutil.c \
             $build/lib/libqkd_internal.a $(pkg-config --cflags --libs check libuv jansson) \
-            -L"$cuda_lib" -lcudart -lcublas -lstdc++ -lm -o $runner || exit 1
+            -L"$cuda_lib" -lcudart -lcublas -lcublasLt -lstdc++ -lm -o $runner || exit 1
     fi
     QKD_SOURCE=$PWD QKD_SHARED=$shared CK_RUN_SUITE=backend_cuda CK_DEFAULT_TIMEOUT=600 \
         timeout 400 $runner || status=1
