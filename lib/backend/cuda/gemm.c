@@ -86,8 +86,9 @@ static bool same_key(const qkd__cuda_gemm_plan *p, const qkd__cuda_gemm *g,
 
 /* The product's descriptors: column-major A (m x k, or k x m transposed),
  * B (k x n, or n x k), C (m x n), fp32 accumulation. */
-static cublasStatus_t describe(qkd__cuda_gemm_plan *p, const qkd__cuda_gemm *g)
+static cublasStatus_t describe(qkd__cuda_gemm_plan *p)
 {
+    const qkd__cuda_gemm *g = &p->g;
     const bool an = g->ta == CUBLAS_OP_N, bn = g->tb == CUBLAS_OP_N;
     cublasStatus_t st = cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
     if (st == CUBLAS_STATUS_SUCCESS)
@@ -128,11 +129,15 @@ static bool same_sum_order(const cublasLtMatmulAlgo_t *a, const cublasLtMatmulAl
     return true;
 }
 
-/* The heuristic's candidates that sum as its first one does, into algos
- * (at most CANDIDATES); their count, 0 when it has none. */
-static int candidates(qkd__cuda *c, const qkd__cuda_gemm_plan *p, cublasLtMatmulAlgo_t *algos,
+/* p's descriptors (for p->g and p->align), then the heuristic's
+ * candidates that sum as its first one does, into algos (at most
+ * CANDIDATES); their count, 0 when it has none or *st failed. */
+static int candidates(qkd__cuda *c, qkd__cuda_gemm_plan *p, cublasLtMatmulAlgo_t *algos,
                       cublasStatus_t *st)
 {
+    *st = describe(p);
+    if (*st != CUBLAS_STATUS_SUCCESS)
+        return 0;
     cublasLtMatmulPreference_t pref = NULL;
     const size_t ws = GEMM_WS_BYTES;
     static const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
@@ -237,8 +242,8 @@ static qkd__cuda_gemm_plan *make_plan(qkd__backend *b, const qkd__cuda_gemm *g,
     p->g = *g;
     memcpy(p->align, align, sizeof p->align);
     cublasLtMatmulAlgo_t algos[CANDIDATES];
-    cublasStatus_t st = describe(p, g);
-    const int n = st == CUBLAS_STATUS_SUCCESS ? candidates(c, p, algos, &st) : 0;
+    cublasStatus_t st;
+    const int n = candidates(c, p, algos, &st);
     if (st == CUBLAS_STATUS_SUCCESS && n == 0)
         st = CUBLAS_STATUS_NOT_SUPPORTED;
     if (st != CUBLAS_STATUS_SUCCESS) {
@@ -276,8 +281,8 @@ int qkd__cuda_gemm_bf16_candidate(qkd__backend *b, const qkd__cuda_gemm *g, int 
     qkd__cuda_gemm_plan p = {.g = *g,
                              .align = {alignment(A), alignment(B), alignment(C)}};
     cublasLtMatmulAlgo_t algos[CANDIDATES];
-    cublasStatus_t st = describe(&p, g);
-    const int n = st == CUBLAS_STATUS_SUCCESS ? candidates(c, &p, algos, &st) : 0;
+    cublasStatus_t st;
+    const int n = candidates(c, &p, algos, &st);
     if (i < n)
         qkd__cuda_check_blas(b, run_algo(c, &p, &algos[i], A, B, g->beta, C),
                              "gemm candidate");

@@ -336,7 +336,8 @@ __global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
             const size_t i = i0 + k * stride;
             if (i >= n4)
                 continue;
-            grid g = grid_of(0.0, 0.0, nullptr, 4 * seg, sp); /* the code range */
+            /* the code range, recomputed: held across the loop it took 6 registers */
+            grid g = grid_of(0.0, 0.0, nullptr, 4 * seg, sp);
             g.s = s[k];
             g.z = z[k];
             qkd__store4(wq, i,
