@@ -222,6 +222,15 @@ __global__ void fakequant_forward_kernel(T *wq, float *scales, float *zeros, con
     }
 }
 
+/* The grid of a SYM or ASYM group of n values from its range alone
+ * (those schemes read no values for it). */
+__device__ static grid range_grid(float mx, float mn, int64_t n, const qkd__quant_spec &sp)
+{
+    grid g = grid_of(mx, mn, nullptr, n, sp);
+    group_scale(&g, nullptr, n, sp);
+    return g;
+}
+
 /* SYM and ASYM: a warp per group, its lanes striding over the group
  * (coalesced, where a thread per group reads 64 floats alone). The range
  * is a max and a min, which no order changes, and each value's code
@@ -245,8 +254,7 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
         }
         mx = qkd__warp_reduce(mx, qkd__max_op<float>());
         mn = -qkd__warp_reduce(-mn, qkd__max_op<float>());
-        grid g = grid_of(mx, mn, w + at, n, sp);
-        group_scale(&g, w + at, n, sp);
+        const grid g = range_grid(mx, mn, n, sp);
         const float inv_s = 1.0f / g.s;
         for (int64_t i = lane; i < n; i += 32)
             qkd__store(wq, at + i, quantize_grid(g, inv_s, w[at + i], sp));
@@ -263,14 +271,6 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
  * ran slower (TinyLlama's step: 40,291 tokens/s at four, 40,545 at three,
  * 40,243 for the kernel before, one run each in one command). */
 #define FQ_ITEMS 3
-
-/* The grid of a SYM or ASYM group of n values from its range alone. */
-__device__ static grid seg_grid(float mx, float mn, int n, const qkd__quant_spec &sp)
-{
-    grid g = grid_of(mx, mn, nullptr, n, sp); /* SYM, ASYM: no values read */
-    group_scale(&g, nullptr, n, sp);
-    return g;
-}
 
 /* SYM and ASYM over whole groups of 4 seg values (seg a power of two up to
  * 32): thread i owns values 4i .. 4i+3 (one float4), a group's seg threads
@@ -319,7 +319,7 @@ __global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
                 hi = k == mine ? mx[k] : hi;
                 lo = k == mine ? mn[k] : lo;
             }
-            const grid g = seg_grid(hi, lo, 4 * seg, sp);
+            const grid g = range_grid(hi, lo, 4 * seg, sp);
             const float inv = 1.0f / g.s;
 #pragma unroll
             for (int k = 0; k < FQ_ITEMS; k++) {
