@@ -8,9 +8,10 @@
  * bf16 in the workspace and run cuBLASLt on the tensor cores with fp32
  * accumulation, each shape's algorithm timed at its first use (gemm.c;
  * the bf16_bits slots take operands that may already be bf16, as the
- * fake quantization, RMSNorm and SwiGLU can write them). Attention is flash-style in fp32 (attention.cu). The
- * other kernels are straightforward
- * CUDA, many of them computing in double like the reference (the objects
+ * fake quantization, RMSNorm and SwiGLU can write them). Attention is
+ * flash-style in fp32 (attention.cu) or bf16 (attention_bf16.cu). The
+ * other kernels are straightforward CUDA, many of them computing in
+ * double like the reference (the objects
  * are built with -fmad=false, so the updates, axpy and hard fake
  * quantization round exactly as the reference does).
  *
@@ -22,8 +23,8 @@
  *
  * The file split: cuda.c holds the table, memory, errors and the cuBLAS
  * matmuls (plain C against the runtime API), gemm.c the bf16 products'
- * plans; the kernels live in the .cu
- * files, each exporting the launch functions declared below. */
+ * plans; the kernels live in the .cu files, each exporting the launch
+ * functions declared below. */
 #ifndef QKD_LIB_BACKEND_CUDA_H
 #define QKD_LIB_BACKEND_CUDA_H
 

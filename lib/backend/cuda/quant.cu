@@ -1,16 +1,17 @@
 /* CUDA fake-quantization kernels of the SYM, ASYM and TERNARY schemes
  * (include/qkd/quant.h gives the math), with computed or learned (LSQ)
- * scales, and the dynamic per-row quantization. One thread owns a group and walks it in order, in double,
- * exactly as the reference does (lib/backend/ref/ref_quant.c), so hard
- * rounding gives bit-identical codes, scales and zero points; the smooth
- * (CONTINUOUS) functions differ only by the device's double tanh and exp.
+ * scales, and the dynamic per-row quantization. One thread owns a group
+ * and walks it in order, in double, exactly as the reference does
+ * (lib/backend/ref/ref_quant.c), so hard rounding gives bit-identical
+ * codes, scales and zero points; the smooth (CONTINUOUS) functions differ
+ * only by the device's double tanh and exp.
  * A group per thread is the simple form: enough parallelism for grouped
  * weights, slow for one group per tensor. The forward of SYM and ASYM,
  * which runs every step, gives each group a warp instead, or, for groups
- * of 4 to 128 values in whole float4s, a segment of a warp, rounding in float
- * wherever that decides as double does (quantize_grid; same results). The
- * forwards write Q(w) in fp32 or rounded to bf16 (the bf16 products'
- * operand, written in the same pass). */
+ * of 4 to 128 values in whole float4s, a segment of a warp, rounding in
+ * float wherever that decides as double does (quantize_grid; same
+ * results). The forwards write Q(w) in fp32 or rounded to bf16 (the bf16
+ * products' operand, written in the same pass). */
 #include <float.h>
 
 #include "backend/cuda/common.cuh"
@@ -306,16 +307,16 @@ __global__ void fakequant_forward_seg_kernel(T *wq, float *scales, float *zeros,
         }
 #pragma unroll
         for (int k = 0; k < FQ_ITEMS; k++) {
-            mx[k] = qkd__lanes_reduce(fmaxf(fmaxf(fmaxf(v[k].x, v[k].y), fmaxf(v[k].z, v[k].w)), 0.0f),
-                                      max, seg);
-            mn[k] = qkd__lanes_reduce(fminf(fminf(fminf(v[k].x, v[k].y), fminf(v[k].z, v[k].w)), 0.0f),
-                                      min, seg);
+            mx[k] = qkd__lanes_reduce(
+                fmaxf(fmaxf(fmaxf(v[k].x, v[k].y), fmaxf(v[k].z, v[k].w)), 0.0f), max, seg);
+            mn[k] = qkd__lanes_reduce(
+                fminf(fminf(fminf(v[k].x, v[k].y), fminf(v[k].z, v[k].w)), 0.0f), min, seg);
         }
         for (int pass = 0; pass * seg < FQ_ITEMS; pass++) {
             const int mine = pass * seg + rank; /* the item this lane plans */
             float hi = 0.0f, lo = 0.0f;
 #pragma unroll
-            for (int k = 0; k < FQ_ITEMS; k++) { /* selects: an indexed array would be local memory */
+            for (int k = 0; k < FQ_ITEMS; k++) { /* selects, not an indexed (local) array */
                 hi = k == mine ? mx[k] : hi;
                 lo = k == mine ? mn[k] : lo;
             }
