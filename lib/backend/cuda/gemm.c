@@ -26,7 +26,8 @@
 
 #include "backend/cuda/cuda.h"
 
-#define GEMM_WS_BYTES ((size_t)32 << 20) /* split-K candidates of the shapes take up to 18 MiB */
+/* cuBLASLt's workspace: split-K candidates of the shapes take up to 18 MiB */
+#define GEMM_WS_BYTES ((size_t)32 << 20)
 #define CANDIDATES 8                     /* asked of the heuristic */
 #define TUNE_MIN_MACS ((double)(1 << 24))
 #define TUNE_REPS 10
@@ -196,7 +197,9 @@ static float time_algo(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
  * over and over: harmless when beta is 0 (the product then overwrites
  * it), so the runs write C itself; a product that adds to C is timed
  * writing a scratch output instead (its contents do not matter), or not
- * at all when there is no memory for one. */
+ * at all when there is no memory for one. The scratch is allocated here,
+ * once a shape: the backend's workspace may hold the operands' bf16
+ * copies. */
 static int fastest(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
                    const cublasLtMatmulAlgo_t *algos, int n, const uint16_t *A,
                    const uint16_t *B, float *C)
