@@ -385,8 +385,8 @@ START_TEST(multi_tensor_updates_match_ref)
         h[s][3] = test_vec_rand(n, 0, 0.01);
         for (int k = 0; k < 4; k++)
             d[s][k] = dput_off(&p, h[s][k], n, off[s]);
-        spans[s] = (qkd__update_span){d[s][0], d[s][1], d[s][2], d[s][3], sizes[s],
-                                      1e-3f * (float)(s + 1)};
+        spans[s] = (qkd__update_span){.p = d[s][0], .g = d[s][1], .m = d[s][2], .v = d[s][3],
+                                      .n = sizes[s], .lr = 1e-3f * (float)(s + 1)};
     }
     float *d_norms = dpoison(&p, NS), want[NS];
     p.cb->sum_squares_multi(p.cb, d_norms, spans, NS);
@@ -423,13 +423,13 @@ START_TEST(multi_tensor_updates_match_ref)
         sq[4] = k == 2 ? NAN : sq[4];
         float *d_sq = dput(&p, sq, NS);
         p.cb->step_decide(p.cb, d_st, d_sq, NS, max_norms[k], 0.9f, 0.95f);
-        p.cb->adamw_update_multi_dev(p.cb, spans, NS, d_st, 0.9f, 0.95f, 1e-8f, 0.1f);
+        p.cb->adamw_update_multi_dev(p.cb, spans, NS, d_st, 0.9f, 0.95f, 1e-8f, 0.1f, NULL);
         p.rb->step_decide(p.rb, &rst, sq, NS, max_norms[k], 0.9f, 0.95f);
         qkd__update_span hs[NS];
         for (int s = 0; s < NS; s++)
-            hs[s] = (qkd__update_span){h[s][0], h[s][1], h[s][2], h[s][3], sizes[s],
-                                       spans[s].lr};
-        p.rb->adamw_update_multi_dev(p.rb, hs, NS, &rst, 0.9f, 0.95f, 1e-8f, 0.1f);
+            hs[s] = (qkd__update_span){.p = h[s][0], .g = h[s][1], .m = h[s][2], .v = h[s][3],
+                                       .n = sizes[s], .lr = spans[s].lr};
+        p.rb->adamw_update_multi_dev(p.rb, hs, NS, &rst, 0.9f, 0.95f, 1e-8f, 0.1f, NULL);
         qkd__step_state got;
         expect_ok(p.cc, p.cb->sync(p.cb), "sync");
         expect_ok(p.cc, p.cb->download(p.cb, &got, d_st, sizeof got), "download");
@@ -454,6 +454,143 @@ START_TEST(multi_tensor_updates_match_ref)
         }
     }
     free(norms);
+    pair_close(&p);
+}
+END_TEST
+
+/* One span of adamw_multi_quantizes on both sides: p, g, m, v, then the
+ * bf16 bits, scales and zeros of Q(p). */
+struct fq_span {
+    float *h[4], *d[4], *h_sc, *h_z, *d_sc, *d_z;
+    uint16_t *h_wq, *d_wq;
+    size_t n, ng, off;
+};
+
+static void fq_span_open(struct pair *p, struct fq_span *f, size_t n, int64_t group, size_t off)
+{
+    *f = (struct fq_span){.n = n, .ng = n / (size_t)group, .off = off};
+    f->h[0] = test_vec_rand(n, -1, 1);
+    f->h[1] = test_vec_rand(n, -1, 1);
+    f->h[2] = test_vec_rand(n, -0.1, 0.1);
+    f->h[3] = test_vec_rand(n, 0, 0.01);
+    for (int k = 0; k < 4; k++)
+        f->d[k] = dput_off(p, f->h[k], n, off);
+    f->h_sc = test_vec_new(f->ng);
+    f->h_z = test_vec_new(f->ng);
+    f->d_sc = dpoison(p, f->ng);
+    f->d_z = dpoison(p, f->ng);
+    f->h_wq = malloc(n * sizeof *f->h_wq);
+    ck_assert_ptr_nonnull(f->h_wq);
+    f->d_wq = dput_bytes(p, f->h_wq, n, sizeof *f->h_wq);
+}
+
+/* Both sides' Q(p) set to NaN bits, so that one the call fails to write fails. */
+static void fq_span_poison(struct pair *p, struct fq_span *f)
+{
+    memset(f->h_wq, 0xff, f->n * sizeof *f->h_wq);
+    expect_ok(p->cc, p->cb->upload(p->cb, f->d_wq, f->h_wq, f->n * sizeof *f->h_wq), "upload");
+}
+
+static void fq_span_check(struct pair *p, const struct fq_span *f, const char *what)
+{
+    static const char *names[] = {"weights", "gradient (unchanged)", "first moment",
+                                  "second moment"};
+    char name[160];
+    for (int k = 0; k < 4; k++) {
+        float *got = test_vec_new(f->n);
+        expect_ok(p->cc, p->cb->sync(p->cb), "sync");
+        expect_ok(p->cc, p->cb->download(p->cb, got, f->d[k], f->n * sizeof *got), "download");
+        snprintf(name, sizeof name, "%s: %s", what, names[k]);
+        assert_same(name, got, f->h[k], f->n);
+        free(got);
+    }
+    uint16_t *wq = malloc(f->n * sizeof *wq);
+    ck_assert_ptr_nonnull(wq);
+    expect_ok(p->cc, p->cb->download(p->cb, wq, f->d_wq, f->n * sizeof *wq), "download");
+    for (size_t i = 0; i < f->n; i++)
+        ck_assert_msg(wq[i] == f->h_wq[i], "%s: Q(p)[%zu] bits 0x%04x, ref 0x%04x", what, i,
+                      wq[i], f->h_wq[i]);
+    free(wq);
+    float *sc = test_vec_new(f->ng), *z = test_vec_new(f->ng);
+    expect_ok(p->cc, p->cb->download(p->cb, sc, f->d_sc, f->ng * sizeof *sc), "download");
+    expect_ok(p->cc, p->cb->download(p->cb, z, f->d_z, f->ng * sizeof *z), "download");
+    snprintf(name, sizeof name, "%s: scales", what);
+    assert_same(name, sc, f->h_sc, f->ng);
+    snprintf(name, sizeof name, "%s: zeros", what);
+    assert_same(name, z, f->h_z, f->ng);
+    free(sc), free(z);
+}
+
+static void fq_span_close(struct pair *p, struct fq_span *f)
+{
+    for (int k = 0; k < 4; k++) {
+        dfree(p, f->d[k] - f->off);
+        free(f->h[k]);
+    }
+    dfree(p, f->d_sc), dfree(p, f->d_z), dfree(p, f->d_wq);
+    free(f->h_sc), free(f->h_z), free(f->h_wq);
+}
+
+/* adamw_update_multi_dev with spans that quantize the weights they update
+ * (a bf16 student's next forward then reads them): the reference's update
+ * followed by its fakequant_forward_bf16, bit for bit, for SYM and ASYM;
+ * groups of 4 to 128, which the update quantizes in its own pass, and a
+ * group of 12, one of 256 and a span off the float4 boundary, which it
+ * hands to the fake-quantization kernel; an applied step, then a skipped
+ * one, which leaves the weights but still writes Q(p). */
+START_TEST(adamw_multi_quantizes)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    static const int64_t groups[] = {4, 8, 16, 32, 64, 128, 12, 256};
+    enum { NS = 3 };
+    test_rng_seed(84);
+    for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++)
+        for (int asym = 0; asym < 2; asym++) {
+            const int64_t group = groups[gi];
+            const qkd__quant_spec fq = {.scheme = asym ? QKD_QUANT_ASYM : QKD_QUANT_SYM,
+                                        .bits = asym ? 4 : 3, .group = group,
+                                        .clip_ratio = 1.0f};
+            /* several chunks, one group, and an unaligned span */
+            const size_t sizes[NS] = {(size_t)group * 37, (size_t)group, (size_t)group * 3};
+            const size_t offs[NS] = {0, 0, 1};
+            struct fq_span f[NS];
+            qkd__update_span ds[NS], hs[NS];
+            for (int s = 0; s < NS; s++) {
+                fq_span_open(&p, &f[s], sizes[s], group, offs[s]);
+                const float lr = 1e-3f * (float)(s + 1);
+                ds[s] = (qkd__update_span){f[s].d[0], f[s].d[1], f[s].d[2], f[s].d[3],
+                                           sizes[s], lr, f[s].d_wq, f[s].d_sc, f[s].d_z};
+                hs[s] = (qkd__update_span){f[s].h[0], f[s].h[1], f[s].h[2], f[s].h[3],
+                                           sizes[s], lr, f[s].h_wq, f[s].h_sc, f[s].h_z};
+            }
+            qkd__step_state rst = {.t = 2}, *d_st = NULL;
+            expect_ok(p.cc, p.cb->alloc(p.cb, sizeof rst, (void **)&d_st), "alloc");
+            expect_ok(p.cc, p.cb->upload(p.cb, d_st, &rst, sizeof rst), "upload");
+            for (int skip = 0; skip < 2; skip++) {
+                const float sq[NS] = {1.0f, skip ? NAN : 2.0f, 3.0f};
+                float *d_sq = dput(&p, sq, NS);
+                for (int s = 0; s < NS; s++)
+                    fq_span_poison(&p, &f[s]);
+                p.cb->step_decide(p.cb, d_st, d_sq, NS, 1e9f, 0.9f, 0.95f);
+                p.cb->adamw_update_multi_dev(p.cb, ds, NS, d_st, 0.9f, 0.95f, 1e-8f, 0.1f, &fq);
+                p.rb->step_decide(p.rb, &rst, sq, NS, 1e9f, 0.9f, 0.95f);
+                p.rb->adamw_update_multi_dev(p.rb, hs, NS, &rst, 0.9f, 0.95f, 1e-8f, 0.1f, &fq);
+                ck_assert_int_eq(rst.skipped, skip);
+                for (int s = 0; s < NS; s++) {
+                    char what[96];
+                    snprintf(what, sizeof what, "%s group %lld span %d, %s step",
+                             asym ? "ASYM" : "SYM", (long long)group, s,
+                             skip ? "skipped" : "applied");
+                    fq_span_check(&p, &f[s], what);
+                }
+                dfree(&p, d_sq);
+            }
+            dfree(&p, d_st);
+            for (int s = 0; s < NS; s++)
+                fq_span_close(&p, &f[s]);
+        }
     pair_close(&p);
 }
 END_TEST
@@ -2123,6 +2260,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, sums_match_ref);
     tcase_add_test(tc, optimizers_equal_ref);
     tcase_add_test(tc, multi_tensor_updates_match_ref);
+    tcase_add_test(tc, adamw_multi_quantizes);
     tcase_add_test(tc, matmul_matches_ref);
     tcase_add_test(tc, matmul_bf16_matches_ref);
     tcase_add_test(tc, matmul_bf16_sees_writes);

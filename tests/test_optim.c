@@ -11,7 +11,7 @@
 #include "testutil.h"
 
 #include "backend/backend.h"
-#include "model/model.h"
+#include "model/model_impl.h"
 #include "qkd/loss.h"
 #include "qkd/quant.h"
 
@@ -1021,6 +1021,100 @@ START_TEST(test_deferred_matches_step)
 }
 END_TEST
 
+/* Add x to every weight of tensor `index` of m (a writer between steps). */
+static void shift_tensor(qkd_model *m, int index, float x)
+{
+    qkd_tensor_info info = {.size = sizeof info};
+    ck_assert_int_eq(qkd_model_tensor_info(m, index, &info), QKD_OK);
+    float *w = test_vec_new((size_t)info.n_elements);
+    ck_assert_int_eq(qkd_model_tensor_get(m, index, w, (size_t)info.n_elements), QKD_OK);
+    for (int64_t k = 0; k < info.n_elements; k++)
+        w[k] += x;
+    ck_assert_int_eq(qkd_model_tensor_set(m, index, w, (size_t)info.n_elements), QKD_OK);
+    free(w);
+}
+
+/* How many of m's quantized tensors a deferred step quantized as it
+ * updated them (their next forward reads that Q(w)). */
+static int updated_count(const qkd_model *m)
+{
+    int n = 0;
+    for (int i = 0; i < m->n_weights; i++)
+        n += m->student.t[i].updated;
+    return n;
+}
+
+/* A bf16 student's deferred AdamW step also writes the Q(w) its next
+ * forward reads, in place of that forward's fake quantization
+ * (qkd__model_update_quantizes). Twins, one stepping synchronously (so
+ * that its forwards quantize every tensor again), give the same logits
+ * and weights bit for bit over steps that include a weight written after
+ * a step, one written before a skipped step (a NaN gradient: the update
+ * must still write Q(w) of the weights it leaves), and groups of 8, which
+ * do not tile the down projections' 12 columns (left to the forward). */
+START_TEST(test_deferred_student_quantizes)
+{
+    qkd_context *ctx = test_context(2);
+    const qkd_optim_params p = resume_params(QKD_OPTIM_ADAMW);
+    for (int group = 4; group <= 8; group += 4) {
+        qkd_model *m[2];
+        qkd_optimizer *opt[2];
+        qkd_quantizer *q[2];
+        for (int k = 0; k < 2; k++) {
+            m[k] = tiny_model(ctx, 0, 14);
+            ck_assert_int_eq(qkd_model_set_matmul_precision(m[k], QKD_MATMUL_BF16), QKD_OK);
+            qkd_quant_params qp;
+            qkd_quant_params_init(&qp);
+            qp.bits = 3;
+            qp.group_size = group;
+            ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q[k]), QKD_OK);
+            ck_assert_int_eq(qkd_model_set_quantizer(m[k], q[k], QKD_QUANT_TARGET_LINEAR),
+                             QKD_OK);
+            opt[k] = make_opt(m[k], &p);
+        }
+        const int wq = qkd__model_tensor_index(m[0], QKD_TENSOR_ATTN_Q, 0);
+        const int n_quantized = 7 * 2, n_down = 2;
+        static float logits[2][TB * TT * TV];
+        for (int s = 0; s < 6; s++) {
+            for (int k = 0; k < 2; k++) {
+                make_grads(m[k], 5000 + (uint64_t)s);
+                ck_assert_int_eq(qkd_model_logits(m[k], logits[k], TB * TT * TV), QKD_OK);
+                if (s == 2) { /* written after the forward, then a skipped step */
+                    shift_tensor(m[k], wq, 0.01f);
+                    set_grad_value(ctx, m[k], 1, 3, NAN);
+                }
+                qkd_step_info info = {.size = sizeof info};
+                if (k) /* the report settles the step: the schedule counts a skipped one */
+                    ck_assert_int_eq(qkd_optimizer_step_deferred(opt[k]), QKD_OK);
+                ck_assert_int_eq(k ? qkd_optimizer_last_step(opt[k], &info)
+                                   : qkd_optimizer_step(opt[k], &info),
+                                 s != 2 ? QKD_OK : QKD_ERR_NON_FINITE);
+                if (s == 4) /* written between the step and the next forward */
+                    shift_tensor(m[k], wq, -0.02f);
+            }
+            ck_assert_msg(memcmp(logits[0], logits[1], sizeof logits[0]) == 0,
+                          "group %d, step %d: the logits differ", group, s);
+            ck_assert_int_eq(updated_count(m[0]), 0);
+            ck_assert_int_eq(updated_count(m[1]), n_quantized - (group == 8 ? n_down : 0) -
+                                                      (s == 4)); /* attn_q written since */
+        }
+        make_grads(m[0], 6000), make_grads(m[1], 6000);
+        ck_assert_int_eq(qkd_model_logits(m[0], logits[0], TB * TT * TV), QKD_OK);
+        ck_assert_int_eq(qkd_model_logits(m[1], logits[1], TB * TT * TV), QKD_OK);
+        ck_assert_mem_eq(logits[0], logits[1], sizeof logits[0]);
+        snap w0 = snap_take(m[0], 0), w1 = snap_take(m[1], 0);
+        ck_assert(snap_equal(&w0, &w1));
+        snap_free(&w0), snap_free(&w1);
+        for (int k = 0; k < 2; k++) {
+            qkd_optimizer_free(opt[k]);
+            qkd_model_free(m[k]);
+            qkd_quantizer_free(q[k]);
+        }
+    }
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* A deferred step on a NaN gradient is skipped on the device: it returns
  * OK, changes nothing, and the report says NON_FINITE; the next finite
  * step is step 2 at step 2's rate, as after a synchronous skip. */
@@ -1299,6 +1393,7 @@ Suite *suite_optim(void)
     tcase_add_loop_test(tc, test_state_round_trip, 0, 2);
     tcase_add_loop_test(tc, test_deferred_matches_step, 0, 2);
     tcase_add_test(tc, test_deferred_non_finite);
+    tcase_add_test(tc, test_deferred_student_quantizes);
     tcase_add_test(tc, test_state_errors);
     suite_add_tcase(s, tc);
 

@@ -144,8 +144,12 @@ QKD_API qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info);
  * skipped step's advance is taken back once the host learns of it
  * (qkd_optimizer_last_step, or a synchronous step). AdamW on a backend
  * that can decide on the device (CUDA, the reference); elsewhere (SGD,
- * SIMD) it is qkd_optimizer_step, returning its status. Errors:
- * INVALID_ARG, STATE (as qkd_optimizer_step), BACKEND. @since 0.1 */
+ * SIMD) it is qkd_optimizer_step, returning its status. On a student with
+ * bf16 matmuls and hard-rounded SYM or ASYM groups, the update also writes
+ * the fake-quantized bf16 weights the next forward reads, in the same pass
+ * over the weights, so that forward does not quantize them again (the same
+ * values, bit for bit; a weight written in between is quantized again).
+ * Errors: INVALID_ARG, STATE (as qkd_optimizer_step), BACKEND. @since 0.1 */
 QKD_API qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt);
 
 /* The report of the last step (deferred or not), waiting for the device:

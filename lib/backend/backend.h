@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 10
+#define QKD__BACKEND_ABI 11
 
 typedef struct qkd__backend qkd__backend;
 
@@ -81,13 +81,17 @@ typedef struct qkd__qweight {
 } qkd__qweight;
 
 /* One tensor of a multi-tensor optimizer update: parameters, gradient,
- * AdamW's two moments, the element count and the learning rate. */
+ * AdamW's two moments, the element count and the learning rate; and,
+ * for adamw_update_multi_dev only, where to write the fake quantization
+ * of the updated parameters (wq NULL: nowhere). */
 typedef struct qkd__update_span {
     float *p;
     const float *g;
     float *m, *v;
     size_t n;
     float lr;
+    uint16_t *wq;          /* Q(p) as bf16 bits, as fakequant_forward_bf16 writes it */
+    float *scales, *zeros; /* [n / group]: each group's scale and zero point */
 } qkd__update_span;
 
 /* An optimizer step decided on the device (qkd_optimizer_step_deferred),
@@ -371,12 +375,17 @@ struct qkd__backend {
      * unless skipped, then bc1 and bc2 for b1 and b2 at that t (once, not
      * in every block of the update). adamw_update_multi_dev is
      * adamw_update_multi with gscale, bc1 and bc2 read from st, doing
-     * nothing where st->skipped. */
+     * nothing where st->skipped. A span with wq set also gets the fake
+     * quantization of its updated p, by fq (hard rounding, SYM or ASYM, in
+     * groups of fq->group that tile p: n a multiple of it): what
+     * fakequant_forward_bf16(wq, scales, zeros, p, n / group, group, fq)
+     * would write after the update, bit for bit, so that a student's next
+     * forward need not quantize again (fq NULL: no span has wq). */
     void (*step_decide)(qkd__backend *b, qkd__step_state *st, const float *norms, int n,
                         float max_norm, float b1, float b2);
     void (*adamw_update_multi_dev)(qkd__backend *b, const qkd__update_span *spans, int n_spans,
                                    const qkd__step_state *st, float b1, float b2, float eps,
-                                   float wd);
+                                   float wd, const qkd__quant_spec *fq);
 
     /* ---- fake quantization ------------------------------------------------
      * wq[rows][cols] = Q(w) per group of spec->group values along each row

@@ -504,8 +504,10 @@ float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind ki
 float *qkd__model_param_dev(qkd_model *m, int index)
 {
     /* every writer of the weights asks here: a frozen model's bf16 copy
-     * is rounded again by its next forward */
+     * is rounded again by its next forward, a student's Q(w) too */
     m->weight_bits_current = 0;
+    if (m->student.t && index < m->n_weights)
+        m->student.t[index].updated = 0;
     return m->params + m->tensors[index].offset;
 }
 

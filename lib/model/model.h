@@ -41,6 +41,18 @@ void qkd__model_mark_dlogits(qkd_model *model, int bits);
  * here (a frozen model's bf16 copy then goes stale). */
 float *qkd__model_param_dev(qkd_model *model, int index);
 float *qkd__model_grad_dev(qkd_model *model, int index);
+/* A deferred AdamW step (adamw_update_multi_dev) on tensor `index`: 1 when
+ * the update may also write the student's Q(w) that the next forward reads
+ * (a bf16 student's hard-rounded SYM or ASYM tensor, in groups that tile
+ * its rows, last refreshed in that form), by *spec's setting if
+ * spec->group is set, else by its own, which then goes to *spec. Then it
+ * sets span's wq, scales and zeros, and counts on the caller to queue the
+ * update: the next forward skips that tensor unless its weights are
+ * written again (qkd__model_param_dev) or the quantized form changes. */
+struct qkd__update_span;
+struct qkd__quant_spec;
+int qkd__model_update_quantizes(qkd_model *model, int index, struct qkd__update_span *span,
+                                struct qkd__quant_spec *spec);
 /* Whether the model is trained (qkd_model_set_trainable): it has gradients. */
 int qkd__model_trainable(const qkd_model *model);
 

@@ -116,6 +116,9 @@ typedef struct qkd__qtensor {
     qkd__wq_form form;    /* how the products read Q(w) */
     int bf16_only;        /* wq has room for bf16 values only: the model's
                              products always read this Q(w) in bf16 */
+    int updated;          /* a deferred optimizer step wrote wq from the
+                             weights it updated (qkd__model_update_quantizes);
+                             cleared by qkd__model_param_dev and by a refresh */
 } qkd__qtensor;
 
 /* What makes a model a student (lib/model/student.c). */

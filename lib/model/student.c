@@ -306,8 +306,9 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
     for (int i = 0; i < m->n_weights; i++) {
         qkd__qtensor *t = &s->t[i];
         const qkd__tensor_entry *e = &m->tensors[i];
-        if (!t->wq)
+        if (!t->wq || (t->updated && s->wq_state == state))
             continue;
+        t->updated = 0;
         t->form = form_of(m, i, state);
         if (t->form == QKD__WQ_FUSED)
             quantize_groups(m, i);
@@ -318,6 +319,30 @@ void qkd__model_quantize_weights(qkd_model *m, int training, int force)
             quantize_tensor(m, i, t->wq, smooth);
     }
     s->wq_state = state;
+}
+
+int qkd__model_update_quantizes(qkd_model *m, int index, qkd__update_span *span,
+                                qkd__quant_spec *spec)
+{
+    qkd__student *s = &m->student;
+    if (!is_live(m) || index >= m->n_weights || s->wq_state != WQ_BF16)
+        return 0;
+    qkd__qtensor *t = &s->t[index];
+    const qkd__tensor_entry *e = &m->tensors[index];
+    int64_t rows = e->rows, cols = e->cols;
+    const qkd__quant_spec sp = qkd__quantizer_spec(s->q, &rows, &cols, 0);
+    if (!t->wq || t->form != QKD__WQ_BF16 || rows != e->rows || cols % sp.group ||
+        (sp.scheme != QKD_QUANT_SYM && sp.scheme != QKD_QUANT_ASYM))
+        return 0;
+    if (spec->group && (spec->group != sp.group || spec->scheme != sp.scheme ||
+                        spec->bits != sp.bits || spec->clip_ratio != sp.clip_ratio))
+        return 0; /* one update quantizes by one setting */
+    span->wq = (uint16_t *)t->wq;
+    span->scales = t->scales;
+    span->zeros = t->zeros;
+    *spec = sp;
+    t->updated = 1;
+    return 1;
 }
 
 void qkd__model_init_scales(qkd_model *m)

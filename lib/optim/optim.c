@@ -323,15 +323,18 @@ float qkd_optimizer_lr_at(const qkd_optimizer *opt, int64_t t)
 /* ---- step ------------------------------------------------------------------------ */
 
 /* opt->spans: the trainable tensors in order, at learning rate lr_t;
- * returns how many. */
-static int fill_spans(qkd_optimizer *opt, float lr_t)
+ * returns how many. With fq (a deferred AdamW step), the spans whose
+ * update may also write a student's Q(w) get it, by the setting fq then
+ * holds (fq->group 0: none did). */
+static int fill_spans(qkd_optimizer *opt, float lr_t, qkd__quant_spec *fq)
 {
     int k = 0;
     for (int i = 0; i < opt->n_tensors; i++) {
         const qkd__optim_tensor *t = &opt->tensors[i];
         if (t->frozen)
             continue;
-        opt->spans[k++] = (qkd__update_span){
+        qkd__update_span *s = &opt->spans[k++];
+        *s = (qkd__update_span){
             .p = qkd__model_param_dev(opt->model, i),
             .g = qkd__model_grad_dev(opt->model, i),
             .m = t->moments,
@@ -339,6 +342,8 @@ static int fill_spans(qkd_optimizer *opt, float lr_t)
             .n = (size_t)t->n,
             .lr = (float)((double)lr_t * t->lr_scale),
         };
+        if (fq)
+            qkd__model_update_quantizes(opt->model, i, s, fq);
     }
     return k;
 }
@@ -505,7 +510,7 @@ qkd_status qkd_optimizer_step(qkd_optimizer *opt, qkd_step_info *info)
     if (st != QKD_OK)
         return st;
     const float lr_t = qkd_optimizer_lr_at(opt, opt->step + 1);
-    const int n = fill_spans(opt, lr_t);
+    const int n = fill_spans(opt, lr_t, NULL);
     double sum;
     st = grad_sum_squares(opt, n, &sum);
     if (st != QKD_OK)
@@ -539,12 +544,13 @@ qkd_status qkd_optimizer_step_deferred(qkd_optimizer *opt)
     opt->st_stale = 0;
     /* the schedule counts the steps queued; the device, those applied */
     const float lr_t = qkd_optimizer_lr_at(opt, opt->step + opt->pending + 1);
-    const int n = fill_spans(opt, lr_t);
+    qkd__quant_spec fq = {.group = 0};
+    const int n = fill_spans(opt, lr_t, &fq);
     squared_norms(opt, n);
     const qkd_optim_params *p = &opt->p;
     be->step_decide(be, opt->st, opt->norms, n, p->max_grad_norm, p->beta1, p->beta2);
     be->adamw_update_multi_dev(be, opt->spans, n, opt->st, p->beta1, p->beta2, p->eps,
-                               p->weight_decay);
+                               p->weight_decay, fq.group ? &fq : NULL);
     opt->pending++;
     opt->last.size = sizeof opt->last; /* a step is known; settle() fills the rest */
     opt->last.lr = lr_t;

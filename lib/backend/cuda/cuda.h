@@ -166,7 +166,7 @@ void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_span *spans
                                   float gscale, float b1, float b2, float eps, float wd, int t);
 void qkd__cuda_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
                                       int n_spans, const qkd__step_state *st, float b1,
-                                      float b2, float eps, float wd);
+                                      float b2, float eps, float wd, const qkd__quant_spec *fq);
 void qkd__cuda_step_decide(qkd__backend *b, qkd__step_state *st, const float *norms, int n,
                            float max_norm, float b1, float b2);
 void qkd__cuda_embedding_forward(qkd__backend *b, float *out, const int32_t *ids,

@@ -1,13 +1,14 @@
 /* CUDA kernels of the elementwise family: fill, add, axpy, scale, the
  * bf16 conversion, the two-pass sums, SwiGLU, the optimizer updates (one
- * tensor or many per launch) and the embedding. Each
+ * tensor or many per launch, the latter with the fake quantization of the
+ * weights it writes) and the embedding. Each
  * but SwiGLU (float, see there) computes in the reference's precision
  * (double where it uses double), so most results are bit-identical to it. */
 #include <string.h>
 
 #include <cub/device/device_radix_sort.cuh>
 
-#include "backend/cuda/common.cuh"
+#include "backend/cuda/quant.cuh"
 
 /* ---- elementwise maps on float4 ----------------------------------------------
  * The add and SwiGLU stream whole activation tensors: where every pointer
@@ -553,13 +554,66 @@ extern "C" void qkd__cuda_sum_squares_multi(qkd__backend *b, float *out,
     qkd__cuda_launched(b, "sum_squares_multi");
 }
 
-/* st (NULL: gscale and a as given): the step decided on the device. */
-__global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned *first, int n,
-                                   const qkd__step_state *st, float gscale, adamw_args a)
+/* Whether the update quantizes span sp (wq set) in its own pass, else
+ * adamw_multi does after it: groups of 4 seg values, seg a power of two up
+ * to 32 (quant.cu's segment form), and aligned vectors. A chunk (MT_CHUNK
+ * floats) then holds whole groups, and a group lies in seg neighbouring
+ * lanes of one warp. */
+__host__ __device__ inline bool fq_in_pass(const qkd__update_span &sp, const qkd__quant_spec &fq)
 {
+    const int64_t seg = fq.group / 4;
+    return fq.group % 4 == 0 && seg <= 32 && (seg & (seg - 1)) == 0 && qkd__aligned16(sp.p) &&
+           qkd__aligned16(sp.g) && qkd__aligned16(sp.m) && qkd__aligned16(sp.v) &&
+           qkd__aligned4(sp.wq);
+}
+
+/* A chunk [base, end) of a span quantized in the pass: each thread
+ * updates a float4 at a time (unless the step is skipped: apply 0), then
+ * quantizes it as quant.cu's segment kernel does (quant.cuh's segments,
+ * one item a pass: the bits of fakequant_forward_bf16 on the updated p).
+ * The loop's bound is the block's and a group's lanes are all live or
+ * none, so every lane reaches every shuffle. Planning two float4s' grids
+ * in one pass, as the segment kernel plans three, was slower: it needs
+ * more registers (TinyLlama's step, one run each: 40,076 tokens/s at 94
+ * registers, 40,269 at 80 with 76 bytes spilled, 40,810 for one a pass). */
+__device__ static void adamw_fq_chunk(const qkd__update_span &sp, size_t base, size_t end,
+                                      float gscale, const adamw_args &a, bool apply,
+                                      const qkd__quant_spec &fq)
+{
+    const int seg = (int)(fq.group / 4);
+    for (size_t i = base + 4 * threadIdx.x; i - 4 * threadIdx.x < end; i += 4 * blockDim.x) {
+        const bool live = i < end;
+        float4 p[1] = {make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+        if (live)
+            p[0] = *reinterpret_cast<float4 *>(sp.p + i);
+        if (live && apply) {
+            const float4 g = *reinterpret_cast<const float4 *>(sp.g + i);
+            float4 m = *reinterpret_cast<float4 *>(sp.m + i);
+            float4 v = *reinterpret_cast<float4 *>(sp.v + i);
+            adamw_one(p[0].x, g.x * gscale, m.x, v.x, sp.lr, a);
+            adamw_one(p[0].y, g.y * gscale, m.y, v.y, sp.lr, a);
+            adamw_one(p[0].z, g.z * gscale, m.z, v.z, sp.lr, a);
+            adamw_one(p[0].w, g.w * gscale, m.w, v.w, sp.lr, a);
+            *reinterpret_cast<float4 *>(sp.p + i) = p[0];
+            *reinterpret_cast<float4 *>(sp.m + i) = m;
+            *reinterpret_cast<float4 *>(sp.v + i) = v;
+        }
+        const segment_grids<1> q(p, seg, fq);
+        if (live)
+            q.store(sp.wq, sp.scales, sp.zeros, i / 4, p[0], 0, seg, fq);
+    }
+}
+
+/* st (NULL: gscale and a as given): the step decided on the device; fq:
+ * the setting of spans with wq. Three blocks an SM (80 registers, a few
+ * spilled): at the 94 registers the quantizing pass takes otherwise, two
+ * blocks an SM made TinyLlama's optimizer part 18.8 ms instead of 15.7. */
+__global__ void __launch_bounds__(QKD__CUDA_THREADS, 3)
+    adamw_multi_kernel(const qkd__update_span *spans, const unsigned *first, int n,
+                       const qkd__step_state *st, float gscale, adamw_args a, qkd__quant_spec fq)
+{
+    const bool apply = !st || !st->skipped;
     if (st) {
-        if (st->skipped)
-            return;
         gscale = st->gscale;
         a.bc1 = st->bc1;
         a.bc2 = st->bc2;
@@ -568,6 +622,12 @@ __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned
     const qkd__update_span sp = spans[s];
     const size_t base = (size_t)(blockIdx.x - first[s]) * MT_CHUNK;
     const size_t end = sp.n < base + MT_CHUNK ? sp.n : base + MT_CHUNK;
+    if (sp.wq && fq_in_pass(sp, fq)) { /* a skipped step still writes Q(p) */
+        adamw_fq_chunk(sp, base, end, gscale, a, apply, fq);
+        return;
+    }
+    if (!apply)
+        return;
     size_t tail = base;
     if (qkd__aligned16(sp.p) && qkd__aligned16(sp.g) && qkd__aligned16(sp.m) &&
         qkd__aligned16(sp.v)) {
@@ -591,7 +651,8 @@ __global__ void adamw_multi_kernel(const qkd__update_span *spans, const unsigned
 }
 
 static void adamw_multi(qkd__backend *b, const qkd__update_span *spans, int n_spans,
-                        const qkd__step_state *st, float gscale, adamw_args a)
+                        const qkd__step_state *st, float gscale, adamw_args a,
+                        const qkd__quant_spec *fq)
 {
     if (n_spans <= 0)
         return;
@@ -599,24 +660,31 @@ static void adamw_multi(qkd__backend *b, const qkd__update_span *spans, int n_sp
     const char *tab = span_table(b, spans, n_spans, &blocks);
     if (!tab || !blocks)
         return;
+    const qkd__quant_spec none = {};
     adamw_multi_kernel<<<blocks, QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
         (const qkd__update_span *)tab, (const unsigned *)(tab + first_offset(n_spans)), n_spans,
-        st, gscale, a);
+        st, gscale, a, fq ? *fq : none);
     qkd__cuda_launched(b, "adamw_update_multi");
+    for (int s = 0; fq && s < n_spans; s++) /* the spans the pass could not quantize */
+        if (spans[s].wq && !fq_in_pass(spans[s], *fq))
+            qkd__cuda_fakequant_forward_bf16(b, spans[s].wq, spans[s].scales, spans[s].zeros,
+                                             spans[s].p, (int64_t)spans[s].n / fq->group,
+                                             fq->group, fq);
 }
 
 extern "C" void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_span *spans,
                                              int n_spans, float gscale, float b1, float b2,
                                              float eps, float wd, int t)
 {
-    adamw_multi(b, spans, n_spans, NULL, gscale, adamw_of(b1, b2, eps, wd, t));
+    adamw_multi(b, spans, n_spans, NULL, gscale, adamw_of(b1, b2, eps, wd, t), NULL);
 }
 
 extern "C" void qkd__cuda_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
                                                  int n_spans, const qkd__step_state *st,
-                                                 float b1, float b2, float eps, float wd)
+                                                 float b1, float b2, float eps, float wd,
+                                                 const qkd__quant_spec *fq)
 {
-    adamw_multi(b, spans, n_spans, st, 1.0f, {b1, b2, eps, wd, 0.0, 0.0}); /* st: the rest */
+    adamw_multi(b, spans, n_spans, st, 1.0f, {b1, b2, eps, wd, 0.0, 0.0}, fq); /* st: the rest */
 }
 
 /* One thread: the norms in order, in double, as the host would sum them. */

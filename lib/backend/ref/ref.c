@@ -194,12 +194,18 @@ static void ref_step_decide(qkd__backend *b, qkd__step_state *st, const float *n
 
 static void ref_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
                                        int n_spans, const qkd__step_state *st, float b1,
-                                       float b2, float eps, float wd)
+                                       float b2, float eps, float wd,
+                                       const qkd__quant_spec *fq)
 {
-    (void)b;
-    for (int k = 0; k < n_spans && !st->skipped; k++)
-        adamw_span(spans[k].p, spans[k].g, st->gscale, spans[k].m, spans[k].v, spans[k].n,
-                   spans[k].lr, b1, b2, eps, wd, st->bc1, st->bc2);
+    for (int k = 0; k < n_spans; k++) {
+        const qkd__update_span *s = &spans[k];
+        if (!st->skipped)
+            adamw_span(s->p, s->g, st->gscale, s->m, s->v, s->n, s->lr, b1, b2, eps, wd,
+                       st->bc1, st->bc2);
+        if (s->wq) /* a skipped step too: Q(p) of the weights it leaves */
+            qkd__ref_fakequant_forward_bf16(b, s->wq, s->scales, s->zeros, s->p,
+                                            (int64_t)s->n / fq->group, fq->group, fq);
+    }
 }
 
 /* ---- the table ---------------------------------------------------------------- */
