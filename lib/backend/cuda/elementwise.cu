@@ -656,17 +656,19 @@ static void adamw_multi(qkd__backend *b, const qkd__update_span *spans, int n_sp
 {
     if (n_spans <= 0)
         return;
-    unsigned blocks;
-    const char *tab = span_table(b, spans, n_spans, &blocks);
-    if (!tab || !blocks)
-        return;
+    unsigned blocks = 0;
+    const char *tab = span_table(b, spans, n_spans, &blocks); /* NULL: recorded */
     const qkd__quant_spec none = {};
-    adamw_multi_kernel<<<blocks, QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
-        (const qkd__update_span *)tab, (const unsigned *)(tab + first_offset(n_spans)), n_spans,
-        st, gscale, a, fq ? *fq : none);
-    qkd__cuda_launched(b, "adamw_update_multi");
-    for (int s = 0; fq && s < n_spans; s++) /* the spans the pass could not quantize */
-        if (spans[s].wq && !fq_in_pass(spans[s], *fq))
+    if (tab && blocks) {
+        adamw_multi_kernel<<<blocks, QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
+            (const qkd__update_span *)tab, (const unsigned *)(tab + first_offset(n_spans)),
+            n_spans, st, gscale, a, fq ? *fq : none);
+        qkd__cuda_launched(b, "adamw_update_multi");
+    }
+    /* the spans the pass did not quantize (none updated if the table failed:
+     * Q(w) of the weights as they are, which the next forward reads) */
+    for (int s = 0; fq && s < n_spans; s++)
+        if (spans[s].wq && (!tab || !fq_in_pass(spans[s], *fq)))
             qkd__cuda_fakequant_forward_bf16(b, spans[s].wq, spans[s].scales, spans[s].zeros,
                                              spans[s].p, (int64_t)spans[s].n / fq->group,
                                              fq->group, fq);
