@@ -1072,7 +1072,7 @@ START_TEST(test_deferred_student_quantizes)
                              QKD_OK);
             opt[k] = make_opt(m[k], &p);
         }
-        const int wq = qkd__model_tensor_index(m[0], QKD_TENSOR_ATTN_Q, 0);
+        const int attn_q = qkd__model_tensor_index(m[0], QKD_TENSOR_ATTN_Q, 0);
         const int n_quantized = 7 * 2, n_down = 2;
         static float logits[2][TB * TT * TV];
         for (int s = 0; s < 6; s++) {
@@ -1080,7 +1080,7 @@ START_TEST(test_deferred_student_quantizes)
                 make_grads(m[k], 5000 + (uint64_t)s);
                 ck_assert_int_eq(qkd_model_logits(m[k], logits[k], TB * TT * TV), QKD_OK);
                 if (s == 2) { /* written after the forward, then a skipped step */
-                    shift_tensor(m[k], wq, 0.01f);
+                    shift_tensor(m[k], attn_q, 0.01f);
                     set_grad_value(ctx, m[k], 1, 3, NAN);
                 }
                 qkd_step_info info = {.size = sizeof info};
@@ -1090,7 +1090,7 @@ START_TEST(test_deferred_student_quantizes)
                                    : qkd_optimizer_step(opt[k], &info),
                                  s != 2 ? QKD_OK : QKD_ERR_NON_FINITE);
                 if (s == 4) /* written between the step and the next forward */
-                    shift_tensor(m[k], wq, -0.02f);
+                    shift_tensor(m[k], attn_q, -0.02f);
             }
             ck_assert_msg(memcmp(logits[0], logits[1], sizeof logits[0]) == 0,
                           "group %d, step %d: the logits differ", group, s);
