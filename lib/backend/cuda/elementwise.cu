@@ -555,16 +555,13 @@ extern "C" void qkd__cuda_sum_squares_multi(qkd__backend *b, float *out,
 }
 
 /* Whether the update quantizes span sp (wq set) in its own pass, else
- * adamw_multi does after it: groups of 4 seg values, seg a power of two up
- * to 32 (quant.cu's segment form), and aligned vectors. A chunk (MT_CHUNK
- * floats) then holds whole groups, and a group lies in seg neighbouring
- * lanes of one warp. */
+ * adamw_multi does after it: groups in segment form (segment_lanes) and
+ * aligned vectors. A chunk (MT_CHUNK floats) then holds whole groups, and
+ * a group lies in seg neighbouring lanes of one warp. */
 __host__ __device__ inline bool fq_in_pass(const qkd__update_span &sp, const qkd__quant_spec &fq)
 {
-    const int64_t seg = fq.group / 4;
-    return fq.group % 4 == 0 && seg <= 32 && (seg & (seg - 1)) == 0 && qkd__aligned16(sp.p) &&
-           qkd__aligned16(sp.g) && qkd__aligned16(sp.m) && qkd__aligned16(sp.v) &&
-           qkd__aligned4(sp.wq);
+    return segment_lanes(fq.group) && qkd__aligned16(sp.p) && qkd__aligned16(sp.g) &&
+           qkd__aligned16(sp.m) && qkd__aligned16(sp.v) && qkd__aligned4(sp.wq);
 }
 
 /* A chunk [base, end) of a span quantized in the pass: each thread
@@ -580,7 +577,7 @@ __device__ static void adamw_fq_chunk(const qkd__update_span &sp, size_t base, s
                                       float gscale, const adamw_args &a, bool apply,
                                       const qkd__quant_spec &fq)
 {
-    const int seg = (int)(fq.group / 4);
+    const int seg = segment_lanes(fq.group);
     for (size_t i = base + 4 * threadIdx.x; i - 4 * threadIdx.x < end; i += 4 * blockDim.x) {
         const bool live = i < end;
         float4 p[1] = {make_float4(0.0f, 0.0f, 0.0f, 0.0f)};

@@ -80,7 +80,8 @@ __global__ void fakequant_forward_warp_kernel(T *wq, float *scales, float *zeros
 
 /* float4s a thread of the segment kernel loads before computing any (one
  * load, then a long dependent chain, left the memory system idle). Three
- * take 74 registers, three blocks an SM; four took 94, two blocks, and
+ * take 74 registers (76 since the segment code moved to quant.cuh's
+ * segment_grids), three blocks an SM; four took 94, two blocks, and
  * ran slower (TinyLlama's step: 40,291 tokens/s at four, 40,545 at three,
  * 40,243 for the kernel before, one run each in one command). */
 #define FQ_ITEMS 3
@@ -150,12 +151,11 @@ static int64_t groups_per_row(int64_t cols, int64_t group)
 template <typename T>
 static int segment_of(const T *wq, const float *w, int64_t cols, const qkd__quant_spec *spec)
 {
-    const int64_t g = spec->group, seg = g / 4;
-    if ((spec->scheme != QKD_QUANT_SYM && spec->scheme != QKD_QUANT_ASYM) || g % 4 ||
-        seg > 32 || (seg & (seg - 1)) || cols % g || (uintptr_t)w % 16 ||
-        (uintptr_t)wq % (4 * sizeof(T)))
+    const int seg = segment_lanes(spec->group);
+    if ((spec->scheme != QKD_QUANT_SYM && spec->scheme != QKD_QUANT_ASYM) || !seg ||
+        cols % spec->group || (uintptr_t)w % 16 || (uintptr_t)wq % (4 * sizeof(T)))
         return 0;
-    return (int)seg;
+    return seg;
 }
 
 template <typename T>

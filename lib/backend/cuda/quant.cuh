@@ -209,6 +209,14 @@ __device__ static inline grid range_grid(float mx, float mn, int64_t n, const qk
  * 1/scale by shuffles: one pass of the double work for K items. Every
  * lane of the warp must construct it (dead lanes with zeros: a group is
  * live in all its lanes or none). */
+/* The lanes a group of `group` values takes in segment form (4 values a
+ * lane: seg a power of two up to 32), or 0 if it cannot. */
+__host__ __device__ inline int segment_lanes(int64_t group)
+{
+    const int64_t seg = group / 4;
+    return group % 4 == 0 && seg >= 1 && seg <= 32 && (seg & (seg - 1)) == 0 ? (int)seg : 0;
+}
+
 template <int K> struct segment_grids {
     float s[K], z[K], inv_s[K];
 
