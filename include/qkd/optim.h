@@ -15,7 +15,10 @@
  * Update of a trainable tensor with gradient g and group scale s
  * (lr_i = lr_t * s; t = the number of this step, skipped ones excluded):
  * AdamW: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
- *        w -= lr_i (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd w).
+ *        w -= lr_i (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd w),
+ *        in float, as PyTorch's fp32 AdamW, with the reciprocals of the
+ *        bias corrections computed in double and rounded to float; every
+ *        backend gives the same bits.
  * SGD:   u = momentum u + g; w -= lr_i (u + wd w).
  * Moments start at zero. Weight decay is decoupled and applies to every
  * trainable tensor (freeze a tensor, or give it its own group, to spare it).

@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 11
+#define QKD__BACKEND_ABI 12
 
 typedef struct qkd__backend qkd__backend;
 
@@ -98,8 +98,8 @@ typedef struct qkd__update_span {
  * in backend memory: what step_decide writes and adamw_update_multi_dev
  * reads. */
 typedef struct qkd__step_state {
-    int64_t t;       /* steps applied */
-    double bc1, bc2; /* AdamW's bias corrections at t: 1 - b1^t, 1 - b2^t */
+    int64_t t;         /* steps applied */
+    float rbc1, rbc2;  /* qkd__adamw_rbc of b1 and b2 at t */
     double norm;     /* the last step's global gradient norm, before clipping */
     float gscale;    /* the last step's clip factor (1: not clipped) */
     int32_t clipped; /* 1: the last step scaled its gradients down */
@@ -112,6 +112,48 @@ typedef struct qkd__step_state {
 #define QKD__HOST_DEVICE
 #endif
 
+/* AdamW's constants at step t, in float. rbc is the reciprocal of the
+ * bias correction 1 - b^t, computed in double and rounded once. */
+typedef struct qkd__adamw_k {
+    float b1, c1, b2, c2; /* c = 1 - b */
+    float eps, wd, rbc1, rbc2;
+} qkd__adamw_k;
+
+static inline QKD__HOST_DEVICE float qkd__adamw_rbc(float b, int64_t t)
+{
+    return (float)(1.0 / (1.0 - pow((double)b, (double)t)));
+}
+
+static inline QKD__HOST_DEVICE qkd__adamw_k qkd__adamw_k_of(float b1, float b2, float eps,
+                                                            float wd, float rbc1, float rbc2)
+{
+    qkd__adamw_k k = {b1, 1.0f - b1, b2, 1.0f - b2, eps, wd, rbc1, rbc2};
+    return k;
+}
+
+static inline QKD__HOST_DEVICE qkd__adamw_k qkd__adamw_k_at(float b1, float b2, float eps,
+                                                            float wd, int64_t t)
+{
+    return qkd__adamw_k_of(b1, b2, eps, wd, qkd__adamw_rbc(b1, t), qkd__adamw_rbc(b2, t));
+}
+
+/* AdamW on one parameter, in float as PyTorch keeps its state: every
+ * backend computes these operations in this order, with no contraction
+ * into FMA (the SIMD backend as vectors), so all give the same bits. In
+ * double, the CUDA update that also quantizes was bound by issuing
+ * instructions; in float it issues about 40% fewer and is bound by memory
+ * (docs/benchmarks.md). */
+static inline QKD__HOST_DEVICE void qkd__adamw_one(float *p, float g, float *m, float *v,
+                                                   float lr, const qkd__adamw_k *k)
+{
+    const float mi = k->b1 * *m + k->c1 * g;
+    const float vi = k->b2 * *v + k->c2 * g * g;
+    const float step = mi * k->rbc1 / (sqrtf(vi * k->rbc2) + k->eps) + k->wd * *p;
+    *m = mi;
+    *v = vi;
+    *p = *p - lr * step;
+}
+
 /* step_decide's decision from sum, the double sum of the squared norms:
  * one definition for every backend, host and device. */
 static inline QKD__HOST_DEVICE void qkd__step_decide(qkd__step_state *st, double sum,
@@ -122,8 +164,8 @@ static inline QKD__HOST_DEVICE void qkd__step_decide(qkd__step_state *st, double
     st->clipped = !st->skipped && max_norm > 0.0f && st->norm > max_norm;
     st->gscale = st->clipped ? (float)(max_norm / st->norm) : 1.0f;
     st->t += !st->skipped;
-    st->bc1 = 1.0 - pow((double)b1, (double)st->t);
-    st->bc2 = 1.0 - pow((double)b2, (double)st->t);
+    st->rbc1 = qkd__adamw_rbc(b1, st->t);
+    st->rbc2 = qkd__adamw_rbc(b2, st->t);
 }
 
 struct qkd__backend {
@@ -348,9 +390,9 @@ struct qkd__backend {
                                    const int32_t *targets, float scale, int N, int V);
 
     /* ---- optimizer updates ---------------------------------------------
-     * AdamW on n parameters: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-     * p -= lr * (m/bc1 / (sqrt(v/bc2) + eps) + wd * p), where bc1 = 1-b1^t,
-     * bc2 = 1-b2^t. */
+     * AdamW on n parameters at step t (qkd__adamw_one, in float): m = b1 m
+     * + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (m/bc1 / (sqrt(v/bc2) +
+     * eps) + wd * p), where bc1 = 1-b1^t, bc2 = 1-b2^t. */
     void (*adamw_update)(qkd__backend *b, float *p, const float *g, float *m, float *v,
                          size_t n, float lr, float b1, float b2, float eps, float wd,
                          int t);
@@ -372,9 +414,9 @@ struct qkd__backend {
      * writes them) and sets st->norm to the root of their double sum in
      * order, skipped (norm not finite), clipped and gscale (max_norm / norm
      * where 0 < max_norm < norm, in float, else 1), adding 1 to st->t
-     * unless skipped, then bc1 and bc2 for b1 and b2 at that t (once, not
-     * in every block of the update). adamw_update_multi_dev is
-     * adamw_update_multi with gscale, bc1 and bc2 read from st, doing
+     * unless skipped, then rbc1 and rbc2 for b1 and b2 at that t (once,
+     * not in every block of the update). adamw_update_multi_dev is
+     * adamw_update_multi with gscale, rbc1 and rbc2 read from st, doing
      * nothing where st->skipped. A span with wq set also gets the fake
      * quantization of its updated p, by fq (hard rounding, SYM or ASYM, in
      * groups of fq->group that tile p: n a multiple of it): what

@@ -377,35 +377,11 @@ extern "C" void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *
 
 /* ---- optimizer updates (backend.h gives the formulas) ------------------------------ */
 
-/* AdamW's hyperparameters; bc1 and bc2 come from the host, computed as
- * the reference computes them. */
-struct adamw_args {
-    float b1, b2, eps, wd;
-    double bc1, bc2;
-};
-
-static adamw_args adamw_of(float b1, float b2, float eps, float wd, int t)
-{
-    return {b1, b2, eps, wd, 1.0 - pow(b1, t), 1.0 - pow(b2, t)};
-}
-
-/* One element, in double as the reference computes it. */
-__device__ inline void adamw_one(float &p, float g, float &m, float &v, float lr,
-                                 const adamw_args &a)
-{
-    double mi = (double)a.b1 * m + (1.0 - a.b1) * g;
-    double vi = (double)a.b2 * v + (1.0 - a.b2) * (double)g * g;
-    double step = mi / a.bc1 / (sqrt(vi / a.bc2) + a.eps) + (double)a.wd * p;
-    m = (float)mi;
-    v = (float)vi;
-    p = (float)(p - (double)lr * step);
-}
-
 __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float lr,
-                             adamw_args a)
+                             qkd__adamw_k a)
 {
     QKD__CUDA_FOR(i, n)
-    adamw_one(p[i], g[i], m[i], v[i], lr, a);
+    qkd__adamw_one(&p[i], g[i], &m[i], &v[i], lr, &a); /* the reference's bits */
 }
 
 __global__ void sgd_kernel(float *p, const float *g, float *u, size_t n, float lr,
@@ -426,7 +402,7 @@ extern "C" void qkd__cuda_adamw_update(qkd__backend *b, float *p, const float *g
     if (!n)
         return;
     adamw_kernel<<<qkd__cuda_blocks(n), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(
-        p, g, m, v, n, lr, adamw_of(b1, b2, eps, wd, t));
+        p, g, m, v, n, lr, qkd__adamw_k_at(b1, b2, eps, wd, t));
     qkd__cuda_launched(b, "adamw_update");
 }
 
@@ -574,7 +550,7 @@ __host__ __device__ inline bool fq_in_pass(const qkd__update_span &sp, const qkd
  * more registers (TinyLlama's step, one run each: 40,076 tokens/s at 94
  * registers, 40,269 at 80 with 76 bytes spilled, 40,810 for one a pass). */
 __device__ static void adamw_fq_chunk(const qkd__update_span &sp, size_t base, size_t end,
-                                      float gscale, const adamw_args &a, bool apply,
+                                      float gscale, const qkd__adamw_k &a, bool apply,
                                       const qkd__quant_spec &fq)
 {
     const int seg = segment_lanes(fq.group);
@@ -587,10 +563,10 @@ __device__ static void adamw_fq_chunk(const qkd__update_span &sp, size_t base, s
             const float4 g = *reinterpret_cast<const float4 *>(sp.g + i);
             float4 m = *reinterpret_cast<float4 *>(sp.m + i);
             float4 v = *reinterpret_cast<float4 *>(sp.v + i);
-            adamw_one(p[0].x, g.x * gscale, m.x, v.x, sp.lr, a);
-            adamw_one(p[0].y, g.y * gscale, m.y, v.y, sp.lr, a);
-            adamw_one(p[0].z, g.z * gscale, m.z, v.z, sp.lr, a);
-            adamw_one(p[0].w, g.w * gscale, m.w, v.w, sp.lr, a);
+            qkd__adamw_one(&p[0].x, g.x * gscale, &m.x, &v.x, sp.lr, &a);
+            qkd__adamw_one(&p[0].y, g.y * gscale, &m.y, &v.y, sp.lr, &a);
+            qkd__adamw_one(&p[0].z, g.z * gscale, &m.z, &v.z, sp.lr, &a);
+            qkd__adamw_one(&p[0].w, g.w * gscale, &m.w, &v.w, sp.lr, &a);
             *reinterpret_cast<float4 *>(sp.p + i) = p[0];
             *reinterpret_cast<float4 *>(sp.m + i) = m;
             *reinterpret_cast<float4 *>(sp.v + i) = v;
@@ -607,13 +583,13 @@ __device__ static void adamw_fq_chunk(const qkd__update_span &sp, size_t base, s
  * blocks an SM made TinyLlama's optimizer part 18.8 ms instead of 15.7. */
 __global__ void __launch_bounds__(QKD__CUDA_THREADS, 3)
     adamw_multi_kernel(const qkd__update_span *spans, const unsigned *first, int n,
-                       const qkd__step_state *st, float gscale, adamw_args a, qkd__quant_spec fq)
+                       const qkd__step_state *st, float gscale, qkd__adamw_k a, qkd__quant_spec fq)
 {
     const bool apply = !st || !st->skipped;
     if (st) {
         gscale = st->gscale;
-        a.bc1 = st->bc1;
-        a.bc2 = st->bc2;
+        a.rbc1 = st->rbc1;
+        a.rbc2 = st->rbc2;
     }
     const int s = span_at(first, n, blockIdx.x);
     const qkd__update_span sp = spans[s];
@@ -634,21 +610,21 @@ __global__ void __launch_bounds__(QKD__CUDA_THREADS, 3)
             const float4 g = *reinterpret_cast<const float4 *>(sp.g + i);
             float4 m = *reinterpret_cast<float4 *>(sp.m + i);
             float4 v = *reinterpret_cast<float4 *>(sp.v + i);
-            adamw_one(p.x, g.x * gscale, m.x, v.x, sp.lr, a);
-            adamw_one(p.y, g.y * gscale, m.y, v.y, sp.lr, a);
-            adamw_one(p.z, g.z * gscale, m.z, v.z, sp.lr, a);
-            adamw_one(p.w, g.w * gscale, m.w, v.w, sp.lr, a);
+            qkd__adamw_one(&p.x, g.x * gscale, &m.x, &v.x, sp.lr, &a);
+            qkd__adamw_one(&p.y, g.y * gscale, &m.y, &v.y, sp.lr, &a);
+            qkd__adamw_one(&p.z, g.z * gscale, &m.z, &v.z, sp.lr, &a);
+            qkd__adamw_one(&p.w, g.w * gscale, &m.w, &v.w, sp.lr, &a);
             *reinterpret_cast<float4 *>(sp.p + i) = p;
             *reinterpret_cast<float4 *>(sp.m + i) = m;
             *reinterpret_cast<float4 *>(sp.v + i) = v;
         }
     }
     for (size_t i = tail + threadIdx.x; i < end; i += blockDim.x)
-        adamw_one(sp.p[i], sp.g[i] * gscale, sp.m[i], sp.v[i], sp.lr, a);
+        qkd__adamw_one(&sp.p[i], sp.g[i] * gscale, &sp.m[i], &sp.v[i], sp.lr, &a);
 }
 
 static void adamw_multi(qkd__backend *b, const qkd__update_span *spans, int n_spans,
-                        const qkd__step_state *st, float gscale, adamw_args a,
+                        const qkd__step_state *st, float gscale, qkd__adamw_k a,
                         const qkd__quant_spec *fq)
 {
     if (n_spans <= 0)
@@ -675,7 +651,7 @@ extern "C" void qkd__cuda_adamw_update_multi(qkd__backend *b, const qkd__update_
                                              int n_spans, float gscale, float b1, float b2,
                                              float eps, float wd, int t)
 {
-    adamw_multi(b, spans, n_spans, NULL, gscale, adamw_of(b1, b2, eps, wd, t), NULL);
+    adamw_multi(b, spans, n_spans, NULL, gscale, qkd__adamw_k_at(b1, b2, eps, wd, t), NULL);
 }
 
 extern "C" void qkd__cuda_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *spans,
@@ -683,7 +659,8 @@ extern "C" void qkd__cuda_adamw_update_multi_dev(qkd__backend *b, const qkd__upd
                                                  float b1, float b2, float eps, float wd,
                                                  const qkd__quant_spec *fq)
 {
-    adamw_multi(b, spans, n_spans, st, 1.0f, {b1, b2, eps, wd, 0.0, 0.0}, fq); /* st: the rest */
+    adamw_multi(b, spans, n_spans, st, 1.0f, qkd__adamw_k_of(b1, b2, eps, wd, 0.0f, 0.0f),
+                fq); /* st: the rest */
 }
 
 /* One thread: the norms in order, in double, as the host would sum them. */

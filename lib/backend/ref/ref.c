@@ -158,28 +158,20 @@ static void ref_sum_squares(qkd__backend *b, float *out, const float *x, size_t 
 
 /* ---- optimizer ---------------------------------------------------------------- */
 
-/* AdamW on g * gscale (the float product, as `scale` on a copy gives),
- * bias corrections bc1 = 1 - b1^t and bc2 = 1 - b2^t. */
+/* AdamW on g * gscale (the float product, as `scale` on a copy gives). */
 static void adamw_span(float *p, const float *g, float gscale, float *m, float *v, size_t n,
-                       float lr, float b1, float b2, float eps, float wd, double bc1,
-                       double bc2)
+                       float lr, const qkd__adamw_k *k)
 {
-    for (size_t i = 0; i < n; i++) {
-        const float gi = g[i] * gscale;
-        double mi = (double)b1 * m[i] + (1.0 - b1) * gi;
-        double vi = (double)b2 * v[i] + (1.0 - b2) * (double)gi * gi;
-        double step = mi / bc1 / (sqrt(vi / bc2) + eps) + (double)wd * p[i];
-        m[i] = (float)mi;
-        v[i] = (float)vi;
-        p[i] = (float)(p[i] - (double)lr * step);
-    }
+    for (size_t i = 0; i < n; i++)
+        qkd__adamw_one(&p[i], g[i] * gscale, &m[i], &v[i], lr, k);
 }
 
 static void ref_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
                              size_t n, float lr, float b1, float b2, float eps, float wd, int t)
 {
     (void)b;
-    adamw_span(p, g, 1.0f, m, v, n, lr, b1, b2, eps, wd, 1.0 - pow(b1, t), 1.0 - pow(b2, t));
+    const qkd__adamw_k k = qkd__adamw_k_at(b1, b2, eps, wd, t);
+    adamw_span(p, g, 1.0f, m, v, n, lr, &k);
 }
 
 static void ref_step_decide(qkd__backend *b, qkd__step_state *st, const float *norms, int n,
@@ -197,11 +189,11 @@ static void ref_adamw_update_multi_dev(qkd__backend *b, const qkd__update_span *
                                        float b2, float eps, float wd,
                                        const qkd__quant_spec *fq)
 {
-    for (int k = 0; k < n_spans; k++) {
-        const qkd__update_span *s = &spans[k];
+    const qkd__adamw_k k = qkd__adamw_k_of(b1, b2, eps, wd, st->rbc1, st->rbc2);
+    for (int i = 0; i < n_spans; i++) {
+        const qkd__update_span *s = &spans[i];
         if (!st->skipped)
-            adamw_span(s->p, s->g, st->gscale, s->m, s->v, s->n, s->lr, b1, b2, eps, wd,
-                       st->bc1, st->bc2);
+            adamw_span(s->p, s->g, st->gscale, s->m, s->v, s->n, s->lr, &k);
         if (s->wq) /* a skipped step too: Q(p) of the weights it leaves */
             qkd__ref_fakequant_forward_bf16(b, s->wq, s->scales, s->zeros, s->p,
                                             (int64_t)s->n / fq->group, fq->group, fq);
