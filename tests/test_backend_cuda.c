@@ -1568,6 +1568,114 @@ START_TEST(kd_loss_matches_ref)
 }
 END_TEST
 
+/* got and want hold the same floats, NaNs of any payload alike. */
+static void assert_same_or_nan(const char *what, const float *got, const float *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg((isnan(got[i]) && isnan(want[i])) ||
+                          memcmp(&got[i], &want[i], sizeof *got) == 0,
+                      "%s[%zu]: %.9g, %.9g (must be identical)", what, i, (double)got[i],
+                      (double)want[i]);
+}
+
+/* One kd_loss_confidence case (variant bits as kd_case's, bit 3 also
+ * checking the bf16 bits): against the reference's row_max_prob, sum,
+ * scale and kd_loss within the kd tolerances, and bit for bit against
+ * the same slots on CUDA, whose beta it must reproduce exactly. */
+static void kd_confidence_case(struct pair *p, int N, int V, int variant)
+{
+    size_t n = (size_t)N * V;
+    float *s = test_vec_rand(n, -6, 6), *t = test_vec_rand(n, -6, 6), *ds0 = test_vec_rand(n, -1, 1);
+    float *ds = test_vec_copy(ds0, n), *w = test_vec_rand((size_t)N, 0.2, 2);
+    float *loss = test_vec_new((size_t)N), *rows = test_vec_new((size_t)N), beta = 0.0f;
+    int with_targets = variant & 1, with_ds = !(variant & 4), n_rows = N;
+    int32_t *targets = ids_rand((size_t)N, V, 1), *y = with_targets ? targets : NULL;
+    for (int i = 0; with_targets && i < N; i++)
+        n_rows -= targets[i] < 0;
+    if (N > 1 && (variant & 3) == 3)
+        t[V + 1] = INFINITY; /* a non-finite teacher row: beta and every row NaN */
+    const float *rw = variant & 2 ? w : NULL;
+    qkd__kd_term term = {.kind = QKD_LOSS_CAKLD, .temperature = 1.0f, .scale = 0.7f,
+                         .accumulate = !(variant & 8), .beta_dev = &beta};
+    p->rb->row_max_prob(p->rb, rows, t, y, N, V);
+    p->rb->sum(p->rb, &beta, rows, (size_t)N);
+    p->rb->scale(p->rb, &beta, n_rows > 0 ? 1.0f / (float)n_rows : 0.0f, 1);
+    p->rb->kd_loss(p->rb, loss, with_ds ? ds : NULL, NULL, s, t, y, rw, N, V, &term);
+
+    float *d_s = dput(p, s, n), *d_t = dput(p, t, n), *d_w = dput(p, w, (size_t)N);
+    int32_t *d_y = dput_ids(p, targets, (size_t)N), *dy = with_targets ? d_y : NULL;
+    float *d_rw = variant & 2 ? d_w : NULL, *d_beta[2], *d_loss[2], *d_ds[2];
+    for (int k = 0; k < 2; k++) {
+        d_beta[k] = dpoison(p, 1);
+        d_loss[k] = dpoison(p, (size_t)N);
+        d_ds[k] = dput(p, ds0, n);
+    }
+    qkd__kd_term ct = term;
+    ct.beta = 0.25f; /* neither side may read these */
+    ct.beta_dev = NULL;
+    p->cb->kd_loss_confidence(p->cb, d_loss[0], with_ds ? d_ds[0] : NULL, NULL, d_s, d_t, dy, d_rw,
+                              N, V, &ct, d_beta[0], n_rows);
+    float *d_rows = dpoison(p, (size_t)N);
+    p->cb->row_max_prob(p->cb, d_rows, d_t, dy, N, V);
+    p->cb->sum(p->cb, d_beta[1], d_rows, (size_t)N);
+    p->cb->scale(p->cb, d_beta[1], n_rows > 0 ? 1.0f / (float)n_rows : 0.0f, 1);
+    ct.beta_dev = d_beta[1];
+    p->cb->kd_loss(p->cb, d_loss[1], with_ds ? d_ds[1] : NULL, NULL, d_s, d_t, dy, d_rw, N, V,
+                   &ct);
+    char what[80];
+    snprintf(what, sizeof what, "kd_loss_confidence variant %d N %d V %d", variant, N, V);
+    if (with_ds && (variant & 8)) { /* written: again as bf16 bits, both ways alike */
+        uint16_t *bits[2];
+        for (int k = 0; k < 2; k++) {
+            uint16_t *d_bits = (uint16_t *)dpoison(p, (n + 1) / 2);
+            if (k == 0)
+                p->cb->kd_loss_confidence(p->cb, d_loss[0], NULL, d_bits, d_s, d_t, dy, d_rw, N,
+                                          V, &ct, d_beta[0], n_rows);
+            else
+                p->cb->kd_loss(p->cb, d_loss[1], NULL, d_bits, d_s, d_t, dy, d_rw, N, V, &ct);
+            bits[k] = malloc(n * 2);
+            ck_assert_ptr_nonnull(bits[k]);
+            expect_ok(p->cc, p->cb->sync(p->cb), "sync");
+            expect_ok(p->cc, p->cb->download(p->cb, bits[k], d_bits, n * 2), "download bits");
+            dfree(p, d_bits);
+        }
+        ck_assert_msg(memcmp(bits[0], bits[1], n * 2) == 0, "%s: bf16 gradients differ", what);
+        free(bits[0]); free(bits[1]);
+    }
+    float *g[2][3];
+    for (int k = 0; k < 2; k++) {
+        g[k][0] = dtake(p, d_beta[k], 1);
+        g[k][1] = dtake(p, d_loss[k], (size_t)N);
+        g[k][2] = dtake(p, d_ds[k], n);
+    }
+    assert_same_or_nan(what, g[0][0], g[1][0], 1);
+    assert_same_or_nan(what, g[0][1], g[1][1], (size_t)N);
+    assert_same_or_nan(what, g[0][2], g[1][2], n);
+    assert_close_floor(what, g[0][0], &beta, 1, TOL_KD);
+    assert_close_floor(what, g[0][1], loss, (size_t)N, TOL_KD_VALUE);
+    assert_close_rows(what, g[0][2], ds, (size_t)N, (size_t)V, TOL_KD);
+    free(s); free(t); free(ds); free(ds0); free(w); free(loss); free(rows); free(targets);
+    for (int k = 0; k < 2; k++)
+        for (int c = 0; c < 3; c++)
+            free(g[k][c]);
+    dfree(p, d_s); dfree(p, d_t); dfree(p, d_w); dfree(p, d_y); dfree(p, d_rows);
+}
+
+START_TEST(kd_loss_confidence_matches)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    ck_assert_ptr_nonnull(p.cb->kd_loss_confidence);
+    static const int shapes[][2] = {{1, 1}, {3, 7}, {5, 257}, {6, 1000}, {4, 5003}, {2, 49152}};
+    test_rng_seed(107);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int variant = 0; variant < 16; variant++)
+            kd_confidence_case(&p, shapes[s][0], shapes[s][1], variant);
+    pair_close(&p);
+}
+END_TEST
+
 START_TEST(tsld_and_max_prob_match_ref)
 {
     struct pair p;
@@ -2276,6 +2384,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, softmax_family_matches_ref);
     tcase_add_test(tc, cross_entropy_matches_ref);
     tcase_add_test(tc, kd_loss_matches_ref);
+    tcase_add_test(tc, kd_loss_confidence_matches);
     tcase_add_test(tc, tsld_and_max_prob_match_ref);
     tcase_add_test(tc, fakequant_matches_ref);
     tcase_add_test(tc, fakequant_bf16_matches_ref);

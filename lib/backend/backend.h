@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 12
+#define QKD__BACKEND_ABI 13
 
 typedef struct qkd__backend qkd__backend;
 
@@ -520,6 +520,17 @@ struct qkd__backend {
      * targets[i] < 0, so the mean over counted rows is one `sum` away. */
     void (*row_max_prob)(qkd__backend *b, float *out, const float *x, const int32_t *targets,
                          int N, int V);
+    /* Optional: kd_loss of a CAKLD term at temperature 1 whose beta is the
+     * teacher's confidence: first *beta (one float in backend memory) =
+     * the mean top-1 probability of t over n_rows counted rows, what
+     * row_max_prob, `sum` and a scale by 1 / n_rows (0 if n_rows is 0)
+     * give, then kd_loss with beta_dev = beta (term->beta and beta_dev are
+     * not read). row_loss is also its scratch. NULL: the caller runs
+     * those slots. */
+    void (*kd_loss_confidence)(qkd__backend *b, float *row_loss, float *ds, uint16_t *ds_bits,
+                               const float *s, const float *t, const int32_t *targets,
+                               const float *row_w, int N, int V, const qkd__kd_term *term,
+                               float *beta, int n_rows);
 };
 
 /* Create the backend asked for (AUTO picks the best available) on ctx.

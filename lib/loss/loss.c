@@ -1,6 +1,7 @@
 /* The qkd_loss handle: a weighted sum of objective terms evaluated on the
  * last forwards of a student and a teacher, through the backend's kd_loss,
- * tsld_weights and row_max_prob kernels. Everything of a step stays on the
+ * tsld_weights and row_max_prob kernels (or kd_loss_confidence, where a
+ * backend has it). Everything of a step stays on the
  * device: targets are uploaded once, each term's row losses (and a
  * teacher-confidence beta) are summed there, and the sums come back in
  * one download, at the compute or, deferred, when the value is asked for. */
@@ -424,11 +425,18 @@ static void run_term(qkd_loss *loss, int k, const struct loss_batch *bt, float *
         be->tsld_weights(be, w, cost, y, bt->B, bt->T, term->tsld_tau);
         row_w = w;
     }
-    if (term->beta_from_teacher) {
-        kt.beta_dev = loss->sums_dev + BETA_SLOT;
-        confidence_dev(be, loss->sums_dev + BETA_SLOT, cost, t, y, bt->N, bt->V, bt->n_rows);
+    float *beta = loss->sums_dev + BETA_SLOT;
+    if (term->beta_from_teacher && term->temperature == 1.0f && be->kd_loss_confidence) {
+        /* the backend takes the confidence in the objective's own sweep */
+        be->kd_loss_confidence(be, rows, ds_bits ? NULL : ds, ds_bits, s, t, y, row_w, bt->N,
+                               bt->V, &kt, beta, bt->n_rows);
+    } else {
+        if (term->beta_from_teacher) {
+            kt.beta_dev = beta;
+            confidence_dev(be, beta, cost, t, y, bt->N, bt->V, bt->n_rows);
+        }
+        be->kd_loss(be, rows, ds_bits ? NULL : ds, ds_bits, s, t, y, row_w, bt->N, bt->V, &kt);
     }
-    be->kd_loss(be, rows, ds_bits ? NULL : ds, ds_bits, s, t, y, row_w, bt->N, bt->V, &kt);
     be->sum(be, loss->sums_dev + k, rows, (size_t)bt->N);
 }
 

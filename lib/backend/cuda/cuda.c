@@ -460,6 +460,7 @@ static const qkd__backend cuda_table = {
     .kd_loss = qkd__cuda_kd_loss,
     .tsld_weights = qkd__cuda_tsld_weights,
     .row_max_prob = qkd__cuda_row_max_prob,
+    .kd_loss_confidence = qkd__cuda_kd_loss_confidence,
 };
 
 /* Stream, cuBLAS handle (fp32 math: no TF32), cuBLASLt, sum partials and the host

@@ -208,6 +208,10 @@ void qkd__cuda_tsld_weights(qkd__backend *b, float *w, const float *c, const int
                             int B, int T, float tau);
 void qkd__cuda_row_max_prob(qkd__backend *b, float *out, const float *x,
                             const int32_t *targets, int N, int V);
+void qkd__cuda_kd_loss_confidence(qkd__backend *b, float *row_loss, float *ds,
+                                  uint16_t *ds_bits, const float *s, const float *t,
+                                  const int32_t *targets, const float *row_w, int N, int V,
+                                  const qkd__kd_term *term, float *beta, int n_rows);
 
 /* ---- attention.cu ------------------------------------------------------------ */
 void qkd__cuda_rope_forward(qkd__backend *b, float *x, int B, int T, int n_heads, int head_dim,

@@ -616,10 +616,19 @@ __device__ static float log_mix(float lp, float lq, float beta)
     return hi + log1pf(expf(lo - hi));
 }
 
-/* What the gradient sweep needs of a row. */
+/* What the gradient sweep needs of a row; fkl and top1 (1 / the sum of
+ * the teacher's weights at their max: its top-1 probability at tau 1) for
+ * CAKLD whose beta is the teacher's confidence (kd_loss_confidence). */
 struct kd_row {
-    float lse_s, lse_t, rkl, kqm;
+    float lse_s, lse_t, rkl, kqm, fkl, top1;
 };
+
+/* CAKLD's term before tau^2: one definition, so that kd_loss_confidence's
+ * rows, whose beta comes after their sweep, get kd_loss's bits. */
+__device__ inline float cakld_of(float beta, float rkl, float fkl)
+{
+    return beta * rkl + (1.0f - beta) * fkl;
+}
 
 /* log sum exp(x * it) of a row, NAN if it holds a non-finite value. */
 __device__ static float row_lse_f(const float *x, int V, float it)
@@ -685,12 +694,13 @@ __device__ static float softmax_value(const kd_args &j, const float *s, const fl
     r->lse_t = p.m + logf(p.z);
     const float dl = r->lse_s - r->lse_t;
     r->rkl = q.a / q.z - dl;
-    const float fkl = p.a / p.z + dl;
+    const float fkl = r->fkl = p.a / p.z + dl;
+    r->top1 = 1.0f / p.z;
     switch (j.kind) {
     case QKD_LOSS_FKL: return fkl;
     case QKD_LOSS_RKL: return r->rkl;
     case QKD_LOSS_JSD: return jsd_value(j, s, t, r);
-    case QKD_LOSS_CAKLD: return j.beta * r->rkl + (1.0f - j.beta) * fkl;
+    case QKD_LOSS_CAKLD: return cakld_of(j.beta, r->rkl, fkl);
     default: return p.a / p.z + r->lse_s; /* TSLD: -E_p[log q] */
     }
 }
@@ -792,33 +802,47 @@ __device__ static void fill_grad_row(const kd_args &j, size_t i, float x)
         put_grad(j, i * j.V + v, x);
 }
 
-__global__ void kd_loss_kernel(kd_args j)
+/* Row i's target (0 without targets); -1 for a row the targets leave
+ * out, which gets loss 0 and a zero gradient row (written, not added). */
+__device__ static int kd_target(const kd_args &j, size_t i)
 {
-    const size_t i = blockIdx.x;
-    const float *s = j.s + i * j.V, *t = j.t ? j.t + i * j.V : NULL;
-    const bool grad = j.ds || j.ds_bits;
-    int y = j.targets ? j.targets[i] : 0;
-    if (j.targets && y < 0) { /* the whole block agrees */
+    const int y = j.targets ? j.targets[i] : 0;
+    if (y < 0) { /* the whole block agrees */
         if (threadIdx.x == 0)
             j.row_loss[i] = 0.0f;
-        if (grad && !j.accumulate)
+        if ((j.ds || j.ds_bits) && !j.accumulate)
             fill_grad_row(j, i, 0.0f);
-        return;
     }
-    if (j.beta_dev)
-        j.beta = *j.beta_dev;
+    return y;
+}
+
+/* Row i's loss and gradient from its term's value and r. */
+__device__ static void kd_finish(const kd_args &j, size_t i, const float *s, const float *t,
+                                 int y, const kd_row &r, float value)
+{
     const float w = j.row_w ? j.row_w[i] : 1.0f;
-    kd_row r = {0.0f, 0.0f, 0.0f, 0.0f};
-    const float value = kd_value(j, s, t, y, &r);
     if (threadIdx.x == 0)
         j.row_loss[i] = w * value;
-    if (!grad)
+    if (!j.ds && !j.ds_bits)
         return;
     if (!isfinite(value)) {
         fill_grad_row(j, i, NAN);
         return;
     }
     kd_grad_row(j, r, i, s, t, y, j.scale * w);
+}
+
+__global__ void kd_loss_kernel(kd_args j)
+{
+    const size_t i = blockIdx.x;
+    const float *s = j.s + i * j.V, *t = j.t ? j.t + i * j.V : NULL;
+    const int y = kd_target(j, i);
+    if (y < 0)
+        return;
+    if (j.beta_dev)
+        j.beta = *j.beta_dev;
+    kd_row r = {};
+    kd_finish(j, i, s, t, y, r, kd_value(j, s, t, y, &r));
 }
 
 extern "C" void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds,
@@ -835,6 +859,65 @@ extern "C" void qkd__cuda_kd_loss(qkd__backend *b, float *row_loss, float *ds,
                  term->accumulate};
     kd_loss_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, qkd__cuda_of(b)->stream>>>(j);
     qkd__cuda_launched(b, "kd_loss");
+}
+
+/* kd_loss_confidence in two sweeps with beta's mean between them: the
+ * first is kd_loss's value sweep, whose teacher weights also give each
+ * row's top-1 probability, so the teacher's logits are not read a third
+ * time for it (row_max_prob's sweep: 3.2 GB for SmolLM's batch). The
+ * first sweep leaves each row's kd_row in rows and its top-1 probability
+ * in top1 (0 for a row left out, NAN for a non-finite one, as
+ * row_max_prob). */
+__global__ void cakld_sweep_kernel(kd_args j, kd_row *rows, float *top1)
+{
+    const size_t i = blockIdx.x;
+    if (j.targets && j.targets[i] < 0) {
+        if (threadIdx.x == 0)
+            top1[i] = 0.0f;
+        return;
+    }
+    kd_row r = {};
+    const bool finite = isfinite(softmax_value(j, j.s + i * j.V, j.t + i * j.V, &r));
+    if (threadIdx.x == 0) {
+        r.rkl = finite ? r.rkl : NAN; /* the second sweep's value: NAN too */
+        rows[i] = r;
+        top1[i] = finite ? r.top1 : NAN;
+    }
+}
+
+/* The second: each row's value at beta (*j.beta_dev), its loss and its
+ * gradient, as kd_loss_kernel ends. */
+__global__ void cakld_finish_kernel(kd_args j, const kd_row *rows)
+{
+    const size_t i = blockIdx.x;
+    const int y = kd_target(j, i);
+    if (y < 0)
+        return;
+    j.beta = *j.beta_dev;
+    const kd_row r = rows[i];
+    kd_finish(j, i, j.s + i * j.V, j.t + i * j.V, y, r,
+              j.tau * j.tau * cakld_of(j.beta, r.rkl, r.fkl));
+}
+
+extern "C" void qkd__cuda_kd_loss_confidence(qkd__backend *b, float *row_loss, float *ds,
+                                             uint16_t *ds_bits, const float *s, const float *t,
+                                             const int32_t *targets, const float *row_w, int N,
+                                             int V, const qkd__kd_term *term, float *beta,
+                                             int n_rows)
+{
+    if (N <= 0 || V <= 0)
+        return;
+    kd_row *rows = (kd_row *)qkd__cuda_workspace(b, (size_t)N * sizeof(kd_row) / sizeof(float));
+    if (!rows)
+        return; /* recorded */
+    cudaStream_t st = qkd__cuda_of(b)->stream;
+    kd_args j = {row_loss, ds, ds_bits, s, t, row_w, targets, beta, term->scale, 1.0f, 0.0f, V,
+                 QKD_LOSS_CAKLD, term->accumulate};
+    cakld_sweep_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, st>>>(j, rows, row_loss);
+    qkd__cuda_sum(b, beta, row_loss, (size_t)N); /* the mean, as the loss takes it */
+    qkd__cuda_scale(b, beta, n_rows > 0 ? 1.0f / (float)n_rows : 0.0f, 1);
+    cakld_finish_kernel<<<rows_grid(N), QKD__CUDA_THREADS, 0, st>>>(j, rows);
+    qkd__cuda_launched(b, "kd_loss_confidence");
 }
 
 /* ---- TSLD token weights and the top-1 probability ------------------------------------------ */
