@@ -98,12 +98,12 @@ typedef struct qkd__update_span {
  * in backend memory: what step_decide writes and adamw_update_multi_dev
  * reads. */
 typedef struct qkd__step_state {
-    int64_t t;         /* steps applied */
-    float rbc1, rbc2;  /* qkd__adamw_rbc of b1 and b2 at t */
-    double norm;     /* the last step's global gradient norm, before clipping */
-    float gscale;    /* the last step's clip factor (1: not clipped) */
-    int32_t clipped; /* 1: the last step scaled its gradients down */
-    int32_t skipped; /* 1: the last step's norm was not finite; nothing applied */
+    int64_t t;        /* steps applied */
+    float rbc1, rbc2; /* qkd__adamw_rbc of b1 and b2 at t */
+    double norm;      /* the last step's global gradient norm, before clipping */
+    float gscale;     /* the last step's clip factor (1: not clipped) */
+    int32_t clipped;  /* 1: the last step scaled its gradients down */
+    int32_t skipped;  /* 1: the last step's norm was not finite; nothing applied */
 } qkd__step_state;
 
 #ifdef __CUDACC__
