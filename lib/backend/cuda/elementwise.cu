@@ -424,8 +424,8 @@ extern "C" void qkd__cuda_sgd_update(qkd__backend *b, float *p, const float *g, 
  * order: deterministic. */
 
 /* Elements of a block's chunk (8 per thread; loading all 8 before the
- * first update, to overlap their latencies, made the double-precision
- * update slower: 4.1 ms against 2.4 ms for SmolLM's 163M parameters;
+ * first update, to overlap their latencies, made the update, then in
+ * double, slower: 4.1 ms against 2.4 ms for SmolLM's 163M parameters;
  * float4 loads, 2 per thread, are the form kept). A multiple of 4. */
 #define MT_CHUNK (QKD__CUDA_THREADS * 8)
 
