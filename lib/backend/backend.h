@@ -140,9 +140,8 @@ static inline QKD__HOST_DEVICE qkd__adamw_k qkd__adamw_k_at(float b1, float b2, 
 /* AdamW on one parameter, in float as PyTorch keeps its state: every
  * backend computes these operations in this order, with no contraction
  * into FMA (the SIMD backend as vectors), so all give the same bits. In
- * double, the CUDA update that also quantizes was bound by issuing
- * instructions; in float it issues about 40% fewer and is bound by memory
- * (docs/benchmarks.md). */
+ * double, the CUDA update that also quantizes was bound by its
+ * instructions, not by memory (docs/benchmarks.md). */
 static inline QKD__HOST_DEVICE void qkd__adamw_one(float *p, float g, float *m, float *v,
                                                    float lr, const qkd__adamw_k *k)
 {

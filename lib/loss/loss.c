@@ -1,10 +1,10 @@
 /* The qkd_loss handle: a weighted sum of objective terms evaluated on the
  * last forwards of a student and a teacher, through the backend's kd_loss,
  * tsld_weights and row_max_prob kernels (or kd_loss_confidence, where a
- * backend has it). Everything of a step stays on the
- * device: targets are uploaded once, each term's row losses (and a
- * teacher-confidence beta) are summed there, and the sums come back in
- * one download, at the compute or, deferred, when the value is asked for. */
+ * backend has it). Everything of a step stays on the device: targets are
+ * uploaded once, each term's row losses (and a teacher-confidence beta)
+ * are summed there, and the sums come back in one download, at the
+ * compute or, deferred, when the value is asked for. */
 #include <math.h>
 #include <string.h>
 
