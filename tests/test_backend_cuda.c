@@ -1153,12 +1153,15 @@ struct attn_shape {
 
 /* Training shapes (pos0 0, kv_len Tq: forward and backward) and decoding
  * ones (forward only); odd head sizes (each padded size of the kernels:
- * 16, 32, 64, 128, 256), grouped heads, sequences of several tiles. */
+ * 16, 32, 64, 128, 256), grouped heads, sequences of several tiles (head
+ * size 64 on Hopper: the warpgroup forward, the last one with keys past
+ * its queries' last). */
 static const struct attn_shape attn_shapes[] = {
     {1, 1, 0, 1, 1, 1, 1},       {2, 5, 0, 5, 2, 1, 8},      {1, 17, 0, 17, 4, 2, 5},
     {2, 33, 0, 33, 6, 6, 48},    {1, 40, 0, 40, 8, 4, 17},   {3, 130, 0, 130, 9, 3, 64},
     {1, 1, 9, 10, 8, 4, 8},      {2, 3, 30, 40, 6, 3, 48},   {1, 300, 0, 300, 6, 2, 64},
     {2, 70, 0, 70, 4, 2, 100},   {1, 45, 0, 45, 2, 1, 256},  {1, 2, 70, 80, 4, 1, 128},
+    {2, 70, 200, 277, 4, 2, 64},
 };
 
 /* x rounded to bf16, nearest even (finite x), by its bits: written apart

@@ -26,7 +26,10 @@
  * fp32 or bf16 (fb_store), the gradients of q and k rotated back first.
  * Tiles are row-major [row][d]; fragments come from them by ldmatrix (four
  * 8x8 matrices a load), .trans for a product that reads a tile along its
- * rows (v in the forward, k in dq, q and dout in dk/dv).
+ * rows (v in the forward, k in dq, q and dout in dk/dv). On Hopper (an
+ * sm_90a build on a compute capability 9.0 device) the forward of head
+ * size 64 runs on the warpgroup products instead (fw_forward_kernel,
+ * below).
  *
  * Exponentials are exp2 of the scores times scale * log2(e) minus the
  * row's max (or logsumexp) in the same unit, one fused multiply-add and
@@ -191,13 +194,19 @@ __global__ void fb_convert_kernel(bf16 *dst, const float *src, size_t rows, int 
     }
 }
 
-/* Copy `bytes` (4 or 16) to shared memory asynchronously; zeros when not
- * valid (src is then not read). */
+/* Copy 16 bytes to shared address `at` asynchronously: the first `bytes`
+ * of src, zeros after them (src is not read when bytes is 0). */
+__device__ inline void fb_cp16_at(uint32_t at, const void *src, int bytes)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(src),
+                 "r"(bytes));
+}
+
+/* Copy 16 (valid) or 4 bytes to shared memory asynchronously; zeros when
+ * not valid (src is then not read). */
 __device__ inline void fb_cp16(void *dst, const void *src, bool valid)
 {
-    const uint32_t at = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(src),
-                 "r"(valid ? 16 : 0));
+    fb_cp16_at((uint32_t)__cvta_generic_to_shared(dst), src, valid ? 16 : 0);
 }
 
 __device__ inline void fb_cp4(void *dst, const void *src, bool valid)
@@ -452,28 +461,29 @@ __device__ inline float fb_quad_sum(float v)
 
 /* -inf at the scores of keys after the row's last: the thread's rows are
  * g and g + 8 of a 16-row group whose row g sees keys up to last0, its
- * columns are keys k0 + nb * 8 + 2 t (+ 1). */
-__device__ inline void fb_mask(float (&s)[FB_NB][4], int k0, int last0)
+ * columns are keys k0 + nb * 8 + 2 t (+ 1) of NB 8-column blocks. */
+template <int NB> __device__ inline void fb_mask(float (&s)[NB][4], int k0, int last0)
 {
     const int t = threadIdx.x & 3;
 #pragma unroll
-    for (int nb = 0; nb < FB_NB; nb++)
+    for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int i = 0; i < 4; i++)
             if (k0 + nb * 8 + 2 * t + (i & 1) > last0 + 8 * (i >> 1))
                 s[nb][i] = -INFINITY;
 }
 
-/* One key tile of a 16-row group in the online softmax: s (raw scores,
- * masked) into probabilities relative to the new running max m (in exp2's
- * unit), the row sums l and the output o rescaled to it. */
-template <int HD>
-__device__ void fb_online(float (&s)[FB_NB][4], float (&m)[2], float (&l)[2],
-                          float (&o)[HD / 8][4], float scale2)
+/* One key tile of a 16-row group in the online softmax: s (raw scores of
+ * NB 8-column blocks, masked) into probabilities relative to the new
+ * running max m (in exp2's unit), the row sums l rescaled to it; corr:
+ * the factor that rescales the rows' output. */
+template <int NB>
+__device__ void fb_softmax(float (&s)[NB][4], float (&m)[2], float (&l)[2], float (&corr)[2],
+                           float scale2)
 {
-    float mx[2] = {-INFINITY, -INFINITY}, corr[2];
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nb = 0; nb < FB_NB; nb++)
+    for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int i = 0; i < 4; i++)
             mx[i >> 1] = fmaxf(mx[i >> 1], s[nb][i]);
@@ -486,12 +496,16 @@ __device__ void fb_online(float (&s)[FB_NB][4], float (&m)[2], float (&l)[2],
         l[j] *= corr[j];
     }
 #pragma unroll
-    for (int nb = 0; nb < FB_NB; nb++)
+    for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             s[nb][i] = fb_exp2(__fmaf_rn(s[nb][i], scale2, -m[i >> 1]));
             l[i >> 1] += s[nb][i];
         }
+}
+
+template <int HD> __device__ void fb_rescale(float (&o)[HD / 8][4], const float (&corr)[2])
+{
 #pragma unroll
     for (int nb = 0; nb < HD / 8; nb++)
 #pragma unroll
@@ -500,6 +514,35 @@ __device__ void fb_online(float (&s)[FB_NB][4], float (&m)[2], float (&l)[2],
 }
 
 /* ---- kernels ----------------------------------------------------------------------------- */
+
+/* The forward's end for the 16-row group at row r0 of the query tile at
+ * t0 (nq rows; q_row: its first row of q): each row's sum over its quad,
+ * its logsumexp saved, its output normalised and stored. */
+template <int HD>
+__device__ void fb_forward_rows(const fb_args &p, float (&m)[2], float (&l)[2],
+                                float (&o)[HD / 8][4], int bi, int h, int t0, int r0, int nq,
+                                size_t q_row)
+{
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const size_t qf = (size_t)p.H * p.hd, at = (q_row + (size_t)r0 * p.H) * p.hd;
+    float inv[2];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        l[j] = fb_quad_sum(l[j]);
+        inv[j] = 1.0f / l[j];
+        const int row = r0 + g + 8 * j;
+        if (row < nq && t == 0)
+            p.lse[((size_t)bi * p.H + h) * p.Tq + t0 + row] = m[j] * FB_LN2 + logf(l[j]);
+    }
+#pragma unroll
+    for (int nb = 0; nb < HD / 8; nb++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            o[nb][i] *= inv[i >> 1];
+    fb_store<HD>(p.out + at, qf, o, nq - r0, p.hd, 1.0f);
+    if (p.out_bits)
+        fb_store<HD>(p.out_bits + at, qf, o, nq - r0, p.hd, 1.0f);
+}
 
 /* One block per (head, batch row, query tile), longest tiles first. Up to
  * head size 64, three blocks an SM: 168 registers, no spill, where the
@@ -511,7 +554,7 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kerne
     constexpr int MI = fb_fwd<HD>::MI, BM = fb_fwd<HD>::ROWS;
     extern __shared__ __align__(16) unsigned char fb_sm[];
     bf16 *Qs = (bf16 *)fb_sm, *Ks = Qs + BM * G::LD, *Vs = Ks + 2 * G::TILE; /* K, V: 2 buffers */
-    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const int t0 = (gridDim.z - 1 - blockIdx.z) * BM, h = blockIdx.x, bi = blockIdx.y;
     const int kvh = h / p.rep;
     const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
@@ -542,36 +585,17 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kerne
             for (int mi = 0; mi < MI; mi++) {
                 if (k0 + FB_ROWS - 1 > first + 16 * mi) /* the tile crosses the diagonal */
                     fb_mask(s[mi], k0, first + 16 * mi + g);
-                fb_online<HD>(s[mi], m[mi], l[mi], o[mi], p.scale2);
+                float corr[2];
+                fb_softmax(s[mi], m[mi], l[mi], corr, p.scale2);
+                fb_rescale<HD>(o[mi], corr);
             }
             fb_accum<HD, MI>(o, s, Vs + buf * G::TILE);
         }
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
-    const size_t qf = (size_t)p.H * p.hd;
 #pragma unroll
-    for (int mi = 0; mi < MI; mi++) {
-        const int r0 = 16 * (MI * w + mi);
-        float inv[2];
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            l[mi][j] = fb_quad_sum(l[mi][j]);
-            inv[j] = 1.0f / l[mi][j];
-            const int row = r0 + g + 8 * j;
-            if (row < nq && t == 0)
-                p.lse[((size_t)bi * p.H + h) * p.Tq + t0 + row] =
-                    m[mi][j] * FB_LN2 + logf(l[mi][j]);
-        }
-#pragma unroll
-        for (int nb = 0; nb < HD / 8; nb++)
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-                o[mi][nb][i] *= inv[i >> 1];
-        fb_store<HD>(p.out + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd, 1.0f);
-        if (p.out_bits)
-            fb_store<HD>(p.out_bits + (q_row + (size_t)r0 * p.H) * p.hd, qf, o[mi], nq - r0, p.hd,
-                         1.0f);
-    }
+    for (int mi = 0; mi < MI; mi++)
+        fb_forward_rows<HD>(p, m[mi], l[mi], o[mi], bi, h, t0, 16 * (MI * w + mi), nq, q_row);
 }
 
 /* One block per (kv head, batch row, key tile), longest first: dk and dv
@@ -712,6 +736,284 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
                       nq - 16 * w, p.hd, p.scale, p.rope, q0 + 16 * w);
 }
 
+/* ---- the forward on Hopper's warpgroup products (wgmma) ---------------------------------- *
+ * For head size 64 on sm_90a the forward runs as a warpgroup (the block's 4
+ * warps) issuing wgmma: S = Q K^T with both operands read from shared
+ * memory by descriptor, O += P V with P from registers. One instruction
+ * does a 64 x 128 x 16 product where mma.sync needs 64 ldmatrix-fed
+ * m16n8k16, so the warps issue far fewer instructions for the same work.
+ * The numerics are fb_forward_kernel's: bf16 operands, fp32 accumulation
+ * and softmax, probabilities rounded relative to the running max (here
+ * over 128-key tiles). Tiles sit in shared memory in wgmma's 128-byte
+ * swizzle (rows of 64 bf16, chunk c of row r at chunk c ^ r % 8, from
+ * 1024-byte aligned bases). V is read as a transposed copy [d][key],
+ * which makes it, like K, an operand whose reduction dimension is
+ * contiguous. */
+
+#define FW_BM 64  /* query rows of a block: the warpgroup product's M */
+#define FW_BN 128 /* keys of a tile */
+#define FW_ROW 128 /* bytes of a tile row: 64 bf16 */
+#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW) /* Q, two K and two V^T, aligned */
+
+/* The byte offset of row r's 16-byte chunk c in a swizzled tile. */
+__device__ inline uint32_t fw_swz(int r, int c)
+{
+    return (uint32_t)(r * FW_ROW + ((c ^ (r & 7)) << 4));
+}
+
+/* The descriptor of a swizzled operand at shared address `at`: 8-row
+ * groups 1024 bytes apart (the leading offset is unused in this mode). */
+__device__ inline uint64_t fw_desc(uint32_t at)
+{
+    return (uint64_t)((at & 0x3ffff) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 |
+           (uint64_t)1 << 62;
+}
+
+/* Rows 0..ROWS-1 of a bf16 copy (row stride `stride`) into the swizzled
+ * tile at `at`; rows past n_rows zeros. */
+template <int ROWS>
+__device__ void fw_issue_rows(uint32_t at, const bf16 *src, size_t stride, int n_rows)
+{
+    for (int i = threadIdx.x; i < ROWS * 8; i += FB_THREADS) {
+        const int r = i >> 3, c = i & 7;
+        const bool valid = r < n_rows;
+        fb_cp16_at(at + fw_swz(r, c), valid ? src + r * stride + c * 8 : src, valid ? 16 : 0);
+    }
+}
+
+/* Keys k0..k0+FW_BN-1 of the transposed copy vt (64 rows of Tp keys) into
+ * two swizzled tiles of 64 keys at `at`; keys at and past kend zeros
+ * (0 * NaN would be NaN). */
+__device__ void fw_issue_vt(uint32_t at, const bf16 *vt, int Tp, int k0, int kend)
+{
+    for (int i = threadIdx.x; i < 64 * (FW_BN / 8); i += FB_THREADS) {
+        const int d = i / (FW_BN / 8), ck = i % (FW_BN / 8), key = k0 + 8 * ck;
+        const int n = min(max(kend - key, 0), 8);
+        fb_cp16_at(at + (ck >> 3) * 64 * FW_ROW + fw_swz(d, ck & 7),
+                   n ? vt + (size_t)d * Tp + key : vt, 2 * n);
+    }
+}
+
+/* Order earlier generic-proxy writes to shared memory (the copies) before
+ * the wgmma reads of the async proxy. */
+__device__ inline void fw_fence_proxy()
+{
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ inline void fw_fence()
+{
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+/* Pin the accumulators at this point of the program, so the compiler
+ * neither reads them before the wait nor writes them after the issue. */
+template <int N> __device__ inline void fw_pin(float (&d)[N][4])
+{
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            asm volatile("" : "+f"(d[j][i])::"memory");
+}
+
+#define FW_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+
+/* d (= or +=, acc) a[64][16] . b[128][16]^T, both from shared memory. */
+__device__ inline void fw_mma_qk(float (&d)[16][4], uint64_t a, uint64_t b, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
+                 "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
+                 "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, "
+                 "%61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : FW_D4(0), FW_D4(1), FW_D4(2), FW_D4(3), FW_D4(4), FW_D4(5), FW_D4(6),
+                   FW_D4(7), FW_D4(8), FW_D4(9), FW_D4(10), FW_D4(11), FW_D4(12), FW_D4(13),
+                   FW_D4(14), FW_D4(15)
+                 : "l"(a), "l"(b), "r"(acc));
+}
+
+/* d += a[64][16] (registers, m16n8k16's A layout per warp) . b[64][16]^T
+ * (shared memory). */
+__device__ inline void fw_mma_pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b)
+{
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
+                 "%31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+                 : FW_D4(0), FW_D4(1), FW_D4(2), FW_D4(3), FW_D4(4), FW_D4(5), FW_D4(6),
+                   FW_D4(7)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+#undef FW_D4
+
+/* What every tile of a block of fw_forward_kernel reads: its tiles'
+ * shared addresses, its K and V^T rows, and its causal bounds. */
+struct fw_block {
+    uint32_t Qs, Ks, Vs; /* Q; K and V^T two buffers each */
+    const bf16 *k, *vt;  /* key 0 of the block's kv head: k's row, vt's matrix */
+    size_t kld;          /* k's row stride */
+    int Tp, kend, n_tiles;
+    int first;           /* the last key of the warp's first row */
+};
+
+/* Start the copies of K tile `kt` and V^T tile `vt` (skipped past the
+ * last tile) as one group: the pipeline keeps K a tile ahead of V. */
+__device__ void fw_issue_tiles(const fw_block &c, int kt, int vt)
+{
+    if (kt < c.n_tiles)
+        fw_issue_rows<FW_BN>(c.Ks + (kt & 1) * FW_BN * FW_ROW,
+                             c.k + (size_t)kt * FW_BN * c.kld, c.kld, c.kend - kt * FW_BN);
+    if (vt < c.n_tiles)
+        fw_issue_vt(c.Vs + (vt & 1) * FW_BN * FW_ROW, c.vt, c.Tp, vt * FW_BN, c.kend);
+    fb_commit();
+}
+
+/* Issue S = Q K^T for key tile j into s as a group (not waited for). */
+__device__ inline void fw_issue_scores(const fw_block &c, int j, float (&s)[FW_BN / 8][4])
+{
+    const uint32_t kb = c.Ks + (j & 1) * FW_BN * FW_ROW;
+    fw_pin(s);
+    fw_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) /* 16 columns of d: 32 bytes of a row */
+        fw_mma_qk(s, fw_desc(c.Qs + 32 * kk), fw_desc(kb + 32 * kk), kk > 0);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+/* Wait until at most n groups of products are in flight. */
+template <int n> __device__ inline void fw_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
+}
+
+/* Issue O += P V for key tile j, P in a, as a group (not waited for). */
+__device__ inline void fw_issue_pv(const fw_block &c, int j, const uint32_t (&a)[8][4],
+                                   float (&o)[8][4])
+{
+    const uint32_t vb = c.Vs + (j & 1) * FW_BN * FW_ROW;
+    fw_pin(o);
+    fw_fence();
+#pragma unroll
+    for (int kc = 0; kc < FW_BN / 16; kc++) /* 16 keys: tile kc / 4, 32 bytes of a row */
+        fw_mma_pv(o, a[kc], fw_desc(vb + (kc >> 2) * 64 * FW_ROW + (kc & 3) * 32));
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+/* Key tile j's scores s (complete) into its probabilities, as the A
+ * fragments of P V in a; corr: the factor for the output. */
+__device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], uint32_t (&a)[8][4],
+                           float (&m)[2], float (&l)[2], float (&corr)[2], float scale2)
+{
+    const int k0 = j * FW_BN, g = (threadIdx.x & 31) >> 2;
+    fw_pin(s);
+    if (k0 + FW_BN - 1 > c.first) /* the tile crosses the diagonal of some row */
+        fb_mask(s, k0, c.first + g);
+    fb_softmax(s, m, l, corr, scale2);
+    fw_wait<0>(); /* the previous tile's P V is done with a */
+#pragma unroll
+    for (int kc = 0; kc < FW_BN / 16; kc++) {
+        a[kc][0] = fb_pack(s[2 * kc][0], s[2 * kc][1]);
+        a[kc][1] = fb_pack(s[2 * kc][2], s[2 * kc][3]);
+        a[kc][2] = fb_pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        a[kc][3] = fb_pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+    }
+}
+
+/* One block (a warpgroup) per (head, batch row, 64-query tile), longest
+ * first, streaming 128-key tiles of K and V^T, double-buffered, K a tile
+ * ahead of V. As FlashAttention-3 does, tile j + 1's scores are issued
+ * before tile j's P V, and tile j + 1's softmax runs while the tensor
+ * cores do that P V. vt: the transposed copy of v, [batch row][kv
+ * head][64][Tp]. */
+__global__ void __launch_bounds__(FB_THREADS, 3)
+    fw_forward_kernel(fb_args p, const bf16 *vt, int Tp)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int HD = 64;
+    extern __shared__ __align__(16) unsigned char fb_sm[];
+    const int w = threadIdx.x >> 5;
+    const int t0 = (gridDim.z - 1 - blockIdx.z) * FW_BM, h = blockIdx.x, bi = blockIdx.y;
+    const int kvh = h / p.rep, nq = min(FW_BM, p.Tq - t0);
+    const size_t q_row = ((size_t)bi * p.Tq + t0) * p.H + h;
+    fw_block c;
+    c.Qs = ((uint32_t)__cvta_generic_to_shared(fb_sm) + 1023) & ~1023u;
+    c.Ks = c.Qs + FW_BM * FW_ROW;
+    c.Vs = c.Ks + 2 * FW_BN * FW_ROW;
+    c.kld = (size_t)p.n_kv * HD;
+    c.k = p.k + ((size_t)bi * p.kv_len * p.n_kv + kvh) * HD;
+    c.vt = vt + ((size_t)bi * p.n_kv + kvh) * HD * Tp;
+    c.Tp = Tp;
+    c.kend = p.pos0 + t0 + nq;
+    c.n_tiles = (c.kend + FW_BN - 1) / FW_BN;
+    c.first = p.pos0 + t0 + 16 * w;
+    fw_issue_rows<FW_BM>(c.Qs, p.q + q_row * HD, (size_t)p.H * HD, nq);
+    fw_issue_tiles(c, 0, 0);
+    fw_issue_tiles(c, 1, c.n_tiles); /* K tile 1 alone */
+    fb_wait<1>(); /* Q, K tile 0 and V tile 0 are in */
+    fw_fence_proxy();
+    __syncthreads();
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, corr[2];
+    float s[FW_BN / 8][4], o[1][HD / 8][4];
+    uint32_t a[FW_BN / 16][4];
+    fb_zero<HD, 1>(o);
+    fw_issue_scores(c, 0, s);
+    fw_wait<0>();
+    fw_softmax(c, 0, s, a, m, l, corr, p.scale2);
+    /* the last tile apart: a product issued under a branch would make
+     * ptxas serialize them all */
+    for (int j = 0; j + 1 < c.n_tiles; j++) {
+        fw_issue_tiles(c, j + 2, j + 1);
+        fb_wait<1>(); /* K tile j + 1 and V tile j are in */
+        fw_fence_proxy();
+        __syncthreads();
+        fb_rescale<HD>(o[0], corr); /* before any product is in flight */
+        fw_issue_scores(c, j + 1, s);
+        fw_issue_pv(c, j, a, o[0]);
+        fw_wait<1>(); /* the scores of tile j + 1 */
+        fw_softmax(c, j + 1, s, a, m, l, corr, p.scale2);
+        fw_pin(o[0]);
+        __syncthreads(); /* every warp is done with the buffers before they are refilled */
+    }
+    fb_wait<0>();
+    fw_fence_proxy();
+    __syncthreads();
+    fb_rescale<HD>(o[0], corr);
+    fw_issue_pv(c, c.n_tiles - 1, a, o[0]);
+    fw_wait<0>();
+    fw_pin(o[0]);
+    fb_forward_rows<HD>(p, m, l, o[0], bi, h, t0, 16 * w, nq, q_row);
+#else
+    (void)p, (void)vt, (void)Tp; /* not launched: fw_usable() is false without sm_90a */
+#endif
+}
+
+/* vt[b][kvh][d][t] = bf16(v[b][t][kvh][d]) for d < hd and t < kv_len,
+ * zeros for the rest of 64 rows of Tp keys. A thread rounds 8 keys of one
+ * d (one 16-byte store); a warp's threads take neighbouring d, so its
+ * loads are rows of v. */
+__global__ void fw_transpose_kernel(bf16 *vt, const float *v, int B, int kv_len, int n_kv,
+                                    int hd, int Tp)
+{
+    const int nc = Tp / 8;
+    QKD__CUDA_FOR(i, (size_t)B * n_kv * 64 * nc)
+    {
+        const int d = (int)(i % 64), c = (int)(i / 64 % nc);
+        const size_t bk = i / 64 / nc, b = bk / n_kv, kvh = bk % n_kv;
+        float x[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int t = 8 * c + j;
+            x[j] = d < hd && t < kv_len ? v[((b * kv_len + t) * n_kv + kvh) * hd + d] : 0.0f;
+        }
+        *(uint4 *)(vt + (bk * 64 + d) * Tp + 8 * c) = make_uint4(
+            fb_pack(x[0], x[1]), fb_pack(x[2], x[3]), fb_pack(x[4], x[5]), fb_pack(x[6], x[7]));
+    }
+}
+
 /* ---- launch ------------------------------------------------------------------------------ */
 
 enum fb_pass { FB_FORWARD, FB_DKDV, FB_DQ };
@@ -802,8 +1104,44 @@ template <int HD> static fb_copies fb_copies_in(float *scratch, const fb_args &p
     return c;
 }
 
+/* Whether the Hopper forward runs: built for sm_90a (meson's nvcc_arch
+ * sm_90) and on a device of compute capability 9.0. */
+static bool fw_usable(qkd__backend *b)
+{
+#ifdef QKD_CUDA_SM90A
+    return qkd__cuda_of(b)->sm == 90;
+#else
+    (void)b;
+    return false;
+#endif
+}
+
+/* The Hopper forward of head size 64 on p's bf16 copies of q and k: v
+ * transposed into the workspace, then the kernel. */
+static void fw_forward(qkd__backend *b, const fb_args &p, int B, const float *v)
+{
+    const int Tp = (p.kv_len + 7) & ~7;
+    const size_t n = (size_t)B * p.n_kv * 64 * Tp;
+    bf16 *vt = (bf16 *)qkd__cuda_workspace(b, n / 2);
+    if (!vt)
+        return;
+    cudaStream_t stream = qkd__cuda_of(b)->stream;
+    fw_transpose_kernel<<<qkd__cuda_blocks(n / 8), QKD__CUDA_THREADS, 0, stream>>>(
+        vt, v, B, p.kv_len, p.n_kv, p.hd, Tp);
+    qkd__cuda_launched(b, "attention_bf16 transposed v");
+    if (qkd__cuda_check(b, cudaFuncSetAttribute(fw_forward_kernel,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                FW_SMEM),
+                        "attention_bf16 shared memory") != QKD_OK)
+        return;
+    const dim3 grid((unsigned)p.H, (unsigned)B, (unsigned)((p.Tq + FW_BM - 1) / FW_BM));
+    fw_forward_kernel<<<grid, FB_THREADS, FW_SMEM, stream>>>(p, vt, Tp);
+    qkd__cuda_launched(b, "attention_bf16");
+}
+
 /* The forward: q, k, v rounded into the scratch's copies (q and k rotated
- * first when a RoPE table is given), then the kernel. */
+ * first when a RoPE table is given; v's kept for the backward), then the
+ * kernel. */
 template <int HD>
 static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
                           const double2 *rope, const float *q, const float *k, const float *v)
@@ -816,7 +1154,10 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
-    fb_launch<HD>(b, FB_FORWARD, p, B);
+    if (HD == 64 && fw_usable(b))
+        fw_forward(b, p, B, v);
+    else
+        fb_launch<HD>(b, FB_FORWARD, p, B);
 }
 
 /* The backward: the forward's copies from the scratch, dout rounded into

@@ -468,6 +468,16 @@ static const qkd__backend cuda_table = {
 static qkd_status setup(qkd__backend *b, qkd__cuda *c)
 {
     qkd_status st = qkd__cuda_check(b, cudaGetDevice(&c->device), "cudaGetDevice");
+    int major = 0, minor = 0;
+    if (st == QKD_OK)
+        st = qkd__cuda_check(b, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                                       c->device),
+                             "cudaDeviceGetAttribute");
+    if (st == QKD_OK)
+        st = qkd__cuda_check(b, cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor,
+                                                       c->device),
+                             "cudaDeviceGetAttribute");
+    c->sm = 10 * major + minor;
     if (st == QKD_OK)
         st = qkd__cuda_check(b, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                              "cudaStreamCreate");

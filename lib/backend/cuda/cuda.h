@@ -64,6 +64,7 @@ typedef struct qkd__cuda_gemm_plan {
 /* The backend's private state (b->impl). */
 typedef struct qkd__cuda {
     int device;
+    int sm; /* compute capability, major * 10 + minor */
     cudaStream_t stream;
     cublasHandle_t blas;  /* the fp32 products */
     cublasLtHandle_t lt;  /* the bf16 products (gemm.c) */
