@@ -202,8 +202,8 @@ __device__ inline void fb_cp16_at(uint32_t at, const void *src, int bytes)
                  "r"(bytes));
 }
 
-/* Copy 16 (valid) or 4 bytes to shared memory asynchronously; zeros when
- * not valid (src is then not read). */
+/* Copy 16 bytes to shared memory asynchronously; zeros when not valid
+ * (src is then not read). */
 __device__ inline void fb_cp16(void *dst, const void *src, bool valid)
 {
     fb_cp16_at((uint32_t)__cvta_generic_to_shared(dst), src, valid ? 16 : 0);
@@ -504,6 +504,7 @@ __device__ void fb_softmax(float (&s)[NB][4], float (&m)[2], float (&l)[2], floa
         }
 }
 
+/* The rows' output rescaled to their new running max. */
 template <int HD> __device__ void fb_rescale(float (&o)[HD / 8][4], const float (&corr)[2])
 {
 #pragma unroll
