@@ -747,14 +747,13 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
  * and softmax, probabilities rounded relative to the running max (here
  * over 128-key tiles). Tiles sit in shared memory in wgmma's 128-byte
  * swizzle (rows of 64 bf16, chunk c of row r at chunk c ^ r % 8, from
- * 1024-byte aligned bases). V is read as a transposed copy [d][key],
- * which makes it, like K, an operand whose reduction dimension is
- * contiguous. */
+ * 1024-byte aligned bases). V's tile is K's layout, [key][d]; P V reads
+ * it transposed (its reduction dimension, the keys, is the rows). */
 
 #define FW_BM 64  /* query rows of a block: the warpgroup product's M */
 #define FW_BN 128 /* keys of a tile */
 #define FW_ROW 128 /* bytes of a tile row: 64 bf16 */
-#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW) /* Q, two K and two V^T, aligned */
+#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW) /* Q, two K and two V, aligned */
 
 /* The byte offset of row r's 16-byte chunk c in a swizzled tile. */
 __device__ inline uint32_t fw_swz(int r, int c)
@@ -779,19 +778,6 @@ __device__ void fw_issue_rows(uint32_t at, const bf16 *src, size_t stride, int n
         const int r = i >> 3, c = i & 7;
         const bool valid = r < n_rows;
         fb_cp16_at(at + fw_swz(r, c), valid ? src + r * stride + c * 8 : src, valid ? 16 : 0);
-    }
-}
-
-/* Keys k0..k0+FW_BN-1 of the transposed copy vt (64 rows of Tp keys) into
- * two swizzled tiles of 64 keys at `at`; keys at and past kend zeros
- * (0 * NaN would be NaN). */
-__device__ void fw_issue_vt(uint32_t at, const bf16 *vt, int Tp, int k0, int kend)
-{
-    for (int i = threadIdx.x; i < 64 * (FW_BN / 8); i += FB_THREADS) {
-        const int d = i / (FW_BN / 8), ck = i % (FW_BN / 8), key = k0 + 8 * ck;
-        const int n = min(max(kend - key, 0), 8);
-        fb_cp16_at(at + (ck >> 3) * 64 * FW_ROW + fw_swz(d, ck & 7),
-                   n ? vt + (size_t)d * Tp + key : vt, 2 * n);
     }
 }
 
@@ -836,14 +822,14 @@ __device__ inline void fw_mma_qk(float (&d)[16][4], uint64_t a, uint64_t b, int 
                  : "l"(a), "l"(b), "r"(acc));
 }
 
-/* d += a[64][16] (registers, m16n8k16's A layout per warp) . b[64][16]^T
- * (shared memory). */
+/* d += a[64][16] (registers, m16n8k16's A layout per warp) . b[16][64]
+ * (shared memory, rows of 64: read transposed). */
 __device__ inline void fw_mma_pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b)
 {
     asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
                  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
-                 "%31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+                 "%31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
                  : FW_D4(0), FW_D4(1), FW_D4(2), FW_D4(3), FW_D4(4), FW_D4(5), FW_D4(6),
                    FW_D4(7)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
@@ -855,21 +841,23 @@ __device__ inline void fw_mma_pv(float (&d)[8][4], const uint32_t (&a)[4], uint6
  * shared addresses, its K and V^T rows, and its causal bounds. */
 struct fw_block {
     uint32_t Qs, Ks, Vs; /* Q; K and V^T two buffers each */
-    const bf16 *k, *vt;  /* key 0 of the block's kv head: k's row, vt's matrix */
-    size_t kld;          /* k's row stride */
-    int Tp, kend, n_tiles;
+    const bf16 *k, *v;   /* key 0's rows of the block's kv head */
+    size_t kld;          /* their row stride */
+    int kend, n_tiles;
     int first;           /* the last key of the warp's first row */
 };
 
-/* Start the copies of K tile `kt` and V^T tile `vt` (skipped past the
- * last tile) as one group: the pipeline keeps K a tile ahead of V. */
+/* Start the copies of K tile `kt` and V tile `vt` (skipped past the
+ * last tile) as one group: the pipeline keeps K a tile ahead of V. Keys
+ * at and past kend are zeros (0 * NaN would be NaN). */
 __device__ void fw_issue_tiles(const fw_block &c, int kt, int vt)
 {
     if (kt < c.n_tiles)
         fw_issue_rows<FW_BN>(c.Ks + (kt & 1) * FW_BN * FW_ROW,
                              c.k + (size_t)kt * FW_BN * c.kld, c.kld, c.kend - kt * FW_BN);
     if (vt < c.n_tiles)
-        fw_issue_vt(c.Vs + (vt & 1) * FW_BN * FW_ROW, c.vt, c.Tp, vt * FW_BN, c.kend);
+        fw_issue_rows<FW_BN>(c.Vs + (vt & 1) * FW_BN * FW_ROW,
+                             c.v + (size_t)vt * FW_BN * c.kld, c.kld, c.kend - vt * FW_BN);
     fb_commit();
 }
 
@@ -899,8 +887,8 @@ __device__ inline void fw_issue_pv(const fw_block &c, int j, const uint32_t (&a)
     fw_pin(o);
     fw_fence();
 #pragma unroll
-    for (int kc = 0; kc < FW_BN / 16; kc++) /* 16 keys: tile kc / 4, 32 bytes of a row */
-        fw_mma_pv(o, a[kc], fw_desc(vb + (kc >> 2) * 64 * FW_ROW + (kc & 3) * 32));
+    for (int kc = 0; kc < FW_BN / 16; kc++) /* 16 keys: two 8-row groups */
+        fw_mma_pv(o, a[kc], fw_desc(vb + kc * 16 * FW_ROW));
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
@@ -925,13 +913,11 @@ __device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], u
 }
 
 /* One block (a warpgroup) per (head, batch row, 64-query tile), longest
- * first, streaming 128-key tiles of K and V^T, double-buffered, K a tile
+ * first, streaming 128-key tiles of K and V, double-buffered, K a tile
  * ahead of V. As FlashAttention-3 does, tile j + 1's scores are issued
  * before tile j's P V, and tile j + 1's softmax runs while the tensor
- * cores do that P V. vt: the transposed copy of v, [batch row][kv
- * head][64][Tp]. */
-__global__ void __launch_bounds__(FB_THREADS, 3)
-    fw_forward_kernel(fb_args p, const bf16 *vt, int Tp)
+ * cores do that P V. */
+__global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = 64;
@@ -946,8 +932,7 @@ __global__ void __launch_bounds__(FB_THREADS, 3)
     c.Vs = c.Ks + 2 * FW_BN * FW_ROW;
     c.kld = (size_t)p.n_kv * HD;
     c.k = p.k + ((size_t)bi * p.kv_len * p.n_kv + kvh) * HD;
-    c.vt = vt + ((size_t)bi * p.n_kv + kvh) * HD * Tp;
-    c.Tp = Tp;
+    c.v = p.v + ((size_t)bi * p.kv_len * p.n_kv + kvh) * HD;
     c.kend = p.pos0 + t0 + nq;
     c.n_tiles = (c.kend + FW_BN - 1) / FW_BN;
     c.first = p.pos0 + t0 + 16 * w;
@@ -988,31 +973,8 @@ __global__ void __launch_bounds__(FB_THREADS, 3)
     fw_pin(o[0]);
     fb_forward_rows<HD>(p, m, l, o[0], bi, h, t0, 16 * w, nq, q_row);
 #else
-    (void)p, (void)vt, (void)Tp; /* not launched: fw_usable() is false without sm_90a */
+    (void)p; /* not launched: fw_usable() is false without sm_90a */
 #endif
-}
-
-/* vt[b][kvh][d][t] = bf16(v[b][t][kvh][d]) for d < hd and t < kv_len,
- * zeros for the rest of 64 rows of Tp keys. A thread rounds 8 keys of one
- * d (one 16-byte store); a warp's threads take neighbouring d, so its
- * loads are rows of v. */
-__global__ void fw_transpose_kernel(bf16 *vt, const float *v, int B, int kv_len, int n_kv,
-                                    int hd, int Tp)
-{
-    const int nc = Tp / 8;
-    QKD__CUDA_FOR(i, (size_t)B * n_kv * 64 * nc)
-    {
-        const int d = (int)(i % 64), c = (int)(i / 64 % nc);
-        const size_t bk = i / 64 / nc, b = bk / n_kv, kvh = bk % n_kv;
-        float x[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int t = 8 * c + j;
-            x[j] = d < hd && t < kv_len ? v[((b * kv_len + t) * n_kv + kvh) * hd + d] : 0.0f;
-        }
-        *(uint4 *)(vt + (bk * 64 + d) * Tp + 8 * c) = make_uint4(
-            fb_pack(x[0], x[1]), fb_pack(x[2], x[3]), fb_pack(x[4], x[5]), fb_pack(x[6], x[7]));
-    }
 }
 
 /* ---- launch ------------------------------------------------------------------------------ */
@@ -1117,32 +1079,21 @@ static bool fw_usable(qkd__backend *b)
 #endif
 }
 
-/* The Hopper forward of head size 64 on p's bf16 copies of q and k: v
- * transposed into the workspace, then the kernel. */
-static void fw_forward(qkd__backend *b, const fb_args &p, int B, const float *v)
+/* The Hopper forward of head size 64 on p's bf16 copies. */
+static void fw_forward(qkd__backend *b, const fb_args &p, int B)
 {
-    const int Tp = (p.kv_len + 7) & ~7;
-    const size_t n = (size_t)B * p.n_kv * 64 * Tp;
-    bf16 *vt = (bf16 *)qkd__cuda_workspace(b, n / 2);
-    if (!vt)
-        return;
-    cudaStream_t stream = qkd__cuda_of(b)->stream;
-    fw_transpose_kernel<<<qkd__cuda_blocks(n / 8), QKD__CUDA_THREADS, 0, stream>>>(
-        vt, v, B, p.kv_len, p.n_kv, p.hd, Tp);
-    qkd__cuda_launched(b, "attention_bf16 transposed v");
     if (qkd__cuda_check(b, cudaFuncSetAttribute(fw_forward_kernel,
                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 FW_SMEM),
                         "attention_bf16 shared memory") != QKD_OK)
         return;
     const dim3 grid((unsigned)p.H, (unsigned)B, (unsigned)((p.Tq + FW_BM - 1) / FW_BM));
-    fw_forward_kernel<<<grid, FB_THREADS, FW_SMEM, stream>>>(p, vt, Tp);
+    fw_forward_kernel<<<grid, FB_THREADS, FW_SMEM, qkd__cuda_of(b)->stream>>>(p);
     qkd__cuda_launched(b, "attention_bf16");
 }
 
 /* The forward: q, k, v rounded into the scratch's copies (q and k rotated
- * first when a RoPE table is given; v's kept for the backward), then the
- * kernel. */
+ * first when a RoPE table is given), then the kernel. */
 template <int HD>
 static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
                           const double2 *rope, const float *q, const float *k, const float *v)
@@ -1156,7 +1107,7 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
     p.k = c.k;
     p.v = c.v;
     if (HD == 64 && fw_usable(b))
-        fw_forward(b, p, B, v);
+        fw_forward(b, p, B);
     else
         fb_launch<HD>(b, FB_FORWARD, p, B);
 }
