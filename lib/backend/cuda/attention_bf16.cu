@@ -838,9 +838,9 @@ __device__ inline void fw_mma_pv(float (&d)[8][4], const uint32_t (&a)[4], uint6
 #undef FW_D4
 
 /* What every tile of a block of fw_forward_kernel reads: its tiles'
- * shared addresses, its K and V^T rows, and its causal bounds. */
+ * shared addresses, its K and V rows, and its causal bounds. */
 struct fw_block {
-    uint32_t Qs, Ks, Vs; /* Q; K and V^T two buffers each */
+    uint32_t Qs, Ks, Vs; /* Q; K and V two buffers each */
     const bf16 *k, *v;   /* key 0's rows of the block's kv head */
     size_t kld;          /* their row stride */
     int kend, n_tiles;
