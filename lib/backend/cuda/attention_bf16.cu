@@ -327,6 +327,17 @@ __device__ void fb_scores(float (&s)[MI][FB_NB][4], const bf16 *x, const bf16 *y
     }
 }
 
+/* The A fragment of key columns 16 kc .. 16 kc + 15 of probabilities p
+ * (score layout: NB 8-column blocks), rounded to bf16. */
+template <int NB>
+__device__ inline void fb_frag_p(uint32_t (&a)[4], const float (&p)[NB][4], int kc)
+{
+    a[0] = fb_pack(p[2 * kc][0], p[2 * kc][1]);
+    a[1] = fb_pack(p[2 * kc][2], p[2 * kc][3]);
+    a[2] = fb_pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+    a[3] = fb_pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+}
+
 /* acc[mi][16][HD] += p[mi][16][64] . m[64][HD], p in registers (score
  * layout, rounded here), m a row-major tile: ldmatrix .trans of m's rows
  * 16 kc + 0..15 at columns nb * 8 and nb * 8 + 8 gives the B fragments of
@@ -342,12 +353,8 @@ __device__ void fb_accum(float (&acc)[MI][HD / 8][4], const float (&p)[MI][FB_NB
     for (int kc = 0; kc < FB_NB / 2; kc++) {
         uint32_t a[MI][4];
 #pragma unroll
-        for (int mi = 0; mi < MI; mi++) {
-            a[mi][0] = fb_pack(p[mi][2 * kc][0], p[mi][2 * kc][1]);
-            a[mi][1] = fb_pack(p[mi][2 * kc][2], p[mi][2 * kc][3]);
-            a[mi][2] = fb_pack(p[mi][2 * kc + 1][0], p[mi][2 * kc + 1][1]);
-            a[mi][3] = fb_pack(p[mi][2 * kc + 1][2], p[mi][2 * kc + 1][3]);
-        }
+        for (int mi = 0; mi < MI; mi++)
+            fb_frag_p(a[mi], p[mi], kc);
 #pragma unroll
         for (int nb = 0; nb < HD / 8; nb += 2) {
             uint32_t b[4];
@@ -861,6 +868,18 @@ __device__ void fw_issue_tiles(const fw_block &c, int kt, int vt)
     fb_commit();
 }
 
+/* Close the products issued since the last commit into a group. */
+__device__ inline void fw_commit()
+{
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+/* Wait until at most n groups of products are in flight. */
+template <int n> __device__ inline void fw_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
+}
+
 /* Issue S = Q K^T for key tile j into s as a group (not waited for). */
 __device__ inline void fw_issue_scores(const fw_block &c, int j, float (&s)[FW_BN / 8][4])
 {
@@ -870,13 +889,7 @@ __device__ inline void fw_issue_scores(const fw_block &c, int j, float (&s)[FW_B
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) /* 16 columns of d: 32 bytes of a row */
         fw_mma_qk(s, fw_desc(c.Qs + 32 * kk), fw_desc(kb + 32 * kk), kk > 0);
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-/* Wait until at most n groups of products are in flight. */
-template <int n> __device__ inline void fw_wait()
-{
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
+    fw_commit();
 }
 
 /* Issue O += P V for key tile j, P in a, as a group (not waited for). */
@@ -889,7 +902,7 @@ __device__ inline void fw_issue_pv(const fw_block &c, int j, const uint32_t (&a)
 #pragma unroll
     for (int kc = 0; kc < FW_BN / 16; kc++) /* 16 keys: two 8-row groups */
         fw_mma_pv(o, a[kc], fw_desc(vb + kc * 16 * FW_ROW));
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    fw_commit();
 }
 
 /* Key tile j's scores s (complete) into its probabilities, as the A
@@ -904,12 +917,8 @@ __device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], u
     fb_softmax(s, m, l, corr, scale2);
     fw_wait<0>(); /* the previous tile's P V is done with a */
 #pragma unroll
-    for (int kc = 0; kc < FW_BN / 16; kc++) {
-        a[kc][0] = fb_pack(s[2 * kc][0], s[2 * kc][1]);
-        a[kc][1] = fb_pack(s[2 * kc][2], s[2 * kc][3]);
-        a[kc][2] = fb_pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-        a[kc][3] = fb_pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-    }
+    for (int kc = 0; kc < FW_BN / 16; kc++)
+        fb_frag_p(a[kc], s, kc);
 }
 
 /* One block (a warpgroup) per (head, batch row, 64-query tile), longest
