@@ -606,6 +606,71 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kerne
         fb_forward_rows<HD>(p, m[mi], l[mi], o[mi], bi, h, t0, 16 * (MI * w + mi), nq, q_row);
 }
 
+/* The query tile that iteration `it` of a dk/dv block (keys from k0, kv
+ * head kvh) reads: query head kvh * rep + it / n_qt, query tile it % n_qt
+ * of those at or after k0 (earlier queries see none of its keys). */
+struct fb_qtile {
+    int q0, n;     /* its first query and its number of rows */
+    size_t row;    /* its first row of q and dout */
+    size_t row_at; /* its first row of lse and D */
+};
+
+__device__ inline fb_qtile fb_dkdv_qtile(const fb_args &p, int kvh, int bi, int k0, int n_qt,
+                                         int it)
+{
+    const int h = kvh * p.rep + it / n_qt;
+    fb_qtile q;
+    q.q0 = k0 + it % n_qt * FB_ROWS;
+    q.n = min(FB_ROWS, p.Tq - q.q0);
+    q.row = ((size_t)bi * p.Tq + q.q0) * p.H + h;
+    q.row_at = ((size_t)bi * p.H + h) * p.Tq + q.q0;
+    return q;
+}
+
+/* Start copying a query tile's lse and D (FB_ROWS each, zeros past its
+ * rows) into r: the block's first half of threads the one, the rest the
+ * other. */
+__device__ inline void fb_issue_lse_d(float *r, const fb_args &p, const fb_qtile &q)
+{
+    if (threadIdx.x < FB_ROWS)
+        fb_issue_rows(r, p.lse + q.row_at, q.n, threadIdx.x);
+    else
+        fb_issue_rows(r + FB_ROWS, p.D + q.row_at, q.n, threadIdx.x - FB_ROWS);
+}
+
+/* A dk/dv tile's scores s and dp = V dO^T, [key][query] in the score
+ * layout (the thread's keys kr and kr + 8 of the tile, its queries at
+ * columns nb * 8 + 2 t (+ 1)), into P^T and dS^T. Query columns past T
+ * are zeros with lse = D = 0: p = 1, dp = 0, no contribution; only the
+ * diagonal tile (diag: its first query is its first key) needs the mask. */
+__device__ inline void fb_dkdv_grads(float (&s)[FB_NB][4], float (&dp)[FB_NB][4],
+                                     const float *lse_s, const float *D_s, float scale2,
+                                     bool diag, int kr)
+{
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int nb = 0; nb < FB_NB; nb++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int qc = nb * 8 + 2 * t + (i & 1);
+            float pr = fb_exp2(__fmaf_rn(s[nb][i], scale2, -lse_s[qc] * FB_LOG2E));
+            if (diag && qc < kr + 8 * (i >> 1))
+                pr = 0.0f;
+            s[nb][i] = pr;
+            dp[nb][i] = pr * (dp[nb][i] - D_s[qc]);
+        }
+}
+
+/* A dk/dv block's end: the 16 key rows of warp w stored, dk rotated back. */
+template <int HD>
+__device__ void fb_dkdv_store(const fb_args &p, const float (&dk)[HD / 8][4],
+                              const float (&dv)[HD / 8][4], size_t kv_row, int nk, int k0, int w)
+{
+    const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
+    fb_store_grad<HD>(p.dk, p.dk16, at, kf, dk, nk - 16 * w, p.hd, p.scale, p.rope, k0 + 16 * w);
+    fb_store_grad<HD>(p.dv, p.dv16, at, kf, dv, nk - 16 * w, p.hd, 1.0f);
+}
+
 /* One block per (kv head, batch row, key tile), longest first: dk and dv
  * of its keys, summed over the rep query heads and the query tiles at or
  * after it. Two blocks an SM up to head size 64: three spilled (168
@@ -618,28 +683,19 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 2 : 1) fb_dkdv_kernel(f
     /* K, V; then Q, dO, and the rows' lse and D, two buffers each */
     bf16 *Ks = (bf16 *)fb_sm, *Vs = Ks + G::TILE, *Qs = Vs + G::TILE, *Os = Qs + 2 * G::TILE;
     float *rows = (float *)(Os + 2 * G::TILE); /* [2][lse 64, D 64] */
-    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, kvh = blockIdx.x, bi = blockIdx.y;
     const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
     const int nk = min(FB_ROWS, T - k0);
     const size_t kv_row = ((size_t)bi * T + k0) * p.n_kv + kvh;
-    const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS; /* earlier queries see none of these keys */
-    const int n_it = p.rep * n_qt;
+    const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = p.rep * n_qt;
     fb_issue<HD>(Ks, p.k + kv_row * HD, kld, nk);
     fb_issue<HD>(Vs, p.v + kv_row * HD, kld, nk);
-    /* iteration it: query head kvh * rep + it / n_qt, query tile it % n_qt */
     auto issue = [&](int it, int buf) {
-        const int h = kvh * p.rep + it / n_qt, q0 = k0 + it % n_qt * FB_ROWS;
-        const int nq = min(FB_ROWS, T - q0);
-        const size_t q_row = ((size_t)bi * T + q0) * p.H + h;
-        const size_t row_at = ((size_t)bi * p.H + h) * T + q0;
-        fb_issue<HD>(Qs + buf * G::TILE, p.q + q_row * HD, qld, nq);
-        fb_issue<HD>(Os + buf * G::TILE, p.dout + q_row * HD, qld, nq);
-        float *r = rows + buf * 2 * FB_ROWS;
-        if (threadIdx.x < FB_ROWS)
-            fb_issue_rows(r, p.lse + row_at, nq, threadIdx.x);
-        else
-            fb_issue_rows(r + FB_ROWS, p.D + row_at, nq, threadIdx.x - FB_ROWS);
+        const fb_qtile q = fb_dkdv_qtile(p, kvh, bi, k0, n_qt, it);
+        fb_issue<HD>(Qs + buf * G::TILE, p.q + q.row * HD, qld, q.n);
+        fb_issue<HD>(Os + buf * G::TILE, p.dout + q.row * HD, qld, q.n);
+        fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
         fb_commit();
     };
     issue(0, 0);
@@ -656,32 +712,53 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 2 : 1) fb_dkdv_kernel(f
         }
         __syncthreads();
         const bf16 *Qb = Qs + buf * G::TILE, *Ob = Os + buf * G::TILE;
-        const float *lse_s = rows + buf * 2 * FB_ROWS, *D_s = lse_s + FB_ROWS;
+        const float *lse_s = rows + buf * 2 * FB_ROWS;
         float s[1][FB_NB][4], dp[1][FB_NB][4]; /* [key][query] */
         fb_scores<HD, 1>(s, Ks + 16 * w * G::LD, Qb);
         fb_scores<HD, 1>(dp, Vs + 16 * w * G::LD, Ob);
-        /* query rows past T are zeros with lse = D = 0: p = 1, dp = 0, no
-         * contribution; only the diagonal tile (q0 == k0) needs the mask */
-        const bool diag = q0 == k0;
-#pragma unroll
-        for (int nb = 0; nb < FB_NB; nb++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int qc = nb * 8 + 2 * t + (i & 1);
-                float pr = fb_exp2(__fmaf_rn(s[0][nb][i], p.scale2, -lse_s[qc] * FB_LOG2E));
-                if (diag && qc < 16 * w + g + 8 * (i >> 1))
-                    pr = 0.0f;
-                s[0][nb][i] = pr;
-                dp[0][nb][i] = pr * (dp[0][nb][i] - D_s[qc]);
-            }
+        fb_dkdv_grads(s[0], dp[0], lse_s, lse_s + FB_ROWS, p.scale2, q0 == k0, 16 * w + g);
         fb_accum<HD, 1>(dv, s, Ob);  /* dv += P^T dO */
         fb_accum<HD, 1>(dk, dp, Qb); /* dk += dS^T Q */
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
-    const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
-    fb_store_grad<HD>(p.dk, p.dk16, at, kf, dk[0], nk - 16 * w, p.hd, p.scale, p.rope,
-                      k0 + 16 * w);
-    fb_store_grad<HD>(p.dv, p.dv16, at, kf, dv[0], nk - 16 * w, p.hd, 1.0f);
+    fb_dkdv_store<HD>(p, dk[0], dv[0], kv_row, nk, k0, w);
+}
+
+/* A dq tile's scores s (masked) and dp = dO V^T into dS, in the score
+ * layout; lse2 (in exp2's unit) and D: the thread's two rows'. */
+__device__ inline void fb_dq_grads(const float (&s)[FB_NB][4], float (&dp)[FB_NB][4],
+                                   const float (&lse2)[2], const float (&D)[2], float scale2)
+{
+#pragma unroll
+    for (int nb = 0; nb < FB_NB; nb++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float pr = fb_exp2(__fmaf_rn(s[nb][i], scale2, -lse2[i >> 1]));
+            dp[nb][i] = pr * (dp[nb][i] - D[i >> 1]);
+        }
+}
+
+/* The lse (in exp2's unit) and D of the thread's rows row0 and row0 + 8
+ * of a dq block's nq: zeros past them, so dS = 0 there (their q and dout
+ * rows are zeros). */
+__device__ inline void fb_dq_rows(const fb_args &p, size_t row_at, int nq, int row0,
+                                  float (&lse2)[2], float (&D)[2])
+{
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int r = row0 + 8 * j;
+        lse2[j] = r < nq ? p.lse[row_at + r] * FB_LOG2E : 0.0f;
+        D[j] = r < nq ? p.D[row_at + r] : 0.0f;
+    }
+}
+
+/* A dq block's end: the 16 query rows of warp w stored, rotated back. */
+template <int HD>
+__device__ void fb_dq_store(const fb_args &p, const float (&dq)[HD / 8][4], size_t q_row, int nq,
+                            int q0, int w)
+{
+    fb_store_grad<HD>(p.dq, p.dq16, (q_row + (size_t)16 * w * p.H) * p.hd, (size_t)p.H * p.hd,
+                      dq, nq - 16 * w, p.hd, p.scale, p.rope, q0 + 16 * w);
 }
 
 /* One block per (head, batch row, query tile), longest first: dq of its
@@ -699,7 +776,6 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     const int nq = min(FB_ROWS, T - q0);
     const size_t q_row = ((size_t)bi * T + q0) * p.H + h;
     const size_t kv_row = (size_t)bi * T * p.n_kv + kvh;
-    const size_t row_at = ((size_t)bi * p.H + h) * T + q0;
     const int kend = q0 + nq, n_tiles = (kend + FB_ROWS - 1) / FB_ROWS;
     fb_issue<HD>(Qs, p.q + q_row * HD, qld, nq);
     fb_issue<HD>(Os, p.dout + q_row * HD, qld, nq);
@@ -708,13 +784,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     fb_commit();
     const int row0 = 16 * w + g; /* the thread's rows: row0 and row0 + 8 */
     float lse2[2], D[2], dq[1][HD / 8][4];
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        /* rows past nq: zeros with lse = D = 0, so dS = 0 there */
-        const int r = row0 + 8 * j;
-        lse2[j] = r < nq ? p.lse[row_at + r] * FB_LOG2E : 0.0f;
-        D[j] = r < nq ? p.D[row_at + r] : 0.0f;
-    }
+    fb_dq_rows(p, ((size_t)bi * p.H + h) * T + q0, nq, row0, lse2, D);
     fb_zero<HD, 1>(dq);
     for (int it = 0; it < n_tiles; it++) {
         const int k0 = it * FB_ROWS, buf = it & 1;
@@ -727,21 +797,12 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
             fb_scores<HD, 1>(dp, Os + 16 * w * G::LD, Vs + buf * G::TILE);
             if (k0 + FB_ROWS - 1 > q0 + 16 * w) /* the tile crosses the diagonal */
                 fb_mask(s[0], k0, q0 + row0);
-#pragma unroll
-            for (int nb = 0; nb < FB_NB; nb++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const float pr =
-                        fb_exp2(__fmaf_rn(s[0][nb][i], p.scale2, -lse2[i >> 1]));
-                    dp[0][nb][i] = pr * (dp[0][nb][i] - D[i >> 1]);
-                }
+            fb_dq_grads(s[0], dp[0], lse2, D, p.scale2);
             fb_accum<HD, 1>(dq, dp, Kb); /* dq += dS K */
         }
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
-    const size_t qf = (size_t)p.H * p.hd;
-    fb_store_grad<HD>(p.dq, p.dq16, (q_row + (size_t)16 * w * p.H) * p.hd, qf, dq[0],
-                      nq - 16 * w, p.hd, p.scale, p.rope, q0 + 16 * w);
+    fb_dq_store<HD>(p, dq[0], q_row, nq, q0, w);
 }
 
 /* ---- the forward on Hopper's warpgroup products (wgmma) ---------------------------------- *
@@ -761,6 +822,9 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
 #define FW_BN 128 /* keys of a tile */
 #define FW_ROW 128 /* bytes of a tile row: 64 bf16 */
 #define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW) /* Q, two K and two V, aligned */
+#define FW_TILE (FB_ROWS * FW_ROW) /* a backward tile: 64 rows */
+static_assert(FW_BM == FB_ROWS, "fw_launch tiles every kernel's rows by 64");
+#define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float)) /* the larger: dk/dv */
 
 /* The byte offset of row r's 16-byte chunk c in a swizzled tile. */
 __device__ inline uint32_t fw_swz(int r, int c)
@@ -813,8 +877,12 @@ template <int N> __device__ inline void fw_pin(float (&d)[N][4])
 
 #define FW_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 
+/* The products, named as PTX names their operands' sources: ss, both
+ * from shared memory; rs, A from registers. Accumulator sizes pick the
+ * shape. */
+
 /* d (= or +=, acc) a[64][16] . b[128][16]^T, both from shared memory. */
-__device__ inline void fw_mma_qk(float (&d)[16][4], uint64_t a, uint64_t b, int acc)
+__device__ inline void fw_mma_ss(float (&d)[16][4], uint64_t a, uint64_t b, int acc)
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -829,9 +897,22 @@ __device__ inline void fw_mma_qk(float (&d)[16][4], uint64_t a, uint64_t b, int 
                  : "l"(a), "l"(b), "r"(acc));
 }
 
+/* d (= or +=, acc) a[64][16] . b[64][16]^T, both from shared memory. */
+__device__ inline void fw_mma_ss(float (&d)[8][4], uint64_t a, uint64_t b, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
+                 "%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : FW_D4(0), FW_D4(1), FW_D4(2), FW_D4(3), FW_D4(4), FW_D4(5), FW_D4(6),
+                   FW_D4(7)
+                 : "l"(a), "l"(b), "r"(acc));
+}
+
 /* d += a[64][16] (registers, m16n8k16's A layout per warp) . b[16][64]
  * (shared memory, rows of 64: read transposed). */
-__device__ inline void fw_mma_pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b)
+__device__ inline void fw_mma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b)
 {
     asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -843,30 +924,6 @@ __device__ inline void fw_mma_pv(float (&d)[8][4], const uint32_t (&a)[4], uint6
 }
 
 #undef FW_D4
-
-/* What every tile of a block of fw_forward_kernel reads: its tiles'
- * shared addresses, its K and V rows, and its causal bounds. */
-struct fw_block {
-    uint32_t Qs, Ks, Vs; /* Q; K and V two buffers each */
-    const bf16 *k, *v;   /* key 0's rows of the block's kv head */
-    size_t kld;          /* their row stride */
-    int kend, n_tiles;
-    int first;           /* the last key of the warp's first row */
-};
-
-/* Start the copies of K tile `kt` and V tile `vt` (skipped past the
- * last tile) as one group: the pipeline keeps K a tile ahead of V. Keys
- * at and past kend are zeros (0 * NaN would be NaN). */
-__device__ void fw_issue_tiles(const fw_block &c, int kt, int vt)
-{
-    if (kt < c.n_tiles)
-        fw_issue_rows<FW_BN>(c.Ks + (kt & 1) * FW_BN * FW_ROW,
-                             c.k + (size_t)kt * FW_BN * c.kld, c.kld, c.kend - kt * FW_BN);
-    if (vt < c.n_tiles)
-        fw_issue_rows<FW_BN>(c.Vs + (vt & 1) * FW_BN * FW_ROW,
-                             c.v + (size_t)vt * FW_BN * c.kld, c.kld, c.kend - vt * FW_BN);
-    fb_commit();
-}
 
 /* Close the products issued since the last commit into a group. */
 __device__ inline void fw_commit()
@@ -880,29 +937,67 @@ template <int n> __device__ inline void fw_wait()
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
 }
 
-/* Issue S = Q K^T for key tile j into s as a group (not waited for). */
-__device__ inline void fw_issue_scores(const fw_block &c, int j, float (&s)[FW_BN / 8][4])
+/* Issue d = a . b^T over head size 64 as a group (not waited for): the
+ * 64 rows of the swizzled tile at a against the 8 NB rows of the one at
+ * b. */
+template <int NB> __device__ inline void fw_issue_ss(float (&d)[NB][4], uint32_t a, uint32_t b)
 {
-    const uint32_t kb = c.Ks + (j & 1) * FW_BN * FW_ROW;
-    fw_pin(s);
+    fw_pin(d);
     fw_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) /* 16 columns of d: 32 bytes of a row */
-        fw_mma_qk(s, fw_desc(c.Qs + 32 * kk), fw_desc(kb + 32 * kk), kk > 0);
+        fw_mma_ss(d, fw_desc(a + 32 * kk), fw_desc(b + 32 * kk), kk > 0);
     fw_commit();
 }
 
-/* Issue O += P V for key tile j, P in a, as a group (not waited for). */
-__device__ inline void fw_issue_pv(const fw_block &c, int j, const uint32_t (&a)[8][4],
-                                   float (&o)[8][4])
+/* Issue d += P . m as a group (not waited for): P's 16 KC columns in
+ * registers (KC fragments a), m's rows 0..16 KC - 1 read transposed from
+ * the swizzled tile at m, each 16 rows two 8-row groups on. */
+template <int KC>
+__device__ inline void fw_issue_rs(float (&d)[8][4], const uint32_t (&a)[KC][4], uint32_t m)
 {
-    const uint32_t vb = c.Vs + (j & 1) * FW_BN * FW_ROW;
-    fw_pin(o);
+    fw_pin(d);
     fw_fence();
 #pragma unroll
-    for (int kc = 0; kc < FW_BN / 16; kc++) /* 16 keys: two 8-row groups */
-        fw_mma_pv(o, a[kc], fw_desc(vb + kc * 16 * FW_ROW));
+    for (int kc = 0; kc < KC; kc++)
+        fw_mma_rs(d, a[kc], fw_desc(m + kc * 16 * FW_ROW));
     fw_commit();
+}
+
+/* P's fragments for a product from probabilities p in the score layout. */
+template <int NB> __device__ inline void fw_frags(uint32_t (&a)[NB / 2][4], const float (&p)[NB][4])
+{
+#pragma unroll
+    for (int kc = 0; kc < NB / 2; kc++)
+        fb_frag_p(a[kc], p, kc);
+}
+
+/* What every tile of a block of fw_forward_kernel reads: its tiles'
+ * shared addresses, its K and V rows, and its causal bounds. */
+struct fw_block {
+    uint32_t Qs, Ks, Vs; /* Q; K and V two buffers each */
+    const bf16 *k, *v;   /* key 0's rows of the block's kv head */
+    size_t kld;          /* their row stride */
+    int kend, n_tiles;
+    int first;           /* the last key of the warp's first row */
+
+    /* key tile j's buffers */
+    __device__ uint32_t K(int j) const { return Ks + (j & 1) * FW_BN * FW_ROW; }
+    __device__ uint32_t V(int j) const { return Vs + (j & 1) * FW_BN * FW_ROW; }
+};
+
+/* Start the copies of K tile `kt` and V tile `vt` (skipped past the
+ * last tile) as one group: the pipeline keeps K a tile ahead of V. Keys
+ * at and past kend are zeros (0 * NaN would be NaN). */
+__device__ void fw_issue_tiles(const fw_block &c, int kt, int vt)
+{
+    if (kt < c.n_tiles)
+        fw_issue_rows<FW_BN>(c.K(kt), c.k + (size_t)kt * FW_BN * c.kld, c.kld,
+                             c.kend - kt * FW_BN);
+    if (vt < c.n_tiles)
+        fw_issue_rows<FW_BN>(c.V(vt), c.v + (size_t)vt * FW_BN * c.kld, c.kld,
+                             c.kend - vt * FW_BN);
+    fb_commit();
 }
 
 /* Key tile j's scores s (complete) into its probabilities, as the A
@@ -916,9 +1011,7 @@ __device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], u
         fb_mask(s, k0, c.first + g);
     fb_softmax(s, m, l, corr, scale2);
     fw_wait<0>(); /* the previous tile's P V is done with a */
-#pragma unroll
-    for (int kc = 0; kc < FW_BN / 16; kc++)
-        fb_frag_p(a[kc], s, kc);
+    fw_frags(a, s);
 }
 
 /* One block (a warpgroup) per (head, batch row, 64-query tile), longest
@@ -955,7 +1048,7 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
     float s[FW_BN / 8][4], o[1][HD / 8][4];
     uint32_t a[FW_BN / 16][4];
     fb_zero<HD, 1>(o);
-    fw_issue_scores(c, 0, s);
+    fw_issue_ss(s, c.Qs, c.K(0));
     fw_wait<0>();
     fw_softmax(c, 0, s, a, m, l, corr, p.scale2);
     /* the last tile apart: a product issued under a branch would make
@@ -966,8 +1059,8 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
         fw_fence_proxy();
         __syncthreads();
         fb_rescale<HD>(o[0], corr); /* before any product is in flight */
-        fw_issue_scores(c, j + 1, s);
-        fw_issue_pv(c, j, a, o[0]);
+        fw_issue_ss(s, c.Qs, c.K(j + 1));
+        fw_issue_rs(o[0], a, c.V(j));
         fw_wait<1>(); /* the scores of tile j + 1 */
         fw_softmax(c, j + 1, s, a, m, l, corr, p.scale2);
         fw_pin(o[0]);
@@ -977,10 +1070,149 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
     fw_fence_proxy();
     __syncthreads();
     fb_rescale<HD>(o[0], corr);
-    fw_issue_pv(c, c.n_tiles - 1, a, o[0]);
+    fw_issue_rs(o[0], a, c.V(c.n_tiles - 1));
     fw_wait<0>();
     fw_pin(o[0]);
     fb_forward_rows<HD>(p, m, l, o[0], bi, h, t0, 16 * w, nq, q_row);
+#else
+    (void)p; /* not launched: fw_usable() is false without sm_90a */
+#endif
+}
+
+/* The backward on the warpgroup products: the mma.sync kernels' scheme
+ * and numerics (dk and dv per key tile, then dq per query tile; bf16
+ * operands, fp32 accumulation) with 64-row tiles on both sides, so that
+ * every product is a 64 x 64 one: S and dP (ss) and, from their
+ * fragments in registers, the gradients (rs). The block's tiles sit from
+ * its first 1024-byte boundary, in the order its comment gives. */
+
+/* dk and dv of a block's 64 keys: as fb_dkdv_kernel, S^T = K Q^T and
+ * dP^T = V dO^T, then dv += P^T dO and dk += dS^T Q. */
+__global__ void __launch_bounds__(FB_THREADS, 2) fw_dkdv_kernel(fb_args p)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int HD = 64;
+    extern __shared__ __align__(16) unsigned char fb_sm[];
+    /* K, V; then Q and dO two buffers each; then the rows' lse and D */
+    const uint32_t sm = (uint32_t)__cvta_generic_to_shared(fb_sm);
+    const uint32_t Ks = (sm + 1023) & ~1023u, Vs = Ks + FW_TILE, Qs = Vs + FW_TILE;
+    const uint32_t Os = Qs + 2 * FW_TILE;
+    float *rows = (float *)(fb_sm + (Os + 2 * FW_TILE - sm)); /* [2][lse 64, D 64] */
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+    const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, kvh = blockIdx.x, bi = blockIdx.y;
+    const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
+    const int nk = min(FB_ROWS, T - k0);
+    const size_t kv_row = ((size_t)bi * T + k0) * p.n_kv + kvh;
+    const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = p.rep * n_qt;
+    fw_issue_rows<FB_ROWS>(Ks, p.k + kv_row * HD, kld, nk);
+    fw_issue_rows<FB_ROWS>(Vs, p.v + kv_row * HD, kld, nk);
+    auto issue = [&](int it, int buf) {
+        const fb_qtile q = fb_dkdv_qtile(p, kvh, bi, k0, n_qt, it);
+        fw_issue_rows<FB_ROWS>(Qs + buf * FW_TILE, p.q + q.row * HD, qld, q.n);
+        fw_issue_rows<FB_ROWS>(Os + buf * FW_TILE, p.dout + q.row * HD, qld, q.n);
+        fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
+        fb_commit();
+    };
+    issue(0, 0);
+    float dk[1][HD / 8][4], dv[1][HD / 8][4];
+    fb_zero<HD, 1>(dk);
+    fb_zero<HD, 1>(dv);
+    for (int it = 0; it < n_it; it++) {
+        const int buf = it & 1, q0 = k0 + it % n_qt * FB_ROWS;
+        if (it + 1 < n_it) {
+            issue(it + 1, buf ^ 1);
+            fb_wait<1>();
+        } else {
+            fb_wait<0>();
+        }
+        fw_fence_proxy();
+        __syncthreads();
+        const uint32_t Qb = Qs + buf * FW_TILE, Ob = Os + buf * FW_TILE;
+        const float *lse_s = rows + buf * 2 * FB_ROWS;
+        float s[FB_NB][4], dp[FB_NB][4]; /* [key][query] */
+        uint32_t ap[FB_NB / 2][4], as[FB_NB / 2][4];
+        fw_issue_ss(s, Ks, Qb);
+        fw_issue_ss(dp, Vs, Ob);
+        fw_wait<0>();
+        fw_pin(s);
+        fw_pin(dp);
+        fb_dkdv_grads(s, dp, lse_s, lse_s + FB_ROWS, p.scale2, q0 == k0, 16 * w + g);
+        fw_frags(ap, s);
+        fw_frags(as, dp);
+        fw_issue_rs(dv[0], ap, Ob); /* dv += P^T dO */
+        fw_issue_rs(dk[0], as, Qb); /* dk += dS^T Q */
+        fw_wait<0>();
+        fw_pin(dv[0]);
+        fw_pin(dk[0]);
+        __syncthreads(); /* every warp is done with buf before it is refilled */
+    }
+    fb_dkdv_store<HD>(p, dk[0], dv[0], kv_row, nk, k0, w);
+#else
+    (void)p; /* not launched: fw_usable() is false without sm_90a */
+#endif
+}
+
+/* dq of a block's 64 queries: as fb_dq_kernel, S = Q K^T and
+ * dP = dO V^T, then dq += dS K. */
+__global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int HD = 64;
+    extern __shared__ __align__(16) unsigned char fb_sm[];
+    /* Q, dO; K and V two buffers each */
+    const uint32_t Qs = ((uint32_t)__cvta_generic_to_shared(fb_sm) + 1023) & ~1023u;
+    const uint32_t Os = Qs + FW_TILE, Ks = Os + FW_TILE, Vs = Ks + 2 * FW_TILE;
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+    const int T = p.Tq, q0 = (gridDim.z - 1 - blockIdx.z) * FB_ROWS, h = blockIdx.x;
+    const int bi = blockIdx.y, kvh = h / p.rep;
+    const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
+    const int nq = min(FB_ROWS, T - q0);
+    const size_t q_row = ((size_t)bi * T + q0) * p.H + h;
+    const bf16 *k = p.k + ((size_t)bi * T * p.n_kv + kvh) * HD;
+    const bf16 *v = p.v + ((size_t)bi * T * p.n_kv + kvh) * HD;
+    const int kend = q0 + nq, n_tiles = (kend + FB_ROWS - 1) / FB_ROWS;
+    /* key tile j into buffer j & 1; keys at and past kend zeros */
+    auto issue = [&](int j) {
+        const size_t at = (size_t)j * FB_ROWS * kld;
+        fw_issue_rows<FB_ROWS>(Ks + (j & 1) * FW_TILE, k + at, kld, kend - j * FB_ROWS);
+        fw_issue_rows<FB_ROWS>(Vs + (j & 1) * FW_TILE, v + at, kld, kend - j * FB_ROWS);
+        fb_commit();
+    };
+    fw_issue_rows<FB_ROWS>(Qs, p.q + q_row * HD, qld, nq);
+    fw_issue_rows<FB_ROWS>(Os, p.dout + q_row * HD, qld, nq);
+    issue(0);
+    const int row0 = 16 * w + g; /* the thread's rows: row0 and row0 + 8 */
+    float lse2[2], D[2], dq[1][HD / 8][4];
+    fb_dq_rows(p, ((size_t)bi * p.H + h) * T + q0, nq, row0, lse2, D);
+    fb_zero<HD, 1>(dq);
+    for (int it = 0; it < n_tiles; it++) {
+        const int k0 = it * FB_ROWS;
+        if (it + 1 < n_tiles) {
+            issue(it + 1);
+            fb_wait<1>();
+        } else {
+            fb_wait<0>();
+        }
+        fw_fence_proxy();
+        __syncthreads();
+        const uint32_t Kb = Ks + (it & 1) * FW_TILE, Vb = Vs + (it & 1) * FW_TILE;
+        float s[FB_NB][4], dp[FB_NB][4];
+        uint32_t a[FB_NB / 2][4];
+        fw_issue_ss(s, Qs, Kb);
+        fw_issue_ss(dp, Os, Vb);
+        fw_wait<0>();
+        fw_pin(s);
+        fw_pin(dp);
+        if (k0 + FB_ROWS - 1 > q0 + 16 * w) /* the tile crosses the diagonal */
+            fb_mask(s, k0, q0 + row0);
+        fb_dq_grads(s, dp, lse2, D, p.scale2);
+        fw_frags(a, dp);
+        fw_issue_rs(dq[0], a, Kb); /* dq += dS K */
+        fw_wait<0>();
+        fw_pin(dq[0]);
+        __syncthreads(); /* every warp is done with the buffers before they are refilled */
+    }
+    fb_dq_store<HD>(p, dq[0], q_row, nq, q0, w);
 #else
     (void)p; /* not launched: fw_usable() is false without sm_90a */
 #endif
@@ -1076,7 +1308,7 @@ template <int HD> static fb_copies fb_copies_in(float *scratch, const fb_args &p
     return c;
 }
 
-/* Whether the Hopper forward runs: built for sm_90a (meson's nvcc_arch
+/* Whether the Hopper kernels run: built for sm_90a (meson's nvcc_arch
  * sm_90) and on a device of compute capability 9.0. */
 static bool fw_usable(qkd__backend *b)
 {
@@ -1088,16 +1320,17 @@ static bool fw_usable(qkd__backend *b)
 #endif
 }
 
-/* The Hopper forward of head size 64 on p's bf16 copies. */
-static void fw_forward(qkd__backend *b, const fb_args &p, int B)
+/* A Hopper kernel of head size 64 on p's bf16 copies: one block per
+ * (head, of `heads`, batch row, 64-row tile). */
+static void fw_launch(qkd__backend *b, void (*kern)(fb_args), const fb_args &p, int heads, int B,
+                      int smem)
 {
-    if (qkd__cuda_check(b, cudaFuncSetAttribute(fw_forward_kernel,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                FW_SMEM),
+    if (qkd__cuda_check(b, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                smem),
                         "attention_bf16 shared memory") != QKD_OK)
         return;
-    const dim3 grid((unsigned)p.H, (unsigned)B, (unsigned)((p.Tq + FW_BM - 1) / FW_BM));
-    fw_forward_kernel<<<grid, FB_THREADS, FW_SMEM, qkd__cuda_of(b)->stream>>>(p);
+    const dim3 grid((unsigned)heads, (unsigned)B, (unsigned)((p.Tq + FB_ROWS - 1) / FB_ROWS));
+    kern<<<grid, FB_THREADS, smem, qkd__cuda_of(b)->stream>>>(p);
     qkd__cuda_launched(b, "attention_bf16");
 }
 
@@ -1116,7 +1349,7 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
     p.k = c.k;
     p.v = c.v;
     if (HD == 64 && fw_usable(b))
-        fw_forward(b, p, B);
+        fw_launch(b, fw_forward_kernel, p, p.H, B, FW_SMEM);
     else
         fb_launch<HD>(b, FB_FORWARD, p, B);
 }
@@ -1134,8 +1367,13 @@ static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, b
     p.k = c.k;
     p.v = c.v;
     p.dout = ob;
-    fb_launch<HD>(b, FB_DKDV, p, B);
-    fb_launch<HD>(b, FB_DQ, p, B);
+    if (HD == 64 && fw_usable(b)) {
+        fw_launch(b, fw_dkdv_kernel, p, p.n_kv, B, FW_BWD_SMEM);
+        fw_launch(b, fw_dq_kernel, p, p.H, B, FW_BWD_SMEM);
+    } else {
+        fb_launch<HD>(b, FB_DKDV, p, B);
+        fb_launch<HD>(b, FB_DQ, p, B);
+    }
 }
 
 /* RoPE's table for p when rope_theta > 0 (a head size of 1 has no pair to
