@@ -67,7 +67,9 @@ struct fb_args {
     const bf16 *q, *k, *v, *dout;
     const float *D;
     const double2 *rope; /* the backward's: dq and dk rotated back as stored; NULL: none */
+    float *dkv_part; /* the Hopper dk/dv's partial sums, kv_split > 1: [split][dk, dv] */
     int Tq, pos0, kv_len, H, n_kv, hd, rep;
+    int kv_split; /* blocks a kv head's query heads are split over in the Hopper dk/dv */
     float scale, scale2; /* 1 / sqrt(hd); scale * log2(e): scores into exp2's unit */
 };
 
@@ -606,19 +608,20 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kerne
         fb_forward_rows<HD>(p, m[mi], l[mi], o[mi], bi, h, t0, 16 * (MI * w + mi), nq, q_row);
 }
 
-/* The query tile that iteration `it` of a dk/dv block (keys from k0, kv
- * head kvh) reads: query head kvh * rep + it / n_qt, query tile it % n_qt
- * of those at or after k0 (earlier queries see none of its keys). */
+/* The query tile that iteration `it` of a dk/dv block (keys from k0,
+ * query heads from h0) reads: query head h0 + it / n_qt, query tile
+ * it % n_qt of those at or after k0 (earlier queries see none of its
+ * keys). */
 struct fb_qtile {
     int q0, n;     /* its first query and its number of rows */
     size_t row;    /* its first row of q and dout */
     size_t row_at; /* its first row of lse and D */
 };
 
-__device__ inline fb_qtile fb_dkdv_qtile(const fb_args &p, int kvh, int bi, int k0, int n_qt,
+__device__ inline fb_qtile fb_dkdv_qtile(const fb_args &p, int h0, int bi, int k0, int n_qt,
                                          int it)
 {
-    const int h = kvh * p.rep + it / n_qt;
+    const int h = h0 + it / n_qt;
     fb_qtile q;
     q.q0 = k0 + it % n_qt * FB_ROWS;
     q.n = min(FB_ROWS, p.Tq - q.q0);
@@ -692,7 +695,7 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 2 : 1) fb_dkdv_kernel(f
     fb_issue<HD>(Ks, p.k + kv_row * HD, kld, nk);
     fb_issue<HD>(Vs, p.v + kv_row * HD, kld, nk);
     auto issue = [&](int it, int buf) {
-        const fb_qtile q = fb_dkdv_qtile(p, kvh, bi, k0, n_qt, it);
+        const fb_qtile q = fb_dkdv_qtile(p, kvh * p.rep, bi, k0, n_qt, it);
         fb_issue<HD>(Qs + buf * G::TILE, p.q + q.row * HD, qld, q.n);
         fb_issue<HD>(Os + buf * G::TILE, p.dout + q.row * HD, qld, q.n);
         fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
@@ -1087,8 +1090,11 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
  * its first 1024-byte boundary, in the order its comment gives. */
 
 /* dk and dv of a block's 64 keys: as fb_dkdv_kernel, S^T = K Q^T and
- * dP^T = V dO^T, then dv += P^T dO and dk += dS^T Q. */
-/* Three blocks an SM: 168 registers, no spill (182 unbounded). */
+ * dP^T = V dO^T, then dv += P^T dO and dk += dS^T Q. Where the kv head's
+ * query heads are split over kv_split blocks (blockIdx.x: kv head times
+ * kv_split plus the split), each block sums its share of them into its
+ * slice of the partial sums instead, which fw_dkdv_sum_kernel adds up.
+ * Three blocks an SM: 168 registers, no spill (182 unbounded). */
 __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1100,15 +1106,17 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
     const uint32_t Os = Qs + 2 * FW_TILE;
     float *rows = (float *)(fb_sm + (Os + 2 * FW_TILE - sm)); /* [2][lse 64, D 64] */
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
-    const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, kvh = blockIdx.x, bi = blockIdx.y;
+    const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, bi = blockIdx.y;
+    const int kvh = blockIdx.x / p.kv_split, split = blockIdx.x % p.kv_split;
+    const int heads = p.rep / p.kv_split, h0 = kvh * p.rep + split * heads;
     const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
     const int nk = min(FB_ROWS, T - k0);
     const size_t kv_row = ((size_t)bi * T + k0) * p.n_kv + kvh;
-    const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = p.rep * n_qt;
+    const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = heads * n_qt;
     fw_issue_rows<FB_ROWS>(Ks, p.k + kv_row * HD, kld, nk);
     fw_issue_rows<FB_ROWS>(Vs, p.v + kv_row * HD, kld, nk);
     auto issue = [&](int it, int buf) {
-        const fb_qtile q = fb_dkdv_qtile(p, kvh, bi, k0, n_qt, it);
+        const fb_qtile q = fb_dkdv_qtile(p, h0, bi, k0, n_qt, it);
         fw_issue_rows<FB_ROWS>(Qs + buf * FW_TILE, p.q + q.row * HD, qld, q.n);
         fw_issue_rows<FB_ROWS>(Os + buf * FW_TILE, p.dout + q.row * HD, qld, q.n);
         fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
@@ -1147,7 +1155,15 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
         fw_pin(dk[0]);
         __syncthreads(); /* every warp is done with buf before it is refilled */
     }
-    fb_dkdv_store<HD>(p, dk[0], dv[0], kv_row, nk, k0, w);
+    if (p.kv_split == 1) {
+        fb_dkdv_store<HD>(p, dk[0], dv[0], kv_row, nk, k0, w);
+    } else { /* raw sums, rows of 64: [split][dk rows], then [split][dv rows] */
+        const size_t slice = (size_t)gridDim.y * T * p.n_kv * HD;
+        const size_t at = split * slice + (kv_row + (size_t)16 * w * p.n_kv) * HD;
+        float *dk_part = p.dkv_part + at, *dv_part = dk_part + p.kv_split * slice;
+        fb_store<HD>(dk_part, (size_t)p.n_kv * HD, dk[0], nk - 16 * w, HD, 1.0f);
+        fb_store<HD>(dv_part, (size_t)p.n_kv * HD, dv[0], nk - 16 * w, HD, 1.0f);
+    }
 #else
     (void)p; /* not launched: fw_usable() is false without sm_90a */
 #endif
@@ -1217,6 +1233,38 @@ __global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
 #else
     (void)p; /* not launched: fw_usable() is false without sm_90a */
 #endif
+}
+
+/* dk and dv of `rows` kv rows from the split dk/dv blocks' partial sums,
+ * added in split order, then scaled, rotated back and stored as
+ * fb_dkdv_store does. A thread takes a column pair of a row. */
+__global__ void fw_dkdv_sum_kernel(fb_args p, size_t rows)
+{
+    const int pairs = (p.hd + 1) / 2;
+    const size_t slice = rows * 64;
+    QKD__CUDA_FOR(i, rows * pairs)
+    {
+        const size_t r = i / pairs;
+        const int d = (int)(i % pairs) * 2, two = d + 1 < p.hd;
+        float k[2] = {0.0f, 0.0f}, v[2] = {0.0f, 0.0f};
+        for (int s = 0; s < p.kv_split; s++) {
+            const float *dk_part = p.dkv_part + s * slice + r * 64 + d;
+            const float *dv_part = dk_part + p.kv_split * slice;
+            k[0] += dk_part[0], k[1] += dk_part[1];
+            v[0] += dv_part[0], v[1] += dv_part[1];
+        }
+        k[0] *= p.scale, k[1] *= p.scale;
+        if (p.rope && two)
+            fb_rotate(k[0], k[1], p.rope, p.hd, (int)(r / p.n_kv % p.Tq), d / 2, -1.0);
+        const size_t at = r * p.hd + d;
+        if (p.dk16) {
+            fb_put(p.dk16 + at, k, two);
+            fb_put(p.dv16 + at, v, two);
+        } else {
+            fb_put(p.dk + at, k, two);
+            fb_put(p.dv + at, v, two);
+        }
+    }
 }
 
 /* ---- launch ------------------------------------------------------------------------------ */
@@ -1321,6 +1369,26 @@ static bool fw_usable(qkd__backend *b)
 #endif
 }
 
+/* Blocks a kv head's query heads are split over in the Hopper dk/dv. A
+ * block's work is its query heads times the query tiles at or after its
+ * keys, so the blocks of the first key tiles are the longest: with few
+ * kv heads and batch rows but many query heads to a kv head (TinyLlama:
+ * 4 and 4, 8 query heads), they outlast the rest of the grid. Each block
+ * takes as many query heads as divide rep while its longest block stays
+ * within the average work of a block slot (three an SM); the partial sums
+ * then cost a pass over them. */
+static int fw_kv_split(qkd__backend *b, const fb_args &p, int B)
+{
+    const double tiles = (double)((p.Tq + FB_ROWS - 1) / FB_ROWS);
+    const double slots = 3.0 * qkd__cuda_of(b)->n_sm;
+    const double most = (double)p.rep * p.n_kv * B * (tiles + 1) / (2.0 * slots);
+    int heads = 1;
+    for (int d = 2; d <= p.rep; d++)
+        if (p.rep % d == 0 && d <= most)
+            heads = d;
+    return p.rep / heads;
+}
+
 /* A Hopper kernel of head size 64 on p's bf16 copies: one block per
  * (head, of `heads`, batch row, 64-row tile). */
 static void fw_launch(qkd__backend *b, void (*kern)(fb_args), const fb_args &p, int heads, int B,
@@ -1356,7 +1424,8 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
 }
 
 /* The backward: the forward's copies from the scratch, dout rounded into
- * ob with the row dots of dout and out into D, then both kernels. */
+ * ob with the row dots of dout and out into D, then both kernels (and,
+ * when the Hopper dk/dv is split, the sum of its partial sums). */
 template <int HD>
 static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, bf16 *ob,
                            float *D, const float *dout, const float *out)
@@ -1369,7 +1438,13 @@ static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, b
     p.v = c.v;
     p.dout = ob;
     if (HD == 64 && fw_usable(b)) {
-        fw_launch(b, fw_dkdv_kernel, p, p.n_kv, B, FW_BWD_SMEM);
+        fw_launch(b, fw_dkdv_kernel, p, p.n_kv * p.kv_split, B, FW_BWD_SMEM);
+        if (p.kv_split > 1) {
+            const size_t rows = (size_t)B * p.Tq * p.n_kv, n = rows * ((p.hd + 1) / 2);
+            fw_dkdv_sum_kernel<<<qkd__cuda_blocks(n), QKD__CUDA_THREADS, 0,
+                                 qkd__cuda_of(b)->stream>>>(p, rows);
+            qkd__cuda_launched(b, "attention_bf16 dk/dv sums");
+        }
         fw_launch(b, fw_dq_kernel, p, p.H, B, FW_BWD_SMEM);
     } else {
         fb_launch<HD>(b, FB_DKDV, p, B);
@@ -1401,6 +1476,7 @@ static fb_args fb_make(int Tq, int pos0, int kv_len, int H, int n_kv, int hd)
     p.n_kv = n_kv;
     p.hd = hd;
     p.rep = H / n_kv;
+    p.kv_split = 1;
     p.scale = (float)(1.0 / sqrt((double)hd));
     p.scale2 = p.scale * FB_LOG2E;
     return p;
@@ -1448,11 +1524,18 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
     p.rope = fb_rope_table(b, p, rope_theta, &ok);
     if (!ok)
         return;
-    /* D, then dout's bf16 copy (16-byte aligned: D rounded up to 4) */
+    /* D, then dout's bf16 copy (16-byte aligned: D rounded up to 4), then
+     * the split dk/dv's partial sums */
+    if (fb_hd(hd) == 64 && fw_usable(b))
+        p.kv_split = fw_kv_split(b, p, B);
     const size_t d_floats = fb_lse_floats(B, T, n_heads);
-    float *ws = qkd__cuda_workspace(b, d_floats + fb_rows_floats((size_t)B * T * n_heads, hd));
+    const size_t ob_floats = fb_rows_floats((size_t)B * T * n_heads, hd);
+    const size_t part_floats = p.kv_split > 1 ? 2 * p.kv_split * (size_t)B * T * n_kv * 64 : 0;
+    float *ws = qkd__cuda_workspace(b, d_floats + ob_floats + part_floats);
     if (!ws)
         return;
+    if (part_floats)
+        p.dkv_part = ws + d_floats + ob_floats;
     p.dq = dq;
     p.dk = dk;
     p.dv = dv;

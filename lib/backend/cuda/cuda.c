@@ -479,6 +479,10 @@ static qkd_status setup(qkd__backend *b, qkd__cuda *c)
                              "cudaDeviceGetAttribute");
     c->sm = 10 * major + minor;
     if (st == QKD_OK)
+        st = qkd__cuda_check(b, cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount,
+                                                       c->device),
+                             "cudaDeviceGetAttribute");
+    if (st == QKD_OK)
         st = qkd__cuda_check(b, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                              "cudaStreamCreate");
     if (st == QKD_OK)

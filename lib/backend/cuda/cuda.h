@@ -65,6 +65,7 @@ typedef struct qkd__cuda_gemm_plan {
 typedef struct qkd__cuda {
     int device;
     int sm; /* compute capability, major * 10 + minor */
+    int n_sm; /* multiprocessors */
     cudaStream_t stream;
     cublasHandle_t blas;  /* the fp32 products */
     cublasLtHandle_t lt;  /* the bf16 products (gemm.c) */
