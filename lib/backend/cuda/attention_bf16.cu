@@ -27,8 +27,8 @@
  * Tiles are row-major [row][d]; fragments come from them by ldmatrix (four
  * 8x8 matrices a load), .trans for a product that reads a tile along its
  * rows (v in the forward, k in dq, q and dout in dk/dv). On Hopper (an
- * sm_90a build on a compute capability 9.0 device) the forward of head
- * size 64 runs on the warpgroup products instead (fw_forward_kernel,
+ * sm_90a build on a compute capability 9.0 device) head size 64 runs on
+ * the warpgroup products instead, forward and backward (the fw_ kernels,
  * below).
  *
  * Exponentials are exp2 of the scores times scale * log2(e) minus the
@@ -370,24 +370,35 @@ __device__ void fb_accum(float (&acc)[MI][HD / 8][4], const float (&p)[MI][FB_NB
     }
 }
 
-/* Wait for key/value tile `it` (in buffer it & 1) after issuing tile
- * it + 1, if any, into the other buffer: the forward and dq passes stream
- * K and V tiles of FB_ROWS keys this way, double-buffered. */
+/* Wait for tile `it` of n_tiles after starting tile it + 1's copies, if
+ * any, as a group with issue(it + 1): how the kernels stream their tiles,
+ * double-buffered (tile j in buffer j & 1). */
+template <typename Issue> __device__ inline void fb_next_tile(const Issue &issue, int it, int n_tiles)
+{
+    if (it + 1 < n_tiles) {
+        issue(it + 1);
+        fb_wait<1>();
+    } else {
+        fb_wait<0>();
+    }
+}
+
+/* fb_next_tile for the forward and dq passes: K and V tiles of FB_ROWS
+ * keys. */
 template <int HD>
 __device__ void fb_next_kv_tile(bf16 *Ks, bf16 *Vs, const fb_args &p, size_t kv_row, size_t kld,
                                 int kend, int it, int n_tiles)
 {
     typedef fb_geo<HD> G;
-    if (it + 1 < n_tiles) {
-        const int next = (it + 1) * FB_ROWS, buf = (it + 1) & 1;
-        const size_t at = (kv_row + (size_t)next * p.n_kv) * HD;
-        fb_issue<HD>(Ks + buf * G::TILE, p.k + at, kld, kend - next);
-        fb_issue<HD>(Vs + buf * G::TILE, p.v + at, kld, kend - next);
-        fb_commit();
-        fb_wait<1>();
-    } else {
-        fb_wait<0>();
-    }
+    fb_next_tile(
+        [&](int j) {
+            const int next = j * FB_ROWS, buf = j & 1;
+            const size_t at = (kv_row + (size_t)next * p.n_kv) * HD;
+            fb_issue<HD>(Ks + buf * G::TILE, p.k + at, kld, kend - next);
+            fb_issue<HD>(Vs + buf * G::TILE, p.v + at, kld, kend - next);
+            fb_commit();
+        },
+        it, n_tiles);
 }
 
 template <int HD, int MI> __device__ void fb_zero(float (&acc)[MI][HD / 8][4])
@@ -694,25 +705,21 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 2 : 1) fb_dkdv_kernel(f
     const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = p.rep * n_qt;
     fb_issue<HD>(Ks, p.k + kv_row * HD, kld, nk);
     fb_issue<HD>(Vs, p.v + kv_row * HD, kld, nk);
-    auto issue = [&](int it, int buf) {
+    auto issue = [&](int it) { /* into buffer it & 1 */
+        const int buf = it & 1;
         const fb_qtile q = fb_dkdv_qtile(p, kvh * p.rep, bi, k0, n_qt, it);
         fb_issue<HD>(Qs + buf * G::TILE, p.q + q.row * HD, qld, q.n);
         fb_issue<HD>(Os + buf * G::TILE, p.dout + q.row * HD, qld, q.n);
         fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
         fb_commit();
     };
-    issue(0, 0);
+    issue(0);
     float dk[1][HD / 8][4], dv[1][HD / 8][4];
     fb_zero<HD, 1>(dk);
     fb_zero<HD, 1>(dv);
     for (int it = 0; it < n_it; it++) {
         const int buf = it & 1, q0 = k0 + it % n_qt * FB_ROWS;
-        if (it + 1 < n_it) {
-            issue(it + 1, buf ^ 1);
-            fb_wait<1>();
-        } else {
-            fb_wait<0>();
-        }
+        fb_next_tile(issue, it, n_it);
         __syncthreads();
         const bf16 *Qb = Qs + buf * G::TILE, *Ob = Os + buf * G::TILE;
         const float *lse_s = rows + buf * 2 * FB_ROWS;
@@ -808,7 +815,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
     fb_dq_store<HD>(p, dq[0], q_row, nq, q0, w);
 }
 
-/* ---- the forward on Hopper's warpgroup products (wgmma) ---------------------------------- *
+/* ---- Hopper's warpgroup products (wgmma): the forward, then the backward ---------------- *
  * For head size 64 on sm_90a the forward runs as a warpgroup (the block's 4
  * warps) issuing wgmma: S = Q K^T with both operands read from shared
  * memory by descriptor, O += P V with P from registers. One instruction
@@ -853,6 +860,14 @@ __device__ void fw_issue_rows(uint32_t at, const bf16 *src, size_t stride, int n
         const bool valid = r < n_rows;
         fb_cp16_at(at + fw_swz(r, c), valid ? src + r * stride + c * 8 : src, valid ? 16 : 0);
     }
+}
+
+/* The shared address of the block's tiles: its dynamic shared memory's
+ * first 1024-byte boundary, where the swizzle pattern starts. */
+__device__ inline uint32_t fw_tiles()
+{
+    extern __shared__ __align__(16) unsigned char fb_sm[];
+    return ((uint32_t)__cvta_generic_to_shared(fb_sm) + 1023) & ~1023u;
 }
 
 /* Order earlier generic-proxy writes to shared memory (the copies) before
@@ -1026,13 +1041,12 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = 64;
-    extern __shared__ __align__(16) unsigned char fb_sm[];
     const int w = threadIdx.x >> 5;
     const int t0 = (gridDim.z - 1 - blockIdx.z) * FW_BM, h = blockIdx.x, bi = blockIdx.y;
     const int kvh = h / p.rep, nq = min(FW_BM, p.Tq - t0);
     const size_t q_row = ((size_t)bi * p.Tq + t0) * p.H + h;
     fw_block c;
-    c.Qs = ((uint32_t)__cvta_generic_to_shared(fb_sm) + 1023) & ~1023u;
+    c.Qs = fw_tiles();
     c.Ks = c.Qs + FW_BM * FW_ROW;
     c.Vs = c.Ks + 2 * FW_BN * FW_ROW;
     c.kld = (size_t)p.n_kv * HD;
@@ -1099,12 +1113,9 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = 64;
-    extern __shared__ __align__(16) unsigned char fb_sm[];
     /* K, V; then Q and dO two buffers each; then the rows' lse and D */
-    const uint32_t sm = (uint32_t)__cvta_generic_to_shared(fb_sm);
-    const uint32_t Ks = (sm + 1023) & ~1023u, Vs = Ks + FW_TILE, Qs = Vs + FW_TILE;
-    const uint32_t Os = Qs + 2 * FW_TILE;
-    float *rows = (float *)(fb_sm + (Os + 2 * FW_TILE - sm)); /* [2][lse 64, D 64] */
+    const uint32_t Ks = fw_tiles(), Vs = Ks + FW_TILE, Qs = Vs + FW_TILE, Os = Qs + 2 * FW_TILE;
+    float *rows = (float *)__cvta_shared_to_generic(Os + 2 * FW_TILE); /* [2][lse 64, D 64] */
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, bi = blockIdx.y;
     const int kvh = blockIdx.x / p.kv_split, split = blockIdx.x % p.kv_split;
@@ -1115,25 +1126,21 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
     const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = heads * n_qt;
     fw_issue_rows<FB_ROWS>(Ks, p.k + kv_row * HD, kld, nk);
     fw_issue_rows<FB_ROWS>(Vs, p.v + kv_row * HD, kld, nk);
-    auto issue = [&](int it, int buf) {
+    auto issue = [&](int it) { /* into buffer it & 1 */
+        const int buf = it & 1;
         const fb_qtile q = fb_dkdv_qtile(p, h0, bi, k0, n_qt, it);
         fw_issue_rows<FB_ROWS>(Qs + buf * FW_TILE, p.q + q.row * HD, qld, q.n);
         fw_issue_rows<FB_ROWS>(Os + buf * FW_TILE, p.dout + q.row * HD, qld, q.n);
         fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
         fb_commit();
     };
-    issue(0, 0);
+    issue(0);
     float dk[1][HD / 8][4], dv[1][HD / 8][4];
     fb_zero<HD, 1>(dk);
     fb_zero<HD, 1>(dv);
     for (int it = 0; it < n_it; it++) {
         const int buf = it & 1, q0 = k0 + it % n_qt * FB_ROWS;
-        if (it + 1 < n_it) {
-            issue(it + 1, buf ^ 1);
-            fb_wait<1>();
-        } else {
-            fb_wait<0>();
-        }
+        fb_next_tile(issue, it, n_it);
         fw_fence_proxy();
         __syncthreads();
         const uint32_t Qb = Qs + buf * FW_TILE, Ob = Os + buf * FW_TILE;
@@ -1175,10 +1182,8 @@ __global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = 64;
-    extern __shared__ __align__(16) unsigned char fb_sm[];
     /* Q, dO; K and V two buffers each */
-    const uint32_t Qs = ((uint32_t)__cvta_generic_to_shared(fb_sm) + 1023) & ~1023u;
-    const uint32_t Os = Qs + FW_TILE, Ks = Os + FW_TILE, Vs = Ks + 2 * FW_TILE;
+    const uint32_t Qs = fw_tiles(), Os = Qs + FW_TILE, Ks = Os + FW_TILE, Vs = Ks + 2 * FW_TILE;
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const int T = p.Tq, q0 = (gridDim.z - 1 - blockIdx.z) * FB_ROWS, h = blockIdx.x;
     const int bi = blockIdx.y, kvh = h / p.rep;
@@ -1204,12 +1209,7 @@ __global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
     fb_zero<HD, 1>(dq);
     for (int it = 0; it < n_tiles; it++) {
         const int k0 = it * FB_ROWS;
-        if (it + 1 < n_tiles) {
-            issue(it + 1);
-            fb_wait<1>();
-        } else {
-            fb_wait<0>();
-        }
+        fb_next_tile(issue, it, n_tiles);
         fw_fence_proxy();
         __syncthreads();
         const uint32_t Kb = Ks + (it & 1) * FW_TILE, Vb = Vs + (it & 1) * FW_TILE;
