@@ -566,8 +566,9 @@ __device__ void fb_forward_rows(const fb_args &p, float (&m)[2], float (&l)[2],
 }
 
 /* One block per (head, batch row, query tile), longest tiles first. Up to
- * head size 64, three blocks an SM: 168 registers, no spill, where the
- * unbounded 228 allowed two (docs/benchmarks.md has the comparison). */
+ * head size 64, three blocks an SM: 168 registers (nvcc 13 spills 4 bytes
+ * for sm_80), where the unbounded 228 allowed two (docs/benchmarks.md has
+ * the comparison). */
 template <int HD>
 __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kernel(fb_args p)
 {
