@@ -67,7 +67,7 @@ struct fb_args {
     const bf16 *q, *k, *v, *dout;
     const float *D;
     const double2 *rope; /* the backward's: dq and dk rotated back as stored; NULL: none */
-    float *dkv_part; /* the Hopper dk/dv's partial sums, kv_split > 1: [split][dk, dv] */
+    float *dkv_part; /* the Hopper dk/dv's partial sums, kv_split > 1: dk's [split][rows], dv's */
     int Tq, pos0, kv_len, H, n_kv, hd, rep;
     int kv_split; /* blocks a kv head's query heads are split over in the Hopper dk/dv */
     float scale, scale2; /* 1 / sqrt(hd); scale * log2(e): scores into exp2's unit */
@@ -829,6 +829,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
  * 1024-byte aligned bases). V's tile is K's layout, [key][d]; P V reads
  * it transposed (its reduction dimension, the keys, is the rows). */
 
+#define FW_HD 64  /* the head size (padded) the Hopper kernels take */
 #define FW_BM 64  /* query rows of a block: the warpgroup product's M */
 #define FW_BN 128 /* keys of a tile */
 #define FW_ROW 128 /* bytes of a tile row: 64 bf16 */
@@ -1041,7 +1042,7 @@ __device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], u
 __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int HD = 64;
+    constexpr int HD = FW_HD;
     const int w = threadIdx.x >> 5;
     const int t0 = (gridDim.z - 1 - blockIdx.z) * FW_BM, h = blockIdx.x, bi = blockIdx.y;
     const int kvh = h / p.rep, nq = min(FW_BM, p.Tq - t0);
@@ -1113,7 +1114,7 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
 __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int HD = 64;
+    constexpr int HD = FW_HD;
     /* K, V; then Q and dO two buffers each; then the rows' lse and D */
     const uint32_t Ks = fw_tiles(), Vs = Ks + FW_TILE, Qs = Vs + FW_TILE, Os = Qs + 2 * FW_TILE;
     float *rows = (float *)__cvta_shared_to_generic(Os + 2 * FW_TILE); /* [2][lse 64, D 64] */
@@ -1182,7 +1183,7 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
 __global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int HD = 64;
+    constexpr int HD = FW_HD;
     /* Q, dO; K and V two buffers each */
     const uint32_t Qs = fw_tiles(), Os = Qs + FW_TILE, Ks = Os + FW_TILE, Vs = Ks + 2 * FW_TILE;
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
@@ -1242,14 +1243,14 @@ __global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
 __global__ void fw_dkdv_sum_kernel(fb_args p, size_t rows)
 {
     const int pairs = (p.hd + 1) / 2;
-    const size_t slice = rows * 64;
+    const size_t slice = rows * FW_HD;
     QKD__CUDA_FOR(i, rows * pairs)
     {
         const size_t r = i / pairs;
         const int d = (int)(i % pairs) * 2, two = d + 1 < p.hd;
         float k[2] = {0.0f, 0.0f}, v[2] = {0.0f, 0.0f};
         for (int s = 0; s < p.kv_split; s++) {
-            const float *dk_part = p.dkv_part + s * slice + r * 64 + d;
+            const float *dk_part = p.dkv_part + s * slice + r * FW_HD + d;
             const float *dv_part = dk_part + p.kv_split * slice;
             k[0] += dk_part[0], k[1] += dk_part[1];
             v[0] += dv_part[0], v[1] += dv_part[1];
@@ -1358,14 +1359,15 @@ template <int HD> static fb_copies fb_copies_in(float *scratch, const fb_args &p
     return c;
 }
 
-/* Whether the Hopper kernels run: built for sm_90a (meson's nvcc_arch
- * sm_90) and on a device of compute capability 9.0. */
-static bool fw_usable(qkd__backend *b)
+/* Whether the Hopper kernels run for the padded head size HD: theirs,
+ * built for sm_90a (meson's nvcc_arch sm_90) and on a device of compute
+ * capability 9.0. */
+static bool fw_usable(qkd__backend *b, int HD)
 {
 #ifdef QKD_CUDA_SM90A
-    return qkd__cuda_of(b)->sm == 90;
+    return HD == FW_HD && qkd__cuda_of(b)->sm == 90;
 #else
-    (void)b;
+    (void)b, (void)HD;
     return false;
 #endif
 }
@@ -1418,7 +1420,7 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
-    if (HD == 64 && fw_usable(b))
+    if (fw_usable(b, HD))
         fw_launch(b, fw_forward_kernel, p, p.H, B, FW_SMEM);
     else
         fb_launch<HD>(b, FB_FORWARD, p, B);
@@ -1438,7 +1440,7 @@ static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, b
     p.k = c.k;
     p.v = c.v;
     p.dout = ob;
-    if (HD == 64 && fw_usable(b)) {
+    if (fw_usable(b, HD)) {
         fw_launch(b, fw_dkdv_kernel, p, p.n_kv * p.kv_split, B, FW_BWD_SMEM);
         if (p.kv_split > 1) {
             const size_t rows = (size_t)B * p.Tq * p.n_kv, n = rows * ((p.hd + 1) / 2);
@@ -1527,11 +1529,11 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
         return;
     /* D, then dout's bf16 copy (16-byte aligned: D rounded up to 4), then
      * the split dk/dv's partial sums */
-    if (fb_hd(hd) == 64 && fw_usable(b))
+    if (fw_usable(b, fb_hd(hd)))
         p.kv_split = fw_kv_split(b, p, B);
     const size_t d_floats = fb_lse_floats(B, T, n_heads);
     const size_t ob_floats = fb_rows_floats((size_t)B * T * n_heads, hd);
-    const size_t part_floats = p.kv_split > 1 ? 2 * p.kv_split * (size_t)B * T * n_kv * 64 : 0;
+    const size_t part_floats = p.kv_split > 1 ? 2 * p.kv_split * (size_t)B * T * n_kv * FW_HD : 0;
     float *ws = qkd__cuda_workspace(b, d_floats + ob_floats + part_floats);
     if (!ws)
         return;
