@@ -12,7 +12,8 @@
 # (timed steps of each side, default 5), DTYPE (libqkd's matmul precision,
 # bf16 (default, as PyTorch runs) or fp32), PHASES=1 (cuda-kdqat --phases 1:
 # one more step timed part by part, on stderr), ATTN=1 (first the bf16
-# attention slots alone, cuda-kdqat-attn), SKIP_TESTS=1, SKIP_BENCH=1,
+# attention slots alone, cuda-kdqat-attn, then PyTorch's SDPA alone at the same
+# shapes, benchmarks/torch_sdpa.py), SKIP_TESTS=1, SKIP_BENCH=1,
 # SKIP_EAGER=1, SKIP_COMPILE=1. Without libuv, jansson and check (or
 # pkg-config) installed, it takes them from the Debian packages in .debs/
 # (apt-get download libuv1 libuv1-dev libjansson4 libjansson-dev check
@@ -64,6 +65,8 @@ fi
 if [ -n "${ATTN:-}" ]; then
     echo "== libqkd bf16 attention slots alone"
     timeout 120 $build/benchmarks/cuda-kdqat-attn || status=1
+    echo "== PyTorch scaled_dot_product_attention alone"
+    PYTHONUNBUFFERED=1 timeout 120 python3 benchmarks/torch_sdpa.py || status=1
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
     echo "== libqkd CUDA backend ($cfg, batch $batch x $seq, 4-bit groups of $group, $dtype)"

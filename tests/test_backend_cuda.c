@@ -1387,6 +1387,70 @@ START_TEST(attention_bf16_matches_ref)
 }
 END_TEST
 
+/* The CUDA forward of one shape and precision on q, k and v, downloaded. */
+static float *attn_cuda_out(struct pair *p, struct attn_prec pr, const struct attn_shape *a,
+                            const float *q, const float *k, const float *v)
+{
+    qkd__backend *cb = p->cb;
+    const size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
+    const size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
+    const size_t ns =
+        cb->attention_scratch_floats(cb, a->B, a->Tq, a->kv_len, a->n_heads, a->n_kv, a->hd);
+    float *d_q = dput(p, q, nq), *d_k = dput(p, k, nkv), *d_v = dput(p, v, nkv);
+    float *d_o = dpoison(p, nq), *d_scr = dpoison(p, ns);
+    attn_forward(cb, pr, d_o, NULL, d_scr, d_q, d_k, d_v, a);
+    float *o = dtake(p, d_o, nq);
+    dfree(p, d_q); dfree(p, d_k); dfree(p, d_v); dfree(p, d_scr);
+    return o;
+}
+
+/* Keys past the last query's position (a cache's stale tail) reach no
+ * output: the kernels load whole tiles of keys, and a tile's keys past
+ * its queries' last must not be read, since their probabilities are 0
+ * and 0 * NaN would be NaN. With those keys NaN in k and v, every output
+ * keeps its bits. */
+START_TEST(attention_ignores_keys_past_queries)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    test_rng_seed(43);
+    int cases = 0;
+    for (size_t s = 0; s < sizeof attn_shapes / sizeof attn_shapes[0]; s++) {
+        const struct attn_shape *a = &attn_shapes[s];
+        if (a->pos0 + a->Tq >= a->kv_len)
+            continue; /* no key past the last query */
+        const size_t nq = (size_t)a->B * a->Tq * a->n_heads * a->hd;
+        const size_t nkv = (size_t)a->B * a->kv_len * a->n_kv * a->hd;
+        const size_t kv_row = (size_t)a->n_kv * a->hd; /* one position's k or v */
+        float *q = test_vec_rand(nq, -2, 2), *k = test_vec_rand(nkv, -2, 2);
+        float *v = test_vec_rand(nkv, -1, 1), *kn = test_vec_new(nkv), *vn = test_vec_new(nkv);
+        memcpy(kn, k, nkv * sizeof *k);
+        memcpy(vn, v, nkv * sizeof *v);
+        for (int bi = 0; bi < a->B; bi++)
+            for (size_t i = (size_t)(a->pos0 + a->Tq) * kv_row; i < (size_t)a->kv_len * kv_row;
+                 i++) {
+                kn[(size_t)bi * a->kv_len * kv_row + i] = NAN;
+                vn[(size_t)bi * a->kv_len * kv_row + i] = NAN;
+            }
+        for (int bf16 = 0; bf16 < 2; bf16++) {
+            if (bf16 && a->hd > 128)
+                continue;
+            const struct attn_prec pr = {bf16, bf16 ? 500.0f : 0.0f};
+            float *o = attn_cuda_out(&p, pr, a, q, k, v), *on = attn_cuda_out(&p, pr, a, q, kn, vn);
+            assert_same(bf16 ? "attention_forward_bf16, stale keys NaN"
+                             : "attention_forward, stale keys NaN",
+                        on, o, nq);
+            free(o); free(on);
+            cases++;
+        }
+        free(q); free(k); free(v); free(kn); free(vn);
+    }
+    ck_assert_int_ge(cases, 6); /* head sizes 48, 128 and 64 (the Hopper forward's), both precisions */
+    pair_close(&p);
+}
+END_TEST
+
 /* ---- SwiGLU ---------------------------------------------------------------------------------- */
 
 START_TEST(swiglu_matches_ref)
@@ -2383,6 +2447,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, rope_matches_ref);
     tcase_add_test(tc, attention_matches_ref);
     tcase_add_test(tc, attention_bf16_matches_ref);
+    tcase_add_test(tc, attention_ignores_keys_past_queries);
     tcase_add_test(tc, swiglu_matches_ref);
     tcase_add_test(tc, softmax_family_matches_ref);
     tcase_add_test(tc, cross_entropy_matches_ref);

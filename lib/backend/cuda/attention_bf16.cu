@@ -43,6 +43,7 @@
  * row sum at the end) where the reference rounds the normalised ones;
  * both are within 2^-9 of the exact value, so outputs differ by at most
  * 2^-8 of sum_key p |v|. */
+#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include "backend/cuda/common.cuh"
@@ -71,6 +72,7 @@ struct fb_args {
     int Tq, pos0, kv_len, H, n_kv, hd, rep;
     int kv_split; /* blocks a kv head's query heads are split over in the Hopper dk/dv */
     float scale, scale2; /* 1 / sqrt(hd); scale * log2(e): scores into exp2's unit */
+    CUtensorMap mq, mk, mv; /* the Hopper forward's tensor maps of q, k and v (fw_map) */
 };
 
 /* Row stride (bf16 elements) of the [rows][HD] tiles for a padded head
@@ -833,7 +835,8 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
 #define FW_BM 64  /* query rows of a block: the warpgroup product's M */
 #define FW_BN 128 /* keys of a tile */
 #define FW_ROW 128 /* bytes of a tile row: 64 bf16 */
-#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW) /* Q, two K and two V, aligned */
+#define FW_BARS 5 /* the forward's mbarriers: K's two, V's two, Q's */
+#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW + 8 * FW_BARS) /* Q, two K and two V, aligned; the barriers */
 #define FW_TILE (FB_ROWS * FW_ROW) /* a backward tile: 64 rows */
 static_assert(FW_BM == FB_ROWS, "fw_launch tiles every kernel's rows by 64");
 #define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float)) /* the larger: dk/dv */
@@ -992,32 +995,91 @@ template <int NB> __device__ inline void fw_frags(uint32_t (&a)[NB / 2][4], cons
         fb_frag_p(a[kc], p, kc);
 }
 
+/* ---- tiles by tensor map (TMA) ---------------------------------------------------------- */
+
+/* Make an mbarrier at shared address `bar` for one arrival. */
+__device__ inline void fw_bar_init(uint32_t bar)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+
+/* Arrive at `bar`, which then completes once `bytes` more have landed. */
+__device__ inline void fw_bar_expect(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+
+/* Wait for the completion of `bar`'s phase of the given parity. */
+__device__ inline void fw_bar_wait(uint32_t bar, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred done;\nwait:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+
+/* Copy the box of `map` at (column 0, head, row, batch row) into the
+ * shared address `at`, completing on `bar`. Rows past the copy's end
+ * arrive as zeros. */
+__device__ inline void fw_tma_load(uint32_t at, const CUtensorMap &map, uint32_t bar, int head,
+                                   int row, int bi)
+{
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes "
+                 "[%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(at),
+                 "l"((uint64_t)&map), "r"(bar), "r"(0), "r"(head), "r"(row), "r"(bi)
+                 : "memory");
+}
+
 /* What every tile of a block of fw_forward_kernel reads: its tiles'
- * shared addresses, its K and V rows, and its causal bounds. */
+ * shared addresses and barriers, its kv head and causal bounds. K tile j
+ * lands in buffer j & 1 and completes the (j >> 1)-th phase of that
+ * buffer's barrier, and so does V tile j. */
 struct fw_block {
     uint32_t Qs, Ks, Vs; /* Q; K and V two buffers each */
-    const bf16 *k, *v;   /* key 0's rows of the block's kv head */
-    size_t kld;          /* their row stride */
+    uint32_t bars;       /* barriers: K's two, V's two, Q's */
+    const CUtensorMap *mk, *mv;
+    int kvh, bi;
     int kend, n_tiles;
-    int first;           /* the last key of the warp's first row */
+    int first; /* the last key of the warp's first row */
 
-    /* key tile j's buffers */
     __device__ uint32_t K(int j) const { return Ks + (j & 1) * FW_BN * FW_ROW; }
     __device__ uint32_t V(int j) const { return Vs + (j & 1) * FW_BN * FW_ROW; }
+    __device__ uint32_t kbar(int j) const { return bars + 8 * (j & 1); }
+    __device__ uint32_t vbar(int j) const { return bars + 16 + 8 * (j & 1); }
+    __device__ uint32_t qbar() const { return bars + 32; }
+    __device__ void wait_k(int j) const { fw_bar_wait(kbar(j), (j >> 1) & 1); }
+    __device__ void wait_v(int j) const { fw_bar_wait(vbar(j), (j >> 1) & 1); }
 };
 
-/* Start the copies of K tile `kt` and V tile `vt` (skipped past the
- * last tile) as one group: the pipeline keeps K a tile ahead of V. Keys
- * at and past kend are zeros (0 * NaN would be NaN). */
+/* Thread 0 starts the copies of K tile `kt` and V tile `vt`, each
+ * skipped past the last tile: the pipeline keeps K a tile ahead of V. */
 __device__ void fw_issue_tiles(const fw_block &c, int kt, int vt)
 {
-    if (kt < c.n_tiles)
-        fw_issue_rows<FW_BN>(c.K(kt), c.k + (size_t)kt * FW_BN * c.kld, c.kld,
-                             c.kend - kt * FW_BN);
-    if (vt < c.n_tiles)
-        fw_issue_rows<FW_BN>(c.V(vt), c.v + (size_t)vt * FW_BN * c.kld, c.kld,
-                             c.kend - vt * FW_BN);
-    fb_commit();
+    if (threadIdx.x != 0)
+        return;
+    if (kt < c.n_tiles) {
+        fw_bar_expect(c.kbar(kt), FW_BN * FW_ROW);
+        fw_tma_load(c.K(kt), *c.mk, c.kbar(kt), c.kvh, kt * FW_BN, c.bi);
+    }
+    if (vt < c.n_tiles) {
+        fw_bar_expect(c.vbar(vt), FW_BN * FW_ROW);
+        fw_tma_load(c.V(vt), *c.mv, c.vbar(vt), c.kvh, vt * FW_BN, c.bi);
+    }
+}
+
+/* Zeros in the rows of the last V tile at and past the block's last key.
+ * No query of the block sees them (their probabilities are 0), but 0 *
+ * NaN would be NaN, and a cache's keys past its queries may be stale.
+ * Rows past the copy's end arrive as zeros already. */
+__device__ void fw_zero_tail(const fw_block &c)
+{
+    const int j = c.n_tiles - 1, from = c.kend - j * FW_BN;
+    for (int i = from * 8 + threadIdx.x; i < FW_BN * 8; i += FB_THREADS)
+        asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(c.V(j) + i * 16), "r"(0)
+                     : "memory");
 }
 
 /* Key tile j's scores s (complete) into its probabilities, as the A
@@ -1038,35 +1100,45 @@ __device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], u
  * first, streaming 128-key tiles of K and V, double-buffered, K a tile
  * ahead of V. As FlashAttention-3 does, tile j + 1's scores are issued
  * before tile j's P V, and tile j + 1's softmax runs while the tensor
- * cores do that P V. */
-__global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
+ * cores do that P V. The tiles come by tensor map (p.mq, p.mk, p.mv: a
+ * grid constant, so that their addresses are the kernel parameter's),
+ * one thread issuing each. */
+__global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(const __grid_constant__ fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = FW_HD;
     const int w = threadIdx.x >> 5;
     const int t0 = (gridDim.z - 1 - blockIdx.z) * FW_BM, h = blockIdx.x, bi = blockIdx.y;
-    const int kvh = h / p.rep, nq = min(FW_BM, p.Tq - t0);
+    const int nq = min(FW_BM, p.Tq - t0);
     const size_t q_row = ((size_t)bi * p.Tq + t0) * p.H + h;
     fw_block c;
     c.Qs = fw_tiles();
     c.Ks = c.Qs + FW_BM * FW_ROW;
     c.Vs = c.Ks + 2 * FW_BN * FW_ROW;
-    c.kld = (size_t)p.n_kv * HD;
-    c.k = p.k + ((size_t)bi * p.kv_len * p.n_kv + kvh) * HD;
-    c.v = p.v + ((size_t)bi * p.kv_len * p.n_kv + kvh) * HD;
+    c.bars = c.Vs + 2 * FW_BN * FW_ROW;
+    c.mk = &p.mk;
+    c.mv = &p.mv;
+    c.kvh = h / p.rep;
+    c.bi = bi;
     c.kend = p.pos0 + t0 + nq;
     c.n_tiles = (c.kend + FW_BN - 1) / FW_BN;
     c.first = p.pos0 + t0 + 16 * w;
-    fw_issue_rows<FW_BM>(c.Qs, p.q + q_row * HD, (size_t)p.H * HD, nq);
-    fw_issue_tiles(c, 0, 0);
-    fw_issue_tiles(c, 1, c.n_tiles); /* K tile 1 alone */
-    fb_wait<1>(); /* Q, K tile 0 and V tile 0 are in */
-    fw_fence_proxy();
-    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < FW_BARS; i++)
+            fw_bar_init(c.bars + 8 * i);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fw_bar_expect(c.qbar(), FW_BM * FW_ROW);
+        fw_tma_load(c.Qs, p.mq, c.qbar(), h, t0, bi);
+        fw_issue_tiles(c, 0, 0);
+        fw_issue_tiles(c, 1, c.n_tiles); /* K tile 1 alone */
+    }
+    __syncthreads(); /* the barriers are made */
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, corr[2];
     float s[FW_BN / 8][4], o[1][HD / 8][4];
     uint32_t a[FW_BN / 16][4];
     fb_zero<HD, 1>(o);
+    fw_bar_wait(c.qbar(), 0);
+    c.wait_k(0);
     fw_issue_ss(s, c.Qs, c.K(0));
     fw_wait<0>();
     fw_softmax(c, 0, s, a, m, l, corr, p.scale2);
@@ -1074,9 +1146,8 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
      * ptxas serialize them all */
     for (int j = 0; j + 1 < c.n_tiles; j++) {
         fw_issue_tiles(c, j + 2, j + 1);
-        fb_wait<1>(); /* K tile j + 1 and V tile j are in */
-        fw_fence_proxy();
-        __syncthreads();
+        c.wait_k(j + 1);
+        c.wait_v(j);
         fb_rescale<HD>(o[0], corr); /* before any product is in flight */
         fw_issue_ss(s, c.Qs, c.K(j + 1));
         fw_issue_rs(o[0], a, c.V(j));
@@ -1085,8 +1156,9 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(fb_args p)
         fw_pin(o[0]);
         __syncthreads(); /* every warp is done with the buffers before they are refilled */
     }
-    fb_wait<0>();
-    fw_fence_proxy();
+    c.wait_v(c.n_tiles - 1);
+    fw_zero_tail(c);
+    fw_fence_proxy(); /* the zeros, before the product reads them */
     __syncthreads();
     fb_rescale<HD>(o[0], corr);
     fw_issue_rs(o[0], a, c.V(c.n_tiles - 1));
@@ -1365,7 +1437,7 @@ template <int HD> static fb_copies fb_copies_in(float *scratch, const fb_args &p
 static bool fw_usable(qkd__backend *b, int HD)
 {
 #ifdef QKD_CUDA_SM90A
-    return HD == FW_HD && qkd__cuda_of(b)->sm == 90;
+    return HD == FW_HD && qkd__cuda_of(b)->sm == 90 && qkd__cuda_of(b)->map_encode;
 #else
     (void)b, (void)HD;
     return false;
@@ -1406,6 +1478,33 @@ static void fw_launch(qkd__backend *b, void (*kern)(fb_args), const fb_args &p, 
     qkd__cuda_launched(b, "attention_bf16");
 }
 
+/* The tensor map of a bf16 copy [B][rows][heads][FW_HD] as the Hopper
+ * forward reads it: boxes of box_rows rows of one head, in the tiles'
+ * 128-byte swizzle, zeros past the copy's rows. */
+static bool fw_map(qkd__backend *b, CUtensorMap *map, const bf16 *copy, int heads, int rows,
+                   int B, int box_rows)
+{
+    const cuuint64_t row = FW_HD * sizeof(bf16);
+    const cuuint64_t dims[4] = {FW_HD, (cuuint64_t)heads, (cuuint64_t)rows, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {row, row * heads, row * heads * rows};
+    const cuuint32_t box[4] = {FW_HD, 1, (cuuint32_t)box_rows, 1}, step[4] = {1, 1, 1, 1};
+    return qkd__cuda_of(b)->map_encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)copy,
+                                       dims, strides, box, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                       CU_TENSOR_MAP_SWIZZLE_128B,
+                                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* The forward's tensor maps of p's copies; false: none could be made (the
+ * copies are 16-byte aligned, as the maps need, so this is not expected),
+ * and the mma.sync kernel runs instead. */
+static bool fw_forward_maps(qkd__backend *b, fb_args &p, int B)
+{
+    return fw_map(b, &p.mq, p.q, p.H, p.Tq, B, FW_BM) &&
+           fw_map(b, &p.mk, p.k, p.n_kv, p.kv_len, B, FW_BN) &&
+           fw_map(b, &p.mv, p.v, p.n_kv, p.kv_len, B, FW_BN);
+}
+
 /* The forward: q, k, v rounded into the scratch's copies (q and k rotated
  * first when a RoPE table is given), then the kernel. */
 template <int HD>
@@ -1420,7 +1519,7 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
-    if (fw_usable(b, HD))
+    if (fw_usable(b, HD) && fw_forward_maps(b, p, B))
         fw_launch(b, fw_forward_kernel, p, p.H, B, FW_SMEM);
     else
         fb_launch<HD>(b, FB_FORWARD, p, B);

@@ -463,6 +463,21 @@ static const qkd__backend cuda_table = {
     .kd_loss_confidence = qkd__cuda_kd_loss_confidence,
 };
 
+/* The driver's cuTensorMapEncodeTiled, or NULL. Taken through the
+ * runtime so that libqkd does not link the driver library itself. */
+static PFN_cuTensorMapEncodeTiled_v12000 map_encoder(void)
+{
+    PFN_cuTensorMapEncodeTiled_v12000 fn = NULL;
+    enum cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&fn, 12000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return fn;
+}
+
 /* Stream, cuBLAS handle (fp32 math: no TF32), cuBLASLt, sum partials and the host
  * backend of the format schemes. */
 static qkd_status setup(qkd__backend *b, qkd__cuda *c)
@@ -482,6 +497,7 @@ static qkd_status setup(qkd__backend *b, qkd__cuda *c)
         st = qkd__cuda_check(b, cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount,
                                                        c->device),
                              "cudaDeviceGetAttribute");
+    c->map_encode = map_encoder();
     if (st == QKD_OK)
         st = qkd__cuda_check(b, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                              "cudaStreamCreate");

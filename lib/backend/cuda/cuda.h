@@ -30,6 +30,7 @@
 
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -66,6 +67,10 @@ typedef struct qkd__cuda {
     int device;
     int sm; /* compute capability, major * 10 + minor */
     int n_sm; /* multiprocessors */
+    /* the driver's cuTensorMapEncodeTiled, NULL where it has none (then
+     * the Hopper attention kernels, which load tiles by tensor map, are
+     * not used) */
+    PFN_cuTensorMapEncodeTiled_v12000 map_encode;
     cudaStream_t stream;
     cublasHandle_t blas;  /* the fp32 products */
     cublasLtHandle_t lt;  /* the bf16 products (gemm.c) */
