@@ -72,7 +72,7 @@ struct fb_args {
     int Tq, pos0, kv_len, H, n_kv, hd, rep;
     int kv_split; /* blocks a kv head's query heads are split over in the Hopper dk/dv */
     float scale, scale2; /* 1 / sqrt(hd); scale * log2(e): scores into exp2's unit */
-    CUtensorMap mq, mk, mv; /* the Hopper forward's tensor maps of q, k and v (fw_map) */
+    CUtensorMap mq, mk, mv, mo; /* the Hopper kernels' tensor maps of q, k, v and dout (fw_map) */
 };
 
 /* Row stride (bf16 elements) of the [rows][HD] tiles for a padded head
@@ -627,7 +627,7 @@ __global__ void __launch_bounds__(FB_THREADS, HD <= 64 ? 3 : 1) fb_forward_kerne
  * it % n_qt of those at or after k0 (earlier queries see none of its
  * keys). */
 struct fb_qtile {
-    int q0, n;     /* its first query and its number of rows */
+    int h, q0, n;  /* its query head, its first query and its number of rows */
     size_t row;    /* its first row of q and dout */
     size_t row_at; /* its first row of lse and D */
 };
@@ -637,6 +637,7 @@ __device__ inline fb_qtile fb_dkdv_qtile(const fb_args &p, int h0, int bi, int k
 {
     const int h = h0 + it / n_qt;
     fb_qtile q;
+    q.h = h;
     q.q0 = k0 + it % n_qt * FB_ROWS;
     q.n = min(FB_ROWS, p.Tq - q.q0);
     q.row = ((size_t)bi * p.Tq + q.q0) * p.H + h;
@@ -839,7 +840,7 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
 #define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW + 8 * FW_BARS) /* Q, two K and two V, aligned; the barriers */
 #define FW_TILE (FB_ROWS * FW_ROW) /* a backward tile: 64 rows */
 static_assert(FW_BM == FB_ROWS, "fw_launch tiles every kernel's rows by 64");
-#define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float)) /* the larger: dk/dv */
+#define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float) + 8 * 3) /* the larger: dk/dv */
 
 /* The byte offset of row r's 16-byte chunk c in a swizzled tile. */
 __device__ inline uint32_t fw_swz(int r, int c)
@@ -855,18 +856,6 @@ __device__ inline uint64_t fw_desc(uint32_t at)
            (uint64_t)1 << 62;
 }
 
-/* Rows 0..ROWS-1 of a bf16 copy (row stride `stride`) into the swizzled
- * tile at `at`; rows past n_rows zeros. */
-template <int ROWS>
-__device__ void fw_issue_rows(uint32_t at, const bf16 *src, size_t stride, int n_rows)
-{
-    for (int i = threadIdx.x; i < ROWS * 8; i += FB_THREADS) {
-        const int r = i >> 3, c = i & 7;
-        const bool valid = r < n_rows;
-        fb_cp16_at(at + fw_swz(r, c), valid ? src + r * stride + c * 8 : src, valid ? 16 : 0);
-    }
-}
-
 /* The shared address of the block's tiles: its dynamic shared memory's
  * first 1024-byte boundary, where the swizzle pattern starts. */
 __device__ inline uint32_t fw_tiles()
@@ -875,8 +864,8 @@ __device__ inline uint32_t fw_tiles()
     return ((uint32_t)__cvta_generic_to_shared(fb_sm) + 1023) & ~1023u;
 }
 
-/* Order earlier generic-proxy writes to shared memory (the copies) before
- * the wgmma reads of the async proxy. */
+/* Order earlier generic-proxy writes to shared memory (the forward's
+ * zeros) before the wgmma reads of the async proxy. */
 __device__ inline void fw_fence_proxy()
 {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -997,10 +986,14 @@ template <int NB> __device__ inline void fw_frags(uint32_t (&a)[NB / 2][4], cons
 
 /* ---- tiles by tensor map (TMA) ---------------------------------------------------------- */
 
-/* Make an mbarrier at shared address `bar` for one arrival. */
-__device__ inline void fw_bar_init(uint32_t bar)
+/* Make n mbarriers from shared address `bars` on, each for one arrival
+ * (the expect_tx of the thread that starts its copies), visible to the
+ * copies before they are started. */
+__device__ inline void fw_bars_init(uint32_t bars, int n)
 {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+    for (int i = 0; i < n; i++)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bars + 8 * i) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
 /* Arrive at `bar`, which then completes once `bytes` more have landed. */
@@ -1124,9 +1117,7 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(const __grid_
     c.n_tiles = (c.kend + FW_BN - 1) / FW_BN;
     c.first = p.pos0 + t0 + 16 * w;
     if (threadIdx.x == 0) {
-        for (int i = 0; i < FW_BARS; i++)
-            fw_bar_init(c.bars + 8 * i);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fw_bars_init(c.bars, FW_BARS);
         fw_bar_expect(c.qbar(), FW_BM * FW_ROW);
         fw_tma_load(c.Qs, p.mq, c.qbar(), h, t0, bi);
         fw_issue_tiles(c, 0, 0);
@@ -1183,40 +1174,52 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(const __grid_
  * kv_split plus the split), each block sums its share of them into its
  * slice of the partial sums instead, which fw_dkdv_sum_kernel adds up.
  * Three blocks an SM: 168 registers, no spill (182 unbounded). */
-__global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(const __grid_constant__ fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = FW_HD;
-    /* K, V; then Q and dO two buffers each; then the rows' lse and D */
+    /* K, V; then Q and dO two buffers each; then the rows' lse and D;
+     * then the barriers: K and V's, then the two buffers' */
     const uint32_t Ks = fw_tiles(), Vs = Ks + FW_TILE, Qs = Vs + FW_TILE, Os = Qs + 2 * FW_TILE;
-    float *rows = (float *)__cvta_shared_to_generic(Os + 2 * FW_TILE); /* [2][lse 64, D 64] */
+    const uint32_t Rs = Os + 2 * FW_TILE, bars = Rs + 4 * FB_ROWS * sizeof(float);
+    float *rows = (float *)__cvta_shared_to_generic(Rs); /* [2][lse 64, D 64] */
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const int T = p.Tq, k0 = blockIdx.z * FB_ROWS, bi = blockIdx.y;
     const int kvh = blockIdx.x / p.kv_split, split = blockIdx.x % p.kv_split;
     const int heads = p.rep / p.kv_split, h0 = kvh * p.rep + split * heads;
-    const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
     const int nk = min(FB_ROWS, T - k0);
     const size_t kv_row = ((size_t)bi * T + k0) * p.n_kv + kvh;
     const int n_qt = (T - k0 + FB_ROWS - 1) / FB_ROWS, n_it = heads * n_qt;
-    fw_issue_rows<FB_ROWS>(Ks, p.k + kv_row * HD, kld, nk);
-    fw_issue_rows<FB_ROWS>(Vs, p.v + kv_row * HD, kld, nk);
-    auto issue = [&](int it) { /* into buffer it & 1 */
+    /* into buffer it & 1: Q and dO by tensor map, lse and D by cp.async */
+    auto issue = [&](int it) {
         const int buf = it & 1;
         const fb_qtile q = fb_dkdv_qtile(p, h0, bi, k0, n_qt, it);
-        fw_issue_rows<FB_ROWS>(Qs + buf * FW_TILE, p.q + q.row * HD, qld, q.n);
-        fw_issue_rows<FB_ROWS>(Os + buf * FW_TILE, p.dout + q.row * HD, qld, q.n);
+        if (threadIdx.x == 0) {
+            const uint32_t bar = bars + 8 + 8 * buf;
+            fw_bar_expect(bar, 2 * FW_TILE);
+            fw_tma_load(Qs + buf * FW_TILE, p.mq, bar, q.h, q.q0, bi);
+            fw_tma_load(Os + buf * FW_TILE, p.mo, bar, q.h, q.q0, bi);
+        }
         fb_issue_lse_d(rows + buf * 2 * FB_ROWS, p, q);
         fb_commit();
     };
+    if (threadIdx.x == 0) {
+        fw_bars_init(bars, 3);
+        fw_bar_expect(bars, 2 * FW_TILE);
+        fw_tma_load(Ks, p.mk, bars, kvh, k0, bi);
+        fw_tma_load(Vs, p.mv, bars, kvh, k0, bi);
+    }
+    __syncthreads(); /* the barriers are made */
     issue(0);
     float dk[1][HD / 8][4], dv[1][HD / 8][4];
     fb_zero<HD, 1>(dk);
     fb_zero<HD, 1>(dv);
+    fw_bar_wait(bars, 0);
     for (int it = 0; it < n_it; it++) {
         const int buf = it & 1, q0 = k0 + it % n_qt * FB_ROWS;
         fb_next_tile(issue, it, n_it);
-        fw_fence_proxy();
-        __syncthreads();
+        fw_bar_wait(bars + 8 + 8 * buf, (it >> 1) & 1);
+        __syncthreads(); /* lse and D: every thread's copies */
         const uint32_t Qb = Qs + buf * FW_TILE, Ob = Os + buf * FW_TILE;
         const float *lse_s = rows + buf * 2 * FB_ROWS;
         float s[FB_NB][4], dp[FB_NB][4]; /* [key][query] */
@@ -1252,40 +1255,44 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(fb_args p)
 
 /* dq of a block's 64 queries: as fb_dq_kernel, S = Q K^T and
  * dP = dO V^T, then dq += dS K. */
-__global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(const __grid_constant__ fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = FW_HD;
-    /* Q, dO; K and V two buffers each */
+    /* Q, dO; K and V two buffers each; the barriers: Q and dO's, then the
+     * two buffers' */
     const uint32_t Qs = fw_tiles(), Os = Qs + FW_TILE, Ks = Os + FW_TILE, Vs = Ks + 2 * FW_TILE;
+    const uint32_t bars = Vs + 2 * FW_TILE;
     const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const int T = p.Tq, q0 = (gridDim.z - 1 - blockIdx.z) * FB_ROWS, h = blockIdx.x;
     const int bi = blockIdx.y, kvh = h / p.rep;
-    const size_t qld = (size_t)p.H * HD, kld = (size_t)p.n_kv * HD;
     const int nq = min(FB_ROWS, T - q0);
     const size_t q_row = ((size_t)bi * T + q0) * p.H + h;
-    const bf16 *k = p.k + ((size_t)bi * T * p.n_kv + kvh) * HD;
-    const bf16 *v = p.v + ((size_t)bi * T * p.n_kv + kvh) * HD;
-    const int kend = q0 + nq, n_tiles = (kend + FB_ROWS - 1) / FB_ROWS;
-    /* key tile j into buffer j & 1; keys at and past kend zeros */
-    auto issue = [&](int j) {
-        const size_t at = (size_t)j * FB_ROWS * kld;
-        fw_issue_rows<FB_ROWS>(Ks + (j & 1) * FW_TILE, k + at, kld, kend - j * FB_ROWS);
-        fw_issue_rows<FB_ROWS>(Vs + (j & 1) * FW_TILE, v + at, kld, kend - j * FB_ROWS);
-        fb_commit();
+    const int n_tiles = (q0 + nq + FB_ROWS - 1) / FB_ROWS;
+    auto issue = [&](int j) { /* thread 0: key tile j into buffer j & 1 */
+        const uint32_t bar = bars + 8 + 8 * (j & 1);
+        fw_bar_expect(bar, 2 * FW_TILE);
+        fw_tma_load(Ks + (j & 1) * FW_TILE, p.mk, bar, kvh, j * FB_ROWS, bi);
+        fw_tma_load(Vs + (j & 1) * FW_TILE, p.mv, bar, kvh, j * FB_ROWS, bi);
     };
-    fw_issue_rows<FB_ROWS>(Qs, p.q + q_row * HD, qld, nq);
-    fw_issue_rows<FB_ROWS>(Os, p.dout + q_row * HD, qld, nq);
-    issue(0);
+    if (threadIdx.x == 0) {
+        fw_bars_init(bars, 3);
+        fw_bar_expect(bars, 2 * FW_TILE);
+        fw_tma_load(Qs, p.mq, bars, h, q0, bi);
+        fw_tma_load(Os, p.mo, bars, h, q0, bi);
+        issue(0);
+    }
+    __syncthreads(); /* the barriers are made */
     const int row0 = 16 * w + g; /* the thread's rows: row0 and row0 + 8 */
     float lse2[2], D[2], dq[1][HD / 8][4];
     fb_dq_rows(p, ((size_t)bi * p.H + h) * T + q0, nq, row0, lse2, D);
     fb_zero<HD, 1>(dq);
+    fw_bar_wait(bars, 0);
     for (int it = 0; it < n_tiles; it++) {
         const int k0 = it * FB_ROWS;
-        fb_next_tile(issue, it, n_tiles);
-        fw_fence_proxy();
-        __syncthreads();
+        if (threadIdx.x == 0 && it + 1 < n_tiles)
+            issue(it + 1);
+        fw_bar_wait(bars + 8 + 8 * (it & 1), (it >> 1) & 1);
         const uint32_t Kb = Ks + (it & 1) * FW_TILE, Vb = Vs + (it & 1) * FW_TILE;
         float s[FB_NB][4], dp[FB_NB][4];
         uint32_t a[FB_NB / 2][4];
@@ -1479,7 +1486,7 @@ static void fw_launch(qkd__backend *b, void (*kern)(fb_args), const fb_args &p, 
 }
 
 /* The tensor map of a bf16 copy [B][rows][heads][FW_HD] as the Hopper
- * forward reads it: boxes of box_rows rows of one head, in the tiles'
+ * kernels read it: boxes of box_rows rows of one head, in the tiles'
  * 128-byte swizzle, zeros past the copy's rows. */
 static bool fw_map(qkd__backend *b, CUtensorMap *map, const bf16 *copy, int heads, int rows,
                    int B, int box_rows)
@@ -1495,14 +1502,17 @@ static bool fw_map(qkd__backend *b, CUtensorMap *map, const bf16 *copy, int head
                                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* The forward's tensor maps of p's copies; false: none could be made (the
- * copies are 16-byte aligned, as the maps need, so this is not expected),
- * and the mma.sync kernel runs instead. */
-static bool fw_forward_maps(qkd__backend *b, fb_args &p, int B)
+/* The tensor maps of p's copies, for the forward (key tiles of FW_BN
+ * rows) or the backward (all tiles of FB_ROWS, dout's too); false: one
+ * could not be made (the copies are 16-byte aligned, as the maps need, so
+ * this is not expected), and the mma.sync kernels run instead. */
+static bool fw_maps(qkd__backend *b, fb_args &p, int B, bool backward)
 {
-    return fw_map(b, &p.mq, p.q, p.H, p.Tq, B, FW_BM) &&
-           fw_map(b, &p.mk, p.k, p.n_kv, p.kv_len, B, FW_BN) &&
-           fw_map(b, &p.mv, p.v, p.n_kv, p.kv_len, B, FW_BN);
+    const int key_rows = backward ? FB_ROWS : FW_BN;
+    return fw_map(b, &p.mq, p.q, p.H, p.Tq, B, FB_ROWS) &&
+           fw_map(b, &p.mk, p.k, p.n_kv, p.kv_len, B, key_rows) &&
+           fw_map(b, &p.mv, p.v, p.n_kv, p.kv_len, B, key_rows) &&
+           (!backward || fw_map(b, &p.mo, p.dout, p.H, p.Tq, B, FB_ROWS));
 }
 
 /* The forward: q, k, v rounded into the scratch's copies (q and k rotated
@@ -1519,7 +1529,7 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
-    if (fw_usable(b, HD) && fw_forward_maps(b, p, B))
+    if (fw_usable(b, HD) && fw_maps(b, p, B, false))
         fw_launch(b, fw_forward_kernel, p, p.H, B, FW_SMEM);
     else
         fb_launch<HD>(b, FB_FORWARD, p, B);
@@ -1539,7 +1549,7 @@ static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, b
     p.k = c.k;
     p.v = c.v;
     p.dout = ob;
-    if (fw_usable(b, HD)) {
+    if (fw_usable(b, HD) && fw_maps(b, p, B, true)) {
         fw_launch(b, fw_dkdv_kernel, p, p.n_kv * p.kv_split, B, FW_BWD_SMEM);
         if (p.kv_split > 1) {
             const size_t rows = (size_t)B * p.Tq * p.n_kv, n = rows * ((p.hd + 1) / 2);
