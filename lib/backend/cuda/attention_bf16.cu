@@ -165,36 +165,58 @@ __device__ void fb_row_dot(const fb_dots &dots, const float (&v)[8], size_t r, i
     }
 }
 
-/* dst[r][d] = bf16(src[r][d]) for d < hd, 0 for hd <= d < HD: rows of hd
- * floats into rows of HD bf16 values, RoPE applied first where rope says,
- * the row dots taken on the way where dots says. A thread converts 8
- * values (one 16-byte store; HD is a multiple of 8). */
-template <int HD>
-__global__ void fb_convert_kernel(bf16 *dst, const float *src, size_t rows, int hd,
-                                  fb_rope rope, fb_dots dots)
+/* One bf16 copy: dst[r][d] = bf16(src[r][d]) for d < hd, 0 for hd <= d
+ * < HD, rows of hd floats into rows of HD bf16 values, RoPE applied first
+ * where rope says, the row dots taken on the way where dots says. */
+struct fb_copy {
+    bf16 *dst;
+    const float *src;
+    size_t rows;
+    fb_rope rope;
+    fb_dots dots;
+};
+
+/* Item i of copy c: 8 values of a row (one 16-byte store; HD is a
+ * multiple of 8). */
+template <int HD> __device__ void fb_convert_item(const fb_copy &c, size_t i, int hd)
 {
-    QKD__CUDA_FOR(i, rows * (HD / 8))
+    const size_t r = i / (HD / 8);
+    const int d0 = (int)(i % (HD / 8)) * 8;
+    float v[8];
+    fb_load8(v, c.src + r * hd, d0, hd);
+    if (c.dots.D)
+        fb_row_dot<HD>(c.dots, v, r, d0, hd);
+    if (c.rope.tab) {
+        const int pos = fb_pos(r, c.rope);
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (d0 + 2 * k + 1 < hd)
+                fb_rotate(v[2 * k], v[2 * k + 1], c.rope.tab, hd, pos, d0 / 2 + k, 1.0);
+    }
+    uint32_t out[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const __nv_bfloat162 b2 = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        out[k] = *(const uint32_t *)&b2;
+    }
+    *(uint4 *)(c.dst + r * HD + d0) = make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+/* Up to three copies in one launch (the forward's q, k and v: two fewer
+ * launches and tails), their items one after the other. Copy a's items
+ * start at 0, so a row's HD / 8 items lie in neighbouring lanes of one
+ * warp, as fb_row_dot needs: only a takes row dots. */
+template <int HD> __global__ void fb_convert_kernel(fb_copy a, fb_copy b, fb_copy c, int hd)
+{
+    const size_t na = a.rows * (HD / 8), nab = na + b.rows * (HD / 8);
+    QKD__CUDA_FOR(i, nab + c.rows * (HD / 8))
     {
-        const size_t r = i / (HD / 8);
-        const int d0 = (int)(i % (HD / 8)) * 8;
-        float v[8];
-        fb_load8(v, src + r * hd, d0, hd);
-        if (dots.D)
-            fb_row_dot<HD>(dots, v, r, d0, hd);
-        if (rope.tab) {
-            const int pos = fb_pos(r, rope);
-#pragma unroll
-            for (int k = 0; k < 4; k++)
-                if (d0 + 2 * k + 1 < hd)
-                    fb_rotate(v[2 * k], v[2 * k + 1], rope.tab, hd, pos, d0 / 2 + k, 1.0);
-        }
-        uint32_t out[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const __nv_bfloat162 b2 = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
-            out[k] = *(const uint32_t *)&b2;
-        }
-        *(uint4 *)(dst + r * HD + d0) = make_uint4(out[0], out[1], out[2], out[3]);
+        if (i < na)
+            fb_convert_item<HD>(a, i, hd);
+        else if (i < nab)
+            fb_convert_item<HD>(b, i - na, hd);
+        else
+            fb_convert_item<HD>(c, i - nab, hd);
     }
 }
 
@@ -1382,14 +1404,15 @@ template <int HD> static void fb_launch(qkd__backend *b, fb_pass pass, const fb_
     qkd__cuda_launched(b, "attention_bf16");
 }
 
-/* x [rows][hd] into its bf16 copy [rows][HD], rotated where rope says,
- * the row dots taken where dots says. */
-template <int HD> static void fb_convert(qkd__backend *b, bf16 *dst, const float *x, size_t rows,
-                                         int hd, fb_rope rope = fb_rope{},
-                                         fb_dots dots = fb_dots{})
+/* The bf16 copies x, y and z (rows 0: none) of head size hd, in one
+ * launch. */
+template <int HD>
+static void fb_convert(qkd__backend *b, int hd, const fb_copy &x, const fb_copy &y = fb_copy{},
+                       const fb_copy &z = fb_copy{})
 {
-    fb_convert_kernel<HD><<<qkd__cuda_blocks(rows * (HD / 8)), QKD__CUDA_THREADS, 0,
-                            qkd__cuda_of(b)->stream>>>(dst, x, rows, hd, rope, dots);
+    const size_t items = (x.rows + y.rows + z.rows) * (HD / 8);
+    fb_convert_kernel<HD><<<qkd__cuda_blocks(items), QKD__CUDA_THREADS, 0,
+                            qkd__cuda_of(b)->stream>>>(x, y, z, hd);
     qkd__cuda_launched(b, "attention_bf16 copies");
 }
 
@@ -1523,9 +1546,9 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
 {
     const size_t nq = (size_t)B * p.Tq * p.H, nkv = (size_t)B * p.kv_len * p.n_kv;
     const fb_copies c = fb_copies_in<HD>(scratch, p, B);
-    fb_convert<HD>(b, c.q, q, nq, p.hd, fb_rope{rope, p.Tq, p.H, p.pos0});
-    fb_convert<HD>(b, c.k, k, nkv, p.hd, fb_rope{rope, p.kv_len, p.n_kv, 0});
-    fb_convert<HD>(b, c.v, v, nkv, p.hd);
+    fb_convert<HD>(b, p.hd, fb_copy{c.q, q, nq, fb_rope{rope, p.Tq, p.H, p.pos0}},
+                   fb_copy{c.k, k, nkv, fb_rope{rope, p.kv_len, p.n_kv, 0}},
+                   fb_copy{c.v, v, nkv});
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
@@ -1543,8 +1566,8 @@ static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, b
                            float *D, const float *dout, const float *out)
 {
     const fb_copies c = fb_copies_in<HD>(scratch, p, B);
-    fb_convert<HD>(b, ob, dout, (size_t)B * p.Tq * p.H, p.hd, fb_rope{},
-                   fb_dots{out, D, p.Tq, p.H});
+    fb_convert<HD>(b, p.hd,
+                   fb_copy{ob, dout, (size_t)B * p.Tq * p.H, fb_rope{}, fb_dots{out, D, p.Tq, p.H}});
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
