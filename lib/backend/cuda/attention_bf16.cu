@@ -21,8 +21,9 @@
  * size (q and k rotated by RoPE on the way when asked), kept in the
  * caller's scratch for the backward, which rounds only dout (taking each
  * row's dot of dout and out, D, in the same pass); tiles then stream into
- * shared memory with cp.async, the next tile's copy in flight
- * while the current one is computed (two buffers). Outputs are stored in
+ * shared memory with cp.async (the Hopper kernels: by tensor map), the
+ * next tile's copy in flight while the current one is computed (two
+ * buffers). Outputs are stored in
  * fp32 or bf16 (fb_store), the gradients of q and k rotated back first.
  * Tiles are row-major [row][d]; fragments come from them by ldmatrix (four
  * 8x8 matrices a load), .trans for a product that reads a tile along its
@@ -220,19 +221,13 @@ template <int HD> __global__ void fb_convert_kernel(fb_copy a, fb_copy b, fb_cop
     }
 }
 
-/* Copy 16 bytes to shared address `at` asynchronously: the first `bytes`
- * of src, zeros after them (src is not read when bytes is 0). */
-__device__ inline void fb_cp16_at(uint32_t at, const void *src, int bytes)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(src),
-                 "r"(bytes));
-}
-
 /* Copy 16 bytes to shared memory asynchronously; zeros when not valid
  * (src is then not read). */
 __device__ inline void fb_cp16(void *dst, const void *src, bool valid)
 {
-    fb_cp16_at((uint32_t)__cvta_generic_to_shared(dst), src, valid ? 16 : 0);
+    const uint32_t at = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(src),
+                 "r"(valid ? 16 : 0));
 }
 
 __device__ inline void fb_cp4(void *dst, const void *src, bool valid)
@@ -852,7 +847,13 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
  * over 128-key tiles). Tiles sit in shared memory in wgmma's 128-byte
  * swizzle (rows of 64 bf16, chunk c of row r at chunk c ^ r % 8, from
  * 1024-byte aligned bases). V's tile is K's layout, [key][d]; P V reads
- * it transposed (its reduction dimension, the keys, is the rows). */
+ * it transposed (its reduction dimension, the keys, is the rows). That
+ * swizzle is also the tensor memory accelerator's (TMA), so one thread
+ * starts a whole tile's copy by tensor map (fw_map, made on the host for
+ * each call's copies), which completes on an mbarrier the block's
+ * threads wait on: the copies cost the warps no instructions, where
+ * cp.async cost each thread 16 a tile (the forward kernel's instructions
+ * fell by a third). */
 
 #define FW_HD 64  /* the head size (padded) the Hopper kernels take */
 #define FW_BM 64  /* query rows of a block: the warpgroup product's M */
@@ -863,12 +864,6 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
 #define FW_TILE (FB_ROWS * FW_ROW) /* a backward tile: 64 rows */
 static_assert(FW_BM == FB_ROWS, "fw_launch tiles every kernel's rows by 64");
 #define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float) + 8 * 3) /* the larger: dk/dv */
-
-/* The byte offset of row r's 16-byte chunk c in a swizzled tile. */
-__device__ inline uint32_t fw_swz(int r, int c)
-{
-    return (uint32_t)(r * FW_ROW + ((c ^ (r & 7)) << 4));
-}
 
 /* The descriptor of a swizzled operand at shared address `at`: 8-row
  * groups 1024 bytes apart (the leading offset is unused in this mode). */
