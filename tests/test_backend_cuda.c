@@ -1446,7 +1446,8 @@ START_TEST(attention_ignores_keys_past_queries)
         }
         free(q); free(k); free(v); free(kn); free(vn);
     }
-    ck_assert_int_ge(cases, 6); /* head sizes 48, 128 and 64 (the Hopper forward's), both precisions */
+    /* head sizes 48, 128 and 64 (the Hopper forward's), both precisions */
+    ck_assert_int_ge(cases, 6);
     pair_close(&p);
 }
 END_TEST

@@ -860,10 +860,13 @@ template <int HD> __global__ void __launch_bounds__(FB_THREADS) fb_dq_kernel(fb_
 #define FW_BN 128 /* keys of a tile */
 #define FW_ROW 128 /* bytes of a tile row: 64 bf16 */
 #define FW_BARS 5 /* the forward's mbarriers: K's two, V's two, Q's */
-#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW + 8 * FW_BARS) /* Q, two K and two V, aligned; the barriers */
+/* Q, two K and two V, aligned; the barriers */
+#define FW_SMEM (1024 + (FW_BM + 4 * FW_BN) * FW_ROW + 8 * FW_BARS)
 #define FW_TILE (FB_ROWS * FW_ROW) /* a backward tile: 64 rows */
 static_assert(FW_BM == FB_ROWS, "fw_launch tiles every kernel's rows by 64");
-#define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float) + 8 * 3) /* the larger: dk/dv */
+#define FW_BWD_BARS 3 /* the backward's mbarriers: the fixed tiles', the two buffers' */
+/* the larger of the two backward kernels': dk/dv's, with its lse and D rows */
+#define FW_BWD_SMEM (1024 + 6 * FW_TILE + 4 * FB_ROWS * (int)sizeof(float) + 8 * FW_BWD_BARS)
 
 /* The descriptor of a swizzled operand at shared address `at`: 8-row
  * groups 1024 bytes apart (the leading offset is unused in this mode). */
@@ -1113,7 +1116,8 @@ __device__ void fw_softmax(const fw_block &c, int j, float (&s)[FW_BN / 8][4], u
  * cores do that P V. The tiles come by tensor map (p.mq, p.mk, p.mv: a
  * grid constant, so that their addresses are the kernel parameter's),
  * one thread issuing each. */
-__global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(const __grid_constant__ fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, 3)
+    fw_forward_kernel(const __grid_constant__ fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = FW_HD;
@@ -1191,7 +1195,8 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_forward_kernel(const __grid_
  * kv_split plus the split), each block sums its share of them into its
  * slice of the partial sums instead, which fw_dkdv_sum_kernel adds up.
  * Three blocks an SM: 168 registers, no spill (182 unbounded). */
-__global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(const __grid_constant__ fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, 3)
+    fw_dkdv_kernel(const __grid_constant__ fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = FW_HD;
@@ -1221,7 +1226,7 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(const __grid_con
         fb_commit();
     };
     if (threadIdx.x == 0) {
-        fw_bars_init(bars, 3);
+        fw_bars_init(bars, FW_BWD_BARS);
         fw_bar_expect(bars, 2 * FW_TILE);
         fw_tma_load(Ks, p.mk, bars, kvh, k0, bi);
         fw_tma_load(Vs, p.mv, bars, kvh, k0, bi);
@@ -1272,7 +1277,8 @@ __global__ void __launch_bounds__(FB_THREADS, 3) fw_dkdv_kernel(const __grid_con
 
 /* dq of a block's 64 queries: as fb_dq_kernel, S = Q K^T and
  * dP = dO V^T, then dq += dS K. */
-__global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(const __grid_constant__ fb_args p)
+__global__ void __launch_bounds__(FB_THREADS, 2)
+    fw_dq_kernel(const __grid_constant__ fb_args p)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int HD = FW_HD;
@@ -1293,7 +1299,7 @@ __global__ void __launch_bounds__(FB_THREADS, 2) fw_dq_kernel(const __grid_const
         fw_tma_load(Vs + (j & 1) * FW_TILE, p.mv, bar, kvh, j * FB_ROWS, bi);
     };
     if (threadIdx.x == 0) {
-        fw_bars_init(bars, 3);
+        fw_bars_init(bars, FW_BWD_BARS);
         fw_bar_expect(bars, 2 * FW_TILE);
         fw_tma_load(Qs, p.mq, bars, h, q0, bi);
         fw_tma_load(Os, p.mo, bars, h, q0, bi);
@@ -1562,7 +1568,8 @@ static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, b
 {
     const fb_copies c = fb_copies_in<HD>(scratch, p, B);
     fb_convert<HD>(b, p.hd,
-                   fb_copy{ob, dout, (size_t)B * p.Tq * p.H, fb_rope{}, fb_dots{out, D, p.Tq, p.H}});
+                   fb_copy{ob, dout, (size_t)B * p.Tq * p.H, fb_rope{},
+                           fb_dots{out, D, p.Tq, p.H}});
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
