@@ -1463,8 +1463,8 @@ template <int HD> static fb_copies fb_copies_in(float *scratch, const fb_args &p
 }
 
 /* Whether the Hopper kernels run for the padded head size HD: theirs,
- * built for sm_90a (meson's nvcc_arch sm_90) and on a device of compute
- * capability 9.0. */
+ * built for sm_90a (meson's nvcc_arch sm_90), on a device of compute
+ * capability 9.0, with the driver's tensor-map encoder at hand. */
 static bool fw_usable(qkd__backend *b, int HD)
 {
 #ifdef QKD_CUDA_SM90A
