@@ -173,15 +173,21 @@ static float *dpoison(struct pair *p, size_t n)
     return d;
 }
 
-/* Download n floats of d into a new host array and free d. */
-static float *dtake(struct pair *p, float *d, size_t n)
+/* Download n values (bytes each) of d into a new host array and free d. */
+static void *dtake_bytes(struct pair *p, void *d, size_t n, size_t bytes)
 {
-    float *h = test_vec_new(n);
+    void *h = malloc((n ? n : 1) * bytes);
+    ck_assert_ptr_nonnull(h);
     expect_ok(p->cc, p->cb->sync(p->cb), "sync");
     if (n)
-        expect_ok(p->cc, p->cb->download(p->cb, h, d, n * sizeof *h), "download");
+        expect_ok(p->cc, p->cb->download(p->cb, h, d, n * bytes), "download");
     p->cb->free(p->cb, d);
     return h;
+}
+
+static float *dtake(struct pair *p, float *d, size_t n)
+{
+    return dtake_bytes(p, d, n, sizeof *d);
 }
 
 static void dfree(struct pair *p, void *d)
@@ -597,6 +603,23 @@ END_TEST
 
 /* ---- matmul ------------------------------------------------------------------------------- */
 
+/* n values rounded to bf16: their bits into bits, the values they decode
+ * to back into x. */
+static void round_bf16(float *x, uint16_t *bits, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        bits[i] = qkd__f32_to_bf16(x[i]);
+        x[i] = qkd__bf16_to_f32(bits[i]);
+    }
+}
+
+static uint16_t *bits_new(size_t n)
+{
+    uint16_t *b = malloc((n ? n : 1) * sizeof *b);
+    ck_assert_ptr_nonnull(b);
+    return b;
+}
+
 /* Ragged shapes besides exact ones, a depth past a few hundred. */
 static const int mm_shapes[][3] = {
     {1, 1, 1},    {2, 7, 5},     {3, 33, 17},   {4, 64, 64},   {5, 19, 100},
@@ -632,7 +655,46 @@ static void assert_close_scaled(const char *what, const float *got, const float 
     }
 }
 
-/* The three products of one shape on both backends, in fp32 or bf16. */
+/* Bits got against want as bf16 values: within the products' tolerance
+ * (tol * scale) and the two roundings to bf16 (half a unit each). */
+static void assert_bits_close(const char *what, const uint16_t *got, const uint16_t *want,
+                              const float *scale, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const double g = qkd__bf16_to_f32(got[i]), r = qkd__bf16_to_f32(want[i]);
+        ck_assert_msg(fabs(g - r) <= TOL_BF16_MM * scale[i] + 0x1p-9 * (fabs(g) + fabs(r)),
+                      "%s[%zu]: cuda %.9g, ref %.9g", what, i, g, r);
+    }
+}
+
+/* The forward and the written input gradient as bf16 bits on both
+ * backends (the cuda outputs poisoned first: every element is written). */
+static void mm_to_bits_case(struct pair *p, const float *x, const float *w, const float *dout,
+                            const float *d_x, const float *d_w, const float *d_dout,
+                            const float *s_out, const float *s_dx, int N, int C, int OC)
+{
+    qkd__backend *rb = p->rb, *cb = p->cb;
+    const size_t nx = (size_t)N * C, no = (size_t)N * OC;
+    uint16_t *out = bits_new(no), *dx = bits_new(nx), *got = bits_new(nx > no ? nx : no);
+    memset(got, 0xff, (nx > no ? nx : no) * sizeof *got);
+    uint16_t *d_out = dput_bytes(p, got, no, sizeof *got), *d_dx = dput_bytes(p, got, nx, sizeof *got);
+    rb->matmul_forward_to_bf16_bits(rb, out, qkd__bf16_f32(x), qkd__bf16_f32(w), N, C, OC);
+    rb->matmul_backward_input_to_bf16_bits(rb, dx, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C,
+                                           OC);
+    cb->matmul_forward_to_bf16_bits(cb, d_out, qkd__bf16_f32(d_x), qkd__bf16_f32(d_w), N, C, OC);
+    cb->matmul_backward_input_to_bf16_bits(cb, d_dx, qkd__bf16_f32(d_dout), qkd__bf16_f32(d_w), N,
+                                           C, OC);
+    expect_ok(p->cc, cb->sync(cb), "sync");
+    expect_ok(p->cc, cb->download(cb, got, d_out, no * sizeof *got), "download");
+    assert_bits_close("matmul_forward_to_bf16_bits", got, out, s_out, no);
+    expect_ok(p->cc, cb->download(cb, got, d_dx, nx * sizeof *got), "download");
+    assert_bits_close("matmul_backward_input_to_bf16_bits", got, dx, s_dx, nx);
+    free(out); free(dx); free(got);
+    dfree(p, d_out); dfree(p, d_dx);
+}
+
+/* The three products of one shape on both backends, in fp32 or bf16
+ * (with the bf16 forms written as bits). */
 static void mm_case(struct pair *p, int N, int C, int OC, int bf16)
 {
     qkd__backend *rb = p->rb, *cb = p->cb;
@@ -658,6 +720,8 @@ static void mm_case(struct pair *p, int N, int C, int OC, int bf16)
         cb->matmul_backward_input(cb, d_dx, d_dout, d_w, N, C, OC);
         cb->matmul_backward_weight(cb, d_dw, d_dout, d_x, N, C, OC);
     }
+    if (bf16)
+        mm_to_bits_case(p, x, w, dout, d_x, d_w, d_dout, s_out, s_dx, N, C, OC);
     float *g_out = dtake(p, d_out, no), *g_dx = dtake(p, d_dx, nx), *g_dw = dtake(p, d_dw, nw);
     const double tol = bf16 ? TOL_BF16_MM : TOL_FLOAT;
     assert_close_scaled(bf16 ? "matmul_forward_bf16" : "matmul_forward", g_out, out, s_out, no,
@@ -707,87 +771,76 @@ START_TEST(matmul_bf16_matches_ref)
 }
 END_TEST
 
-/* n values rounded to bf16: their bits into bits, the values they decode
- * to back into x. */
-static void round_bf16(float *x, uint16_t *bits, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        bits[i] = qkd__f32_to_bf16(x[i]);
-        x[i] = qkd__bf16_to_f32(bits[i]);
-    }
-}
-
-static uint16_t *bits_new(size_t n)
-{
-    uint16_t *b = malloc((n ? n : 1) * sizeof *b);
-    ck_assert_ptr_nonnull(b);
-    return b;
-}
-
 /* Every candidate a bf16 product's plan chooses among gives the same bits
  * (gemm.c: so the timing that chooses cannot change a result), the
- * planned product equals them whether it adds to C or writes it, at its
- * first use (timed) and after, and sampled elements match a product in
- * double. The shapes: a forward, an input gradient and a weight gradient
- * of SmolLM's (the last split over k), large enough to be timed, and a
- * ragged one that is not. */
+ * planned product equals them whether it adds to C or writes it, in fp32
+ * or in bf16, at its first use (timed) and after, and sampled elements
+ * match a product in double. The shapes: a forward, an input gradient and
+ * a weight gradient of SmolLM's (the last split over k), large enough to
+ * be timed, and a ragged one that is not. */
 START_TEST(gemm_candidates_agree)
 {
     struct pair p;
     if (!pair_open(&p))
         return;
     static const qkd__cuda_gemm shapes[] = {
-        {CUBLAS_OP_T, CUBLAS_OP_N, 576, 2048, 576, 576, 576, 576, 0.0f},
-        {CUBLAS_OP_N, CUBLAS_OP_N, 576, 4096, 192, 576, 192, 576, 0.0f},
-        {CUBLAS_OP_N, CUBLAS_OP_T, 576, 192, 16384, 576, 192, 576, 0.0f},
-        {CUBLAS_OP_N, CUBLAS_OP_N, 17, 33, 65, 17, 65, 17, 0.0f},
+        {CUBLAS_OP_T, CUBLAS_OP_N, 576, 2048, 576, 576, 576, 576, 0.0f, false},
+        {CUBLAS_OP_N, CUBLAS_OP_N, 576, 4096, 192, 576, 192, 576, 0.0f, false},
+        {CUBLAS_OP_N, CUBLAS_OP_T, 576, 192, 16384, 576, 192, 576, 0.0f, false},
+        {CUBLAS_OP_N, CUBLAS_OP_N, 17, 33, 65, 17, 65, 17, 0.0f, false},
     };
     test_rng_seed(29);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-        for (int add = 0; add < 2; add++) {
+        for (int form = 0; form < 3; form++) { /* C: fp32 written, fp32 added, bf16 written */
             qkd__cuda_gemm g = shapes[s];
-            g.beta = (float)add;
+            g.beta = form == 1 ? 1.0f : 0.0f;
+            g.c16 = form == 2;
             const bool an = g.ta == CUBLAS_OP_N, bn = g.tb == CUBLAS_OP_N;
             const size_t na = (size_t)g.lda * (an ? g.k : g.m);
             const size_t nb = (size_t)g.ldb * (bn ? g.n : g.k), nc = (size_t)g.ldc * g.n;
+            const size_t es = g.c16 ? sizeof(uint16_t) : sizeof(float);
             float *a = test_vec_rand(na, -1, 1), *bv = test_vec_rand(nb, -1, 1);
-            float *c0 = test_vec_rand(nc, -1, 1);
+            float *c0 = test_vec_rand(nc, -1, 1); /* as bits for a bf16 C: any values */
             uint16_t *a16 = bits_new(na), *b16 = bits_new(nb);
             round_bf16(a, a16, na);
             round_bf16(bv, b16, nb);
             const uint16_t *d_a = dput_bytes(&p, a16, na, sizeof *a16);
             const uint16_t *d_b = dput_bytes(&p, b16, nb, sizeof *b16);
-            float *d_c = dput(&p, c0, nc);
+            void *d_c = dput_bytes(&p, c0, nc, es);
             const int n = qkd__cuda_gemm_bf16_candidate(p.cb, &g, 0, d_a, d_b, d_c);
-            ck_assert_msg(n >= 1, "shape %zu: no candidate", s);
-            float *want = dtake(&p, d_c, nc);
+            ck_assert_msg(n >= 1, "shape %zu form %d: no candidate", s, form);
+            void *want = dtake_bytes(&p, d_c, nc, es);
             for (int i = 1; i < n; i++) {
-                d_c = dput(&p, c0, nc);
+                d_c = dput_bytes(&p, c0, nc, es);
                 qkd__cuda_gemm_bf16_candidate(p.cb, &g, i, d_a, d_b, d_c);
-                float *got = dtake(&p, d_c, nc);
-                assert_same("a candidate's product", got, want, nc);
+                void *got = dtake_bytes(&p, d_c, nc, es);
+                ck_assert_msg(memcmp(got, want, nc * es) == 0,
+                              "shape %zu form %d: candidate %d's product differs", s, form, i);
                 free(got);
             }
-            d_c = dput(&p, c0, nc);
+            d_c = dput_bytes(&p, c0, nc, es);
             for (int use = 0; use < 2; use++) { /* the first use plans and times */
-                expect_ok(p.cc, p.cb->upload(p.cb, d_c, c0, nc * sizeof *c0), "upload");
+                expect_ok(p.cc, p.cb->upload(p.cb, d_c, c0, nc * es), "upload");
                 qkd__cuda_gemm_bf16(p.cb, &g, d_a, d_b, d_c, "gemm_candidates_agree");
                 expect_ok(p.cc, p.cb->sync(p.cb), "planned product");
             }
-            float *got = dtake(&p, d_c, nc);
-            assert_same("the planned product", got, want, nc);
+            void *got = dtake_bytes(&p, d_c, nc, es);
+            ck_assert_msg(memcmp(got, want, nc * es) == 0,
+                          "shape %zu form %d: the planned product differs", s, form);
             for (int t = 0; t < 64; t++) { /* element (i, j) against double */
                 const int i = (int)(test_rng_next(0, 1) * g.m), j = (int)(test_rng_next(0, 1) * g.n);
-                double sum = add ? c0[(size_t)j * g.ldc + i] : 0.0, mag = fabs(sum);
+                const size_t at = (size_t)j * g.ldc + i;
+                double sum = form == 1 ? c0[at] : 0.0, mag = fabs(sum);
                 for (int k = 0; k < g.k; k++) {
                     const double x = an ? a[(size_t)k * g.lda + i] : a[(size_t)i * g.lda + k];
                     const double y = bn ? bv[(size_t)j * g.ldb + k] : bv[(size_t)k * g.ldb + j];
                     sum += x * y;
                     mag += fabs(x * y);
                 }
-                ck_assert_msg(fabs(got[(size_t)j * g.ldc + i] - sum) <= TOL_BF16_MM * mag,
-                              "shape %zu (%d, %d): %g, want %g", s, i, j,
-                              (double)got[(size_t)j * g.ldc + i], sum);
+                const double v = g.c16 ? qkd__bf16_to_f32(((uint16_t *)got)[at])
+                                       : ((float *)got)[at];
+                ck_assert_msg(fabs(v - sum) <= TOL_BF16_MM * mag + (g.c16 ? 0x1p-8 * fabs(sum) : 0),
+                              "shape %zu form %d (%d, %d): %g, want %g", s, form, i, j, v, sum);
             }
             free(got); free(want); free(a); free(bv); free(c0); free(a16); free(b16);
             dfree(&p, (void *)d_a); dfree(&p, (void *)d_b);
@@ -948,20 +1001,29 @@ START_TEST(bf16_bits_producers_round_fp32)
     }
     for (size_t s = 0; s < 2 * sizeof elem_sizes / sizeof elem_sizes[0]; s++) {
         const size_t off = s % 2, n = elem_sizes[s / 2];
+        /* SwiGLU's inputs as bits (off the vector boundary with off) against
+         * the values they decode to as floats */
         float *gate = test_vec_rand(n, -12, 12), *up = test_vec_rand(n, -2, 2);
         float *g = test_vec_rand(n, -1, 1), *zeros = test_vec_new(n);
+        uint16_t *gate16 = bits_new(n + off), *up16 = bits_new(n + off), *g16 = bits_new(n + off);
+        round_bf16(gate, gate16 + off, n);
+        round_bf16(up, up16 + off, n);
+        round_bf16(g, g16 + off, n);
         uint16_t *poison = bits_new(n + off);
         memset(poison, 0xff, (n + off) * sizeof *poison);
-        float *d_gate = dput_off(&p, gate, n, off), *d_up = dput_off(&p, up, n, off);
-        float *d_g = dput_off(&p, g, n, off), *d_o = dpoison(&p, n);
-        float *d_dg = dput(&p, zeros, n), *d_du = dput(&p, zeros, n);
+        float *d_gate = dput(&p, gate, n), *d_up = dput(&p, up, n), *d_g = dput(&p, g, n);
+        uint16_t *d_gate16 = dput_bytes(&p, gate16, n + off, sizeof *gate16);
+        uint16_t *d_up16 = dput_bytes(&p, up16, n + off, sizeof *up16);
+        uint16_t *d_g16 = dput_bytes(&p, g16, n + off, sizeof *g16);
+        float *d_o = dpoison(&p, n), *d_dg = dput(&p, zeros, n), *d_du = dput(&p, zeros, n);
         uint16_t *d_o16 = dput_bytes(&p, poison, n + off, sizeof *poison);
         uint16_t *d_dg16 = dput_bytes(&p, poison, n + off, sizeof *poison);
         uint16_t *d_du16 = dput_bytes(&p, poison, n + off, sizeof *poison);
         p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
-        p.cb->swiglu_forward_bf16_bits(p.cb, d_o16 + off, d_gate, d_up, n);
+        p.cb->swiglu_forward_bf16_bits(p.cb, d_o16 + off, d_gate16 + off, d_up16 + off, n);
         p.cb->swiglu_backward(p.cb, d_dg, d_du, d_g, d_gate, d_up, n);
-        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, d_g, d_gate, d_up, n);
+        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, d_g16 + off,
+                                        d_gate16 + off, d_up16 + off, n);
         assert_bits_of("swiglu_forward_bf16_bits", d_o16 + off, d_o, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dgate", d_dg16 + off, d_dg, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dup", d_du16 + off, d_du, n, &p);
@@ -972,9 +1034,20 @@ START_TEST(bf16_bits_producers_round_fp32)
         uint16_t *d_x16 = dput_bytes(&p, poison, n + off, sizeof *poison);
         p.cb->to_bf16_bits(p.cb, d_x16 + off, d_x, n);
         assert_bits_of("to_bf16_bits", d_x16 + off, d_x, n, &p);
-        dfree(&p, d_x - off); dfree(&p, d_x16);
-        free(gate); free(up); free(g); free(zeros); free(poison);
-        dfree(&p, d_gate - off); dfree(&p, d_up - off); dfree(&p, d_g - off);
+        /* round_to_bf16: in place, the values of to_bf16_bits's bits */
+        p.cb->round_to_bf16(p.cb, d_x, n);
+        float *rounded = dtake_off(&p, d_x, n, off);
+        for (size_t i = 0; i < n; i++) {
+            const float want = qkd__bf16_to_f32(qkd__f32_to_bf16(up[i]));
+            ck_assert_msg(memcmp(&rounded[i], &want, sizeof want) == 0,
+                          "round_to_bf16 [%zu]: %.9g, want %.9g", i, (double)rounded[i],
+                          (double)want);
+        }
+        dfree(&p, d_x16);
+        free(gate); free(up); free(g); free(zeros); free(poison); free(rounded);
+        free(gate16); free(up16); free(g16);
+        dfree(&p, d_gate); dfree(&p, d_up); dfree(&p, d_g);
+        dfree(&p, d_gate16); dfree(&p, d_up16); dfree(&p, d_g16);
         dfree(&p, d_o); dfree(&p, d_dg); dfree(&p, d_du);
         dfree(&p, d_o16); dfree(&p, d_dg16); dfree(&p, d_du16);
     }

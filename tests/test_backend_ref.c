@@ -370,6 +370,17 @@ static uint16_t *bits_of(const float *x, size_t n)
     return b;
 }
 
+/* x rounded to bf16 in place by the backend, against the bits' values. */
+static void assert_rounds(qkd__backend *b, float *x, size_t n)
+{
+    uint16_t *want = bits_of(x, n);
+    b->round_to_bf16(b, x, n);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(x[i] == qkd__bf16_to_f32(want[i]), "round_to_bf16 [%zu]: %.9g", i,
+                      (double)x[i]);
+    free(want);
+}
+
 static void assert_bits(const char *what, const uint16_t *got, const float *f32, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -378,8 +389,9 @@ static void assert_bits(const char *what, const uint16_t *got, const float *f32,
 }
 
 /* The bf16-bits family: the products on bits equal the bf16 products on
- * the values the bits decode to, and the producers write their fp32 forms'
- * outputs rounded (SwiGLU's backward: into zeroed gradients), bit for bit. */
+ * the values the bits decode to, and the producers (the products written
+ * as bits too) write their fp32 forms' outputs rounded (SwiGLU's
+ * backward: into zeroed gradients), bit for bit. */
 START_TEST(test_bf16_bits_family)
 {
     qkd_context *ctx = test_context(2);
@@ -411,6 +423,14 @@ START_TEST(test_bf16_bits_family)
     b->matmul_backward_weight_bf16_bits(b, dw2, dyi, xi, N, C, OC, 0);
     ck_assert_mem_eq(dx2, dx, nx * sizeof *dx);
     ck_assert_mem_eq(dw2, dw, nw * sizeof *dw);
+    uint16_t *yb16 = bits_of(y, ny), *dxb16 = bits_of(dx, nx); /* overwritten */
+    memset(yb16, 0xff, ny * sizeof *yb16);
+    memset(dxb16, 0xff, nx * sizeof *dxb16);
+    b->matmul_forward_to_bf16_bits(b, yb16, xi, wi, N, C, OC);
+    b->matmul_backward_input_to_bf16_bits(b, dxb16, dyi, wi, N, C, OC);
+    assert_bits("matmul_forward_to_bf16_bits", yb16, y, ny);
+    assert_bits("matmul_backward_input_to_bf16_bits", dxb16, dx, nx);
+    free(yb16), free(dxb16);
 
     float *nw_ = test_vec_rand((size_t)C, 0.5, 1.5), *r = test_vec_new((size_t)N);
     float *r2 = test_vec_new((size_t)N);
@@ -420,14 +440,19 @@ START_TEST(test_bf16_bits_family)
     assert_bits("rmsnorm_forward_bf16_bits", yb, dx, nx);
     ck_assert_mem_eq(r2, r, (size_t)N * sizeof *r);
 
+    /* SwiGLU's inputs as bits against their rounded values as floats */
     float *gate = test_vec_rand(nx, -8, 8), *up = test_vec_rand(nx, -2, 2);
     float *dg = test_vec_new(nx), *du = test_vec_new(nx);
     uint16_t *dgb = bits_of(x, nx), *dub = bits_of(x, nx);
+    uint16_t *gateb = bits_of(gate, nx), *upb = bits_of(up, nx);
+    assert_rounds(b, gate, nx);
+    assert_rounds(b, up, nx);
     b->swiglu_forward(b, dx, gate, up, nx);
-    b->swiglu_forward_bf16_bits(b, yb, gate, up, nx);
+    b->swiglu_forward_bf16_bits(b, yb, gateb, upb, nx);
     assert_bits("swiglu_forward_bf16_bits", yb, dx, nx);
+    assert_rounds(b, x, nx); /* now xb's values: the gradient flowing in */
     b->swiglu_backward(b, dg, du, x, gate, up, nx); /* into zeroed dg, du */
-    b->swiglu_backward_bf16_bits(b, dgb, dub, x, gate, up, nx);
+    b->swiglu_backward_bf16_bits(b, dgb, dub, xb, gateb, upb, nx);
     assert_bits("swiglu_backward_bf16_bits dgate", dgb, dg, nx);
     assert_bits("swiglu_backward_bf16_bits dup", dub, du, nx);
 
@@ -442,7 +467,7 @@ START_TEST(test_bf16_bits_family)
     }
     free(x), free(w), free(dy), free(xb), free(wb), free(dyb), free(y), free(dx), free(dw);
     free(y2), free(dx2), free(dw2), free(nw_), free(r), free(r2), free(yb);
-    free(gate), free(up), free(dg), free(du), free(dgb), free(dub);
+    free(gate), free(up), free(dg), free(du), free(dgb), free(dub), free(gateb), free(upb);
     qkd_context_free(ctx);
 }
 END_TEST

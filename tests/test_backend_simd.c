@@ -988,6 +988,8 @@ START_TEST(table_complete)
         (const char *)&b->matmul_forward_bf16_bits,
         (const char *)&b->matmul_backward_input_bf16_bits,
         (const char *)&b->matmul_backward_weight_bf16_bits,
+        (const char *)&b->matmul_forward_to_bf16_bits,
+        (const char *)&b->matmul_backward_input_to_bf16_bits,
         (const char *)&b->rmsnorm_forward_bf16_bits,
         (const char *)&b->add_rmsnorm_forward_bf16_bits,
         (const char *)&b->rmsnorm_backward_bf16_bits, (const char *)&b->swiglu_forward_bf16_bits,

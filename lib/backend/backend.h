@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 13
+#define QKD__BACKEND_ABI 14
 
 typedef struct qkd__backend qkd__backend;
 
@@ -202,6 +202,12 @@ struct qkd__backend {
      * frozen model with bf16-bits products keeps its weights so, rounded
      * once instead of by every product (NULL: every product rounds them). */
     void (*to_bf16_bits)(qkd__backend *b, uint16_t *dst, const float *x, size_t n);
+    /* x[i] rounded to bf16 (nearest even) in place, kept as float. Needed
+     * with the bf16 products (matmul_*_bf16): a bf16 model stores its
+     * feed-forward's gate and up outputs, and SwiGLU's output gradient,
+     * in bf16, as PyTorch's bf16 products do; without the bf16-bits family
+     * it rounds their fp32 values so. */
+    void (*round_to_bf16)(qkd__backend *b, float *x, size_t n);
 
     /* ---- linear layers ---------------------------------------------- */
     /* out[N][OC] = inp[N][C] . w[OC][C]^T */
@@ -228,9 +234,9 @@ struct qkd__backend {
      * fakequant_forward_bf16, or none): the three bf16 products with
      * operands that may already be bf16 bits (qkd__bf16_in), equal to them
      * on the fp32 values those bits decode to. A model keeps its linear
-     * layers' inputs, some output gradients and its quantized weights in
-     * bf16 with them, so no product converts what a kernel could write in
-     * bf16 at once. The backward products add (accumulate 1) or write (0:
+     * layers' inputs, some outputs and output gradients and its quantized
+     * weights in bf16 with them, so no product converts what a kernel
+     * could write in bf16 at once. The backward products add (accumulate 1) or write (0:
      * dinp = dout . w, dw = dout^T . inp, the old contents, NaN included,
      * not read), so the first product into a gradient needs no zeroed
      * buffer. */
@@ -242,6 +248,15 @@ struct qkd__backend {
     void (*matmul_backward_weight_bf16_bits)(qkd__backend *b, float *dw, qkd__bf16_in dout,
                                              qkd__bf16_in inp, int N, int C, int OC,
                                              int accumulate);
+    /* matmul_forward_bf16_bits and matmul_backward_input_bf16_bits
+     * (written, not added) with the product rounded to bf16 (nearest even)
+     * as it is written, as raw bits: the gate and up outputs, SwiGLU's
+     * output gradient. */
+    void (*matmul_forward_to_bf16_bits)(qkd__backend *b, uint16_t *out, qkd__bf16_in inp,
+                                        qkd__bf16_in w, int N, int C, int OC);
+    void (*matmul_backward_input_to_bf16_bits)(qkd__backend *b, uint16_t *dinp,
+                                               qkd__bf16_in dout, qkd__bf16_in w, int N, int C,
+                                               int OC);
 
     /* ---- embedding -------------------------------------------------- */
     /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */
@@ -350,20 +365,21 @@ struct qkd__backend {
     /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */
     void (*swiglu_forward)(qkd__backend *b, float *out, const float *gate,
                            const float *up, size_t n);
-    /* Optional (the bf16-bits family): swiglu_forward with out rounded to
-     * bf16 (nearest even, raw bits). */
-    void (*swiglu_forward_bf16_bits)(qkd__backend *b, uint16_t *out, const float *gate,
-                                     const float *up, size_t n);
+    /* Optional (the bf16-bits family): swiglu_forward on gate and up as
+     * bf16 bits, with out rounded to bf16 (nearest even, raw bits). */
+    void (*swiglu_forward_bf16_bits)(qkd__backend *b, uint16_t *out, const uint16_t *gate,
+                                     const uint16_t *up, size_t n);
     /* dgate += ..., dup += ... */
     void (*swiglu_backward)(qkd__backend *b, float *dgate, float *dup,
                             const float *dout, const float *gate, const float *up,
                             size_t n);
     /* Optional (the bf16-bits family): the gradients of swiglu_backward
-     * into zeroed buffers, rounded to bf16 (raw bits) and WRITTEN, not
-     * added: the operands of the gate and up products' backward. */
+     * on dout, gate and up as bf16 bits, into zeroed buffers, rounded to
+     * bf16 (raw bits) and WRITTEN, not added: the operands of the gate
+     * and up products' backward. */
     void (*swiglu_backward_bf16_bits)(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                      const float *dout, const float *gate, const float *up,
-                                      size_t n);
+                                      const uint16_t *dout, const uint16_t *gate,
+                                      const uint16_t *up, size_t n);
 
     /* ---- softmax over rows of V ---------------------------------------- */
     /* probs = softmax(logits * inv_temp) row-wise */

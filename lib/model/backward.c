@@ -101,11 +101,16 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, H = m->cfg.hidden_dim;
     /* x_out = x_mid + sw Wd^T: dres passes to x_mid unchanged */
-    linear_backward(m, LINEAR(FFN_DOWN), g->dsw, 0, dres_in(g), IN(FFN_DOWN, sw), N, H, C);
-    if (g->dgate_bits) { /* written, not added */
-        be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw, a->gate, a->up,
-                                      (size_t)N * H);
+    if (g->dsw_bits) { /* dsw, dgate and dup written in bf16 */
+        qkd__model_linear_backward_input_to_bits(m, LINEAR(FFN_DOWN), g->dsw_bits, dres_in(g), N,
+                                                 H, C);
+        qkd__model_linear_backward_weight(m, LINEAR(FFN_DOWN), dres_in(g), IN(FFN_DOWN, sw), N,
+                                          H, C, !m->grads_cleared);
+        be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw_bits,
+                                      a->gate_bits, a->up_bits, (size_t)N * H);
     } else {
+        linear_backward(m, LINEAR(FFN_DOWN), g->dsw, 0, dres_in(g), IN(FFN_DOWN, sw), N, H, C);
+        qkd__model_round_stored(m, g->dsw, (size_t)N * H);
         zero(be, g->dgate, (size_t)N * H);
         zero(be, g->dup, (size_t)N * H);
         be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);

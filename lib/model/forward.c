@@ -96,12 +96,19 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     add_norm_forward(m, a->x_mid, a->x_in, a->proj, a->h2, a->h2_bits, a->rstd2,
                      QKD_TENSOR_FFN_NORM, l, N);
     quantize_acts(m, a->h2q, a->h2, N, C);
-    LINEAR(FFN_GATE, a->gate, IN(FFN_GATE, h2), C, H);
-    LINEAR(FFN_UP, a->up, IN(FFN_UP, h2), C, H);
-    if (a->sw_bits)
-        be->swiglu_forward_bf16_bits(be, a->sw_bits, a->gate, a->up, (size_t)N * H);
-    else
+    if (a->gate_bits) { /* gate and up written in bf16 by their products */
+        qkd__model_linear_forward_to_bits(m, QKD_TENSOR_FFN_GATE, l, a->gate_bits,
+                                          IN(FFN_GATE, h2), N, C, H);
+        qkd__model_linear_forward_to_bits(m, QKD_TENSOR_FFN_UP, l, a->up_bits, IN(FFN_UP, h2),
+                                          N, C, H);
+        be->swiglu_forward_bf16_bits(be, a->sw_bits, a->gate_bits, a->up_bits, (size_t)N * H);
+    } else {
+        LINEAR(FFN_GATE, a->gate, IN(FFN_GATE, h2), C, H);
+        LINEAR(FFN_UP, a->up, IN(FFN_UP, h2), C, H);
+        qkd__model_round_stored(m, a->gate, (size_t)N * H);
+        qkd__model_round_stored(m, a->up, (size_t)N * H);
         be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
+    }
     quantize_acts(m, a->swq, a->sw, N, H);
     LINEAR(FFN_DOWN, a->proj, IN(FFN_DOWN, sw), H, C);
     if (next)
@@ -152,8 +159,10 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
     la->h2 = bits ? NULL : qkd__arena_take(a, N, C);
     la->h2_bits = bits ? take16(a, N, C) : NULL;
     la->rstd2 = qkd__arena_take(a, N, 1);
-    la->gate = qkd__arena_take(a, N, H);
-    la->up = qkd__arena_take(a, N, H);
+    la->gate = bits ? NULL : qkd__arena_take(a, N, H);
+    la->up = bits ? NULL : qkd__arena_take(a, N, H);
+    la->gate_bits = bits ? take16(a, N, H) : NULL;
+    la->up_bits = bits ? take16(a, N, H) : NULL;
     la->sw = bits ? NULL : qkd__arena_take(a, N, H);
     la->sw_bits = bits ? take16(a, N, H) : NULL;
     la->hq = act_quant ? qkd__arena_take(a, N, C) : la->h;
@@ -211,7 +220,7 @@ static void plan_train(void *arg, qkd__arena *a)
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
         t->dsw = t->dgate = t->dup = NULL;
-        t->dgate_bits = t->dup_bits = t->dres_bits = t->dqkv_bits = NULL;
+        t->dsw_bits = t->dgate_bits = t->dup_bits = t->dres_bits = t->dqkv_bits = NULL;
         return;
     }
     t->dlogits = qkd__arena_take(a, N, V);
@@ -223,11 +232,13 @@ static void plan_train(void *arg, qkd__arena *a)
     t->dk = bits ? NULL : qkd__arena_take(a, N, kvd);
     t->dv = bits ? NULL : qkd__arena_take(a, N, kvd);
     t->dqkv_bits = bits ? take16(a, N, C + 2 * kvd) : NULL;
-    t->dsw = qkd__arena_take(a, N, H);
-    t->dgate = bits ? NULL : qkd__arena_take(a, N, H);
-    t->dup = bits ? NULL : qkd__arena_take(a, N, H);
-    t->dgate_bits = bits ? take16(a, N, H) : NULL;
-    t->dup_bits = bits ? take16(a, N, H) : NULL;
+    const int ffn_bits = bits && !act_quant; /* as the layers' gate_bits */
+    t->dsw = ffn_bits ? NULL : qkd__arena_take(a, N, H);
+    t->dgate = ffn_bits ? NULL : qkd__arena_take(a, N, H);
+    t->dup = ffn_bits ? NULL : qkd__arena_take(a, N, H);
+    t->dsw_bits = ffn_bits ? take16(a, N, H) : NULL;
+    t->dgate_bits = ffn_bits ? take16(a, N, H) : NULL;
+    t->dup_bits = ffn_bits ? take16(a, N, H) : NULL;
     t->dres_bits = bits && be->rmsnorm_backward_bf16_bits ? take16(a, N, C) : NULL;
 }
 

@@ -436,7 +436,7 @@ qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
                           "model set_matmul_precision: unknown precision %d", (int)p);
     const qkd__backend *be = qkd__model_backend(m);
     if (p == QKD_MATMUL_BF16 && (!be->matmul_forward_bf16 || !be->matmul_backward_input_bf16 ||
-                                 !be->matmul_backward_weight_bf16))
+                                 !be->matmul_backward_weight_bf16 || !be->round_to_bf16))
         return qkd__error(m->ctx, QKD_ERR_UNSUPPORTED,
                           "model set_matmul_precision: the %s backend has no bf16 matmuls",
                           be->name);

@@ -43,12 +43,12 @@ typedef struct qkd__layer_acts {
      * activations: per-token quantized copies of h, att, h2 and sw (else
      * these alias them). */
     float *hq, *attq, *h2q, *swq;
-    /* h, h2 and sw as bf16 bits instead (h, h2 and sw then NULL) where the
-     * model's products take them (qkd__model_bf16_bits) and activations
-     * are not quantized: only products read them. att_bits: att's bits
-     * beside it (the attention backward reads att), written by the
-     * attention for the output projection. Else NULL. */
-    uint16_t *h_bits, *h2_bits, *sw_bits, *att_bits;
+    /* h, h2, gate, up and sw as bf16 bits instead (those then NULL) where
+     * the model's products take them (qkd__model_bf16_bits) and
+     * activations are not quantized: only products and SwiGLU read them.
+     * att_bits: att's bits beside it (the attention backward reads att),
+     * written by the attention for the output projection. Else NULL. */
+    uint16_t *h_bits, *h2_bits, *gate_bits, *up_bits, *sw_bits, *att_bits;
 } qkd__layer_acts;
 
 /* Geometry of one pass: B sequences of T rows at positions pos0.., with
@@ -69,9 +69,9 @@ typedef struct qkd__train_acts {
     float *logits, *dlogits; /* [N][V] */
     /* activation gradients, reused by every layer */
     float *dres, *dnorm, *datt, *dq, *dk, *dv, *dsw, *dgate, *dup;
-    /* dgate and dup as bf16 bits instead (dgate, dup then NULL) where the
-     * model's products take them (qkd__model_bf16_bits); else NULL */
-    uint16_t *dgate_bits, *dup_bits;
+    /* dsw, dgate and dup as bf16 bits instead (those then NULL) where the
+     * layers keep gate and up so (qkd__layer_acts); else NULL */
+    uint16_t *dsw_bits, *dgate_bits, *dup_bits;
     /* dres's bits beside it, written with it by the RMSNorm backward for
      * the products that read it, where the model's products take bits and
      * the backend has rmsnorm_backward_bf16_bits; else NULL */
@@ -187,6 +187,7 @@ static inline int qkd__model_bf16_bits(const qkd_model *m)
     const qkd__backend *be = qkd__model_backend(m);
     return m->matmul_bf16 && be->matmul_forward_bf16_bits &&
            be->matmul_backward_input_bf16_bits && be->matmul_backward_weight_bf16_bits &&
+           be->matmul_forward_to_bf16_bits && be->matmul_backward_input_to_bf16_bits &&
            be->rmsnorm_forward_bf16_bits && be->swiglu_forward_bf16_bits &&
            be->fakequant_forward_bf16 && be->attention_forward_bf16;
 }
@@ -224,8 +225,9 @@ qkd_status qkd__arena_alloc(qkd_context *ctx, const char *what,
 /* Place one layer's row buffers (h .. sw) for N rows; with own_kv also
  * k and v (read back by the attention as kcache/vcache); with act_quant
  * the quantized copies hq .. swq (else they alias h .. sw); with bf16_bits
- * (and no act_quant) h_bits, h2_bits and sw_bits in place of h, h2 and
- * sw. x_in, x_out and proj are the caller's. */
+ * (and no act_quant) h_bits, h2_bits, gate_bits, up_bits and sw_bits in
+ * place of h, h2, gate, up and sw. x_in, x_out and proj are the
+ * caller's. */
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
                            size_t N, size_t scratch_floats, int own_kv, int act_quant,
                            int bf16_bits);
@@ -270,6 +272,23 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
 void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind, int layer,
                                        qkd__bf16_in dout, qkd__bf16_in inp, int N, int C,
                                        int OC, int accumulate);
+/* The forward product and the written input gradient as bf16 bits, where
+ * the bf16-bits products run. */
+void qkd__model_linear_forward_to_bits(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                       uint16_t *out, qkd__bf16_in inp, int N, int C, int OC);
+void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kind kind,
+                                              int layer, uint16_t *dinp, qkd__bf16_in dout,
+                                              int N, int C, int OC);
+/* A bf16 model stores the feed-forward's gate and up outputs and SwiGLU's
+ * output gradient in bf16 (backend round_to_bf16); where they are fp32
+ * buffers, this rounds them so. */
+static inline void qkd__model_round_stored(const qkd_model *m, float *x, size_t n)
+{
+    if (m->matmul_bf16) {
+        qkd__backend *be = qkd__model_backend(m);
+        be->round_to_bf16(be, x, n);
+    }
+}
 /* Bits of the per-token activation / key-value quantization; 0 when off. */
 int qkd__model_act_bits(const qkd_model *m);
 int qkd__model_kv_bits(const qkd_model *m);

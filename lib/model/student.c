@@ -166,6 +166,24 @@ void qkd__model_linear_backward_weight(const qkd_model *m, qkd_tensor_kind kind,
             be, dw, dout.f32, inp.f32, N, C, OC);
 }
 
+void qkd__model_linear_forward_to_bits(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                                       uint16_t *out, qkd__bf16_in inp, int N, int C, int OC)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    be->matmul_forward_to_bf16_bits(be, out, inp,
+                                    weight_in(m, live_qtensor(m, kind, layer), kind, layer), N,
+                                    C, OC);
+}
+
+void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kind kind,
+                                              int layer, uint16_t *dinp, qkd__bf16_in dout,
+                                              int N, int C, int OC)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    be->matmul_backward_input_to_bf16_bits(
+        be, dinp, dout, weight_in(m, live_qtensor(m, kind, layer), kind, layer), N, C, OC);
+}
+
 int qkd__model_grads_direct(const qkd_model *m)
 {
     return !is_live(m) || m->student.grad_direct;

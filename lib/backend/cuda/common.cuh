@@ -89,6 +89,25 @@ __device__ inline void qkd__store4(uint16_t *p, size_t i, float4 v)
     reinterpret_cast<uint2 *>(p)[i] = qkd__bf16_bits4(v);
 }
 
+/* The value of bf16 bits h (exact). */
+__device__ inline float qkd__bf16_value(uint32_t h)
+{
+    return __uint_as_float(h << 16);
+}
+
+/* Load p[i], or element group i (8 bytes), of bf16 bits as floats. */
+__device__ inline float qkd__load(const uint16_t *p, size_t i)
+{
+    return qkd__bf16_value(p[i]);
+}
+
+__device__ inline float4 qkd__load4(const uint16_t *p, size_t i)
+{
+    const uint2 v = reinterpret_cast<const uint2 *>(p)[i];
+    return make_float4(qkd__bf16_value(v.x & 0xffffu), qkd__bf16_value(v.x >> 16),
+                       qkd__bf16_value(v.y & 0xffffu), qkd__bf16_value(v.y >> 16));
+}
+
 template <typename T> struct qkd__sum_op {
     __device__ T operator()(T a, T b) const { return a + b; }
 };

@@ -203,10 +203,10 @@ static const uint16_t *bf16_operand(qkd__backend *b, bf16_copy *cp, const float 
     return cp->buf;
 }
 
-/* Whether [p, p + pn) and [q, q + qn) (floats) share an element. */
-static bool overlaps(const float *p, size_t pn, const float *q, size_t qn)
+/* Whether [p, p + pn) and [q, q + qn) (bytes) share a byte. */
+static bool overlaps(const void *p, size_t pn, const void *q, size_t qn)
 {
-    return (uintptr_t)p < (uintptr_t)(q + qn) && (uintptr_t)q < (uintptr_t)(p + pn);
+    return (uintptr_t)p < (uintptr_t)q + qn && (uintptr_t)q < (uintptr_t)p + pn;
 }
 
 /* The bf16 operand of `in` (n elements): its bits, or its fp32 values
@@ -230,7 +230,7 @@ static const uint16_t *bf16_input(qkd__backend *b, qkd__bf16_in in, bf16_copy *c
  * weight, or (A_act) the input of a weight gradient, kept in copy 1; B
  * (nb) is kept in copy 0. */
 static void gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, qkd__bf16_in A, size_t na,
-                      bool A_act, qkd__bf16_in B, size_t nb, float *C, const char *what)
+                      bool A_act, qkd__bf16_in B, size_t nb, void *C, const char *what)
 {
     if (g->m <= 0 || g->n <= 0 || g->k <= 0)
         return;
@@ -243,10 +243,11 @@ static void gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, qkd__bf16_in A, 
     qkd__cuda_gemm_bf16(b, g, a16, b16, C, what);
     /* the product wrote C alone: a copy current at entry holds unless C
      * covers its source */
-    const size_t nc = (size_t)g->ldc * (g->n - 1) + g->m;
+    const size_t nc = ((size_t)g->ldc * (g->n - 1) + g->m) * (g->c16 ? 2 : 4);
     for (int i = 0; i < 2; i++) {
         bf16_copy *cp = &c->b16[i];
-        if (cp->src && cp->writes == entry && !overlaps(C, nc, cp->src, cp->n))
+        if (cp->src && cp->writes == entry &&
+            !overlaps(C, nc, cp->src, cp->n * sizeof *cp->src))
             cp->writes = c->writes;
         else
             cp->src = NULL;
@@ -256,8 +257,16 @@ static void gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, qkd__bf16_in A, 
 static void cuda_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
                                           qkd__bf16_in w, int N, int C, int OC)
 {
-    const qkd__cuda_gemm g = {CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, C, C, OC, 0.0f};
+    const qkd__cuda_gemm g = {CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, C, C, OC, 0.0f, false};
     gemm_bf16(b, &g, w, (size_t)OC * C, false, inp, (size_t)N * C, out, "matmul_forward_bf16");
+}
+
+static void cuda_matmul_forward_to_bf16_bits(qkd__backend *b, uint16_t *out, qkd__bf16_in inp,
+                                             qkd__bf16_in w, int N, int C, int OC)
+{
+    const qkd__cuda_gemm g = {CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, C, C, OC, 0.0f, true};
+    gemm_bf16(b, &g, w, (size_t)OC * C, false, inp, (size_t)N * C, out,
+              "matmul_forward_to_bf16_bits");
 }
 
 /* beta 0 when writing: cuBLAS then reads nothing of dinp */
@@ -266,9 +275,18 @@ static void cuda_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp,
                                                  int C, int OC, int accumulate)
 {
     const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, C, OC, C,
-                              accumulate ? 1.0f : 0.0f};
+                              accumulate ? 1.0f : 0.0f, false};
     gemm_bf16(b, &g, w, (size_t)OC * C, false, dout, (size_t)N * OC, dinp,
               "matmul_backward_input_bf16");
+}
+
+static void cuda_matmul_backward_input_to_bf16_bits(qkd__backend *b, uint16_t *dinp,
+                                                    qkd__bf16_in dout, qkd__bf16_in w, int N,
+                                                    int C, int OC)
+{
+    const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, C, OC, C, 0.0f, true};
+    gemm_bf16(b, &g, w, (size_t)OC * C, false, dout, (size_t)N * OC, dinp,
+              "matmul_backward_input_to_bf16_bits");
 }
 
 static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
@@ -276,7 +294,7 @@ static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
                                                   int C, int OC, int accumulate)
 {
     const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, C, OC, C,
-                              accumulate ? 1.0f : 0.0f};
+                              accumulate ? 1.0f : 0.0f, false};
     gemm_bf16(b, &g, inp, (size_t)N * C, true, dout, (size_t)N * OC, dw,
               "matmul_backward_weight_bf16");
 }
@@ -412,6 +430,7 @@ static const qkd__backend cuda_table = {
     .sum = qkd__cuda_sum,
     .sum_squares = qkd__cuda_sum_squares,
     .to_bf16_bits = qkd__cuda_to_bf16,
+    .round_to_bf16 = qkd__cuda_round_to_bf16,
     .matmul_forward = cuda_matmul_forward,
     .matmul_backward_input = cuda_matmul_backward_input,
     .matmul_backward_weight = cuda_matmul_backward_weight,
@@ -419,6 +438,8 @@ static const qkd__backend cuda_table = {
     .matmul_backward_input_bf16 = cuda_matmul_backward_input_bf16,
     .matmul_backward_weight_bf16 = cuda_matmul_backward_weight_bf16,
     .matmul_forward_bf16_bits = cuda_matmul_forward_bf16_bits,
+    .matmul_forward_to_bf16_bits = cuda_matmul_forward_to_bf16_bits,
+    .matmul_backward_input_to_bf16_bits = cuda_matmul_backward_input_to_bf16_bits,
     .matmul_backward_input_bf16_bits = cuda_matmul_backward_input_bf16_bits,
     .matmul_backward_weight_bf16_bits = cuda_matmul_backward_weight_bf16_bits,
     .embedding_forward = qkd__cuda_embedding_forward,

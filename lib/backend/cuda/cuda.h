@@ -48,6 +48,7 @@ typedef struct qkd__cuda_gemm {
     cublasOperation_t ta, tb;
     int m, n, k, lda, ldb, ldc;
     float beta;
+    bool c16; /* C in bf16 (rounded to nearest even from fp32), else fp32 */
 } qkd__cuda_gemm;
 
 /* A shape's cuBLASLt descriptors and chosen algorithm (gemm.c). */
@@ -139,11 +140,11 @@ void qkd__cuda_gemm_teardown(qkd__cuda *c);
 /* g's product on bf16 A and B into fp32 C, by the shape's plan (made,
  * and timed, at its first use); a failure is recorded, naming `what`. */
 void qkd__cuda_gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, const uint16_t *A,
-                         const uint16_t *B, float *C, const char *what);
+                         const uint16_t *B, void *C, const char *what);
 /* For the tests: g's product by the i-th of the candidates the plan
  * chooses among (none when i is past them); their count. */
 int qkd__cuda_gemm_bf16_candidate(qkd__backend *b, const qkd__cuda_gemm *g, int i,
-                                  const uint16_t *A, const uint16_t *B, float *C);
+                                  const uint16_t *A, const uint16_t *B, void *C);
 
 /* ---- elementwise.cu ------------------------------------------------------ */
 void qkd__cuda_fill(qkd__backend *b, float *x, float value, size_t n);
@@ -152,17 +153,19 @@ void qkd__cuda_axpy(qkd__backend *b, float *y, float alpha, const float *x, size
 void qkd__cuda_scale(qkd__backend *b, float *x, float alpha, size_t n);
 /* dst[i] = src[i] rounded to bf16 (nearest even), as raw bf16 bits. */
 void qkd__cuda_to_bf16(qkd__backend *b, uint16_t *dst, const float *src, size_t n);
+/* x[i] rounded to bf16 (nearest even) in place, as floats. */
+void qkd__cuda_round_to_bf16(qkd__backend *b, float *x, size_t n);
 void qkd__cuda_sum(qkd__backend *b, float *out, const float *x, size_t n);
 void qkd__cuda_sum_squares(qkd__backend *b, float *out, const float *x, size_t n);
 void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
                               size_t n);
-void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const float *gate,
-                                        const float *up, size_t n);
+void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const uint16_t *gate,
+                                        const uint16_t *up, size_t n);
 void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
                                const float *gate, const float *up, size_t n);
 void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                         const float *dout, const float *gate, const float *up,
-                                         size_t n);
+                                         const uint16_t *dout, const uint16_t *gate,
+                                         const uint16_t *up, size_t n);
 void qkd__cuda_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
                             size_t n, float lr, float b1, float b2, float eps, float wd, int t);
 void qkd__cuda_sgd_update(qkd__backend *b, float *p, const float *g, float *u, size_t n,

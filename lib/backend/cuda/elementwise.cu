@@ -165,6 +165,24 @@ extern "C" void qkd__cuda_to_bf16(qkd__backend *b, uint16_t *dst, const float *s
     }
 }
 
+/* x rounded to bf16 in place: what a bf16 buffer would hold, as floats. */
+struct round_bf16_op {
+    float *x;
+    __device__ static float rounded(float v) { return qkd__bf16_value(qkd__bf16_bits(v)); }
+    __device__ void one(size_t i) const { x[i] = rounded(x[i]); }
+    __device__ void four(size_t i) const
+    {
+        const float4 v = ld4(x, i);
+        st4(x, i, make_float4(rounded(v.x), rounded(v.y), rounded(v.z), rounded(v.w)));
+    }
+};
+
+extern "C" void qkd__cuda_round_to_bf16(qkd__backend *b, float *x, size_t n)
+{
+    if (n)
+        map(b, round_bf16_op{x}, n, qkd__aligned16(x), "round_to_bf16");
+}
+
 /* ---- sums ---------------------------------------------------------------------
  * Pass one: a fixed grid of QKD__CUDA_SUM_BLOCKS blocks, each summing its
  * grid-stride share in double into partials[block]; pass two: one block
@@ -280,17 +298,18 @@ struct swiglu_forward_op {
     }
 };
 
-/* The forward with out in bf16 bits (its four() stores 8 bytes). */
+/* The forward on bf16 bits, out in bf16 bits (its four() moves 8 bytes
+ * an operand). */
 struct swiglu_forward_bits_op {
     uint16_t *out;
-    const float *gate, *up;
+    const uint16_t *gate, *up;
     __device__ void one(size_t i) const
     {
-        qkd__store(out, i, silu_times(gate[i], up[i]));
+        qkd__store(out, i, silu_times(qkd__load(gate, i), qkd__load(up, i)));
     }
     __device__ void four(size_t i) const
     {
-        const float4 x = ld4(gate, i), u = ld4(up, i);
+        const float4 x = qkd__load4(gate, i), u = qkd__load4(up, i);
         qkd__store4(out, i,
                     make_float4(silu_times(x.x, u.x), silu_times(x.y, u.y),
                                 silu_times(x.z, u.z), silu_times(x.w, u.w)));
@@ -311,20 +330,20 @@ struct swiglu_backward_op {
     }
 };
 
-/* The backward into zeroed gradients, written as bf16 bits. */
+/* The backward on bf16 bits into zeroed gradients, written as bf16 bits. */
 struct swiglu_backward_bits_op {
     uint16_t *dgate, *dup;
-    const float *dout, *gate, *up;
+    const uint16_t *dout, *gate, *up;
     __device__ void one(size_t i) const
     {
         float dg = 0.0f, du = 0.0f;
-        swiglu_grads(dout[i], gate[i], up[i], dg, du);
+        swiglu_grads(qkd__load(dout, i), qkd__load(gate, i), qkd__load(up, i), dg, du);
         qkd__store(dgate, i, dg);
         qkd__store(dup, i, du);
     }
     __device__ void four(size_t i) const
     {
-        const float4 g = ld4(dout, i), x = ld4(gate, i), u = ld4(up, i);
+        const float4 g = qkd__load4(dout, i), x = qkd__load4(gate, i), u = qkd__load4(up, i);
         float4 dg = make_float4(0.0f, 0.0f, 0.0f, 0.0f), du = dg;
         swiglu_grads4(g, x, u, dg, du);
         qkd__store4(dgate, i, dg);
@@ -342,24 +361,26 @@ extern "C" void qkd__cuda_swiglu_forward(qkd__backend *b, float *out, const floa
 }
 
 extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out,
-                                                   const float *gate, const float *up, size_t n)
+                                                   const uint16_t *gate, const uint16_t *up,
+                                                   size_t n)
 {
     if (!n)
         return;
     map(b, swiglu_forward_bits_op{out, gate, up}, n,
-        qkd__aligned4(out) && qkd__aligned16(gate) && qkd__aligned16(up),
+        qkd__aligned4(out) && qkd__aligned4(gate) && qkd__aligned4(up),
         "swiglu_forward_bf16_bits");
 }
 
 extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate,
-                                                    uint16_t *dup, const float *dout,
-                                                    const float *gate, const float *up, size_t n)
+                                                    uint16_t *dup, const uint16_t *dout,
+                                                    const uint16_t *gate, const uint16_t *up,
+                                                    size_t n)
 {
     if (!n)
         return;
     map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up}, n,
-        qkd__aligned4(dgate) && qkd__aligned4(dup) && qkd__aligned16(dout) &&
-            qkd__aligned16(gate) && qkd__aligned16(up),
+        qkd__aligned4(dgate) && qkd__aligned4(dup) && qkd__aligned4(dout) &&
+            qkd__aligned4(gate) && qkd__aligned4(up),
         "swiglu_backward_bf16_bits");
 }
 

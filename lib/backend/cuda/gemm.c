@@ -82,11 +82,12 @@ static bool same_key(const qkd__cuda_gemm_plan *p, const qkd__cuda_gemm *g,
 {
     return p->op && p->g.ta == g->ta && p->g.tb == g->tb && p->g.m == g->m && p->g.n == g->n &&
            p->g.k == g->k && p->g.lda == g->lda && p->g.ldb == g->ldb && p->g.ldc == g->ldc &&
-           (p->g.beta != 0.0f) == (g->beta != 0.0f) && !memcmp(p->align, align, sizeof p->align);
+           (p->g.beta != 0.0f) == (g->beta != 0.0f) && p->g.c16 == g->c16 &&
+           !memcmp(p->align, align, sizeof p->align);
 }
 
 /* The product's descriptors: column-major A (m x k, or k x m transposed),
- * B (k x n, or n x k), C (m x n), fp32 accumulation. */
+ * B (k x n, or n x k), C (m x n, fp32 or bf16), fp32 accumulation. */
 static cublasStatus_t describe(qkd__cuda_gemm_plan *p)
 {
     const qkd__cuda_gemm *g = &p->g;
@@ -105,7 +106,8 @@ static cublasStatus_t describe(qkd__cuda_gemm_plan *p)
         st = cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_16BF, bn ? g->k : g->n, bn ? g->n : g->k,
                                         g->ldb);
     if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatrixLayoutCreate(&p->lc, CUDA_R_32F, g->m, g->n, g->ldc);
+        st = cublasLtMatrixLayoutCreate(&p->lc, g->c16 ? CUDA_R_16BF : CUDA_R_32F, g->m, g->n,
+                                        g->ldc);
     return st;
 }
 
@@ -148,6 +150,12 @@ static int candidates(qkd__cuda *c, qkd__cuda_gemm_plan *p, cublasLtMatmulAlgo_t
     if (*st == CUBLAS_STATUS_SUCCESS)
         *st = cublasLtMatmulPreferenceSetAttribute(
             pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    /* a bf16 C sums split parts in fp32: reduced in C's type (in place, or
+     * through a bf16 workspace), each part would be rounded to bf16 */
+    const uint32_t reduce = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    if (*st == CUBLAS_STATUS_SUCCESS && p->g.c16)
+        *st = cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduce, sizeof reduce);
     for (int i = 0; i < 4 && *st == CUBLAS_STATUS_SUCCESS; i++) /* D is C */
         *st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &p->align[i < 3 ? i : 2],
                                                    sizeof p->align[0]);
@@ -167,7 +175,7 @@ static int candidates(qkd__cuda *c, qkd__cuda_gemm_plan *p, cublasLtMatmulAlgo_t
 
 static cublasStatus_t run_algo(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
                                const cublasLtMatmulAlgo_t *algo, const uint16_t *A,
-                               const uint16_t *B, float beta, float *C)
+                               const uint16_t *B, float beta, void *C)
 {
     const float one = 1.0f;
     return cublasLtMatmul(c->lt, p->op, &one, A, p->la, B, p->lb, &beta, C, p->lc, C, p->lc,
@@ -178,7 +186,7 @@ static cublasStatus_t run_algo(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
  * INFINITY when it fails. */
 static float time_algo(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
                        const cublasLtMatmulAlgo_t *algo, const uint16_t *A, const uint16_t *B,
-                       float *out, cudaEvent_t ev[2])
+                       void *out, cudaEvent_t ev[2])
 {
     bool ok = run_algo(c, p, algo, A, B, p->g.beta, out) == CUBLAS_STATUS_SUCCESS;
     ok = ok && cudaEventRecord(ev[0], c->stream) == cudaSuccess;
@@ -202,12 +210,12 @@ static float time_algo(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
  * copies. */
 static int fastest(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
                    const cublasLtMatmulAlgo_t *algos, int n, const uint16_t *A,
-                   const uint16_t *B, float *C)
+                   const uint16_t *B, void *C)
 {
-    float *out = C, *scratch = NULL;
+    void *out = C, *scratch = NULL;
     if (p->g.beta != 0.0f) {
-        const size_t floats = (size_t)p->g.ldc * (p->g.n - 1) + p->g.m;
-        if (cudaMalloc((void **)&scratch, floats * sizeof(float)) != cudaSuccess) {
+        const size_t n = (size_t)p->g.ldc * (p->g.n - 1) + p->g.m;
+        if (cudaMalloc(&scratch, n * (p->g.c16 ? 2 : 4)) != cudaSuccess) {
             cudaGetLastError();
             return 0;
         }
@@ -237,7 +245,7 @@ static int fastest(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
  * it is large enough; NULL (recorded) when cuBLASLt has none. */
 static qkd__cuda_gemm_plan *make_plan(qkd__backend *b, const qkd__cuda_gemm *g,
                                       const unsigned align[3], const uint16_t *A,
-                                      const uint16_t *B, float *C, const char *what)
+                                      const uint16_t *B, void *C, const char *what)
 {
     qkd__cuda *c = qkd__cuda_of(b);
     qkd__cuda_gemm_plan *p = &c->plans[c->next_plan];
@@ -261,7 +269,7 @@ static qkd__cuda_gemm_plan *make_plan(qkd__backend *b, const qkd__cuda_gemm *g,
 }
 
 void qkd__cuda_gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, const uint16_t *A,
-                         const uint16_t *B, float *C, const char *what)
+                         const uint16_t *B, void *C, const char *what)
 {
     qkd__cuda *c = qkd__cuda_of(b);
     if (c->status != QKD_OK)
@@ -278,7 +286,7 @@ void qkd__cuda_gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, const uint16_
 }
 
 int qkd__cuda_gemm_bf16_candidate(qkd__backend *b, const qkd__cuda_gemm *g, int i,
-                                  const uint16_t *A, const uint16_t *B, float *C)
+                                  const uint16_t *A, const uint16_t *B, void *C)
 {
     qkd__cuda *c = qkd__cuda_of(b);
     qkd__cuda_gemm_plan p = {.g = *g,

@@ -117,6 +117,13 @@ static void ref_to_bf16_bits(qkd__backend *b, uint16_t *dst, const float *x, siz
         dst[i] = qkd__f32_to_bf16(x[i]);
 }
 
+static void ref_round_to_bf16(qkd__backend *b, float *x, size_t n)
+{
+    (void)b;
+    for (size_t i = 0; i < n; i++)
+        x[i] = qkd__bf16_to_f32(qkd__f32_to_bf16(x[i]));
+}
+
 static void ref_add(qkd__backend *b, float *out, const float *x, const float *y, size_t n)
 {
     (void)b;
@@ -232,6 +239,7 @@ static const qkd__backend ref_table = {
     .sum = ref_sum,
     .sum_squares = ref_sum_squares,
     .to_bf16_bits = ref_to_bf16_bits,
+    .round_to_bf16 = ref_round_to_bf16,
     .matmul_forward = qkd__ref_matmul_forward,
     .matmul_backward_input = qkd__ref_matmul_backward_input,
     .matmul_backward_weight = qkd__ref_matmul_backward_weight,
@@ -239,6 +247,8 @@ static const qkd__backend ref_table = {
     .matmul_backward_input_bf16 = qkd__ref_matmul_backward_input_bf16,
     .matmul_backward_weight_bf16 = qkd__ref_matmul_backward_weight_bf16,
     .matmul_forward_bf16_bits = qkd__ref_matmul_forward_bf16_bits,
+    .matmul_forward_to_bf16_bits = qkd__ref_matmul_forward_to_bf16_bits,
+    .matmul_backward_input_to_bf16_bits = qkd__ref_matmul_backward_input_to_bf16_bits,
     .matmul_backward_input_bf16_bits = qkd__ref_matmul_backward_input_bf16_bits,
     .matmul_backward_weight_bf16_bits = qkd__ref_matmul_backward_weight_bf16_bits,
     .embedding_forward = qkd__ref_embedding_forward,

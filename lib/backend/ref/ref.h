@@ -49,6 +49,11 @@ void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in
 void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
                                               qkd__bf16_in w, int N, int C, int OC,
                                               int accumulate);
+void qkd__ref_matmul_forward_to_bf16_bits(qkd__backend *b, uint16_t *out, qkd__bf16_in inp,
+                                          qkd__bf16_in w, int N, int C, int OC);
+void qkd__ref_matmul_backward_input_to_bf16_bits(qkd__backend *b, uint16_t *dinp,
+                                                 qkd__bf16_in dout, qkd__bf16_in w, int N,
+                                                 int C, int OC);
 void qkd__ref_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw, qkd__bf16_in dout,
                                                qkd__bf16_in inp, int N, int C, int OC,
                                                int accumulate);
@@ -101,11 +106,11 @@ void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, flo
 /* ---- ref_activation.c --------------------------------------------------- */
 void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, const float *up,
                              size_t n);
-void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const float *gate,
-                                       const float *up, size_t n);
+void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const uint16_t *gate,
+                                       const uint16_t *up, size_t n);
 void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                        const float *dout, const float *gate, const float *up,
-                                        size_t n);
+                                        const uint16_t *dout, const uint16_t *gate,
+                                        const uint16_t *up, size_t n);
 void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
                               const float *gate, const float *up, size_t n);
 void qkd__ref_softmax_forward(qkd__backend *b, float *probs, const float *logits, int N, int V,

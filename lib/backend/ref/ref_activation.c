@@ -11,7 +11,14 @@ struct swiglu_job {
     float *out, *dgate, *dup;
     uint16_t *out_bits, *dgate_bits, *dup_bits; /* the bf16-bits forms' outputs */
     const float *dout, *gate, *up;
+    const uint16_t *dout_bits, *gate_bits, *up_bits; /* and their inputs */
 };
+
+/* Element i of an input given as floats or (bits not NULL) bf16 bits. */
+static double in_at(const float *x, const uint16_t *bits, int64_t i)
+{
+    return bits ? qkd__bf16_to_f32(bits[i]) : x[i];
+}
 
 static double sigmoid(double x)
 {
@@ -22,8 +29,8 @@ static void swiglu_forward_range(const void *arg, int64_t begin, int64_t end)
 {
     const struct swiglu_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
-        double x = j->gate[i];
-        const float v = (float)(x * sigmoid(x) * j->up[i]);
+        double x = in_at(j->gate, j->gate_bits, i);
+        const float v = (float)(x * sigmoid(x) * in_at(j->up, j->up_bits, i));
         if (j->out_bits)
             j->out_bits[i] = qkd__f32_to_bf16(v);
         else
@@ -36,8 +43,9 @@ static void swiglu_backward_range(const void *arg, int64_t begin, int64_t end)
 {
     const struct swiglu_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
-        double x = j->gate[i], s = sigmoid(x), g = j->dout[i];
-        const double dg = g * j->up[i] * s * (1.0 + x * (1.0 - s)), du = g * x * s;
+        double x = in_at(j->gate, j->gate_bits, i), s = sigmoid(x);
+        const double g = in_at(j->dout, j->dout_bits, i), u = in_at(j->up, j->up_bits, i);
+        const double dg = g * u * s * (1.0 + x * (1.0 - s)), du = g * x * s;
         if (j->dgate_bits) { /* written: what adding to zero gives */
             j->dgate_bits[i] = qkd__f32_to_bf16((float)(0.0f + dg));
             j->dup_bits[i] = qkd__f32_to_bf16((float)(0.0f + du));
@@ -62,19 +70,19 @@ void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const f
     qkd__ref_parallel(b, (int64_t)n, 40, swiglu_backward_range, &job);
 }
 
-void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const float *gate,
-                                       const float *up, size_t n)
+void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const uint16_t *gate,
+                                       const uint16_t *up, size_t n)
 {
-    struct swiglu_job job = {.out_bits = out, .gate = gate, .up = up};
+    struct swiglu_job job = {.out_bits = out, .gate_bits = gate, .up_bits = up};
     qkd__ref_parallel(b, (int64_t)n, 30, swiglu_forward_range, &job);
 }
 
 void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                        const float *dout, const float *gate, const float *up,
-                                        size_t n)
+                                        const uint16_t *dout, const uint16_t *gate,
+                                        const uint16_t *up, size_t n)
 {
-    struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .dout = dout, .gate = gate,
-                             .up = up};
+    struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .dout_bits = dout,
+                             .gate_bits = gate, .up_bits = up};
     qkd__ref_parallel(b, (int64_t)n, 40, swiglu_backward_range, &job);
 }
 

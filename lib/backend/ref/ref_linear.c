@@ -29,6 +29,7 @@ static double in_at(qkd__bf16_in in, size_t i, int bf16)
 
 struct matmul_job {
     float *out;
+    uint16_t *out_bits; /* else out as bf16 bits (the fp32 result rounded) */
     qkd__bf16_in inp, w;
     int C, OC;
     int bf16; /* round every input to bf16 */
@@ -48,33 +49,44 @@ static void matmul_forward_range(const void *arg, int64_t begin, int64_t end)
             for (int c = 0; c < j->C; c++)
                 s += in_at(j->inp, x + c, 1) * in_at(j->w, w + c, 1);
         }
-        j->out[i] = (float)s;
+        if (j->out_bits)
+            j->out_bits[i] = qkd__f32_to_bf16((float)s);
+        else
+            j->out[i] = (float)s;
     }
 }
 
-static void matmul_forward(qkd__backend *b, float *out, qkd__bf16_in inp, qkd__bf16_in w,
-                           int N, int C, int OC, int bf16)
+/* out, or out_bits where it is not NULL */
+static void matmul_forward(qkd__backend *b, float *out, uint16_t *out_bits, qkd__bf16_in inp,
+                           qkd__bf16_in w, int N, int C, int OC, int bf16)
 {
-    struct matmul_job job = {.out = out, .inp = inp, .w = w, .C = C, .OC = OC, .bf16 = bf16};
+    struct matmul_job job = {.out = out, .out_bits = out_bits, .inp = inp, .w = w, .C = C,
+                             .OC = OC, .bf16 = bf16};
     qkd__ref_parallel(b, (int64_t)N * OC, 2 * (int64_t)C, matmul_forward_range, &job);
 }
 
 void qkd__ref_matmul_forward(qkd__backend *b, float *out, const float *inp, const float *w,
                              int N, int C, int OC)
 {
-    matmul_forward(b, out, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC, 0);
+    matmul_forward(b, out, NULL, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC, 0);
 }
 
 void qkd__ref_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
                                   const float *w, int N, int C, int OC)
 {
-    matmul_forward(b, out, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC, 1);
+    matmul_forward(b, out, NULL, qkd__bf16_f32(inp), qkd__bf16_f32(w), N, C, OC, 1);
 }
 
 void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in inp,
                                        qkd__bf16_in w, int N, int C, int OC)
 {
-    matmul_forward(b, out, inp, w, N, C, OC, 1);
+    matmul_forward(b, out, NULL, inp, w, N, C, OC, 1);
+}
+
+void qkd__ref_matmul_forward_to_bf16_bits(qkd__backend *b, uint16_t *out, qkd__bf16_in inp,
+                                          qkd__bf16_in w, int N, int C, int OC)
+{
+    matmul_forward(b, NULL, out, inp, w, N, C, OC, 1);
 }
 
 /* out[r][c] += sum over k = 0..K-1 (ascending) of A[r*a_r + k*a_k] * M[k][c],
@@ -82,6 +94,7 @@ void qkd__ref_matmul_forward_bf16_bits(qkd__backend *b, float *out, qkd__bf16_in
  * shape; an item is one column block of one output row. */
 struct accum_job {
     float *out;
+    uint16_t *out_bits; /* else out as bf16 bits, written (the fp32 sum rounded) */
     qkd__bf16_in A, M;
     int C, K;
     size_t a_r, a_k;
@@ -111,9 +124,13 @@ static void accum_range(const void *arg, int64_t begin, int64_t end)
                     acc[c] += a * in_at(j->M, m + c, 1);
             }
         }
-        float *o = j->out + r * j->C + c0;
-        for (int c = 0; c < nc; c++)
-            o[c] = (float)((j->write ? 0.0 : o[c]) + acc[c]);
+        const size_t o = r * j->C + c0;
+        for (int c = 0; c < nc; c++) {
+            if (j->out_bits)
+                j->out_bits[o + c] = qkd__f32_to_bf16((float)(0.0 + acc[c]));
+            else
+                j->out[o + c] = (float)((j->write ? 0.0 : j->out[o + c]) + acc[c]);
+        }
     }
 }
 
@@ -124,12 +141,14 @@ static void run_accum(qkd__backend *b, struct accum_job *job, int R)
                       accum_range, job);
 }
 
-static void backward_input(qkd__backend *b, float *dinp, qkd__bf16_in dout, qkd__bf16_in w,
-                           int N, int C, int OC, int bf16, int accumulate)
+/* dinp, or dinp_bits (written) where it is not NULL */
+static void backward_input(qkd__backend *b, float *dinp, uint16_t *dinp_bits, qkd__bf16_in dout,
+                           qkd__bf16_in w, int N, int C, int OC, int bf16, int accumulate)
 {
     /* dinp[n][c] (+)= sum_o dout[n][o] * w[o][c] */
-    struct accum_job job = {.out = dinp, .A = dout, .M = w, .C = C, .K = OC,
-                            .a_r = (size_t)OC, .a_k = 1, .bf16 = bf16, .write = !accumulate};
+    struct accum_job job = {.out = dinp, .out_bits = dinp_bits, .A = dout, .M = w, .C = C,
+                            .K = OC, .a_r = (size_t)OC, .a_k = 1, .bf16 = bf16,
+                            .write = !accumulate};
     run_accum(b, &job, N);
 }
 
@@ -145,20 +164,27 @@ static void backward_weight(qkd__backend *b, float *dw, qkd__bf16_in dout, qkd__
 void qkd__ref_matmul_backward_input(qkd__backend *b, float *dinp, const float *dout,
                                     const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 0, 1);
+    backward_input(b, dinp, NULL, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 0, 1);
 }
 
 void qkd__ref_matmul_backward_input_bf16(qkd__backend *b, float *dinp, const float *dout,
                                          const float *w, int N, int C, int OC)
 {
-    backward_input(b, dinp, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 1, 1);
+    backward_input(b, dinp, NULL, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C, OC, 1, 1);
 }
 
 void qkd__ref_matmul_backward_input_bf16_bits(qkd__backend *b, float *dinp, qkd__bf16_in dout,
                                               qkd__bf16_in w, int N, int C, int OC,
                                               int accumulate)
 {
-    backward_input(b, dinp, dout, w, N, C, OC, 1, accumulate);
+    backward_input(b, dinp, NULL, dout, w, N, C, OC, 1, accumulate);
+}
+
+void qkd__ref_matmul_backward_input_to_bf16_bits(qkd__backend *b, uint16_t *dinp,
+                                                 qkd__bf16_in dout, qkd__bf16_in w, int N,
+                                                 int C, int OC)
+{
+    backward_input(b, NULL, dinp, dout, w, N, C, OC, 1, 0);
 }
 
 void qkd__ref_matmul_backward_weight(qkd__backend *b, float *dw, const float *dout,

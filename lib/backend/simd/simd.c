@@ -281,6 +281,8 @@ static void drop_bf16_bits(qkd__backend *b)
     b->matmul_forward_bf16_bits = NULL;
     b->matmul_backward_input_bf16_bits = NULL;
     b->matmul_backward_weight_bf16_bits = NULL;
+    b->matmul_forward_to_bf16_bits = NULL;
+    b->matmul_backward_input_to_bf16_bits = NULL;
     b->rmsnorm_forward_bf16_bits = NULL;
     b->add_rmsnorm_forward_bf16_bits = NULL;
     b->rmsnorm_backward_bf16_bits = NULL;
