@@ -961,14 +961,17 @@ START_TEST(bf16_bits_producers_round_fp32)
         assert_bits_of("rmsnorm_forward_bf16_bits", d_y16, d_y, nc, &p);
         float *r = dtake(&p, d_r, (size_t)N), *r16 = dtake(&p, d_r16, (size_t)N);
         assert_same("rmsnorm_forward_bf16_bits rstd", r16, r, (size_t)N);
-        float *y = test_vec_rand(nc, -2, 2), *d_yy = dput(&p, y, nc);
-        float *d_s = dpoison(&p, nc), *d_sf = dpoison(&p, nc);
+        float *y = test_vec_rand(nc, -2, 2);
+        uint16_t *y16 = bits_new(nc);
+        round_bf16(y, y16, nc); /* the fused add reads y's bits, `add` their values */
+        float *d_yy = dput(&p, y, nc), *d_s = dpoison(&p, nc), *d_sf = dpoison(&p, nc);
+        uint16_t *d_yb = dput_bytes(&p, y16, nc, sizeof *y16);
         float *d_ra = dpoison(&p, (size_t)N), *d_rf = dpoison(&p, (size_t)N);
         uint16_t *d_b = dput_bytes(&p, poison, nc, sizeof *poison);
         uint16_t *d_bf = dput_bytes(&p, poison, nc, sizeof *poison);
         p.cb->add(p.cb, d_s, d_x, d_yy, nc);
         p.cb->rmsnorm_forward_bf16_bits(p.cb, d_b, d_ra, d_s, d_w, N, C, 1e-5f);
-        p.cb->add_rmsnorm_forward_bf16_bits(p.cb, d_sf, d_bf, d_rf, d_x, d_yy, d_w, N, C, 1e-5f);
+        p.cb->add_rmsnorm_forward_bf16_bits(p.cb, d_sf, d_bf, d_rf, d_x, d_yb, d_w, N, C, 1e-5f);
         float *s = dtake(&p, d_s, nc), *sf = dtake(&p, d_sf, nc);
         float *ra = dtake(&p, d_ra, (size_t)N), *rf = dtake(&p, d_rf, (size_t)N);
         uint16_t *b = bits_new(nc), *bf = bits_new(nc);
@@ -979,8 +982,8 @@ START_TEST(bf16_bits_producers_round_fp32)
         assert_same("add_rmsnorm_forward_bf16_bits sum", sf, s, nc);
         ck_assert_mem_eq(bf, b, nc * sizeof *b);
         assert_same("add_rmsnorm_forward_bf16_bits rstd", rf, ra, (size_t)N);
-        free(y); free(s); free(sf); free(ra); free(rf); free(b); free(bf);
-        dfree(&p, d_yy); dfree(&p, d_b); dfree(&p, d_bf);
+        free(y); free(y16); free(s); free(sf); free(ra); free(rf); free(b); free(bf);
+        dfree(&p, d_yy); dfree(&p, d_yb); dfree(&p, d_b); dfree(&p, d_bf);
         float *g = test_vec_rand(nc, -1, 1), *dx0 = test_vec_rand(nc, -1, 1);
         float *dw0 = test_vec_rand((size_t)C, -1, 1), *d_g = dput(&p, g, nc);
         float *d_r2 = dput(&p, r, (size_t)N);

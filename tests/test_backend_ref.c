@@ -439,6 +439,18 @@ START_TEST(test_bf16_bits_family)
     b->rmsnorm_forward_bf16_bits(b, yb, r2, x, nw_, N, C, 1e-5f);
     assert_bits("rmsnorm_forward_bf16_bits", yb, dx, nx);
     ck_assert_mem_eq(r2, r, (size_t)N * sizeof *r);
+    /* the residual add of bits y and its norm: `add` of y's values, then the above */
+    float *sum = test_vec_new(nx), *sum2 = test_vec_new(nx), *yv = test_vec_new(nx);
+    uint16_t *nb = bits_of(x, nx);
+    for (size_t i = 0; i < nx; i++)
+        yv[i] = qkd__bf16_to_f32(xb[i]);
+    b->add(b, sum, dx, yv, nx);
+    b->rmsnorm_forward_bf16_bits(b, yb, r, sum, nw_, N, C, 1e-5f);
+    b->add_rmsnorm_forward_bf16_bits(b, sum2, nb, r2, dx, xb, nw_, N, C, 1e-5f);
+    ck_assert_mem_eq(sum2, sum, nx * sizeof *sum);
+    ck_assert_mem_eq(nb, yb, nx * sizeof *yb);
+    ck_assert_mem_eq(r2, r, (size_t)N * sizeof *r);
+    free(sum), free(sum2), free(yv), free(nb);
 
     /* SwiGLU's inputs as bits against their rounded values as floats */
     float *gate = test_vec_rand(nx, -8, 8), *up = test_vec_rand(nx, -2, 2);

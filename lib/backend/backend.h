@@ -203,9 +203,9 @@ struct qkd__backend {
      * once instead of by every product (NULL: every product rounds them). */
     void (*to_bf16_bits)(qkd__backend *b, uint16_t *dst, const float *x, size_t n);
     /* x[i] rounded to bf16 (nearest even) in place, kept as float. Needed
-     * with the bf16 products (matmul_*_bf16): a bf16 model stores its
-     * feed-forward's gate and up outputs, and SwiGLU's output gradient,
-     * in bf16, as PyTorch's bf16 products do; without the bf16-bits family
+     * with the bf16 products (matmul_*_bf16): a bf16 model stores the
+     * products SwiGLU reads and the projections added to the residual in
+     * bf16, as PyTorch's bf16 products do; without the bf16-bits family
      * it rounds their fp32 values so. */
     void (*round_to_bf16)(qkd__backend *b, float *x, size_t n);
 
@@ -230,8 +230,8 @@ struct qkd__backend {
     void (*matmul_backward_weight_bf16)(qkd__backend *b, float *dw, const float *dout,
                                         const float *inp, int N, int C, int OC);
     /* Optional, the bf16-bits family (all of matmul_*_bf16_bits,
-     * rmsnorm_forward_bf16_bits, swiglu_*_bf16_bits and
-     * fakequant_forward_bf16, or none): the three bf16 products with
+     * rmsnorm_forward_bf16_bits, add_rmsnorm_forward_bf16_bits,
+     * swiglu_*_bf16_bits and fakequant_forward_bf16, or none): the three bf16 products with
      * operands that may already be bf16 bits (qkd__bf16_in), equal to them
      * on the fp32 values those bits decode to. A model keeps its linear
      * layers' inputs, some outputs and output gradients and its quantized
@@ -250,8 +250,8 @@ struct qkd__backend {
                                              int accumulate);
     /* matmul_forward_bf16_bits and matmul_backward_input_bf16_bits
      * (written, not added) with the product rounded to bf16 (nearest even)
-     * as it is written, as raw bits: the gate and up outputs, SwiGLU's
-     * output gradient. */
+     * as it is written, as raw bits: the gate, up and projection outputs,
+     * SwiGLU's output gradient. */
     void (*matmul_forward_to_bf16_bits)(qkd__backend *b, uint16_t *out, qkd__bf16_in inp,
                                         qkd__bf16_in w, int N, int C, int OC);
     void (*matmul_backward_input_to_bf16_bits)(qkd__backend *b, uint16_t *dinp,
@@ -275,12 +275,12 @@ struct qkd__backend {
     void (*rmsnorm_forward_bf16_bits)(qkd__backend *b, uint16_t *out, float *rstd,
                                       const float *inp, const float *w, int N, int C,
                                       float eps);
-    /* Optional (NULL: `add`, then rmsnorm_forward_bf16_bits): a residual
-     * add and the RMSNorm of its sum in one pass, the same values as the
-     * two slots give: sum = x + y (N x C), then out and rstd as
-     * rmsnorm_forward_bf16_bits writes them from sum. */
+    /* Optional (the bf16-bits family): a residual add of a projection's
+     * output y, as bf16 bits, and the RMSNorm of its sum in one pass:
+     * sum = x + y (N x C), then out and rstd as rmsnorm_forward_bf16_bits
+     * writes them from sum. */
     void (*add_rmsnorm_forward_bf16_bits)(qkd__backend *b, float *sum, uint16_t *out,
-                                          float *rstd, const float *x, const float *y,
+                                          float *rstd, const float *x, const uint16_t *y,
                                           const float *w, int N, int C, float eps);
     /* dinp += ..., dw += ... from the saved rstd */
     void (*rmsnorm_backward)(qkd__backend *b, float *dinp, float *dw, const float *dout,

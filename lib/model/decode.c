@@ -26,6 +26,7 @@ static void plan_decode(void *arg, qkd__arena *a)
     /* The residual row is updated in place: x_out is x_in. */
     d->row.x_in = d->row.x_out = qkd__arena_take(a, 1, C);
     d->row.proj = qkd__arena_take(a, 1, C);
+    d->row.proj_bits = NULL; /* decoding's rows are fp32 (bf16_bits 0 below) */
     qkd__model_plan_layer(a, &d->row, c, 1,
                           be->attention_scratch_floats(be, 1, 1, p->seq_len, c->n_heads,
                                                        c->n_kv_heads, c->dim / c->n_heads),

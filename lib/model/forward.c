@@ -28,22 +28,38 @@ static void norm_forward(const qkd_model *m, float *out, uint16_t *out16, float 
         be->rmsnorm_forward(be, out, rstd, x, w, N, m->cfg.dim, m->cfg.norm_eps);
 }
 
-/* x_sum = x + y, then its RMSNorm as norm_forward: one pass where the
- * backend fuses the two. */
-static void add_norm_forward(const qkd_model *m, float *x_sum, const float *x, const float *y,
+/* x_sum = x + y, then its RMSNorm as norm_forward: one pass where y is
+ * bf16 bits (the bits family's, which then writes out16). */
+static void add_norm_forward(const qkd_model *m, float *x_sum, const float *x, qkd__bf16_in y,
                              float *out, uint16_t *out16, float *rstd, qkd_tensor_kind kind,
                              int layer, int N)
 {
     qkd__backend *be = qkd__model_backend(m);
     const int C = m->cfg.dim;
-    if (out16 && be->add_rmsnorm_forward_bf16_bits) {
-        be->add_rmsnorm_forward_bf16_bits(be, x_sum, out16, rstd, x, y,
+    if (y.bits) {
+        be->add_rmsnorm_forward_bf16_bits(be, x_sum, out16, rstd, x, y.bits,
                                           qkd__model_tensor_ptr(m, m->params, kind, layer), N,
                                           C, m->cfg.norm_eps);
         return;
     }
-    be->add(be, x_sum, x, y, (size_t)N * C);
+    be->add(be, x_sum, x, y.f32, (size_t)N * C);
     norm_forward(m, out, out16, rstd, x_sum, kind, layer, N);
+}
+
+/* A projection's output for the residual add: written as bf16 bits with
+ * `bits` (for the fused add and norm), else fp32 in proj, rounded as a
+ * bf16 model stores it. */
+static qkd__bf16_in project(const qkd_model *m, qkd_tensor_kind kind, int layer,
+                            const qkd__layer_acts *a, qkd__bf16_in in, int bits, int N, int C,
+                            int OC)
+{
+    if (bits) {
+        qkd__model_linear_forward_to_bits(m, kind, layer, a->proj_bits, in, N, C, OC);
+        return (qkd__bf16_in){.bits = a->proj_bits};
+    }
+    qkd__model_linear_forward(m, kind, layer, a->proj, in, N, C, OC);
+    qkd__model_round_stored(m, a->proj, (size_t)N * OC);
+    return qkd__bf16_f32(a->proj);
 }
 
 /* att (and att_bits, where planned: only a bf16-bits model, whose
@@ -90,10 +106,11 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     }
     attention_forward(m, a, s);
     quantize_acts(m, a->attq, a->att, N, C);
-    LINEAR(ATTN_OUTPUT, a->proj,
-           qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, a->att_bits),
-           C, C);
-    add_norm_forward(m, a->x_mid, a->x_in, a->proj, a->h2, a->h2_bits, a->rstd2,
+    const qkd__bf16_in att_out = project(
+        m, QKD_TENSOR_ATTN_OUTPUT, l, a,
+        qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, a->att_bits),
+        a->proj_bits != NULL, N, C, C);
+    add_norm_forward(m, a->x_mid, a->x_in, att_out, a->h2, a->h2_bits, a->rstd2,
                      QKD_TENSOR_FFN_NORM, l, N);
     quantize_acts(m, a->h2q, a->h2, N, C);
     if (a->gate_bits) { /* gate and up written in bf16 by their products */
@@ -110,12 +127,14 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
         be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
     }
     quantize_acts(m, a->swq, a->sw, N, H);
-    LINEAR(FFN_DOWN, a->proj, IN(FFN_DOWN, sw), H, C);
+    /* the last layer's add has no norm to fuse with: fp32 */
+    const qkd__bf16_in ffn_out =
+        project(m, QKD_TENSOR_FFN_DOWN, l, a, IN(FFN_DOWN, sw), a->proj_bits && next, N, H, C);
     if (next)
-        add_norm_forward(m, a->x_out, a->x_mid, a->proj, next->h, next->h_bits, next->rstd1,
+        add_norm_forward(m, a->x_out, a->x_mid, ffn_out, next->h, next->h_bits, next->rstd1,
                          QKD_TENSOR_ATTN_NORM, l + 1, N);
     else
-        be->add(be, a->x_out, a->x_mid, a->proj, (size_t)N * C);
+        be->add(be, a->x_out, a->x_mid, ffn_out.f32, (size_t)N * C);
 #undef LINEAR
 #undef IN
 }
@@ -197,6 +216,7 @@ static void plan_train(void *arg, qkd__arena *a)
     t->losses = qkd__arena_take(a, N, 1);
     t->loss_sum = qkd__arena_take(a, 1, 1);
     float *proj = qkd__arena_take(a, N, C);
+    uint16_t *proj_bits = qkd__model_bf16_bits(p->m) && !act_quant ? take16(a, N, C) : NULL;
     float *x = qkd__arena_take(a, N, C);
     /* A frozen model's layers share layer 0's buffers, the residual
      * stream going back and forth between two. */
@@ -210,6 +230,7 @@ static void plan_train(void *arg, qkd__arena *a)
                                   qkd__model_bf16_bits(p->m));
         la->x_in = x;
         la->proj = proj;
+        la->proj_bits = proj_bits;
         la->x_out = x = p->m->frozen ? (l % 2 ? t->layers[0].x_in : x_other)
                                      : qkd__arena_take(a, N, C);
     }

@@ -39,6 +39,7 @@ typedef struct qkd__layer_acts {
     float *gate, *up, *sw; /* [N][H] each: h2 Wg^T, h2 Wu^T, silu(gate)*up */
     float *x_out;         /* residual out of the layer [N][C] */
     float *proj;          /* a projection before its residual add [N][C] */
+    uint16_t *proj_bits;  /* proj as bf16 bits where h_bits is planned, else NULL */
     /* What the targeted linears read when a student quantizes its
      * activations: per-token quantized copies of h, att, h2 and sw (else
      * these alias them). */
@@ -188,6 +189,7 @@ static inline int qkd__model_bf16_bits(const qkd_model *m)
     return m->matmul_bf16 && be->matmul_forward_bf16_bits &&
            be->matmul_backward_input_bf16_bits && be->matmul_backward_weight_bf16_bits &&
            be->matmul_forward_to_bf16_bits && be->matmul_backward_input_to_bf16_bits &&
+           be->add_rmsnorm_forward_bf16_bits &&
            be->rmsnorm_forward_bf16_bits && be->swiglu_forward_bf16_bits &&
            be->fakequant_forward_bf16 && be->attention_forward_bf16;
 }
@@ -279,9 +281,10 @@ void qkd__model_linear_forward_to_bits(const qkd_model *m, qkd_tensor_kind kind,
 void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kind kind,
                                               int layer, uint16_t *dinp, qkd__bf16_in dout,
                                               int N, int C, int OC);
-/* A bf16 model stores the feed-forward's gate and up outputs and SwiGLU's
- * output gradient in bf16 (backend round_to_bf16); where they are fp32
- * buffers, this rounds them so. */
+/* A bf16 model stores the feed-forward's gate and up outputs, SwiGLU's
+ * output gradient and the projections added to the residual in bf16
+ * (backend round_to_bf16); where they are fp32 buffers, this rounds them
+ * so. */
 static inline void qkd__model_round_stored(const qkd_model *m, float *x, size_t n)
 {
     if (m->matmul_bf16) {

@@ -188,7 +188,7 @@ void qkd__cuda_embedding_backward(qkd__backend *b, float *dtable, const float *d
 void qkd__cuda_rmsnorm_forward(qkd__backend *b, float *out, float *rstd, const float *inp,
                                const float *w, int N, int C, float eps);
 void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum, uint16_t *out,
-                                             float *rstd, const float *x, const float *y,
+                                             float *rstd, const float *x, const uint16_t *y,
                                              const float *w, int N, int C, float eps);
 void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *rstd,
                                          const float *inp, const float *w, int N, int C,

@@ -59,6 +59,10 @@ static unsigned norm_grid(int N)
 template <int V> struct norm_vec;
 template <> struct norm_vec<1> {
     static __device__ float4 load(const float *p, int i) { return make_float4(p[i], 0, 0, 0); }
+    static __device__ float4 load(const uint16_t *p, int i)
+    {
+        return make_float4(qkd__load(p, (size_t)i), 0, 0, 0);
+    }
     static __device__ void store(float *p, int i, float4 v) { p[i] = v.x; }
     template <typename T> static __device__ void put(T *p, int i, float4 v)
     {
@@ -70,6 +74,7 @@ template <> struct norm_vec<4> {
     {
         return reinterpret_cast<const float4 *>(p)[i];
     }
+    static __device__ float4 load(const uint16_t *p, int i) { return qkd__load4(p, (size_t)i); }
     static __device__ void store(float *p, int i, float4 v)
     {
         reinterpret_cast<float4 *>(p)[i] = v;
@@ -123,13 +128,14 @@ __global__ void rmsnorm_forward_kernel(T *__restrict__ out, float *__restrict__ 
  * one pair at a time left a warp waiting a memory latency per 32 vectors. */
 #define ADD_U 4
 
-/* sum = x + y, then norm_row of sum: the norm reads back the sum its own
- * lane just wrote (same columns), from cache rather than memory. */
+/* sum = x + y (y as bf16 bits), then norm_row of sum: the norm reads back
+ * the sum its own lane just wrote (same columns), from cache rather than
+ * memory. */
 template <int V>
 __global__ void add_rmsnorm_forward_kernel(float *__restrict__ sum, uint16_t *__restrict__ out,
                                            float *__restrict__ rstd,
                                            const float *__restrict__ x,
-                                           const float *__restrict__ y,
+                                           const uint16_t *__restrict__ y,
                                            const float *__restrict__ w, int N, int C, float eps)
 {
     typedef norm_vec<V> NV;
@@ -334,13 +340,13 @@ extern "C" void qkd__cuda_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *o
 
 extern "C" void qkd__cuda_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum,
                                                         uint16_t *out, float *rstd,
-                                                        const float *x, const float *y,
+                                                        const float *x, const uint16_t *y,
                                                         const float *w, int N, int C, float eps)
 {
     if (N <= 0 || C <= 0)
         return;
     cudaStream_t st = qkd__cuda_of(b)->stream;
-    if (norm_by4(C, x, w, out) && qkd__aligned16(y) && qkd__aligned16(sum))
+    if (norm_by4(C, x, w, out) && qkd__aligned4(y) && qkd__aligned16(sum))
         add_rmsnorm_forward_kernel<4><<<norm_grid(N), QKD__CUDA_THREADS, 0, st>>>(
             sum, out, rstd, x, y, w, N, C, eps);
     else

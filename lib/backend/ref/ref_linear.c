@@ -294,12 +294,13 @@ void qkd__ref_rmsnorm_forward_bf16_bits(qkd__backend *b, uint16_t *out, float *r
     qkd__ref_parallel(b, N, 4 * (int64_t)C, rmsnorm_forward_range, &job);
 }
 
-/* The two slots it stands for, one after the other. */
+/* The add (in float, as `add`), then the bits RMSNorm. */
 void qkd__ref_add_rmsnorm_forward_bf16_bits(qkd__backend *b, float *sum, uint16_t *out,
-                                            float *rstd, const float *x, const float *y,
+                                            float *rstd, const float *x, const uint16_t *y,
                                             const float *w, int N, int C, float eps)
 {
-    b->add(b, sum, x, y, (size_t)N * C);
+    for (size_t i = 0; i < (size_t)N * C; i++)
+        sum[i] = x[i] + qkd__bf16_to_f32(y[i]);
     qkd__ref_rmsnorm_forward_bf16_bits(b, out, rstd, sum, w, N, C, eps);
 }
 
