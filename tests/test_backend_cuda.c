@@ -677,7 +677,8 @@ static void mm_to_bits_case(struct pair *p, const float *x, const float *w, cons
     const size_t nx = (size_t)N * C, no = (size_t)N * OC;
     uint16_t *out = bits_new(no), *dx = bits_new(nx), *got = bits_new(nx > no ? nx : no);
     memset(got, 0xff, (nx > no ? nx : no) * sizeof *got);
-    uint16_t *d_out = dput_bytes(p, got, no, sizeof *got), *d_dx = dput_bytes(p, got, nx, sizeof *got);
+    uint16_t *d_out = dput_bytes(p, got, no, sizeof *got);
+    uint16_t *d_dx = dput_bytes(p, got, nx, sizeof *got);
     rb->matmul_forward_to_bf16_bits(rb, out, qkd__bf16_f32(x), qkd__bf16_f32(w), N, C, OC);
     rb->matmul_backward_input_to_bf16_bits(rb, dx, qkd__bf16_f32(dout), qkd__bf16_f32(w), N, C,
                                            OC);

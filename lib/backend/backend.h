@@ -231,15 +231,15 @@ struct qkd__backend {
                                         const float *inp, int N, int C, int OC);
     /* Optional, the bf16-bits family (all of matmul_*_bf16_bits,
      * rmsnorm_forward_bf16_bits, add_rmsnorm_forward_bf16_bits,
-     * swiglu_*_bf16_bits and fakequant_forward_bf16, or none): the three bf16 products with
-     * operands that may already be bf16 bits (qkd__bf16_in), equal to them
-     * on the fp32 values those bits decode to. A model keeps its linear
-     * layers' inputs, some outputs and output gradients and its quantized
-     * weights in bf16 with them, so no product converts what a kernel
-     * could write in bf16 at once. The backward products add (accumulate 1) or write (0:
-     * dinp = dout . w, dw = dout^T . inp, the old contents, NaN included,
-     * not read), so the first product into a gradient needs no zeroed
-     * buffer. */
+     * swiglu_*_bf16_bits and fakequant_forward_bf16, or none): the three
+     * bf16 products with operands that may already be bf16 bits
+     * (qkd__bf16_in), equal to them on the fp32 values those bits decode
+     * to. A model keeps its linear layers' inputs, some outputs and output
+     * gradients and its quantized weights in bf16 with them, so no product
+     * converts what a kernel could write in bf16 at once. The backward
+     * products add (accumulate 1) or write (0: dinp = dout . w, dw =
+     * dout^T . inp, the old contents, NaN included, not read), so the
+     * first product into a gradient needs no zeroed buffer. */
     void (*matmul_forward_bf16_bits)(qkd__backend *b, float *out, qkd__bf16_in inp,
                                      qkd__bf16_in w, int N, int C, int OC);
     void (*matmul_backward_input_bf16_bits)(qkd__backend *b, float *dinp, qkd__bf16_in dout,
