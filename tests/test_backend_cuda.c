@@ -1042,7 +1042,7 @@ START_TEST(bf16_bits_producers_round_fp32)
         p.cb->round_to_bf16(p.cb, d_x, n);
         float *rounded = dtake_off(&p, d_x, n, off);
         for (size_t i = 0; i < n; i++) {
-            const float want = qkd__bf16_to_f32(qkd__f32_to_bf16(up[i]));
+            const float want = qkd__bf16_round(up[i]);
             ck_assert_msg(memcmp(&rounded[i], &want, sizeof want) == 0,
                           "round_to_bf16 [%zu]: %.9g, want %.9g", i, (double)rounded[i],
                           (double)want);
@@ -1999,7 +1999,7 @@ static size_t fq_bf16_case(struct pair *p, const float *w, int64_t rows, int64_t
     expect_ok(p->cc, p->cb->sync(p->cb), "sync");
     expect_ok(p->cc, p->cb->download(p->cb, got, d_q, n * sizeof *got), "download");
     for (size_t i = 0; i < n; i++) {
-        const float want = qkd__bf16_to_f32(qkd__f32_to_bf16(q[i]));
+        const float want = qkd__bf16_round(q[i]);
         const float have = qkd__bf16_to_f32(got[i]);
         const int ok = spec->continuous ? fabsf(have - q[i]) <= 0x1p-8f * fabsf(q[i]) + 1e-6f
                                         : got[i] == qkd__f32_to_bf16(q[i]);

@@ -27,6 +27,11 @@ float qkd__bf16_to_f32(uint16_t h)
     return f;
 }
 
+float qkd__bf16_round(float f)
+{
+    return qkd__bf16_to_f32(qkd__f32_to_bf16(f));
+}
+
 /* m >> s (s >= 1), rounding to nearest with ties to even. */
 static uint32_t shift_rne(uint32_t m, unsigned s)
 {

@@ -20,5 +20,8 @@ uint16_t qkd__f32_to_f16(float f);
 /* float to bfloat16, rounding to nearest with ties to even (subnormals
  * kept, overflow to infinity); a NaN stays a quiet NaN. */
 uint16_t qkd__f32_to_bf16(float f);
+/* f rounded to bfloat16 as qkd__f32_to_bf16 does, as a float: what a bf16
+ * product reads, or a bf16 buffer holds. */
+float qkd__bf16_round(float f);
 
 #endif

@@ -84,9 +84,9 @@ static qkd__qweight fused_weight(const qkd_model *m, const qkd__qtensor *t,
 /* The weight operand of a bf16-bits product: Q(w) in bf16 for a tensor of
  * that form, a frozen model's bf16 weight where it keeps them, else the
  * fp32 weight the forward reads. */
-static qkd__bf16_in weight_in(const qkd_model *m, const qkd__qtensor *t, qkd_tensor_kind kind,
-                              int layer)
+static qkd__bf16_in weight_in(const qkd_model *m, qkd_tensor_kind kind, int layer)
 {
+    const qkd__qtensor *t = live_qtensor(m, kind, layer);
     if (t && t->form == QKD__WQ_BF16)
         return (qkd__bf16_in){.bits = (const uint16_t *)t->wq};
     const uint16_t *bits = t ? NULL : qkd__model_weight_bits(m, weight_index(m, kind, layer));
@@ -126,9 +126,7 @@ void qkd__model_linear_forward(const qkd_model *m, qkd_tensor_kind kind, int lay
 {
     qkd__backend *be = qkd__model_backend(m);
     if (qkd__model_bf16_bits(m)) {
-        be->matmul_forward_bf16_bits(be, out, inp,
-                                     weight_in(m, live_qtensor(m, kind, layer), kind, layer), N,
-                                     C, OC);
+        be->matmul_forward_bf16_bits(be, out, inp, weight_in(m, kind, layer), N, C, OC);
         return;
     }
     const linear_slots sl = {be->matmul_forward_fq, be->matmul_forward_bf16, be->matmul_forward};
@@ -141,9 +139,8 @@ void qkd__model_linear_backward_input(const qkd_model *m, qkd_tensor_kind kind, 
 {
     qkd__backend *be = qkd__model_backend(m);
     if (qkd__model_bf16_bits(m)) {
-        be->matmul_backward_input_bf16_bits(
-            be, dinp, dout, weight_in(m, live_qtensor(m, kind, layer), kind, layer), N, C, OC,
-            accumulate);
+        be->matmul_backward_input_bf16_bits(be, dinp, dout, weight_in(m, kind, layer), N, C, OC,
+                                            accumulate);
         return;
     }
     if (!accumulate) /* the other products add */
@@ -170,9 +167,7 @@ void qkd__model_linear_forward_to_bits(const qkd_model *m, qkd_tensor_kind kind,
                                        uint16_t *out, qkd__bf16_in inp, int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
-    be->matmul_forward_to_bf16_bits(be, out, inp,
-                                    weight_in(m, live_qtensor(m, kind, layer), kind, layer), N,
-                                    C, OC);
+    be->matmul_forward_to_bf16_bits(be, out, inp, weight_in(m, kind, layer), N, C, OC);
 }
 
 void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kind kind,
@@ -180,8 +175,7 @@ void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kin
                                               int N, int C, int OC)
 {
     qkd__backend *be = qkd__model_backend(m);
-    be->matmul_backward_input_to_bf16_bits(
-        be, dinp, dout, weight_in(m, live_qtensor(m, kind, layer), kind, layer), N, C, OC);
+    be->matmul_backward_input_to_bf16_bits(be, dinp, dout, weight_in(m, kind, layer), N, C, OC);
 }
 
 int qkd__model_grads_direct(const qkd_model *m)

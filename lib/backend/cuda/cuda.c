@@ -243,7 +243,7 @@ static void gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, qkd__bf16_in A, 
     qkd__cuda_gemm_bf16(b, g, a16, b16, C, what);
     /* the product wrote C alone: a copy current at entry holds unless C
      * covers its source */
-    const size_t nc = ((size_t)g->ldc * (g->n - 1) + g->m) * (g->c16 ? 2 : 4);
+    const size_t nc = qkd__cuda_gemm_c_bytes(g);
     for (int i = 0; i < 2; i++) {
         bf16_copy *cp = &c->b16[i];
         if (cp->src && cp->writes == entry &&

@@ -141,6 +141,8 @@ void qkd__cuda_gemm_teardown(qkd__cuda *c);
  * and timed, at its first use); a failure is recorded, naming `what`. */
 void qkd__cuda_gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, const uint16_t *A,
                          const uint16_t *B, void *C, const char *what);
+/* The bytes g's C spans, from its first element to its last. */
+size_t qkd__cuda_gemm_c_bytes(const qkd__cuda_gemm *g);
 /* For the tests: g's product by the i-th of the candidates the plan
  * chooses among (none when i is past them); their count. */
 int qkd__cuda_gemm_bf16_candidate(qkd__backend *b, const qkd__cuda_gemm *g, int i,

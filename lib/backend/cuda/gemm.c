@@ -214,8 +214,7 @@ static int fastest(qkd__cuda *c, const qkd__cuda_gemm_plan *p,
 {
     void *out = C, *scratch = NULL;
     if (p->g.beta != 0.0f) {
-        const size_t n = (size_t)p->g.ldc * (p->g.n - 1) + p->g.m;
-        if (cudaMalloc(&scratch, n * (p->g.c16 ? 2 : 4)) != cudaSuccess) {
+        if (cudaMalloc(&scratch, qkd__cuda_gemm_c_bytes(&p->g)) != cudaSuccess) {
             cudaGetLastError();
             return 0;
         }
@@ -266,6 +265,11 @@ static qkd__cuda_gemm_plan *make_plan(qkd__backend *b, const qkd__cuda_gemm *g,
     p->algo = algos[tune ? fastest(c, p, algos, n, A, B, C) : 0];
     c->next_plan = (c->next_plan + 1) % QKD__CUDA_GEMM_PLANS;
     return p;
+}
+
+size_t qkd__cuda_gemm_c_bytes(const qkd__cuda_gemm *g)
+{
+    return ((size_t)g->ldc * (g->n - 1) + g->m) * (g->c16 ? sizeof(uint16_t) : sizeof(float));
 }
 
 void qkd__cuda_gemm_bf16(qkd__backend *b, const qkd__cuda_gemm *g, const uint16_t *A,

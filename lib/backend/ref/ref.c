@@ -121,7 +121,7 @@ static void ref_round_to_bf16(qkd__backend *b, float *x, size_t n)
 {
     (void)b;
     for (size_t i = 0; i < n; i++)
-        x[i] = qkd__bf16_to_f32(qkd__f32_to_bf16(x[i]));
+        x[i] = qkd__bf16_round(x[i]);
 }
 
 static void ref_add(qkd__backend *b, float *out, const float *x, const float *y, size_t n)

@@ -78,7 +78,7 @@ struct attn_job {
 /* x as an input of a product. */
 BODY double rd(int bf16, float x)
 {
-    return bf16 ? qkd__bf16_to_f32(qkd__f32_to_bf16(x)) : x;
+    return bf16 ? qkd__bf16_round(x) : x;
 }
 
 /* x . y over n, both read as product inputs. */

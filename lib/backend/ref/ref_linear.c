@@ -24,7 +24,7 @@ static double in_at(qkd__bf16_in in, size_t i, int bf16)
 {
     if (in.bits)
         return qkd__bf16_to_f32(in.bits[i]);
-    return bf16 ? qkd__bf16_to_f32(qkd__f32_to_bf16(in.f32[i])) : in.f32[i];
+    return bf16 ? qkd__bf16_round(in.f32[i]) : in.f32[i];
 }
 
 struct matmul_job {
