@@ -921,6 +921,144 @@ START_TEST(matmul_bf16_bits_equal_bf16)
 }
 END_TEST
 
+/* A group of three linears for linears_backward_bf16_bits: N tokens, C
+ * inputs, q's and k/v's outputs. */
+static const int group_shapes[][4] = {
+    {1, 1, 1, 1}, {2, 7, 7, 3}, {5, 33, 33, 17}, {37, 64, 64, 16}, {100, 130, 65, 20},
+    {64, 288, 288, 96},
+};
+
+/* n values of h (elements of `bytes`) at device offsets at[0..3) of one
+ * array of `total` elements, the rest NaN's bits: the three linears'
+ * weights or weight gradients, stacked (at[i + 1] = at[i] + its size)
+ * or apart. */
+static void *dput_three(struct pair *p, void *const h[3], const size_t n[3], const size_t at[3],
+                        size_t total, size_t bytes)
+{
+    char *all = malloc(total * bytes);
+    ck_assert_ptr_nonnull(all);
+    memset(all, 0xff, total * bytes);
+    for (int i = 0; i < 3; i++)
+        memcpy(all + at[i] * bytes, h[i], n[i] * bytes);
+    void *d = dput_bytes(p, all, total, bytes);
+    free(all);
+    return d;
+}
+
+/* One group on the GPU against the reference's products linear by linear.
+ * variant 0: weights and gradients stacked (one product each), one input
+ * as bits, dx and dw written; 1: apart (a product a linear), one fp32
+ * input, both added to; 2: weights stacked as fp32, each linear its own
+ * input (weight gradients a product a linear), dx written, dw added to. */
+static void group_case(struct pair *p, const int sh[4], int variant)
+{
+    qkd__backend *rb = p->rb, *cb = p->cb;
+    const int N = sh[0], C = sh[1], OC[3] = {sh[2], sh[3], sh[3]}, ld = sh[2] + 2 * sh[3];
+    const int acc_x = variant == 1, acc_w = variant != 0, apart = variant == 1;
+    const size_t nx = (size_t)N * C, nd = (size_t)N * ld;
+    size_t nw[3], at[3], total = 0;
+    for (int i = 0; i < 3; i++) {
+        nw[i] = (size_t)OC[i] * C;
+        at[i] = total;
+        total += nw[i] + (apart ? 64 : 0); /* apart: a gap of NaN */
+    }
+    /* dout in rows (bf16 values), and each linear's columns of it */
+    float *dout = test_vec_rand(nd, -1, 1), *douti[3], *w[3], *x[3], *dw[3];
+    uint16_t *dout16 = bits_new(nd), *w16[3];
+    round_bf16(dout, dout16, nd);
+    float *dx = test_vec_rand(nx, -1, 1), *zeros = test_vec_new(nx > total ? nx : total);
+    float *s_out = test_vec_new(nd), *s_dx = test_vec_new(nx), *s_dw[3];
+    uint16_t *x16 = bits_new(nx); /* x[0]'s bits, which variant 0 reads */
+    for (int i = 0, col = 0; i < 3; col += OC[i++]) {
+        douti[i] = test_vec_new((size_t)N * OC[i]);
+        for (int t = 0; t < N; t++)
+            memcpy(douti[i] + (size_t)t * OC[i], dout + (size_t)t * ld + col,
+                   OC[i] * sizeof *dout);
+        w[i] = test_vec_rand(nw[i], -1, 1);
+        w16[i] = bits_new(nw[i]);
+        round_bf16(w[i], w16[i], nw[i]);
+        x[i] = i == 0 || variant == 2 ? test_vec_rand(nx, -1, 1) : x[0];
+        if (i == 0)
+            round_bf16(x[0], x16, nx);
+        dw[i] = test_vec_rand(nw[i], -1, 1);
+        s_dw[i] = test_vec_new(nw[i]);
+        mm_scales(x[i], w[i], douti[i], i == 0 && acc_x ? dx : zeros, acc_w ? dw[i] : zeros,
+                  N, C, OC[i], s_out, s_dx, s_dw[i]);
+    }
+    /* the GPU: weights as bits (variants 0, 1) or fp32 (2) */
+    const int w_bits = variant != 2;
+    uint16_t *d_dout = dput_bytes(p, dout16, nd, sizeof *dout16);
+    void *d_w = w_bits ? dput_three(p, (void *const[3]){w16[0], w16[1], w16[2]}, nw, at, total,
+                                    sizeof(uint16_t))
+                       : dput_three(p, (void *const[3]){w[0], w[1], w[2]}, nw, at, total,
+                                    sizeof(float));
+    float *d_dw = dput_three(p, (void *const[3]){dw[0], dw[1], dw[2]}, nw, at, total,
+                             sizeof(float));
+    float *d_dx = acc_x ? dput(p, dx, nx) : dpoison(p, nx);
+    float *d_x[3] = {NULL, NULL, NULL};
+    uint16_t *d_x16 = variant == 0 ? dput_bytes(p, x16, nx, sizeof *x16) : NULL;
+    for (int i = 0; i < 3; i++)
+        d_x[i] = variant == 0 ? NULL : i == 0 || variant == 2 ? dput(p, x[i], nx) : d_x[0];
+    qkd__bf16_linear lin[3];
+    for (int i = 0; i < 3; i++)
+        lin[i] = (qkd__bf16_linear){
+            .w = w_bits ? (qkd__bf16_in){.bits = (uint16_t *)d_w + at[i]}
+                        : qkd__bf16_f32((float *)d_w + at[i]),
+            .x = d_x16 ? (qkd__bf16_in){.bits = d_x16} : qkd__bf16_f32(d_x[i]),
+            .dw = d_dw + at[i],
+            .OC = OC[i]};
+    cb->linears_backward_bf16_bits(cb, d_dx, acc_x, d_dout, lin, 3, N, C, acc_w);
+    /* the reference, linear by linear */
+    for (int i = 0; i < 3; i++) {
+        rb->matmul_backward_input_bf16_bits(rb, dx, qkd__bf16_f32(douti[i]),
+                                            qkd__bf16_f32(w[i]), N, C, OC[i], i > 0 || acc_x);
+        rb->matmul_backward_weight_bf16_bits(rb, dw[i], qkd__bf16_f32(douti[i]),
+                                             qkd__bf16_f32(x[i]), N, C, OC[i], acc_w);
+    }
+    float *g_dx = dtake(p, d_dx, nx), *g_dw = dtake(p, d_dw, total);
+    char what[96];
+    snprintf(what, sizeof what, "linears_backward_bf16_bits dx (%d %d %d %d, variant %d)", N, C,
+             OC[0], OC[1], variant);
+    assert_close_scaled(what, g_dx, dx, s_dx, nx, TOL_BF16_MM);
+    for (int i = 0; i < 3; i++) {
+        snprintf(what, sizeof what, "linears_backward_bf16_bits dw%d (%d %d %d %d, variant %d)",
+                 i, N, C, OC[0], OC[1], variant);
+        assert_close_scaled(what, g_dw + at[i], dw[i], s_dw[i], nw[i], TOL_BF16_MM);
+    }
+    if (apart) /* the gaps between them untouched */
+        for (int i = 0; i < 3; i++)
+            for (size_t e = at[i] + nw[i]; e < (i < 2 ? at[i + 1] : total); e++)
+                ck_assert_msg(isnan(g_dw[e]), "linears_backward_bf16_bits wrote a gap");
+    for (int i = 0; i < 3; i++) {
+        free(douti[i]); free(w[i]); free(w16[i]); free(dw[i]); free(s_dw[i]);
+        if (i == 0 || variant == 2)
+            free(x[i]);
+        if (d_x[i] && (i == 0 || variant == 2))
+            dfree(p, d_x[i]);
+    }
+    free(dout); free(dout16); free(dx); free(zeros); free(s_out); free(s_dx); free(x16);
+    free(g_dx); free(g_dw);
+    dfree(p, d_dout); dfree(p, d_w);
+    if (d_x16)
+        dfree(p, d_x16);
+}
+
+/* linears_backward_bf16_bits (q, k and v's gradient products as a group)
+ * matches the reference's products linear by linear: stacked or apart,
+ * weights as bits or fp32, one input or one each, written or added to. */
+START_TEST(linears_backward_matches_ref)
+{
+    struct pair p;
+    if (!pair_open(&p))
+        return;
+    test_rng_seed(14);
+    for (size_t s = 0; s < sizeof group_shapes / sizeof group_shapes[0]; s++)
+        for (int variant = 0; variant < 3; variant++)
+            group_case(&p, group_shapes[s], variant);
+    pair_close(&p);
+}
+END_TEST
+
 /* The producers' bf16-bits forms write exactly their fp32 outputs rounded
  * to bf16 (the SwiGLU backward's: into zeroed gradients): RMSNorm on its
  * shapes, SwiGLU on and off the vector boundary. The fused residual add
@@ -1026,11 +1164,31 @@ START_TEST(bf16_bits_producers_round_fp32)
         p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
         p.cb->swiglu_forward_bf16_bits(p.cb, d_o16 + off, d_gate16 + off, d_up16 + off, n);
         p.cb->swiglu_backward(p.cb, d_dg, d_du, d_g, d_gate, d_up, n);
-        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, d_g16 + off,
-                                        d_gate16 + off, d_up16 + off, n);
+        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, n, d_g16 + off,
+                                        d_gate16 + off, d_up16 + off, 1, n);
         assert_bits_of("swiglu_forward_bf16_bits", d_o16 + off, d_o, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dgate", d_dg16 + off, d_dg, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dup", d_du16 + off, d_du, n, &p);
+        /* in rows (linears_backward_bf16_bits's layout): a row of dgate,
+         * then its row of dup */
+        const size_t cols = n % 5 == 0 ? n / 5 : n, rows = n / cols;
+        uint16_t *got_rows = bits_new(2 * n);
+        memset(got_rows, 0xff, 2 * n * sizeof *got_rows);
+        uint16_t *d_rows = dput_bytes(&p, got_rows, 2 * n, sizeof *got_rows);
+        p.cb->swiglu_backward_bf16_bits(p.cb, d_rows, d_rows + cols, 2 * cols, d_g16 + off,
+                                        d_gate16 + off, d_up16 + off, rows, cols);
+        free(got_rows);
+        got_rows = dtake_bytes(&p, d_rows, 2 * n, sizeof *got_rows);
+        float *want_dg = test_vec_new(n), *want_du = test_vec_new(n);
+        expect_ok(p.cc, p.cb->download(p.cb, want_dg, d_dg, n * sizeof *want_dg), "download");
+        expect_ok(p.cc, p.cb->download(p.cb, want_du, d_du, n * sizeof *want_du), "download");
+        for (size_t i = 0; i < n; i++) {
+            const size_t at = i / cols * 2 * cols + i % cols;
+            ck_assert_msg(got_rows[at] == qkd__f32_to_bf16(want_dg[i]) &&
+                              got_rows[at + cols] == qkd__f32_to_bf16(want_du[i]),
+                          "swiglu_backward_bf16_bits in rows [%zu]", i);
+        }
+        free(got_rows); free(want_dg); free(want_du);
         /* to_bf16_bits, special values first: NaN, infinity, -0, a subnormal */
         static const float special[] = {NAN, -INFINITY, -0.0f, 0x1.ff8p-130f};
         memcpy(up, special, (n < 4 ? n : 4) * sizeof *up);
@@ -1389,8 +1547,12 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
             assert_close_grad("attention_backward_bf16 dq", g_dq, dq, nq);
             assert_close_grad("attention_backward_bf16 dk", g_dk, dk, nkv);
             assert_close_grad("attention_backward_bf16 dv", g_dv, dv, nkv);
-            /* as bits instead: the same values rounded, dq then dk then dv */
-            const size_t nb = nq + 2 * nkv;
+            /* as bits instead: the same values rounded, in rows (the
+             * backend has linears_backward_bf16_bits): a token's dq, dk,
+             * then dv */
+            ck_assert_ptr_nonnull(cb->linears_backward_bf16_bits);
+            const size_t nb = nq + 2 * nkv, cq = (size_t)a->n_heads * a->hd;
+            const size_t ckv = (size_t)a->n_kv * a->hd, ld = cq + 2 * ckv;
             uint16_t *bits = bits_new(nb);
             memset(bits, 0xff, nb * sizeof *bits);
             uint16_t *d_bits = dput_bytes(p, bits, nb, sizeof *bits);
@@ -1399,7 +1561,10 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
             expect_ok(p->cc, cb->sync(cb), "sync");
             expect_ok(p->cc, cb->download(cb, bits, d_bits, nb * sizeof *bits), "download");
             for (size_t i = 0; i < nb; i++) {
-                const float f = i < nq ? g_dq[i] : i < nq + nkv ? g_dk[i - nq] : g_dv[i - nq - nkv];
+                const size_t t = i / ld, c = i % ld;
+                const float f = c < cq         ? g_dq[t * cq + c]
+                                : c < cq + ckv ? g_dk[t * ckv + c - cq]
+                                               : g_dv[t * ckv + c - cq - ckv];
                 ck_assert_msg(bits[i] == qkd__f32_to_bf16(f), "dqkv_bits[%zu]: 0x%04x, fp32 %.9g",
                               i, bits[i], (double)f);
             }
@@ -2522,6 +2687,7 @@ Suite *suite_backend_cuda(void)
     tcase_add_test(tc, matmul_bf16_sees_writes);
     tcase_add_test(tc, matmul_bf16_bits_equal_bf16);
     tcase_add_test(tc, gemm_candidates_agree);
+    tcase_add_test(tc, linears_backward_matches_ref);
     tcase_add_test(tc, bf16_bits_producers_round_fp32);
     tcase_add_test(tc, embedding_equals_ref);
     tcase_add_test(tc, rmsnorm_matches_ref);

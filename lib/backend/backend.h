@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 14
+#define QKD__BACKEND_ABI 15
 
 typedef struct qkd__backend qkd__backend;
 
@@ -46,6 +46,14 @@ static inline qkd__bf16_in qkd__bf16_f32(const float *x)
 {
     return (qkd__bf16_in){.f32 = x};
 }
+
+/* One linear of linears_backward_bf16_bits: y = x W^T. */
+typedef struct qkd__bf16_linear {
+    qkd__bf16_in w; /* W [OC][C] */
+    qkd__bf16_in x; /* its input [N][C] */
+    float *dw;      /* where W's gradient goes [OC][C] */
+    int OC;
+} qkd__bf16_linear;
 
 /* One term of kd_loss: the qkd_loss_term fields a kernel reads, resolved. */
 typedef struct qkd__kd_term {
@@ -257,6 +265,21 @@ struct qkd__backend {
     void (*matmul_backward_input_to_bf16_bits)(qkd__backend *b, uint16_t *dinp,
                                                qkd__bf16_in dout, qkd__bf16_in w, int N, int C,
                                                int OC);
+    /* Optional, with the family: the backward of n linears from their
+     * output gradients in rows (as this backend's attention_backward_bf16
+     * writes q, k and v's, and swiglu_backward_bf16_bits gate and up's
+     * with ld = 2 cols): row t holds each linear's gradient row t in turn,
+     * dout[N][sum OC], the i-th from column sum_{j<i} OC_j on. dx
+     * [N][C] = (accumulate_x: +=) sum_i dout_i . W_i, and dw_i +=
+     * (accumulate_w; else =) dout_i^T . x_i, the products of
+     * matmul_backward_*_bf16_bits; dx within fp32 rounding of their sum
+     * (one accumulation may serve them all). A backend without the slot
+     * writes those gradients one linear after the other instead (blocks:
+     * dout_i [N][OC_i] from element N sum_{j<i} OC_j on), and the model
+     * runs the products linear by linear. */
+    void (*linears_backward_bf16_bits)(qkd__backend *b, float *dx, int accumulate_x,
+                                       const uint16_t *dout, const qkd__bf16_linear *lin, int n,
+                                       int N, int C, int accumulate_w);
 
     /* ---- embedding -------------------------------------------------- */
     /* out[N][C] = table[ids[i]][C]; ids are valid (checked by caller) */
@@ -344,9 +367,11 @@ struct qkd__backend {
      * give. rope_theta 0: q and k arrive rotated. Unlike the fp32 pair's,
      * this backward WRITES dq, dk and dv (their old contents, NaN
      * included, are not read), so the caller zeroes nothing; with
-     * dqkv_bits it writes them there instead, as bf16 bits one after the
-     * other (B T n_heads hd values of dq, then B T n_kv hd of dk and of
-     * dv), for the products that read them, and dq, dk, dv go unused.
+     * dqkv_bits it writes them there instead, as bf16 bits for the
+     * products that read them, and dq, dk, dv go unused: in the layout of
+     * linears_backward_bf16_bits's dout where the backend has that slot
+     * (rows: each token's dq, dk then dv), else one after the other (B T
+     * n_heads hd values of dq, then B T n_kv hd of dk and of dv).
      * out_bits: NULL, or where the forward also writes out rounded to
      * bf16 (nearest even, raw bits), the operand of the output projection. */
     void (*attention_forward_bf16)(qkd__backend *b, float *out, uint16_t *out_bits,
@@ -374,12 +399,14 @@ struct qkd__backend {
                             const float *dout, const float *gate, const float *up,
                             size_t n);
     /* Optional (the bf16-bits family): the gradients of swiglu_backward
-     * on dout, gate and up as bf16 bits, into zeroed buffers, rounded to
-     * bf16 (raw bits) and WRITTEN, not added: the operands of the gate
-     * and up products' backward. */
+     * on dout, gate and up ([rows][cols] bf16 bits), into zeroed buffers,
+     * rounded to bf16 (raw bits) and WRITTEN, not added: the operands of
+     * the gate and up products' backward. Row t of dgate and of dup lies
+     * at t ld of each: ld = cols for two blocks, 2 cols with dup = dgate +
+     * cols for linears_backward_bf16_bits's rows. */
     void (*swiglu_backward_bf16_bits)(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                      const uint16_t *dout, const uint16_t *gate,
-                                      const uint16_t *up, size_t n);
+                                      size_t ld, const uint16_t *dout, const uint16_t *gate,
+                                      const uint16_t *up, size_t rows, size_t cols);
 
     /* ---- softmax over rows of V ---------------------------------------- */
     /* probs = softmax(logits * inv_temp) row-wise */

@@ -90,9 +90,6 @@ static qkd__bf16_in dres_in(const qkd__train_acts *g)
  * in model_impl.h). */
 #define LINEAR(kind) QKD_TENSOR_##kind, l
 #define IN(kind, x) qkd__model_linear_input(m, QKD_TENSOR_##kind, l, a->x, a->x##q, a->x##_bits)
-/* a SwiGLU gradient as the products read it: fp32, or bf16 bits (one of
- * the two pointers is NULL) */
-#define GRAD(x) ((qkd__bf16_in){g->x, g->x##_bits})
 
 /* On entry acts.dres is d x_out; on return it is d x_mid. */
 static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
@@ -106,17 +103,28 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
                                                  H, C);
         qkd__model_linear_backward_weight(m, LINEAR(FFN_DOWN), dres_in(g), IN(FFN_DOWN, sw), N,
                                           H, C, !m->grads_cleared);
-        be->swiglu_backward_bf16_bits(be, g->dgate_bits, g->dup_bits, g->dsw_bits,
-                                      a->gate_bits, a->up_bits, (size_t)N * H);
+        /* dgate and dup as the gate and up products read them: in rows or blocks */
+        const int rows = be->linears_backward_bf16_bits != NULL;
+        const size_t h = (size_t)H, ld = rows ? 2 * h : h;
+        uint16_t *dup = g->dgu_bits + (rows ? h : (size_t)N * h);
+        be->swiglu_backward_bf16_bits(be, g->dgu_bits, dup, ld, g->dsw_bits, a->gate_bits,
+                                      a->up_bits, (size_t)N, h);
+        static const qkd_tensor_kind gu[2] = {QKD_TENSOR_FFN_GATE, QKD_TENSOR_FFN_UP};
+        const int OC[2] = {H, H};
+        const qkd__bf16_in x[2] = {IN(FFN_GATE, h2), IN(FFN_UP, h2)};
+        qkd__model_linears_backward_bits(m, l, gu, OC, x, 2, g->dnorm, g->dgu_bits, N, C,
+                                         !m->grads_cleared);
     } else {
         linear_backward(m, LINEAR(FFN_DOWN), g->dsw, 0, dres_in(g), IN(FFN_DOWN, sw), N, H, C);
         qkd__model_round_stored(m, g->dsw, (size_t)N * H);
         zero(be, g->dgate, (size_t)N * H);
         zero(be, g->dup, (size_t)N * H);
         be->swiglu_backward(be, g->dgate, g->dup, g->dsw, a->gate, a->up, (size_t)N * H);
+        linear_backward(m, LINEAR(FFN_GATE), g->dnorm, 0, qkd__bf16_f32(g->dgate),
+                        IN(FFN_GATE, h2), N, C, H);
+        linear_backward(m, LINEAR(FFN_UP), g->dnorm, 1, qkd__bf16_f32(g->dup), IN(FFN_UP, h2), N,
+                        C, H);
     }
-    linear_backward(m, LINEAR(FFN_GATE), g->dnorm, 0, GRAD(dgate), IN(FFN_GATE, h2), N, C, H);
-    linear_backward(m, LINEAR(FFN_UP), g->dnorm, 1, GRAD(dup), IN(FFN_UP, h2), N, C, H);
     norm_backward(m, QKD_TENSOR_FFN_NORM, l, a->x_mid, a->rstd2, N);
 }
 
@@ -157,22 +165,26 @@ static void attention_backward(qkd_model *m, int l, const qkd__layer_acts *a, in
                                             a->att_bits),
                     N, C, C);
     attention_grads(m, a, B, T);
-    /* the gradients as the q, k and v products read them */
-    const uint16_t *bits = g->dqkv_bits;
-    const size_t nq = (size_t)N * C, nkv = (size_t)N * kvd;
-    const qkd__bf16_in dq = bits ? (qkd__bf16_in){.bits = bits} : qkd__bf16_f32(g->dq);
-    const qkd__bf16_in dk = bits ? (qkd__bf16_in){.bits = bits + nq} : qkd__bf16_f32(g->dk);
-    const qkd__bf16_in dv =
-        bits ? (qkd__bf16_in){.bits = bits + nq + nkv} : qkd__bf16_f32(g->dv);
-    linear_backward(m, LINEAR(ATTN_Q), g->dnorm, 0, dq, IN(ATTN_Q, h), N, C, C);
-    linear_backward(m, LINEAR(ATTN_K), g->dnorm, 1, dk, IN(ATTN_K, h), N, C, kvd);
-    linear_backward(m, LINEAR(ATTN_V), g->dnorm, 1, dv, IN(ATTN_V, h), N, C, kvd);
+    if (g->dqkv_bits) { /* the q, k and v products as a group */
+        static const qkd_tensor_kind qkv[3] = {QKD_TENSOR_ATTN_Q, QKD_TENSOR_ATTN_K,
+                                               QKD_TENSOR_ATTN_V};
+        const int OC[3] = {C, kvd, kvd};
+        const qkd__bf16_in x[3] = {IN(ATTN_Q, h), IN(ATTN_K, h), IN(ATTN_V, h)};
+        qkd__model_linears_backward_bits(m, l, qkv, OC, x, 3, g->dnorm, g->dqkv_bits, N, C,
+                                         !m->grads_cleared);
+    } else {
+        linear_backward(m, LINEAR(ATTN_Q), g->dnorm, 0, qkd__bf16_f32(g->dq), IN(ATTN_Q, h), N,
+                        C, C);
+        linear_backward(m, LINEAR(ATTN_K), g->dnorm, 1, qkd__bf16_f32(g->dk), IN(ATTN_K, h), N,
+                        C, kvd);
+        linear_backward(m, LINEAR(ATTN_V), g->dnorm, 1, qkd__bf16_f32(g->dv), IN(ATTN_V, h), N,
+                        C, kvd);
+    }
     norm_backward(m, QKD_TENSOR_ATTN_NORM, l, a->x_in, a->rstd1, N);
 }
 
 #undef LINEAR
 #undef IN
-#undef GRAD
 
 /* logits = rmsnorm(x_L) Wout^T; leaves d x_L in acts.dres. */
 static void head_backward(qkd_model *m, int N)

@@ -241,7 +241,7 @@ static void plan_train(void *arg, qkd__arena *a)
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
         t->dsw = t->dgate = t->dup = NULL;
-        t->dsw_bits = t->dgate_bits = t->dup_bits = t->dres_bits = t->dqkv_bits = NULL;
+        t->dsw_bits = t->dgu_bits = t->dres_bits = t->dqkv_bits = NULL;
         return;
     }
     t->dlogits = qkd__arena_take(a, N, V);
@@ -258,8 +258,7 @@ static void plan_train(void *arg, qkd__arena *a)
     t->dgate = ffn_bits ? NULL : qkd__arena_take(a, N, H);
     t->dup = ffn_bits ? NULL : qkd__arena_take(a, N, H);
     t->dsw_bits = ffn_bits ? take16(a, N, H) : NULL;
-    t->dgate_bits = ffn_bits ? take16(a, N, H) : NULL;
-    t->dup_bits = ffn_bits ? take16(a, N, H) : NULL;
+    t->dgu_bits = ffn_bits ? take16(a, N, 2 * H) : NULL;
     t->dres_bits = bits && be->rmsnorm_backward_bf16_bits ? take16(a, N, C) : NULL;
 }
 

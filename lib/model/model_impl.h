@@ -70,16 +70,19 @@ typedef struct qkd__train_acts {
     float *logits, *dlogits; /* [N][V] */
     /* activation gradients, reused by every layer */
     float *dres, *dnorm, *datt, *dq, *dk, *dv, *dsw, *dgate, *dup;
-    /* dsw, dgate and dup as bf16 bits instead (those then NULL) where the
-     * layers keep gate and up so (qkd__layer_acts); else NULL */
-    uint16_t *dsw_bits, *dgate_bits, *dup_bits;
+    /* dsw, and dgate with dup, as bf16 bits instead (those then NULL)
+     * where the layers keep gate and up so (qkd__layer_acts); else NULL.
+     * dgu holds dgate and dup as the backend's attention_backward_bf16
+     * holds dq, dk and dv: in rows or blocks (backend.h) */
+    uint16_t *dsw_bits, *dgu_bits;
     /* dres's bits beside it, written with it by the RMSNorm backward for
      * the products that read it, where the model's products take bits and
      * the backend has rmsnorm_backward_bf16_bits; else NULL */
     uint16_t *dres_bits;
-    /* dq, dk and dv as bf16 bits, one after the other, instead (dq, dk,
-     * dv then NULL) where the model's products take bits: written so by
-     * the bf16 attention, read only by the q, k and v products; else NULL */
+    /* dq, dk and dv as bf16 bits instead (dq, dk, dv then NULL) where
+     * the model's products take bits: written so by the bf16 attention
+     * (in rows or blocks: backend.h), read only by the q, k and v
+     * products; else NULL */
     uint16_t *dqkv_bits;
 } qkd__train_acts;
 
@@ -281,6 +284,15 @@ void qkd__model_linear_forward_to_bits(const qkd_model *m, qkd_tensor_kind kind,
 void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kind kind,
                                               int layer, uint16_t *dinp, qkd__bf16_in dout,
                                               int N, int C, int OC);
+/* The backward of n (at most 3) linears kinds[i] of `layer` (inputs
+ * x[i] [N][C], OC[i] outputs) from their output gradients as bf16 bits in
+ * dout, laid out as the backend's attention_backward_bf16 writes dq, dk
+ * and dv (backend.h): dinp written, the weights' gradients added
+ * (accumulate 1) or written, where the bf16-bits products run. */
+void qkd__model_linears_backward_bits(const qkd_model *m, int layer,
+                                      const qkd_tensor_kind *kinds, const int *OC,
+                                      const qkd__bf16_in *x, int n, float *dinp,
+                                      const uint16_t *dout, int N, int C, int accumulate);
 /* A bf16 model stores the feed-forward's gate and up outputs, SwiGLU's
  * output gradient and the projections added to the residual in bf16
  * (backend round_to_bf16); where they are fp32 buffers, this rounds them

@@ -178,6 +178,29 @@ void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kin
     be->matmul_backward_input_to_bf16_bits(be, dinp, dout, weight_in(m, kind, layer), N, C, OC);
 }
 
+void qkd__model_linears_backward_bits(const qkd_model *m, int layer,
+                                      const qkd_tensor_kind *kinds, const int *OC,
+                                      const qkd__bf16_in *x, int n, float *dinp,
+                                      const uint16_t *dout, int N, int C, int accumulate)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    if (be->linears_backward_bf16_bits) { /* dout in rows */
+        qkd__bf16_linear lin[3];
+        n = n < 3 ? n : 3;
+        for (int i = 0; i < n; i++)
+            lin[i] = (qkd__bf16_linear){.w = weight_in(m, kinds[i], layer), .x = x[i],
+                                        .dw = qkd__model_weight_grad(m, kinds[i], layer),
+                                        .OC = OC[i]};
+        be->linears_backward_bf16_bits(be, dinp, 0, dout, lin, n, N, C, accumulate);
+        return;
+    }
+    for (int i = 0; i < n; dout += (size_t)N * OC[i++]) { /* dout in blocks */
+        const qkd__bf16_in d = {.bits = dout};
+        qkd__model_linear_backward_input(m, kinds[i], layer, dinp, d, N, C, OC[i], i > 0);
+        qkd__model_linear_backward_weight(m, kinds[i], layer, d, x[i], N, C, OC[i], accumulate);
+    }
+}
+
 int qkd__model_grads_direct(const qkd_model *m)
 {
     return !is_live(m) || m->student.grad_direct;
@@ -495,21 +518,31 @@ typedef struct student_plan {
 } student_plan;
 
 /* Each targeted tensor's wq, scales and zeros; a wq with room for bf16
- * values only where the model's products always read Q(w) in bf16. */
+ * values only where the model's products always read Q(w) in bf16. The
+ * wq come first, in the tensors' order but the down projections last, so
+ * that a layer's q, k and v lie one after the other, and so do its gate
+ * and up: the input gradient products of each group can then run as one
+ * (linears_backward_bf16_bits). */
 static void plan_student(void *arg, qkd__arena *a)
 {
     const student_plan *p = arg;
+    for (int downs = 0; downs < 2; downs++) /* the down projections' wq in the second pass */
+        for (int i = 0; i < p->m->n_weights; i++) {
+            const qkd__tensor_entry *e = &p->m->tensors[i];
+            if (!is_targeted(p->m, e, p->targets) || (e->kind == QKD_TENSOR_FFN_DOWN) != downs)
+                continue;
+            int64_t rows = e->rows, cols = e->cols;
+            const qkd__quant_spec spec = qkd__quantizer_spec(p->q, &rows, &cols, 0);
+            const size_t n = (size_t)e->rows * (size_t)e->cols;
+            p->t[i].bf16_only = qkd__model_bf16_bits(p->m) &&
+                                groupable(e, &spec, qkd__quantizer_learned(p->q) > 0);
+            p->t[i].wq = qkd__arena_take(a, p->t[i].bf16_only ? (n + 1) / 2 : n, 1);
+        }
     for (int i = 0; i < p->m->n_weights; i++) {
         const qkd__tensor_entry *e = &p->m->tensors[i];
         if (!is_targeted(p->m, e, p->targets))
             continue;
-        int64_t rows = e->rows, cols = e->cols;
-        const qkd__quant_spec spec = qkd__quantizer_spec(p->q, &rows, &cols, 0);
         const size_t ng = (size_t)qkd_quantizer_n_groups(p->q, e->rows, e->cols);
-        const size_t n = (size_t)e->rows * (size_t)e->cols;
-        p->t[i].bf16_only = qkd__model_bf16_bits(p->m) &&
-                            groupable(e, &spec, qkd__quantizer_learned(p->q) > 0);
-        p->t[i].wq = qkd__arena_take(a, p->t[i].bf16_only ? (n + 1) / 2 : n, 1);
         p->t[i].scales = qkd__arena_take(a, ng, 1);
         p->t[i].zeros = qkd__arena_take(a, ng, 1);
     }

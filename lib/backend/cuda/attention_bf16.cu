@@ -66,6 +66,7 @@ struct fb_args {
     float *out, *lse, *dq, *dk, *dv;
     bf16 *out_bits; /* the forward's out in bf16 too; NULL: none */
     bf16 *dq16, *dk16, *dv16; /* the backward's gradients in bf16 instead; NULL: fp32 */
+    size_t ld16; /* their row stride: a token's dq, dk and dv side by side */
     const bf16 *q, *k, *v, *dout;
     const float *D;
     const double2 *rope; /* the backward's: dq and dk rotated back as stored; NULL: none */
@@ -472,17 +473,20 @@ __device__ void fb_store(T *dst, size_t stride, const float (&acc)[HD / 8][4], i
         }
 }
 
-/* A backward gradient from element `at` on: into its fp32 rows, or its
- * bf16 ones when given. */
+/* A backward gradient's rows from row `row` on (rows of hd, `heads` a
+ * token): into its fp32 rows, or into its bf16 rows when given (ld16 a
+ * token, head h from column h hd on). */
 template <int HD>
-__device__ void fb_store_grad(float *dst, bf16 *dst16, size_t at, size_t stride,
-                              const float (&acc)[HD / 8][4], int n_rows, int hd, float scale,
+__device__ void fb_store_grad(float *dst, bf16 *dst16, size_t row, int heads, const fb_args &p,
+                              const float (&acc)[HD / 8][4], int n_rows, float scale,
                               const double2 *rope = NULL, int pos = 0)
 {
     if (dst16)
-        fb_store<HD>(dst16 + at, stride, acc, n_rows, hd, scale, rope, pos);
+        fb_store<HD>(dst16 + row / heads * p.ld16 + row % heads * p.hd, p.ld16, acc, n_rows,
+                     p.hd, scale, rope, pos);
     else
-        fb_store<HD>(dst + at, stride, acc, n_rows, hd, scale, rope, pos);
+        fb_store<HD>(dst + row * p.hd, (size_t)heads * p.hd, acc, n_rows, p.hd, scale, rope,
+                     pos);
 }
 
 /* op over the 4 threads of a quad (the threads holding one row). */
@@ -701,9 +705,9 @@ template <int HD>
 __device__ void fb_dkdv_store(const fb_args &p, const float (&dk)[HD / 8][4],
                               const float (&dv)[HD / 8][4], size_t kv_row, int nk, int k0, int w)
 {
-    const size_t kf = (size_t)p.n_kv * p.hd, at = (kv_row + (size_t)16 * w * p.n_kv) * p.hd;
-    fb_store_grad<HD>(p.dk, p.dk16, at, kf, dk, nk - 16 * w, p.hd, p.scale, p.rope, k0 + 16 * w);
-    fb_store_grad<HD>(p.dv, p.dv16, at, kf, dv, nk - 16 * w, p.hd, 1.0f);
+    const size_t row = kv_row + (size_t)16 * w * p.n_kv;
+    fb_store_grad<HD>(p.dk, p.dk16, row, p.n_kv, p, dk, nk - 16 * w, p.scale, p.rope, k0 + 16 * w);
+    fb_store_grad<HD>(p.dv, p.dv16, row, p.n_kv, p, dv, nk - 16 * w, 1.0f);
 }
 
 /* One block per (kv head, batch row, key tile), longest first: dk and dv
@@ -788,8 +792,8 @@ template <int HD>
 __device__ void fb_dq_store(const fb_args &p, const float (&dq)[HD / 8][4], size_t q_row, int nq,
                             int q0, int w)
 {
-    fb_store_grad<HD>(p.dq, p.dq16, (q_row + (size_t)16 * w * p.H) * p.hd, (size_t)p.H * p.hd,
-                      dq, nq - 16 * w, p.hd, p.scale, p.rope, q0 + 16 * w);
+    fb_store_grad<HD>(p.dq, p.dq16, q_row + (size_t)16 * w * p.H, p.H, p, dq, nq - 16 * w,
+                      p.scale, p.rope, q0 + 16 * w);
 }
 
 /* One block per (head, batch row, query tile), longest first: dq of its
@@ -1362,8 +1366,9 @@ __global__ void fw_dkdv_sum_kernel(fb_args p, size_t rows)
             fb_rotate(k[0], k[1], p.rope, p.hd, (int)(r / p.n_kv % p.Tq), d / 2, -1.0);
         const size_t at = r * p.hd + d;
         if (p.dk16) {
-            fb_put(p.dk16 + at, k, two);
-            fb_put(p.dv16 + at, v, two);
+            const size_t at16 = r / p.n_kv * p.ld16 + r % p.n_kv * p.hd + d;
+            fb_put(p.dk16 + at16, k, two);
+            fb_put(p.dv16 + at16, v, two);
         } else {
             fb_put(p.dk + at, k, two);
             fb_put(p.dv + at, v, two);
@@ -1676,11 +1681,11 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
     p.dq = dq;
     p.dk = dk;
     p.dv = dv;
-    if (dqkv_bits) {
-        const size_t nq = (size_t)B * T * n_heads * hd, nkv = (size_t)B * T * n_kv * hd;
+    if (dqkv_bits) { /* as rows: linears_backward_bf16_bits's layout */
+        p.ld16 = (size_t)(n_heads + 2 * n_kv) * hd;
         p.dq16 = (bf16 *)dqkv_bits;
-        p.dk16 = p.dq16 + nq;
-        p.dv16 = p.dk16 + nkv;
+        p.dk16 = p.dq16 + (size_t)n_heads * hd;
+        p.dv16 = p.dk16 + (size_t)n_kv * hd;
     }
     p.lse = scratch;
     p.D = ws;

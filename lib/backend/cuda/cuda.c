@@ -299,6 +299,74 @@ static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
               "matmul_backward_weight_bf16");
 }
 
+/* Whether lin[0..n)'s member `at` (the weights, or their gradients) lie
+ * one after the other in memory, [sum OC][C] from lin[0]'s on: one
+ * product then covers them all. */
+static bool stacked_weights(const qkd__bf16_linear *lin, int n, int C)
+{
+    for (int i = 1; i < n; i++) {
+        const size_t before = (size_t)lin[i - 1].OC * C;
+        const qkd__bf16_in a = lin[i - 1].w, b = lin[i].w;
+        if (a.bits ? b.bits != a.bits + before : !b.f32 || b.f32 != a.f32 + before)
+            return false;
+    }
+    return true;
+}
+
+static bool stacked_grads(const qkd__bf16_linear *lin, int n, int C)
+{
+    for (int i = 1; i < n; i++)
+        if (lin[i].dw != lin[i - 1].dw + (size_t)lin[i - 1].OC * C ||
+            lin[i].x.f32 != lin[0].x.f32 || lin[i].x.bits != lin[0].x.bits)
+            return false;
+    return true;
+}
+
+/* The backward of a group of linears from their gradients in rows (q, k
+ * and v's; gate and up's): the input gradient as one product over the
+ * weights where they are stacked, the weight gradients as one where those
+ * are (and the linears share their input); else a product a linear,
+ * reading its columns of dout. Apart, the small k and v products spend
+ * more on reading and adding to dx than on their sums: q, k and v's input
+ * gradients took 1.63x the stacked product's time at TinyLlama's shape and
+ * 2.37x at SmolLM's (docs/benchmarks.md, "linears as a group"). */
+static void cuda_linears_backward_bf16_bits(qkd__backend *b, float *dx, int accumulate_x,
+                                            const uint16_t *dout, const qkd__bf16_linear *lin,
+                                            int n, int N, int C, int accumulate_w)
+{
+    int ld = 0;
+    for (int i = 0; i < n; i++)
+        ld += lin[i].OC;
+    const qkd__bf16_in d = {.bits = dout};
+    const float beta_w = accumulate_w ? 1.0f : 0.0f;
+    if (stacked_weights(lin, n, C)) {
+        const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, C, N, ld, C, ld, C,
+                                  accumulate_x ? 1.0f : 0.0f, false};
+        gemm_bf16(b, &g, lin[0].w, (size_t)ld * C, false, d, (size_t)N * ld, dx,
+                  "linears_backward_input_bf16");
+    } else {
+        for (int i = 0, col = 0; i < n; col += lin[i++].OC) {
+            const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, C, N, lin[i].OC, C, ld, C,
+                                      i || accumulate_x ? 1.0f : 0.0f, false};
+            gemm_bf16(b, &g, lin[i].w, (size_t)lin[i].OC * C, false,
+                      (qkd__bf16_in){.bits = dout + col}, (size_t)N * ld - col, dx,
+                      "linears_backward_input_bf16");
+        }
+    }
+    if (stacked_grads(lin, n, C)) {
+        const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, C, ld, N, C, ld, C, beta_w, false};
+        gemm_bf16(b, &g, lin[0].x, (size_t)N * C, true, d, (size_t)N * ld, lin[0].dw,
+                  "linears_backward_weight_bf16");
+        return;
+    }
+    for (int i = 0, col = 0; i < n; col += lin[i++].OC) {
+        const qkd__cuda_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, C, lin[i].OC, N, C, ld, C, beta_w,
+                                  false};
+        gemm_bf16(b, &g, lin[i].x, (size_t)N * C, true, (qkd__bf16_in){.bits = dout + col},
+                  (size_t)N * ld - col, lin[i].dw, "linears_backward_weight_bf16");
+    }
+}
+
 static void cuda_matmul_forward_bf16(qkd__backend *b, float *out, const float *inp,
                                      const float *w, int N, int C, int OC)
 {
@@ -442,6 +510,7 @@ static const qkd__backend cuda_table = {
     .matmul_backward_input_to_bf16_bits = cuda_matmul_backward_input_to_bf16_bits,
     .matmul_backward_input_bf16_bits = cuda_matmul_backward_input_bf16_bits,
     .matmul_backward_weight_bf16_bits = cuda_matmul_backward_weight_bf16_bits,
+    .linears_backward_bf16_bits = cuda_linears_backward_bf16_bits,
     .embedding_forward = qkd__cuda_embedding_forward,
     .embedding_backward = qkd__cuda_embedding_backward,
     .rmsnorm_forward = qkd__cuda_rmsnorm_forward,

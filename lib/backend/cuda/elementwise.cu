@@ -330,24 +330,28 @@ struct swiglu_backward_op {
     }
 };
 
-/* The backward on bf16 bits into zeroed gradients, written as bf16 bits. */
+/* The backward on bf16 bits into zeroed gradients, written as bf16 bits:
+ * element i of the [rows][cols] inputs at(i) of dgate and dup (rows ld
+ * apart; four() needs cols and ld in whole fours). */
 struct swiglu_backward_bits_op {
     uint16_t *dgate, *dup;
     const uint16_t *dout, *gate, *up;
+    size_t cols, ld;
+    __device__ size_t at(size_t i) const { return i / cols * ld + i % cols; }
     __device__ void one(size_t i) const
     {
         float dg = 0.0f, du = 0.0f;
         swiglu_grads(qkd__load(dout, i), qkd__load(gate, i), qkd__load(up, i), dg, du);
-        qkd__store(dgate, i, dg);
-        qkd__store(dup, i, du);
+        qkd__store(dgate, at(i), dg);
+        qkd__store(dup, at(i), du);
     }
     __device__ void four(size_t i) const
     {
         const float4 g = qkd__load4(dout, i), x = qkd__load4(gate, i), u = qkd__load4(up, i);
         float4 dg = make_float4(0.0f, 0.0f, 0.0f, 0.0f), du = dg;
         swiglu_grads4(g, x, u, dg, du);
-        qkd__store4(dgate, i, dg);
-        qkd__store4(dup, i, du);
+        qkd__store4(dgate, at(4 * i) / 4, dg);
+        qkd__store4(dup, at(4 * i) / 4, du);
     }
 };
 
@@ -372,15 +376,15 @@ extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *ou
 }
 
 extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate,
-                                                    uint16_t *dup, const uint16_t *dout,
-                                                    const uint16_t *gate, const uint16_t *up,
-                                                    size_t n)
+                                                    uint16_t *dup, size_t ld,
+                                                    const uint16_t *dout, const uint16_t *gate,
+                                                    const uint16_t *up, size_t rows, size_t cols)
 {
-    if (!n)
+    if (!rows || !cols)
         return;
-    map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up}, n,
+    map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up, cols, ld}, rows * cols,
         qkd__aligned4(dgate) && qkd__aligned4(dup) && qkd__aligned4(dout) &&
-            qkd__aligned4(gate) && qkd__aligned4(up),
+            qkd__aligned4(gate) && qkd__aligned4(up) && cols % 4 == 0 && ld % 4 == 0,
         "swiglu_backward_bf16_bits");
 }
 

@@ -12,6 +12,7 @@ struct swiglu_job {
     uint16_t *out_bits, *dgate_bits, *dup_bits; /* the bf16-bits forms' outputs */
     const float *dout, *gate, *up;
     const uint16_t *dout_bits, *gate_bits, *up_bits; /* and their inputs */
+    int64_t cols, ld; /* the backward's bits: rows of cols, ld apart */
 };
 
 /* Element i of an input given as floats or (bits not NULL) bf16 bits. */
@@ -47,8 +48,9 @@ static void swiglu_backward_range(const void *arg, int64_t begin, int64_t end)
         const double g = in_at(j->dout, j->dout_bits, i), u = in_at(j->up, j->up_bits, i);
         const double dg = g * u * s * (1.0 + x * (1.0 - s)), du = g * x * s;
         if (j->dgate_bits) { /* written: what adding to zero gives */
-            j->dgate_bits[i] = qkd__f32_to_bf16((float)(0.0f + dg));
-            j->dup_bits[i] = qkd__f32_to_bf16((float)(0.0f + du));
+            const int64_t at = i / j->cols * j->ld + i % j->cols;
+            j->dgate_bits[at] = qkd__f32_to_bf16((float)(0.0f + dg));
+            j->dup_bits[at] = qkd__f32_to_bf16((float)(0.0f + du));
         } else {
             j->dgate[i] = (float)(j->dgate[i] + dg);
             j->dup[i] = (float)(j->dup[i] + du);
@@ -78,12 +80,14 @@ void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const uin
 }
 
 void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                        const uint16_t *dout, const uint16_t *gate,
-                                        const uint16_t *up, size_t n)
+                                        size_t ld, const uint16_t *dout, const uint16_t *gate,
+                                        const uint16_t *up, size_t rows, size_t cols)
 {
     struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .dout_bits = dout,
-                             .gate_bits = gate, .up_bits = up};
-    qkd__ref_parallel(b, (int64_t)n, 40, swiglu_backward_range, &job);
+                             .gate_bits = gate, .up_bits = up, .cols = (int64_t)cols,
+                             .ld = (int64_t)ld};
+    if (cols)
+        qkd__ref_parallel(b, (int64_t)(rows * cols), 40, swiglu_backward_range, &job);
 }
 
 /* ---- softmax family ------------------------------------------------------------------ */
