@@ -196,7 +196,7 @@ static void head_backward(qkd_model *m, int N)
                                      ? (qkd__bf16_in){.bits = (const uint16_t *)g->dlogits}
                                      : qkd__bf16_f32(g->dlogits);
     linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, 0, dlogits,
-                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, NULL), N,
+                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, g->xf_bits), N,
                     C, V);
     zero(be, g->dres, (size_t)N * C);
     norm_backward(m, QKD_TENSOR_OUTPUT_NORM, -1, g->layers[m->cfg.n_layers - 1].x_out, g->rstdf,

@@ -30,9 +30,9 @@ static qkd__bf16_in linear_input(const qkd_model *m, const qkd__tensor_entry *e)
     case QKD_TENSOR_FFN_DOWN:
         return (qkd__bf16_in){la->sw, la->sw_bits};
     case QKD_TENSOR_OUTPUT:
-        return (qkd__bf16_in){a->xf, NULL};
+        return (qkd__bf16_in){a->xf, a->xf_bits};
     default: /* token_embd: the head's input when tied */
-        return (qkd__bf16_in){m->cfg.tied_embeddings ? a->xf : NULL, NULL};
+        return m->cfg.tied_embeddings ? (qkd__bf16_in){a->xf, a->xf_bits} : (qkd__bf16_in){0};
     }
 }
 

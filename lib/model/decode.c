@@ -111,9 +111,10 @@ qkd_status qkd_model_decode(qkd_model *m, int32_t token, int pos, float *logits)
         row.k = d->kcache + (size_t)l * layer_floats + (size_t)pos * kvd;
         row.v = d->vcache + (size_t)l * layer_floats + (size_t)pos * kvd;
         /* the next layer's norm goes to the same shared row */
-        qkd__model_layer_forward(m, l, &row, l + 1 < c->n_layers ? &row : NULL, step);
+        const qkd__norm_out next = qkd__model_norm_after(m, l, &row, d->xf, NULL, d->rstdf);
+        qkd__model_layer_forward(m, l, &row, &next, step);
     }
-    qkd__model_head_forward(m, d->logits, d->xf, d->rstdf, d->xfq, d->row.x_out, 1);
+    qkd__model_head_forward(m, d->logits, d->xf, NULL, d->xfq, 1);
     d->next_pos = pos + 1;
     return logits ? qkd__model_download(m, logits, d->logits, (size_t)c->vocab_size) : QKD_OK;
 }

@@ -46,14 +46,13 @@ static void add_norm_forward(const qkd_model *m, float *x_sum, const float *x, q
     norm_forward(m, out, out16, rstd, x_sum, kind, layer, N);
 }
 
-/* A projection's output for the residual add: written as bf16 bits with
- * `bits` (for the fused add and norm), else fp32 in proj, rounded as a
- * bf16 model stores it. */
+/* A projection's output for the residual add: written as bf16 bits where
+ * the layer keeps proj_bits (for the fused add and norm), else fp32 in
+ * proj, rounded as a bf16 model stores it. */
 static qkd__bf16_in project(const qkd_model *m, qkd_tensor_kind kind, int layer,
-                            const qkd__layer_acts *a, qkd__bf16_in in, int bits, int N, int C,
-                            int OC)
+                            const qkd__layer_acts *a, qkd__bf16_in in, int N, int C, int OC)
 {
-    if (bits) {
+    if (a->proj_bits) {
         qkd__model_linear_forward_to_bits(m, kind, layer, a->proj_bits, in, N, C, OC);
         return (qkd__bf16_in){.bits = a->proj_bits};
     }
@@ -84,7 +83,7 @@ static void attention_forward(const qkd_model *m, const qkd__layer_acts *a, qkd_
 }
 
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
-                              const qkd__layer_acts *next, qkd__step s)
+                              const qkd__norm_out *next, qkd__step s)
 {
     qkd__backend *be = qkd__model_backend(m);
     const qkd_model_config *c = &m->cfg;
@@ -109,7 +108,7 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
     const qkd__bf16_in att_out = project(
         m, QKD_TENSOR_ATTN_OUTPUT, l, a,
         qkd__model_linear_input(m, QKD_TENSOR_ATTN_OUTPUT, l, a->att, a->attq, a->att_bits),
-        a->proj_bits != NULL, N, C, C);
+        N, C, C);
     add_norm_forward(m, a->x_mid, a->x_in, att_out, a->h2, a->h2_bits, a->rstd2,
                      QKD_TENSOR_FFN_NORM, l, N);
     quantize_acts(m, a->h2q, a->h2, N, C);
@@ -127,26 +126,30 @@ void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *
         be->swiglu_forward(be, a->sw, a->gate, a->up, (size_t)N * H);
     }
     quantize_acts(m, a->swq, a->sw, N, H);
-    /* the last layer's add has no norm to fuse with: fp32 */
     const qkd__bf16_in ffn_out =
-        project(m, QKD_TENSOR_FFN_DOWN, l, a, IN(FFN_DOWN, sw), a->proj_bits && next, N, H, C);
-    if (next)
-        add_norm_forward(m, a->x_out, a->x_mid, ffn_out, next->h, next->h_bits, next->rstd1,
-                         QKD_TENSOR_ATTN_NORM, l + 1, N);
-    else
-        be->add(be, a->x_out, a->x_mid, ffn_out.f32, (size_t)N * C);
+        project(m, QKD_TENSOR_FFN_DOWN, l, a, IN(FFN_DOWN, sw), N, H, C);
+    add_norm_forward(m, a->x_out, a->x_mid, ffn_out, next->out, next->out16, next->rstd,
+                     next->kind, next->layer, N);
 #undef LINEAR
 #undef IN
 }
 
-void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
-                             float *xfq, const float *x, int N)
+qkd__norm_out qkd__model_norm_after(const qkd_model *m, int l, const qkd__layer_acts *after,
+                                    float *xf, uint16_t *xf_bits, float *rstdf)
+{
+    if (l + 1 < m->cfg.n_layers)
+        return (qkd__norm_out){after->h, after->h_bits, after->rstd1, QKD_TENSOR_ATTN_NORM,
+                               l + 1};
+    return (qkd__norm_out){xf, xf_bits, rstdf, QKD_TENSOR_OUTPUT_NORM, -1};
+}
+
+void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf,
+                             const uint16_t *xf_bits, float *xfq, int N)
 {
     const qkd_model_config *c = &m->cfg;
-    norm_forward(m, xf, NULL, rstdf, x, QKD_TENSOR_OUTPUT_NORM, -1, N);
     quantize_acts(m, xfq, xf, N, c->dim);
     qkd__model_linear_forward(m, QKD_TENSOR_OUTPUT, -1, logits,
-                              qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq, NULL),
+                              qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, xf, xfq, xf_bits),
                               N, c->dim, c->vocab_size);
 }
 
@@ -234,7 +237,8 @@ static void plan_train(void *arg, qkd__arena *a)
         la->x_out = x = p->m->frozen ? (l % 2 ? t->layers[0].x_in : x_other)
                                      : qkd__arena_take(a, N, C);
     }
-    t->xf = qkd__arena_take(a, N, C);
+    t->xf = proj_bits ? NULL : qkd__arena_take(a, N, C);
+    t->xf_bits = proj_bits ? take16(a, N, C) : NULL; /* the layers' h_bits condition */
     t->rstdf = qkd__arena_take(a, N, 1);
     t->xfq = act_quant ? qkd__arena_take(a, N, C) : t->xf;
     t->logits = qkd__arena_take(a, N, V);
@@ -345,11 +349,12 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
                           qkd__model_weight(m, QKD_TENSOR_TOKEN_EMBD, -1), N, m->cfg.dim);
     const qkd__step step = {.B = B, .T = T, .pos0 = 0, .kv_len = T};
     const int L = m->cfg.n_layers;
-    for (int l = 0; l < L; l++)
-        qkd__model_layer_forward(m, l, &a->layers[l], l + 1 < L ? &a->layers[l + 1] : NULL,
-                                 step);
-    qkd__model_head_forward(m, a->logits, a->xf, a->rstdf, a->xfq,
-                            a->layers[m->cfg.n_layers - 1].x_out, N);
+    for (int l = 0; l < L; l++) {
+        const qkd__norm_out next = qkd__model_norm_after(m, l, l + 1 < L ? &a->layers[l + 1] : NULL,
+                                                         a->xf, a->xf_bits, a->rstdf);
+        qkd__model_layer_forward(m, l, &a->layers[l], &next, step);
+    }
+    qkd__model_head_forward(m, a->logits, a->xf, a->xf_bits, a->xfq, N);
     m->has_forward = 1;
     return QKD_OK;
 }

@@ -58,6 +58,16 @@ typedef struct qkd__step {
     int B, T, pos0, kv_len;
 } qkd__step;
 
+/* The RMSNorm that follows a layer's closing residual add: the next
+ * layer's attention norm, or the head's output norm (layer -1). */
+typedef struct qkd__norm_out {
+    float *out;        /* fp32, or NULL with out16 */
+    uint16_t *out16;   /* bf16 bits, or NULL */
+    float *rstd;
+    qkd_tensor_kind kind;
+    int layer;
+} qkd__norm_out;
+
 /* Training activations for one (B, T): a single device allocation. */
 typedef struct qkd__train_acts {
     int B, T;             /* 0 when nothing is allocated */
@@ -66,6 +76,7 @@ typedef struct qkd__train_acts {
     int32_t *tokens, *targets; /* [N] */
     float *losses, *loss_sum;  /* [N], [1] */
     float *xf, *rstdf;    /* output_norm output [N][C], its 1/rms [N] */
+    uint16_t *xf_bits;    /* xf as bf16 bits instead (xf NULL), as the layers' h_bits */
     float *xfq;           /* the head's input as it reads it (see hq) */
     float *logits, *dlogits; /* [N][V] */
     /* activation gradients, reused by every layer */
@@ -237,18 +248,22 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
                            size_t N, size_t scratch_floats, int own_kv, int act_quant,
                            int bf16_bits);
 
-/* One transformer layer forward and the final norm + head, shared by the
- * training forward and decoding, which run every layer in order. Layer 0
+/* One transformer layer forward and the head, shared by the training
+ * forward and decoding, which run every layer in order. Layer 0
  * normalises its input itself; the residual add that ends layer l writes
- * x_out together with the attention norm of the layer after (next: its
- * h, h_bits and rstd1, its x_in being x_out), so layer l + 1 starts at
- * its products. next NULL: the last layer, whose x_out the head
- * normalises. xfq: the head's quantized input (may alias xf when
- * activations are not quantized). */
+ * x_out together with the norm that follows (`next`: the attention norm
+ * of the layer after, whose x_in is x_out, so that layer starts at its
+ * products; after the last layer the head's output norm). The head reads
+ * that norm's output xf (or xf_bits); xfq: its quantized input (may alias
+ * xf when activations are not quantized). */
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
-                              const qkd__layer_acts *next, qkd__step s);
-void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf, float *rstdf,
-                             float *xfq, const float *x, int N);
+                              const qkd__norm_out *next, qkd__step s);
+/* The norm that follows layer l: the attention norm of `after` (l + 1 <
+ * n_layers), else the head's output norm into xf or xf_bits. */
+qkd__norm_out qkd__model_norm_after(const qkd_model *m, int l, const qkd__layer_acts *after,
+                                    float *xf, uint16_t *xf_bits, float *rstdf);
+void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf,
+                             const uint16_t *xf_bits, float *xfq, int N);
 
 /* ---- students (student.c) ---------------------------------------------------
  * While a model is bound to a quantizer (and not calibrating), the passes
