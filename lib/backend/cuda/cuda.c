@@ -299,9 +299,9 @@ static void cuda_matmul_backward_weight_bf16_bits(qkd__backend *b, float *dw,
               "matmul_backward_weight_bf16");
 }
 
-/* Whether lin[0..n)'s member `at` (the weights, or their gradients) lie
- * one after the other in memory, [sum OC][C] from lin[0]'s on: one
- * product then covers them all. */
+/* Whether lin[0..n)'s weights lie one after the other in memory (all
+ * bits or all fp32), [sum OC][C] from lin[0]'s on: one product then
+ * covers them all. */
 static bool stacked_weights(const qkd__bf16_linear *lin, int n, int C)
 {
     for (int i = 1; i < n; i++) {
@@ -313,6 +313,8 @@ static bool stacked_weights(const qkd__bf16_linear *lin, int n, int C)
     return true;
 }
 
+/* Whether their weight gradients do, and they share one input: one
+ * product then gives every gradient. */
 static bool stacked_grads(const qkd__bf16_linear *lin, int n, int C)
 {
     for (int i = 1; i < n; i++)
@@ -329,7 +331,8 @@ static bool stacked_grads(const qkd__bf16_linear *lin, int n, int C)
  * reading its columns of dout. Apart, the small k and v products spend
  * more on reading and adding to dx than on their sums: q, k and v's input
  * gradients took 1.63x the stacked product's time at TinyLlama's shape and
- * 2.37x at SmolLM's (docs/benchmarks.md, "linears as a group"). */
+ * 2.37x at SmolLM's (docs/benchmarks.md, "the q, k, v and gate, up products'
+ * backward as groups"). */
 static void cuda_linears_backward_bf16_bits(qkd__backend *b, float *dx, int accumulate_x,
                                             const uint16_t *dout, const qkd__bf16_linear *lin,
                                             int n, int N, int C, int accumulate_w)
