@@ -3,7 +3,8 @@
  * of one forward and one backward call as the models run them (the
  * forward's bf16 copies of q, k and v, which the backward reads from the
  * scratch, and the backward's of dout included; RoPE applied inside; the
- * output and the gradients written in bf16), the mean of `reps` calls
+ * output (only) and the gradients written in bf16, the backward reading
+ * that output), the mean of `reps` calls
  * after two warm-up calls, and their rate in model FLOPs (causal: 4 B H T^2 hd / 2 for the forward,
  * 2.5 times that for the backward). One JSON line per shape.
  *
@@ -64,11 +65,11 @@ static double time_pass(qkd__backend *be, const struct shape *s, int backward, i
             t0 = now();
         }
         if (backward)
-            be->attention_backward_bf16(be, t[4], t[5], t[6], t[7], t[8], t[0], t[1], t[2], t[3],
-                                        s->B, s->T, s->H, s->n_kv, s->hd, ROPE_THETA,
-                                        (uint16_t *)t[10]);
+            be->attention_backward_bf16(be, t[4], t[5], t[6], t[7], t[8], t[0], t[1], t[2],
+                                        (qkd__bf16_in){.bits = (uint16_t *)t[9]}, s->B, s->T,
+                                        s->H, s->n_kv, s->hd, ROPE_THETA, (uint16_t *)t[10]);
         else
-            be->attention_forward_bf16(be, t[3], (uint16_t *)t[9], t[8], t[0], t[1], t[2], s->B,
+            be->attention_forward_bf16(be, NULL, (uint16_t *)t[9], t[8], t[0], t[1], t[2], s->B,
                                        s->T, 0, s->T, s->H, s->n_kv, s->hd, ROPE_THETA);
     }
     cudaDeviceSynchronize();

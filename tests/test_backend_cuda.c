@@ -1446,8 +1446,9 @@ static void attn_backward(qkd__backend *be, struct attn_prec pr, float *dq, floa
                           const struct attn_shape *a)
 {
     if (pr.bf16)
-        be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq,
-                                    a->n_heads, a->n_kv, a->hd, pr.theta, dqkv_bits);
+        be->attention_backward_bf16(be, dq, dk, dv, dout, scratch, q, k, v, qkd__bf16_f32(o),
+                                    a->B, a->Tq, a->n_heads, a->n_kv, a->hd, pr.theta,
+                                    dqkv_bits);
     else
         be->attention_backward(be, dq, dk, dv, dout, scratch, q, k, v, o, a->B, a->Tq,
                                a->n_heads, a->n_kv, a->hd);
@@ -1523,7 +1524,14 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
     attn_forward(cb, pr, d_o, d_o16, d_scr, d_q, d_k, d_v, a);
     if (bf16) {
         assert_bits_of("attention_forward_bf16 out_bits", d_o16, d_o, nq, p);
-        dfree(p, d_o16);
+        /* out NULL: the bits alone, the same bits */
+        uint16_t *d_only = dput_bytes(p, poison, nq, sizeof *poison);
+        attn_forward(cb, pr, NULL, d_only, d_scr, d_q, d_k, d_v, a);
+        uint16_t *got16 = dtake_bytes(p, d_only, nq, sizeof *got16);
+        uint16_t *want16 = dtake_bytes(p, d_o16, nq, sizeof *want16);
+        ck_assert_msg(memcmp(got16, want16, nq * sizeof *got16) == 0,
+                      "attention_forward_bf16 with out NULL: other bits");
+        free(got16); free(want16);
     }
     free(poison);
     float *g_o = dtake(p, d_o, nq), *g_lse = test_vec_new(nl);
@@ -1570,6 +1578,25 @@ static void attention_case(struct pair *p, const struct attn_shape *a, struct at
             }
             free(bits);
             dfree(p, d_bits);
+            /* out given as its bits (as a bf16-bits model keeps it): the
+             * backward of the values they decode to, bit for bit */
+            uint16_t *o16 = bits_new(nq);
+            float *orr = test_vec_new(nq);
+            memcpy(orr, g_o, nq * sizeof *orr);
+            round_bf16(orr, o16, nq);
+            uint16_t *d_o16b = dput_bytes(p, o16, nq, sizeof *o16);
+            float *d_orr = dput(p, orr, nq), *d_qa = dpoison(p, nq), *d_qb = dpoison(p, nq);
+            float *d_kk = dpoison(p, nkv), *d_vv = dpoison(p, nkv);
+            cb->attention_backward_bf16(cb, d_qa, d_kk, d_vv, d_dout, d_scr, d_q, d_k, d_v,
+                                        qkd__bf16_f32(d_orr), a->B, a->Tq, a->n_heads, a->n_kv,
+                                        a->hd, pr.theta, NULL);
+            cb->attention_backward_bf16(cb, d_qb, d_kk, d_vv, d_dout, d_scr, d_q, d_k, d_v,
+                                        (qkd__bf16_in){.bits = d_o16b}, a->B, a->Tq, a->n_heads,
+                                        a->n_kv, a->hd, pr.theta, NULL);
+            float *g_qa = dtake(p, d_qa, nq), *g_qb = dtake(p, d_qb, nq);
+            assert_same("attention_backward_bf16 with out as bits", g_qb, g_qa, nq);
+            free(o16); free(orr); free(g_qa); free(g_qb);
+            dfree(p, d_o16b); dfree(p, d_orr); dfree(p, d_kk); dfree(p, d_vv);
         } else {
             assert_close_rows("attention_backward dq", g_dq, dq, nq / a->hd, (size_t)a->hd,
                               TOL_FLOAT);

@@ -100,9 +100,9 @@ START_TEST(test_table_complete)
         ck_assert_msg(slots[i].set, "slot %s is NULL", slots[i].name);
     ck_assert_ptr_null(b->extra(b, "flash_attention"));
     /* probabilities [B][n_heads][Tq][kv_len], then the bf16 slots' room:
-     * rotated q and k, dq, dk and dv */
+     * rotated q and k, dq, dk and dv, the output's values */
     ck_assert_uint_eq(b->attention_scratch_floats(b, 2, 3, 5, 4, 2, 8),
-                      2 * 4 * 3 * 5 + 2 * (2 * 3 * 4 * 8) + 3 * (2 * 5 * 2 * 8));
+                      2 * 4 * 3 * 5 + 3 * (2 * 3 * 4 * 8) + 3 * (2 * 5 * 2 * 8));
     qkd_context_free(ctx);
 }
 END_TEST
@@ -554,8 +554,8 @@ START_TEST(test_attention_bf16)
     double *want_out = test_dvec_new(nq), *want_dq = test_dvec_new(nq), *want_dk = test_dvec_new(nkv);
     double *want_dv = test_dvec_new(nkv);
     b->attention_forward_bf16(b, out, NULL, P, q, k, v, 1, AB_T, 0, AB_T, AB_NH, 1, AB_HD, 0.0f);
-    b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, 1, AB_T, AB_NH, 1, AB_HD,
-                               0.0f, NULL);
+    b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, qkd__bf16_f32(out), 1, AB_T,
+                               AB_NH, 1, AB_HD, 0.0f, NULL);
     attention_bf16_direct(q, k, v, dout, out, want_out, want_dq, want_dk, want_dv);
     assert_close("bf16 attention out", out, want_out, nq, FWD_TOL);
     assert_close("bf16 attention dq", dq, want_dq, nq, FWD_TOL);
@@ -623,14 +623,18 @@ static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
     ck_assert_mem_eq(out, want, nq * sizeof *out);
     for (size_t i = 0; i < nq; i++) /* out_bits: the output rounded */
         ck_assert_uint_eq(bits[i], qkd__f32_to_bf16(out[i]));
-    free(bits);
+    uint16_t *only = calloc(nq, sizeof *only); /* out NULL: the bits alone, the same */
+    b->attention_forward_bf16(b, NULL, only, P, q, k, v, AR_B, Tq, pos0, kv_len, AR_H, AR_KV,
+                              AR_HD, AR_THETA);
+    ck_assert_mem_eq(only, bits, nq * sizeof *bits);
+    free(only);
     if (pos0 == 0 && kv_len == Tq) {
         /* every gradient starts as NaN: the bf16 backward writes them */
         float *dout = test_vec_rand(nq, -1, 1), *dq = nan_vec(nq), *dk = nan_vec(nk);
         float *dv = nan_vec(nk), *gq = nan_vec(nq), *gk = nan_vec(nk), *gv = nan_vec(nk);
         float *gq_rot = test_vec_new(nq);
-        b->attention_backward_bf16(b, gq, gk, gv, dout, P_want, qr, kr, v, want, AR_B, Tq, AR_H,
-                                   AR_KV, AR_HD, 0.0f, NULL);
+        b->attention_backward_bf16(b, gq, gk, gv, dout, P_want, qr, kr, v, qkd__bf16_f32(want),
+                                   AR_B, Tq, AR_H, AR_KV, AR_HD, 0.0f, NULL);
         for (size_t i = 0; i < nq; i++)
             ck_assert(isfinite(gq[i]));
         for (size_t i = 0; i < nk; i++)
@@ -638,27 +642,40 @@ static void attention_rope_case(qkd__backend *b, int Tq, int pos0, int kv_len)
         memcpy(gq_rot, gq, nq * sizeof *gq);
         b->rope_backward(b, gq, AR_B, Tq, AR_H, AR_HD, 0, AR_THETA);
         b->rope_backward(b, gk, AR_B, Tq, AR_KV, AR_HD, 0, AR_THETA);
-        b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, out, AR_B, Tq, AR_H, AR_KV,
-                                   AR_HD, AR_THETA, NULL);
+        b->attention_backward_bf16(b, dq, dk, dv, dout, P, q, k, v, qkd__bf16_f32(out), AR_B,
+                                   Tq, AR_H, AR_KV, AR_HD, AR_THETA, NULL);
         ck_assert_mem_eq(dq, gq, nq * sizeof *dq);
         ck_assert_mem_eq(dk, gk, nk * sizeof *dk);
         ck_assert_mem_eq(dv, gv, nk * sizeof *dv);
         /* dqkv_bits: the same gradients rounded, dq then dk then dv */
-        uint16_t *bits = calloc(nq + 2 * nk, sizeof *bits);
-        b->attention_backward_bf16(b, NULL, NULL, NULL, dout, P, q, k, v, out, AR_B, Tq, AR_H,
-                                   AR_KV, AR_HD, AR_THETA, bits);
+        uint16_t *gbits = calloc(nq + 2 * nk, sizeof *gbits);
+        b->attention_backward_bf16(b, NULL, NULL, NULL, dout, P, q, k, v, qkd__bf16_f32(out),
+                                   AR_B, Tq, AR_H, AR_KV, AR_HD, AR_THETA, gbits);
         for (size_t i = 0; i < nq; i++)
-            ck_assert_uint_eq(bits[i], qkd__f32_to_bf16(dq[i]));
+            ck_assert_uint_eq(gbits[i], qkd__f32_to_bf16(dq[i]));
         for (size_t i = 0; i < nk; i++) {
-            ck_assert_uint_eq(bits[nq + i], qkd__f32_to_bf16(dk[i]));
-            ck_assert_uint_eq(bits[nq + nk + i], qkd__f32_to_bf16(dv[i]));
+            ck_assert_uint_eq(gbits[nq + i], qkd__f32_to_bf16(dk[i]));
+            ck_assert_uint_eq(gbits[nq + nk + i], qkd__f32_to_bf16(dv[i]));
         }
-        free(bits);
+        free(gbits);
+        /* out given as its bits: the backward of the values they decode to */
+        float *outr = test_vec_new(nq), *rq = nan_vec(nq), *bq = nan_vec(nq);
+        for (size_t i = 0; i < nq; i++)
+            outr[i] = qkd__bf16_to_f32(bits[i]);
+        b->attention_backward_bf16(b, rq, gk, gv, dout, P, q, k, v, qkd__bf16_f32(outr), AR_B,
+                                   Tq, AR_H, AR_KV, AR_HD, AR_THETA, NULL);
+        b->attention_backward_bf16(b, bq, gk, gv, dout, P, q, k, v,
+                                   (qkd__bf16_in){.bits = bits}, AR_B, Tq, AR_H, AR_KV, AR_HD,
+                                   AR_THETA, NULL);
+        ck_assert_mem_eq(bq, rq, nq * sizeof *rq);
+        ck_assert(memcmp(rq, dq, nq * sizeof *dq) != 0); /* the rounding moved dq */
+        free(outr), free(rq), free(bq);
         /* the rotation is real: the rotated copy's gradient differs */
         ck_assert(memcmp(gq_rot, dq, nq * sizeof *dq) != 0);
         free(dout), free(dq), free(dk), free(dv), free(gq), free(gk), free(gv), free(gq_rot);
     }
     free(q), free(k), free(v), free(qr), free(kr), free(P), free(P_want), free(out), free(want);
+    free(bits);
 }
 
 START_TEST(test_attention_bf16_rope)

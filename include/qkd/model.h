@@ -210,9 +210,10 @@ typedef enum qkd_matmul_precision {
  * accumulates in fp32 or better, as tensor cores and AVX-512 BF16 do;
  * weights, gradients and optimizer state stay fp32. The products SwiGLU
  * reads (the feed-forward's gate and up outputs, and the gradient of its
- * output) and the projections added to the residual stream (attention's
- * output and the feed-forward's down projection) are rounded to bf16 as
- * well, as PyTorch's bf16 products give them. Attention's products
+ * output), attention's output, and the projections added to the residual
+ * stream (attention's output projection and the feed-forward's down
+ * projection) are rounded to bf16 as well, as PyTorch's bf16 products
+ * give them. Attention's products
  * (q, k, v, the probabilities and their gradients) are rounded the same
  * way on backends with bf16 attention (the reference and CUDA; on a GPU
  * the probabilities may be rounded before they are normalised: within

@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 15
+#define QKD__BACKEND_ABI 16
 
 typedef struct qkd__backend qkd__backend;
 
@@ -373,7 +373,10 @@ struct qkd__backend {
      * (rows: each token's dq, dk then dv), else one after the other (B T
      * n_heads hd values of dq, then B T n_kv hd of dk and of dv).
      * out_bits: NULL, or where the forward also writes out rounded to
-     * bf16 (nearest even, raw bits), the operand of the output projection. */
+     * bf16 (nearest even, raw bits), the operand of the output projection;
+     * with out_bits, out may be NULL: the bits alone are written. The
+     * backward reads the forward's output (the row term dout . out) as
+     * given: fp32 values, or those bits. */
     void (*attention_forward_bf16)(qkd__backend *b, float *out, uint16_t *out_bits,
                                    float *scratch,
                                    const float *q, const float *k, const float *v,
@@ -382,7 +385,7 @@ struct qkd__backend {
     void (*attention_backward_bf16)(qkd__backend *b, float *dq, float *dk, float *dv,
                                     const float *dout, float *scratch,
                                     const float *q, const float *k, const float *v,
-                                    const float *out, int B, int T,
+                                    qkd__bf16_in out, int B, int T,
                                     int n_heads, int n_kv, int hd, float rope_theta,
                                     uint16_t *dqkv_bits);
 

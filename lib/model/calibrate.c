@@ -23,7 +23,7 @@ static qkd__bf16_in linear_input(const qkd_model *m, const qkd__tensor_entry *e)
     case QKD_TENSOR_ATTN_V:
         return (qkd__bf16_in){la->h, la->h_bits};
     case QKD_TENSOR_ATTN_OUTPUT:
-        return (qkd__bf16_in){la->att, NULL};
+        return (qkd__bf16_in){la->att, la->att_bits};
     case QKD_TENSOR_FFN_GATE:
     case QKD_TENSOR_FFN_UP:
         return (qkd__bf16_in){la->h2, la->h2_bits};

@@ -61,10 +61,10 @@ static qkd__bf16_in project(const qkd_model *m, qkd_tensor_kind kind, int layer,
     return qkd__bf16_f32(a->proj);
 }
 
-/* att (and att_bits, where planned: only a bf16-bits model, whose
- * attention is bf16) from this step's q, k and the cache: the bf16
- * attention rotates q and k itself, else they are rotated in place first
- * (the cache then holds rotated keys). */
+/* att, or att_bits instead (a bf16-bits model, whose attention is bf16),
+ * from this step's q, k and the cache: the bf16 attention rotates q and k
+ * itself, else they are rotated in place first (the cache then holds
+ * rotated keys). */
 static void attention_forward(const qkd_model *m, const qkd__layer_acts *a, qkd__step s)
 {
     qkd__backend *be = qkd__model_backend(m);
@@ -74,12 +74,14 @@ static void attention_forward(const qkd_model *m, const qkd__layer_acts *a, qkd_
         be->attention_forward_bf16(be, a->att, a->att_bits, a->scratch, a->q, a->kcache,
                                    a->vcache, s.B, s.T, s.pos0, s.kv_len, H, KV, hd,
                                    c->rope_theta);
-        return;
+    } else {
+        be->rope_forward(be, a->q, s.B, s.T, H, hd, s.pos0, c->rope_theta);
+        be->rope_forward(be, a->k, s.B, s.T, KV, hd, s.pos0, c->rope_theta);
+        be->attention_forward(be, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T,
+                              s.pos0, s.kv_len, H, KV, hd);
     }
-    be->rope_forward(be, a->q, s.B, s.T, H, hd, s.pos0, c->rope_theta);
-    be->rope_forward(be, a->k, s.B, s.T, KV, hd, s.pos0, c->rope_theta);
-    be->attention_forward(be, a->att, a->scratch, a->q, a->kcache, a->vcache, s.B, s.T, s.pos0,
-                          s.kv_len, H, KV, hd);
+    if (a->att)
+        qkd__model_round_stored(m, a->att, (size_t)s.B * s.T * c->dim);
 }
 
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
@@ -175,7 +177,7 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
         la->vcache = la->v = qkd__arena_take(a, N, kvd);
     }
     la->scratch = qkd__arena_take(a, scratch_floats, 1);
-    la->att = qkd__arena_take(a, N, C);
+    la->att = bits ? NULL : qkd__arena_take(a, N, C);
     la->att_bits = bits ? take16(a, N, C) : NULL;
     la->x_mid = qkd__arena_take(a, N, C);
     la->h2 = bits ? NULL : qkd__arena_take(a, N, C);

@@ -47,8 +47,9 @@ typedef struct qkd__layer_acts {
     /* h, h2, gate, up and sw as bf16 bits instead (those then NULL) where
      * the model's products take them (qkd__model_bf16_bits) and
      * activations are not quantized: only products and SwiGLU read them.
-     * att_bits: att's bits beside it (the attention backward reads att),
-     * written by the attention for the output projection. Else NULL. */
+     * att_bits: att as bits instead (att then NULL), where h_bits is
+     * planned: written by the attention for the output projection, read
+     * by the attention backward. Else NULL. */
     uint16_t *h_bits, *h2_bits, *gate_bits, *up_bits, *sw_bits, *att_bits;
 } qkd__layer_acts;
 
@@ -309,9 +310,9 @@ void qkd__model_linears_backward_bits(const qkd_model *m, int layer,
                                       const qkd__bf16_in *x, int n, float *dinp,
                                       const uint16_t *dout, int N, int C, int accumulate);
 /* A bf16 model stores the feed-forward's gate and up outputs, SwiGLU's
- * output gradient and the projections added to the residual in bf16
- * (backend round_to_bf16); where they are fp32 buffers, this rounds them
- * so. */
+ * output gradient, attention's output and the projections added to the
+ * residual in bf16 (backend round_to_bf16); where they are fp32 buffers,
+ * this rounds them so. */
 static inline void qkd__model_round_stored(const qkd_model *m, float *x, size_t n)
 {
     if (m->matmul_bf16) {

@@ -122,9 +122,11 @@ __device__ inline int fb_pos(size_t r, const fb_rope &rope)
 
 /* The backward's row dots, D[b][h][t] = sum_d dout[r][d] out[r][d] for
  * row r = [b][t][h] of dout, taken by the pass that rounds dout: a kernel
- * of their own read dout a second time. D NULL: none. */
+ * of their own read dout a second time. out in fp32, or (out16) as bf16
+ * bits; D NULL: none. */
 struct fb_dots {
     const float *out;
+    const bf16 *out16;
     float *D;
     int T, H;
 };
@@ -145,6 +147,25 @@ __device__ inline void fb_load8(float (&v)[8], const float *x, int d0, int hd)
         v[k] = d0 + k < hd ? at[k] : 0.0f;
 }
 
+/* fb_load8 of bf16 values: one 16-byte load where aligned. */
+__device__ inline void fb_load8(float (&v)[8], const bf16 *x, int d0, int hd)
+{
+    const bf16 *at = x + d0;
+    if (d0 + 8 <= hd && ((uintptr_t)at & 15) == 0) {
+        const uint4 u = *(const uint4 *)at;
+        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = __uint_as_float(w[k] << 16);
+            v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+        }
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        v[k] = d0 + k < hd ? __bfloat162float(at[k]) : 0.0f;
+}
+
 /* Row r's dot (dots) from its G = HD / 8 threads, each holding dout's
  * d0..d0+7 in v: neighbours in one warp, aligned to G, and all live or
  * none (rows * G items, G a power of two dividing the block), so they
@@ -156,7 +177,10 @@ __device__ void fb_row_dot(const fb_dots &dots, const float (&v)[8], size_t r, i
     const int lane = threadIdx.x & 31;
     const unsigned group = G == 32 ? 0xffffffffu : ((1u << G) - 1) << (lane & ~(G - 1));
     float o[8], dot = 0.0f;
-    fb_load8(o, dots.out + r * hd, d0, hd);
+    if (dots.out16)
+        fb_load8(o, dots.out16 + r * hd, d0, hd);
+    else
+        fb_load8(o, dots.out + r * hd, d0, hd);
 #pragma unroll
     for (int k = 0; k < 8; k++)
         dot = fmaf(v[k], o[k], dot);
@@ -583,7 +607,8 @@ __device__ void fb_forward_rows(const fb_args &p, float (&m)[2], float (&l)[2],
 #pragma unroll
         for (int i = 0; i < 4; i++)
             o[nb][i] *= inv[i >> 1];
-    fb_store<HD>(p.out + at, qf, o, nq - r0, p.hd, 1.0f);
+    if (p.out)
+        fb_store<HD>(p.out + at, qf, o, nq - r0, p.hd, 1.0f);
     if (p.out_bits)
         fb_store<HD>(p.out_bits + at, qf, o, nq - r0, p.hd, 1.0f);
 }
@@ -1569,12 +1594,12 @@ static void fb_forward_hd(qkd__backend *b, fb_args &p, int B, float *scratch,
  * when the Hopper dk/dv is split, the sum of its partial sums). */
 template <int HD>
 static void fb_backward_hd(qkd__backend *b, fb_args &p, int B, float *scratch, bf16 *ob,
-                           float *D, const float *dout, const float *out)
+                           float *D, const float *dout, qkd__bf16_in out)
 {
     const fb_copies c = fb_copies_in<HD>(scratch, p, B);
     fb_convert<HD>(b, p.hd,
                    fb_copy{ob, dout, (size_t)B * p.Tq * p.H, fb_rope{},
-                           fb_dots{out, D, p.Tq, p.H}});
+                           fb_dots{out.f32, (const bf16 *)out.bits, D, p.Tq, p.H}});
     p.q = c.q;
     p.k = c.k;
     p.v = c.v;
@@ -1654,7 +1679,7 @@ extern "C" void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, fl
                                                   float *dv, const float *dout,
                                                   float *scratch, const float *q,
                                                   const float *k, const float *v,
-                                                  const float *out, int B, int T, int n_heads,
+                                                  qkd__bf16_in out, int B, int T, int n_heads,
                                                   int n_kv, int hd, float rope_theta,
                                                   uint16_t *dqkv_bits)
 {

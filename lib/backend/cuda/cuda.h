@@ -257,7 +257,7 @@ void qkd__cuda_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out
                                       int hd, float rope_theta);
 void qkd__cuda_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                        const float *dout, float *scratch, const float *q,
-                                       const float *k, const float *v, const float *out, int B,
+                                       const float *k, const float *v, qkd__bf16_in out, int B,
                                        int T, int n_heads, int n_kv, int hd, float rope_theta,
                                        uint16_t *dqkv_bits);
 

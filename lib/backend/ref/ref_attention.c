@@ -139,14 +139,15 @@ size_t qkd__ref_attention_scratch_floats(qkd__backend *b, int B, int Tq, int kv_
 {
     (void)b;
     const size_t nq = (size_t)B * Tq * n_heads * hd, nk = (size_t)B * kv_len * n_kv * hd;
-    return (size_t)B * n_heads * Tq * kv_len + 2 * nq + 3 * nk;
+    return (size_t)B * n_heads * Tq * kv_len + 3 * nq + 3 * nk;
 }
 
 /* The bf16 slots' working copies in scratch past the probabilities: q and
- * k rotated (query row t to pos0 + t, key row j to j), and dq, dk, dv. */
+ * k rotated (query row t to pos0 + t, key row j to j), dq, dk, dv, and
+ * the output's values where it is given (or written) as bits only. */
 struct bf16_work {
-    float *q, *k, *dq, *dk, *dv;
-    size_t nq, nk; /* floats of q (dq) and of k (dk, dv) */
+    float *q, *k, *dq, *dk, *dv, *o;
+    size_t nq, nk; /* floats of q (dq, o) and of k (dk, dv) */
 };
 
 static struct bf16_work bf16_work(float *scratch, int B, int Tq, int kv_len, int n_heads,
@@ -160,6 +161,7 @@ static struct bf16_work bf16_work(float *scratch, int B, int Tq, int kv_len, int
     w.dq = w.k + w.nk;
     w.dk = w.dq + w.nq;
     w.dv = w.dk + w.nk;
+    w.o = w.dv + w.nk;
     return w;
 }
 
@@ -259,15 +261,17 @@ void qkd__ref_attention_forward_bf16(qkd__backend *b, float *out, uint16_t *out_
                                      int Tq, int pos0, int kv_len, int n_heads, int n_kv,
                                      int hd, float rope_theta)
 {
+    const struct bf16_work w = bf16_work(scratch, B, Tq, kv_len, n_heads, n_kv, hd);
     if (rope_theta > 0.0f) {
-        struct bf16_work w = bf16_work(scratch, B, Tq, kv_len, n_heads, n_kv, hd);
         rope_copies(b, &w, q, k, B, Tq, pos0, kv_len, n_heads, n_kv, hd, rope_theta);
         q = w.q;
         k = w.k;
     }
+    if (!out) /* the bits alone */
+        out = w.o;
     attention_forward(b, out, scratch, q, k, v, B, Tq, pos0, kv_len, n_heads, n_kv, hd, 1);
     if (out_bits)
-        to_bits(out_bits, out, (size_t)B * Tq * n_heads * hd);
+        to_bits(out_bits, out, w.nq);
 }
 
 /* Gradient of the score s = scale * q.k of key `key` for query row
@@ -393,11 +397,15 @@ void qkd__ref_attention_backward(qkd__backend *b, float *dq, float *dk, float *d
  * rotated back (the rotation's transpose) in place. */
 void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, float *dv,
                                       const float *dout, float *scratch, const float *q,
-                                      const float *k, const float *v, const float *out, int B,
+                                      const float *k, const float *v, qkd__bf16_in out, int B,
                                       int T, int n_heads, int n_kv, int hd, float rope_theta,
                                       uint16_t *dqkv_bits)
 {
     const struct bf16_work w = bf16_work(scratch, B, T, T, n_heads, n_kv, hd);
+    if (out.bits) /* the output's values, for the row term */
+        for (size_t i = 0; i < w.nq; i++)
+            w.o[i] = qkd__bf16_to_f32(out.bits[i]);
+    const float *o = out.bits ? w.o : out.f32;
     if (dqkv_bits) {
         dq = w.dq;
         dk = w.dk;
@@ -410,7 +418,7 @@ void qkd__ref_attention_backward_bf16(qkd__backend *b, float *dq, float *dk, flo
         q = w.q;
         k = w.k;
     }
-    attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, out, B, T, n_heads, n_kv, hd, 1);
+    attention_backward(b, dq, dk, dv, dout, scratch, q, k, v, o, B, T, n_heads, n_kv, hd, 1);
     if (rope_theta > 0.0f) {
         rope(b, dq, B, T, n_heads, hd, 0, rope_theta, -1.0);
         rope(b, dk, B, T, n_kv, hd, 0, rope_theta, -1.0);
