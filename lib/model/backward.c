@@ -139,8 +139,7 @@ static void attention_grads(qkd_model *m, const qkd__layer_acts *a, int B, int T
     const qkd_model_config *c = &m->cfg;
     const int N = B * T, H = c->n_heads, KV = c->n_kv_heads, hd = c->dim / H;
     if (qkd__model_attention_bf16(m)) {
-        const qkd__bf16_in out = a->att_bits ? (qkd__bf16_in){.bits = a->att_bits}
-                                             : qkd__bf16_f32(a->att);
+        const qkd__bf16_in out = {a->att, a->att_bits}; /* one of the two is planned */
         be->attention_backward_bf16(be, g->dq, g->dk, g->dv, g->datt, a->scratch, a->q, a->k,
                                     a->v, out, B, T, H, KV, hd, c->rope_theta, g->dqkv_bits);
         return;

@@ -352,8 +352,8 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
     const qkd__step step = {.B = B, .T = T, .pos0 = 0, .kv_len = T};
     const int L = m->cfg.n_layers;
     for (int l = 0; l < L; l++) {
-        const qkd__norm_out next = qkd__model_norm_after(m, l, l + 1 < L ? &a->layers[l + 1] : NULL,
-                                                         a->xf, a->xf_bits, a->rstdf);
+        const qkd__norm_out next =
+            qkd__model_norm_after(m, l, a->layers + l + 1, a->xf, a->xf_bits, a->rstdf);
         qkd__model_layer_forward(m, l, &a->layers[l], &next, step);
     }
     qkd__model_head_forward(m, a->logits, a->xf, a->xf_bits, a->xfq, N);

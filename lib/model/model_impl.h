@@ -259,8 +259,9 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
  * xf when activations are not quantized). */
 void qkd__model_layer_forward(const qkd_model *m, int l, const qkd__layer_acts *a,
                               const qkd__norm_out *next, qkd__step s);
-/* The norm that follows layer l: the attention norm of `after` (l + 1 <
- * n_layers), else the head's output norm into xf or xf_bits. */
+/* The norm that follows layer l: the attention norm of `after`, layer l +
+ * 1's activations, else (after the last layer, `after` not read) the
+ * head's output norm into xf or xf_bits. */
 qkd__norm_out qkd__model_norm_after(const qkd_model *m, int l, const qkd__layer_acts *after,
                                     float *xf, uint16_t *xf_bits, float *rstdf);
 void qkd__model_head_forward(const qkd_model *m, float *logits, float *xf,
@@ -300,8 +301,9 @@ void qkd__model_linear_forward_to_bits(const qkd_model *m, qkd_tensor_kind kind,
 void qkd__model_linear_backward_input_to_bits(const qkd_model *m, qkd_tensor_kind kind,
                                               int layer, uint16_t *dinp, qkd__bf16_in dout,
                                               int N, int C, int OC);
-/* The backward of n (at most 3) linears kinds[i] of `layer` (inputs
- * x[i] [N][C], OC[i] outputs) from their output gradients as bf16 bits in
+enum { QKD__GROUP_MAX = 3 }; /* the largest group of linears: q, k and v */
+/* The backward of n (at most QKD__GROUP_MAX) linears kinds[i] of `layer`
+ * (inputs x[i] [N][C], OC[i] outputs) from their output gradients as bf16 bits in
  * dout, laid out as the backend's attention_backward_bf16 writes dq, dk
  * and dv (backend.h): dinp written, the weights' gradients added
  * (accumulate 1) or written, where the bf16-bits products run. */

@@ -185,8 +185,7 @@ void qkd__model_linears_backward_bits(const qkd_model *m, int layer,
 {
     qkd__backend *be = qkd__model_backend(m);
     if (be->linears_backward_bf16_bits) { /* dout in rows */
-        qkd__bf16_linear lin[3];
-        n = n < 3 ? n : 3; /* the largest group: q, k and v */
+        qkd__bf16_linear lin[QKD__GROUP_MAX];
         for (int i = 0; i < n; i++)
             lin[i] = (qkd__bf16_linear){.w = weight_in(m, kinds[i], layer), .x = x[i],
                                         .dw = qkd__model_weight_grad(m, kinds[i], layer),
