@@ -17,8 +17,11 @@
  *
  *   cuda-kdqat [--cfg smollm135m|tinyllama1b] [--batch B] [--seq T]
  *              [--bits 4] [--group G] [--steps S] [--dtype bf16|fp32]
- *              [--phases 1] [--profile MASK]
+ *              [--phases 1] [--profile MASK] [--logits-rows R]
  *
+ * --logits-rows R gives both models qkd_model_set_logits_rows(R): the
+ * objective computes their logits R positions at a time, never all at
+ * once (0, the default: the forwards store them whole).
  * --phases 1 adds one untimed step drained after each part and prints
  * the parts' seconds as a JSON line on stderr; --profile MASK wraps the
  * parts of that step with bit i set (0 teacher forward, 1 student
@@ -90,12 +93,14 @@ static qkd_context *cuda_context(void)
 }
 
 static void setup(struct run *r, const struct cfg *c, int bits, int group,
-                  qkd_matmul_precision prec)
+                  qkd_matmul_precision prec, int logits_rows)
 {
     r->ctx = cuda_context();
     r->teacher = make_model(r->ctx, c, r->T, prec);
     bench_check(r->ctx, qkd_model_set_trainable(r->teacher, 0), "frozen teacher");
     r->student = make_model(r->ctx, c, r->T, prec);
+    bench_check(r->ctx, qkd_model_set_logits_rows(r->teacher, logits_rows), "logits rows");
+    bench_check(r->ctx, qkd_model_set_logits_rows(r->student, logits_rows), "logits rows");
     bench_kdqat_init(&r->kd, r->ctx, r->student, bits, group, 1); /* beta on the device */
     size_t n = (size_t)r->B * r->T;
     float *u = bench_random(n, 7);
@@ -171,7 +176,7 @@ int main(int argc, char **argv)
     const char *name = "smollm135m";
     int B = 16, T = 1024, bits = 4, group = 64, steps = 5;
     const char *dtype = "bf16";
-    int phases = 0;
+    int phases = 0, logits_rows = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (strcmp(k, "--cfg") == 0)
@@ -192,6 +197,8 @@ int main(int argc, char **argv)
             phases = atoi(v);
         else if (strcmp(k, "--profile") == 0)
             profile_mask = atoi(v);
+        else if (strcmp(k, "--logits-rows") == 0)
+            logits_rows = atoi(v);
         else {
             fprintf(stderr, "cuda-kdqat: unknown option %s\n", k);
             return 2;
@@ -207,7 +214,7 @@ int main(int argc, char **argv)
         return 2;
     }
     struct run r = {.B = B, .T = T};
-    setup(&r, c, bits, group, bf16 ? QKD_MATMUL_BF16 : QKD_MATMUL_FP32);
+    setup(&r, c, bits, group, bf16 ? QKD_MATMUL_BF16 : QKD_MATMUL_FP32, logits_rows);
     for (int i = 0; i < 3; i++) /* warm-up, as torch_kdqat.py does */
         step(&r, NULL);
     cudaDeviceSynchronize(); /* the queued warm-up steps are not timed */

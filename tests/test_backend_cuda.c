@@ -2454,9 +2454,10 @@ END_TEST
 
 #define KD_STEPS 50
 #define KD_BATCHES 5
+#define KD_BLOCK_ROWS 37 /* of MB * MT = 90: blocks of 37, 37 and 16 rows */
 
 static void kdqat_curve(qkd_context *ctx, const char *path, qkd_matmul_precision prec,
-                        int deferred, float *curve)
+                        int deferred, int logits_rows, float *curve)
 {
     qkd_model *teacher = NULL, *student = NULL;
     qkd_quantizer *quant = NULL;
@@ -2466,6 +2467,8 @@ static void kdqat_curve(qkd_context *ctx, const char *path, qkd_matmul_precision
     expect_ok(ctx, qkd_model_load(ctx, path, &student), "load student");
     expect_ok(ctx, qkd_model_set_matmul_precision(teacher, prec), "teacher precision");
     expect_ok(ctx, qkd_model_set_matmul_precision(student, prec), "student precision");
+    expect_ok(ctx, qkd_model_set_logits_rows(teacher, logits_rows), "teacher logits rows");
+    expect_ok(ctx, qkd_model_set_logits_rows(student, logits_rows), "student logits rows");
     qkd_quant_params qp;
     qkd_quant_params_init(&qp);
     qp.scheme = QKD_QUANT_ASYM;
@@ -2525,10 +2528,11 @@ static void kdqat_compare(qkd_matmul_precision prec, double tol_first, double to
         return;
     qkd_context *rc = test_context(2);
     const char *name = prec == QKD_MATMUL_BF16 ? "bf16" : "fp32";
-    float c[KD_STEPS], r[KD_STEPS], d[KD_STEPS];
-    kdqat_curve(cc, path, prec, 0, c);
-    kdqat_curve(rc, path, prec, 0, r);
-    kdqat_curve(cc, path, prec, 1, d);
+    float c[KD_STEPS], r[KD_STEPS], d[KD_STEPS], b[KD_STEPS];
+    kdqat_curve(cc, path, prec, 0, 0, c);
+    kdqat_curve(rc, path, prec, 0, 0, r);
+    kdqat_curve(cc, path, prec, 1, 0, d);
+    kdqat_curve(cc, path, prec, 1, KD_BLOCK_ROWS, b);
     double worst = 0.0;
     int at = 0;
     for (int step = 0; step < KD_STEPS; step++) {
@@ -2552,6 +2556,12 @@ static void kdqat_compare(qkd_matmul_precision prec, double tol_first, double to
         ck_assert_msg(fabs(d[step] - c[step]) <= tol_all * fabs(c[step]),
                       "%s step %d: deferred loss %.9g, synchronous %.9g", name, step,
                       (double)d[step], (double)c[step]);
+    /* and with the logits computed by the objective, a block of rows at a
+     * time (qkd_model_set_logits_rows), never stored whole */
+    for (int step = 0; step < KD_STEPS; step++)
+        ck_assert_msg(fabs(b[step] - d[step]) <= tol_all * fabs(d[step]),
+                      "%s step %d: loss with logits by block %.9g, whole %.9g", name, step,
+                      (double)b[step], (double)d[step]);
     /* the curve is a training curve: the last pass over the batches is lower */
     ck_assert_msg(r[KD_STEPS - KD_BATCHES] < r[0] && c[KD_STEPS - KD_BATCHES] < c[0],
                   "a backend did not learn: ref %g -> %g, cuda %g -> %g", (double)r[0],

@@ -1259,6 +1259,119 @@ START_TEST(test_loss_non_finite)
 }
 END_TEST
 
+/* ---- logits computed when read ------------------------------------------------
+ * qkd_model_set_logits_rows: a loss computes each model's logits a block
+ * of rows at a time. Every objective, alone or in a sum (TSLD's weights
+ * and CAKLD's beta_from_teacher need the whole batch first), then gives
+ * the value and gradient of logits stored whole, bit for bit, in fp32
+ * and with a bf16 student's gradient in bits, and neither model ever
+ * holds all its logits. */
+
+/* The loss on the pair's tokens with rows rs (student) and rt (teacher);
+ * *ds: the stored gradient's bytes (bits: the first half of the buffer). */
+static float blocks_compute(struct pair *pr, qkd_loss *loss, int rs, int rt, void **ds,
+                            size_t bytes)
+{
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr->student, rs), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr->teacher, rt), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(pr->student, pr->tokens, MB, MT), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(pr->teacher, pr->tokens, MB, MT), QKD_OK);
+    float value = 0.0f;
+    ck_assert_int_eq(qkd_loss_compute(loss, pr->student, pr->teacher, pr->targets, &value),
+                     QKD_OK);
+    /* what computed the logits by block kept none of them whole */
+    ck_assert_int_eq(qkd__model_logits_chunk(pr->student), rs);
+    ck_assert_int_eq(qkd__model_logits_chunk(pr->teacher), rt);
+    *ds = test_calloc(bytes, 1);
+    qkd__backend *be = pr->ctx->backend;
+    dev_get(be, *ds, qkd__model_dlogits_dev(pr->student), bytes);
+    return value;
+}
+
+/* The losses compared: each kind alone, CAKLD with beta_from_teacher,
+ * TSLD + FKL. */
+static int block_losses(qkd_context *ctx, qkd_loss **out)
+{
+    int n = 0;
+    for (int k = 0; k < N_KINDS; k++)
+        out[n++] = test_one_term_loss(ctx, (qkd_loss_kind)all_kinds[k], 0);
+    out[n++] = test_one_term_loss(ctx, QKD_LOSS_CAKLD, 1);
+    out[n++] = tsld_fkl_loss(ctx);
+    return n;
+}
+
+START_TEST(test_loss_logits_rows)
+{
+    static const int rows[][2] = {{0, 0}, {4, 0}, {0, 5}, {4, 7}, {1, 1}, {MB * MT, 2}};
+    const int n_rows = (int)(sizeof rows / sizeof rows[0]);
+    const qkd_matmul_precision prec[2] = {QKD_MATMUL_FP32, QKD_MATMUL_BF16};
+    for (int p = 0; p < 2; p++) {
+        struct pair pr;
+        pair_open(&pr, test_context(1));
+        ck_assert_int_eq(qkd_model_set_matmul_precision(pr.student, prec[p]), QKD_OK);
+        ck_assert_int_eq(qkd_model_set_matmul_precision(pr.teacher, prec[p]), QKD_OK);
+        qkd_loss *losses[N_KINDS + 2];
+        const int n_losses = block_losses(pr.ctx, losses);
+        for (int l = 0; l < n_losses; l++) {
+            /* a single term writes a bf16 student's gradient as bits */
+            const size_t cells = (size_t)MB * MT * MV;
+            const size_t bytes = cells * (p && l < n_losses - 1 ? 2 : 4);
+            void *want = NULL;
+            const float v0 = blocks_compute(&pr, losses[l], 0, 0, &want, bytes);
+            for (int r = 1; r < n_rows; r++) {
+                void *got = NULL;
+                const float v = blocks_compute(&pr, losses[l], rows[r][0], rows[r][1], &got,
+                                               bytes);
+                ck_assert_msg(v == v0 && memcmp(got, want, bytes) == 0,
+                              "precision %d, loss %d, rows %d and %d: value %.9g, whole %.9g",
+                              p, l, rows[r][0], rows[r][1], (double)v, (double)v0);
+                free(got);
+            }
+            free(want);
+            qkd_loss_free(losses[l]);
+        }
+        /* a reader of all the logits computes them all: the forward's */
+        float *all = test_calloc((size_t)MB * MT * MV, 4);
+        ck_assert_int_eq(qkd_model_logits(pr.teacher, all, (size_t)MB * MT * MV), QKD_OK);
+        ck_assert_int_eq(qkd__model_logits_chunk(pr.teacher), 0);
+        ck_assert_int_eq(qkd_model_set_logits_rows(pr.teacher, 0), QKD_OK);
+        ck_assert_int_eq(qkd_model_forward(pr.teacher, pr.tokens, MB, MT), QKD_OK);
+        ck_assert_int_eq(qkd_model_logits(pr.teacher, pr.t, (size_t)MB * MT * MV), QKD_OK);
+        ck_assert_mem_eq(all, pr.t, (size_t)MB * MT * MV * 4);
+        free(all);
+        pair_close(&pr);
+    }
+}
+END_TEST
+
+/* A NaN logit met block by block: NON_FINITE, and neither the rows
+ * written before it nor the value are left to use. */
+START_TEST(test_loss_logits_rows_non_finite)
+{
+    struct pair pr;
+    pair_open(&pr, test_context(1));
+    qkd_loss *loss = tsld_fkl_loss(pr.ctx);
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr.teacher, 4), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr.student, 4), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(pr.student, pr.tokens, MB, MT), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(pr.teacher, pr.tokens, MB, MT), QKD_OK);
+    float value = 0.0f;
+    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
+                     QKD_OK);
+    ck_assert(value > 0.0f);
+    poison(pr.teacher, NAN);
+    ck_assert_int_eq(qkd_model_forward(pr.teacher, pr.tokens, MB, MT), QKD_OK);
+    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
+                     QKD_ERR_NON_FINITE);
+    ck_assert(value == 0.0f);
+    ck_assert_int_eq(qkd_model_backward(pr.student, NULL), QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_loss_value(loss, &value), QKD_ERR_STATE);
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr.student, -1), QKD_ERR_INVALID_ARG);
+    qkd_loss_free(loss);
+    pair_close(&pr);
+}
+END_TEST
+
 Suite *suite_loss(void)
 {
     Suite *s = suite_create("loss");
@@ -1284,12 +1397,14 @@ Suite *suite_loss(void)
     tcase_add_test(tc, test_loss_beta_from_teacher);
     tcase_add_test(tc, test_loss_no_step_allocation);
     tcase_add_test(tc, test_loss_alloc_failures);
+    tcase_add_test(tc, test_loss_logits_rows);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");
     tcase_add_test(tc, test_loss_bad_params);
     tcase_add_test(tc, test_loss_compute_errors);
     tcase_add_test(tc, test_loss_non_finite);
+    tcase_add_test(tc, test_loss_logits_rows_non_finite);
     suite_add_tcase(s, tc);
     return s;
 }

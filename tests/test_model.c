@@ -817,12 +817,13 @@ START_TEST(test_backward_device_dlogits)
     qkd_model *m = tiny_model(ctx, 0, 4);
     int32_t tokens[TB * TT];
     random_ids(tokens, TB * TT, TV, 9);
-    int n_rows = -1;
-    ck_assert_ptr_null(qkd__model_logits_dev(m, &n_rows));
+    const float *logits = NULL;
+    ck_assert_int_eq(qkd__model_logits_all(m, &logits), QKD_ERR_STATE);
+    ck_assert_ptr_null(logits);
     ck_assert_ptr_null(qkd__model_dlogits_dev(m));
     ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
-    ck_assert_ptr_nonnull(qkd__model_logits_dev(m, &n_rows));
-    ck_assert_int_eq(n_rows, TB * TT);
+    ck_assert_int_eq(qkd__model_logits_all(m, &logits), QKD_OK);
+    ck_assert_ptr_nonnull(logits);
 
     float dl[TB * TT * TV];
     uint64_t s = 12;

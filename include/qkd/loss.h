@@ -6,7 +6,10 @@
  * returns the loss value and stores its gradient with respect to the
  * student's logits on the student, ready for qkd_model_backward(student,
  * NULL). The vocabulary is processed in chunks with a running softmax, so
- * no full [B*T][vocab] probability tensor is ever allocated.
+ * no full [B*T][vocab] probability tensor is ever allocated. A model set
+ * with qkd_model_set_logits_rows has its logits computed here, a block of
+ * rows at a time, each block's terms and gradient rows right after it:
+ * then no model's full [B*T][vocab] logits are stored either.
  *
  * Per position i, with temperature tau, p = softmax(t_i / tau) (teacher),
  * q = softmax(s_i / tau) (student), KL(a||c) = sum a (log a - log c):
@@ -101,8 +104,10 @@ QKD_API qkd_status qkd_loss_set_beta(qkd_loss *loss, int term, float beta);
  * Errors: INVALID_ARG (NULL student, a needed teacher or targets missing,
  * a model on another context), STATE (a model has no forward, or the loss
  * has no term), SHAPE (B, T or vocabulary differ), RANGE (a target >= the
- * vocabulary), NON_FINITE (value given, and a NaN or Inf logit; nothing is
- * stored), NO_MEMORY. @since 0.1 */
+ * vocabulary), NON_FINITE (value given, and a NaN or Inf logit: nothing is
+ * stored; with logits computed by block, which are checked as they come,
+ * the gradient stored before is dropped, so a backward needs a new
+ * compute, and the loss has no value), NO_MEMORY. @since 0.1 */
 QKD_API qkd_status qkd_loss_compute(qkd_loss *loss, qkd_model *student,
                                     qkd_model *teacher, const int32_t *targets,
                                     float *value);

@@ -254,6 +254,23 @@ QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
  * again; it then stays frozen). @since 0.1 */
 QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
 
+/* How a training forward leaves its logits: 0 (the default) computes
+ * and stores all [B*T][vocab] of them; rows > 0 stops the forward at the
+ * head's input, and the head's products run when the logits are read.
+ * qkd_loss_compute then computes them at most `rows` positions at a time,
+ * each block's objective and gradient right after it, so that neither
+ * model's logits are ever stored whole (for SmolLM's vocabulary of 49,152
+ * at 16 x 1024 tokens, 3.2 GB a model in fp32). The price: where a term
+ * needs a figure of the whole batch first (CAKLD's beta_from_teacher,
+ * TSLD's token weights), the teacher's logits are computed twice. Readers
+ * of all the logits at once (qkd_model_logits, qkd_model_cross_entropy,
+ * qkd_loss_teacher_confidence) compute them all, into memory allocated at
+ * the first such read of a shape. Changing it releases the activations.
+ * The values do not change: bit for bit on the CPU backends; on a GPU
+ * within float rounding, the head's products then running on blocks, of
+ * other shapes. Errors: INVALID_ARG (NULL model, rows < 0). @since 0.1 */
+QKD_API qkd_status qkd_model_set_logits_rows(qkd_model *model, int rows);
+
 /* Total number of trainable scalars (a bound quantizer's learned scales
  * and zero points included). @since 0.1 */
 QKD_API int64_t qkd_model_n_params(const qkd_model *model);
@@ -337,7 +354,8 @@ QKD_API qkd_status qkd_model_grad_get(const qkd_model *model, int index,
 
 /* Forward B sequences of T token ids (tokens[B*T], row-major), positions
  * 0..T-1. The logits [B*T][vocab] stay on the backend (read them with
- * qkd_model_logits). The first call for a new (B, T) allocates the
+ * qkd_model_logits; with qkd_model_set_logits_rows, they are computed
+ * when read). The first call for a new (B, T) allocates the
  * activations; later calls with the same shape allocate nothing.
  * Errors: INVALID_ARG (B, T < 1; T > max_seq_len), RANGE (a token id
  * outside the vocabulary: the message names its position), NO_MEMORY.

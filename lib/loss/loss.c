@@ -30,9 +30,25 @@ struct qkd_loss {
     /* Device scratch for `cap` rows, grown only when a larger batch comes. */
     int cap;
     int32_t *targets_dev;
-    float *rows_dev; /* [3][cap]: row losses, TSLD's teacher costs, TSLD's weights */
+    float *rows_dev; /* [ROW_ARRAYS][cap], see rows_of */
     float *sums_dev; /* [SUM_SLOTS] */
+    /* the logits of a block of rows, for models that compute them when
+     * read (qkd_model_set_logits_rows): grown on demand */
+    float *block_dev;
+    size_t block_floats;
 };
+
+/* rows_dev's arrays of cap floats: each term's row losses, then each
+ * TSLD term's token weights, the teacher's costs (TSLD) and top-1
+ * probabilities (beta_from_teacher), then two logit sums a block (the
+ * finiteness check of blocks). */
+enum { ROW_LOSS = 0, ROW_WEIGHT = MAX_TERMS, ROW_COST = 2 * MAX_TERMS, ROW_TOP1, ROW_SUMS,
+       ROW_ARRAYS = ROW_SUMS + 2 };
+
+static float *rows_of(const qkd_loss *loss, int array)
+{
+    return loss->rows_dev + (size_t)array * (size_t)loss->cap;
+}
 
 /* What one compute works on, validated. */
 struct loss_batch {
@@ -87,9 +103,12 @@ static void free_scratch(qkd_loss *loss)
     qkd__backend *be = backend(loss);
     be->free(be, loss->targets_dev);
     be->free(be, loss->rows_dev);
+    be->free(be, loss->block_dev);
     loss->targets_dev = NULL;
     loss->rows_dev = NULL;
+    loss->block_dev = NULL;
     loss->cap = 0;
+    loss->block_floats = 0;
 }
 
 void qkd_loss_free(qkd_loss *loss)
@@ -351,7 +370,7 @@ static qkd_status ensure_scratch(qkd_loss *loss, int N)
     qkd__backend *be = backend(loss);
     qkd_status st = be->alloc(be, (size_t)N * sizeof(int32_t), (void **)&loss->targets_dev);
     if (st == QKD_OK)
-        st = be->alloc(be, 3 * (size_t)N * sizeof(float), (void **)&loss->rows_dev);
+        st = be->alloc(be, ROW_ARRAYS * (size_t)N * sizeof(float), (void **)&loss->rows_dev);
     if (st != QKD_OK) {
         free_scratch(loss);
         return st;
@@ -360,22 +379,71 @@ static qkd_status ensure_scratch(qkd_loss *loss, int N)
     return QKD_OK;
 }
 
-/* NON_FINITE unless every logit the terms read is finite: the sum of the
- * logits is NaN or Inf exactly when one is (a float sum of finite logits
- * only overflows beyond 1e38, far outside any useful softmax range). */
-static qkd_status check_finite(qkd_loss *loss, const struct loss_batch *bt, const float *s,
-                               const float *t)
+/* How one compute reaches the logits: whole (the forwards stored them),
+ * or in blocks of R rows, a model's block computed into its own buffer. */
+struct logit_blocks {
+    int R, n_blocks;
+    qkd_model *sm, *tm;  /* the models; tm NULL without a teacher */
+    const float *s, *t;  /* logits stored whole; NULL: computed by block */
+    float *s_buf, *t_buf;
+};
+
+/* Rows [row0, row0 + n) of a model's logits. */
+static const float *block_of(qkd_model *m, const float *whole, float *buf, int row0, int n,
+                             int V)
+{
+    if (whole)
+        return whole + (size_t)row0 * V;
+    qkd__model_logits_rows(m, buf, row0, n);
+    return buf;
+}
+
+/* lb for the batch: the smallest block a model asks for, or the whole
+ * batch; the block buffers grown on demand. */
+static qkd_status plan_blocks(qkd_loss *loss, const struct loss_batch *bt,
+                              struct logit_blocks *lb)
+{
+    *lb = (struct logit_blocks){.R = bt->N, .sm = bt->student, .tm = bt->teacher};
+    const int rs = qkd__model_logits_chunk(bt->student);
+    const int rt = bt->teacher ? qkd__model_logits_chunk(bt->teacher) : 0;
+    qkd_status st = QKD_OK;
+    if (!rs)
+        st = qkd__model_logits_all(bt->student, &lb->s);
+    if (st == QKD_OK && bt->teacher && !rt)
+        st = qkd__model_logits_all(bt->teacher, &lb->t);
+    if (st != QKD_OK)
+        return st;
+    if (rs && rs < lb->R)
+        lb->R = rs;
+    if (rt && rt < lb->R)
+        lb->R = rt;
+    lb->n_blocks = (bt->N + lb->R - 1) / lb->R;
+    const size_t block = (size_t)lb->R * (size_t)bt->V;
+    const size_t want = block * ((rs != 0) + (rt != 0));
+    if (want > loss->block_floats) {
+        qkd__backend *be = backend(loss);
+        be->free(be, loss->block_dev);
+        loss->block_dev = NULL;
+        loss->block_floats = 0;
+        st = be->alloc(be, want * sizeof(float), (void **)&loss->block_dev);
+        if (st != QKD_OK)
+            return st;
+        loss->block_floats = want;
+    }
+    lb->s_buf = rs ? loss->block_dev : NULL;
+    lb->t_buf = rt ? loss->block_dev + (rs ? block : 0) : NULL;
+    return QKD_OK;
+}
+
+/* NON_FINITE unless both logit sums at sums_dev[FINITE_SLOT] are finite:
+ * the sum of the logits is NaN or Inf exactly when one is (a float sum of
+ * finite logits only overflows beyond 1e38, far outside any useful
+ * softmax range). */
+static qkd_status check_sums(qkd_loss *loss)
 {
     qkd__backend *be = backend(loss);
-    float *slots = loss->sums_dev + FINITE_SLOT;
-    size_t n = (size_t)bt->N * (size_t)bt->V;
-    be->sum(be, slots, s, n);
-    if (t)
-        be->sum(be, slots + 1, t, n);
-    else
-        be->fill(be, slots + 1, 0.0f, 1);
     float sums[2];
-    qkd_status st = be->download(be, sums, slots, sizeof sums);
+    qkd_status st = be->download(be, sums, loss->sums_dev + FINITE_SLOT, sizeof sums);
     if (st != QKD_OK)
         return st;
     if (!isfinite(sums[0]) || !isfinite(sums[1]))
@@ -385,6 +453,18 @@ static qkd_status check_finite(qkd_loss *loss, const struct loss_batch *bt, cons
     return QKD_OK;
 }
 
+/* The sums of n logits of the student (s) and the teacher (t, or none)
+ * into out[0] and out[stride]. */
+static void logit_sums(qkd__backend *be, float *out, size_t stride, const float *s,
+                       const float *t, size_t n)
+{
+    be->sum(be, out, s, n);
+    if (t)
+        be->sum(be, out + stride, t, n);
+    else
+        be->fill(be, out + stride, 0.0f, 1);
+}
+
 /* What term k's row sum is divided by: TSLD averages over sequences,
  * every other term over counted positions. */
 static int term_denom(const qkd_loss_term *term, const struct loss_batch *bt)
@@ -392,73 +472,150 @@ static int term_denom(const qkd_loss_term *term, const struct loss_batch *bt)
     return term->kind == QKD_LOSS_TSLD ? bt->n_seqs : bt->n_rows;
 }
 
-/* The mean top-1 probability of the teacher's logits t over the counted
- * rows, into *conf on the device; rows: N floats of scratch. */
-static void confidence_dev(qkd__backend *be, float *conf, float *rows, const float *t,
-                           const int32_t *targets, int N, int V, int n_rows)
+/* Whether term k's CAKLD confidence comes from the backend's fused slot,
+ * which reads the teacher's logits of the whole batch at once. */
+static int fused_confidence(const qkd_loss *loss, int k, const struct logit_blocks *lb)
 {
-    be->row_max_prob(be, rows, t, targets, N, V);
-    be->sum(be, conf, rows, (size_t)N);
-    be->scale(be, conf, n_rows > 0 ? 1.0f / (float)n_rows : 0.0f, 1);
+    const qkd_loss_term *term = &loss->terms[k];
+    return term->beta_from_teacher && term->temperature == 1.0f &&
+           backend(loss)->kd_loss_confidence && lb->n_blocks == 1;
 }
 
-/* Term k's gradient into ds (written by the first term, added by the
- * others; or written as bf16 bits into ds_bits by a single term) and its
- * row-loss sum into sums_dev[k]. */
-static void run_term(qkd_loss *loss, int k, const struct loss_batch *bt, float *ds,
+/* *mean = the mean of x[0..N) over n_rows counted rows (0 if none), on
+ * the device: the teacher's confidence from row_max_prob's rows. */
+static void mean_of(qkd__backend *be, float *mean, const float *x, int N, int n_rows)
+{
+    be->sum(be, mean, x, (size_t)N);
+    be->scale(be, mean, n_rows > 0 ? 1.0f / (float)n_rows : 0.0f, 1);
+}
+
+/* The figures of the whole batch that terms need before their gradients:
+ * TSLD's token weights (from the teacher's own cross-entropy, detached)
+ * and the teacher's mean top-1 probability (beta_from_teacher), from the
+ * teacher's logits block by block. */
+static void batch_figures(qkd_loss *loss, const struct loss_batch *bt,
+                          const struct logit_blocks *lb)
+{
+    int tsld = 0, conf = 0;
+    for (int k = 0; k < loss->n_terms; k++) {
+        tsld |= loss->terms[k].kind == QKD_LOSS_TSLD;
+        conf |= loss->terms[k].beta_from_teacher && !fused_confidence(loss, k, lb);
+    }
+    if (!tsld && !conf)
+        return;
+    qkd__backend *be = backend(loss);
+    const int32_t *y = bt->targets ? loss->targets_dev : NULL;
+    float *cost = rows_of(loss, ROW_COST), *top1 = rows_of(loss, ROW_TOP1);
+    const qkd__kd_term ce = {.kind = QKD_LOSS_CE, .temperature = 1.0f};
+    for (int r0 = 0; r0 < bt->N; r0 += lb->R) {
+        const int n = bt->N - r0 < lb->R ? bt->N - r0 : lb->R;
+        const float *t = block_of(lb->tm, lb->t, lb->t_buf, r0, n, bt->V);
+        if (tsld)
+            be->kd_loss(be, cost + r0, NULL, NULL, t, NULL, y ? y + r0 : NULL, NULL, n, bt->V,
+                        &ce);
+        if (conf)
+            be->row_max_prob(be, top1 + r0, t, y ? y + r0 : NULL, n, bt->V);
+    }
+    for (int k = 0; k < loss->n_terms; k++)
+        if (loss->terms[k].kind == QKD_LOSS_TSLD)
+            be->tsld_weights(be, rows_of(loss, ROW_WEIGHT + k), cost, y, bt->B, bt->T,
+                             loss->terms[k].tsld_tau);
+    if (conf)
+        mean_of(be, loss->sums_dev + BETA_SLOT, top1, bt->N, bt->n_rows);
+}
+
+/* Term k on rows [row0, row0 + n) (s and t their logits): its row losses,
+ * and its gradient into ds (written by the first term, added by the
+ * others; or written as bf16 bits into ds_bits by a single term). */
+static void run_term(qkd_loss *loss, int k, const struct loss_batch *bt,
+                     const struct logit_blocks *lb, int row0, int n, float *ds,
                      uint16_t *ds_bits, const float *s, const float *t)
 {
     qkd__backend *be = backend(loss);
     const qkd_loss_term *term = &loss->terms[k];
-    const int32_t *y = bt->targets ? loss->targets_dev : NULL;
-    float *rows = loss->rows_dev, *cost = rows + loss->cap, *w = cost + loss->cap;
-    int denom = term_denom(term, bt);
+    const int32_t *y = bt->targets ? loss->targets_dev + row0 : NULL;
+    float *rows = rows_of(loss, ROW_LOSS + k) + row0;
+    const int denom = term_denom(term, bt);
     qkd__kd_term kt = {.kind = (int)term->kind, .temperature = term->temperature,
                        .beta = term->beta,
                        .scale = denom > 0 ? (float)((double)term->weight / denom) : 0.0f,
                        .accumulate = k > 0};
-    const float *row_w = NULL;
-    if (term->kind == QKD_LOSS_TSLD) {
-        /* c_i: the teacher's own cross-entropy, detached */
-        qkd__kd_term ce = {.kind = QKD_LOSS_CE, .temperature = 1.0f};
-        be->kd_loss(be, cost, NULL, NULL, t, NULL, y, NULL, bt->N, bt->V, &ce);
-        be->tsld_weights(be, w, cost, y, bt->B, bt->T, term->tsld_tau);
-        row_w = w;
-    }
+    const float *row_w =
+        term->kind == QKD_LOSS_TSLD ? rows_of(loss, ROW_WEIGHT + k) + row0 : NULL;
+    const size_t at = (size_t)row0 * (size_t)bt->V;
+    ds = ds_bits ? NULL : ds + at;
+    ds_bits = ds_bits ? ds_bits + at : NULL;
     float *beta = loss->sums_dev + BETA_SLOT;
-    if (term->beta_from_teacher && term->temperature == 1.0f && be->kd_loss_confidence) {
+    if (fused_confidence(loss, k, lb)) {
         /* the backend takes the confidence in the objective's own sweep */
-        be->kd_loss_confidence(be, rows, ds_bits ? NULL : ds, ds_bits, s, t, y, row_w, bt->N,
-                               bt->V, &kt, beta, bt->n_rows);
-    } else {
-        if (term->beta_from_teacher) {
-            kt.beta_dev = beta;
-            confidence_dev(be, beta, cost, t, y, bt->N, bt->V, bt->n_rows);
-        }
-        be->kd_loss(be, rows, ds_bits ? NULL : ds, ds_bits, s, t, y, row_w, bt->N, bt->V, &kt);
+        be->kd_loss_confidence(be, rows, ds, ds_bits, s, t, y, row_w, n, bt->V, &kt, beta,
+                               bt->n_rows);
+        return;
     }
-    be->sum(be, loss->sums_dev + k, rows, (size_t)bt->N);
+    if (term->beta_from_teacher)
+        kt.beta_dev = beta; /* batch_figures' */
+    be->kd_loss(be, rows, ds, ds_bits, s, t, y, row_w, n, bt->V, &kt);
+}
+
+/* Every term on every block of rows. With value, the logits' finiteness
+ * is checked: before anything is written where the forwards stored the
+ * logits whole; block by block, as they are computed, otherwise. */
+static qkd_status run_blocks(qkd_loss *loss, const struct loss_batch *bt,
+                             const struct logit_blocks *lb, float *value)
+{
+    qkd__backend *be = backend(loss);
+    const int whole = lb->s && (!lb->tm || lb->t);
+    float *block_sums = rows_of(loss, ROW_SUMS);
+    if (value && whole) {
+        logit_sums(be, loss->sums_dev + FINITE_SLOT, 1, lb->s, lb->t,
+                   (size_t)bt->N * (size_t)bt->V);
+        qkd_status st = check_sums(loss);
+        if (st != QKD_OK)
+            return st;
+    }
+    batch_figures(loss, bt, lb);
+    float *ds = qkd__model_dlogits_dev(bt->student);
+    /* bits where the student's backward reads them and no term adds to them */
+    uint16_t *ds_bits = loss->n_terms == 1 ? qkd__model_dlogits_bits_dev(bt->student) : NULL;
+    for (int r0 = 0, b = 0; r0 < bt->N; r0 += lb->R, b++) {
+        const int n = bt->N - r0 < lb->R ? bt->N - r0 : lb->R;
+        const float *s = block_of(lb->sm, lb->s, lb->s_buf, r0, n, bt->V);
+        const float *t = lb->tm ? block_of(lb->tm, lb->t, lb->t_buf, r0, n, bt->V) : NULL;
+        if (value && !whole)
+            logit_sums(be, block_sums + b, (size_t)loss->cap, s, t, (size_t)n * bt->V);
+        for (int k = 0; k < loss->n_terms; k++)
+            run_term(loss, k, bt, lb, r0, n, ds, ds_bits, s, t);
+    }
+    for (int k = 0; k < loss->n_terms; k++) {
+        be->sum(be, loss->sums_dev + k, rows_of(loss, ROW_LOSS + k), (size_t)bt->N);
+        loss->denoms[k] = term_denom(&loss->terms[k], bt);
+    }
+    if (value && !whole) {
+        be->sum(be, loss->sums_dev + FINITE_SLOT, block_sums, (size_t)lb->n_blocks);
+        be->sum(be, loss->sums_dev + FINITE_SLOT + 1, block_sums + loss->cap,
+                (size_t)lb->n_blocks);
+        qkd_status st = check_sums(loss);
+        if (st != QKD_OK) { /* rows are written: no gradient, no value stored */
+            qkd__model_mark_dlogits(bt->student, -1);
+            loss->computed = 0;
+            return st;
+        }
+    }
+    qkd__model_mark_dlogits(bt->student, ds_bits != NULL);
+    return QKD_OK;
 }
 
 /* Evaluate every term, storing the gradient; *value: the weighted sum, or
  * with value NULL the sums stay on the device (deferred: no finiteness
- * check before, no download after). */
+ * check, no download). */
 static qkd_status run_terms(qkd_loss *loss, const struct loss_batch *bt, float *value)
 {
-    int n_rows;
-    const float *s = qkd__model_logits_dev(bt->student, &n_rows);
-    const float *t = bt->teacher ? qkd__model_logits_dev(bt->teacher, &n_rows) : NULL;
-    qkd_status st = value ? check_finite(loss, bt, s, t) : QKD_OK;
+    struct logit_blocks lb;
+    qkd_status st = plan_blocks(loss, bt, &lb);
+    if (st == QKD_OK)
+        st = run_blocks(loss, bt, &lb, value);
     if (st != QKD_OK)
         return st;
-    float *ds = qkd__model_dlogits_dev(bt->student);
-    /* bits where the student's backward reads them and no term adds to them */
-    uint16_t *ds_bits = loss->n_terms == 1 ? qkd__model_dlogits_bits_dev(bt->student) : NULL;
-    for (int k = 0; k < loss->n_terms; k++) {
-        run_term(loss, k, bt, ds, ds_bits, s, t);
-        loss->denoms[k] = term_denom(&loss->terms[k], bt);
-    }
-    qkd__model_mark_dlogits(bt->student, ds_bits != NULL);
     loss->computed = 1;
     if (!value)
         return QKD_OK;
@@ -516,8 +673,10 @@ qkd_status qkd_loss_teacher_confidence(qkd_model *teacher, const int32_t *target
         return st;
     const int N = B * T;
     qkd__backend *be = ctx->backend;
-    int n_rows;
-    const float *logits = qkd__model_logits_dev(teacher, &n_rows);
+    const float *logits;
+    st = qkd__model_logits_all(teacher, &logits);
+    if (st != QKD_OK)
+        return st;
     /* one device buffer: the mean, N rows' top-1 probabilities, the targets */
     const size_t y_bytes = targets ? (size_t)N * sizeof *targets : 0;
     float *dev = NULL;
@@ -527,7 +686,8 @@ qkd_status qkd_loss_teacher_confidence(qkd_model *teacher, const int32_t *target
         st = be->upload(be, y, targets, y_bytes);
     float mean = 0.0f;
     if (st == QKD_OK) {
-        confidence_dev(be, dev, dev + 1, logits, y, N, V, counted_rows(targets, N));
+        be->row_max_prob(be, dev + 1, logits, y, N, V);
+        mean_of(be, dev, dev + 1, N, counted_rows(targets, N));
         st = be->download(be, &mean, dev, sizeof mean);
     }
     if (st == QKD_OK && !isfinite(mean))

@@ -243,7 +243,7 @@ static void plan_train(void *arg, qkd__arena *a)
     t->xf_bits = proj_bits ? take16(a, N, C) : NULL; /* the layers' h_bits condition */
     t->rstdf = qkd__arena_take(a, N, 1);
     t->xfq = act_quant ? qkd__arena_take(a, N, C) : t->xf;
-    t->logits = qkd__arena_take(a, N, V);
+    t->logits = p->m->logits_rows ? NULL : qkd__arena_take(a, N, V);
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
         t->dsw = t->dgate = t->dup = NULL;
@@ -272,6 +272,9 @@ void qkd__model_free_acts(qkd_model *m)
 {
     qkd__backend *be = qkd__model_backend(m);
     be->free(be, m->acts.mem);
+    be->free(be, m->logits_mem);
+    m->logits_mem = NULL;
+    m->logits_ready = 0;
     m->acts.mem = NULL;
     m->acts.B = m->acts.T = 0;
     m->has_forward = m->has_dlogits = 0;
@@ -356,7 +359,9 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
             qkd__model_norm_after(m, l, a->layers + l + 1, a->xf, a->xf_bits, a->rstdf);
         qkd__model_layer_forward(m, l, &a->layers[l], &next, step);
     }
-    qkd__model_head_forward(m, a->logits, a->xf, a->xf_bits, a->xfq, N);
+    if (!m->logits_rows)
+        qkd__model_head_forward(m, a->logits, a->xf, a->xf_bits, a->xfq, N);
+    m->logits_ready = !m->logits_rows;
     m->has_forward = 1;
     return QKD_OK;
 }
@@ -373,15 +378,50 @@ qkd_status qkd_model_logits(const qkd_model *m, float *dst, size_t n)
     if (n != want)
         return qkd__error(m->ctx, QKD_ERR_SHAPE,
                           "model logits: the last forward has %zu logits, not %zu", want, n);
-    return qkd__model_download(m, dst, m->acts.logits, n);
+    /* computing logits the forward left to their reader changes no
+     * result the model exposes: the model stays const to its callers */
+    const float *logits;
+    qkd_status st = qkd__model_logits_all((qkd_model *)m, &logits);
+    return st == QKD_OK ? qkd__model_download(m, dst, logits, n) : st;
 }
 
 /* ---- for the loss layer ------------------------------------------------ */
 
-float *qkd__model_logits_dev(qkd_model *m, int *n_rows)
+void qkd__model_logits_rows(qkd_model *m, float *out, int row0, int n)
 {
-    *n_rows = m->has_forward ? m->acts.B * m->acts.T : 0;
-    return m->has_forward ? m->acts.logits : NULL;
+    const qkd__train_acts *a = &m->acts;
+    const size_t at = (size_t)row0 * (size_t)m->cfg.dim;
+    qkd__model_head_forward(m, out, a->xf ? a->xf + at : NULL,
+                            a->xf_bits ? a->xf_bits + at : NULL, a->xfq ? a->xfq + at : NULL,
+                            n);
+}
+
+qkd_status qkd__model_logits_all(qkd_model *m, const float **out)
+{
+    *out = NULL;
+    if (!m->has_forward)
+        return qkd__error(m->ctx, QKD_ERR_STATE, "model logits: no forward pass yet");
+    qkd__train_acts *a = &m->acts;
+    if (!m->logits_ready) {
+        const int N = a->B * a->T;
+        qkd__backend *be = qkd__model_backend(m);
+        if (!m->logits_mem) {
+            qkd_status st = be->alloc(be, (size_t)N * (size_t)m->cfg.vocab_size * sizeof(float),
+                                      (void **)&m->logits_mem);
+            if (st != QKD_OK)
+                return st;
+        }
+        a->logits = m->logits_mem;
+        qkd__model_logits_rows(m, a->logits, 0, N);
+        m->logits_ready = 1;
+    }
+    *out = a->logits;
+    return QKD_OK;
+}
+
+int qkd__model_logits_chunk(const qkd_model *m)
+{
+    return m->logits_ready ? 0 : m->logits_rows;
 }
 
 void qkd__model_last_shape(const qkd_model *m, int *B, int *T)
@@ -405,7 +445,7 @@ uint16_t *qkd__model_dlogits_bits_dev(qkd_model *m)
 
 void qkd__model_mark_dlogits(qkd_model *m, int bits)
 {
-    m->has_dlogits = !m->has_forward ? QKD__DLOGITS_NONE
-                     : bits          ? QKD__DLOGITS_BITS
-                                     : QKD__DLOGITS_F32;
+    m->has_dlogits = !m->has_forward || bits < 0 ? QKD__DLOGITS_NONE
+                     : bits                      ? QKD__DLOGITS_BITS
+                                                 : QKD__DLOGITS_F32;
 }

@@ -35,18 +35,21 @@ qkd_status qkd_model_cross_entropy(qkd_model *m, const int32_t *targets, int com
     qkd__train_acts *a = &m->acts;
     const int N = a->B * a->T, V = m->cfg.vocab_size;
     int n_valid;
+    const float *logits;
     qkd_status st = count_targets(m, targets, N, &n_valid);
+    if (st == QKD_OK)
+        st = qkd__model_logits_all(m, &logits);
     if (st == QKD_OK)
         st = be->upload(be, a->targets, targets, (size_t)N * sizeof *targets);
     if (st != QKD_OK)
         return st;
 
-    be->cross_entropy_forward(be, a->losses, a->logits, a->targets, N, V);
+    be->cross_entropy_forward(be, a->losses, logits, a->targets, N, V);
     be->sum(be, a->loss_sum, a->losses, (size_t)N);
     if (compute_grad) {
         be->fill(be, a->dlogits, 0.0f, (size_t)N * V);
         if (n_valid > 0)
-            be->cross_entropy_backward(be, a->dlogits, a->logits, a->targets,
+            be->cross_entropy_backward(be, a->dlogits, logits, a->targets,
                                        1.0f / (float)n_valid, N, V);
         m->has_dlogits = QKD__DLOGITS_F32;
     }

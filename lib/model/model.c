@@ -403,6 +403,20 @@ qkd_status qkd_model_set_max_seq_len(qkd_model *m, int n)
     return QKD_OK;
 }
 
+qkd_status qkd_model_set_logits_rows(qkd_model *m, int rows)
+{
+    if (!m)
+        return QKD_ERR_INVALID_ARG;
+    if (rows < 0)
+        return qkd__error(m->ctx, QKD_ERR_INVALID_ARG, "model set_logits_rows: %d is negative",
+                          rows);
+    if (rows != m->logits_rows) {
+        m->logits_rows = rows;
+        qkd__model_free_acts(m); /* planned again, with or without the logits */
+    }
+    return QKD_OK;
+}
+
 /* Frozen, the model drops its gradients; trained again, it gets zeroed
  * ones and drops its bf16 weights, which an update would make stale. */
 qkd_status qkd_model_set_trainable(qkd_model *m, int trainable)

@@ -19,15 +19,26 @@ qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg
  * if the model has no such tensor (e.g. OUTPUT when tied). */
 int qkd__model_tensor_index(const qkd_model *model, qkd_tensor_kind kind, int layer);
 
-/* Device pointers to the last forward's logits and to the logits gradient
- * ([n_rows][vocab] each; *n_rows = B*T), NULL before any forward (and the
- * gradient always NULL for a model that is not trainable). The gradient
- * may instead be written as bf16 bits where the model's backward reads it
- * so (a model on the bf16-bits family, whose head products round it to
- * those bits anyway; NULL otherwise). A loss that writes the gradient
- * calls qkd__model_mark_dlogits (bits: 1 if it wrote the bits) so that
- * qkd_model_backward(model, NULL) accepts it. */
-float *qkd__model_logits_dev(qkd_model *model, int *n_rows);
+/* The last forward's logits ([B*T][vocab] on the device) into *out,
+ * computed now (memory allocated at the first such call of a shape) if
+ * the model runs its head when they are read (qkd_model_set_logits_rows).
+ * STATE before any forward, NO_MEMORY. */
+qkd_status qkd__model_logits_all(qkd_model *model, const float **out);
+/* A loss's way to the logits: 0 when the forward stored them all (read
+ * them with qkd__model_logits_all), else at most how many rows a call of
+ * qkd__model_logits_rows computes. */
+int qkd__model_logits_chunk(const qkd_model *model);
+/* Rows [row0, row0 + n) of the last forward's logits into out ([n][vocab]
+ * on the device): the head's products on those rows. */
+void qkd__model_logits_rows(qkd_model *model, float *out, int row0, int n);
+/* Device pointers to the logits gradient ([B*T][vocab]), NULL before any
+ * forward and always for a model that is not trainable. It may instead
+ * be written as bf16 bits where the model's backward reads it so (a model
+ * on the bf16-bits family, whose head products round it to those bits
+ * anyway; NULL otherwise). A loss that writes the gradient calls
+ * qkd__model_mark_dlogits (bits: 1 if it wrote the bits, 0 floats, -1 a
+ * gradient that must not be used) so that qkd_model_backward(model, NULL)
+ * accepts it, or refuses it. */
 float *qkd__model_dlogits_dev(qkd_model *model);
 uint16_t *qkd__model_dlogits_bits_dev(qkd_model *model);
 /* B and T of the last forward (both 0 before any forward). */

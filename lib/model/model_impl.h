@@ -178,6 +178,13 @@ struct qkd_model {
                              writer of the weights goes through */
     qkd_tokenizer *tokenizer;
     qkd__train_acts acts;
+    int logits_rows;      /* qkd_model_set_logits_rows: 0, the logits are
+                             computed whole by the forward; else the head's
+                             products run when the logits are read, at most
+                             this many rows at a time by a loss */
+    float *logits_mem;    /* all logits of a forward with logits_rows, once
+                             something reads them whole (qkd__model_logits_all) */
+    int logits_ready;     /* acts.logits holds the last forward's logits */
     int has_forward;      /* acts hold a forward's results */
     int has_dlogits;      /* acts.dlogits holds a logits gradient: QKD__DLOGITS_* */
     qkd__decode dec;

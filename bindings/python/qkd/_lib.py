@@ -242,6 +242,8 @@ _proto("qkd_model_backward", status_t, ModelP, c_float_p)
 _proto("qkd_model_zero_grad", status_t, ModelP)
 # qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
 _proto("qkd_model_set_trainable", status_t, ModelP, c_int)
+# qkd_status qkd_model_set_logits_rows(qkd_model *model, int rows);
+_proto("qkd_model_set_logits_rows", status_t, ModelP, c_int)
 # qkd_status qkd_model_set_matmul_precision(qkd_model *model, qkd_matmul_precision precision);
 _proto("qkd_model_set_matmul_precision", status_t, ModelP, c_int)
 # void qkd_gguf_params_init(qkd_gguf_params *p);

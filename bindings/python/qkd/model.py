@@ -173,6 +173,13 @@ class Model(Handle):
             self._shape = None  # a change releases the activations, logits included
         self._trainable = bool(trainable)
 
+    def set_logits_rows(self, rows):
+        """0 (the default): the forward stores all logits. rows > 0: they are
+        computed when read, a loss computing them `rows` positions at a time
+        so that neither model's logits are ever stored whole."""
+        self._check(lib.qkd_model_set_logits_rows(self._ptr, int(rows)))
+        self._shape = None  # a change releases the activations
+
     def set_matmul_precision(self, precision):
         """"fp32" (the default) or "bf16" matmul inputs, fp32 accumulation."""
         self._check(lib.qkd_model_set_matmul_precision(

@@ -137,6 +137,24 @@ def test_deferred_loss_and_beta_from_teacher(ctx, stories):
         qkd.Loss(ctx).add("fkl", beta_from_teacher=1)
 
 
+def test_logits_by_block_give_the_same_loss(ctx, stories):
+    """set_logits_rows: the loss computes the logits a block of rows at a
+    time; the value is the one of logits stored whole, and logits() reads
+    them all."""
+    teacher, student, loss, _, data = make_job(ctx, stories, 4)
+    tokens, targets = data.batch(0, 2, 16)
+    teacher.forward(tokens)
+    student.forward(tokens)
+    whole, logits = loss.compute(student, teacher, targets), student.logits()
+    for model in (teacher, student):
+        model.set_logits_rows(5)
+        model.forward(tokens)
+    assert loss.compute(student, teacher, targets) == whole
+    np.testing.assert_array_equal(student.logits(), logits)
+    with pytest.raises(qkd.InvalidArgError):
+        student.set_logits_rows(-1)
+
+
 def test_frozen_teacher_gives_the_same_logits_and_refuses_gradients(ctx, stories):
     trained, frozen = qkd.Model.load(ctx, stories[0]), qkd.Model.load(ctx, stories[0])
     frozen.set_trainable(False)

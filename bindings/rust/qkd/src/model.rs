@@ -196,6 +196,18 @@ impl<'c> Model<'c> {
         Ok(())
     }
 
+    /// 0 (the default): the forward stores all logits. `rows` > 0: they
+    /// are computed when read, a loss computing them `rows` positions at
+    /// a time so that neither model's logits are ever stored whole. A
+    /// change discards the last forward.
+    pub fn set_logits_rows(&self, rows: i32) -> Result<()> {
+        // SAFETY: the model is alive; the library checks the value.
+        self.ctx
+            .check(unsafe { sys::qkd_model_set_logits_rows(self.as_ptr(), rows) })?;
+        self.shape.set(None);
+        Ok(())
+    }
+
     /// bf16 matmul inputs with fp32 accumulation
     /// (`sys::QKD_MATMUL_BF16`) or fp32 (`sys::QKD_MATMUL_FP32`, the default).
     pub fn set_matmul_precision(&self, precision: sys::qkd_matmul_precision) -> Result<()> {

@@ -114,6 +114,15 @@ fn one_training_step_gives_the_c_example_loss() {
     loss.compute_deferred(&student, Some(&teacher), Some(&targets))
         .unwrap();
     assert_eq!(loss.value().unwrap(), value);
+    // the logits computed by the loss, 100 rows at a time: the same value
+    for model in [&teacher, &student] {
+        model.set_logits_rows(100).unwrap();
+        model.forward(&tokens, 8, 64).unwrap();
+    }
+    let by_block = loss
+        .compute(&student, Some(&teacher), Some(&targets))
+        .unwrap();
+    assert_eq!(by_block, value);
     student.zero_grad().unwrap();
     student.backward().unwrap();
     let q_index = student.tensor_index("blk.0.attn_q.weight").unwrap();
