@@ -625,6 +625,41 @@ START_TEST(cli_distill_scales_only)
 }
 END_TEST
 
+/* --logits-rows: the loss computes the logits a block of rows at a time;
+ * on the reference backend the run trains the very student of a run that
+ * stores them whole. */
+START_TEST(cli_distill_logits_rows)
+{
+    shared_paths sp;
+    if (!get_shared(&sp))
+        return;
+    const char *dir = test_tmpdir();
+    char *files[2];
+    for (int k = 0; k < 2; k++) {
+        char out[512], path[600];
+        snprintf(out, sizeof out, "%s/run%d", dir, k);
+        const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok,
+                              "--data", sp.text, "--method", "bitdistiller", "--steps", "6",
+                              "--batch", "2", "--seq", "32", "--eval-windows", "2", "--out",
+                              out, "--threads", "2", "--backend", "ref", "--logits-rows",
+                              k ? "7" : "0", NULL};
+        run_cli_ok(args, dir);
+        snprintf(path, sizeof path, "%s/student.gguf", out);
+        size_t n;
+        files[k] = test_read_file(path, &n);
+        ck_assert_uint_gt(n, 0);
+        if (k)
+            ck_assert_msg(memcmp(files[0], files[1], n) == 0,
+                          "the student trained with --logits-rows 7 differs");
+    }
+    free(files[0]);
+    free(files[1]);
+    const char *bad[] = {"distill", "--teacher", "x.bin", "--data", "t", "--logits-rows", "-1",
+                         "--out", dir, NULL};
+    ck_assert_int_eq(run_cli(bad, dir), 2);
+}
+END_TEST
+
 /* Ctrl-C saves a checkpoint and exits 130; --resume then ends with the
  * very checkpoint (weights, optimizer, history) of an uninterrupted run. */
 START_TEST(cli_interrupt_and_resume_bit_identical)
@@ -827,6 +862,7 @@ Suite *suite_distill(void)
     tcase_add_test(tc, cli_distill_writes_metrics_and_summary);
     tcase_add_test(tc, cli_interrupt_and_resume_bit_identical);
     tcase_add_test(tc, cli_distill_scales_only);
+    tcase_add_test(tc, cli_distill_logits_rows);
     tcase_add_test(tc, cli_distill_cont_approx_preset);
     tcase_add_test(tc, cli_distill_usage_errors);
     tcase_add_test(tc, cli_report_writes_svg);

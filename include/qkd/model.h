@@ -266,9 +266,9 @@ QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
  * of all the logits at once (qkd_model_logits, qkd_model_cross_entropy,
  * qkd_loss_teacher_confidence) compute them all, into memory allocated at
  * the first such read of a shape. Changing it releases the activations.
- * The values do not change: bit for bit on the CPU backends; on a GPU
- * within float rounding, the head's products then running on blocks, of
- * other shapes. Errors: INVALID_ARG (NULL model, rows < 0). @since 0.1 */
+ * The values do not change: bit for bit on the reference backend; on the
+ * SIMD and CUDA backends within float rounding, their products summing
+ * in an order that may depend on the rows a call has. Errors: INVALID_ARG (NULL model, rows < 0). @since 0.1 */
 QKD_API qkd_status qkd_model_set_logits_rows(qkd_model *model, int rows);
 
 /* Total number of trainable scalars (a bound quantizer's learned scales

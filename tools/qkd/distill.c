@@ -402,6 +402,8 @@ const cli_command cli_cmd_distill = {
         "  --teacher MODEL      the float teacher; the student starts as a copy of it\n"
         "  --teacher-bf16       run the frozen teacher's matmuls with bf16 inputs (fp32\n"
         "                       accumulation; AVX-512 BF16 where the CPU has it)\n"
+        "  --logits-rows R      the loss computes both models' logits R positions at a\n"
+        "                       time, never all at once (less memory; 0: whole, default)\n"
         "  --tokenizer T        tokenizer file (default: the one inside MODEL)\n"
         "  --method M           preset: bitdistiller (clip + cakld), tsld (ternary,\n"
         "                       tsld+ce), llm-qat (sym per channel, fkl, data-free),\n"

@@ -203,6 +203,8 @@ static int check_ranges(const distill_opts *o)
         return cli_usage_error(cmd, "--eval-windows %d must be >= 1", o->eval_windows);
     if (!(o->lr > 0.0f))
         return cli_usage_error(cmd, "--lr %g must be > 0", (double)o->lr);
+    if (o->logits_rows < 0)
+        return cli_usage_error(cmd, "--logits-rows %d must be >= 0", o->logits_rows);
     if (o->act_bits < 0 || o->act_bits > 16 || o->kv_bits < 0 || o->kv_bits > 16)
         return cli_usage_error(cmd, "--act-bits and --kv-bits must be in 0..16");
     if (strcmp(o->schedule, "constant") && strcmp(o->schedule, "linear") &&
@@ -231,6 +233,7 @@ int distill_parse(int argc, char **argv, distill_opts *o, cli_common *c)
         {"--learn-scales", NULL, CLI_FLAG, &o->learn_scales, NULL},
         {"--scales-only", NULL, CLI_FLAG, &o->scales_only, NULL},
         {"--teacher-bf16", NULL, CLI_FLAG, &o->teacher_bf16, NULL},
+        {"--logits-rows", NULL, CLI_INT, &o->logits_rows, NULL},
         {"--loss", NULL, CLI_STRING, &o->loss, &o->seen.loss},
         {"--data", NULL, CLI_STRING, &o->data, NULL},
         {"--data-free", NULL, CLI_INT, &o->data_free, &o->seen.data_free},
@@ -425,6 +428,16 @@ static int set_teacher_precision(distill_job *j, const distill_opts *o)
     return st == QKD_OK ? CLI_EXIT_OK : cli_fail(j->s.ctx, st, "--teacher-bf16");
 }
 
+/* --logits-rows: the objective computes both models' logits a block of
+ * rows at a time, never all at once (same values). */
+static int set_logits_rows(distill_job *j, const distill_opts *o)
+{
+    qkd_status st = qkd_model_set_logits_rows(j->s.model, o->logits_rows);
+    if (st == QKD_OK)
+        st = qkd_model_set_logits_rows(j->student, o->logits_rows);
+    return st == QKD_OK ? CLI_EXIT_OK : cli_fail(j->s.ctx, st, "--logits-rows");
+}
+
 int distill_open(distill_job *j, const distill_opts *o, const cli_common *c)
 {
     memset(j, 0, sizeof *j);
@@ -441,6 +454,8 @@ int distill_open(distill_job *j, const distill_opts *o, const cli_common *c)
         rc = set_teacher_precision(j, o);
     if (rc == CLI_EXIT_OK)
         rc = open_student(j, o, c);
+    if (rc == CLI_EXIT_OK)
+        rc = set_logits_rows(j, o);
     if (rc == CLI_EXIT_OK)
         rc = load_data(j, o);
     return rc;
