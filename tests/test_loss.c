@@ -919,37 +919,67 @@ START_TEST(test_loss_no_step_allocation)
 }
 END_TEST
 
-/* Failing each allocation of create and a first compute in turn: NO_MEMORY,
- * no crash, nothing leaked. */
+/* The allocations of a TSLD + FKL loss's create and first compute on the
+ * pair, counted; *live: the live blocks before them. */
+static long count_compute_allocs(test_alloc *a, struct pair *pr, long *live)
+{
+    *live = a->live;
+    const long base = a->n;
+    qkd_loss *loss = tsld_fkl_loss(pr->ctx);
+    float value;
+    ck_assert_int_eq(qkd_loss_compute(loss, pr->student, pr->teacher, pr->targets, &value),
+                     QKD_OK);
+    qkd_loss_free(loss);
+    ck_assert_int_eq(a->live, *live);
+    return a->n - base;
+}
+
+/* Failing each of those allocations in turn: NO_MEMORY, nothing leaked. */
+static void fail_each_alloc(test_alloc *a, struct pair *pr, long total, long live)
+{
+    for (long k = 1; k <= total; k++) {
+        test_alloc_fail_in(a, k - 1, 0);
+        qkd_loss *loss = NULL;
+        float value;
+        qkd_status st = qkd_loss_create(pr->ctx, &loss);
+        if (st == QKD_OK) {
+            qkd_loss_term term;
+            qkd_loss_term_init(&term, QKD_LOSS_TSLD);
+            ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
+            st = qkd_loss_compute(loss, pr->student, pr->teacher, pr->targets, &value);
+        }
+        ck_assert_int_eq(st, QKD_ERR_NO_MEMORY);
+        qkd_loss_free(loss);
+        ck_assert_int_eq(a->live, live);
+    }
+    a->fail_at = -1;
+}
+
+/* Failing each allocation of create and a first compute in turn, with
+ * the logits whole and by block: NO_MEMORY, no crash, nothing leaked. */
 START_TEST(test_loss_alloc_failures)
 {
     test_alloc a;
     struct pair pr;
     pair_open(&pr, test_counting_context(&a, 1));
-    long base = a.n, live = a.live;
-    qkd_loss *loss = tsld_fkl_loss(pr.ctx);
-    float value;
-    ck_assert_int_eq(qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value),
-                     QKD_OK);
-    long total = a.n - base;
-    qkd_loss_free(loss);
-    ck_assert_int_eq(a.live, live);
+    long live;
+    long total = count_compute_allocs(&a, &pr, &live);
     ck_assert(total >= 3);
-    for (long k = 1; k <= total; k++) {
-        test_alloc_fail_in(&a, k - 1, 0);
-        loss = NULL;
-        qkd_status st = qkd_loss_create(pr.ctx, &loss);
-        if (st == QKD_OK) {
-            qkd_loss_term term;
-            qkd_loss_term_init(&term, QKD_LOSS_TSLD);
-            ck_assert_int_eq(qkd_loss_add(loss, &term), QKD_OK);
-            st = qkd_loss_compute(loss, pr.student, pr.teacher, pr.targets, &value);
-        }
-        ck_assert_int_eq(st, QKD_ERR_NO_MEMORY);
-        qkd_loss_free(loss);
-        ck_assert_int_eq(a.live, live);
-    }
+    fail_each_alloc(&a, &pr, total, live);
+    /* the logits by block: the loss's block buffers too */
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr.student, 4), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_logits_rows(pr.teacher, 4), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(pr.student, pr.tokens, MB, MT), QKD_OK);
+    ck_assert_int_eq(qkd_model_forward(pr.teacher, pr.tokens, MB, MT), QKD_OK);
+    total = count_compute_allocs(&a, &pr, &live);
+    ck_assert(total >= 4);
+    fail_each_alloc(&a, &pr, total, live);
+    /* a reader of all the logits computes them into memory of their own */
+    test_alloc_fail_in(&a, 0, 0);
+    ck_assert_int_eq(qkd_model_logits(pr.student, pr.s, (size_t)MB * MT * MV),
+                     QKD_ERR_NO_MEMORY);
     a.fail_at = -1;
+    ck_assert_int_eq(qkd_model_logits(pr.student, pr.s, (size_t)MB * MT * MV), QKD_OK);
     pair_close(&pr);
 }
 END_TEST
