@@ -687,7 +687,9 @@ static float *stored_dlogits(qkd_model *student)
     size_t n = (size_t)MB * MT * MV;
     float *ds = test_calloc(n, sizeof *ds);
     qkd__backend *be = qkd__model_context(student)->backend;
-    dev_get(be, ds, qkd__model_dlogits_dev(student), n * sizeof *ds);
+    float *dev = NULL;
+    ck_assert_int_eq(qkd__model_dlogits_f32(student, &dev), QKD_OK);
+    dev_get(be, ds, dev, n * sizeof *ds);
     return ds;
 }
 
@@ -1314,7 +1316,12 @@ static float blocks_compute(struct pair *pr, qkd_loss *loss, int rs, int rt, voi
     ck_assert_int_eq(qkd__model_logits_chunk(pr->teacher), rt);
     *ds = test_calloc(bytes, 1);
     qkd__backend *be = pr->ctx->backend;
-    dev_get(be, *ds, qkd__model_dlogits_dev(pr->student), bytes);
+    const size_t cells = (size_t)MB * MT * MV;
+    uint16_t *bits = qkd__model_dlogits_bits_dev(pr->student);
+    float *f32 = NULL;
+    if (bytes == cells * 4)
+        ck_assert_int_eq(qkd__model_dlogits_f32(pr->student, &f32), QKD_OK);
+    dev_get(be, *ds, f32 ? (const void *)f32 : (const void *)bits, bytes);
     return value;
 }
 

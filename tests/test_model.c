@@ -820,7 +820,9 @@ START_TEST(test_backward_device_dlogits)
     const float *logits = NULL;
     ck_assert_int_eq(qkd__model_logits_all(m, &logits), QKD_ERR_STATE);
     ck_assert_ptr_null(logits);
-    ck_assert_ptr_null(qkd__model_dlogits_dev(m));
+    float *dl_dev = NULL;
+    ck_assert_int_eq(qkd__model_dlogits_f32(m, &dl_dev), QKD_ERR_STATE);
+    ck_assert_ptr_null(dl_dev);
     ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
     ck_assert_int_eq(qkd__model_logits_all(m, &logits), QKD_OK);
     ck_assert_ptr_nonnull(logits);
@@ -836,7 +838,8 @@ START_TEST(test_backward_device_dlogits)
     ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_ERR_STATE); /* forward dropped it */
     qkd__backend *be = ctx->backend;
-    ck_assert_int_eq(be->upload(be, qkd__model_dlogits_dev(m), dl, sizeof dl), QKD_OK);
+    ck_assert_int_eq(qkd__model_dlogits_f32(m, &dl_dev), QKD_OK);
+    ck_assert_int_eq(be->upload(be, dl_dev, dl, sizeof dl), QKD_OK);
     qkd__model_mark_dlogits(m, 0);
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
     float *dev = tensor_copy(m, 2, 1);

@@ -296,7 +296,7 @@ static qkd_status check_models(qkd_loss *loss, struct loss_batch *bt)
         return qkd__error(ctx, QKD_ERR_INVALID_ARG,
                           "loss compute: student and teacher must live on the loss's context");
     qkd_status st = forward_shape(ctx, bt->student, "loss compute", "student", &bt->B, &bt->T, &bt->V);
-    if (st == QKD_OK && !qkd__model_dlogits_dev(bt->student))
+    if (st == QKD_OK && !qkd__model_trainable(bt->student))
         return qkd__error(ctx, QKD_ERR_STATE,
                           "loss compute: the student is not trainable (qkd_model_set_trainable)");
     if (st != QKD_OK || !bt->teacher)
@@ -566,17 +566,20 @@ static qkd_status run_blocks(qkd_loss *loss, const struct loss_batch *bt,
     qkd__backend *be = backend(loss);
     const int whole = lb->s && (!lb->tm || lb->t);
     float *block_sums = rows_of(loss, ROW_SUMS);
+    qkd_status st = QKD_OK;
     if (value && whole) {
         logit_sums(be, loss->sums_dev + FINITE_SLOT, 1, lb->s, lb->t,
                    (size_t)bt->N * (size_t)bt->V);
-        qkd_status st = check_sums(loss);
-        if (st != QKD_OK)
-            return st;
+        st = check_sums(loss);
     }
-    batch_figures(loss, bt, lb);
-    float *ds = qkd__model_dlogits_dev(bt->student);
     /* bits where the student's backward reads them and no term adds to them */
     uint16_t *ds_bits = loss->n_terms == 1 ? qkd__model_dlogits_bits_dev(bt->student) : NULL;
+    float *ds = NULL;
+    if (st == QKD_OK && !ds_bits)
+        st = qkd__model_dlogits_f32(bt->student, &ds);
+    if (st != QKD_OK)
+        return st;
+    batch_figures(loss, bt, lb);
     for (int r0 = 0, b = 0; r0 < bt->N; r0 += lb->R, b++) {
         const int n = bt->N - r0 < lb->R ? bt->N - r0 : lb->R;
         const float *s = block_of(lb->sm, lb->s, lb->s_buf, r0, n, bt->V);
@@ -594,7 +597,7 @@ static qkd_status run_blocks(qkd_loss *loss, const struct loss_batch *bt,
         be->sum(be, loss->sums_dev + FINITE_SLOT, block_sums, (size_t)lb->n_blocks);
         be->sum(be, loss->sums_dev + FINITE_SLOT + 1, block_sums + loss->cap,
                 (size_t)lb->n_blocks);
-        qkd_status st = check_sums(loss);
+        st = check_sums(loss);
         if (st != QKD_OK) { /* rows are written: no gradient, no value stored */
             qkd__model_mark_dlogits(bt->student, -1);
             loss->computed = 0;

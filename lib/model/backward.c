@@ -193,7 +193,7 @@ static void head_backward(qkd_model *m, int N)
     qkd__train_acts *g = &m->acts;
     const int C = m->cfg.dim, V = m->cfg.vocab_size;
     const qkd__bf16_in dlogits = m->has_dlogits == QKD__DLOGITS_BITS
-                                     ? (qkd__bf16_in){.bits = (const uint16_t *)g->dlogits}
+                                     ? (qkd__bf16_in){.bits = g->dlogits_bits}
                                      : qkd__bf16_f32(g->dlogits);
     linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, 0, dlogits,
                     qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, g->xf_bits), N,
@@ -216,8 +216,11 @@ qkd_status qkd_model_backward(qkd_model *m, const float *dlogits)
     qkd__train_acts *a = &m->acts;
     const int B = a->B, T = a->T, N = B * T;
     if (dlogits) {
-        qkd_status st = be->upload(be, a->dlogits, dlogits,
-                                   (size_t)N * (size_t)m->cfg.vocab_size * sizeof(float));
+        float *dev;
+        qkd_status st = qkd__model_dlogits_f32(m, &dev);
+        if (st == QKD_OK)
+            st = be->upload(be, dev, dlogits,
+                            (size_t)N * (size_t)m->cfg.vocab_size * sizeof(float));
         if (st != QKD_OK)
             return st;
         m->has_dlogits = QKD__DLOGITS_F32;

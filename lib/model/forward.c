@@ -246,15 +246,17 @@ static void plan_train(void *arg, qkd__arena *a)
     t->logits = p->m->logits_rows ? NULL : qkd__arena_take(a, N, V);
     if (p->m->frozen) { /* no gradients: those buffers stay NULL */
         t->dlogits = t->dres = t->dnorm = t->datt = t->dq = t->dk = t->dv = NULL;
+        t->dlogits_bits = NULL;
         t->dsw = t->dgate = t->dup = NULL;
         t->dsw_bits = t->dgu_bits = t->dres_bits = t->dqkv_bits = NULL;
         return;
     }
-    t->dlogits = qkd__arena_take(a, N, V);
+    const int bits = qkd__model_bf16_bits(p->m);
+    t->dlogits = bits ? NULL : qkd__arena_take(a, N, V);
+    t->dlogits_bits = bits ? take16(a, N, V) : NULL;
     t->dres = qkd__arena_take(a, N, C);
     t->dnorm = qkd__arena_take(a, N, C);
     t->datt = qkd__arena_take(a, N, C);
-    const int bits = qkd__model_bf16_bits(p->m);
     t->dq = bits ? NULL : qkd__arena_take(a, N, C);
     t->dk = bits ? NULL : qkd__arena_take(a, N, kvd);
     t->dv = bits ? NULL : qkd__arena_take(a, N, kvd);
@@ -273,7 +275,9 @@ void qkd__model_free_acts(qkd_model *m)
     qkd__backend *be = qkd__model_backend(m);
     be->free(be, m->acts.mem);
     be->free(be, m->logits_mem);
+    be->free(be, m->dlogits_mem);
     m->logits_mem = NULL;
+    m->dlogits_mem = NULL;
     m->logits_ready = 0;
     m->acts.mem = NULL;
     m->acts.B = m->acts.T = 0;
@@ -430,17 +434,27 @@ void qkd__model_last_shape(const qkd_model *m, int *B, int *T)
     *T = m->has_forward ? m->acts.T : 0;
 }
 
-float *qkd__model_dlogits_dev(qkd_model *m)
+qkd_status qkd__model_dlogits_f32(qkd_model *m, float **out)
 {
-    return m->has_forward ? m->acts.dlogits : NULL;
+    *out = NULL;
+    if (!m->has_forward || m->frozen)
+        return qkd__error(m->ctx, QKD_ERR_STATE, "model: no forward of a trained model");
+    qkd__train_acts *a = &m->acts;
+    if (!a->dlogits) {
+        qkd__backend *be = qkd__model_backend(m);
+        const size_t n = (size_t)a->B * (size_t)a->T * (size_t)m->cfg.vocab_size;
+        qkd_status st = be->alloc(be, n * sizeof(float), (void **)&m->dlogits_mem);
+        if (st != QKD_OK)
+            return st;
+        a->dlogits = m->dlogits_mem;
+    }
+    *out = a->dlogits;
+    return QKD_OK;
 }
 
 uint16_t *qkd__model_dlogits_bits_dev(qkd_model *m)
 {
-    /* the head's bf16-bits products round dlogits to these bits as they read them */
-    return m->has_forward && m->acts.dlogits && qkd__model_bf16_bits(m)
-               ? (uint16_t *)m->acts.dlogits
-               : NULL;
+    return m->has_forward ? m->acts.dlogits_bits : NULL;
 }
 
 void qkd__model_mark_dlogits(qkd_model *m, int bits)

@@ -47,9 +47,13 @@ qkd_status qkd_model_cross_entropy(qkd_model *m, const int32_t *targets, int com
     be->cross_entropy_forward(be, a->losses, logits, a->targets, N, V);
     be->sum(be, a->loss_sum, a->losses, (size_t)N);
     if (compute_grad) {
-        be->fill(be, a->dlogits, 0.0f, (size_t)N * V);
+        float *dlogits;
+        st = qkd__model_dlogits_f32(m, &dlogits);
+        if (st != QKD_OK)
+            return st;
+        be->fill(be, dlogits, 0.0f, (size_t)N * V);
         if (n_valid > 0)
-            be->cross_entropy_backward(be, a->dlogits, logits, a->targets,
+            be->cross_entropy_backward(be, dlogits, logits, a->targets,
                                        1.0f / (float)n_valid, N, V);
         m->has_dlogits = QKD__DLOGITS_F32;
     }

@@ -31,15 +31,16 @@ int qkd__model_logits_chunk(const qkd_model *model);
 /* Rows [row0, row0 + n) of the last forward's logits into out ([n][vocab]
  * on the device): the head's products on those rows. */
 void qkd__model_logits_rows(qkd_model *model, float *out, int row0, int n);
-/* Device pointers to the logits gradient ([B*T][vocab]), NULL before any
- * forward and always for a model that is not trainable. It may instead
- * be written as bf16 bits where the model's backward reads it so (a model
- * on the bf16-bits family, whose head products round it to those bits
- * anyway; NULL otherwise). A loss that writes the gradient calls
+/* The logits gradient ([B*T][vocab] on the device) in fp32 into *out: a
+ * bf16-bits model allocates it at the first such call of a shape (STATE
+ * without a forward, or for a model that is not trainable; NO_MEMORY).
+ * Or in bf16 bits: qkd__model_dlogits_bits_dev, a bf16-bits model's own
+ * (its head's products round the gradient to those bits anyway; NULL for
+ * other models and before any forward). A loss that writes the gradient calls
  * qkd__model_mark_dlogits (bits: 1 if it wrote the bits, 0 floats, -1 a
  * gradient that must not be used) so that qkd_model_backward(model, NULL)
  * accepts it, or refuses it. */
-float *qkd__model_dlogits_dev(qkd_model *model);
+qkd_status qkd__model_dlogits_f32(qkd_model *model, float **out);
 uint16_t *qkd__model_dlogits_bits_dev(qkd_model *model);
 /* B and T of the last forward (both 0 before any forward). */
 void qkd__model_last_shape(const qkd_model *model, int *B, int *T);

@@ -79,7 +79,11 @@ typedef struct qkd__train_acts {
     float *xf, *rstdf;    /* output_norm output [N][C], its 1/rms [N] */
     uint16_t *xf_bits;    /* xf as bf16 bits instead (xf NULL), as the layers' h_bits */
     float *xfq;           /* the head's input as it reads it (see hq) */
-    float *logits, *dlogits; /* [N][V] */
+    float *logits, *dlogits; /* [N][V]; a bf16-bits model's dlogits is NULL until
+                                something writes the gradient in fp32
+                                (qkd__model_dlogits_f32: memory of its own) */
+    uint16_t *dlogits_bits; /* [N][V]: a bf16-bits model's gradient as its head's
+                               products read it; else NULL */
     /* activation gradients, reused by every layer */
     float *dres, *dnorm, *datt, *dq, *dk, *dv, *dsw, *dgate, *dup;
     /* dsw, and dgate with dup, as bf16 bits instead (those then NULL)
@@ -185,6 +189,7 @@ struct qkd_model {
     float *logits_mem;    /* all logits of a forward with logits_rows, once
                              something reads them whole (qkd__model_logits_all) */
     int logits_ready;     /* acts.logits holds the last forward's logits */
+    float *dlogits_mem;   /* a bf16-bits model's fp32 logits gradient, once needed */
     int has_forward;      /* acts hold a forward's results */
     int has_dlogits;      /* acts.dlogits holds a logits gradient: QKD__DLOGITS_* */
     qkd__decode dec;
@@ -193,8 +198,8 @@ struct qkd_model {
     int frozen;           /* not trained: the layers share their activations */
 };
 
-/* What acts.dlogits holds: nothing, floats, or bf16 bits in its first half
- * (qkd__model_dlogits_bits_dev). */
+/* Which logits gradient is current: none, acts.dlogits (floats), or
+ * acts.dlogits_bits. */
 enum { QKD__DLOGITS_NONE = 0, QKD__DLOGITS_F32 = 1, QKD__DLOGITS_BITS = 2 };
 
 static inline qkd__backend *qkd__model_backend(const qkd_model *m)
