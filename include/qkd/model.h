@@ -268,7 +268,8 @@ QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
  * the first such read of a shape. Changing it releases the activations.
  * The values do not change: bit for bit on the reference backend; on the
  * SIMD and CUDA backends within float rounding, their products summing
- * in an order that may depend on the rows a call has. Errors: INVALID_ARG (NULL model, rows < 0). @since 0.1 */
+ * in an order that may depend on the rows a call has. Errors: INVALID_ARG
+ * (NULL model, rows < 0). @since 0.1 */
 QKD_API qkd_status qkd_model_set_logits_rows(qkd_model *model, int rows);
 
 /* Total number of trainable scalars (a bound quantizer's learned scales
