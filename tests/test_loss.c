@@ -1404,6 +1404,9 @@ START_TEST(test_loss_logits_rows_non_finite)
     ck_assert_int_eq(qkd_model_backward(pr.student, NULL), QKD_ERR_STATE);
     ck_assert_int_eq(qkd_loss_value(loss, &value), QKD_ERR_STATE);
     ck_assert_int_eq(qkd_model_set_logits_rows(pr.student, -1), QKD_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(qkd_context_last_error(pr.ctx), "negative"));
+    ck_assert_int_eq(qkd__model_logits_chunk(pr.student), 4); /* kept as it was */
+    ck_assert_int_eq(qkd_model_set_logits_rows(NULL, 4), QKD_ERR_INVALID_ARG);
     qkd_loss_free(loss);
     pair_close(&pr);
 }

@@ -383,10 +383,15 @@ static qkd_status ensure_scratch(qkd_loss *loss, int N)
  * or in blocks of R rows, a model's block computed into its own buffer. */
 struct logit_blocks {
     int R, n_blocks;
-    qkd_model *sm, *tm;  /* the models; tm NULL without a teacher */
     const float *s, *t;  /* logits stored whole; NULL: computed by block */
     float *s_buf, *t_buf;
 };
+
+/* How many rows the block from row0 has. */
+static int block_rows(const struct loss_batch *bt, const struct logit_blocks *lb, int row0)
+{
+    return bt->N - row0 < lb->R ? bt->N - row0 : lb->R;
+}
 
 /* Rows [row0, row0 + n) of a model's logits. */
 static const float *block_of(qkd_model *m, const float *whole, float *buf, int row0, int n,
@@ -403,7 +408,7 @@ static const float *block_of(qkd_model *m, const float *whole, float *buf, int r
 static qkd_status plan_blocks(qkd_loss *loss, const struct loss_batch *bt,
                               struct logit_blocks *lb)
 {
-    *lb = (struct logit_blocks){.R = bt->N, .sm = bt->student, .tm = bt->teacher};
+    *lb = (struct logit_blocks){.R = bt->N};
     const int rs = qkd__model_logits_chunk(bt->student);
     const int rt = bt->teacher ? qkd__model_logits_chunk(bt->teacher) : 0;
     qkd_status st = QKD_OK;
@@ -508,8 +513,8 @@ static void batch_figures(qkd_loss *loss, const struct loss_batch *bt,
     float *cost = rows_of(loss, ROW_COST), *top1 = rows_of(loss, ROW_TOP1);
     const qkd__kd_term ce = {.kind = QKD_LOSS_CE, .temperature = 1.0f};
     for (int r0 = 0; r0 < bt->N; r0 += lb->R) {
-        const int n = bt->N - r0 < lb->R ? bt->N - r0 : lb->R;
-        const float *t = block_of(lb->tm, lb->t, lb->t_buf, r0, n, bt->V);
+        const int n = block_rows(bt, lb, r0);
+        const float *t = block_of(bt->teacher, lb->t, lb->t_buf, r0, n, bt->V);
         if (tsld)
             be->kd_loss(be, cost + r0, NULL, NULL, t, NULL, y ? y + r0 : NULL, NULL, n, bt->V,
                         &ce);
@@ -564,7 +569,7 @@ static qkd_status run_blocks(qkd_loss *loss, const struct loss_batch *bt,
                              const struct logit_blocks *lb, float *value)
 {
     qkd__backend *be = backend(loss);
-    const int whole = lb->s && (!lb->tm || lb->t);
+    const int whole = lb->s && (!bt->teacher || lb->t);
     float *block_sums = rows_of(loss, ROW_SUMS);
     qkd_status st = QKD_OK;
     if (value && whole) {
@@ -581,9 +586,10 @@ static qkd_status run_blocks(qkd_loss *loss, const struct loss_batch *bt,
         return st;
     batch_figures(loss, bt, lb);
     for (int r0 = 0, b = 0; r0 < bt->N; r0 += lb->R, b++) {
-        const int n = bt->N - r0 < lb->R ? bt->N - r0 : lb->R;
-        const float *s = block_of(lb->sm, lb->s, lb->s_buf, r0, n, bt->V);
-        const float *t = lb->tm ? block_of(lb->tm, lb->t, lb->t_buf, r0, n, bt->V) : NULL;
+        const int n = block_rows(bt, lb, r0);
+        const float *s = block_of(bt->student, lb->s, lb->s_buf, r0, n, bt->V);
+        const float *t =
+            bt->teacher ? block_of(bt->teacher, lb->t, lb->t_buf, r0, n, bt->V) : NULL;
         if (value && !whole)
             logit_sums(be, block_sums + b, (size_t)loss->cap, s, t, (size_t)n * bt->V);
         for (int k = 0; k < loss->n_terms; k++)

@@ -195,9 +195,9 @@ static void head_backward(qkd_model *m, int N)
     const qkd__bf16_in dlogits = m->has_dlogits == QKD__DLOGITS_BITS
                                      ? (qkd__bf16_in){.bits = g->dlogits_bits}
                                      : qkd__bf16_f32(g->dlogits);
-    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, 0, dlogits,
-                    qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, g->xf_bits), N,
-                    C, V);
+    const qkd__bf16_in xf =
+        qkd__model_linear_input(m, QKD_TENSOR_OUTPUT, -1, g->xf, g->xfq, g->xf_bits);
+    linear_backward(m, QKD_TENSOR_OUTPUT, -1, g->dnorm, 0, dlogits, xf, N, C, V);
     zero(be, g->dres, (size_t)N * C);
     norm_backward(m, QKD_TENSOR_OUTPUT_NORM, -1, g->layers[m->cfg.n_layers - 1].x_out, g->rstdf,
                   N);

@@ -364,7 +364,7 @@ qkd_status qkd_model_forward(qkd_model *m, const int32_t *tokens, int B, int T)
         qkd__model_layer_forward(m, l, &a->layers[l], &next, step);
     }
     if (!m->logits_rows)
-        qkd__model_head_forward(m, a->logits, a->xf, a->xf_bits, a->xfq, N);
+        qkd__model_logits_rows(m, a->logits, 0, N);
     m->logits_ready = !m->logits_rows;
     m->has_forward = 1;
     return QKD_OK;
