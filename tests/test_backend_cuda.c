@@ -69,6 +69,7 @@
 
 #ifdef QKD_HAVE_CUDA
 #include "backend/cuda/cuda.h" /* gemm_candidates_agree reaches the plans */
+#include "model/model_impl.h"     /* the layers' buffers */
 
 /* ---- random data ------------------------------------------------------------------ */
 
@@ -2438,6 +2439,47 @@ START_TEST(model_matches_ref)
 }
 END_TEST
 
+/* Whether every layer of a forward of `model` on `tokens` writes its q,
+ * k and v into layer 0's buffers. */
+static int layers_share_qkv(qkd_context *cc, qkd_model *model, const int32_t *tokens)
+{
+    expect_ok(cc, qkd_model_forward(model, tokens, MB, MT), "forward");
+    const qkd__layer_acts *la = model->acts.layers;
+    int shared = 1;
+    for (int l = 1; l < model->cfg.n_layers; l++) {
+        const int same = la[l].q == la[0].q && la[l].k == la[0].k && la[l].v == la[0].v;
+        ck_assert_int_eq(la[l].kcache == la[0].kcache, same);
+        shared &= same;
+    }
+    return shared;
+}
+
+/* A bf16 student's layers share one q, k and v: CUDA's bf16 attention
+ * backward reads its own copies of them (its gradients are checked
+ * against the reference by the curves below); the fp32 attention's
+ * backward reads each layer's, which then keeps them. */
+START_TEST(bf16_student_layers_share_qkv)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path)
+        return;
+    qkd_context *cc = cuda_context();
+    if (!cc)
+        return;
+    qkd_model *m = NULL;
+    expect_ok(cc, qkd_model_load(cc, path, &m), "load");
+    int32_t tokens[MB * MT];
+    for (int i = 0; i < MB * MT; i++)
+        tokens[i] = (int32_t)((i * 37) % m->cfg.vocab_size);
+    ck_assert_int_gt(m->cfg.n_layers, 1);
+    ck_assert(!layers_share_qkv(cc, m, tokens));
+    expect_ok(cc, qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), "precision");
+    ck_assert(layers_share_qkv(cc, m, tokens));
+    qkd_model_free(m);
+    qkd_context_free(cc);
+}
+END_TEST
+
 /* ---- 50 KD-QAT steps ----------------------------------------------------------------------------
  * The step of ../shared/bench/torch_kdqat.py on stories260K: the frozen
  * teacher's forward, the student's forward with its linear weights
@@ -2751,6 +2793,7 @@ Suite *suite_backend_cuda(void)
     TCase *model = tcase_create("model");
     tcase_set_timeout(model, 600);
     tcase_add_test(model, model_matches_ref);
+    tcase_add_test(model, bf16_student_layers_share_qkv);
     tcase_add_test(model, kdqat_curve_follows_ref);
     tcase_add_test(model, kdqat_bf16_curve_follows_ref);
     tcase_add_test(model, trained_student_exports);

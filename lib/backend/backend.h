@@ -388,6 +388,11 @@ struct qkd__backend {
                                     qkd__bf16_in out, int B, int T,
                                     int n_heads, int n_kv, int hd, float rope_theta,
                                     uint16_t *dqkv_bits);
+    /* Nonzero where attention_backward_bf16 reads q, k and v from the
+     * copies its forward left in the scratch alone, never from its q, k
+     * and v: a training forward may then write every layer's q, k and v
+     * into the same buffers. */
+    int attention_bf16_from_scratch;
 
     /* ---- SwiGLU ---------------------------------------------------------- */
     /* out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) */

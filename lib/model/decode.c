@@ -27,6 +27,7 @@ static void plan_decode(void *arg, qkd__arena *a)
     d->row.x_in = d->row.x_out = qkd__arena_take(a, 1, C);
     d->row.proj = qkd__arena_take(a, 1, C);
     d->row.proj_bits = NULL; /* decoding's rows are fp32 (bf16_bits 0 below) */
+    d->row.q = qkd__arena_take(a, 1, C); /* k and v: the cache's row of the position */
     qkd__model_plan_layer(a, &d->row, c, 1,
                           be->attention_scratch_floats(be, 1, 1, p->seq_len, c->n_heads,
                                                        c->n_kv_heads, c->dim / c->n_heads),

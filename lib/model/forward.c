@@ -162,7 +162,7 @@ static uint16_t *take16(qkd__arena *a, size_t rows, size_t cols)
 }
 
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
-                           size_t N, size_t scratch_floats, int own_kv, int act_quant,
+                           size_t N, size_t scratch_floats, int own_qkv, int act_quant,
                            int bf16_bits)
 {
     const size_t C = (size_t)c->dim, H = (size_t)c->hidden_dim;
@@ -171,8 +171,8 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
     la->h = bits ? NULL : qkd__arena_take(a, N, C);
     la->h_bits = bits ? take16(a, N, C) : NULL;
     la->rstd1 = qkd__arena_take(a, N, 1);
-    la->q = qkd__arena_take(a, N, C);
-    if (own_kv) {
+    if (own_qkv) {
+        la->q = qkd__arena_take(a, N, C);
         la->kcache = la->k = qkd__arena_take(a, N, kvd);
         la->vcache = la->v = qkd__arena_take(a, N, kvd);
     }
@@ -202,6 +202,14 @@ typedef struct train_plan {
     int B, T;
 } train_plan;
 
+/* A layer that writes its q, k and v into those of layer `from`. */
+static void share_qkv(qkd__layer_acts *la, const qkd__layer_acts *from)
+{
+    la->q = from->q;
+    la->kcache = la->k = from->k;
+    la->vcache = la->v = from->v;
+}
+
 static void plan_train(void *arg, qkd__arena *a)
 {
     const train_plan *p = arg;
@@ -226,13 +234,19 @@ static void plan_train(void *arg, qkd__arena *a)
     /* A frozen model's layers share layer 0's buffers, the residual
      * stream going back and forth between two. */
     float *x_other = p->m->frozen ? qkd__arena_take(a, N, C) : NULL;
+    /* Nor does a student keep q, k and v a layer where the bf16
+     * attention's backward reads its own copies of them (backend.h). */
+    const int one_qkv = qkd__model_attention_bf16(p->m) && be->attention_bf16_from_scratch;
     for (int l = 0; l < c->n_layers; l++) {
         qkd__layer_acts *la = &t->layers[l];
-        if (p->m->frozen && l > 0)
+        if (p->m->frozen && l > 0) {
             *la = t->layers[0];
-        else
-            qkd__model_plan_layer(a, la, c, N, scratch, 1, act_quant,
+        } else {
+            qkd__model_plan_layer(a, la, c, N, scratch, l == 0 || !one_qkv, act_quant,
                                   qkd__model_bf16_bits(p->m));
+            if (l > 0 && one_qkv)
+                share_qkv(la, &t->layers[0]);
+        }
         la->x_in = x;
         la->proj = proj;
         la->proj_bits = proj_bits;

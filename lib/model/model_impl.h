@@ -251,14 +251,15 @@ qkd_status qkd__arena_alloc(qkd_context *ctx, const char *what,
                             void (*plan)(void *arg, qkd__arena *a), void *arg,
                             void **mem);
 
-/* Place one layer's row buffers (h .. sw) for N rows; with own_kv also
- * k and v (read back by the attention as kcache/vcache); with act_quant
+/* Place one layer's row buffers (h .. sw) for N rows; with own_qkv also
+ * q, k and v (k and v read back by the attention as kcache/vcache; else
+ * the caller sets those five); with act_quant
  * the quantized copies hq .. swq (else they alias h .. sw); with bf16_bits
  * (and no act_quant) h_bits, h2_bits, gate_bits, up_bits and sw_bits in
  * place of h, h2, gate, up and sw. x_in, x_out and proj are the
  * caller's. */
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
-                           size_t N, size_t scratch_floats, int own_kv, int act_quant,
+                           size_t N, size_t scratch_floats, int own_qkv, int act_quant,
                            int bf16_bits);
 
 /* One transformer layer forward and the head, shared by the training

@@ -528,6 +528,7 @@ static const qkd__backend cuda_table = {
     .attention_backward = qkd__cuda_attention_backward,
     .attention_forward_bf16 = qkd__cuda_attention_forward_bf16,
     .attention_backward_bf16 = qkd__cuda_attention_backward_bf16,
+    .attention_bf16_from_scratch = 1,
     .swiglu_forward = qkd__cuda_swiglu_forward,
     .swiglu_forward_bf16_bits = qkd__cuda_swiglu_forward_bf16_bits,
     .swiglu_backward_bf16_bits = qkd__cuda_swiglu_backward_bf16_bits,
