@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 16
+#define QKD__BACKEND_ABI 17
 
 typedef struct qkd__backend qkd__backend;
 

@@ -234,8 +234,9 @@ static void plan_train(void *arg, qkd__arena *a)
     /* A frozen model's layers share layer 0's buffers, the residual
      * stream going back and forth between two. */
     float *x_other = p->m->frozen ? qkd__arena_take(a, N, C) : NULL;
-    /* Nor does a student keep q, k and v a layer where the bf16
-     * attention's backward reads its own copies of them (backend.h). */
+    /* A student's layers write their q, k and v into layer 0's where the
+     * bf16 attention's backward reads its own copies of them (backend.h):
+     * then only the forward reads them. */
     const int one_qkv = qkd__model_attention_bf16(p->m) && be->attention_bf16_from_scratch;
     for (int l = 0; l < c->n_layers; l++) {
         qkd__layer_acts *la = &t->layers[l];
