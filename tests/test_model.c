@@ -360,6 +360,79 @@ START_TEST(test_tensor_roundtrip_and_init)
 }
 END_TEST
 
+/* init_random's definition, drawn in sequence: splitmix64 uniforms in
+ * (0, 1], Box-Muller pairs (the cosine, then the sine kept for the next
+ * draw, across tensors), every weight matrix in index order. */
+typedef struct seq_normal {
+    uint64_t state;
+    int has_spare;
+    double spare;
+} seq_normal;
+
+static double seq_uniform(seq_normal *r)
+{
+    uint64_t z = (r->state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (double)(((z ^ (z >> 31)) >> 11) + 1) * 0x1.0p-53;
+}
+
+static double seq_draw(seq_normal *r)
+{
+    if (r->has_spare) {
+        r->has_spare = 0;
+        return r->spare;
+    }
+    const double radius = sqrt(-2.0 * log(seq_uniform(r)));
+    const double angle = 6.283185307179586476925 * seq_uniform(r);
+    r->spare = radius * sin(angle);
+    r->has_spare = 1;
+    return radius * cos(angle);
+}
+
+/* Matrices of odd rows, larger than init_random's chunks of work, and
+ * the embedding and head larger than its staging buffer (2^20 floats):
+ * each weight is its definition's, bit for bit, for 1 and 3 threads. */
+START_TEST(test_init_random_is_its_sequence)
+{
+    qkd_model_config c;
+    qkd_model_config_init(&c);
+    c.dim = 66;
+    c.hidden_dim = 129;
+    c.n_layers = 2;
+    c.n_heads = 3;
+    c.n_kv_heads = 1;
+    c.vocab_size = 16411;
+    c.max_seq_len = 8;
+    const float std = 0.3f;
+    for (int threads = 1; threads <= 3; threads += 2) {
+        qkd_context *ctx = test_context(threads);
+        qkd_model *m = NULL;
+        ck_assert_int_eq(qkd_model_create(ctx, &c, &m), QKD_OK);
+        ck_assert_int_eq(qkd_model_init_random(m, 77, std), QKD_OK);
+        seq_normal r = {.state = 77};
+        for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+            qkd_tensor_info info = {.size = sizeof info};
+            ck_assert_int_eq(qkd_model_tensor_info(m, i, &info), QKD_OK);
+            float *w = tensor_copy(m, i, 0);
+            int64_t bad = -1; /* the first weight that differs */
+            float want_bad = 0.0f;
+            for (int64_t k = 0; k < info.n_elements; k++) {
+                const float want = info.n_dims == 1 ? 1.0f : (float)(std * seq_draw(&r));
+                if (bad < 0 && memcmp(&w[k], &want, sizeof want) != 0)
+                    bad = k, want_bad = want;
+            }
+            ck_assert_msg(bad < 0, "tensor %d [%lld]: %.9g, drawn %.9g (%d threads)", i,
+                          (long long)bad, bad < 0 ? 0.0 : (double)w[bad], (double)want_bad,
+                          threads);
+            free(w);
+        }
+        qkd_model_free(m);
+        qkd_context_free(ctx);
+    }
+}
+END_TEST
+
 /* ---- forward ----------------------------------------------------------------- */
 
 START_TEST(test_forward_matches_naive)
@@ -1205,6 +1278,7 @@ Suite *suite_model(void)
     TCase *tc = tcase_create("table");
     tcase_add_loop_test(tc, test_config_and_table, 0, 2);
     tcase_add_test(tc, test_tensor_roundtrip_and_init);
+    tcase_add_test(tc, test_init_random_is_its_sequence);
     tcase_add_test(tc, test_attached_tokenizer);
     suite_add_tcase(s, tc);
 

@@ -277,9 +277,11 @@ QKD_API qkd_status qkd_model_set_logits_rows(qkd_model *model, int rows);
 QKD_API int64_t qkd_model_n_params(const qkd_model *model);
 
 /* Fill every weight from a seeded normal distribution N(0, std^2), norm
- * weights with 1. Deterministic for a given seed on every backend. A bound
- * quantizer's learned scales are set again from the new weights.
- * Errors: INVALID_ARG (std < 0 or not finite). @since 0.1 */
+ * weights with 1. Deterministic for a given seed on every backend and for
+ * any thread count (the numbers are drawn on the context's threads). A
+ * bound quantizer's learned scales are set again from the new weights.
+ * Errors: INVALID_ARG (std < 0 or not finite), NO_MEMORY (the host
+ * staging buffer, at most 4 MB). @since 0.1 */
 QKD_API qkd_status qkd_model_init_random(qkd_model *model, uint64_t seed,
                                          float std);
 
