@@ -28,10 +28,15 @@ static qkd_model *make_model(qkd_context *ctx)
     return m;
 }
 
+struct contender {
+    qkd_context *ctx;
+    qkd_model *model;
+};
+
 static void init(void *arg)
 {
-    qkd_model *m = arg;
-    bench_check(NULL, qkd_model_init_random(m, 1, 0.02f), "init_random");
+    const struct contender *c = arg;
+    bench_check(c->ctx, qkd_model_init_random(c->model, 1, 0.02f), "init_random");
 }
 
 int main(void)
@@ -39,16 +44,16 @@ int main(void)
     const int cores = bench_cores();
     qkd_context *one = bench_context(QKD_BACKEND_REF, 1);
     qkd_context *all = bench_context(QKD_BACKEND_REF, cores);
-    qkd_model *models[2] = {make_model(one), make_model(all)};
-    void *args[2] = {models[0], models[1]};
+    struct contender c[2] = {{one, make_model(one)}, {all, make_model(all)}};
+    void *args[2] = {&c[0], &c[1]};
     double seconds[2], ratios[2];
     bench_compare(init, args, 2, 10.0, 3, seconds, ratios);
     printf("{\"params\": %lld, \"cores\": %d, \"one_thread_s\": %.3f, \"all_cores_s\": %.3f, "
            "\"speedup\": %.2f}\n",
-           (long long)qkd_model_n_params(models[0]), cores, seconds[0], seconds[1],
+           (long long)qkd_model_n_params(c[0].model), cores, seconds[0], seconds[1],
            1.0 / ratios[1]);
-    qkd_model_free(models[0]);
-    qkd_model_free(models[1]);
+    qkd_model_free(c[0].model);
+    qkd_model_free(c[1].model);
     qkd_context_free(one);
     qkd_context_free(all);
     return 0;
