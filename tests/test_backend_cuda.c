@@ -2480,6 +2480,56 @@ START_TEST(bf16_student_layers_share_qkv)
 }
 END_TEST
 
+/* The logits of a forward of m on tokens (owned). */
+static float *forward_logits(qkd_context *cc, qkd_model *m, const int32_t *tokens)
+{
+    const size_t n = (size_t)MB * MT * m->cfg.vocab_size;
+    float *x = test_vec_new(n);
+    expect_ok(cc, qkd_model_forward(m, tokens, MB, MT), "forward");
+    expect_ok(cc, qkd_model_logits(m, x, n), "logits");
+    return x;
+}
+
+/* A frozen bf16 teacher keeps its matrices on the host and its products
+ * read its bf16 copy: the logits of the trainable model, bit for bit, and
+ * its weights read back unchanged; trained again, they are back on the
+ * device with the same logits. */
+START_TEST(frozen_teacher_keeps_matrices_on_host)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path)
+        return;
+    qkd_context *cc = cuda_context();
+    if (!cc)
+        return;
+    qkd_model *m = NULL;
+    expect_ok(cc, qkd_model_load(cc, path, &m), "load");
+    expect_ok(cc, qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), "precision");
+    int32_t tokens[MB * MT];
+    for (int i = 0; i < MB * MT; i++)
+        tokens[i] = (int32_t)((i * 41) % m->cfg.vocab_size);
+    const size_t n = (size_t)MB * MT * m->cfg.vocab_size;
+    float *trained = forward_logits(cc, m, tokens);
+    const int last = qkd_model_n_tensors(m) - 1; /* a matrix: the head or a layer's */
+    const size_t nw = (size_t)(m->tensors[last].rows * m->tensors[last].cols);
+    float *w = test_vec_new(nw), *got = test_vec_new(nw);
+    expect_ok(cc, qkd_model_tensor_get(m, last, w, nw), "tensor get");
+    expect_ok(cc, qkd_model_set_trainable(m, 0), "freeze");
+    float *frozen = forward_logits(cc, m, tokens);
+    ck_assert_ptr_nonnull(m->matrices_host);
+    ck_assert_mem_eq(frozen, trained, n * sizeof *frozen);
+    expect_ok(cc, qkd_model_tensor_get(m, last, got, nw), "tensor get");
+    ck_assert_mem_eq(got, w, nw * sizeof *w);
+    expect_ok(cc, qkd_model_set_trainable(m, 1), "train");
+    ck_assert_ptr_null(m->matrices_host);
+    float *again = forward_logits(cc, m, tokens);
+    ck_assert_mem_eq(again, trained, n * sizeof *again);
+    free(trained), free(frozen), free(again), free(w), free(got);
+    qkd_model_free(m);
+    qkd_context_free(cc);
+}
+END_TEST
+
 /* ---- 50 KD-QAT steps ----------------------------------------------------------------------------
  * The step of ../shared/bench/torch_kdqat.py on stories260K: the frozen
  * teacher's forward, the student's forward with its linear weights
@@ -2794,6 +2844,7 @@ Suite *suite_backend_cuda(void)
     tcase_set_timeout(model, 600);
     tcase_add_test(model, model_matches_ref);
     tcase_add_test(model, bf16_student_layers_share_qkv);
+    tcase_add_test(model, frozen_teacher_keeps_matrices_on_host);
     tcase_add_test(model, kdqat_curve_follows_ref);
     tcase_add_test(model, kdqat_bf16_curve_follows_ref);
     tcase_add_test(model, trained_student_exports);

@@ -604,11 +604,146 @@ START_TEST(test_frozen_bf16_model_rounds_weights_once)
 }
 END_TEST
 
+/* Every tensor's values, by index (free with free_tensors). */
+static float **all_tensors(const qkd_model *m)
+{
+    float **w = calloc((size_t)qkd_model_n_tensors(m), sizeof *w);
+    ck_assert_ptr_nonnull(w);
+    for (int i = 0; i < qkd_model_n_tensors(m); i++)
+        w[i] = tensor_copy(m, i, 0);
+    return w;
+}
+
+static void free_tensors(const qkd_model *m, float **w)
+{
+    for (int i = 0; i < qkd_model_n_tensors(m); i++)
+        free(w[i]);
+    free(w);
+}
+
+/* Whether each tensor of m reads as w, through tensor_get and as deployed
+ * (the export's reader). */
+static void assert_tensors(qkd_model *m, float **w)
+{
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        const size_t bytes = (size_t)tensor_len(m, i) * sizeof(float);
+        float *got = tensor_copy(m, i, 0), *deployed = malloc(bytes);
+        ck_assert_ptr_nonnull(deployed);
+        ck_assert_int_eq(qkd__model_deployed_get(m, i, deployed), QKD_OK);
+        ck_assert_mem_eq(got, w[i], bytes);
+        ck_assert_mem_eq(deployed, w[i], bytes);
+        free(got), free(deployed);
+    }
+}
+
+/* The logits of a forward on tokens equal want, bit for bit. */
+static void assert_forward(qkd_model *m, const int32_t *tokens, const float *want, size_t n)
+{
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *got = all_logits(m, n);
+    ck_assert_mem_eq(got, want, n * sizeof *got);
+    free(got);
+}
+
+/* A frozen bf16 model whose products read only its bf16 copy keeps its
+ * linears' fp32 matrices on the host, its device weights shrunk to the
+ * embedding and the norms, which lead the buffer: the same logits, bit for
+ * bit, and every reader sees the same values. Whatever writes the weights
+ * or reads them on the device brings the matrices back first: a weight
+ * set, random weights, a quantizer, another precision, training again. */
+START_TEST(test_frozen_bf16_model_keeps_matrices_on_host)
+{
+    qkd_context *ctx = test_context(2);
+    qkd_model *m = tiny_model(ctx, 0, 23); /* untied: the head is a matrix too */
+    for (int i = 0; i < qkd_model_n_tensors(m); i++) {
+        const qkd__tensor_entry *e = &m->tensors[i];
+        const int resident = e->n_dims == 1 || e->kind == QKD_TENSOR_TOKEN_EMBD;
+        ck_assert_int_eq(e->offset < m->resident_floats, resident);
+    }
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), QKD_OK);
+    int32_t tokens[TB * TT];
+    random_ids(tokens, TB * TT, TV, 24);
+    const size_t n = TB * TT * TV;
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    float *want = all_logits(m, n);
+    float **w = all_tensors(m);
+
+    ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    assert_forward(m, tokens, want, n);
+    ck_assert_ptr_nonnull(m->matrices_host);
+    assert_tensors(m, w);
+
+    int iq;
+    ck_assert_int_eq(qkd_model_tensor_find(m, "blk.1.attn_q.weight", &iq), QKD_OK);
+    const size_t nq = (size_t)tensor_len(m, iq);
+    w[iq][0] += 0.5f;
+    ck_assert_int_eq(qkd_model_tensor_set(m, iq, w[iq], nq), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    ck_assert_ptr_nonnull(m->matrices_host);
+    float *changed = all_logits(m, n);
+    ck_assert(memcmp(changed, want, n * sizeof *changed) != 0);
+    assert_tensors(m, w);
+    w[iq][0] -= 0.5f;
+    ck_assert_int_eq(qkd_model_tensor_set(m, iq, w[iq], nq), QKD_OK);
+    assert_forward(m, tokens, want, n);
+
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_FP32), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    assert_tensors(m, w);
+    ck_assert_int_eq(qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), QKD_OK);
+    assert_forward(m, tokens, want, n);
+    ck_assert_ptr_nonnull(m->matrices_host);
+
+    /* a student's Q(w) is computed from the fp32 weights on the device */
+    qkd_quant_params qp;
+    qkd_quant_params_init(&qp);
+    qkd_quantizer *q = NULL;
+    ck_assert_int_eq(qkd_quantizer_create(ctx, &qp, &q), QKD_OK);
+    ck_assert_int_eq(qkd_model_set_quantizer(m, q, QKD_QUANT_TARGET_LINEAR), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    ck_assert_int_eq(qkd_model_set_quantizer(m, NULL, 0), QKD_OK);
+    assert_forward(m, tokens, want, n);
+    ck_assert_ptr_nonnull(m->matrices_host);
+
+    /* random weights: those of a model never frozen */
+    qkd_model *twin = tiny_model(ctx, 0, 25);
+    ck_assert_int_eq(qkd_model_init_random(twin, 26, 0.3f), QKD_OK);
+    ck_assert_int_eq(qkd_model_init_random(m, 26, 0.3f), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    float **w_twin = all_tensors(twin);
+    assert_tensors(m, w_twin);
+    for (int i = 0; i < qkd_model_n_tensors(m); i++)
+        ck_assert_int_eq(qkd_model_tensor_set(m, i, w[i], (size_t)tensor_len(m, i)), QKD_OK);
+
+    /* trained again: the matrices back, the same logits, and a backward */
+    assert_forward(m, tokens, want, n);
+    ck_assert_ptr_nonnull(m->matrices_host);
+    ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
+    ck_assert_ptr_null(m->matrices_host);
+    assert_tensors(m, w);
+    assert_forward(m, tokens, want, n);
+    float loss;
+    ck_assert_int_eq(qkd_model_cross_entropy(m, tokens, 1, &loss), QKD_OK);
+    ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
+    free(want), free(changed);
+    free_tensors(m, w), free_tensors(twin, w_twin);
+    qkd_quantizer_free(q);
+    qkd_model_free(twin);
+    qkd_model_free(m);
+    qkd_context_free(ctx);
+}
+END_TEST
+
 /* Allocation failures around a frozen model: a first frozen bf16 forward
  * returns NO_MEMORY for each allocation it cannot make (activations, bf16
- * weights) and, once they can be made, gives the trained logits; training
- * it again without memory for its gradients returns NO_MEMORY and leaves
- * it frozen. */
+ * weights) but the matrices' move to the host, after which they stay on
+ * the device, and gives the trained logits; training it again without
+ * memory for its matrices or its gradients returns NO_MEMORY and leaves it
+ * frozen, its matrices on the host. */
 START_TEST(test_frozen_model_fails_cleanly)
 {
     test_alloc a;
@@ -622,7 +757,10 @@ START_TEST(test_frozen_model_fails_cleanly)
     ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
     float *want = all_logits(m, n);
     ck_assert_int_eq(qkd_model_set_trainable(m, 0), QKD_OK);
-    int failures = 0;
+    int failures = 0, stayed = 0;
+    int iq;
+    ck_assert_int_eq(qkd_model_tensor_find(m, "blk.0.attn_q.weight", &iq), QKD_OK);
+    float *wq = tensor_copy(m, iq, 0);
     for (long k = 0;; k++) {
         test_alloc_fail_in(&a, k, 0);
         const qkd_status st = qkd_model_forward(m, tokens, TB, TT);
@@ -630,16 +768,36 @@ START_TEST(test_frozen_model_fails_cleanly)
             ck_assert_int_eq(st, QKD_OK);
             break;
         }
+        if (st == QKD_OK) { /* the move was refused: the matrices stay */
+            ck_assert_ptr_null(m->matrices_host);
+            float *got = all_logits(m, n);
+            ck_assert_mem_eq(got, want, n * sizeof *got);
+            free(got);
+            /* the next forward rounds the weights and moves them again */
+            ck_assert_int_eq(qkd_model_tensor_set(m, iq, wq, (size_t)tensor_len(m, iq)), QKD_OK);
+            stayed++;
+            continue;
+        }
         test_expect_error(ctx, st, QKD_ERR_NO_MEMORY, "out of memory");
         ck_assert_ptr_null(qkd__model_weight_bits(m, 0));
         failures++;
     }
     ck_assert_int_ge(failures, 2); /* the activations and the bf16 weights */
+    ck_assert_int_ge(stayed, 1);
+    ck_assert_ptr_nonnull(m->matrices_host);
     float *got = all_logits(m, n);
     ck_assert_mem_eq(got, want, n * sizeof *got);
 
-    test_alloc_fail_in(&a, 0, 1);
-    test_expect_error(ctx, qkd_model_set_trainable(m, 1), QKD_ERR_NO_MEMORY, "out of memory");
+    for (long k = 0; k < 2; k++) { /* the matrices' buffer, the gradients */
+        test_alloc_fail_in(&a, k, 0);
+        test_expect_error(ctx, qkd_model_set_trainable(m, 1), QKD_ERR_NO_MEMORY,
+                          "out of memory");
+        ck_assert_ptr_nonnull(m->matrices_host);
+    }
+    ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+    free(got);
+    got = all_logits(m, n);
+    ck_assert_mem_eq(got, want, n * sizeof *got);
     test_alloc_fail_in(&a, -1, 0);
     test_expect_error(ctx, qkd_model_backward(m, NULL), QKD_ERR_STATE, "not trainable");
     ck_assert_int_eq(qkd_model_set_trainable(m, 1), QKD_OK);
@@ -647,7 +805,7 @@ START_TEST(test_frozen_model_fails_cleanly)
     ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
     ck_assert_int_eq(qkd_model_cross_entropy(m, targets, 1, &loss), QKD_OK);
     ck_assert_int_eq(qkd_model_backward(m, NULL), QKD_OK);
-    free(want), free(got);
+    free(want), free(got), free(wq);
     qkd_model_free(m);
     qkd_context_free(ctx);
 }
@@ -1290,6 +1448,7 @@ Suite *suite_model(void)
     tcase_add_test(tc, test_frozen_model_shares_activations);
     tcase_add_test(tc, test_frozen_bf16_model_rounds_weights_once);
     tcase_add_test(tc, test_frozen_model_fails_cleanly);
+    tcase_add_test(tc, test_frozen_bf16_model_keeps_matrices_on_host);
     tcase_add_loop_test(tc, test_gradient_finite_difference, 0, 2);
     tcase_add_loop_test(tc, test_gradient_accumulates, 0, 2);
     tcase_add_test(tc, test_backward_device_dlogits);

@@ -247,11 +247,21 @@ QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
  * matmuls, on a backend that can, it keeps its weights rounded to bf16 as
  * well (2 bytes a parameter), rounded again by the first forward after
  * they change, and its products read them (the same logits, bit for bit,
- * without rounding every weight in every forward). Changing it releases
- * the activations (set up again by the next forward); training it again
- * releases the bf16 weights and gives zeroed gradients. Errors:
- * INVALID_ARG (NULL model), NO_MEMORY (the gradients, when training it
- * again; it then stays frozen). @since 0.1 */
+ * without rounding every weight in every forward). Where its products
+ * read nothing else (no quantizer bound), that forward also moves its
+ * linears' fp32 weights to host memory (4 bytes a parameter of the device
+ * memory freed; only the embedding and the norms stay, which the forward
+ * reads in fp32; for TinyLlama-1.1B, 4.4 GB); short of memory for the
+ * move, they stay. qkd_model_tensor_get and the savers read them there;
+ * whatever writes the weights (qkd_model_tensor_set, the loaders,
+ * qkd_model_init_random), binding a quantizer, changing the matmul
+ * precision or training the model again first moves them back, and fails
+ * with NO_MEMORY (nothing changed) without device memory for them.
+ * Changing it releases the activations (set up again by the next
+ * forward); training it again releases the bf16 weights and gives zeroed
+ * gradients. Errors: INVALID_ARG (NULL model), NO_MEMORY (the gradients
+ * or the weights, when training it again; it then stays frozen).
+ * @since 0.1 */
 QKD_API qkd_status qkd_model_set_trainable(qkd_model *model, int trainable);
 
 /* How a training forward leaves its logits: 0 (the default) computes

@@ -97,6 +97,9 @@ qkd_status qkd_model_init_random(qkd_model *m, uint64_t seed, float std)
     if (!isfinite(std) || std < 0.0f)
         return qkd__error(m->ctx, QKD_ERR_INVALID_ARG,
                           "model init_random: std %g must be finite and >= 0", (double)std);
+    qkd_status st = qkd__model_fetch_matrices(m);
+    if (st != QKD_OK)
+        return st;
     const size_t stage = stage_floats(m);
     draw_job d = {.stage = qkd__alloc(m->ctx, stage * sizeof(float)), .cap = stage, .seed = seed,
                   .std = std};
@@ -104,7 +107,6 @@ qkd_status qkd_model_init_random(qkd_model *m, uint64_t seed, float std)
         return qkd__error(m->ctx, QKD_ERR_NO_MEMORY, "model init_random: out of memory");
     qkd__backend *be = qkd__model_backend(m);
     uint64_t next = 0; /* the sequence's index of the next draw */
-    qkd_status st = QKD_OK;
     for (int i = 0; i < m->n_weights && st == QKD_OK; i++) {
         const qkd__tensor_entry *e = &m->tensors[i];
         float *w = qkd__model_param_dev(m, i);

@@ -111,12 +111,24 @@ static int is_norm(qkd_tensor_kind kind)
            kind == QKD_TENSOR_OUTPUT_NORM;
 }
 
-/* Append one entry (t may be NULL to count only), reserving its slice. */
-static void add_tensor(qkd__tensor_entry *t, int *n, qkd__arena *a, qkd_tensor_kind kind,
+/* The tensors every forward reads in fp32: the embedding (looked up, not
+ * multiplied) and the norms. They lead the weight buffer; the linears'
+ * matrices follow, which a frozen model may keep on the host
+ * (offload_matrices). */
+static int is_resident(qkd_tensor_kind kind)
+{
+    return kind == QKD_TENSOR_TOKEN_EMBD || is_norm(kind);
+}
+
+/* Append one entry (t may be NULL to count only), reserving its slice in
+ * a[0] if it is resident, else in a[1], whose offsets plan_tensors then
+ * moves past a[0]. */
+static void add_tensor(qkd__tensor_entry *t, int *n, qkd__arena a[2], qkd_tensor_kind kind,
                        int layer, int64_t rows, int64_t cols)
 {
-    size_t offset = a->used;
-    qkd__arena_take(a, (size_t)rows, (size_t)cols);
+    qkd__arena *part = &a[!is_resident(kind)];
+    size_t offset = part->used;
+    qkd__arena_take(part, (size_t)rows, (size_t)cols);
     if (t) {
         qkd__tensor_entry *e = &t[*n];
         if (layer >= 0)
@@ -133,32 +145,40 @@ static void add_tensor(qkd__tensor_entry *t, int *n, qkd__arena *a, qkd_tensor_k
     (*n)++;
 }
 
-/* Lay out the table in the documented order; t may be NULL to measure
- * only. Returns the floats the weight buffer needs; *overflow is set if
- * that does not fit size_t. */
-static size_t plan_tensors(const qkd_model_config *c, qkd__tensor_entry *t, int *overflow)
+/* Lay out the table in the documented order, the resident tensors first
+ * in the buffer; t may be NULL to measure only. Returns the floats the
+ * weight buffer needs and puts the resident ones' into *resident;
+ * *overflow is set if that does not fit size_t. */
+static size_t plan_tensors(const qkd_model_config *c, qkd__tensor_entry *t, size_t *resident,
+                           int *overflow)
 {
     const int64_t C = c->dim, H = c->hidden_dim, V = c->vocab_size;
     const int64_t kvd = C / c->n_heads * c->n_kv_heads;
-    qkd__arena a = {0};
+    qkd__arena a[2] = {{0}, {0}};
     int n = 0;
-    add_tensor(t, &n, &a, QKD_TENSOR_TOKEN_EMBD, -1, V, C);
+    add_tensor(t, &n, a, QKD_TENSOR_TOKEN_EMBD, -1, V, C);
     for (int l = 0; l < c->n_layers; l++) {
-        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_NORM, l, C, 1);
-        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_Q, l, C, C);
-        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_K, l, kvd, C);
-        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_V, l, kvd, C);
-        add_tensor(t, &n, &a, QKD_TENSOR_ATTN_OUTPUT, l, C, C);
-        add_tensor(t, &n, &a, QKD_TENSOR_FFN_NORM, l, C, 1);
-        add_tensor(t, &n, &a, QKD_TENSOR_FFN_GATE, l, H, C);
-        add_tensor(t, &n, &a, QKD_TENSOR_FFN_DOWN, l, C, H);
-        add_tensor(t, &n, &a, QKD_TENSOR_FFN_UP, l, H, C);
+        add_tensor(t, &n, a, QKD_TENSOR_ATTN_NORM, l, C, 1);
+        add_tensor(t, &n, a, QKD_TENSOR_ATTN_Q, l, C, C);
+        add_tensor(t, &n, a, QKD_TENSOR_ATTN_K, l, kvd, C);
+        add_tensor(t, &n, a, QKD_TENSOR_ATTN_V, l, kvd, C);
+        add_tensor(t, &n, a, QKD_TENSOR_ATTN_OUTPUT, l, C, C);
+        add_tensor(t, &n, a, QKD_TENSOR_FFN_NORM, l, C, 1);
+        add_tensor(t, &n, a, QKD_TENSOR_FFN_GATE, l, H, C);
+        add_tensor(t, &n, a, QKD_TENSOR_FFN_DOWN, l, C, H);
+        add_tensor(t, &n, a, QKD_TENSOR_FFN_UP, l, H, C);
     }
-    add_tensor(t, &n, &a, QKD_TENSOR_OUTPUT_NORM, -1, C, 1);
+    add_tensor(t, &n, a, QKD_TENSOR_OUTPUT_NORM, -1, C, 1);
     if (!c->tied_embeddings)
-        add_tensor(t, &n, &a, QKD_TENSOR_OUTPUT, -1, V, C);
-    *overflow = a.overflow || a.used > SIZE_MAX / sizeof(float);
-    return a.used;
+        add_tensor(t, &n, a, QKD_TENSOR_OUTPUT, -1, V, C);
+    for (int i = 0; t && i < n; i++) {
+        if (!is_resident(t[i].kind))
+            t[i].offset += a[0].used;
+    }
+    *resident = a[0].used;
+    *overflow = a[0].overflow || a[1].overflow || a[1].used > SIZE_MAX / sizeof(float) ||
+                a[0].used > SIZE_MAX / sizeof(float) - a[1].used;
+    return a[0].used + a[1].used;
 }
 
 qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg)
@@ -174,7 +194,8 @@ qkd_status qkd__model_config_check(qkd_context *ctx, const qkd_model_config *cfg
         (st = check_scalars(ctx, cfg)))
         return st;
     int overflow;
-    plan_tensors(cfg, NULL, &overflow);
+    size_t resident;
+    plan_tensors(cfg, NULL, &resident, &overflow);
     if (overflow)
         return qkd__error(ctx, QKD_ERR_INVALID_ARG,
                           "model config: the parameter count overflows size_t");
@@ -207,10 +228,77 @@ static void free_weight_bits(qkd_model *m)
     m->weight_bits_current = 0;
 }
 
+/* Whether the model's linears are read only as weight_bits while they are
+ * current: a frozen model with no quantizer (whose Q(w) would be read
+ * instead) and no learned tensors. */
+static int bits_only(const qkd_model *m)
+{
+    return m->weight_bits_current && !m->student.t && m->n_tensors == m->n_weights;
+}
+
+/* Move the linears' fp32 matrices to the host, keeping the resident part
+ * on the device: a frozen teacher's largest buffer is then its bf16 copy.
+ * Short of host or device memory for the move, the matrices stay. */
+static qkd_status offload_matrices(qkd_model *m)
+{
+    qkd__backend *be = qkd__model_backend(m);
+    const size_t n = m->weight_floats - m->resident_floats;
+    float *host = n ? qkd__alloc(m->ctx, n * sizeof *host) : NULL;
+    if (!host)
+        return QKD_OK;
+    float *resident = NULL;
+    qkd_status st = be->alloc(be, m->resident_floats * sizeof *resident, (void **)&resident);
+    if (st == QKD_OK)
+        st = qkd__model_download(m, host, m->params + m->resident_floats, n);
+    if (st != QKD_OK) {
+        qkd__free(m->ctx, host);
+        be->free(be, resident);
+        return st == QKD_ERR_NO_MEMORY ? QKD_OK : st;
+    }
+    be->copy(be, resident, m->params, m->resident_floats);
+    be->free(be, m->params);
+    m->params = resident;
+    m->matrices_host = host;
+    return QKD_OK;
+}
+
+qkd_status qkd__model_fetch_matrices(qkd_model *m)
+{
+    if (!m->matrices_host)
+        return QKD_OK;
+    qkd__backend *be = qkd__model_backend(m);
+    float *params = NULL;
+    qkd_status st = be->alloc(be, m->n_floats * sizeof *params, (void **)&params);
+    if (st == QKD_OK)
+        st = be->upload(be, params + m->resident_floats, m->matrices_host,
+                        (m->weight_floats - m->resident_floats) * sizeof *params);
+    if (st != QKD_OK) {
+        be->free(be, params);
+        return st;
+    }
+    be->copy(be, params, m->params, m->resident_floats);
+    be->free(be, m->params);
+    m->params = params;
+    qkd__free(m->ctx, m->matrices_host);
+    m->matrices_host = NULL;
+    return QKD_OK;
+}
+
+qkd_status qkd__model_tensor_read(const qkd_model *m, int index, float *dst)
+{
+    const qkd__tensor_entry *e = &m->tensors[index];
+    const size_t n = (size_t)(e->rows * e->cols);
+    if (m->matrices_host && e->offset >= m->resident_floats) {
+        memcpy(dst, m->matrices_host + (e->offset - m->resident_floats), n * sizeof *dst);
+        return QKD_OK;
+    }
+    return qkd__model_download(m, dst, m->params + e->offset, n);
+}
+
 qkd_status qkd__model_round_weights(qkd_model *m)
 {
     qkd__backend *be = qkd__model_backend(m);
-    if (!m->frozen || !qkd__model_bf16_bits(m) || !be->to_bf16_bits || m->weight_bits_current)
+    if (!m->frozen || !qkd__model_bf16_bits(m) || !be->to_bf16_bits)
         return QKD_OK;
     if (!m->weight_bits) {
         qkd_status st =
@@ -218,9 +306,10 @@ qkd_status qkd__model_round_weights(qkd_model *m)
         if (st != QKD_OK)
             return st;
     }
-    be->to_bf16_bits(be, m->weight_bits, m->params, m->weight_floats);
+    if (!m->weight_bits_current)
+        be->to_bf16_bits(be, m->weight_bits, m->params, m->weight_floats);
     m->weight_bits_current = 1;
-    return QKD_OK;
+    return bits_only(m) && !m->matrices_host ? offload_matrices(m) : QKD_OK;
 }
 
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index)
@@ -244,7 +333,8 @@ static qkd_status build_table(qkd_model *m)
     if (!m->tensors || !m->acts.layers)
         return qkd__error(ctx, QKD_ERR_NO_MEMORY, "model create: out of memory");
     int overflow; /* ruled out by qkd__model_config_check */
-    m->n_floats = m->weight_floats = plan_tensors(&m->cfg, m->tensors, &overflow);
+    m->n_floats = m->weight_floats =
+        plan_tensors(&m->cfg, m->tensors, &m->resident_floats, &overflow);
     m->n_weights = m->n_tensors;
     count_params(m);
     return QKD_OK;
@@ -372,6 +462,7 @@ void qkd_model_free(qkd_model *m)
     be->free(be, m->params);
     be->free(be, m->grads);
     free_weight_bits(m);
+    qkd__free(m->ctx, m->matrices_host);
     qkd_tokenizer_free(m->tokenizer);
     qkd__free(m->ctx, m->acts.layers);
     qkd__free(m->ctx, m->tensors);
@@ -428,6 +519,10 @@ qkd_status qkd_model_set_trainable(qkd_model *m, int trainable)
     qkd__backend *be = qkd__model_backend(m);
     if (trainable) {
         qkd_status st = alloc_zeros(m, &m->grads);
+        if (st == QKD_OK && (st = qkd__model_fetch_matrices(m)) != QKD_OK) {
+            be->free(be, m->grads);
+            m->grads = NULL;
+        }
         if (st != QKD_OK)
             return st;
         free_weight_bits(m);
@@ -457,8 +552,11 @@ qkd_status qkd_model_set_matmul_precision(qkd_model *m, qkd_matmul_precision p)
     const int was = m->matmul_bf16;
     if (was == (p == QKD_MATMUL_BF16))
         return QKD_OK;
+    qkd_status st = qkd__model_fetch_matrices(m); /* its weight_bits go */
+    if (st != QKD_OK)
+        return st;
     m->matmul_bf16 = !was;
-    qkd_status st = qkd__model_student_refit(m); /* its Q(w) may be bf16-sized */
+    st = qkd__model_student_refit(m); /* its Q(w) may be bf16-sized */
     if (st != QKD_OK) {
         m->matmul_bf16 = was;
         return st;
@@ -517,8 +615,9 @@ float *qkd__model_tensor_ptr(const qkd_model *m, float *base, qkd_tensor_kind ki
 
 float *qkd__model_param_dev(qkd_model *m, int index)
 {
-    /* every writer of the weights asks here: a frozen model's bf16 copy
-     * is rounded again by its next forward, a student's Q(w) too */
+    /* every writer of the weights asks here, after fetching the matrices
+     * (qkd__model_fetch_matrices): a frozen model's bf16 copy is rounded
+     * again by its next forward, a student's Q(w) too */
     m->weight_bits_current = 0;
     if (m->student.t && index < m->n_weights)
         m->student.t[index].updated = 0;
@@ -603,9 +702,7 @@ qkd_status qkd_model_tensor_get(const qkd_model *m, int index, float *dst, size_
     if (!m)
         return QKD_ERR_INVALID_ARG;
     qkd_status st = check_transfer(m, "tensor_get", index, dst, n);
-    if (st != QKD_OK)
-        return st;
-    return qkd__model_download(m, dst, m->params + m->tensors[index].offset, n);
+    return st == QKD_OK ? qkd__model_tensor_read(m, index, dst) : st;
 }
 
 qkd_status qkd_model_grad_get(const qkd_model *m, int index, float *dst, size_t n)
@@ -631,6 +728,8 @@ qkd_status qkd_model_tensor_set(qkd_model *m, int index, const float *src, size_
     if (!m)
         return QKD_ERR_INVALID_ARG;
     qkd_status st = check_transfer(m, "tensor_set", index, src, n);
+    if (st == QKD_OK)
+        st = qkd__model_fetch_matrices(m);
     if (st != QKD_OK)
         return st;
     qkd__backend *be = qkd__model_backend(m);

@@ -168,7 +168,14 @@ struct qkd_model {
     size_t n_floats;      /* buffer length, alignment padding included */
     size_t weight_floats; /* the part of it the weights use */
     unsigned table_gen;   /* bumped whenever the learned tensors change */
-    float *params;        /* device buffer of at least n_floats */
+    float *params;        /* device buffer of at least n_floats, or of
+                             resident_floats while matrices_host is set */
+    size_t resident_floats; /* the leading part of the weights that every
+                             forward reads in fp32: the embedding, the norms */
+    float *matrices_host; /* a frozen bf16-bits model's linear matrices, the
+                             weights after resident_floats, moved to the host
+                             (qkd__model_round_weights) since its products
+                             read weight_bits; NULL: all on the device */
     float *grads;         /* as params; NULL while frozen (no gradients kept) */
     int grads_cleared;    /* a zero_grad not yet applied: the gradients read
                              as zero (qkd__model_settle_grads zeroes them),
@@ -375,12 +382,23 @@ qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry 
                                           int n_extra);
 
 /* A frozen model with bf16-bits products: round its weights into
- * weight_bits unless they are current (a forward's first step). Nothing
- * for other models. Errors: NO_MEMORY, BACKEND (the copy could not be
- * allocated; nothing changed). */
+ * weight_bits unless they are current (a forward's first step), then,
+ * where its products read nothing else (no quantizer, no learned
+ * tensors), move its matrices to the host (matrices_host) if they are not
+ * there and the memory for the move can be had. Nothing for other models.
+ * Errors: NO_MEMORY (the copy could not be allocated; nothing changed),
+ * BACKEND. */
 qkd_status qkd__model_round_weights(qkd_model *m);
 /* Tensor `index` in weight_bits, or NULL while they are not current. */
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index);
+/* Bring a model's matrices back to the device from the host (see
+ * matrices_host): the first step of anything that writes the weights or
+ * reads them there, other than through qkd__model_tensor_read. Errors:
+ * NO_MEMORY, BACKEND; on error the model is as it was. */
+qkd_status qkd__model_fetch_matrices(qkd_model *m);
+/* Tensor `index`'s fp32 values into host dst (n_elements floats),
+ * wherever they are. Errors: BACKEND. */
+qkd_status qkd__model_tensor_read(const qkd_model *m, int index, float *dst);
 
 /* Apply a deferred zero_grad: zero the gradient buffer, for code that
  * reads it or adds to it. */

@@ -257,7 +257,7 @@ qkd_status qkd__model_deployed_get(qkd_model *m, int index, float *dst)
     const qkd__qtensor *t = &m->student.t[index];
     const size_t n = (size_t)(e->rows * e->cols);
     if (!qkd__model_tensor_quantizer(m, index))
-        return qkd__model_download(m, dst, m->params + e->offset, n);
+        return qkd__model_tensor_read(m, index, dst);
     m->student.wq_state = -1; /* wq or the groups are now hard: refresh them all */
     if (!t->bf16_only) {
         quantize_tensor(m, index, t->wq, 0);
@@ -664,8 +664,8 @@ qkd_status qkd_model_set_quantizer(qkd_model *m, qkd_quantizer *q, unsigned targ
     if (!m)
         return QKD_ERR_INVALID_ARG;
     qkd_status st = QKD_OK;
-    if (q && ((st = check_targets(m, q, targets)) || (st = check_weights(m, targets)) ||
-              (st = bind(m, q, targets))))
+    if (q && ((st = check_targets(m, q, targets)) || (st = qkd__model_fetch_matrices(m)) ||
+              (st = check_weights(m, targets)) || (st = bind(m, q, targets))))
         return st;
     if (!q) {
         qkd__model_free_student(m);
