@@ -50,7 +50,10 @@ void qkd__model_mark_dlogits(qkd_model *model, int bits);
  * n_elements floats each); index must be valid, and the gradient exists
  * only while the model is trainable. The optimizer and the quantizer work
  * on these in place. Code that writes the weights takes their pointer
- * here (a frozen model's bf16 copy then goes stale). */
+ * here (a frozen model's bf16 copy then goes stale). Only a frozen model
+ * with no quantizer may hold its matrices on the host (model_impl.h,
+ * matrices_host), so the weights of a model that is trained or bound to a
+ * quantizer are always there. */
 float *qkd__model_param_dev(qkd_model *model, int index);
 float *qkd__model_grad_dev(qkd_model *model, int index);
 /* A deferred AdamW step (adamw_update_multi_dev) on tensor `index`: 1 when
