@@ -2454,23 +2454,32 @@ static int layers_share_qkv(qkd_context *cc, qkd_model *model, const int32_t *to
     return shared;
 }
 
+/* stories260K loaded on a CUDA context into *cc and *m, and tokens for a
+ * forward of it (every stride-th id); 0 where it is skipped (no
+ * ../shared, no GPU). */
+static int stories_on_gpu(qkd_context **cc, qkd_model **m, int32_t tokens[MB * MT], int stride)
+{
+    const char *path = test_shared("models/stories260K/stories260K.bin");
+    if (!path || !(*cc = cuda_context()))
+        return 0;
+    *m = NULL;
+    expect_ok(*cc, qkd_model_load(*cc, path, m), "load");
+    for (int i = 0; i < MB * MT; i++)
+        tokens[i] = (int32_t)((i * stride) % (*m)->cfg.vocab_size);
+    return 1;
+}
+
 /* A bf16 student's layers share one q, k and v: CUDA's bf16 attention
  * backward reads its own copies of them (its gradients are checked
  * against the reference by the curves below); the fp32 attention's
  * backward reads each layer's, which then keeps them. */
 START_TEST(bf16_student_layers_share_qkv)
 {
-    const char *path = test_shared("models/stories260K/stories260K.bin");
-    if (!path)
-        return;
-    qkd_context *cc = cuda_context();
-    if (!cc)
-        return;
-    qkd_model *m = NULL;
-    expect_ok(cc, qkd_model_load(cc, path, &m), "load");
+    qkd_context *cc;
+    qkd_model *m;
     int32_t tokens[MB * MT];
-    for (int i = 0; i < MB * MT; i++)
-        tokens[i] = (int32_t)((i * 37) % m->cfg.vocab_size);
+    if (!stories_on_gpu(&cc, &m, tokens, 37))
+        return;
     ck_assert_int_gt(m->cfg.n_layers, 1);
     ck_assert(!layers_share_qkv(cc, m, tokens));
     expect_ok(cc, qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), "precision");
@@ -2496,29 +2505,24 @@ static float *forward_logits(qkd_context *cc, qkd_model *m, const int32_t *token
  * device with the same logits. */
 START_TEST(frozen_teacher_keeps_matrices_on_host)
 {
-    const char *path = test_shared("models/stories260K/stories260K.bin");
-    if (!path)
-        return;
-    qkd_context *cc = cuda_context();
-    if (!cc)
-        return;
-    qkd_model *m = NULL;
-    expect_ok(cc, qkd_model_load(cc, path, &m), "load");
-    expect_ok(cc, qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), "precision");
+    qkd_context *cc;
+    qkd_model *m;
     int32_t tokens[MB * MT];
-    for (int i = 0; i < MB * MT; i++)
-        tokens[i] = (int32_t)((i * 41) % m->cfg.vocab_size);
+    if (!stories_on_gpu(&cc, &m, tokens, 41))
+        return;
+    expect_ok(cc, qkd_model_set_matmul_precision(m, QKD_MATMUL_BF16), "precision");
     const size_t n = (size_t)MB * MT * m->cfg.vocab_size;
     float *trained = forward_logits(cc, m, tokens);
-    const int last = qkd_model_n_tensors(m) - 1; /* a matrix: the head or a layer's */
-    const size_t nw = (size_t)(m->tensors[last].rows * m->tensors[last].cols);
+    int iv; /* a matrix, which moves */
+    expect_ok(cc, qkd_model_tensor_find(m, "blk.1.attn_v.weight", &iv), "find");
+    const size_t nw = (size_t)(m->tensors[iv].rows * m->tensors[iv].cols);
     float *w = test_vec_new(nw), *got = test_vec_new(nw);
-    expect_ok(cc, qkd_model_tensor_get(m, last, w, nw), "tensor get");
+    expect_ok(cc, qkd_model_tensor_get(m, iv, w, nw), "tensor get");
     expect_ok(cc, qkd_model_set_trainable(m, 0), "freeze");
     float *frozen = forward_logits(cc, m, tokens);
     ck_assert_ptr_nonnull(m->matrices_host);
     ck_assert_mem_eq(frozen, trained, n * sizeof *frozen);
-    expect_ok(cc, qkd_model_tensor_get(m, last, got, nw), "tensor get");
+    expect_ok(cc, qkd_model_tensor_get(m, iv, got, nw), "tensor get");
     ck_assert_mem_eq(got, w, nw * sizeof *w);
     expect_ok(cc, qkd_model_set_trainable(m, 1), "train");
     ck_assert_ptr_null(m->matrices_host);
