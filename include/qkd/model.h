@@ -251,12 +251,13 @@ QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
  * read nothing else (no quantizer bound), that forward also moves its
  * linears' fp32 weights to host memory (4 bytes a parameter of the device
  * memory freed; only the embedding and the norms stay, which the forward
- * reads in fp32; for TinyLlama-1.1B, 4.4 GB); short of memory for the
- * move, they stay. qkd_model_tensor_get and the savers read them there;
- * whatever writes the weights (qkd_model_tensor_set, the loaders,
- * qkd_model_init_random), binding a quantizer, changing the matmul
- * precision or training the model again first moves them back, and fails
- * with NO_MEMORY (nothing changed) without device memory for them.
+ * reads in fp32; for TinyLlama-1.1B, 4.4 GB), waiting for the device
+ * once for the move; short of memory for it, they stay.
+ * qkd_model_tensor_get and the savers read them there; whatever writes
+ * the weights (qkd_model_tensor_set, the loaders, qkd_model_init_random),
+ * binding a quantizer, changing the matmul precision or training the
+ * model again first moves them back, and fails with NO_MEMORY (nothing
+ * changed) without device memory for them.
  * Changing it releases the activations (set up again by the next
  * forward); training it again releases the bf16 weights and gives zeroed
  * gradients. Errors: INVALID_ARG (NULL model), NO_MEMORY (the gradients
