@@ -176,6 +176,28 @@ START_TEST(alloc_rejects_overflow)
 }
 END_TEST
 
+/* MemAvailable read from a /proc/meminfo text, and nothing claimed from a
+ * text without a well-formed line; on Linux, the machine's own figure. */
+START_TEST(host_memory_from_meminfo)
+{
+    ck_assert_uint_eq(qkd__meminfo_available("MemTotal:       16384000 kB\n"
+                                             "MemFree:         1000000 kB\n"
+                                             "MemAvailable:    8000000 kB\n"),
+                      (size_t)8000000 * 1024);
+    ck_assert_uint_eq(qkd__meminfo_available("MemAvailable:\t12 kB"), 12 * 1024);
+    ck_assert_uint_eq(qkd__meminfo_available("MemTotal: 1 kB\nMemFree: 2 kB\n"), SIZE_MAX);
+    ck_assert_uint_eq(qkd__meminfo_available("MemAvailable: kB\n"), SIZE_MAX);
+    ck_assert_uint_eq(qkd__meminfo_available("MemAvailable: 12 MB\n"), SIZE_MAX);
+    ck_assert_uint_eq(qkd__meminfo_available("MemAvailable: 99999999999999999999999 kB"),
+                      SIZE_MAX);
+    ck_assert_uint_eq(qkd__meminfo_available(NULL), SIZE_MAX);
+#ifdef __linux__
+    const size_t have = qkd__host_memory_available();
+    ck_assert(have > 0 && have < SIZE_MAX);
+#endif
+}
+END_TEST
+
 START_TEST(error_message_and_log)
 {
     qkd_context *ctx = test_context(1);
@@ -279,6 +301,7 @@ Suite *suite_core(void)
     tcase_add_test(tc, context_uses_allocator_hooks);
     tcase_add_test(tc, context_create_survives_every_allocation_failure);
     tcase_add_test(tc, alloc_rejects_overflow);
+    tcase_add_test(tc, host_memory_from_meminfo);
     tcase_add_test(tc, error_message_and_log);
     suite_add_tcase(s, tc);
 

@@ -1,5 +1,8 @@
 /* Allocation through the context's hooks, 64-byte aligned whatever the
- * hook returns: the hook's pointer is stored just below the aligned one. */
+ * hook returns: the hook's pointer is stored just below the aligned one;
+ * and how much host memory the system says it can give. */
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -60,4 +63,35 @@ void qkd_context_dealloc(qkd_context *ctx, void *ptr)
 {
     if (ctx)
         qkd__free(ctx, ptr);
+}
+
+size_t qkd__meminfo_available(const char *text)
+{
+    static const char key[] = "MemAvailable:";
+    const char *p = text ? strstr(text, key) : NULL;
+    if (!p)
+        return SIZE_MAX;
+    p += sizeof key - 1;
+    char *end;
+    errno = 0;
+    unsigned long long kb = strtoull(p, &end, 10);
+    if (end == p || errno)
+        return SIZE_MAX;
+    while (*end == ' ' || *end == '\t')
+        end++;
+    if (strncmp(end, "kB", 2) != 0)
+        return SIZE_MAX;
+    return kb > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kb * 1024;
+}
+
+size_t qkd__host_memory_available(void)
+{
+    char text[4096]; /* MemAvailable is the third line */
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f)
+        return SIZE_MAX;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    return qkd__meminfo_available(text);
 }

@@ -43,6 +43,14 @@ void qkd__log(qkd_context *ctx, qkd_log_level level, const char *fmt, ...)
  * returns. qkd__free accepts NULL. */
 void *qkd__alloc(qkd_context *ctx, size_t size);
 void *qkd__calloc(qkd_context *ctx, size_t n, size_t size);
+/* Bytes of host memory the system can give without swapping (Linux:
+ * MemAvailable in /proc/meminfo), or SIZE_MAX where it does not say: an
+ * allocation that succeeds under overcommit can still get the process
+ * killed when its pages are touched. */
+size_t qkd__host_memory_available(void);
+/* The MemAvailable line of a /proc/meminfo text in bytes; SIZE_MAX
+ * without a well-formed one. */
+size_t qkd__meminfo_available(const char *text);
 void qkd__free(qkd_context *ctx, void *ptr);
 /* A copy of s (owned, qkd__free), NULL on failure. */
 char *qkd__strdup(qkd_context *ctx, const char *s);

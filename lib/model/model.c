@@ -238,11 +238,15 @@ static int bits_only(const qkd_model *m)
 
 /* Move the linears' fp32 matrices to the host, keeping the resident part
  * on the device: a frozen teacher's largest buffer is then its bf16 copy.
- * Short of host or device memory for the move, the matrices stay. */
+ * Short of host or device memory for the move, the matrices stay; so they
+ * do where they would take more than half of the host's available memory
+ * (a 7B teacher's are 28 GB), which overcommit would not refuse. */
 static qkd_status offload_matrices(qkd_model *m)
 {
     qkd__backend *be = qkd__model_backend(m);
     const size_t n = m->weight_floats - m->resident_floats;
+    if (n > qkd__host_memory_available() / 2 / sizeof(float))
+        return QKD_OK;
     float *host = n ? qkd__alloc(m->ctx, n * sizeof *host) : NULL;
     if (!host)
         return QKD_OK;
