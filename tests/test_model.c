@@ -741,7 +741,8 @@ END_TEST
 /* Allocation failures around a frozen model: a first frozen bf16 forward
  * returns NO_MEMORY for each allocation it cannot make (activations, bf16
  * weights) but the matrices' move to the host, after which they stay on
- * the device, and gives the trained logits; training it again without
+ * the device (tried again only once the weights change), and gives the
+ * trained logits; training it again without
  * memory for its matrices or its gradients returns NO_MEMORY and leaves it
  * frozen, its matrices on the host. */
 START_TEST(test_frozen_model_fails_cleanly)
@@ -773,6 +774,11 @@ START_TEST(test_frozen_model_fails_cleanly)
             float *got = all_logits(m, n);
             ck_assert_mem_eq(got, want, n * sizeof *got);
             free(got);
+            /* and the next forward does not try again: no allocation */
+            const long tried = a.n;
+            ck_assert_int_eq(qkd_model_forward(m, tokens, TB, TT), QKD_OK);
+            ck_assert_int_eq(a.n, tried);
+            ck_assert_ptr_null(m->matrices_host);
             /* the next forward rounds the weights and moves them again */
             ck_assert_int_eq(qkd_model_tensor_set(m, iq, wq, (size_t)tensor_len(m, iq)), QKD_OK);
             stayed++;

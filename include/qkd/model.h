@@ -254,7 +254,7 @@ QKD_API qkd_status qkd_model_set_matmul_precision(qkd_model *model,
  * reads in fp32; for TinyLlama-1.1B, 4.4 GB), waiting for the device
  * once for the move; short of memory for it, or where they would take
  * more than half of the host memory available (Linux's MemAvailable),
- * they stay.
+ * they stay until the weights change.
  * qkd_model_tensor_get and the savers read them there; whatever writes
  * the weights (qkd_model_tensor_set, the loaders, qkd_model_init_random),
  * binding a quantizer, changing the matmul precision or training the

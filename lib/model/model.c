@@ -228,23 +228,25 @@ static void free_weight_bits(qkd_model *m)
     m->weight_bits_current = 0;
 }
 
-/* Whether the model's linears are read only as weight_bits while they are
- * current: a frozen model with no quantizer (whose Q(w) would be read
- * instead) and no learned tensors. */
-static int bits_only(const qkd_model *m)
+/* Whether a frozen bf16-bits model's products read its linears only as
+ * weight_bits: no quantizer (whose Q(w) they would read instead) and no
+ * learned tensors. */
+static int reads_bits_only(const qkd_model *m)
 {
-    return m->weight_bits_current && !m->student.t && m->n_tensors == m->n_weights;
+    return !m->student.t && m->n_tensors == m->n_weights;
 }
 
 /* Move the linears' fp32 matrices to the host, keeping the resident part
  * on the device: a frozen teacher's largest buffer is then its bf16 copy.
- * Short of host or device memory for the move, the matrices stay; so they
- * do where they would take more than half of the host's available memory
- * (a 7B teacher's are 28 GB), which overcommit would not refuse. */
+ * Short of host or device memory for the move, the matrices stay (and
+ * matrices_stay says so); so they do where they would take more than half
+ * of the host's available memory (a 7B teacher's are 28 GB), which
+ * overcommit would not refuse. */
 static qkd_status offload_matrices(qkd_model *m)
 {
     qkd__backend *be = qkd__model_backend(m);
     const size_t n = m->weight_floats - m->resident_floats;
+    m->matrices_stay = 1;
     if (n > qkd__host_memory_available() / 2 / sizeof(float))
         return QKD_OK;
     float *host = n ? qkd__alloc(m->ctx, n * sizeof *host) : NULL;
@@ -263,6 +265,7 @@ static qkd_status offload_matrices(qkd_model *m)
     be->free(be, m->params);
     m->params = resident;
     m->matrices_host = host;
+    m->matrices_stay = 0;
     return QKD_OK;
 }
 
@@ -304,16 +307,19 @@ qkd_status qkd__model_round_weights(qkd_model *m)
     qkd__backend *be = qkd__model_backend(m);
     if (!m->frozen || !qkd__model_bf16_bits(m) || !be->to_bf16_bits)
         return QKD_OK;
-    if (!m->weight_bits) {
-        qkd_status st =
-            be->alloc(be, m->weight_floats * sizeof *m->weight_bits, (void **)&m->weight_bits);
-        if (st != QKD_OK)
-            return st;
-    }
-    if (!m->weight_bits_current)
+    if (!m->weight_bits_current) {
+        if (!m->weight_bits) {
+            qkd_status st = be->alloc(be, m->weight_floats * sizeof *m->weight_bits,
+                                      (void **)&m->weight_bits);
+            if (st != QKD_OK)
+                return st;
+        }
         be->to_bf16_bits(be, m->weight_bits, m->params, m->weight_floats);
-    m->weight_bits_current = 1;
-    return bits_only(m) && !m->matrices_host ? offload_matrices(m) : QKD_OK;
+        m->weight_bits_current = 1;
+        m->matrices_stay = 0; /* new weights: the move may be tried again */
+    }
+    return reads_bits_only(m) && !m->matrices_host && !m->matrices_stay ? offload_matrices(m)
+                                                                         : QKD_OK;
 }
 
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index)

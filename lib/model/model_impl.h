@@ -176,6 +176,9 @@ struct qkd_model {
                              weights after resident_floats, moved to the host
                              (qkd__model_round_weights) since its products
                              read weight_bits; NULL: all on the device */
+    int matrices_stay;    /* the move was refused (no memory for it) since
+                             the weights were last rounded: not tried again
+                             in every forward */
     float *grads;         /* as params; NULL while frozen (no gradients kept) */
     int grads_cleared;    /* a zero_grad not yet applied: the gradients read
                              as zero (qkd__model_settle_grads zeroes them),
