@@ -26,7 +26,8 @@
  * objective computes their logits R positions at a time, never all at
  * once (0, the default: the forwards store them whole).
  * --phases 1 adds one untimed step drained after each part and prints
- * the parts' seconds as a JSON line on stderr; --profile MASK wraps the
+ * the parts' seconds, and the host's seconds to queue each, as a JSON
+ * line on stderr; --profile MASK wraps the
  * parts of that step with bit i set (0 teacher forward, 1 student
  * forward, 2 objective, 3 backward, 4 optimizer) in cudaProfilerStart /
  * Stop, for `ncu --profile-from-start off`. */
@@ -129,8 +130,11 @@ static void setup(struct run *r, const struct cfg *c, int bits, int group,
 
 /* After each part of the step (teacher forward, student forward,
  * objective, backward, optimizer): the memory in use is sampled where the
- * run notes it, and with phases the device is drained and the part's
- * seconds are added to its entry. */
+ * run notes it, and with phases the seconds the host took to queue the
+ * part are added to its entry in phases[PHASES + i], then the device is
+ * drained and the part's seconds are added to phases[i]. A part the host
+ * queues in less time than the device runs it is bound by the device,
+ * which a CUDA graph (it saves launch work on the host) cannot speed. */
 enum { PHASES = 5 };
 static const char *const phase_names[PHASES] = {"teacher_fwd", "student_fwd", "loss",
                                                 "backward", "optimizer"};
@@ -145,6 +149,7 @@ static void phase_end(struct run *r, double *phases, int i, double *t)
         note_memory(r);
     if (!phases)
         return;
+    phases[PHASES + i] += bench_now() - *t;
     cudaDeviceSynchronize();
     if (profile_mask & (1 << i))
         cudaProfilerStop();
@@ -173,18 +178,28 @@ static void step(struct run *r, double *phases)
     phase_end(r, phases, 4, &t);
 }
 
-/* One more step, drained after each part; a JSON line on stderr. */
+static void print_seconds(const char *key, const double *s)
+{
+    fprintf(stderr, "\"%s\": {", key);
+    for (int i = 0; i < PHASES; i++)
+        fprintf(stderr, "%s\"%s\": %.4f", i ? ", " : "", phase_names[i], s[i]);
+    fprintf(stderr, "}");
+}
+
+/* One more step, drained after each part; a JSON line on stderr: each
+ * part's seconds, and the host's seconds to queue it. */
 static void print_phases(struct run *r)
 {
-    double phases[PHASES] = {0};
+    double phases[2 * PHASES] = {0};
     cudaDeviceSynchronize();
     if (profile_mask & 1)
         cudaProfilerStart();
     step(r, phases);
-    fprintf(stderr, "{\"phases_s\": {");
-    for (int i = 0; i < PHASES; i++)
-        fprintf(stderr, "%s\"%s\": %.4f", i ? ", " : "", phase_names[i], phases[i]);
-    fprintf(stderr, "}}\n");
+    fprintf(stderr, "{");
+    print_seconds("phases_s", phases);
+    fprintf(stderr, ", ");
+    print_seconds("host_s", phases + PHASES);
+    fprintf(stderr, "}\n");
 }
 
 int main(int argc, char **argv)
