@@ -208,6 +208,37 @@ START_TEST(eval_perplexity_matches_library)
 }
 END_TEST
 
+/* --backend picks the context's backend (qkd info names it): ref always,
+ * simd and cuda where built in (cuda where a GPU is too), else exit 1 with
+ * the library's reason; auto never picks cuda. */
+START_TEST(backend_option_picks_the_backend)
+{
+    char *model = test_shared_dup(MODEL_BIN);
+    if (!model)
+        return;
+    const char *names[] = {"ref", "simd", "cuda", NULL};
+    for (int i = 0; i < 4; i++) {
+        const char *args[] = {"info", model, names[i] ? "--backend" : NULL, names[i], NULL};
+        cli_result r = run_cli(args);
+        char want[32];
+        snprintf(want, sizeof want, "backend: %s\n", names[i] ? names[i] : "");
+        if (!names[i]) { /* auto */
+            ck_assert_msg(r.status == 0, "status %d: %s", r.status, r.err);
+            ck_assert_ptr_nonnull(strstr(r.out, "backend: "));
+            ck_assert_msg(!strstr(r.out, "backend: cuda"), "auto picked cuda");
+        } else if (r.status == 0) {
+            ck_assert_msg(strstr(r.out, want), "no '%s' in:\n%s", want, r.out);
+        } else {
+            ck_assert_msg(i > 0, "--backend ref failed: %s", r.err);
+            ck_assert_int_eq(r.status, 1);
+            ck_assert_msg(strstr(r.err, "QKD_ERR_UNSUPPORTED"), "stderr: %s", r.err);
+        }
+        result_free(&r);
+    }
+    free(model);
+}
+END_TEST
+
 /* Bad command lines exit 2, library failures 1; both explain on stderr. */
 static void expect_failure(const char *const *args, int status, const char *in_stderr)
 {
@@ -237,7 +268,7 @@ START_TEST(bad_command_lines)
     const char *neg_temp[] = {"generate", model, "--temp", "-1", NULL};
     expect_failure(neg_temp, 2, "negative");
     const char *bad_backend[] = {"info", model, "--backend", "gpu", NULL};
-    expect_failure(bad_backend, 2, "--backend");
+    expect_failure(bad_backend, 2, "ref, simd, cuda or auto");
     const char *no_model[] = {"info", NULL};
     expect_failure(no_model, 2, "missing MODEL");
     const char *no_text[] = {"eval", model, NULL};
@@ -328,6 +359,7 @@ Suite *suite_cli(void)
     tcase_add_test(tc, info_gguf_tokenizer);
     tcase_add_test(tc, eval_perplexity_matches_library);
     tcase_add_test(tc, bad_command_lines);
+    tcase_add_test(tc, backend_option_picks_the_backend);
     tcase_add_test(tc, version_and_help);
     tcase_add_test(tc, demo_distils_two_students);
     suite_add_tcase(s, tc);

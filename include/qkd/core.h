@@ -94,7 +94,7 @@ typedef enum qkd_log_level {
 typedef void (*qkd_log_fn)(void *user, qkd_log_level level, const char *msg);
 
 typedef enum qkd_backend_kind {
-    QKD_BACKEND_AUTO = 0, /* the fastest one available */
+    QKD_BACKEND_AUTO = 0, /* SIMD where built in, else REF; never CUDA */
     QKD_BACKEND_REF = 1,  /* scalar C reference: the oracle */
     QKD_BACKEND_SIMD = 2,
     QKD_BACKEND_CUDA = 3

@@ -21,13 +21,18 @@ qkd_status qkd__backend_create(qkd_context *ctx, qkd_backend_kind kind, qkd__bac
         st = qkd__backend_simd_create(ctx, &b);
         break;
 #else
+    case QKD_BACKEND_SIMD:
+        return qkd__error(ctx, QKD_ERR_UNSUPPORTED,
+                          "the SIMD backend is not built into this libqkd (configure with "
+                          "-Dsimd=enabled on x86-64 or aarch64)");
     case QKD_BACKEND_AUTO:
 #endif
     case QKD_BACKEND_REF:
         st = qkd__backend_ref_create(ctx, &b);
         break;
-    /* CUDA only when asked for: AUTO stays on the CPU until the CUDA
-     * backend is the faster one for training (its bf16 step is next). */
+    /* CUDA only when asked for: AUTO stays on the CPU, so a host that
+     * links a CUDA build never finds its work on a (maybe shared) GPU it
+     * did not choose. */
     case QKD_BACKEND_CUDA:
 #ifdef QKD_HAVE_CUDA
         st = qkd__backend_cuda_create(ctx, &b);

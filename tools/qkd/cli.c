@@ -11,7 +11,8 @@
 
 static const char common_help[] =
     "  --threads N      worker threads (default: one per core)\n"
-    "  --backend B      compute backend: ref or auto (default auto)\n"
+    "  --backend B      compute backend: ref, simd, cuda or auto (default auto: simd\n"
+    "                   where built in, else ref; cuda only when asked for)\n"
     "  -h, --help       show this help\n";
 
 static const cli_command *const commands[] = {&cli_cmd_info, &cli_cmd_generate,
@@ -93,13 +94,19 @@ static int parse_u64(const char *s, uint64_t *out)
 
 static int parse_backend(const char *s, qkd_backend_kind *out)
 {
-    if (strcmp(s, "ref") == 0)
-        *out = QKD_BACKEND_REF;
-    else if (strcmp(s, "auto") == 0)
-        *out = QKD_BACKEND_AUTO;
-    else
-        return -1;
-    return 0;
+    static const struct {
+        const char *name;
+        qkd_backend_kind kind;
+    } kinds[] = {{"auto", QKD_BACKEND_AUTO},
+                 {"ref", QKD_BACKEND_REF},
+                 {"simd", QKD_BACKEND_SIMD},
+                 {"cuda", QKD_BACKEND_CUDA}};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (strcmp(s, kinds[i].name) == 0) {
+            *out = kinds[i].kind;
+            return 0;
+        }
+    return -1;
 }
 
 static int store_value(const cli_option *o, const char *v)
@@ -195,7 +202,7 @@ int cli_parse(const cli_command *cmd, int argc, char **argv, const cli_option *o
     if (common->threads < 0 || common->threads > 1024)
         return cli_usage_error(cmd, "--threads %d is outside 0..1024", common->threads);
     if (parse_backend(backend, &common->backend) != 0)
-        return cli_usage_error(cmd, "--backend wants ref or auto, not '%s'", backend);
+        return cli_usage_error(cmd, "--backend wants ref, simd, cuda or auto, not '%s'", backend);
     return CLI_CONTINUE;
 }
 

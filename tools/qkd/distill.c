@@ -104,7 +104,7 @@ static json_t *row_json(const eval_row *r)
 static json_t *config_json(const distill_opts *o)
 {
     return json_pack("{s:s, s:s, s:i, s:i, s:s, s:s, s:i, s:i, s:b, s:b, s:s, s:i, s:i, s:i, "
-                     "s:i, s:o, s:s, s:i, s:I, s:s, s:b}",
+                     "s:i, s:o, s:s, s:i, s:I, s:s, s:b, s:b}",
                      "method", o->method, "scheme", o->scheme, "bits", o->bits, "group",
                      o->group, "clip", o->clip ? o->clip : "preset", "loss", o->loss,
                      "act_bits", o->act_bits, "kv_bits", o->kv_bits, "learn_scales",
@@ -113,7 +113,7 @@ static json_t *config_json(const distill_opts *o)
                      o->steps, "batch", o->batch,
                      "seq", o->seq, "lr", real(o->lr), "schedule", o->schedule, "warmup",
                      o->warmup, "seed", (json_int_t)o->seed, "teacher", o->teacher,
-                     "teacher_bf16", o->teacher_bf16);
+                     "teacher_bf16", o->teacher_bf16, "student_bf16", o->student_bf16);
 }
 
 static int write_summary(const distill_job *j, const distill_opts *o, const eval_report *e,
@@ -402,6 +402,9 @@ const cli_command cli_cmd_distill = {
         "  --teacher MODEL      the float teacher; the student starts as a copy of it\n"
         "  --teacher-bf16       run the frozen teacher's matmuls with bf16 inputs (fp32\n"
         "                       accumulation; AVX-512 BF16 where the CPU has it)\n"
+        "  --student-bf16       the same for the student's matmuls; its weights,\n"
+        "                       gradients and optimizer state stay fp32 (with\n"
+        "                       --backend cuda: the tensor cores)\n"
         "  --logits-rows R      the loss computes both models' logits R positions at a\n"
         "                       time, never all at once (less memory; 0: whole, default)\n"
         "  --tokenizer T        tokenizer file (default: the one inside MODEL)\n"

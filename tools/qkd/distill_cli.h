@@ -16,6 +16,7 @@ typedef struct distill_opts {
     int learn_scales;    /* --learn-scales: the quantizer's scales are trained */
     int scales_only;     /* --scales-only: and nothing else (implies the above) */
     int teacher_bf16;    /* --teacher-bf16: the teacher's matmuls with bf16 inputs */
+    int student_bf16;    /* --student-bf16: the student's, its state staying fp32 */
     int logits_rows;     /* --logits-rows: both models' logits by block, 0: whole */
     float lr;
     uint64_t seed;

@@ -233,6 +233,7 @@ int distill_parse(int argc, char **argv, distill_opts *o, cli_common *c)
         {"--learn-scales", NULL, CLI_FLAG, &o->learn_scales, NULL},
         {"--scales-only", NULL, CLI_FLAG, &o->scales_only, NULL},
         {"--teacher-bf16", NULL, CLI_FLAG, &o->teacher_bf16, NULL},
+        {"--student-bf16", NULL, CLI_FLAG, &o->student_bf16, NULL},
         {"--logits-rows", NULL, CLI_INT, &o->logits_rows, NULL},
         {"--loss", NULL, CLI_STRING, &o->loss, &o->seen.loss},
         {"--data", NULL, CLI_STRING, &o->data, NULL},
@@ -400,13 +401,17 @@ static int make_dir(const char *path)
     }
 }
 
-/* The student starts as the teacher: the same file, loaded again. */
+/* The student starts as the teacher: the same file, loaded again. With
+ * --student-bf16 its products read bf16 inputs (the tensor cores on CUDA)
+ * while its weights, gradients and optimizer state stay fp32. */
 static int open_student(distill_job *j, const distill_opts *o, const cli_common *c)
 {
     qkd_context *ctx = j->s.ctx;
     qkd_status st = qkd_model_load(ctx, c->model, &j->student);
     if (st == QKD_OK)
         st = qkd_model_set_max_seq_len(j->student, j->s.cfg.max_seq_len);
+    if (st == QKD_OK && o->student_bf16)
+        st = qkd_model_set_matmul_precision(j->student, QKD_MATMUL_BF16);
     if (st == QKD_OK)
         st = qkd_quantizer_create(ctx, &o->quant, &j->quant);
     if (st == QKD_OK)

@@ -1,4 +1,5 @@
-/* qkd info MODEL: the config, parameter count, tensors and tokenizer. */
+/* qkd info MODEL: the config, parameter count, tensors and tokenizer, and
+ * the backend that computes (--backend). */
 #include <stdio.h>
 
 #include "cli.h"
@@ -57,6 +58,7 @@ static int info_run(int argc, char **argv)
     if (rc != CLI_EXIT_OK)
         return rc;
     printf("model: %s\n", common.model);
+    printf("backend: %s\n", qkd_context_backend_name(s.ctx));
     print_config(&s.cfg);
     printf("parameters: %lld\n", (long long)qkd_model_n_params(s.model));
     rc = print_tensors(&s);
@@ -68,7 +70,7 @@ static int info_run(int argc, char **argv)
 
 const cli_command cli_cmd_info = {
     .name = "info",
-    .summary = "show a model's configuration, parameter count, tensors and tokenizer",
+    .summary = "show a model's configuration, parameter count, tensors, tokenizer and backend",
     .usage = "MODEL",
     .help = "",
     .run = info_run,

@@ -103,6 +103,17 @@ def test_closed_handles_raise(ctx, stories):
     assert student.closed
 
 
+def test_backend_is_the_one_asked_for():
+    assert qkd.Context(n_threads=1, backend="ref").backend == "ref"
+    assert qkd.Context(n_threads=1).backend != "cuda"  # auto stays on the CPU
+    try:  # the GPU where this libqkd has the backend and a device
+        assert qkd.Context(n_threads=1, backend="cuda").backend == "cuda"
+    except qkd.UnsupportedError:
+        pass
+    with pytest.raises(ValueError):
+        qkd.Context(backend="gpu")
+
+
 def test_closing_the_context_closes_everything(stories):
     ctx = qkd.Context(n_threads=1)
     assert ctx.n_threads == 1 and ctx.backend in ("ref", "simd", "cuda")

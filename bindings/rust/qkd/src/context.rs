@@ -10,15 +10,25 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context with the defaults: every core, the fastest backend.
+    /// A context with the defaults: every core, the fastest CPU backend.
     pub fn new() -> Result<Self> {
         Self::with_threads(0)
     }
 
     /// A context computing with n_threads worker threads (0: one per core).
     pub fn with_threads(n_threads: i32) -> Result<Self> {
+        Self::with_backend(n_threads, sys::QKD_BACKEND_AUTO)
+    }
+
+    /// A context on the backend asked for (`sys::QKD_BACKEND_AUTO`, `_REF`,
+    /// `_SIMD` or `_CUDA`; AUTO never picks CUDA) with n_threads host
+    /// threads. A backend not built in, or CUDA without a device, is an
+    /// error with status `QKD_ERR_UNSUPPORTED`; an unknown kind,
+    /// `QKD_ERR_INVALID_ARG`.
+    pub fn with_backend(n_threads: i32, backend: sys::qkd_backend_kind) -> Result<Self> {
         let mut params = defaults(sys::qkd_context_params_init);
         params.n_threads = n_threads;
+        params.backend = backend;
         let mut out = ptr::null_mut();
         // SAFETY: params is initialised; out receives an owned context.
         let status = unsafe { sys::qkd_context_create(&params, &mut out) };

@@ -1,6 +1,7 @@
 //! A real distillation step on stories260K compared with examples/distill.c
 //! (QKD_DISTILL_EXAMPLE names its binary; QKD_SHARED the shared data, by
-//! default ../shared beside the repository), and misuse returning errors.
+//! default ../shared beside the repository), the backend choice, and misuse
+//! returning errors.
 
 use std::env;
 use std::path::PathBuf;
@@ -139,6 +140,20 @@ fn one_training_step_gives_the_c_example_loss() {
         expected.starts_with(&format!("step    1  loss {value:.4}  ")),
         "{expected}"
     );
+}
+
+#[test]
+fn backend_is_the_one_asked_for() {
+    let reference = Context::with_backend(1, sys::QKD_BACKEND_REF).unwrap();
+    assert_eq!(reference.backend(), "ref");
+    assert_ne!(Context::new().unwrap().backend(), "cuda"); // AUTO stays on the CPU
+    // CUDA: the GPU where this libqkd has the backend and a device, else refused
+    match Context::with_backend(1, sys::QKD_BACKEND_CUDA) {
+        Ok(gpu) => assert_eq!(gpu.backend(), "cuda"),
+        Err(e) => assert_eq!(e.status(), sys::QKD_ERR_UNSUPPORTED),
+    }
+    let e = Context::with_backend(1, 99).err().unwrap();
+    assert_eq!(e.status(), sys::QKD_ERR_INVALID_ARG);
 }
 
 #[test]
