@@ -223,19 +223,40 @@ void cli_session_close(cli_session *s)
     memset(s, 0, sizeof *s);
 }
 
-static qkd_status open_parts(cli_session *s, const cli_common *c, const char *tok_path,
-                             const char **what)
+/* Why the last context could not be made: the library logs the reason,
+ * as no context is left to hold it (the tool calls the library from one
+ * thread). */
+static char context_reason[256];
+
+static void keep_reason(void *user, qkd_log_level level, const char *msg)
+{
+    (void)user;
+    if (level == QKD_LOG_ERROR)
+        snprintf(context_reason, sizeof context_reason, "%s", msg);
+}
+
+int cli_context_open(const cli_common *c, qkd_context **out)
 {
     qkd_context_params cp;
     qkd_context_params_init(&cp);
     cp.n_threads = c->threads;
     cp.backend = c->backend;
-    *what = "cannot create a context";
-    qkd_status st = qkd_context_create(&cp, &s->ctx);
-    if (st != QKD_OK)
-        return st;
+    cp.log = keep_reason;
+    cp.log_level = QKD_LOG_ERROR;
+    context_reason[0] = '\0';
+    qkd_status st = qkd_context_create(&cp, out);
+    if (st == QKD_OK)
+        return CLI_EXIT_OK;
+    fprintf(stderr, "qkd: cannot create a context: %s: %s\n", qkd_status_name(st),
+            context_reason[0] ? context_reason : qkd_status_str(st));
+    return CLI_EXIT_FAIL;
+}
+
+static qkd_status open_parts(cli_session *s, const cli_common *c, const char *tok_path,
+                             const char **what)
+{
     *what = c->model;
-    st = qkd_model_load(s->ctx, c->model, &s->model);
+    qkd_status st = qkd_model_load(s->ctx, c->model, &s->model);
     if (st != QKD_OK)
         return st;
     qkd_model_config_init(&s->cfg);
@@ -249,6 +270,8 @@ static qkd_status open_parts(cli_session *s, const cli_common *c, const char *to
 int cli_session_open(cli_session *s, const cli_common *c, const char *tok_path, int need_tok)
 {
     memset(s, 0, sizeof *s);
+    if (cli_context_open(c, &s->ctx) != CLI_EXIT_OK)
+        return CLI_EXIT_FAIL;
     const char *what = "";
     qkd_status st = open_parts(s, c, tok_path, &what);
     if (st != QKD_OK) {

@@ -275,19 +275,14 @@ static int demo_main(int argc, char **argv)
     if (o.teacher_steps < 1 || o.steps < 1 || o.batch < 1 || o.batch > 4096)
         return cli_usage_error(&cli_cmd_demo, "--teacher-steps, --steps and --batch must be "
                                               ">= 1 (batch <= 4096)");
-    qkd_context_params cp;
-    qkd_context_params_init(&cp);
-    cp.n_threads = c.threads;
-    cp.backend = c.backend;
     qkd_context *ctx = NULL;
     qkd_tokenizer *tok = NULL;
     qkd_dataset *data = NULL;
     qkd_model *teacher = NULL;
-    qkd_status st = qkd_context_create(&cp, &ctx);
-    if (st != QKD_OK)
-        return cli_fail(NULL, st, "context");
+    if (cli_context_open(&c, &ctx) != CLI_EXIT_OK)
+        return CLI_EXIT_FAIL;
     double t0 = cli_now(), teacher_ce = 0, ce[2][2];
-    st = qkd_tokenizer_create_bytes(ctx, &tok);
+    qkd_status st = qkd_tokenizer_create_bytes(ctx, &tok);
     rc = st == QKD_OK ? load_text(ctx, tok, o.text, &data) : cli_fail(ctx, st, "tokenizer");
     if (rc == CLI_EXIT_OK) {
         fprintf(stderr, "backend %s, %d threads\n", qkd_context_backend_name(ctx),
