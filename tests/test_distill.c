@@ -738,6 +738,40 @@ START_TEST(cli_distill_on_cuda)
 }
 END_TEST
 
+/* --resume of a run whose run.json an earlier qkd wrote, without a switch
+ * added since (student_bf16): left off, the run continues; given, the
+ * resume is refused as another run's. */
+START_TEST(cli_resume_run_json_without_a_newer_switch)
+{
+    shared_paths sp;
+    if (!get_shared(&sp))
+        return;
+    const char *dir = test_tmpdir();
+    char out[512], path[600];
+    snprintf(out, sizeof out, "%s/run", dir);
+    const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok, "--data",
+                          sp.text, "--steps", "2", "--batch", "1", "--seq", "8",
+                          "--eval-windows", "2", "--threads", "1", "--out", out, NULL, NULL,
+                          NULL};
+    const int extra = 19;
+    run_cli_ok(args, dir);
+    snprintf(path, sizeof path, "%s/run.json", out);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_int_eq(json_object_del(cfg, "student_bf16"), 0);
+    ck_assert_int_eq(json_dump_file(cfg, path, JSON_INDENT(2)), 0);
+    json_decref(cfg);
+
+    args[extra] = "--resume";
+    run_cli_ok(args, dir);
+    args[extra + 1] = "--student-bf16";
+    ck_assert_int_eq(run_cli(args, dir), 2);
+    char *err = slurp(dir, "stderr");
+    ck_assert_msg(strstr(err, "'student_bf16' differs"), "stderr: %s", err);
+    free(err);
+}
+END_TEST
+
 /* Ctrl-C saves a checkpoint and exits 130; --resume then ends with the
  * very checkpoint (weights, optimizer, history) of an uninterrupted run. */
 START_TEST(cli_interrupt_and_resume_bit_identical)
@@ -942,6 +976,7 @@ Suite *suite_distill(void)
     tcase_add_test(tc, cli_distill_scales_only);
     tcase_add_test(tc, cli_distill_logits_rows);
     tcase_add_test(tc, cli_distill_on_cuda);
+    tcase_add_test(tc, cli_resume_run_json_without_a_newer_switch);
     tcase_add_test(tc, cli_distill_cont_approx_preset);
     tcase_add_test(tc, cli_distill_usage_errors);
     tcase_add_test(tc, cli_report_writes_svg);

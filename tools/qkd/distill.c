@@ -254,7 +254,8 @@ static int trim_metrics(const char *path, int64_t step)
 
 /* A fresh run records its options in DIR/run.json (numbers with all 17
  * digits, so that they read back exactly); a resumed one must match them,
- * or it would not continue the same training. */
+ * or it would not continue the same training. A switch added to the tool
+ * after the run was started is absent there: off, it matches. */
 static int check_config(const distill_job *j, const distill_opts *o)
 {
     json_t *now = config_json(o), *was = json_load_file(j->config_path, 0, NULL);
@@ -268,7 +269,8 @@ static int check_config(const distill_job *j, const distill_opts *o)
     json_t *v;
     if (rc == CLI_EXIT_OK && o->resume && was) {
         json_object_foreach(now, key, v) {
-            if (!json_equal(v, json_object_get(was, key))) {
+            json_t *old = json_object_get(was, key);
+            if (!(old ? json_equal(v, old) : json_is_false(v))) {
                 fprintf(stderr, "qkd: --resume: '%s' differs from the run in %s; give the "
                                 "options that run was started with\n", key, j->config_path);
                 rc = CLI_EXIT_USAGE;
