@@ -530,6 +530,16 @@ static double number_at(json_t *root, const char *obj, const char *key)
     return json_number_value(v);
 }
 
+/* A run folder's JSON file (summary.json, run.json), which must parse. */
+static json_t *run_json(const char *out, const char *name)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/%s", out, name);
+    json_t *j = json_load_file(path, 0, NULL);
+    ck_assert_msg(j != NULL, "no JSON at %s", path);
+    return j;
+}
+
 START_TEST(cli_distill_writes_metrics_and_summary)
 {
     shared_paths sp;
@@ -561,9 +571,7 @@ START_TEST(cli_distill_writes_metrics_and_summary)
     fclose(f);
     ck_assert_int_eq(n, 4);
 
-    snprintf(path, sizeof path, "%s/summary.json", out);
-    json_t *sum = json_load_file(path, 0, NULL);
-    ck_assert_ptr_nonnull(sum);
+    json_t *sum = run_json(out, "summary.json");
     ck_assert_int_eq((int)number_at(sum, NULL, "steps"), 4);
     ck_assert_int_eq((int)number_at(sum, NULL, "train_tokens"), 4 * 2 * 32);
     ck_assert_int_eq((int)number_at(sum, "eval", "tokens"), 4 * 32);
@@ -603,9 +611,7 @@ START_TEST(cli_distill_scales_only)
                           "--batch", "4", "--seq", "32", "--eval-windows", "4", "--out", out,
                           "--threads", "2", "--scales-only", NULL};
     run_cli_ok(args, dir);
-    snprintf(path, sizeof path, "%s/run.json", out);
-    json_t *cfg = json_load_file(path, 0, NULL);
-    ck_assert_ptr_nonnull(cfg);
+    json_t *cfg = run_json(out, "run.json");
     ck_assert(json_is_true(json_object_get(cfg, "learn_scales")));
     ck_assert(json_is_true(json_object_get(cfg, "scales_only")));
     json_decref(cfg);
@@ -617,9 +623,7 @@ START_TEST(cli_distill_scales_only)
         ck_assert_msg(memmem(ck, n, names[i], strlen(names[i])), "no %s in the checkpoint",
                       names[i]);
     free(ck);
-    snprintf(path, sizeof path, "%s/summary.json", out);
-    json_t *sum = json_load_file(path, 0, NULL);
-    ck_assert_ptr_nonnull(sum);
+    json_t *sum = run_json(out, "summary.json");
     ck_assert_double_lt(number_at(sum, "student", "kl"), number_at(sum, "rtn", "kl"));
     json_decref(sum);
 }
@@ -692,9 +696,7 @@ static void run_result(const char *out, double loss[2], double *ce)
     ck_assert_ptr_nonnull(first);
     loss[0] = number_at(first, NULL, "loss");
     json_decref(first);
-    snprintf(path, sizeof path, "%s/summary.json", out);
-    json_t *sum = json_load_file(path, 0, NULL);
-    ck_assert_msg(sum != NULL, "no %s", path);
+    json_t *sum = run_json(out, "summary.json");
     loss[1] = number_at(sum, NULL, "final_loss");
     *ce = number_at(sum, "student", "ce");
     json_decref(sum);
@@ -742,9 +744,7 @@ START_TEST(cli_distill_on_cuda)
                           "--batch", "4", "--seq", "64", "--eval-windows", "4", "--out", out,
                           "--backend", "cuda", "--teacher-bf16", "--student-bf16", NULL};
     run_cli_ok(args, dir);
-    snprintf(path, sizeof path, "%s/summary.json", out);
-    json_t *sum = json_load_file(path, 0, NULL);
-    ck_assert_ptr_nonnull(sum);
+    json_t *sum = run_json(out, "summary.json");
     ck_assert(isfinite(number_at(sum, NULL, "final_loss")));
     ck_assert_double_lt(number_at(sum, "student", "kl"), number_at(sum, "rtn", "kl"));
     ck_assert(json_is_true(json_object_get(sum, "student_bf16")));
@@ -771,10 +771,9 @@ START_TEST(cli_resume_run_json_without_a_newer_switch)
                           NULL};
     const int extra = 19;
     run_cli_ok(args, dir);
-    snprintf(path, sizeof path, "%s/run.json", out);
-    json_t *cfg = json_load_file(path, 0, NULL);
-    ck_assert_ptr_nonnull(cfg);
+    json_t *cfg = run_json(out, "run.json");
     ck_assert_int_eq(json_object_del(cfg, "student_bf16"), 0);
+    snprintf(path, sizeof path, "%s/run.json", out);
     ck_assert_int_eq(json_dump_file(cfg, path, JSON_INDENT(2)), 0);
     json_decref(cfg);
 
@@ -849,7 +848,7 @@ END_TEST
 static json_t *cont_approx_config(const shared_paths *sp, const char *dir, const char *name,
                                   const char *const *extra)
 {
-    char out[512], path[600];
+    char out[512];
     snprintf(out, sizeof out, "%s/%s", dir, name);
     const char *args[32] = {"distill", "--teacher", sp->model, "--tokenizer", sp->tok,
                             "--data", sp->text, "--method", "cont-approx", "--bits", "3",
@@ -860,10 +859,7 @@ static json_t *cont_approx_config(const shared_paths *sp, const char *dir, const
         args[n++] = extra[i];
     args[n] = NULL;
     run_cli_ok(args, dir);
-    snprintf(path, sizeof path, "%s/run.json", out);
-    json_t *cfg = json_load_file(path, 0, NULL);
-    ck_assert_ptr_nonnull(cfg);
-    return cfg;
+    return run_json(out, "run.json");
 }
 
 /* The cont-approx preset starts from BitDistiller's searched clip at lr
