@@ -1165,19 +1165,26 @@ START_TEST(bf16_bits_producers_round_fp32)
         p.cb->swiglu_forward(p.cb, d_o, d_gate, d_up, n);
         p.cb->swiglu_forward_bf16_bits(p.cb, d_o16 + off, d_gate16 + off, d_up16 + off, n);
         p.cb->swiglu_backward(p.cb, d_dg, d_du, d_g, d_gate, d_up, n);
-        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, n, d_g16 + off,
+        p.cb->swiglu_backward_bf16_bits(p.cb, d_dg16 + off, d_du16 + off, n, NULL, d_g16 + off,
                                         d_gate16 + off, d_up16 + off, 1, n);
         assert_bits_of("swiglu_forward_bf16_bits", d_o16 + off, d_o, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dgate", d_dg16 + off, d_dg, n, &p);
         assert_bits_of("swiglu_backward_bf16_bits dup", d_du16 + off, d_du, n, &p);
         /* in rows (linears_backward_bf16_bits's layout): a row of dgate,
-         * then its row of dup */
+         * then its row of dup; and the forward's output again, bit for bit */
         const size_t cols = n % 5 == 0 ? n / 5 : n, rows = n / cols;
         uint16_t *got_rows = bits_new(2 * n);
         memset(got_rows, 0xff, 2 * n * sizeof *got_rows);
         uint16_t *d_rows = dput_bytes(&p, got_rows, 2 * n, sizeof *got_rows);
-        p.cb->swiglu_backward_bf16_bits(p.cb, d_rows, d_rows + cols, 2 * cols, d_g16 + off,
-                                        d_gate16 + off, d_up16 + off, rows, cols);
+        uint16_t *d_again = dput_bytes(&p, poison, n + off, sizeof *poison);
+        p.cb->swiglu_backward_bf16_bits(p.cb, d_rows, d_rows + cols, 2 * cols, d_again + off,
+                                        d_g16 + off, d_gate16 + off, d_up16 + off, rows, cols);
+        uint16_t *again = dtake_bytes(&p, d_again, n + off, sizeof *again);
+        uint16_t *fwd = bits_new(n + off);
+        expect_ok(p.cc, p.cb->download(p.cb, fwd, d_o16, (n + off) * sizeof *fwd), "download");
+        ck_assert_msg(memcmp(again + off, fwd + off, n * sizeof *fwd) == 0,
+                      "swiglu_backward_bf16_bits: the forward's output again (n %zu)", n);
+        free(again); free(fwd);
         free(got_rows);
         got_rows = dtake_bytes(&p, d_rows, 2 * n, sizeof *got_rows);
         float *want_dg = test_vec_new(n), *want_du = test_vec_new(n);

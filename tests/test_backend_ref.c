@@ -464,20 +464,23 @@ START_TEST(test_bf16_bits_family)
     assert_bits("swiglu_forward_bf16_bits", yb, dx, nx);
     assert_rounds(b, x, nx); /* now xb's values: the gradient flowing in */
     b->swiglu_backward(b, dg, du, x, gate, up, nx); /* into zeroed dg, du */
-    b->swiglu_backward_bf16_bits(b, dgb, dub, (size_t)C, xb, gateb, upb, (size_t)N, (size_t)C);
+    b->swiglu_backward_bf16_bits(b, dgb, dub, (size_t)C, NULL, xb, gateb, upb, (size_t)N,
+                                 (size_t)C);
     assert_bits("swiglu_backward_bf16_bits dgate", dgb, dg, nx);
     assert_bits("swiglu_backward_bf16_bits dup", dub, du, nx);
-    /* in rows: a row of dgate, then its row of dup */
-    uint16_t *rows = malloc(2 * nx * sizeof *rows);
+    /* in rows: a row of dgate, then its row of dup; and the forward's
+     * output again, bit for bit */
+    uint16_t *rows = malloc(2 * nx * sizeof *rows), *again = bits_of(x, nx);
     ck_assert_ptr_nonnull(rows);
-    b->swiglu_backward_bf16_bits(b, rows, rows + C, 2 * (size_t)C, xb, gateb, upb, (size_t)N,
-                                 (size_t)C);
+    b->swiglu_backward_bf16_bits(b, rows, rows + C, 2 * (size_t)C, again, xb, gateb, upb,
+                                 (size_t)N, (size_t)C);
     for (size_t i = 0; i < nx; i++) {
         const size_t at = i / (size_t)C * 2 * (size_t)C + i % (size_t)C;
         ck_assert_uint_eq(rows[at], dgb[i]);
         ck_assert_uint_eq(rows[at + (size_t)C], dub[i]);
     }
-    free(rows);
+    ck_assert_mem_eq(again, yb, nx * sizeof *yb);
+    free(rows), free(again);
 
     for (int scheme = QKD_QUANT_SYM; scheme <= QKD_QUANT_TERNARY; scheme++) {
         const qkd__quant_spec spec = {.scheme = scheme, .bits = 4, .group = 32, .clip_ratio = 0.9f};

@@ -411,10 +411,14 @@ struct qkd__backend {
      * rounded to bf16 (raw bits) and WRITTEN, not added: the operands of
      * the gate and up products' backward. Row t of dgate and of dup lies
      * at t ld of each: ld = cols for two blocks, 2 cols with dup = dgate +
-     * cols for linears_backward_bf16_bits's rows. */
+     * cols for linears_backward_bf16_bits's rows. out, where not NULL,
+     * gets swiglu_forward_bf16_bits's output again, bit for bit ([rows]
+     * [cols]): the down product's weight gradient reads it, so the
+     * layers need not keep it from their forwards. */
     void (*swiglu_backward_bf16_bits)(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                      size_t ld, const uint16_t *dout, const uint16_t *gate,
-                                      const uint16_t *up, size_t rows, size_t cols);
+                                      size_t ld, uint16_t *out, const uint16_t *dout,
+                                      const uint16_t *gate, const uint16_t *up, size_t rows,
+                                      size_t cols);
 
     /* ---- softmax over rows of V ---------------------------------------- */
     /* probs = softmax(logits * inv_temp) row-wise */

@@ -101,14 +101,15 @@ static void ffn_backward(qkd_model *m, int l, const qkd__layer_acts *a, int N)
     if (g->dsw_bits) { /* dsw, dgate and dup written in bf16 */
         qkd__model_linear_backward_input_to_bits(m, LINEAR(FFN_DOWN), g->dsw_bits, dres_in(g), N,
                                                  H, C);
-        qkd__model_linear_backward_weight(m, LINEAR(FFN_DOWN), dres_in(g), IN(FFN_DOWN, sw), N,
-                                          H, C, !m->grads_cleared);
-        /* dgate and dup as the gate and up products read them: in rows or blocks */
+        /* dgate and dup as the gate and up products read them: in rows or
+         * blocks; sw, which the layers share, this layer's again */
         const int rows = be->linears_backward_bf16_bits != NULL;
         const size_t h = (size_t)H, ld = rows ? 2 * h : h;
         uint16_t *dup = g->dgu_bits + (rows ? h : (size_t)N * h);
-        be->swiglu_backward_bf16_bits(be, g->dgu_bits, dup, ld, g->dsw_bits, a->gate_bits,
-                                      a->up_bits, (size_t)N, h);
+        be->swiglu_backward_bf16_bits(be, g->dgu_bits, dup, ld, a->sw_bits, g->dsw_bits,
+                                      a->gate_bits, a->up_bits, (size_t)N, h);
+        qkd__model_linear_backward_weight(m, LINEAR(FFN_DOWN), dres_in(g), IN(FFN_DOWN, sw), N,
+                                          H, C, !m->grads_cleared);
         static const qkd_tensor_kind gu[2] = {QKD_TENSOR_FFN_GATE, QKD_TENSOR_FFN_UP};
         const int OC[2] = {H, H};
         const qkd__bf16_in x[2] = {IN(FFN_GATE, h2), IN(FFN_UP, h2)};

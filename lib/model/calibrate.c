@@ -12,7 +12,9 @@
 
 /* The device inputs [N][cols] the tensor's linear read in the last
  * forward (fp32, or bf16 bits where the layer keeps them so); none (both
- * NULL) for an untied embedding, which is searched on its weight error. */
+ * NULL) for an untied embedding, which is searched on its weight error.
+ * The layers share their SwiGLU output in bits (model_impl.h): a down
+ * product's is written again from the layer's gate and up. */
 static qkd__bf16_in linear_input(const qkd_model *m, const qkd__tensor_entry *e)
 {
     const qkd__train_acts *a = &m->acts;
@@ -28,6 +30,11 @@ static qkd__bf16_in linear_input(const qkd_model *m, const qkd__tensor_entry *e)
     case QKD_TENSOR_FFN_UP:
         return (qkd__bf16_in){la->h2, la->h2_bits};
     case QKD_TENSOR_FFN_DOWN:
+        if (la->sw_bits) {
+            qkd__backend *be = qkd__model_backend(m);
+            be->swiglu_forward_bf16_bits(be, la->sw_bits, la->gate_bits, la->up_bits,
+                                         (size_t)a->B * a->T * m->cfg.hidden_dim);
+        }
         return (qkd__bf16_in){la->sw, la->sw_bits};
     case QKD_TENSOR_OUTPUT:
         return (qkd__bf16_in){a->xf, a->xf_bits};

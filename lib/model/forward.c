@@ -188,7 +188,7 @@ void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_c
     la->gate_bits = bits ? take16(a, N, H) : NULL;
     la->up_bits = bits ? take16(a, N, H) : NULL;
     la->sw = bits ? NULL : qkd__arena_take(a, N, H);
-    la->sw_bits = bits ? take16(a, N, H) : NULL;
+    la->sw_bits = NULL; /* bits: the caller's */
     la->hq = act_quant ? qkd__arena_take(a, N, C) : la->h;
     la->attq = act_quant ? qkd__arena_take(a, N, C) : la->att;
     la->h2q = act_quant ? qkd__arena_take(a, N, C) : la->h2;
@@ -238,6 +238,8 @@ static void plan_train(void *arg, qkd__arena *a)
      * bf16 attention's backward reads its own copies of them (backend.h):
      * then only the forward reads them. */
     const int one_qkv = qkd__model_attention_bf16(p->m) && be->attention_bf16_from_scratch;
+    const int ffn_bits = qkd__model_bf16_bits(p->m) && !act_quant; /* as gate_bits */
+    uint16_t *sw_bits = ffn_bits ? take16(a, N, H) : NULL;
     for (int l = 0; l < c->n_layers; l++) {
         qkd__layer_acts *la = &t->layers[l];
         if (p->m->frozen && l > 0) {
@@ -248,6 +250,7 @@ static void plan_train(void *arg, qkd__arena *a)
             if (l > 0 && one_qkv)
                 share_qkv(la, &t->layers[0]);
         }
+        la->sw_bits = sw_bits;
         la->x_in = x;
         la->proj = proj;
         la->proj_bits = proj_bits;
@@ -276,7 +279,6 @@ static void plan_train(void *arg, qkd__arena *a)
     t->dk = bits ? NULL : qkd__arena_take(a, N, kvd);
     t->dv = bits ? NULL : qkd__arena_take(a, N, kvd);
     t->dqkv_bits = bits ? take16(a, N, C + 2 * kvd) : NULL;
-    const int ffn_bits = bits && !act_quant; /* as the layers' gate_bits */
     t->dsw = ffn_bits ? NULL : qkd__arena_take(a, N, H);
     t->dgate = ffn_bits ? NULL : qkd__arena_take(a, N, H);
     t->dup = ffn_bits ? NULL : qkd__arena_take(a, N, H);

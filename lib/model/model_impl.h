@@ -49,7 +49,10 @@ typedef struct qkd__layer_acts {
      * activations are not quantized: only products and SwiGLU read them.
      * att_bits: att as bits instead (att then NULL), where h_bits is
      * planned: written by the attention for the output projection, read
-     * by the attention backward. Else NULL. */
+     * by the attention backward. Else NULL. sw_bits is one buffer that
+     * all layers of a training forward share: a layer's forward writes it
+     * for its down product, the backward writes it again
+     * (swiglu_backward_bf16_bits) for that product's weight gradient. */
     uint16_t *h_bits, *h2_bits, *gate_bits, *up_bits, *sw_bits, *att_bits;
 } qkd__layer_acts;
 
@@ -265,9 +268,10 @@ qkd_status qkd__arena_alloc(qkd_context *ctx, const char *what,
  * q, k and v (k and v read back by the attention as kcache/vcache; else
  * the caller sets those five); with act_quant
  * the quantized copies hq .. swq (else they alias h .. sw); with bf16_bits
- * (and no act_quant) h_bits, h2_bits, gate_bits, up_bits and sw_bits in
- * place of h, h2, gate, up and sw. x_in, x_out and proj are the
- * caller's. */
+ * (and no act_quant) h_bits, h2_bits, gate_bits and up_bits in place of
+ * h, h2, gate and up, and sw NULL: sw_bits is the caller's, one buffer
+ * for all layers (the backward writes a layer's again from gate and up).
+ * x_in, x_out and proj are the caller's. */
 void qkd__model_plan_layer(qkd__arena *a, qkd__layer_acts *la, const qkd_model_config *c,
                            size_t N, size_t scratch_floats, int own_qkv, int act_quant,
                            int bf16_bits);

@@ -166,8 +166,9 @@ void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const ui
 void qkd__cuda_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
                                const float *gate, const float *up, size_t n);
 void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                         size_t ld, const uint16_t *dout, const uint16_t *gate,
-                                         const uint16_t *up, size_t rows, size_t cols);
+                                         size_t ld, uint16_t *out, const uint16_t *dout,
+                                         const uint16_t *gate, const uint16_t *up, size_t rows,
+                                         size_t cols);
 void qkd__cuda_adamw_update(qkd__backend *b, float *p, const float *g, float *m, float *v,
                             size_t n, float lr, float b1, float b2, float eps, float wd, int t);
 void qkd__cuda_sgd_update(qkd__backend *b, float *p, const float *g, float *u, size_t n,

@@ -332,18 +332,23 @@ struct swiglu_backward_op {
 
 /* The backward on bf16 bits into zeroed gradients, written as bf16 bits:
  * element i of the [rows][cols] inputs at(i) of dgate and dup (rows ld
- * apart; four() needs cols and ld in whole fours). */
+ * apart; four() needs cols and ld in whole fours), and the forward's
+ * output again at i of out where that is not NULL (silu_times, as the
+ * forward: the same bits). */
 struct swiglu_backward_bits_op {
-    uint16_t *dgate, *dup;
+    uint16_t *dgate, *dup, *out;
     const uint16_t *dout, *gate, *up;
     size_t cols, ld;
     __device__ size_t at(size_t i) const { return i / cols * ld + i % cols; }
     __device__ void one(size_t i) const
     {
+        const float x = qkd__load(gate, i), u = qkd__load(up, i);
         float dg = 0.0f, du = 0.0f;
-        swiglu_grads(qkd__load(dout, i), qkd__load(gate, i), qkd__load(up, i), dg, du);
+        swiglu_grads(qkd__load(dout, i), x, u, dg, du);
         qkd__store(dgate, at(i), dg);
         qkd__store(dup, at(i), du);
+        if (out)
+            qkd__store(out, i, silu_times(x, u));
     }
     __device__ void four(size_t i) const
     {
@@ -352,6 +357,10 @@ struct swiglu_backward_bits_op {
         swiglu_grads4(g, x, u, dg, du);
         qkd__store4(dgate, at(4 * i) / 4, dg);
         qkd__store4(dup, at(4 * i) / 4, du);
+        if (out)
+            qkd__store4(out, i,
+                        make_float4(silu_times(x.x, u.x), silu_times(x.y, u.y),
+                                    silu_times(x.z, u.z), silu_times(x.w, u.w)));
     }
 };
 
@@ -376,15 +385,16 @@ extern "C" void qkd__cuda_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *ou
 }
 
 extern "C" void qkd__cuda_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate,
-                                                    uint16_t *dup, size_t ld,
+                                                    uint16_t *dup, size_t ld, uint16_t *out,
                                                     const uint16_t *dout, const uint16_t *gate,
                                                     const uint16_t *up, size_t rows, size_t cols)
 {
     if (!rows || !cols)
         return;
-    map(b, swiglu_backward_bits_op{dgate, dup, dout, gate, up, cols, ld}, rows * cols,
-        qkd__aligned4(dgate) && qkd__aligned4(dup) && qkd__aligned4(dout) &&
-            qkd__aligned4(gate) && qkd__aligned4(up) && cols % 4 == 0 && ld % 4 == 0,
+    map(b, swiglu_backward_bits_op{dgate, dup, out, dout, gate, up, cols, ld}, rows * cols,
+        qkd__aligned4(dgate) && qkd__aligned4(dup) && qkd__aligned4(out) &&
+            qkd__aligned4(dout) && qkd__aligned4(gate) && qkd__aligned4(up) && cols % 4 == 0 &&
+            ld % 4 == 0,
         "swiglu_backward_bf16_bits");
 }
 

@@ -109,8 +109,9 @@ void qkd__ref_swiglu_forward(qkd__backend *b, float *out, const float *gate, con
 void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const uint16_t *gate,
                                        const uint16_t *up, size_t n);
 void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                        size_t ld, const uint16_t *dout, const uint16_t *gate,
-                                        const uint16_t *up, size_t rows, size_t cols);
+                                        size_t ld, uint16_t *out, const uint16_t *dout,
+                                        const uint16_t *gate, const uint16_t *up, size_t rows,
+                                        size_t cols);
 void qkd__ref_swiglu_backward(qkd__backend *b, float *dgate, float *dup, const float *dout,
                               const float *gate, const float *up, size_t n);
 void qkd__ref_softmax_forward(qkd__backend *b, float *probs, const float *logits, int N, int V,

@@ -26,12 +26,19 @@ static double sigmoid(double x)
     return 1.0 / (1.0 + exp(-x));
 }
 
+/* silu(gate[i]) up[i]: the forward's value, which the bf16 backward
+ * writes again. */
+static float silu_times(const struct swiglu_job *j, int64_t i)
+{
+    double x = in_at(j->gate, j->gate_bits, i);
+    return (float)(x * sigmoid(x) * in_at(j->up, j->up_bits, i));
+}
+
 static void swiglu_forward_range(const void *arg, int64_t begin, int64_t end)
 {
     const struct swiglu_job *j = arg;
     for (int64_t i = begin; i < end; i++) {
-        double x = in_at(j->gate, j->gate_bits, i);
-        const float v = (float)(x * sigmoid(x) * in_at(j->up, j->up_bits, i));
+        const float v = silu_times(j, i);
         if (j->out_bits)
             j->out_bits[i] = qkd__f32_to_bf16(v);
         else
@@ -51,6 +58,8 @@ static void swiglu_backward_range(const void *arg, int64_t begin, int64_t end)
             const int64_t at = i / j->cols * j->ld + i % j->cols;
             j->dgate_bits[at] = qkd__f32_to_bf16((float)(0.0f + dg));
             j->dup_bits[at] = qkd__f32_to_bf16((float)(0.0f + du));
+            if (j->out_bits)
+                j->out_bits[i] = qkd__f32_to_bf16(silu_times(j, i));
         } else {
             j->dgate[i] = (float)(j->dgate[i] + dg);
             j->dup[i] = (float)(j->dup[i] + du);
@@ -80,10 +89,12 @@ void qkd__ref_swiglu_forward_bf16_bits(qkd__backend *b, uint16_t *out, const uin
 }
 
 void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16_t *dup,
-                                        size_t ld, const uint16_t *dout, const uint16_t *gate,
-                                        const uint16_t *up, size_t rows, size_t cols)
+                                        size_t ld, uint16_t *out, const uint16_t *dout,
+                                        const uint16_t *gate, const uint16_t *up, size_t rows,
+                                        size_t cols)
 {
-    struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .dout_bits = dout,
+    struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .out_bits = out,
+                             .dout_bits = dout,
                              .gate_bits = gate, .up_bits = up, .cols = (int64_t)cols,
                              .ld = (int64_t)ld};
     qkd__ref_parallel(b, (int64_t)(rows * cols), 40, swiglu_backward_range, &job);
