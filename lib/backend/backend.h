@@ -30,7 +30,7 @@
 
 #include "core/core.h"
 
-#define QKD__BACKEND_ABI 17
+#define QKD__BACKEND_ABI 18
 
 typedef struct qkd__backend qkd__backend;
 
