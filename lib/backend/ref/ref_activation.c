@@ -94,9 +94,8 @@ void qkd__ref_swiglu_backward_bf16_bits(qkd__backend *b, uint16_t *dgate, uint16
                                         size_t cols)
 {
     struct swiglu_job job = {.dgate_bits = dgate, .dup_bits = dup, .out_bits = out,
-                             .dout_bits = dout,
-                             .gate_bits = gate, .up_bits = up, .cols = (int64_t)cols,
-                             .ld = (int64_t)ld};
+                             .dout_bits = dout, .gate_bits = gate, .up_bits = up,
+                             .cols = (int64_t)cols, .ld = (int64_t)ld};
     qkd__ref_parallel(b, (int64_t)(rows * cols), 40, swiglu_backward_range, &job);
 }
 
