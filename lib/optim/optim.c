@@ -133,10 +133,13 @@ static qkd_status build_tensors(qkd_optimizer *opt)
 }
 
 /* One device buffer: each tensor's moments (zeroed), the per-tensor squared
- * norms (zeroed), then a scratch as large as the largest tensor. */
+ * norms (zeroed), then, where a clipped gradient is scaled span by span
+ * (update_span: SGD, or AdamW on a backend without adamw_update_multi), a
+ * scratch as large as the largest tensor. */
 static qkd_status alloc_state(qkd_optimizer *opt)
 {
     const size_t max_floats = SIZE_MAX / sizeof(float);
+    const int by_span = opt->p.kind == QKD_OPTIM_SGD || !opt->be->adamw_update_multi;
     size_t moments = 0, largest = 0;
     for (int i = 0; i < opt->n_tensors; i++) {
         size_t stride = qkd__optim_stride(&opt->tensors[i]);
@@ -144,7 +147,7 @@ static qkd_status alloc_state(qkd_optimizer *opt)
             return qkd__error(opt->ctx, QKD_ERR_NO_MEMORY,
                               "optimizer create: the state size overflows size_t");
         moments += stride * (size_t)opt->n_moments;
-        if ((size_t)opt->tensors[i].n > largest)
+        if (by_span && (size_t)opt->tensors[i].n > largest)
             largest = (size_t)opt->tensors[i].n;
     }
     size_t norms = ((size_t)opt->n_tensors + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
@@ -161,7 +164,7 @@ static qkd_status alloc_state(qkd_optimizer *opt)
         base += qkd__optim_stride(&opt->tensors[i]) * (size_t)opt->n_moments;
     }
     opt->norms = base;
-    opt->scratch = base + norms;
+    opt->scratch = by_span ? base + norms : NULL;
     be->fill(be, opt->mem, 0.0f, moments + norms);
     if (!be->step_decide)
         return QKD_OK;

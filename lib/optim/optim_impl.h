@@ -27,7 +27,8 @@ struct qkd_optimizer {
     qkd__optim_tensor *tensors; /* host [n_tensors] */
     void *mem;            /* device: every moment, then norms, then scratch */
     float *norms;         /* device [n_tensors]: each tensor's squared norm */
-    float *scratch;       /* device, the largest tensor: a clipped gradient */
+    float *scratch;       /* device, the largest tensor: a clipped gradient
+                             (update_span); NULL where no span is clipped alone */
     float *norms_host;    /* host [n_tensors] */
     qkd__update_span *spans; /* host [n_tensors]: the trainable ones, for the multi slots */
     /* Steps decided on the device (qkd_optimizer_step_deferred): their
