@@ -228,8 +228,8 @@ static void plan_train(void *arg, qkd__arena *a)
     t->targets = (int32_t *)qkd__arena_take(a, N, 1);
     t->losses = qkd__arena_take(a, N, 1);
     t->loss_sum = qkd__arena_take(a, 1, 1);
-    float *proj = qkd__arena_take(a, N, C);
     uint16_t *proj_bits = qkd__model_bf16_bits(p->m) && !act_quant ? take16(a, N, C) : NULL;
+    float *proj = proj_bits ? NULL : qkd__arena_take(a, N, C); /* one of the two */
     float *x = qkd__arena_take(a, N, C);
     /* A frozen model's layers share layer 0's buffers, the residual
      * stream going back and forth between two. */

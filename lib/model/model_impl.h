@@ -38,7 +38,8 @@ typedef struct qkd__layer_acts {
     float *h2, *rstd2;    /* ffn_norm output [N][C], its 1/rms [N] */
     float *gate, *up, *sw; /* [N][H] each: h2 Wg^T, h2 Wu^T, silu(gate)*up */
     float *x_out;         /* residual out of the layer [N][C] */
-    float *proj;          /* a projection before its residual add [N][C] */
+    float *proj;          /* a projection before its residual add [N][C]; NULL
+                             where proj_bits is planned */
     uint16_t *proj_bits;  /* proj as bf16 bits where h_bits is planned, else NULL */
     /* What the targeted linears read when a student quantizes its
      * activations: per-token quantized copies of h, att, h2 and sw (else
@@ -187,9 +188,11 @@ struct qkd_model {
                              as zero (qkd__model_settle_grads zeroes them),
                              and a backward whose products can write the
                              weight gradients writes them instead */
-    uint16_t *weight_bits; /* a frozen bf16-bits model's weights [weight_floats]
-                             in bf16 (backend to_bf16_bits), which its products
-                             read instead of rounding the fp32 ones; NULL: none */
+    uint16_t *weight_bits; /* a frozen bf16-bits model's weights in bf16 (backend
+                             to_bf16_bits), which its products read instead of
+                             rounding the fp32 ones: those after resident_floats,
+                             all of them where the head is tied (the products
+                             read no other); NULL: none */
     int weight_bits_current; /* weight_bits holds the weights' present values;
                              cleared by qkd__model_param_dev, which every
                              writer of the weights goes through */
@@ -396,7 +399,8 @@ qkd_status qkd__model_set_learned_tensors(qkd_model *m, const qkd__tensor_entry 
  * Errors: NO_MEMORY (the copy could not be allocated; nothing changed),
  * BACKEND. */
 qkd_status qkd__model_round_weights(qkd_model *m);
-/* Tensor `index` in weight_bits, or NULL while they are not current. */
+/* Tensor `index` in weight_bits, or NULL while they are not current or
+ * where they do not cover it (the norms, an untied embedding). */
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index);
 /* Bring a model's matrices back to the device from the host (see
  * matrices_host): the first step of anything that writes the weights or
