@@ -302,19 +302,27 @@ qkd_status qkd__model_tensor_read(const qkd_model *m, int index, float *dst)
     return qkd__model_download(m, dst, m->params + e->offset, n);
 }
 
+/* Where weight_bits start in the weights: the products read the linears'
+ * and a tied head's, never the norms' or an untied embedding's, which
+ * lead the weights (resident_floats). */
+static size_t bits_from(const qkd_model *m)
+{
+    return m->cfg.tied_embeddings ? 0 : m->resident_floats;
+}
+
 qkd_status qkd__model_round_weights(qkd_model *m)
 {
     qkd__backend *be = qkd__model_backend(m);
     if (!m->frozen || !qkd__model_bf16_bits(m) || !be->to_bf16_bits)
         return QKD_OK;
     if (!m->weight_bits_current) {
+        const size_t from = bits_from(m), n = m->weight_floats - from;
         if (!m->weight_bits) {
-            qkd_status st = be->alloc(be, m->weight_floats * sizeof *m->weight_bits,
-                                      (void **)&m->weight_bits);
+            qkd_status st = be->alloc(be, n * sizeof *m->weight_bits, (void **)&m->weight_bits);
             if (st != QKD_OK)
                 return st;
         }
-        be->to_bf16_bits(be, m->weight_bits, m->params, m->weight_floats);
+        be->to_bf16_bits(be, m->weight_bits, m->params + from, n);
         m->weight_bits_current = 1;
         m->matrices_stay = 0; /* new weights: the move may be tried again */
     }
@@ -324,7 +332,8 @@ qkd_status qkd__model_round_weights(qkd_model *m)
 
 const uint16_t *qkd__model_weight_bits(const qkd_model *m, int index)
 {
-    return m->weight_bits_current ? m->weight_bits + m->tensors[index].offset : NULL;
+    const size_t offset = m->tensors[index].offset, from = bits_from(m);
+    return m->weight_bits_current && offset >= from ? m->weight_bits + (offset - from) : NULL;
 }
 
 static void count_params(qkd_model *m)
