@@ -1085,7 +1085,10 @@ START_TEST(bf16_bits_producers_round_fp32)
     struct pair p;
     if (!pair_open(&p))
         return;
-    static const int shapes[][2] = {{1, 1}, {3, 7}, {33, 64}, {130, 1000}, {9, 2048}};
+    /* widths of one column to 1,024 float4s: a lane's loop over a row
+     * runs once or several times, with a partial last step */
+    static const int shapes[][2] = {{1, 1},     {3, 7},    {33, 64}, {130, 1000},
+                                    {7, 1100}, {9, 2048}, {5, 4096}};
     test_rng_seed(22);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int N = shapes[s][0], C = shapes[s][1];
