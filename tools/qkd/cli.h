@@ -84,13 +84,14 @@ typedef struct cli_session {
     qkd_model_config cfg;
 } cli_session;
 
-/* Open c->model (and tok_path, if not NULL). With need_tok, a missing
- * tokenizer is an error. Returns CLI_EXIT_OK or CLI_EXIT_FAIL after
- * printing the reason; the session is closed on failure. */
 /* A context with the common options' threads and backend; on failure the
  * library's reason (e.g. no CUDA device) on stderr and CLI_EXIT_FAIL. */
 int cli_context_open(const cli_common *c, qkd_context **out);
 
+/* Open c->model (and tok_path, if not NULL) in a context of c's (see
+ * cli_context_open). With need_tok, a missing tokenizer is an error.
+ * Returns CLI_EXIT_OK or CLI_EXIT_FAIL after printing the reason; the
+ * session is closed on failure. */
 int cli_session_open(cli_session *s, const cli_common *c, const char *tok_path, int need_tok);
 void cli_session_close(cli_session *s);
 
