@@ -540,6 +540,30 @@ static json_t *run_json(const char *out, const char *name)
     return j;
 }
 
+/* qkd distill with BitDistiller's 2-bit preset on the shared model,
+ * `steps` steps of 4 x `seq` tokens, then the options in extra (NULL
+ * ended), into DIR/name (written to out); its student must end nearer the
+ * teacher than round-to-nearest. Returns its summary.json. */
+static json_t *distill_2bit(const shared_paths *sp, const char *dir, const char *name,
+                            const char *steps, const char *seq, const char *const *extra,
+                            char *out, size_t out_size)
+{
+    snprintf(out, out_size, "%s/%s", dir, name);
+    const char *args[32] = {"distill", "--teacher", sp->model, "--tokenizer", sp->tok,
+                            "--data", sp->text, "--method", "bitdistiller", "--bits", "2",
+                            "--steps", steps, "--batch", "4", "--seq", seq, "--eval-windows",
+                            "4", "--out", out};
+    size_t n = 21;
+    for (; *extra; extra++) {
+        ck_assert_uint_lt(n, sizeof args / sizeof args[0] - 1);
+        args[n++] = *extra;
+    }
+    run_cli_ok(args, dir);
+    json_t *sum = run_json(out, "summary.json");
+    ck_assert_double_lt(number_at(sum, "student", "kl"), number_at(sum, "rtn", "kl"));
+    return sum;
+}
+
 START_TEST(cli_distill_writes_metrics_and_summary)
 {
     shared_paths sp;
@@ -603,14 +627,9 @@ START_TEST(cli_distill_scales_only)
     shared_paths sp;
     if (!get_shared(&sp))
         return;
-    const char *dir = test_tmpdir();
     char out[512], path[600];
-    snprintf(out, sizeof out, "%s/run", dir);
-    const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok, "--data",
-                          sp.text, "--method", "bitdistiller", "--bits", "2", "--steps", "12",
-                          "--batch", "4", "--seq", "32", "--eval-windows", "4", "--out", out,
-                          "--threads", "2", "--scales-only", NULL};
-    run_cli_ok(args, dir);
+    static const char *const extra[] = {"--threads", "2", "--scales-only", NULL};
+    json_decref(distill_2bit(&sp, test_tmpdir(), "run", "12", "32", extra, out, sizeof out));
     json_t *cfg = run_json(out, "run.json");
     ck_assert(json_is_true(json_object_get(cfg, "learn_scales")));
     ck_assert(json_is_true(json_object_get(cfg, "scales_only")));
@@ -623,9 +642,6 @@ START_TEST(cli_distill_scales_only)
         ck_assert_msg(memmem(ck, n, names[i], strlen(names[i])), "no %s in the checkpoint",
                       names[i]);
     free(ck);
-    json_t *sum = run_json(out, "summary.json");
-    ck_assert_double_lt(number_at(sum, "student", "kl"), number_at(sum, "rtn", "kl"));
-    json_decref(sum);
 }
 END_TEST
 
@@ -738,15 +754,10 @@ START_TEST(cli_distill_on_cuda)
                   ce[0]);
 
     char out[512], path[600];
-    snprintf(out, sizeof out, "%s/bf16", dir);
-    const char *args[] = {"distill", "--teacher", sp.model, "--tokenizer", sp.tok, "--data",
-                          sp.text, "--method", "bitdistiller", "--bits", "2", "--steps", "20",
-                          "--batch", "4", "--seq", "64", "--eval-windows", "4", "--out", out,
-                          "--backend", "cuda", "--teacher-bf16", "--student-bf16", NULL};
-    run_cli_ok(args, dir);
-    json_t *sum = run_json(out, "summary.json");
+    static const char *const extra[] = {"--backend", "cuda", "--teacher-bf16",
+                                        "--student-bf16", NULL};
+    json_t *sum = distill_2bit(&sp, dir, "bf16", "20", "64", extra, out, sizeof out);
     ck_assert(isfinite(number_at(sum, NULL, "final_loss")));
-    ck_assert_double_lt(number_at(sum, "student", "kl"), number_at(sum, "rtn", "kl"));
     ck_assert(json_is_true(json_object_get(sum, "student_bf16")));
     json_decref(sum);
     snprintf(path, sizeof path, "%s/student.gguf", out);
